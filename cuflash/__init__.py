@@ -1,0 +1,25 @@
+"""cuflash: exact FlashAttention for any array framework, compiled at run time.
+
+    out = cuflash.attention(q, k, v, causal=True)          # NumPy, CuPy, torch or JAX in and out
+    dq, dk, dv = cuflash.attention_backward(dout, q, k, v, out, lse)
+    ref = cuflash.reference.attention(q, k, v)             # float64 NumPy reference
+
+`cuflash.jax` (jax.custom_vjp) and `cuflash.torch` (torch.library custom op) load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from cuflash import reference
+from cuflash.api import attention, attention_backward
+
+__version__ = "0.1.0"
+__all__ = ["attention", "attention_backward", "reference", "__version__"]
+
+
+def __getattr__(name: str):
+    # Optional integrations import their framework only when asked for.
+    if name in ("jax", "torch", "bench"):
+        return importlib.import_module(f"cuflash.{name}")
+    raise AttributeError(f"module 'cuflash' has no attribute {name!r}")

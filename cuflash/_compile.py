@@ -1,0 +1,218 @@
+"""Load kernels_cu/, compile with NVRTC, memoise modules.
+
+Sources are found in the installed package (``cuflash/kernels_cu``, mapped from the top-level
+``kernels_cu/`` at build time) or, in a source checkout, beside the package. Relative
+``#include "x.cuh"`` lines are expanded here, so the text handed to NVRTC is self-contained and
+CuPy's disk cache, which hashes only the text and the options, sees every header change.
+
+Debug switches: ``CUFLASH_LINEINFO=1`` adds ``-lineinfo``; ``CUFLASH_VERBOSE=1`` logs each compile
+(logger ``cuflash``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cuflash._spec import KernelSpec
+
+log = logging.getLogger("cuflash")
+if os.environ.get("CUFLASH_VERBOSE"):
+    log.setLevel(logging.DEBUG)
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+_PRAGMA_ONCE = re.compile(r"^\s*#\s*pragma\s+once\s*$", re.MULTILINE)
+# Architectures whose kernels need the "a" (architecture-specific) target: wgmma, setmaxnreg.
+_ARCH_SPECIFIC = {90}
+
+
+def kernels_dir() -> Path:
+    """Directory holding the CUDA sources, in an installed wheel or a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "kernels_cu", here.parent / "kernels_cu"):
+        if (candidate / "common.cuh").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"cuflash CUDA sources not found: looked for kernels_cu/common.cuh in {here} and "
+        f"{here.parent}; reinstall cuflash"
+    )
+
+
+@functools.cache
+def expanded_source(filename: str) -> str:
+    """`filename` with its relative includes expanded recursively, each header once."""
+    root = kernels_dir()
+    seen: set[str] = set()
+
+    def expand(name: str) -> str:
+        if name in seen:
+            return ""
+        seen.add(name)
+        path = root / name
+        if not path.is_file():
+            raise FileNotFoundError(f"kernels_cu/{name} not found (included from the sources)")
+        text = _PRAGMA_ONCE.sub("", path.read_text())
+        body = _INCLUDE.sub(lambda m: expand(m.group(1)), text)
+        return f'#line 1 "{name}"\n{body}'
+
+    return expand(filename)
+
+
+def arch_flag(compute_capability: int) -> str:
+    """``-arch`` value for a device, e.g. 90 -> ``sm_90a``, 80 -> ``sm_80``."""
+    suffix = "a" if compute_capability in _ARCH_SPECIFIC else ""
+    return f"sm_{compute_capability}{suffix}"
+
+
+def nvrtc_options(arch: str) -> tuple[str, ...]:
+    """NVRTC options for one architecture (``sm_80``, ``sm_90a``, ...)."""
+    from cuflash import _launch
+
+    options = [
+        f"-arch={arch}",
+        "-std=c++17",
+        f"-DCUFLASH_FWD_PARAMS_SIZE={_launch.FWD_PARAMS.itemsize}",
+        f"-DCUFLASH_BWD_PARAMS_SIZE={_launch.BWD_PARAMS.itemsize}",
+    ]
+    if os.environ.get("CUFLASH_LINEINFO"):
+        options.append("-lineinfo")
+    return tuple(options)
+
+
+# ---- GPU: RawModule memo -------------------------------------------------------------------
+
+_lock = threading.Lock()
+_key_locks: dict[tuple, threading.Lock] = {}
+_functions: dict[tuple, object] = {}
+compile_seconds: dict[str, float] = {}
+
+
+def get_function(spec: KernelSpec, device_id: int, compute_capability: int):
+    """The loaded ``cupy.RawKernel`` for `spec` on a device; compiles once per (device, spec).
+
+    Two threads asking for the same kernel at once get one compile: the second waits on a
+    per-key lock and then finds the memo filled.
+    """
+    key = (device_id, spec)
+    fn = _functions.get(key)
+    if fn is not None:
+        return fn
+    with _lock:
+        key_lock = _key_locks.setdefault(key, threading.Lock())
+    with key_lock:
+        fn = _functions.get(key)
+        if fn is None:
+            fn = _load(spec, compute_capability)
+            _functions[key] = fn
+    return fn
+
+
+def _load(spec: KernelSpec, compute_capability: int):
+    import cupy
+
+    if compute_capability < spec.min_arch:
+        raise RuntimeError(
+            f"{spec.name} needs compute capability >= {spec.min_arch / 10:.1f}; "
+            f"this GPU has {compute_capability / 10:.1f}"
+        )
+    start = time.perf_counter()
+    module = cupy.RawModule(
+        code=expanded_source(spec.source),
+        options=nvrtc_options(arch_flag(compute_capability)),
+        name_expressions=[spec.name],
+    )
+    fn = module.get_function(spec.name)
+    if spec.smem_bytes > 48 * 1024:
+        fn.max_dynamic_shared_size_bytes = spec.smem_bytes
+    seconds = time.perf_counter() - start
+    compile_seconds[spec.name] = seconds
+    log.debug("compiled %s for cc %d in %.2f s", spec.name, compute_capability, seconds)
+    return fn
+
+
+# ---- CPU: NVRTC resource report (no GPU needed) --------------------------------------------
+
+
+@dataclass(frozen=True)
+class CompileReport:
+    """ptxas's resource report for one kernel instantiation."""
+
+    spec: KernelSpec
+    arch: str
+    registers: int
+    stack_bytes: int
+    spill_stores: int
+    spill_loads: int
+    static_smem_bytes: int
+    seconds: float
+    log: str
+
+    @property
+    def clean(self) -> bool:
+        """No spills and no stack frame: every array stayed in registers."""
+        return self.stack_bytes == 0 and self.spill_stores == 0 and self.spill_loads == 0
+
+    def line(self) -> str:
+        return (
+            f"{self.arch:7s} regs={self.registers:3d} stack={self.stack_bytes}B "
+            f"spill={self.spill_stores}/{self.spill_loads}B smem={self.smem_bytes}B "
+            f"{self.seconds:5.2f}s  {self.spec.name}"
+        )
+
+    @property
+    def smem_bytes(self) -> int:
+        """Static plus dynamic shared memory per block."""
+        return self.static_smem_bytes + self.spec.smem_bytes
+
+
+def compile_report(spec: KernelSpec, arch: str) -> CompileReport:
+    """Compile `spec` for `arch` with NVRTC on the CPU and parse ptxas's ``-v`` report."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    source = expanded_source(spec.source)
+    prog = nvrtc.createProgram(source, spec.source, [], [])
+    start = time.perf_counter()
+    try:
+        nvrtc.addNameExpression(prog, spec.name)
+        try:
+            nvrtc.compileProgram(prog, [*nvrtc_options(arch), "-Xptxas=-v"])
+        except nvrtc.NVRTCError as err:
+            raise RuntimeError(
+                f"NVRTC failed on {spec.name} for {arch}:\n{nvrtc.getProgramLog(prog)}"
+            ) from err
+        text = nvrtc.getProgramLog(prog)
+        lowered = nvrtc.getLoweredName(prog, spec.name)
+    finally:
+        nvrtc.destroyProgram(prog)
+    seconds = time.perf_counter() - start
+    return _parse_ptxas(spec, arch, lowered, text, seconds)
+
+
+def _parse_ptxas(spec: KernelSpec, arch: str, lowered: str, text: str, seconds: float):
+    # ptxas prints one block per function; keep the one for our entry point.
+    blocks = re.split(r"ptxas info\s*: Compiling entry function ", text)
+    block = next((b for b in blocks if b.startswith(f"'{lowered}'")), None)
+    if block is None:
+        raise RuntimeError(f"no ptxas report for {spec.name} ({lowered}) in:\n{text}")
+
+    def number(pattern: str) -> int:
+        found = re.search(pattern, block)
+        return int(found.group(1)) if found else 0
+
+    return CompileReport(
+        spec=spec,
+        arch=arch,
+        registers=number(r"Used (\d+) registers"),
+        stack_bytes=number(r"(\d+) bytes stack frame"),
+        spill_stores=number(r"(\d+) bytes spill stores"),
+        spill_loads=number(r"(\d+) bytes spill loads"),
+        static_smem_bytes=number(r"(\d+) bytes smem"),
+        seconds=seconds,
+        log=block,
+    )

@@ -1,0 +1,138 @@
+"""DLPack in, the caller's own array type out, and the stream to run on.
+
+Inputs are recognised by framework (NumPy, CuPy, torch, JAX, or any other ``__dlpack__`` producer)
+and viewed without a copy as a NumPy array (CPU) or a CuPy array (CUDA). Results are allocated in
+the caller's framework where it can hold them (torch: its caching allocator; NumPy/CuPy: directly)
+or handed back through DLPack (JAX), so a caller always gets its own type on its own device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from cuflash import _dtypes
+
+_DLPACK_CPU = 1
+_DLPACK_CUDA = 2
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where an input lives: its framework and device."""
+
+    framework: str  # "numpy", "cupy", "torch", "jax" or "dlpack" (another producer)
+    device: str  # "cpu" or "cuda"
+    device_id: int  # CUDA ordinal, -1 on the CPU
+
+    def describe(self) -> str:
+        where = "CPU" if self.device == "cpu" else f"CUDA device {self.device_id}"
+        return f"{self.framework} on {where}"
+
+
+def source_of(x: object, name: str) -> Source:
+    """Identify the framework and device of `x`, or raise TypeError naming the argument."""
+    if isinstance(x, np.ndarray):
+        return Source("numpy", "cpu", -1)
+    top = type(x).__module__.split(".")[0]
+    if top == "cupy":
+        return Source("cupy", "cuda", x.device.id)
+    if top == "torch":
+        if x.device.type == "cuda":
+            return Source("torch", "cuda", x.device.index)
+        if x.device.type == "cpu":
+            return Source("torch", "cpu", -1)
+        raise ValueError(f"{name}: torch tensors on {x.device} are not supported; use cpu or cuda")
+    if top in ("jax", "jaxlib"):
+        if not hasattr(x, "__dlpack_device__"):
+            raise TypeError(
+                f"{name}: got a traced JAX value ({type(x).__name__}); cuflash.attention needs "
+                "concrete arrays. Inside jax.jit / grad use cuflash.jax.attention"
+            )
+        kind, ordinal = x.__dlpack_device__()
+        return Source("jax", "cuda" if int(kind) == _DLPACK_CUDA else "cpu", int(ordinal))
+    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
+        kind, ordinal = x.__dlpack_device__()
+        if int(kind) == _DLPACK_CPU:
+            return Source("dlpack", "cpu", -1)
+        if int(kind) == _DLPACK_CUDA:
+            return Source("dlpack", "cuda", int(ordinal))
+        raise ValueError(f"{name}: DLPack device type {int(kind)} is not supported (CPU or CUDA)")
+    raise TypeError(
+        f"{name}: expected an array (NumPy, CuPy, torch, JAX or any __dlpack__ producer), "
+        f"got {type(x).__module__}.{type(x).__name__}"
+    )
+
+
+def dtype_name(x: object) -> str:
+    """Canonical dtype name of any supported array (``"bfloat16"``, ``"float32"``, ...)."""
+    return _dtypes.dtype_name(x.dtype)
+
+
+def stream_scope(src: Source):
+    """Context in which CuPy's current stream is the caller's current stream.
+
+    torch: torch's current stream on the tensor's device (so cuflash orders with the caller's
+    work and DLPack's stream handshake is a no-op). Others: CuPy's current stream, unchanged.
+    """
+    if src.device != "cuda":
+        return contextlib.nullcontext()
+    import cupy
+
+    scope = contextlib.ExitStack()
+    scope.enter_context(cupy.cuda.Device(src.device_id))
+    if src.framework == "torch":
+        import torch
+
+        handle = torch.cuda.current_stream(src.device_id).cuda_stream
+        scope.enter_context(cupy.cuda.ExternalStream(handle, src.device_id))
+    return scope
+
+
+def to_backend(x: object, src: Source):
+    """A zero-copy NumPy (CPU) or CuPy (CUDA) view of `x`. Call inside `stream_scope`."""
+    if src.framework in ("numpy", "cupy"):
+        return x
+    if src.framework == "torch":
+        x = x.detach()  # torch refuses to export tensors that require grad; detach is a view
+    if src.device == "cpu":
+        return np.from_dlpack(x)
+    import cupy
+
+    return cupy.from_dlpack(x)
+
+
+def empty(shape: tuple[int, ...], like_backend, src: Source, like: object):
+    """A new array shaped `shape` with the dtype of `like_backend`: ``(native, backend)``.
+
+    torch results come from torch's allocator (so they share its memory pool and stream
+    semantics); others are allocated by the backend, and JAX results are handed over by
+    `from_backend`.
+    """
+    if src.framework == "torch":
+        import torch
+
+        native = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return native, to_backend(native, src)
+    return None, backend_module(src).empty(shape, dtype=like_backend.dtype)
+
+
+def from_backend(native: object | None, backend, src: Source):
+    """The result in the caller's type: `native` if one was allocated, else a DLPack handover."""
+    if native is not None:
+        return native
+    if src.framework == "jax":
+        import jax.numpy as jnp
+
+        return jnp.from_dlpack(backend)
+    return backend
+
+
+def backend_module(src: Source):
+    if src.device == "cpu":
+        return np
+    import cupy
+
+    return cupy

@@ -1,0 +1,65 @@
+"""KernelSpec: one frozen record per kernel instantiation.
+
+Its `name` renders the C++ template name expression (``cuflash::fwd_sm80<cuflash::bf16, 128, 128,
+64, 4, true, true>``); that single string is the compile-cache key, the log line and the test id.
+Sequence lengths are never part of a spec: they are kernel arguments, so the cache does not grow
+with shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cuflash import _dtypes
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel instantiation.
+
+    Attributes:
+        source: file in ``kernels_cu/`` holding the template, e.g. ``"fwd_sm80.cu"``.
+        entry: kernel template name inside namespace ``cuflash``, e.g. ``"fwd_sm80"``.
+        dtype: canonical dtype name of q/k/v (a key of ``_dtypes``).
+        head_dim: compiled head-dim width (the true head dim is <= this and a kernel argument).
+        block_m: query rows per thread block.
+        block_n: key rows per inner-loop tile.
+        warps: warps per thread block.
+        causal: bottom-right causal masking compiled in.
+        aligned: 16-byte vector loads allowed (pointers and strides are multiples of 16 bytes).
+        smem_bytes: dynamic shared memory the launch must provide.
+        min_arch: lowest compute capability (e.g. 80) the kernel compiles for.
+    """
+
+    source: str
+    entry: str
+    dtype: str
+    head_dim: int
+    block_m: int
+    block_n: int
+    warps: int
+    causal: bool
+    aligned: bool
+    smem_bytes: int
+    min_arch: int = 80
+
+    @property
+    def threads(self) -> int:
+        return self.warps * 32
+
+    @property
+    def name(self) -> str:
+        flag = {True: "true", False: "false"}
+        args = (
+            _dtypes.cpp_type(self.dtype),
+            str(self.head_dim),
+            str(self.block_m),
+            str(self.block_n),
+            str(self.warps),
+            flag[self.causal],
+            flag[self.aligned],
+        )
+        return f"cuflash::{self.entry}<{', '.join(args)}>"
+
+    def __str__(self) -> str:
+        return self.name

@@ -1,0 +1,362 @@
+"""Public functions: validation into a frozen `Problem`, then the CPU or GPU path.
+
+Every check runs before any allocation or launch, and every error names the argument, what was
+seen and what was expected.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+from dataclasses import dataclass
+
+from cuflash import _dtypes, _interop
+
+log = logging.getLogger("cuflash")
+
+LAYOUTS = ("bshd", "bhsd")
+MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A validated attention problem, in canonical (batch, seq, heads, dim) terms."""
+
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    dtype: str
+    causal: bool
+    scale: float
+    layout: str
+    batched: bool  # False: the caller passed 3-D arrays (no batch axis)
+    source: _interop.Source
+
+    def caller_shape(self, seqlen: int, heads: int) -> tuple[int, ...]:
+        """Shape of a (seqlen, heads, head_dim) tensor in the caller's layout and rank."""
+        inner = (seqlen, heads) if self.layout == "bshd" else (heads, seqlen)
+        shape = (*inner, self.head_dim)
+        return (self.batch, *shape) if self.batched else shape
+
+    def lse_shape(self) -> tuple[int, ...]:
+        shape = (self.heads_q, self.seqlen_q)
+        return (self.batch, *shape) if self.batched else shape
+
+    def flops(self) -> float:
+        """Forward FLOPs as the FlashAttention papers count them (x0.5 causal)."""
+        full = 4.0 * self.batch * self.heads_q * self.seqlen_q * self.seqlen_k * self.head_dim
+        return full * (0.5 if self.causal else 1.0)
+
+
+def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
+              layout: str = "bshd", return_lse: bool = False, out=None):
+    """Exact scaled dot-product attention, softmax(scale * q k^T) v, without an N x N matrix.
+
+    Args:
+        q: queries, ``(B, Sq, Hq, D)`` for layout ``"bshd"`` or ``(B, Hq, Sq, D)`` for ``"bhsd"``;
+            a 3-D array (no batch axis) is accepted in either layout. Any array with
+            ``__dlpack__``: NumPy, CuPy, torch (CPU or CUDA), JAX.
+        k: keys, ``(B, Sk, Hkv, D)`` (``"bhsd"``: ``(B, Hkv, Sk, D)``), same framework, device
+            and dtype as `q`. ``Hq % Hkv == 0`` (multi-query / grouped-query attention).
+        v: values, shaped like `k`.
+        causal: bottom-right aligned causal mask: query i sees key j iff ``j <= i + Sk - Sq``.
+            A query that sees no key gets an all-zero output and ``lse = -inf``.
+        scale: softmax scale, a finite number > 0; defaults to ``1 / sqrt(D)``.
+        layout: ``"bshd"`` (flash-attn / JAX order) or ``"bhsd"`` (PyTorch SDPA order).
+        return_lse: also return the log-sum-exp of each query row.
+        out: optional array of the output's shape and dtype, in the caller's framework and on
+            its device, written in place (not supported for JAX, whose arrays are immutable).
+
+    Returns:
+        ``out``, shaped like `q`, in q's framework, device and dtype; with `return_lse`,
+        ``(out, lse)`` where lse is float32 ``(B, Hq, Sq)`` (``(Hq, Sq)`` for 3-D input),
+        natural log.
+
+    dtypes: float16, bfloat16, float32, float64 on CUDA (fp32/fp64 at full precision, no tf32);
+    float16 (computed in float32), float32, float64 on the CPU. Inputs are never modified.
+    torch tensors that require grad get gradients through cuflash's backward kernels.
+
+    See also: `attention_backward`, `cuflash.reference.attention`, `cuflash.jax.attention`.
+    """
+    problem = validate(q, k, v, causal=causal, scale=scale, layout=layout)
+    _check_flag("return_lse", return_lse)
+    if problem.source.framework == "torch" and out is None and _wants_grad(q, k, v):
+        from cuflash import torch as cuflash_torch
+
+        return cuflash_torch.attention(q, k, v, causal=problem.causal, scale=problem.scale,
+                                       layout=layout, return_lse=return_lse)
+    if out is not None:
+        _check_out("out", out, problem, problem.caller_shape(problem.seqlen_q, problem.heads_q))
+
+    src = problem.source
+    with _interop.stream_scope(src):
+        qb, kb, vb = (_backend(x, src, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+        if out is None:
+            out_native, out_b = _interop.empty(
+                problem.caller_shape(problem.seqlen_q, problem.heads_q), qb, src, q)
+        else:
+            out_native, out_b = out, _interop.to_backend(out, src)
+        lse_native = lse_b = None
+        if return_lse:
+            lse_native, lse_b = _lse_buffer(problem, qb, src, q)
+        forward_into(problem, qb, kb, vb, out_b, lse_b)
+        result = _interop.from_backend(out_native, out_b, src)
+        if return_lse:
+            return result, _interop.from_backend(lse_native, lse_b, src)
+        return result
+
+
+def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
+                       scale: float | None = None, layout: str = "bshd",
+                       deterministic: bool = False):
+    """Gradients of `attention` with respect to q, k and v.
+
+    Args:
+        dout: gradient of the output, shaped like `q`.
+        q, k, v, causal, scale, layout: exactly as passed to `attention`.
+        out: the forward's output.
+        lse: the forward's log-sum-exp (``return_lse=True``), float32 ``(B, Hq, Sq)``.
+        deterministic: on the GPU, compute dq without atomics so results are bit-identical run
+            after run (slower). The CPU path is always deterministic.
+
+    Returns:
+        ``(dq, dk, dv)`` shaped like q, k, v, in their framework, device and dtype. For GQA,
+        dk/dv sum over each group's query heads.
+
+    For float64 on the GPU the float32 `lse` would limit gradients to ~1e-7 relative error, so
+    the row statistics are recomputed in float64 (one extra forward pass).
+    """
+    problem = validate(q, k, v, causal=causal, scale=scale, layout=layout)
+    _check_flag("deterministic", deterministic)
+    q_shape = problem.caller_shape(problem.seqlen_q, problem.heads_q)
+    for name, x in (("dout", dout), ("out", out)):
+        _check_out(name, x, problem, q_shape)
+    _check_lse(lse, problem)
+
+    src = problem.source
+    with _interop.stream_scope(src):
+        qb, kb, vb = (_backend(x, src, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+        dob, ob = _backend(dout, src, "dout"), _backend(out, src, "out")
+        lseb = _interop.to_backend(lse, src)
+        grads = [_interop.empty(x.shape, x, src, like) for x, like in ((qb, q), (kb, k), (vb, v))]
+        backward_into(problem, dob, qb, kb, vb, ob, lseb, *(g[1] for g in grads),
+                      deterministic=deterministic)
+        return tuple(_interop.from_backend(native, b, src) for native, b in grads)
+
+
+# ---- validation ------------------------------------------------------------------------------
+
+
+def validate(q, k, v, *, causal, scale, layout) -> Problem:
+    """Check q, k, v and the options; raise TypeError/ValueError naming what is wrong."""
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    _check_flag("causal", causal)
+    sources = {name: _interop.source_of(x, name) for name, x in (("q", q), ("k", k), ("v", v))}
+    src = sources["q"]
+    for name in ("k", "v"):
+        if sources[name] != src:
+            raise TypeError(
+                f"{name}: expected the same framework and device as q ({src.describe()}), "
+                f"got {sources[name].describe()}"
+            )
+
+    dtypes = {name: _interop.dtype_name(x) for name, x in (("q", q), ("k", k), ("v", v))}
+    allowed = _dtypes.GPU_DTYPES if src.device == "cuda" else _dtypes.CPU_DTYPES
+    if dtypes["q"] not in allowed:
+        where = "CUDA" if src.device == "cuda" else "the CPU"
+        raise TypeError(f"q: dtype {dtypes['q']} is not supported on {where}; expected one of "
+                        f"{', '.join(allowed)}")
+    for name in ("k", "v"):
+        if dtypes[name] != dtypes["q"]:
+            raise TypeError(f"{name}: expected dtype {dtypes['q']} (the dtype of q), "
+                            f"got {dtypes[name]}")
+
+    shapes = {name: tuple(int(n) for n in x.shape) for name, x in (("q", q), ("k", k), ("v", v))}
+    ndim = len(shapes["q"])
+    if ndim not in (3, 4):
+        raise ValueError(f"q: expected 3 or 4 dimensions, got shape {shapes['q']}")
+    for name in ("k", "v"):
+        if len(shapes[name]) != ndim:
+            raise ValueError(f"{name}: expected {ndim} dimensions like q {shapes['q']}, "
+                             f"got shape {shapes[name]}")
+    axes = "(B, S, H, D)" if layout == "bshd" else "(B, H, S, D)"
+    if ndim == 3:
+        axes = "(" + axes[4:]
+    batch, seqlen_q, heads_q, head_dim = _canonical(shapes["q"], layout)
+    _, seqlen_k, heads_kv, k_dim = _canonical(shapes["k"], layout)
+    if shapes["v"] != shapes["k"]:
+        raise ValueError(f"v: expected the shape of k {shapes['k']}, got {shapes['v']}")
+    kv_batch = shapes["k"][0] if ndim == 4 else 1
+    if kv_batch != batch:
+        raise ValueError(f"k: batch {kv_batch} differs from q's batch {batch} "
+                         f"(shapes q {shapes['q']}, k {shapes['k']}, layout {layout} {axes})")
+    if k_dim != head_dim:
+        raise ValueError(f"k: head dim {k_dim} differs from q's head dim {head_dim} "
+                         f"(shapes q {shapes['q']}, k {shapes['k']}, layout {layout} {axes})")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"q: head dim must be in 1..{MAX_HEAD_DIM}, got {head_dim} "
+                         f"(shape {shapes['q']}, layout {layout} {axes})")
+    if heads_q < 1 or heads_kv < 1 or heads_q % heads_kv:
+        raise ValueError(
+            f"k: query heads ({heads_q}) must be a positive multiple of key/value heads "
+            f"({heads_kv}) (shapes q {shapes['q']}, k {shapes['k']}, layout {layout} {axes})"
+        )
+    return Problem(batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q,
+                   heads_kv=heads_kv, head_dim=head_dim, dtype=dtypes["q"], causal=bool(causal),
+                   scale=_check_scale(scale, head_dim), layout=layout, batched=ndim == 4,
+                   source=src)
+
+
+def _canonical(shape: tuple[int, ...], layout: str) -> tuple[int, int, int, int]:
+    """(batch, seqlen, heads, head_dim) of a caller's shape."""
+    if len(shape) == 3:
+        shape = (1, *shape)
+    b, x, y, d = shape
+    return (b, x, y, d) if layout == "bshd" else (b, y, x, d)
+
+
+def _check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+
+
+def _check_scale(scale: object, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale: expected a real number > 0 or None, got {scale!r}")
+    value = float(scale)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"scale: expected a finite number > 0, got {value!r}")
+    return value
+
+
+def _check_out(name: str, x: object, problem: Problem, shape: tuple[int, ...]) -> None:
+    """`x` must live where q lives and have the given shape and q's dtype."""
+    src = _interop.source_of(x, name)
+    if src != problem.source:
+        raise TypeError(f"{name}: expected {problem.source.describe()} like q, "
+                        f"got {src.describe()}")
+    if name == "out" and src.framework == "jax":
+        raise TypeError("out: JAX arrays are immutable; call without out= and use the result")
+    seen = tuple(int(n) for n in x.shape)
+    if seen != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {seen}")
+    dtype = _interop.dtype_name(x)
+    if dtype != problem.dtype:
+        raise TypeError(f"{name}: expected dtype {problem.dtype}, got {dtype}")
+
+
+def _check_lse(lse: object, problem: Problem) -> None:
+    src = _interop.source_of(lse, "lse")
+    if src != problem.source:
+        raise TypeError(f"lse: expected {problem.source.describe()} like q, got {src.describe()}")
+    seen = tuple(int(n) for n in lse.shape)
+    if seen != problem.lse_shape():
+        raise ValueError(f"lse: expected shape {problem.lse_shape()} (B, Hq, Sq), got {seen}")
+    if _interop.dtype_name(lse) != "float32":
+        raise TypeError(f"lse: expected dtype float32, got {_interop.dtype_name(lse)}")
+
+
+def _wants_grad(*tensors) -> bool:
+    import torch
+
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+# ---- execution on canonical views ------------------------------------------------------------
+
+
+def _backend(x: object, src: _interop.Source, name: str):
+    """Backend view of an input; one copy when its last axis is not unit-stride."""
+    b = _interop.to_backend(x, src)
+    if b.ndim and b.shape[-1] > 1 and b.strides[-1] != b.dtype.itemsize:
+        log.info("%s: last axis has stride %d bytes, not %d: copying to a contiguous array",
+                 name, b.strides[-1], b.dtype.itemsize)
+        b = _interop.backend_module(src).ascontiguousarray(b)
+    return b
+
+
+def to_bshd(x, problem: Problem):
+    """View a caller-layout array as (B, S, H, D)."""
+    if not problem.batched:
+        x = x[None]
+    return x if problem.layout == "bshd" else x.swapaxes(1, 2)
+
+
+def _lse_buffer(problem: Problem, qb, src: _interop.Source, q):
+    """float32 lse of the caller's rank, in the caller's framework."""
+    shape = problem.lse_shape()
+    if src.framework == "torch":
+        import torch
+
+        native = torch.empty(shape, dtype=torch.float32, device=q.device)
+        return native, _interop.to_backend(native, src)
+    return None, _interop.backend_module(src).empty(shape, dtype="float32")
+
+
+def forward_into(problem: Problem, qb, kb, vb, out_b, lse_b) -> None:
+    """Run the forward on backend arrays of the caller's layout; writes `out_b` (and `lse_b`)."""
+    q4, k4, v4, o4 = (to_bshd(x, problem) for x in (qb, kb, vb, out_b))
+    lse3 = None if lse_b is None else (lse_b if problem.batched else lse_b[None])
+    if problem.source.device == "cpu":
+        from cuflash import _cpu
+
+        o, lse = _cpu.forward(q4, k4, v4, causal=problem.causal, scale=problem.scale)
+        o4[...] = o
+        if lse3 is not None:
+            lse3[...] = lse
+        return
+    import cupy
+
+    from cuflash import _launch
+
+    device = cupy.cuda.Device(problem.source.device_id)
+    cc = int(device.compute_capability)
+    if lse3 is not None and problem.dtype == "float64":
+        # fp64 kernels keep their statistics in double; the caller gets a float32 copy.
+        lse64 = cupy.empty(lse3.shape, dtype="float64")
+        _launch.forward(q4, k4, v4, o4, lse64, causal=problem.causal, scale=problem.scale,
+                        device_id=device.id, cc=cc)
+        lse3[...] = lse64
+        return
+    if lse3 is not None and not lse3.flags.c_contiguous:
+        raise AssertionError("lse buffers are allocated C-contiguous")
+    _launch.forward(q4, k4, v4, o4, lse3, causal=problem.causal, scale=problem.scale,
+                    device_id=device.id, cc=cc)
+
+
+def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
+                  deterministic: bool) -> None:
+    """Run the backward on backend arrays of the caller's layout; writes dq, dk, dv."""
+    do4, q4, k4, v4, o4, dq4, dk4, dv4 = (
+        to_bshd(x, problem) for x in (dob, qb, kb, vb, ob, dqb, dkb, dvb))
+    lse3 = lseb if problem.batched else lseb[None]
+    if problem.source.device == "cpu":
+        from cuflash import _cpu
+
+        dq, dk, dv = _cpu.backward(do4, q4, k4, v4, o4, lse3, causal=problem.causal,
+                                   scale=problem.scale)
+        dq4[...], dk4[...], dv4[...] = dq, dk, dv
+        return
+    import cupy
+
+    from cuflash import _launch, _launch_bwd
+
+    device = cupy.cuda.Device(problem.source.device_id)
+    cc = int(device.compute_capability)
+    if problem.dtype == "float64":
+        lse3 = cupy.empty(lse3.shape, dtype="float64")
+        scratch = cupy.empty(o4.shape, dtype=o4.dtype)
+        _launch.forward(q4, k4, v4, scratch, lse3, causal=problem.causal, scale=problem.scale,
+                        device_id=device.id, cc=cc)
+    else:
+        lse3 = cupy.ascontiguousarray(lse3)
+    _launch_bwd.backward(do4, q4, k4, v4, o4, lse3, dq4, dk4, dv4, causal=problem.causal,
+                         scale=problem.scale, deterministic=deterministic, device_id=device.id,
+                         cc=cc)

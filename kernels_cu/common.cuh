@@ -1,0 +1,148 @@
+// Types, constants and the kernel parameter blocks shared by every cuflash kernel.
+//
+// NVRTC-clean: no host headers, no <cuda_fp16.h>. 16-bit floats are carried as raw bits
+// (`f16`, `bf16`) and converted with inline PTX, so this compiles identically under NVRTC and nvcc.
+#pragma once
+
+namespace cuflash {
+
+typedef long long int64;
+typedef unsigned long long uint64;
+typedef unsigned int uint32;
+typedef unsigned short uint16;
+
+// Storage types. Distinct structs (not typedefs) so templates can tell fp16 from bf16.
+struct f16 { uint16 bits; };
+struct bf16 { uint16 bits; };
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kWarpSize = 32;
+
+// Parameters of every forward kernel. Mirrored field for field by `_launch.FWD_PARAMS` in Python
+// (a NumPy structured dtype with align=True); the host passes sizeof() as CUFLASH_FWD_PARAMS_SIZE
+// so a drift between the two fails at compile time instead of reading garbage.
+// Strides are in elements; tensors are addressed as (batch, row, head, dim) whatever the layout.
+// `Accum` is the softmax statistics type: float for fp16/bf16/fp32 inputs, double for fp64 (a float
+// lse would cap fp64 gradients at ~1e-7 relative error; the API hands users a float32 copy).
+struct FwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* o;
+  void* lse;  // Accum (batch, heads_q, seqlen_q), natural log, row stride 1; null: not requested
+
+  int64 q_batch_stride, q_row_stride, q_head_stride;
+  int64 k_batch_stride, k_row_stride, k_head_stride;
+  int64 v_batch_stride, v_row_stride, v_head_stride;
+  int64 o_batch_stride, o_row_stride, o_head_stride;
+  int64 lse_batch_stride, lse_head_stride;
+
+  double scale;       // softmax scale (fp64 kernels use it directly)
+  float scale_log2;   // scale * log2(e): exp(scale*(s-m)) == exp2(s*scale_log2 - m*scale_log2)
+  int batch;
+  int heads_q;
+  int heads_kv;
+  int group;          // heads_q / heads_kv
+  int seqlen_q;
+  int seqlen_k;
+  int head_dim;       // the true head dim; kernels are compiled for a width >= head_dim
+};
+
+// Parameters of the backward kernels (same conventions). `Accum` below is float for fp16/bf16/fp32
+// inputs and double for fp64. dq_accum is Accum scratch (batch, heads_q, seqlen_q, head_dim_rounded),
+// zeroed by the preprocess; delta = rowsum(dout * out) is Accum (batch, heads_q, seqlen_q).
+// GQA: a dK/dV block owns one kv head and loops over its group's query heads, so dk/dv need no
+// atomics and no scratch.
+struct BwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* o;
+  const void* dout;
+  const void* lse;  // Accum (batch, heads_q, seqlen_q), natural log, from the forward
+  void* dq;
+  void* dk;
+  void* dv;
+  void* dq_accum;
+  void* delta;
+
+  int64 q_batch_stride, q_row_stride, q_head_stride;
+  int64 k_batch_stride, k_row_stride, k_head_stride;
+  int64 v_batch_stride, v_row_stride, v_head_stride;
+  int64 o_batch_stride, o_row_stride, o_head_stride;
+  int64 do_batch_stride, do_row_stride, do_head_stride;
+  int64 dq_batch_stride, dq_row_stride, dq_head_stride;
+  int64 dk_batch_stride, dk_row_stride, dk_head_stride;
+  int64 dv_batch_stride, dv_row_stride, dv_head_stride;
+  int64 lse_batch_stride, lse_head_stride;
+
+  double scale;
+  float scale_log2;
+  int batch;
+  int heads_q;
+  int heads_kv;
+  int group;
+  int seqlen_q;
+  int seqlen_k;
+  int head_dim;
+  int head_dim_rounded;   // dq_accum row width (the compiled head-dim width)
+  int deterministic;      // 1: dq by its own kernel in a fixed order instead of atomics
+};
+
+#ifdef CUFLASH_FWD_PARAMS_SIZE
+static_assert(sizeof(FwdParams) == CUFLASH_FWD_PARAMS_SIZE,
+              "FwdParams layout differs from cuflash/_launch.py FWD_PARAMS");
+#endif
+#ifdef CUFLASH_BWD_PARAMS_SIZE
+static_assert(sizeof(BwdParams) == CUFLASH_BWD_PARAMS_SIZE,
+              "BwdParams layout differs from cuflash/_launch.py BWD_PARAMS");
+#endif
+
+// ---- conversions between storage types and fp32 -------------------------------------------
+
+template <typename T> __device__ __forceinline__ float to_float(T x);
+template <> __device__ __forceinline__ float to_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ float to_float<f16>(f16 x) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+  return f;
+}
+template <> __device__ __forceinline__ float to_float<bf16>(bf16 x) {
+  return __uint_as_float(static_cast<uint32>(x.bits) << 16);
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ f16 from_float<f16>(float x) {
+  f16 r;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
+  return r;
+}
+template <> __device__ __forceinline__ bf16 from_float<bf16>(float x) {
+  bf16 r;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
+  return r;
+}
+
+// Two fp32 values packed as one 32-bit register of 16-bit floats, `lo` in the low half: the
+// operand format of mma.sync.
+template <typename T> __device__ __forceinline__ uint32 pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32 pack2<f16>(float lo, float hi) {
+  uint32 r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+template <> __device__ __forceinline__ uint32 pack2<bf16>(float lo, float hi) {
+  uint32 r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+template <typename T> struct AccumOf { typedef float type; };
+template <> struct AccumOf<double> { typedef double type; };
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+template <typename T> __host__ __device__ constexpr T ceil_div(T a, T b) { return (a + b - 1) / b; }
+
+}  // namespace cuflash

@@ -1,0 +1,275 @@
+// Forward attention on tensor cores, sm_80 and newer: mma.sync m16n8k16 + ldmatrix + cp.async.
+//
+// One thread block computes kBlockM query rows of one (batch, head). Its warps split the rows
+// (each warp owns kRowsPerWarp whole rows, so softmax statistics need only quad shuffles) and
+// walk the key/value tiles from the last to the first: the tiles that need masking (ragged end,
+// causal diagonal) come first, the rest run unmasked. Loads overlap compute FlashAttention-2
+// style: V(j) streams in while S = Q K(j)^T is computed, K(j-1) while O += P V(j) is.
+// The fp32 accumulator of S, packed pairwise to 16 bits, is already the A fragment of P V.
+#include "common.cuh"
+#include "mma_sm80.cuh"
+#include "softmax.cuh"
+
+namespace cuflash {
+
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm80Traits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kThreads = kWarps * kWarpSize;
+
+  static constexpr int kRowsPerWarp = kBlockM / kWarps;
+  static constexpr int kMTiles = kRowsPerWarp / 16;  // m16 tiles per warp
+  static constexpr int kNTiles = kBlockN / 8;         // n8 tiles of S per m16 tile
+  static constexpr int kDTiles = kHeadDim / 8;        // n8 tiles of O per m16 tile
+  static constexpr int kQKSteps = kHeadDim / 16;      // k16 steps of Q K^T
+  static constexpr int kPVSteps = kBlockN / 16;       // k16 steps of P V
+
+  typedef SwizzledTile<kBlockM, kHeadDim> QTile;
+  typedef SwizzledTile<kBlockN, kHeadDim> KVTile;
+  static constexpr int kQOffset = 0;
+  static constexpr int kKOffset = QTile::kBytes;
+  static constexpr int kVOffset = kKOffset + KVTile::kBytes;
+  static constexpr int kSmemBytes = kVOffset + KVTile::kBytes;  // == _launch.fwd_spec's formula
+
+  static_assert(kRowsPerWarp % 16 == 0, "each warp owns whole m16 tiles");
+  static_assert(kNTiles % 2 == 0 && kDTiles % 2 == 0, "ldmatrix.x4 loads n8 tiles in pairs");
+};
+
+// Copies rows [row0, row0 + Tile rows) of a (rows, head_dim) slice of global memory into a
+// swizzled shared tile; rows >= n_rows and columns >= head_dim become zeros. Aligned: 16-byte
+// cp.async (asynchronous; the caller commits and waits). Unaligned: element loads, 16-byte stores.
+//
+// Each thread keeps one chunk column and steps down the rows by kRowStep, so its shared offsets
+// differ by compile-time constants and its global address by one running pointer: computing a
+// fresh 64-bit address per chunk cost ~100 bytes of spills at D=256.
+template <typename Tile, int kThreads, bool kAligned, typename T>
+__device__ __forceinline__ void load_tile(uint32 smem_base, const T* gmem, int64 row_stride,
+                                          int row0, int n_rows, int head_dim) {
+  constexpr int kChunks = Tile::kChunksPerRow;
+  static_assert(kThreads % kChunks == 0, "every thread keeps one chunk column");
+  constexpr int kRowStep = kThreads / kChunks;
+  constexpr int kSteps = Tile::kBytes / 16 / kThreads;
+  static_assert(kRowStep % 4 == 0, "row % 8 takes at most two values per thread");
+  const int chunk = threadIdx.x % kChunks;
+  const int row = threadIdx.x / kChunks;
+  const int col = chunk * 8;
+  const T* src = gmem + (row0 + row) * row_stride + col;
+  const int64 src_step = kRowStep * row_stride;
+  // Rows row + i * kRowStep share row % 8 for even i (kRowStep % 8 is 0 or 4), and likewise for
+  // odd i: two swizzled bases cover every step.
+  const uint32 dst_even = smem_base + Tile::offset(row, chunk);
+  const uint32 dst_odd = smem_base + Tile::offset(row + kRowStep, chunk) - kRowStep * Tile::kRowBytes;
+  const int rows_left = n_rows - row0 - row;
+  const bool col_ok = col < head_dim;
+  if constexpr (kAligned) {
+#pragma unroll
+    for (int i = 0; i < kSteps; ++i) {
+      const uint32 dst = ((i & 1) ? dst_odd : dst_even) + i * kRowStep * Tile::kRowBytes;
+      const bool ok = i * kRowStep < rows_left && col_ok;
+      // An invalid chunk still needs a legal address; 0 source bytes makes it a zero fill.
+      cp_async_16(dst, ok ? src + i * src_step : gmem, ok ? 16 : 0);
+    }
+  } else {
+    // The fallback for unaligned inputs: one chunk at a time keeps its registers few.
+#pragma unroll 1
+    for (int i = 0; i < kSteps; ++i) {
+      const uint32 dst = ((i & 1) ? dst_odd : dst_even) + i * kRowStep * Tile::kRowBytes;
+      const bool row_ok = i * kRowStep < rows_left;
+      uint16 e[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        e[j] = (row_ok && col + j < head_dim) ? src[i * src_step + j].bits : uint16(0);
+      }
+      const uint32 w0 = e[0] | (uint32(e[1]) << 16), w1 = e[2] | (uint32(e[3]) << 16);
+      const uint32 w2 = e[4] | (uint32(e[5]) << 16), w3 = e[6] | (uint32(e[7]) << 16);
+      asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n"
+                   :: "r"(dst), "r"(w0), "r"(w1), "r"(w2), "r"(w3));
+    }
+  }
+}
+
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kCausal,
+          bool kAligned>
+__global__ void __launch_bounds__(kWarps * kWarpSize)
+fwd_sm80(const __grid_constant__ FwdParams p) {
+  typedef FwdSm80Traits<kHeadDim, kBlockM, kBlockN, kWarps> Tr;
+  typedef typename Tr::QTile QTile;
+  typedef typename Tr::KVTile KVTile;
+  constexpr int kMTiles = Tr::kMTiles, kNTiles = Tr::kNTiles, kDTiles = Tr::kDTiles;
+  extern __shared__ __align__(128) char smem[];
+
+  // Causal blocks are scheduled longest first (high m_block sees the most keys).
+  const int m_block = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int kv_head = head / p.group;
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int g = lane / 4, t = lane % 4;
+
+  // Bottom-right causal: query i sees key j iff j <= i + diag.
+  const int diag = p.seqlen_k - p.seqlen_q;
+  const int row0 = m_block * kBlockM;
+  int n_end = p.seqlen_k;
+  if (kCausal) n_end = min(n_end, max(0, row0 + kBlockM + diag));
+  const int n_blocks = ceil_div(n_end, kBlockN);
+
+  const T* q = static_cast<const T*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride;
+  const T* k = static_cast<const T*>(p.k) + batch * p.k_batch_stride + kv_head * p.k_head_stride;
+  const T* v = static_cast<const T*>(p.v) + batch * p.v_batch_stride + kv_head * p.v_head_stride;
+  T* o = static_cast<T*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
+
+  float acc_o[kMTiles][kDTiles][4];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[mt][dt][e] = 0.f;
+  OnlineSoftmax<kMTiles> softmax;
+  softmax.init();
+
+  const uint32 q_base = smem_addr(smem + Tr::kQOffset);
+  const uint32 k_base = smem_addr(smem + Tr::kKOffset);
+  const uint32 v_base = smem_addr(smem + Tr::kVOffset);
+  const int warp_row0 = warp * Tr::kRowsPerWarp;
+  // ldmatrix sources (see SwizzledTile::Reader): Q as A fragments (rows lane % 16, chunk bit
+  // lane / 16), K as B fragments of two n8 tiles (rows lane % 8 + 8 * (lane / 16), chunk bit
+  // (lane / 8) % 2), V transposed (keys lane % 8 + 8 * ((lane / 8) % 2), chunk bit lane / 16).
+  const typename QTile::Reader q_frag(q_base, warp_row0 + (lane & 15), lane / 16);
+  const typename KVTile::Reader k_frag(k_base, (lane & 7) + (lane / 16) * 8, (lane / 8) % 2);
+  const typename KVTile::Reader v_frag(v_base, (lane & 7) + ((lane / 8) % 2) * 8, lane / 16);
+
+  if (n_blocks > 0) {
+    load_tile<QTile, Tr::kThreads, kAligned>(q_base, q, p.q_row_stride, row0, p.seqlen_q,
+                                             p.head_dim);
+    load_tile<KVTile, Tr::kThreads, kAligned>(k_base, k, p.k_row_stride, (n_blocks - 1) * kBlockN,
+                                              p.seqlen_k, p.head_dim);
+    cp_async_commit();
+  }
+
+  for (int n_block = n_blocks - 1; n_block >= 0; --n_block) {
+    const int col0 = n_block * kBlockN;
+    cp_async_wait<0>();
+    __syncthreads();  // K(n_block) landed; every warp is done with V(n_block + 1)
+    load_tile<KVTile, Tr::kThreads, kAligned>(v_base, v, p.v_row_stride, col0, p.seqlen_k,
+                                              p.head_dim);
+    cp_async_commit();
+
+    // -- S = Q K^T --
+    float s[kMTiles][kNTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < Tr::kQKSteps; ++ks) {
+      uint32 a[kMTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        ldmatrix_x4(a[mt], q_frag(mt * 16, 2 * ks));
+      }
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; nt += 2) {
+        uint32 b[4];
+        ldmatrix_x4(b, k_frag(nt * 8, 2 * ks));
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          Mma16816<T>::run(s[mt][nt], a[mt], b[0], b[1]);
+          Mma16816<T>::run(s[mt][nt + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+
+    // -- mask the ragged end and the causal diagonal (only the tiles that touch them) --
+    const bool ragged = col0 + kBlockN > p.seqlen_k;
+    const bool diagonal = kCausal && col0 + kBlockN - 1 > row0 + diag;
+    if (ragged || diagonal) {
+#pragma unroll
+      for (int r = 0; r < 2 * kMTiles; ++r) {
+        // Last visible key of this row, relative to the tile's first column.
+        const int row = row0 + warp_row0 + (r / 2) * 16 + (r % 2) * 8 + g;
+        const int last = (kCausal ? min(p.seqlen_k - 1, row + diag) : p.seqlen_k - 1) - col0 - 2 * t;
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            if (nt * 8 + e > last) s[r / 2][nt][2 * (r % 2) + e] = neg_inf();
+          }
+        }
+      }
+    }
+
+    // -- online softmax: P = exp(scale * (S - m)), rescale what O holds so far --
+    float alpha[2 * kMTiles];
+    softmax.update(s, p.scale_log2, alpha);
+    softmax.rescale(acc_o, alpha);
+
+    cp_async_wait<0>();
+    __syncthreads();  // V(n_block) landed; every warp is done reading K(n_block)
+    if (n_block > 0) {
+      load_tile<KVTile, Tr::kThreads, kAligned>(k_base, k, p.k_row_stride, col0 - kBlockN,
+                                                p.seqlen_k, p.head_dim);
+    }
+    cp_async_commit();
+
+    // -- O += P V, P straight from the S accumulators --
+#pragma unroll
+    for (int ks = 0; ks < Tr::kPVSteps; ++ks) {
+      uint32 a[kMTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        a[mt][0] = pack2<T>(s[mt][2 * ks][0], s[mt][2 * ks][1]);
+        a[mt][1] = pack2<T>(s[mt][2 * ks][2], s[mt][2 * ks][3]);
+        a[mt][2] = pack2<T>(s[mt][2 * ks + 1][0], s[mt][2 * ks + 1][1]);
+        a[mt][3] = pack2<T>(s[mt][2 * ks + 1][2], s[mt][2 * ks + 1][3]);
+      }
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; dt += 2) {
+        uint32 b[4];
+        ldmatrix_x4_trans(b, v_frag(ks * 16, dt));
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          Mma16816<T>::run(acc_o[mt][dt], a[mt], b[0], b[1]);
+          Mma16816<T>::run(acc_o[mt][dt + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+  }
+
+  // -- epilogue: O / l, lse; rows >= seqlen_q and columns >= head_dim are not stored --
+  float lse[2 * kMTiles];
+  softmax.finalize(acc_o, static_cast<float>(p.scale), lse);
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row0 + warp_row0 + mt * 16 + g + half * 8;
+      if (row >= p.seqlen_q) continue;
+      T* o_row = o + row * p.o_row_stride;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        const int col = dt * 8 + 2 * t;
+        const float x0 = acc_o[mt][dt][2 * half], x1 = acc_o[mt][dt][2 * half + 1];
+        if (kAligned) {
+          if (col < p.head_dim) {
+            *reinterpret_cast<uint32*>(o_row + col) = pack2<T>(x0, x1);
+          }
+        } else {
+          if (col < p.head_dim) o_row[col] = from_float<T>(x0);
+          if (col + 1 < p.head_dim) o_row[col + 1] = from_float<T>(x1);
+        }
+      }
+      if (p.lse != nullptr && t == 0) {
+        float* lse_out = static_cast<float*>(p.lse);
+        lse_out[batch * p.lse_batch_stride + head * p.lse_head_stride + row] = lse[2 * mt + half];
+      }
+    }
+  }
+}
+
+}  // namespace cuflash

@@ -1,0 +1,100 @@
+// Online softmax over mma.sync accumulator fragments.
+//
+// A warp owns whole query rows (warps split along M), so a row's statistics live in the 4 threads
+// of one quad and need only two xor-shuffles. Each thread holds kMTiles m16 tiles; in each, two
+// rows (g and g+8): row index r = 2 * mtile + (i / 2) for accumulator element i of a C fragment.
+#pragma once
+
+#include "common.cuh"
+
+namespace cuflash {
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+template <int kMTiles> struct OnlineSoftmax {
+  static constexpr int kRows = 2 * kMTiles;
+  float row_max[kRows];  // running max of the raw scores (before scale), -inf until a key is seen
+  float row_sum[kRows];  // this thread's partial sum of exp; reduced over the quad in finalize()
+
+  __device__ __forceinline__ void init() {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      row_max[r] = neg_inf();
+      row_sum[r] = 0.f;
+    }
+  }
+
+  // Folds one tile of scores into the statistics: updates the running max, turns `s` into
+  // P = exp(scale * (s - max)) in place, adds P to the running sums and returns in `alpha` the
+  // factor by which everything accumulated so far must be rescaled.
+  template <int kNTiles>
+  __device__ __forceinline__ void update(float (&s)[kMTiles][kNTiles][4], float scale_log2,
+                                         float (&alpha)[kRows]) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int mt = r / 2, half = r % 2;
+      float tile_max = row_max[r];
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+        tile_max = fmaxf(tile_max, fmaxf(s[mt][nt][2 * half], s[mt][nt][2 * half + 1]));
+      }
+      const float new_max = quad_max(tile_max);
+      // A row that has seen only masked keys keeps max = -inf; subtracting it would give
+      // (-inf) - (-inf) = NaN. Use 0 instead: every exp below is then exp(-inf) = 0.
+      const float max_scaled = new_max == neg_inf() ? 0.f : new_max * scale_log2;
+      alpha[r] = exp2f(row_max[r] * scale_log2 - max_scaled);
+      row_max[r] = new_max;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = s[mt][nt][2 * half + e];
+          x = exp2f(x * scale_log2 - max_scaled);
+          sum += x;
+        }
+      }
+      row_sum[r] = row_sum[r] * alpha[r] + sum;
+    }
+  }
+
+  template <int kDTiles>
+  __device__ __forceinline__ void rescale(float (&acc)[kMTiles][kDTiles][4],
+                                          const float (&alpha)[kRows]) {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        acc[mt][dt][0] *= alpha[2 * mt];
+        acc[mt][dt][1] *= alpha[2 * mt];
+        acc[mt][dt][2] *= alpha[2 * mt + 1];
+        acc[mt][dt][3] *= alpha[2 * mt + 1];
+      }
+    }
+  }
+
+  // Normalises the output by the row sums and returns each row's log-sum-exp (natural log). A row
+  // that saw no key has sum 0: its output stays 0 (not 0/0) and its lse is -inf.
+  template <int kDTiles>
+  __device__ __forceinline__ void finalize(float (&acc)[kMTiles][kDTiles][4], float scale,
+                                           float (&lse)[kRows]) {
+    float inv[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const float sum = quad_sum(row_sum[r]);
+      const bool empty = sum == 0.f;
+      inv[r] = empty ? 0.f : 1.f / sum;
+      lse[r] = empty ? neg_inf() : row_max[r] * scale + logf(sum);
+    }
+    rescale(acc, inv);
+  }
+};
+
+}  // namespace cuflash
