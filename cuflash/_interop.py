@@ -86,8 +86,8 @@ def stream_scope(src: Source):
     if src.framework == "torch":
         import torch
 
-        handle = torch.cuda.current_stream(src.device_id).cuda_stream
-        scope.enter_context(cupy.cuda.ExternalStream(handle, src.device_id))
+        stream = torch.cuda.current_stream(src.device_id)
+        scope.enter_context(cupy.cuda.ExternalStream(stream.cuda_stream, src.device_id))
     return scope
 
 

@@ -103,8 +103,12 @@ def fwd_spec(dtype: str, head_dim: int, causal: bool, aligned: bool) -> KernelSp
     width = width_for(head_dim, tiles)
     tile = tiles[width]
     itemsize = _dtypes.itemsize(dtype)
-    # Q tile, K tile and V tile, plus one pad element per row against bank conflicts.
-    smem = (tile.block_m + 2 * tile.block_n) * (width + 1) * itemsize
+    # Q, K and V tiles with rows padded by one 16-byte vector against bank conflicts, plus the
+    # P tile (rows padded by 8) that carries probabilities from the S layout to the P V layout.
+    # Mirrors FwdSimtTraits::kSmemBytes; the kernel traps if given less.
+    vec = 16 // itemsize
+    smem = ((tile.block_m + 2 * tile.block_n) * (width + vec)
+            + tile.block_m * (tile.block_n + 8)) * itemsize
     return KernelSpec("fwd_simt.cu", "fwd_simt", dtype, width, tile.block_m, tile.block_n,
                       tile.warps, causal, aligned, smem, min_arch=60)
 

@@ -1,0 +1,252 @@
+"""Naive float64 attention and its exact backward: the yardstick for every cuflash path.
+
+Plain ``softmax(scale * q @ k^T) @ v`` on the whole ``(Sq, Sk)`` score matrix, in float64 NumPy,
+whatever the input dtype or framework. It is O(S^2) in memory on purpose: nothing here is tiled, so
+it shares no code (and no bug) with the flash paths. Use it on small problems.
+
+Conventions are those of :func:`cuflash.attention` (see DESIGN.md):
+
+- layout ``"bshd"``: q ``(B, Sq, Hq, D)``, k and v ``(B, Sk, Hkv, D)``;
+  layout ``"bhsd"``: q ``(B, Hq, Sq, D)``, k and v ``(B, Hkv, Sk, D)``;
+  3-D inputs (no batch axis) are accepted and answered without the batch axis.
+- GQA / MQA: ``Hq % Hkv == 0``; query head ``h`` reads kv head ``h // (Hq // Hkv)``.
+- ``causal=True`` is bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + Sk - Sq``.
+- A query row that sees no key (causal with ``Sq > Sk``, or ``Sk == 0``) outputs zeros, has
+  ``lse = -inf`` and contributes nothing to the gradients; no NaN is ever produced.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+__all__ = ["attention", "attention_backward"]
+
+_LAYOUTS = ("bshd", "bhsd")
+
+# DLPack device types whose memory NumPy can read directly: kDLCPU, kDLCUDAHost, kDLCUDAManaged.
+_HOST_DLPACK_DEVICES = (1, 3, 13)
+
+
+def attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    layout: str = "bshd",
+    return_lse: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Attention computed naively in float64.
+
+    Args:
+        q: queries, ``(B, Sq, Hq, D)`` for ``layout="bshd"`` or ``(B, Hq, Sq, D)`` for ``"bhsd"``;
+            the batch axis may be left out (3-D). Any array-like: a NumPy array, anything with
+            ``__dlpack__`` (torch, JAX, CuPy; device arrays are copied to the host through CuPy),
+            or a nested sequence. Any real dtype; it is read as float64.
+        k: keys, ``(B, Sk, Hkv, D)`` / ``(B, Hkv, Sk, D)``, with ``Hq % Hkv == 0``.
+        v: values, the shape of ``k``.
+        causal: bottom-right aligned causal mask (query ``i`` sees key ``j`` iff
+            ``j <= i + Sk - Sq``).
+        scale: softmax scale; ``1 / sqrt(D)`` when None.
+        layout: ``"bshd"`` or ``"bhsd"``.
+        return_lse: also return the log-sum-exp of the scaled scores of every query row.
+
+    Returns:
+        ``out``, float64 NumPy array of q's shape; with ``return_lse``, ``(out, lse)`` where
+        ``lse`` is float64 ``(B, Hq, Sq)`` (``(Hq, Sq)`` for 3-D input), natural log, ``-inf`` for
+        rows that see no key. (cuflash.attention returns lse as float32; float64 here keeps the
+        reference exact.)
+
+    Raises:
+        ValueError: unknown layout, or shapes that do not fit together.
+
+    See also:
+        attention_backward: the gradient of this function.
+    """
+    q4, k4, v4, three_d = _canonical_inputs(layout, q=q, k=k, v=v)
+    scale = _default_scale(scale, q4.shape[-1])
+    p, lse = _probabilities(q4, k4, causal, scale)
+    out = np.matmul(p, _grouped_kv(v4))  # (B, Hkv, G, Sq, D)
+    out = _from_grouped_q(out, layout, three_d)
+    if not return_lse:
+        return out
+    b, hkv, g, sq = lse.shape
+    lse = lse.reshape(b, hkv * g, sq)
+    return out, (lse[0] if three_d else lse)
+
+
+def attention_backward(
+    dout: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    layout: str = "bshd",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact float64 gradient of :func:`attention` for the incoming gradient ``dout``.
+
+    Args:
+        dout: gradient of the loss with respect to the output; q's shape.
+        q, k, v, causal, scale, layout: as for :func:`attention`.
+
+    Returns:
+        ``(dq, dk, dv)``, float64 NumPy arrays shaped like q, k and v. With GQA the gradient of a kv
+        head is summed over the query heads that read it. Rows that see no key contribute nothing.
+
+    Raises:
+        ValueError: unknown layout, or shapes that do not fit together.
+    """
+    q4, k4, v4, three_d = _canonical_inputs(layout, q=q, k=k, v=v)
+    (dout4,) = _canonical_arrays(layout, three_d, dout=dout)
+    if dout4.shape != q4.shape:
+        raise ValueError(f"dout has shape {_shape(dout)}; expected q's shape {_shape(q)}")
+    scale = _default_scale(scale, q4.shape[-1])
+    p, _ = _probabilities(q4, k4, causal, scale)  # (B, Hkv, G, Sq, Sk)
+    k_g, v_g = _grouped_kv(k4), _grouped_kv(v4)  # (B, Hkv, 1, Sk, D)
+    do_g = _grouped_q(dout4, k4.shape[2])  # (B, Hkv, G, Sq, D)
+
+    # -- dv = P^T dO, summed over the query heads of each kv head --
+    dv = np.matmul(p.swapaxes(-1, -2), do_g).sum(axis=2)
+    # -- softmax backward: dS = P * (dP - rowsum(P * dP)) --
+    dp = np.matmul(do_g, v_g.swapaxes(-1, -2))
+    ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True))
+    # -- through s = scale * q k^T --
+    dq = scale * np.matmul(ds, k_g)
+    dk = scale * np.matmul(ds.swapaxes(-1, -2), _grouped_q(q4, k4.shape[2])).sum(axis=2)
+
+    dq = _from_grouped_q(dq, layout, three_d)
+    dk, dv = (_from_kv(x.swapaxes(1, 2), layout, three_d) for x in (dk, dv))
+    return dq, dk, dv
+
+
+def _probabilities(
+    q4: np.ndarray, k4: np.ndarray, causal: bool, scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities ``(B, Hkv, G, Sq, Sk)`` and lse ``(B, Hkv, G, Sq)``."""
+    sq, sk = q4.shape[1], k4.shape[1]
+    s = scale * np.matmul(_grouped_q(q4, k4.shape[2]), _grouped_kv(k4).swapaxes(-1, -2))
+    if causal:
+        s[..., ~_visible(sq, sk)] = -np.inf
+    m = np.max(s, axis=-1, keepdims=True, initial=-np.inf)
+    # A row that sees no key has m = -inf, and s - m would be -inf - -inf = NaN: subtract 0
+    # instead, so every p of that row is exp(-inf) = 0 and its row sum is 0.
+    m = np.where(np.isneginf(m), 0.0, m)
+    p = np.exp(s - m)
+    row_sum = p.sum(axis=-1, keepdims=True)
+    p = np.divide(p, row_sum, out=np.zeros_like(p), where=row_sum > 0)
+    with np.errstate(divide="ignore"):  # log(0) = -inf is the lse of a row that sees no key
+        lse = (m + np.log(row_sum))[..., 0]
+    return p, lse
+
+
+def _visible(sq: int, sk: int) -> np.ndarray:
+    """``(Sq, Sk)`` bool, True where query i sees key j under the bottom-right causal mask."""
+    return np.arange(sk)[None, :] <= np.arange(sq)[:, None] + (sk - sq)
+
+
+def _grouped_q(x4: np.ndarray, hkv: int) -> np.ndarray:
+    """``(B, S, Hq, D)`` -> ``(B, Hkv, G, S, D)``: query head h = kv_head * G + g."""
+    b, s, hq, d = x4.shape
+    return x4.transpose(0, 2, 1, 3).reshape(b, hkv, hq // hkv, s, d)
+
+
+def _grouped_kv(x4: np.ndarray) -> np.ndarray:
+    """``(B, Sk, Hkv, D)`` -> ``(B, Hkv, 1, Sk, D)``, broadcasting over the query group."""
+    return x4.transpose(0, 2, 1, 3)[:, :, None]
+
+
+def _from_grouped_q(x: np.ndarray, layout: str, three_d: bool) -> np.ndarray:
+    """``(B, Hkv, G, S, D)`` -> q's layout and rank."""
+    b, hkv, g, s, d = x.shape
+    return _from_kv(x.reshape(b, hkv * g, s, d).swapaxes(1, 2), layout, three_d)
+
+
+def _from_kv(x4: np.ndarray, layout: str, three_d: bool) -> np.ndarray:
+    """Canonical ``(B, S, H, D)`` -> the caller's layout and rank, C-contiguous."""
+    if layout == "bhsd":
+        x4 = x4.swapaxes(1, 2)
+    return np.ascontiguousarray(x4[0] if three_d else x4)
+
+
+def _canonical_inputs(
+    layout: str, *, q: Any, k: Any, v: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """Validate q, k, v and return them as float64 ``(B, S, H, D)`` arrays, plus "was 3-D"."""
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout must be one of {_LAYOUTS}; got {layout!r}")
+    q_np = _to_numpy(q, "q")
+    three_d = q_np.ndim == 3
+    q4, k4, v4 = _canonical_arrays(layout, three_d, q=q_np, k=k, v=v)
+    if k4.shape != v4.shape:
+        raise ValueError(f"k and v must have the same shape; got k {_shape(k)} and v {_shape(v)}")
+    (b, _, hq, d), (bk, _, hkv, dk) = q4.shape, k4.shape
+    if d == 0:
+        raise ValueError(f"the head dim must be at least 1; got q of shape {_shape(q)}")
+    if (b, d) != (bk, dk):
+        raise ValueError(
+            f"q {_shape(q)} and k {_shape(k)} must agree on batch and head dim "
+            f"for layout {layout!r}"
+        )
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"the number of query heads ({hq}) must be a multiple of the number of kv heads ({hkv})"
+        )
+    return q4, k4, v4, three_d
+
+
+def _canonical_arrays(layout: str, three_d: bool, **arrays: Any) -> list[np.ndarray]:
+    """Each named array as float64 ``(B, S, H, D)``; all must be 3-D if ``three_d`` else 4-D."""
+    want = 3 if three_d else 4
+    result = []
+    for name, x in arrays.items():
+        x = np.asarray(_to_numpy(x, name), dtype=np.float64)
+        if x.ndim != want:
+            raise ValueError(
+                f"{name} must be {want}-D like q (layout {layout!r}); got shape {x.shape}"
+            )
+        if three_d:
+            x = x[None]
+        result.append(x.swapaxes(1, 2) if layout == "bhsd" else x)
+    return result
+
+
+def _to_numpy(x: Any, name: str) -> np.ndarray:
+    """A host NumPy array with x's values; zero-copy where NumPy can read x in place."""
+    if isinstance(x, np.ndarray):
+        return x
+    if getattr(x, "requires_grad", False):  # torch refuses to export a tensor that requires grad
+        x = x.detach()
+    if hasattr(x, "__dlpack_device__") and x.__dlpack_device__()[0] not in _HOST_DLPACK_DEVICES:
+        try:
+            import cupy
+        except ImportError as err:
+            raise TypeError(
+                f"{name} lives on an accelerator; reading it needs CuPy, which did not import"
+            ) from err
+        return cupy.asnumpy(cupy.from_dlpack(x))
+    if hasattr(x, "__dlpack__"):
+        try:
+            return np.from_dlpack(x)
+        except (BufferError, TypeError, RuntimeError):
+            pass  # e.g. bfloat16, which NumPy's DLPack import lacks; __array__ may still work
+    try:
+        return np.asarray(x)
+    except (TypeError, RuntimeError) as err:
+        raise TypeError(
+            f"{name}: cannot read {type(x).__name__} as a NumPy array ({err}); "
+            "convert it to float32 first"
+        ) from err
+
+
+def _default_scale(scale: float | None, d: int) -> float:
+    return 1.0 / math.sqrt(d) if scale is None else float(scale)
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(getattr(x, "shape", np.shape(x)))

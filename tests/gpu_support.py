@@ -1,0 +1,53 @@
+"""Shared pieces of the GPU tests: device detection with a printed reason, array namespaces."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+
+def gpu_skip_reason() -> str | None:
+    """None when a CUDA GPU is usable through CuPy, else why not."""
+    try:
+        import cupy
+    except ImportError as err:
+        return f"cupy is not importable ({err})"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as err:  # no driver, no device: CuPy raises its own runtime errors
+        return f"no CUDA GPU ({type(err).__name__}: {err})"
+    if count == 0:
+        return "no CUDA GPU (device count 0)"
+    return None
+
+
+def require_gpu() -> None:
+    reason = gpu_skip_reason()
+    if reason is not None:
+        print(f"skipping GPU tests: {reason}")
+        pytest.skip(reason, allow_module_level=True)
+
+
+def torch_cuda() -> types.SimpleNamespace:
+    """An array namespace (for tests.strategies.make_inputs) that builds torch CUDA tensors."""
+    import torch
+
+    def asarray(x, dtype=None):
+        return torch.asarray(np.ascontiguousarray(x), dtype=dtype, device="cuda")
+
+    return types.SimpleNamespace(__name__="torch_cuda", asarray=asarray, moveaxis=torch.moveaxis,
+                                 bfloat16=torch.bfloat16)
+
+
+def to_numpy(x) -> np.ndarray:
+    """float64 NumPy copy of a CuPy / torch / JAX / NumPy array (bfloat16 included)."""
+    top = type(x).__module__.split(".")[0]
+    if top == "torch":
+        return x.detach().double().cpu().numpy()
+    if top == "cupy":
+        import cupy
+
+        return cupy.asnumpy(x).astype(np.float64)
+    return np.asarray(x).astype(np.float64)

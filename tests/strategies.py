@@ -1,0 +1,213 @@
+"""Hypothesis strategies and input builders shared by the CPU and GPU tests.
+
+``problems()`` draws a :class:`Case` (sizes, dtype, mask, layout, rank and memory view);
+``make_inputs(case, xp, seed)`` builds fresh random q, k, v for it with ``xp`` = numpy, cupy or
+torch, in the case's own layout, rank and strides. ``to_bshd4`` brings any of them (or an output)
+to the canonical ``(B, S, H, D)`` order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from hypothesis import strategies as st
+
+from tests.accuracy import round_to
+
+LAYOUTS = ("bshd", "bhsd")
+VIEWS = ("contiguous", "qkv_packed", "transposed")
+SHORT_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
+
+# Sequence lengths that tend to break tiled code: empty, single, primes, and one either side of the
+# GPU kernels' tile sizes.
+TILES = (64, 128)
+AWKWARD_SEQLENS = tuple(
+    sorted({0, 1, 2, 3, 5, 7, 13, 31, 97, 251} | {t + o for t in TILES for o in (-1, 0, 1)})
+)
+AWKWARD_HEAD_DIMS = (1, 7, 32, 63, 64, 80, 96, 127, 128, 160, 192, 255, 256)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One attention problem: sizes, dtype name, mask, layout, rank and how q, k, v are stored.
+
+    ``view`` is "contiguous", "qkv_packed" (q, k, v are slices of one packed ``(B, S, 3, H, D)``
+    array; needs ``seqlen_q == seqlen_k`` and ``heads_q == heads_kv``) or "transposed" (the leading
+    axes stored in reverse order: non-contiguous, unit-stride last axis).
+    """
+
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    dtype: str = "float32"
+    causal: bool = False
+    layout: str = "bshd"
+    three_d: bool = False  # no batch axis; batch is then 1
+    view: str = "contiguous"
+
+    def __post_init__(self) -> None:
+        if self.heads_q % self.heads_kv:
+            raise ValueError(
+                f"heads_q {self.heads_q} is not a multiple of heads_kv {self.heads_kv}"
+            )
+        if self.three_d and self.batch != 1:
+            raise ValueError("a 3-D case has batch 1")
+        packable = self.seqlen_q == self.seqlen_k and self.heads_q == self.heads_kv
+        if self.view == "qkv_packed" and not packable:
+            raise ValueError("qkv_packed needs seqlen_q == seqlen_k and heads_q == heads_kv")
+
+    @property
+    def id(self) -> str:
+        """Readable test id, e.g. ``B2-Sq63-Sk65-H4/2-D60-bf16-causal-bhsd``."""
+        parts = [
+            "3d" if self.three_d else f"B{self.batch}",
+            f"Sq{self.seqlen_q}",
+            f"Sk{self.seqlen_k}",
+            f"H{self.heads_q}/{self.heads_kv}",
+            f"D{self.head_dim}",
+            SHORT_DTYPE[self.dtype],
+        ]
+        if self.causal:
+            parts.append("causal")
+        parts.append(self.layout)
+        if self.view != "contiguous":
+            parts.append({"qkv_packed": "packed", "transposed": "strided"}[self.view])
+        return "-".join(parts)
+
+    @property
+    def group(self) -> int:
+        return self.heads_q // self.heads_kv
+
+    @property
+    def q_shape(self) -> tuple[int, ...]:
+        return self._shape(self.seqlen_q, self.heads_q)
+
+    @property
+    def kv_shape(self) -> tuple[int, ...]:
+        return self._shape(self.seqlen_k, self.heads_kv)
+
+    def _shape(self, s: int, h: int) -> tuple[int, ...]:
+        inner = (s, h) if self.layout == "bshd" else (h, s)
+        return (*inner, self.head_dim) if self.three_d else (self.batch, *inner, self.head_dim)
+
+
+def _mixed(awkward: tuple[int, ...], low: int, high: int) -> st.SearchStrategy[int]:
+    """Half awkward values in ``[low, high]``, half uniform."""
+    return st.one_of(
+        st.sampled_from([x for x in awkward if low <= x <= high]), st.integers(low, high)
+    )
+
+
+@st.composite
+def problems(
+    draw: st.DrawFn,
+    *,
+    dtypes: tuple[str, ...] = ("float32",),
+    max_batch: int = 3,
+    max_heads_kv: int = 3,
+    max_group: int = 4,
+    max_seqlen: int = 300,
+    max_head_dim: int = 256,
+    causal: bool | None = None,
+    layouts: tuple[str, ...] = LAYOUTS,
+    views: tuple[str, ...] = VIEWS,
+    allow_3d: bool = True,
+) -> Case:
+    """Draw a :class:`Case`; the keyword arguments bound it (``causal=None`` draws both)."""
+    view = draw(st.sampled_from(views))
+    three_d = allow_3d and draw(st.booleans())
+    batch = 1 if three_d else draw(st.integers(1, max_batch))
+    heads_kv = draw(st.integers(1, max_heads_kv))
+    seqlen_q = draw(_mixed(AWKWARD_SEQLENS, 0, max_seqlen))
+    if view == "qkv_packed":  # one packed tensor: same length and head count for q, k, v
+        group, seqlen_k = 1, seqlen_q
+    else:
+        group = draw(st.integers(1, max_group))
+        seqlen_k = draw(_mixed(AWKWARD_SEQLENS, 0, max_seqlen))
+    return Case(
+        batch=batch,
+        seqlen_q=seqlen_q,
+        seqlen_k=seqlen_k,
+        heads_q=heads_kv * group,
+        heads_kv=heads_kv,
+        head_dim=draw(_mixed(AWKWARD_HEAD_DIMS, 1, max_head_dim)),
+        dtype=draw(st.sampled_from(dtypes)),
+        causal=draw(st.booleans()) if causal is None else causal,
+        layout=draw(st.sampled_from(layouts)),
+        three_d=three_d,
+        view=view,
+    )
+
+
+def seeds() -> st.SearchStrategy[int]:
+    """Seeds for :func:`make_inputs`: fresh random values for every example."""
+    return st.integers(0, 2**32 - 1)
+
+
+def make_inputs(case: Case, xp: ModuleType, seed: int) -> tuple[Any, Any, Any]:
+    """Fresh standard-normal q, k, v for ``case`` as ``xp`` arrays (numpy, cupy or torch).
+
+    They have the case's layout, rank, dtype and memory view. Values are drawn in NumPy, so one
+    seed gives the same numbers whatever ``xp`` is.
+    """
+    rng = np.random.default_rng(seed)
+    if case.view == "qkv_packed":
+        # (B, S, 3, H, D): q, k, v interleaved per token, as a fused qkv projection writes them.
+        packed = _to_xp(
+            rng.standard_normal(_bshd_shape(case, case.seqlen_q, case.heads_q, 3)), xp, case.dtype
+        )
+        q, k, v = (packed[..., i, :, :] for i in range(3))
+        if case.layout == "bhsd":
+            q, k, v = (xp.moveaxis(x, -3, -2) for x in (q, k, v))
+        return q, k, v
+    q = _array(case.q_shape, case, xp, rng)
+    k = _array(case.kv_shape, case, xp, rng)
+    v = _array(case.kv_shape, case, xp, rng)
+    return q, k, v
+
+
+def make_dout(case: Case, xp: ModuleType, seed: int) -> Any:
+    """A fresh standard-normal, contiguous incoming gradient of q's shape."""
+    rng = np.random.default_rng((seed, 1))  # a different stream from make_inputs' for one seed
+    return _to_xp(rng.standard_normal(case.q_shape), xp, case.dtype)
+
+
+def to_bshd4(x: Any, case: Case) -> Any:
+    """An array of q's or k's layout and rank in ``case`` as a 4-D ``(B, S, H, D)`` view."""
+    if case.three_d:
+        x = x[None]
+    return x.swapaxes(1, 2) if case.layout == "bhsd" else x
+
+
+def _array(shape: tuple[int, ...], case: Case, xp: ModuleType, rng: np.random.Generator) -> Any:
+    if case.view == "contiguous":
+        return _to_xp(rng.standard_normal(shape), xp, case.dtype)
+    # "transposed": store the leading axes in reverse order, then view them back.
+    lead = len(shape) - 1
+    base = _to_xp(rng.standard_normal((*shape[-2::-1], shape[-1])), xp, case.dtype)
+    return xp.moveaxis(base, tuple(range(lead)), tuple(reversed(range(lead))))
+
+
+def _bshd_shape(case: Case, s: int, h: int, packed: int) -> tuple[int, ...]:
+    inner = (s, packed, h, case.head_dim)
+    return inner if case.three_d else (case.batch, *inner)
+
+
+def _to_xp(x64: np.ndarray, xp: ModuleType, dtype: str) -> Any:
+    """float64 NumPy values -> an ``xp`` array of ``dtype`` (values first rounded to it)."""
+    values = round_to(x64, dtype)
+    if dtype != "bfloat16":
+        return xp.asarray(values.astype(dtype))
+    if xp.__name__ == "numpy":
+        import ml_dtypes  # NumPy's bfloat16 comes from ml_dtypes (a JAX dependency)
+
+        return values.astype(ml_dtypes.bfloat16)
+    if not hasattr(xp, "bfloat16"):
+        raise TypeError(f"{xp.__name__} has no bfloat16 arrays; build bfloat16 inputs with torch")
+    return xp.asarray(values, dtype=xp.bfloat16)

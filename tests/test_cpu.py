@@ -1,0 +1,285 @@
+"""cuflash._cpu, the NumPy FlashAttention path: accuracy against the reference and the properties
+of DESIGN.md (metamorphic relations, fully-masked rows, untouched inputs, O(S) memory)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tracemalloc
+from unittest import mock
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+
+from cuflash import _cpu, reference
+from tests.accuracy import (
+    LSE_DTYPE,
+    assert_matches_reference,
+    backward_eps,
+    naive_attention,
+    naive_attention_backward,
+)
+from tests.strategies import Case, make_dout, make_inputs, problems, seeds, to_bshd4
+
+CPU_DTYPES = ("float16", "float32", "float64")
+
+# The shipped tiles, and small ones that put many tile edges inside small problems (uneven ones
+# too, so the causal block skipping and masking meet every alignment).
+TILES = ((_cpu.BLOCK_Q, _cpu.BLOCK_K), (16, 32), (32, 16), (5, 7))
+
+ACCURACY = settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
+
+
+def small_problems(**kwargs) -> st.SearchStrategy[Case]:
+    """float32 / float64 problems small enough for many examples."""
+    return problems(
+        dtypes=("float32", "float64"), max_seqlen=150, max_head_dim=64, max_batch=2, **kwargs
+    )
+
+
+@contextlib.contextmanager
+def _tiles(block_q: int, block_k: int):
+    with mock.patch.multiple(_cpu, BLOCK_Q=block_q, BLOCK_K=block_k):
+        yield
+
+
+def _canonical_inputs(case: Case, seed: int) -> list[np.ndarray]:
+    """q, k, v, dout for ``case`` as 4-D (B, S, H, D) views (strides as built)."""
+    q, k, v = make_inputs(case, np, seed)
+    return [to_bshd4(x, case) for x in (q, k, v, make_dout(case, np, seed))]
+
+
+def _scale(case: Case) -> float:
+    return 1 / math.sqrt(case.head_dim)
+
+
+def _forward(case: Case, q, k, v):
+    return _cpu.forward(q, k, v, causal=case.causal, scale=_scale(case))
+
+
+def _backward(case: Case, dout, q, k, v, out, lse):
+    return _cpu.backward(dout, q, k, v, out, lse, causal=case.causal, scale=_scale(case))
+
+
+@ACCURACY
+@given(
+    case=problems(dtypes=CPU_DTYPES),
+    seed=seeds(),
+    tiles=st.sampled_from(TILES),
+    scale=st.one_of(st.none(), st.floats(0.05, 2.0)),
+)
+def test_forward_and_backward_match_reference(
+    case: Case, seed: int, tiles: tuple[int, int], scale: float | None
+):
+    note(f"{case.id}, tiles {tiles}, scale {scale}")
+    q, k, v = make_inputs(case, np, seed)
+    dout = make_dout(case, np, seed)
+    q4, k4, v4, do4 = (to_bshd4(x, case) for x in (q, k, v, dout))
+    inputs = {"q": q, "k": k, "v": v, "dout": dout}
+    originals = {name: x.copy() for name, x in inputs.items()}
+    opts = {"causal": case.causal, "scale": _scale(case) if scale is None else scale}
+    with _tiles(*tiles):
+        out, lse = _cpu.forward(q4, k4, v4, **opts)
+        inputs |= {"out": out, "lse": lse}
+        originals |= {"out": out.copy(), "lse": lse.copy()}
+        grads = _cpu.backward(do4, q4, k4, v4, out, lse, **opts)
+
+    b, sq, hq, _ = q4.shape
+    assert out.dtype == q.dtype and out.shape == q4.shape and out.flags.c_contiguous
+    assert lse.dtype == np.float32 and lse.shape == (b, hq, sq)
+    for name, g, x in zip(("dq", "dk", "dv"), grads, (q4, k4, v4), strict=True):
+        assert g.dtype == x.dtype and g.shape == x.shape and g.flags.c_contiguous, name
+
+    ref_opts = {"causal": case.causal, "scale": scale, "layout": case.layout}
+    ref_out, ref_lse = reference.attention(q, k, v, return_lse=True, **ref_opts)
+    ref_grads = reference.attention_backward(dout, q, k, v, **ref_opts)
+    naive_out, naive_lse = naive_attention(q4, k4, v4, dtype=case.dtype, **opts)
+    naive_grads = naive_attention_backward(do4, q4, k4, v4, dtype=case.dtype, **opts)
+    grad_eps = backward_eps(do4, q4, k4, v4, dtype=case.dtype, **opts)
+
+    assert_matches_reference("out", out, to_bshd4(ref_out, case), naive_out, dtype=case.dtype)
+    ref_lse = ref_lse[None] if case.three_d else ref_lse
+    assert_matches_reference("lse", lse, ref_lse, naive_lse, dtype=LSE_DTYPE)
+    for name, got, ref, naive_g, eps in zip(
+        ("dq", "dk", "dv"), grads, ref_grads, naive_grads, grad_eps, strict=True
+    ):
+        ref = to_bshd4(ref, case)
+        assert_matches_reference(name, got, ref, naive_g, dtype=case.dtype, eps=eps)
+    for name, x in inputs.items():
+        np.testing.assert_array_equal(x, originals[name], err_msg=f"{name} was modified")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(1, sq, sk, 2, 1, 8, dtype=dtype, causal=causal)
+        for sq, sk in [(0, 0), (0, 7), (7, 0), (1, 1), (1, 7), (7, 1)]
+        for causal in (False, True)
+        for dtype in ("float16", "float64")
+    ],
+    ids=lambda c: c.id,
+)
+def test_lengths_zero_and_one(case: Case):
+    q, k, v, dout = _canonical_inputs(case, seed=11)
+    out, lse = _forward(case, q, k, v)
+    grads = _backward(case, dout, q, k, v, out, lse)
+    ref_out, ref_lse = reference.attention(q, k, v, causal=case.causal, return_lse=True)
+    naive = {"dtype": case.dtype, "causal": case.causal, "scale": _scale(case)}
+    naive_out, naive_lse = naive_attention(q, k, v, **naive)
+    assert_matches_reference("out", out, ref_out, naive_out, dtype=case.dtype)
+    assert_matches_reference("lse", lse, ref_lse, naive_lse, dtype=LSE_DTYPE)
+    ref_grads = reference.attention_backward(dout, q, k, v, causal=case.causal)
+    naive_grads = naive_attention_backward(dout, q, k, v, **naive)
+    grad_eps = backward_eps(dout, q, k, v, **naive)
+    for name, got, ref, naive_g, eps in zip(
+        ("dq", "dk", "dv"), grads, ref_grads, naive_grads, grad_eps, strict=True
+    ):
+        assert_matches_reference(name, got, ref, naive_g, dtype=case.dtype, eps=eps)
+
+
+@pytest.mark.parametrize(
+    "case, tiles",
+    [
+        (Case(2, 9, 4, 4, 2, 16, dtype="float16", causal=True), TILES[0]),
+        (Case(1, 40, 7, 3, 1, 8, dtype="float32", causal=True), (16, 32)),
+        (Case(1, 130, 3, 2, 2, 8, dtype="float64", causal=True), TILES[0]),
+        (Case(2, 6, 0, 2, 1, 5, dtype="float32"), TILES[0]),
+    ],
+    ids=lambda x: x.id if isinstance(x, Case) else f"tiles{x[0]}x{x[1]}",
+)
+def test_rows_that_see_no_key_give_zero_and_no_gradient(case: Case, tiles: tuple[int, int]):
+    q, k, v, dout = _canonical_inputs(case, seed=5)
+    blind = max(0, case.seqlen_q - case.seqlen_k) if case.seqlen_k else case.seqlen_q
+    with _tiles(*tiles):
+        out, lse = _forward(case, q, k, v)
+        assert np.all(out[:, :blind] == 0) and np.all(np.isneginf(lse[:, :, :blind]))
+        assert np.all(np.isfinite(out)) and np.all(np.isfinite(lse[:, :, blind:]))
+        # An incoming gradient on the blind rows only must produce no gradient at all.
+        dout_blind = np.where(np.arange(case.seqlen_q)[:, None, None] < blind, dout, 0)
+        for name, g in zip(
+            ("dq", "dk", "dv"), _backward(case, dout_blind, q, k, v, out, lse), strict=True
+        ):
+            assert not np.any(g), f"{name} is not zero"
+        for name, g in zip(
+            ("dq", "dk", "dv"), _backward(case, dout, q, k, v, out, lse), strict=True
+        ):
+            assert np.all(np.isfinite(g)), f"{name} is not finite"
+
+
+# Tolerances of the metamorphic checks: the transformed problem rounds differently, so results
+# agree to a few hundred ulps (more for the key shift, whose scores reach ~100 in magnitude).
+SAME_TOL = {"float32": 2e-5, "float64": 1e-12}
+SHIFT_TOL = {"float32": 5e-4, "float64": 1e-10}
+
+
+@PROPERTY
+@given(case=small_problems(), seed=seeds())
+def test_adding_one_vector_to_every_key_changes_nothing(case: Case, seed: int):
+    note(case.id)
+    q, k, v, _ = _canonical_inputs(case, seed)
+    # Large enough that the scores overflow float32 exp unless the running max is subtracted.
+    shift = (40 * np.random.default_rng(seed).standard_normal(case.head_dim)).astype(k.dtype)
+    out, _ = _forward(case, q, k, v)
+    shifted, _ = _forward(case, q, k + shift, v)
+    np.testing.assert_allclose(shifted, out, rtol=0, atol=SHIFT_TOL[case.dtype])
+
+
+@PROPERTY
+@given(case=small_problems(causal=False), seed=seeds())
+def test_permuting_keys_and_values_together_changes_nothing(case: Case, seed: int):
+    note(case.id)
+    q, k, v, dout = _canonical_inputs(case, seed)
+    perm = np.random.default_rng(seed).permutation(case.seqlen_k)
+    out, lse = _forward(case, q, k, v)
+    out_p, lse_p = _forward(case, q, k[:, perm], v[:, perm])
+    np.testing.assert_allclose(out_p, out, rtol=0, atol=SAME_TOL[case.dtype])
+    np.testing.assert_allclose(lse_p, lse, rtol=1e-6, atol=1e-6)
+    dq, dk, dv = _backward(case, dout, q, k, v, out, lse)
+    dq_p, dk_p, dv_p = _backward(case, dout, q, k[:, perm], v[:, perm], out_p, lse_p)
+    for name, got, want in (("dq", dq_p, dq), ("dk", dk_p, dk[:, perm]), ("dv", dv_p, dv[:, perm])):
+        tol = SAME_TOL[case.dtype] * max(1.0, float(np.abs(want).max(initial=0)))
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol, err_msg=name)
+
+
+@PROPERTY
+@given(case=problems(dtypes=CPU_DTYPES, max_seqlen=150, max_head_dim=64), seed=seeds())
+def test_each_output_row_lies_inside_the_values_it_sees(case: Case, seed: int):
+    note(case.id)
+    q, k, v, _ = _canonical_inputs(case, seed)
+    out, _ = _forward(case, q, k, v)
+    sq, sk = case.seqlen_q, case.seqlen_k
+    if sk == 0:
+        return
+    # The last key each row sees; prefix min / max over keys then bound that row.
+    last = np.arange(sq) + sk - sq if case.causal else np.full(sq, sk - 1)
+    rows = np.flatnonzero(last >= 0)
+    last = np.minimum(last[rows], sk - 1)
+    lo = np.minimum.accumulate(v, axis=1)[:, last].repeat(case.group, axis=2)
+    hi = np.maximum.accumulate(v, axis=1)[:, last].repeat(case.group, axis=2)
+    tol = 4 * np.finfo(v.dtype).eps * np.abs(v).max()
+    assert np.all(out[:, rows] >= lo - tol) and np.all(out[:, rows] <= hi + tol)
+
+
+@PROPERTY
+@given(case=small_problems(causal=True), seed=seeds())
+def test_causal_rows_ignore_future_keys(case: Case, seed: int):
+    note(case.id)
+    q, k, v, dout = _canonical_inputs(case, seed)
+    sq, sk = case.seqlen_q, case.seqlen_k
+    cut = int(np.random.default_rng(seed).integers(0, sk + 1))
+    fresh = np.random.default_rng((seed, 2))
+    k2, v2 = k.copy(), v.copy()
+    k2[:, cut:] = fresh.standard_normal(k2[:, cut:].shape)
+    v2[:, cut:] = fresh.standard_normal(v2[:, cut:].shape)
+    # Rows i with i + sk - sq < cut see only keys before the cut.
+    rows = slice(0, max(0, min(sq, cut - (sk - sq))))
+    out, lse = _forward(case, q, k, v)
+    out2, lse2 = _forward(case, q, k2, v2)
+    np.testing.assert_array_equal(out2[:, rows], out[:, rows])
+    np.testing.assert_array_equal(lse2[:, :, rows], lse[:, :, rows])
+    dq = _backward(case, dout, q, k, v, out, lse)[0]
+    dq2 = _backward(case, dout, q, k2, v2, out2, lse2)[0]
+    np.testing.assert_array_equal(dq2[:, rows], dq[:, rows])
+
+
+@PROPERTY
+@given(case=small_problems().filter(lambda c: c.group > 1), seed=seeds())
+def test_gqa_equals_repeating_kv_heads(case: Case, seed: int):
+    note(case.id)
+    q, k, v, dout = _canonical_inputs(case, seed)
+    k_rep, v_rep = (np.repeat(x, case.group, axis=2) for x in (k, v))
+    out, lse = _forward(case, q, k, v)
+    out_r, lse_r = _forward(case, q, k_rep, v_rep)
+    np.testing.assert_allclose(out_r, out, rtol=0, atol=SAME_TOL[case.dtype])
+    np.testing.assert_allclose(lse_r, lse, rtol=1e-6, atol=1e-6)
+    grads = _backward(case, dout, q, k, v, out, lse)
+    dq_r, dk_r, dv_r = _backward(case, dout, q, k_rep, v_rep, out_r, lse_r)
+    b, sk, hkv, d = k.shape
+    summed = [x.reshape(b, sk, hkv, case.group, d).sum(axis=3) for x in (dk_r, dv_r)]
+    for name, got, want in zip(("dq", "dk", "dv"), (dq_r, *summed), grads, strict=True):
+        tol = SAME_TOL[case.dtype] * max(1.0, float(np.abs(want).max(initial=0)))
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol, err_msg=name)
+
+
+def _forward_peak_bytes(seqlen: int) -> int:
+    rng = np.random.default_rng(seqlen)
+    q, k, v = (rng.standard_normal((1, seqlen, 1, 64), dtype=np.float32) for _ in range(3))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        _cpu.forward(q, k, v, causal=False, scale=0.125)
+        return tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+
+
+def test_forward_memory_grows_linearly():
+    small, large = _forward_peak_bytes(4096), _forward_peak_bytes(8192)
+    score_matrix = 8192 * 8192 * 4
+    assert large < score_matrix / 8, (
+        f"peak {large} B at S=8192; an S x S matrix is {score_matrix} B"
+    )
+    assert large / small < 3, f"peak {small} B at S=4096 but {large} B at S=8192: not O(S)"
