@@ -9,6 +9,7 @@ or handed back through DLPack (JAX), so a caller always gets its own type on its
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,9 +87,17 @@ def stream_scope(src: Source):
     if src.framework == "torch":
         import torch
 
-        stream = torch.cuda.current_stream(src.device_id)
-        scope.enter_context(cupy.cuda.ExternalStream(stream.cuda_stream, src.device_id))
+        handle = torch.cuda.current_stream(src.device_id).cuda_stream
+        scope.enter_context(_external_stream(handle, src.device_id))
     return scope
+
+
+@functools.lru_cache(maxsize=64)
+def _external_stream(handle: int, device_id: int):
+    """A CuPy view of a torch stream (memoised: constructing one per call showed in host time)."""
+    import cupy
+
+    return cupy.cuda.ExternalStream(handle, device_id)
 
 
 def to_backend(x: object, src: Source):

@@ -8,6 +8,7 @@ kernels_cu/common.cuh).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -89,8 +90,9 @@ def width_for(head_dim: int, widths) -> int:
     raise ValueError(f"head dim {head_dim} exceeds the largest kernel width {max(widths)}")
 
 
+@functools.cache
 def fwd_spec(dtype: str, head_dim: int, causal: bool, aligned: bool) -> KernelSpec:
-    """The forward kernel the dispatcher picks for one problem class."""
+    """The forward kernel the dispatcher picks for one problem class (memoised: hot path)."""
     if _dtypes.uses_tensor_cores(dtype):
         width = width_for(head_dim, FWD_SM80_TILES)
         tile = (FWD_SM80_TILES if aligned else FWD_SM80_UNALIGNED_TILES)[width]
@@ -144,11 +146,20 @@ def _elem_strides(a) -> tuple[int, ...]:
     return tuple(s // a.dtype.itemsize for s in a.strides)
 
 
-def _fill_strides(params, name: str, a) -> None:
+def _strides(name: str, a) -> dict[str, int]:
     b, s, h, _ = _elem_strides(a)
-    params[f"{name}_batch_stride"] = b
-    params[f"{name}_row_stride"] = s
-    params[f"{name}_head_stride"] = h
+    return {f"{name}_batch_stride": b, f"{name}_row_stride": s, f"{name}_head_stride": h}
+
+
+def _fill_strides(params, name: str, a) -> None:
+    """Set the three stride fields of `name` in a structured parameter array."""
+    for field, value in _strides(name, a).items():
+        params[field] = value
+
+
+def pack_params(dtype: np.dtype, fields: dict[str, float | int]):
+    """One structured scalar from a dict of every field (built in one call: this is per launch)."""
+    return np.array(tuple(fields[name] for name in dtype.names), dtype=dtype)[()]
 
 
 def forward(q, k, v, out, lse, *, causal: bool, scale: float, device_id: int, cc: int) -> None:
@@ -166,18 +177,15 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, device_id: int, cc
     spec = fwd_spec(dtype, head_dim, causal, aligned)
     fn = _compile.get_function(spec, device_id, cc)
 
-    params = np.zeros((), FWD_PARAMS)
-    params["q"], params["k"], params["v"], params["o"] = (a.data.ptr for a in (q, k, v, out))
-    params["lse"] = 0 if lse is None else lse.data.ptr
-    for name, a in (("q", q), ("k", k), ("v", v), ("o", out)):
-        _fill_strides(params, name, a)
-    params["lse_batch_stride"] = heads_q * seqlen_q
-    params["lse_head_stride"] = seqlen_q
-    params["scale"] = scale
-    params["scale_log2"] = scale * math.log2(math.e)
-    params["batch"], params["heads_q"], params["heads_kv"] = batch, heads_q, heads_kv
-    params["group"] = heads_q // heads_kv
-    params["seqlen_q"], params["seqlen_k"], params["head_dim"] = seqlen_q, seqlen_k, head_dim
+    fields = {"q": q.data.ptr, "k": k.data.ptr, "v": v.data.ptr, "o": out.data.ptr,
+              "lse": 0 if lse is None else lse.data.ptr,
+              **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("o", out),
+              "lse_batch_stride": heads_q * seqlen_q, "lse_head_stride": seqlen_q,
+              "scale": scale, "scale_log2": scale * math.log2(math.e),
+              "batch": batch, "heads_q": heads_q, "heads_kv": heads_kv,
+              "group": heads_q // heads_kv, "seqlen_q": seqlen_q, "seqlen_k": seqlen_k,
+              "head_dim": head_dim}
+    params = pack_params(FWD_PARAMS, fields)
 
     grid = (math.ceil(seqlen_q / spec.block_m), heads_q, batch)
-    fn(grid, (spec.threads,), (params[()],), shared_mem=spec.smem_bytes)
+    fn(grid, (spec.threads,), (params,), shared_mem=spec.smem_bytes)

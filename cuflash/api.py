@@ -6,6 +6,7 @@ seen and what was expected.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import numbers
@@ -316,19 +317,27 @@ def forward_into(problem: Problem, qb, kb, vb, out_b, lse_b) -> None:
 
     from cuflash import _launch
 
-    device = cupy.cuda.Device(problem.source.device_id)
-    cc = int(device.compute_capability)
+    device_id = problem.source.device_id
+    cc = compute_capability(device_id)
     if lse3 is not None and problem.dtype == "float64":
         # fp64 kernels keep their statistics in double; the caller gets a float32 copy.
         lse64 = cupy.empty(lse3.shape, dtype="float64")
         _launch.forward(q4, k4, v4, o4, lse64, causal=problem.causal, scale=problem.scale,
-                        device_id=device.id, cc=cc)
+                        device_id=device_id, cc=cc)
         lse3[...] = lse64
         return
     if lse3 is not None and not lse3.flags.c_contiguous:
         raise AssertionError("lse buffers are allocated C-contiguous")
     _launch.forward(q4, k4, v4, o4, lse3, causal=problem.causal, scale=problem.scale,
-                    device_id=device.id, cc=cc)
+                    device_id=device_id, cc=cc)
+
+
+@functools.cache
+def compute_capability(device_id: int) -> int:
+    """e.g. 90 for an H100 (memoised: asking the driver costs microseconds per call)."""
+    import cupy
+
+    return int(cupy.cuda.Device(device_id).compute_capability)
 
 
 def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
@@ -348,15 +357,15 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
 
     from cuflash import _launch, _launch_bwd
 
-    device = cupy.cuda.Device(problem.source.device_id)
-    cc = int(device.compute_capability)
+    device_id = problem.source.device_id
+    cc = compute_capability(device_id)
     if problem.dtype == "float64":
         lse3 = cupy.empty(lse3.shape, dtype="float64")
         scratch = cupy.empty(o4.shape, dtype=o4.dtype)
         _launch.forward(q4, k4, v4, scratch, lse3, causal=problem.causal, scale=problem.scale,
-                        device_id=device.id, cc=cc)
+                        device_id=device_id, cc=cc)
     else:
         lse3 = cupy.ascontiguousarray(lse3)
     _launch_bwd.backward(do4, q4, k4, v4, o4, lse3, dq4, dk4, dv4, causal=problem.causal,
-                         scale=problem.scale, deterministic=deterministic, device_id=device.id,
+                         scale=problem.scale, deterministic=deterministic, device_id=device_id,
                          cc=cc)

@@ -1,0 +1,187 @@
+"""Backward: tile tables, kernel specs and the launch sequence.
+
+FlashAttention-2's backward in up to three launches on the current stream:
+
+1. ``bwd_preprocess``: ``delta = rowsum(dout * out)`` (Accum) and zeroes the dq scratch.
+2. ``bwd_dkdv_simt``: one block per (key tile, kv head, batch) accumulates dK, dV in registers over
+   the group's query heads and query tiles, and adds dS K into the Accum scratch ``dq_accum`` with
+   atomics.
+3. ``bwd_convert_dq`` (``dq = scale * dq_accum`` in the input dtype) or, deterministic,
+   ``bwd_dq_simt`` (dQ per query tile over the key tiles in a fixed order, no atomics and no
+   scratch).
+
+Tile sizes live in the tables below, one row per head-dim width; the C++ traits
+(``BwdSimtTraits`` in kernels_cu/bwd_simt.cu) derive every other size from them. The parameter block
+is ``_launch.BWD_PARAMS`` (mirrors ``BwdParams`` in kernels_cu/common.cuh).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from cuflash import _compile, _dtypes
+from cuflash._launch import BWD_PARAMS, Tile, _strides, is_aligned, pack_params, width_for
+from cuflash._spec import KernelSpec
+
+# Backward, SIMT, fp32/fp64 (kernels_cu/bwd_simt.cu): block_m query rows per step, block_n keys per
+# dK/dV block. Chosen so that dK + dV (2 * block_n * width / threads registers per thread) and the
+# shared memory leave 2+ blocks per SM on an H100 where the width allows; the deterministic dQ
+# kernel reuses the same tile.
+BWD_SIMT_TILES: dict[str, dict[int, Tile]] = {
+    "float32": {
+        32: Tile(block_m=64, block_n=64, warps=4),
+        64: Tile(block_m=32, block_n=64, warps=4),
+        128: Tile(block_m=32, block_n=32, warps=4),
+        256: Tile(block_m=16, block_n=32, warps=4),
+    },
+    "float64": {
+        32: Tile(block_m=32, block_n=32, warps=4),
+        64: Tile(block_m=32, block_n=32, warps=4),
+        128: Tile(block_m=16, block_n=16, warps=4),
+        256: Tile(block_m=16, block_n=16, warps=4),
+    },
+}
+
+# The row-wise kernels (preprocess, convert): one warp per query row, block_m rows per block. They
+# have no key tile; block_n = 0 only fills the shared template signature.
+ROWWISE_TILE = Tile(block_m=32, block_n=0, warps=4)
+
+# The fp16/bf16 backward (tensor cores) will add its own table and spec function here and a branch
+# in `bwd_kernels`; the row-wise kernels are already generic in the dtype.
+
+
+@dataclass(frozen=True)
+class BwdKernels:
+    """The kernels of one backward problem class."""
+
+    preprocess: KernelSpec
+    dkdv: KernelSpec
+    dq: KernelSpec  # deterministic mode
+    convert: KernelSpec  # atomic mode
+
+    @property
+    def width(self) -> int:
+        return self.dkdv.head_dim
+
+
+def _simt_smem(dtype: str, width: int, tile: Tile) -> tuple[int, int]:
+    """(dkdv, dq) dynamic shared memory in bytes, as ``BwdSimtTraits`` lays it out."""
+    itemsize = _dtypes.itemsize(dtype)
+    vec = 16 // itemsize
+    m, n = tile.block_m, tile.block_n
+    # Q, dO, K, V rows padded by one 16-byte vector; dS rows padded by 8; lse and delta per row.
+    dq = (2 * m + 2 * n) * (width + vec) + m * (n + 8) + 2 * m
+    # Plus P^T and dS^T, rows padded by one vector.
+    dkdv = dq + 2 * n * (m + vec)
+    return dkdv * itemsize, dq * itemsize
+
+
+def _row_spec(entry: str, dtype: str, width: int) -> KernelSpec:
+    t = ROWWISE_TILE
+    return KernelSpec("bwd_simt.cu", entry, dtype, width, t.block_m, t.block_n, t.warps,
+                      False, False, 0, min_arch=60)
+
+
+def bwd_kernels(dtype: str, head_dim: int, causal: bool, aligned: bool) -> BwdKernels:
+    """The backward kernels the dispatcher picks for one problem class."""
+    if _dtypes.uses_tensor_cores(dtype):
+        raise NotImplementedError(
+            f"cuflash has no GPU backward for {dtype} yet (the tensor-core backward is not "
+            f"written); float32 and float64 are supported"
+        )
+    tiles = BWD_SIMT_TILES[dtype]
+    width = width_for(head_dim, tiles)
+    tile = tiles[width]
+    smem_dkdv, smem_dq = _simt_smem(dtype, width, tile)
+
+    def spec(entry: str, smem: int) -> KernelSpec:
+        return KernelSpec("bwd_simt.cu", entry, dtype, width, tile.block_m, tile.block_n,
+                          tile.warps, causal, aligned, smem, min_arch=60)
+
+    return BwdKernels(
+        preprocess=_row_spec("bwd_preprocess", dtype, width),
+        dkdv=spec("bwd_dkdv_simt", smem_dkdv),
+        dq=spec("bwd_dq_simt", smem_dq),
+        convert=_row_spec("bwd_convert_dq", dtype, width),
+    )
+
+
+def all_bwd_specs() -> list[KernelSpec]:
+    """Every backward instantiation the dispatcher can choose (for the compile test)."""
+    specs: dict[KernelSpec, None] = {}
+    for dtype, tiles in BWD_SIMT_TILES.items():
+        for width in tiles:
+            for causal in (False, True):
+                for aligned in (False, True):
+                    kernels = bwd_kernels(dtype, width, causal, aligned)
+                    for spec in (kernels.preprocess, kernels.dkdv, kernels.dq, kernels.convert):
+                        specs[spec] = None
+    return list(specs)
+
+
+def _accum_dtype(dtype: str) -> np.dtype:
+    """Softmax-statistics dtype (``AccumOf<T>`` in common.cuh): float64 for fp64, else float32."""
+    return np.dtype(np.float64 if dtype == "float64" else np.float32)
+
+
+def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
+             deterministic: bool, device_id: int, cc: int) -> None:
+    """Launch the backward on CuPy's current stream.
+
+    q, dq (B, Sq, Hq, D); k, v, dk, dv (B, Sk, Hkv, D); out, dout like q: CuPy arrays in "bshd"
+    order with any strides and a unit last stride; dq, dk, dv are written. lse (B, Hq, Sq) in the
+    Accum dtype (float64 for float64 inputs, else float32), unit last stride, as the forward
+    wrote it.
+    """
+    import cupy
+
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    _, seqlen_k, heads_kv, _ = k.shape
+    dtype = _dtypes.dtype_name(q.dtype)
+    aligned = is_aligned((q, k, v, out, dout, dq, dk, dv), head_dim)
+    kernels = bwd_kernels(dtype, head_dim, causal, aligned)
+    if batch == 0 or heads_q == 0:
+        return
+    accum = _accum_dtype(dtype)
+    if lse.dtype != accum:
+        raise TypeError(f"lse must be {accum} for {dtype} inputs, got {lse.dtype}")
+
+    # Scratch in the Accum dtype: delta per query row; dq_accum only in atomic mode.
+    delta = cupy.empty((batch, heads_q, seqlen_q), accum)
+    dq_accum = None
+    if not deterministic:
+        dq_accum = cupy.empty((batch, heads_q, seqlen_q, kernels.width), accum)
+
+    fields = {
+        "q": q.data.ptr, "k": k.data.ptr, "v": v.data.ptr, "o": out.data.ptr,
+        "dout": dout.data.ptr, "lse": lse.data.ptr, "dq": dq.data.ptr, "dk": dk.data.ptr,
+        "dv": dv.data.ptr, "delta": delta.data.ptr,
+        "dq_accum": 0 if dq_accum is None else dq_accum.data.ptr,
+        **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("o", out),
+        **_strides("do", dout), **_strides("dq", dq), **_strides("dk", dk), **_strides("dv", dv),
+        "lse_batch_stride": lse.strides[0] // lse.itemsize,
+        "lse_head_stride": lse.strides[1] // lse.itemsize,
+        "scale": scale, "scale_log2": scale * math.log2(math.e),
+        "batch": batch, "heads_q": heads_q, "heads_kv": heads_kv, "group": heads_q // heads_kv,
+        "seqlen_q": seqlen_q, "seqlen_k": seqlen_k, "head_dim": head_dim,
+        "head_dim_rounded": kernels.width, "deterministic": int(deterministic),
+    }
+    params = pack_params(BWD_PARAMS, fields)
+
+    def launch(spec: KernelSpec, rows: int, block_rows: int, heads: int) -> None:
+        grid = (math.ceil(rows / block_rows), heads, batch)
+        if grid[0] == 0:
+            return
+        fn = _compile.get_function(spec, device_id, cc)
+        fn(grid, (spec.threads,), (params,), shared_mem=spec.smem_bytes)
+
+    launch(kernels.preprocess, seqlen_q, kernels.preprocess.block_m, heads_q)
+    # With seqlen_q == 0 this still runs and writes dk = dv = 0.
+    launch(kernels.dkdv, seqlen_k, kernels.dkdv.block_n, heads_kv)
+    if deterministic:
+        launch(kernels.dq, seqlen_q, kernels.dq.block_m, heads_q)
+    else:
+        launch(kernels.convert, seqlen_q, kernels.convert.block_m, heads_q)

@@ -1,0 +1,93 @@
+"""GPU backward: dq, dk, dv against the float64 reference; deterministic mode is bit-exact.
+
+Skipped, with the reason printed, where no CUDA GPU is usable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.gpu_support import require_gpu, to_numpy, torch_cuda
+
+require_gpu()
+
+import cupy  # noqa: E402
+
+import cuflash  # noqa: E402
+from cuflash import reference  # noqa: E402
+from tests.accuracy import (  # noqa: E402
+    assert_matches_reference,
+    backward_eps,
+    naive_attention_backward,
+)
+from tests.strategies import Case, make_dout, make_inputs, problems, seeds, to_bshd4  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = ["float16", "bfloat16", "float32", "float64"]
+
+
+def _namespace(dtype: str):
+    if dtype == "bfloat16":
+        pytest.importorskip("torch")
+        return torch_cuda()
+    return cupy
+
+
+def _grads(case: Case, seed: int, *, deterministic: bool = False):
+    xp = _namespace(case.dtype)
+    q, k, v = make_inputs(case, xp, seed)
+    dout = make_dout(case, xp, seed)
+    out, lse = cuflash.attention(q, k, v, causal=case.causal, layout=case.layout,
+                                 return_lse=True)
+    before = [to_numpy(x) for x in (q, k, v, dout, out, lse)]
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=case.causal,
+                                       layout=case.layout, deterministic=deterministic)
+    for x, b in zip((q, k, v, dout, out, lse), before):
+        np.testing.assert_array_equal(to_numpy(x), b, err_msg=f"{case.id}: an input changed")
+    return (q, k, v, dout), grads
+
+
+def _check_case(case: Case, seed: int, *, deterministic: bool = False) -> None:
+    (q, k, v, dout), grads = _grads(case, seed, deterministic=deterministic)
+    q4, k4, v4, do4 = (to_bshd4(to_numpy(x), case) for x in (q, k, v, dout))
+    scale = 1.0 / np.sqrt(case.head_dim)
+    refs = reference.attention_backward(do4, q4, k4, v4, causal=case.causal)
+    naive = naive_attention_backward(do4, q4, k4, v4, dtype=case.dtype, causal=case.causal,
+                                     scale=scale)
+    eps = backward_eps(do4, q4, k4, v4, dtype=case.dtype, causal=case.causal, scale=scale)
+    for name, got, ref, nv, e in zip(("dq", "dk", "dv"), grads, refs, naive, eps):
+        assert_matches_reference(f"{case.id} {name}", to_bshd4(to_numpy(got), case), ref, nv,
+                                 dtype=case.dtype, eps=e)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), seed=seeds())
+def test_backward_matches_reference(dtype, data, seed):
+    case = data.draw(problems(dtypes=(dtype,), max_seqlen=260))
+    _check_case(case, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_tile_edges(dtype, head_dim, causal):
+    for sq, sk in ((127, 129), (129, 64), (1, 200), (200, 1)):
+        case = Case(batch=2, seqlen_q=sq, seqlen_k=sk, heads_q=4, heads_kv=2, head_dim=head_dim,
+                    dtype=dtype, causal=causal)
+        _check_case(case, seed=sq * 1000 + sk)
+        _check_case(case, seed=sq * 1000 + sk, deterministic=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_deterministic_is_bitwise_repeatable(dtype):
+    case = Case(batch=2, seqlen_q=300, seqlen_k=517, heads_q=6, heads_kv=2, head_dim=128,
+                dtype=dtype, causal=True)
+    runs = [[to_numpy(g) for g in _grads(case, 7, deterministic=True)[1]] for _ in range(3)]
+    for later in runs[1:]:
+        for first, again in zip(runs[0], later):
+            np.testing.assert_array_equal(first, again)
