@@ -151,12 +151,6 @@ def _strides(name: str, a) -> dict[str, int]:
     return {f"{name}_batch_stride": b, f"{name}_row_stride": s, f"{name}_head_stride": h}
 
 
-def _fill_strides(params, name: str, a) -> None:
-    """Set the three stride fields of `name` in a structured parameter array."""
-    for field, value in _strides(name, a).items():
-        params[field] = value
-
-
 def pack_params(dtype: np.dtype, fields: dict[str, float | int]):
     """One structured scalar from a dict of every field (built in one call: this is per launch)."""
     return np.array(tuple(fields[name] for name in dtype.names), dtype=dtype)[()]

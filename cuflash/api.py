@@ -91,6 +91,8 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
         return cuflash_torch.attention(q, k, v, causal=problem.causal, scale=problem.scale,
                                        layout=layout, return_lse=return_lse)
     if out is not None:
+        if problem.source.framework == "jax":
+            raise TypeError("out: JAX arrays are immutable; call without out= and use the result")
         _check_out("out", out, problem, problem.caller_shape(problem.seqlen_q, problem.heads_q))
 
     src = problem.source
@@ -243,8 +245,6 @@ def _check_out(name: str, x: object, problem: Problem, shape: tuple[int, ...]) -
     if src != problem.source:
         raise TypeError(f"{name}: expected {problem.source.describe()} like q, "
                         f"got {src.describe()}")
-    if name == "out" and src.framework == "jax":
-        raise TypeError("out: JAX arrays are immutable; call without out= and use the result")
     seen = tuple(int(n) for n in x.shape)
     if seen != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {seen}")
@@ -265,8 +265,12 @@ def _check_lse(lse: object, problem: Problem) -> None:
 
 
 def _wants_grad(*tensors) -> bool:
+    """True when the torch custom op must run: autograd needs it, or torch.compile is tracing
+    (DLPack is not traceable; the op is)."""
     import torch
 
+    if torch.compiler.is_compiling():
+        return True
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 

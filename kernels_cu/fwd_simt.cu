@@ -57,8 +57,8 @@ template <typename T, int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> st
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kCausal,
           bool kAligned>
-__global__ void __launch_bounds__(kWarps * kWarpSize,
-                           (FwdSimtTraits<T, kHeadDim, kBlockM, kBlockN, kWarps>::kMinBlocksPerSm))
+__global__ void __launch_bounds__(
+    kWarps * kWarpSize, (FwdSimtTraits<T, kHeadDim, kBlockM, kBlockN, kWarps>::kMinBlocksPerSm))
     fwd_simt(const FwdParams p) {
   using Tr = FwdSimtTraits<T, kHeadDim, kBlockM, kBlockN, kWarps>;
   using Units = ScoreUnits<T>;
@@ -160,6 +160,8 @@ __global__ void __launch_bounds__(kWarps * kWarpSize,
     gemm_nn<Tr::kRows, Tr::kDimVecs, kBlockN, Tr::kRowThreads, Tr::kDimStep, Tr::kLdP,
             Tr::kLdQKV>(acc_o, sP + trow * Tr::kLdP, sV + tcol * Tr::kVec);
   }
+
+  copy_async_wait_all();  // no copy may outlive the block (Q when no key is visible)
 
   // -- epilogue: o = acc / l, lse = m + log(l) --
   T lse[Tr::kRows];

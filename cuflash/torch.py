@@ -1,0 +1,121 @@
+"""PyTorch integration: cuflash attention as ``torch.library`` custom ops with autograd.
+
+Two ops, registered under the ``cuflash`` namespace, work on CPU and CUDA tensors (the core picks
+the path; CUDA kernels run on torch's current stream):
+
+- ``torch.ops.cuflash.attention_fwd(q, k, v, causal, scale, layout) -> (out, lse)``
+- ``torch.ops.cuflash.attention_bwd(dout, q, k, v, out, lse, causal, scale, layout,
+  deterministic) -> (dq, dk, dv)``
+
+Each runs the framework-agnostic core (the public :func:`cuflash.attention` /
+:func:`cuflash.attention_backward` on detached tensors), has a fake (meta) implementation for
+tracing, and the forward's autograd formula calls the backward op, so gradients come from
+cuflash's own backward. ``lse`` is not differentiable (as in flash-attn).
+
+torch.compile (checked with torch 2.13, ``fullgraph=True``, static and dynamic shapes):
+
+- :func:`attention` here is always the op: it compiles without graph breaks, with or without
+  grad. The forward and the backward (traced by AOTAutograd) are single opaque graph nodes.
+- :func:`cuflash.attention` on tensors that require grad also compiles without graph breaks:
+  Dynamo traces its validation (plain Python on shapes and dtypes, folded to constants and
+  guards) and reaches the same op.
+- :func:`cuflash.attention` on tensors that do *not* require grad (inference, ``torch.no_grad``)
+  goes through DLPack views, which Dynamo cannot trace: under ``fullgraph=True`` that is an error,
+  otherwise a graph break. Compiled inference code should call :func:`cuflash.torch.attention`.
+  ``out=`` is not supported under torch.compile.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cuflash import api
+
+__all__ = ["attention", "attention_bwd", "attention_fwd"]
+
+Tensor = torch.Tensor
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+              scale: float | None = None, layout: str = "bshd", return_lse: bool = False):
+    """Exact attention on torch tensors, differentiable with respect to q, k and v.
+
+    Args:
+        q: queries, ``(B, Sq, Hq, D)`` for layout ``"bshd"`` or ``(B, Hq, Sq, D)`` for ``"bhsd"``;
+            a 3-D tensor (no batch axis) is accepted in either layout. CPU or CUDA, any strides.
+        k: keys, ``(B, Sk, Hkv, D)`` (``"bhsd"``: ``(B, Hkv, Sk, D)``), same device and dtype as
+            q, ``Hq % Hkv == 0``.
+        v: values, shaped like `k`.
+        causal: bottom-right aligned causal mask (query i sees key j iff ``j <= i + Sk - Sq``).
+        scale: softmax scale, a number > 0; defaults to ``1 / sqrt(D)``.
+        layout: ``"bshd"`` or ``"bhsd"``.
+        return_lse: also return the float32 log-sum-exp ``(B, Hq, Sq)`` (``(Hq, Sq)`` for 3-D);
+            it carries no gradient.
+
+    Returns:
+        ``out`` shaped like q (same device and dtype), or ``(out, lse)``.
+
+    This is what :func:`cuflash.attention` runs for tensors that require grad. Unlike it, this
+    function is always the ``cuflash::attention_fwd`` op, so it is the one to call from code
+    compiled with ``torch.compile`` that may run without grad (see the module docstring).
+    Backward uses ``deterministic=True`` when ``torch.are_deterministic_algorithms_enabled()``.
+
+    See also: `cuflash.attention`, `cuflash.attention_backward`.
+    """
+    api._check_flag("causal", causal)
+    api._check_flag("return_lse", return_lse)
+    out, lse = attention_fwd(q, k, v, causal, scale, layout)
+    return (out, lse) if return_lse else out
+
+
+@torch.library.custom_op("cuflash::attention_fwd", mutates_args=())
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None,
+                  layout: str) -> tuple[Tensor, Tensor]:
+    """The forward op: ``(out, lse)`` as :func:`cuflash.attention` with ``return_lse=True``."""
+    # Detached, so the core takes its plain path instead of routing back here for autograd.
+    return api.attention(q.detach(), k.detach(), v.detach(), causal=causal, scale=scale,
+                         layout=layout, return_lse=True)
+
+
+@attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, causal, scale, layout):
+    # The core allocates both results contiguous: out like q, lse (B, Hq, Sq) float32.
+    if layout == "bhsd":
+        lse_shape = q.shape[:-1]
+    else:
+        lse_shape = (*q.shape[:-3], q.shape[-2], q.shape[-3])
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("cuflash::attention_bwd", mutates_args=())
+def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  causal: bool, scale: float | None, layout: str,
+                  deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward op: ``(dq, dk, dv)`` as :func:`cuflash.attention_backward`."""
+    tensors = (x.detach() for x in (dout, q, k, v, out, lse))
+    return api.attention_backward(*tensors, causal=causal, scale=scale, layout=layout,
+                                  deterministic=deterministic)
+
+
+@attention_bwd.register_fake
+def _attention_bwd_fake(dout, q, k, v, out, lse, causal, scale, layout, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, causal, scale, layout = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.mark_non_differentiable(lse)
+    ctx.options = (causal, scale, layout)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    causal, scale, layout = ctx.options
+    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, causal, scale, layout,
+                               torch.are_deterministic_algorithms_enabled())
+    return dq, dk, dv, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
