@@ -15,7 +15,7 @@ from cuflash import reference
 from cuflash.api import attention, attention_backward
 
 __version__ = "0.1.0"
-__all__ = ["attention", "attention_backward", "reference", "__version__"]
+__all__ = ["__version__", "attention", "attention_backward", "reference"]
 
 
 def __getattr__(name: str):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 # numpy has no bfloat16; ml_dtypes (pulled in by JAX) and torch/cupy name it "bfloat16".
 BFLOAT16 = "bfloat16"
 

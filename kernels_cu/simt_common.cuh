@@ -1,5 +1,6 @@
-// Building blocks of the SIMT kernels (fp32 / fp64 on CUDA cores, no tensor cores): 16-byte register
-// packs, the shared-memory micro-GEMMs every thread runs, global -> shared tile copies and row stores.
+// Building blocks of the SIMT kernels (fp32 / fp64 on CUDA cores, no tensor cores): 16-byte
+// register packs, the shared-memory micro-GEMMs every thread runs, global -> shared tile copies and
+// row stores.
 //
 // Register-tiled like a SIMT GEMM: a thread owns a small (rows x columns) block of each product and
 // walks the reduction axis one 16-byte vector at a time, so one shared-memory load feeds several
@@ -43,8 +44,9 @@ template <typename T> __device__ __forceinline__ T from_accum(typename AccumOf<T
 }
 template <> __device__ __forceinline__ double from_accum<double>(double x) { return x; }
 
-// Traps when the launch gave less dynamic shared memory than the traits need. The Python tile tables
-// and the C++ traits state the size in two places; a drift must fail loudly, not corrupt memory.
+// Traps when the launch gave less dynamic shared memory than the traits need. The Python tile
+// tables and the C++ traits state the size in two places; a drift must fail loudly, not corrupt
+// memory.
 __device__ __forceinline__ void check_dynamic_smem(uint32 needed) {
 #ifdef __CUDA_ARCH__
   uint32 have;
@@ -70,9 +72,9 @@ template <typename T, int M, int N> __device__ __forceinline__ void fill(T (&x)[
 // acc[i][j] += sum_k A[i * kRowStep][k] * B[j * kColStep][k] for k < kK: both operands k-contiguous
 // (S = Q K^T, dP = dO V^T). `a` and `b` point at this thread's first A row and first B row.
 //
-// The k loops stay rolled (`unroll 1`): unrolled, ptxas hoists the next step's loads, which costs a
-// whole second operand set of registers and spilled at the 3-blocks-per-SM budget; the 8-12 resident
-// warps hide the shared-memory latency instead.
+// The k loops stay rolled (`unroll 1`): unrolled, ptxas hoists the next step's loads, which costs
+// a whole second operand set of registers and spilled at the 3-blocks-per-SM budget; the 8-12
+// resident warps hide the shared-memory latency instead.
 template <int kM, int kN, int kK, int kRowStep, int kColStep, int kLdA, int kLdB, typename T>
 __device__ __forceinline__ void gemm_nt(T (&acc)[kM][kN], const T* a, const T* b) {
   constexpr int kVec = Pack<T>::kSize;

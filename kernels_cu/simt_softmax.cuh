@@ -1,4 +1,4 @@
-// Online softmax of the SIMT kernels, kept in the input precision (float for fp32, double for fp64).
+// Online softmax of the SIMT kernels, in the input precision (float for fp32, double for fp64).
 #pragma once
 
 #include "common.cuh"
@@ -7,8 +7,8 @@
 namespace cuflash {
 
 // Scores live in the units whose exponential is cheapest at full accuracy: log2 units for float
-// (exp2f is one MUFU op; ln -> log2 is folded into scale_log2 on the host), natural units for double
-// (exp() to full double accuracy; there is no fast double exp2 to gain from).
+// (exp2f is one MUFU op; ln -> log2 is folded into scale_log2 on the host), natural units for
+// double (exp() to full double accuracy; there is no fast double exp2 to gain from).
 template <typename T> struct ScoreUnits;
 
 template <> struct ScoreUnits<float> {

@@ -46,7 +46,7 @@ def _grads(case: Case, seed: int, *, deterministic: bool = False):
     before = [to_numpy(x) for x in (q, k, v, dout, out, lse)]
     grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=case.causal,
                                        layout=case.layout, deterministic=deterministic)
-    for x, b in zip((q, k, v, dout, out, lse), before):
+    for x, b in zip((q, k, v, dout, out, lse), before, strict=False):
         np.testing.assert_array_equal(to_numpy(x), b, err_msg=f"{case.id}: an input changed")
     return (q, k, v, dout), grads
 
@@ -59,7 +59,7 @@ def _check_case(case: Case, seed: int, *, deterministic: bool = False) -> None:
     naive = naive_attention_backward(do4, q4, k4, v4, dtype=case.dtype, causal=case.causal,
                                      scale=scale)
     eps = backward_eps(do4, q4, k4, v4, dtype=case.dtype, causal=case.causal, scale=scale)
-    for name, got, ref, nv, e in zip(("dq", "dk", "dv"), grads, refs, naive, eps):
+    for name, got, ref, nv, e in zip(("dq", "dk", "dv"), grads, refs, naive, eps, strict=False):
         assert_matches_reference(f"{case.id} {name}", to_bshd4(to_numpy(got), case), ref, nv,
                                  dtype=case.dtype, eps=e)
 
@@ -89,5 +89,5 @@ def test_deterministic_is_bitwise_repeatable(dtype):
                 dtype=dtype, causal=True)
     runs = [[to_numpy(g) for g in _grads(case, 7, deterministic=True)[1]] for _ in range(3)]
     for later in runs[1:]:
-        for first, again in zip(runs[0], later):
+        for first, again in zip(runs[0], later, strict=False):
             np.testing.assert_array_equal(first, again)

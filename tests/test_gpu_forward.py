@@ -56,7 +56,7 @@ def _check_case(case, seed):
     assert result is out, "out= must be written in place and returned"
     got = to_numpy(result)
     assert not np.isnan(got).any(), f"{case.id}: unwritten (NaN-poisoned) output elements"
-    for name, x, b in zip("qkv", (q, k, v), before):
+    for name, x, b in zip("qkv", (q, k, v), before, strict=False):
         np.testing.assert_array_equal(to_numpy(x), b, err_msg=f"{case.id}: {name} was modified")
 
     q4, k4, v4 = (to_bshd4(x, case) for x in before)
