@@ -12,6 +12,8 @@ import math
 import numbers
 from dataclasses import dataclass
 
+import numpy as np
+
 from cuflash import _dtypes, _interop
 
 log = logging.getLogger("cuflash")
@@ -224,7 +226,7 @@ def _canonical(shape: tuple[int, ...], layout: str) -> tuple[int, int, int, int]
 
 
 def _check_flag(name: str, value: object) -> None:
-    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+    if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name}: expected True or False, got {value!r}")
 
 

@@ -29,6 +29,16 @@ from tests.accuracy import (  # noqa: E402
 )
 from tests.strategies import Case, make_dout, make_inputs, to_bshd4  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _cpu_default_device(request):
+    """Tests not marked gpu run on JAX's CPU backend, also on a machine whose default is a GPU."""
+    if request.node.get_closest_marker("gpu"):
+        yield
+        return
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
 CPU_CASES = [
     Case(2, 13, 31, 4, 2, 16, dtype="float32", causal=True),
     Case(2, 31, 13, 4, 2, 16, dtype="float64", causal=True),

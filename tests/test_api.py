@@ -1,0 +1,356 @@
+"""cuflash.attention / attention_backward as a caller meets them (NumPy, on the CPU).
+
+Bad input: every class of mistake raises TypeError or ValueError before any work, naming the
+argument, what was seen and what was expected. Good input: shapes, ranks, layouts, ``out=``,
+``return_lse``, packed and strided views, and inputs left untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+
+import numpy as np
+import pytest
+
+import cuflash
+from cuflash import _cpu, _interop, api, reference
+
+B, SQ, SK, HQ, HKV, D = 2, 7, 9, 4, 2, 16
+
+
+def rand(*shape: int, dtype: str = "float32", seed: int = 0) -> np.ndarray:
+    """Fresh standard-normal values (never zeros), in `dtype`."""
+    return np.random.default_rng((seed, *shape)).standard_normal(shape).astype(dtype)
+
+
+def qkv(dtype: str = "float32", layout: str = "bshd", batched: bool = True, seed: int = 0,
+        sq: int = SQ, sk: int = SK, hq: int = HQ, hkv: int = HKV, d: int = D):
+    def shape(s: int, h: int) -> tuple[int, ...]:
+        inner = (s, h, d) if layout == "bshd" else (h, s, d)
+        return (B, *inner) if batched else inner
+
+    return (rand(*shape(sq, hq), dtype=dtype, seed=seed),
+            rand(*shape(sk, hkv), dtype=dtype, seed=seed + 1),
+            rand(*shape(sk, hkv), dtype=dtype, seed=seed + 2))
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if validation lets anything reach the compute paths."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("bad input reached the compute path; it must fail validation first")
+
+    for name in ("forward_into", "backward_into"):
+        monkeypatch.setattr(api, name, forbidden)
+    for name in ("forward", "backward"):
+        monkeypatch.setattr(_cpu, name, forbidden)
+
+
+def raises(kind: type[Exception], *fragments: str):
+    """pytest.raises that also checks the message holds every fragment (literal text)."""
+    return pytest.raises(kind, match="(?s)" + "".join(f"(?=.*{re.escape(f)})" for f in fragments))
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(), (SQ, D), (B, SQ, HQ, D, 1)], ids=["0d", "2d", "5d"])
+def test_wrong_ndim_of_q(no_work, shape):
+    _, k, v = qkv()
+    with raises(ValueError, "q:", "3 or 4 dimensions", f"got shape {shape}"):
+        cuflash.attention(np.asarray(rand(*shape)), k, v)
+
+
+def test_k_rank_differs_from_q(no_work):
+    q, k, v = qkv()
+    with raises(ValueError, "k:", "4 dimensions", str(k[0].shape)):
+        cuflash.attention(q, k[0], v)
+
+
+def test_batch_mismatch(no_work):
+    q, k, v = qkv()
+    with raises(ValueError, "k:", "batch 1", f"batch {B}", str(q.shape), str(k[:1].shape)):
+        cuflash.attention(q, k[:1], v[:1])
+
+
+def test_head_dim_mismatch(no_work):
+    q, k, v = qkv()
+    with raises(ValueError, "k:", f"head dim {D - 1}", f"head dim {D}"):
+        cuflash.attention(q, k[..., :-1], v[..., :-1])
+
+
+@pytest.mark.parametrize("hq, hkv", [(4, 3), (2, 4), (3, 2)])
+def test_query_heads_not_a_multiple_of_kv_heads(no_work, hq, hkv):
+    q, k, v = qkv(hq=hq, hkv=hkv)
+    with raises(ValueError, "k:", f"query heads ({hq})", f"key/value heads ({hkv})"):
+        cuflash.attention(q, k, v)
+
+
+def test_head_mismatch_in_bhsd_names_the_layout(no_work):
+    q, k, v = qkv(layout="bhsd", hq=4, hkv=3)
+    with raises(ValueError, "k:", "(4)", "(3)", "bhsd", "(B, H, S, D)"):
+        cuflash.attention(q, k, v, layout="bhsd")
+
+
+def test_v_shape_differs_from_k(no_work):
+    q, k, v = qkv()
+    with raises(ValueError, "v:", str(k.shape), str(v[:, :-1].shape)):
+        cuflash.attention(q, k, v[:, :-1])
+
+
+@pytest.mark.parametrize("d", [0, api.MAX_HEAD_DIM + 1])
+def test_head_dim_out_of_range(no_work, d):
+    q, k, v = qkv(d=d)
+    with raises(ValueError, "q:", f"1..{api.MAX_HEAD_DIM}", f"got {d}"):
+        cuflash.attention(q, k, v)
+
+
+@pytest.mark.parametrize("name", ["k", "v"])
+def test_mixed_dtypes(no_work, name):
+    arrays = dict(zip("qkv", qkv(), strict=True))
+    arrays[name] = arrays[name].astype(np.float64)
+    with raises(TypeError, f"{name}:", "float32", "float64"):
+        cuflash.attention(**arrays)
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64", "uint8", "bool", "complex64"])
+def test_unsupported_dtype(no_work, dtype):
+    q, k, v = (x.astype(dtype) for x in qkv())
+    with raises(TypeError, "q:", dtype, "float16, float32, float64"):
+        cuflash.attention(q, k, v)
+
+
+def test_bfloat16_is_refused_on_the_cpu(no_work):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    q, k, v = (x.astype(ml_dtypes.bfloat16) for x in qkv())
+    with raises(TypeError, "q:", "bfloat16", "the CPU", "float32"):
+        cuflash.attention(q, k, v)
+
+
+def test_mixed_frameworks(no_work):
+    torch = pytest.importorskip("torch")
+    q, k, v = qkv()
+    with raises(TypeError, "k:", "numpy on CPU", "torch on CPU"):
+        cuflash.attention(q, torch.from_numpy(k), v)
+
+
+@pytest.mark.parametrize("value", [[[1.0]], "q", None, 3.0], ids=["list", "str", "None", "float"])
+def test_not_an_array(no_work, value):
+    _, k, v = qkv()
+    with raises(TypeError, "q:", "expected an array"):
+        cuflash.attention(value, k, v)
+
+
+@pytest.mark.parametrize("scale", [0, 0.0, -1.0, math.nan, math.inf, -math.inf])
+def test_scale_not_positive_finite(no_work, scale):
+    with raises(ValueError, "scale:", "finite number > 0", repr(float(scale))):
+        cuflash.attention(*qkv(), scale=scale)
+
+
+@pytest.mark.parametrize("scale", ["0.5", True, 1j, [0.5]], ids=["str", "bool", "complex", "list"])
+def test_scale_not_a_real_number(no_work, scale):
+    with raises(TypeError, "scale:", "real number > 0 or None", repr(scale)):
+        cuflash.attention(*qkv(), scale=scale)
+
+
+@pytest.mark.parametrize("layout", ["bsdh", "BSHD", "", None, 0])
+def test_unknown_layout(no_work, layout):
+    with raises(ValueError, "layout:", "('bshd', 'bhsd')", repr(layout)):
+        cuflash.attention(*qkv(), layout=layout)
+
+
+@pytest.mark.parametrize("flag", ["causal", "return_lse"])
+@pytest.mark.parametrize("value", [1, 0, "yes", None, 1.0])
+def test_flags_must_be_bool(no_work, flag, value):
+    with raises(TypeError, f"{flag}:", "True or False", repr(value)):
+        cuflash.attention(*qkv(), **{flag: value})
+
+
+def test_numpy_bool_flags_are_accepted():
+    out = cuflash.attention(*qkv(), causal=np.bool_(True), return_lse=np.bool_(False))
+    assert isinstance(out, np.ndarray)
+
+
+def test_out_of_wrong_shape(no_work):
+    q, k, v = qkv()
+    bad = np.empty((B, SQ, HQ, D + 1), np.float32)
+    with raises(ValueError, "out:", f"expected shape {q.shape}", f"got {bad.shape}"):
+        cuflash.attention(q, k, v, out=bad)
+
+
+def test_out_of_wrong_dtype(no_work):
+    q, k, v = qkv()
+    with raises(TypeError, "out:", "float32", "float64"):
+        cuflash.attention(q, k, v, out=np.empty(q.shape, np.float64))
+
+
+def test_out_of_another_framework(no_work):
+    torch = pytest.importorskip("torch")
+    q, k, v = qkv()
+    with raises(TypeError, "out:", "numpy on CPU", "torch on CPU"):
+        cuflash.attention(q, k, v, out=torch.empty(q.shape))
+
+
+def test_out_not_an_array(no_work):
+    q, k, v = qkv()
+    with raises(TypeError, "out:", "expected an array", "list"):
+        cuflash.attention(q, k, v, out=q.tolist())
+
+
+def test_backward_bad_dout_out_lse(no_work):
+    q, k, v = qkv()
+    out = np.ones_like(q)
+    lse = np.ones((B, HQ, SQ), np.float32)
+    with raises(ValueError, "dout:", f"expected shape {q.shape}"):
+        cuflash.attention_backward(out[:, :-1], q, k, v, out, lse)
+    with raises(TypeError, "out:", "float32", "float64"):
+        cuflash.attention_backward(out, q, k, v, out.astype(np.float64), lse)
+    with raises(ValueError, "lse:", f"expected shape {(B, HQ, SQ)}", f"got {(B, SQ, HQ)}"):
+        cuflash.attention_backward(out, q, k, v, out, lse.swapaxes(1, 2))
+    with raises(TypeError, "lse:", "float32", "float64"):
+        cuflash.attention_backward(out, q, k, v, out, lse.astype(np.float64))
+    with raises(TypeError, "deterministic:", "True or False"):
+        cuflash.attention_backward(out, q, k, v, out, lse, deterministic="no")
+    k3, v3 = (x[:, :, :1].repeat(3, axis=2) for x in (k, v))
+    with raises(ValueError, "k:", "query heads (4)", "key/value heads (3)"):
+        cuflash.attention_backward(out, q, k3, v3, out, lse)
+
+
+# ---- good input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+@pytest.mark.parametrize("batched", [True, False], ids=["4d", "3d"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_ranks_and_layouts_agree_with_reference(layout, batched, causal):
+    q, k, v = qkv("float64", layout=layout, batched=batched, seed=3)
+    originals = [x.copy() for x in (q, k, v)]
+    out, lse = cuflash.attention(q, k, v, causal=causal, layout=layout, return_lse=True)
+    ref, ref_lse = reference.attention(q, k, v, causal=causal, layout=layout, return_lse=True)
+    assert type(out) is np.ndarray and out.shape == q.shape and out.dtype == np.float64
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12)
+    assert lse.dtype == np.float32 and lse.shape == ref_lse.shape
+    np.testing.assert_allclose(lse, ref_lse, rtol=1e-6)
+
+    dout = rand(*q.shape, dtype="float64", seed=4)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal, layout=layout)
+    ref_grads = reference.attention_backward(dout, q, k, v, causal=causal, layout=layout)
+    for name, got, want, x in zip("qkv", grads, ref_grads, (q, k, v), strict=True):
+        assert got.shape == x.shape and got.dtype == x.dtype, f"d{name}"
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-10, err_msg=f"d{name}")
+    for name, x, original in zip("qkv", (q, k, v), originals, strict=True):
+        np.testing.assert_array_equal(x, original, err_msg=f"{name} was modified")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_result_keeps_the_input_dtype(dtype):
+    q, k, v = qkv(dtype)
+    out, lse = cuflash.attention(q, k, v, return_lse=True)
+    assert out.dtype == np.dtype(dtype) and lse.dtype == np.float32
+
+
+@pytest.mark.parametrize("layout, batched, lse_shape", [
+    ("bshd", True, (B, HQ, SQ)), ("bhsd", True, (B, HQ, SQ)),
+    ("bshd", False, (HQ, SQ)), ("bhsd", False, (HQ, SQ)),
+])
+def test_return_lse_shapes(layout, batched, lse_shape):
+    q, k, v = qkv(layout=layout, batched=batched)
+    plain = cuflash.attention(q, k, v, layout=layout)
+    result = cuflash.attention(q, k, v, layout=layout, return_lse=True)
+    assert isinstance(plain, np.ndarray)
+    assert isinstance(result, tuple) and len(result) == 2
+    out, lse = result
+    assert lse.shape == lse_shape and lse.dtype == np.float32
+    np.testing.assert_array_equal(out, plain)
+
+
+def test_out_is_written_in_place_and_returned():
+    q, k, v = qkv()
+    out = np.full(q.shape, np.nan, np.float32)
+    result, lse = cuflash.attention(q, k, v, causal=True, out=out, return_lse=True)
+    assert result is out and lse.shape == (B, HQ, SQ)
+    assert not np.isnan(out).any(), "every element of out= must be written"
+    np.testing.assert_array_equal(out, cuflash.attention(q, k, v, causal=True))
+
+
+def test_out_may_be_a_strided_view():
+    q, k, v = qkv()
+    storage = np.full((HQ, SQ, B, D), np.nan, np.float32)  # the axes stored in another order
+    out = storage.transpose(2, 1, 0, 3)
+    assert out.shape == q.shape and not out.flags.c_contiguous
+    assert cuflash.attention(q, k, v, out=out) is out
+    np.testing.assert_array_equal(out, cuflash.attention(q, k, v))
+
+
+def test_rows_without_keys_are_zero_with_minus_infinite_lse():
+    q, k, v = qkv(sq=6, sk=2)
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    # bottom-right causal: query i sees key j iff j <= i + Sk - Sq, so queries 0..3 see nothing.
+    assert (out[:, :4] == 0).all() and np.isneginf(lse[:, :, :4]).all()
+    assert np.isfinite(out).all() and np.isfinite(lse[:, :, 4:]).all()
+
+
+@pytest.mark.parametrize("sq, sk", [(0, 5), (5, 0), (0, 0), (1, 1)])
+def test_lengths_zero_and_one(sq, sk):
+    q, k, v = qkv("float64", sq=sq, sk=sk)
+    out, lse = cuflash.attention(q, k, v, return_lse=True)
+    ref, ref_lse = reference.attention(q, k, v, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (B, HQ, sq)
+    np.testing.assert_allclose(out, ref, atol=1e-12)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+
+
+def test_explicit_scale_matches_reference():
+    q, k, v = qkv("float64", seed=9)
+    out = cuflash.attention(q, k, v, scale=0.3)
+    np.testing.assert_allclose(out, reference.attention(q, k, v, scale=0.3), atol=1e-12)
+    assert not np.allclose(out, cuflash.attention(q, k, v))  # the scale is really used
+
+
+def _backend_of(x: np.ndarray) -> np.ndarray:
+    return api._backend(x, _interop.source_of(x, "q"), "q")
+
+
+def test_q_sliced_from_packed_qkv_is_used_without_a_copy(caplog):
+    packed = rand(B, SQ, 3, HQ, D, dtype="float64", seed=5)  # as a fused qkv projection writes it
+    q, k, v = (packed[:, :, i] for i in range(3))
+    assert not q.flags.c_contiguous and q.strides[-1] == q.itemsize
+    with caplog.at_level(logging.INFO, logger="cuflash"):
+        view = _backend_of(q)
+        out = cuflash.attention(q, k, v, causal=True)
+    assert view.__array_interface__["data"][0] == q.__array_interface__["data"][0]
+    assert view.strides == q.strides and np.shares_memory(view, packed)
+    assert "copying" not in caplog.text
+    np.testing.assert_allclose(out, reference.attention(q, k, v, causal=True), atol=1e-12)
+    np.testing.assert_array_equal(packed[:, :, 0], q)
+
+
+def test_non_unit_last_stride_is_copied_once(caplog):
+    wide = rand(B, SQ, HQ, 2 * D, dtype="float64", seed=6)
+    q = wide[..., ::2]  # every other element: the last axis has stride 2
+    _, k, v = qkv("float64", seed=7)
+    with caplog.at_level(logging.INFO, logger="cuflash"):
+        view = _backend_of(q)
+        caplog.clear()
+        out = cuflash.attention(q, k, v)
+    assert view.strides[-1] == view.itemsize and not np.shares_memory(view, wide)
+    copies = [r for r in caplog.records if "copying" in r.getMessage()]
+    assert len(copies) == 1 and copies[0].getMessage().startswith("q:"), caplog.text
+    np.testing.assert_allclose(out, reference.attention(q, k, v), atol=1e-12)
+
+
+def test_inputs_are_never_modified_fp16():
+    q, k, v = qkv("float16", seed=8)
+    dout = rand(*q.shape, dtype="float16", seed=9)
+    originals = [x.copy() for x in (q, k, v, dout)]
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    out_copy, lse_copy = out.copy(), lse.copy()
+    cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+    for name, x, original in zip(("q", "k", "v", "dout"), (q, k, v, dout), originals,
+                                 strict=True):
+        np.testing.assert_array_equal(x, original, err_msg=f"{name} was modified")
+    np.testing.assert_array_equal(out, out_copy, err_msg="backward modified out")
+    np.testing.assert_array_equal(lse, lse_copy, err_msg="backward modified lse")

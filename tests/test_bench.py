@@ -1,0 +1,155 @@
+"""`python -m cuflash bench`: the FLOP formula, the flags, the baselines, and a whole --quick run
+on the CPU path (what CI without a GPU runs) down to the files it writes."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from cuflash import bench, reference
+from tests.gpu_support import gpu_skip_reason
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_flops_follow_the_flashattention_papers():
+    # B=2, H=16, S=1024, D=128: forward 4*B*H*S*S*D.
+    forward = 4 * 2 * 16 * 1024 * 1024 * 128
+    assert bench.attention_flops(2, 16, 1024, 1024, 128, causal=False) == forward
+    assert bench.attention_flops(2, 16, 1024, 1024, 128, causal=True) == forward * 0.5
+    assert bench.attention_flops(2, 16, 1024, 1024, 128, causal=False, pass_="bwd") == \
+        forward * 2.5
+    assert bench.attention_flops(2, 16, 1024, 1024, 128, causal=True, pass_="bwd") == \
+        forward * 0.5 * 2.5
+    assert bench.attention_flops(2, 16, 1024, 1024, 128, causal=False, pass_="fwd+bwd") == \
+        forward * 3.5
+    # Sq != Sk counts Sq*Sk; a Case (Sq = Sk = S) uses the same formula.
+    assert bench.attention_flops(1, 1, 3, 5, 7, causal=False) == 4 * 3 * 5 * 7
+    case = bench.Case("bfloat16", "bwd", 64, True, 4096, batch=4, heads=32)
+    assert case.flops == 4 * 4 * 32 * 4096 * 4096 * 64 * 0.5 * 2.5
+
+
+def test_sweep_follows_the_convention():
+    args = bench._parser().parse_args(["--seqlens", "512,1k,16k", "--head-dims", "64,256",
+                                       "--dtypes", "bf16,fp16", "--passes", "all",
+                                       "--causal", "yes"])
+    config = bench.make_config(args, "cuda")
+    assert config.seqlens == (512, 1024, 16384)
+    assert config.dtypes == ("bfloat16", "float16")
+    assert config.passes == ("fwd", "bwd", "fwd+bwd")
+    assert config.causal == (True,)
+    assert config.memory.passes == ("fwd", "fwd+bwd")
+    cases = bench.sweep_cases(config)
+    assert len(cases) == 3 * 2 * 2 * 3
+    for case in cases:  # B*S = 16384 tokens, Hq*D = 2048
+        assert case.batch * case.seqlen == 16384
+        assert case.heads * case.head_dim == 2048
+
+
+def test_quick_preset():
+    gpu = bench.make_config(bench._parser().parse_args(["--quick"]), "cuda")
+    assert gpu.seqlens == (1024, 4096, 16384)
+    assert gpu.head_dims == (64, 128, 256)
+    assert gpu.dtypes == ("bfloat16",)
+    assert gpu.passes == ("fwd",)
+    assert gpu.causal == (False, True)
+    assert gpu.memory.seqlens[-1] == 131072
+    assert (gpu.memory.batch, gpu.memory.heads, gpu.memory.head_dim) == (1, 16, 128)
+    # Explicit flags win over the preset.
+    cpu = bench.make_config(bench._parser().parse_args(["--quick", "--seqlens", "64",
+                                                        "--dtypes", "bf16,fp64"]), "cpu")
+    assert cpu.seqlens == (64,)
+    assert cpu.dtypes == ("float64",)  # no bfloat16 on the CPU path
+
+
+def test_bad_flags_fail_clearly(capsys):
+    with pytest.raises(SystemExit):
+        bench._parser().parse_args(["--dtypes", "int8"])
+    assert "unknown dtype 'int8'" in capsys.readouterr().err
+    assert bench.main(["--device", "cpu", "--head-dims", "48", "--model-dim", "64"]) == 2
+    assert "divide the model dim" in capsys.readouterr().err
+
+
+def test_input_sets_rotate_only_below_twice_the_cache():
+    l2 = 50 * 2**20
+    assert bench.input_sets(256 * 2**20, l2) == 1
+    assert bench.input_sets(2 * l2, l2) == 1
+    assert bench.input_sets(60 * 2**20, l2) == 2
+    assert bench.input_sets(2**20, l2) == bench.MAX_INPUT_SETS
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_standard_attention_baseline_is_exact(causal):
+    rng = np.random.default_rng(7)
+    b, s, h, d = 2, 37, 3, 16
+    q, k, v, dout = (rng.standard_normal((b, s, h, d)) for _ in range(4))
+    case = bench.Case("float64", "fwd+bwd", d, causal, s, b, h)
+    call = bench.Standard("numpy-standard", np, lambda x: x).prepare(
+        case, bench.Inputs(q, k, v, dout))
+    out, dq, dk, dv = (x.transpose(0, 2, 1, 3) for x in call())  # (B, H, S, D) -> (B, S, H, D)
+    np.testing.assert_allclose(out, reference.attention(q, k, v, causal=causal), atol=1e-12)
+    for got, want in zip((dq, dk, dv), reference.attention_backward(dout, q, k, v,
+                                                                    causal=causal), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+def test_quick_run_on_the_cpu_path(tmp_path, capsys):
+    argv = ["--quick", "--out", str(tmp_path)]
+    gpu_present = gpu_skip_reason() is None
+    if gpu_present:  # this is the CPU test; the GPU run is the same command without the flag
+        argv += ["--device", "cpu"]
+    start = time.perf_counter()
+    assert bench.main(argv) == 0
+    seconds = time.perf_counter() - start
+    stdout = capsys.readouterr().out
+    print(f"bench --quick on the CPU path: {seconds:.1f} s")
+    if not gpu_present:
+        assert "no CUDA GPU: benchmarking the CPU path" in stdout
+
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["schema"] == bench.SCHEMA
+    assert result["mode"] == "cpu"
+    assert "benchmarking the CPU path" in result["note"]
+    env = result["environment"]
+    for key in ("date", "numpy", "python", "git_commit", "cuflash"):
+        assert key in env
+    assert result["flops"] == bench.FLOP_FORMULA
+
+    timings = result["timings"]
+    for impl in ("cuflash", "numpy-standard"):
+        mine = [r for r in timings if r["impl"] == impl]
+        assert len(mine) == 4  # S 128/256 x full/causal, D 32, fp32, fwd
+        for r in mine:
+            assert r["status"] == "ok", r
+            assert r["ms"] > 0 and r["tflops"] > 0 and r["reps"] >= bench.MIN_REPS
+            assert r["flops"] == bench.attention_flops(r["batch"], r["heads"], r["seqlen"],
+                                                       r["seqlen"], r["head_dim"],
+                                                       causal=r["causal"], pass_=r["pass"])
+            assert r["batch"] * r["seqlen"] == 256 and r["heads"] * r["head_dim"] == 64
+    for cell in result["comparisons"]:
+        assert cell["best_peer"] == "numpy-standard"
+        assert cell["ratio"] == pytest.approx(cell["cuflash_tflops"] / cell["best_peer_tflops"])
+
+    memory = result["memory"]["results"]
+    for impl in ("cuflash", "numpy-standard"):
+        mine = [r for r in memory if r["impl"] == impl and r["status"] == "ok"]
+        assert [r["seqlen"] for r in mine] == list(result["memory"]["config"]["seqlens"])
+        assert all(r["output_bytes"] > 0 and "workspace_bytes" in r for r in mine)
+    # Standard attention's S x S scores grow 4x per doubling of S; cuflash's tiles do not.
+    standard = {r["seqlen"]: r["workspace_bytes"] for r in memory
+                if r["impl"] == "numpy-standard"}
+    assert standard[2048] > 3 * standard[1024]
+    flash = {r["seqlen"]: r["workspace_bytes"] for r in memory if r["impl"] == "cuflash"}
+    assert flash[2048] < standard[2048] / 4
+
+    plots = sorted(tmp_path.glob("*.png"))
+    assert {p.name for p in plots} == {"tflops-fp32-fwd-d32.png", "memory.png"}
+    for p in plots:
+        assert p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 10_000
+    table = (tmp_path / "performance_table.md").read_text()
+    assert "| pass | D | mask | S=128 | 256 |" in table
+    assert "| fwd | 32 | causal |" in table
+    assert stdout.rstrip().splitlines()[-1].startswith("fwd   32  causal")  # the table is last
