@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import logging
 import math
 import os
 import platform
@@ -34,9 +33,6 @@ _ENV_SWITCHES = ("CUFLASH_VERBOSE", "CUFLASH_LINEINFO")
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if os.environ.get("CUFLASH_VERBOSE"):
-        # The library only logs; the CLI is an application and may show them.
-        logging.basicConfig(format="%(name)s: %(message)s")
     if argv[:1] == ["bench"]:  # everything after "bench" belongs to bench's own parser
         from cuflash import bench
 

@@ -23,8 +23,13 @@ from pathlib import Path
 from cuflash._spec import KernelSpec
 
 log = logging.getLogger("cuflash")
-if os.environ.get("CUFLASH_VERBOSE"):
+if os.environ.get("CUFLASH_VERBOSE") and not log.handlers:
+    # An explicit switch deserves visible output even in a program that configured no logging.
     log.setLevel(logging.DEBUG)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.propagate = False  # one line per record, whatever the application configured
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 _PRAGMA_ONCE = re.compile(r"^\s*#\s*pragma\s+once\s*$", re.MULTILINE)
