@@ -89,9 +89,7 @@ IMPLS = (CUFLASH, *SDPA_BACKENDS, "cupy-standard", "numpy-standard")
 IMPL_ALIASES = {"flash": "sdpa-flash", "cudnn": "sdpa-cudnn", "efficient": "sdpa-efficient",
                 "math": "sdpa-math", "standard": "standard"}
 
-# Timing: the repetitions come from the fastest of ESTIMATE_CALLS calls; at least MIN_REPS timed
-# calls, and at most MAX_INPUT_SETS rotated input sets.
-ESTIMATE_CALLS = 3
+# Timing: at least MIN_REPS timed calls; at most MAX_INPUT_SETS rotated input sets.
 MIN_REPS = 3
 MAX_INPUT_SETS = 8
 # Implementations that hold the S x S matrices are skipped in the timing sweep where those would
@@ -147,7 +145,7 @@ _PRESETS = {
     ("cuda", True): dict(seqlens=(1024, 4096, 16384), head_dims=(64, 128, 256),
                          dtypes=("bfloat16",), passes=("fwd",), tokens=16384, model_dim=2048),
     ("cpu", False): dict(seqlens=(256, 512, 1024, 2048), head_dims=(64, 128),
-                         dtypes=("float32",), passes=PASSES, tokens=2048, model_dim=256),
+                         dtypes=("float32",), passes=PASSES, tokens=1024, model_dim=128),
     ("cpu", True): dict(seqlens=(128, 256), head_dims=(32,), dtypes=("float32",),
                         passes=("fwd",), tokens=256, model_dim=64),
 }
@@ -157,7 +155,7 @@ _MEMORY_PRESETS = {
                           dtype="bfloat16"),
     ("cuda", True): dict(seqlens=tuple(2**i for i in range(10, 18)), heads=16, head_dim=128,
                          dtype="bfloat16"),
-    ("cpu", False): dict(seqlens=(512, 1024, 2048, 4096, 8192), heads=4, head_dim=64,
+    ("cpu", False): dict(seqlens=(256, 512, 1024, 2048, 4096), heads=2, head_dim=64,
                          dtype="float32"),
     ("cpu", True): dict(seqlens=(256, 512, 1024, 2048), heads=2, head_dim=32, dtype="float32"),
 }
@@ -264,10 +262,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--impls", type=_list_of(_impl),
                         help="comma list of " + ", ".join(IMPLS) + " (short: flash, cudnn, "
                              "efficient, math, standard; default every one available)")
-    parser.add_argument("--tokens", type=int, help="B*S (default 16384; CPU 2048)")
-    parser.add_argument("--model-dim", type=int, help="Hq*D (default 2048; CPU 256)")
+    parser.add_argument("--tokens", type=int, help="B*S (default 16384; CPU 1024)")
+    parser.add_argument("--model-dim", type=int, help="Hq*D (default 2048; CPU 128)")
     parser.add_argument("--memory-seqlens", type=_list_of(parse_seqlen),
-                        help="S of the memory sweep (default 1k..128k; CPU 512..8k)")
+                        help="S of the memory sweep (default 1k..128k; CPU 256..4k)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory sweep")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the cold-cache compile measurement")
@@ -834,14 +832,24 @@ def input_sets(working_bytes: int, cache_bytes: int) -> int:
 
 
 def time_calls(device, calls: list[Callable], min_time_ms: float, max_reps: int) -> list[float]:
-    """Per-call milliseconds after warm-up, rotating over `calls` (one per input set)."""
+    """Per-call milliseconds after warm-up, rotating over `calls` (one per input set).
+
+    A first batch of MIN_REPS calls sizes the rest: calls are added until about `min_time_ms`
+    has been timed in all, or `max_reps` calls.
+    """
     for call in calls:  # warm-up: compile, autotune, first touch of every set
         call()
     device.synchronize()
-    estimate = min(device.elapsed_ms([calls[i % len(calls)] for i in range(ESTIMATE_CALLS)]))
-    reps = min(max_reps, max(MIN_REPS, math.ceil(min_time_ms / max(estimate, 1e-3))))
-    # Continue the rotation where the estimate left it, so no set is reused back to back.
-    return device.elapsed_ms([calls[(ESTIMATE_CALLS + i) % len(calls)] for i in range(reps)])
+
+    def rotation(start: int, count: int) -> list[Callable]:
+        return [calls[(start + i) % len(calls)] for i in range(count)]
+
+    times = device.elapsed_ms(rotation(0, MIN_REPS))
+    left_ms = min_time_ms - sum(times)
+    more = min(max_reps - MIN_REPS, math.ceil(left_ms / max(min(times), 1e-3)))
+    if more > 0:  # continue the rotation, so that no set is reused back to back
+        times += device.elapsed_ms(rotation(MIN_REPS, more))
+    return times
 
 
 def measure(device, impl: Impl, case: Case, sets: list[Inputs], config: Config,
