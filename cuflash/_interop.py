@@ -105,6 +105,10 @@ def to_backend(x: object, src: Source):
     if src.framework in ("numpy", "cupy"):
         return x
     if src.framework == "torch":
+        if src.device == "cuda":
+            view = _cupy_view_of_torch(x)
+            if view is not None:
+                return view
         x = x.detach()  # torch refuses to export tensors that require grad; detach is a view
     if src.device == "cpu":
         return np.from_dlpack(x)
@@ -137,6 +141,40 @@ def from_backend(native: object | None, backend, src: Source):
 
         return jnp.from_dlpack(backend)
     return backend
+
+
+def _cupy_view_of_torch(t):
+    """A zero-copy CuPy view of a CUDA tensor built from its pointer and strides, or None.
+
+    Equivalent to ``cupy.from_dlpack(t)`` when the caller's stream is torch's current stream (as in
+    `stream_scope`, where the DLPack handshake has nothing to order), but torch's ``__dlpack__``
+    costs ~50 us per tensor in stream and device queries: a quarter of a small call's host time.
+    The view keeps `t` alive through CuPy's memory owner.
+    """
+    import cupy
+
+    dtype = _TORCH_TO_NUMPY.get(str(t.dtype).removeprefix("torch."))
+    if dtype is None:
+        return None
+    if dtype == _dtypes.BFLOAT16:
+        try:
+            import ml_dtypes
+        except ImportError:
+            return None
+        dtype = ml_dtypes.bfloat16
+    dtype = np.dtype(dtype)
+    shape = tuple(t.shape)
+    strides = tuple(s * dtype.itemsize for s in t.stride())
+    if t.numel() == 0:
+        return cupy.empty(shape, dtype=dtype)
+    span = dtype.itemsize * (1 + sum((n - 1) * s for n, s in zip(shape, t.stride(), strict=True)))
+    memory = cupy.cuda.UnownedMemory(t.data_ptr(), span, t, t.device.index)
+    return cupy.ndarray(shape, dtype=dtype, memptr=cupy.cuda.MemoryPointer(memory, 0),
+                        strides=strides)
+
+
+_TORCH_TO_NUMPY = {"float16": "float16", "float32": "float32", "float64": "float64",
+                   _dtypes.BFLOAT16: _dtypes.BFLOAT16}
 
 
 def backend_module(src: Source):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -167,6 +168,13 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, device_id: int, cc
     if batch == 0 or seqlen_q == 0 or heads_q == 0:
         return
     dtype = _dtypes.dtype_name(q.dtype)
+    if cc == 90 and _dtypes.uses_tensor_cores(dtype) and not os.environ.get("CUFLASH_FORCE_SM80"):
+        from cuflash._launch_sm90 import forward_sm90
+
+        # The Hopper kernel (wgmma + TMA) when the inputs qualify; it logs why when they don't.
+        if forward_sm90(q, k, v, out, lse, causal=causal, scale=scale, device_id=device_id,
+                        cc=cc):
+            return
     aligned = is_aligned((q, k, v, out), head_dim)
     spec = fwd_spec(dtype, head_dim, causal, aligned)
     fn = _compile.get_function(spec, device_id, cc)

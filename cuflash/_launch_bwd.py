@@ -2,6 +2,9 @@
 
 FlashAttention-2's backward in up to three launches on the current stream:
 
+Two kernel families share the sequence: SIMT for fp32/fp64 (kernels_cu/bwd_simt.cu) and tensor
+cores for fp16/bf16 (kernels_cu/bwd_sm80.cu, entry names suffixed ``_sm80``).
+
 1. ``bwd_preprocess``: ``delta = rowsum(dout * out)`` (Accum) and zeroes the dq scratch.
 2. ``bwd_dkdv_simt``: one block per (key tile, kv head, batch) accumulates dK, dV in registers over
    the group's query heads and query tiles, and adds dS K into the Accum scratch ``dq_accum`` with
@@ -49,8 +52,23 @@ BWD_SIMT_TILES: dict[str, dict[int, Tile]] = {
 # have no key tile; block_n = 0 only fills the shared template signature.
 ROWWISE_TILE = Tile(block_m=32, block_n=0, warps=4)
 
-# The fp16/bf16 backward (tensor cores) will add its own table and spec function here and a branch
-# in `bwd_kernels`; the row-wise kernels are already generic in the dtype.
+# Backward, tensor cores, fp16/bf16 (kernels_cu/bwd_sm80.cu): per width, the dK/dV kernel's tile
+# (block_m query rows per step, block_n keys per block) and the deterministic dQ kernel's tile
+# (block_m query rows per block, block_n keys per step). Bounded by 255 registers without spills
+# (the D=128/256 dK/dV kernels sit at 249-255) and by 163 KB of shared memory per block.
+BWD_SM80_DKDV_TILES: dict[int, Tile] = {
+    64: Tile(block_m=128, block_n=128, warps=8),
+    128: Tile(block_m=64, block_n=128, warps=8),
+    256: Tile(block_m=64, block_n=64, warps=8),
+}
+BWD_SM80_DQ_TILES: dict[int, Tile] = {
+    64: Tile(block_m=128, block_n=64, warps=8),
+    128: Tile(block_m=128, block_n=64, warps=8),
+    256: Tile(block_m=64, block_n=32, warps=4),
+}
+BWD_SM80_ROWWISE_TILE = Tile(block_m=64, block_n=0, warps=4)
+# Shared-memory budget the sm80 backward plans its pipeline stages against (A100's per-block max).
+_SM80_SMEM_BUDGET = 163 * 1024
 
 
 @dataclass(frozen=True)
@@ -79,6 +97,43 @@ def _simt_smem(dtype: str, width: int, tile: Tile) -> tuple[int, int]:
     return dkdv * itemsize, dq * itemsize
 
 
+def _sm80_smem(width: int, dkdv: Tile, dq: Tile) -> tuple[int, int]:
+    """(dkdv, dq) dynamic shared memory in bytes, as the traits of bwd_sm80.cu lay it out.
+
+    Rows are padded by 16 bytes; Q/dO are double-buffered when two stages fit the budget.
+    """
+
+    def row(cols: int) -> int:
+        return 2 * cols + 16
+
+    m, n = dkdv.block_m, dkdv.block_n
+    fixed = 2 * n * row(width) + (1 if width <= 128 else 2) * n * row(m) + 16 * m
+    stages = 2 if fixed + 4 * m * row(width) <= _SM80_SMEM_BUDGET else 1
+    smem_dkdv = fixed + 2 * stages * m * row(width)
+    m, n = dq.block_m, dq.block_n
+    stages = 2 if 2 * m * row(width) + 4 * n * row(width) <= _SM80_SMEM_BUDGET else 1
+    smem_dq = 2 * m * row(width) + 2 * stages * n * row(width)
+    return smem_dkdv, smem_dq
+
+
+def _sm80_kernels(dtype: str, head_dim: int, causal: bool, aligned: bool) -> BwdKernels:
+    width = width_for(head_dim, BWD_SM80_DKDV_TILES)
+    dkdv, dq = BWD_SM80_DKDV_TILES[width], BWD_SM80_DQ_TILES[width]
+    smem_dkdv, smem_dq = _sm80_smem(width, dkdv, dq)
+    rows = BWD_SM80_ROWWISE_TILE
+
+    def spec(entry: str, tile: Tile, masked: bool, smem: int) -> KernelSpec:
+        return KernelSpec("bwd_sm80.cu", entry, dtype, width, tile.block_m, tile.block_n,
+                          tile.warps, masked, aligned, smem)
+
+    return BwdKernels(
+        preprocess=spec("bwd_preprocess_sm80", rows, False, 0),
+        dkdv=spec("bwd_dkdv_sm80", dkdv, causal, smem_dkdv),
+        dq=spec("bwd_dq_sm80", dq, causal, smem_dq),
+        convert=spec("bwd_convert_dq_sm80", rows, False, 0),
+    )
+
+
 def _row_spec(entry: str, dtype: str, width: int) -> KernelSpec:
     t = ROWWISE_TILE
     return KernelSpec("bwd_simt.cu", entry, dtype, width, t.block_m, t.block_n, t.warps,
@@ -88,10 +143,7 @@ def _row_spec(entry: str, dtype: str, width: int) -> KernelSpec:
 def bwd_kernels(dtype: str, head_dim: int, causal: bool, aligned: bool) -> BwdKernels:
     """The backward kernels the dispatcher picks for one problem class."""
     if _dtypes.uses_tensor_cores(dtype):
-        raise NotImplementedError(
-            f"cuflash has no GPU backward for {dtype} yet (the tensor-core backward is not "
-            f"written); float32 and float64 are supported"
-        )
+        return _sm80_kernels(dtype, head_dim, causal, aligned)
     tiles = BWD_SIMT_TILES[dtype]
     width = width_for(head_dim, tiles)
     tile = tiles[width]
@@ -112,8 +164,10 @@ def bwd_kernels(dtype: str, head_dim: int, causal: bool, aligned: bool) -> BwdKe
 def all_bwd_specs() -> list[KernelSpec]:
     """Every backward instantiation the dispatcher can choose (for the compile test)."""
     specs: dict[KernelSpec, None] = {}
-    for dtype, tiles in BWD_SIMT_TILES.items():
-        for width in tiles:
+    widths = {dtype: tuple(tiles) for dtype, tiles in BWD_SIMT_TILES.items()}
+    widths |= {dtype: tuple(BWD_SM80_DKDV_TILES) for dtype in ("float16", "bfloat16")}
+    for dtype, dtype_widths in widths.items():
+        for width in dtype_widths:
             for causal in (False, True):
                 for aligned in (False, True):
                     kernels = bwd_kernels(dtype, width, causal, aligned)

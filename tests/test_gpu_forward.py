@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.gpu_support import require_gpu, to_numpy, torch_cuda
@@ -25,7 +25,9 @@ from tests.strategies import make_inputs, problems, seeds, to_bshd4  # noqa: E40
 
 pytestmark = pytest.mark.gpu
 
-GPU_SETTINGS = settings(max_examples=120, deadline=None, derandomize=False)
+# kernel_path sets an environment variable once per test, the same for every example.
+GPU_SETTINGS = settings(max_examples=120, deadline=None,
+                        suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _namespace(dtype: str):
@@ -71,10 +73,21 @@ def _check_case(case, seed):
     assert_matches_reference(f"{case.id} lse", got_lse, ref_lse, naive_lse, dtype="float32")
 
 
+@pytest.fixture(params=["dispatch", "sm80"])
+def kernel_path(request, monkeypatch):
+    """Run half-precision cases through the dispatcher's choice and, forced, the sm80 kernel
+    (on an H100 the dispatcher picks the Hopper kernel, which would leave sm80 untested)."""
+    if request.param == "sm80":
+        monkeypatch.setenv("CUFLASH_FORCE_SM80", "1")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 @GPU_SETTINGS
 @given(data=st.data(), seed=seeds())
-def test_forward_matches_reference(dtype, data, seed):
+def test_forward_matches_reference(dtype, kernel_path, data, seed):
+    if kernel_path == "sm80" and dtype in ("float32", "float64"):
+        pytest.skip("fp32/fp64 have one kernel family")
     case = data.draw(problems(dtypes=(dtype,), max_seqlen=300))
     _check_case(case, seed)
 
@@ -82,7 +95,7 @@ def test_forward_matches_reference(dtype, data, seed):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
-def test_tile_edges(dtype, head_dim, causal):
+def test_tile_edges(dtype, head_dim, causal, kernel_path):
     """Lengths one either side of every tile size, Sq != Sk, GQA: each kernel instantiation."""
     from tests.strategies import Case
 

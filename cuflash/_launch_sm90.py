@@ -1,0 +1,178 @@
+"""Hopper forward (kernels_cu/fwd_sm90.cu): tile table, TMA tensor maps, qualification, launch.
+
+`forward_sm90` launches the warp-specialised wgmma + TMA kernel when the problem qualifies and
+returns True; otherwise it returns False without launching (the reason logged at debug level on
+logger ``cuflash``) and the caller takes the sm80 kernel. It qualifies on compute capability 9.0,
+fp16/bf16, head dim <= 256, seqlen_k >= 1 and TMA-legal q/k/v (16-byte aligned base addresses and
+strides) with an out whose base and strides are 16-byte aligned too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import math
+
+import numpy as np
+
+from cuflash import _compile, _dtypes
+from cuflash._launch import FWD_PARAMS, Tile, pack_params, width_for
+from cuflash._spec import KernelSpec
+
+log = logging.getLogger("cuflash")
+
+# Forward, wgmma + TMA, fp16/bf16. block_m = 64 rows per consumer warpgroup x 2 consumers;
+# warps = 4 per warpgroup x (1 producer + 2 consumers). block_n is bounded by the consumers'
+# 240 registers: S (block_n / 2 floats per thread) + O (width / 2) + P (block_n / 4).
+FWD_SM90_TILES: dict[int, Tile] = {
+    64: Tile(block_m=128, block_n=128, warps=12),
+    128: Tile(block_m=128, block_n=128, warps=12),
+    256: Tile(block_m=128, block_n=64, warps=12),
+}
+STAGES = 2  # K/V shared-memory slots; mirrors FwdSm90Traits::kStages
+_CHUNK_COLS = 64  # one TMA box / swizzle chunk: 64 16-bit columns = 128 bytes
+_TENSOR_DTYPES = ("float16", "bfloat16")
+
+
+def smem_bytes(width: int, tile: Tile, itemsize: int = 2) -> int:
+    """Dynamic shared memory of one block; mirrors FwdSm90Traits::kSmemBytes (the kernel traps on
+    less)."""
+    q = tile.block_m * width * itemsize
+    kv = tile.block_n * width * itemsize
+    barriers = 8 * (1 + 4 * STAGES)
+    return q + 2 * STAGES * kv + barriers + 1024
+
+
+@functools.cache
+def fwd_sm90_spec(dtype: str, head_dim: int, causal: bool) -> KernelSpec:
+    """The Hopper forward kernel for one problem class (memoised: hot path)."""
+    width = width_for(head_dim, FWD_SM90_TILES)
+    tile = FWD_SM90_TILES[width]
+    return KernelSpec("fwd_sm90.cu", "fwd_sm90", dtype, width, tile.block_m, tile.block_n,
+                      tile.warps, causal, True, smem_bytes(width, tile, _dtypes.itemsize(dtype)),
+                      min_arch=90)
+
+
+def all_fwd_sm90_specs() -> list[KernelSpec]:
+    """Every instantiation forward_sm90 can choose (for the compile test)."""
+    return [fwd_sm90_spec(dtype, width, causal)
+            for dtype in _TENSOR_DTYPES for width in FWD_SM90_TILES for causal in (False, True)]
+
+
+# ---- TMA tensor maps --------------------------------------------------------------------------
+
+# A CUtensorMap as the kernel's `TmaMap` parameter: 128 bytes, 64-byte aligned.
+TMA_MAP = np.dtype({"names": ["opaque"], "formats": [(np.uint64, 16)], "offsets": [0],
+                    "itemsize": 128})
+
+
+@functools.cache
+def _driver():
+    """cuda.bindings.driver, or None where it is not installed."""
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        return None
+    return driver
+
+
+def _tensor_map(array, dtype: str, block_rows: int):
+    """A rank-4 tensor map over a (B, S, H, D) view: dims innermost first (D, S, H, B), boxes of
+    64 columns x `block_rows` rows, 128-byte swizzle, out-of-bounds elements read as zero."""
+    drv = _driver()
+    batch, seqlen, heads, head_dim = array.shape
+    dims = (head_dim, seqlen, heads, batch)
+    # A stride of an axis of extent 1 is never stepped but must still be legal for TMA.
+    strides = tuple(s if n > 1 else 16 for s, n in zip(
+        (array.strides[1], array.strides[2], array.strides[0]), dims[1:], strict=True))
+    data_type = (drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16 if dtype == "float16"
+                 else drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16)
+    err, tensor_map = drv.cuTensorMapEncodeTiled(
+        data_type, 4, array.data.ptr,
+        [drv.cuuint64_t(d) for d in dims],
+        [drv.cuuint64_t(s) for s in strides],
+        [drv.cuuint32_t(b) for b in (_CHUNK_COLS, block_rows, 1, 1)],
+        [drv.cuuint32_t(1)] * 4,
+        drv.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+        drv.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+        drv.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+        drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+    )
+    if err != drv.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed ({err}) for shape {array.shape}, "
+                           f"strides {array.strides}, dtype {dtype}")
+    raw = ctypes.string_at(tensor_map.getPtr(), 128)
+    return np.frombuffer(raw, dtype=TMA_MAP)[0]
+
+
+def _tma_reason(name: str, array) -> str | None:
+    """Why `array` cannot be read through a tensor map (None when it can)."""
+    itemsize = array.dtype.itemsize
+    if array.data.ptr % 16:
+        return f"{name} base address is not 16-byte aligned"
+    for axis, (extent, stride) in enumerate(zip(array.shape[:-1], array.strides[:-1],
+                                                strict=True)):
+        if extent > 1 and (stride <= 0 or stride % 16 or stride >= 1 << 40):
+            return f"{name} stride {stride // itemsize} (axis {axis}) is not a positive multiple " \
+                   f"of 16 bytes"
+    return None
+
+
+def _reject(reason: str) -> bool:
+    log.debug("fwd_sm90 not taken, falling back to sm80: %s", reason)
+    return False
+
+
+def forward_sm90(q, k, v, out, lse, *, causal: bool, scale: float, device_id: int,
+                 cc: int) -> bool:
+    """Launch the Hopper forward on CuPy's current stream, or return False when it does not apply.
+
+    q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), out like q: CuPy arrays with any strides and a unit
+    last stride. lse: float32 (B, Hq, Sq) C-contiguous, or None. Returns True when the launch was
+    made (or there was nothing to compute); False, having launched nothing, when the inputs do not
+    qualify.
+    """
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    _, seqlen_k, heads_kv, _ = k.shape
+    dtype = _dtypes.dtype_name(q.dtype)
+    if cc != 90:
+        return _reject(f"compute capability {cc} is not 90")
+    if dtype not in _TENSOR_DTYPES:
+        return _reject(f"dtype {dtype} is not float16/bfloat16")
+    if head_dim > max(FWD_SM90_TILES):
+        return _reject(f"head dim {head_dim} > {max(FWD_SM90_TILES)}")
+    if batch == 0 or seqlen_q == 0 or heads_q == 0:
+        return True  # nothing to compute (empty arrays may carry any strides)
+    if seqlen_k == 0:
+        return _reject("seqlen_k is 0")
+    if _driver() is None:
+        return _reject("cuda.bindings is not installed (needed to encode TMA tensor maps)")
+    for name, array in (("q", q), ("k", k), ("v", v), ("out", out)):
+        reason = _tma_reason(name, array)
+        if reason is not None:
+            return _reject(reason)
+
+    spec = fwd_sm90_spec(dtype, head_dim, causal)
+    fn = _compile.get_function(spec, device_id, cc)
+    elem = q.dtype.itemsize
+
+    def strides(name: str, a) -> dict[str, int]:
+        b, s, h, _ = (x // elem for x in a.strides)
+        return {f"{name}_batch_stride": b, f"{name}_row_stride": s, f"{name}_head_stride": h}
+
+    fields = {"q": q.data.ptr, "k": k.data.ptr, "v": v.data.ptr, "o": out.data.ptr,
+              "lse": 0 if lse is None else lse.data.ptr,
+              **strides("q", q), **strides("k", k), **strides("v", v), **strides("o", out),
+              "lse_batch_stride": heads_q * seqlen_q, "lse_head_stride": seqlen_q,
+              "scale": scale, "scale_log2": scale * math.log2(math.e),
+              "batch": batch, "heads_q": heads_q, "heads_kv": heads_kv,
+              "group": heads_q // heads_kv, "seqlen_q": seqlen_q, "seqlen_k": seqlen_k,
+              "head_dim": head_dim}
+    params = pack_params(FWD_PARAMS, fields)
+    maps = (_tensor_map(q, dtype, spec.block_m), _tensor_map(k, dtype, spec.block_n),
+            _tensor_map(v, dtype, spec.block_n))
+
+    grid = (math.ceil(seqlen_q / spec.block_m), heads_q, batch)
+    fn(grid, (spec.threads,), (params, *maps), shared_mem=spec.smem_bytes)
+    return True

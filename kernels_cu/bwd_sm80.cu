@@ -1,0 +1,932 @@
+// Attention backward on tensor cores for fp16/bf16, sm_80 and newer: FlashAttention-2's algorithm
+// on mma.sync m16n8k16 + ldmatrix + cp.async (the building blocks of fwd_sm80.cu). See
+// NOTES_bwd_sm80.md for the design, the register report and the performance model.
+//
+//   bwd_preprocess_sm80  delta = rowsum(dout * out) in fp32; zeroes the dq_accum rows.
+//   bwd_dkdv_sm80        one block per (key tile, kv head, batch) walks the group's query heads and
+//                        their query tiles: S^T = K Q^T, P^T = exp(scale S^T - lse), dP^T = V dO^T,
+//                        dS^T = P^T * (dP^T - delta), dV += P^T dO, dK += dS^T Q (registers),
+//                        dq_accum += dS K (fp32 atomics; skipped when p.deterministic). The
+//                        softmax scale rides on dS, so dK and dQ come out scaled.
+//   bwd_dq_sm80          deterministic mode: one block per (query tile, head, batch) walks the key
+//                        tiles in order and writes dq = sum dS K itself, no atomics.
+//   bwd_convert_dq_sm80  dq = dq_accum in the storage type.
+// All kernels take the same template parameters so one KernelSpec names any of them; the row-wise
+// kernels ignore kBlockN and kCausal.
+#include "common.cuh"
+#include "load_tile_sm80.cuh"
+#include "mma_sm80.cuh"
+
+namespace cuflash {
+
+// Dynamic shared memory a tile configuration may use: the opt-in maximum per block of sm_80
+// (A100, 163 KB). Double buffering is dropped where it would not fit, so every instantiation runs
+// on A100 and H100 alike (sm_86/sm_89 offer only 99 KB and need smaller tiles).
+constexpr int kSm80SmemBudget = 163 * 1024;
+
+__host__ __device__ constexpr int cmin(int a, int b) { return a < b ? a : b; }
+
+// ---- shared tiles and fragment plumbing --------------------------------------------------------
+
+// A tile of 16-bit elements in shared memory, rows of kCols elements padded by one 16-byte chunk
+// (the forward swizzles instead). ldmatrix reads 8 rows of one chunk; 16 bytes of padding put
+// those rows 16 bytes apart modulo 128, in 8 different bank groups (conflict-free), and likewise
+// the 8 rows x 4 words a warp stores per instruction in store_frags. Unlike the swizzle, every
+// address a thread touches is one base plus a compile-time offset, so each operand needs one
+// address register: with the swizzle, the Reader's 4 bases per operand and the 16 store addresses
+// of dS^T (chunk ^ row % 8 is not affine in the chunk) were hoisted out of the main loop and
+// spilled (ptxas: 255 registers, 20-76 bytes of spills at D = 64 and 128).
+// Same interface as SwizzledTile, so load_tile fills it.
+template <int kRows_, int kCols> struct PaddedTile {
+  static_assert(kCols % 8 == 0, "whole 16-byte chunks");
+  static constexpr int kRows = kRows_;
+  static constexpr int kChunksPerRow = kCols / 8;
+  static constexpr int kRowBytes = kCols * 2 + 16;
+  static constexpr int kBytes = kRows * kRowBytes;
+
+  static __device__ __forceinline__ uint32 offset(int row, int chunk) {
+    return row * kRowBytes + chunk * 16;
+  }
+
+  // ldmatrix address of a thread that reads row (row_const + row_lane), chunk (chunk_const +
+  // chunk_lane); the compile-time part folds into the instruction's immediate offset.
+  struct Reader {
+    uint32 base;
+    __device__ __forceinline__ Reader(uint32 tile, int row_lane, int chunk_lane)
+        : base(tile + offset(row_lane, chunk_lane)) {}
+    __device__ __forceinline__ uint32 operator()(int row_const, int chunk_const) const {
+      return base + row_const * kRowBytes + chunk_const * 16;
+    }
+  };
+
+  // Stores packed C fragments (see pack_frags): m16 tile i, n8 tile j go to rows row0 + 16 i + ...,
+  // columns from chunk chunk0 + j.
+  template <int kM, int kN>
+  static __device__ __forceinline__ void store_frags(uint32 tile, const uint32 (&pk)[kM][kN][2],
+                                                     int row0, int chunk0) {
+    const int lane = threadIdx.x % kWarpSize;
+    const uint32 base = tile + offset(row0 + lane / 4, chunk0) + (lane % 4) * 4;
+#pragma unroll
+    for (int i = 0; i < kM; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < kN; ++j) {
+          const uint32 addr = base + (i * 16 + h * 8) * kRowBytes + j * 16;
+          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(pk[i][j][h]));
+        }
+  }
+};
+
+// load_tile (written for SwizzledTile) counts its copies per thread as Tile::kBytes / 16 /
+// kThreads. With the padding chunk that still equals the tile's rows * chunks / kThreads only while
+// the tile has fewer rows than the block has threads; every tile here checks it.
+template <typename Tile, int kThreads> __host__ __device__ constexpr bool load_tile_exact() {
+  return (Tile::kBytes / 16 / kThreads) * kThreads == Tile::kRows * Tile::kChunksPerRow;
+}
+
+// Which mma operand an ldmatrix.x4 fills, and from which orientation of the shared tile (lane l
+// addresses row `row`, chunk `chunk` of the operand's 16-row, 2-chunk block):
+//   kA       A 16x16 from a [m][k] tile:              row l % 16,                 chunk l / 16
+//   kATrans  A 16x16 from a [k][m] tile, .trans:      row l % 8 + 8 * (l / 16),   chunk l / 8 % 2
+//   kB       two n8 B tiles from a [n][k] tile:       as kATrans
+//   kBTrans  two n8 B tiles from a [k][n] tile, .trans: row l % 8 + 8 * (l / 8 % 2), chunk l / 16
+// Lane l addresses matrix l / 8; the four 8x8 matrices land in the register order of the fragments
+// in mma_sm80.cuh (A: a0..a3; B: b0, b1 of n8 tile nt, then b0, b1 of nt + 1).
+enum class Frag { kA, kATrans, kB, kBTrans };
+
+// The Reader of one operand for a warp whose part of the tile starts at row `row0`, chunk `chunk0`.
+template <Frag kFrag, typename Tile>
+__device__ __forceinline__ typename Tile::Reader frag_reader(uint32 tile, int row0, int chunk0) {
+  const int lane = threadIdx.x % kWarpSize;
+  int row, chunk;
+  if constexpr (kFrag == Frag::kA) {
+    row = lane % 16;
+    chunk = lane / 16;
+  } else if constexpr (kFrag == Frag::kBTrans) {
+    row = lane % 8 + 8 * ((lane / 8) % 2);
+    chunk = lane / 16;
+  } else {
+    row = lane % 8 + 8 * (lane / 16);
+    chunk = (lane / 8) % 2;
+  }
+  return typename Tile::Reader(tile, row0 + row, chunk0 + chunk);
+}
+
+// A fragment of m16 tile `mt` at k16 step `ks`.
+template <Frag kFrag, typename Reader>
+__device__ __forceinline__ void load_a(uint32 (&a)[4], const Reader& r, uint32 off, int mt,
+                                       int ks) {
+  static_assert(kFrag == Frag::kA || kFrag == Frag::kATrans, "an A operand");
+  if constexpr (kFrag == Frag::kA) {
+    ldmatrix_x4(a, r(mt * 16, ks * 2) + off);
+  } else {
+    ldmatrix_x4_trans(a, r(ks * 16, mt * 2) + off);
+  }
+}
+
+// B fragments of n8 tiles `nt` and `nt + 1` (b[0..1], b[2..3]) at k16 step `ks`.
+template <Frag kFrag, typename Reader>
+__device__ __forceinline__ void load_b(uint32 (&b)[4], const Reader& r, uint32 off, int nt,
+                                       int ks) {
+  static_assert(kFrag == Frag::kB || kFrag == Frag::kBTrans, "a B operand");
+  if constexpr (kFrag == Frag::kB) {
+    ldmatrix_x4(b, r(nt * 8, ks * 2) + off);
+  } else {
+    ldmatrix_x4_trans(b, r(ks * 16, nt) + off);
+  }
+}
+
+template <int kM, int kN>
+__device__ __forceinline__ void zero(float (&acc)[kM][kN][4]) {
+#pragma unroll
+  for (int i = 0; i < kM; ++i)
+#pragma unroll
+    for (int j = 0; j < kN; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+}
+
+// acc (kM m16 x kN n8 tiles) += A B over kK k16 steps, both operands from shared memory.
+template <typename T, Frag kFragA, Frag kFragB, int kK, int kM, int kN, typename RA, typename RB>
+__device__ __forceinline__ void gemm_ss(float (&acc)[kM][kN][4], const RA& ra, uint32 a_off,
+                                        const RB& rb, uint32 b_off) {
+  static_assert(kN % 2 == 0, "ldmatrix.x4 loads n8 tiles in pairs");
+#pragma unroll
+  for (int ks = 0; ks < kK; ++ks) {
+    uint32 a[kM][4];
+#pragma unroll
+    for (int mt = 0; mt < kM; ++mt) load_a<kFragA>(a[mt], ra, a_off, mt, ks);
+#pragma unroll
+    for (int nt = 0; nt < kN; nt += 2) {
+      uint32 b[4];
+      load_b<kFragB>(b, rb, b_off, nt, ks);
+#pragma unroll
+      for (int mt = 0; mt < kM; ++mt) {
+        Mma16816<T>::run(acc[mt][nt], a[mt], b[0], b[1]);
+        Mma16816<T>::run(acc[mt][nt + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// C fragments packed pairwise to 16 bits: pk[mt][nt][h] holds row g + 8h, columns 2t, 2t + 1.
+// Two neighbouring n8 tiles of that are exactly the A fragment of one k16 step (see gemm_rs).
+template <typename T, int kM, int kN>
+__device__ __forceinline__ void pack_frags(uint32 (&pk)[kM][kN][2], const float (&x)[kM][kN][4]) {
+#pragma unroll
+  for (int i = 0; i < kM; ++i)
+#pragma unroll
+    for (int j = 0; j < kN; ++j) {
+      pk[i][j][0] = pack2<T>(x[i][j][0], x[i][j][1]);
+      pk[i][j][1] = pack2<T>(x[i][j][2], x[i][j][3]);
+    }
+}
+
+// acc += A B with A from registers (packed C fragments whose columns are the k dimension, as P in
+// the forward's O += P V) and B from shared memory.
+template <typename T, Frag kFragB, int kK, int kM, int kN, typename RB>
+__device__ __forceinline__ void gemm_rs(float (&acc)[kM][kN][4], const uint32 (&pk)[kM][2 * kK][2],
+                                        const RB& rb, uint32 b_off) {
+  static_assert(kN % 2 == 0, "ldmatrix.x4 loads n8 tiles in pairs");
+#pragma unroll
+  for (int ks = 0; ks < kK; ++ks) {
+#pragma unroll
+    for (int nt = 0; nt < kN; nt += 2) {
+      uint32 b[4];
+      load_b<kFragB>(b, rb, b_off, nt, ks);
+#pragma unroll
+      for (int mt = 0; mt < kM; ++mt) {
+        const uint32 a[4] = {pk[mt][2 * ks][0], pk[mt][2 * ks][1], pk[mt][2 * ks + 1][0],
+                             pk[mt][2 * ks + 1][1]};
+        Mma16816<T>::run(acc[mt][nt], a, b[0], b[1]);
+        Mma16816<T>::run(acc[mt][nt + 1], a, b[2], b[3]);
+      }
+    }
+  }
+}
+
+// Two neighbouring elements (col, col + 1) of one output row; columns >= head_dim are not stored.
+// Aligned rows hold whole 8-element vectors (head_dim % 8 == 0), so col < head_dim covers both.
+template <typename T, bool kAligned>
+__device__ __forceinline__ void store_pair(T* row, int col, int head_dim, float x0, float x1) {
+  if (kAligned) {
+    if (col < head_dim) *reinterpret_cast<uint32*>(row + col) = pack2<T>(x0, x1);
+  } else {
+    if (col < head_dim) row[col] = from_float<T>(x0);
+    if (col + 1 < head_dim) row[col + 1] = from_float<T>(x1);
+  }
+}
+
+// dst[0] += x0, dst[1] += x1 in global fp32 memory (dst 8-byte aligned).
+__device__ __forceinline__ void atomic_add_pair(float* dst, float x0, float x1) {
+#if __CUDA_ARCH__ >= 900
+  // One vector reduction instead of two (sm_90+).
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(x0), "f"(x1) : "memory");
+#else
+  atomicAdd(dst, x0);
+  atomicAdd(dst + 1, x1);
+#endif
+}
+
+// 2^x with the MUFU instruction alone: exp2f adds a range check and two multiplies per element to
+// keep results below 2^-126 denormal; probabilities that small are flushed to 0 here. 2^-inf = 0.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// lse (from the forward, natural log) of one query row in log2 units, as P = exp2(s * scale_log2 -
+// lse_log2) wants it. A row that saw no key has lse = -inf; +inf makes its P exactly 0 (the
+// straightforward -lse would make exp2 overflow to +inf, and inf * 0 = NaN downstream).
+__device__ __forceinline__ float lse_log2(float lse) {
+  return lse == neg_inf() ? -neg_inf() : lse * kLog2e;
+}
+
+// ---- dK, dV (and atomic dQ) ---------------------------------------------------------------------
+
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct BwdDkdvSm80Traits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;  // query rows per step of the main loop
+  static constexpr int kBlockN = kBlockN_;  // keys per thread block (its dK, dV rows)
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kThreads = kWarps * kWarpSize;
+
+  // Warp layout. S^T = K Q^T is computed transposed (rows keys, columns queries) so that its fp32
+  // accumulator, packed pairwise, is already the A operand of dV += P^T dO and dK += dS^T Q,
+  // exactly as P feeds O += P V in the forward. Writing P and dS to shared memory and reading them
+  // back with ldmatrix.trans (FA2's way) would cost two tile stores, their reads and a barrier per
+  // step; the price here is that lse and delta, per query, run along the accumulator columns (two
+  // float2 reads from shared memory per n8 tile).
+  // Warps split S^T into kWarpsN key slices x kWarpsX query slices, and dK, dV into the same key
+  // slices x kWarpsX head-dim slices. kWarpsX == 1 (head dim <= 128): a warp owns whole S^T rows
+  // and everything above stays in registers. At head dim 256 one warp's dK + dV rows would need
+  // 16 x 256 x 2 / 32 = 256 registers, so two warps share each key slice (one per half of D) and
+  // P^T, dS^T go through shared memory to reach the other half's warp.
+  static constexpr int kWarpsX = kHeadDim <= 128 ? 1 : 2;
+  static constexpr bool kPInRegs = kWarpsX == 1;
+  static constexpr int kWarpsN = kWarps / kWarpsX;
+  static constexpr int kWarpKeys = kBlockN / kWarpsN;
+  static constexpr int kKeyTiles = kWarpKeys / 16;        // m16 tiles of S^T, dK, dV per warp
+  static constexpr int kWarpQueries = kBlockM / kWarpsX;  // S^T columns per warp and step
+  static constexpr int kWarpDims = kHeadDim / kWarpsX;
+  static constexpr int kDTiles = kWarpDims / 8;           // n8 tiles of dK, dV per warp
+  static constexpr int kQKSteps = kHeadDim / 16;          // k16 steps of S^T and dP^T
+  static constexpr int kMSteps = kBlockM / 16;            // k16 steps of dV, dK (a step's queries)
+  static constexpr int kAccRegs = 2 * kKeyTiles * kDTiles * 4;  // dK + dV, per thread
+
+  // A warp computes its S^T and dP^T columns kSubQueries at a time, kSubQTiles n8 tiles each: the
+  // two fp32 tiles cost kSubQueries * kKeyTiles registers beside the kAccRegs of dK and dV. At
+  // D = 128 (128 accumulator registers) 64 columns at once came out of ptxas at 255 registers with
+  // spills; 32 leave room. Sub-tiles reload only this warp's K and V rows (A operands).
+  static constexpr int kSubQueries = cmin(kWarpQueries, kAccRegs > 64 ? 32 : 64);
+  static constexpr int kSubTiles = kWarpQueries / kSubQueries;
+  static constexpr int kSubQTiles = kSubQueries / 8;      // n8 tiles of S^T per sub-tile
+  static constexpr int kSubSteps = kSubQueries / 16;      // k16 steps of dV, dK per sub-tile
+
+  // dQ = dS K (kBlockM x kHeadDim): kDqWarpsM x kDqWarpsD warps, each 32 rows (two m16 tiles) by
+  // its head-dim slice, walked in chunks of 32 columns: 32 accumulator registers beside dK, dV, and
+  // 2 + 2 ldmatrix per k16 step for 8 mma (16 rows x 64 columns would take 1 + 4).
+  static constexpr int kDqWarpsM = cmin(kWarps, kBlockM / 32);
+  static constexpr int kDqWarpsD = kWarps / kDqWarpsM;
+  static constexpr int kDqMTiles = kBlockM / (16 * kDqWarpsM);
+  static constexpr int kDqWarpDims = kHeadDim / kDqWarpsD;
+  static constexpr int kDqChunkDims = cmin(32, kDqWarpDims);
+  static constexpr int kDqChunks = kDqWarpDims / kDqChunkDims;
+  static constexpr int kDqChunkTiles = kDqChunkDims / 8;  // n8 tiles of dQ per chunk
+  static constexpr int kNSteps = kBlockN / 16;            // k16 steps of dQ (keys)
+
+  // Shared memory. K, V stay for the whole block; Q, dO are double-buffered (cp.async of step i+1
+  // overlaps step i) where that fits kSm80SmemBudget; dS^T (and P^T when kWarpsX > 1) is stored
+  // [key][query]; lse (log2 units) and delta per query row, always double-buffered (tiny).
+  typedef PaddedTile<kBlockM, kHeadDim> QTile;   // Q, dO: [query][d]
+  typedef PaddedTile<kBlockN, kHeadDim> KVTile;  // K, V: [key][d]
+  typedef PaddedTile<kBlockN, kBlockM> DsTile;   // dS^T, P^T: [key][query]
+  static constexpr int kStatBytes = 2 * kBlockM * 4;  // lse or delta: 2 buffers of kBlockM floats
+  static constexpr int kFixedBytes =
+      2 * KVTile::kBytes + (kPInRegs ? 1 : 2) * DsTile::kBytes + 2 * kStatBytes;
+  static constexpr int kStages = kFixedBytes + 4 * QTile::kBytes <= kSm80SmemBudget ? 2 : 1;
+  static constexpr int kKOffset = 0;
+  static constexpr int kVOffset = kKOffset + KVTile::kBytes;
+  static constexpr int kQOffset = kVOffset + KVTile::kBytes;   // stage s at + s * QTile::kBytes
+  static constexpr int kDoOffset = kQOffset + kStages * QTile::kBytes;
+  static constexpr int kDsOffset = kDoOffset + kStages * QTile::kBytes;
+  static constexpr int kPtOffset = kDsOffset + DsTile::kBytes;  // only when !kPInRegs
+  static constexpr int kLseOffset = kPtOffset + (kPInRegs ? 0 : DsTile::kBytes);
+  static constexpr int kDeltaOffset = kLseOffset + kStatBytes;
+  // Mirrored in cuflash/_launch_bwd.py (see NOTES_bwd_sm80.md for the formula).
+  static constexpr int kSmemBytes = kDeltaOffset + kStatBytes;
+
+  static_assert(kWarps % kWarpsX == 0 && kBlockN % (16 * kWarpsN) == 0, "whole m16 key tiles");
+  static_assert(kWarpQueries % kSubQueries == 0 && kSubQTiles % 2 == 0 && kDTiles % 2 == 0 &&
+                kDqChunkTiles % 2 == 0, "ldmatrix.x4 loads n8 tiles in pairs");
+  static_assert(kWarps % kDqWarpsM == 0 && kBlockM % (32 * kDqWarpsM) == 0 &&
+                kHeadDim % (kDqWarpsD * kDqChunkDims) == 0, "dQ warp layout");
+  static_assert(kBlockM <= kThreads, "one thread stages each query row's lse and delta");
+  static_assert(load_tile_exact<QTile, kThreads>() && load_tile_exact<KVTile, kThreads>(),
+                "load_tile covers whole tiles");
+  static_assert(kSmemBytes <= kSm80SmemBudget, "tile does not fit sm_80 shared memory");
+};
+
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kCausal,
+          bool kAligned>
+__global__ void __launch_bounds__(kWarps * kWarpSize, 1)
+bwd_dkdv_sm80(const __grid_constant__ BwdParams p) {
+  typedef BwdDkdvSm80Traits<kHeadDim, kBlockM, kBlockN, kWarps> Tr;
+  typedef typename Tr::QTile QTile;
+  typedef typename Tr::KVTile KVTile;
+  typedef typename Tr::DsTile DsTile;
+  constexpr int kKeyTiles = Tr::kKeyTiles, kDTiles = Tr::kDTiles, kSubQTiles = Tr::kSubQTiles;
+  extern __shared__ __align__(128) char smem[];
+
+  const int n_block = blockIdx.x;  // causal: low key blocks see the most queries and run first
+  const int kv_head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int tid = threadIdx.x;
+  const int warp = tid / kWarpSize;
+  const int lane = tid % kWarpSize;
+  const int g = lane / 4, t = lane % 4;
+  const int n0 = n_block * kBlockN;
+
+  // Bottom-right causal: query i sees key j iff j <= i + diag. Query i sees the block's first key
+  // n0 iff i >= n0 - diag, so the query tiles before that one see none of its keys.
+  const int diag = p.seqlen_k - p.seqlen_q;
+  const int m_tiles = ceil_div(p.seqlen_q, kBlockM);
+  const int m_begin = kCausal ? min(m_tiles, max(0, n0 - diag) / kBlockM) : 0;
+  const int n_steps = p.group * (m_tiles - m_begin);  // (query head, query tile) pairs
+  const bool ragged_keys = n0 + kBlockN > p.seqlen_k;
+
+  // Warp roles (see the traits).
+  const int warp_n = warp % Tr::kWarpsN, warp_x = warp / Tr::kWarpsN;
+  const int warp_key0 = warp_n * Tr::kWarpKeys;    // S^T, dK, dV rows
+  const int warp_q0 = warp_x * Tr::kWarpQueries;   // S^T columns
+  const int warp_d0 = warp_x * Tr::kWarpDims;      // dK, dV columns
+  const int dq_m0 = (warp % Tr::kDqWarpsM) * Tr::kDqMTiles * 16;  // dQ rows
+  const int dq_d0 = (warp / Tr::kDqWarpsM) * Tr::kDqWarpDims;     // dQ columns
+
+  const float scale = static_cast<float>(p.scale);
+  const uint32 smem_base = smem_addr(smem);
+  float* const s_lse = reinterpret_cast<float*>(smem + Tr::kLseOffset);
+  float* const s_delta = reinterpret_cast<float*>(smem + Tr::kDeltaOffset);
+
+  // Q and dO rows [row0, row0 + kBlockM) of one query head into buffer `stage`.
+  auto load_q_do = [&](int head, int row0, int stage) {
+    const T* q = static_cast<const T*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride;
+    const T* dout =
+        static_cast<const T*>(p.dout) + batch * p.do_batch_stride + head * p.do_head_stride;
+    const uint32 stage_off = stage * QTile::kBytes;
+    load_tile<QTile, Tr::kThreads, kAligned>(smem_base + Tr::kQOffset + stage_off, q,
+                                             p.q_row_stride, row0, p.seqlen_q, p.head_dim);
+    load_tile<QTile, Tr::kThreads, kAligned>(smem_base + Tr::kDoOffset + stage_off, dout,
+                                             p.do_row_stride, row0, p.seqlen_q, p.head_dim);
+  };
+  // Thread tid < kBlockM fetches lse and delta of row row0 + tid, and stashes lse (log2 units) and
+  // scale * delta in buffer `buf`. Rows past seqlen_q get lse = +inf and delta = 0: P = 0 and
+  // dS = 0 there. The fetch is issued at the top of a step and the stash done at its end, so the
+  // global load's latency hides behind the step's mma.
+  auto fetch_stats = [&](int head, int row0, float& lse, float& dlt) {
+    const int row = row0 + tid;
+    lse = -neg_inf();
+    dlt = 0.f;
+    if (tid < kBlockM && row < p.seqlen_q) {
+      lse = static_cast<const float*>(
+          p.lse)[batch * p.lse_batch_stride + head * p.lse_head_stride + row];
+      dlt = static_cast<const float*>(
+          p.delta)[(static_cast<int64>(batch) * p.heads_q + head) * p.seqlen_q + row];
+    }
+  };
+  auto stash_stats = [&](int buf, float lse, float dlt) {
+    if (tid < kBlockM) {
+      s_lse[buf * kBlockM + tid] = lse_log2(lse);
+      s_delta[buf * kBlockM + tid] = dlt * scale;
+    }
+  };
+
+  // ldmatrix sources: this warp's K, V rows as A of S^T = K Q^T, dP^T = V dO^T; its Q, dO rows
+  // (S^T columns) as B of the same; dO, Q transposed as B of dV += P^T dO, dK += dS^T Q (k = query
+  // rows, n = this warp's head-dim slice). One Reader serves every tile of the same row pitch; the
+  // tile's offset (and the stage of Q, dO) is added to each address.
+  const auto key_frag = frag_reader<Frag::kA, KVTile>(smem_base, warp_key0, 0);
+  const auto query_frag = frag_reader<Frag::kB, QTile>(smem_base, warp_q0, 0);
+  const auto dim_frag = frag_reader<Frag::kBTrans, QTile>(smem_base, warp_q0, warp_d0 / 8);
+
+  float acc_dk[kKeyTiles][kDTiles][4];
+  float acc_dv[kKeyTiles][kDTiles][4];
+  zero(acc_dk);
+  zero(acc_dv);
+
+  int head = kv_head * p.group;  // the current step's query head and query tile
+  int m_tile = m_begin;
+  if (n_steps > 0) {
+    const T* k = static_cast<const T*>(p.k) + batch * p.k_batch_stride + kv_head * p.k_head_stride;
+    const T* v = static_cast<const T*>(p.v) + batch * p.v_batch_stride + kv_head * p.v_head_stride;
+    load_tile<KVTile, Tr::kThreads, kAligned>(smem_base + Tr::kKOffset, k, p.k_row_stride, n0,
+                                              p.seqlen_k, p.head_dim);
+    load_tile<KVTile, Tr::kThreads, kAligned>(smem_base + Tr::kVOffset, v, p.v_row_stride, n0,
+                                              p.seqlen_k, p.head_dim);
+    load_q_do(head, m_tile * kBlockM, 0);
+    cp_async_commit();
+    float lse, dlt;
+    fetch_stats(head, m_tile * kBlockM, lse, dlt);
+    stash_stats(0, lse, dlt);
+  }
+
+  for (int step = 0; step < n_steps; ++step) {
+    const int stage = Tr::kStages == 2 ? step % 2 : 0;
+    const int buf = step % 2;  // lse / delta buffer
+    const int m0 = m_tile * kBlockM;
+    const uint32 q_off = Tr::kQOffset + stage * QTile::kBytes;
+    const uint32 do_off = Tr::kDoOffset + stage * QTile::kBytes;
+    // The next step: the next query tile, or the first one of the next query head.
+    const bool has_next = step + 1 < n_steps;
+    const bool head_done = m_tile + 1 == m_tiles;
+    const int next_head = head_done ? head + 1 : head;
+    const int next_m_tile = head_done ? m_begin : m_tile + 1;
+
+    cp_async_wait<0>();
+    __syncthreads();  // Q, dO, lse, delta of this step landed; the last step's dQ is done with dS^T
+    float next_lse = 0.f, next_dlt = 0.f;
+    if (has_next) fetch_stats(next_head, next_m_tile * kBlockM, next_lse, next_dlt);
+    if (Tr::kStages == 2 && has_next) load_q_do(next_head, next_m_tile * kBlockM, stage ^ 1);
+    cp_async_commit();
+
+    const bool masked = ragged_keys || (kCausal && n0 + kBlockN - 1 > m0 + diag);
+#pragma unroll
+    for (int sub = 0; sub < Tr::kSubTiles; ++sub) {
+      const int col0 = sub * Tr::kSubQueries;  // this sub-tile's first S^T column, from warp_q0
+      const uint32 sub_off = QTile::offset(col0, 0);
+
+      // -- S^T = K Q^T, dP^T = V dO^T (rows: this warp's keys; columns: its queries) --
+      float st[kKeyTiles][kSubQTiles][4];
+      float dpt[kKeyTiles][kSubQTiles][4];
+      zero(st);
+      zero(dpt);
+      gemm_ss<T, Frag::kA, Frag::kB, Tr::kQKSteps>(st, key_frag, Tr::kKOffset, query_frag,
+                                                   q_off + sub_off);
+      gemm_ss<T, Frag::kA, Frag::kB, Tr::kQKSteps>(dpt, key_frag, Tr::kVOffset, query_frag,
+                                                   do_off + sub_off);
+
+      // -- P^T = exp2(S^T * scale_log2 - lse_log2) --
+      const float* lse2 = s_lse + buf * kBlockM + warp_q0 + col0 + 2 * t;
+      const float* dlt = s_delta + buf * kBlockM + warp_q0 + col0 + 2 * t;
+#pragma unroll
+      for (int qt = 0; qt < kSubQTiles; ++qt) {
+        const float2 l = *reinterpret_cast<const float2*>(lse2 + qt * 8);
+#pragma unroll
+        for (int kt = 0; kt < kKeyTiles; ++kt) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            st[kt][qt][2 * h] = exp2_ftz(fmaf(st[kt][qt][2 * h], p.scale_log2, -l.x));
+            st[kt][qt][2 * h + 1] = exp2_ftz(fmaf(st[kt][qt][2 * h + 1], p.scale_log2, -l.y));
+          }
+        }
+      }
+      // -- mask keys past seqlen_k and (causal) keys after a query's diagonal, on the steps that
+      // touch them: key j is visible to query m0 + c iff j < seqlen_k and c >= j - diag - m0 --
+      if (masked) {
+#pragma unroll
+        for (int kt = 0; kt < kKeyTiles; ++kt) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int key = n0 + warp_key0 + kt * 16 + h * 8 + g;
+            const int first_col = key >= p.seqlen_k ? kBlockM : kCausal ? key - diag - m0 : 0;
+            // relative to this thread's first column of the sub-tile
+            const int first = first_col - (warp_q0 + col0 + 2 * t);
+#pragma unroll
+            for (int qt = 0; qt < kSubQTiles; ++qt) {
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                if (qt * 8 + e < first) st[kt][qt][2 * h + e] = 0.f;
+              }
+            }
+          }
+        }
+      }
+      // -- dS^T = scale * P^T * (dP^T - delta) --
+      // The softmax scale is folded in here (delta was stashed scaled): dK = dS^T Q and
+      // dQ = dS K then need no scaling of their own, in the epilogue and before the atomics.
+#pragma unroll
+      for (int qt = 0; qt < kSubQTiles; ++qt) {
+        const float2 d = *reinterpret_cast<const float2*>(dlt + qt * 8);
+#pragma unroll
+        for (int kt = 0; kt < kKeyTiles; ++kt) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            float* x = dpt[kt][qt] + 2 * h;
+            x[0] = st[kt][qt][2 * h] * fmaf(x[0], scale, -d.x);
+            x[1] = st[kt][qt][2 * h + 1] * fmaf(x[1], scale, -d.y);
+          }
+        }
+      }
+      uint32 p_pk[kKeyTiles][kSubQTiles][2];
+      uint32 ds_pk[kKeyTiles][kSubQTiles][2];
+      pack_frags<T>(p_pk, st);
+      pack_frags<T>(ds_pk, dpt);
+
+      const int chunk0 = (warp_q0 + col0) / 8;
+      if constexpr (Tr::kPInRegs) {
+        // -- dV += P^T dO, dK += dS^T Q over this sub-tile's queries --
+        gemm_rs<T, Frag::kBTrans, Tr::kSubSteps>(acc_dv, p_pk, dim_frag, do_off + sub_off);
+        gemm_rs<T, Frag::kBTrans, Tr::kSubSteps>(acc_dk, ds_pk, dim_frag, q_off + sub_off);
+        if (!p.deterministic) {
+          DsTile::store_frags(smem_base + Tr::kDsOffset, ds_pk, warp_key0, chunk0);
+        }
+      } else {
+        // The other warp of this key slice needs these columns too: exchange them.
+        DsTile::store_frags(smem_base + Tr::kPtOffset, p_pk, warp_key0, chunk0);
+        DsTile::store_frags(smem_base + Tr::kDsOffset, ds_pk, warp_key0, chunk0);
+      }
+    }
+
+    if constexpr (!Tr::kPInRegs) {
+      __syncthreads();  // P^T, dS^T complete
+      // -- dV += P^T dO, dK += dS^T Q over all the step's queries (rows: this warp's keys;
+      // columns: its head-dim slice) --
+      const auto pt_frag = frag_reader<Frag::kA, DsTile>(smem_base, warp_key0, 0);
+      const auto all_dim_frag = frag_reader<Frag::kBTrans, QTile>(smem_base, 0, warp_d0 / 8);
+      gemm_ss<T, Frag::kA, Frag::kBTrans, Tr::kMSteps>(acc_dv, pt_frag, Tr::kPtOffset,
+                                                       all_dim_frag, do_off);
+      gemm_ss<T, Frag::kA, Frag::kBTrans, Tr::kMSteps>(acc_dk, pt_frag, Tr::kDsOffset,
+                                                       all_dim_frag, q_off);
+    }
+    if (Tr::kStages == 1) {
+      __syncthreads();  // every warp is done with Q, dO: the next step's may overwrite them
+      if (has_next) load_q_do(next_head, next_m_tile * kBlockM, 0);
+      cp_async_commit();
+    }
+
+    // -- dq_accum += dS K (fp32 atomics; rows: this warp's dQ rows) --
+    if (!p.deterministic) {
+      if (Tr::kPInRegs) __syncthreads();  // dS^T complete
+      const auto ds_frag = frag_reader<Frag::kATrans, DsTile>(smem_base, 0, dq_m0 / 8);
+      const auto kdim_frag = frag_reader<Frag::kBTrans, KVTile>(smem_base, 0, dq_d0 / 8);
+      // This thread's first element: row m0 + dq_m0 + g, column dq_d0 + 2t. Rows past seqlen_q
+      // are not stored; columns past head_dim hold exact zeros (K's padding) and are skipped too.
+      const int row0 = m0 + dq_m0 + g;
+      const int rows_left = p.seqlen_q - row0;
+      const int cols_left = p.head_dim - (dq_d0 + 2 * t);
+      float* dq_accum = static_cast<float*>(p.dq_accum) +
+                        ((static_cast<int64>(batch) * p.heads_q + head) * p.seqlen_q + row0) *
+                            p.head_dim_rounded +
+                        dq_d0 + 2 * t;
+#pragma unroll
+      for (int c = 0; c < Tr::kDqChunks; ++c) {
+        float acc_dq[Tr::kDqMTiles][Tr::kDqChunkTiles][4];
+        zero(acc_dq);
+        gemm_ss<T, Frag::kATrans, Frag::kBTrans, Tr::kNSteps>(
+            acc_dq, ds_frag, Tr::kDsOffset, kdim_frag,
+            Tr::kKOffset + KVTile::offset(0, c * Tr::kDqChunkDims / 8));
+#pragma unroll
+        for (int mt = 0; mt < Tr::kDqMTiles; ++mt) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int r = mt * 16 + h * 8;
+            if (r >= rows_left) continue;
+            float* dst = dq_accum + r * p.head_dim_rounded + c * Tr::kDqChunkDims;
+#pragma unroll
+            for (int dt = 0; dt < Tr::kDqChunkTiles; ++dt) {
+              const int col = c * Tr::kDqChunkDims + dt * 8;
+              if (col < cols_left) {
+                atomic_add_pair(dst + dt * 8, acc_dq[mt][dt][2 * h], acc_dq[mt][dt][2 * h + 1]);
+              }
+            }
+          }
+        }
+      }
+    }
+    if (has_next) stash_stats(buf ^ 1, next_lse, next_dlt);
+    head = next_head;
+    m_tile = next_m_tile;
+  }
+  cp_async_wait<0>();  // no copy may outlive the block
+
+  // -- epilogue: dk, dv (dK already carries the scale); rows past seqlen_k, columns past head_dim
+  // not stored --
+  T* dk = static_cast<T*>(p.dk) + batch * p.dk_batch_stride + kv_head * p.dk_head_stride;
+  T* dv = static_cast<T*>(p.dv) + batch * p.dv_batch_stride + kv_head * p.dv_head_stride;
+#pragma unroll
+  for (int kt = 0; kt < kKeyTiles; ++kt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = n0 + warp_key0 + kt * 16 + h * 8 + g;
+      if (row >= p.seqlen_k) continue;
+      T* dk_row = dk + row * p.dk_row_stride;
+      T* dv_row = dv + row * p.dv_row_stride;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        const int col = warp_d0 + dt * 8 + 2 * t;
+        store_pair<T, kAligned>(dk_row, col, p.head_dim, acc_dk[kt][dt][2 * h],
+                                acc_dk[kt][dt][2 * h + 1]);
+        store_pair<T, kAligned>(dv_row, col, p.head_dim, acc_dv[kt][dt][2 * h],
+                                acc_dv[kt][dt][2 * h + 1]);
+      }
+    }
+  }
+}
+
+// ---- deterministic dQ ---------------------------------------------------------------------------
+
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct BwdDqSm80Traits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;  // query rows per thread block (its dQ rows)
+  static constexpr int kBlockN = kBlockN_;  // keys per step of the main loop
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kThreads = kWarps * kWarpSize;
+
+  // Warps split along the queries, as in the forward: each owns whole rows of S, dP, dS and dQ,
+  // lse and delta are two registers per m16 tile, and dS packed pairwise is the A operand of
+  // dQ += dS K.
+  static constexpr int kRowsPerWarp = kBlockM / kWarps;
+  static constexpr int kMTiles = kRowsPerWarp / 16;  // m16 tiles per warp
+  static constexpr int kNTiles = kBlockN / 8;         // n8 tiles of S, dP per m16 tile
+  static constexpr int kDTiles = kHeadDim / 8;        // n8 tiles of dQ per m16 tile
+  static constexpr int kQKSteps = kHeadDim / 16;      // k16 steps of S and dP
+  static constexpr int kNSteps = kBlockN / 16;        // k16 steps of dQ (keys)
+
+  // Q, dO stay for the whole block; K, V are double-buffered where that fits kSm80SmemBudget.
+  typedef PaddedTile<kBlockM, kHeadDim> QTile;
+  typedef PaddedTile<kBlockN, kHeadDim> KVTile;
+  static constexpr int kStages =
+      2 * QTile::kBytes + 4 * KVTile::kBytes <= kSm80SmemBudget ? 2 : 1;
+  static constexpr int kQOffset = 0;
+  static constexpr int kDoOffset = kQOffset + QTile::kBytes;
+  static constexpr int kKOffset = kDoOffset + QTile::kBytes;    // stage s at + s * KVTile::kBytes
+  static constexpr int kVOffset = kKOffset + kStages * KVTile::kBytes;
+  // Mirrored in cuflash/_launch_bwd.py (see NOTES_bwd_sm80.md for the formula).
+  static constexpr int kSmemBytes = kVOffset + kStages * KVTile::kBytes;
+
+  static_assert(kRowsPerWarp % 16 == 0, "each warp owns whole m16 tiles");
+  static_assert(kNTiles % 2 == 0 && kDTiles % 2 == 0, "ldmatrix.x4 loads n8 tiles in pairs");
+  static_assert(load_tile_exact<QTile, kThreads>() && load_tile_exact<KVTile, kThreads>(),
+                "load_tile covers whole tiles");
+  static_assert(kSmemBytes <= kSm80SmemBudget, "tile does not fit sm_80 shared memory");
+};
+
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kCausal,
+          bool kAligned>
+__global__ void __launch_bounds__(kWarps * kWarpSize)
+bwd_dq_sm80(const __grid_constant__ BwdParams p) {
+  typedef BwdDqSm80Traits<kHeadDim, kBlockM, kBlockN, kWarps> Tr;
+  typedef typename Tr::QTile QTile;
+  typedef typename Tr::KVTile KVTile;
+  constexpr int kMTiles = Tr::kMTiles, kNTiles = Tr::kNTiles, kDTiles = Tr::kDTiles;
+  extern __shared__ __align__(128) char smem[];
+
+  // Causal blocks are scheduled longest first (high m_block sees the most keys).
+  const int m_block = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int kv_head = head / p.group;
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int g = lane / 4, t = lane % 4;
+  const int m0 = m_block * kBlockM;
+  const int warp_row0 = warp * Tr::kRowsPerWarp;
+
+  // Bottom-right causal: the block's last row, min(m0 + kBlockM, seqlen_q) - 1, sees keys up to
+  // that row + diag.
+  const int diag = p.seqlen_k - p.seqlen_q;
+  int n_end = p.seqlen_k;
+  if (kCausal) n_end = max(0, min(n_end, min(m0 + kBlockM, p.seqlen_q) + diag));
+  const int n_tiles = ceil_div(n_end, kBlockN);
+
+  const T* q = static_cast<const T*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride;
+  const T* dout =
+      static_cast<const T*>(p.dout) + batch * p.do_batch_stride + head * p.do_head_stride;
+  const T* k = static_cast<const T*>(p.k) + batch * p.k_batch_stride + kv_head * p.k_head_stride;
+  const T* v = static_cast<const T*>(p.v) + batch * p.v_batch_stride + kv_head * p.v_head_stride;
+
+  // lse (log2 units) and scale * delta of this thread's rows: r = 2 * mt + h is row warp_row0 +
+  // 16 mt + 8 h + g. Rows past seqlen_q get lse = +inf, delta = 0: P = 0 and dS = 0 there.
+  const float scale = static_cast<float>(p.scale);
+  float row_lse2[2 * kMTiles], row_delta[2 * kMTiles];
+  {
+    const float* lse =
+        static_cast<const float*>(p.lse) + batch * p.lse_batch_stride + head * p.lse_head_stride;
+    const float* delta = static_cast<const float*>(p.delta) +
+                         (static_cast<int64>(batch) * p.heads_q + head) * p.seqlen_q;
+#pragma unroll
+    for (int r = 0; r < 2 * kMTiles; ++r) {
+      const int row = m0 + warp_row0 + (r / 2) * 16 + (r % 2) * 8 + g;
+      const bool valid = row < p.seqlen_q;
+      row_lse2[r] = valid ? lse_log2(lse[row]) : -neg_inf();
+      row_delta[r] = valid ? delta[row] * scale : 0.f;
+    }
+  }
+
+  const uint32 smem_base = smem_addr(smem);
+  // ldmatrix sources: Q, dO rows of this warp as A (S = Q K^T, dP = dO V^T); K, V as B of the same;
+  // K transposed as B of dQ += dS K.
+  const auto row_frag = frag_reader<Frag::kA, QTile>(smem_base, warp_row0, 0);
+  const auto key_frag = frag_reader<Frag::kB, KVTile>(smem_base, 0, 0);
+  const auto dim_frag = frag_reader<Frag::kBTrans, KVTile>(smem_base, 0, 0);
+
+  auto load_k_v = [&](int tile, int stage) {
+    const uint32 stage_off = stage * KVTile::kBytes;
+    load_tile<KVTile, Tr::kThreads, kAligned>(smem_base + Tr::kKOffset + stage_off, k,
+                                              p.k_row_stride, tile * kBlockN, p.seqlen_k,
+                                              p.head_dim);
+    load_tile<KVTile, Tr::kThreads, kAligned>(smem_base + Tr::kVOffset + stage_off, v,
+                                              p.v_row_stride, tile * kBlockN, p.seqlen_k,
+                                              p.head_dim);
+  };
+
+  float acc_dq[kMTiles][kDTiles][4];
+  zero(acc_dq);
+
+  if (n_tiles > 0) {
+    load_tile<QTile, Tr::kThreads, kAligned>(smem_base + Tr::kQOffset, q, p.q_row_stride, m0,
+                                             p.seqlen_q, p.head_dim);
+    load_tile<QTile, Tr::kThreads, kAligned>(smem_base + Tr::kDoOffset, dout, p.do_row_stride, m0,
+                                             p.seqlen_q, p.head_dim);
+    load_k_v(0, 0);
+    cp_async_commit();
+  }
+
+  for (int tile = 0; tile < n_tiles; ++tile) {  // a fixed order: dq is bit-identical run to run
+    const int stage = Tr::kStages == 2 ? tile % 2 : 0;
+    const int n0 = tile * kBlockN;
+    const uint32 k_off = Tr::kKOffset + stage * KVTile::kBytes;
+    const uint32 v_off = Tr::kVOffset + stage * KVTile::kBytes;
+    cp_async_wait<0>();
+    __syncthreads();  // K, V (and Q, dO the first time) landed; every warp is done with tile - 1
+    if (Tr::kStages == 2 && tile + 1 < n_tiles) load_k_v(tile + 1, stage ^ 1);
+    cp_async_commit();
+
+    // -- S = Q K^T, dP = dO V^T (rows: this warp's queries; columns: keys) --
+    float s[kMTiles][kNTiles][4];
+    float dp[kMTiles][kNTiles][4];
+    zero(s);
+    zero(dp);
+    gemm_ss<T, Frag::kA, Frag::kB, Tr::kQKSteps>(s, row_frag, Tr::kQOffset, key_frag, k_off);
+    gemm_ss<T, Frag::kA, Frag::kB, Tr::kQKSteps>(dp, row_frag, Tr::kDoOffset, key_frag, v_off);
+
+    // -- P = exp2(S * scale_log2 - lse_log2); keys past seqlen_k and after the diagonal masked
+    // (only on the tiles that touch them); dS = scale * P * (dP - delta), the softmax scale folded
+    // in as in bwd_dkdv_sm80 --
+    const bool masked = n0 + kBlockN > p.seqlen_k || (kCausal && n0 + kBlockN - 1 > m0 + diag);
+#pragma unroll
+    for (int r = 0; r < 2 * kMTiles; ++r) {
+      const int mt = r / 2, h = r % 2;
+      const int row = m0 + warp_row0 + mt * 16 + h * 8 + g;
+      // Last visible key, relative to this thread's first column of the tile (n0 + 2t).
+      const int last =
+          (kCausal ? min(p.seqlen_k - 1, row + diag) : p.seqlen_k - 1) - n0 - 2 * t;
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = s[mt][nt][2 * h + e];
+          x = exp2_ftz(fmaf(x, p.scale_log2, -row_lse2[r]));
+          if (masked && nt * 8 + e > last) x = 0.f;
+          dp[mt][nt][2 * h + e] = x * fmaf(dp[mt][nt][2 * h + e], scale, -row_delta[r]);
+        }
+      }
+    }
+    uint32 ds_pk[kMTiles][kNTiles][2];
+    pack_frags<T>(ds_pk, dp);
+
+    // -- dQ += dS K --
+    gemm_rs<T, Frag::kBTrans, Tr::kNSteps>(acc_dq, ds_pk, dim_frag, k_off);
+
+    if (Tr::kStages == 1) {
+      __syncthreads();  // every warp is done with K, V: the next tile may overwrite them
+      if (tile + 1 < n_tiles) load_k_v(tile + 1, 0);
+      cp_async_commit();
+    }
+  }
+  cp_async_wait<0>();  // no copy may outlive the block
+
+  // -- epilogue: dq (dS carried the scale); rows past seqlen_q, columns past head_dim not stored --
+  T* dq = static_cast<T*>(p.dq) + batch * p.dq_batch_stride + head * p.dq_head_stride;
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = m0 + warp_row0 + mt * 16 + h * 8 + g;
+      if (row >= p.seqlen_q) continue;
+      T* dq_row = dq + row * p.dq_row_stride;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        store_pair<T, kAligned>(dq_row, dt * 8 + 2 * t, p.head_dim, acc_dq[mt][dt][2 * h],
+                                acc_dq[mt][dt][2 * h + 1]);
+      }
+    }
+  }
+}
+
+// ---- row-wise kernels: delta and dq_accum zeroing, dq_accum -> dq -------------------------------
+
+// kVecs threads per row, each owning one 8-element (16-byte) vector; kBlockM rows per block.
+template <int kHeadDim_, int kBlockM_, int kWarps_> struct BwdRowSm80Traits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;
+  static constexpr int kThreads = kWarps_ * kWarpSize;
+  static constexpr int kVecs = kHeadDim / 8;            // threads per row
+  static constexpr int kRowsPerPass = kThreads / kVecs;
+  static constexpr int kPasses = kBlockM / kRowsPerPass;
+  static_assert(kVecs <= kWarpSize && kWarpSize % kVecs == 0, "a row's threads share one warp");
+  static_assert(kBlockM % kRowsPerPass == 0, "whole passes");
+};
+
+// 8 elements of a row from column col, as floats; elements at or past head_dim read as 0.
+template <typename T, bool kAligned>
+__device__ __forceinline__ void load_vec8(float (&x)[8], const T* row, int col, int head_dim) {
+  if (kAligned) {
+    uint32 w[4] = {0, 0, 0, 0};
+    if (col < head_dim) {
+      const uint4 u = *reinterpret_cast<const uint4*>(row + col);
+      w[0] = u.x, w[1] = u.y, w[2] = u.z, w[3] = u.w;
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      x[2 * j] = to_float<T>(T{static_cast<uint16>(w[j] & 0xffffu)});
+      x[2 * j + 1] = to_float<T>(T{static_cast<uint16>(w[j] >> 16)});
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) x[j] = col + j < head_dim ? to_float<T>(row[col + j]) : 0.f;
+  }
+}
+
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kCausal,
+          bool kAligned>
+__global__ void __launch_bounds__(kWarps * kWarpSize)
+bwd_preprocess_sm80(const __grid_constant__ BwdParams p) {
+  typedef BwdRowSm80Traits<kHeadDim, kBlockM, kWarps> Tr;
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int m0 = blockIdx.x * kBlockM;
+  const int vec = threadIdx.x % Tr::kVecs;
+  const int col = vec * 8;
+  const int64 head_rows = (static_cast<int64>(batch) * p.heads_q + head) * p.seqlen_q;
+  const T* dout =
+      static_cast<const T*>(p.dout) + batch * p.do_batch_stride + head * p.do_head_stride;
+  const T* out = static_cast<const T*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
+  float* delta = static_cast<float*>(p.delta) + head_rows;
+  float* dq_accum = static_cast<float*>(p.dq_accum);  // null in deterministic mode
+
+#pragma unroll
+  for (int pass = 0; pass < Tr::kPasses; ++pass) {
+    const int row = m0 + pass * Tr::kRowsPerPass + threadIdx.x / Tr::kVecs;
+    const bool valid = row < p.seqlen_q;
+    float sum = 0.f;
+    if (valid) {
+      float a[8], b[8];
+      load_vec8<T, kAligned>(a, dout + row * p.do_row_stride, col, p.head_dim);
+      load_vec8<T, kAligned>(b, out + row * p.o_row_stride, col, p.head_dim);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) sum = fmaf(a[j], b[j], sum);
+    }
+    // Every lane takes part in the shuffles (the row's kVecs lanes are aligned within the warp).
+#pragma unroll
+    for (int offset = Tr::kVecs / 2; offset > 0; offset /= 2) {
+      sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    }
+    if (valid && vec == 0) delta[row] = sum;
+    if (valid && dq_accum != nullptr && col < p.head_dim_rounded) {
+      float4* dst =
+          reinterpret_cast<float4*>(dq_accum + (head_rows + row) * p.head_dim_rounded + col);
+      dst[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+      dst[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  }
+}
+
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kCausal,
+          bool kAligned>
+__global__ void __launch_bounds__(kWarps * kWarpSize)
+bwd_convert_dq_sm80(const __grid_constant__ BwdParams p) {
+  typedef BwdRowSm80Traits<kHeadDim, kBlockM, kWarps> Tr;
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int m0 = blockIdx.x * kBlockM;
+  const int col = threadIdx.x % Tr::kVecs * 8;
+  const int64 head_rows = (static_cast<int64>(batch) * p.heads_q + head) * p.seqlen_q;
+  const float* dq_accum = static_cast<const float*>(p.dq_accum);
+  T* dq = static_cast<T*>(p.dq) + batch * p.dq_batch_stride + head * p.dq_head_stride;
+
+#pragma unroll
+  for (int pass = 0; pass < Tr::kPasses; ++pass) {
+    const int row = m0 + pass * Tr::kRowsPerPass + threadIdx.x / Tr::kVecs;
+    if (row >= p.seqlen_q || col >= p.head_dim) continue;
+    const float4* src =
+        reinterpret_cast<const float4*>(dq_accum + (head_rows + row) * p.head_dim_rounded + col);
+    const float4 lo = src[0], hi = src[1];
+    const float x[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+    T* dst = dq + row * p.dq_row_stride + col;
+    if (kAligned) {
+      const uint4 u = make_uint4(pack2<T>(x[0], x[1]), pack2<T>(x[2], x[3]), pack2<T>(x[4], x[5]),
+                                 pack2<T>(x[6], x[7]));
+      *reinterpret_cast<uint4*>(dst) = u;
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (col + j < p.head_dim) dst[j] = from_float<T>(x[j]);
+      }
+    }
+  }
+}
+
+}  // namespace cuflash

@@ -1,0 +1,329 @@
+// Forward attention for Hopper (sm_90a): TMA loads, an mbarrier pipeline, wgmma, warp specialisation.
+//
+// One thread block computes kBlockM query rows of one (batch, head) with 1 + kConsumerWarpgroups
+// warpgroups. The producer warpgroup gives most of its registers away (setmaxnreg) and one of its
+// threads streams Q once and then K/V tiles through kStages shared-memory slots with TMA (128-byte
+// swizzle; out-of-bounds rows and head-dim columns arrive as zeros). Each consumer warpgroup owns
+// 64 query rows: S = Q K^T with both operands in shared memory (wgmma SS), the online softmax in
+// registers (softmax.cuh, the sm80 semantics), then O += P V with P straight from the S
+// accumulators as the register A operand and V as a transposed (MN-major) B operand (wgmma RS).
+// K/V tiles are walked from the last to the first, so the tiles that need masking come first.
+//
+// Barriers per slot: k_full / v_full (the producer's expect_tx, completed by TMA bytes) and
+// k_empty / v_empty (one arrive per consumer warp once its warpgroup's wgmma has read the tile).
+// K and V are released separately: K(i) is free once S(i) is done, a whole P V earlier than V(i),
+// so with two slots the load of K(i+2) is not stuck behind O += P(i) V(i).
+#include "common.cuh"
+#include "softmax.cuh"
+#include "tma_sm90.cuh"
+#include "wgmma_sm90.cuh"
+
+namespace cuflash {
+
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90Traits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kThreads = kWarps * kWarpSize;
+
+  static constexpr int kWarpgroupThreads = 128;
+  static constexpr int kWarpgroups = kThreads / kWarpgroupThreads;
+  static constexpr int kConsumerWarpgroups = kWarpgroups - 1;  // warpgroup 0 is the producer
+  static constexpr int kConsumerWarps = kConsumerWarpgroups * 4;
+  static constexpr int kRowsPerConsumer = 64;                 // wgmma's M
+  // Registers per thread after setmaxnreg: 24 for the producer, the rest split over consumers
+  // (the sum stays within the SM's 64K registers at one block per SM).
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = kConsumerWarpgroups == 2 ? 240 : 160;
+  // Ping-pong (FA3): consumer warpgroups take turns issuing their wgmma batches, so one's softmax
+  // runs while the other's matrix products have the tensor cores. Named barrier 1 + c gates
+  // consumer c; it counts the waiting warpgroup and the one that lets it go.
+  static constexpr bool kPingPong = kConsumerWarpgroups == 2;
+  static constexpr int kSchedulerBarrier = 1;
+
+  // Shared tiles are 128-byte-swizzled chunks of 64 16-bit columns (one TMA box each): a tile of
+  // R rows and kHeadDim columns is kChunks chunks of R * 128 bytes.
+  static constexpr int kChunkCols = 64;
+  static constexpr int kChunks = kHeadDim / kChunkCols;
+  static constexpr int kQChunkBytes = kBlockM * 128;
+  static constexpr int kKVChunkBytes = kBlockN * 128;
+  static constexpr int kQBytes = kChunks * kQChunkBytes;
+  static constexpr int kKVBytes = kChunks * kKVChunkBytes;
+  static constexpr int kStages = 2;  // K/V slots; mirrored by _launch_sm90.STAGES
+
+  static constexpr int kQOffset = 0;
+  static constexpr int kKOffset = kQBytes;
+  static constexpr int kVOffset = kKOffset + kStages * kKVBytes;
+  static constexpr int kBarOffset = kVOffset + kStages * kKVBytes;
+  static constexpr int kBarriers = 1 + 4 * kStages;  // q_full, {k,v}_full[], {k,v}_empty[]
+  // + 1024: the dynamic shared window is only 16-byte aligned; swizzle atoms need 1024.
+  static constexpr int kSmemBytes = kBarOffset + 8 * kBarriers + 1024;  // == _launch_sm90.smem_bytes
+
+  static constexpr int kNTiles = kBlockN / 8;    // n8 column groups of S per thread
+  static constexpr int kDTiles = kHeadDim / 8;   // n8 column groups of O per thread
+  static constexpr int kQKSteps = kHeadDim / 16; // k16 steps of Q K^T
+  static constexpr int kPVSteps = kBlockN / 16;  // k16 steps of P V
+
+  static_assert(kWarps % 4 == 0 && kConsumerWarpgroups >= 1, "whole warpgroups, one producer");
+  static_assert(kBlockM == kConsumerWarpgroups * kRowsPerConsumer, "64 query rows per consumer");
+  static_assert(kHeadDim % kChunkCols == 0, "head dim widths are whole 128-byte chunks");
+  static_assert(kBlockN % 64 == 0 && kBlockN <= 256, "TMA boxes and wgmma N");
+};
+
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kCausal,
+          bool kAligned>
+__global__ void __launch_bounds__(kWarps * kWarpSize, 1)
+fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma_q,
+         const __grid_constant__ TmaMap tma_k, const __grid_constant__ TmaMap tma_v) {
+  typedef FwdSm90Traits<kHeadDim, kBlockM, kBlockN, kWarps> Tr;
+  constexpr int kStages = Tr::kStages;
+  static_assert(kAligned, "TMA needs 16-byte strides; unaligned inputs take the sm80 kernel");
+  extern __shared__ __align__(1024) char smem_raw[];
+
+  uint32 dyn_smem;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
+  if (dyn_smem < Tr::kSmemBytes) __trap();  // the launch must mirror kSmemBytes
+  const uint32 base = (smem_u32(smem_raw) + 1023) & ~1023u;
+  const uint32 q_smem = base + Tr::kQOffset;
+  const uint32 bar = base + Tr::kBarOffset;
+  const uint32 q_full = bar;
+  auto k_smem = [&](int stage) { return base + Tr::kKOffset + stage * Tr::kKVBytes; };
+  auto v_smem = [&](int stage) { return base + Tr::kVOffset + stage * Tr::kKVBytes; };
+  auto k_full = [&](int stage) { return bar + 8 * (1 + stage); };
+  auto v_full = [&](int stage) { return bar + 8 * (1 + kStages + stage); };
+  auto k_empty = [&](int stage) { return bar + 8 * (1 + 2 * kStages + stage); };
+  auto v_empty = [&](int stage) { return bar + 8 * (1 + 3 * kStages + stage); };
+
+  // Causal blocks are scheduled longest first (high m_block sees the most keys).
+  const int m_block = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int kv_head = head / p.group;
+  // Bottom-right causal: query i sees key j iff j <= i + diag.
+  const int diag = p.seqlen_k - p.seqlen_q;
+  const int row0 = m_block * kBlockM;
+  int n_end = p.seqlen_k;
+  if (kCausal) n_end = min(n_end, max(0, row0 + kBlockM + diag));
+  const int n_blocks = ceil_div(n_end, kBlockN);
+
+  const int warpgroup = threadIdx.x / Tr::kWarpgroupThreads;
+  if (threadIdx.x == 0) {
+    mbar_init(q_full, 1);
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(k_full(s), 1);
+      mbar_init(v_full(s), 1);
+      mbar_init(k_empty(s), Tr::kConsumerWarps);
+      mbar_init(v_empty(s), Tr::kConsumerWarps);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    // ---- producer: one thread issues every TMA load ----
+    regs_dealloc<Tr::kProducerRegs>();
+    if (threadIdx.x == 0 && n_blocks > 0) {
+      tma_prefetch(tma_q);
+      tma_prefetch(tma_k);
+      tma_prefetch(tma_v);
+      mbar_arrive_expect_tx(q_full, Tr::kQBytes);
+#pragma unroll
+      for (int c = 0; c < Tr::kChunks; ++c) {
+        tma_load_4d(q_smem + c * Tr::kQChunkBytes, tma_q, q_full, c * Tr::kChunkCols, row0, head,
+                    batch);
+      }
+      for (int i = 0; i < n_blocks; ++i) {
+        const int n_block = n_blocks - 1 - i;
+        const int stage = i % kStages;
+        const uint32 free_parity = ((i / kStages) & 1) ^ 1;  // first pass: returns at once
+        mbar_wait(k_empty(stage), free_parity);
+        mbar_arrive_expect_tx(k_full(stage), Tr::kKVBytes);
+#pragma unroll
+        for (int c = 0; c < Tr::kChunks; ++c) {
+          tma_load_4d(k_smem(stage) + c * Tr::kKVChunkBytes, tma_k, k_full(stage),
+                      c * Tr::kChunkCols, n_block * kBlockN, kv_head, batch);
+        }
+        mbar_wait(v_empty(stage), free_parity);
+        mbar_arrive_expect_tx(v_full(stage), Tr::kKVBytes);
+#pragma unroll
+        for (int c = 0; c < Tr::kChunks; ++c) {
+          tma_load_4d(v_smem(stage) + c * Tr::kKVChunkBytes, tma_v, v_full(stage),
+                      c * Tr::kChunkCols, n_block * kBlockN, kv_head, batch);
+        }
+      }
+    }
+  } else {
+    // ---- consumers: 64 query rows per warpgroup ----
+    regs_alloc<Tr::kConsumerRegs>();
+    constexpr int kNTiles = Tr::kNTiles, kDTiles = Tr::kDTiles;
+    const int consumer = warpgroup - 1;
+    const int warp = (threadIdx.x / kWarpSize) % 4;  // warp inside the warpgroup: 16 rows
+    const int lane = threadIdx.x % kWarpSize;
+    const int g = lane / 4, t = lane % 4;
+    const int rows_before = consumer * Tr::kRowsPerConsumer + warp * 16;  // in the block
+
+    float acc_o[1][kDTiles][4];
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[0][dt][e] = 0.f;
+    OnlineSoftmax<1> softmax;
+    softmax.init();
+
+    // This warpgroup's 64 rows of Q start 64 * 128 B into each Q chunk (a multiple of 1024 B).
+    const uint32 q_rows = q_smem + consumer * Tr::kRowsPerConsumer * 128;
+    // Ping-pong turns: wait for ours before issuing a batch of wgmma, hand over after it.
+    auto wait_turn = [&]() {
+      if (Tr::kPingPong) named_bar_sync(Tr::kSchedulerBarrier + consumer, 256);
+    };
+    auto pass_turn = [&]() {
+      if (Tr::kPingPong) named_bar_arrive(Tr::kSchedulerBarrier + (consumer ^ 1), 256);
+    };
+
+    // S = Q K^T of the tile in `stage` (both K-major; a k16 step is 32 B inside a chunk). Issued
+    // and committed as one wgmma group; the caller waits.
+    auto issue_qk = [&](float (&s)[1][kNTiles][4], int stage) {
+#pragma unroll
+      for (int ks = 0; ks < Tr::kQKSteps; ++ks) {
+        const int chunk = ks / 4, step = ks % 4;
+        const uint64 desc_q = make_desc(q_rows + chunk * Tr::kQChunkBytes + step * 32, 16, 1024);
+        const uint64 desc_k =
+            make_desc(k_smem(stage) + chunk * Tr::kKVChunkBytes + step * 32, 16, 1024);
+        Wgmma<T, kBlockN>::ss(s[0], desc_q, desc_k, ks > 0);
+      }
+      wgmma_commit();
+    };
+    // O += P V of the tile in `stage` (P from registers; V is MN-major, the transposed B operand:
+    // 16 keys = 2048 B a step). One wgmma group.
+    auto issue_pv = [&](const uint32 (&pa)[Tr::kPVSteps][4], int stage) {
+#pragma unroll
+      for (int ks = 0; ks < Tr::kPVSteps; ++ks) {
+        const uint64 desc_v = make_desc(v_smem(stage) + ks * 2048, Tr::kKVChunkBytes, 1024);
+        Wgmma<T, kHeadDim>::template rs<1>(acc_o[0], pa[ks], desc_v, 1);
+      }
+      wgmma_commit();
+    };
+    // Masks the ragged end and the causal diagonal of tile `n_block` (only tiles that touch them).
+    auto mask = [&](float (&s)[1][kNTiles][4], int n_block) {
+      const int col0 = n_block * kBlockN;
+      const bool ragged = col0 + kBlockN > p.seqlen_k;
+      const bool diagonal = kCausal && col0 + kBlockN - 1 > row0 + rows_before + diag;
+      if (ragged || diagonal) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int row = row0 + rows_before + half * 8 + g;
+          // Last visible key of this row, relative to this thread's first column of the tile.
+          const int last =
+              (kCausal ? min(p.seqlen_k - 1, row + diag) : p.seqlen_k - 1) - col0 - 2 * t;
+#pragma unroll
+          for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              if (nt * 8 + e > last) s[0][nt][2 * half + e] = neg_inf();
+            }
+          }
+        }
+      }
+    };
+    // P, the A operand of P V: the S accumulators packed pairwise to 16 bits.
+    auto pack_p = [&](uint32 (&pa)[Tr::kPVSteps][4], const float (&s)[1][kNTiles][4]) {
+#pragma unroll
+      for (int ks = 0; ks < Tr::kPVSteps; ++ks) {
+        pa[ks][0] = pack2<T>(s[0][2 * ks][0], s[0][2 * ks][1]);
+        pa[ks][1] = pack2<T>(s[0][2 * ks][2], s[0][2 * ks][3]);
+        pa[ks][2] = pack2<T>(s[0][2 * ks + 1][0], s[0][2 * ks + 1][1]);
+        pa[ks][3] = pack2<T>(s[0][2 * ks + 1][2], s[0][2 * ks + 1][3]);
+      }
+    };
+
+    // Software pipeline inside the warpgroup (FA3's intra-warpgroup overlap): while the tensor
+    // cores run O += P(i-1) V(i-1), the softmax of tile i runs on S(i), issued just before it.
+    if (n_blocks > 0) {
+      float s[1][kNTiles][4];
+      uint32 pa[Tr::kPVSteps][4];
+      float alpha[2];
+      // -- tile 0: S, softmax (O is still zero: nothing to rescale) --
+      if (consumer == 1) pass_turn();  // consumer 0 goes first
+      mbar_wait(q_full, 0);
+      mbar_wait(k_full(0), 0);
+      wait_turn();
+      wgmma_fence();
+      issue_qk(s, 0);
+      pass_turn();
+      wgmma_wait<0>();
+      fence_operand(s[0]);
+      if (lane == 0) mbar_arrive(k_empty(0));  // K slots are released as soon as S is done
+      mask(s, n_blocks - 1);
+      softmax.update(s, p.scale_log2, alpha);
+      pack_p(pa, s);
+
+      for (int i = 1; i < n_blocks; ++i) {
+        const int stage = i % kStages, prev = (i - 1) % kStages;
+        // -- issue S(i) = Q K(i)^T, then O += P(i-1) V(i-1) --
+        mbar_wait(k_full(stage), (i / kStages) & 1);
+        mbar_wait(v_full(prev), ((i - 1) / kStages) & 1);
+        wait_turn();
+        wgmma_fence();
+        issue_qk(s, stage);
+        issue_pv(pa, prev);
+        pass_turn();
+        // -- softmax of tile i while P V runs (groups complete in order: S(i) first) --
+        wgmma_wait<1>();
+        fence_operand(s[0]);
+        if (lane == 0) mbar_arrive(k_empty(stage));
+        mask(s, n_blocks - 1 - i);
+        softmax.update(s, p.scale_log2, alpha);
+        wgmma_wait<0>();
+        fence_operand(acc_o[0]);
+        fence_operand(pa);
+        if (lane == 0) mbar_arrive(v_empty(prev));  // this warp is done with V(i-1)
+        // -- O held sums relative to the old max: rescale, then P(i) replaces P(i-1) --
+        softmax.rescale(acc_o, alpha);
+        pack_p(pa, s);
+      }
+
+      // -- last tile: O += P V --
+      const int last = (n_blocks - 1) % kStages;
+      mbar_wait(v_full(last), ((n_blocks - 1) / kStages) & 1);
+      wait_turn();
+      wgmma_fence();
+      issue_pv(pa, last);
+      pass_turn();
+      // Consumer 1's last hand-over has no batch after it to wait: consumer 0 takes it here so
+      // every arrive on a named barrier is matched before the block exits.
+      if (consumer == 0) wait_turn();
+      wgmma_wait<0>();
+      fence_operand(acc_o[0]);
+      fence_operand(pa);
+    }
+
+    // -- epilogue: O / l, lse; rows >= seqlen_q and columns >= head_dim are not stored --
+    float lse[2];
+    softmax.finalize(acc_o, static_cast<float>(p.scale), lse);
+    T* o = static_cast<T*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row0 + rows_before + g + half * 8;
+      if (row >= p.seqlen_q) continue;
+      T* o_row = o + row * p.o_row_stride;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        const int col = dt * 8 + 2 * t;
+        const float x0 = acc_o[0][dt][2 * half], x1 = acc_o[0][dt][2 * half + 1];
+        if (col + 1 < p.head_dim) {
+          *reinterpret_cast<uint32*>(o_row + col) = pack2<T>(x0, x1);  // o rows: 16 B aligned
+        } else if (col < p.head_dim) {
+          o_row[col] = from_float<T>(x0);
+        }
+      }
+      if (p.lse != nullptr && t == 0) {
+        float* lse_out = static_cast<float*>(p.lse);
+        lse_out[batch * p.lse_batch_stride + head * p.lse_head_stride + row] = lse[half];
+      }
+    }
+  }
+}
+
+}  // namespace cuflash

@@ -1,0 +1,105 @@
+// Hopper asynchronous-copy plumbing (sm_90): mbarriers, TMA tensor loads, register reallocation and
+// the wgmma shared-memory descriptor. Inline PTX throughout (no <cuda/ptx>), so the file reads the
+// same under NVRTC and nvcc and every instruction is visible at its call site.
+#pragma once
+
+#include "common.cuh"
+
+namespace cuflash {
+
+// A CUtensorMap as the kernel receives it: 128 opaque bytes, 64-byte aligned, encoded on the host
+// by cuTensorMapEncodeTiled (cuflash/_launch_sm90.py) and passed by value as __grid_constant__.
+struct alignas(64) TmaMap {
+  uint64 opaque[16];
+};
+
+__device__ __forceinline__ uint32 smem_u32(const void* p) {
+  return static_cast<uint32>(__cvta_generic_to_shared(p));
+}
+
+// ---- mbarrier --------------------------------------------------------------------------------
+
+__device__ __forceinline__ void mbar_init(uint32 bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count) : "memory");
+}
+// Makes the initialised barriers visible to the async proxy (TMA) before anyone uses them.
+__device__ __forceinline__ void mbar_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32 bar, uint32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n"
+               :: "r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32 bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
+}
+// Blocks until the phase with parity `parity` has completed. A fresh barrier counts as having
+// completed the phase before phase 0, so waiting on parity 1 returns at once (the producer's
+// first pass over its empty slots relies on that).
+__device__ __forceinline__ bool mbar_try_wait(uint32 bar, uint32 parity) {
+  uint32 done;
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+  return done != 0;
+}
+__device__ __forceinline__ void mbar_wait(uint32 bar, uint32 parity) {
+  while (!mbar_try_wait(bar, parity)) {
+  }
+}
+
+// ---- TMA -------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void tma_prefetch(const TmaMap& map) {
+  asm volatile("prefetch.tensormap [%0];\n" :: "l"(reinterpret_cast<uint64>(&map)) : "memory");
+}
+// One box of a rank-4 tensor map (coordinates innermost first) into shared memory; completion is
+// counted on `bar` in bytes (the whole box, out-of-bounds zero fill included).
+__device__ __forceinline__ void tma_load_4d(uint32 dst, const TmaMap& map, uint32 bar, int c0,
+                                            int c1, int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5, %6}], [%2];\n"
+      :: "r"(dst), "l"(reinterpret_cast<uint64>(&map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2),
+         "r"(c3)
+      : "memory");
+}
+
+// ---- named barriers (bar 0 is __syncthreads) ---------------------------------------------------
+
+__device__ __forceinline__ void named_bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
+}
+
+// ---- register reallocation between warpgroups (sm_90a) ----------------------------------------
+
+template <int kRegs> __device__ __forceinline__ void regs_dealloc() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(kRegs));
+}
+template <int kRegs> __device__ __forceinline__ void regs_alloc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(kRegs));
+}
+
+// ---- wgmma shared-memory descriptor -------------------------------------------------------------
+// Bits 0-13: start address >> 4; 16-29: leading byte offset >> 4; 32-45: stride byte offset >> 4;
+// 62-63: swizzle mode (1 = 128-byte). Tiles here are 128-byte-swizzled "chunks" of 64 16-bit
+// columns (rows at 128 B, 8-row swizzle atoms at 1024 B, every chunk 1024-byte aligned):
+//   K-major (Q, K for S = Q K^T): stride offset 1024 B (next 8 rows); leading offset unused (1);
+//     a k16 step adds 32 B inside a chunk.
+//   MN-major (V as the B operand of P V, transposed): leading offset = bytes from one 64-column
+//     chunk to the next, stride offset 1024 B (next 8 keys); a k16 step adds 16 rows = 2048 B.
+constexpr uint64 kDescSwizzle128 = 1ull << 62;
+
+__device__ __forceinline__ uint64 make_desc(uint32 smem_byte_addr, uint32 leading_bytes,
+                                            uint32 stride_bytes) {
+  return kDescSwizzle128 | (static_cast<uint64>((stride_bytes >> 4) & 0x3fff) << 32) |
+         (static_cast<uint64>((leading_bytes >> 4) & 0x3fff) << 16) |
+         static_cast<uint64>((smem_byte_addr >> 4) & 0x3fff);
+}
+
+}  // namespace cuflash

@@ -1,0 +1,41 @@
+"""Every Hopper forward instantiation (kernels_cu/fwd_sm90.cu) compiles clean for sm_90a.
+
+No spills, no stack frame, at most 255 registers (ptxas reports the entry cap of 168 that
+`__launch_bounds__(384, 1)` sets; setmaxnreg then moves registers from the producer warpgroup to
+the consumers). Runs on the CPU: NVRTC and ptxas need no GPU. ``pytest -s`` prints the reports.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from cuflash import _compile, _launch_sm90
+
+SPECS = _launch_sm90.all_fwd_sm90_specs()
+MAX_REGISTERS = 255
+SMEM_LIMIT = 232448  # bytes of shared memory one block may use on an H100
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[spec.name for spec in SPECS])
+def test_compiles_without_spills(spec):
+    report = _compile.compile_report(spec, "sm_90a")
+    print(report.line())
+    assert report.clean, f"spills or stack frame:\n{report.log}"
+    assert report.registers <= MAX_REGISTERS
+    assert report.smem_bytes <= SMEM_LIMIT
+    assert "warning" not in report.log.lower(), report.log  # e.g. setmaxnreg ignored (C7508)
+
+
+def test_every_width_and_dtype_is_covered():
+    assert {(s.dtype, s.head_dim, s.causal) for s in SPECS} == {
+        (dtype, width, causal)
+        for dtype in ("float16", "bfloat16")
+        for width in _launch_sm90.FWD_SM90_TILES
+        for causal in (False, True)
+    }
+
+
+def test_spec_name_renders_the_template_signature():
+    spec = _launch_sm90.fwd_sm90_spec("bfloat16", 100, True)
+    assert spec.head_dim == 128 and spec.min_arch == 90
+    assert spec.name == "cuflash::fwd_sm90<cuflash::bf16, 128, 128, 128, 12, true, true>"

@@ -1,0 +1,155 @@
+"""GPU: the Hopper forward (kernels_cu/fwd_sm90.cu, cuflash._launch_sm90) against the reference.
+
+Calls `forward_sm90` directly (not through the dispatcher) so every case is known to run on the
+wgmma + TMA kernel, or is known to be refused. Skipped, with the reason printed, without a CUDA GPU
+of compute capability 9.0.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.gpu_support import require_gpu, to_numpy, torch_cuda
+
+require_gpu()
+
+import cupy  # noqa: E402
+
+from cuflash import _compile, _launch_sm90, reference  # noqa: E402
+from cuflash.api import compute_capability  # noqa: E402
+from tests.accuracy import assert_matches_reference, naive_attention  # noqa: E402
+from tests.strategies import Case, make_inputs, problems, seeds, to_bshd4  # noqa: E402
+
+CC = compute_capability(0)
+if CC != 90:
+    print(f"skipping sm90 GPU tests: compute capability {CC}, not 9.0")
+    pytest.skip(f"compute capability {CC}, not 9.0", allow_module_level=True)
+
+pytestmark = pytest.mark.gpu
+
+GPU_SETTINGS = settings(max_examples=150, deadline=None, derandomize=False)
+# Head dims whose rows are whole 16-byte vectors: every view strategies.py builds is TMA-legal.
+TMA_HEAD_DIMS = (8, 16, 32, 40, 56, 64, 72, 96, 120, 128, 136, 160, 192, 200, 248, 256)
+
+
+def _namespace(dtype: str):
+    if dtype == "bfloat16":
+        pytest.importorskip("torch")
+        return torch_cuda()
+    return cupy
+
+
+def _run(case: Case, seed: int) -> bool:
+    """forward_sm90 on fresh inputs of `case`; checks the result when it ran. Returns whether it
+    ran."""
+    xp = _namespace(case.dtype)
+    q, k, v = make_inputs(case, xp, seed)
+    before = [to_numpy(x) for x in (q, k, v)]
+    qc, kc, vc = (cupy.from_dlpack(x) for x in (q, k, v))
+    out = cupy.full(qc.shape, cupy.nan, dtype=qc.dtype)  # poisoned, in the caller's layout
+    batch = 1 if case.three_d else case.batch
+    lse = cupy.full((batch, case.heads_q, case.seqlen_q), cupy.nan, dtype=cupy.float32)
+    scale = 1.0 / np.sqrt(case.head_dim)
+    ran = _launch_sm90.forward_sm90(
+        *(to_bshd4(x, case) for x in (qc, kc, vc, out)), lse, causal=case.causal, scale=scale,
+        device_id=0, cc=CC)
+    if not ran:
+        return False
+    cupy.cuda.Device(0).synchronize()
+    got = cupy.asnumpy(out).astype(np.float64)
+    assert not np.isnan(got).any(), f"{case.id}: unwritten (NaN-poisoned) output elements"
+    for name, x, b in zip("qkv", (q, k, v), before, strict=True):
+        np.testing.assert_array_equal(to_numpy(x), b, err_msg=f"{case.id}: {name} was modified")
+    q4, k4, v4 = (to_bshd4(x, case) for x in before)
+    ref, ref_lse = reference.attention(q4, k4, v4, causal=case.causal, return_lse=True)
+    naive, naive_lse = naive_attention(q4, k4, v4, dtype=case.dtype, causal=case.causal,
+                                       scale=scale)
+    assert_matches_reference(f"{case.id} out", to_bshd4(got, case), ref, naive, dtype=case.dtype)
+    got_lse = cupy.asnumpy(lse).astype(np.float64)
+    assert_matches_reference(f"{case.id} lse", got_lse, ref_lse, naive_lse, dtype="float32")
+    return True
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@GPU_SETTINGS
+@given(data=st.data(), seed=seeds())
+def test_forward_sm90_matches_reference(dtype, data, seed):
+    case = data.draw(problems(dtypes=(dtype,), max_seqlen=400, max_head_dim=256))
+    case = Case(**{**case.__dict__, "head_dim": data.draw(st.sampled_from(TMA_HEAD_DIMS))})
+    ran = _run(case, seed)
+    # Empty keys are the sm80 kernel's job (it writes zeros and lse = -inf); empty queries: no-op.
+    expected = case.seqlen_q == 0 or case.batch == 0 or case.seqlen_k > 0
+    assert ran == expected, f"{case.id}: forward_sm90 returned {ran}"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_tile_edges(dtype, head_dim, causal):
+    """Lengths one either side of the tiles, Sq != Sk both ways, GQA: every instantiation."""
+    for sq, sk in ((127, 129), (129, 64), (65, 257), (1, 200), (200, 1), (300, 300), (64, 640)):
+        case = Case(batch=2, seqlen_q=sq, seqlen_k=sk, heads_q=4, heads_kv=2, head_dim=head_dim,
+                    dtype=dtype, causal=causal)
+        assert _run(case, seed=sq * 1000 + sk), case.id
+
+
+def test_fully_masked_rows_are_zero():
+    """Bottom-right causal with Sq > Sk: the first Sq - Sk rows see no key (zeros, lse -inf)."""
+    rng = np.random.default_rng(0)
+    q = cupy.asarray(rng.standard_normal((1, 300, 2, 64)), dtype=cupy.float16)
+    k = cupy.asarray(rng.standard_normal((1, 20, 2, 64)), dtype=cupy.float16)
+    out = cupy.full(q.shape, cupy.nan, dtype=q.dtype)
+    lse = cupy.full((1, 2, 300), cupy.nan, dtype=cupy.float32)
+    assert _launch_sm90.forward_sm90(q, k, k, out, lse, causal=True, scale=0.125, device_id=0,
+                                     cc=CC)
+    out, lse = cupy.asnumpy(out), cupy.asnumpy(lse)
+    assert np.all(out[:, :280] == 0) and np.all(np.isneginf(lse[:, :, :280]))
+    assert np.all(np.isfinite(out[:, 280:])) and np.any(out[:, 280:] != 0)
+
+
+@pytest.mark.parametrize("reason, make", [
+    ("float32", lambda: [cupy.ones((1, 8, 1, 64), dtype=cupy.float32)] * 4),
+    ("row stride 60 B", lambda: [cupy.ones((1, 8, 1, 30), dtype=cupy.float16)] * 4),
+    ("misaligned base", lambda: [cupy.ones((1, 8 * 64 + 1), dtype=cupy.float16)[:, 1:]
+                                 .reshape(1, 8, 1, 64)] * 4),
+    ("empty keys", lambda: [cupy.ones((1, 8, 1, 64), dtype=cupy.float16),
+                            cupy.ones((1, 0, 1, 64), dtype=cupy.float16),
+                            cupy.ones((1, 0, 1, 64), dtype=cupy.float16),
+                            cupy.ones((1, 8, 1, 64), dtype=cupy.float16)]),
+])
+def test_refuses_what_tma_cannot_read(reason, make):
+    q, k, v, out = make()
+    assert not _launch_sm90.forward_sm90(q, k, v, out, None, causal=False, scale=1.0,
+                                         device_id=0, cc=CC), reason
+
+
+def test_sass_uses_hgmma_and_tma():
+    """The compiled kernel runs on wgmma (HGMMA) and TMA (UTMALDG), not on mma.sync."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    spec = _launch_sm90.fwd_sm90_spec("bfloat16", 128, True)
+    prog = nvrtc.createProgram(_compile.expanded_source(spec.source), spec.source, [], [])
+    try:
+        nvrtc.addNameExpression(prog, spec.name)
+        nvrtc.compileProgram(prog, list(_compile.nvrtc_options("sm_90a")))
+        ptx = nvrtc.getPTX(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/k.ptx"
+        with open(path, "w") as f:
+            f.write(ptx.decode() if isinstance(ptx, bytes) else ptx)
+        try:
+            subprocess.run(["ptxas", "-arch=sm_90a", path, "-o", f"{tmp}/k.cubin"], check=True)
+            sass = subprocess.run(["cuobjdump", "-sass", f"{tmp}/k.cubin"], check=True,
+                                  capture_output=True, text=True).stdout
+        except FileNotFoundError as err:
+            pytest.skip(f"CUDA binary tools not on PATH ({err})")
+    assert "HGMMA" in sass and "UTMALDG" in sass
+    assert "HMMA" not in sass.replace("HGMMA", "")
