@@ -126,6 +126,15 @@ def _load(spec: KernelSpec, compute_capability: int):
             f"{spec.name} needs compute capability >= {spec.min_arch / 10:.1f}; "
             f"this GPU has {compute_capability / 10:.1f}"
         )
+    runtime = cupy.cuda.runtime
+    limit = runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                       cupy.cuda.Device().id)
+    if spec.smem_bytes > limit:
+        raise RuntimeError(
+            f"{spec.name} needs {spec.smem_bytes} bytes of shared memory per block; this GPU "
+            f"(compute capability {compute_capability / 10:.1f}) allows {limit}. Its tiles are "
+            f"sized for A100/H100-class GPUs; smaller tiles for this GPU are not written yet"
+        )
     start = time.perf_counter()
     module = cupy.RawModule(
         code=expanded_source(spec.source),

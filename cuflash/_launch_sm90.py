@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from cuflash import _compile, _dtypes
-from cuflash._launch import FWD_PARAMS, Tile, pack_params, width_for
+from cuflash._launch import FWD_PARAMS, Tile, _strides, pack_params, width_for
 from cuflash._spec import KernelSpec
 
 log = logging.getLogger("cuflash")
@@ -80,16 +80,25 @@ def _driver():
 def _tensor_map(array, dtype: str, block_rows: int):
     """A rank-4 tensor map over a (B, S, H, D) view: dims innermost first (D, S, H, B), boxes of
     64 columns x `block_rows` rows, 128-byte swizzle, out-of-bounds elements read as zero."""
+    return _encode(array.data.ptr, tuple(array.shape), tuple(array.strides), dtype, block_rows)
+
+
+# Encoding through cuda.bindings costs tens of microseconds of Python per map, three maps per
+# call: most of a small problem's time. A map depends only on these arguments, and caching
+# allocators hand the same buffers back call after call, so a small memo hits in steady state.
+@functools.lru_cache(maxsize=256)
+def _encode(ptr: int, shape: tuple[int, ...], byte_strides: tuple[int, ...], dtype: str,
+            block_rows: int):
     drv = _driver()
-    batch, seqlen, heads, head_dim = array.shape
+    batch, seqlen, heads, head_dim = shape
     dims = (head_dim, seqlen, heads, batch)
     # A stride of an axis of extent 1 is never stepped but must still be legal for TMA.
     strides = tuple(s if n > 1 else 16 for s, n in zip(
-        (array.strides[1], array.strides[2], array.strides[0]), dims[1:], strict=True))
+        (byte_strides[1], byte_strides[2], byte_strides[0]), dims[1:], strict=True))
     data_type = (drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16 if dtype == "float16"
                  else drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16)
     err, tensor_map = drv.cuTensorMapEncodeTiled(
-        data_type, 4, array.data.ptr,
+        data_type, 4, ptr,
         [drv.cuuint64_t(d) for d in dims],
         [drv.cuuint64_t(s) for s in strides],
         [drv.cuuint32_t(b) for b in (_CHUNK_COLS, block_rows, 1, 1)],
@@ -100,8 +109,8 @@ def _tensor_map(array, dtype: str, block_rows: int):
         drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
     )
     if err != drv.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"cuTensorMapEncodeTiled failed ({err}) for shape {array.shape}, "
-                           f"strides {array.strides}, dtype {dtype}")
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed ({err}) for shape {shape}, "
+                           f"strides {byte_strides}, dtype {dtype}")
     raw = ctypes.string_at(tensor_map.getPtr(), 128)
     return np.frombuffer(raw, dtype=TMA_MAP)[0]
 
@@ -155,15 +164,9 @@ def forward_sm90(q, k, v, out, lse, *, causal: bool, scale: float, device_id: in
 
     spec = fwd_sm90_spec(dtype, head_dim, causal)
     fn = _compile.get_function(spec, device_id, cc)
-    elem = q.dtype.itemsize
-
-    def strides(name: str, a) -> dict[str, int]:
-        b, s, h, _ = (x // elem for x in a.strides)
-        return {f"{name}_batch_stride": b, f"{name}_row_stride": s, f"{name}_head_stride": h}
-
     fields = {"q": q.data.ptr, "k": k.data.ptr, "v": v.data.ptr, "o": out.data.ptr,
               "lse": 0 if lse is None else lse.data.ptr,
-              **strides("q", q), **strides("k", k), **strides("v", v), **strides("o", out),
+              **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("o", out),
               "lse_batch_stride": heads_q * seqlen_q, "lse_head_stride": seqlen_q,
               "scale": scale, "scale_log2": scale * math.log2(math.e),
               "batch": batch, "heads_q": heads_q, "heads_kv": heads_kv,
