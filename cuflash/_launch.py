@@ -157,37 +157,77 @@ def pack_params(dtype: np.dtype, fields: dict[str, float | int]):
     return np.array(tuple(fields[name] for name in dtype.names), dtype=dtype)[()]
 
 
-def forward(q, k, v, out, lse, *, causal: bool, scale: float, device_id: int, cc: int) -> None:
-    """Launch the forward on CuPy's current stream.
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch with everything fixed but the data pointers.
+
+    Replaying it for new buffers of the same shapes, strides and 16-byte alignment is exact: the
+    API memoises it per call signature so a repeated call skips validation and dispatch.
+    """
+
+    fn: object
+    grid: tuple[int, int, int]
+    threads: int
+    smem_bytes: int
+    params: np.ndarray  # 0-d FWD_PARAMS array; its pointer fields are replaced on every call
+    # Per TMA tensor map (Hopper kernel): the pointer field it covers and encode(ptr) -> map.
+    tensor_maps: tuple[tuple[str, object], ...] = ()
+
+    def __call__(self, pointers: dict[str, int]) -> None:
+        """Launch on CuPy's current stream with the given pointer fields ("q", "k", "v", "o",
+        "lse")."""
+        params = self.params.copy()
+        for name, ptr in pointers.items():
+            params[name] = ptr
+        maps = tuple(encode(pointers[name]) for name, encode in self.tensor_maps)
+        self.fn(self.grid, (self.threads,), (params[()], *maps), shared_mem=self.smem_bytes)
+
+
+def forward(q, k, v, out, lse, *, causal: bool, scale: float, device_id: int,
+            cc: int) -> Launch | None:
+    """Launch the forward on CuPy's current stream; return the replayable `Launch` (None when
+    there was nothing to compute).
 
     q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), out like q: CuPy arrays with any strides and a unit
-    last stride. lse: float32 (B, Hq, Sq) C-contiguous, or None.
+    last stride. lse: (B, Hq, Sq) C-contiguous in the Accum dtype (float64 for float64 inputs,
+    else float32), or None.
     """
     batch, seqlen_q, heads_q, head_dim = q.shape
-    _, seqlen_k, heads_kv, _ = k.shape
     if batch == 0 or seqlen_q == 0 or heads_q == 0:
-        return
+        return None
+    pointers = {"q": q.data.ptr, "k": k.data.ptr, "v": v.data.ptr, "o": out.data.ptr,
+                "lse": 0 if lse is None else lse.data.ptr}
     dtype = _dtypes.dtype_name(q.dtype)
     if cc == 90 and _dtypes.uses_tensor_cores(dtype) and not os.environ.get("CUFLASH_FORCE_SM80"):
-        from cuflash._launch_sm90 import forward_sm90
+        from cuflash._launch_sm90 import plan_sm90
 
         # The Hopper kernel (wgmma + TMA) when the inputs qualify; it logs why when they don't.
-        if forward_sm90(q, k, v, out, lse, causal=causal, scale=scale, device_id=device_id,
-                        cc=cc):
-            return
+        launch = plan_sm90(q, k, v, out, causal=causal, scale=scale, device_id=device_id, cc=cc)
+        if launch is not None:
+            launch(pointers)
+            return launch
     aligned = is_aligned((q, k, v, out), head_dim)
     spec = fwd_spec(dtype, head_dim, causal, aligned)
-    fn = _compile.get_function(spec, device_id, cc)
+    launch = Launch(
+        fn=_compile.get_function(spec, device_id, cc),
+        grid=(math.ceil(seqlen_q / spec.block_m), heads_q, batch),
+        threads=spec.threads,
+        smem_bytes=spec.smem_bytes,
+        params=np.array(fwd_params(q, k, v, out, causal=causal, scale=scale)),
+    )
+    launch(pointers)
+    return launch
 
-    fields = {"q": q.data.ptr, "k": k.data.ptr, "v": v.data.ptr, "o": out.data.ptr,
-              "lse": 0 if lse is None else lse.data.ptr,
+
+def fwd_params(q, k, v, out, *, causal: bool, scale: float):
+    """The FwdParams block for (B, S, H, D) views, pointer fields zero (`Launch` fills them)."""
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    _, seqlen_k, heads_kv, _ = k.shape
+    fields = {"q": 0, "k": 0, "v": 0, "o": 0, "lse": 0,
               **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("o", out),
               "lse_batch_stride": heads_q * seqlen_q, "lse_head_stride": seqlen_q,
               "scale": scale, "scale_log2": scale * math.log2(math.e),
               "batch": batch, "heads_q": heads_q, "heads_kv": heads_kv,
               "group": heads_q // heads_kv, "seqlen_q": seqlen_q, "seqlen_k": seqlen_k,
               "head_dim": head_dim}
-    params = pack_params(FWD_PARAMS, fields)
-
-    grid = (math.ceil(seqlen_q / spec.block_m), heads_q, batch)
-    fn(grid, (spec.threads,), (params,), shared_mem=spec.smem_bytes)
+    return pack_params(FWD_PARAMS, fields)

@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from cuflash import _compile, _dtypes
-from cuflash._launch import FWD_PARAMS, Tile, _strides, pack_params, width_for
+from cuflash._launch import Tile, width_for
 from cuflash._spec import KernelSpec
 
 log = logging.getLogger("cuflash")
@@ -77,18 +77,14 @@ def _driver():
     return driver
 
 
-def _tensor_map(array, dtype: str, block_rows: int):
-    """A rank-4 tensor map over a (B, S, H, D) view: dims innermost first (D, S, H, B), boxes of
-    64 columns x `block_rows` rows, 128-byte swizzle, out-of-bounds elements read as zero."""
-    return _encode(array.data.ptr, tuple(array.shape), tuple(array.strides), dtype, block_rows)
-
-
 # Encoding through cuda.bindings costs tens of microseconds of Python per map, three maps per
 # call: most of a small problem's time. A map depends only on these arguments, and caching
 # allocators hand the same buffers back call after call, so a small memo hits in steady state.
 @functools.lru_cache(maxsize=256)
 def _encode(ptr: int, shape: tuple[int, ...], byte_strides: tuple[int, ...], dtype: str,
             block_rows: int):
+    """A rank-4 tensor map over a (B, S, H, D) view at `ptr`: dims innermost first (D, S, H, B),
+    boxes of 64 columns x `block_rows` rows, 128-byte swizzle, out-of-bounds elements read 0."""
     drv = _driver()
     batch, seqlen, heads, head_dim = shape
     dims = (head_dim, seqlen, heads, batch)
@@ -128,9 +124,9 @@ def _tma_reason(name: str, array) -> str | None:
     return None
 
 
-def _reject(reason: str) -> bool:
+def _reject(reason: str) -> None:
+    """Log why the Hopper kernel does not take a call; None is plan_sm90's "not applicable"."""
     log.debug("fwd_sm90 not taken, falling back to sm80: %s", reason)
-    return False
 
 
 def forward_sm90(q, k, v, out, lse, *, causal: bool, scale: float, device_id: int,
@@ -143,7 +139,25 @@ def forward_sm90(q, k, v, out, lse, *, causal: bool, scale: float, device_id: in
     qualify.
     """
     batch, seqlen_q, heads_q, head_dim = q.shape
-    _, seqlen_k, heads_kv, _ = k.shape
+    qualifies = (cc == 90 and _dtypes.dtype_name(q.dtype) in _TENSOR_DTYPES
+                 and head_dim <= max(FWD_SM90_TILES))
+    if qualifies and 0 in (batch, seqlen_q, heads_q):
+        return True  # nothing to compute (empty arrays may carry any strides)
+    launch = plan_sm90(q, k, v, out, causal=causal, scale=scale, device_id=device_id, cc=cc)
+    if launch is None:
+        return False
+    launch({"q": q.data.ptr, "k": k.data.ptr, "v": v.data.ptr, "o": out.data.ptr,
+            "lse": 0 if lse is None else lse.data.ptr})
+    return True
+
+
+def plan_sm90(q, k, v, out, *, causal: bool, scale: float, device_id: int, cc: int):
+    """The replayable `_launch.Launch` of the Hopper forward for these views, or None (reason
+    logged) when they do not qualify. Expects a non-empty problem."""
+    from cuflash._launch import Launch, fwd_params
+
+    _, _, _, head_dim = q.shape
+    seqlen_k = k.shape[1]
     dtype = _dtypes.dtype_name(q.dtype)
     if cc != 90:
         return _reject(f"compute capability {cc} is not 90")
@@ -151,8 +165,6 @@ def forward_sm90(q, k, v, out, lse, *, causal: bool, scale: float, device_id: in
         return _reject(f"dtype {dtype} is not float16/bfloat16")
     if head_dim > max(FWD_SM90_TILES):
         return _reject(f"head dim {head_dim} > {max(FWD_SM90_TILES)}")
-    if batch == 0 or seqlen_q == 0 or heads_q == 0:
-        return True  # nothing to compute (empty arrays may carry any strides)
     if seqlen_k == 0:
         return _reject("seqlen_k is 0")
     if _driver() is None:
@@ -163,19 +175,22 @@ def forward_sm90(q, k, v, out, lse, *, causal: bool, scale: float, device_id: in
             return _reject(reason)
 
     spec = fwd_sm90_spec(dtype, head_dim, causal)
-    fn = _compile.get_function(spec, device_id, cc)
-    fields = {"q": q.data.ptr, "k": k.data.ptr, "v": v.data.ptr, "o": out.data.ptr,
-              "lse": 0 if lse is None else lse.data.ptr,
-              **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("o", out),
-              "lse_batch_stride": heads_q * seqlen_q, "lse_head_stride": seqlen_q,
-              "scale": scale, "scale_log2": scale * math.log2(math.e),
-              "batch": batch, "heads_q": heads_q, "heads_kv": heads_kv,
-              "group": heads_q // heads_kv, "seqlen_q": seqlen_q, "seqlen_k": seqlen_k,
-              "head_dim": head_dim}
-    params = pack_params(FWD_PARAMS, fields)
-    maps = (_tensor_map(q, dtype, spec.block_m), _tensor_map(k, dtype, spec.block_n),
-            _tensor_map(v, dtype, spec.block_n))
 
-    grid = (math.ceil(seqlen_q / spec.block_m), heads_q, batch)
-    fn(grid, (spec.threads,), (params, *maps), shared_mem=spec.smem_bytes)
-    return True
+    def tensor_map(name: str, array, rows: int):
+        shape, strides = tuple(array.shape), tuple(array.strides)
+        return name, functools.partial(_encode_at, shape=shape, byte_strides=strides,
+                                       dtype=dtype, block_rows=rows)
+
+    return Launch(
+        fn=_compile.get_function(spec, device_id, cc),
+        grid=(math.ceil(q.shape[1] / spec.block_m), q.shape[2], q.shape[0]),
+        threads=spec.threads,
+        smem_bytes=spec.smem_bytes,
+        params=np.array(fwd_params(q, k, v, out, causal=causal, scale=scale)),
+        tensor_maps=(tensor_map("q", q, spec.block_m), tensor_map("k", k, spec.block_n),
+                     tensor_map("v", v, spec.block_n)),
+    )
+
+
+def _encode_at(ptr: int, *, shape, byte_strides, dtype: str, block_rows: int):
+    return _encode(ptr, shape, byte_strides, dtype, block_rows)

@@ -222,3 +222,35 @@ def test_long_sequence_memory_is_linear():
         expected = reference.attention(qr, kr, vr)
         np.testing.assert_allclose(out[:, row:row + 1].float().cpu().numpy(), expected,
                                    atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_repeated_torch_calls_replay_correctly(dtype):
+    """The second call of a signature replays the first's launch: it must still read the new
+    tensors, write a fresh output, and a differently aligned view must not reuse the launch."""
+    torch = pytest.importorskip("torch")
+    from cuflash import api
+
+    dt = getattr(torch, dtype)
+    shape = (2, 77, 4, 64)
+    results = []  # kept alive so each output is a distinct allocation
+    for i in range(3):
+        q, k, v = (torch.randn(shape, device="cuda", dtype=dt) for _ in range(3))
+        before = len(api._FAST)
+        out, lse = cuflash.attention(q, k, v, causal=True, layout="bhsd", return_lse=True)
+        if i > 0:
+            assert len(api._FAST) == before, "a repeated signature must not add a plan"
+        results.append((out, lse))
+        expected, expected_lse = reference.attention(*(to_numpy(x) for x in (q, k, v)),
+                                                     causal=True, layout="bhsd", return_lse=True)
+        tol = 2e-2 if dtype == "bfloat16" else 3e-3
+        np.testing.assert_allclose(to_numpy(out), expected, atol=tol, rtol=tol)
+        np.testing.assert_allclose(to_numpy(lse), expected_lse, atol=1e-3, rtol=1e-4)
+    assert results[0][0].data_ptr() != results[1][0].data_ptr(), "outputs must be fresh tensors"
+    # A view starting 2 elements in (not 16-byte aligned) has another signature.
+    base = torch.randn(2 * 77 * 4 * 64 + 2, device="cuda", dtype=dt)
+    q = base[2:].view(shape)
+    out = cuflash.attention(q, q, q, causal=True, layout="bhsd")
+    expected = reference.attention(*(to_numpy(q),) * 3, causal=True, layout="bhsd")
+    tol = 2e-2 if dtype == "bfloat16" else 3e-3
+    np.testing.assert_allclose(to_numpy(out), expected, atol=tol, rtol=tol)
