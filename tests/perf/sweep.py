@@ -6,8 +6,8 @@ times. Prints Markdown tables (docs/performance.md). Run on a GPU: PYTHONPATH=. 
 import json
 import os
 
-import numpy as np
 import torch
+from timing import median_ms  # tests/perf/timing.py (the script's own folder)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cuflash
@@ -16,29 +16,11 @@ from cuflash import _compile
 F = torch.nn.functional.scaled_dot_product_attention
 
 
-def bench(fn, iters=20):
-    fn()
-    torch.cuda.synchronize()
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return float(np.median(ts))
-
-
 def sdpa(be, q, k, v, causal):
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     try:
         with sdpa_kernel(be):
-            return bench(lambda: F(qt, kt, vt, is_causal=causal))
+            return median_ms(lambda: F(qt, kt, vt, is_causal=causal))
     except Exception:
         return float("nan")
 
@@ -58,7 +40,7 @@ for dtype in (torch.bfloat16, torch.float16):
                 B, H = 16384 // S, 2048 // D
                 q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=dtype) for _ in range(3))
                 fl = 4 * B * H * S * S * D * (0.5 if causal else 1)
-                t = bench(lambda: cuflash.attention(q, k, v, causal=causal))
+                t = median_ms(lambda: cuflash.attention(q, k, v, causal=causal))
                 tf = sdpa(SDPBackend.FLASH_ATTENTION, q, k, v, causal)
                 tc = sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, causal)
                 cells.append(f"{fl / t / 1e9:.0f}/{fl / tf / 1e9:.0f}/{fl / tc / 1e9:.0f}")
@@ -89,7 +71,7 @@ for dtype in (torch.float32, torch.float64):
             B, H = 16384 // S, 2048 // D
             q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=dtype) for _ in range(3))
             fl = 4 * B * H * S * S * D * (0.5 if causal else 1)
-            t = bench(lambda: cuflash.attention(q, k, v, causal=causal), 10)
+            t = median_ms(lambda: cuflash.attention(q, k, v, causal=causal), 10)
             te = sdpa(SDPBackend.EFFICIENT_ATTENTION, q, k, v, causal)
             tm = sdpa(SDPBackend.MATH, q, k, v, causal)
             print(
@@ -98,7 +80,9 @@ for dtype in (torch.float32, torch.float64):
             )
             o, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True)
             do = torch.randn_like(o)
-            tb = bench(lambda: cuflash.attention_backward(do, q, k, v, o, lse, causal=causal), 5)
+            tb = median_ms(
+                lambda: cuflash.attention_backward(do, q, k, v, o, lse, causal=causal), 5
+            )
 
             def sd_bwd(be):
                 qq, kk, vv = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
@@ -106,7 +90,7 @@ for dtype in (torch.float32, torch.float64):
                     with sdpa_kernel(be):
                         y = F(qq, kk, vv, is_causal=causal)
                         g = do.transpose(1, 2)
-                        return bench(
+                        return median_ms(
                             lambda: torch.autograd.grad(y, (qq, kk, vv), g, retain_graph=True), 5
                         )
                 except Exception:

@@ -3,29 +3,13 @@
 Run on a GPU: PYTHONPATH=. python3 tests/perf/sweep_backward.py
 """
 
-import numpy as np
 import torch
+from timing import median_ms  # tests/perf/timing.py (the script's own folder)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cuflash
 
 F = torch.nn.functional.scaled_dot_product_attention
-
-
-def bench(fn, iters=15):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return float(np.median(ts))
 
 
 print("| D | mask | S | cuflash bwd | deterministic | flash bwd | cudnn bwd |")
@@ -40,8 +24,10 @@ for D in (64, 128, 256):
             fl = 2.5 * 4 * B * H * S * S * D * (0.5 if causal else 1)
             o, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True)
             do = torch.randn_like(o)
-            t = bench(lambda: cuflash.attention_backward(do, q, k, v, o, lse, causal=causal))
-            td = bench(
+            t = median_ms(
+                lambda: cuflash.attention_backward(do, q, k, v, o, lse, causal=causal), 15
+            )
+            td = median_ms(
                 lambda: cuflash.attention_backward(
                     do, q, k, v, o, lse, causal=causal, deterministic=True
                 ),
@@ -54,7 +40,10 @@ for D in (64, 128, 256):
                     y = F(qq, kk, vv, is_causal=causal)
                     g = do.transpose(1, 2)
                     res.append(
-                        bench(lambda: torch.autograd.grad(y, (qq, kk, vv), g, retain_graph=True))
+                        median_ms(
+                            lambda: torch.autograd.grad(y, (qq, kk, vv), g, retain_graph=True),
+                            15,
+                        )
                     )
             print(
                 f"| {D} | {'causal' if causal else 'full'} | {S} | {fl / t / 1e9:.0f} | {fl / td / 1e9:.0f} | {fl / res[0] / 1e9:.0f} | {fl / res[1] / 1e9:.0f} |",
