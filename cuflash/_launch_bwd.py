@@ -3,7 +3,9 @@
 FlashAttention-2's backward in up to three launches on the current stream:
 
 Two kernel families share the sequence: SIMT for fp32/fp64 (kernels_cu/bwd_simt.cu) and tensor
-cores for fp16/bf16 (kernels_cu/bwd_sm80.cu, entry names suffixed ``_sm80``).
+cores for fp16/bf16 (kernels_cu/bwd_sm80.cu, entry names suffixed ``_sm80``). On Hopper the
+fp16/bf16 dK/dV step is ``bwd_dkdv_sm90`` (kernels_cu/bwd_sm90.cu: TMA + wgmma) for head dims up
+to 128 when q, k, v and dout are TMA-legal; the other launches stay the sm80 kernels.
 
 1. ``bwd_preprocess``: ``delta = rowsum(dout * out)`` (Accum) and zeroes the dq scratch.
 2. ``bwd_dkdv_simt``: one block per (key tile, kv head, batch) accumulates dK, dV in registers over
@@ -20,7 +22,9 @@ is ``_launch.BWD_PARAMS`` (mirrors ``BwdParams`` in kernels_cu/common.cuh).
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +71,17 @@ BWD_SM80_DQ_TILES: dict[int, Tile] = {
     256: Tile(block_m=64, block_n=32, warps=4),
 }
 BWD_SM80_ROWWISE_TILE = Tile(block_m=64, block_n=0, warps=4)
+# Backward dK/dV on Hopper, fp16/bf16 (kernels_cu/bwd_sm90.cu): block_n = 128 keys per block (two
+# consumer warpgroups of 64), block_m query rows per step, 12 warps (one producer warpgroup).
+# Bounded by the consumers' 240 registers: dK + dV (width floats per thread), S^T and dP^T
+# (block_m), and the dQ part (32). Wider heads take the sm80 kernel.
+BWD_SM90_TILES: dict[int, Tile] = {
+    64: Tile(block_m=128, block_n=128, warps=12),
+    128: Tile(block_m=64, block_n=128, warps=12),
+}
+_SM90_STAGES = 2  # Q/dO slots; mirrors BwdSm90Traits::kStages
+log = logging.getLogger("cuflash")
+
 # Shared-memory budget the sm80 backward plans its pipeline stages against (A100's per-block max).
 _SM80_SMEM_BUDGET = 163 * 1024
 
@@ -114,6 +129,56 @@ def _sm80_smem(width: int, dkdv: Tile, dq: Tile) -> tuple[int, int]:
     stages = 2 if 2 * m * row(width) + 4 * n * row(width) <= _SM80_SMEM_BUDGET else 1
     smem_dq = 2 * m * row(width) + 2 * stages * n * row(width)
     return smem_dkdv, smem_dq
+
+
+def _sm90_smem(width: int, tile: Tile) -> int:
+    """Dynamic shared memory of bwd_dkdv_sm90; mirrors BwdSm90Traits::kSmemBytes (the kernel
+    traps on less): K, V; Q, dO per stage; two dS^T buffers; lse and delta per stage; barriers;
+    1024 bytes of alignment slack."""
+    kv = tile.block_n * width * 2
+    q = tile.block_m * width * 2
+    ds = (tile.block_m // 64) * tile.block_n * 128
+    stats = 2 * _SM90_STAGES * tile.block_m * 4
+    return 2 * kv + 2 * _SM90_STAGES * q + 2 * ds + stats + 8 * (1 + 2 * _SM90_STAGES) + 1024
+
+
+def dkdv_sm90_spec(dtype: str, head_dim: int, causal: bool) -> KernelSpec:
+    """The Hopper dK/dV kernel for one problem class (head_dim <= max(BWD_SM90_TILES))."""
+    width = width_for(head_dim, BWD_SM90_TILES)
+    tile = BWD_SM90_TILES[width]
+    return KernelSpec("bwd_sm90.cu", "bwd_dkdv_sm90", dtype, width, tile.block_m, tile.block_n,
+                      tile.warps, causal, True, _sm90_smem(width, tile), min_arch=90)
+
+
+def all_bwd_sm90_specs() -> list[KernelSpec]:
+    """Every Hopper backward instantiation (for the compile test)."""
+    return [dkdv_sm90_spec(dtype, width, causal) for dtype in ("float16", "bfloat16")
+            for width in BWD_SM90_TILES for causal in (False, True)]
+
+
+def _sm90_reason(dtype: str, head_dim: int, aligned: bool, cc: int, arrays) -> str | None:
+    """Why the Hopper dK/dV kernel does not take this problem (None when it does)."""
+    from cuflash import _launch_sm90
+
+    if cc != 90:
+        return f"compute capability {cc} is not 90"
+    if not _dtypes.uses_tensor_cores(dtype):
+        return f"dtype {dtype} is not float16/bfloat16"
+    if os.environ.get("CUFLASH_FORCE_SM80"):
+        return "CUFLASH_FORCE_SM80 is set"
+    if head_dim > max(BWD_SM90_TILES):
+        return f"head dim {head_dim} > {max(BWD_SM90_TILES)}"
+    if not aligned:
+        return "an operand is not 16-byte aligned"
+    if _launch_sm90._driver() is None:
+        return "cuda.bindings is not installed (needed to encode TMA tensor maps)"
+    for name, array in arrays:
+        if 0 in array.shape:
+            return f"{name} is empty"
+        reason = _launch_sm90._tma_reason(name, array)
+        if reason is not None:
+            return reason
+    return None
 
 
 def _sm80_kernels(dtype: str, head_dim: int, causal: bool, aligned: bool) -> BwdKernels:
@@ -225,16 +290,30 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
     }
     params = pack_params(BWD_PARAMS, fields)
 
-    def launch(spec: KernelSpec, rows: int, block_rows: int, heads: int) -> None:
+    def launch(spec: KernelSpec, rows: int, block_rows: int, heads: int, maps=()) -> None:
         grid = (math.ceil(rows / block_rows), heads, batch)
         if grid[0] == 0:
             return
         fn = _compile.get_function(spec, device_id, cc)
-        fn(grid, (spec.threads,), (params,), shared_mem=spec.smem_bytes)
+        fn(grid, (spec.threads,), (params, *maps), shared_mem=spec.smem_bytes)
 
     launch(kernels.preprocess, seqlen_q, kernels.preprocess.block_m, heads_q)
-    # With seqlen_q == 0 this still runs and writes dk = dv = 0.
-    launch(kernels.dkdv, seqlen_k, kernels.dkdv.block_n, heads_kv)
+    # The Hopper dK/dV kernel where it applies (it logs why not), else sm80/SIMT. With
+    # seqlen_q == 0 the latter still runs and writes dk = dv = 0.
+    operands = (("q", q), ("k", k), ("v", v), ("dout", dout))
+    reason = _sm90_reason(dtype, head_dim, aligned, cc, operands)
+    if reason is None:
+        from cuflash._launch_sm90 import _encode
+
+        spec = dkdv_sm90_spec(dtype, head_dim, causal)
+        rows = {"q": spec.block_m, "dout": spec.block_m, "k": spec.block_n, "v": spec.block_n}
+        maps = tuple(_encode(a.data.ptr, tuple(a.shape), tuple(a.strides), dtype, rows[name])
+                     for name, a in operands)
+        launch(spec, seqlen_k, spec.block_n, heads_kv, maps)
+    else:
+        if _dtypes.uses_tensor_cores(dtype) and cc == 90:
+            log.debug("bwd_dkdv_sm90 not taken, falling back to sm80: %s", reason)
+        launch(kernels.dkdv, seqlen_k, kernels.dkdv.block_n, heads_kv)
     if deterministic:
         launch(kernels.dq, seqlen_q, kernels.dq.block_m, heads_q)
     else:

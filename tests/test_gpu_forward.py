@@ -73,15 +73,6 @@ def _check_case(case, seed):
     assert_matches_reference(f"{case.id} lse", got_lse, ref_lse, naive_lse, dtype="float32")
 
 
-@pytest.fixture(params=["dispatch", "sm80"])
-def kernel_path(request, monkeypatch):
-    """Run half-precision cases through the dispatcher's choice and, forced, the sm80 kernel
-    (on an H100 the dispatcher picks the Hopper kernel, which would leave sm80 untested)."""
-    if request.param == "sm80":
-        monkeypatch.setenv("CUFLASH_FORCE_SM80", "1")
-    return request.param
-
-
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 @GPU_SETTINGS
 @given(data=st.data(), seed=seeds())

@@ -1,0 +1,418 @@
+// Attention backward, dK/dV (and atomic dQ) for Hopper (sm_90a): TMA loads, an mbarrier pipeline,
+// wgmma, warp specialisation. The preprocess, the dQ conversion and the deterministic dQ kernel
+// are bwd_sm80.cu's (same parameter block, same dq_accum and delta layouts).
+//
+// One thread block owns kBlockN = 64 * kConsumers keys of one (batch, kv head) and walks the GQA
+// group's query heads and their query tiles of kBlockM rows, as bwd_dkdv_sm80 does. Warpgroup 0
+// is the producer: its thread 0 loads K and V once and then Q and dO of every step through
+// kStages shared-memory slots with TMA (128-byte swizzle, out-of-bounds rows and columns read as
+// zeros); its warp 1 stages the step's lse (log2 units) and scale * delta beside them. Consumer
+// warpgroup c owns keys [64c, 64c + 64) of the block:
+//
+//   S^T  = K_c Q^T                wgmma SS (both K-major), 64 x kBlockM
+//   dP^T = V_c dO^T               wgmma SS
+//   P^T  = exp2(S^T * scale_log2 - lse_log2), masked;  dS^T = P^T * (scale dP^T - scale delta)
+//   dV_c += P^T dO                wgmma RS: P^T from the S^T accumulators, dO MN-major
+//   dK_c += dS^T Q                wgmma RS: the same with dS^T and Q
+//   dQ   += dS K                  (atomic mode) dS^T of both consumers goes to shared memory; each
+//                                 consumer computes half of dQ with wgmma SS, both operands
+//                                 MN-major, and adds it to dq_accum with vector reductions.
+//
+// Computing S^T (keys as rows) rather than S is what lets P^T and dS^T feed the dV and dK products
+// straight from registers: the m64 accumulator, packed pairwise, is the register A operand.
+#include "common.cuh"
+#include "tma_sm90.cuh"
+#include "wgmma_sm90.cuh"
+
+namespace cuflash {
+
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct BwdSm90Traits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;  // query rows per step
+  static constexpr int kBlockN = kBlockN_;  // keys per thread block (its dK, dV rows)
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kThreads = kWarps * kWarpSize;
+
+  static constexpr int kWarpgroupThreads = 128;
+  static constexpr int kConsumers = kThreads / kWarpgroupThreads - 1;  // warpgroup 0 produces
+  static constexpr int kConsumerWarps = 4 * kConsumers;
+  static constexpr int kKeysPerConsumer = 64;  // wgmma's M
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;
+
+  // Shared tiles are 128-byte-swizzled chunks of 64 16-bit columns, as in fwd_sm90.cu.
+  static constexpr int kChunks = kHeadDim / 64;
+  static constexpr int kQChunkBytes = kBlockM * 128;
+  static constexpr int kKVChunkBytes = kBlockN * 128;
+  static constexpr int kQBytes = kChunks * kQChunkBytes;    // Q or dO of one step
+  static constexpr int kKVBytes = kChunks * kKVChunkBytes;  // K or V of the block
+  // dS^T is stored [key][query]: chunks of 64 queries, kBlockN rows of 128 B each. It is the
+  // MN-major A operand of dQ = dS K. Two buffers: one consumer may still read step i's while the
+  // other writes step i + 1's.
+  static constexpr int kDsChunkBytes = kBlockN * 128;
+  static constexpr int kDsBytes = (kBlockM / 64) * kDsChunkBytes;
+  static constexpr int kStages = 2;
+
+  static constexpr int kKOffset = 0;
+  static constexpr int kVOffset = kKOffset + kKVBytes;
+  static constexpr int kQOffset = kVOffset + kKVBytes;  // stage s at + s * kQBytes
+  static constexpr int kDoOffset = kQOffset + kStages * kQBytes;
+  static constexpr int kDsOffset = kDoOffset + kStages * kQBytes;  // buffer b at + b * kDsBytes
+  static constexpr int kLseOffset = kDsOffset + 2 * kDsBytes;      // [kStages][kBlockM] floats
+  static constexpr int kDeltaOffset = kLseOffset + kStages * kBlockM * 4;
+  static constexpr int kBarOffset = kDeltaOffset + kStages * kBlockM * 4;
+  static constexpr int kBarriers = 1 + 2 * kStages;  // kv_full, full[], empty[]
+  // + 1024: the dynamic shared window is only 16-byte aligned; swizzle atoms need 1024.
+  static constexpr int kSmemBytes = kBarOffset + 8 * kBarriers + 1024;  // == _launch_bwd mirror
+
+  static constexpr int kQTiles = kBlockM / 8;   // n8 column groups of S^T, dP^T per thread
+  static constexpr int kDTiles = kHeadDim / 8;  // n8 column groups of dK, dV per thread
+  static constexpr int kQKSteps = kHeadDim / 16;
+  static constexpr int kMSteps = kBlockM / 16;  // k16 steps of dV, dK (queries)
+  static constexpr int kNSteps = kBlockN / 16;  // k16 steps of dQ (keys)
+  // dQ (kBlockM x kHeadDim) split over the consumers: by 64-row tiles when there is one per
+  // consumer, else (kBlockM == 64) by head-dim columns.
+  static constexpr bool kDqSplitRows = kBlockM == 64 * kConsumers;
+  static constexpr int kDqCols = kDqSplitRows ? kHeadDim : kHeadDim / kConsumers;
+
+  static_assert(kConsumers == 2 && kBlockN == kConsumers * kKeysPerConsumer,
+                "one producer and two consumer warpgroups of 64 keys each");
+  static_assert(kHeadDim % 64 == 0 && kHeadDim <= 128, "whole 128-byte chunks; dK + dV in regs");
+  static_assert(kBlockM % 64 == 0 && kBlockM <= 128, "TMA boxes and wgmma N");
+  static_assert(kDqSplitRows || kBlockM == 64, "dQ split");
+  static_assert(kDqCols % 64 == 0, "dQ columns are whole chunks");
+};
+
+// Orders this thread's generic-proxy shared-memory writes before later async-proxy reads (wgmma
+// operands from shared memory).
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void st_shared_b32(uint32 addr, uint32 x) {
+  asm volatile("st.shared.b32 [%0], %1;\n" :: "r"(addr), "r"(x) : "memory");
+}
+
+// dst[0] += x0, dst[1] += x1 in global fp32 memory (dst 8-byte aligned): one vector reduction.
+__device__ __forceinline__ void red_add_pair(float* dst, float x0, float x1) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" :: "l"(dst), "f"(x0), "f"(x1) : "memory");
+}
+
+// 2^x with the MUFU instruction alone (probabilities below 2^-126 flush to 0; 2^-inf = 0).
+__device__ __forceinline__ float exp2_ftz_sm90(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kCausal,
+          bool kAligned>
+__global__ void __launch_bounds__(kWarps * kWarpSize, 1)
+bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMap tma_q,
+              const __grid_constant__ TmaMap tma_k, const __grid_constant__ TmaMap tma_v,
+              const __grid_constant__ TmaMap tma_do) {
+  typedef BwdSm90Traits<kHeadDim, kBlockM, kBlockN, kWarps> Tr;
+  constexpr int kStages = Tr::kStages;
+  static_assert(kAligned, "TMA needs 16-byte strides; unaligned inputs take the sm80 kernel");
+  extern __shared__ __align__(1024) char smem_raw[];
+
+  uint32 dyn_smem;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
+  if (dyn_smem < Tr::kSmemBytes) __trap();  // the launch must mirror kSmemBytes
+  const uint32 base = (smem_u32(smem_raw) + 1023) & ~1023u;
+  char* const base_ptr = smem_raw + (base - smem_u32(smem_raw));
+  const uint32 k_smem = base + Tr::kKOffset;
+  const uint32 v_smem = base + Tr::kVOffset;
+  auto q_smem = [&](int stage) { return base + Tr::kQOffset + stage * Tr::kQBytes; };
+  auto do_smem = [&](int stage) { return base + Tr::kDoOffset + stage * Tr::kQBytes; };
+  auto ds_smem = [&](int buf) { return base + Tr::kDsOffset + buf * Tr::kDsBytes; };
+  float* const s_lse = reinterpret_cast<float*>(base_ptr + Tr::kLseOffset);
+  float* const s_delta = reinterpret_cast<float*>(base_ptr + Tr::kDeltaOffset);
+  const uint32 bar = base + Tr::kBarOffset;
+  const uint32 kv_full = bar;
+  auto full = [&](int stage) { return bar + 8 * (1 + stage); };
+  auto empty = [&](int stage) { return bar + 8 * (1 + kStages + stage); };
+
+  const int n_block = blockIdx.x;
+  const int kv_head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int n0 = n_block * kBlockN;
+  // Bottom-right causal: query i sees key j iff j <= i + diag; the query tiles before
+  // (n0 - diag) / kBlockM see none of this block's keys.
+  const int diag = p.seqlen_k - p.seqlen_q;
+  const int m_tiles = ceil_div(p.seqlen_q, kBlockM);
+  const int m_begin = kCausal ? min(m_tiles, max(0, n0 - diag) / kBlockM) : 0;
+  const int m_count = m_tiles - m_begin;
+  const int n_steps = p.group * m_count;  // (query head, query tile) pairs
+  auto step_head = [&](int step) { return kv_head * p.group + step / m_count; };
+  auto step_row0 = [&](int step) { return (m_begin + step % m_count) * kBlockM; };
+
+  const int warpgroup = threadIdx.x / Tr::kWarpgroupThreads;
+  const int lane = threadIdx.x % kWarpSize;
+  if (threadIdx.x == 0) {
+    mbar_init(kv_full, 1);
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full(s), 1 + kWarpSize);  // the TMA thread's expect_tx + warp 1's statistics
+      mbar_init(empty(s), Tr::kConsumerWarps);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    // ---- producer ----
+    regs_dealloc<Tr::kProducerRegs>();
+    const int warp = threadIdx.x / kWarpSize;
+    if (threadIdx.x == 0 && n_steps > 0) {
+      tma_prefetch(tma_q);
+      tma_prefetch(tma_k);
+      tma_prefetch(tma_v);
+      tma_prefetch(tma_do);
+      mbar_arrive_expect_tx(kv_full, 2 * Tr::kKVBytes);
+#pragma unroll
+      for (int c = 0; c < Tr::kChunks; ++c) {
+        tma_load_4d(k_smem + c * Tr::kKVChunkBytes, tma_k, kv_full, c * 64, n0, kv_head, batch);
+        tma_load_4d(v_smem + c * Tr::kKVChunkBytes, tma_v, kv_full, c * 64, n0, kv_head, batch);
+      }
+      for (int step = 0; step < n_steps; ++step) {
+        const int stage = step % kStages;
+        const int head = step_head(step), row0 = step_row0(step);
+        mbar_wait(empty(stage), ((step / kStages) & 1) ^ 1);  // first pass: returns at once
+        mbar_arrive_expect_tx(full(stage), 2 * Tr::kQBytes);
+#pragma unroll
+        for (int c = 0; c < Tr::kChunks; ++c) {
+          tma_load_4d(q_smem(stage) + c * Tr::kQChunkBytes, tma_q, full(stage), c * 64, row0,
+                      head, batch);
+          tma_load_4d(do_smem(stage) + c * Tr::kQChunkBytes, tma_do, full(stage), c * 64, row0,
+                      head, batch);
+        }
+      }
+    } else if (warp == 1) {
+      // lse in log2 units (+inf where a row saw no key or is past seqlen_q: P = 0 there, never
+      // NaN) and scale * delta (0 past seqlen_q), per query row of the step.
+      const float scale = static_cast<float>(p.scale);
+      for (int step = 0; step < n_steps; ++step) {
+        const int stage = step % kStages;
+        const int head = step_head(step), row0 = step_row0(step);
+        const float* lse = static_cast<const float*>(p.lse) + batch * p.lse_batch_stride +
+                           head * p.lse_head_stride;
+        const float* delta = static_cast<const float*>(p.delta) +
+                             (static_cast<int64>(batch) * p.heads_q + head) * p.seqlen_q;
+        mbar_wait(empty(stage), ((step / kStages) & 1) ^ 1);
+        for (int r = lane; r < kBlockM; r += kWarpSize) {
+          const int row = row0 + r;
+          float lse2 = -neg_inf(), dlt = 0.f;
+          if (row < p.seqlen_q) {
+            const float l = lse[row];
+            lse2 = l == neg_inf() ? -neg_inf() : l * kLog2e;
+            dlt = delta[row] * scale;
+          }
+          s_lse[stage * kBlockM + r] = lse2;
+          s_delta[stage * kBlockM + r] = dlt;
+        }
+        mbar_arrive(full(stage));  // release: the stores above are visible to the waiters
+      }
+    }
+  } else {
+    // ---- consumers: keys [64c, 64c + 64) of the block ----
+    regs_alloc<Tr::kConsumerRegs>();
+    constexpr int kQTiles = Tr::kQTiles, kDTiles = Tr::kDTiles, kMSteps = Tr::kMSteps;
+    const int consumer = warpgroup - 1;
+    const int warp = (threadIdx.x / kWarpSize) % 4;
+    const int g = lane / 4, t = lane % 4;
+    const int key_base = consumer * Tr::kKeysPerConsumer + warp * 16;  // + g + 8h: this thread's
+    const float scale = static_cast<float>(p.scale);
+    const bool ragged_keys = n0 + kBlockN > p.seqlen_k;
+
+    float acc_dk[kDTiles][4], acc_dv[kDTiles][4];
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_dk[dt][e] = acc_dv[dt][e] = 0.f;
+
+    // This consumer's 64 rows of K and V start 64 * 128 B into each chunk (1024-byte aligned).
+    const uint32 k_rows = k_smem + consumer * Tr::kKeysPerConsumer * 128;
+    const uint32 v_rows = v_smem + consumer * Tr::kKeysPerConsumer * 128;
+    // dQ: this consumer's 64 rows x kDqCols columns (see the traits).
+    const int dq_row0 = Tr::kDqSplitRows ? consumer * 64 : 0;
+    const int dq_col0 = Tr::kDqSplitRows ? 0 : consumer * Tr::kDqCols;
+
+    if (n_steps > 0) mbar_wait(kv_full, 0);
+    for (int step = 0; step < n_steps; ++step) {
+      const int stage = step % kStages;
+      const int head = step_head(step), row0 = step_row0(step);
+      mbar_wait(full(stage), (step / kStages) & 1);
+
+      // -- S^T = K_c Q^T and dP^T = V_c dO^T, two wgmma groups --
+      float st[kQTiles][4], dpt[kQTiles][4];
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < Tr::kQKSteps; ++ks) {
+        const uint32 off = (ks / 4) * Tr::kKVChunkBytes + (ks % 4) * 32;
+        const uint32 q_off = (ks / 4) * Tr::kQChunkBytes + (ks % 4) * 32;
+        Wgmma<T, kBlockM>::ss(st, make_desc(k_rows + off, 16, 1024),
+                              make_desc(q_smem(stage) + q_off, 16, 1024), ks > 0);
+      }
+      wgmma_commit();
+#pragma unroll
+      for (int ks = 0; ks < Tr::kQKSteps; ++ks) {
+        const uint32 off = (ks / 4) * Tr::kKVChunkBytes + (ks % 4) * 32;
+        const uint32 q_off = (ks / 4) * Tr::kQChunkBytes + (ks % 4) * 32;
+        Wgmma<T, kBlockM>::ss(dpt, make_desc(v_rows + off, 16, 1024),
+                              make_desc(do_smem(stage) + q_off, 16, 1024), ks > 0);
+      }
+      wgmma_commit();
+
+      // -- P^T = exp2(S^T * scale_log2 - lse_log2) while dP^T runs --
+      wgmma_wait<1>();
+      fence_operand(st);
+      const float* lse2 = s_lse + stage * kBlockM + 2 * t;
+      const float* dlt = s_delta + stage * kBlockM + 2 * t;
+#pragma unroll
+      for (int j = 0; j < kQTiles; ++j) {
+        const float2 l = *reinterpret_cast<const float2*>(lse2 + j * 8);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          st[j][2 * h] = exp2_ftz_sm90(fmaf(st[j][2 * h], p.scale_log2, -l.x));
+          st[j][2 * h + 1] = exp2_ftz_sm90(fmaf(st[j][2 * h + 1], p.scale_log2, -l.y));
+        }
+      }
+      // Keys past seqlen_k and (causal) keys after a query's diagonal: key j is visible to query
+      // row0 + c iff j < seqlen_k and c >= j - diag - row0. Only steps touching them pay.
+      if (ragged_keys || (kCausal && n0 + kBlockN - 1 > row0 + diag)) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int key = n0 + key_base + h * 8 + g;
+          const int first_col = key >= p.seqlen_k ? kBlockM : kCausal ? key - diag - row0 : 0;
+          const int first = first_col - 2 * t;  // relative to this thread's first column
+#pragma unroll
+          for (int j = 0; j < kQTiles; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+              if (j * 8 + e < first) st[j][2 * h + e] = 0.f;
+        }
+      }
+      // -- dS^T = P^T * (scale dP^T - scale delta): the softmax scale rides on dS, so dK and dQ
+      // come out scaled --
+      wgmma_wait<0>();
+      fence_operand(dpt);
+#pragma unroll
+      for (int j = 0; j < kQTiles; ++j) {
+        const float2 d = *reinterpret_cast<const float2*>(dlt + j * 8);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          dpt[j][2 * h] = st[j][2 * h] * fmaf(dpt[j][2 * h], scale, -d.x);
+          dpt[j][2 * h + 1] = st[j][2 * h + 1] * fmaf(dpt[j][2 * h + 1], scale, -d.y);
+        }
+      }
+      // P^T and dS^T packed: the register A operands (k16 step ks = queries 16ks..16ks+15).
+      uint32 pa[kMSteps][4], dsa[kMSteps][4];
+#pragma unroll
+      for (int ks = 0; ks < kMSteps; ++ks) {
+        pa[ks][0] = pack2<T>(st[2 * ks][0], st[2 * ks][1]);
+        pa[ks][1] = pack2<T>(st[2 * ks][2], st[2 * ks][3]);
+        pa[ks][2] = pack2<T>(st[2 * ks + 1][0], st[2 * ks + 1][1]);
+        pa[ks][3] = pack2<T>(st[2 * ks + 1][2], st[2 * ks + 1][3]);
+        dsa[ks][0] = pack2<T>(dpt[2 * ks][0], dpt[2 * ks][1]);
+        dsa[ks][1] = pack2<T>(dpt[2 * ks][2], dpt[2 * ks][3]);
+        dsa[ks][2] = pack2<T>(dpt[2 * ks + 1][0], dpt[2 * ks + 1][1]);
+        dsa[ks][3] = pack2<T>(dpt[2 * ks + 1][2], dpt[2 * ks + 1][3]);
+      }
+
+      // -- dV_c += P^T dO, dK_c += dS^T Q (dO, Q as MN-major B: 16 queries = 2048 B a step) --
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kMSteps; ++ks) {
+        Wgmma<T, kHeadDim>::template rs<1>(
+            acc_dv, pa[ks], make_desc(do_smem(stage) + ks * 2048, Tr::kQChunkBytes, 1024), 1);
+      }
+#pragma unroll
+      for (int ks = 0; ks < kMSteps; ++ks) {
+        Wgmma<T, kHeadDim>::template rs<1>(
+            acc_dk, dsa[ks], make_desc(q_smem(stage) + ks * 2048, Tr::kQChunkBytes, 1024), 1);
+      }
+      wgmma_commit();
+
+      if (!p.deterministic) {
+        // -- dS^T to shared memory while dV, dK run: [key][query] in swizzled 128-byte rows, the
+        // pair (key r, queries q, q + 1) at chunk q / 64, row r, 16-byte unit (q % 64 / 8) ^
+        // (r % 8) --
+        const uint32 ds = ds_smem(step % 2);
+#pragma unroll
+        for (int ks = 0; ks < kMSteps; ++ks) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int r = key_base + g + 8 * (i % 2);
+            const int q = 16 * ks + 8 * (i / 2) + 2 * t;
+            st_shared_b32(ds + (q / 64) * Tr::kDsChunkBytes + r * 128 +
+                              ((((q % 64) / 8) ^ (r % 8)) << 4) + (q % 8) * 2,
+                          dsa[ks][i]);
+          }
+        }
+        fence_proxy_async_smem();
+      }
+      wgmma_wait<0>();
+      fence_operand(acc_dv);
+      fence_operand(acc_dk);
+      fence_operand(pa);
+      fence_operand(dsa);
+      if (lane == 0) mbar_arrive(empty(stage));  // this warp is done with Q, dO and the stats
+
+      if (!p.deterministic) {
+        // -- dQ (this consumer's part) = dS K: dS^T as MN-major A, K as MN-major B; 16 keys =
+        // 2048 B a step. Both consumers' dS^T rows must be in first. --
+        named_bar_sync(1, 2 * Tr::kWarpgroupThreads);
+        const uint32 ds_rows = ds_smem(step % 2) + (dq_row0 / 64) * Tr::kDsChunkBytes;
+        const uint32 k_cols = k_smem + (dq_col0 / 64) * Tr::kKVChunkBytes;
+        float acc_dq[Tr::kDqCols / 8][4];
+#pragma unroll
+        for (int ks = 0; ks < Tr::kNSteps; ++ks) {
+          Wgmma<T, Tr::kDqCols>::template ss<1, 1>(
+              acc_dq, make_desc(ds_rows + ks * 2048, Tr::kDsChunkBytes, 1024),
+              make_desc(k_cols + ks * 2048, Tr::kKVChunkBytes, 1024), ks > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_operand(acc_dq);
+        // -- dq_accum += dQ: rows past seqlen_q and columns past head_dim are skipped --
+        float* dq_accum = static_cast<float*>(p.dq_accum) +
+                          (static_cast<int64>(batch) * p.heads_q + head) * p.seqlen_q *
+                              p.head_dim_rounded;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = row0 + dq_row0 + warp * 16 + h * 8 + g;
+          if (row >= p.seqlen_q) continue;
+          float* dst = dq_accum + static_cast<int64>(row) * p.head_dim_rounded;
+#pragma unroll
+          for (int dt = 0; dt < Tr::kDqCols / 8; ++dt) {
+            const int col = dq_col0 + dt * 8 + 2 * t;
+            if (col < p.head_dim) red_add_pair(dst + col, acc_dq[dt][2 * h], acc_dq[dt][2 * h + 1]);
+          }
+        }
+      }
+    }
+
+    // -- epilogue: dk, dv; rows past seqlen_k and columns past head_dim are not stored --
+    T* dk = static_cast<T*>(p.dk) + batch * p.dk_batch_stride + kv_head * p.dk_head_stride;
+    T* dv = static_cast<T*>(p.dv) + batch * p.dv_batch_stride + kv_head * p.dv_head_stride;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = n0 + key_base + h * 8 + g;
+      if (row >= p.seqlen_k) continue;
+      T* dk_row = dk + row * p.dk_row_stride;
+      T* dv_row = dv + row * p.dv_row_stride;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        const int col = dt * 8 + 2 * t;
+        if (col >= p.head_dim) continue;  // head_dim is even here (aligned rows)
+        *reinterpret_cast<uint32*>(dk_row + col) =
+            pack2<T>(acc_dk[dt][2 * h], acc_dk[dt][2 * h + 1]);
+        *reinterpret_cast<uint32*>(dv_row + col) =
+            pack2<T>(acc_dv[dt][2 * h], acc_dv[dt][2 * h + 1]);
+      }
+    }
+  }
+}
+
+}  // namespace cuflash

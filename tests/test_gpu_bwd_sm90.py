@@ -1,0 +1,92 @@
+"""GPU: the Hopper backward (bwd_dkdv_sm90) takes the problems it should and matches the reference.
+
+tests/test_gpu_backward.py already runs every backward case through the dispatcher, which on an
+H100 sends TMA-legal fp16/bf16 problems with head dim <= 128 here; this module pins that down
+(each case below is asserted to qualify), adds long multi-tile problems (pipeline slots wrap
+many times, GQA groups, causal with Sq != Sk) and checks the SASS. Skipped, with the reason
+printed, without a CUDA GPU of compute capability 9.0.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+
+import pytest
+
+from tests.gpu_support import require_gpu
+
+require_gpu()
+
+import cupy  # noqa: E402
+
+from cuflash import _compile, _launch_bwd  # noqa: E402
+from cuflash._launch import is_aligned  # noqa: E402
+from cuflash.api import compute_capability  # noqa: E402
+from tests.strategies import Case  # noqa: E402
+from tests.test_gpu_backward import _check_case  # noqa: E402
+
+CC = compute_capability(0)
+if CC != 90:
+    print(f"skipping sm90 backward GPU tests: compute capability {CC}, not 9.0")
+    pytest.skip(f"compute capability {CC}, not 9.0", allow_module_level=True)
+
+pytestmark = pytest.mark.gpu
+
+
+def _qualifies(case: Case) -> str | None:
+    """_sm90_reason for contiguous bshd arrays of `case` (None: the Hopper kernel takes it)."""
+    dtype = "float16" if case.dtype == "bfloat16" else case.dtype  # same item size and strides
+    q = cupy.empty((case.batch, case.seqlen_q, case.heads_q, case.head_dim), dtype)
+    k = cupy.empty((case.batch, case.seqlen_k, case.heads_kv, case.head_dim), dtype)
+    arrays = (("q", q), ("k", k), ("v", k), ("dout", q))
+    return _launch_bwd._sm90_reason(case.dtype, case.head_dim,
+                                    is_aligned([a for _, a in arrays], case.head_dim), CC, arrays)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lengths", [(1000, 1000), (700, 1500), (1500, 700)])
+def test_long_problems(dtype, head_dim, causal, lengths):
+    sq, sk = lengths
+    case = Case(batch=2, seqlen_q=sq, seqlen_k=sk, heads_q=6, heads_kv=2, head_dim=head_dim,
+                dtype=dtype, causal=causal)
+    assert _qualifies(case) is None
+    _check_case(case, seed=sq + sk + head_dim)
+    _check_case(case, seed=sq + sk + head_dim, deterministic=True)
+
+
+def test_wide_heads_and_fp32_fall_back():
+    wide = Case(batch=1, seqlen_q=64, seqlen_k=64, heads_q=1, heads_kv=1, head_dim=256,
+                dtype="bfloat16", causal=False)
+    assert "head dim 256" in _qualifies(wide)
+    fp32 = Case(batch=1, seqlen_q=64, seqlen_k=64, heads_q=1, heads_kv=1, head_dim=64,
+                dtype="float32", causal=False)
+    assert "float32" in _qualifies(fp32)
+
+
+def test_sass_uses_hgmma_and_tma():
+    """bwd_dkdv_sm90 runs on wgmma (HGMMA) and TMA (UTMALDG), not on mma.sync."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    spec = _launch_bwd.dkdv_sm90_spec("bfloat16", 128, True)
+    prog = nvrtc.createProgram(_compile.expanded_source(spec.source), spec.source, [], [])
+    try:
+        nvrtc.addNameExpression(prog, spec.name)
+        nvrtc.compileProgram(prog, list(_compile.nvrtc_options("sm_90a")))
+        ptx = nvrtc.getPTX(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(f"{tmp}/k.ptx", "w") as f:
+            f.write(ptx.decode() if isinstance(ptx, bytes) else ptx)
+        try:
+            subprocess.run(["ptxas", "-arch=sm_90a", f"{tmp}/k.ptx", "-o", f"{tmp}/k.cubin"],
+                           check=True)
+            sass = subprocess.run(["cuobjdump", "-sass", f"{tmp}/k.cubin"], check=True,
+                                  capture_output=True, text=True).stdout
+        except FileNotFoundError as err:
+            pytest.skip(f"CUDA binary tools not on PATH ({err})")
+    assert "HGMMA" in sass and "UTMALDG" in sass
+    assert "HMMA" not in sass.replace("HGMMA", "")
