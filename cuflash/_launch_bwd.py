@@ -71,13 +71,14 @@ BWD_SM80_DQ_TILES: dict[int, Tile] = {
     256: Tile(block_m=64, block_n=32, warps=4),
 }
 BWD_SM80_ROWWISE_TILE = Tile(block_m=64, block_n=0, warps=4)
-# Backward dK/dV on Hopper, fp16/bf16 (kernels_cu/bwd_sm90.cu): block_n = 128 keys per block (two
-# consumer warpgroups of 64), block_m query rows per step, 12 warps (one producer warpgroup).
-# Bounded by the consumers' 240 registers: dK + dV (width floats per thread), S^T and dP^T
-# (block_m), and the dQ part (32). Wider heads take the sm80 kernel.
+# Backward dK/dV on Hopper, fp16/bf16 (kernels_cu/bwd_sm90.cu): block_n keys per block, block_m
+# query rows per step, 12 warps (one producer and two consumer warpgroups). Up to D=128 each
+# consumer owns 64 keys; at D=256 they share 64 keys and split the head dim. Bounded by the
+# consumers' 240 registers: dK + dV (width, or width / 2, floats per thread), S^T and dP^T, dQ.
 BWD_SM90_TILES: dict[int, Tile] = {
     64: Tile(block_m=128, block_n=128, warps=12),
     128: Tile(block_m=64, block_n=128, warps=12),
+    256: Tile(block_m=64, block_n=64, warps=12),
 }
 _SM90_STAGES = 2  # Q/dO slots; mirrors BwdSm90Traits::kStages
 log = logging.getLogger("cuflash")
@@ -133,11 +134,11 @@ def _sm80_smem(width: int, dkdv: Tile, dq: Tile) -> tuple[int, int]:
 
 def _sm90_smem(width: int, tile: Tile) -> int:
     """Dynamic shared memory of bwd_dkdv_sm90; mirrors BwdSm90Traits::kSmemBytes (the kernel
-    traps on less): K, V; Q, dO per stage; two dS^T buffers; lse and delta per stage; barriers;
-    1024 bytes of alignment slack."""
+    traps on less): K, V; Q, dO per stage; two dS^T (and, split D, P^T) buffers; lse and delta
+    per stage; barriers; 1024 bytes of alignment slack."""
     kv = tile.block_n * width * 2
     q = tile.block_m * width * 2
-    ds = (tile.block_m // 64) * tile.block_n * 128
+    ds = (tile.block_m // 64) * tile.block_n * 128 * (2 if width > 128 else 1)
     stats = 2 * _SM90_STAGES * tile.block_m * 4
     return 2 * kv + 2 * _SM90_STAGES * q + 2 * ds + stats + 8 * (1 + 2 * _SM90_STAGES) + 1024
 

@@ -2,12 +2,12 @@
 // wgmma, warp specialisation. The preprocess, the dQ conversion and the deterministic dQ kernel
 // are bwd_sm80.cu's (same parameter block, same dq_accum and delta layouts).
 //
-// One thread block owns kBlockN = 64 * kConsumers keys of one (batch, kv head) and walks the GQA
-// group's query heads and their query tiles of kBlockM rows, as bwd_dkdv_sm80 does. Warpgroup 0
-// is the producer: its thread 0 loads K and V once and then Q and dO of every step through
-// kStages shared-memory slots with TMA (128-byte swizzle, out-of-bounds rows and columns read as
-// zeros); its warp 1 stages the step's lse (log2 units) and scale * delta beside them. Consumer
-// warpgroup c owns keys [64c, 64c + 64) of the block:
+// One thread block owns kBlockN keys of one (batch, kv head) and walks the GQA group's query heads
+// and their query tiles of kBlockM rows, as bwd_dkdv_sm80 does. Warpgroup 0 is the producer: its
+// thread 0 loads K and V once and then Q and dO of every step through kStages shared-memory slots
+// with TMA (128-byte swizzle, out-of-bounds rows and columns read as zeros); its warp 1 stages the
+// step's lse (log2 units) and scale * delta beside them. Head dims up to 128: kBlockN = 128 and
+// consumer warpgroup c owns keys [64c, 64c + 64) of the block:
 //
 //   S^T  = K_c Q^T                wgmma SS (both K-major), 64 x kBlockM
 //   dP^T = V_c dO^T               wgmma SS
@@ -20,6 +20,12 @@
 //
 // Computing S^T (keys as rows) rather than S is what lets P^T and dS^T feed the dV and dK products
 // straight from registers: the m64 accumulator, packed pairwise, is the register A operand.
+//
+// Head dim 256 ("split D"): one consumer's dK + dV rows would need 256 fp32 registers per thread,
+// so kBlockN = 64 keys are shared and consumer c owns dK, dV columns [128c, 128c + 128). It
+// computes S^T and dP^T for query columns [32c, 32c + 32) only, and P^T and dS^T of both halves
+// meet in shared memory, from where dV += P^T dO and dK += dS^T Q read them as K-major A operands
+// (wgmma SS). dQ is split by columns as above.
 #include "common.cuh"
 #include "tma_sm90.cuh"
 #include "wgmma_sm90.cuh"
@@ -36,7 +42,12 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct BwdSm90
   static constexpr int kWarpgroupThreads = 128;
   static constexpr int kConsumers = kThreads / kWarpgroupThreads - 1;  // warpgroup 0 produces
   static constexpr int kConsumerWarps = 4 * kConsumers;
-  static constexpr int kKeysPerConsumer = 64;  // wgmma's M
+  static constexpr bool kSplitD = kHeadDim > 128;
+  // S^T, dK, dV rows per consumer (wgmma's M); consumers share the keys when the D is split.
+  static constexpr int kKeysPerConsumer = 64;
+  static constexpr int kConsumerKeyStride = kSplitD ? 0 : kKeysPerConsumer;
+  static constexpr int kConsumerQueries = kSplitD ? kBlockM / kConsumers : kBlockM;  // S^T cols
+  static constexpr int kConsumerDims = kSplitD ? kHeadDim / kConsumers : kHeadDim;   // dK, dV cols
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
 
@@ -47,10 +58,13 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct BwdSm90
   static constexpr int kQBytes = kChunks * kQChunkBytes;    // Q or dO of one step
   static constexpr int kKVBytes = kChunks * kKVChunkBytes;  // K or V of the block
   // dS^T is stored [key][query]: chunks of 64 queries, kBlockN rows of 128 B each. It is the
-  // MN-major A operand of dQ = dS K. Two buffers: one consumer may still read step i's while the
-  // other writes step i + 1's.
+  // MN-major A operand of dQ = dS K (and with split D, like P^T after it, the K-major A operand
+  // of dK += dS^T Q). Two buffers: one consumer may still read step i's while the other writes
+  // step i + 1's.
   static constexpr int kDsChunkBytes = kBlockN * 128;
   static constexpr int kDsBytes = (kBlockM / 64) * kDsChunkBytes;
+  static constexpr int kPtOffsetInBuf = kDsBytes;  // P^T after dS^T (split D only)
+  static constexpr int kXBytes = (kSplitD ? 2 : 1) * kDsBytes;
   static constexpr int kStages = 2;
 
   static constexpr int kKOffset = 0;
@@ -58,27 +72,30 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct BwdSm90
   static constexpr int kQOffset = kVOffset + kKVBytes;  // stage s at + s * kQBytes
   static constexpr int kDoOffset = kQOffset + kStages * kQBytes;
   static constexpr int kDsOffset = kDoOffset + kStages * kQBytes;  // buffer b at + b * kDsBytes
-  static constexpr int kLseOffset = kDsOffset + 2 * kDsBytes;      // [kStages][kBlockM] floats
+  static constexpr int kLseOffset = kDsOffset + 2 * kXBytes;       // [kStages][kBlockM] floats
   static constexpr int kDeltaOffset = kLseOffset + kStages * kBlockM * 4;
   static constexpr int kBarOffset = kDeltaOffset + kStages * kBlockM * 4;
   static constexpr int kBarriers = 1 + 2 * kStages;  // kv_full, full[], empty[]
   // + 1024: the dynamic shared window is only 16-byte aligned; swizzle atoms need 1024.
   static constexpr int kSmemBytes = kBarOffset + 8 * kBarriers + 1024;  // == _launch_bwd mirror
 
-  static constexpr int kQTiles = kBlockM / 8;   // n8 column groups of S^T, dP^T per thread
-  static constexpr int kDTiles = kHeadDim / 8;  // n8 column groups of dK, dV per thread
+  static constexpr int kQTiles = kConsumerQueries / 8;  // n8 column groups of S^T, dP^T
+  static constexpr int kDTiles = kConsumerDims / 8;     // n8 column groups of dK, dV
   static constexpr int kQKSteps = kHeadDim / 16;
-  static constexpr int kMSteps = kBlockM / 16;  // k16 steps of dV, dK (queries)
+  static constexpr int kPSteps = kConsumerQueries / 16;  // k16 steps of P^T, dS^T held
+  static constexpr int kMSteps = kBlockM / 16;           // k16 steps of dV, dK (queries)
   static constexpr int kNSteps = kBlockN / 16;  // k16 steps of dQ (keys)
   // dQ (kBlockM x kHeadDim) split over the consumers: by 64-row tiles when there is one per
   // consumer, else (kBlockM == 64) by head-dim columns.
   static constexpr bool kDqSplitRows = kBlockM == 64 * kConsumers;
   static constexpr int kDqCols = kDqSplitRows ? kHeadDim : kHeadDim / kConsumers;
 
-  static_assert(kConsumers == 2 && kBlockN == kConsumers * kKeysPerConsumer,
-                "one producer and two consumer warpgroups of 64 keys each");
-  static_assert(kHeadDim % 64 == 0 && kHeadDim <= 128, "whole 128-byte chunks; dK + dV in regs");
+  static_assert(kConsumers == 2, "one producer and two consumer warpgroups");
+  static_assert(kBlockN == (kSplitD ? kKeysPerConsumer : kConsumers * kKeysPerConsumer),
+                "64 keys per consumer, or 64 shared ones with split D");
+  static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256, "whole 128-byte chunks");
   static_assert(kBlockM % 64 == 0 && kBlockM <= 128, "TMA boxes and wgmma N");
+  static_assert(!kSplitD || kBlockM == 64, "split D: P^T and dS^T are one 64-query chunk");
   static_assert(kDqSplitRows || kBlockM == 64, "dQ split");
   static_assert(kDqCols % 64 == 0, "dQ columns are whole chunks");
 };
@@ -218,10 +235,13 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
     // ---- consumers: keys [64c, 64c + 64) of the block ----
     regs_alloc<Tr::kConsumerRegs>();
     constexpr int kQTiles = Tr::kQTiles, kDTiles = Tr::kDTiles, kMSteps = Tr::kMSteps;
+    constexpr int kPSteps = Tr::kPSteps;
     const int consumer = warpgroup - 1;
     const int warp = (threadIdx.x / kWarpSize) % 4;
     const int g = lane / 4, t = lane % 4;
-    const int key_base = consumer * Tr::kKeysPerConsumer + warp * 16;  // + g + 8h: this thread's
+    const int key_base = consumer * Tr::kConsumerKeyStride + warp * 16;  // + g + 8h: its keys
+    const int q_col0 = Tr::kSplitD ? consumer * Tr::kConsumerQueries : 0;  // its S^T columns
+    const int d_col0 = Tr::kSplitD ? consumer * Tr::kConsumerDims : 0;     // its dK, dV columns
     const float scale = static_cast<float>(p.scale);
     const bool ragged_keys = n0 + kBlockN > p.seqlen_k;
 
@@ -231,9 +251,11 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc_dk[dt][e] = acc_dv[dt][e] = 0.f;
 
-    // This consumer's 64 rows of K and V start 64 * 128 B into each chunk (1024-byte aligned).
-    const uint32 k_rows = k_smem + consumer * Tr::kKeysPerConsumer * 128;
-    const uint32 v_rows = v_smem + consumer * Tr::kKeysPerConsumer * 128;
+    // This consumer's rows of K and V (A of S^T, dP^T) start 64 * 128 B into each chunk, and its
+    // columns of Q and dO (B of S^T, dP^T) 32 * 128 B with split D (1024-byte aligned both).
+    const uint32 k_rows = k_smem + consumer * Tr::kConsumerKeyStride * 128;
+    const uint32 v_rows = v_smem + consumer * Tr::kConsumerKeyStride * 128;
+    const uint32 q_cols = q_col0 * 128;
     // dQ: this consumer's 64 rows x kDqCols columns (see the traits).
     const int dq_row0 = Tr::kDqSplitRows ? consumer * 64 : 0;
     const int dq_col0 = Tr::kDqSplitRows ? 0 : consumer * Tr::kDqCols;
@@ -251,24 +273,26 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
       for (int ks = 0; ks < Tr::kQKSteps; ++ks) {
         const uint32 off = (ks / 4) * Tr::kKVChunkBytes + (ks % 4) * 32;
         const uint32 q_off = (ks / 4) * Tr::kQChunkBytes + (ks % 4) * 32;
-        Wgmma<T, kBlockM>::ss(st, make_desc(k_rows + off, 16, 1024),
-                              make_desc(q_smem(stage) + q_off, 16, 1024), ks > 0);
+        Wgmma<T, Tr::kConsumerQueries>::ss(st, make_desc(k_rows + off, 16, 1024),
+                                           make_desc(q_smem(stage) + q_cols + q_off, 16, 1024),
+                                           ks > 0);
       }
       wgmma_commit();
 #pragma unroll
       for (int ks = 0; ks < Tr::kQKSteps; ++ks) {
         const uint32 off = (ks / 4) * Tr::kKVChunkBytes + (ks % 4) * 32;
         const uint32 q_off = (ks / 4) * Tr::kQChunkBytes + (ks % 4) * 32;
-        Wgmma<T, kBlockM>::ss(dpt, make_desc(v_rows + off, 16, 1024),
-                              make_desc(do_smem(stage) + q_off, 16, 1024), ks > 0);
+        Wgmma<T, Tr::kConsumerQueries>::ss(dpt, make_desc(v_rows + off, 16, 1024),
+                                           make_desc(do_smem(stage) + q_cols + q_off, 16, 1024),
+                                           ks > 0);
       }
       wgmma_commit();
 
       // -- P^T = exp2(S^T * scale_log2 - lse_log2) while dP^T runs --
       wgmma_wait<1>();
       fence_operand(st);
-      const float* lse2 = s_lse + stage * kBlockM + 2 * t;
-      const float* dlt = s_delta + stage * kBlockM + 2 * t;
+      const float* lse2 = s_lse + stage * kBlockM + q_col0 + 2 * t;
+      const float* dlt = s_delta + stage * kBlockM + q_col0 + 2 * t;
 #pragma unroll
       for (int j = 0; j < kQTiles; ++j) {
         const float2 l = *reinterpret_cast<const float2*>(lse2 + j * 8);
@@ -285,7 +309,7 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
         for (int h = 0; h < 2; ++h) {
           const int key = n0 + key_base + h * 8 + g;
           const int first_col = key >= p.seqlen_k ? kBlockM : kCausal ? key - diag - row0 : 0;
-          const int first = first_col - 2 * t;  // relative to this thread's first column
+          const int first = first_col - q_col0 - 2 * t;  // from this thread's first column
 #pragma unroll
           for (int j = 0; j < kQTiles; ++j)
 #pragma unroll
@@ -307,9 +331,9 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
         }
       }
       // P^T and dS^T packed: the register A operands (k16 step ks = queries 16ks..16ks+15).
-      uint32 pa[kMSteps][4], dsa[kMSteps][4];
+      uint32 pa[kPSteps][4], dsa[kPSteps][4];
 #pragma unroll
-      for (int ks = 0; ks < kMSteps; ++ks) {
+      for (int ks = 0; ks < kPSteps; ++ks) {
         pa[ks][0] = pack2<T>(st[2 * ks][0], st[2 * ks][1]);
         pa[ks][1] = pack2<T>(st[2 * ks][2], st[2 * ks][3]);
         pa[ks][2] = pack2<T>(st[2 * ks + 1][0], st[2 * ks + 1][1]);
@@ -320,50 +344,83 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
         dsa[ks][3] = pack2<T>(dpt[2 * ks + 1][2], dpt[2 * ks + 1][3]);
       }
 
-      // -- dV_c += P^T dO, dK_c += dS^T Q (dO, Q as MN-major B: 16 queries = 2048 B a step) --
-      wgmma_fence();
+      // Packed pairs to shared memory, [key][query] in swizzled 128-byte rows: the pair (key r,
+      // queries q, q + 1) at chunk q / 64, row r, 16-byte unit (q % 64 / 8) ^ (r % 8).
+      auto store_pairs = [&](uint32 tile, const uint32 (&x)[kPSteps][4]) {
 #pragma unroll
-      for (int ks = 0; ks < kMSteps; ++ks) {
-        Wgmma<T, kHeadDim>::template rs<1>(
-            acc_dv, pa[ks], make_desc(do_smem(stage) + ks * 2048, Tr::kQChunkBytes, 1024), 1);
-      }
-#pragma unroll
-      for (int ks = 0; ks < kMSteps; ++ks) {
-        Wgmma<T, kHeadDim>::template rs<1>(
-            acc_dk, dsa[ks], make_desc(q_smem(stage) + ks * 2048, Tr::kQChunkBytes, 1024), 1);
-      }
-      wgmma_commit();
-
-      if (!p.deterministic) {
-        // -- dS^T to shared memory while dV, dK run: [key][query] in swizzled 128-byte rows, the
-        // pair (key r, queries q, q + 1) at chunk q / 64, row r, 16-byte unit (q % 64 / 8) ^
-        // (r % 8) --
-        const uint32 ds = ds_smem(step % 2);
-#pragma unroll
-        for (int ks = 0; ks < kMSteps; ++ks) {
+        for (int ks = 0; ks < kPSteps; ++ks) {
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const int r = key_base + g + 8 * (i % 2);
-            const int q = 16 * ks + 8 * (i / 2) + 2 * t;
-            st_shared_b32(ds + (q / 64) * Tr::kDsChunkBytes + r * 128 +
+            const int q = q_col0 + 16 * ks + 8 * (i / 2) + 2 * t;
+            st_shared_b32(tile + (q / 64) * Tr::kDsChunkBytes + r * 128 +
                               ((((q % 64) / 8) ^ (r % 8)) << 4) + (q % 8) * 2,
-                          dsa[ks][i]);
+                          x[ks][i]);
           }
         }
+      };
+      const uint32 ds = ds_smem(step % 2);
+      // dO, Q columns [d_col0, d_col0 + kConsumerDims) as the MN-major B of dV, dK: 16 queries =
+      // 2048 B a step.
+      const uint32 do_cols = do_smem(stage) + (d_col0 / 64) * Tr::kQChunkBytes;
+      const uint32 q_dims = q_smem(stage) + (d_col0 / 64) * Tr::kQChunkBytes;
+      if constexpr (!Tr::kSplitD) {
+        // -- dV_c += P^T dO, dK_c += dS^T Q with P^T, dS^T from registers --
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < kMSteps; ++ks) {
+          Wgmma<T, Tr::kConsumerDims>::template rs<1>(
+              acc_dv, pa[ks], make_desc(do_cols + ks * 2048, Tr::kQChunkBytes, 1024), 1);
+        }
+#pragma unroll
+        for (int ks = 0; ks < kMSteps; ++ks) {
+          Wgmma<T, Tr::kConsumerDims>::template rs<1>(
+              acc_dk, dsa[ks], make_desc(q_dims + ks * 2048, Tr::kQChunkBytes, 1024), 1);
+        }
+        wgmma_commit();
+        if (!p.deterministic) {
+          store_pairs(ds, dsa);  // while dV, dK run
+          fence_proxy_async_smem();
+        }
+        wgmma_wait<0>();
+        fence_operand(acc_dv);
+        fence_operand(acc_dk);
+        fence_operand(pa);
+        fence_operand(dsa);
+        if (lane == 0) mbar_arrive(empty(stage));  // this warp is done with Q, dO and the stats
+        // Both consumers' dS^T rows must be in before dQ reads them.
+        if (!p.deterministic) named_bar_sync(1, 2 * Tr::kWarpgroupThreads);
+      } else {
+        // -- P^T, dS^T of both consumers' query columns meet in shared memory; then dV_c += P^T
+        // dO, dK_c += dS^T Q over all kBlockM queries, A K-major (a k16 step is 32 B) --
+        store_pairs(ds + Tr::kPtOffsetInBuf, pa);
+        store_pairs(ds, dsa);
         fence_proxy_async_smem();
+        named_bar_sync(1, 2 * Tr::kWarpgroupThreads);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < kMSteps; ++ks) {
+          Wgmma<T, Tr::kConsumerDims>::template ss<0, 1>(
+              acc_dv, make_desc(ds + Tr::kPtOffsetInBuf + ks * 32, 16, 1024),
+              make_desc(do_cols + ks * 2048, Tr::kQChunkBytes, 1024), 1);
+        }
+#pragma unroll
+        for (int ks = 0; ks < kMSteps; ++ks) {
+          Wgmma<T, Tr::kConsumerDims>::template ss<0, 1>(
+              acc_dk, make_desc(ds + ks * 32, 16, 1024),
+              make_desc(q_dims + ks * 2048, Tr::kQChunkBytes, 1024), 1);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_operand(acc_dv);
+        fence_operand(acc_dk);
+        if (lane == 0) mbar_arrive(empty(stage));
       }
-      wgmma_wait<0>();
-      fence_operand(acc_dv);
-      fence_operand(acc_dk);
-      fence_operand(pa);
-      fence_operand(dsa);
-      if (lane == 0) mbar_arrive(empty(stage));  // this warp is done with Q, dO and the stats
 
       if (!p.deterministic) {
         // -- dQ (this consumer's part) = dS K: dS^T as MN-major A, K as MN-major B; 16 keys =
-        // 2048 B a step. Both consumers' dS^T rows must be in first. --
-        named_bar_sync(1, 2 * Tr::kWarpgroupThreads);
-        const uint32 ds_rows = ds_smem(step % 2) + (dq_row0 / 64) * Tr::kDsChunkBytes;
+        // 2048 B a step --
+        const uint32 ds_rows = ds + (dq_row0 / 64) * Tr::kDsChunkBytes;
         const uint32 k_cols = k_smem + (dq_col0 / 64) * Tr::kKVChunkBytes;
         float acc_dq[Tr::kDqCols / 8][4];
 #pragma unroll
@@ -404,7 +461,7 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
       T* dv_row = dv + row * p.dv_row_stride;
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt) {
-        const int col = dt * 8 + 2 * t;
+        const int col = d_col0 + dt * 8 + 2 * t;
         if (col >= p.head_dim) continue;  // head_dim is even here (aligned rows)
         *reinterpret_cast<uint32*>(dk_row + col) =
             pack2<T>(acc_dk[dt][2 * h], acc_dk[dt][2 * h + 1]);

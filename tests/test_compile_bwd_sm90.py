@@ -35,7 +35,7 @@ def test_every_width_and_dtype_is_covered():
     }
 
 
-def test_wider_heads_are_left_to_sm80():
-    assert max(_launch_bwd.BWD_SM90_TILES) == 128
+def test_head_dims_round_up_to_a_compiled_width():
     spec = _launch_bwd.dkdv_sm90_spec("float16", 72, False)
     assert spec.head_dim == 128 and spec.min_arch == 90 and spec.warps == 12
+    assert _launch_bwd.dkdv_sm90_spec("bfloat16", 200, True).head_dim == 256
