@@ -31,17 +31,43 @@ FWD_SM90_TILES: dict[int, Tile] = {
     256: Tile(block_m=128, block_n=64, warps=12),
 }
 STAGES = 2  # K/V shared-memory slots; mirrors FwdSm90Traits::kStages
+SMEM_LIMIT = 232448  # opt-in shared memory per block on an H100; mirrors FwdSm90Traits::kSmemLimit
 _CHUNK_COLS = 64  # one TMA box / swizzle chunk: 64 16-bit columns = 128 bytes
 _TENSOR_DTYPES = ("float16", "bfloat16")
+
+
+def q_stages(width: int, tile: Tile, itemsize: int = 2) -> int:
+    """Q buffers of one block: two where they fit (the next tile's Q loads during this one), else
+    one; mirrors FwdSm90Traits::kQStages."""
+    return 2 if _smem_bytes_for(2, width, tile, itemsize) <= SMEM_LIMIT else 1
 
 
 def smem_bytes(width: int, tile: Tile, itemsize: int = 2) -> int:
     """Dynamic shared memory of one block; mirrors FwdSm90Traits::kSmemBytes (the kernel traps on
     less)."""
+    return _smem_bytes_for(q_stages(width, tile, itemsize), width, tile, itemsize)
+
+
+def _smem_bytes_for(stages_q: int, width: int, tile: Tile, itemsize: int) -> int:
     q = tile.block_m * width * itemsize
     kv = tile.block_n * width * itemsize
-    barriers = 8 * (1 + 4 * STAGES)
-    return q + 2 * STAGES * kv + barriers + 1024
+    barriers = 8 * (2 * stages_q + 4 * STAGES)  # q_full/q_empty per Q buffer, 4 per K/V slot
+    return stages_q * q + 2 * STAGES * kv + barriers + 1024  # + 1024: alignment slack
+
+
+def work_units(batch: int, seqlen_q: int, heads_q: int, block_m: int, causal: bool) -> int:
+    """Work units of the persistent schedule; mirrors FwdSm90Schedule (a causal unit pairs a long
+    and a short query tile of one head)."""
+    m_blocks = math.ceil(seqlen_q / block_m)
+    return (math.ceil(m_blocks / 2) if causal else m_blocks) * heads_q * batch
+
+
+@functools.cache
+def sm_count(device_id: int) -> int:
+    """Streaming multiprocessors of the device: the persistent grid's size."""
+    import cupy
+
+    return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
 
 
 @functools.cache
@@ -84,20 +110,24 @@ def _driver():
 def _encode(ptr: int, shape: tuple[int, ...], byte_strides: tuple[int, ...], dtype: str,
             block_rows: int):
     """A rank-4 tensor map over a (B, S, H, D) view at `ptr`: dims innermost first (D, S, H, B),
-    boxes of 64 columns x `block_rows` rows, 128-byte swizzle, out-of-bounds elements read 0."""
+    boxes of 128 bytes of columns (64 16-bit or 32 fp32 ones) x `block_rows` rows, 128-byte
+    swizzle, out-of-bounds elements read 0 (and are not written by reductions)."""
     drv = _driver()
     batch, seqlen, heads, head_dim = shape
     dims = (head_dim, seqlen, heads, batch)
     # A stride of an axis of extent 1 is never stepped but must still be legal for TMA.
     strides = tuple(s if n > 1 else 16 for s, n in zip(
         (byte_strides[1], byte_strides[2], byte_strides[0]), dims[1:], strict=True))
-    data_type = (drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16 if dtype == "float16"
-                 else drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16)
+    types = drv.CUtensorMapDataType
+    data_type = {"float16": types.CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                 "bfloat16": types.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                 "float32": types.CU_TENSOR_MAP_DATA_TYPE_FLOAT32}[dtype]
+    box_cols = 128 // _dtypes.itemsize(dtype)
     err, tensor_map = drv.cuTensorMapEncodeTiled(
         data_type, 4, ptr,
         [drv.cuuint64_t(d) for d in dims],
         [drv.cuuint64_t(s) for s in strides],
-        [drv.cuuint32_t(b) for b in (_CHUNK_COLS, block_rows, 1, 1)],
+        [drv.cuuint32_t(b) for b in (box_cols, block_rows, 1, 1)],
         [drv.cuuint32_t(1)] * 4,
         drv.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
         drv.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
@@ -156,7 +186,7 @@ def plan_sm90(q, k, v, out, *, causal: bool, scale: float, device_id: int, cc: i
     logged) when they do not qualify. Expects a non-empty problem."""
     from cuflash._launch import Launch, fwd_params
 
-    _, _, _, head_dim = q.shape
+    batch, seqlen_q, heads_q, head_dim = q.shape
     seqlen_k = k.shape[1]
     dtype = _dtypes.dtype_name(q.dtype)
     if cc != 90:
@@ -175,6 +205,8 @@ def plan_sm90(q, k, v, out, *, causal: bool, scale: float, device_id: int, cc: i
             return _reject(reason)
 
     spec = fwd_sm90_spec(dtype, head_dim, causal)
+    # Persistent: at most one block per SM, each looping over work units.
+    units = work_units(batch, seqlen_q, heads_q, spec.block_m, causal)
 
     def tensor_map(name: str, array, rows: int):
         shape, strides = tuple(array.shape), tuple(array.strides)
@@ -183,7 +215,7 @@ def plan_sm90(q, k, v, out, *, causal: bool, scale: float, device_id: int, cc: i
 
     return Launch(
         fn=_compile.get_function(spec, device_id, cc),
-        grid=(math.ceil(q.shape[1] / spec.block_m), q.shape[2], q.shape[0]),
+        grid=(min(units, sm_count(device_id)), 1, 1),
         threads=spec.threads,
         smem_bytes=spec.smem_bytes,
         params=np.array(fwd_params(q, k, v, out, causal=causal, scale=scale)),

@@ -1,18 +1,23 @@
 // Forward attention for Hopper (sm_90a): TMA loads, an mbarrier pipeline, wgmma, warp specialisation.
 //
-// One thread block computes kBlockM query rows of one (batch, head) with 1 + kConsumerWarpgroups
-// warpgroups. The producer warpgroup gives most of its registers away (setmaxnreg) and one of its
-// threads streams Q once and then K/V tiles through kStages shared-memory slots with TMA (128-byte
-// swizzle; out-of-bounds rows and head-dim columns arrive as zeros). Each consumer warpgroup owns
-// 64 query rows: S = Q K^T with both operands in shared memory (wgmma SS), the online softmax in
-// registers (softmax.cuh, the sm80 semantics), then O += P V with P straight from the S
-// accumulators as the register A operand and V as a transposed (MN-major) B operand (wgmma RS).
-// K/V tiles are walked from the last to the first, so the tiles that need masking come first.
+// Persistent: one thread block per SM (grid = min(work units, SMs)) loops over work tiles of
+// kBlockM query rows of one (batch, head), so the next tile's Q and K/V loads run under this
+// tile's last products and epilogue instead of being exposed once per block. Each block has
+// 1 + kConsumerWarpgroups warpgroups. The producer warpgroup gives most of its registers away
+// (setmaxnreg) and one of its threads streams, tile after tile, Q into kQStages buffers and K/V
+// tiles through kStages shared-memory slots with TMA (128-byte swizzle; out-of-bounds rows and
+// head-dim columns arrive as zeros). Each consumer warpgroup owns 64 query rows of the tile:
+// S = Q K^T with both operands in shared memory (wgmma SS), the online softmax in registers
+// (softmax.cuh, the sm80 semantics), then O += P V with P straight from the S accumulators as the
+// register A operand and V as a transposed (MN-major) B operand (wgmma RS). K/V tiles are walked
+// from the last to the first, so the tiles that need masking come first.
 //
-// Barriers per slot: k_full / v_full (the producer's expect_tx, completed by TMA bytes) and
-// k_empty / v_empty (one arrive per consumer warp once its warpgroup's wgmma has read the tile).
-// K and V are released separately: K(i) is free once S(i) is done, a whole P V earlier than V(i),
-// so with two slots the load of K(i+2) is not stuck behind O += P(i) V(i).
+// Barriers: q_full[] / k_full[] / v_full[] (the producer's expect_tx, completed by TMA bytes) and
+// q_empty[] / k_empty[] / v_empty[] (one arrive per consumer warp once its warpgroup's wgmma has
+// read the buffer). K and V are released separately: K(i) is free once S(i) is done, a whole P V
+// earlier than V(i), so with two slots the load of K(i+2) is not stuck behind O += P(i) V(i).
+// Q is released after the tile's last S. Stages and parities come from running counters (K/V
+// tiles and non-empty work tiles loaded so far), which producer and consumers advance alike.
 #include "common.cuh"
 #include "softmax.cuh"
 #include "tma_sm90.cuh"
@@ -52,13 +57,22 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   static constexpr int kKVBytes = kChunks * kKVChunkBytes;
   static constexpr int kStages = 2;  // K/V slots; mirrored by _launch_sm90.STAGES
 
+  // Q buffers: two where they fit in the H100's 227 KB per block (D <= 128), so the next tile's
+  // Q lands while this tile still computes; one at D = 256, released after the tile's last S.
+  static constexpr int kSmemLimit = 232448;  // == _launch_sm90.SMEM_LIMIT
+  __host__ __device__ static constexpr int smem_bytes_for(int q_stages) {
+    // + 1024: the dynamic shared window is only 16-byte aligned; swizzle atoms need 1024.
+    return q_stages * kQBytes + 2 * kStages * kKVBytes + 8 * (2 * q_stages + 4 * kStages) + 1024;
+  }
+  static constexpr int kQStages = smem_bytes_for(2) <= kSmemLimit ? 2 : 1;
+
   static constexpr int kQOffset = 0;
-  static constexpr int kKOffset = kQBytes;
+  static constexpr int kKOffset = kQStages * kQBytes;
   static constexpr int kVOffset = kKOffset + kStages * kKVBytes;
   static constexpr int kBarOffset = kVOffset + kStages * kKVBytes;
-  static constexpr int kBarriers = 1 + 4 * kStages;  // q_full, {k,v}_full[], {k,v}_empty[]
-  // + 1024: the dynamic shared window is only 16-byte aligned; swizzle atoms need 1024.
-  static constexpr int kSmemBytes = kBarOffset + 8 * kBarriers + 1024;  // == _launch_sm90.smem_bytes
+  // q_full[], q_empty[], {k,v}_full[], {k,v}_empty[]
+  static constexpr int kBarriers = 2 * kQStages + 4 * kStages;
+  static constexpr int kSmemBytes = smem_bytes_for(kQStages);  // == _launch_sm90.smem_bytes
 
   static constexpr int kNTiles = kBlockN / 8;    // n8 column groups of S per thread
   static constexpr int kDTiles = kHeadDim / 8;   // n8 column groups of O per thread
@@ -69,6 +83,38 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   static_assert(kBlockM == kConsumerWarpgroups * kRowsPerConsumer, "64 query rows per consumer");
   static_assert(kHeadDim % kChunkCols == 0, "head dim widths are whole 128-byte chunks");
   static_assert(kBlockN % 64 == 0 && kBlockN <= 256, "TMA boxes and wgmma N");
+  static_assert(kBarOffset + 8 * kBarriers + 1024 == kSmemBytes, "layout and size agree");
+};
+
+// The persistent schedule (mirrored by _launch_sm90.work_units): block b takes work units b,
+// b + gridDim.x, ... A unit covers one (batch, head), with its query tiles fastest, so the units
+// running at once share few heads and their K/V stays hot in L2. Non-causal, a unit is one query
+// tile. Causal, a tile's cost grows with m_block and a static round robin over such tiles is
+// unbalanced, so a unit pairs tile m_blocks-1-j (long, first) with tile j (short): with Sq == Sk
+// every pair costs m_blocks + 1 key tiles and the blocks finish together.
+template <int kBlockM, bool kCausal> struct FwdSm90Schedule {
+  static constexpr int kTilesPerUnit = kCausal ? 2 : 1;
+  int m_blocks;        // query tiles per (batch, head)
+  int units_per_head;  // work units per (batch, head)
+  int units;
+  int heads_q;
+
+  __device__ explicit FwdSm90Schedule(const FwdParams& p)
+      : m_blocks(ceil_div(p.seqlen_q, kBlockM)),
+        units_per_head(ceil_div(m_blocks, kTilesPerUnit)),
+        units(units_per_head * p.heads_q * p.batch),
+        heads_q(p.heads_q) {}
+
+  // Query tile `sub` of work unit `unit`; false when there is none (the middle tile of an odd
+  // m_blocks is a unit of its own).
+  __device__ bool tile(int unit, int sub, int& m_block, int& head, int& batch) const {
+    const int j = unit % units_per_head;
+    const int bh = unit / units_per_head;
+    head = bh % heads_q;
+    batch = bh / heads_q;
+    m_block = kCausal && sub == 0 ? m_blocks - 1 - j : j;
+    return sub == 0 || 2 * j + 1 != m_blocks;
+  }
 };
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kCausal,
@@ -77,7 +123,8 @@ __global__ void __launch_bounds__(kWarps * kWarpSize, 1)
 fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma_q,
          const __grid_constant__ TmaMap tma_k, const __grid_constant__ TmaMap tma_v) {
   typedef FwdSm90Traits<kHeadDim, kBlockM, kBlockN, kWarps> Tr;
-  constexpr int kStages = Tr::kStages;
+  typedef FwdSm90Schedule<kBlockM, kCausal> Schedule;
+  constexpr int kStages = Tr::kStages, kQStages = Tr::kQStages;
   static_assert(kAligned, "TMA needs 16-byte strides; unaligned inputs take the sm80 kernel");
   extern __shared__ __align__(1024) char smem_raw[];
 
@@ -85,31 +132,34 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
   asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
   if (dyn_smem < Tr::kSmemBytes) __trap();  // the launch must mirror kSmemBytes
   const uint32 base = (smem_u32(smem_raw) + 1023) & ~1023u;
-  const uint32 q_smem = base + Tr::kQOffset;
   const uint32 bar = base + Tr::kBarOffset;
-  const uint32 q_full = bar;
+  auto q_smem = [&](int stage) { return base + Tr::kQOffset + stage * Tr::kQBytes; };
   auto k_smem = [&](int stage) { return base + Tr::kKOffset + stage * Tr::kKVBytes; };
   auto v_smem = [&](int stage) { return base + Tr::kVOffset + stage * Tr::kKVBytes; };
-  auto k_full = [&](int stage) { return bar + 8 * (1 + stage); };
-  auto v_full = [&](int stage) { return bar + 8 * (1 + kStages + stage); };
-  auto k_empty = [&](int stage) { return bar + 8 * (1 + 2 * kStages + stage); };
-  auto v_empty = [&](int stage) { return bar + 8 * (1 + 3 * kStages + stage); };
+  auto q_full = [&](int stage) { return bar + 8 * stage; };
+  auto q_empty = [&](int stage) { return bar + 8 * (kQStages + stage); };
+  auto k_full = [&](int stage) { return bar + 8 * (2 * kQStages + stage); };
+  auto v_full = [&](int stage) { return bar + 8 * (2 * kQStages + kStages + stage); };
+  auto k_empty = [&](int stage) { return bar + 8 * (2 * kQStages + 2 * kStages + stage); };
+  auto v_empty = [&](int stage) { return bar + 8 * (2 * kQStages + 3 * kStages + stage); };
 
-  // Causal blocks are scheduled longest first (high m_block sees the most keys).
-  const int m_block = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-  const int head = blockIdx.y;
-  const int batch = blockIdx.z;
-  const int kv_head = head / p.group;
+  const Schedule schedule(p);
   // Bottom-right causal: query i sees key j iff j <= i + diag.
   const int diag = p.seqlen_k - p.seqlen_q;
-  const int row0 = m_block * kBlockM;
-  int n_end = p.seqlen_k;
-  if (kCausal) n_end = min(n_end, max(0, row0 + kBlockM + diag));
-  const int n_blocks = ceil_div(n_end, kBlockN);
+  // Key tiles the query tile starting at row0 sees (0: every row of it is fully masked).
+  auto key_tiles = [&](int row0) {
+    int n_end = p.seqlen_k;
+    if (kCausal) n_end = min(n_end, max(0, row0 + kBlockM + diag));
+    return ceil_div(n_end, kBlockN);
+  };
 
   const int warpgroup = threadIdx.x / Tr::kWarpgroupThreads;
   if (threadIdx.x == 0) {
-    mbar_init(q_full, 1);
+#pragma unroll
+    for (int s = 0; s < kQStages; ++s) {
+      mbar_init(q_full(s), 1);
+      mbar_init(q_empty(s), Tr::kConsumerWarps);
+    }
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
       mbar_init(k_full(s), 1);
@@ -122,58 +172,68 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
   __syncthreads();
 
   if (warpgroup == 0) {
-    // ---- producer: one thread issues every TMA load ----
+    // ---- producer: one thread issues every TMA load, tile after tile ----
     regs_dealloc<Tr::kProducerRegs>();
-    if (threadIdx.x == 0 && n_blocks > 0) {
+    if (threadIdx.x == 0) {
       tma_prefetch(tma_q);
       tma_prefetch(tma_k);
       tma_prefetch(tma_v);
-      mbar_arrive_expect_tx(q_full, Tr::kQBytes);
+      int q_iter = 0, kv_iter = 0;  // Q tiles and K/V tiles loaded so far
+      for (int unit = blockIdx.x; unit < schedule.units; unit += gridDim.x) {
+#pragma unroll 1
+        for (int sub = 0; sub < Schedule::kTilesPerUnit; ++sub) {
+          int m_block, head, batch;
+          if (!schedule.tile(unit, sub, m_block, head, batch)) continue;
+          const int row0 = m_block * kBlockM;
+          const int n_blocks = key_tiles(row0);
+          if (n_blocks == 0) continue;  // nothing to load: the consumers write zeros
+          const int kv_head = head / p.group;
+          // -- Q, once its buffer's previous tile has done its last S --
+          const int q_stage = q_iter % kQStages;
+          mbar_wait(q_empty(q_stage), ((q_iter / kQStages) & 1) ^ 1);  // first use: at once
+          mbar_arrive_expect_tx(q_full(q_stage), Tr::kQBytes);
 #pragma unroll
-      for (int c = 0; c < Tr::kChunks; ++c) {
-        tma_load_4d(q_smem + c * Tr::kQChunkBytes, tma_q, q_full, c * Tr::kChunkCols, row0, head,
-                    batch);
-      }
-      for (int i = 0; i < n_blocks; ++i) {
-        const int n_block = n_blocks - 1 - i;
-        const int stage = i % kStages;
-        const uint32 free_parity = ((i / kStages) & 1) ^ 1;  // first pass: returns at once
-        mbar_wait(k_empty(stage), free_parity);
-        mbar_arrive_expect_tx(k_full(stage), Tr::kKVBytes);
+          for (int c = 0; c < Tr::kChunks; ++c) {
+            tma_load_4d(q_smem(q_stage) + c * Tr::kQChunkBytes, tma_q, q_full(q_stage),
+                        c * Tr::kChunkCols, row0, head, batch);
+          }
+          ++q_iter;
+          // -- K and V, last key tile first --
+          for (int i = 0; i < n_blocks; ++i, ++kv_iter) {
+            const int n_block = n_blocks - 1 - i;
+            const int stage = kv_iter % kStages;
+            const uint32 free_parity = ((kv_iter / kStages) & 1) ^ 1;  // first pass: at once
+            mbar_wait(k_empty(stage), free_parity);
+            mbar_arrive_expect_tx(k_full(stage), Tr::kKVBytes);
 #pragma unroll
-        for (int c = 0; c < Tr::kChunks; ++c) {
-          tma_load_4d(k_smem(stage) + c * Tr::kKVChunkBytes, tma_k, k_full(stage),
-                      c * Tr::kChunkCols, n_block * kBlockN, kv_head, batch);
-        }
-        mbar_wait(v_empty(stage), free_parity);
-        mbar_arrive_expect_tx(v_full(stage), Tr::kKVBytes);
+            for (int c = 0; c < Tr::kChunks; ++c) {
+              tma_load_4d(k_smem(stage) + c * Tr::kKVChunkBytes, tma_k, k_full(stage),
+                          c * Tr::kChunkCols, n_block * kBlockN, kv_head, batch);
+            }
+            mbar_wait(v_empty(stage), free_parity);
+            mbar_arrive_expect_tx(v_full(stage), Tr::kKVBytes);
 #pragma unroll
-        for (int c = 0; c < Tr::kChunks; ++c) {
-          tma_load_4d(v_smem(stage) + c * Tr::kKVChunkBytes, tma_v, v_full(stage),
-                      c * Tr::kChunkCols, n_block * kBlockN, kv_head, batch);
+            for (int c = 0; c < Tr::kChunks; ++c) {
+              tma_load_4d(v_smem(stage) + c * Tr::kKVChunkBytes, tma_v, v_full(stage),
+                          c * Tr::kChunkCols, n_block * kBlockN, kv_head, batch);
+            }
+          }
         }
       }
     }
   } else {
-    // ---- consumers: 64 query rows per warpgroup ----
+    // ---- consumers: 64 query rows of each tile per warpgroup ----
     regs_alloc<Tr::kConsumerRegs>();
     constexpr int kNTiles = Tr::kNTiles, kDTiles = Tr::kDTiles;
     const int consumer = warpgroup - 1;
     const int warp = (threadIdx.x / kWarpSize) % 4;  // warp inside the warpgroup: 16 rows
     const int lane = threadIdx.x % kWarpSize;
     const int g = lane / 4, t = lane % 4;
-    const int rows_before = consumer * Tr::kRowsPerConsumer + warp * 16;  // in the block
+    const int rows_before = consumer * Tr::kRowsPerConsumer + warp * 16;  // in the tile
 
     float acc_o[1][kDTiles][4];
-#pragma unroll
-    for (int dt = 0; dt < kDTiles; ++dt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_o[0][dt][e] = 0.f;
     OnlineSoftmax<1> softmax;
-    softmax.init();
 
-    // This warpgroup's 64 rows of Q start 64 * 128 B into each Q chunk (a multiple of 1024 B).
-    const uint32 q_rows = q_smem + consumer * Tr::kRowsPerConsumer * 128;
     // Ping-pong turns: wait for ours before issuing a batch of wgmma, hand over after it.
     auto wait_turn = [&]() {
       if (Tr::kPingPong) named_bar_sync(Tr::kSchedulerBarrier + consumer, 256);
@@ -183,8 +243,9 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
     };
 
     // S = Q K^T of the tile in `stage` (both K-major; a k16 step is 32 B inside a chunk). Issued
-    // and committed as one wgmma group; the caller waits.
-    auto issue_qk = [&](float (&s)[1][kNTiles][4], int stage) {
+    // and committed as one wgmma group; the caller waits. `q_rows`: this warpgroup's 64 rows of
+    // Q, 64 * 128 B into each Q chunk (a multiple of 1024 B).
+    auto issue_qk = [&](float (&s)[1][kNTiles][4], uint32 q_rows, int stage) {
 #pragma unroll
       for (int ks = 0; ks < Tr::kQKSteps; ++ks) {
         const int chunk = ks / 4, step = ks % 4;
@@ -205,8 +266,9 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       }
       wgmma_commit();
     };
-    // Masks the ragged end and the causal diagonal of tile `n_block` (only tiles that touch them).
-    auto mask = [&](float (&s)[1][kNTiles][4], int n_block) {
+    // Masks the ragged end and the causal diagonal of key tile `n_block` for the query tile at
+    // row0 (only key tiles that touch them).
+    auto mask = [&](float (&s)[1][kNTiles][4], int row0, int n_block) {
       const int col0 = n_block * kBlockN;
       const bool ragged = col0 + kBlockN > p.seqlen_k;
       const bool diagonal = kCausal && col0 + kBlockN - 1 > row0 + rows_before + diag;
@@ -238,91 +300,126 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       }
     };
 
-    // Software pipeline inside the warpgroup (FA3's intra-warpgroup overlap): while the tensor
-    // cores run O += P(i-1) V(i-1), the softmax of tile i runs on S(i), issued just before it.
-    if (n_blocks > 0) {
-      float s[1][kNTiles][4];
-      uint32 pa[Tr::kPVSteps][4];
-      float alpha[2];
-      // -- tile 0: S, softmax (O is still zero: nothing to rescale) --
-      if (consumer == 1) pass_turn();  // consumer 0 goes first
-      mbar_wait(q_full, 0);
-      mbar_wait(k_full(0), 0);
-      wait_turn();
-      wgmma_fence();
-      issue_qk(s, 0);
-      pass_turn();
-      wgmma_wait<0>();
-      fence_operand(s[0]);
-      if (lane == 0) mbar_arrive(k_empty(0));  // K slots are released as soon as S is done
-      mask(s, n_blocks - 1);
-      softmax.update(s, p.scale_log2, alpha);
-      pack_p(pa, s);
-
-      for (int i = 1; i < n_blocks; ++i) {
-        const int stage = i % kStages, prev = (i - 1) % kStages;
-        // -- issue S(i) = Q K(i)^T, then O += P(i-1) V(i-1) --
-        mbar_wait(k_full(stage), (i / kStages) & 1);
-        mbar_wait(v_full(prev), ((i - 1) / kStages) & 1);
-        wait_turn();
-        wgmma_fence();
-        issue_qk(s, stage);
-        issue_pv(pa, prev);
-        pass_turn();
-        // -- softmax of tile i while P V runs (groups complete in order: S(i) first) --
-        wgmma_wait<1>();
-        fence_operand(s[0]);
-        if (lane == 0) mbar_arrive(k_empty(stage));
-        mask(s, n_blocks - 1 - i);
-        softmax.update(s, p.scale_log2, alpha);
-        wgmma_wait<0>();
-        fence_operand(acc_o[0]);
-        fence_operand(pa);
-        if (lane == 0) mbar_arrive(v_empty(prev));  // this warp is done with V(i-1)
-        // -- O held sums relative to the old max: rescale, then P(i) replaces P(i-1) --
-        softmax.rescale(acc_o, alpha);
-        pack_p(pa, s);
-      }
-
-      // -- last tile: O += P V --
-      const int last = (n_blocks - 1) % kStages;
-      mbar_wait(v_full(last), ((n_blocks - 1) / kStages) & 1);
-      wait_turn();
-      wgmma_fence();
-      issue_pv(pa, last);
-      pass_turn();
-      // Consumer 1's last hand-over has no batch after it to wait: consumer 0 takes it here so
-      // every arrive on a named barrier is matched before the block exits.
-      if (consumer == 0) wait_turn();
-      wgmma_wait<0>();
-      fence_operand(acc_o[0]);
-      fence_operand(pa);
-    }
-
-    // -- epilogue: O / l, lse; rows >= seqlen_q and columns >= head_dim are not stored --
-    float lse[2];
-    softmax.finalize(acc_o, static_cast<float>(p.scale), lse);
-    T* o = static_cast<T*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
+    // The turns run on across tiles: both consumers issue the same number of batches per tile
+    // (n_blocks + 1; none for a tile without keys), so they keep alternating. Consumer 1 gives
+    // consumer 0 the first turn here; consumer 0 takes the last hand-over after its final tile.
+    if (consumer == 1) pass_turn();
+    int q_iter = 0, kv_iter = 0;  // Q tiles and K/V tiles consumed so far (as the producer counts)
+    for (int unit = blockIdx.x; unit < schedule.units; unit += gridDim.x) {
+#pragma unroll 1
+      for (int sub = 0; sub < Schedule::kTilesPerUnit; ++sub) {
+        int m_block, head, batch;
+        if (!schedule.tile(unit, sub, m_block, head, batch)) continue;
+        const int row0 = m_block * kBlockM;
+        const int n_blocks = key_tiles(row0);
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int row = row0 + rows_before + g + half * 8;
-      if (row >= p.seqlen_q) continue;
-      T* o_row = o + row * p.o_row_stride;
+        for (int dt = 0; dt < kDTiles; ++dt)
 #pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt) {
-        const int col = dt * 8 + 2 * t;
-        const float x0 = acc_o[0][dt][2 * half], x1 = acc_o[0][dt][2 * half + 1];
-        if (col + 1 < p.head_dim) {
-          *reinterpret_cast<uint32*>(o_row + col) = pack2<T>(x0, x1);  // o rows: 16 B aligned
-        } else if (col < p.head_dim) {
-          o_row[col] = from_float<T>(x0);
+          for (int e = 0; e < 4; ++e) acc_o[0][dt][e] = 0.f;
+        softmax.init();
+
+        // Software pipeline inside the warpgroup (FA3's intra-warpgroup overlap): while the
+        // tensor cores run O += P(i-1) V(i-1), the softmax of tile i runs on S(i), issued just
+        // before it.
+        if (n_blocks > 0) {
+          const int q_stage = q_iter % kQStages;
+          const uint32 q_rows = q_smem(q_stage) + consumer * Tr::kRowsPerConsumer * 128;
+          float s[1][kNTiles][4];
+          uint32 pa[Tr::kPVSteps][4];
+          float alpha[2];
+          // -- key tile 0: S, softmax (O is still zero: nothing to rescale) --
+          const int first = kv_iter % kStages;
+          mbar_wait(q_full(q_stage), (q_iter / kQStages) & 1);
+          mbar_wait(k_full(first), (kv_iter / kStages) & 1);
+          wait_turn();
+          wgmma_fence();
+          issue_qk(s, q_rows, first);
+          pass_turn();
+          wgmma_wait<0>();
+          fence_operand(s[0]);
+          if (lane == 0) {
+            mbar_arrive(k_empty(first));  // K slots are released as soon as S is done
+            if (n_blocks == 1) mbar_arrive(q_empty(q_stage));  // and Q after the tile's last S
+          }
+          mask(s, row0, n_blocks - 1);
+          softmax.update(s, p.scale_log2, alpha);
+          pack_p(pa, s);
+
+          for (int i = 1; i < n_blocks; ++i) {
+            const int it = kv_iter + i;
+            const int stage = it % kStages, prev = (it - 1) % kStages;
+            // -- issue S(i) = Q K(i)^T, then O += P(i-1) V(i-1) --
+            mbar_wait(k_full(stage), (it / kStages) & 1);
+            mbar_wait(v_full(prev), ((it - 1) / kStages) & 1);
+            wait_turn();
+            wgmma_fence();
+            issue_qk(s, q_rows, stage);
+            issue_pv(pa, prev);
+            pass_turn();
+            // -- softmax of tile i while P V runs (groups complete in order: S(i) first) --
+            wgmma_wait<1>();
+            fence_operand(s[0]);
+            if (lane == 0) {
+              mbar_arrive(k_empty(stage));
+              if (i == n_blocks - 1) mbar_arrive(q_empty(q_stage));
+            }
+            mask(s, row0, n_blocks - 1 - i);
+            softmax.update(s, p.scale_log2, alpha);
+            wgmma_wait<0>();
+            fence_operand(acc_o[0]);
+            fence_operand(pa);
+            if (lane == 0) mbar_arrive(v_empty(prev));  // this warp is done with V(i-1)
+            // -- O held sums relative to the old max: rescale, then P(i) replaces P(i-1) --
+            softmax.rescale(acc_o, alpha);
+            pack_p(pa, s);
+          }
+
+          // -- last key tile: O += P V --
+          const int it_last = kv_iter + n_blocks - 1;
+          const int last = it_last % kStages;
+          mbar_wait(v_full(last), (it_last / kStages) & 1);
+          wait_turn();
+          wgmma_fence();
+          issue_pv(pa, last);
+          pass_turn();
+          wgmma_wait<0>();
+          fence_operand(acc_o[0]);
+          fence_operand(pa);
+          if (lane == 0) mbar_arrive(v_empty(last));  // the slot goes to the next tile's loads
+          kv_iter += n_blocks;
+          ++q_iter;
+        }
+
+        // -- epilogue: O / l, lse; rows >= seqlen_q and columns >= head_dim are not stored. It
+        // runs while the producer already streams the next tile's Q and K/V. --
+        float lse[2];
+        softmax.finalize(acc_o, static_cast<float>(p.scale), lse);
+        T* o = static_cast<T*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int row = row0 + rows_before + g + half * 8;
+          if (row >= p.seqlen_q) continue;
+          T* o_row = o + row * p.o_row_stride;
+#pragma unroll
+          for (int dt = 0; dt < kDTiles; ++dt) {
+            const int col = dt * 8 + 2 * t;
+            const float x0 = acc_o[0][dt][2 * half], x1 = acc_o[0][dt][2 * half + 1];
+            if (col + 1 < p.head_dim) {
+              *reinterpret_cast<uint32*>(o_row + col) = pack2<T>(x0, x1);  // o rows: 16 B aligned
+            } else if (col < p.head_dim) {
+              o_row[col] = from_float<T>(x0);
+            }
+          }
+          if (p.lse != nullptr && t == 0) {
+            float* lse_out = static_cast<float*>(p.lse);
+            lse_out[batch * p.lse_batch_stride + head * p.lse_head_stride + row] = lse[half];
+          }
         }
       }
-      if (p.lse != nullptr && t == 0) {
-        float* lse_out = static_cast<float*>(p.lse);
-        lse_out[batch * p.lse_batch_stride + head * p.lse_head_stride + row] = lse[half];
-      }
     }
+    // Consumer 1's last hand-over (its opening one when this block had no batches) has no batch
+    // after it: consumer 0 takes it so every arrive on a named barrier is matched before exit.
+    if (consumer == 0) wait_turn();
   }
 }
 

@@ -39,3 +39,12 @@ def test_spec_name_renders_the_template_signature():
     spec = _launch_sm90.fwd_sm90_spec("bfloat16", 100, True)
     assert spec.head_dim == 128 and spec.min_arch == 90
     assert spec.name == "cuflash::fwd_sm90<cuflash::bf16, 128, 128, 128, 12, true, true>"
+
+
+def test_q_is_double_buffered_where_it_fits():
+    """Two Q buffers (the persistent kernel's next tile loads during this one) at D 64 and 128;
+    at D 256 a second 64 KB buffer would not fit beside the K/V slots."""
+    tiles = _launch_sm90.FWD_SM90_TILES
+    assert {width: _launch_sm90.q_stages(width, tile) for width, tile in tiles.items()} == {
+        64: 2, 128: 2, 256: 1}
+    assert all(spec.smem_bytes <= _launch_sm90.SMEM_LIMIT == SMEM_LIMIT for spec in SPECS)

@@ -99,6 +99,20 @@ def test_tile_edges(dtype, head_dim, causal):
         assert _run(case, seed=sq * 1000 + sk), case.id
 
 
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_persistent_blocks_loop_over_tiles(head_dim, causal):
+    """More work units than SMs, so blocks take several (the running K/V and Q counters carry
+    across tiles): an odd tile count per head (the middle causal tile is a unit alone) and, causal
+    with Sq > Sk, empty tiles (zeros, lse -inf) between ones with keys."""
+    for sq, sk, heads_q in ((300, 300, 40), (700, 150, 24)):
+        case = Case(batch=2, seqlen_q=sq, seqlen_k=sk, heads_q=heads_q, heads_kv=8,
+                    head_dim=head_dim, dtype="float16", causal=causal)
+        units = _launch_sm90.work_units(case.batch, sq, heads_q, 128, causal)
+        assert units > _launch_sm90.sm_count(0), case.id
+        assert _run(case, seed=sq + head_dim), case.id
+
+
 def test_fully_masked_rows_are_zero():
     """Bottom-right causal with Sq > Sk: the first Sq - Sk rows see no key (zeros, lse -inf)."""
     rng = np.random.default_rng(0)
