@@ -134,13 +134,16 @@ def _sm80_smem(width: int, dkdv: Tile, dq: Tile) -> tuple[int, int]:
 
 def _sm90_smem(width: int, tile: Tile) -> int:
     """Dynamic shared memory of bwd_dkdv_sm90; mirrors BwdSm90Traits::kSmemBytes (the kernel
-    traps on less): K, V; Q, dO per stage; two dS^T (and, split D, P^T) buffers; lse and delta
-    per stage; barriers; 1024 bytes of alignment slack."""
+    traps on less): K, V; Q, dO per stage; two dS^T (and, split D, P^T) buffers; the fp32 dQ
+    tile (not with split D); lse and delta per stage; barriers; 1024 bytes of alignment slack."""
     kv = tile.block_n * width * 2
     q = tile.block_m * width * 2
-    ds = (tile.block_m // 64) * tile.block_n * 128 * (2 if width > 128 else 1)
+    split_d = width > 128
+    ds = (tile.block_m // 64) * tile.block_n * 128 * (2 if split_d else 1)
+    dq = 0 if split_d else tile.block_m * width * 4  # the fp32 dQ tile of the TMA reduction
     stats = 2 * _SM90_STAGES * tile.block_m * 4
-    return 2 * kv + 2 * _SM90_STAGES * q + 2 * ds + stats + 8 * (1 + 2 * _SM90_STAGES) + 1024
+    barriers = 8 * (3 + 2 * _SM90_STAGES)
+    return 2 * kv + 2 * _SM90_STAGES * q + 2 * ds + dq + stats + barriers + 1024
 
 
 def dkdv_sm90_spec(dtype: str, head_dim: int, causal: bool) -> KernelSpec:
@@ -308,8 +311,16 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
 
         spec = dkdv_sm90_spec(dtype, head_dim, causal)
         rows = {"q": spec.block_m, "dout": spec.block_m, "k": spec.block_n, "v": spec.block_n}
-        maps = tuple(_encode(a.data.ptr, tuple(a.shape), tuple(a.strides), dtype, rows[name])
-                     for name, a in operands)
+        maps = [_encode(a.data.ptr, tuple(a.shape), tuple(a.strides), dtype, rows[name])
+                for name, a in operands]
+        # dq_accum (B, Hq, Sq, width) seen as (B, S, H, D) for the kernel's TMA reductions.
+        # Deterministic mode has no dq_accum and never touches the map: q's stands in.
+        if dq_accum is None:
+            maps.append(maps[0])
+        else:
+            view = dq_accum.transpose(0, 2, 1, 3)
+            maps.append(_encode(dq_accum.data.ptr, tuple(view.shape), tuple(view.strides),
+                                "float32", spec.block_m))
         launch(spec, seqlen_k, spec.block_n, heads_kv, maps)
     else:
         if _dtypes.uses_tensor_cores(dtype) and cc == 90:

@@ -16,7 +16,10 @@
 //   dK_c += dS^T Q                wgmma RS: the same with dS^T and Q
 //   dQ   += dS K                  (atomic mode) dS^T of both consumers goes to shared memory; each
 //                                 consumer computes half of dQ with wgmma SS, both operands
-//                                 MN-major, and adds it to dq_accum with vector reductions.
+//                                 MN-major, and writes it to an fp32 tile in shared memory, which
+//                                 the producer's warp 2 adds to dq_accum with TMA reductions
+//                                 (cp.reduce.async.bulk.tensor): thread-issued red.global of the
+//                                 same values cost 28-60% of the kernel's speed (kernel notes).
 //
 // Computing S^T (keys as rows) rather than S is what lets P^T and dS^T feed the dV and dK products
 // straight from registers: the m64 accumulator, packed pairwise, is the register A operand.
@@ -25,7 +28,8 @@
 // so kBlockN = 64 keys are shared and consumer c owns dK, dV columns [128c, 128c + 128). It
 // computes S^T and dP^T for query columns [32c, 32c + 32) only, and P^T and dS^T of both halves
 // meet in shared memory, from where dV += P^T dO and dK += dS^T Q read them as K-major A operands
-// (wgmma SS). dQ is split by columns as above.
+// (wgmma SS). dQ is split by columns as above; its fp32 tile (64 KB) does not fit beside the
+// rest, so these consumers add dQ to dq_accum with red.global themselves.
 #include "common.cuh"
 #include "tma_sm90.cuh"
 #include "wgmma_sm90.cuh"
@@ -72,10 +76,16 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct BwdSm90
   static constexpr int kQOffset = kVOffset + kKVBytes;  // stage s at + s * kQBytes
   static constexpr int kDoOffset = kQOffset + kStages * kQBytes;
   static constexpr int kDsOffset = kDoOffset + kStages * kQBytes;  // buffer b at + b * kDsBytes
-  static constexpr int kLseOffset = kDsOffset + 2 * kXBytes;       // [kStages][kBlockM] floats
+  // dQ of one step, fp32, as the TMA reduction reads it: boxes of 32 columns (128 B) x kBlockM
+  // rows, 128-byte swizzled. Not with split D (no room): there the consumers use red.global.
+  static constexpr bool kDqTma = !kSplitD;
+  static constexpr int kDqBoxBytes = kBlockM * 128;
+  static constexpr int kDqOffset = kDsOffset + 2 * kXBytes;
+  static constexpr int kDqBytes = kDqTma ? kBlockM * kHeadDim * 4 : 0;
+  static constexpr int kLseOffset = kDqOffset + kDqBytes;  // [kStages][kBlockM] floats
   static constexpr int kDeltaOffset = kLseOffset + kStages * kBlockM * 4;
   static constexpr int kBarOffset = kDeltaOffset + kStages * kBlockM * 4;
-  static constexpr int kBarriers = 1 + 2 * kStages;  // kv_full, full[], empty[]
+  static constexpr int kBarriers = 3 + 2 * kStages;  // kv_full, full[], empty[], dq_full, dq_empty
   // + 1024: the dynamic shared window is only 16-byte aligned; swizzle atoms need 1024.
   static constexpr int kSmemBytes = kBarOffset + 8 * kBarriers + 1024;  // == _launch_bwd mirror
 
@@ -109,6 +119,31 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
 __device__ __forceinline__ void st_shared_b32(uint32 addr, uint32 x) {
   asm volatile("st.shared.b32 [%0], %1;\n" :: "r"(addr), "r"(x) : "memory");
 }
+__device__ __forceinline__ void st_shared_v2_f32(uint32 addr, float x, float y) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" :: "r"(addr), "f"(x), "f"(y) : "memory");
+}
+
+// dst box at (c0, c1, c2, c3) of a rank-4 tensor map += the shared-memory box at `src`, by the
+// TMA unit (bulk-group completion).
+__device__ __forceinline__ void tma_reduce_add_4d(const TmaMap& map, uint32 src, int c0, int c1,
+                                                  int c2, int c3) {
+  asm volatile(
+      "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group"
+      " [%0, {%2, %3, %4, %5}], [%1];\n"
+      :: "l"(reinterpret_cast<uint64>(&map)), "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_commit_group() {
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+// Waits until at most kPending bulk groups are pending reading their shared-memory source.
+template <int kPending> __device__ __forceinline__ void bulk_wait_group_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" :: "n"(kPending) : "memory");
+}
+// Waits until at most kPending bulk groups are pending at all.
+template <int kPending> __device__ __forceinline__ void bulk_wait_group() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" :: "n"(kPending) : "memory");
+}
 
 // dst[0] += x0, dst[1] += x1 in global fp32 memory (dst 8-byte aligned): one vector reduction.
 __device__ __forceinline__ void red_add_pair(float* dst, float x0, float x1) {
@@ -127,7 +162,7 @@ template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool k
 __global__ void __launch_bounds__(kWarps * kWarpSize, 1)
 bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMap tma_q,
               const __grid_constant__ TmaMap tma_k, const __grid_constant__ TmaMap tma_v,
-              const __grid_constant__ TmaMap tma_do) {
+              const __grid_constant__ TmaMap tma_do, const __grid_constant__ TmaMap tma_dq) {
   typedef BwdSm90Traits<kHeadDim, kBlockM, kBlockN, kWarps> Tr;
   constexpr int kStages = Tr::kStages;
   static_assert(kAligned, "TMA needs 16-byte strides; unaligned inputs take the sm80 kernel");
@@ -149,6 +184,11 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
   const uint32 kv_full = bar;
   auto full = [&](int stage) { return bar + 8 * (1 + stage); };
   auto empty = [&](int stage) { return bar + 8 * (1 + kStages + stage); };
+  // dq_full: the consumers' dQ tile is in (one arrive per consumer thread); dq_empty: the TMA
+  // reduction has read it.
+  const uint32 dq_full = bar + 8 * (1 + 2 * kStages);
+  const uint32 dq_empty = dq_full + 8;
+  const uint32 dq_smem = base + Tr::kDqOffset;
 
   const int n_block = blockIdx.x;
   const int kv_head = blockIdx.y;
@@ -173,6 +213,8 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
       mbar_init(full(s), 1 + kWarpSize);  // the TMA thread's expect_tx + warp 1's statistics
       mbar_init(empty(s), Tr::kConsumerWarps);
     }
+    mbar_init(dq_full, Tr::kConsumers * Tr::kWarpgroupThreads);
+    mbar_init(dq_empty, 1);
     mbar_init_fence();
   }
   __syncthreads();
@@ -230,6 +272,21 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
         }
         mbar_arrive(full(stage));  // release: the stores above are visible to the waiters
       }
+    } else if (Tr::kDqTma && warp == 2 && lane == 0 && !p.deterministic) {
+      // dq_accum (B, Hq, Sq, width) += the step's dQ tile, box by box; rows past seqlen_q fall
+      // outside the tensor map and are dropped.
+      for (int step = 0; step < n_steps; ++step) {
+        mbar_wait(dq_full, step & 1);
+#pragma unroll
+        for (int b = 0; b < kHeadDim / 32; ++b) {
+          tma_reduce_add_4d(tma_dq, dq_smem + b * Tr::kDqBoxBytes, b * 32, step_row0(step),
+                            step_head(step), batch);
+        }
+        bulk_commit_group();
+        bulk_wait_group_read<0>();  // the tile may be overwritten
+        mbar_arrive(dq_empty);
+      }
+      bulk_wait_group<0>();  // every reduction done before the block retires
     }
   } else {
     // ---- consumers: keys [64c, 64c + 64) of the block ----
@@ -432,19 +489,40 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
         wgmma_commit();
         wgmma_wait<0>();
         fence_operand(acc_dq);
-        // -- dq_accum += dQ: rows past seqlen_q and columns past head_dim are skipped --
-        float* dq_accum = static_cast<float*>(p.dq_accum) +
-                          (static_cast<int64>(batch) * p.heads_q + head) * p.seqlen_q *
-                              p.head_dim_rounded;
+        if constexpr (Tr::kDqTma) {
+          // -- the dQ tile to shared memory for the producer's TMA reduction: (row, col) at box
+          // col / 32, row, 16-byte unit (col % 32 / 4) ^ (row % 8) --
+          mbar_wait(dq_empty, (step & 1) ^ 1);  // the previous step's tile has been read
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = row0 + dq_row0 + warp * 16 + h * 8 + g;
-          if (row >= p.seqlen_q) continue;
-          float* dst = dq_accum + static_cast<int64>(row) * p.head_dim_rounded;
+          for (int h = 0; h < 2; ++h) {
+            const int row = dq_row0 + warp * 16 + h * 8 + g;
 #pragma unroll
-          for (int dt = 0; dt < Tr::kDqCols / 8; ++dt) {
-            const int col = dq_col0 + dt * 8 + 2 * t;
-            if (col < p.head_dim) red_add_pair(dst + col, acc_dq[dt][2 * h], acc_dq[dt][2 * h + 1]);
+            for (int dt = 0; dt < Tr::kDqCols / 8; ++dt) {
+              const int col = dq_col0 + dt * 8 + 2 * t;
+              st_shared_v2_f32(dq_smem + (col / 32) * Tr::kDqBoxBytes + row * 128 +
+                                   ((((col % 32) / 4) ^ (row % 8)) << 4) + (col % 4) * 4,
+                               acc_dq[dt][2 * h], acc_dq[dt][2 * h + 1]);
+            }
+          }
+          fence_proxy_async_smem();
+          mbar_arrive(dq_full);
+        } else {
+          // -- dq_accum += dQ: rows past seqlen_q and columns past head_dim are skipped --
+          float* dq_accum = static_cast<float*>(p.dq_accum) +
+                            (static_cast<int64>(batch) * p.heads_q + head) * p.seqlen_q *
+                                p.head_dim_rounded;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int row = row0 + dq_row0 + warp * 16 + h * 8 + g;
+            if (row >= p.seqlen_q) continue;
+            float* dst = dq_accum + static_cast<int64>(row) * p.head_dim_rounded;
+#pragma unroll
+            for (int dt = 0; dt < Tr::kDqCols / 8; ++dt) {
+              const int col = dq_col0 + dt * 8 + 2 * t;
+              if (col < p.head_dim) {
+                red_add_pair(dst + col, acc_dq[dt][2 * h], acc_dq[dt][2 * h + 1]);
+              }
+            }
           }
         }
       }

@@ -47,7 +47,7 @@ def _qualifies(case: Case) -> str | None:
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 192, 256])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("lengths", [(1000, 1000), (700, 1500), (1500, 700)])
+@pytest.mark.parametrize("lengths", [(700, 700), (400, 900), (900, 400)])
 def test_long_problems(dtype, head_dim, causal, lengths):
     sq, sk = lengths
     case = Case(batch=2, seqlen_q=sq, seqlen_k=sk, heads_q=6, heads_kv=2, head_dim=head_dim,
