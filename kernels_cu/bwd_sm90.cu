@@ -28,8 +28,9 @@
 // so kBlockN = 64 keys are shared and consumer c owns dK, dV columns [128c, 128c + 128). It
 // computes S^T and dP^T for query columns [32c, 32c + 32) only, and P^T and dS^T of both halves
 // meet in shared memory, from where dV += P^T dO and dK += dS^T Q read them as K-major A operands
-// (wgmma SS). dQ is split by columns as above; its fp32 tile (64 KB) does not fit beside the
-// rest, so these consumers add dQ to dq_accum with red.global themselves.
+// (wgmma SS). dQ is split by columns as above; its fp32 tile (64 KB) has no room of its own, so
+// each consumer writes its half into the step's Q or dO slot (32 KB each) once both consumers
+// are done with them, and the producer's warp 2 frees the slot when the reduction has read it.
 #include "common.cuh"
 #include "tma_sm90.cuh"
 #include "wgmma_sm90.cuh"
@@ -77,11 +78,12 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct BwdSm90
   static constexpr int kDoOffset = kQOffset + kStages * kQBytes;
   static constexpr int kDsOffset = kDoOffset + kStages * kQBytes;  // buffer b at + b * kDsBytes
   // dQ of one step, fp32, as the TMA reduction reads it: boxes of 32 columns (128 B) x kBlockM
-  // rows, 128-byte swizzled. Not with split D (no room): there the consumers use red.global.
-  static constexpr bool kDqTma = !kSplitD;
+  // rows, 128-byte swizzled. With split D it lives in the step's Q (columns 0-127) and dO
+  // (128-255) slots instead, each exactly the size of a 64 x 128 fp32 half.
   static constexpr int kDqBoxBytes = kBlockM * 128;
+  static constexpr int kDqBoxesPerHalf = kHeadDim / 2 / 32;
   static constexpr int kDqOffset = kDsOffset + 2 * kXBytes;
-  static constexpr int kDqBytes = kDqTma ? kBlockM * kHeadDim * 4 : 0;
+  static constexpr int kDqBytes = kSplitD ? 0 : kBlockM * kHeadDim * 4;
   static constexpr int kLseOffset = kDqOffset + kDqBytes;  // [kStages][kBlockM] floats
   static constexpr int kDeltaOffset = kLseOffset + kStages * kBlockM * 4;
   static constexpr int kBarOffset = kDeltaOffset + kStages * kBlockM * 4;
@@ -106,6 +108,7 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct BwdSm90
   static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256, "whole 128-byte chunks");
   static_assert(kBlockM % 64 == 0 && kBlockM <= 128, "TMA boxes and wgmma N");
   static_assert(!kSplitD || kBlockM == 64, "split D: P^T and dS^T are one 64-query chunk");
+  static_assert(!kSplitD || kQBytes == kBlockM * kHeadDim / 2 * 4, "split D: a dQ half fills a slot");
   static_assert(kDqSplitRows || kBlockM == 64, "dQ split");
   static_assert(kDqCols % 64 == 0, "dQ columns are whole chunks");
 };
@@ -143,11 +146,6 @@ template <int kPending> __device__ __forceinline__ void bulk_wait_group_read() {
 // Waits until at most kPending bulk groups are pending at all.
 template <int kPending> __device__ __forceinline__ void bulk_wait_group() {
   asm volatile("cp.async.bulk.wait_group %0;\n" :: "n"(kPending) : "memory");
-}
-
-// dst[0] += x0, dst[1] += x1 in global fp32 memory (dst 8-byte aligned): one vector reduction.
-__device__ __forceinline__ void red_add_pair(float* dst, float x0, float x1) {
-  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" :: "l"(dst), "f"(x0), "f"(x1) : "memory");
 }
 
 // 2^x with the MUFU instruction alone (probabilities below 2^-126 flush to 0; 2^-inf = 0).
@@ -211,7 +209,8 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
       mbar_init(full(s), 1 + kWarpSize);  // the TMA thread's expect_tx + warp 1's statistics
-      mbar_init(empty(s), Tr::kConsumerWarps);
+      // With split D (atomic mode) the slot also holds the dQ tile: warp 2 frees it.
+      mbar_init(empty(s), Tr::kSplitD && !p.deterministic ? 1 : Tr::kConsumerWarps);
     }
     mbar_init(dq_full, Tr::kConsumers * Tr::kWarpgroupThreads);
     mbar_init(dq_empty, 1);
@@ -272,19 +271,25 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
         }
         mbar_arrive(full(stage));  // release: the stores above are visible to the waiters
       }
-    } else if (Tr::kDqTma && warp == 2 && lane == 0 && !p.deterministic) {
+    } else if (warp == 2 && lane == 0 && !p.deterministic) {
       // dq_accum (B, Hq, Sq, width) += the step's dQ tile, box by box; rows past seqlen_q fall
       // outside the tensor map and are dropped.
       for (int step = 0; step < n_steps; ++step) {
+        const int stage = step % kStages;
         mbar_wait(dq_full, step & 1);
 #pragma unroll
         for (int b = 0; b < kHeadDim / 32; ++b) {
-          tma_reduce_add_4d(tma_dq, dq_smem + b * Tr::kDqBoxBytes, b * 32, step_row0(step),
-                            step_head(step), batch);
+          uint32 src = dq_smem + b * Tr::kDqBoxBytes;
+          if (Tr::kSplitD) {
+            src = (b < Tr::kDqBoxesPerHalf ? q_smem(stage) : do_smem(stage)) +
+                  (b % Tr::kDqBoxesPerHalf) * Tr::kDqBoxBytes;
+          }
+          tma_reduce_add_4d(tma_dq, src, b * 32, step_row0(step), step_head(step), batch);
         }
         bulk_commit_group();
         bulk_wait_group_read<0>();  // the tile may be overwritten
         mbar_arrive(dq_empty);
+        if (Tr::kSplitD) mbar_arrive(empty(stage));  // the slot is free for the next Q, dO
       }
       bulk_wait_group<0>();  // every reduction done before the block retires
     }
@@ -471,7 +476,7 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
         wgmma_wait<0>();
         fence_operand(acc_dv);
         fence_operand(acc_dk);
-        if (lane == 0) mbar_arrive(empty(stage));
+        if (lane == 0 && p.deterministic) mbar_arrive(empty(stage));  // else warp 2 does
       }
 
       if (!p.deterministic) {
@@ -489,42 +494,30 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
         wgmma_commit();
         wgmma_wait<0>();
         fence_operand(acc_dq);
-        if constexpr (Tr::kDqTma) {
-          // -- the dQ tile to shared memory for the producer's TMA reduction: (row, col) at box
-          // col / 32, row, 16-byte unit (col % 32 / 4) ^ (row % 8) --
-          mbar_wait(dq_empty, (step & 1) ^ 1);  // the previous step's tile has been read
+        // -- the dQ tile to shared memory for the producer's TMA reduction: (row, col) at box
+        // col / 32, row, 16-byte unit (col % 32 / 4) ^ (row % 8). With split D this consumer's
+        // half goes to the step's Q or dO slot, once neither consumer reads them any more. --
+        uint32 tile = dq_smem;
+        int tile_col0 = 0;  // the column of the tile's first box
+        if (Tr::kSplitD) {
+          named_bar_sync(2, 2 * Tr::kWarpgroupThreads);  // both consumers' dV, dK are done
+          tile = consumer == 0 ? q_smem(stage) : do_smem(stage);
+          tile_col0 = dq_col0;
+        }
+        mbar_wait(dq_empty, (step & 1) ^ 1);  // the previous step's tile has been read
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int row = dq_row0 + warp * 16 + h * 8 + g;
+        for (int h = 0; h < 2; ++h) {
+          const int row = dq_row0 + warp * 16 + h * 8 + g;
 #pragma unroll
-            for (int dt = 0; dt < Tr::kDqCols / 8; ++dt) {
-              const int col = dq_col0 + dt * 8 + 2 * t;
-              st_shared_v2_f32(dq_smem + (col / 32) * Tr::kDqBoxBytes + row * 128 +
-                                   ((((col % 32) / 4) ^ (row % 8)) << 4) + (col % 4) * 4,
-                               acc_dq[dt][2 * h], acc_dq[dt][2 * h + 1]);
-            }
-          }
-          fence_proxy_async_smem();
-          mbar_arrive(dq_full);
-        } else {
-          // -- dq_accum += dQ: rows past seqlen_q and columns past head_dim are skipped --
-          float* dq_accum = static_cast<float*>(p.dq_accum) +
-                            (static_cast<int64>(batch) * p.heads_q + head) * p.seqlen_q *
-                                p.head_dim_rounded;
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int row = row0 + dq_row0 + warp * 16 + h * 8 + g;
-            if (row >= p.seqlen_q) continue;
-            float* dst = dq_accum + static_cast<int64>(row) * p.head_dim_rounded;
-#pragma unroll
-            for (int dt = 0; dt < Tr::kDqCols / 8; ++dt) {
-              const int col = dq_col0 + dt * 8 + 2 * t;
-              if (col < p.head_dim) {
-                red_add_pair(dst + col, acc_dq[dt][2 * h], acc_dq[dt][2 * h + 1]);
-              }
-            }
+          for (int dt = 0; dt < Tr::kDqCols / 8; ++dt) {
+            const int col = dq_col0 - tile_col0 + dt * 8 + 2 * t;
+            st_shared_v2_f32(tile + (col / 32) * Tr::kDqBoxBytes + row * 128 +
+                                 ((((col % 32) / 4) ^ (row % 8)) << 4) + (col % 4) * 4,
+                             acc_dq[dt][2 * h], acc_dq[dt][2 * h + 1]);
           }
         }
+        fence_proxy_async_smem();
+        mbar_arrive(dq_full);
       }
     }
 
