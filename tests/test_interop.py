@@ -122,9 +122,13 @@ def test_torch_bfloat16_is_refused_on_the_cpu(torch):
 # ---- JAX -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def jax():
-    return pytest.importorskip("jax", reason="jax is not installed")
+    """JAX with its CPU backend as the default device: these tests are about host arrays, also on
+    a machine whose JAX defaults to a GPU (where jnp.asarray would land on the GPU)."""
+    jax = pytest.importorskip("jax", reason="jax is not installed")
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield jax
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
