@@ -70,6 +70,20 @@ BWD_SM80_DQ_TILES: dict[int, Tile] = {
     128: Tile(block_m=128, block_n=64, warps=8),
     256: Tile(block_m=64, block_n=32, warps=4),
 }
+# The same kernels on GPUs whose blocks get at most ~99 KB of shared memory (cc 8.6, 8.9, 12.0:
+# 101376 bytes), taken when the tables above need more than the device allows: dK/dV 91 KB at
+# D=64 and, single-buffered, 96 KB at D=128 (a dK/dV tile whose single-buffered size fits 99 KB
+# and double-buffered one does not stays single, on every GPU); the deterministic dQ 72 / 68 KB.
+# D=256 has no such tile: its sm80 dK/dV kernel splits D across two warps per key slice and needs
+# >= 107 KB even at 32 x 32. (32 x 64 with 4 warps fits at D=128 too but spills 4-12 bytes.)
+BWD_SM80_SMALL_DKDV_TILES: dict[int, Tile] = {
+    64: Tile(block_m=64, block_n=128, warps=8),
+    128: Tile(block_m=32, block_n=128, warps=8),
+}
+BWD_SM80_SMALL_DQ_TILES: dict[int, Tile] = {
+    64: Tile(block_m=128, block_n=64, warps=8),
+    128: Tile(block_m=64, block_n=32, warps=4),
+}
 BWD_SM80_ROWWISE_TILE = Tile(block_m=64, block_n=0, warps=4)
 # Backward dK/dV on Hopper, fp16/bf16 (kernels_cu/bwd_sm90.cu): block_n keys per block, block_m
 # query rows per step, 12 warps (one producer and two consumer warpgroups). Up to D=128 each
@@ -85,6 +99,8 @@ log = logging.getLogger("cuflash")
 
 # Shared-memory budget the sm80 backward plans its pipeline stages against (A100's per-block max).
 _SM80_SMEM_BUDGET = 163 * 1024
+# What cc 8.6 / 8.9 / 12.0 GPUs allow a block (the small tables must fit it).
+_SMALL_SMEM_LIMIT = 99 * 1024
 
 
 @dataclass(frozen=True)
@@ -124,7 +140,9 @@ def _sm80_smem(width: int, dkdv: Tile, dq: Tile) -> tuple[int, int]:
 
     m, n = dkdv.block_m, dkdv.block_n
     fixed = 2 * n * row(width) + (1 if width <= 128 else 2) * n * row(m) + 16 * m
-    stages = 2 if fixed + 4 * m * row(width) <= _SM80_SMEM_BUDGET else 1
+    one, two = fixed + 2 * m * row(width), fixed + 4 * m * row(width)
+    single_to_fit_small = one <= _SMALL_SMEM_LIMIT < two
+    stages = 2 if two <= _SM80_SMEM_BUDGET and not single_to_fit_small else 1
     smem_dkdv = fixed + 2 * stages * m * row(width)
     m, n = dq.block_m, dq.block_n
     stages = 2 if 2 * m * row(width) + 4 * n * row(width) <= _SM80_SMEM_BUDGET else 1
@@ -185,10 +203,15 @@ def _sm90_reason(dtype: str, head_dim: int, aligned: bool, cc: int, arrays) -> s
     return None
 
 
-def _sm80_kernels(dtype: str, head_dim: int, causal: bool, aligned: bool) -> BwdKernels:
+def _sm80_kernels(dtype: str, head_dim: int, causal: bool, aligned: bool,
+                  smem_limit: int | None) -> BwdKernels:
     width = width_for(head_dim, BWD_SM80_DKDV_TILES)
     dkdv, dq = BWD_SM80_DKDV_TILES[width], BWD_SM80_DQ_TILES[width]
     smem_dkdv, smem_dq = _sm80_smem(width, dkdv, dq)
+    if (smem_limit is not None and max(smem_dkdv, smem_dq) > smem_limit
+            and width in BWD_SM80_SMALL_DKDV_TILES):
+        dkdv, dq = BWD_SM80_SMALL_DKDV_TILES[width], BWD_SM80_SMALL_DQ_TILES[width]
+        smem_dkdv, smem_dq = _sm80_smem(width, dkdv, dq)
     rows = BWD_SM80_ROWWISE_TILE
 
     def spec(entry: str, tile: Tile, masked: bool, smem: int) -> KernelSpec:
@@ -209,10 +232,15 @@ def _row_spec(entry: str, dtype: str, width: int) -> KernelSpec:
                       False, False, 0, min_arch=60)
 
 
-def bwd_kernels(dtype: str, head_dim: int, causal: bool, aligned: bool) -> BwdKernels:
-    """The backward kernels the dispatcher picks for one problem class."""
+def bwd_kernels(dtype: str, head_dim: int, causal: bool, aligned: bool,
+                smem_limit: int | None = None) -> BwdKernels:
+    """The backward kernels the dispatcher picks for one problem class.
+
+    `smem_limit`: the device's shared memory per block (bytes); the fp16/bf16 kernels take their
+    small tiles when the regular ones need more (None: the regular tiles).
+    """
     if _dtypes.uses_tensor_cores(dtype):
-        return _sm80_kernels(dtype, head_dim, causal, aligned)
+        return _sm80_kernels(dtype, head_dim, causal, aligned, smem_limit)
     tiles = BWD_SIMT_TILES[dtype]
     width = width_for(head_dim, tiles)
     tile = tiles[width]
@@ -235,13 +263,16 @@ def all_bwd_specs() -> list[KernelSpec]:
     specs: dict[KernelSpec, None] = {}
     widths = {dtype: tuple(tiles) for dtype, tiles in BWD_SIMT_TILES.items()}
     widths |= {dtype: tuple(BWD_SM80_DKDV_TILES) for dtype in ("float16", "bfloat16")}
+    small = _SMALL_SMEM_LIMIT  # the small-shared-memory tables too
     for dtype, dtype_widths in widths.items():
         for width in dtype_widths:
             for causal in (False, True):
                 for aligned in (False, True):
-                    kernels = bwd_kernels(dtype, width, causal, aligned)
-                    for spec in (kernels.preprocess, kernels.dkdv, kernels.dq, kernels.convert):
-                        specs[spec] = None
+                    for limit in (None, small):
+                        kernels = bwd_kernels(dtype, width, causal, aligned, limit)
+                        for spec in (kernels.preprocess, kernels.dkdv, kernels.dq,
+                                     kernels.convert):
+                            specs[spec] = None
     return list(specs)
 
 
@@ -265,7 +296,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
     _, seqlen_k, heads_kv, _ = k.shape
     dtype = _dtypes.dtype_name(q.dtype)
     aligned = is_aligned((q, k, v, out, dout, dq, dk, dv), head_dim)
-    kernels = bwd_kernels(dtype, head_dim, causal, aligned)
+    kernels = bwd_kernels(dtype, head_dim, causal, aligned, _compile.smem_limit(device_id))
     if batch == 0 or heads_q == 0:
         return
     accum = _accum_dtype(dtype)

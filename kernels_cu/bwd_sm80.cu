@@ -23,6 +23,9 @@ namespace cuflash {
 // (A100, 163 KB). Double buffering is dropped where it would not fit, so every instantiation runs
 // on A100 and H100 alike (sm_86/sm_89 offer only 99 KB and need smaller tiles).
 constexpr int kSm80SmemBudget = 163 * 1024;
+// The per-block maximum of cc 8.6 / 8.9 / 12.0 GPUs (99 KB), which the small dK/dV tiles
+// (cuflash/_launch_bwd.py BWD_SM80_SMALL_DKDV_TILES) must fit.
+constexpr int kSmallSmemBudget = 99 * 1024;
 
 __host__ __device__ constexpr int cmin(int a, int b) { return a < b ? a : b; }
 
@@ -306,7 +309,13 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct BwdDkdv
   static constexpr int kStatBytes = 2 * kBlockM * 4;  // lse or delta: 2 buffers of kBlockM floats
   static constexpr int kFixedBytes =
       2 * KVTile::kBytes + (kPInRegs ? 1 : 2) * DsTile::kBytes + 2 * kStatBytes;
-  static constexpr int kStages = kFixedBytes + 4 * QTile::kBytes <= kSm80SmemBudget ? 2 : 1;
+  // Q, dO double-buffered where that fits A100's 163 KB, unless single buffering is what lets the
+  // tile fit the 99 KB of the small-shared-memory GPUs.
+  static constexpr int kOneStageBytes = kFixedBytes + 2 * QTile::kBytes;
+  static constexpr int kTwoStageBytes = kFixedBytes + 4 * QTile::kBytes;
+  static constexpr bool kSingleToFitSmall =
+      kOneStageBytes <= kSmallSmemBudget && kTwoStageBytes > kSmallSmemBudget;
+  static constexpr int kStages = kTwoStageBytes <= kSm80SmemBudget && !kSingleToFitSmall ? 2 : 1;
   static constexpr int kKOffset = 0;
   static constexpr int kVOffset = kKOffset + KVTile::kBytes;
   static constexpr int kQOffset = kVOffset + KVTile::kBytes;   // stage s at + s * QTile::kBytes

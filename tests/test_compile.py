@@ -68,3 +68,51 @@ def test_every_tensor_core_width_is_covered():
             for causal in (False, True):
                 for aligned in (False, True):
                     assert (dtype, width, causal, aligned) in forward
+
+
+def _assert_compiles(source: str, name: str) -> None:
+    from cupy_backends.cuda.libs import nvrtc
+
+    prog = nvrtc.createProgram(source, name, [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, list(_compile.nvrtc_options("sm_80")))
+        except nvrtc.NVRTCError:
+            pytest.fail(f"{name}:\n{nvrtc.getProgramLog(prog)}")
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def test_sm80_backward_shared_memory_mirrors_the_traits():
+    """_launch_bwd's shared-memory formula equals the C++ traits' kSmemBytes for every sm80
+    backward tile, the small-shared-memory ones included (the sm80 kernels do not check the
+    launch's dynamic size themselves)."""
+    tables = [(_launch_bwd.BWD_SM80_DKDV_TILES, _launch_bwd.BWD_SM80_DQ_TILES),
+              (_launch_bwd.BWD_SM80_SMALL_DKDV_TILES, _launch_bwd.BWD_SM80_SMALL_DQ_TILES)]
+    asserts = []
+    for dkdv_tiles, dq_tiles in tables:
+        for width, dkdv in dkdv_tiles.items():
+            dq = dq_tiles[width]
+            smem_dkdv, smem_dq = _launch_bwd._sm80_smem(width, dkdv, dq)
+            asserts.append(
+                f"static_assert(cuflash::BwdDkdvSm80Traits<{width}, {dkdv.block_m}, "
+                f"{dkdv.block_n}, {dkdv.warps}>::kSmemBytes == {smem_dkdv}, \"dkdv {width}\");")
+            asserts.append(
+                f"static_assert(cuflash::BwdDqSm80Traits<{width}, {dq.block_m}, {dq.block_n}, "
+                f"{dq.warps}>::kSmemBytes == {smem_dq}, \"dq {width}\");")
+    source = _compile.expanded_source("bwd_sm80.cu") + "\n" + "\n".join(asserts) + "\n"
+    _assert_compiles(source, "smem_mirror.cu")
+
+
+def test_small_shared_memory_tables_fit_99_kb():
+    """On cc 8.6 / 8.9 / 12.0 (101376 bytes per block) the fp16/bf16 backward takes the small
+    tiles up to head dim 128, and every kernel of them fits; D=256 keeps tiles that do not."""
+    limit = 99 * 1024
+    for width in (64, 128):
+        kernels = _launch_bwd.bwd_kernels("bfloat16", width, True, True, smem_limit=limit)
+        assert kernels.dkdv.smem_bytes <= limit and kernels.dq.smem_bytes <= limit
+        assert kernels.width == width
+    regular = _launch_bwd.bwd_kernels("bfloat16", 128, True, True, smem_limit=227 * 1024)
+    assert regular.dkdv.block_n == _launch_bwd.BWD_SM80_DKDV_TILES[128].block_n
+    wide = _launch_bwd.bwd_kernels("bfloat16", 256, True, True, smem_limit=limit)
+    assert wide.dkdv.smem_bytes > limit  # refused by _compile with a clear error at first use

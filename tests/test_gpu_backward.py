@@ -17,7 +17,7 @@ require_gpu()
 import cupy  # noqa: E402
 
 import cuflash  # noqa: E402
-from cuflash import reference  # noqa: E402
+from cuflash import _compile, reference  # noqa: E402
 from tests.accuracy import (  # noqa: E402
     assert_matches_reference,
     backward_eps,
@@ -103,3 +103,18 @@ def test_deterministic_is_bitwise_repeatable(dtype, kernel_path):
     for later in runs[1:]:
         for first, again in zip(runs[0], later, strict=False):
             np.testing.assert_array_equal(first, again)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("head_dim", [64, 96, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_small_shared_memory_tiles(dtype, head_dim, causal, monkeypatch):
+    """The sm80 tiles for GPUs with 99 KB of shared memory per block (cc 8.6 / 8.9 / 12.0),
+    taken here by making this GPU report 99 KB."""
+    monkeypatch.setenv("CUFLASH_FORCE_SM80", "1")
+    monkeypatch.setattr(_compile, "smem_limit", lambda device_id: 99 * 1024)
+    for sq, sk in ((127, 129), (200, 1), (64, 257), (300, 300)):
+        case = Case(batch=2, seqlen_q=sq, seqlen_k=sk, heads_q=4, heads_kv=2, head_dim=head_dim,
+                    dtype=dtype, causal=causal)
+        _check_case(case, seed=sq * 1000 + sk)
+        _check_case(case, seed=sq * 1000 + sk, deterministic=True)
