@@ -24,11 +24,13 @@ log = logging.getLogger("cuflash")
 
 # Forward, wgmma + TMA, fp16/bf16. block_m = 64 rows per consumer warpgroup x 2 consumers;
 # warps = 4 per warpgroup x (1 producer + 2 consumers). block_n is bounded by the consumers'
-# 240 registers: S (block_n / 2 floats per thread) + O (width / 2) + P (block_n / 4).
+# 240 registers: S (block_n / 2 floats per thread) + O (width / 2) + P (block_n / 4), and by
+# shared memory: at D=256, block_n 80 (FA3's choice) fills 230 KB of the H100's 227 KB limit
+# and ran 4-15% faster than 64 (kernel_notes_sm90.md, step 5).
 FWD_SM90_TILES: dict[int, Tile] = {
     64: Tile(block_m=128, block_n=128, warps=12),
     128: Tile(block_m=128, block_n=128, warps=12),
-    256: Tile(block_m=128, block_n=64, warps=12),
+    256: Tile(block_m=128, block_n=80, warps=12),
 }
 STAGES = 2  # K/V shared-memory slots; mirrors FwdSm90Traits::kStages
 SMEM_LIMIT = 232448  # opt-in shared memory per block on an H100; mirrors FwdSm90Traits::kSmemLimit

@@ -82,7 +82,7 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   static_assert(kWarps % 4 == 0 && kConsumerWarpgroups >= 1, "whole warpgroups, one producer");
   static_assert(kBlockM == kConsumerWarpgroups * kRowsPerConsumer, "64 query rows per consumer");
   static_assert(kHeadDim % kChunkCols == 0, "head dim widths are whole 128-byte chunks");
-  static_assert(kBlockN % 64 == 0 && kBlockN <= 256, "TMA boxes and wgmma N");
+  static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "TMA box rows and wgmma N (k16 steps of P V)");
   static_assert(kBarOffset + 8 * kBarriers + 1024 == kSmemBytes, "layout and size agree");
 };
 
