@@ -22,16 +22,20 @@ from cuflash._spec import KernelSpec
 
 log = logging.getLogger("cuflash")
 
-# Forward, wgmma + TMA, fp16/bf16. block_m = 64 rows per consumer warpgroup x 2 consumers;
-# warps = 4 per warpgroup x (1 producer + 2 consumers). block_n is bounded by the consumers'
-# 240 registers: S (block_n / 2 floats per thread) + O (width / 2) + P (block_n / 4), and by
-# shared memory: at D=256, block_n 80 (FA3's choice) fills 230 KB of the H100's 227 KB limit
-# and ran 4-15% faster than 64 (kernel_notes_sm90.md, step 5).
+# Forward, wgmma + TMA, fp16/bf16. block_m = 64 rows per consumer warpgroup x 2 or 3
+# consumers; warps = 4 per warpgroup x (1 producer + the consumers). block_n is bounded by the
+# consumers' registers (240 each with two, 160 with three): S (block_n / 2 floats per thread) +
+# O (width / 2) + P (block_n / 4), and by shared memory: at D=256, block_n 80 (FA3's choice)
+# fills 230 KB of the H100's 227 KB limit and ran 4-15% faster than 64. D=64 runs three consumers
+# (FA3's 192 x 128): 3-15% faster than two, except causal problems of up to 2k queries, where the
+# coarser diagonal tiles cost 7-10% and two consumers stay (kernel_notes_sm90.md, steps 5-6).
 FWD_SM90_TILES: dict[int, Tile] = {
-    64: Tile(block_m=128, block_n=128, warps=12),
+    64: Tile(block_m=192, block_n=128, warps=16),
     128: Tile(block_m=128, block_n=128, warps=12),
     256: Tile(block_m=128, block_n=80, warps=12),
 }
+FWD_SM90_SHORT_CAUSAL_TILES: dict[int, Tile] = {64: Tile(block_m=128, block_n=128, warps=12)}
+SHORT_CAUSAL_MAX_SEQLEN_Q = 2048
 STAGES = 2  # K/V shared-memory slots; mirrors FwdSm90Traits::kStages
 SMEM_LIMIT = 232448  # opt-in shared memory per block on an H100; mirrors FwdSm90Traits::kSmemLimit
 _CHUNK_COLS = 64  # one TMA box / swizzle chunk: 64 16-bit columns = 128 bytes
@@ -73,10 +77,13 @@ def sm_count(device_id: int) -> int:
 
 
 @functools.cache
-def fwd_sm90_spec(dtype: str, head_dim: int, causal: bool) -> KernelSpec:
-    """The Hopper forward kernel for one problem class (memoised: hot path)."""
+def fwd_sm90_spec(dtype: str, head_dim: int, causal: bool, short: bool = False) -> KernelSpec:
+    """The Hopper forward kernel for one problem class (memoised: hot path). `short`: at most
+    SHORT_CAUSAL_MAX_SEQLEN_Q queries, which picks the short-causal tile where there is one."""
     width = width_for(head_dim, FWD_SM90_TILES)
     tile = FWD_SM90_TILES[width]
+    if causal and short:
+        tile = FWD_SM90_SHORT_CAUSAL_TILES.get(width, tile)
     return KernelSpec("fwd_sm90.cu", "fwd_sm90", dtype, width, tile.block_m, tile.block_n,
                       tile.warps, causal, True, smem_bytes(width, tile, _dtypes.itemsize(dtype)),
                       min_arch=90)
@@ -84,8 +91,10 @@ def fwd_sm90_spec(dtype: str, head_dim: int, causal: bool) -> KernelSpec:
 
 def all_fwd_sm90_specs() -> list[KernelSpec]:
     """Every instantiation forward_sm90 can choose (for the compile test)."""
-    return [fwd_sm90_spec(dtype, width, causal)
-            for dtype in _TENSOR_DTYPES for width in FWD_SM90_TILES for causal in (False, True)]
+    specs = {fwd_sm90_spec(dtype, width, causal, short): None
+             for dtype in _TENSOR_DTYPES for width in FWD_SM90_TILES for causal in (False, True)
+             for short in (False, True)}
+    return list(specs)
 
 
 # ---- TMA tensor maps --------------------------------------------------------------------------
@@ -206,7 +215,7 @@ def plan_sm90(q, k, v, out, *, causal: bool, scale: float, device_id: int, cc: i
         if reason is not None:
             return _reject(reason)
 
-    spec = fwd_sm90_spec(dtype, head_dim, causal)
+    spec = fwd_sm90_spec(dtype, head_dim, causal, seqlen_q <= SHORT_CAUSAL_MAX_SEQLEN_Q)
     # Persistent: at most one block per SM, each looping over work units.
     units = work_units(batch, seqlen_q, heads_q, spec.block_m, causal)
 

@@ -47,4 +47,19 @@ def test_q_is_double_buffered_where_it_fits():
     tiles = _launch_sm90.FWD_SM90_TILES
     assert {width: _launch_sm90.q_stages(width, tile) for width, tile in tiles.items()} == {
         64: 2, 128: 2, 256: 1}
+    short = _launch_sm90.FWD_SM90_SHORT_CAUSAL_TILES
+    assert all(_launch_sm90.q_stages(width, tile) == 2 for width, tile in short.items())
+
+
+def test_short_causal_problems_take_their_own_tile():
+    """D=64: three consumers (192-row tiles), except causal with up to 2k queries."""
+    spec = _launch_sm90.fwd_sm90_spec
+    assert _launch_sm90.SHORT_CAUSAL_MAX_SEQLEN_Q == 2048
+    assert spec("bfloat16", 64, False, short=True).block_m == 192
+    assert spec("bfloat16", 64, True, short=False).block_m == 192
+    assert spec("bfloat16", 64, True, short=True).block_m == 128
+    assert spec("bfloat16", 64, True, short=True).warps == 12
+    assert spec("bfloat16", 128, True, short=True).block_m == 128  # no short tile at D=128
+    assert {(s.head_dim, s.block_m, s.causal) for s in SPECS if s.head_dim == 64} == {
+        (64, 192, False), (64, 192, True), (64, 128, True)}
     assert all(spec.smem_bytes <= _launch_sm90.SMEM_LIMIT == SMEM_LIMIT for spec in SPECS)
