@@ -166,10 +166,7 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
   static_assert(kAligned, "TMA needs 16-byte strides; unaligned inputs take the sm80 kernel");
   extern __shared__ __align__(1024) char smem_raw[];
 
-  uint32 dyn_smem;
-  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
-  if (dyn_smem < Tr::kSmemBytes) __trap();  // the launch must mirror kSmemBytes
-  const uint32 base = (smem_u32(smem_raw) + 1023) & ~1023u;
+  const uint32 base = smem_base_1024<Tr::kSmemBytes>(smem_raw);
   char* const base_ptr = smem_raw + (base - smem_u32(smem_raw));
   const uint32 k_smem = base + Tr::kKOffset;
   const uint32 v_smem = base + Tr::kVOffset;
@@ -322,6 +319,19 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
     const int dq_row0 = Tr::kDqSplitRows ? consumer * 64 : 0;
     const int dq_col0 = Tr::kDqSplitRows ? 0 : consumer * Tr::kDqCols;
 
+    // acc = A B^T over the head dim, both K-major (a k16 step is 32 B inside a chunk): A this
+    // consumer's key rows of K or V, B its query columns of the step's Q or dO. One wgmma group.
+    auto issue_keys_by_queries = [&](float (&acc)[kQTiles][4], uint32 a_rows, uint32 b_tile) {
+#pragma unroll
+      for (int ks = 0; ks < Tr::kQKSteps; ++ks) {
+        const uint32 a_off = (ks / 4) * Tr::kKVChunkBytes + (ks % 4) * 32;
+        const uint32 b_off = (ks / 4) * Tr::kQChunkBytes + (ks % 4) * 32;
+        Wgmma<T, Tr::kConsumerQueries>::ss(acc, make_desc(a_rows + a_off, 16, 1024),
+                                           make_desc(b_tile + q_cols + b_off, 16, 1024), ks > 0);
+      }
+      wgmma_commit();
+    };
+
     if (n_steps > 0) mbar_wait(kv_full, 0);
     for (int step = 0; step < n_steps; ++step) {
       const int stage = step % kStages;
@@ -331,24 +341,8 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
       // -- S^T = K_c Q^T and dP^T = V_c dO^T, two wgmma groups --
       float st[kQTiles][4], dpt[kQTiles][4];
       wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < Tr::kQKSteps; ++ks) {
-        const uint32 off = (ks / 4) * Tr::kKVChunkBytes + (ks % 4) * 32;
-        const uint32 q_off = (ks / 4) * Tr::kQChunkBytes + (ks % 4) * 32;
-        Wgmma<T, Tr::kConsumerQueries>::ss(st, make_desc(k_rows + off, 16, 1024),
-                                           make_desc(q_smem(stage) + q_cols + q_off, 16, 1024),
-                                           ks > 0);
-      }
-      wgmma_commit();
-#pragma unroll
-      for (int ks = 0; ks < Tr::kQKSteps; ++ks) {
-        const uint32 off = (ks / 4) * Tr::kKVChunkBytes + (ks % 4) * 32;
-        const uint32 q_off = (ks / 4) * Tr::kQChunkBytes + (ks % 4) * 32;
-        Wgmma<T, Tr::kConsumerQueries>::ss(dpt, make_desc(v_rows + off, 16, 1024),
-                                           make_desc(do_smem(stage) + q_cols + q_off, 16, 1024),
-                                           ks > 0);
-      }
-      wgmma_commit();
+      issue_keys_by_queries(st, k_rows, q_smem(stage));
+      issue_keys_by_queries(dpt, v_rows, do_smem(stage));
 
       // -- P^T = exp2(S^T * scale_log2 - lse_log2) while dP^T runs --
       wgmma_wait<1>();

@@ -128,10 +128,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
   static_assert(kAligned, "TMA needs 16-byte strides; unaligned inputs take the sm80 kernel");
   extern __shared__ __align__(1024) char smem_raw[];
 
-  uint32 dyn_smem;
-  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
-  if (dyn_smem < Tr::kSmemBytes) __trap();  // the launch must mirror kSmemBytes
-  const uint32 base = (smem_u32(smem_raw) + 1023) & ~1023u;
+  const uint32 base = smem_base_1024<Tr::kSmemBytes>(smem_raw);
   const uint32 bar = base + Tr::kBarOffset;
   auto q_smem = [&](int stage) { return base + Tr::kQOffset + stage * Tr::kQBytes; };
   auto k_smem = [&](int stage) { return base + Tr::kKOffset + stage * Tr::kKVBytes; };

@@ -17,6 +17,16 @@ __device__ __forceinline__ uint32 smem_u32(const void* p) {
   return static_cast<uint32>(__cvta_generic_to_shared(p));
 }
 
+// The 1024-byte-aligned start of a kernel's dynamic shared memory (swizzle atoms need 1024; the
+// window itself is only 16-byte aligned, so a launch provides kBytes = the layout + 1024). Traps
+// when the launch gave less than kBytes: the Python side must mirror the kernel's layout.
+template <int kBytes> __device__ __forceinline__ uint32 smem_base_1024(const char* smem_raw) {
+  uint32 dyn_smem;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
+  if (dyn_smem < kBytes) __trap();
+  return (smem_u32(smem_raw) + 1023) & ~1023u;
+}
+
 // ---- mbarrier --------------------------------------------------------------------------------
 
 __device__ __forceinline__ void mbar_init(uint32 bar, int count) {

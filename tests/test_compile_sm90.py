@@ -1,28 +1,32 @@
-"""Every Hopper forward instantiation (kernels_cu/fwd_sm90.cu) compiles clean for sm_90a.
+"""Every Hopper instantiation (kernels_cu/fwd_sm90.cu, kernels_cu/bwd_sm90.cu) compiles clean for
+sm_90a.
 
-No spills, no stack frame, at most 255 registers (ptxas reports the entry cap of 168 that
-`__launch_bounds__(384, 1)` sets; setmaxnreg then moves registers from the producer warpgroup to
-the consumers). Runs on the CPU: NVRTC and ptxas need no GPU. ``pytest -s`` prints the reports.
+No spills, no stack frame, at most 255 registers (ptxas reports the entry cap that
+`__launch_bounds__(threads, 1)` sets, 168 for 384 threads; setmaxnreg then moves registers from
+the producer warpgroup to the consumers), no ptxas warning, and no static shared memory beside the
+dynamic size the launch mirrors, within an H100 block's limit. Runs on the CPU: NVRTC and ptxas
+need no GPU. ``pytest -s`` prints the reports.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from cuflash import _compile, _launch_sm90
+from cuflash import _compile, _launch_bwd, _launch_sm90
 
 SPECS = _launch_sm90.all_fwd_sm90_specs()
+BWD_SPECS = _launch_bwd.all_bwd_sm90_specs()
 MAX_REGISTERS = 255
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on an H100
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=[spec.name for spec in SPECS])
+@pytest.mark.parametrize("spec", SPECS + BWD_SPECS, ids=[s.name for s in SPECS + BWD_SPECS])
 def test_compiles_without_spills(spec):
     report = _compile.compile_report(spec, "sm_90a")
     print(report.line())
     assert report.clean, f"spills or stack frame:\n{report.log}"
     assert report.registers <= MAX_REGISTERS
-    assert report.smem_bytes <= SMEM_LIMIT
+    assert report.smem_bytes == spec.smem_bytes <= SMEM_LIMIT
     assert "warning" not in report.log.lower(), report.log  # e.g. setmaxnreg ignored (C7508)
 
 
@@ -63,3 +67,18 @@ def test_short_causal_problems_take_their_own_tile():
     assert {(s.head_dim, s.block_m, s.causal) for s in SPECS if s.head_dim == 64} == {
         (64, 192, False), (64, 192, True), (64, 128, True)}
     assert all(spec.smem_bytes <= _launch_sm90.SMEM_LIMIT == SMEM_LIMIT for spec in SPECS)
+
+
+def test_every_backward_width_and_dtype_is_covered():
+    assert {(s.dtype, s.head_dim, s.causal) for s in BWD_SPECS} == {
+        (dtype, width, causal)
+        for dtype in ("float16", "bfloat16")
+        for width in _launch_bwd.BWD_SM90_TILES
+        for causal in (False, True)
+    }
+
+
+def test_backward_head_dims_round_up_to_a_compiled_width():
+    spec = _launch_bwd.dkdv_sm90_spec("float16", 72, False)
+    assert spec.head_dim == 128 and spec.min_arch == 90 and spec.warps == 12
+    assert _launch_bwd.dkdv_sm90_spec("bfloat16", 200, True).head_dim == 256

@@ -9,18 +9,15 @@ printed, without a CUDA GPU of compute capability 9.0.
 
 from __future__ import annotations
 
-import subprocess
-import tempfile
-
 import pytest
 
-from tests.gpu_support import require_gpu
+from tests.gpu_support import require_gpu, sass_of
 
 require_gpu()
 
 import cupy  # noqa: E402
 
-from cuflash import _compile, _launch_bwd  # noqa: E402
+from cuflash import _launch_bwd  # noqa: E402
 from cuflash._launch import is_aligned  # noqa: E402
 from cuflash.api import compute_capability  # noqa: E402
 from tests.strategies import Case  # noqa: E402
@@ -68,25 +65,6 @@ def test_unaligned_rows_and_fp32_fall_back():
 
 def test_sass_uses_hgmma_and_tma():
     """bwd_dkdv_sm90 runs on wgmma (HGMMA) and TMA (UTMALDG), not on mma.sync."""
-    from cupy_backends.cuda.libs import nvrtc
-
-    spec = _launch_bwd.dkdv_sm90_spec("bfloat16", 128, True)
-    prog = nvrtc.createProgram(_compile.expanded_source(spec.source), spec.source, [], [])
-    try:
-        nvrtc.addNameExpression(prog, spec.name)
-        nvrtc.compileProgram(prog, list(_compile.nvrtc_options("sm_90a")))
-        ptx = nvrtc.getPTX(prog)
-    finally:
-        nvrtc.destroyProgram(prog)
-    with tempfile.TemporaryDirectory() as tmp:
-        with open(f"{tmp}/k.ptx", "w") as f:
-            f.write(ptx.decode() if isinstance(ptx, bytes) else ptx)
-        try:
-            subprocess.run(["ptxas", "-arch=sm_90a", f"{tmp}/k.ptx", "-o", f"{tmp}/k.cubin"],
-                           check=True)
-            sass = subprocess.run(["cuobjdump", "-sass", f"{tmp}/k.cubin"], check=True,
-                                  capture_output=True, text=True).stdout
-        except FileNotFoundError as err:
-            pytest.skip(f"CUDA binary tools not on PATH ({err})")
+    sass = sass_of(_launch_bwd.dkdv_sm90_spec("bfloat16", 128, True))
     assert "HGMMA" in sass and "UTMALDG" in sass
     assert "HMMA" not in sass.replace("HGMMA", "")

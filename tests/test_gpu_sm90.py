@@ -7,21 +7,18 @@ of compute capability 9.0.
 
 from __future__ import annotations
 
-import subprocess
-import tempfile
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.gpu_support import require_gpu, to_numpy, torch_cuda
+from tests.gpu_support import require_gpu, sass_of, to_numpy, torch_cuda
 
 require_gpu()
 
 import cupy  # noqa: E402
 
-from cuflash import _compile, _launch_sm90, reference  # noqa: E402
+from cuflash import _launch_sm90, reference  # noqa: E402
 from cuflash.api import compute_capability  # noqa: E402
 from tests.accuracy import assert_matches_reference, naive_attention  # noqa: E402
 from tests.strategies import Case, make_inputs, problems, seeds, to_bshd4  # noqa: E402
@@ -159,25 +156,6 @@ def test_refuses_what_tma_cannot_read(reason, make):
 
 def test_sass_uses_hgmma_and_tma():
     """The compiled kernel runs on wgmma (HGMMA) and TMA (UTMALDG), not on mma.sync."""
-    from cupy_backends.cuda.libs import nvrtc
-
-    spec = _launch_sm90.fwd_sm90_spec("bfloat16", 128, True)
-    prog = nvrtc.createProgram(_compile.expanded_source(spec.source), spec.source, [], [])
-    try:
-        nvrtc.addNameExpression(prog, spec.name)
-        nvrtc.compileProgram(prog, list(_compile.nvrtc_options("sm_90a")))
-        ptx = nvrtc.getPTX(prog)
-    finally:
-        nvrtc.destroyProgram(prog)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = f"{tmp}/k.ptx"
-        with open(path, "w") as f:
-            f.write(ptx.decode() if isinstance(ptx, bytes) else ptx)
-        try:
-            subprocess.run(["ptxas", "-arch=sm_90a", path, "-o", f"{tmp}/k.cubin"], check=True)
-            sass = subprocess.run(["cuobjdump", "-sass", f"{tmp}/k.cubin"], check=True,
-                                  capture_output=True, text=True).stdout
-        except FileNotFoundError as err:
-            pytest.skip(f"CUDA binary tools not on PATH ({err})")
+    sass = sass_of(_launch_sm90.fwd_sm90_spec("bfloat16", 128, True))
     assert "HGMMA" in sass and "UTMALDG" in sass
     assert "HMMA" not in sass.replace("HGMMA", "")
