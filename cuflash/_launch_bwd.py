@@ -4,8 +4,9 @@ FlashAttention-2's backward in up to three launches on the current stream:
 
 Two kernel families share the sequence: SIMT for fp32/fp64 (kernels_cu/bwd_simt.cu) and tensor
 cores for fp16/bf16 (kernels_cu/bwd_sm80.cu, entry names suffixed ``_sm80``). On Hopper the
-fp16/bf16 dK/dV step is ``bwd_dkdv_sm90`` (kernels_cu/bwd_sm90.cu: TMA + wgmma) for head dims up
-to 128 when q, k, v and dout are TMA-legal; the other launches stay the sm80 kernels.
+fp16/bf16 dK/dV step is ``bwd_dkdv_sm90`` (kernels_cu/bwd_sm90.cu: TMA + wgmma) when every array
+is aligned and q, k, v and dout are TMA-legal (``_sm90_reason``); the other launches stay the sm80
+kernels.
 
 1. ``bwd_preprocess``: ``delta = rowsum(dout * out)`` (Accum) and zeroes the dq scratch.
 2. ``bwd_dkdv_simt``: one block per (key tile, kv head, batch) accumulates dK, dV in registers over
@@ -22,6 +23,7 @@ is ``_launch.BWD_PARAMS`` (mirrors ``BwdParams`` in kernels_cu/common.cuh).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -164,8 +166,9 @@ def _sm90_smem(width: int, tile: Tile) -> int:
     return 2 * kv + 2 * _SM90_STAGES * q + 2 * ds + dq + stats + barriers + 1024
 
 
+@functools.cache
 def dkdv_sm90_spec(dtype: str, head_dim: int, causal: bool) -> KernelSpec:
-    """The Hopper dK/dV kernel for one problem class (head_dim <= max(BWD_SM90_TILES))."""
+    """The Hopper dK/dV kernel for one problem class (memoised: per call)."""
     width = width_for(head_dim, BWD_SM90_TILES)
     tile = BWD_SM90_TILES[width]
     return KernelSpec("bwd_sm90.cu", "bwd_dkdv_sm90", dtype, width, tile.block_m, tile.block_n,
@@ -232,9 +235,10 @@ def _row_spec(entry: str, dtype: str, width: int) -> KernelSpec:
                       False, False, 0, min_arch=60)
 
 
+@functools.cache
 def bwd_kernels(dtype: str, head_dim: int, causal: bool, aligned: bool,
                 smem_limit: int | None = None) -> BwdKernels:
-    """The backward kernels the dispatcher picks for one problem class.
+    """The backward kernels the dispatcher picks for one problem class (memoised: per call).
 
     `smem_limit`: the device's shared memory per block (bytes); the fp16/bf16 kernels take their
     small tiles when the regular ones need more (None: the regular tiles).

@@ -38,7 +38,6 @@ FWD_SM90_SHORT_CAUSAL_TILES: dict[int, Tile] = {64: Tile(block_m=128, block_n=12
 SHORT_CAUSAL_MAX_SEQLEN_Q = 2048
 STAGES = 2  # K/V shared-memory slots; mirrors FwdSm90Traits::kStages
 SMEM_LIMIT = 232448  # opt-in shared memory per block on an H100; mirrors FwdSm90Traits::kSmemLimit
-_CHUNK_COLS = 64  # one TMA box / swizzle chunk: 64 16-bit columns = 128 bytes
 _TENSOR_DTYPES = ("float16", "bfloat16")
 
 

@@ -232,21 +232,6 @@ __device__ __forceinline__ void atomic_add_pair(float* dst, float x0, float x1) 
 #endif
 }
 
-// 2^x with the MUFU instruction alone: exp2f adds a range check and two multiplies per element to
-// keep results below 2^-126 denormal; probabilities that small are flushed to 0 here. 2^-inf = 0.
-__device__ __forceinline__ float exp2_ftz(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// lse (from the forward, natural log) of one query row in log2 units, as P = exp2(s * scale_log2 -
-// lse_log2) wants it. A row that saw no key has lse = -inf; +inf makes its P exactly 0 (the
-// straightforward -lse would make exp2 overflow to +inf, and inf * 0 = NaN downstream).
-__device__ __forceinline__ float lse_log2(float lse) {
-  return lse == neg_inf() ? -neg_inf() : lse * kLog2e;
-}
-
 // ---- dK, dV (and atomic dQ) ---------------------------------------------------------------------
 
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct BwdDkdvSm80Traits {

@@ -113,48 +113,6 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct BwdSm90
   static_assert(kDqCols % 64 == 0, "dQ columns are whole chunks");
 };
 
-// Orders this thread's generic-proxy shared-memory writes before later async-proxy reads (wgmma
-// operands from shared memory).
-__device__ __forceinline__ void fence_proxy_async_smem() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
-__device__ __forceinline__ void st_shared_b32(uint32 addr, uint32 x) {
-  asm volatile("st.shared.b32 [%0], %1;\n" :: "r"(addr), "r"(x) : "memory");
-}
-__device__ __forceinline__ void st_shared_v2_f32(uint32 addr, float x, float y) {
-  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" :: "r"(addr), "f"(x), "f"(y) : "memory");
-}
-
-// dst box at (c0, c1, c2, c3) of a rank-4 tensor map += the shared-memory box at `src`, by the
-// TMA unit (bulk-group completion).
-__device__ __forceinline__ void tma_reduce_add_4d(const TmaMap& map, uint32 src, int c0, int c1,
-                                                  int c2, int c3) {
-  asm volatile(
-      "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group"
-      " [%0, {%2, %3, %4, %5}], [%1];\n"
-      :: "l"(reinterpret_cast<uint64>(&map)), "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
-      : "memory");
-}
-__device__ __forceinline__ void bulk_commit_group() {
-  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-}
-// Waits until at most kPending bulk groups are pending reading their shared-memory source.
-template <int kPending> __device__ __forceinline__ void bulk_wait_group_read() {
-  asm volatile("cp.async.bulk.wait_group.read %0;\n" :: "n"(kPending) : "memory");
-}
-// Waits until at most kPending bulk groups are pending at all.
-template <int kPending> __device__ __forceinline__ void bulk_wait_group() {
-  asm volatile("cp.async.bulk.wait_group %0;\n" :: "n"(kPending) : "memory");
-}
-
-// 2^x with the MUFU instruction alone (probabilities below 2^-126 flush to 0; 2^-inf = 0).
-__device__ __forceinline__ float exp2_ftz_sm90(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kCausal,
           bool kAligned>
 __global__ void __launch_bounds__(kWarps * kWarpSize, 1)
@@ -259,8 +217,7 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
           const int row = row0 + r;
           float lse2 = -neg_inf(), dlt = 0.f;
           if (row < p.seqlen_q) {
-            const float l = lse[row];
-            lse2 = l == neg_inf() ? -neg_inf() : l * kLog2e;
+            lse2 = lse_log2(lse[row]);
             dlt = delta[row] * scale;
           }
           s_lse[stage * kBlockM + r] = lse2;
@@ -291,7 +248,7 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
       bulk_wait_group<0>();  // every reduction done before the block retires
     }
   } else {
-    // ---- consumers: keys [64c, 64c + 64) of the block ----
+    // ---- consumers: keys [64c, 64c + 64) of the block (with split D: all 64 keys, half of D) ----
     regs_alloc<Tr::kConsumerRegs>();
     constexpr int kQTiles = Tr::kQTiles, kDTiles = Tr::kDTiles, kMSteps = Tr::kMSteps;
     constexpr int kPSteps = Tr::kPSteps;
@@ -354,8 +311,8 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
         const float2 l = *reinterpret_cast<const float2*>(lse2 + j * 8);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          st[j][2 * h] = exp2_ftz_sm90(fmaf(st[j][2 * h], p.scale_log2, -l.x));
-          st[j][2 * h + 1] = exp2_ftz_sm90(fmaf(st[j][2 * h + 1], p.scale_log2, -l.y));
+          st[j][2 * h] = exp2_ftz(fmaf(st[j][2 * h], p.scale_log2, -l.x));
+          st[j][2 * h + 1] = exp2_ftz(fmaf(st[j][2 * h + 1], p.scale_log2, -l.y));
         }
       }
       // Keys past seqlen_k and (causal) keys after a query's diagonal: key j is visible to query

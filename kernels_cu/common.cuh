@@ -145,4 +145,21 @@ __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); 
 
 template <typename T> __host__ __device__ constexpr T ceil_div(T a, T b) { return (a + b - 1) / b; }
 
+// ---- the backward's probabilities (bwd_sm80.cu, bwd_sm90.cu) ----------------------------------
+
+// 2^x with the MUFU instruction alone: exp2f adds a range check and two multiplies per element to
+// keep results below 2^-126 denormal; probabilities that small are flushed to 0 here. 2^-inf = 0.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// lse (from the forward, natural log) of one query row in log2 units, as P = exp2(s * scale_log2 -
+// lse_log2) wants it. A row that saw no key has lse = -inf; +inf makes its P exactly 0 (the
+// straightforward -lse would make exp2 overflow to +inf, and inf * 0 = NaN downstream).
+__device__ __forceinline__ float lse_log2(float lse) {
+  return lse == neg_inf() ? -neg_inf() : lse * kLog2e;
+}
+
 }  // namespace cuflash

@@ -77,6 +77,43 @@ __device__ __forceinline__ void tma_load_4d(uint32 dst, const TmaMap& map, uint3
       : "memory");
 }
 
+// ---- TMA reductions and the shared-memory writes that feed async-proxy readers ----------------
+
+// Orders this thread's generic-proxy shared-memory writes before later async-proxy reads (wgmma
+// operands from shared memory).
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void st_shared_b32(uint32 addr, uint32 x) {
+  asm volatile("st.shared.b32 [%0], %1;\n" :: "r"(addr), "r"(x) : "memory");
+}
+__device__ __forceinline__ void st_shared_v2_f32(uint32 addr, float x, float y) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" :: "r"(addr), "f"(x), "f"(y) : "memory");
+}
+
+// dst box at (c0, c1, c2, c3) of a rank-4 tensor map += the shared-memory box at `src`, by the
+// TMA unit (bulk-group completion).
+__device__ __forceinline__ void tma_reduce_add_4d(const TmaMap& map, uint32 src, int c0, int c1,
+                                                  int c2, int c3) {
+  asm volatile(
+      "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group"
+      " [%0, {%2, %3, %4, %5}], [%1];\n"
+      :: "l"(reinterpret_cast<uint64>(&map)), "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_commit_group() {
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+// Waits until at most kPending bulk groups are pending reading their shared-memory source.
+template <int kPending> __device__ __forceinline__ void bulk_wait_group_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" :: "n"(kPending) : "memory");
+}
+// Waits until at most kPending bulk groups are pending at all.
+template <int kPending> __device__ __forceinline__ void bulk_wait_group() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" :: "n"(kPending) : "memory");
+}
+
 // ---- named barriers (bar 0 is __syncthreads) ---------------------------------------------------
 
 __device__ __forceinline__ void named_bar_sync(int id, int threads) {
