@@ -145,7 +145,7 @@ __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); 
 
 template <typename T> __host__ __device__ constexpr T ceil_div(T a, T b) { return (a + b - 1) / b; }
 
-// ---- the backward's probabilities (bwd_sm80.cu, bwd_sm90.cu) ----------------------------------
+// ---- softmax probabilities (softmax.cuh for the forward; bwd_sm80.cu, bwd_sm90.cu) ------------
 
 // 2^x with the MUFU instruction alone: exp2f adds a range check and two multiplies per element to
 // keep results below 2^-126 denormal; probabilities that small are flushed to 0 here. 2^-inf = 0.

@@ -49,7 +49,7 @@ template <int kMTiles> struct OnlineSoftmax {
       // A row that has seen only masked keys keeps max = -inf; subtracting it would give
       // (-inf) - (-inf) = NaN. Use 0 instead: every exp below is then exp(-inf) = 0.
       const float max_scaled = new_max == neg_inf() ? 0.f : new_max * scale_log2;
-      alpha[r] = exp2f(row_max[r] * scale_log2 - max_scaled);
+      alpha[r] = exp2_ftz(row_max[r] * scale_log2 - max_scaled);
       row_max[r] = new_max;
       float sum = 0.f;
 #pragma unroll
@@ -57,7 +57,7 @@ template <int kMTiles> struct OnlineSoftmax {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           float& x = s[mt][nt][2 * half + e];
-          x = exp2f(x * scale_log2 - max_scaled);
+          x = exp2_ftz(x * scale_log2 - max_scaled);
           sum += x;
         }
       }
