@@ -19,6 +19,7 @@
 // Q is released after the tile's last S. Stages and parities come from running counters (K/V
 // tiles and non-empty work tiles loaded so far), which producer and consumers advance alike.
 #include "common.cuh"
+#include "mma_sm80.cuh"
 #include "softmax.cuh"
 #include "tma_sm90.cuh"
 #include "wgmma_sm90.cuh"
@@ -73,6 +74,12 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   // q_full[], q_empty[], {k,v}_full[], {k,v}_empty[]
   static constexpr int kBarriers = 2 * kQStages + 4 * kStages;
   static constexpr int kSmemBytes = smem_bytes_for(kQStages);  // == _launch_sm90.smem_bytes
+
+  // Q in registers where they fit (4 * kQKSteps per thread, 32 at D = 128): S = Q K^T then reads
+  // only K from shared memory (wgmma RS), and Q's buffer is released as soon as the tile's
+  // fragments are loaded. Not at D = 256, whose O accumulators alone take 128 registers, nor with
+  // three consumers of 160 registers (ptxas spills).
+  static constexpr bool kQInRegs = kHeadDim <= 128 && kConsumerWarpgroups == 2;
 
   static constexpr int kNTiles = kBlockN / 8;    // n8 column groups of S per thread
   static constexpr int kDTiles = kHeadDim / 8;   // n8 column groups of O per thread
@@ -239,17 +246,34 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       if (Tr::kPingPong) named_bar_arrive(Tr::kSchedulerBarrier + (consumer ^ 1), 256);
     };
 
+    // This warp's 16 rows of Q as wgmma A fragments (kQInRegs), one ldmatrix.x4 per k16 step:
+    // lane L reads row (L / 8 % 2) * 8 + L % 8 of the warp's rows, 16-byte unit 2 * (ks % 4) +
+    // L / 16 of chunk ks / 4, at its 128-byte-swizzled place (unit ^ row % 8).
+    uint32 qa[Tr::kQInRegs ? Tr::kQKSteps : 1][4];
+    auto load_q = [&](uint32 q_rows) {
+      const int row = warp * 16 + (lane / 8) % 2 * 8 + lane % 8;
+#pragma unroll
+      for (int ks = 0; ks < (Tr::kQInRegs ? Tr::kQKSteps : 0); ++ks) {
+        const int unit = 2 * (ks % 4) + lane / 16;
+        ldmatrix_x4(qa[ks], q_rows + (ks / 4) * Tr::kQChunkBytes + row * 128 +
+                                ((unit ^ (lane % 8)) << 4));
+      }
+    };
     // S = Q K^T of the tile in `stage` (both K-major; a k16 step is 32 B inside a chunk). Issued
     // and committed as one wgmma group; the caller waits. `q_rows`: this warpgroup's 64 rows of
-    // Q, 64 * 128 B into each Q chunk (a multiple of 1024 B).
+    // Q, 64 * 128 B into each Q chunk (a multiple of 1024 B); unused when Q is in registers.
     auto issue_qk = [&](float (&s)[1][kNTiles][4], uint32 q_rows, int stage) {
 #pragma unroll
       for (int ks = 0; ks < Tr::kQKSteps; ++ks) {
         const int chunk = ks / 4, step = ks % 4;
-        const uint64 desc_q = make_desc(q_rows + chunk * Tr::kQChunkBytes + step * 32, 16, 1024);
         const uint64 desc_k =
             make_desc(k_smem(stage) + chunk * Tr::kKVChunkBytes + step * 32, 16, 1024);
-        Wgmma<T, kBlockN>::ss(s[0], desc_q, desc_k, ks > 0);
+        if constexpr (Tr::kQInRegs) {
+          Wgmma<T, kBlockN>::template rs<0>(s[0], qa[ks], desc_k, ks > 0);
+        } else {
+          const uint64 desc_q = make_desc(q_rows + chunk * Tr::kQChunkBytes + step * 32, 16, 1024);
+          Wgmma<T, kBlockN>::ss(s[0], desc_q, desc_k, ks > 0);
+        }
       }
       wgmma_commit();
     };
@@ -327,6 +351,11 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
           // -- key tile 0: S, softmax (O is still zero: nothing to rescale) --
           const int first = kv_iter % kStages;
           mbar_wait(q_full(q_stage), (q_iter / kQStages) & 1);
+          if (Tr::kQInRegs) {
+            load_q(q_rows);
+            __syncwarp();  // every lane's reads are done before lane 0 releases the buffer
+            if (lane == 0) mbar_arrive(q_empty(q_stage));
+          }
           mbar_wait(k_full(first), (kv_iter / kStages) & 1);
           wait_turn();
           wgmma_fence();
@@ -336,7 +365,8 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
           fence_operand(s[0]);
           if (lane == 0) {
             mbar_arrive(k_empty(first));  // K slots are released as soon as S is done
-            if (n_blocks == 1) mbar_arrive(q_empty(q_stage));  // and Q after the tile's last S
+            // and Q (from shared memory) after the tile's last S
+            if (!Tr::kQInRegs && n_blocks == 1) mbar_arrive(q_empty(q_stage));
           }
           mask(s, row0, n_blocks - 1);
           softmax.update(s, p.scale_log2, alpha);
@@ -358,7 +388,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
             fence_operand(s[0]);
             if (lane == 0) {
               mbar_arrive(k_empty(stage));
-              if (i == n_blocks - 1) mbar_arrive(q_empty(q_stage));
+              if (!Tr::kQInRegs && i == n_blocks - 1) mbar_arrive(q_empty(q_stage));
             }
             mask(s, row0, n_blocks - 1 - i);
             softmax.update(s, p.scale_log2, alpha);
@@ -392,19 +422,39 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
         float lse[2];
         softmax.finalize(acc_o, static_cast<float>(p.scale), lse);
         T* o = static_cast<T*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
+        const int odd = t & 1;
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int row = row0 + rows_before + g + half * 8;
+          // Quad neighbours t and t ^ 1 swap a word so that each thread holds 4 consecutive
+          // columns: one 8-byte store per 16 columns, and a warp's store fills whole 32-byte
+          // sectors (8 rows x 32 B) instead of half of each. Even t keeps columns 16j + 2t..+3,
+          // odd t columns 16j + 8 + 2(t - 1)..+3.
+          uint2 out[kDTiles / 2];
+#pragma unroll
+          for (int j = 0; j < kDTiles / 2; ++j) {
+            const uint32 w0 = pack2<T>(acc_o[0][2 * j][2 * half], acc_o[0][2 * j][2 * half + 1]);
+            const uint32 w1 =
+                pack2<T>(acc_o[0][2 * j + 1][2 * half], acc_o[0][2 * j + 1][2 * half + 1]);
+            const uint32 other = __shfl_xor_sync(0xffffffffu, odd ? w0 : w1, 1);
+            out[j] = odd ? make_uint2(other, w1) : make_uint2(w0, other);
+          }
           if (row >= p.seqlen_q) continue;
           T* o_row = o + row * p.o_row_stride;
 #pragma unroll
-          for (int dt = 0; dt < kDTiles; ++dt) {
-            const int col = dt * 8 + 2 * t;
-            const float x0 = acc_o[0][dt][2 * half], x1 = acc_o[0][dt][2 * half + 1];
-            if (col + 1 < p.head_dim) {
-              *reinterpret_cast<uint32*>(o_row + col) = pack2<T>(x0, x1);  // o rows: 16 B aligned
-            } else if (col < p.head_dim) {
-              o_row[col] = from_float<T>(x0);
+          for (int j = 0; j < kDTiles / 2; ++j) {
+            const int col = (2 * j + odd) * 8 + 2 * (t & ~1);
+            if (col + 3 < p.head_dim) {
+              *reinterpret_cast<uint2*>(o_row + col) = out[j];  // o rows: 16 B aligned
+            } else {
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                const uint32 word = e < 2 ? out[j].x : out[j].y;
+                if (col + e < p.head_dim) {
+                  reinterpret_cast<unsigned short*>(o_row)[col + e] =
+                      static_cast<unsigned short>(e % 2 ? word >> 16 : word & 0xffffu);
+                }
+              }
             }
           }
           if (p.lse != nullptr && t == 0) {
