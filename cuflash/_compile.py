@@ -175,6 +175,9 @@ class CompileReport:
     static_smem_bytes: int
     seconds: float
     log: str
+    # ptxas's coded notes about this function, e.g. (C7514) wgmma serialised, (C7517) a
+    # wgmma.wait_group the compiler had to inject; printed before the function's report block.
+    notes: tuple[str, ...] = ()
 
     @property
     def clean(self) -> bool:
@@ -187,6 +190,12 @@ class CompileReport:
             f"spill={self.spill_stores}/{self.spill_loads}B smem={self.smem_bytes}B "
             f"{self.seconds:5.2f}s  {self.spec.name}"
         )
+
+    @property
+    def wgmma_serialized(self) -> bool:
+        """ptxas could not pipeline this kernel's wgmma (it waits after each one instead): a
+        silent slowdown, typically from reading accumulators while a wgmma may be in flight."""
+        return any(re.search(r"\(C751[47]\)", note) for note in self.notes)
 
     @property
     def smem_bytes(self) -> int:
@@ -238,4 +247,6 @@ def _parse_ptxas(spec: KernelSpec, arch: str, lowered: str, text: str, seconds: 
         static_smem_bytes=number(r"(\d+) bytes smem"),
         seconds=seconds,
         log=block,
+        notes=tuple(line for line in text.splitlines()
+                    if re.search(r"\(C\d{4}\)", line) and f"'{lowered}'" in line),
     )

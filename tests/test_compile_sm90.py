@@ -3,9 +3,10 @@ sm_90a.
 
 No spills, no stack frame, at most 255 registers (ptxas reports the entry cap that
 `__launch_bounds__(threads, 1)` sets, 168 for 384 threads; setmaxnreg then moves registers from
-the producer warpgroup to the consumers), no ptxas warning, and no static shared memory beside the
-dynamic size the launch mirrors, within an H100 block's limit. Runs on the CPU: NVRTC and ptxas
-need no GPU. ``pytest -s`` prints the reports.
+the producer warpgroup to the consumers), no ptxas warning, wgmma pipelined (no C7514/C7517 note:
+ptxas serialises wgmma silently when it sees accumulators read while one may be in flight), and no
+static shared memory beside the dynamic size the launch mirrors, within an H100 block's limit.
+Runs on the CPU: NVRTC and ptxas need no GPU. ``pytest -s`` prints the reports.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def test_compiles_without_spills(spec):
     assert report.registers <= MAX_REGISTERS
     assert report.smem_bytes == spec.smem_bytes <= SMEM_LIMIT
     assert "warning" not in report.log.lower(), report.log  # e.g. setmaxnreg ignored (C7508)
+    assert not report.wgmma_serialized, "\n".join(report.notes)
 
 
 def test_every_width_and_dtype_is_covered():
@@ -82,3 +84,25 @@ def test_backward_head_dims_round_up_to_a_compiled_width():
     spec = _launch_bwd.dkdv_sm90_spec("float16", 72, False)
     assert spec.head_dim == 128 and spec.min_arch == 90 and spec.warps == 12
     assert _launch_bwd.dkdv_sm90_spec("bfloat16", 200, True).head_dim == 256
+
+
+def test_serialised_wgmma_is_caught():
+    """ptxas's notes about a function come before its report block; the report keeps the ones
+    naming this kernel, and a (C7514) note marks its wgmma as serialised."""
+    spec = SPECS[0]
+    lowered = "_Z6kernelv"
+    text = (
+        f"ptxas info    : (C7517) wgmma.wait_group is injected in around line 7 by compiler to "
+        f"allow use of registers defined by GMMA in function '{lowered}'\n"
+        f"ptxas info    : (C7514) Potential Performance Loss: wgmma.mma_async instructions are "
+        f"serialized due to non wgmma instructions reading accumulator registers of a wgmma "
+        f"between start and end of the pipeline stage in the function '{lowered}' in line 0\n"
+        "ptxas info    : (C7514) Potential Performance Loss: ... in the function '_Z5otherv'\n"
+        f"ptxas info    : Compiling entry function '{lowered}' for 'sm_90a'\n"
+        "ptxas info    : Used 168 registers, used 16 barriers\n"
+    )
+    report = _compile._parse_ptxas(spec, "sm_90a", lowered, text, 0.0)
+    assert report.wgmma_serialized and len(report.notes) == 2
+    clean = text.split("ptxas info    : Compiling")[0].replace(lowered, "_Z5otherv")
+    clean += f"ptxas info    : Compiling entry function '{lowered}' for 'sm_90a'\n"
+    assert not _compile._parse_ptxas(spec, "sm_90a", lowered, clean, 0.0).wgmma_serialized
