@@ -116,6 +116,8 @@ def test_quick_run_on_the_cpu_path(tmp_path, capsys):
     env = result["environment"]
     for key in ("date", "numpy", "python", "git_commit", "cuflash"):
         assert key in env
+    assert env["source_digest"] == bench.source_digest()
+    assert f"sources {env['source_digest']}" in (tmp_path / "performance_table.md").read_text()
     assert result["flops"] == bench.FLOP_FORMULA
 
     timings = result["timings"]
@@ -153,3 +155,19 @@ def test_quick_run_on_the_cpu_path(tmp_path, capsys):
     assert "| pass | D | mask | S=128 | 256 |" in table
     assert "| fwd | 32 | causal |" in table
     assert stdout.rstrip().splitlines()[-1].startswith("fwd   32  causal")  # the table is last
+
+
+def test_source_digest_names_the_code(tmp_path, monkeypatch):
+    """The digest is stable, and changes when a kernel source changes."""
+    import shutil
+
+    from cuflash import _compile
+
+    first = bench.source_digest()
+    assert first == bench.source_digest() and len(first) == 12
+    copy = tmp_path / "kernels_cu"
+    shutil.copytree(_compile.kernels_dir(), copy)
+    monkeypatch.setattr(_compile, "kernels_dir", lambda: copy)
+    assert bench.source_digest() == first
+    (copy / "common.cuh").write_text((copy / "common.cuh").read_text() + "\n// edited\n")
+    assert bench.source_digest() != first
