@@ -7,17 +7,19 @@
 // (setmaxnreg) and one of its threads streams, tile after tile, Q into kQStages buffers and K/V
 // tiles through kStages shared-memory slots with TMA (128-byte swizzle; out-of-bounds rows and
 // head-dim columns arrive as zeros). Each consumer warpgroup owns 64 query rows of the tile:
-// S = Q K^T with both operands in shared memory (wgmma SS), the online softmax in registers
-// (softmax.cuh, the sm80 semantics), then O += P V with P straight from the S accumulators as the
-// register A operand and V as a transposed (MN-major) B operand (wgmma RS). K/V tiles are walked
-// from the last to the first, so the tiles that need masking come first.
+// S = Q K^T (Q from registers with two consumers up to D = 128, wgmma RS; else from shared
+// memory, wgmma SS), the online softmax in registers (softmax.cuh, the sm80 semantics), then
+// O += P V with P straight from the S accumulators as the register A operand and V as a
+// transposed (MN-major) B operand (wgmma RS). K/V tiles are walked from the last to the first,
+// so the tiles that need masking come first.
 //
 // Barriers: q_full[] / k_full[] / v_full[] (the producer's expect_tx, completed by TMA bytes) and
 // q_empty[] / k_empty[] / v_empty[] (one arrive per consumer warp once its warpgroup's wgmma has
 // read the buffer). K and V are released separately: K(i) is free once S(i) is done, a whole P V
 // earlier than V(i), so with two slots the load of K(i+2) is not stuck behind O += P(i) V(i).
-// Q is released after the tile's last S. Stages and parities come from running counters (K/V
-// tiles and non-empty work tiles loaded so far), which producer and consumers advance alike.
+// Q is released once loaded into registers (kQInRegs), else after the tile's last S. Stages and
+// parities come from running counters (K/V tiles and non-empty work tiles loaded so far), which
+// producer and consumers advance alike.
 #include "common.cuh"
 #include "mma_sm80.cuh"
 #include "softmax.cuh"
