@@ -32,6 +32,18 @@ def require_gpu() -> None:
         pytest.skip(reason, allow_module_level=True)
 
 
+def require_hopper(what: str) -> int:
+    """Device 0's compute capability; skips the calling module, saying why, unless it is 9.0 (the
+    sm_90a kernels run nowhere else). Call after require_gpu()."""
+    from cuflash.api import compute_capability
+
+    cc = compute_capability(0)
+    if cc != 90:
+        print(f"skipping {what}: compute capability {cc}, not 9.0")
+        pytest.skip(f"compute capability {cc}, not 9.0", allow_module_level=True)
+    return cc
+
+
 def torch_cuda() -> types.SimpleNamespace:
     """An array namespace (for tests.strategies.make_inputs) that builds torch CUDA tensors."""
     import torch

@@ -354,3 +354,16 @@ def test_inputs_are_never_modified_fp16():
         np.testing.assert_array_equal(x, original, err_msg=f"{name} was modified")
     np.testing.assert_array_equal(out, out_copy, err_msg="backward modified out")
     np.testing.assert_array_equal(lse, lse_copy, err_msg="backward modified lse")
+
+
+def test_hopper_gpu_modules_skip_elsewhere(monkeypatch):
+    """The sm90 GPU test modules skip, saying why, off compute capability 9.0 (checked here on the
+    CPU, since those modules only reach this point on a GPU machine)."""
+    from cuflash import api
+    from tests.gpu_support import require_hopper
+
+    monkeypatch.setattr(api, "compute_capability", lambda device_id: 86)
+    with pytest.raises(pytest.skip.Exception, match="compute capability 86, not 9.0"):
+        require_hopper("sm90 GPU tests")
+    monkeypatch.setattr(api, "compute_capability", lambda device_id: 90)
+    assert require_hopper("sm90 GPU tests") == 90

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.gpu_support import require_gpu, sass_of
+from tests.gpu_support import require_gpu, require_hopper, sass_of
 
 require_gpu()
 
@@ -19,14 +19,10 @@ import cupy  # noqa: E402
 
 from cuflash import _launch_bwd  # noqa: E402
 from cuflash._launch import is_aligned  # noqa: E402
-from cuflash.api import compute_capability  # noqa: E402
 from tests.strategies import Case  # noqa: E402
 from tests.test_gpu_backward import _check_case  # noqa: E402
 
-CC = compute_capability(0)
-if CC != 90:
-    print(f"skipping sm90 backward GPU tests: compute capability {CC}, not 9.0")
-    pytest.skip(f"compute capability {CC}, not 9.0", allow_module_level=True)
+CC = require_hopper("sm90 backward GPU tests")
 
 pytestmark = pytest.mark.gpu
 

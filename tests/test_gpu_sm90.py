@@ -12,21 +12,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.gpu_support import require_gpu, sass_of, to_numpy, torch_cuda
+from tests.gpu_support import require_gpu, require_hopper, sass_of, to_numpy, torch_cuda
 
 require_gpu()
 
 import cupy  # noqa: E402
 
 from cuflash import _launch_sm90, reference  # noqa: E402
-from cuflash.api import compute_capability  # noqa: E402
 from tests.accuracy import assert_matches_reference, naive_attention  # noqa: E402
 from tests.strategies import Case, make_inputs, problems, seeds, to_bshd4  # noqa: E402
 
-CC = compute_capability(0)
-if CC != 90:
-    print(f"skipping sm90 GPU tests: compute capability {CC}, not 9.0")
-    pytest.skip(f"compute capability {CC}, not 9.0", allow_module_level=True)
+CC = require_hopper("sm90 GPU tests")
 
 pytestmark = pytest.mark.gpu
 
