@@ -478,18 +478,11 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = n0 + key_base + h * 8 + g;
-      if (row >= p.seqlen_k) continue;
-      T* dk_row = dk + row * p.dk_row_stride;
-      T* dv_row = dv + row * p.dv_row_stride;
-#pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt) {
-        const int col = d_col0 + dt * 8 + 2 * t;
-        if (col >= p.head_dim) continue;  // head_dim is even here (aligned rows)
-        *reinterpret_cast<uint32*>(dk_row + col) =
-            pack2<T>(acc_dk[dt][2 * h], acc_dk[dt][2 * h + 1]);
-        *reinterpret_cast<uint32*>(dv_row + col) =
-            pack2<T>(acc_dv[dt][2 * h], acc_dv[dt][2 * h + 1]);
-      }
+      const bool in_range = row < p.seqlen_k;
+      store_row_sectors<T, kDTiles>(dk + row * p.dk_row_stride, d_col0, p.head_dim, t, in_range,
+                                    [&](int dt, int e) { return acc_dk[dt][2 * h + e]; });
+      store_row_sectors<T, kDTiles>(dv + row * p.dv_row_stride, d_col0, p.head_dim, t, in_range,
+                                    [&](int dt, int e) { return acc_dv[dt][2 * h + e]; });
     }
   }
 }

@@ -145,6 +145,48 @@ __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); 
 
 template <typename T> __host__ __device__ constexpr T ceil_div(T a, T b) { return (a + b - 1) / b; }
 
+// ---- epilogue stores of mma accumulators -------------------------------------------------------
+
+// One accumulator row (row g or g + 8 of an m16 fragment, `half`) of kDTiles n8 column groups,
+// starting at column col0, stored as T with 8-byte stores: quad neighbours t and t ^ 1 swap a word
+// so that each thread holds 4 consecutive columns (even t: 16j + 2t..+3, odd t: 16j + 8 +
+// 2(t - 1)..+3), and a warp's store fills whole 32-byte sectors instead of half of each.
+// `value(dt, e)` gives element e (0, 1) of the thread's pair in group dt. Every lane must call it
+// (shuffles); lanes whose row is out of range pass store = false. Needs the row 8-byte aligned
+// and col0 a multiple of 16 (the aligned kernels: 16-byte rows, head_dim % 8 == 0).
+template <typename T, int kDTiles, typename Value>
+__device__ __forceinline__ void store_row_sectors(T* row, int col0, int head_dim, int t,
+                                                  bool store, Value value) {
+  static_assert(kDTiles % 2 == 0, "pairs of n8 column groups");
+  const int odd = t & 1;
+  uint2 out[kDTiles / 2];
+#pragma unroll
+  for (int j = 0; j < kDTiles / 2; ++j) {
+    const uint32 w0 = pack2<T>(value(2 * j, 0), value(2 * j, 1));
+    const uint32 w1 = pack2<T>(value(2 * j + 1, 0), value(2 * j + 1, 1));
+    const uint32 other = __shfl_xor_sync(0xffffffffu, odd ? w0 : w1, 1);
+    out[j] = odd ? make_uint2(other, w1) : make_uint2(w0, other);
+  }
+  if (!store) return;
+#pragma unroll
+  for (int j = 0; j < kDTiles / 2; ++j) {
+    const int col = col0 + (2 * j + odd) * 8 + 2 * (t & ~1);
+    const uint2 words = out[j];
+    if (col + 3 < head_dim) {
+      *reinterpret_cast<uint2*>(row + col) = words;
+    } else {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const uint32 word = e < 2 ? words.x : words.y;
+        if (col + e < head_dim) {
+          reinterpret_cast<unsigned short*>(row)[col + e] =
+              static_cast<unsigned short>(e % 2 ? word >> 16 : word & 0xffffu);
+        }
+      }
+    }
+  }
+}
+
 // ---- softmax probabilities (softmax.cuh for the forward; bwd_sm80.cu, bwd_sm90.cu) ------------
 
 // 2^x with the MUFU instruction alone: exp2f adds a range check and two multiplies per element to

@@ -197,19 +197,18 @@ fwd_sm80(const __grid_constant__ FwdParams p) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = row0 + warp_row0 + mt * 16 + g + half * 8;
-      if (row >= p.seqlen_q) continue;
       T* o_row = o + row * p.o_row_stride;
+      if (kAligned) {  // 8-byte, sector-filling stores (every lane takes part)
+        store_row_sectors<T, kDTiles>(o_row, 0, p.head_dim, t, row < p.seqlen_q,
+                                      [&](int dt, int e) { return acc_o[mt][dt][2 * half + e]; });
+      }
+      if (row >= p.seqlen_q) continue;
+      if (!kAligned) {
 #pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt) {
-        const int col = dt * 8 + 2 * t;
-        const float x0 = acc_o[mt][dt][2 * half], x1 = acc_o[mt][dt][2 * half + 1];
-        if (kAligned) {
-          if (col < p.head_dim) {
-            *reinterpret_cast<uint32*>(o_row + col) = pack2<T>(x0, x1);
-          }
-        } else {
-          if (col < p.head_dim) o_row[col] = from_float<T>(x0);
-          if (col + 1 < p.head_dim) o_row[col + 1] = from_float<T>(x1);
+        for (int dt = 0; dt < kDTiles; ++dt) {
+          const int col = dt * 8 + 2 * t;
+          if (col < p.head_dim) o_row[col] = from_float<T>(acc_o[mt][dt][2 * half]);
+          if (col + 1 < p.head_dim) o_row[col + 1] = from_float<T>(acc_o[mt][dt][2 * half + 1]);
         }
       }
       if (p.lse != nullptr && t == 0) {

@@ -424,41 +424,13 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
         float lse[2];
         softmax.finalize(acc_o, static_cast<float>(p.scale), lse);
         T* o = static_cast<T*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
-        const int odd = t & 1;
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int row = row0 + rows_before + g + half * 8;
-          // Quad neighbours t and t ^ 1 swap a word so that each thread holds 4 consecutive
-          // columns: one 8-byte store per 16 columns, and a warp's store fills whole 32-byte
-          // sectors (8 rows x 32 B) instead of half of each. Even t keeps columns 16j + 2t..+3,
-          // odd t columns 16j + 8 + 2(t - 1)..+3.
-          uint2 out[kDTiles / 2];
-#pragma unroll
-          for (int j = 0; j < kDTiles / 2; ++j) {
-            const uint32 w0 = pack2<T>(acc_o[0][2 * j][2 * half], acc_o[0][2 * j][2 * half + 1]);
-            const uint32 w1 =
-                pack2<T>(acc_o[0][2 * j + 1][2 * half], acc_o[0][2 * j + 1][2 * half + 1]);
-            const uint32 other = __shfl_xor_sync(0xffffffffu, odd ? w0 : w1, 1);
-            out[j] = odd ? make_uint2(other, w1) : make_uint2(w0, other);
-          }
+          store_row_sectors<T, kDTiles>(
+              o + row * p.o_row_stride, 0, p.head_dim, t, row < p.seqlen_q,
+              [&](int dt, int e) { return acc_o[0][dt][2 * half + e]; });
           if (row >= p.seqlen_q) continue;
-          T* o_row = o + row * p.o_row_stride;
-#pragma unroll
-          for (int j = 0; j < kDTiles / 2; ++j) {
-            const int col = (2 * j + odd) * 8 + 2 * (t & ~1);
-            if (col + 3 < p.head_dim) {
-              *reinterpret_cast<uint2*>(o_row + col) = out[j];  // o rows: 16 B aligned
-            } else {
-#pragma unroll
-              for (int e = 0; e < 4; ++e) {
-                const uint32 word = e < 2 ? out[j].x : out[j].y;
-                if (col + e < p.head_dim) {
-                  reinterpret_cast<unsigned short*>(o_row)[col + e] =
-                      static_cast<unsigned short>(e % 2 ? word >> 16 : word & 0xffffu);
-                }
-              }
-            }
-          }
           if (p.lse != nullptr && t == 0) {
             float* lse_out = static_cast<float*>(p.lse);
             lse_out[batch * p.lse_batch_stride + head * p.lse_head_stride + row] = lse[half];
