@@ -124,6 +124,18 @@ template <int kBlockM, bool kCausal> struct FwdSm90Schedule {
     m_block = kCausal && sub == 0 ? m_blocks - 1 - j : j;
     return sub == 0 || 2 * j + 1 != m_blocks;
   }
+
+  // visit(m_block, head, batch) for each query tile of this block, in order: the one walk that
+  // the producer and the consumers both follow (their stage and parity counters depend on it).
+  template <typename Visit> __device__ void for_each_tile(Visit visit) const {
+    for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
+#pragma unroll 1
+      for (int sub = 0; sub < kTilesPerUnit; ++sub) {
+        int m_block, head, batch;
+        if (tile(unit, sub, m_block, head, batch)) visit(m_block, head, batch);
+      }
+    }
+  }
 };
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kCausal,
@@ -185,47 +197,42 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       tma_prefetch(tma_k);
       tma_prefetch(tma_v);
       int q_iter = 0, kv_iter = 0;  // Q tiles and K/V tiles loaded so far
-      for (int unit = blockIdx.x; unit < schedule.units; unit += gridDim.x) {
-#pragma unroll 1
-        for (int sub = 0; sub < Schedule::kTilesPerUnit; ++sub) {
-          int m_block, head, batch;
-          if (!schedule.tile(unit, sub, m_block, head, batch)) continue;
-          const int row0 = m_block * kBlockM;
-          const int n_blocks = key_tiles(row0);
-          if (n_blocks == 0) continue;  // nothing to load: the consumers write zeros
-          const int kv_head = head / p.group;
-          // -- Q, once its buffer's previous tile has done its last S --
-          const int q_stage = q_iter % kQStages;
-          mbar_wait(q_empty(q_stage), ((q_iter / kQStages) & 1) ^ 1);  // first use: at once
-          mbar_arrive_expect_tx(q_full(q_stage), Tr::kQBytes);
+      schedule.for_each_tile([&](int m_block, int head, int batch) {
+        const int row0 = m_block * kBlockM;
+        const int n_blocks = key_tiles(row0);
+        if (n_blocks == 0) return;  // nothing to load: the consumers write zeros
+        const int kv_head = head / p.group;
+        // -- Q, once its buffer's previous tile has done its last S --
+        const int q_stage = q_iter % kQStages;
+        mbar_wait(q_empty(q_stage), ((q_iter / kQStages) & 1) ^ 1);  // first use: at once
+        mbar_arrive_expect_tx(q_full(q_stage), Tr::kQBytes);
+#pragma unroll
+        for (int c = 0; c < Tr::kChunks; ++c) {
+          tma_load_4d(q_smem(q_stage) + c * Tr::kQChunkBytes, tma_q, q_full(q_stage),
+                      c * Tr::kChunkCols, row0, head, batch);
+        }
+        ++q_iter;
+        // -- K and V, last key tile first --
+        for (int i = 0; i < n_blocks; ++i, ++kv_iter) {
+          const int n_block = n_blocks - 1 - i;
+          const int stage = kv_iter % kStages;
+          const uint32 free_parity = ((kv_iter / kStages) & 1) ^ 1;  // first pass: at once
+          mbar_wait(k_empty(stage), free_parity);
+          mbar_arrive_expect_tx(k_full(stage), Tr::kKVBytes);
 #pragma unroll
           for (int c = 0; c < Tr::kChunks; ++c) {
-            tma_load_4d(q_smem(q_stage) + c * Tr::kQChunkBytes, tma_q, q_full(q_stage),
-                        c * Tr::kChunkCols, row0, head, batch);
+            tma_load_4d(k_smem(stage) + c * Tr::kKVChunkBytes, tma_k, k_full(stage),
+                        c * Tr::kChunkCols, n_block * kBlockN, kv_head, batch);
           }
-          ++q_iter;
-          // -- K and V, last key tile first --
-          for (int i = 0; i < n_blocks; ++i, ++kv_iter) {
-            const int n_block = n_blocks - 1 - i;
-            const int stage = kv_iter % kStages;
-            const uint32 free_parity = ((kv_iter / kStages) & 1) ^ 1;  // first pass: at once
-            mbar_wait(k_empty(stage), free_parity);
-            mbar_arrive_expect_tx(k_full(stage), Tr::kKVBytes);
+          mbar_wait(v_empty(stage), free_parity);
+          mbar_arrive_expect_tx(v_full(stage), Tr::kKVBytes);
 #pragma unroll
-            for (int c = 0; c < Tr::kChunks; ++c) {
-              tma_load_4d(k_smem(stage) + c * Tr::kKVChunkBytes, tma_k, k_full(stage),
-                          c * Tr::kChunkCols, n_block * kBlockN, kv_head, batch);
-            }
-            mbar_wait(v_empty(stage), free_parity);
-            mbar_arrive_expect_tx(v_full(stage), Tr::kKVBytes);
-#pragma unroll
-            for (int c = 0; c < Tr::kChunks; ++c) {
-              tma_load_4d(v_smem(stage) + c * Tr::kKVChunkBytes, tma_v, v_full(stage),
-                          c * Tr::kChunkCols, n_block * kBlockN, kv_head, batch);
-            }
+          for (int c = 0; c < Tr::kChunks; ++c) {
+            tma_load_4d(v_smem(stage) + c * Tr::kKVChunkBytes, tma_v, v_full(stage),
+                        c * Tr::kChunkCols, n_block * kBlockN, kv_head, batch);
           }
         }
-      }
+      });
     }
   } else {
     // ---- consumers: 64 query rows of each tile per warpgroup ----
@@ -328,116 +335,111 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
     // consumer 0 the first turn here; consumer 0 takes the last hand-over after its final tile.
     if (consumer == 1) pass_turn();
     int q_iter = 0, kv_iter = 0;  // Q tiles and K/V tiles consumed so far (as the producer counts)
-    for (int unit = blockIdx.x; unit < schedule.units; unit += gridDim.x) {
-#pragma unroll 1
-      for (int sub = 0; sub < Schedule::kTilesPerUnit; ++sub) {
-        int m_block, head, batch;
-        if (!schedule.tile(unit, sub, m_block, head, batch)) continue;
-        const int row0 = m_block * kBlockM;
-        const int n_blocks = key_tiles(row0);
+    schedule.for_each_tile([&](int m_block, int head, int batch) {
+      const int row0 = m_block * kBlockM;
+      const int n_blocks = key_tiles(row0);
 #pragma unroll
-        for (int dt = 0; dt < kDTiles; ++dt)
+      for (int dt = 0; dt < kDTiles; ++dt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) acc_o[0][dt][e] = 0.f;
-        softmax.init();
+        for (int e = 0; e < 4; ++e) acc_o[0][dt][e] = 0.f;
+      softmax.init();
 
-        // Software pipeline inside the warpgroup (FA3's intra-warpgroup overlap): while the
-        // tensor cores run O += P(i-1) V(i-1), the softmax of tile i runs on S(i), issued just
-        // before it.
-        if (n_blocks > 0) {
-          const int q_stage = q_iter % kQStages;
-          const uint32 q_rows = q_smem(q_stage) + consumer * Tr::kRowsPerConsumer * 128;
-          float s[1][kNTiles][4];
-          uint32 pa[Tr::kPVSteps][4];
-          float alpha[2];
-          // -- key tile 0: S, softmax (O is still zero: nothing to rescale) --
-          const int first = kv_iter % kStages;
-          mbar_wait(q_full(q_stage), (q_iter / kQStages) & 1);
-          if (Tr::kQInRegs) {
-            load_q(q_rows);
-            __syncwarp();  // every lane's reads are done before lane 0 releases the buffer
-            if (lane == 0) mbar_arrive(q_empty(q_stage));
-          }
-          mbar_wait(k_full(first), (kv_iter / kStages) & 1);
+      // Software pipeline inside the warpgroup (FA3's intra-warpgroup overlap): while the
+      // tensor cores run O += P(i-1) V(i-1), the softmax of tile i runs on S(i), issued just
+      // before it.
+      if (n_blocks > 0) {
+        const int q_stage = q_iter % kQStages;
+        const uint32 q_rows = q_smem(q_stage) + consumer * Tr::kRowsPerConsumer * 128;
+        float s[1][kNTiles][4];
+        uint32 pa[Tr::kPVSteps][4];
+        float alpha[2];
+        // -- key tile 0: S, softmax (O is still zero: nothing to rescale) --
+        const int first = kv_iter % kStages;
+        mbar_wait(q_full(q_stage), (q_iter / kQStages) & 1);
+        if (Tr::kQInRegs) {
+          load_q(q_rows);
+          __syncwarp();  // every lane's reads are done before lane 0 releases the buffer
+          if (lane == 0) mbar_arrive(q_empty(q_stage));
+        }
+        mbar_wait(k_full(first), (kv_iter / kStages) & 1);
+        wait_turn();
+        wgmma_fence();
+        issue_qk(s, q_rows, first);
+        pass_turn();
+        wgmma_wait<0>();
+        fence_operand(s[0]);
+        if (lane == 0) {
+          mbar_arrive(k_empty(first));  // K slots are released as soon as S is done
+          // and Q (from shared memory) after the tile's last S
+          if (!Tr::kQInRegs && n_blocks == 1) mbar_arrive(q_empty(q_stage));
+        }
+        mask(s, row0, n_blocks - 1);
+        softmax.update(s, p.scale_log2, alpha);
+        pack_p(pa, s);
+
+        for (int i = 1; i < n_blocks; ++i) {
+          const int it = kv_iter + i;
+          const int stage = it % kStages, prev = (it - 1) % kStages;
+          // -- issue S(i) = Q K(i)^T, then O += P(i-1) V(i-1) --
+          mbar_wait(k_full(stage), (it / kStages) & 1);
+          mbar_wait(v_full(prev), ((it - 1) / kStages) & 1);
           wait_turn();
           wgmma_fence();
-          issue_qk(s, q_rows, first);
+          issue_qk(s, q_rows, stage);
+          issue_pv(pa, prev);
           pass_turn();
-          wgmma_wait<0>();
+          // -- softmax of tile i while P V runs (groups complete in order: S(i) first) --
+          wgmma_wait<1>();
           fence_operand(s[0]);
           if (lane == 0) {
-            mbar_arrive(k_empty(first));  // K slots are released as soon as S is done
-            // and Q (from shared memory) after the tile's last S
-            if (!Tr::kQInRegs && n_blocks == 1) mbar_arrive(q_empty(q_stage));
+            mbar_arrive(k_empty(stage));
+            if (!Tr::kQInRegs && i == n_blocks - 1) mbar_arrive(q_empty(q_stage));
           }
-          mask(s, row0, n_blocks - 1);
+          mask(s, row0, n_blocks - 1 - i);
           softmax.update(s, p.scale_log2, alpha);
-          pack_p(pa, s);
-
-          for (int i = 1; i < n_blocks; ++i) {
-            const int it = kv_iter + i;
-            const int stage = it % kStages, prev = (it - 1) % kStages;
-            // -- issue S(i) = Q K(i)^T, then O += P(i-1) V(i-1) --
-            mbar_wait(k_full(stage), (it / kStages) & 1);
-            mbar_wait(v_full(prev), ((it - 1) / kStages) & 1);
-            wait_turn();
-            wgmma_fence();
-            issue_qk(s, q_rows, stage);
-            issue_pv(pa, prev);
-            pass_turn();
-            // -- softmax of tile i while P V runs (groups complete in order: S(i) first) --
-            wgmma_wait<1>();
-            fence_operand(s[0]);
-            if (lane == 0) {
-              mbar_arrive(k_empty(stage));
-              if (!Tr::kQInRegs && i == n_blocks - 1) mbar_arrive(q_empty(q_stage));
-            }
-            mask(s, row0, n_blocks - 1 - i);
-            softmax.update(s, p.scale_log2, alpha);
-            wgmma_wait<0>();
-            fence_operand(acc_o[0]);
-            fence_operand(pa);
-            if (lane == 0) mbar_arrive(v_empty(prev));  // this warp is done with V(i-1)
-            // -- O held sums relative to the old max: rescale, then P(i) replaces P(i-1) --
-            softmax.rescale(acc_o, alpha);
-            pack_p(pa, s);
-          }
-
-          // -- last key tile: O += P V --
-          const int it_last = kv_iter + n_blocks - 1;
-          const int last = it_last % kStages;
-          mbar_wait(v_full(last), (it_last / kStages) & 1);
-          wait_turn();
-          wgmma_fence();
-          issue_pv(pa, last);
-          pass_turn();
           wgmma_wait<0>();
           fence_operand(acc_o[0]);
           fence_operand(pa);
-          if (lane == 0) mbar_arrive(v_empty(last));  // the slot goes to the next tile's loads
-          kv_iter += n_blocks;
-          ++q_iter;
+          if (lane == 0) mbar_arrive(v_empty(prev));  // this warp is done with V(i-1)
+          // -- O held sums relative to the old max: rescale, then P(i) replaces P(i-1) --
+          softmax.rescale(acc_o, alpha);
+          pack_p(pa, s);
         }
 
-        // -- epilogue: O / l, lse; rows >= seqlen_q and columns >= head_dim are not stored. It
-        // runs while the producer already streams the next tile's Q and K/V. --
-        float lse[2];
-        softmax.finalize(acc_o, static_cast<float>(p.scale), lse);
-        T* o = static_cast<T*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
+        // -- last key tile: O += P V --
+        const int it_last = kv_iter + n_blocks - 1;
+        const int last = it_last % kStages;
+        mbar_wait(v_full(last), (it_last / kStages) & 1);
+        wait_turn();
+        wgmma_fence();
+        issue_pv(pa, last);
+        pass_turn();
+        wgmma_wait<0>();
+        fence_operand(acc_o[0]);
+        fence_operand(pa);
+        if (lane == 0) mbar_arrive(v_empty(last));  // the slot goes to the next tile's loads
+        kv_iter += n_blocks;
+        ++q_iter;
+      }
+
+      // -- epilogue: O / l, lse; rows >= seqlen_q and columns >= head_dim are not stored. It
+      // runs while the producer already streams the next tile's Q and K/V. --
+      float lse[2];
+      softmax.finalize(acc_o, static_cast<float>(p.scale), lse);
+      T* o = static_cast<T*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int row = row0 + rows_before + g + half * 8;
-          store_row_sectors<T, kDTiles>(
-              o + row * p.o_row_stride, 0, p.head_dim, t, row < p.seqlen_q,
-              [&](int dt, int e) { return acc_o[0][dt][2 * half + e]; });
-          if (row >= p.seqlen_q) continue;
-          if (p.lse != nullptr && t == 0) {
-            float* lse_out = static_cast<float*>(p.lse);
-            lse_out[batch * p.lse_batch_stride + head * p.lse_head_stride + row] = lse[half];
-          }
+      for (int half = 0; half < 2; ++half) {
+        const int row = row0 + rows_before + g + half * 8;
+        store_row_sectors<T, kDTiles>(
+            o + row * p.o_row_stride, 0, p.head_dim, t, row < p.seqlen_q,
+            [&](int dt, int e) { return acc_o[0][dt][2 * half + e]; });
+        if (row >= p.seqlen_q) continue;
+        if (p.lse != nullptr && t == 0) {
+          float* lse_out = static_cast<float*>(p.lse);
+          lse_out[batch * p.lse_batch_stride + head * p.lse_head_stride + row] = lse[half];
         }
       }
-    }
+    });
     // Consumer 1's last hand-over (its opening one when this block had no batches) has no batch
     // after it: consumer 0 takes it so every arrive on a named barrier is matched before exit.
     if (consumer == 0) wait_turn();
