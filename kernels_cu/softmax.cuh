@@ -40,28 +40,35 @@ template <int kMTiles> struct OnlineSoftmax {
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const int mt = r / 2, half = r % 2;
-      float tile_max = row_max[r];
+      // The row max as a pairwise tree (depth log2 kNTiles, not a chain of kNTiles dependent
+      // FMNMX): the exponentials wait for it.
+      float m[kNTiles];
 #pragma unroll
       for (int nt = 0; nt < kNTiles; ++nt) {
-        tile_max = fmaxf(tile_max, fmaxf(s[mt][nt][2 * half], s[mt][nt][2 * half + 1]));
+        m[nt] = fmaxf(s[mt][nt][2 * half], s[mt][nt][2 * half + 1]);
       }
-      const float new_max = quad_max(tile_max);
+#pragma unroll
+      for (int w = 1; w < kNTiles; w *= 2) {
+#pragma unroll
+        for (int i = 0; i + w < kNTiles; i += 2 * w) m[i] = fmaxf(m[i], m[i + w]);
+      }
+      const float new_max = quad_max(fmaxf(row_max[r], m[0]));
       // A row that has seen only masked keys keeps max = -inf; subtracting it would give
       // (-inf) - (-inf) = NaN. Use 0 instead: every exp below is then exp(-inf) = 0.
       const float max_scaled = new_max == neg_inf() ? 0.f : new_max * scale_log2;
       alpha[r] = exp2_ftz(row_max[r] * scale_log2 - max_scaled);
       row_max[r] = new_max;
-      float sum = 0.f;
+      float sum[2] = {0.f, 0.f};  // two chains of FADD, half as deep, between the MUFUs
 #pragma unroll
       for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           float& x = s[mt][nt][2 * half + e];
           x = exp2_ftz(x * scale_log2 - max_scaled);
-          sum += x;
+          sum[e] += x;
         }
       }
-      row_sum[r] = row_sum[r] * alpha[r] + sum;
+      row_sum[r] = row_sum[r] * alpha[r] + (sum[0] + sum[1]);
     }
   }
 
