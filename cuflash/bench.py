@@ -12,9 +12,11 @@ every cell does the same work per token) and times, in one process and on the sa
 
 Timing: CUDA events around each call, after warm-up (compile, autotune, first touch), median of up
 to ``--max-reps`` calls or about ``--min-time-ms``; input sets are rotated where they are small
-enough that the L2 cache would otherwise serve them. Also measured: workspace memory vs S (peak
-minus inputs and outputs, until each implementation runs out of memory) and cuflash's cold-cache
-compile time per kernel (a subprocess with an empty ``CUPY_CACHE_DIR``).
+enough that the L2 cache would otherwise serve them. The implementations of a case take turns in
+rounds, in an order rotated each round, since a GPU at its power cap clocks by what ran before.
+Also measured: workspace memory vs S (peak minus inputs and outputs, until each implementation
+runs out of memory) and cuflash's cold-cache compile time per kernel (a subprocess with an empty
+``CUPY_CACHE_DIR``).
 
 Writes ``bench.json`` (every figure and the environment), PNG plots and ``performance_table.md``
 (for docs/performance.md) to ``--out``, then prints a short table. Without a CUDA GPU it
@@ -89,8 +91,10 @@ IMPLS = (CUFLASH, *SDPA_BACKENDS, "cupy-standard", "numpy-standard")
 IMPL_ALIASES = {"flash": "sdpa-flash", "cudnn": "sdpa-cudnn", "efficient": "sdpa-efficient",
                 "math": "sdpa-math", "standard": "standard"}
 
-# Timing: at least MIN_REPS timed calls; at most MAX_INPUT_SETS rotated input sets.
+# Timing: at least MIN_REPS timed calls in ROUNDS rounds of rotated turns; at most MAX_INPUT_SETS
+# rotated input sets.
 MIN_REPS = 3
+ROUNDS = 4
 MAX_INPUT_SETS = 8
 # Implementations that hold the S x S matrices are skipped in the timing sweep where those would
 # need more than this (or half the device); the memory sweep lets them run into the device limit.
@@ -831,44 +835,103 @@ def input_sets(working_bytes: int, cache_bytes: int) -> int:
     return min(MAX_INPUT_SETS, math.ceil(2 * cache_bytes / max(working_bytes, 1)))
 
 
-def time_calls(device, calls: list[Callable], min_time_ms: float, max_reps: int) -> list[float]:
-    """Per-call milliseconds after warm-up, rotating over `calls` (one per input set).
+def split_reps(total: int, batches: int) -> list[int]:
+    """`total` calls as `batches` batch sizes that differ by at most one, larger ones first."""
+    return [total // batches + (1 if i < total % batches else 0) for i in range(batches)]
 
-    A first batch of MIN_REPS calls sizes the rest: calls are added until about `min_time_ms`
-    has been timed in all, or `max_reps` calls.
+
+def rotated(names: list[str], turn: int) -> list[str]:
+    """`names` starting at position `turn` (mod its length): round `turn`'s order."""
+    k = turn % len(names)
+    return names[k:] + names[:k]
+
+
+@dataclass
+class _Timed:
+    """An implementation being timed on one case: its prepared calls (one per input set) and the
+    milliseconds measured so far."""
+
+    impl: Impl
+    calls: list[Callable]
+    times: list[float]
+
+    def batch(self, device, count: int) -> None:
+        """`count` more timed calls, continuing the rotation over input sets (so that no set is
+        reused back to back), after one untimed call that refills the allocator's cache."""
+        done = len(self.times)
+        with self.impl.context():
+            self.calls[done % len(self.calls)]()
+            self.times += device.elapsed_ms(
+                [self.calls[(done + i) % len(self.calls)] for i in range(count)])
+
+
+def measure_case(device, impls: list[Impl], case: Case, sets: list[Inputs], config: Config,
+                 limit_bytes: float, progress: Progress) -> list[dict]:
+    """One timing row per implementation: status "ok" with ms/TFLOP/s, or "skip"/"n/a"/"oom"/
+    "error" with a note.
+
+    The implementations take turns. Each is warmed up (compile, autotune, first touch of every
+    input set), then all are timed in up to ROUNDS rounds, the order rotated each round: a GPU
+    running attention at its power cap (an H100 does) sets its clock by what ran just before, and
+    a fixed order would hand every implementation the same neighbour. Round 0 times MIN_REPS
+    calls of each; that sizes the rest (about `min_time_ms` in all, at most `max_reps` calls),
+    spread over the remaining rounds. The allocators' cached blocks are released between turns,
+    so that each implementation has the device to itself.
     """
-    for call in calls:  # warm-up: compile, autotune, first touch of every set
-        call()
-    device.synchronize()
+    rows: dict[str, dict] = {}
+    timed: dict[str, _Timed] = {}
 
-    def rotation(start: int, count: int) -> list[Callable]:
-        return [calls[(start + i) % len(calls)] for i in range(count)]
-
-    times = device.elapsed_ms(rotation(0, MIN_REPS))
-    left_ms = min_time_ms - sum(times)
-    more = min(max_reps - MIN_REPS, math.ceil(left_ms / max(min(times), 1e-3)))
-    if more > 0:  # continue the rotation, so that no set is reused back to back
-        times += device.elapsed_ms(rotation(MIN_REPS, more))
-    return times
-
-
-def measure(device, impl: Impl, case: Case, sets: list[Inputs], config: Config,
-            limit_bytes: float) -> dict:
-    """One timing row: status "ok" with ms/TFLOP/s, or "skip"/"n/a"/"oom"/"error" with a note."""
-    row = {**case.record(), "impl": impl.name}
-    reason = impl.skip_reason(case, limit_bytes)
-    if reason is not None:
-        return {**row, "status": "skip", "note": reason}
-    try:
-        with impl.context():
-            calls = [impl.prepare(case, x) for x in sets]
-            times = time_calls(device, calls, config.min_time_ms, config.max_reps)
-    except Exception as err:  # a peer without a kernel for this case, OOM, or a cuflash bug
+    def fail(impl: Impl, err: BaseException) -> None:
         status, note = failure(impl, err)
-        return {**row, "status": status, "note": note}
-    median = statistics.median(times)
-    return {**row, "status": "ok", "ms": median, "ms_min": min(times),
-            "tflops": case.flops / median / 1e9, "reps": len(times), "input_sets": len(sets)}
+        rows[impl.name] = {**case.record(), "impl": impl.name, "status": status, "note": note}
+        timed.pop(impl.name, None)
+        device.release(collect=True)
+
+    for impl in impls:
+        reason = impl.skip_reason(case, limit_bytes)
+        if reason is not None:
+            rows[impl.name] = {**case.record(), "impl": impl.name, "status": "skip",
+                               "note": reason}
+            continue
+        progress.show(f"{case.label} {impl.name} (warm-up)")
+        try:
+            with impl.context():
+                calls = [impl.prepare(case, x) for x in sets]
+                for call in calls:
+                    call()
+            device.synchronize()
+            timed[impl.name] = _Timed(impl, calls, [])
+        except Exception as err:  # a peer without a kernel for this case, OOM, or a cuflash bug
+            fail(impl, err)
+        device.release()
+
+    plan: dict[str, list[int]] = {name: [MIN_REPS] for name in timed}
+    for turn in range(ROUNDS):
+        for name in rotated(list(timed), turn):
+            if turn >= len(plan[name]) or plan[name][turn] == 0:
+                continue
+            run = timed[name]
+            progress.show(f"{case.label} {name} (round {turn + 1})")
+            try:
+                run.batch(device, plan[name][turn])
+            except Exception as err:  # e.g. out of memory beside another implementation's data
+                fail(run.impl, err)
+                continue
+            device.release()
+            if turn == 0:  # size the remaining rounds from the fastest call so far
+                left_ms = config.min_time_ms - sum(run.times)
+                more = min(config.max_reps - MIN_REPS,
+                           math.ceil(left_ms / max(min(run.times), 1e-3)))
+                plan[name] += split_reps(max(more, 0), ROUNDS - 1)
+
+    for name, run in timed.items():
+        median = statistics.median(run.times)
+        rows[name] = {**case.record(), "impl": name, "status": "ok", "ms": median,
+                      "ms_min": min(run.times), "tflops": case.flops / median / 1e9,
+                      "reps": len(run.times), "rounds": sum(1 for n in plan[name] if n),
+                      "input_sets": len(sets)}
+    progress.advance(len(impls))
+    return [rows[impl.name] for impl in impls]
 
 
 def failure(impl: Impl, err: BaseException) -> tuple[str, str]:
@@ -896,11 +959,7 @@ def run_sweep(device, impls: list[Impl], config: Config, progress: Progress) -> 
                      for impl in impls]
             progress.advance(len(impls))
             continue
-        for impl in impls:
-            progress.show(f"{case.label} {impl.name}")
-            rows.append(measure(device, impl, case, sets, config, limit))
-            progress.advance()
-            device.release(collect=rows[-1]["status"] not in ("ok", "skip"))
+        rows += measure_case(device, impls, case, sets, config, limit, progress)
         del sets
     return rows
 

@@ -171,3 +171,93 @@ def test_source_digest_names_the_code(tmp_path, monkeypatch):
     assert bench.source_digest() == first
     (copy / "common.cuh").write_text((copy / "common.cuh").read_text() + "\n// edited\n")
     assert bench.source_digest() != first
+
+
+class _FakeDevice:
+    """Times every call as `ms` of its implementation and logs (event, name) pairs."""
+
+    def __init__(self, log: list):
+        self.log = log
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_ms(self, calls) -> list[float]:
+        self.log.append(("batch", calls[0].impl_name, len(calls)))
+        return [call() for call in calls]
+
+    def release(self, collect: bool = False) -> None:
+        self.log.append(("release", collect))
+
+
+class _FakeImpl(bench.Impl):
+    """A call that returns its own duration; raises on call number `fail_at` (0-based) if set."""
+
+    def __init__(self, name: str, ms: float, fail_at: int | None = None, skip: str | None = None):
+        self.name, self.ms, self.fail_at, self.skip, self.count = name, ms, fail_at, skip, 0
+
+    def skip_reason(self, case, limit_bytes):
+        return self.skip
+
+    def prepare(self, case, x):
+        def call():
+            self.count += 1
+            if self.fail_at is not None and self.count - 1 == self.fail_at:
+                raise RuntimeError(f"{self.name} broke")
+            return self.ms
+
+        call.impl_name = self.name
+        return call
+
+
+def _measure(impls, min_time_ms=1e9, max_reps=20, sets=2):
+    import io
+    import types
+
+    log = []
+    case = bench.Case("float32", "fwd", 32, False, 256, 1, 2)
+    config = types.SimpleNamespace(min_time_ms=min_time_ms, max_reps=max_reps)
+    rows = bench.measure_case(_FakeDevice(log), impls, case, [None] * sets, config, 1e9,
+                              bench.Progress("sweep", len(impls), stream=io.StringIO()))
+    return rows, [e for e in log if e[0] == "batch"]
+
+
+def test_implementations_take_turns_in_rotated_rounds():
+    rows, batches = _measure([_FakeImpl("a", 1.0), _FakeImpl("b", 2.0), _FakeImpl("c", 3.0)])
+    # Round 0: MIN_REPS each in order a, b, c; then ROUNDS - 1 rounds, each starting one later.
+    order = [name for _, name, _ in batches]
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert bench.ROUNDS == 4
+    for row, ms in zip(rows, (1.0, 2.0, 3.0), strict=True):
+        assert row["status"] == "ok" and row["ms"] == ms and row["ms_min"] == ms
+        assert row["reps"] == 20 and row["rounds"] == 4  # max_reps, spread 3 + 6 + 6 + 5
+    assert [n for _, name, n in batches if name == "a"] == [3, 6, 6, 5]
+
+
+def test_rounds_stop_once_the_time_is_spent():
+    # 3 calls of 10 ms exceed min_time_ms = 25: round 0 is all a gets; b adds 22 calls of 1 ms.
+    rows, batches = _measure([_FakeImpl("a", 10.0), _FakeImpl("b", 1.0)], min_time_ms=25,
+                             max_reps=100)
+    assert rows[0]["reps"] == bench.MIN_REPS and rows[0]["rounds"] == 1
+    assert rows[1]["reps"] == 25 and rows[1]["rounds"] == 4
+    assert [name for _, name, _ in batches] == ["a", "b", "b", "b", "b"]
+
+
+def test_a_failure_or_skip_leaves_the_others_timed():
+    # Calls 0-1 warm up (two input sets), 2-5 are round 0 (a cache refill and 3 timed), 6 fails:
+    # round 1's refill.
+    broken = _FakeImpl("broken", 1.0, fail_at=6)
+    rows, batches = _measure([broken, _FakeImpl("skipped", 1.0, skip="too big"),
+                              _FakeImpl("fine", 2.0)])
+    assert rows[0]["status"] == "n/a" and "broken broke" in rows[0]["note"]
+    assert rows[1] == {**rows[1], "status": "skip", "note": "too big"}
+    assert rows[2]["status"] == "ok" and rows[2]["reps"] == 20
+    assert [r["impl"] for r in rows] == ["broken", "skipped", "fine"]
+    assert [name for _, name, _ in batches] == ["broken", "fine", "fine", "fine", "fine"]
+
+
+def test_split_reps_and_rotation():
+    assert bench.split_reps(17, 3) == [6, 6, 5]
+    assert bench.split_reps(0, 3) == [0, 0, 0]
+    assert sum(bench.split_reps(101, 7)) == 101
+    assert bench.rotated(["a", "b", "c"], 4) == ["b", "c", "a"]
