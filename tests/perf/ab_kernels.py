@@ -5,7 +5,7 @@ is `git archive REV kernels_cu | tar -x -C DIR`). Per cell: fresh random inputs,
 launch planned against its own sources (the same Python host code), outputs poisoned with NaN
 first, then timed with CUDA events in rounds of 10 queued calls, the order rotated each round so
 that every variant takes every place twice (the H100 runs attention at its power cap, and its
-clock follows what ran just before: a fixed order biased results by up to 5%). Reports the median
+clock follows what ran just before: a fixed order put one 16k cell 5% off). Reports the median
 TFLOP/s, ratios to the first variant and to cuDNN, and each variant's largest difference from
 float32 SDPA (S <= 4096) or from the first variant (longer S).
 
