@@ -182,28 +182,15 @@ def all_bwd_sm90_specs() -> list[KernelSpec]:
 
 
 def _sm90_reason(dtype: str, head_dim: int, aligned: bool, cc: int, arrays) -> str | None:
-    """Why the Hopper dK/dV kernel does not take this problem (None when it does)."""
+    """Why the Hopper dK/dV kernel does not take this problem (None when it does): the Hopper
+    TMA kernels' shared conditions, and every array (outputs too) 16-byte aligned."""
     from cuflash import _launch_sm90
 
-    if cc != 90:
-        return f"compute capability {cc} is not 90"
-    if not _dtypes.uses_tensor_cores(dtype):
-        return f"dtype {dtype} is not float16/bfloat16"
     if os.environ.get("CUFLASH_FORCE_SM80"):
         return "CUFLASH_FORCE_SM80 is set"
-    if head_dim > max(BWD_SM90_TILES):
-        return f"head dim {head_dim} > {max(BWD_SM90_TILES)}"
     if not aligned:
         return "an operand is not 16-byte aligned"
-    if _launch_sm90._driver() is None:
-        return "cuda.bindings is not installed (needed to encode TMA tensor maps)"
-    for name, array in arrays:
-        if 0 in array.shape:
-            return f"{name} is empty"
-        reason = _launch_sm90._tma_reason(name, array)
-        if reason is not None:
-            return reason
-    return None
+    return _launch_sm90.tma_kernel_reason(cc, dtype, head_dim, max(BWD_SM90_TILES), arrays)
 
 
 def _sm80_kernels(dtype: str, head_dim: int, causal: bool, aligned: bool,

@@ -164,6 +164,29 @@ def _tma_reason(name: str, array) -> str | None:
     return None
 
 
+def tma_kernel_reason(cc: int, dtype: str, head_dim: int, max_head_dim: int,
+                      arrays) -> str | None:
+    """Why a Hopper TMA kernel (this forward, the backward's dK/dV) cannot take these operands,
+    None when it can: compute capability 9.0, fp16/bf16, head dim up to `max_head_dim`,
+    cuda.bindings present to encode tensor maps, and every (name, array) non-empty and
+    TMA-legal."""
+    if cc != 90:
+        return f"compute capability {cc} is not 90"
+    if dtype not in _TENSOR_DTYPES:
+        return f"dtype {dtype} is not float16/bfloat16"
+    if head_dim > max_head_dim:
+        return f"head dim {head_dim} > {max_head_dim}"
+    if _driver() is None:
+        return "cuda.bindings is not installed (needed to encode TMA tensor maps)"
+    for name, array in arrays:
+        if 0 in array.shape:
+            return f"{name} is empty"
+        reason = _tma_reason(name, array)
+        if reason is not None:
+            return reason
+    return None
+
+
 def _reject(reason: str) -> None:
     """Log why the Hopper kernel does not take a call; None is plan_sm90's "not applicable"."""
     log.debug("fwd_sm90 not taken, falling back to sm80: %s", reason)
@@ -197,22 +220,11 @@ def plan_sm90(q, k, v, out, *, causal: bool, scale: float, device_id: int, cc: i
     from cuflash._launch import Launch, fwd_params
 
     batch, seqlen_q, heads_q, head_dim = q.shape
-    seqlen_k = k.shape[1]
     dtype = _dtypes.dtype_name(q.dtype)
-    if cc != 90:
-        return _reject(f"compute capability {cc} is not 90")
-    if dtype not in _TENSOR_DTYPES:
-        return _reject(f"dtype {dtype} is not float16/bfloat16")
-    if head_dim > max(FWD_SM90_TILES):
-        return _reject(f"head dim {head_dim} > {max(FWD_SM90_TILES)}")
-    if seqlen_k == 0:
-        return _reject("seqlen_k is 0")
-    if _driver() is None:
-        return _reject("cuda.bindings is not installed (needed to encode TMA tensor maps)")
-    for name, array in (("q", q), ("k", k), ("v", v), ("out", out)):
-        reason = _tma_reason(name, array)
-        if reason is not None:
-            return _reject(reason)
+    reason = tma_kernel_reason(cc, dtype, head_dim, max(FWD_SM90_TILES),
+                               (("q", q), ("k", k), ("v", v), ("out", out)))
+    if reason is not None:
+        return _reject(reason)  # an empty k: seqlen_k = 0
 
     spec = fwd_sm90_spec(dtype, head_dim, causal, seqlen_q <= SHORT_CAUSAL_MAX_SEQLEN_Q)
     # Persistent: at most one block per SM, each looping over work units.

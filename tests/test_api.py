@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import types
 
 import numpy as np
 import pytest
@@ -363,7 +364,51 @@ def test_hopper_gpu_modules_skip_elsewhere(monkeypatch):
     from tests.gpu_support import require_hopper
 
     monkeypatch.setattr(api, "compute_capability", lambda device_id: 86)
-    with pytest.raises(pytest.skip.Exception, match="compute capability 86, not 9.0"):
+    with pytest.raises(pytest.skip.Exception, match=re.escape("compute capability 86, not 9.0")):
         require_hopper("sm90 GPU tests")
     monkeypatch.setattr(api, "compute_capability", lambda device_id: 90)
     assert require_hopper("sm90 GPU tests") == 90
+
+
+def _device_array(shape, strides_in_items, ptr=4096, dtype="float16"):
+    """What the Hopper qualification reads of a CuPy array (shape, byte strides, dtype, base
+    address), without a GPU."""
+    itemsize = np.dtype(dtype).itemsize
+    return types.SimpleNamespace(shape=shape, dtype=np.dtype(dtype),
+                                 strides=tuple(s * itemsize for s in strides_in_items),
+                                 data=types.SimpleNamespace(ptr=ptr))
+
+
+def test_hopper_tma_kernels_qualify_on_the_same_conditions(monkeypatch):
+    """The forward and the backward's dK/dV take the Hopper kernels on one set of conditions
+    (_launch_sm90.tma_kernel_reason); each failing condition is named."""
+    from cuflash import _launch_bwd, _launch_sm90
+
+    monkeypatch.setattr(_launch_sm90, "_driver", lambda: object())
+    monkeypatch.delenv("CUFLASH_FORCE_SM80", raising=False)
+    good = _device_array((2, 64, 4, 64), (64 * 4 * 64, 4 * 64, 64, 1))
+    arrays = (("q", good), ("k", good))
+    reason = _launch_sm90.tma_kernel_reason
+    assert reason(90, "float16", 64, 256, arrays) is None
+    assert reason(80, "float16", 64, 256, arrays) == "compute capability 80 is not 90"
+    assert reason(90, "float32", 64, 256, arrays) == "dtype float32 is not float16/bfloat16"
+    assert reason(90, "bfloat16", 320, 256, arrays) == "head dim 320 > 256"
+    empty = _device_array((2, 0, 4, 64), (0, 4 * 64, 64, 1))
+    assert reason(90, "float16", 64, 256, (("q", good), ("k", empty))) == "k is empty"
+    odd_base = _device_array((2, 64, 4, 64), (64 * 4 * 64, 4 * 64, 64, 1), ptr=4098)
+    assert reason(90, "float16", 64, 256, (("v", odd_base),)) == \
+        "v base address is not 16-byte aligned"
+    odd_stride = _device_array((2, 64, 4, 60), (64 * 4 * 60, 4 * 60, 60, 1))  # 120-byte rows
+    assert "k stride 60 (axis 2)" in reason(90, "float16", 60, 256, (("k", odd_stride),))
+    monkeypatch.setattr(_launch_sm90, "_driver", lambda: None)
+    assert "cuda.bindings is not installed" in reason(90, "float16", 64, 256, arrays)
+
+    # The backward adds its own two conditions, then defers to the shared ones.
+    monkeypatch.setattr(_launch_sm90, "_driver", lambda: object())
+    assert _launch_bwd._sm90_reason("float16", 64, True, 90, arrays) is None
+    assert _launch_bwd._sm90_reason("float16", 64, False, 90, arrays) == \
+        "an operand is not 16-byte aligned"
+    assert _launch_bwd._sm90_reason("float16", 320, True, 90, arrays) == "head dim 320 > 256"
+    monkeypatch.setenv("CUFLASH_FORCE_SM80", "1")
+    assert _launch_bwd._sm90_reason("float16", 64, True, 90, arrays) == \
+        "CUFLASH_FORCE_SM80 is set"
