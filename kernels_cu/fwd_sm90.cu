@@ -197,40 +197,37 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       tma_prefetch(tma_k);
       tma_prefetch(tma_v);
       int q_iter = 0, kv_iter = 0;  // Q tiles and K/V tiles loaded so far
+      // One tile (rows from `row0`, kChunks chunks of `chunk_bytes`) into `dst`, once its
+      // buffer is free (`empty` has completed the phase of parity `free_parity`): its bytes
+      // expected on `full`, one TMA box per chunk.
+      auto load_tile = [&](const TmaMap& map, uint32 dst, uint32 full, uint32 empty,
+                           uint32 free_parity, int chunk_bytes, int row0, int head, int batch) {
+        mbar_wait(empty, free_parity);
+        mbar_arrive_expect_tx(full, Tr::kChunks * chunk_bytes);
+#pragma unroll
+        for (int c = 0; c < Tr::kChunks; ++c) {
+          tma_load_4d(dst + c * chunk_bytes, map, full, c * Tr::kChunkCols, row0, head, batch);
+        }
+      };
       schedule.for_each_tile([&](int m_block, int head, int batch) {
         const int row0 = m_block * kBlockM;
         const int n_blocks = key_tiles(row0);
         if (n_blocks == 0) return;  // nothing to load: the consumers write zeros
         const int kv_head = head / p.group;
-        // -- Q, once its buffer's previous tile has done its last S --
+        // -- Q, once its buffer's previous tile has done its last S (first use: at once) --
         const int q_stage = q_iter % kQStages;
-        mbar_wait(q_empty(q_stage), ((q_iter / kQStages) & 1) ^ 1);  // first use: at once
-        mbar_arrive_expect_tx(q_full(q_stage), Tr::kQBytes);
-#pragma unroll
-        for (int c = 0; c < Tr::kChunks; ++c) {
-          tma_load_4d(q_smem(q_stage) + c * Tr::kQChunkBytes, tma_q, q_full(q_stage),
-                      c * Tr::kChunkCols, row0, head, batch);
-        }
+        load_tile(tma_q, q_smem(q_stage), q_full(q_stage), q_empty(q_stage),
+                  ((q_iter / kQStages) & 1) ^ 1, Tr::kQChunkBytes, row0, head, batch);
         ++q_iter;
         // -- K and V, last key tile first --
         for (int i = 0; i < n_blocks; ++i, ++kv_iter) {
-          const int n_block = n_blocks - 1 - i;
+          const int n_row0 = (n_blocks - 1 - i) * kBlockN;
           const int stage = kv_iter % kStages;
           const uint32 free_parity = ((kv_iter / kStages) & 1) ^ 1;  // first pass: at once
-          mbar_wait(k_empty(stage), free_parity);
-          mbar_arrive_expect_tx(k_full(stage), Tr::kKVBytes);
-#pragma unroll
-          for (int c = 0; c < Tr::kChunks; ++c) {
-            tma_load_4d(k_smem(stage) + c * Tr::kKVChunkBytes, tma_k, k_full(stage),
-                        c * Tr::kChunkCols, n_block * kBlockN, kv_head, batch);
-          }
-          mbar_wait(v_empty(stage), free_parity);
-          mbar_arrive_expect_tx(v_full(stage), Tr::kKVBytes);
-#pragma unroll
-          for (int c = 0; c < Tr::kChunks; ++c) {
-            tma_load_4d(v_smem(stage) + c * Tr::kKVChunkBytes, tma_v, v_full(stage),
-                        c * Tr::kChunkCols, n_block * kBlockN, kv_head, batch);
-          }
+          load_tile(tma_k, k_smem(stage), k_full(stage), k_empty(stage), free_parity,
+                    Tr::kKVChunkBytes, n_row0, kv_head, batch);
+          load_tile(tma_v, v_smem(stage), v_full(stage), v_empty(stage), free_parity,
+                    Tr::kKVChunkBytes, n_row0, kv_head, batch);
         }
       });
     }
