@@ -32,11 +32,14 @@ def test_compiles_without_spills(spec):
     assert not report.wgmma_serialized, "\n".join(report.notes)
 
 
-def test_every_width_and_dtype_is_covered():
-    assert {(s.dtype, s.head_dim, s.causal) for s in SPECS} == {
+@pytest.mark.parametrize(("specs", "tiles"), [(SPECS, _launch_sm90.FWD_SM90_TILES),
+                                               (BWD_SPECS, _launch_bwd.BWD_SM90_TILES)],
+                         ids=["forward", "backward"])
+def test_every_width_and_dtype_is_covered(specs, tiles):
+    assert {(s.dtype, s.head_dim, s.causal) for s in specs} == {
         (dtype, width, causal)
         for dtype in ("float16", "bfloat16")
-        for width in _launch_sm90.FWD_SM90_TILES
+        for width in tiles
         for causal in (False, True)
     }
 
@@ -69,15 +72,6 @@ def test_short_causal_problems_take_their_own_tile():
     assert {(s.head_dim, s.block_m, s.causal) for s in SPECS if s.head_dim == 64} == {
         (64, 192, False), (64, 192, True), (64, 128, True)}
     assert all(spec.smem_bytes <= _launch_sm90.SMEM_LIMIT == SMEM_LIMIT for spec in SPECS)
-
-
-def test_every_backward_width_and_dtype_is_covered():
-    assert {(s.dtype, s.head_dim, s.causal) for s in BWD_SPECS} == {
-        (dtype, width, causal)
-        for dtype in ("float16", "bfloat16")
-        for width in _launch_bwd.BWD_SM90_TILES
-        for causal in (False, True)
-    }
 
 
 def test_backward_head_dims_round_up_to_a_compiled_width():
