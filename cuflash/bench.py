@@ -857,10 +857,11 @@ class _Timed:
 
     def batch(self, device, count: int) -> None:
         """`count` more timed calls, continuing the rotation over input sets (so that no set is
-        reused back to back), after one untimed call that refills the allocator's cache."""
+        reused back to back), after one untimed call that refills the allocator's cache (on the
+        set before the first timed one, which the cache then does not already hold)."""
         done = len(self.times)
         with self.impl.context():
-            self.calls[done % len(self.calls)]()
+            self.calls[(done - 1) % len(self.calls)]()
             self.times += device.elapsed_ms(
                 [self.calls[(done + i) % len(self.calls)] for i in range(count)])
 

@@ -3,6 +3,7 @@ on the CPU path (what CI without a GPU runs) down to the files it writes."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 
@@ -182,9 +183,15 @@ class _FakeDevice:
     def synchronize(self) -> None:
         pass
 
+    timing = False  # inside elapsed_ms: the calls being made are timed
+
     def elapsed_ms(self, calls) -> list[float]:
         self.log.append(("batch", calls[0].impl_name, len(calls)))
-        return [call() for call in calls]
+        _FakeDevice.timing = True
+        try:
+            return [call() for call in calls]
+        finally:
+            _FakeDevice.timing = False
 
     def release(self, collect: bool = False) -> None:
         self.log.append(("release", collect))
@@ -195,12 +202,16 @@ class _FakeImpl(bench.Impl):
 
     def __init__(self, name: str, ms: float, fail_at: int | None = None, skip: str | None = None):
         self.name, self.ms, self.fail_at, self.skip, self.count = name, ms, fail_at, skip, 0
+        self.sets_used: list[tuple[int, bool]] = []  # (input set, timed) of every call
 
     def skip_reason(self, case, limit_bytes):
         return self.skip
 
     def prepare(self, case, x):
+        index = x  # _measure passes the set's index as its inputs
+
         def call():
+            self.sets_used.append((index, _FakeDevice.timing))
             self.count += 1
             if self.fail_at is not None and self.count - 1 == self.fail_at:
                 raise RuntimeError(f"{self.name} broke")
@@ -217,7 +228,7 @@ def _measure(impls, min_time_ms=1e9, max_reps=20, sets=2):
     log = []
     case = bench.Case("float32", "fwd", 32, False, 256, 1, 2)
     config = types.SimpleNamespace(min_time_ms=min_time_ms, max_reps=max_reps)
-    rows = bench.measure_case(_FakeDevice(log), impls, case, [None] * sets, config, 1e9,
+    rows = bench.measure_case(_FakeDevice(log), impls, case, list(range(sets)), config, 1e9,
                               bench.Progress("sweep", len(impls), stream=io.StringIO()))
     return rows, [e for e in log if e[0] == "batch"]
 
@@ -232,6 +243,18 @@ def test_implementations_take_turns_in_rotated_rounds():
         assert row["status"] == "ok" and row["ms"] == ms and row["ms_min"] == ms
         assert row["reps"] == 20 and row["rounds"] == 4  # max_reps, spread 3 + 6 + 6 + 5
     assert [n for _, name, n in batches if name == "a"] == [3, 6, 6, 5]
+
+
+def test_no_input_set_is_used_twice_in_a_row():
+    """Rotated input sets stop the L2 cache serving a call its inputs; the untimed call before
+    each batch must not break the rotation."""
+    impl = _FakeImpl("a", 1.0)
+    _measure([impl, _FakeImpl("b", 1.0)], sets=3)
+    used = impl.sets_used
+    assert len(used) == 3 + 4 + 20  # warm-up of each set, one refill a round, 20 timed
+    assert [s for s, timed in used if timed] == [i % 3 for i in range(20)]
+    for (before, _), (now, timed) in itertools.pairwise(used):
+        assert not timed or now != before, used  # a timed call never follows its own set
 
 
 def test_rounds_stop_once_the_time_is_spent():
