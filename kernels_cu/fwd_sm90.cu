@@ -44,11 +44,17 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   // (the sum stays within the SM's 64K registers at one block per SM).
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = kConsumerWarpgroups == 2 ? 240 : 160;
-  // Ping-pong (FA3): consumer warpgroups take turns issuing their wgmma batches, so one's softmax
-  // runs while the other's matrix products have the tensor cores. Named barrier 1 + c gates
-  // consumer c; it counts the waiting warpgroup and the one that lets it go.
-  static constexpr bool kPingPong = kConsumerWarpgroups == 2;
-  static constexpr int kSchedulerBarrier = 1;
+  // Softmax turns (D = 128, two consumers; kernel_notes_sm90.md step 17): a consumer waits for
+  // its turn (named barrier 1 + c), takes its row maxes and first exponentials, then hands the
+  // turn to the other; the wgmma are issued freely. 1.04-1.10x the speed of FA3's ping-pong
+  // (turns around the wgmma issue), which this replaced. Elsewhere the consumers run free:
+  // 1.00-1.04x ping-pong at D = 256 and D = 64's short causal tile, where the softmax turns were
+  // not measured; around three consumers (D = 64) every kind of turn ran slower.
+  static constexpr bool kSoftmaxTurns = kConsumerWarpgroups == 2 && kHeadDim == 128;
+  static constexpr int kTurnBarrier = 1;  // + consumer; 0 is __syncthreads
+  // Exponentials before the hand-over (of 64 per thread): ptxas then puts it after every row
+  // max and 7-15 MUFU.EX2. Forced placements after 0, 4, 8, 16 or all 64 ran 0-8% slower.
+  static constexpr int kHandOverAt = 8;
 
   // Shared tiles are 128-byte-swizzled chunks of 64 16-bit columns (one TMA box each): a tile of
   // R rows and kHeadDim columns is kChunks chunks of R * 128 bytes.
@@ -244,12 +250,22 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
     float acc_o[1][kDTiles][4];
     OnlineSoftmax<1> softmax;
 
-    // Ping-pong turns: wait for ours before issuing a batch of wgmma, hand over after it.
-    auto wait_turn = [&]() {
-      if (Tr::kPingPong) named_bar_sync(Tr::kSchedulerBarrier + consumer, 256);
+    // Softmax turns. ptxas schedules register work across bar.arrive; the hand-over lands after
+    // the row maxes and about 8 exponentials (checked in the SASS, kernel notes step 17) when its
+    // thread count depends on them (zero_after) in causal instantiations, and when it does not
+    // in the others (with the dependency, ptxas moves it behind ~57 of the 64 exponentials).
+    auto wait_softmax_turn = [&]() { named_bar_sync(Tr::kTurnBarrier + consumer, 256); };
+    auto pass_softmax_turn = [&](float dep) {
+      named_bar_arrive(Tr::kTurnBarrier + (consumer ^ 1),
+                       256 + (kCausal ? zero_after(dep) : 0));
     };
-    auto pass_turn = [&]() {
-      if (Tr::kPingPong) named_bar_arrive(Tr::kSchedulerBarrier + (consumer ^ 1), 256);
+    auto softmax_update = [&](float (&s)[1][kNTiles][4], float (&alpha)[2]) {
+      if (Tr::kSoftmaxTurns) {
+        softmax.template update_in_turn<Tr::kHandOverAt>(s, p.scale_log2, alpha,
+                                                         wait_softmax_turn, pass_softmax_turn);
+      } else {
+        softmax.update(s, p.scale_log2, alpha);
+      }
     };
 
     // This warp's 16 rows of Q as wgmma A fragments (kQInRegs), one ldmatrix.x4 per k16 step:
@@ -327,10 +343,10 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       }
     };
 
-    // The turns run on across tiles: both consumers issue the same number of batches per tile
-    // (n_blocks + 1; none for a tile without keys), so they keep alternating. Consumer 1 gives
-    // consumer 0 the first turn here; consumer 0 takes the last hand-over after its final tile.
-    if (consumer == 1) pass_turn();
+    // The softmax turns run on across tiles: both consumers take one per key tile (none for a
+    // tile without keys), so they keep alternating. Consumer 1 gives consumer 0 the first turn
+    // here; consumer 0 takes the last hand-over after its final tile.
+    if (Tr::kSoftmaxTurns && consumer == 1) named_bar_arrive(Tr::kTurnBarrier, 256);
     int q_iter = 0, kv_iter = 0;  // Q tiles and K/V tiles consumed so far (as the producer counts)
     schedule.for_each_tile([&](int m_block, int head, int batch) {
       const int row0 = m_block * kBlockM;
@@ -359,10 +375,8 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
           if (lane == 0) mbar_arrive(q_empty(q_stage));
         }
         mbar_wait(k_full(first), (kv_iter / kStages) & 1);
-        wait_turn();
         wgmma_fence();
         issue_qk(s, q_rows, first);
-        pass_turn();
         wgmma_wait<0>();
         fence_operand(s[0]);
         if (lane == 0) {
@@ -371,7 +385,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
           if (!Tr::kQInRegs && n_blocks == 1) mbar_arrive(q_empty(q_stage));
         }
         mask(s, row0, n_blocks - 1);
-        softmax.update(s, p.scale_log2, alpha);
+        softmax_update(s, alpha);
         pack_p(pa, s);
 
         for (int i = 1; i < n_blocks; ++i) {
@@ -380,11 +394,9 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
           // -- issue S(i) = Q K(i)^T, then O += P(i-1) V(i-1) --
           mbar_wait(k_full(stage), (it / kStages) & 1);
           mbar_wait(v_full(prev), ((it - 1) / kStages) & 1);
-          wait_turn();
           wgmma_fence();
           issue_qk(s, q_rows, stage);
           issue_pv(pa, prev);
-          pass_turn();
           // -- softmax of tile i while P V runs (groups complete in order: S(i) first) --
           wgmma_wait<1>();
           fence_operand(s[0]);
@@ -393,7 +405,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
             if (!Tr::kQInRegs && i == n_blocks - 1) mbar_arrive(q_empty(q_stage));
           }
           mask(s, row0, n_blocks - 1 - i);
-          softmax.update(s, p.scale_log2, alpha);
+          softmax_update(s, alpha);
           wgmma_wait<0>();
           fence_operand(acc_o[0]);
           fence_operand(pa);
@@ -407,10 +419,8 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
         const int it_last = kv_iter + n_blocks - 1;
         const int last = it_last % kStages;
         mbar_wait(v_full(last), (it_last / kStages) & 1);
-        wait_turn();
         wgmma_fence();
         issue_pv(pa, last);
-        pass_turn();
         wgmma_wait<0>();
         fence_operand(acc_o[0]);
         fence_operand(pa);
@@ -437,9 +447,9 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
         }
       }
     });
-    // Consumer 1's last hand-over (its opening one when this block had no batches) has no batch
-    // after it: consumer 0 takes it so every arrive on a named barrier is matched before exit.
-    if (consumer == 0) wait_turn();
+    // Consumer 1's last hand-over (its opening one when this block had no key tiles) has no
+    // turn after it: consumer 0 takes it so every arrive on a named barrier is matched by exit.
+    if (Tr::kSoftmaxTurns && consumer == 0) wait_softmax_turn();
   }
 }
 

@@ -31,6 +31,33 @@ template <int kMTiles> struct OnlineSoftmax {
     }
   }
 
+  // Row r's new running max from one tile of scores: sets alpha[r] (the rescale factor of what
+  // was accumulated) and returns the new max, scaled (the exponentials' offset).
+  template <int kNTiles>
+  __device__ __forceinline__ float new_row_max(const float (&s)[kMTiles][kNTiles][4], int r,
+                                               float scale_log2, float (&alpha)[kRows]) {
+    const int mt = r / 2, half = r % 2;
+    // The row max as a pairwise tree (depth log2 kNTiles, not a chain of kNTiles dependent
+    // FMNMX): the exponentials wait for it.
+    float m[kNTiles];
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) {
+      m[nt] = fmaxf(s[mt][nt][2 * half], s[mt][nt][2 * half + 1]);
+    }
+#pragma unroll
+    for (int w = 1; w < kNTiles; w *= 2) {
+#pragma unroll
+      for (int i = 0; i + w < kNTiles; i += 2 * w) m[i] = fmaxf(m[i], m[i + w]);
+    }
+    const float new_max = quad_max(fmaxf(row_max[r], m[0]));
+    // A row that has seen only masked keys keeps max = -inf; subtracting it would give
+    // (-inf) - (-inf) = NaN. Use 0 instead: every exp below is then exp(-inf) = 0.
+    const float max_scaled = new_max == neg_inf() ? 0.f : new_max * scale_log2;
+    alpha[r] = exp2_ftz(row_max[r] * scale_log2 - max_scaled);
+    row_max[r] = new_max;
+    return max_scaled;
+  }
+
   // Folds one tile of scores into the statistics: updates the running max, turns `s` into
   // P = exp(scale * (s - max)) in place, adds P to the running sums and returns in `alpha` the
   // factor by which everything accumulated so far must be rescaled.
@@ -39,33 +66,49 @@ template <int kMTiles> struct OnlineSoftmax {
                                          float (&alpha)[kRows]) {
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      const int mt = r / 2, half = r % 2;
-      // The row max as a pairwise tree (depth log2 kNTiles, not a chain of kNTiles dependent
-      // FMNMX): the exponentials wait for it.
-      float m[kNTiles];
-#pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt) {
-        m[nt] = fmaxf(s[mt][nt][2 * half], s[mt][nt][2 * half + 1]);
-      }
-#pragma unroll
-      for (int w = 1; w < kNTiles; w *= 2) {
-#pragma unroll
-        for (int i = 0; i + w < kNTiles; i += 2 * w) m[i] = fmaxf(m[i], m[i + w]);
-      }
-      const float new_max = quad_max(fmaxf(row_max[r], m[0]));
-      // A row that has seen only masked keys keeps max = -inf; subtracting it would give
-      // (-inf) - (-inf) = NaN. Use 0 instead: every exp below is then exp(-inf) = 0.
-      const float max_scaled = new_max == neg_inf() ? 0.f : new_max * scale_log2;
-      alpha[r] = exp2_ftz(row_max[r] * scale_log2 - max_scaled);
-      row_max[r] = new_max;
+      const float max_scaled = new_row_max(s, r, scale_log2, alpha);
       float sum[2] = {0.f, 0.f};  // two chains of FADD, half as deep, between the MUFUs
 #pragma unroll
       for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          float& x = s[mt][nt][2 * half + e];
+          float& x = s[r / 2][nt][2 * (r % 2) + e];
           x = exp2_ftz(x * scale_log2 - max_scaled);
           sum[e] += x;
+        }
+      }
+      row_sum[r] = row_sum[r] * alpha[r] + (sum[0] + sum[1]);
+    }
+  }
+
+  // update() as a turn that warpgroups take one after another: wait_turn() first, then every
+  // row's max, the first kHandOverAt exponentials (of the thread's kRows * kNTiles * 2), and
+  // pass_turn(dep), where dep is a value computed from all of those (a kernel can make the
+  // hand-over wait for them through it), then the remaining exponentials.
+  template <int kHandOverAt, int kNTiles, typename Wait, typename Pass>
+  __device__ __forceinline__ void update_in_turn(float (&s)[kMTiles][kNTiles][4],
+                                                 float scale_log2, float (&alpha)[kRows],
+                                                 Wait wait_turn, Pass pass_turn) {
+    static_assert(kHandOverAt >= 1 && kHandOverAt <= kRows * kNTiles * 2, "inside the tile");
+    wait_turn();
+    float max_scaled[kRows];
+    float max_dep = 0.f;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      max_scaled[r] = new_row_max(s, r, scale_log2, alpha);
+      max_dep += max_scaled[r];
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      float sum[2] = {0.f, 0.f};
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = s[r / 2][nt][2 * (r % 2) + e];
+          x = exp2_ftz(x * scale_log2 - max_scaled[r]);
+          sum[e] += x;
+          if ((r * kNTiles + nt) * 2 + e + 1 == kHandOverAt) pass_turn(sum[e] + max_dep);
         }
       }
       row_sum[r] = row_sum[r] * alpha[r] + (sum[0] + sum[1]);

@@ -123,6 +123,16 @@ __device__ __forceinline__ void named_bar_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
 }
 
+// 0, computed from `x` (x * 0 is +-0 or NaN and cvt.rzi turns both into 0; ptxas folds neither
+// step): a barrier whose thread count adds it is issued after the work that produced x. ptxas
+// moves register work freely across bar.sync / bar.arrive, which order memory only.
+__device__ __forceinline__ int zero_after(float x) {
+  int z;
+  asm("{\n .reg .f32 t;\n mul.f32 t, %1, 0f00000000;\n cvt.rzi.s32.f32 %0, t;\n}\n"
+      : "=r"(z) : "f"(x));
+  return z;
+}
+
 // ---- register reallocation between warpgroups (sm_90a) ----------------------------------------
 
 template <int kRegs> __device__ __forceinline__ void regs_dealloc() {
