@@ -46,10 +46,10 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   static constexpr int kConsumerRegs = kConsumerWarpgroups == 2 ? 240 : 160;
   // Softmax turns (D = 128, two consumers; kernel_notes_sm90.md step 17): a consumer waits for
   // its turn (named barrier 1 + c), takes its row maxes and first exponentials, then hands the
-  // turn to the other; the wgmma are issued freely. 1.04-1.10x the speed of FA3's ping-pong
+  // turn to the other; the wgmma are issued freely: 1.04-1.09x the speed of FA3's ping-pong
   // (turns around the wgmma issue), which this replaced. Elsewhere the consumers run free:
-  // 1.00-1.04x ping-pong at D = 256 and D = 64's short causal tile, where the softmax turns were
-  // not measured; around three consumers (D = 64) every kind of turn ran slower.
+  // 0.99-1.04x ping-pong at D = 256 and on D = 64's short causal tile, where softmax turns ran
+  // 0.93-1.03x of free; around three consumers (D = 64) every kind of turn ran slower.
   static constexpr bool kSoftmaxTurns = kConsumerWarpgroups == 2 && kHeadDim == 128;
   static constexpr int kTurnBarrier = 1;  // + consumer; 0 is __syncthreads
   // Exponentials before the hand-over (of 64 per thread): ptxas then puts it after every row
