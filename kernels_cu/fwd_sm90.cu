@@ -53,7 +53,8 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   static constexpr bool kSoftmaxTurns = kConsumerWarpgroups == 2 && kHeadDim == 128;
   static constexpr int kTurnBarrier = 1;  // + consumer; 0 is __syncthreads
   // Exponentials before the hand-over (of 64 per thread): ptxas then puts it after every row
-  // max and 7-15 MUFU.EX2. Forced placements after 0, 4, 8, 16 or all 64 ran 0-8% slower.
+  // max and 7-15 MUFU.EX2. Placements forced with a shared-memory read (after 0, 4, 8, 16 or all
+  // 64) ran slower than this unforced one (kernel notes step 17).
   static constexpr int kHandOverAt = 8;
 
   // Shared tiles are 128-byte-swizzled chunks of 64 16-bit columns (one TMA box each): a tile of

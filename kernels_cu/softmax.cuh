@@ -83,8 +83,9 @@ template <int kMTiles> struct OnlineSoftmax {
 
   // update() as a turn that warpgroups take one after another: wait_turn() first, then every
   // row's max, the first kHandOverAt exponentials (of the thread's kRows * kNTiles * 2), and
-  // pass_turn(dep), where dep is a value computed from all of those (a kernel can make the
-  // hand-over wait for them through it), then the remaining exponentials.
+  // pass_turn(dep), then the remaining exponentials. dep is computed from every row max and
+  // from the running sum of the chain the last of those exponentials went into (so from half
+  // of them): a kernel can make the hand-over wait for that work through it.
   template <int kHandOverAt, int kNTiles, typename Wait, typename Pass>
   __device__ __forceinline__ void update_in_turn(float (&s)[kMTiles][kNTiles][4],
                                                  float scale_log2, float (&alpha)[kRows],
