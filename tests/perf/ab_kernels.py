@@ -9,6 +9,10 @@ clock follows what ran just before: a fixed order put one 16k cell 5% off). Repo
 TFLOP/s, ratios to the first variant and to cuDNN, and each variant's largest difference from
 float32 SDPA (S <= 4096) or from the first variant (longer S).
 
+A variant may also change the tile of a head-dim width, for every sequence length (the
+short-causal tile of that width is then not used): `two=DIR,64=128x128x12` runs D=64 with
+block_m 128, block_n 128 and 12 warps.
+
 Run on a GPU: PYTHONPATH=. python3 tests/perf/ab_kernels.py main=DIR new=. [--dims 64,128]
     [--seqlens 1024,4096] [--dtypes bfloat16,float16] [--masks full,causal]
 """
@@ -23,6 +27,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cuflash import _compile, _launch_sm90
+from cuflash._launch import Tile
 
 F = torch.nn.functional.scaled_dot_product_attention
 CALLS_PER_TURN = 10
@@ -38,22 +43,44 @@ def parse_args():
     parser.add_argument(
         "variants",
         nargs="+",
-        metavar="NAME=DIR",
-        help="a name and a directory that holds kernels_cu/",
+        metavar="NAME=DIR[,WIDTH=BMxBNxWARPS...]",
+        help="a name, a directory that holds kernels_cu/, and optional tile overrides",
     )
     parser.add_argument("--dims", type=_ints, default=[64, 128, 256])
     parser.add_argument("--seqlens", type=_ints, default=[1024, 2048, 4096, 16384])
     parser.add_argument("--dtypes", type=lambda t: t.split(","), default=["bfloat16"])
     parser.add_argument("--masks", type=lambda t: t.split(","), default=["full", "causal"])
     args = parser.parse_args()
-    variants = {}
+    variants, tiles = {}, {}
     for item in args.variants:
-        name, sep, path = item.partition("=")
+        name, sep, rest = item.partition("=")
+        path, *overrides = rest.split(",")
         root = pathlib.Path(path).resolve() / "kernels_cu"
         if not sep or not root.is_dir():
             parser.error(f"variant {item!r}: expected NAME=DIR with DIR/kernels_cu/ present")
-        variants[name] = root
-    return args, variants
+        variants[name], tiles[name] = root, {}
+        for override in overrides:
+            width, _, sizes = override.partition("=")
+            try:
+                block_m, block_n, warps = (int(x) for x in sizes.split("x"))
+                tiles[name][int(width)] = Tile(block_m=block_m, block_n=block_n, warps=warps)
+            except ValueError:
+                parser.error(f"variant {item!r}: tile override {override!r} is not WIDTH=BMxBNxW")
+    return args, variants, tiles
+
+
+def plan_with_tiles(overrides: dict, *args, **kwargs):
+    """_launch_sm90.plan_sm90 with some widths' tiles replaced (for every sequence length)."""
+    saved = _launch_sm90.FWD_SM90_TILES, _launch_sm90.FWD_SM90_SHORT_CAUSAL_TILES
+    _launch_sm90.FWD_SM90_TILES = {**saved[0], **overrides}
+    _launch_sm90.FWD_SM90_SHORT_CAUSAL_TILES = {
+        width: tile for width, tile in saved[1].items() if width not in overrides}
+    _launch_sm90.fwd_sm90_spec.cache_clear()
+    try:
+        return _launch_sm90.plan_sm90(*args, **kwargs)
+    finally:
+        _launch_sm90.FWD_SM90_TILES, _launch_sm90.FWD_SM90_SHORT_CAUSAL_TILES = saved
+        _launch_sm90.fwd_sm90_spec.cache_clear()
 
 
 def use_sources(root: pathlib.Path) -> None:
@@ -73,7 +100,7 @@ def time_ms(fn, calls: int) -> float:
     return start.elapsed_time(end) / calls
 
 
-def cell(variants: dict, dtype, D: int, causal: bool, S: int) -> str:
+def cell(variants: dict, tiles: dict, dtype, D: int, causal: bool, S: int) -> str:
     B, H = 16384 // S, 2048 // D
     q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=dtype) for _ in range(3))
     qc, kc, vc = (cupy.from_dlpack(x) for x in (q, k, v))
@@ -82,8 +109,8 @@ def cell(variants: dict, dtype, D: int, causal: bool, S: int) -> str:
         use_sources(root)
         outs[name] = torch.full_like(q, float("nan"))
         oc = cupy.from_dlpack(outs[name])
-        plan = _launch_sm90.plan_sm90(
-            qc, kc, vc, oc, causal=causal, scale=D**-0.5, device_id=0, cc=90
+        plan = plan_with_tiles(
+            tiles[name], qc, kc, vc, oc, causal=causal, scale=D**-0.5, device_id=0, cc=90
         )
         if plan is None:
             raise SystemExit(f"{name}: the Hopper forward does not take this problem")
@@ -127,7 +154,7 @@ def cell(variants: dict, dtype, D: int, causal: bool, S: int) -> str:
 
 
 def main() -> None:
-    args, variants = parse_args()
+    args, variants, tiles = parse_args()
     original = _compile.kernels_dir
     names = list(variants)
     print(
@@ -143,7 +170,7 @@ def main() -> None:
             for D in args.dims:
                 for causal in (m == "causal" for m in args.masks):
                     for S in args.seqlens:
-                        print(cell(variants, dtype, D, causal, S), flush=True)
+                        print(cell(variants, tiles, dtype, D, causal, S), flush=True)
                         torch.cuda.empty_cache()
     finally:
         _compile.kernels_dir = original
