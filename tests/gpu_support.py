@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import tempfile
 import types
 
 import numpy as np
@@ -65,29 +63,3 @@ def to_numpy(x) -> np.ndarray:
 
         return cupy.asnumpy(x).astype(np.float64)
     return np.asarray(x).astype(np.float64)
-
-
-def sass_of(spec) -> str:
-    """The SASS of one kernel instantiation for sm_90a: NVRTC to PTX, then ptxas and cuobjdump
-    (the calling test skips where those CUDA binary tools are not on PATH)."""
-    from cupy_backends.cuda.libs import nvrtc
-
-    from cuflash import _compile
-
-    prog = nvrtc.createProgram(_compile.expanded_source(spec.source), spec.source, [], [])
-    try:
-        nvrtc.addNameExpression(prog, spec.name)
-        nvrtc.compileProgram(prog, list(_compile.nvrtc_options("sm_90a")))
-        ptx = nvrtc.getPTX(prog)
-    finally:
-        nvrtc.destroyProgram(prog)
-    with tempfile.TemporaryDirectory() as tmp:
-        with open(f"{tmp}/k.ptx", "w") as f:
-            f.write(ptx.decode() if isinstance(ptx, bytes) else ptx)
-        try:
-            subprocess.run(["ptxas", "-arch=sm_90a", f"{tmp}/k.ptx", "-o", f"{tmp}/k.cubin"],
-                           check=True)
-            return subprocess.run(["cuobjdump", "-sass", f"{tmp}/k.cubin"], check=True,
-                                  capture_output=True, text=True).stdout
-        except FileNotFoundError as err:
-            pytest.skip(f"CUDA binary tools not on PATH ({err})")

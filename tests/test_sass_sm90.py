@@ -1,0 +1,67 @@
+"""The Hopper kernels' SASS, read on the CPU (NVRTC's cubin through nvdisasm, tests/sass.py).
+
+- Every fwd_sm90 and bwd_dkdv_sm90 instantiation runs on wgmma (HGMMA) and TMA (UTMALDG), not on
+  mma.sync (HMMA).
+- The forward's softmax turns (D = 128) sit where they were measured fastest
+  (kernel_notes_sm90.md step 17): ptxas moves register work across named barriers, so the
+  source alone does not fix the order. In the key-tile loop a consumer waits (BAR.SYNC), takes
+  every row max (~65 FMNMX) and then a few exponentials before it hands over (BAR.ARV): 9 MUFU
+  in the causal kernel and 15 in the non-causal one as measured. Forced orders ran up to 12%
+  slower; a failure here means re-measure (tests/perf/ab_kernels.py) and then update the bounds.
+- Where there are no turns (D = 64, D = 256) the consumers use no named barrier at all.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from cuflash import _launch_bwd, _launch_sm90
+from tests import sass
+
+pytestmark = pytest.mark.skipif(sass.missing_tools() is not None,
+                                reason=f"no SASS on this machine: {sass.missing_tools()}")
+
+FWD = _launch_sm90.all_fwd_sm90_specs()
+BWD = _launch_bwd.all_bwd_sm90_specs()
+TURN_SPECS = [s for s in FWD if s.head_dim == 128]
+FREE_SPECS = [s for s in FWD if s.head_dim != 128]
+ROW_MAX_FMNMX = 60  # 2 rows x (16 pairs + a 15-deep tree + the old max + 2 quad shuffles' maxes)
+MAX_MUFU_IN_TURN = 20  # exponentials (and the 2 rescale factors) before the hand-over
+
+
+def _windows(kinds: list[str]) -> list[list[str]]:
+    """The instructions from each BAR.SYNC to the next BAR.ARV (a turn, or the block's start)."""
+    windows = []
+    for i, kind in enumerate(kinds):
+        if kind == "BAR.SYNC" and "BAR.ARV" in kinds[i + 1:]:
+            end = kinds.index("BAR.ARV", i + 1)
+            if "BAR.SYNC" not in kinds[i + 1:end]:
+                windows.append(kinds[i + 1:end])
+    return windows
+
+
+@pytest.mark.parametrize("spec", FWD + BWD, ids=[s.name for s in FWD + BWD])
+def test_runs_on_wgmma_and_tma(spec):
+    text = sass.sass(spec)
+    assert "HGMMA" in text and "UTMALDG" in text
+    assert "HMMA" not in text.replace("HGMMA", ""), "an mma.sync in a Hopper kernel"
+
+
+@pytest.mark.parametrize("spec", TURN_SPECS, ids=[s.name for s in TURN_SPECS])
+def test_softmax_turn_hands_over_after_the_row_maxes_and_a_few_exponentials(spec):
+    kinds = sass.kinds(sass.sass(spec))
+    turns = [w for w in _windows(kinds) if w.count("FMNMX") >= ROW_MAX_FMNMX]
+    print(f"NVRTC {sass.nvrtc_version()} {spec.name}:",
+          [(w.count("FMNMX"), w.count("MUFU.EX2")) for w in turns])
+    # The first key tile's softmax (before the loop), then the loop's.
+    assert len(turns) == 2, sass.condensed("\n".join(kinds))
+    loop = turns[-1]
+    assert 1 <= loop.count("MUFU.EX2") <= MAX_MUFU_IN_TURN, sass.condensed("\n".join(loop))
+    assert "HGMMA" not in loop  # no matrix product is issued inside a turn
+
+
+@pytest.mark.parametrize("spec", FREE_SPECS, ids=[s.name for s in FREE_SPECS])
+def test_free_consumers_use_no_named_barrier(spec):
+    kinds = sass.kinds(sass.sass(spec))
+    assert "BAR.ARV" not in kinds
+    assert kinds.count("BAR.SYNC") == 1  # the block's __syncthreads after the mbarrier setup
