@@ -27,15 +27,17 @@ log = logging.getLogger("cuflash")
 # consumers' registers (240 each with two, 160 with three): S (block_n / 2 floats per thread) +
 # O (width / 2) + P (block_n / 4), and by shared memory: at D=256, block_n 80 (FA3's choice)
 # fills 230 KB of the H100's 227 KB limit and ran 4-15% faster than 64. D=64 runs three consumers
-# (FA3's 192 x 128): 3-15% faster than two, except causal problems of up to 2k queries, where the
-# coarser diagonal tiles cost 7-10% and two consumers stay (kernel_notes_sm90.md, steps 5-6).
+# (FA3's 192 x 128) from 4k queries up: 1.02-1.07x two consumers at 8k-16k. Up to 4k queries it
+# runs two consumers with softmax turns (128 x 128, Q in registers), 1.00-1.10x three: a 192-row
+# tile wastes more rows at the end of a short sequence and on a causal diagonal
+# (kernel_notes_sm90.md, steps 5-6 and 18).
 FWD_SM90_TILES: dict[int, Tile] = {
     64: Tile(block_m=192, block_n=128, warps=16),
     128: Tile(block_m=128, block_n=128, warps=12),
     256: Tile(block_m=128, block_n=80, warps=12),
 }
-FWD_SM90_SHORT_CAUSAL_TILES: dict[int, Tile] = {64: Tile(block_m=128, block_n=128, warps=12)}
-SHORT_CAUSAL_MAX_SEQLEN_Q = 2048
+FWD_SM90_SHORT_TILES: dict[int, Tile] = {64: Tile(block_m=128, block_n=128, warps=12)}
+SHORT_MAX_SEQLEN_Q = 4096
 STAGES = 2  # K/V shared-memory slots; mirrors FwdSm90Traits::kStages
 SMEM_LIMIT = 232448  # opt-in shared memory per block on an H100; mirrors FwdSm90Traits::kSmemLimit
 _TENSOR_DTYPES = ("float16", "bfloat16")
@@ -78,11 +80,11 @@ def sm_count(device_id: int) -> int:
 @functools.cache
 def fwd_sm90_spec(dtype: str, head_dim: int, causal: bool, short: bool = False) -> KernelSpec:
     """The Hopper forward kernel for one problem class (memoised: hot path). `short`: at most
-    SHORT_CAUSAL_MAX_SEQLEN_Q queries, which picks the short-causal tile where there is one."""
+    SHORT_MAX_SEQLEN_Q queries, which picks the width's short tile where there is one."""
     width = width_for(head_dim, FWD_SM90_TILES)
     tile = FWD_SM90_TILES[width]
-    if causal and short:
-        tile = FWD_SM90_SHORT_CAUSAL_TILES.get(width, tile)
+    if short:
+        tile = FWD_SM90_SHORT_TILES.get(width, tile)
     return KernelSpec("fwd_sm90.cu", "fwd_sm90", dtype, width, tile.block_m, tile.block_n,
                       tile.warps, causal, True, smem_bytes(width, tile, _dtypes.itemsize(dtype)),
                       min_arch=90)
@@ -226,7 +228,7 @@ def plan_sm90(q, k, v, out, *, causal: bool, scale: float, device_id: int, cc: i
     if reason is not None:
         return _reject(reason)  # an empty k: seqlen_k = 0
 
-    spec = fwd_sm90_spec(dtype, head_dim, causal, seqlen_q <= SHORT_CAUSAL_MAX_SEQLEN_Q)
+    spec = fwd_sm90_spec(dtype, head_dim, causal, seqlen_q <= SHORT_MAX_SEQLEN_Q)
     # Persistent: at most one block per SM, each looping over work units.
     units = work_units(batch, seqlen_q, heads_q, spec.block_m, causal)
 

@@ -44,13 +44,13 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   // (the sum stays within the SM's 64K registers at one block per SM).
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = kConsumerWarpgroups == 2 ? 240 : 160;
-  // Softmax turns (D = 128, two consumers; kernel_notes_sm90.md step 17): a consumer waits for
-  // its turn (named barrier 1 + c), takes its row maxes and first exponentials, then hands the
-  // turn to the other; the wgmma are issued freely: 1.04-1.09x the speed of FA3's ping-pong
-  // (turns around the wgmma issue), which this replaced. Elsewhere the consumers run free:
-  // 0.99-1.04x ping-pong at D = 256 and on D = 64's short causal tile, where softmax turns ran
-  // 0.93-1.03x of free; around three consumers (D = 64) every kind of turn ran slower.
-  static constexpr bool kSoftmaxTurns = kConsumerWarpgroups == 2 && kHeadDim == 128;
+  // Softmax turns (two consumers; kernel_notes_sm90.md steps 17-18): a consumer waits for its
+  // turn (named barrier 1 + c), takes its row maxes and first exponentials, then hands the turn
+  // to the other; the wgmma are issued freely. At D = 128, 1.04-1.09x the speed of FA3's
+  // ping-pong (turns around the wgmma issue), which this replaced; on D = 64's two-consumer tile
+  // 1.00-1.05x free consumers. At D = 256 the consumers run free (turns ran 0.93-0.97x at long
+  // causal S); around three consumers (D = 64 from 4k queries) every kind of turn ran slower.
+  static constexpr bool kSoftmaxTurns = kConsumerWarpgroups == 2 && kHeadDim <= 128;
   static constexpr int kTurnBarrier = 1;  // + consumer; 0 is __syncthreads
   // Exponentials before the hand-over (of 64 per thread): ptxas then puts it after every row
   // max and 7-15 MUFU.EX2. Placements forced with a shared-memory read (after 0, 4, 8, 16 or all

@@ -56,21 +56,24 @@ def test_q_is_double_buffered_where_it_fits():
     tiles = _launch_sm90.FWD_SM90_TILES
     assert {width: _launch_sm90.q_stages(width, tile) for width, tile in tiles.items()} == {
         64: 2, 128: 2, 256: 1}
-    short = _launch_sm90.FWD_SM90_SHORT_CAUSAL_TILES
+    short = _launch_sm90.FWD_SM90_SHORT_TILES
     assert all(_launch_sm90.q_stages(width, tile) == 2 for width, tile in short.items())
 
 
-def test_short_causal_problems_take_their_own_tile():
-    """D=64: three consumers (192-row tiles), except causal with up to 2k queries."""
+def test_short_problems_take_their_own_tile():
+    """D=64: three consumers (192-row tiles) from 4k queries up, two (128-row tiles) below, causal
+    or not; one tile at D=128 and D=256."""
     spec = _launch_sm90.fwd_sm90_spec
-    assert _launch_sm90.SHORT_CAUSAL_MAX_SEQLEN_Q == 2048
-    assert spec("bfloat16", 64, False, short=True).block_m == 192
-    assert spec("bfloat16", 64, True, short=False).block_m == 192
-    assert spec("bfloat16", 64, True, short=True).block_m == 128
-    assert spec("bfloat16", 64, True, short=True).warps == 12
-    assert spec("bfloat16", 128, True, short=True).block_m == 128  # no short tile at D=128
+    assert _launch_sm90.SHORT_MAX_SEQLEN_Q == 4096
+    for causal in (False, True):
+        assert spec("bfloat16", 64, causal, short=False).block_m == 192
+        assert spec("bfloat16", 64, causal, short=False).warps == 16
+        assert spec("bfloat16", 64, causal, short=True).block_m == 128
+        assert spec("bfloat16", 64, causal, short=True).warps == 12
+        for width in (128, 256):  # no short tile
+            assert spec("bfloat16", width, causal, short=True) == spec("bfloat16", width, causal)
     assert {(s.head_dim, s.block_m, s.causal) for s in SPECS if s.head_dim == 64} == {
-        (64, 192, False), (64, 192, True), (64, 128, True)}
+        (64, 192, False), (64, 192, True), (64, 128, False), (64, 128, True)}
     assert all(spec.smem_bytes <= _launch_sm90.SMEM_LIMIT == SMEM_LIMIT for spec in SPECS)
 
 

@@ -102,21 +102,22 @@ def test_persistent_blocks_loop_over_tiles(head_dim, causal):
         case = Case(batch=2, seqlen_q=sq, seqlen_k=sk, heads_q=heads_q, heads_kv=8,
                     head_dim=head_dim, dtype="float16", causal=causal)
         spec = _launch_sm90.fwd_sm90_spec("float16", head_dim, causal,
-                                          sq <= _launch_sm90.SHORT_CAUSAL_MAX_SEQLEN_Q)
+                                          sq <= _launch_sm90.SHORT_MAX_SEQLEN_Q)
         units = _launch_sm90.work_units(case.batch, sq, heads_q, spec.block_m, causal)
         assert units > _launch_sm90.sm_count(0), case.id
         assert _run(case, seed=sq + head_dim), case.id
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_long_causal_d64_runs_three_consumers(dtype):
-    """Causal D=64 past SHORT_CAUSAL_MAX_SEQLEN_Q queries takes the 192-row, three-consumer tile
-    (shorter causal problems and every test above at D=64 causal take the 128-row one)."""
-    for sq, sk in ((2300, 2300), (2100, 1000), (2049, 3000)):
-        assert sq > _launch_sm90.SHORT_CAUSAL_MAX_SEQLEN_Q
-        assert _launch_sm90.fwd_sm90_spec(dtype, 64, True, False).block_m == 192
+@pytest.mark.parametrize("causal", [False, True])
+def test_long_d64_runs_three_consumers(dtype, causal):
+    """D=64 past SHORT_MAX_SEQLEN_Q queries takes the 192-row, three-consumer tile (shorter
+    problems, every other test at D=64, take the 128-row one)."""
+    for sq, sk in ((4200, 4200), (4100, 1000), (4097, 5000)):
+        assert sq > _launch_sm90.SHORT_MAX_SEQLEN_Q
+        assert _launch_sm90.fwd_sm90_spec(dtype, 64, causal, False).block_m == 192
         case = Case(batch=1, seqlen_q=sq, seqlen_k=sk, heads_q=2, heads_kv=1, head_dim=64,
-                    dtype=dtype, causal=True)
+                    dtype=dtype, causal=causal)
         assert _run(case, seed=sq + sk), case.id
 
 

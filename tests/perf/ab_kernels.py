@@ -10,7 +10,7 @@ TFLOP/s, ratios to the first variant and to cuDNN, and each variant's largest di
 float32 SDPA (S <= 4096) or from the first variant (longer S).
 
 A variant may also change the tile of a head-dim width, for every sequence length (the
-short-causal tile of that width is then not used): `two=DIR,64=128x128x12` runs D=64 with
+short tile of that width is then not used): `two=DIR,64=128x128x12` runs D=64 with
 block_m 128, block_n 128 and 12 warps.
 
 Run on a GPU: PYTHONPATH=. python3 tests/perf/ab_kernels.py main=DIR new=. [--dims 64,128]
@@ -71,15 +71,15 @@ def parse_args():
 
 def plan_with_tiles(overrides: dict, *args, **kwargs):
     """_launch_sm90.plan_sm90 with some widths' tiles replaced (for every sequence length)."""
-    saved = _launch_sm90.FWD_SM90_TILES, _launch_sm90.FWD_SM90_SHORT_CAUSAL_TILES
+    saved = _launch_sm90.FWD_SM90_TILES, _launch_sm90.FWD_SM90_SHORT_TILES
     _launch_sm90.FWD_SM90_TILES = {**saved[0], **overrides}
-    _launch_sm90.FWD_SM90_SHORT_CAUSAL_TILES = {
+    _launch_sm90.FWD_SM90_SHORT_TILES = {
         width: tile for width, tile in saved[1].items() if width not in overrides}
     _launch_sm90.fwd_sm90_spec.cache_clear()
     try:
         return _launch_sm90.plan_sm90(*args, **kwargs)
     finally:
-        _launch_sm90.FWD_SM90_TILES, _launch_sm90.FWD_SM90_SHORT_CAUSAL_TILES = saved
+        _launch_sm90.FWD_SM90_TILES, _launch_sm90.FWD_SM90_SHORT_TILES = saved
         _launch_sm90.fwd_sm90_spec.cache_clear()
 
 
