@@ -51,6 +51,12 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   // 1.00-1.05x free consumers. At D = 256 the consumers run free (turns ran 0.93-0.97x at long
   // causal S); around three consumers (D = 64 from 4k queries) every kind of turn ran slower.
   static constexpr bool kSoftmaxTurns = kConsumerWarpgroups == 2 && kHeadDim <= 128;
+  // Causal: each consumer skips the key tiles wholly past its own 64 rows' diagonal (the tile's
+  // last ones, loaded for the other consumers). With 80-key tiles at D = 256 that is one tile of
+  // most 128-row tiles for consumer 0; with 128-key tiles (the 128 x 128 tiles) it happens only
+  // for Sq != Sk, and is left out where the consumers take softmax turns (a skipped tile would
+  // have to pass its turn on).
+  static constexpr bool kSkipMaskedTiles = !kSoftmaxTurns;
   static constexpr int kTurnBarrier = 1;  // + consumer; 0 is __syncthreads
   // Exponentials before the hand-over (of 64 per thread): ptxas then puts it after every row
   // max and 7-15 MUFU.EX2. Placements forced with a shared-memory read (after 0, 4, 8, 16 or all
@@ -171,10 +177,10 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
   const Schedule schedule(p);
   // Bottom-right causal: query i sees key j iff j <= i + diag.
   const int diag = p.seqlen_k - p.seqlen_q;
-  // Key tiles the query tile starting at row0 sees (0: every row of it is fully masked).
-  auto key_tiles = [&](int row0) {
+  // Key tiles that `rows` query rows from row0 see (0: every one of them is fully masked).
+  auto key_tiles = [&](int row0, int rows) {
     int n_end = p.seqlen_k;
-    if (kCausal) n_end = min(n_end, max(0, row0 + kBlockM + diag));
+    if (kCausal) n_end = min(n_end, max(0, row0 + rows + diag));
     return ceil_div(n_end, kBlockN);
   };
 
@@ -218,7 +224,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       };
       schedule.for_each_tile([&](int m_block, int head, int batch) {
         const int row0 = m_block * kBlockM;
-        const int n_blocks = key_tiles(row0);
+        const int n_blocks = key_tiles(row0, kBlockM);
         if (n_blocks == 0) return;  // nothing to load: the consumers write zeros
         const int kv_head = head / p.group;
         // -- Q, once its buffer's previous tile has done its last S (first use: at once) --
@@ -351,7 +357,36 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
     int q_iter = 0, kv_iter = 0;  // Q tiles and K/V tiles consumed so far (as the producer counts)
     schedule.for_each_tile([&](int m_block, int head, int batch) {
       const int row0 = m_block * kBlockM;
-      const int n_blocks = key_tiles(row0);
+      const int n_loaded = key_tiles(row0, kBlockM);  // by the producer, last key tile first
+      // This warpgroup's own rows may see fewer (Tr::kSkipMaskedTiles). Its first row is read
+      // from lane 0 so that ptxas knows it is warp-uniform: the count, and the stage and parity
+      // counters that follow from it, then stay in uniform registers (from `consumer` itself
+      // they were per-thread, and spilled at D = 256).
+      const int n_blocks =
+          kCausal && Tr::kSkipMaskedTiles
+              ? key_tiles(__shfl_sync(0xffffffff, row0 + consumer * Tr::kRowsPerConsumer, 0),
+                          Tr::kRowsPerConsumer)
+              : n_loaded;
+      const int q_stage = q_iter % kQStages;
+      // The tiles loaded first that this warpgroup does not need: released unread, once loaded
+      // (an empty barrier's arrivals count towards the slot's current use).
+#pragma unroll 1
+      for (int i = n_blocks; i < n_loaded; ++i, ++kv_iter) {
+        const int stage = kv_iter % kStages;
+        const uint32 parity = (kv_iter / kStages) & 1;
+        mbar_wait(k_full(stage), parity);
+        mbar_wait(v_full(stage), parity);
+        if (lane == 0) {
+          mbar_arrive(k_empty(stage));
+          mbar_arrive(v_empty(stage));
+        }
+      }
+      if (n_blocks == 0 && n_loaded > 0) {  // no key for these rows: Q released unread
+        mbar_wait(q_full(q_stage), (q_iter / kQStages) & 1);
+        if (lane == 0) mbar_arrive(q_empty(q_stage));
+        ++q_iter;
+      }
+
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt)
 #pragma unroll
@@ -362,7 +397,6 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       // tensor cores run O += P(i-1) V(i-1), the softmax of tile i runs on S(i), issued just
       // before it.
       if (n_blocks > 0) {
-        const int q_stage = q_iter % kQStages;
         const uint32 q_rows = q_smem(q_stage) + consumer * Tr::kRowsPerConsumer * 128;
         float s[1][kNTiles][4];
         uint32 pa[Tr::kPVSteps][4];

@@ -121,6 +121,29 @@ def test_long_d64_runs_three_consumers(dtype, causal):
         assert _run(case, seed=sq + sk), case.id
 
 
+def _key_tiles(row0: int, rows: int, sq: int, sk: int, block_n: int) -> int:
+    """Key tiles that causal query rows row0 .. row0 + rows - 1 see (fwd_sm90's key_tiles)."""
+    return -(-min(sk, max(0, row0 + rows + sk - sq)) // block_n)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_consumers_skip_key_tiles_past_their_diagonal(dtype):
+    """Causal D=256 (80-key tiles): each consumer releases unread the key tiles loaded for the
+    query tile that lie wholly past its own 64 rows' diagonal; where it sees no key at all (Sq >
+    Sk) while the next consumer does, it writes zeros and lse -inf."""
+    spec = _launch_sm90.fwd_sm90_spec(dtype, 256, True)
+    consumers = spec.block_m // 64
+    for sq, sk, none_for_consumer_0 in ((1000, 1000, False), (300, 100, True), (700, 760, False)):
+        tiles = [(_key_tiles(r0, spec.block_m, sq, sk, spec.block_n),
+                  [_key_tiles(r0 + 64 * c, 64, sq, sk, spec.block_n) for c in range(consumers)])
+                 for r0 in range(0, sq, spec.block_m)]
+        assert any(mine[0] < loaded for loaded, mine in tiles), (sq, sk)  # the case skips
+        assert any(mine[0] == 0 < loaded for loaded, mine in tiles) == none_for_consumer_0
+        case = Case(batch=1, seqlen_q=sq, seqlen_k=sk, heads_q=4, heads_kv=2, head_dim=256,
+                    dtype=dtype, causal=True)
+        assert _run(case, seed=sq + sk), case.id
+
+
 def test_fully_masked_rows_are_zero():
     """Bottom-right causal with Sq > Sk: the first Sq - Sk rows see no key (zeros, lse -inf)."""
     rng = np.random.default_rng(0)
