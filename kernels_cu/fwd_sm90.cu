@@ -57,6 +57,10 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   // for Sq != Sk, and is left out where the consumers take softmax turns (a skipped tile would
   // have to pass its turn on).
   static constexpr bool kSkipMaskedTiles = !kSoftmaxTurns;
+  // Causal, D = 64 (the softmax bounds it): a consumer whose rows see none of its diagonal key
+  // tile's second half (consumer 0 of every 128 x 128 tile at Sq == Sk) runs that tile's softmax
+  // on the first half only: 1.02-1.07x at 1k-4k. At D = 128 it ran 0.96-1.01x, and is left out.
+  static constexpr bool kHalfDiagonal = kHeadDim <= 64 && kBlockN == 128;
   static constexpr int kTurnBarrier = 1;  // + consumer; 0 is __syncthreads
   // Exponentials before the hand-over (of 64 per thread): ptxas then puts it after every row
   // max and 7-15 MUFU.EX2. Placements forced with a shared-memory read (after 0, 4, 8, 16 or all
@@ -266,7 +270,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       named_bar_arrive(Tr::kTurnBarrier + (consumer ^ 1),
                        256 + (kCausal ? zero_after(dep) : 0));
     };
-    auto softmax_update = [&](float (&s)[1][kNTiles][4], float (&alpha)[2]) {
+    auto softmax_update = [&](auto& s, float (&alpha)[2]) {  // s: float[1][n][4]
       if (Tr::kSoftmaxTurns) {
         softmax.template update_in_turn<Tr::kHandOverAt>(s, p.scale_log2, alpha,
                                                          wait_softmax_turn, pass_softmax_turn);
@@ -362,11 +366,11 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       // from lane 0 so that ptxas knows it is warp-uniform: the count, and the stage and parity
       // counters that follow from it, then stay in uniform registers (from `consumer` itself
       // they were per-thread, and spilled at D = 256).
-      const int n_blocks =
-          kCausal && Tr::kSkipMaskedTiles
-              ? key_tiles(__shfl_sync(0xffffffff, row0 + consumer * Tr::kRowsPerConsumer, 0),
-                          Tr::kRowsPerConsumer)
-              : n_loaded;
+      const int wg_row0 =
+          kCausal ? __shfl_sync(0xffffffff, row0 + consumer * Tr::kRowsPerConsumer, 0) : 0;
+      const int n_blocks = kCausal && Tr::kSkipMaskedTiles
+                               ? key_tiles(wg_row0, Tr::kRowsPerConsumer)
+                               : n_loaded;
       const int q_stage = q_iter % kQStages;
       // The tiles loaded first that this warpgroup does not need: released unread, once loaded
       // (an empty barrier's arrivals count towards the slot's current use).
@@ -420,7 +424,18 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
           if (!Tr::kQInRegs && n_blocks == 1) mbar_arrive(q_empty(q_stage));
         }
         mask(s, row0, n_blocks - 1);
-        softmax_update(s, alpha);
+        // Tr::kHalfDiagonal: no row of this warpgroup sees the second half of its first key
+        // tile; P's second half is zero.
+        const int last_key = min(p.seqlen_k - 1, wg_row0 + Tr::kRowsPerConsumer - 1 + diag);
+        if (kCausal && Tr::kHalfDiagonal && last_key < (n_blocks - 1) * kBlockN + kBlockN / 2) {
+          softmax_update(*reinterpret_cast<float(*)[1][kNTiles / 2][4]>(&s), alpha);
+#pragma unroll
+          for (int nt = kNTiles / 2; nt < kNTiles; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[0][nt][e] = 0.f;
+        } else {
+          softmax_update(s, alpha);
+        }
         pack_p(pa, s);
 
         for (int i = 1; i < n_blocks; ++i) {
