@@ -51,21 +51,21 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   // 1.00-1.05x free consumers. At D = 256 the consumers run free (turns ran 0.93-0.97x at long
   // causal S); around three consumers (D = 64 from 4k queries) every kind of turn ran slower.
   static constexpr bool kSoftmaxTurns = kConsumerWarpgroups == 2 && kHeadDim <= 128;
-  // Causal: each consumer skips the key tiles wholly past its own 64 rows' diagonal (the tile's
-  // last ones, loaded for the other consumers). With 80-key tiles at D = 256 that is one tile of
-  // most 128-row tiles for consumer 0; with 128-key tiles (the 128 x 128 tiles) it happens only
-  // for Sq != Sk, and is left out where the consumers take softmax turns (a skipped tile would
-  // have to pass its turn on).
-  static constexpr bool kSkipMaskedTiles = !kSoftmaxTurns;
-  // Causal, D = 64 (the softmax bounds it): a consumer whose rows see none of its diagonal key
-  // tile's second half (consumer 0 of every 128 x 128 tile at Sq == Sk) runs that tile's softmax
-  // on the first half only: 1.02-1.07x at 1k-4k. At D = 128 it ran 0.96-1.01x, and is left out.
-  static constexpr bool kHalfDiagonal = kHeadDim <= 64 && kBlockN == 128;
   static constexpr int kTurnBarrier = 1;  // + consumer; 0 is __syncthreads
   // Exponentials before the hand-over (of 64 per thread): ptxas then puts it after every row
   // max and 7-15 MUFU.EX2. Placements forced with a shared-memory read (after 0, 4, 8, 16 or all
   // 64) ran slower than this unforced one (kernel notes step 17).
   static constexpr int kHandOverAt = 8;
+  // Causal: each consumer skips the key tiles wholly past its own 64 rows' diagonal (the tile's
+  // last ones, loaded for the other consumers). With 80-key tiles at D = 256 that is one tile of
+  // most 128-row tiles for consumer 0; with 128-key tiles (the 128 x 128 tiles) it happens only
+  // for Sq != Sk, and is left out where the consumers take softmax turns (a skipped tile would
+  // have to pass its turn on, and that code alone cost 1-2% at D = 64; kernel notes step 18).
+  static constexpr bool kSkipMaskedTiles = !kSoftmaxTurns;
+  // Causal, D = 64 (the softmax bounds it): a consumer whose rows see none of its diagonal key
+  // tile's second half (consumer 0 of every 128 x 128 tile at Sq == Sk) runs that tile's softmax
+  // on the first half only: 1.02-1.07x at 1k-4k. At D = 128 it ran 0.96-1.01x, and is left out.
+  static constexpr bool kHalfDiagonal = kHeadDim <= 64 && kBlockN == 128;
 
   // Shared tiles are 128-byte-swizzled chunks of 64 16-bit columns (one TMA box each): a tile of
   // R rows and kHeadDim columns is kChunks chunks of R * 128 bytes.
@@ -425,7 +425,8 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
         }
         mask(s, row0, n_blocks - 1);
         // Tr::kHalfDiagonal: no row of this warpgroup sees the second half of its first key
-        // tile; P's second half is zero.
+        // tile; P's second half is zero. (This tile's turn ends after all its exponentials, as
+        // ptxas places it; handing over earlier ran 0.90-0.98x: kernel notes step 19.)
         const int last_key = min(p.seqlen_k - 1, wg_row0 + Tr::kRowsPerConsumer - 1 + diag);
         if (kCausal && Tr::kHalfDiagonal && last_key < (n_blocks - 1) * kBlockN + kBlockN / 2) {
           softmax_update(*reinterpret_cast<float(*)[1][kNTiles / 2][4]>(&s), alpha);
