@@ -13,6 +13,9 @@ A variant may also change the tile of a head-dim width, for every sequence lengt
 short tile of that width is then not used): `two=DIR,64=128x128x12` runs D=64 with
 block_m 128, block_n 128 and 12 warps.
 
+The same tree may be given twice under two names (`main=DIR new=. main2=DIR`): the control
+shows what the run's noise alone does to a ratio (about +-2% per cell, kernel notes step 19).
+
 Run on a GPU: PYTHONPATH=. python3 tests/perf/ab_kernels.py main=DIR new=. [--dims 64,128]
     [--seqlens 1024,4096] [--dtypes bfloat16,float16] [--masks full,causal]
 """
