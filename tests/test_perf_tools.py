@@ -1,0 +1,88 @@
+"""CPU: the parts of the GPU performance tools (tests/perf/) that decide what gets measured.
+
+`ab_kernels.py` runs on the GPU machine only, but its variant syntax and its tile override (which
+swaps module-level tile tables of `_launch_sm90` for one plan and must put them back) decide
+which kernel a ratio is about; a slip there would make an A/B compare the wrong kernels silently.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+
+from cuflash import _launch_sm90  # noqa: E402
+from cuflash._launch import Tile  # noqa: E402
+
+PERF = pathlib.Path(__file__).parent / "perf"
+
+
+@pytest.fixture(scope="module")
+def ab_kernels():
+    spec = importlib.util.spec_from_file_location("ab_kernels", PERF / "ab_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tree(tmp_path: pathlib.Path, name: str) -> pathlib.Path:
+    (tmp_path / name / "kernels_cu").mkdir(parents=True)
+    return tmp_path / name
+
+
+def test_variants_name_a_tree_and_optional_tiles(ab_kernels, tmp_path, monkeypatch):
+    main, new = _tree(tmp_path, "main"), _tree(tmp_path, "new")
+    monkeypatch.setattr(sys, "argv", ["ab_kernels.py", f"main={main}", f"main2={main}",
+                                      f"two={new},64=128x128x12,256=128x64x12", "--dims", "64"])
+    args, variants, tiles = ab_kernels.parse_args()
+    assert variants == {"main": main / "kernels_cu", "main2": main / "kernels_cu",
+                        "two": new / "kernels_cu"}
+    assert tiles == {"main": {}, "main2": {},
+                     "two": {64: Tile(block_m=128, block_n=128, warps=12),
+                             256: Tile(block_m=128, block_n=64, warps=12)}}
+    assert args.dims == [64]
+
+
+@pytest.mark.parametrize("item, message", [
+    ("two={tree},64=128x128", "tile override '64=128x128' is not WIDTH=BMxBNxW"),
+    ("two={tree},x=128x128x12", "tile override 'x=128x128x12' is not WIDTH=BMxBNxW"),
+    ("two={tmp}/absent", "expected NAME=DIR with DIR/kernels_cu/ present"),
+    ("{tree}", "expected NAME=DIR with DIR/kernels_cu/ present"),
+])
+def test_bad_variants_are_refused_by_name(ab_kernels, tmp_path, monkeypatch, capsys, item,
+                                          message):
+    tree = _tree(tmp_path, "tree")
+    monkeypatch.setattr(sys, "argv", ["ab_kernels.py", item.format(tree=tree, tmp=tmp_path)])
+    with pytest.raises(SystemExit):
+        ab_kernels.parse_args()
+    assert message in capsys.readouterr().err
+
+
+def test_tile_override_holds_for_one_plan_only(ab_kernels, monkeypatch):
+    tiles, short = dict(_launch_sm90.FWD_SM90_TILES), dict(_launch_sm90.FWD_SM90_SHORT_TILES)
+    assert 64 in short  # the override must also hide the width's short tile
+    seen = []
+
+    def plan(*args, **kwargs):
+        seen.append([_launch_sm90.fwd_sm90_spec("bfloat16", 64, causal, short=True)
+                     for causal in (False, True)])
+        if kwargs.get("fail"):
+            raise RuntimeError("plan failed")
+        return "launch"
+
+    monkeypatch.setattr(_launch_sm90, "plan_sm90", plan)
+    override = {64: Tile(block_m=64, block_n=64, warps=8)}
+    assert ab_kernels.plan_with_tiles(override) == "launch"
+    with pytest.raises(RuntimeError):
+        ab_kernels.plan_with_tiles(override, fail=True)
+    for specs in seen:  # every sequence length takes the override
+        assert [(s.block_m, s.block_n, s.warps) for s in specs] == [(64, 64, 8)] * 2
+    # Afterwards (also after a failed plan) the tables and the memoised specs are the shipped ones.
+    assert _launch_sm90.FWD_SM90_TILES == tiles
+    assert _launch_sm90.FWD_SM90_SHORT_TILES == short
+    assert _launch_sm90.fwd_sm90_spec("bfloat16", 64, False, short=True).block_m == (
+        short[64].block_m)
