@@ -63,10 +63,47 @@ def _smem_bytes_for(stages_q: int, width: int, tile: Tile, itemsize: int) -> int
 
 
 def work_units(batch: int, seqlen_q: int, heads_q: int, block_m: int, causal: bool) -> int:
-    """Work units of the persistent schedule; mirrors FwdSm90Schedule (a causal unit pairs a long
-    and a short query tile of one head)."""
+    """Work units of the persistent schedule, the grid's bound; mirrors FwdSm90Schedule (a causal
+    unit pairs a long and a short query tile of one head)."""
     m_blocks = math.ceil(seqlen_q / block_m)
     return (math.ceil(m_blocks / 2) if causal else m_blocks) * heads_q * batch
+
+
+def splits_tail(spec: KernelSpec) -> bool:
+    """Whether the kernel's causal schedule splits its last round into single tiles: the
+    three-consumer tile (16 warps); mirrors FwdSm90Traits::kSplitTail."""
+    return spec.causal and spec.warps == 16
+
+
+def schedule(batch: int, seqlen_q: int, heads_q: int, block_m: int, causal: bool, grid: int,
+             split_tail: bool = False) -> list[list[tuple[int, int, int]]]:
+    """The query tiles (m_block, head, batch) that each of `grid` blocks computes, in order;
+    mirrors FwdSm90Schedule. Units (batch, head)-major, block b taking units b, b + grid, ...
+    With `split_tail` (causal, the three-consumer tile: FwdSm90Traits::kSplitTail) the last
+    ceil(grid / pairs per head) heads come as single tiles, the longest first, after the other
+    heads' pairs, and odd rounds are dealt in reverse block order."""
+    split = causal and split_tail
+    m_blocks = math.ceil(seqlen_q / block_m)
+    heads = batch * heads_q
+    per_head = math.ceil(m_blocks / 2) if causal else m_blocks
+    tail_heads = min(heads, math.ceil(grid / per_head)) if split else 0
+    pair_items = (heads - tail_heads) * per_head
+
+    def tiles(i: int) -> list[tuple[int, int]]:  # (m_block, batch * heads_q + head)
+        if i >= pair_items:
+            t = i - pair_items
+            return [(m_blocks - 1 - t // tail_heads, heads - tail_heads + t % tail_heads)]
+        bh, j = divmod(i, per_head)
+        if not causal:
+            return [(j, bh)]
+        return [(m_blocks - 1 - j, bh)] + ([] if 2 * j + 1 == m_blocks else [(j, bh)])
+
+    blocks: list[list[tuple[int, int, int]]] = [[] for _ in range(grid)]
+    for i in range(pair_items + tail_heads * m_blocks):
+        r, b = divmod(i, grid)
+        block = blocks[grid - 1 - b if r % 2 and split else b]
+        block += [(m, bh % heads_q, bh // heads_q) for m, bh in tiles(i)]
+    return blocks
 
 
 @functools.cache

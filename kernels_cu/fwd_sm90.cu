@@ -66,6 +66,10 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   // tile's second half (consumer 0 of every 128 x 128 tile at Sq == Sk) runs that tile's softmax
   // on the first half only: 1.02-1.07x at 1k-4k. At D = 128 it ran 0.96-1.01x, and is left out.
   static constexpr bool kHalfDiagonal = kHeadDim <= 64 && kBlockN == 128;
+  // Causal: the schedule's last round of pairs split into single tiles (FwdSm90Schedule), on the
+  // three-consumer tile, which D = 64 runs from 4k queries. Its code, in the two-consumer kernels,
+  // moved ptxas's softmax hand-over and cost 2-3% at 1k.
+  static constexpr bool kSplitTail = kConsumerWarpgroups == 3;
 
   // Shared tiles are 128-byte-swizzled chunks of 64 16-bit columns (one TMA box each): a tile of
   // R rows and kHeadDim columns is kChunks chunks of R * 128 bytes.
@@ -112,13 +116,14 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   static_assert(kBarOffset + 8 * kBarriers + 1024 == kSmemBytes, "layout and size agree");
 };
 
-// The persistent schedule (mirrored by _launch_sm90.work_units): block b takes work units b,
+// The persistent schedule (mirrored by _launch_sm90.schedule): block b takes work units b,
 // b + gridDim.x, ... A unit covers one (batch, head), with its query tiles fastest, so the units
 // running at once share few heads and their K/V stays hot in L2. Non-causal, a unit is one query
 // tile. Causal, a tile's cost grows with m_block and a static round robin over such tiles is
 // unbalanced, so a unit pairs tile m_blocks-1-j (long, first) with tile j (short): with Sq == Sk
-// every pair costs m_blocks + 1 key tiles and the blocks finish together.
-template <int kBlockM, bool kCausal> struct FwdSm90Schedule {
+// every pair costs m_blocks + 1 key tiles and the blocks finish together, but for the last round,
+// which is partly empty (3% of the time with 1024 pairs on 132 SMs). kSplitTail: see below.
+template <int kBlockM, bool kCausal, bool kSplitTail = false> struct FwdSm90Schedule {
   static constexpr int kTilesPerUnit = kCausal ? 2 : 1;
   int m_blocks;        // query tiles per (batch, head)
   int units_per_head;  // work units per (batch, head)
@@ -155,13 +160,79 @@ template <int kBlockM, bool kCausal> struct FwdSm90Schedule {
   }
 };
 
+// Causal with a split tail (D = 64's three-consumer tile, from 4k queries): the pairs' last,
+// partly empty round is evened out. The last `tail_heads` heads, about two rounds of tiles, come
+// as single tiles, the longest first over all of them (m_block slowest), and every round is dealt
+// as a snake (odd rounds in reverse block order), so a block that drew a long tile draws a short
+// one next: 1.01-1.02x at 8k-16k (kernel notes step 20). At 1k-2k (other tiles) the same schedule
+// ran 0.97-0.98x: with few tiles per head the singles are no shorter than the pairs and their
+// heads are spread out.
+template <int kBlockM> struct FwdSm90Schedule<kBlockM, true, true> {
+  // The walk's sizes. Built afresh at each tile (the grid size read through a volatile asm, so
+  // that it is not hoisted): kept in registers across the consumers' tile body, they made ptxas
+  // spill, or move the softmax hand-over of the turn-taking kernels from after ~10 exponentials
+  // to after ~50 (kernel notes step 20).
+  struct Sizes {
+    int m_blocks, heads, pairs_per_head, tail_heads, pair_items, items;
+    __device__ explicit Sizes(const FwdParams& p) {
+      int grid;
+      asm volatile("mov.u32 %0, %%nctaid.x;" : "=r"(grid));
+      m_blocks = ceil_div(p.seqlen_q, kBlockM);
+      heads = p.heads_q * p.batch;
+      pairs_per_head = ceil_div(m_blocks, 2);
+      tail_heads = min(heads, ceil_div(grid, pairs_per_head));
+      pair_items = (heads - tail_heads) * pairs_per_head;
+      items = pair_items + tail_heads * m_blocks;
+    }
+  };
+  const FwdParams& p;
+
+  __device__ explicit FwdSm90Schedule(const FwdParams& params) : p(params) {}
+
+  // Query tile `sub` (0, or 1 for the short tile of a pair) of item i; false when there is none.
+  __device__ bool tile(int i, int sub, int& m_block, int& head, int& batch) const {
+    const Sizes n(p);
+    int bh;
+    if (i >= n.pair_items) {  // the tail: the longest tiles first, heads fastest
+      const int t = i - n.pair_items;
+      m_block = n.m_blocks - 1 - t / n.tail_heads;
+      bh = n.heads - n.tail_heads + t % n.tail_heads;
+      if (sub > 0) return false;
+    } else {
+      const int j = i % n.pairs_per_head;
+      bh = i / n.pairs_per_head;
+      m_block = sub == 0 ? n.m_blocks - 1 - j : j;
+      if (sub > 0 && 2 * j + 1 == n.m_blocks) return false;  // the middle tile comes alone
+    }
+    head = bh % p.heads_q;
+    batch = bh / p.heads_q;
+    return true;
+  }
+
+  template <typename Visit> __device__ void for_each_tile(Visit visit) const {
+#pragma unroll 1
+    for (int round0 = 0;; round0 += gridDim.x) {
+      const int items = Sizes(p).items;
+      if (round0 >= items) break;
+      const bool odd = (round0 / gridDim.x) & 1;
+      const int i = round0 + (odd ? gridDim.x - 1 - int(blockIdx.x) : int(blockIdx.x));
+      if (i >= items) continue;  // the last round is partly empty
+#pragma unroll 1
+      for (int sub = 0; sub < 2; ++sub) {
+        int m_block, head, batch;
+        if (tile(i, sub, m_block, head, batch)) visit(m_block, head, batch);
+      }
+    }
+  }
+};
+
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kCausal,
           bool kAligned>
 __global__ void __launch_bounds__(kWarps * kWarpSize, 1)
 fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma_q,
          const __grid_constant__ TmaMap tma_k, const __grid_constant__ TmaMap tma_v) {
   typedef FwdSm90Traits<kHeadDim, kBlockM, kBlockN, kWarps> Tr;
-  typedef FwdSm90Schedule<kBlockM, kCausal> Schedule;
+  typedef FwdSm90Schedule<kBlockM, kCausal, kCausal && Tr::kSplitTail> Schedule;
   constexpr int kStages = Tr::kStages, kQStages = Tr::kQStages;
   static_assert(kAligned, "TMA needs 16-byte strides; unaligned inputs take the sm80 kernel");
   extern __shared__ __align__(1024) char smem_raw[];

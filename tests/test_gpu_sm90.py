@@ -121,6 +121,21 @@ def test_long_d64_runs_three_consumers(dtype, causal):
         assert _run(case, seed=sq + sk), case.id
 
 
+def test_three_consumer_causal_schedule_splits_its_tail():
+    """D=64 causal past SHORT_MAX_SEQLEN_Q: more pairs than SMs, so blocks take pairs, then the
+    last heads' single tiles (the split tail, dealt in a snake); with Sq > Sk, tiles without keys
+    fall both among the pairs and in the tail."""
+    for sq, sk in ((4200, 4200), (4300, 1000)):
+        spec = _launch_sm90.fwd_sm90_spec("float16", 64, True, False)
+        grid = min(_launch_sm90.work_units(1, sq, 14, spec.block_m, True), _launch_sm90.sm_count(0))
+        assert _launch_sm90.splits_tail(spec)
+        blocks = _launch_sm90.schedule(1, sq, 14, spec.block_m, True, grid, split_tail=True)
+        assert grid == len(blocks) and max(map(len, blocks)) > 2, (sq, sk)
+        case = Case(batch=1, seqlen_q=sq, seqlen_k=sk, heads_q=14, heads_kv=7, head_dim=64,
+                    dtype="float16", causal=True)
+        assert _run(case, seed=sq + sk), case.id
+
+
 def _key_tiles(row0: int, rows: int, sq: int, sk: int, block_n: int) -> int:
     """Key tiles that causal query rows row0 .. row0 + rows - 1 see (fwd_sm90's key_tiles)."""
     return -(-min(sk, max(0, row0 + rows + sk - sq)) // block_n)
