@@ -70,6 +70,12 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   // three-consumer tile, which D = 64 runs from 4k queries. Its code, in the two-consumer kernels,
   // moved ptxas's softmax hand-over and cost 2-3% at 1k.
   static constexpr bool kSplitTail = kConsumerWarpgroups == 3;
+  // A tile's wgmma descriptors as the first one's plus each k-step's offset: one 64-bit uniform
+  // add per wgmma instead of a shift, mask and or. Rotated A/B (kernel notes step 21): D=256
+  // 1.00-1.03x of whole descriptors, D=64's three-consumer tile 1.01-1.08x, D=128 unchanged; but
+  // D=64's two-consumer kernel 0.94-0.95x at 4k (the same code but for the wgmma issue), so it
+  // keeps building each descriptor whole.
+  static constexpr bool kDescOffsets = !(kHeadDim <= 64 && kConsumerWarpgroups == 2);
 
   // Shared tiles are 128-byte-swizzled chunks of 64 16-bit columns (one TMA box each): a tile of
   // R rows and kHeadDim columns is kChunks chunks of R * 128 bytes.
@@ -366,16 +372,25 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
     // S = Q K^T of the tile in `stage` (both K-major; a k16 step is 32 B inside a chunk). Issued
     // and committed as one wgmma group; the caller waits. `q_rows`: this warpgroup's 64 rows of
     // Q, 64 * 128 B into each Q chunk (a multiple of 1024 B); unused when Q is in registers.
+    // The descriptor of the operand at `base + offset` (Tr::kDescOffsets: the address field is
+    // bits 0-13 of address >> 4 and shared addresses stay below 256 KB, so adding offset >> 4 to
+    // the base's descriptor cannot carry out of it).
+    auto desc_at = [&](uint64 base_desc, uint32 base, uint32 offset, uint32 leading_bytes) {
+      return Tr::kDescOffsets ? base_desc + (offset >> 4)
+                              : make_desc(base + offset, leading_bytes, 1024);
+    };
     auto issue_qk = [&](float (&s)[1][kNTiles][4], uint32 q_rows, int stage) {
+      const uint64 desc_k0 = make_desc(k_smem(stage), 16, 1024);
+      const uint64 desc_q0 = make_desc(q_rows, 16, 1024);
 #pragma unroll
       for (int ks = 0; ks < Tr::kQKSteps; ++ks) {
         const int chunk = ks / 4, step = ks % 4;
         const uint64 desc_k =
-            make_desc(k_smem(stage) + chunk * Tr::kKVChunkBytes + step * 32, 16, 1024);
+            desc_at(desc_k0, k_smem(stage), chunk * Tr::kKVChunkBytes + step * 32, 16);
         if constexpr (Tr::kQInRegs) {
           Wgmma<T, kBlockN>::template rs<0>(s[0], qa[ks], desc_k, ks > 0);
         } else {
-          const uint64 desc_q = make_desc(q_rows + chunk * Tr::kQChunkBytes + step * 32, 16, 1024);
+          const uint64 desc_q = desc_at(desc_q0, q_rows, chunk * Tr::kQChunkBytes + step * 32, 16);
           Wgmma<T, kBlockN>::ss(s[0], desc_q, desc_k, ks > 0);
         }
       }
@@ -384,9 +399,10 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
     // O += P V of the tile in `stage` (P from registers; V is MN-major, the transposed B operand:
     // 16 keys = 2048 B a step). One wgmma group.
     auto issue_pv = [&](const uint32 (&pa)[Tr::kPVSteps][4], int stage) {
+      const uint64 desc_v0 = make_desc(v_smem(stage), Tr::kKVChunkBytes, 1024);
 #pragma unroll
       for (int ks = 0; ks < Tr::kPVSteps; ++ks) {
-        const uint64 desc_v = make_desc(v_smem(stage) + ks * 2048, Tr::kKVChunkBytes, 1024);
+        const uint64 desc_v = desc_at(desc_v0, v_smem(stage), ks * 2048, Tr::kKVChunkBytes);
         Wgmma<T, kHeadDim>::template rs<1>(acc_o[0], pa[ks], desc_v, 1);
       }
       wgmma_commit();
