@@ -488,7 +488,11 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       // tensor cores run O += P(i-1) V(i-1), the softmax of tile i runs on S(i), issued just
       // before it.
       if (n_blocks > 0) {
-        const uint32 q_rows = q_smem(q_stage) + consumer * Tr::kRowsPerConsumer * 128;
+        // With Q in shared memory, its descriptors are built from q_rows at every S: the
+        // consumer index read from lane 0 keeps them in uniform registers (from threadIdx, ptxas
+        // kept 16 descriptors in 32 ordinary registers and moved them over per wgmma).
+        const int q_consumer = Tr::kQInRegs ? consumer : __shfl_sync(0xffffffff, consumer, 0);
+        const uint32 q_rows = q_smem(q_stage) + q_consumer * Tr::kRowsPerConsumer * 128;
         float s[1][kNTiles][4];
         uint32 pa[Tr::kPVSteps][4];
         float alpha[2];
