@@ -72,7 +72,7 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   static constexpr bool kSplitTail = kConsumerWarpgroups == 3;
   // A tile's wgmma descriptors as the first one's plus each k-step's offset: one 64-bit uniform
   // add per wgmma instead of a shift, mask and or. Rotated A/B (kernel notes step 21): D=256
-  // 1.00-1.03x of whole descriptors, D=64's three-consumer tile 1.01-1.08x, D=128 unchanged; but
+  // 0.99-1.05x of whole descriptors, D=64's three-consumer tile 1.01-1.10x, D=128 unchanged; but
   // D=64's two-consumer kernel 0.94-0.95x at 4k (the same code but for the wgmma issue), so it
   // keeps building each descriptor whole.
   static constexpr bool kDescOffsets = !(kHeadDim <= 64 && kConsumerWarpgroups == 2);
@@ -369,9 +369,6 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
                                 ((unit ^ (lane % 8)) << 4));
       }
     };
-    // S = Q K^T of the tile in `stage` (both K-major; a k16 step is 32 B inside a chunk). Issued
-    // and committed as one wgmma group; the caller waits. `q_rows`: this warpgroup's 64 rows of
-    // Q, 64 * 128 B into each Q chunk (a multiple of 1024 B); unused when Q is in registers.
     // The descriptor of the operand at `base + offset` (Tr::kDescOffsets: the address field is
     // bits 0-13 of address >> 4 and shared addresses stay below 256 KB, so adding offset >> 4 to
     // the base's descriptor cannot carry out of it).
@@ -379,6 +376,9 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       return Tr::kDescOffsets ? base_desc + (offset >> 4)
                               : make_desc(base + offset, leading_bytes, 1024);
     };
+    // S = Q K^T of the tile in `stage` (both K-major; a k16 step is 32 B inside a chunk). Issued
+    // and committed as one wgmma group; the caller waits. `q_rows`: this warpgroup's 64 rows of
+    // Q, 64 * 128 B into each Q chunk (a multiple of 1024 B); unused when Q is in registers.
     auto issue_qk = [&](float (&s)[1][kNTiles][4], uint32 q_rows, int stage) {
       const uint64 desc_k0 = make_desc(k_smem(stage), 16, 1024);
       const uint64 desc_q0 = make_desc(q_rows, 16, 1024);
