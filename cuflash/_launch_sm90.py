@@ -27,17 +27,21 @@ log = logging.getLogger("cuflash")
 # consumers' registers (240 each with two, 160 with three): S (block_n / 2 floats per thread) +
 # O (width / 2) + P (block_n / 4), and by shared memory: at D=256, block_n 80 (FA3's choice)
 # fills 230 KB of the H100's 227 KB limit and ran 4-15% faster than 64. D=64 runs three consumers
-# (FA3's 192 x 128) from 4k queries up: 1.02-1.07x two consumers at 8k-16k. Up to 4k queries it
-# runs two consumers with softmax turns (128 x 128, Q in registers), 1.00-1.10x three: a 192-row
-# tile wastes more rows at the end of a short sequence and on a causal diagonal
-# (kernel_notes_sm90.md, steps 5-6 and 18).
+# (FA3's 192 x 128), or two with softmax turns (128 x 128, Q in registers) where 192-row tiles
+# would pad the queries with too many rows: `takes_short_tile` (kernel_notes_sm90.md, steps 5-6,
+# 18 and 22).
 FWD_SM90_TILES: dict[int, Tile] = {
     64: Tile(block_m=192, block_n=128, warps=16),
     128: Tile(block_m=128, block_n=128, warps=12),
     256: Tile(block_m=128, block_n=80, warps=12),
 }
 FWD_SM90_SHORT_TILES: dict[int, Tile] = {64: Tile(block_m=128, block_n=128, warps=12)}
+# D=64's short tile: always up to SHORT_ALWAYS_SEQLEN_Q queries, never past SHORT_MAX_SEQLEN_Q,
+# and in between where the long tile would pad the queries to more than LONG_TILE_MAX_PADDING
+# times the short tile's rows.
+SHORT_ALWAYS_SEQLEN_Q = 1024
 SHORT_MAX_SEQLEN_Q = 4096
+LONG_TILE_MAX_PADDING = 1.02
 STAGES = 2  # K/V shared-memory slots; mirrors FwdSm90Traits::kStages
 SMEM_LIMIT = 232448  # opt-in shared memory per block on an H100; mirrors FwdSm90Traits::kSmemLimit
 _TENSOR_DTYPES = ("float16", "bfloat16")
@@ -114,10 +118,28 @@ def sm_count(device_id: int) -> int:
     return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
 
 
+def takes_short_tile(seqlen_q: int, head_dim: int) -> bool:
+    """Whether `seqlen_q` queries take the width's short tile (FWD_SM90_SHORT_TILES: D=64's two
+    consumers) rather than its long one (three consumers). Measured three over two (kernel notes
+    step 22): 0.88-0.95 at 1k; between 1k and 4k 1.03-1.12 where 192-row tiles pad the queries
+    to no more rows than 128-row tiles do (1536, 2304, 3072, 4608) and 0.91-1.00 where they pad
+    3-5% more (2048, 2560) or 2.3% (2816: 0.98-0.99); past 4k, 1.02-1.12 however they pad."""
+    width = width_for(head_dim, FWD_SM90_TILES)
+    short = FWD_SM90_SHORT_TILES.get(width)
+    if short is None or seqlen_q > SHORT_MAX_SEQLEN_Q:
+        return False
+    if seqlen_q <= SHORT_ALWAYS_SEQLEN_Q:
+        return True
+    long_m = FWD_SM90_TILES[width].block_m
+    padded_long = math.ceil(seqlen_q / long_m) * long_m
+    padded_short = math.ceil(seqlen_q / short.block_m) * short.block_m
+    return padded_long > LONG_TILE_MAX_PADDING * padded_short
+
+
 @functools.cache
 def fwd_sm90_spec(dtype: str, head_dim: int, causal: bool, short: bool = False) -> KernelSpec:
-    """The Hopper forward kernel for one problem class (memoised: hot path). `short`: at most
-    SHORT_MAX_SEQLEN_Q queries, which picks the width's short tile where there is one."""
+    """The Hopper forward kernel for one problem class (memoised: hot path). `short`: the width's
+    short tile where there is one (`takes_short_tile`)."""
     width = width_for(head_dim, FWD_SM90_TILES)
     tile = FWD_SM90_TILES[width]
     if short:
@@ -265,7 +287,7 @@ def plan_sm90(q, k, v, out, *, causal: bool, scale: float, device_id: int, cc: i
     if reason is not None:
         return _reject(reason)  # an empty k: seqlen_k = 0
 
-    spec = fwd_sm90_spec(dtype, head_dim, causal, seqlen_q <= SHORT_MAX_SEQLEN_Q)
+    spec = fwd_sm90_spec(dtype, head_dim, causal, takes_short_tile(seqlen_q, head_dim))
     # Persistent: at most one block per SM, each looping over work units.
     units = work_units(batch, seqlen_q, heads_q, spec.block_m, causal)
 

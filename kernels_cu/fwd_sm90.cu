@@ -49,7 +49,7 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   // to the other; the wgmma are issued freely. At D = 128, 1.04-1.09x the speed of FA3's
   // ping-pong (turns around the wgmma issue), which this replaced; on D = 64's two-consumer tile
   // 1.00-1.05x free consumers. At D = 256 the consumers run free (turns ran 0.93-0.97x at long
-  // causal S); around three consumers (D = 64 from 4k queries) every kind of turn ran slower.
+  // causal S); around three consumers (D = 64's long tile) every kind of turn ran slower.
   static constexpr bool kSoftmaxTurns = kConsumerWarpgroups == 2 && kHeadDim <= 128;
   static constexpr int kTurnBarrier = 1;  // + consumer; 0 is __syncthreads
   // Exponentials before the hand-over (of 64 per thread): ptxas then puts it after every row
@@ -67,8 +67,8 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   // on the first half only: 1.02-1.07x at 1k-4k. At D = 128 it ran 0.96-1.01x, and is left out.
   static constexpr bool kHalfDiagonal = kHeadDim <= 64 && kBlockN == 128;
   // Causal: the schedule's last round of pairs split into single tiles (FwdSm90Schedule), on the
-  // three-consumer tile, which D = 64 runs from 4k queries. Its code, in the two-consumer kernels,
-  // moved ptxas's softmax hand-over and cost 2-3% at 1k.
+  // three-consumer tile (D = 64's long one). Its code, in the two-consumer kernels, moved ptxas's
+  // softmax hand-over and cost 2-3% at 1k.
   static constexpr bool kSplitTail = kConsumerWarpgroups == 3;
   // A tile's wgmma descriptors as the first one's plus each k-step's offset: one 64-bit uniform
   // add per wgmma instead of a shift, mask and or. Rotated A/B (kernel notes step 21): D=256
@@ -166,11 +166,11 @@ template <int kBlockM, bool kCausal, bool kSplitTail = false> struct FwdSm90Sche
   }
 };
 
-// Causal with a split tail (D = 64's three-consumer tile, from 4k queries): the pairs' last,
-// partly empty round is evened out. The last `tail_heads` heads, about two rounds of tiles, come
-// as single tiles, the longest first over all of them (m_block slowest), and every round is dealt
-// as a snake (odd rounds in reverse block order), so a block that drew a long tile draws a short
-// one next: 1.01-1.02x at 8k-16k (kernel notes step 20). At 1k-2k (other tiles) the same schedule
+// Causal with a split tail (D = 64's three-consumer tile): the pairs' last, partly empty round is
+// evened out. The last `tail_heads` heads, about two rounds of tiles, come as single tiles, the
+// longest first over all of them (m_block slowest), and every round is dealt as a snake (odd
+// rounds in reverse block order), so a block that drew a long tile draws a short one next:
+// 1.01-1.02x at 8k-16k (kernel notes step 20). At 1k-2k (other tiles) the same schedule
 // ran 0.97-0.98x: with few tiles per head the singles are no shorter than the pairs and their
 // heads are spread out.
 template <int kBlockM> struct FwdSm90Schedule<kBlockM, true, true> {

@@ -61,10 +61,18 @@ def test_q_is_double_buffered_where_it_fits():
 
 
 def test_short_problems_take_their_own_tile():
-    """D=64: three consumers (192-row tiles) from 4k queries up, two (128-row tiles) below, causal
-    or not; one tile at D=128 and D=256."""
+    """D=64: two consumers (128-row tiles) up to 1k queries and, up to 4k, where 192-row tiles
+    would pad the queries with more rows; three (192-row tiles) otherwise, causal or not. One
+    tile at D=128 and D=256."""
+    short = _launch_sm90.takes_short_tile
+    measured_two = (512, 1024, 2048, 2560, 2816, 4096)  # kernel notes steps 18 and 22
+    measured_three = (1536, 2304, 3072, 3584, 4608, 5120, 6016, 6400, 8192, 16384)
+    assert all(short(s, 64) for s in measured_two)
+    assert not any(short(s, 64) for s in measured_three)
+    assert all(short(s, 64) for s in range(1, 1025))  # the padding rule starts past 1k
+    assert [short(s, 48) for s in (2048, 2304)] == [True, False]  # head dims round up to 64
+    assert not any(short(s, width) for s in (512, 2048, 8192) for width in (128, 256))
     spec = _launch_sm90.fwd_sm90_spec
-    assert _launch_sm90.SHORT_MAX_SEQLEN_Q == 4096
     for causal in (False, True):
         assert spec("bfloat16", 64, causal, short=False).block_m == 192
         assert spec("bfloat16", 64, causal, short=False).warps == 16

@@ -102,7 +102,7 @@ def test_persistent_blocks_loop_over_tiles(head_dim, causal):
         case = Case(batch=2, seqlen_q=sq, seqlen_k=sk, heads_q=heads_q, heads_kv=8,
                     head_dim=head_dim, dtype="float16", causal=causal)
         spec = _launch_sm90.fwd_sm90_spec("float16", head_dim, causal,
-                                          sq <= _launch_sm90.SHORT_MAX_SEQLEN_Q)
+                                          _launch_sm90.takes_short_tile(sq, head_dim))
         units = _launch_sm90.work_units(case.batch, sq, heads_q, spec.block_m, causal)
         assert units > _launch_sm90.sm_count(0), case.id
         assert _run(case, seed=sq + head_dim), case.id
@@ -118,6 +118,19 @@ def test_long_d64_runs_three_consumers(dtype, causal):
         assert _launch_sm90.fwd_sm90_spec(dtype, 64, causal, False).block_m == 192
         case = Case(batch=1, seqlen_q=sq, seqlen_k=sk, heads_q=2, heads_kv=1, head_dim=64,
                     dtype=dtype, causal=causal)
+        assert _run(case, seed=sq + sk), case.id
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_d64_between_1k_and_4k_takes_the_tile_that_pads_least(causal):
+    """D=64 from 1k to 4k queries: three consumers where 192-row tiles pad the queries no more
+    than 128-row ones (1536, 2304), two where they would pad more (2560); Sq != Sk as well."""
+    for sq, sk, three in ((1536, 1536, True), (2304, 1000, True), (2560, 2600, False)):
+        spec = _launch_sm90.fwd_sm90_spec("bfloat16", 64, causal,
+                                          _launch_sm90.takes_short_tile(sq, 64))
+        assert (spec.block_m == 192) == three, sq
+        case = Case(batch=1, seqlen_q=sq, seqlen_k=sk, heads_q=2, heads_kv=1, head_dim=64,
+                    dtype="bfloat16", causal=causal)
         assert _run(case, seed=sq + sk), case.id
 
 

@@ -2,12 +2,13 @@
 
 - Every fwd_sm90 and bwd_dkdv_sm90 instantiation runs on wgmma (HGMMA) and TMA (UTMALDG), not on
   mma.sync (HMMA).
-- The forward's softmax turns (two consumers: D = 128, and D = 64 up to 4k queries) sit where
-  they were measured fastest (kernel_notes_sm90.md steps 17-18): ptxas moves register work across named barriers, so the
-  source alone does not fix the order. In the key-tile loop a consumer waits (BAR.SYNC), takes
-  every row max (~65 FMNMX) and then a few exponentials before it hands over (BAR.ARV): 9 MUFU
-  in the causal kernel and 15 in the non-causal one as measured. Forced orders ran up to 12%
-  slower; a failure here means re-measure (tests/perf/ab_kernels.py) and then update the bounds.
+- The forward's softmax turns (two consumers: D = 128, and D = 64's short tile) sit where they
+  were measured fastest (kernel_notes_sm90.md steps 17-18): ptxas moves register work across
+  named barriers, so the source alone does not fix the order. In the key-tile loop a consumer
+  waits (BAR.SYNC), takes every row max (~65 FMNMX) and then a few exponentials before it hands
+  over (BAR.ARV): 9 MUFU in the causal kernel and 15 in the non-causal one as measured. Forced
+  orders ran up to 12% slower; a failure here means re-measure (tests/perf/ab_kernels.py) and
+  then update the bounds.
 - Where there are no turns (three consumers at D = 64, D = 256) the consumers use no named
   barrier at all.
 """
