@@ -58,6 +58,29 @@ template <int kMTiles> struct OnlineSoftmax {
     return max_scaled;
   }
 
+  // Row r's exponentials P = exp(scale * (s - max)), in place, added to its running sum (after
+  // rescaling that by alpha[r]) in two chains of FADD, half as deep, between the MUFUs.
+  // after_each(i, chain) runs after the row's i-th exponential with the running sum of the
+  // chain it went into.
+  template <int kNTiles, typename AfterEach>
+  __device__ __forceinline__ void exponentiate_row(float (&s)[kMTiles][kNTiles][4], int r,
+                                                   float scale_log2, float max_scaled,
+                                                   const float (&alpha)[kRows],
+                                                   AfterEach after_each) {
+    float sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = s[r / 2][nt][2 * (r % 2) + e];
+        x = exp2_ftz(x * scale_log2 - max_scaled);
+        sum[e] += x;
+        after_each(2 * nt + e, sum[e]);
+      }
+    }
+    row_sum[r] = row_sum[r] * alpha[r] + (sum[0] + sum[1]);
+  }
+
   // Folds one tile of scores into the statistics: updates the running max, turns `s` into
   // P = exp(scale * (s - max)) in place, adds P to the running sums and returns in `alpha` the
   // factor by which everything accumulated so far must be rescaled.
@@ -67,17 +90,7 @@ template <int kMTiles> struct OnlineSoftmax {
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const float max_scaled = new_row_max(s, r, scale_log2, alpha);
-      float sum[2] = {0.f, 0.f};  // two chains of FADD, half as deep, between the MUFUs
-#pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float& x = s[r / 2][nt][2 * (r % 2) + e];
-          x = exp2_ftz(x * scale_log2 - max_scaled);
-          sum[e] += x;
-        }
-      }
-      row_sum[r] = row_sum[r] * alpha[r] + (sum[0] + sum[1]);
+      exponentiate_row(s, r, scale_log2, max_scaled, alpha, [](int, float) {});
     }
   }
 
@@ -101,18 +114,9 @@ template <int kMTiles> struct OnlineSoftmax {
     }
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      float sum[2] = {0.f, 0.f};
-#pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float& x = s[r / 2][nt][2 * (r % 2) + e];
-          x = exp2_ftz(x * scale_log2 - max_scaled[r]);
-          sum[e] += x;
-          if ((r * kNTiles + nt) * 2 + e + 1 == kHandOverAt) pass_turn(sum[e] + max_dep);
-        }
-      }
-      row_sum[r] = row_sum[r] * alpha[r] + (sum[0] + sum[1]);
+      exponentiate_row(s, r, scale_log2, max_scaled[r], alpha, [&](int i, float chain) {
+        if (r * kNTiles * 2 + i + 1 == kHandOverAt) pass_turn(chain + max_dep);
+      });
     }
   }
 
