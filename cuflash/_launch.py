@@ -172,6 +172,7 @@ class Launch:
     params: np.ndarray  # 0-d FWD_PARAMS array; its pointer fields are replaced on every call
     # Per TMA tensor map (Hopper kernel): the pointer field it covers and encode(ptr) -> map.
     tensor_maps: tuple[tuple[str, object], ...] = ()
+    args: tuple = ()  # kernel arguments after the tensor maps (Hopper forward: its schedule)
 
     def __call__(self, pointers: dict[str, int]) -> None:
         """Launch on CuPy's current stream with the given pointer fields ("q", "k", "v", "o",
@@ -180,7 +181,8 @@ class Launch:
         for name, ptr in pointers.items():
             params[name] = ptr
         maps = tuple(encode(pointers[name]) for name, encode in self.tensor_maps)
-        self.fn(self.grid, (self.threads,), (params[()], *maps), shared_mem=self.smem_bytes)
+        self.fn(self.grid, (self.threads,), (params[()], *maps, *self.args),
+                shared_mem=self.smem_bytes)
 
 
 def forward(q, k, v, out, lse, *, causal: bool, scale: float, device_id: int,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import heapq
 import logging
 import math
 
@@ -66,48 +67,128 @@ def _smem_bytes_for(stages_q: int, width: int, tile: Tile, itemsize: int) -> int
     return stages_q * q + 2 * STAGES * kv + barriers + 1024  # + 1024: alignment slack
 
 
-def work_units(batch: int, seqlen_q: int, heads_q: int, block_m: int, causal: bool) -> int:
-    """Work units of the persistent schedule, the grid's bound; mirrors FwdSm90Schedule (a causal
-    unit pairs a long and a short query tile of one head)."""
+# Causal with a schedule table (takes_table): the last TAIL_ROUNDS rounds of pairs are dealt as
+# single tiles, longest first, each onto the block with the least work so far (kernel notes step
+# 23).
+TAIL_ROUNDS = 2
+
+
+def takes_table(spec: KernelSpec) -> bool:
+    """Whether the kernel walks a schedule table from the host (causal_order) rather than the
+    round robin of pairs: causal at D=64; mirrors FwdSm90Traits::kScheduleTable."""
+    return spec.causal and spec.head_dim <= 64
+
+
+def grid_size(batch: int, seqlen_q: int, heads_q: int, block_m: int, pairs: bool,
+              sms: int) -> int:
+    """Blocks of the persistent grid: one per SM, fewer when there are fewer work units (query
+    tiles, or with `pairs` (the causal round robin) pairs of them)."""
     m_blocks = math.ceil(seqlen_q / block_m)
-    return (math.ceil(m_blocks / 2) if causal else m_blocks) * heads_q * batch
+    return min((math.ceil(m_blocks / 2) if pairs else m_blocks) * heads_q * batch, sms)
 
 
-def splits_tail(spec: KernelSpec) -> bool:
-    """Whether the kernel's causal schedule splits its last round into single tiles: the
-    three-consumer tile (16 warps); mirrors FwdSm90Traits::kSplitTail."""
-    return spec.causal and spec.warps == 16
+def causal_key_tiles(seqlen_q: int, seqlen_k: int, block_m: int, block_n: int) -> np.ndarray:
+    """Key tiles each causal query tile (by m_block) loads: fwd_sm90's key_tiles for a whole
+    tile (bottom-right: query i sees key j iff j <= i + seqlen_k - seqlen_q)."""
+    row_end = (np.arange(math.ceil(seqlen_q / block_m), dtype=np.int64) + 1) * block_m
+    return -(-np.minimum(seqlen_k, np.maximum(0, row_end + seqlen_k - seqlen_q)) // block_n)
 
 
-def schedule(batch: int, seqlen_q: int, heads_q: int, block_m: int, causal: bool, grid: int,
-             split_tail: bool = False) -> list[list[tuple[int, int, int]]]:
-    """The query tiles (m_block, head, batch) that each of `grid` blocks computes, in order;
-    mirrors FwdSm90Schedule. Units (batch, head)-major, block b taking units b, b + grid, ...
-    With `split_tail` (causal, the three-consumer tile: FwdSm90Traits::kSplitTail) the last
-    ceil(grid / pairs per head) heads come as single tiles, the longest first, after the other
-    heads' pairs, and odd rounds are dealt in reverse block order."""
-    split = causal and split_tail
+@functools.lru_cache(maxsize=128)
+def causal_order(batch: int, seqlen_q: int, seqlen_k: int, heads_q: int, block_m: int,
+                 block_n: int, grid: int) -> np.ndarray:
+    """The schedule table of a causal kernel that takes one (takes_table; int32, read-only):
+    `grid + 1` offsets, then each block's work units, two entries each; block b's units are
+    entries order[b] .. order[b + 1] - 1 (FwdSm90Schedule<kBlockM, true, true>). A tile is
+    (batch * heads_q + head) * m_blocks + m_block; -1 is none.
+
+    A unit pairs query tile m_blocks-1-j (long) with tile j (short) of one head: with Sq == Sk and
+    block_m == block_n the pair costs m_blocks + 1 key tiles whatever j. Units go round robin in
+    (batch, head)-major order (the units running at once share few heads, whose K/V stays hot in
+    L2), but the last TAIL_ROUNDS * grid, which would leave the last round partly empty, are split
+    into single tiles. A round of pairs at a time (so the tiles running at once still come from
+    few heads: all the tail's heads at once ran 11% slower at D=256), its tiles go longest first,
+    each to the block with the least work so far (cost: key tiles + 1 per tile). Unequal pairs
+    (block_n != block_m, Sq != Sk) are evened out there too."""
     m_blocks = math.ceil(seqlen_q / block_m)
-    heads = batch * heads_q
-    per_head = math.ceil(m_blocks / 2) if causal else m_blocks
-    tail_heads = min(heads, math.ceil(grid / per_head)) if split else 0
-    pair_items = (heads - tail_heads) * per_head
+    if batch * heads_q * m_blocks >= 2**31:
+        raise ValueError(f"{batch * heads_q * m_blocks} query tiles do not fit the kernel's int32")
+    cost = causal_key_tiles(seqlen_q, seqlen_k, block_m, block_n) + 1
+    per_head = math.ceil(m_blocks / 2)
+    j = np.arange(per_head)
+    bh = np.arange(batch * heads_q)[:, None] * m_blocks
+    first = (bh + (m_blocks - 1 - j)).ravel()
+    second = np.where(2 * j + 1 == m_blocks, -1, bh + j).ravel()
+    units = len(first)
+    lead = units - min(units, TAIL_ROUNDS * grid)
 
-    def tiles(i: int) -> list[tuple[int, int]]:  # (m_block, batch * heads_q + head)
-        if i >= pair_items:
-            t = i - pair_items
-            return [(m_blocks - 1 - t // tail_heads, heads - tail_heads + t % tail_heads)]
-        bh, j = divmod(i, per_head)
-        if not causal:
-            return [(j, bh)]
-        return [(m_blocks - 1 - j, bh)] + ([] if 2 * j + 1 == m_blocks else [(j, bh)])
+    # The lead units round robin: block u % grid, as its (u // grid)-th unit.
+    block = np.arange(lead) % grid
+    load = np.bincount(block, weights=cost[first[:lead] % m_blocks] +
+                       np.where(second[:lead] < 0, 0, cost[second[:lead] % m_blocks]),
+                       minlength=grid)
+    # The tail as singles, a round of pairs at a time (so that the tiles running at once still
+    # come from few heads), each round's longest first to the least loaded block (ties: the
+    # lowest block).
+    heap = [(load[b], b) for b in range(grid)]
+    heapq.heapify(heap)
+    rounds = []
+    for start in range(lead, units, grid):
+        tail_first, tail_second = first[start:start + grid], second[start:start + grid]
+        singles = np.concatenate([tail_first, tail_second[tail_second >= 0]])
+        rounds.append(singles[np.argsort(-cost[singles % m_blocks], kind="stable")])
+    singles = np.concatenate(rounds) if rounds else np.zeros(0, dtype=np.int64)
+    single_block = np.empty(len(singles), dtype=np.int64)
+    for i, tile in enumerate(singles):
+        work, b = heapq.heappop(heap)
+        single_block[i] = b
+        heapq.heappush(heap, (work + cost[tile % m_blocks], b))
 
-    blocks: list[list[tuple[int, int, int]]] = [[] for _ in range(grid)]
-    for i in range(pair_items + tail_heads * m_blocks):
-        r, b = divmod(i, grid)
-        block = blocks[grid - 1 - b if r % 2 and split else b]
-        block += [(m, bh % heads_q, bh // heads_q) for m, bh in tiles(i)]
-    return blocks
+    # Each block's units in order: its lead units, then its singles as dealt.
+    unit_block = np.concatenate([block, single_block])
+    unit_first = np.concatenate([first[:lead], singles])
+    unit_second = np.concatenate([second[:lead], np.full(len(singles), -1)])
+    by_block = np.argsort(unit_block, kind="stable")
+    offsets = grid + 1 + 2 * np.concatenate(
+        [[0], np.cumsum(np.bincount(unit_block, minlength=grid))])
+    entries = np.stack([unit_first[by_block], unit_second[by_block]], axis=1).ravel()
+    order = np.concatenate([offsets, entries]).astype(np.int32)
+    order.flags.writeable = False
+    return order
+
+
+@functools.lru_cache(maxsize=128)
+def _device_order(device_id: int, *shape: int):
+    """causal_order(*shape) on the device (memoised with the plan it belongs to)."""
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        order = cupy.asarray(causal_order(*shape))
+        cupy.cuda.get_current_stream().synchronize()  # visible to launches on any stream
+    return order
+
+
+def schedule(batch: int, seqlen_q: int, seqlen_k: int, heads_q: int, spec: KernelSpec,
+             grid: int) -> list[list[tuple[int, int, int]]]:
+    """The query tiles (m_block, head, batch) that each of `grid` blocks of `spec` computes, in
+    order, as fwd_sm90 walks them (FwdSm90Schedule): the table's units (takes_table), else work
+    unit u on block u % grid, a unit being a query tile, or causal a pair of them (tile
+    m_blocks-1-j, then j, of one head), (batch, head)-major."""
+    block_m = spec.block_m
+    m_blocks = math.ceil(seqlen_q / block_m)
+    if takes_table(spec):
+        order = causal_order(batch, seqlen_q, seqlen_k, heads_q, block_m, spec.block_n, grid)
+        tiles = [[int(t) for t in order[order[b]:order[b + 1]] if t >= 0] for b in range(grid)]
+    else:
+        per_head = math.ceil(m_blocks / 2) if spec.causal else m_blocks
+        tiles = [[] for _ in range(grid)]
+        for u in range(per_head * heads_q * batch):
+            bh, j = divmod(u, per_head)
+            pair = [m_blocks - 1 - j, j] if spec.causal and 2 * j + 1 != m_blocks else \
+                [m_blocks - 1 - j] if spec.causal else [j]
+            tiles[u % grid] += [bh * m_blocks + m for m in pair]
+    return [[(t % m_blocks, t // m_blocks % heads_q, t // m_blocks // heads_q) for t in block]
+            for block in tiles]
 
 
 @functools.cache
@@ -288,8 +369,13 @@ def plan_sm90(q, k, v, out, *, causal: bool, scale: float, device_id: int, cc: i
         return _reject(reason)  # an empty k: seqlen_k = 0
 
     spec = fwd_sm90_spec(dtype, head_dim, causal, takes_short_tile(seqlen_q, head_dim))
-    # Persistent: at most one block per SM, each looping over work units.
-    units = work_units(batch, seqlen_q, heads_q, spec.block_m, causal)
+    # Persistent: at most one block per SM, each looping over query tiles (as its table says
+    # where the kernel takes one; the others take a null pointer).
+    table = takes_table(spec)
+    grid = grid_size(batch, seqlen_q, heads_q, spec.block_m, causal and not table,
+                     sm_count(device_id))
+    order = _device_order(device_id, batch, seqlen_q, k.shape[1], heads_q, spec.block_m,
+                          spec.block_n, grid) if table else np.uint64(0)
 
     def tensor_map(name: str, array, rows: int):
         shape, strides = tuple(array.shape), tuple(array.strides)
@@ -298,12 +384,13 @@ def plan_sm90(q, k, v, out, *, causal: bool, scale: float, device_id: int, cc: i
 
     return Launch(
         fn=_compile.get_function(spec, device_id, cc),
-        grid=(min(units, sm_count(device_id)), 1, 1),
+        grid=(grid, 1, 1),
         threads=spec.threads,
         smem_bytes=spec.smem_bytes,
         params=np.array(fwd_params(q, k, v, out, causal=causal, scale=scale)),
         tensor_maps=(tensor_map("q", q, spec.block_m), tensor_map("k", k, spec.block_n),
                      tensor_map("v", v, spec.block_n)),
+        args=(order,),
     )
 
 

@@ -1,17 +1,17 @@
 // Forward attention for Hopper (sm_90a): TMA loads, an mbarrier pipeline, wgmma, warp specialisation.
 //
-// Persistent: one thread block per SM (grid = min(work units, SMs)) loops over work tiles of
-// kBlockM query rows of one (batch, head), so the next tile's Q and K/V loads run under this
-// tile's last products and epilogue instead of being exposed once per block. Each block has
-// 1 + kConsumerWarpgroups warpgroups. The producer warpgroup gives most of its registers away
-// (setmaxnreg) and one of its threads streams, tile after tile, Q into kQStages buffers and K/V
-// tiles through kStages shared-memory slots with TMA (128-byte swizzle; out-of-bounds rows and
-// head-dim columns arrive as zeros). Each consumer warpgroup owns 64 query rows of the tile:
-// S = Q K^T (Q from registers with two consumers up to D = 128, wgmma RS; else from shared
-// memory, wgmma SS), the online softmax in registers (softmax.cuh, the sm80 semantics), then
-// O += P V with P straight from the S accumulators as the register A operand and V as a
-// transposed (MN-major) B operand (wgmma RS). K/V tiles are walked from the last to the first,
-// so the tiles that need masking come first.
+// Persistent: one thread block per SM (grid = min(work units, SMs)) loops over query tiles
+// (kBlockM rows of one (batch, head)) as its schedule gives them (FwdSm90Schedule), so the next
+// tile's Q and K/V loads run under this tile's last products and epilogue instead of being
+// exposed once per block. Each block has 1 + kConsumerWarpgroups warpgroups. The producer
+// warpgroup gives most of its registers away (setmaxnreg) and one of its threads streams, tile
+// after tile, Q into kQStages buffers and K/V tiles through kStages shared-memory slots with TMA
+// (128-byte swizzle; out-of-bounds rows and head-dim columns arrive as zeros). Each consumer
+// warpgroup owns 64 query rows of the tile: S = Q K^T (Q from registers with two consumers up to
+// D = 128, wgmma RS; else from shared memory, wgmma SS), the online softmax in registers
+// (softmax.cuh, the sm80 semantics), then O += P V with P straight from the S accumulators as
+// the register A operand and V as a transposed (MN-major) B operand (wgmma RS). K/V tiles are
+// walked from the last to the first, so the tiles that need masking come first.
 //
 // Barriers: q_full[] / k_full[] / v_full[] (the producer's expect_tx, completed by TMA bytes) and
 // q_empty[] / k_empty[] / v_empty[] (one arrive per consumer warp once its warpgroup's wgmma has
@@ -66,16 +66,17 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   // tile's second half (consumer 0 of every 128 x 128 tile at Sq == Sk) runs that tile's softmax
   // on the first half only: 1.02-1.07x at 1k-4k. At D = 128 it ran 0.96-1.01x, and is left out.
   static constexpr bool kHalfDiagonal = kHeadDim <= 64 && kBlockN == 128;
-  // Causal: the schedule's last round of pairs split into single tiles (FwdSm90Schedule), on the
-  // three-consumer tile (D = 64's long one). Its code, in the two-consumer kernels, moved ptxas's
-  // softmax hand-over and cost 2-3% at 1k.
-  static constexpr bool kSplitTail = kConsumerWarpgroups == 3;
   // A tile's wgmma descriptors as the first one's plus each k-step's offset: one 64-bit uniform
   // add per wgmma instead of a shift, mask and or. Rotated A/B (kernel notes step 21): D=256
   // 0.99-1.05x of whole descriptors, D=64's three-consumer tile 1.01-1.10x, D=128 unchanged; but
   // D=64's two-consumer kernel 0.94-0.95x at 4k (the same code but for the wgmma issue), so it
   // keeps building each descriptor whole.
   static constexpr bool kDescOffsets = !(kHeadDim <= 64 && kConsumerWarpgroups == 2);
+  // Causal: the schedule is the host's table (FwdSm90Schedule), whose single-tile tail evens out
+  // the last round: 1.02-1.06x at D = 64, 1k-4k (kernel notes step 23). At D = 128 its code moved
+  // the softmax hand-over and cost 2-3% at 1k, and at D = 256 the single tiles ran 0.97-0.99x at
+  // 1k: both keep the pairs' round robin. Mirrored by _launch_sm90.takes_table.
+  static constexpr bool kScheduleTable = kHeadDim <= 64;
 
   // Shared tiles are 128-byte-swizzled chunks of 64 16-bit columns (one TMA box each): a tile of
   // R rows and kHeadDim columns is kChunks chunks of R * 128 bytes.
@@ -128,15 +129,16 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
 // tile. Causal, a tile's cost grows with m_block and a static round robin over such tiles is
 // unbalanced, so a unit pairs tile m_blocks-1-j (long, first) with tile j (short): with Sq == Sk
 // every pair costs m_blocks + 1 key tiles and the blocks finish together, but for the last round,
-// which is partly empty (3% of the time with 1024 pairs on 132 SMs). kSplitTail: see below.
-template <int kBlockM, bool kCausal, bool kSplitTail = false> struct FwdSm90Schedule {
+// which is partly empty (3% of the time with 1024 pairs on 132 SMs). With kTable (Tr::
+// kScheduleTable), a causal schedule comes from the host instead: see below.
+template <int kBlockM, bool kCausal, bool kTable> struct FwdSm90Schedule {
   static constexpr int kTilesPerUnit = kCausal ? 2 : 1;
   int m_blocks;        // query tiles per (batch, head)
   int units_per_head;  // work units per (batch, head)
   int units;
   int heads_q;
 
-  __device__ explicit FwdSm90Schedule(const FwdParams& p)
+  __device__ FwdSm90Schedule(const FwdParams& p, const int* /* order: with a table only */)
       : m_blocks(ceil_div(p.seqlen_q, kBlockM)),
         units_per_head(ceil_div(m_blocks, kTilesPerUnit)),
         units(units_per_head * p.heads_q * p.batch),
@@ -166,67 +168,31 @@ template <int kBlockM, bool kCausal, bool kSplitTail = false> struct FwdSm90Sche
   }
 };
 
-// Causal with a split tail (D = 64's three-consumer tile): the pairs' last, partly empty round is
-// evened out. The last `tail_heads` heads, about two rounds of tiles, come as single tiles, the
-// longest first over all of them (m_block slowest), and every round is dealt as a snake (odd
-// rounds in reverse block order), so a block that drew a long tile draws a short one next:
-// 1.01-1.02x at 8k-16k (kernel notes step 20). At 1k-2k (other tiles) the same schedule
-// ran 0.97-0.98x: with few tiles per head the singles are no shorter than the pairs and their
-// heads are spread out.
+// Causal with a schedule table (Tr::kScheduleTable): the host balances the tiles
+// (_launch_sm90.causal_order) and hands each block its list: block b computes the units
+// order[order[b]] .. order[order[b + 1] - 1], two entries each, a pair as above or a single tile
+// and -1. The last round of pairs, which the round robin leaves partly empty, comes as single
+// tiles, longest first onto the least loaded block. A tile is given as
+// (batch * heads_q + head) * m_blocks + m_block. The walk keeps the shape of a loop over pairs:
+// as one loop over tiles, it moved ptxas's softmax hand-over in D = 64's causal kernel from
+// after ~12 exponentials to after all 64 (kernel notes step 23).
 template <int kBlockM> struct FwdSm90Schedule<kBlockM, true, true> {
-  // The walk's sizes. Built afresh at each tile (the grid size read through a volatile asm, so
-  // that it is not hoisted): kept in registers across the consumers' tile body, they made ptxas
-  // spill, or move the softmax hand-over of the turn-taking kernels from after ~10 exponentials
-  // to after ~50 (kernel notes step 20).
-  struct Sizes {
-    int m_blocks, heads, pairs_per_head, tail_heads, pair_items, items;
-    __device__ explicit Sizes(const FwdParams& p) {
-      int grid;
-      asm volatile("mov.u32 %0, %%nctaid.x;" : "=r"(grid));
-      m_blocks = ceil_div(p.seqlen_q, kBlockM);
-      heads = p.heads_q * p.batch;
-      pairs_per_head = ceil_div(m_blocks, 2);
-      tail_heads = min(heads, ceil_div(grid, pairs_per_head));
-      pair_items = (heads - tail_heads) * pairs_per_head;
-      items = pair_items + tail_heads * m_blocks;
-    }
-  };
-  const FwdParams& p;
+  const int* __restrict__ order;
+  int m_blocks;
+  int heads_q;
 
-  __device__ explicit FwdSm90Schedule(const FwdParams& params) : p(params) {}
-
-  // Query tile `sub` (0, or 1 for the short tile of a pair) of item i; false when there is none.
-  __device__ bool tile(int i, int sub, int& m_block, int& head, int& batch) const {
-    const Sizes n(p);
-    int bh;
-    if (i >= n.pair_items) {  // the tail: the longest tiles first, heads fastest
-      const int t = i - n.pair_items;
-      m_block = n.m_blocks - 1 - t / n.tail_heads;
-      bh = n.heads - n.tail_heads + t % n.tail_heads;
-      if (sub > 0) return false;
-    } else {
-      const int j = i % n.pairs_per_head;
-      bh = i / n.pairs_per_head;
-      m_block = sub == 0 ? n.m_blocks - 1 - j : j;
-      if (sub > 0 && 2 * j + 1 == n.m_blocks) return false;  // the middle tile comes alone
-    }
-    head = bh % p.heads_q;
-    batch = bh / p.heads_q;
-    return true;
-  }
+  __device__ FwdSm90Schedule(const FwdParams& p, const int* order_)
+      : order(order_), m_blocks(ceil_div(p.seqlen_q, kBlockM)), heads_q(p.heads_q) {}
 
   template <typename Visit> __device__ void for_each_tile(Visit visit) const {
-#pragma unroll 1
-    for (int round0 = 0;; round0 += gridDim.x) {
-      const int items = Sizes(p).items;
-      if (round0 >= items) break;
-      const bool odd = (round0 / gridDim.x) & 1;
-      const int i = round0 + (odd ? gridDim.x - 1 - int(blockIdx.x) : int(blockIdx.x));
-      if (i >= items) continue;  // the last round is partly empty
+    const int end = __ldg(order + blockIdx.x + 1);
+    for (int unit = __ldg(order + blockIdx.x); unit < end; unit += 2) {
 #pragma unroll 1
       for (int sub = 0; sub < 2; ++sub) {
-        int m_block, head, batch;
-        if (tile(i, sub, m_block, head, batch)) visit(m_block, head, batch);
+        const int tile = __ldg(order + unit + sub);
+        if (tile < 0) continue;
+        const int bh = tile / m_blocks;
+        visit(tile - bh * m_blocks, bh % heads_q, bh / heads_q);
       }
     }
   }
@@ -236,9 +202,9 @@ template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool k
           bool kAligned>
 __global__ void __launch_bounds__(kWarps * kWarpSize, 1)
 fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma_q,
-         const __grid_constant__ TmaMap tma_k, const __grid_constant__ TmaMap tma_v) {
+         const __grid_constant__ TmaMap tma_k, const __grid_constant__ TmaMap tma_v,
+         const int* __restrict__ order /* causal with Tr::kScheduleTable, else null */) {
   typedef FwdSm90Traits<kHeadDim, kBlockM, kBlockN, kWarps> Tr;
-  typedef FwdSm90Schedule<kBlockM, kCausal, kCausal && Tr::kSplitTail> Schedule;
   constexpr int kStages = Tr::kStages, kQStages = Tr::kQStages;
   static_assert(kAligned, "TMA needs 16-byte strides; unaligned inputs take the sm80 kernel");
   extern __shared__ __align__(1024) char smem_raw[];
@@ -255,7 +221,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
   auto k_empty = [&](int stage) { return bar + 8 * (2 * kQStages + 2 * kStages + stage); };
   auto v_empty = [&](int stage) { return bar + 8 * (2 * kQStages + 3 * kStages + stage); };
 
-  const Schedule schedule(p);
+  const FwdSm90Schedule<kBlockM, kCausal, Tr::kScheduleTable> schedule(p, order);
   // Bottom-right causal: query i sees key j iff j <= i + diag.
   const int diag = p.seqlen_k - p.seqlen_q;
   // Key tiles that `rows` query rows from row0 see (0: every one of them is fully masked).

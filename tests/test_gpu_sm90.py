@@ -103,8 +103,8 @@ def test_persistent_blocks_loop_over_tiles(head_dim, causal):
                     head_dim=head_dim, dtype="float16", causal=causal)
         spec = _launch_sm90.fwd_sm90_spec("float16", head_dim, causal,
                                           _launch_sm90.takes_short_tile(sq, head_dim))
-        units = _launch_sm90.work_units(case.batch, sq, heads_q, spec.block_m, causal)
-        assert units > _launch_sm90.sm_count(0), case.id
+        tiles = case.batch * heads_q * -(-sq // spec.block_m)
+        assert tiles > _launch_sm90.sm_count(0), case.id
         assert _run(case, seed=sq + head_dim), case.id
 
 
@@ -134,19 +134,22 @@ def test_d64_between_1k_and_4k_takes_the_tile_that_pads_least(causal):
         assert _run(case, seed=sq + sk), case.id
 
 
-def test_three_consumer_causal_schedule_splits_its_tail():
-    """D=64 causal past SHORT_MAX_SEQLEN_Q: more pairs than SMs, so blocks take pairs, then the
-    last heads' single tiles (the split tail, dealt in a snake); with Sq > Sk, tiles without keys
-    fall both among the pairs and in the tail."""
-    for sq, sk in ((4200, 4200), (4300, 1000)):
-        spec = _launch_sm90.fwd_sm90_spec("float16", 64, True, False)
-        grid = min(_launch_sm90.work_units(1, sq, 14, spec.block_m, True), _launch_sm90.sm_count(0))
-        assert _launch_sm90.splits_tail(spec)
-        blocks = _launch_sm90.schedule(1, sq, 14, spec.block_m, True, grid, split_tail=True)
-        assert grid == len(blocks) and max(map(len, blocks)) > 2, (sq, sk)
-        case = Case(batch=1, seqlen_q=sq, seqlen_k=sk, heads_q=14, heads_kv=7, head_dim=64,
-                    dtype="float16", causal=True)
-        assert _run(case, seed=sq + sk), case.id
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("sq, sk, heads_q", [(4200, 4200, 32), (4300, 1000, 32), (1024, 1024, 72),
+                                             (700, 2000, 96)])
+def test_causal_schedule_table(dtype, sq, sk, heads_q):
+    """Causal D=64 (both tiles) walks the host's table: more pairs than the tail, so blocks take
+    pairs and then single tiles; with Sq > Sk, tiles without keys fall both among the pairs and
+    in the tail, and with Sq < Sk the pairs are unequal."""
+    spec = _launch_sm90.fwd_sm90_spec(dtype, 64, True, _launch_sm90.takes_short_tile(sq, 64))
+    assert _launch_sm90.takes_table(spec)
+    grid = _launch_sm90.grid_size(1, sq, heads_q, spec.block_m, False, _launch_sm90.sm_count(0))
+    order = _launch_sm90.causal_order(1, sq, sk, heads_q, spec.block_m, spec.block_n, grid)
+    units = order[grid + 1:].reshape(-1, 2)
+    assert (units[:, 1] >= 0).any() and (units[:, 1] < 0).any(), "pairs and singles"
+    case = Case(batch=1, seqlen_q=sq, seqlen_k=sk, heads_q=heads_q, heads_kv=heads_q // 2,
+                head_dim=64, dtype=dtype, causal=True)
+    assert _run(case, seed=sq + sk), case.id
 
 
 def _key_tiles(row0: int, rows: int, sq: int, sk: int, block_n: int) -> int:
