@@ -76,6 +76,27 @@ __device__ __forceinline__ void tma_load_4d(uint32 dst, const TmaMap& map, uint3
          "r"(c3)
       : "memory");
 }
+// The same with an L2 cache policy (l2_policy) for the box's lines.
+__device__ __forceinline__ void tma_load_4d(uint32 dst, const TmaMap& map, uint32 bar, int c0,
+                                            int c1, int c2, int c3, uint64 policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1, {%3, %4, %5, %6}], [%2], %7;\n"
+      :: "r"(dst), "l"(reinterpret_cast<uint64>(&map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2),
+         "r"(c3), "l"(policy)
+      : "memory");
+}
+enum class L2Evict { kFirst, kLast };
+// An L2 cache policy for all of a load's lines: evicted first (read once) or last (read again).
+template <L2Evict kEvict> __device__ __forceinline__ uint64 l2_policy() {
+  uint64 policy;
+  if constexpr (kEvict == L2Evict::kFirst) {
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  } else {
+    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
+  }
+  return policy;
+}
 
 // ---- TMA reductions and the shared-memory writes that feed async-proxy readers ----------------
 
