@@ -86,3 +86,12 @@ def test_tile_override_holds_for_one_plan_only(ab_kernels, monkeypatch):
     assert _launch_sm90.FWD_SM90_SHORT_TILES == short
     assert _launch_sm90.fwd_sm90_spec("bfloat16", 64, False, short=True).block_m == (
         short[64].block_m)
+
+
+def test_tile_cost_fit_recovers_a_line():
+    spec = importlib.util.spec_from_file_location("tile_cost", PERF / "tile_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lengths = [128, 256, 512, 1024, 2048]
+    a, b = module.fit(lengths, [40.0 + 283.0 * sk / 1024 for sk in lengths])
+    assert a == pytest.approx(40.0) and b == pytest.approx(283.0)
