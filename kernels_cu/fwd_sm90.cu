@@ -171,11 +171,11 @@ template <int kBlockM, bool kCausal, bool kTable> struct FwdSm90Schedule {
 // Causal with a schedule table (Tr::kScheduleTable): the host balances the tiles
 // (_launch_sm90.causal_order) and hands each block its list: block b computes the units
 // order[order[b]] .. order[order[b + 1] - 1], two entries each, a pair as above or a single tile
-// and -1. The last round of pairs, which the round robin leaves partly empty, comes as single
-// tiles, longest first onto the least loaded block. A tile is given as
-// (batch * heads_q + head) * m_blocks + m_block. The walk keeps the shape of a loop over pairs:
-// as one loop over tiles, it moved ptxas's softmax hand-over in D = 64's causal kernel from
-// after ~12 exponentials to after all 64 (kernel notes step 23).
+// and -1. The last rounds of pairs (_launch_sm90.TAIL_ROUNDS), where the round robin would
+// leave the last round partly empty, come as single tiles, longest first onto the least loaded
+// block. A tile is given as (batch * heads_q + head) * m_blocks + m_block. The walk keeps the
+// shape of a loop over pairs: as one loop over tiles, it moved ptxas's softmax hand-over in
+// D = 64's causal kernel from after ~12 exponentials to after all 64 (kernel notes step 23).
 template <int kBlockM> struct FwdSm90Schedule<kBlockM, true, true> {
   const int* __restrict__ order;
   int m_blocks;
