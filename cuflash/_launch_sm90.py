@@ -51,20 +51,29 @@ _TENSOR_DTYPES = ("float16", "bfloat16")
 def q_stages(width: int, tile: Tile, itemsize: int = 2) -> int:
     """Q buffers of one block: two where they fit (the next tile's Q loads during this one), else
     one; mirrors FwdSm90Traits::kQStages."""
-    return 2 if _smem_bytes_for(2, width, tile, itemsize) <= SMEM_LIMIT else 1
+    return 2 if _smem_bytes_for(2, 0, width, tile, itemsize) <= SMEM_LIMIT else 1
+
+
+def tma_store(width: int, tile: Tile, itemsize: int = 2) -> bool:
+    """Whether the epilogue stages O in shared memory for TMA stores (where it fits: not at
+    D=256); mirrors FwdSm90Traits::kTmaStore."""
+    o_bytes = tile.block_m * width * itemsize
+    return _smem_bytes_for(q_stages(width, tile, itemsize), o_bytes, width, tile,
+                           itemsize) <= SMEM_LIMIT
 
 
 def smem_bytes(width: int, tile: Tile, itemsize: int = 2) -> int:
     """Dynamic shared memory of one block; mirrors FwdSm90Traits::kSmemBytes (the kernel traps on
     less)."""
-    return _smem_bytes_for(q_stages(width, tile, itemsize), width, tile, itemsize)
+    o_bytes = tile.block_m * width * itemsize if tma_store(width, tile, itemsize) else 0
+    return _smem_bytes_for(q_stages(width, tile, itemsize), o_bytes, width, tile, itemsize)
 
 
-def _smem_bytes_for(stages_q: int, width: int, tile: Tile, itemsize: int) -> int:
+def _smem_bytes_for(stages_q: int, o_bytes: int, width: int, tile: Tile, itemsize: int) -> int:
     q = tile.block_m * width * itemsize
     kv = tile.block_n * width * itemsize
     barriers = 8 * (2 * stages_q + 4 * STAGES)  # q_full/q_empty per Q buffer, 4 per K/V slot
-    return stages_q * q + 2 * STAGES * kv + barriers + 1024  # + 1024: alignment slack
+    return stages_q * q + 2 * STAGES * kv + o_bytes + barriers + 1024  # + 1024: alignment slack
 
 
 # Causal with a schedule table (takes_table): the last TAIL_ROUNDS rounds of pairs are dealt as
@@ -389,7 +398,7 @@ def plan_sm90(q, k, v, out, *, causal: bool, scale: float, device_id: int, cc: i
         smem_bytes=spec.smem_bytes,
         params=np.array(fwd_params(q, k, v, out, causal=causal, scale=scale)),
         tensor_maps=(tensor_map("q", q, spec.block_m), tensor_map("k", k, spec.block_n),
-                     tensor_map("v", v, spec.block_n)),
+                     tensor_map("v", v, spec.block_n), tensor_map("o", out, 64)),
         args=(order,),
     )
 

@@ -147,19 +147,15 @@ template <typename T> __host__ __device__ constexpr T ceil_div(T a, T b) { retur
 
 // ---- epilogue stores of mma accumulators -------------------------------------------------------
 
-// One accumulator row (row g or g + 8 of an m16 fragment, `half`) of kDTiles n8 column groups,
-// starting at column col0, stored as T with 8-byte stores: quad neighbours t and t ^ 1 swap a word
-// so that each thread holds 4 consecutive columns (even t: 16j + 2t..+3, odd t: 16j + 8 +
-// 2(t - 1)..+3), and a warp's store fills whole 32-byte sectors instead of half of each.
-// `value(dt, e)` gives element e (0, 1) of the thread's pair in group dt. Every lane must call it
-// (shuffles); lanes whose row is out of range pass store = false. Needs the row 8-byte aligned
-// and col0 a multiple of 16 (the aligned kernels: 16-byte rows, head_dim % 8 == 0).
+// One accumulator row (row g or g + 8 of an m16 fragment, `half`) of kDTiles n8 column groups as
+// T, 4 consecutive columns a thread: quad neighbours t and t ^ 1 swap a word, so that out[j] holds
+// columns row_sector_col(j, t) .. + 3 (even t: 16j + 2t..+3, odd t: 16j + 8 + 2(t - 1)..+3) and a
+// warp's 8-byte stores fill whole 32-byte sectors instead of half of each. `value(dt, e)` gives
+// element e (0, 1) of the thread's pair in group dt. Every lane must call it (shuffles).
 template <typename T, int kDTiles, typename Value>
-__device__ __forceinline__ void store_row_sectors(T* row, int col0, int head_dim, int t,
-                                                  bool store, Value value) {
+__device__ __forceinline__ void row_sectors(uint2 (&out)[kDTiles / 2], int t, Value value) {
   static_assert(kDTiles % 2 == 0, "pairs of n8 column groups");
   const int odd = t & 1;
-  uint2 out[kDTiles / 2];
 #pragma unroll
   for (int j = 0; j < kDTiles / 2; ++j) {
     const uint32 w0 = pack2<T>(value(2 * j, 0), value(2 * j, 1));
@@ -167,10 +163,22 @@ __device__ __forceinline__ void store_row_sectors(T* row, int col0, int head_dim
     const uint32 other = __shfl_xor_sync(0xffffffffu, odd ? w0 : w1, 1);
     out[j] = odd ? make_uint2(other, w1) : make_uint2(w0, other);
   }
+}
+__device__ __forceinline__ int row_sector_col(int j, int t) {
+  return (2 * j + (t & 1)) * 8 + 2 * (t & ~1);
+}
+// The row_sectors of one row stored at `row` from column col0, with 8-byte stores; lanes whose
+// row is out of range pass store = false. Needs the row 8-byte aligned and col0 a multiple of 16
+// (the aligned kernels: 16-byte rows, head_dim % 8 == 0).
+template <typename T, int kDTiles, typename Value>
+__device__ __forceinline__ void store_row_sectors(T* row, int col0, int head_dim, int t,
+                                                  bool store, Value value) {
+  uint2 out[kDTiles / 2];
+  row_sectors<T, kDTiles>(out, t, value);
   if (!store) return;
 #pragma unroll
   for (int j = 0; j < kDTiles / 2; ++j) {
-    const int col = col0 + (2 * j + odd) * 8 + 2 * (t & ~1);
+    const int col = col0 + row_sector_col(j, t);
     const uint2 words = out[j];
     if (col + 3 < head_dim) {
       *reinterpret_cast<uint2*>(row + col) = words;

@@ -52,6 +52,7 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   // causal S); around three consumers (D = 64's long tile) every kind of turn ran slower.
   static constexpr bool kSoftmaxTurns = kConsumerWarpgroups == 2 && kHeadDim <= 128;
   static constexpr int kTurnBarrier = 1;  // + consumer; 0 is __syncthreads
+  static constexpr int kEpilogueBarrier = 3;  // + consumer: its warpgroup (kTmaStore)
   // Exponentials before the hand-over (of 64 per thread): ptxas then puts it after every row
   // max and 7-15 MUFU.EX2. Placements forced with a shared-memory read (after 0, 4, 8, 16 or all
   // 64) ran slower than this unforced one (kernel notes step 17).
@@ -91,19 +92,27 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   // Q buffers: two where they fit in the H100's 227 KB per block (D <= 128), so the next tile's
   // Q lands while this tile still computes; one at D = 256, released after the tile's last S.
   static constexpr int kSmemLimit = 232448;  // == _launch_sm90.SMEM_LIMIT
-  __host__ __device__ static constexpr int smem_bytes_for(int q_stages) {
+  __host__ __device__ static constexpr int smem_bytes_for(int q_stages, int o_bytes) {
     // + 1024: the dynamic shared window is only 16-byte aligned; swizzle atoms need 1024.
-    return q_stages * kQBytes + 2 * kStages * kKVBytes + 8 * (2 * q_stages + 4 * kStages) + 1024;
+    return q_stages * kQBytes + 2 * kStages * kKVBytes + o_bytes +
+           8 * (2 * q_stages + 4 * kStages) + 1024;
   }
-  static constexpr int kQStages = smem_bytes_for(2) <= kSmemLimit ? 2 : 1;
+  static constexpr int kQStages = smem_bytes_for(2, 0) <= kSmemLimit ? 2 : 1;
+  // The epilogue writes O into shared memory (the tile's layout: 128-byte-swizzled chunks) and
+  // one TMA store per consumer and chunk sends it out, where that fits (not at D = 256): the
+  // consumers then issue a few shared stores instead of a global store per 4 columns.
+  static constexpr int kOBytes = kChunks * kBlockM * 128;
+  static constexpr bool kTmaStore = smem_bytes_for(kQStages, kOBytes) <= kSmemLimit;
 
   static constexpr int kQOffset = 0;
   static constexpr int kKOffset = kQStages * kQBytes;
   static constexpr int kVOffset = kKOffset + kStages * kKVBytes;
-  static constexpr int kBarOffset = kVOffset + kStages * kKVBytes;
+  static constexpr int kOOffset = kVOffset + kStages * kKVBytes;
+  static constexpr int kBarOffset = kOOffset + (kTmaStore ? kOBytes : 0);
   // q_full[], q_empty[], {k,v}_full[], {k,v}_empty[]
   static constexpr int kBarriers = 2 * kQStages + 4 * kStages;
-  static constexpr int kSmemBytes = smem_bytes_for(kQStages);  // == _launch_sm90.smem_bytes
+  // == _launch_sm90.smem_bytes
+  static constexpr int kSmemBytes = smem_bytes_for(kQStages, kTmaStore ? kOBytes : 0);
 
   // Q in registers where they fit (4 * kQKSteps per thread, 32 at D = 128): S = Q K^T then reads
   // only K from shared memory (wgmma RS), and Q's buffer is released as soon as the tile's
@@ -203,6 +212,7 @@ template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool k
 __global__ void __launch_bounds__(kWarps * kWarpSize, 1)
 fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma_q,
          const __grid_constant__ TmaMap tma_k, const __grid_constant__ TmaMap tma_v,
+         const __grid_constant__ TmaMap tma_o /* 64-row boxes; with Tr::kTmaStore */,
          const int* __restrict__ order /* causal with Tr::kScheduleTable, else null */) {
   typedef FwdSm90Traits<kHeadDim, kBlockM, kBlockN, kWarps> Tr;
   constexpr int kStages = Tr::kStages, kQStages = Tr::kQStages;
@@ -548,13 +558,48 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       // runs while the producer already streams the next tile's Q and K/V. --
       float lse[2];
       softmax.finalize(acc_o, static_cast<float>(p.scale), lse);
+      if (Tr::kTmaStore) {
+        // This warpgroup's 64 rows into its part of the O buffer, as TMA reads a 128-byte-
+        // swizzled box (16-byte unit u of row r at u ^ r % 8), once the previous tile's stores
+        // have read it; then one TMA store per chunk, issued by the warpgroup's first thread.
+        const uint32 o_rows = base + Tr::kOOffset + consumer * Tr::kChunks * 64 * 128;
+        const bool leader = threadIdx.x % Tr::kWarpgroupThreads == 0;
+        if (leader) bulk_wait_group_read<0>();
+        named_bar_sync(Tr::kEpilogueBarrier + consumer, Tr::kWarpgroupThreads);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int row = warp * 16 + g + half * 8;
+          uint2 out[kDTiles / 2];
+          row_sectors<T, kDTiles>(out, t, [&](int dt, int e) { return acc_o[0][dt][2 * half + e]; });
+#pragma unroll
+          for (int j = 0; j < kDTiles / 2; ++j) {
+            const int col = row_sector_col(j, t);
+            const int unit = (col % Tr::kChunkCols) / 8;
+            st_shared_v2_b32(o_rows + (col / Tr::kChunkCols) * 64 * 128 + row * 128 +
+                                 ((unit ^ (row % 8)) << 4) + (col % 8) * 2,
+                             out[j].x, out[j].y);
+          }
+        }
+        fence_proxy_async_smem();
+        named_bar_sync(Tr::kEpilogueBarrier + consumer, Tr::kWarpgroupThreads);
+        if (leader) {
+#pragma unroll
+          for (int c = 0; c < Tr::kChunks; ++c) {
+            tma_store_4d(tma_o, o_rows + c * 64 * 128, c * Tr::kChunkCols,
+                         row0 + consumer * Tr::kRowsPerConsumer, head, batch);
+          }
+          bulk_commit_group();
+        }
+      }
       T* o = static_cast<T*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int row = row0 + rows_before + g + half * 8;
-        store_row_sectors<T, kDTiles>(
-            o + row * p.o_row_stride, 0, p.head_dim, t, row < p.seqlen_q,
-            [&](int dt, int e) { return acc_o[0][dt][2 * half + e]; });
+        if (!Tr::kTmaStore) {
+          store_row_sectors<T, kDTiles>(
+              o + row * p.o_row_stride, 0, p.head_dim, t, row < p.seqlen_q,
+              [&](int dt, int e) { return acc_o[0][dt][2 * half + e]; });
+        }
         if (row >= p.seqlen_q) continue;
         if (p.lse != nullptr && t == 0) {
           float* lse_out = static_cast<float*>(p.lse);
@@ -565,6 +610,8 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
     // Consumer 1's last hand-over (its opening one when this block had no key tiles) has no
     // turn after it: consumer 0 takes it so every arrive on a named barrier is matched by exit.
     if (Tr::kSoftmaxTurns && consumer == 0) wait_softmax_turn();
+    // The O stores have read shared memory (and are done) before the block exits.
+    if (Tr::kTmaStore && threadIdx.x % Tr::kWarpgroupThreads == 0) bulk_wait_group<0>();
   }
 }
 

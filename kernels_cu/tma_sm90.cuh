@@ -109,6 +109,9 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
 __device__ __forceinline__ void st_shared_b32(uint32 addr, uint32 x) {
   asm volatile("st.shared.b32 [%0], %1;\n" :: "r"(addr), "r"(x) : "memory");
 }
+__device__ __forceinline__ void st_shared_v2_b32(uint32 addr, uint32 x, uint32 y) {
+  asm volatile("st.shared.v2.b32 [%0], {%1, %2};\n" :: "r"(addr), "r"(x), "r"(y) : "memory");
+}
 __device__ __forceinline__ void st_shared_v2_f32(uint32 addr, float x, float y) {
   asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" :: "r"(addr), "f"(x), "f"(y) : "memory");
 }
@@ -119,6 +122,16 @@ __device__ __forceinline__ void tma_reduce_add_4d(const TmaMap& map, uint32 src,
                                                   int c2, int c3) {
   asm volatile(
       "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group"
+      " [%0, {%2, %3, %4, %5}], [%1];\n"
+      :: "l"(reinterpret_cast<uint64>(&map)), "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+// The shared-memory box at `src` to the box at (c0, c1, c2, c3) of a rank-4 tensor map, by the
+// TMA unit (bulk-group completion); out-of-bounds elements are not written.
+__device__ __forceinline__ void tma_store_4d(const TmaMap& map, uint32 src, int c0, int c1,
+                                             int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.global.shared::cta.tile.bulk_group"
       " [%0, {%2, %3, %4, %5}], [%1];\n"
       :: "l"(reinterpret_cast<uint64>(&map)), "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
       : "memory");

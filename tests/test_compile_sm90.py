@@ -60,6 +60,17 @@ def test_q_is_double_buffered_where_it_fits():
     assert all(_launch_sm90.q_stages(width, tile) == 2 for width, tile in short.items())
 
 
+def test_o_goes_out_through_shared_memory_where_it_fits():
+    """The TMA-store epilogue's O buffer fits at D 64 (both tiles) and 128, within the 227 KB a
+    block may have; not at D 256, whose 80-key slots and Q fill it."""
+    tiles = {**{(w, t.block_m): t for w, t in _launch_sm90.FWD_SM90_TILES.items()},
+             **{(w, t.block_m): t for w, t in _launch_sm90.FWD_SM90_SHORT_TILES.items()}}
+    assert {key: _launch_sm90.tma_store(key[0], tile) for key, tile in tiles.items()} == {
+        (64, 192): True, (64, 128): True, (128, 128): True, (256, 128): False}
+    for (width, _), tile in tiles.items():
+        assert _launch_sm90.smem_bytes(width, tile) <= _launch_sm90.SMEM_LIMIT
+
+
 def test_short_problems_take_their_own_tile():
     """D=64: two consumers (128-row tiles) up to 1k queries and, up to 4k, where 192-row tiles
     would pad the queries with more rows; three (192-row tiles) otherwise, causal or not. One

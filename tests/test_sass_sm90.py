@@ -6,14 +6,20 @@
   were measured fastest (kernel_notes_sm90.md steps 17-18): ptxas moves register work across
   named barriers, so the source alone does not fix the order. In the key-tile loop a consumer
   waits (BAR.SYNC), takes every row max (~65 FMNMX) and then a few exponentials before it hands
-  over (BAR.ARV): 9 MUFU in the causal kernel and 15 in the non-causal one as measured. Forced
+  over (BAR.ARV): 9 MUFU in the causal kernel and 15 in the non-causal one as measured (step
+  17; D = 128 causal hands over after 20 with the TMA-store epilogue, measured in step 26). Forced
   orders ran up to 12% slower; a failure here means re-measure (tests/perf/ab_kernels.py) and
-  then update the bounds.
-- Where there are no turns (three consumers at D = 64, D = 256) the consumers use no named
+  then update the bounds. (The first key tile's turn is left to ptxas: with the TMA-store
+  epilogue it hoists most of that tile's row maxes above the wait.)
+- Where there are no turns (three consumers at D = 64, D = 256) the consumers use no turn
   barrier at all.
+- Only the turns' barriers (256 threads: two consumer warpgroups) count here; the epilogue's
+  (128 threads, one warpgroup, kTmaStore) are left out.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
@@ -29,6 +35,13 @@ TURN_SPECS = [s for s in FWD if s.head_dim <= 128 and s.warps == 12]  # two cons
 FREE_SPECS = [s for s in FWD if s not in TURN_SPECS]
 ROW_MAX_FMNMX = 60  # 2 rows x (16 pairs + a 15-deep tree + the old max + 2 quad shuffles' maxes)
 MAX_MUFU_IN_TURN = 20  # exponentials (and the 2 rescale factors) before the hand-over
+
+
+def _kinds(spec) -> list[str]:
+    """sass.kinds of the kernel without its one-warpgroup (128-thread) named barriers."""
+    text = sass.sass(spec)
+    return sass.kinds("\n".join(line for line in text.splitlines()
+                                if not re.search(r"\bBAR\.[\w.]+ [^,;]+, 0x80\b", line)))
 
 
 def _windows(kinds: list[str]) -> list[list[str]]:
@@ -51,12 +64,12 @@ def test_runs_on_wgmma_and_tma(spec):
 
 @pytest.mark.parametrize("spec", TURN_SPECS, ids=[s.name for s in TURN_SPECS])
 def test_softmax_turn_hands_over_after_the_row_maxes_and_a_few_exponentials(spec):
-    kinds = sass.kinds(sass.sass(spec))
+    kinds = _kinds(spec)
     turns = [w for w in _windows(kinds) if w.count("FMNMX") >= ROW_MAX_FMNMX]
     print(f"NVRTC {sass.nvrtc_version()} {spec.name}:",
           [(w.count("FMNMX"), w.count("MUFU.EX2")) for w in turns])
-    # The first key tile's softmax (before the loop), then the loop's.
-    assert len(turns) == 2, sass.condensed("\n".join(kinds))
+    # The loop's turn comes last (the first key tile's, before the loop, may come first).
+    assert 1 <= len(turns) <= 2, sass.condensed("\n".join(kinds))
     loop = turns[-1]
     assert 1 <= loop.count("MUFU.EX2") <= MAX_MUFU_IN_TURN, sass.condensed("\n".join(loop))
     assert "HGMMA" not in loop  # no matrix product is issued inside a turn
@@ -64,6 +77,6 @@ def test_softmax_turn_hands_over_after_the_row_maxes_and_a_few_exponentials(spec
 
 @pytest.mark.parametrize("spec", FREE_SPECS, ids=[s.name for s in FREE_SPECS])
 def test_free_consumers_use_no_named_barrier(spec):
-    kinds = sass.kinds(sass.sass(spec))
+    kinds = _kinds(spec)
     assert "BAR.ARV" not in kinds
     assert kinds.count("BAR.SYNC") == 1  # the block's __syncthreads after the mbarrier setup
