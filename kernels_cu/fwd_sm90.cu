@@ -570,7 +570,8 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
         for (int half = 0; half < 2; ++half) {
           const int row = warp * 16 + g + half * 8;
           uint2 out[kDTiles / 2];
-          row_sectors<T, kDTiles>(out, t, [&](int dt, int e) { return acc_o[0][dt][2 * half + e]; });
+          row_sectors<T, kDTiles>(out, t,
+                                  [&](int dt, int e) { return acc_o[0][dt][2 * half + e]; });
 #pragma unroll
           for (int j = 0; j < kDTiles / 2; ++j) {
             const int col = row_sector_col(j, t);
