@@ -252,6 +252,7 @@ def all_fwd_sm90_specs() -> list[KernelSpec]:
 # A CUtensorMap as the kernel's `TmaMap` parameter: 128 bytes, 64-byte aligned.
 TMA_MAP = np.dtype({"names": ["opaque"], "formats": [(np.uint64, 16)], "offsets": [0],
                     "itemsize": 128})
+_UNUSED_MAP = np.zeros(1, dtype=TMA_MAP)[0]  # for a map parameter the kernel does not read
 
 
 @functools.cache
@@ -391,15 +392,22 @@ def plan_sm90(q, k, v, out, *, causal: bool, scale: float, device_id: int, cc: i
         return name, functools.partial(_encode_at, shape=shape, byte_strides=strides,
                                        dtype=dtype, block_rows=rows)
 
+    maps = (tensor_map("q", q, spec.block_m), tensor_map("k", k, spec.block_n),
+            tensor_map("v", v, spec.block_n))
+    # The output's map (64-row boxes) only where the kernel stores through it: encoding one is
+    # per-call work whenever the output buffer moves.
+    if tma_store(spec.head_dim, Tile(spec.block_m, spec.block_n, spec.warps), q.dtype.itemsize):
+        maps, args = (*maps, tensor_map("o", out, 64)), (order,)
+    else:
+        args = (_UNUSED_MAP, order)
     return Launch(
         fn=_compile.get_function(spec, device_id, cc),
         grid=(grid, 1, 1),
         threads=spec.threads,
         smem_bytes=spec.smem_bytes,
         params=np.array(fwd_params(q, k, v, out, causal=causal, scale=scale)),
-        tensor_maps=(tensor_map("q", q, spec.block_m), tensor_map("k", k, spec.block_n),
-                     tensor_map("v", v, spec.block_n), tensor_map("o", out, 64)),
-        args=(order,),
+        tensor_maps=maps,
+        args=args,
     )
 
 
