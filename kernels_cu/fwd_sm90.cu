@@ -103,6 +103,12 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   // consumers then issue a few shared stores instead of a global store per 4 columns.
   static constexpr int kOBytes = kChunks * kBlockM * 128;
   static constexpr bool kTmaStore = smem_bytes_for(kQStages, kOBytes) <= kSmemLimit;
+  // Causal, D = 64 (two consumers, TMA stores): a tile's result is stored during the next tile,
+  // under its first S, rather than between the tiles, where the warpgroup's first product waits
+  // for it: 1.03x at causal 1k (kernel notes step 27). After the first softmax instead ran
+  // 0.97-1.01x; the non-causal tile ran 0.92-0.96x either way, and at D = 128 the result held in
+  // registers spills.
+  static constexpr bool kDeferCausalEpilogue = kTmaStore && kSoftmaxTurns && kHeadDim <= 64;
 
   static constexpr int kQOffset = 0;
   static constexpr int kKOffset = kQStages * kQBytes;
@@ -241,6 +247,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
     return ceil_div(n_end, kBlockN);
   };
 
+  constexpr bool kDeferEpilogue = kCausal && Tr::kDeferCausalEpilogue;
   const int warpgroup = threadIdx.x / Tr::kWarpgroupThreads;
   if (threadIdx.x == 0) {
 #pragma unroll
@@ -424,6 +431,80 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       }
     };
 
+    // The epilogue through TMA stores (Tr::kTmaStore), in two parts. finish_tile(): O / l as T
+    // (row_sectors) and lse into fin_*. store_finished(): this warpgroup's 64 rows into its part
+    // of the O buffer, as TMA reads a 128-byte-swizzled box (16-byte unit u of row r at
+    // u ^ r % 8), once the previous tile's stores have read it; then one TMA store per chunk,
+    // issued by the warpgroup's first thread, and the lse. With kDeferEpilogue the second part
+    // runs under the next tile's first S (or at the end), whether or not a tile is pending, so
+    // that no branch surrounds it. One row (g + 8 * half of each warp) into the buffer:
+    auto stage_o_row = [&](uint32 o_rows, int half, const uint2 (&out)[kDTiles / 2]) {
+      const int row = warp * 16 + g + half * 8;
+#pragma unroll
+      for (int j = 0; j < kDTiles / 2; ++j) {
+        const int col = row_sector_col(j, t);
+        const int unit = (col % Tr::kChunkCols) / 8;
+        st_shared_v2_b32(o_rows + (col / Tr::kChunkCols) * 64 * 128 + row * 128 +
+                             ((unit ^ (row % 8)) << 4) + (col % 8) * 2,
+                         out[j].x, out[j].y);
+      }
+    };
+    auto tma_store_o = [&](uint32 o_rows, int row0, int head, int batch) {
+#pragma unroll
+      for (int c = 0; c < Tr::kChunks; ++c) {
+        tma_store_4d(tma_o, o_rows + c * 64 * 128, c * Tr::kChunkCols,
+                     row0 + consumer * Tr::kRowsPerConsumer, head, batch);
+      }
+      bulk_commit_group();
+    };
+    uint2 fin_out[2][kDTiles / 2] = {};
+    float fin_lse[2] = {0.f, 0.f};
+    int fin_row0 = 0, fin_head = 0, fin_batch = 0;
+    bool fin_pending = false;
+    auto finish_tile = [&](int row0, int head, int batch) {
+      softmax.finalize(acc_o, static_cast<float>(p.scale), fin_lse);
+#pragma unroll
+      for (int half = 0; half < (kDeferEpilogue ? 2 : 0); ++half) {
+        row_sectors<T, kDTiles>(fin_out[half], t,
+                                [&](int dt, int e) { return acc_o[0][dt][2 * half + e]; });
+      }
+      fin_row0 = row0;
+      fin_head = head;
+      fin_batch = batch;
+      fin_pending = true;
+    };
+    auto store_finished = [&]() {
+      const uint32 o_rows = base + Tr::kOOffset + consumer * Tr::kChunks * 64 * 128;
+      const bool leader = threadIdx.x % Tr::kWarpgroupThreads == 0;
+      if (leader) bulk_wait_group_read<0>();
+      named_bar_sync(Tr::kEpilogueBarrier + consumer, Tr::kWarpgroupThreads);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        if constexpr (kDeferEpilogue) {
+          stage_o_row(o_rows, half, fin_out[half]);
+        } else {  // not held over: packed here
+          uint2 out[kDTiles / 2];
+          row_sectors<T, kDTiles>(out, t,
+                                  [&](int dt, int e) { return acc_o[0][dt][2 * half + e]; });
+          stage_o_row(o_rows, half, out);
+        }
+      }
+      fence_proxy_async_smem();
+      named_bar_sync(Tr::kEpilogueBarrier + consumer, Tr::kWarpgroupThreads);
+      if (leader && fin_pending) tma_store_o(o_rows, fin_row0, fin_head, fin_batch);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = fin_row0 + rows_before + g + half * 8;
+        if (!fin_pending || row >= p.seqlen_q) continue;
+        if (p.lse != nullptr && t == 0) {
+          float* lse_out = static_cast<float*>(p.lse);
+          lse_out[fin_batch * p.lse_batch_stride + fin_head * p.lse_head_stride + row] =
+              fin_lse[half];
+        }
+      }
+      fin_pending = false;
+    };
+
     // The softmax turns run on across tiles: both consumers take one per key tile (none for a
     // tile without keys), so they keep alternating. Consumer 1 gives consumer 0 the first turn
     // here; consumer 0 takes the last hand-over after its final tile.
@@ -490,6 +571,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
         mbar_wait(k_full(first), (kv_iter / kStages) & 1);
         wgmma_fence();
         issue_qk(s, q_rows, first);
+        if constexpr (kDeferEpilogue) store_finished();  // the previous tile's, under this S
         wgmma_wait<0>();
         fence_operand(s[0]);
         if (lane == 0) {
@@ -555,54 +637,24 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       }
 
       // -- epilogue: O / l, lse; rows >= seqlen_q and columns >= head_dim are not stored. It
-      // runs while the producer already streams the next tile's Q and K/V. --
+      // runs while the producer already streams the next tile's Q and K/V (kDeferEpilogue: its
+      // stores under the next tile's first S). --
+      if (Tr::kTmaStore) {
+        if (kDeferEpilogue && n_blocks == 0) store_finished();  // no first S to store it under
+        finish_tile(row0, head, batch);
+        if (!kDeferEpilogue) store_finished();
+        return;
+      }
       float lse[2];
       softmax.finalize(acc_o, static_cast<float>(p.scale), lse);
-      if (Tr::kTmaStore) {
-        // This warpgroup's 64 rows into its part of the O buffer, as TMA reads a 128-byte-
-        // swizzled box (16-byte unit u of row r at u ^ r % 8), once the previous tile's stores
-        // have read it; then one TMA store per chunk, issued by the warpgroup's first thread.
-        const uint32 o_rows = base + Tr::kOOffset + consumer * Tr::kChunks * 64 * 128;
-        const bool leader = threadIdx.x % Tr::kWarpgroupThreads == 0;
-        if (leader) bulk_wait_group_read<0>();
-        named_bar_sync(Tr::kEpilogueBarrier + consumer, Tr::kWarpgroupThreads);
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int row = warp * 16 + g + half * 8;
-          uint2 out[kDTiles / 2];
-          row_sectors<T, kDTiles>(out, t,
-                                  [&](int dt, int e) { return acc_o[0][dt][2 * half + e]; });
-#pragma unroll
-          for (int j = 0; j < kDTiles / 2; ++j) {
-            const int col = row_sector_col(j, t);
-            const int unit = (col % Tr::kChunkCols) / 8;
-            st_shared_v2_b32(o_rows + (col / Tr::kChunkCols) * 64 * 128 + row * 128 +
-                                 ((unit ^ (row % 8)) << 4) + (col % 8) * 2,
-                             out[j].x, out[j].y);
-          }
-        }
-        fence_proxy_async_smem();
-        named_bar_sync(Tr::kEpilogueBarrier + consumer, Tr::kWarpgroupThreads);
-        if (leader) {
-#pragma unroll
-          for (int c = 0; c < Tr::kChunks; ++c) {
-            tma_store_4d(tma_o, o_rows + c * 64 * 128, c * Tr::kChunkCols,
-                         row0 + consumer * Tr::kRowsPerConsumer, head, batch);
-          }
-          bulk_commit_group();
-        }
-      }
       T* o = static_cast<T*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int row = row0 + rows_before + g + half * 8;
-        if (!Tr::kTmaStore) {
-          store_row_sectors<T, kDTiles>(
-              o + row * p.o_row_stride, 0, p.head_dim, t, row < p.seqlen_q,
-              [&](int dt, int e) { return acc_o[0][dt][2 * half + e]; });
-        }
-        if (row >= p.seqlen_q) continue;
-        if (p.lse != nullptr && t == 0) {
+        store_row_sectors<T, kDTiles>(o + row * p.o_row_stride, 0, p.head_dim, t,
+                                      row < p.seqlen_q,
+                                      [&](int dt, int e) { return acc_o[0][dt][2 * half + e]; });
+        if (row < p.seqlen_q && p.lse != nullptr && t == 0) {
           float* lse_out = static_cast<float*>(p.lse);
           lse_out[batch * p.lse_batch_stride + head * p.lse_head_stride + row] = lse[half];
         }
@@ -610,6 +662,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
     });
     // Consumer 1's last hand-over (its opening one when this block had no key tiles) has no
     // turn after it: consumer 0 takes it so every arrive on a named barrier is matched by exit.
+    if constexpr (kDeferEpilogue) store_finished();  // the last tile's result
     if (Tr::kSoftmaxTurns && consumer == 0) wait_softmax_turn();
     // The O stores have read shared memory (and are done) before the block exits.
     if (Tr::kTmaStore && threadIdx.x % Tr::kWarpgroupThreads == 0) bulk_wait_group<0>();
