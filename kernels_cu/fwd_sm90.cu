@@ -431,13 +431,13 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       }
     };
 
-    // The epilogue through TMA stores (Tr::kTmaStore), in two parts. finish_tile(): O / l as T
-    // (row_sectors) and lse into fin_*. store_finished(): this warpgroup's 64 rows into its part
-    // of the O buffer, as TMA reads a 128-byte-swizzled box (16-byte unit u of row r at
-    // u ^ r % 8), once the previous tile's stores have read it; then one TMA store per chunk,
-    // issued by the warpgroup's first thread, and the lse. With kDeferEpilogue the second part
-    // runs under the next tile's first S (or at the end), whether or not a tile is pending, so
-    // that no branch surrounds it. One row (g + 8 * half of each warp) into the buffer:
+    // The epilogue through TMA stores (Tr::kTmaStore), in two parts. finish_tile(): O / l (with
+    // kDeferEpilogue packed as T into fin_out) and the lse. store_finished(): this warpgroup's 64
+    // rows into its part of the O buffer, as TMA reads a 128-byte-swizzled box (16-byte unit u of
+    // row r at u ^ r % 8), once the previous tile's stores have read it; then one TMA store per
+    // chunk, issued by the warpgroup's first thread, and the lse. With kDeferEpilogue the second
+    // part runs under the next tile's first S (or at the end), whether or not a tile is pending,
+    // so that no branch surrounds it. One row (g + 8 * half of each warp) into the buffer:
     auto stage_o_row = [&](uint32 o_rows, int half, const uint2 (&out)[kDTiles / 2]) {
       const int row = warp * 16 + g + half * 8;
 #pragma unroll
