@@ -90,6 +90,20 @@ def nvrtc_options(arch: str) -> tuple[str, ...]:
     return tuple(options)
 
 
+# What CuPy's RawModule adds to every NVRTC compile of ours (cupy/cuda/compiler.py, CuPy 13-14):
+# functions without an execution space are device functions, and fp32 denormals are flushed.
+# The compiles that check a kernel on the CPU (compile_report, tests/sass.py) add them too, so
+# that their registers, spills and SASS are those of the code that runs: without -ftz=true the
+# forward's SASS differs in most floating-point instructions, and NVRTC 13.0 rejects the generic
+# lambdas without the first.
+RAWMODULE_OPTIONS = ("--device-as-default-execution-space", "-ftz=true")
+
+
+def check_options(arch: str) -> tuple[str, ...]:
+    """nvrtc_options(arch) plus what RawModule adds: the options of the code that runs."""
+    return (*nvrtc_options(arch), *RAWMODULE_OPTIONS)
+
+
 # ---- GPU: RawModule memo -------------------------------------------------------------------
 
 _lock = threading.Lock()
@@ -213,7 +227,7 @@ def compile_report(spec: KernelSpec, arch: str) -> CompileReport:
     try:
         nvrtc.addNameExpression(prog, spec.name)
         try:
-            nvrtc.compileProgram(prog, [*nvrtc_options(arch), "-Xptxas=-v"])
+            nvrtc.compileProgram(prog, [*check_options(arch), "-Xptxas=-v"])
         except nvrtc.NVRTCError as err:
             raise RuntimeError(
                 f"NVRTC failed on {spec.name} for {arch}:\n{nvrtc.getProgramLog(prog)}"

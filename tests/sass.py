@@ -1,10 +1,10 @@
 """The SASS of a kernel instantiation, on the CPU: NVRTC's cubin disassembled by nvdisasm.
 
 The cubin comes from NVRTC's C API through ctypes, compiled from the same source and options as
-cuflash's own compile (`_compile.expanded_source`, `_compile.nvrtc_options`); CuPy's
-`nvrtc.getCUBIN` returned an image that nvdisasm rejects. nvdisasm comes from $NVDISASM, PATH or
-the `nvidia-cuda-nvdisasm` wheel (in the `test` extra); libnvrtc from the loader path or the
-`nvidia-cuda-nvrtc` wheel.
+the code that runs (`_compile.expanded_source`, `_compile.check_options`: ours and what CuPy's
+RawModule adds); CuPy's `nvrtc.getCUBIN` returned an image that nvdisasm rejects. nvdisasm comes
+from $NVDISASM, PATH or the `nvidia-cuda-nvdisasm` wheel (in the `test` extra); libnvrtc from the
+loader path or the `nvidia-cuda-nvrtc` wheel.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def cubin(spec, arch: str = "sm_90a") -> bytes:
         raise RuntimeError(f"nvrtcCreateProgram failed for {spec.name}")
     try:
         lib.nvrtcAddNameExpression(prog, spec.name.encode())
-        options = [o.encode() for o in _compile.nvrtc_options(arch)]
+        options = [o.encode() for o in _compile.check_options(arch)]
         if lib.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options)):
             size = ctypes.c_size_t()
             lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))

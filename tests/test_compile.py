@@ -23,6 +23,16 @@ SIMT_DTYPES = ("float32", "float64")
 SPECS = _launch.all_fwd_specs() + _launch_bwd.all_bwd_specs()
 CASES = [(arch, spec) for spec in SPECS for arch in ARCHS]
 MAX_REGISTERS = 255
+# Spills seen once the reports compile with the options the code runs with (check_options: CuPy's
+# RawModule adds -ftz=true). These dK/dV tiles sit at 255 registers and spill 4-52 B under it;
+# before 2026-11-27 the test compiled without -ftz=true and did not see them (kernel_notes.md,
+# "Spills under -ftz=true"). Strict: a fix makes the case XPASS and fail until it leaves this list.
+KNOWN_SPILLS = {
+    (arch, f"cuflash::bwd_dkdv_sm80<cuflash::{dtype}, {shape}, true>")
+    for dtype in ("f16", "bf16")
+    for arch, shape in (("sm_90a", "128, 64, 128, 8, false"), ("sm_90a", "256, 64, 64, 8, false"),
+                        ("sm_80", "256, 64, 64, 8, true"), ("sm_90a", "256, 64, 64, 8, true"))
+}
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +53,21 @@ def reports(request) -> dict[tuple[str, KernelSpec], Future]:
     return futures
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{arch}-{spec.name}" for arch, spec in CASES])
+@pytest.mark.parametrize("case", [
+    pytest.param((arch, spec), id=f"{arch}-{spec.name}", marks=[pytest.mark.xfail(
+        strict=True, reason="spills under -ftz=true (KNOWN_SPILLS)")] if (
+            arch, spec.name) in KNOWN_SPILLS else [])
+    for arch, spec in CASES])
 def test_compiles_without_spills(case, reports):
     report = reports[case].result()
     print(report.line())
     assert report.clean, f"spills or stack frame:\n{report.log}"
     assert report.registers <= MAX_REGISTERS
+
+
+def test_known_spills_name_real_cases():
+    names = {(arch, spec.name) for arch, spec in CASES}
+    assert KNOWN_SPILLS <= names, KNOWN_SPILLS - names
 
 
 def test_every_simt_dtype_and_width_is_covered():
@@ -76,7 +95,7 @@ def _assert_compiles(source: str, name: str) -> None:
     prog = nvrtc.createProgram(source, name, [], [])
     try:
         try:
-            nvrtc.compileProgram(prog, list(_compile.nvrtc_options("sm_80")))
+            nvrtc.compileProgram(prog, list(_compile.check_options("sm_80")))
         except nvrtc.NVRTCError:
             pytest.fail(f"{name}:\n{nvrtc.getProgramLog(prog)}")
     finally:

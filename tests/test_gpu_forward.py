@@ -245,3 +245,30 @@ def test_repeated_torch_calls_replay_correctly(dtype):
     expected = reference.attention(*(to_numpy(q),) * 3, causal=True, layout="bhsd")
     tol = 2e-2 if dtype == "bfloat16" else 3e-3
     np.testing.assert_allclose(to_numpy(out), expected, atol=tol, rtol=tol)
+
+def test_check_options_are_rawmodule_options(monkeypatch):
+    """The CPU-side checks (compile_report, tests/sass.py) compile with _compile.check_options:
+    what cuflash passes plus what CuPy's RawModule adds (RAWMODULE_OPTIONS). RawModule must
+    still add those, or the spill and SASS checks would look at other code than runs."""
+    import uuid
+
+    from cupy.cuda import compiler
+
+    from cuflash.api import compute_capability
+
+    seen = []
+    compile_program = compiler._NVRTCProgram.compile
+
+    def recording(self, options=(), *args, **kwargs):
+        seen.append(tuple(options))
+        return compile_program(self, options, *args, **kwargs)
+
+    monkeypatch.setattr(compiler._NVRTCProgram, "compile", recording)
+    arch = _compile.arch_flag(compute_capability(0))
+    # A fresh source each run: a cached module would not reach NVRTC.
+    code = f'// {uuid.uuid4()}\nextern "C" __global__ void probe() {{}}\n'
+    cupy.RawModule(code=code, options=_compile.nvrtc_options(arch)).get_function("probe")
+    assert seen, "RawModule did not compile through NVRTC"
+    passed = set(seen[-1])
+    assert set(_compile.check_options(arch)) <= passed, (
+        f"RawModule passed {sorted(passed)}; check_options adds {_compile.RAWMODULE_OPTIONS}")
