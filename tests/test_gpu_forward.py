@@ -246,6 +246,7 @@ def test_repeated_torch_calls_replay_correctly(dtype):
     tol = 2e-2 if dtype == "bfloat16" else 3e-3
     np.testing.assert_allclose(to_numpy(out), expected, atol=tol, rtol=tol)
 
+
 def test_check_options_are_rawmodule_options(monkeypatch):
     """The CPU-side checks (compile_report, tests/sass.py) compile with _compile.check_options:
     what cuflash passes plus what CuPy's RawModule adds (RAWMODULE_OPTIONS). RawModule must

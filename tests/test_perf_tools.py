@@ -15,8 +15,8 @@ import pytest
 
 pytest.importorskip("torch")
 
-from cuflash import _launch_sm90  # noqa: E402
-from cuflash._launch import Tile  # noqa: E402
+from cuflash import _launch_sm90
+from cuflash._launch import Tile
 
 PERF = pathlib.Path(__file__).parent / "perf"
 
