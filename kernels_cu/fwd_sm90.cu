@@ -463,10 +463,12 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
     bool fin_pending = false;
     auto finish_tile = [&](int row0, int head, int batch) {
       softmax.finalize(acc_o, static_cast<float>(p.scale), fin_lse);
+      if constexpr (kDeferEpilogue) {  // held in registers past the acc_o of the next tile
 #pragma unroll
-      for (int half = 0; half < (kDeferEpilogue ? 2 : 0); ++half) {
-        row_sectors<T, kDTiles>(fin_out[half], t,
-                                [&](int dt, int e) { return acc_o[0][dt][2 * half + e]; });
+        for (int half = 0; half < 2; ++half) {
+          row_sectors<T, kDTiles>(fin_out[half], t,
+                                  [&](int dt, int e) { return acc_o[0][dt][2 * half + e]; });
+        }
       }
       fin_row0 = row0;
       fin_head = head;
