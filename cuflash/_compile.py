@@ -189,8 +189,9 @@ class CompileReport:
     static_smem_bytes: int
     seconds: float
     log: str
-    # ptxas's coded notes about this function, e.g. (C7514) wgmma serialised, (C7517) a
-    # wgmma.wait_group the compiler had to inject; printed before the function's report block.
+    # ptxas's coded notes about this function, e.g. (C7511, C7514, C7515) wgmma serialised,
+    # (C7517) a wgmma.wait_group the compiler had to inject; printed before the function's report
+    # block.
     notes: tuple[str, ...] = ()
 
     @property
@@ -207,9 +208,13 @@ class CompileReport:
 
     @property
     def wgmma_serialized(self) -> bool:
-        """ptxas could not pipeline this kernel's wgmma (it waits after each one instead): a
-        silent slowdown, typically from reading accumulators while a wgmma may be in flight."""
-        return any(re.search(r"\(C751[47]\)", note) for note in self.notes)
+        """ptxas could not pipeline this kernel's wgmma (it waits after each one, or injects a
+        wait): a silent slowdown. Its notes give the reason under several codes (C7511: too few
+        registers for the pipeline; C7514 / C7515: other instructions reading / writing
+        accumulators while a wgmma may be in flight; C7517: an injected wait_group), so the
+        notes are matched by their text."""
+        return any(re.search(r"wgmma\.mma_async instructions are serialized|wait_group is injected",
+                             note) for note in self.notes)
 
     @property
     def smem_bytes(self) -> int:
