@@ -47,6 +47,18 @@ def nvrtc_library() -> ctypes.CDLL | None:
     return None
 
 
+def load_nvrtc(lib_dir: str) -> ctypes.CDLL:
+    """The libnvrtc.so.* in `lib_dir` (an unpacked nvidia-cuda-nvrtc wheel's lib/), with its
+    builtins library loaded first so that NVRTC finds it without LD_LIBRARY_PATH. Load it before
+    any other libnvrtc in the process: the loader reuses a library of the same soname."""
+    for path in sorted(glob.glob(os.path.join(lib_dir, "libnvrtc-builtins.so.*"))):
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    paths = sorted(glob.glob(os.path.join(lib_dir, "libnvrtc.so.*")))
+    if not paths:
+        raise FileNotFoundError(f"no libnvrtc.so.* in {lib_dir}")
+    return ctypes.CDLL(paths[0])
+
+
 def nvdisasm_path() -> str | None:
     return os.environ.get("NVDISASM") or shutil.which("nvdisasm") or next(
         iter(_site_files("nvdisasm")), None)
@@ -61,15 +73,16 @@ def missing_tools() -> str | None:
     return None
 
 
-def nvrtc_version() -> str:
+def nvrtc_version(lib: ctypes.CDLL | None = None) -> str:
+    """"major.minor" of `lib` (default: nvrtc_library())."""
     major, minor = ctypes.c_int(), ctypes.c_int()
-    nvrtc_library().nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+    (lib or nvrtc_library()).nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
     return f"{major.value}.{minor.value}"
 
 
-def cubin(spec, arch: str = "sm_90a") -> bytes:
-    """`spec` compiled for `arch` by NVRTC's C API."""
-    lib = nvrtc_library()
+def cubin(spec, arch: str = "sm_90a", lib: ctypes.CDLL | None = None) -> bytes:
+    """`spec` compiled for `arch` by NVRTC's C API (`lib`, default: nvrtc_library())."""
+    lib = lib or nvrtc_library()
     prog = ctypes.c_void_p()
     source = _compile.expanded_source(spec.source).encode()
     if lib.nvrtcCreateProgram(ctypes.byref(prog), source, spec.source.encode(), 0, None, None):

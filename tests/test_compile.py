@@ -9,13 +9,16 @@ minutes on 2 cores); each test then checks its own report.
 
 from __future__ import annotations
 
+import glob
 import multiprocessing
 import os
+import tempfile
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
-from cuflash import _compile, _launch, _launch_bwd
+from cuflash import _compile, _launch, _launch_bwd, _launch_sm90
 from cuflash._spec import KernelSpec
 
 ARCHS = ("sm_80", "sm_90a")
@@ -33,6 +36,17 @@ KNOWN_SPILLS = {
     for arch, shape in (("sm_90a", "128, 64, 128, 8, false"), ("sm_90a", "256, 64, 64, 8, false"),
                         ("sm_80", "256, 64, 64, 8, true"), ("sm_90a", "256, 64, 64, 8, true"))
 }
+
+
+# The oldest NVRTC the cuda13 extra meets: 13.0, what the GPU machine's CuPy compiles with. A kernel
+# that the wheel's newer NVRTC compiles may crash 13.0 (a segmentation fault, kernel_notes_sm90.md
+# step 28), so every case, the Hopper kernels' included, is compiled with it too, where
+# CUFLASH_NVRTC_FLOOR names the lib/ directory of an unpacked nvidia-cuda-nvrtc 13.0 wheel
+# (.ci/run sets it up).
+FLOOR_ENV = "CUFLASH_NVRTC_FLOOR"
+FLOOR_VERSION = "13.0"
+FLOOR_CASES = CASES + [("sm_90a", spec) for spec in
+                       _launch_sm90.all_fwd_sm90_specs() + _launch_bwd.all_bwd_sm90_specs()]
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +149,58 @@ def test_small_shared_memory_tables_fit_99_kb():
     assert regular.dkdv.block_n == _launch_bwd.BWD_SM80_DKDV_TILES[128].block_n
     wide = _launch_bwd.bwd_kernels("bfloat16", 256, True, True, smem_limit=limit)
     assert wide.dkdv.smem_bytes > limit  # refused by _compile with a clear error at first use
+
+
+_floor_lib = None
+
+
+def _floor_compile(lib_dir: str, log_dir: str, arch: str, spec: KernelSpec) -> str | None:
+    """In a worker: `spec` compiled for `arch` by the NVRTC in `lib_dir`; None, or why not. Each
+    compile is bracketed in the worker's log, so that a case that crashes the compiler (and the
+    worker with it) can be named afterwards."""
+    global _floor_lib
+    from tests import sass
+
+    if _floor_lib is None:
+        _floor_lib = sass.load_nvrtc(lib_dir)
+    version = sass.nvrtc_version(_floor_lib)
+    if version != FLOOR_VERSION:
+        return f"{lib_dir} holds NVRTC {version}, not {FLOOR_VERSION}"
+    with open(os.path.join(log_dir, f"{os.getpid()}.log"), "a") as log:
+        log.write(f"start {arch} {spec.name}\n")
+        log.flush()
+        try:
+            sass.cubin(spec, arch, lib=_floor_lib)
+        except RuntimeError as err:
+            return str(err)
+        finally:
+            log.write("done\n")
+    return None
+
+
+@pytest.mark.skipif(not os.environ.get(FLOOR_ENV),
+                    reason=f"{FLOOR_ENV} not set: no NVRTC {FLOOR_VERSION} to compile with "
+                           "(.ci/run unpacks one)")
+def test_every_case_compiles_with_the_oldest_nvrtc():
+    lib_dir = os.environ[FLOOR_ENV]
+    context = multiprocessing.get_context("spawn")
+    failures = []
+    with tempfile.TemporaryDirectory() as log_dir:
+        try:
+            with ProcessPoolExecutor(os.cpu_count(), mp_context=context) as pool:
+                futures = [((arch, spec), pool.submit(_floor_compile, lib_dir, log_dir, arch, spec))
+                           for arch, spec in FLOOR_CASES]
+                for (arch, spec), future in futures:
+                    if (error := future.result()) is not None:
+                        failures.append(f"{arch} {spec.name}: {error}")
+        except BrokenProcessPool:
+            in_flight = []
+            for path in glob.glob(os.path.join(log_dir, "*.log")):
+                with open(path) as log:
+                    lines = log.read().splitlines()
+                if lines and lines[-1].startswith("start "):
+                    in_flight.append(lines[-1].removeprefix("start "))
+            failures.append("a compiler process died (NVRTC crashed) while compiling one of: " +
+                            "; ".join(sorted(in_flight)))
+    print(f"NVRTC {FLOOR_VERSION}: {len(FLOOR_CASES)} cases")
+    assert not failures, "\n".join(failures[:20])
