@@ -80,8 +80,9 @@ def nvrtc_version(lib: ctypes.CDLL | None = None) -> str:
     return f"{major.value}.{minor.value}"
 
 
-def cubin(spec, arch: str = "sm_90a", lib: ctypes.CDLL | None = None) -> bytes:
-    """`spec` compiled for `arch` by NVRTC's C API (`lib`, default: nvrtc_library())."""
+def _compiled(spec, arch: str, lib: ctypes.CDLL | None, options: tuple[str, ...] = ()):
+    """(cubin, log, lowered name) of `spec` compiled for `arch` by NVRTC's C API (`lib`, default:
+    nvrtc_library()), with check_options(arch) and `options`."""
     lib = lib or nvrtc_library()
     prog = ctypes.c_void_p()
     source = _compile.expanded_source(spec.source).encode()
@@ -89,20 +90,35 @@ def cubin(spec, arch: str = "sm_90a", lib: ctypes.CDLL | None = None) -> bytes:
         raise RuntimeError(f"nvrtcCreateProgram failed for {spec.name}")
     try:
         lib.nvrtcAddNameExpression(prog, spec.name.encode())
-        options = [o.encode() for o in _compile.check_options(arch)]
-        if lib.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options)):
-            size = ctypes.c_size_t()
-            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-            log = ctypes.create_string_buffer(size.value)
-            lib.nvrtcGetProgramLog(prog, log)
-            raise RuntimeError(f"NVRTC failed on {spec.name}:\n{log.value.decode()}")
+        encoded = [o.encode() for o in (*_compile.check_options(arch), *options)]
+        argv = (ctypes.c_char_p * len(encoded))(*encoded)
+        failed = lib.nvrtcCompileProgram(prog, len(encoded), argv)
         size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        if failed:
+            raise RuntimeError(f"NVRTC failed on {spec.name}:\n{log.value.decode()}")
+        lowered = ctypes.c_char_p()
+        lib.nvrtcGetLoweredName(prog, spec.name.encode(), ctypes.byref(lowered))
         lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
         image = ctypes.create_string_buffer(size.value)
         lib.nvrtcGetCUBIN(prog, image)
-        return image.raw
+        return image.raw, log.value.decode(), lowered.value.decode()
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def cubin(spec, arch: str = "sm_90a", lib: ctypes.CDLL | None = None) -> bytes:
+    """`spec` compiled for `arch` by NVRTC's C API (`lib`, default: nvrtc_library())."""
+    return _compiled(spec, arch, lib)[0]
+
+
+def ptxas_report(spec, arch: str = "sm_90a", lib: ctypes.CDLL | None = None):
+    """_compile.compile_report's CompileReport, from NVRTC's C API (`lib`, default:
+    nvrtc_library()) rather than CuPy's: for another NVRTC than the one CuPy loads."""
+    _, log, lowered = _compiled(spec, arch, lib, ("-Xptxas=-v",))
+    return _compile._parse_ptxas(spec, arch, lowered, log, 0.0)
 
 
 def sass(spec, arch: str = "sm_90a") -> str:

@@ -45,8 +45,16 @@ KNOWN_SPILLS = {
 # (.ci/run sets it up).
 FLOOR_ENV = "CUFLASH_NVRTC_FLOOR"
 FLOOR_VERSION = "13.0"
-FLOOR_CASES = CASES + [("sm_90a", spec) for spec in
-                       _launch_sm90.all_fwd_sm90_specs() + _launch_bwd.all_bwd_sm90_specs()]
+HOPPER_SPECS = _launch_sm90.all_fwd_sm90_specs() + _launch_bwd.all_bwd_sm90_specs()
+FLOOR_CASES = CASES + [("sm_90a", spec) for spec in HOPPER_SPECS]
+# The Hopper kernels run on the GPU machine as NVRTC 13.0 compiles them, and there some of the
+# dK/dV kernels spill 4-16 B that 13.5 keeps in registers (kernel_notes_bwd_sm90.md). Exact: a
+# fix, or a new spill, fails the test until this set is brought up to date.
+FLOOR_HOPPER_SPILLS = {
+    f"cuflash::bwd_dkdv_sm90<cuflash::{dtype}, {shape}, true>"
+    for dtype in ("f16", "bf16")
+    for shape in ("64, 128, 128, 12, false", "64, 128, 128, 12, true", "256, 64, 64, 12, false")
+}
 
 
 @pytest.fixture(scope="module")
@@ -154,10 +162,10 @@ def test_small_shared_memory_tables_fit_99_kb():
 _floor_lib = None
 
 
-def _floor_compile(lib_dir: str, log_dir: str, arch: str, spec: KernelSpec) -> str | None:
-    """In a worker: `spec` compiled for `arch` by the NVRTC in `lib_dir`; None, or why not. Each
-    compile is bracketed in the worker's log, so that a case that crashes the compiler (and the
-    worker with it) can be named afterwards."""
+def _floor_compile(lib_dir: str, log_dir: str, arch: str, spec: KernelSpec):
+    """In a worker: `spec` compiled for `arch` by the NVRTC in `lib_dir`: its CompileReport, or
+    why there is none. Each compile is bracketed in the worker's log, so that a case that crashes
+    the compiler (and the worker with it) can be named afterwards."""
     global _floor_lib
     from tests import sass
 
@@ -170,12 +178,11 @@ def _floor_compile(lib_dir: str, log_dir: str, arch: str, spec: KernelSpec) -> s
         log.write(f"start {arch} {spec.name}\n")
         log.flush()
         try:
-            sass.cubin(spec, arch, lib=_floor_lib)
+            return sass.ptxas_report(spec, arch, lib=_floor_lib)
         except RuntimeError as err:
             return str(err)
         finally:
             log.write("done\n")
-    return None
 
 
 @pytest.mark.skipif(not os.environ.get(FLOOR_ENV),
@@ -184,15 +191,22 @@ def _floor_compile(lib_dir: str, log_dir: str, arch: str, spec: KernelSpec) -> s
 def test_every_case_compiles_with_the_oldest_nvrtc():
     lib_dir = os.environ[FLOOR_ENV]
     context = multiprocessing.get_context("spawn")
-    failures = []
+    failures, hopper_spills = [], set()
     with tempfile.TemporaryDirectory() as log_dir:
         try:
             with ProcessPoolExecutor(os.cpu_count(), mp_context=context) as pool:
                 futures = [((arch, spec), pool.submit(_floor_compile, lib_dir, log_dir, arch, spec))
                            for arch, spec in FLOOR_CASES]
                 for (arch, spec), future in futures:
-                    if (error := future.result()) is not None:
-                        failures.append(f"{arch} {spec.name}: {error}")
+                    report = future.result()
+                    if isinstance(report, str):
+                        failures.append(f"{arch} {spec.name}: {report}")
+                    elif spec in HOPPER_SPECS:
+                        if not report.clean:
+                            hopper_spills.add(spec.name)
+                        if report.wgmma_serialized:
+                            failures.append(f"{spec.name}: wgmma serialised\n" +
+                                            "\n".join(report.notes))
         except BrokenProcessPool:
             in_flight = []
             for path in glob.glob(os.path.join(log_dir, "*.log")):
@@ -204,3 +218,7 @@ def test_every_case_compiles_with_the_oldest_nvrtc():
                             "; ".join(sorted(in_flight)))
     print(f"NVRTC {FLOOR_VERSION}: {len(FLOOR_CASES)} cases")
     assert not failures, "\n".join(failures[:20])
+    assert hopper_spills == FLOOR_HOPPER_SPILLS, (
+        f"Hopper kernels spilling under NVRTC {FLOOR_VERSION}: new "
+        f"{sorted(hopper_spills - FLOOR_HOPPER_SPILLS)}, no longer "
+        f"{sorted(FLOOR_HOPPER_SPILLS - hopper_spills)}")
