@@ -14,6 +14,9 @@ Timing: CUDA events around each call, after warm-up (compile, autotune, first to
 to ``--max-reps`` calls or about ``--min-time-ms``; input sets are rotated where they are small
 enough that the L2 cache would otherwise serve them. The implementations of a case take turns in
 rounds, in an order rotated each round, since a GPU at its power cap clocks by what ran before.
+Each cell's cuflash / best-peer ratio comes with a 95% bootstrap interval from the two
+implementations' timed calls; a cell whose interval holds 1 is reported as level, not as a win
+or a loss.
 Also measured: workspace memory vs S (peak minus inputs and outputs, until each implementation
 runs out of memory) and cuflash's cold-cache compile time per kernel (a subprocess with an empty
 ``CUPY_CACHE_DIR``).
@@ -930,7 +933,7 @@ def measure_case(device, impls: list[Impl], case: Case, sets: list[Inputs], conf
         rows[name] = {**case.record(), "impl": name, "status": "ok", "ms": median,
                       "ms_min": min(run.times), "tflops": case.flops / median / 1e9,
                       "reps": len(run.times), "rounds": sum(1 for n in plan[name] if n),
-                      "input_sets": len(sets)}
+                      "input_sets": len(sets), "times_ms": [float(t) for t in run.times]}
     progress.advance(len(impls))
     return [rows[impl.name] for impl in impls]
 
@@ -965,8 +968,34 @@ def run_sweep(device, impls: list[Impl], config: Config, progress: Progress) -> 
     return rows
 
 
+# The ratio's interval: a percentile bootstrap of the two medians over each side's timed calls
+# (resampled independently), 95%, with a fixed seed so that a JSON's figures can be recomputed.
+RATIO_CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 4000
+
+
+def ratio_interval(ours_ms: list[float], peer_ms: list[float],
+                   confidence: float = RATIO_CONFIDENCE) -> tuple[float, float]:
+    """(low, high) of cuflash's speed over a peer's (peer median ms / ours), from their calls'
+    times: how far the run's own timing noise leaves the ratio uncertain. Run-to-run changes (the
+    GPU's clock and power state) come on top and show only by repeating the run."""
+    rng = np.random.default_rng(20261127)
+    a, b = np.asarray(ours_ms, dtype=np.float64), np.asarray(peer_ms, dtype=np.float64)
+    ours = np.median(a[rng.integers(0, a.size, (BOOTSTRAP_RESAMPLES, a.size))], axis=1)
+    peer = np.median(b[rng.integers(0, b.size, (BOOTSTRAP_RESAMPLES, b.size))], axis=1)
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(peer / ours, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def verdict(low: float, high: float) -> str:
+    """"ahead", "behind", or "level" where the interval holds 1 (a tie within the timing noise)."""
+    return "ahead" if low > 1 else "behind" if high < 1 else "level"
+
+
 def compare(rows: list[dict]) -> list[dict]:
-    """Per case: cuflash's TFLOP/s, the best peer's, and their ratio."""
+    """Per case: cuflash's TFLOP/s, the best peer's (by median), their ratio and, where both rows
+    carry their calls' times, the ratio's interval (`ratio_interval`) and `verdict`."""
     cells: dict[tuple, dict] = {}
     for r in rows:
         key = (r["dtype"], r["pass"], r["head_dim"], r["causal"], r["seqlen"])
@@ -974,17 +1003,25 @@ def compare(rows: list[dict]) -> list[dict]:
             "dtype": r["dtype"], "pass": r["pass"], "head_dim": r["head_dim"],
             "causal": r["causal"], "seqlen": r["seqlen"], "cuflash_tflops": None,
             "cuflash_status": "missing", "best_peer": None, "best_peer_tflops": None,
-            "ratio": None,
+            "ratio": None, "ratio_low": None, "ratio_high": None, "verdict": None,
         })
+        times = cell.setdefault("_times", {})
         if r["impl"] == CUFLASH:
             cell["cuflash_status"] = r["status"]
             cell["cuflash_tflops"] = r.get("tflops")
+            times[CUFLASH] = r.get("times_ms")
         elif r["status"] == "ok" and (cell["best_peer_tflops"] is None
                                       or r["tflops"] > cell["best_peer_tflops"]):
             cell["best_peer"], cell["best_peer_tflops"] = r["impl"], r["tflops"]
+            times["peer"] = r.get("times_ms")
     for cell in cells.values():
+        times = cell.pop("_times")
         if cell["cuflash_tflops"] and cell["best_peer_tflops"]:
             cell["ratio"] = cell["cuflash_tflops"] / cell["best_peer_tflops"]
+            if times.get(CUFLASH) and times.get("peer"):
+                cell["ratio_low"], cell["ratio_high"] = ratio_interval(times[CUFLASH],
+                                                                       times["peer"])
+                cell["verdict"] = verdict(cell["ratio_low"], cell["ratio_high"])
     return list(cells.values())
 
 
@@ -1383,8 +1420,36 @@ def _ratio_summary(cells: list[dict], dtype: str) -> str:
     if not ratios:
         return "no ratios"
     geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-    return (f"ratio geomean {geomean:.2f}x, {min(ratios):.2f}-{max(ratios):.2f}x "
+    text = (f"ratio geomean {geomean:.2f}x, {min(ratios):.2f}-{max(ratios):.2f}x "
             f"over {len(ratios)} cells")
+    verdicts = [c["verdict"] for c in cells if c["dtype"] == dtype and c.get("verdict")]
+    if verdicts:
+        text += ", " + " / ".join(f"{name} {verdicts.count(name)}"
+                                  for name in ("ahead", "level", "behind"))
+    return text
+
+
+def _verdict_line(cells: list[dict], dtype: str) -> str | None:
+    """Cells ahead of, level with and behind the best peer, by the ratio's interval (None where
+    no cell has one)."""
+    judged = [c for c in cells if c["dtype"] == dtype and c.get("verdict")]
+    if not judged:
+        return None
+
+    def label(c: dict) -> str:
+        mask = "causal" if c["causal"] else "full"
+        return (f"{c['pass']} D={c['head_dim']} {mask} S={fmt_seqlen(c['seqlen'])} "
+                f"{c['ratio']:.3f} ({c['ratio_low']:.3f}-{c['ratio_high']:.3f})")
+
+    parts = []
+    for name in ("ahead", "level", "behind"):
+        mine = [c for c in judged if c["verdict"] == name]
+        text = f"{name} {len(mine)}"
+        if mine and name != "ahead":
+            text += ": " + ", ".join(label(c) for c in mine)
+        parts.append(text)
+    return (f"Against the best peer, by the {RATIO_CONFIDENCE:.0%} interval of the ratio from "
+            "this run's calls (level: it holds 1): " + "; ".join(parts) + ".")
 
 
 def markdown(cells: list[dict], config: Config, device, env: dict, command: str,
@@ -1405,6 +1470,9 @@ def markdown(cells: list[dict], config: Config, device, env: dict, command: str,
             *table_lines(cells, config, device, dtype, markdown=True), "",
             f"Best peer per cell: {_best_peer_counts(cells, dtype) or 'none ran'}.", "",
         ]
+        verdicts = _verdict_line(cells, dtype)
+        if verdicts:
+            lines += [verdicts, ""]
     return "\n".join(lines)
 
 

@@ -135,6 +135,9 @@ def test_quick_run_on_the_cpu_path(tmp_path, capsys):
     for cell in result["comparisons"]:
         assert cell["best_peer"] == "numpy-standard"
         assert cell["ratio"] == pytest.approx(cell["cuflash_tflops"] / cell["best_peer_tflops"])
+        assert cell["verdict"] in ("ahead", "level", "behind")
+        assert 0 < cell["ratio_low"] <= cell["ratio_high"]
+    assert all(len(r["times_ms"]) == r["reps"] for r in timings if r["status"] == "ok")
 
     memory = result["memory"]["results"]
     for impl in ("cuflash", "numpy-standard"):
@@ -284,3 +287,45 @@ def test_split_reps_and_rotation():
     assert bench.split_reps(0, 3) == [0, 0, 0]
     assert sum(bench.split_reps(101, 7)) == 101
     assert bench.rotated(["a", "b", "c"], 4) == ["b", "c", "a"]
+
+
+def _cells(ours_ms, peer_ms):
+    case = bench.Case("bfloat16", "fwd", 64, True, 1024, 16, 32)
+    rows = [{**case.record(), "impl": name, "status": "ok", "ms": float(np.median(ms)),
+             "tflops": case.flops / float(np.median(ms)) / 1e9, "times_ms": list(ms)}
+            for name, ms in (("cuflash", ours_ms), ("sdpa-cudnn", peer_ms))]
+    return bench.compare(rows)
+
+
+def test_ratio_interval_separates_a_win_from_a_tie():
+    rng = np.random.default_rng(0)
+    noise = lambda: rng.normal(0, 0.002, 20)  # noqa: E731  (0.2% per call)
+    ahead = _cells(0.150 + noise(), 0.153 + noise())[0]  # 2% faster
+    assert ahead["verdict"] == "ahead" and 1 < ahead["ratio_low"] < ahead["ratio"] \
+        < ahead["ratio_high"] < 1.04
+    behind = _cells(0.153 + noise(), 0.150 + noise())[0]
+    assert behind["verdict"] == "behind" and behind["ratio_high"] < 1
+    level = _cells(0.150 + noise(), 0.150 + noise())[0]
+    assert level["verdict"] == "level" and level["ratio_low"] < 1 < level["ratio_high"]
+    # Seeded: the same times give the same interval.
+    assert bench.ratio_interval([1.0, 1.1, 0.9], [1.0, 1.2, 1.1]) == \
+        bench.ratio_interval([1.0, 1.1, 0.9], [1.0, 1.2, 1.1])
+
+
+def test_cells_without_call_times_get_no_interval():
+    """A JSON from before the calls' times were kept (rows without times_ms) still compares."""
+    case = bench.Case("bfloat16", "fwd", 64, True, 1024, 16, 32)
+    rows = [{**case.record(), "impl": name, "status": "ok", "tflops": t}
+            for name, t in (("cuflash", 350.0), ("sdpa-cudnn", 340.0))]
+    cell = bench.compare(rows)[0]
+    assert cell["ratio"] == pytest.approx(350 / 340)
+    assert cell["verdict"] is None and cell["ratio_low"] is None
+
+
+def test_markdown_names_the_level_and_behind_cells():
+    rng = np.random.default_rng(1)
+    cells = (_cells(0.150 + rng.normal(0, 0.002, 20), 0.150 + rng.normal(0, 0.002, 20)))
+    line = bench._verdict_line(cells, "bfloat16")
+    assert line.startswith("Against the best peer, by the 95% interval")
+    assert "ahead 0; level 1: fwd D=64 causal S=1k " in line and line.endswith("behind 0.")
+    assert bench._verdict_line(cells, "float16") is None
