@@ -997,30 +997,31 @@ def compare(rows: list[dict]) -> list[dict]:
     """Per case: cuflash's TFLOP/s, the best peer's (by median), their ratio and, where both rows
     carry their calls' times, the ratio's interval (`ratio_interval`) and `verdict`."""
     cells: dict[tuple, dict] = {}
+    ours: dict[tuple, dict] = {}  # per case: cuflash's row
+    best: dict[tuple, dict] = {}  # per case: the fastest peer's row
     for r in rows:
         key = (r["dtype"], r["pass"], r["head_dim"], r["causal"], r["seqlen"])
-        cell = cells.setdefault(key, {
+        cells.setdefault(key, {
             "dtype": r["dtype"], "pass": r["pass"], "head_dim": r["head_dim"],
             "causal": r["causal"], "seqlen": r["seqlen"], "cuflash_tflops": None,
             "cuflash_status": "missing", "best_peer": None, "best_peer_tflops": None,
             "ratio": None, "ratio_low": None, "ratio_high": None, "verdict": None,
         })
-        times = cell.setdefault("_times", {})
         if r["impl"] == CUFLASH:
-            cell["cuflash_status"] = r["status"]
-            cell["cuflash_tflops"] = r.get("tflops")
-            times[CUFLASH] = r.get("times_ms")
-        elif r["status"] == "ok" and (cell["best_peer_tflops"] is None
-                                      or r["tflops"] > cell["best_peer_tflops"]):
-            cell["best_peer"], cell["best_peer_tflops"] = r["impl"], r["tflops"]
-            times["peer"] = r.get("times_ms")
-    for cell in cells.values():
-        times = cell.pop("_times")
+            ours[key] = r
+        elif r["status"] == "ok" and (key not in best or r["tflops"] > best[key]["tflops"]):
+            best[key] = r
+    for key, cell in cells.items():
+        mine, peer = ours.get(key), best.get(key)
+        if mine is not None:
+            cell["cuflash_status"], cell["cuflash_tflops"] = mine["status"], mine.get("tflops")
+        if peer is not None:
+            cell["best_peer"], cell["best_peer_tflops"] = peer["impl"], peer["tflops"]
         if cell["cuflash_tflops"] and cell["best_peer_tflops"]:
             cell["ratio"] = cell["cuflash_tflops"] / cell["best_peer_tflops"]
-            if times.get(CUFLASH) and times.get("peer"):
-                cell["ratio_low"], cell["ratio_high"] = ratio_interval(times[CUFLASH],
-                                                                       times["peer"])
+            if mine.get("times_ms") and peer.get("times_ms"):
+                cell["ratio_low"], cell["ratio_high"] = ratio_interval(mine["times_ms"],
+                                                                       peer["times_ms"])
                 cell["verdict"] = verdict(cell["ratio_low"], cell["ratio_high"])
     return list(cells.values())
 

@@ -48,7 +48,8 @@ FLOOR_VERSION = "13.0"
 HOPPER_SPECS = _launch_sm90.all_fwd_sm90_specs() + _launch_bwd.all_bwd_sm90_specs()
 FLOOR_CASES = CASES + [("sm_90a", spec) for spec in HOPPER_SPECS]
 # The Hopper kernels run on the GPU machine as NVRTC 13.0 compiles them, and there some of the
-# dK/dV kernels spill 4-16 B that 13.5 keeps in registers (kernel_notes_bwd_sm90.md). Exact: a
+# dK/dV kernels spill 4-16 B that 13.5 keeps in registers, all in the producer warpgroup's
+# lse/delta warp (kernel_notes_bwd_sm90.md: removing them reordered the consumers). Exact: a
 # fix, or a new spill, fails the test until this set is brought up to date.
 FLOOR_HOPPER_SPILLS = {
     f"cuflash::bwd_dkdv_sm90<cuflash::{dtype}, {shape}, true>"
