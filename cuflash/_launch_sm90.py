@@ -62,6 +62,14 @@ def tma_store(width: int, tile: Tile, itemsize: int = 2) -> bool:
                            itemsize) <= SMEM_LIMIT
 
 
+def stores_o(width: int, tile: Tile, itemsize: int = 2) -> bool:
+    """Whether the epilogue writes O through TMA stores (and so takes the output's tensor map):
+    from the O buffer (tma_store), or, where that does not fit, from the last key tile's K and V
+    slots, with two consumers whose 64 rows fit in a slot; mirrors FwdSm90Traits::kStoreO."""
+    consumers = tile.warps // 4 - 1
+    return tma_store(width, tile, itemsize) or (consumers == 2 and tile.block_n >= 64)
+
+
 def smem_bytes(width: int, tile: Tile, itemsize: int = 2) -> int:
     """Dynamic shared memory of one block; mirrors FwdSm90Traits::kSmemBytes (the kernel traps on
     less)."""
@@ -396,7 +404,7 @@ def plan_sm90(q, k, v, out, *, causal: bool, scale: float, device_id: int, cc: i
             tensor_map("v", v, spec.block_n))
     # The output's map (64-row boxes) only where the kernel stores through it: encoding one is
     # per-call work whenever the output buffer moves.
-    if tma_store(spec.head_dim, Tile(spec.block_m, spec.block_n, spec.warps), q.dtype.itemsize):
+    if stores_o(spec.head_dim, Tile(spec.block_m, spec.block_n, spec.warps), q.dtype.itemsize):
         maps, args = (*maps, tensor_map("o", out, 64)), (order,)
     else:
         args = (_UNUSED_MAP, order)

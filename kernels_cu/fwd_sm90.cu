@@ -109,6 +109,23 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   // 0.97-1.01x; the non-causal tile ran 0.92-0.96x either way, and at D = 128 the result held in
   // registers spills.
   static constexpr bool kDeferCausalEpilogue = kTmaStore && kSoftmaxTurns && kHeadDim <= 64;
+  // Where no O buffer fits (D = 256), each consumer stages its 64 rows for the TMA stores in a
+  // slot of the tile's last key tile instead: consumer 1 in K's, free of reads once both
+  // consumers' last S is done, consumer 0 in V's, once both last P V are. Each withholds its
+  // release of that slot until its stores have read it, and waits for that only once its next
+  // tile's first S is issued. Named barrier kSlotBarrier + 2 * (tile parity) + c: the other
+  // consumer is done with the slot consumer c stages in. Against 8-byte global stores from
+  // registers: causal 1k 1.01-1.04x, the rest within the noise (kernel notes step 31); with
+  // the wait for the stores' reads right after issuing them, nothing (step 28).
+  static constexpr bool kOInKV =
+      !kTmaStore && kConsumerWarpgroups == 2 && kBlockN >= kRowsPerConsumer;
+  static constexpr bool kStoreO = kTmaStore || kOInKV;  // O leaves through TMA stores (tma_o)
+  static constexpr int kSlotBarrier = 5;  // + 2 * parity + consumer: 5-8
+  // One Q buffer (D = 256): the next tile's Q is fetched into L2 as soon as the producer has
+  // issued this tile's last K/V loads, and loaded from there once the buffer is free (with the
+  // above, about +1% at causal 1k). Fetching the first K/V tiles of a tile the same way ran
+  // 0.95-0.99x (2 tiles) and 0.86-0.96x (5 tiles): step 31.
+  static constexpr bool kQPrefetch = kQStages == 1;
 
   static constexpr int kQOffset = 0;
   static constexpr int kKOffset = kQStages * kQBytes;
@@ -218,7 +235,7 @@ template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool k
 __global__ void __launch_bounds__(kWarps * kWarpSize, 1)
 fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma_q,
          const __grid_constant__ TmaMap tma_k, const __grid_constant__ TmaMap tma_v,
-         const __grid_constant__ TmaMap tma_o /* 64-row boxes; with Tr::kTmaStore */,
+         const __grid_constant__ TmaMap tma_o /* 64-row boxes; with Tr::kStoreO */,
          const int* __restrict__ order /* causal with Tr::kScheduleTable, else null */) {
   typedef FwdSm90Traits<kHeadDim, kBlockM, kBlockN, kWarps> Tr;
   constexpr int kStages = Tr::kStages, kQStages = Tr::kQStages;
@@ -300,6 +317,12 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
         const int kv_head = head / p.group;
         // -- Q, once its buffer's previous tile has done its last S (first use: at once) --
         const int q_stage = q_iter % kQStages;
+        if constexpr (Tr::kQPrefetch) {
+#pragma unroll
+          for (int c = 0; c < Tr::kChunks; ++c) {
+            tma_prefetch_l2_4d(tma_q, c * Tr::kChunkCols, row0, head, batch);
+          }
+        }
         load_tile(tma_q, q_smem(q_stage), q_full(q_stage), q_empty(q_stage),
                   ((q_iter / kQStages) & 1) ^ 1, Tr::kQChunkBytes, row0, head, batch, q_policy);
         ++q_iter;
@@ -438,13 +461,16 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
     // chunk, issued by the warpgroup's first thread, and the lse. With kDeferEpilogue the second
     // part runs under the next tile's first S (or at the end), whether or not a tile is pending,
     // so that no branch surrounds it. One row (g + 8 * half of each warp) into the buffer:
+    // A staged 64-row chunk of O sits every kOChunkBytes: packed in the O buffer, or the first
+    // 64 rows of each chunk of a K or V slot (Tr::kOInKV).
+    constexpr int kOChunkBytes = Tr::kTmaStore ? 64 * 128 : Tr::kKVChunkBytes;
     auto stage_o_row = [&](uint32 o_rows, int half, const uint2 (&out)[kDTiles / 2]) {
       const int row = warp * 16 + g + half * 8;
 #pragma unroll
       for (int j = 0; j < kDTiles / 2; ++j) {
         const int col = row_sector_col(j, t);
         const int unit = (col % Tr::kChunkCols) / 8;
-        st_shared_v2_b32(o_rows + (col / Tr::kChunkCols) * 64 * 128 + row * 128 +
+        st_shared_v2_b32(o_rows + (col / Tr::kChunkCols) * kOChunkBytes + row * 128 +
                              ((unit ^ (row % 8)) << 4) + (col % 8) * 2,
                          out[j].x, out[j].y);
       }
@@ -452,7 +478,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
     auto tma_store_o = [&](uint32 o_rows, int row0, int head, int batch) {
 #pragma unroll
       for (int c = 0; c < Tr::kChunks; ++c) {
-        tma_store_4d(tma_o, o_rows + c * 64 * 128, c * Tr::kChunkCols,
+        tma_store_4d(tma_o, o_rows + c * kOChunkBytes, c * Tr::kChunkCols,
                      row0 + consumer * Tr::kRowsPerConsumer, head, batch);
       }
       bulk_commit_group();
@@ -512,6 +538,26 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
     // here; consumer 0 takes the last hand-over after its final tile.
     if (Tr::kSoftmaxTurns && consumer == 1) named_bar_arrive(Tr::kTurnBarrier, 256);
     int q_iter = 0, kv_iter = 0;  // Q tiles and K/V tiles consumed so far (as the producer counts)
+    // Tr::kOInKV: the empty barrier of the slot this warpgroup's last O was staged in (0: none
+    // pending). Its leader waits for the TMA stores' reads and releases it for the four warps
+    // only after the next tile's first S is issued, so the stores drain under that S.
+    // A wait on a load into that slot (the skipped tiles, the first S) releases it first.
+    uint32 staged_slot = 0;
+    int staged_stage = -1;
+    auto release_staged = [&]() {
+      if (!Tr::kOInKV) return;
+      if (staged_slot != 0 && threadIdx.x % Tr::kWarpgroupThreads == 0) {
+        bulk_wait_group_read<0>();
+#pragma unroll
+        for (int w = 0; w < 4; ++w) mbar_arrive(staged_slot);
+      }
+      staged_slot = 0;
+      staged_stage = -1;
+    };
+    auto release_staged_if = [&](int stage) {
+      if (Tr::kOInKV && staged_stage == stage) release_staged();
+    };
+    auto slot_barrier = [&](int parity, int c) { return Tr::kSlotBarrier + 2 * parity + c; };
     schedule.for_each_tile([&](int m_block, int head, int batch) {
       const int row0 = m_block * kBlockM;
       const int n_loaded = key_tiles(row0, kBlockM);  // by the producer, last key tile first
@@ -525,12 +571,14 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
                                ? key_tiles(wg_row0, Tr::kRowsPerConsumer)
                                : n_loaded;
       const int q_stage = q_iter % kQStages;
+      const int slot_parity = q_iter & 1;  // both consumers count the tiles with keys loaded
       // The tiles loaded first that this warpgroup does not need: released unread, once loaded
       // (an empty barrier's arrivals count towards the slot's current use).
 #pragma unroll 1
       for (int i = n_blocks; i < n_loaded; ++i, ++kv_iter) {
         const int stage = kv_iter % kStages;
         const uint32 parity = (kv_iter / kStages) & 1;
+        release_staged_if(stage);
         mbar_wait(k_full(stage), parity);
         mbar_wait(v_full(stage), parity);
         if (lane == 0) {
@@ -562,6 +610,18 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
         float s[1][kNTiles][4];
         uint32 pa[Tr::kPVSteps][4];
         float alpha[2];
+        // After S of the K slot `stage`: K slots are released as soon as S is done, and Q (from
+        // shared memory) after the tile's last S; with Tr::kOInKV consumer 1 keeps the last K slot
+        // for its O and consumer 0 tells it that its own reads of the slot are done.
+        auto release_k = [&](int stage, bool last_s) {
+          if (lane == 0) {
+            if (!(Tr::kOInKV && last_s && q_consumer == 1)) mbar_arrive(k_empty(stage));
+            if (!Tr::kQInRegs && last_s) mbar_arrive(q_empty(q_stage));
+          }
+          if (Tr::kOInKV && last_s && q_consumer == 0) {
+            named_bar_arrive(slot_barrier(slot_parity, 1), 2 * Tr::kWarpgroupThreads);
+          }
+        };
         // -- key tile 0: S, softmax (O is still zero: nothing to rescale) --
         const int first = kv_iter % kStages;
         mbar_wait(q_full(q_stage), (q_iter / kQStages) & 1);
@@ -570,17 +630,15 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
           __syncwarp();  // every lane's reads are done before lane 0 releases the buffer
           if (lane == 0) mbar_arrive(q_empty(q_stage));
         }
+        if (Tr::kOInKV && q_consumer == 1) release_staged_if(first);  // its O is in that K slot
         mbar_wait(k_full(first), (kv_iter / kStages) & 1);
         wgmma_fence();
         issue_qk(s, q_rows, first);
         if constexpr (kDeferEpilogue) store_finished();  // the previous tile's, under this S
+        release_staged();  // Tr::kOInKV: the previous tile's slot, its stores' reads under this S
         wgmma_wait<0>();
         fence_operand(s[0]);
-        if (lane == 0) {
-          mbar_arrive(k_empty(first));  // K slots are released as soon as S is done
-          // and Q (from shared memory) after the tile's last S
-          if (!Tr::kQInRegs && n_blocks == 1) mbar_arrive(q_empty(q_stage));
-        }
+        release_k(first, n_blocks == 1);
         mask(s, row0, n_blocks - 1);
         // Tr::kHalfDiagonal: no row of this warpgroup sees the second half of its first key
         // tile; P's second half is zero. (This tile's turn ends after all its exponentials, as
@@ -609,10 +667,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
           // -- softmax of tile i while P V runs (groups complete in order: S(i) first) --
           wgmma_wait<1>();
           fence_operand(s[0]);
-          if (lane == 0) {
-            mbar_arrive(k_empty(stage));
-            if (!Tr::kQInRegs && i == n_blocks - 1) mbar_arrive(q_empty(q_stage));
-          }
+          release_k(stage, i == n_blocks - 1);
           mask(s, row0, n_blocks - 1 - i);
           softmax_update(s, alpha);
           wgmma_wait<0>();
@@ -633,7 +688,12 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
         wgmma_wait<0>();
         fence_operand(acc_o[0]);
         fence_operand(pa);
-        if (lane == 0) mbar_arrive(v_empty(last));  // the slot goes to the next tile's loads
+        // The slot goes to the next tile's loads; with Tr::kOInKV consumer 0 keeps it for its O
+        // and consumer 1 tells it that its own reads of the slot are done.
+        if (lane == 0 && !(Tr::kOInKV && q_consumer == 0)) mbar_arrive(v_empty(last));
+        if (Tr::kOInKV && q_consumer == 1) {
+          named_bar_arrive(slot_barrier(slot_parity, 0), 2 * Tr::kWarpgroupThreads);
+        }
         kv_iter += n_blocks;
         ++q_iter;
       }
@@ -646,6 +706,42 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
         finish_tile(row0, head, batch);
         if (!kDeferEpilogue) store_finished();
         return;
+      }
+      if (Tr::kOInKV && n_loaded > 0) {  // O staged in the last key tile's K or V slot
+        const int c = __shfl_sync(0xffffffff, consumer, 0);
+        const int last = (kv_iter - 1) % kStages;  // the last key tile, as both consumers count
+        if (n_blocks == 0) {  // a consumer without keys only keeps the barriers' phases
+          named_bar_sync(slot_barrier(slot_parity, c), 2 * Tr::kWarpgroupThreads);
+          named_bar_arrive(slot_barrier(slot_parity, c ^ 1), 2 * Tr::kWarpgroupThreads);
+        } else {
+          float lse[2];
+          softmax.finalize(acc_o, static_cast<float>(p.scale), lse);
+          release_staged();  // (released under this tile's first S)
+          const uint32 slot_empty = c == 1 ? k_empty(last) : v_empty(last);
+          const uint32 o_rows = c == 1 ? k_smem(last) : v_smem(last);
+          named_bar_sync(slot_barrier(slot_parity, c), 2 * Tr::kWarpgroupThreads);
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            uint2 out[kDTiles / 2];
+            row_sectors<T, kDTiles>(out, t,
+                                    [&](int dt, int e) { return acc_o[0][dt][2 * half + e]; });
+            stage_o_row(o_rows, half, out);
+          }
+          fence_proxy_async_smem();
+          named_bar_sync(Tr::kEpilogueBarrier + consumer, Tr::kWarpgroupThreads);
+          if (threadIdx.x % Tr::kWarpgroupThreads == 0) tma_store_o(o_rows, row0, head, batch);
+          staged_slot = slot_empty;  // released once the stores have read it (release_staged)
+          staged_stage = last;
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int row = row0 + rows_before + g + half * 8;
+            if (row < p.seqlen_q && p.lse != nullptr && t == 0) {
+              float* lse_out = static_cast<float*>(p.lse);
+              lse_out[batch * p.lse_batch_stride + head * p.lse_head_stride + row] = lse[half];
+            }
+          }
+          return;
+        }
       }
       float lse[2];
       softmax.finalize(acc_o, static_cast<float>(p.scale), lse);
@@ -665,9 +761,10 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
     // Consumer 1's last hand-over (its opening one when this block had no key tiles) has no
     // turn after it: consumer 0 takes it so every arrive on a named barrier is matched by exit.
     if constexpr (kDeferEpilogue) store_finished();  // the last tile's result
+    release_staged();
     if (Tr::kSoftmaxTurns && consumer == 0) wait_softmax_turn();
     // The O stores have read shared memory (and are done) before the block exits.
-    if (Tr::kTmaStore && threadIdx.x % Tr::kWarpgroupThreads == 0) bulk_wait_group<0>();
+    if (Tr::kStoreO && threadIdx.x % Tr::kWarpgroupThreads == 0) bulk_wait_group<0>();
   }
 }
 

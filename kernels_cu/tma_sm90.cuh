@@ -86,6 +86,13 @@ __device__ __forceinline__ void tma_load_4d(uint32 dst, const TmaMap& map, uint3
          "r"(c3), "l"(policy)
       : "memory");
 }
+// Fetches a box of a 4D tensor into L2 (no shared memory, no barrier).
+__device__ __forceinline__ void tma_prefetch_l2_4d(const TmaMap& map, int c0, int c1, int c2,
+                                                   int c3) {
+  asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];\n"
+               :: "l"(reinterpret_cast<uint64>(&map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+               : "memory");
+}
 enum class L2Evict { kFirst, kLast };
 // An L2 cache policy for all of a load's lines: evicted first (read once) or last (read again).
 template <L2Evict kEvict> __device__ __forceinline__ uint64 l2_policy() {

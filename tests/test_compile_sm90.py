@@ -72,6 +72,21 @@ def test_o_goes_out_through_shared_memory_where_it_fits():
         assert _launch_sm90.smem_bytes(width, tile) <= _launch_sm90.SMEM_LIMIT
 
 
+def test_every_forward_tile_stores_o_through_tma():
+    """Every tile writes O with TMA stores and so takes the output's tensor map: D 64 and 128
+    from the O buffer, D 256 from the last key tile's K and V slots (two consumers, 80-key
+    slots that hold a consumer's 64 rows)."""
+    tiles = [*_launch_sm90.FWD_SM90_TILES.items(), *_launch_sm90.FWD_SM90_SHORT_TILES.items()]
+    assert all(_launch_sm90.stores_o(width, tile) for width, tile in tiles)
+    d256 = _launch_sm90.FWD_SM90_TILES[256]
+    assert not _launch_sm90.tma_store(256, d256) and d256.block_n >= 64
+    # three consumers (D=64's long tile) stage in the O buffer only
+    three = _launch_sm90.Tile(192, 128, 16)
+    assert _launch_sm90.stores_o(64, three) == _launch_sm90.tma_store(64, three)
+    # a 48-key slot (with Q double-buffered, no O buffer) cannot hold a consumer's 64 rows
+    assert not _launch_sm90.stores_o(256, _launch_sm90.Tile(128, 48, 12))
+
+
 def test_short_problems_take_their_own_tile():
     """D=64: two consumers (128-row tiles) up to 1k queries and, up to 4k, where 192-row tiles
     would pad the queries with more rows; three (192-row tiles) otherwise, causal or not. One

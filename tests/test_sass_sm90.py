@@ -12,7 +12,8 @@
   then update the bounds. (The first key tile's turn is left to ptxas: with the TMA-store
   epilogue it hoists most of that tile's row maxes above the wait.)
 - Where there are no turns (three consumers at D = 64, D = 256) the consumers use no turn
-  barrier at all.
+  barrier at all; at D = 256 they wait on each other only in the epilogue (the slots that O is
+  staged in), after the tile's last product.
 - Only the turns' barriers (256 threads: two consumer warpgroups) count here; the epilogue's
   (128 threads, one warpgroup, kTmaStore) are left out.
 """
@@ -24,6 +25,7 @@ import re
 import pytest
 
 from cuflash import _launch_bwd, _launch_sm90
+from cuflash._launch import Tile
 from tests import sass
 
 pytestmark = pytest.mark.skipif(sass.missing_tools() is not None,
@@ -76,7 +78,18 @@ def test_softmax_turn_hands_over_after_the_row_maxes_and_a_few_exponentials(spec
 
 
 @pytest.mark.parametrize("spec", FREE_SPECS, ids=[s.name for s in FREE_SPECS])
-def test_free_consumers_use_no_named_barrier(spec):
+def test_free_consumers_take_no_softmax_turns(spec):
     kinds = _kinds(spec)
-    assert "BAR.ARV" not in kinds
-    assert kinds.count("BAR.SYNC") == 1  # the block's __syncthreads after the mbarrier setup
+    tile = Tile(spec.block_m, spec.block_n, spec.warps)
+    if _launch_sm90.tma_store(spec.head_dim, tile):  # three consumers: no shared barrier at all
+        assert "BAR.ARV" not in kinds
+        assert kinds.count("BAR.SYNC") == 1  # the block's __syncthreads after the mbarrier setup
+        return
+    # D = 256 stages O in the last key tile's K/V slots: the two consumers arrive on the slot
+    # barriers after their last S and P V (predicated arrivals) and wait on them only in the
+    # epilogue, after the tile's last product; no window from a wait to an arrival holds the
+    # row maxes of a turn.
+    assert not [w for w in _windows(kinds) if w.count("FMNMX") >= ROW_MAX_FMNMX]
+    last_product = max(i for i, kind in enumerate(kinds) if kind == "HGMMA")
+    waits = [i for i, kind in enumerate(kinds) if kind == "BAR.SYNC"][1:]  # after __syncthreads
+    assert waits and all(i > last_product for i in waits), sass.condensed("\n".join(kinds))
