@@ -110,17 +110,25 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   // registers spills.
   static constexpr bool kDeferCausalEpilogue = kTmaStore && kSoftmaxTurns && kHeadDim <= 64;
   // Where no O buffer fits (D = 256), each consumer stages its 64 rows for the TMA stores in a
-  // slot of the tile's last key tile instead: consumer 1 in K's, free of reads once both
-  // consumers' last S is done, consumer 0 in V's, once both last P V are. Each withholds its
+  // slot of the tile's last key tile instead: consumer kKStager in K's, free of reads once both
+  // consumers' last S is done, the other in V's, once both last P V are. Each withholds its
   // release of that slot until its stores have read it, and waits for that only once its next
-  // tile's first S is issued. Named barrier kSlotBarrier + 2 * (tile parity) + c: the other
-  // consumer is done with the slot consumer c stages in. Against 8-byte global stores from
-  // registers: causal 1k 1.01-1.04x, the rest within the noise (kernel notes step 31); with
-  // the wait for the stores' reads right after issuing them, nothing (step 28).
+  // tile's first S is issued (or before it waits on a load into that slot). Named barrier
+  // kSlotBarrier + 2 * (tile parity) + c: the other consumer is done with the slot consumer c
+  // stages in. A tile is staged only where the block's next tile has kStageMinNext key tiles or
+  // more; the others (and the last) store from registers, as before. Rotated A/B against
+  // stores from registers only (kernel notes step 31): causal 768-2k 1.01-1.05x, 512 0.99x,
+  // full 0.98-1.01x. Staging every tile ran 0.94-0.95x at causal 512 (a short next tile needs
+  // the slot back before the stores have drained); consumer 1 in the K slot ran about 1% lower
+  // at causal 512-2k (consumer 0, which skips the diagonal's last key tile at Sq == Sk, then
+  // waits for the other's stores before its first S instead of for its own); with the wait for
+  // the stores' reads right after issuing them, nothing was gained (step 28).
   static constexpr bool kOInKV =
       !kTmaStore && kConsumerWarpgroups == 2 && kBlockN >= kRowsPerConsumer;
   static constexpr bool kStoreO = kTmaStore || kOInKV;  // O leaves through TMA stores (tma_o)
   static constexpr int kSlotBarrier = 5;  // + 2 * parity + consumer: 5-8
+  static constexpr int kKStager = 0;
+  static constexpr int kStageMinNext = 4;  // 8: 0.96-0.97x at causal 512
   // One Q buffer (D = 256): the next tile's Q is fetched into L2 as soon as the producer has
   // issued this tile's last K/V loads, and loaded from there once the buffer is free (with the
   // above, about +1% at causal 1k). Fetching the first K/V tiles of a tile the same way ran
@@ -187,14 +195,27 @@ template <int kBlockM, bool kCausal, bool kTable> struct FwdSm90Schedule {
     return sub == 0 || 2 * j + 1 != m_blocks;
   }
 
-  // visit(m_block, head, batch) for each query tile of this block, in order: the one walk that
+  // The m_block of the tile after (unit, sub) in this block's walk; -1 after its last.
+  __device__ int next_m_block(int unit, int sub) const {
+    int m_block, head, batch;
+    if (sub + 1 < kTilesPerUnit && tile(unit, sub + 1, m_block, head, batch)) return m_block;
+    if (unit + gridDim.x < units && tile(unit + gridDim.x, 0, m_block, head, batch)) {
+      return m_block;
+    }
+    return -1;
+  }
+
+  // visit(m_block, head, batch, next_m_block) for each query tile of this block, in order (the
+  // next tile's m_block, -1 after the last): the one walk that
   // the producer and the consumers both follow (their stage and parity counters depend on it).
   template <typename Visit> __device__ void for_each_tile(Visit visit) const {
     for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
 #pragma unroll 1
       for (int sub = 0; sub < kTilesPerUnit; ++sub) {
         int m_block, head, batch;
-        if (tile(unit, sub, m_block, head, batch)) visit(m_block, head, batch);
+        if (tile(unit, sub, m_block, head, batch)) {
+          visit(m_block, head, batch, next_m_block(unit, sub));
+        }
       }
     }
   }
@@ -224,7 +245,7 @@ template <int kBlockM> struct FwdSm90Schedule<kBlockM, true, true> {
         const int tile = __ldg(order + unit + sub);
         if (tile < 0) continue;
         const int bh = tile / m_blocks;
-        visit(tile - bh * m_blocks, bh % heads_q, bh / heads_q);
+        visit(tile - bh * m_blocks, bh % heads_q, bh / heads_q, -1);
       }
     }
   }
@@ -310,7 +331,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       // step 24).
       const uint64 q_policy = l2_policy<L2Evict::kFirst>();
       const uint64 kv_policy = l2_policy<L2Evict::kLast>();
-      schedule.for_each_tile([&](int m_block, int head, int batch) {
+      schedule.for_each_tile([&](int m_block, int head, int batch, int) {
         const int row0 = m_block * kBlockM;
         const int n_blocks = key_tiles(row0, kBlockM);
         if (n_blocks == 0) return;  // nothing to load: the consumers write zeros
@@ -558,9 +579,13 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       if (Tr::kOInKV && staged_stage == stage) release_staged();
     };
     auto slot_barrier = [&](int parity, int c) { return Tr::kSlotBarrier + 2 * parity + c; };
-    schedule.for_each_tile([&](int m_block, int head, int batch) {
+    schedule.for_each_tile([&](int m_block, int head, int batch, int next_m) {
       const int row0 = m_block * kBlockM;
       const int n_loaded = key_tiles(row0, kBlockM);  // by the producer, last key tile first
+      // Tr::kOInKV: this tile's O is staged in its last key tile's slots where the next tile
+      // has the key tiles to drain it under (both consumers decide alike); else stored directly.
+      const bool stage_o = Tr::kOInKV && n_loaded > 0 && next_m >= 0 &&
+                           key_tiles(next_m * kBlockM, kBlockM) >= Tr::kStageMinNext;
       // This warpgroup's own rows may see fewer (Tr::kSkipMaskedTiles). Its first row is read
       // from lane 0 so that ptxas knows it is warp-uniform: the count, and the stage and parity
       // counters that follow from it, then stay in uniform registers (from `consumer` itself
@@ -611,15 +636,15 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
         uint32 pa[Tr::kPVSteps][4];
         float alpha[2];
         // After S of the K slot `stage`: K slots are released as soon as S is done, and Q (from
-        // shared memory) after the tile's last S; with Tr::kOInKV consumer 1 keeps the last K slot
-        // for its O and consumer 0 tells it that its own reads of the slot are done.
+        // shared memory) after the tile's last S; where O is staged (stage_o), consumer kKStager
+        // keeps the last K slot for it and the other tells it that its own reads are done.
         auto release_k = [&](int stage, bool last_s) {
           if (lane == 0) {
-            if (!(Tr::kOInKV && last_s && q_consumer == 1)) mbar_arrive(k_empty(stage));
+            if (!(stage_o && last_s && q_consumer == Tr::kKStager)) mbar_arrive(k_empty(stage));
             if (!Tr::kQInRegs && last_s) mbar_arrive(q_empty(q_stage));
           }
-          if (Tr::kOInKV && last_s && q_consumer == 0) {
-            named_bar_arrive(slot_barrier(slot_parity, 1), 2 * Tr::kWarpgroupThreads);
+          if (stage_o && last_s && q_consumer != Tr::kKStager) {
+            named_bar_arrive(slot_barrier(slot_parity, Tr::kKStager), 2 * Tr::kWarpgroupThreads);
           }
         };
         // -- key tile 0: S, softmax (O is still zero: nothing to rescale) --
@@ -630,7 +655,8 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
           __syncwarp();  // every lane's reads are done before lane 0 releases the buffer
           if (lane == 0) mbar_arrive(q_empty(q_stage));
         }
-        if (Tr::kOInKV && q_consumer == 1) release_staged_if(first);  // its O is in that K slot
+        // its previous O may be staged in this K slot
+        if (Tr::kOInKV && q_consumer == Tr::kKStager) release_staged_if(first);
         mbar_wait(k_full(first), (kv_iter / kStages) & 1);
         wgmma_fence();
         issue_qk(s, q_rows, first);
@@ -688,11 +714,11 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
         wgmma_wait<0>();
         fence_operand(acc_o[0]);
         fence_operand(pa);
-        // The slot goes to the next tile's loads; with Tr::kOInKV consumer 0 keeps it for its O
-        // and consumer 1 tells it that its own reads of the slot are done.
-        if (lane == 0 && !(Tr::kOInKV && q_consumer == 0)) mbar_arrive(v_empty(last));
-        if (Tr::kOInKV && q_consumer == 1) {
-          named_bar_arrive(slot_barrier(slot_parity, 0), 2 * Tr::kWarpgroupThreads);
+        // The slot goes to the next tile's loads; where O is staged, the consumer that is not
+        // kKStager keeps it for its O and kKStager tells it that its own reads are done.
+        if (lane == 0 && !(stage_o && q_consumer != Tr::kKStager)) mbar_arrive(v_empty(last));
+        if (stage_o && q_consumer == Tr::kKStager) {
+          named_bar_arrive(slot_barrier(slot_parity, 1 - Tr::kKStager), 2 * Tr::kWarpgroupThreads);
         }
         kv_iter += n_blocks;
         ++q_iter;
@@ -707,7 +733,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
         if (!kDeferEpilogue) store_finished();
         return;
       }
-      if (Tr::kOInKV && n_loaded > 0) {  // O staged in the last key tile's K or V slot
+      if (stage_o) {  // O staged in the last key tile's K or V slot
         const int c = __shfl_sync(0xffffffff, consumer, 0);
         const int last = (kv_iter - 1) % kStages;  // the last key tile, as both consumers count
         if (n_blocks == 0) {  // a consumer without keys only keeps the barriers' phases
@@ -717,8 +743,8 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
           float lse[2];
           softmax.finalize(acc_o, static_cast<float>(p.scale), lse);
           release_staged();  // (released under this tile's first S)
-          const uint32 slot_empty = c == 1 ? k_empty(last) : v_empty(last);
-          const uint32 o_rows = c == 1 ? k_smem(last) : v_smem(last);
+          const uint32 slot_empty = c == Tr::kKStager ? k_empty(last) : v_empty(last);
+          const uint32 o_rows = c == Tr::kKStager ? k_smem(last) : v_smem(last);
           named_bar_sync(slot_barrier(slot_parity, c), 2 * Tr::kWarpgroupThreads);
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
