@@ -117,12 +117,13 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   // kSlotBarrier + 2 * (tile parity) + c: the other consumer is done with the slot consumer c
   // stages in. A tile is staged only where the block's next tile has kStageMinNext key tiles or
   // more; the others (and the last) store from registers, as before. Rotated A/B against
-  // stores from registers only (kernel notes step 31): causal 768-2k 1.01-1.05x, 512 0.99x,
-  // full 0.98-1.01x. Staging every tile ran 0.94-0.95x at causal 512 (a short next tile needs
-  // the slot back before the stores have drained); consumer 1 in the K slot ran about 1% lower
-  // at causal 512-2k (consumer 0, which skips the diagonal's last key tile at Sq == Sk, then
-  // waits for the other's stores before its first S instead of for its own); with the wait for
-  // the stores' reads right after issuing them, nothing was gained (step 28).
+  // stores from registers only (kernel notes step 31): causal 768-2k 1.01-1.07x, 512
+  // 0.98-1.00x, full 0.99-1.04x (controls 0.99-1.04x). Staging every tile ran 0.94-0.96x at
+  // causal 512: a short next tile needs the slot back before the stores have drained. Consumer
+  // 0 stages in K: at Sq == Sk it skips the diagonal's last key tile, so its first S reads the K
+  // slot it staged in and waits for its own stores, a key tile ahead of consumer 1 (consumer 1
+  // in K ran about 1% lower at causal 512-2k). Waiting for the stores' reads right after issuing
+  // them gained nothing (step 28).
   static constexpr bool kOInKV =
       !kTmaStore && kConsumerWarpgroups == 2 && kBlockN >= kRowsPerConsumer;
   static constexpr bool kStoreO = kTmaStore || kOInKV;  // O leaves through TMA stores (tma_o)
@@ -132,7 +133,7 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   // One Q buffer (D = 256): the next tile's Q is fetched into L2 as soon as the producer has
   // issued this tile's last K/V loads, and loaded from there once the buffer is free (with the
   // above, about +1% at causal 1k). Fetching the first K/V tiles of a tile the same way ran
-  // 0.95-0.99x (2 tiles) and 0.86-0.96x (5 tiles): step 31.
+  // 0.95-0.99x (2 tiles) and 0.86-0.97x (5 tiles): step 31.
   static constexpr bool kQPrefetch = kQStages == 1;
 
   static constexpr int kQOffset = 0;
