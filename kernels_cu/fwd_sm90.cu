@@ -505,6 +505,27 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       }
       bulk_commit_group();
     };
+    // This warpgroup's O (acc_o, already divided by l) packed and written into the box at o_rows.
+    auto stage_acc_o = [&](uint32 o_rows) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        uint2 out[kDTiles / 2];
+        row_sectors<T, kDTiles>(out, t,
+                                [&](int dt, int e) { return acc_o[0][dt][2 * half + e]; });
+        stage_o_row(o_rows, half, out);
+      }
+    };
+    // The lse of this thread's two rows of the tile at row0 (its quad's first thread writes).
+    auto write_lse = [&](int row0, int head, int batch, const float (&lse)[2]) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = row0 + rows_before + g + half * 8;
+        if (row < p.seqlen_q && p.lse != nullptr && t == 0) {
+          float* lse_out = static_cast<float*>(p.lse);
+          lse_out[batch * p.lse_batch_stride + head * p.lse_head_stride + row] = lse[half];
+        }
+      }
+    };
     uint2 fin_out[2][kDTiles / 2] = {};
     float fin_lse[2] = {0.f, 0.f};
     int fin_row0 = 0, fin_head = 0, fin_batch = 0;
@@ -528,16 +549,11 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       const bool leader = threadIdx.x % Tr::kWarpgroupThreads == 0;
       if (leader) bulk_wait_group_read<0>();
       named_bar_sync(Tr::kEpilogueBarrier + consumer, Tr::kWarpgroupThreads);
+      if constexpr (kDeferEpilogue) {
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        if constexpr (kDeferEpilogue) {
-          stage_o_row(o_rows, half, fin_out[half]);
-        } else {  // not held over: packed here
-          uint2 out[kDTiles / 2];
-          row_sectors<T, kDTiles>(out, t,
-                                  [&](int dt, int e) { return acc_o[0][dt][2 * half + e]; });
-          stage_o_row(o_rows, half, out);
-        }
+        for (int half = 0; half < 2; ++half) stage_o_row(o_rows, half, fin_out[half]);
+      } else {  // not held over: packed here
+        stage_acc_o(o_rows);
       }
       fence_proxy_async_smem();
       named_bar_sync(Tr::kEpilogueBarrier + consumer, Tr::kWarpgroupThreads);
@@ -747,26 +763,13 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
           const uint32 slot_empty = c == Tr::kKStager ? k_empty(last) : v_empty(last);
           const uint32 o_rows = c == Tr::kKStager ? k_smem(last) : v_smem(last);
           named_bar_sync(slot_barrier(slot_parity, c), 2 * Tr::kWarpgroupThreads);
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            uint2 out[kDTiles / 2];
-            row_sectors<T, kDTiles>(out, t,
-                                    [&](int dt, int e) { return acc_o[0][dt][2 * half + e]; });
-            stage_o_row(o_rows, half, out);
-          }
+          stage_acc_o(o_rows);
           fence_proxy_async_smem();
           named_bar_sync(Tr::kEpilogueBarrier + consumer, Tr::kWarpgroupThreads);
           if (threadIdx.x % Tr::kWarpgroupThreads == 0) tma_store_o(o_rows, row0, head, batch);
           staged_slot = slot_empty;  // released once the stores have read it (release_staged)
           staged_stage = last;
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const int row = row0 + rows_before + g + half * 8;
-            if (row < p.seqlen_q && p.lse != nullptr && t == 0) {
-              float* lse_out = static_cast<float*>(p.lse);
-              lse_out[batch * p.lse_batch_stride + head * p.lse_head_stride + row] = lse[half];
-            }
-          }
+          write_lse(row0, head, batch, lse);
           return;
         }
       }
