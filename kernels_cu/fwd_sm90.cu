@@ -759,7 +759,6 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
         } else {
           float lse[2];
           softmax.finalize(acc_o, static_cast<float>(p.scale), lse);
-          release_staged();  // (released under this tile's first S)
           const uint32 slot_empty = c == Tr::kKStager ? k_empty(last) : v_empty(last);
           const uint32 o_rows = c == Tr::kKStager ? k_smem(last) : v_smem(last);
           named_bar_sync(slot_barrier(slot_parity, c), 2 * Tr::kWarpgroupThreads);
