@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cuflash import _compile, _dtypes
+from cuflash._kernel_call import KernelCall
 from cuflash._spec import KernelSpec
 
 _STRIDE_FIELDS = ("batch_stride", "row_stride", "head_stride")
@@ -157,72 +158,62 @@ def pack_params(dtype: np.dtype, fields: dict[str, float | int]):
     return np.array(tuple(fields[name] for name in dtype.names), dtype=dtype)[()]
 
 
-@dataclass(frozen=True)
-class Launch:
-    """One kernel launch with everything fixed but the data pointers.
-
-    Replaying it for new buffers of the same shapes, strides and 16-byte alignment is exact: the
-    API memoises it per call signature so a repeated call skips validation and dispatch.
-    """
-
-    fn: object
-    grid: tuple[int, int, int]
-    threads: int
-    smem_bytes: int
-    params: np.ndarray  # 0-d FWD_PARAMS array; its pointer fields are replaced on every call
-    # Per TMA tensor map (Hopper kernel): the pointer field it covers and encode(ptr) -> map.
-    tensor_maps: tuple[tuple[str, object], ...] = ()
-    args: tuple = ()  # kernel arguments after the tensor maps (Hopper forward: its schedule)
-
-    def __call__(self, pointers: dict[str, int]) -> None:
-        """Launch on CuPy's current stream with the given pointer fields ("q", "k", "v", "o",
-        "lse")."""
-        params = self.params.copy()
-        for name, ptr in pointers.items():
-            params[name] = ptr
-        maps = tuple(encode(pointers[name]) for name, encode in self.tensor_maps)
-        self.fn(self.grid, (self.threads,), (params[()], *maps, *self.args),
-                shared_mem=self.smem_bytes)
+# The pointer fields of FwdParams a forward launch fills, in the order `KernelCall` takes them.
+FWD_POINTERS = ("q", "k", "v", "o", "lse")
 
 
-def forward(q, k, v, out, lse, *, causal: bool, scale: float, device_id: int,
-            cc: int) -> Launch | None:
-    """Launch the forward on CuPy's current stream; return the replayable `Launch` (None when
-    there was nothing to compute).
+def forward_pointers(q, k, v, out, lse) -> tuple[int, ...]:
+    """FWD_POINTERS of CuPy arrays (lse may be None)."""
+    return (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, 0 if lse is None else lse.data.ptr)
+
+
+def plan_forward(q, k, v, out, *, causal: bool, scale: float, device_id: int,
+                 cc: int) -> KernelCall | None:
+    """The forward's replayable `KernelCall` for these views (None when there is nothing to
+    compute): the Hopper kernel where it applies (it logs why not), else sm80 or SIMT.
 
     q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), out like q: CuPy arrays with any strides and a unit
-    last stride. lse: (B, Hq, Sq) C-contiguous in the Accum dtype (float64 for float64 inputs,
-    else float32), or None.
+    last stride; the call is valid for any arrays of the same shapes, strides and 16-byte
+    alignment. Call inside the device's scope.
     """
     batch, seqlen_q, heads_q, head_dim = q.shape
     if batch == 0 or seqlen_q == 0 or heads_q == 0:
         return None
-    pointers = {"q": q.data.ptr, "k": k.data.ptr, "v": v.data.ptr, "o": out.data.ptr,
-                "lse": 0 if lse is None else lse.data.ptr}
     dtype = _dtypes.dtype_name(q.dtype)
     if cc == 90 and _dtypes.uses_tensor_cores(dtype) and not os.environ.get("CUFLASH_FORCE_SM80"):
         from cuflash._launch_sm90 import plan_sm90
 
-        # The Hopper kernel (wgmma + TMA) when the inputs qualify; it logs why when they don't.
-        launch = plan_sm90(q, k, v, out, causal=causal, scale=scale, device_id=device_id, cc=cc)
-        if launch is not None:
-            launch(pointers)
-            return launch
+        call = plan_sm90(q, k, v, out, causal=causal, scale=scale, device_id=device_id, cc=cc)
+        if call is not None:
+            return call
     aligned = is_aligned((q, k, v, out), head_dim)
     spec = fwd_spec(dtype, head_dim, causal, aligned)
-    launch = Launch(
-        fn=_compile.get_function(spec, device_id, cc),
+    return KernelCall(
+        _compile.get_function(spec, device_id, cc), device_id,
         grid=(math.ceil(seqlen_q / spec.block_m), heads_q, batch),
         threads=spec.threads,
         smem_bytes=spec.smem_bytes,
-        params=np.array(fwd_params(q, k, v, out, causal=causal, scale=scale)),
+        params=fwd_params(q, k, v, out, causal=causal, scale=scale),
+        pointer_fields=FWD_POINTERS,
     )
-    launch(pointers)
-    return launch
+
+
+def forward(q, k, v, out, lse, *, causal: bool, scale: float, device_id: int,
+            cc: int) -> KernelCall | None:
+    """Plan and launch the forward on CuPy's current stream; returns
+    the `KernelCall` (None when there was nothing to compute). lse: (B, Hq, Sq) C-contiguous in
+    the Accum dtype (float64 for float64 inputs, else float32), or None."""
+    import cupy
+
+    call = plan_forward(q, k, v, out, causal=causal, scale=scale, device_id=device_id, cc=cc)
+    if call is not None:
+        call(forward_pointers(q, k, v, out, lse), cupy.cuda.get_current_stream().ptr)
+    return call
 
 
 def fwd_params(q, k, v, out, *, causal: bool, scale: float):
-    """The FwdParams block for (B, S, H, D) views, pointer fields zero (`Launch` fills them)."""
+    """The FwdParams block for (B, S, H, D) views, pointer fields zero (`KernelCall` fills
+    them)."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     _, seqlen_k, heads_kv, _ = k.shape
     fields = {"q": 0, "k": 0, "v": 0, "o": 0, "lse": 0,

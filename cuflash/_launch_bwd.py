@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cuflash import _compile, _dtypes
+from cuflash._kernel_call import KernelCall
 from cuflash._launch import BWD_PARAMS, Tile, _strides, is_aligned, pack_params, width_for
 from cuflash._spec import KernelSpec
 
@@ -272,39 +273,83 @@ def _accum_dtype(dtype: str) -> np.dtype:
     return np.dtype(np.float64 if dtype == "float64" else np.float32)
 
 
+# The pointer fields of BwdParams a backward fills, in their order in the block (so a replay
+# writes them in one go): the caller's arrays, then the scratch.
+BWD_POINTERS = ("q", "k", "v", "o", "dout", "lse", "dq", "dk", "dv", "dq_accum", "delta")
+_SCRATCH_ALIGN = 256
+
+
+@dataclass(frozen=True)
+class BackwardCall:
+    """The backward's launches for one call signature, replayable for new arrays.
+
+    The scratch (delta per query row, then, in atomic mode, the dq accumulator) comes from the
+    `alloc` each call is given, that is from the caller's framework, and is needed only until the
+    launches on that stream are done (stream-ordered allocators reuse it after them).
+    """
+
+    launches: tuple[KernelCall, ...]
+    dq_accum_offset: int  # bytes from the scratch's start; 0: no dq accumulator (deterministic)
+    scratch_bytes: int
+
+    def __call__(self, pointers, stream: int, alloc) -> None:
+        """`pointers`: q, k, v, out, dout, lse, dq, dk, dv (BWD_POINTERS without the scratch)."""
+        owner, base = alloc(self.scratch_bytes)
+        accum = base + self.dq_accum_offset if self.dq_accum_offset else 0
+        pointers = (*pointers, accum, base)
+        for launch in self.launches:
+            launch(pointers, stream)
+        del owner  # freed to the stream-ordered pool after the launches
+
+
+def backward_pointers(dout, q, k, v, out, lse, dq, dk, dv) -> tuple[int, ...]:
+    """The caller's pointers as `BackwardCall` takes them."""
+    return tuple(a.data.ptr for a in (q, k, v, out, dout, lse, dq, dk, dv))
+
+
 def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
              deterministic: bool, device_id: int, cc: int) -> None:
-    """Launch the backward on CuPy's current stream.
+    """Plan and launch the backward on CuPy's current stream, scratch from CuPy's pool."""
+    import cupy
+
+    from cuflash._interop import cupy_alloc
+
+    call = plan_backward(dout, q, k, v, out, lse, dq, dk, dv, causal=causal, scale=scale,
+                         deterministic=deterministic, device_id=device_id, cc=cc)
+    if call is not None:
+        call(backward_pointers(dout, q, k, v, out, lse, dq, dk, dv),
+             cupy.cuda.get_current_stream().ptr, cupy_alloc)
+
+
+def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
+                  deterministic: bool, device_id: int, cc: int) -> BackwardCall | None:
+    """The backward's replayable launches for these views (None: nothing to compute).
 
     q, dq (B, Sq, Hq, D); k, v, dk, dv (B, Sk, Hkv, D); out, dout like q: CuPy arrays in "bshd"
     order with any strides and a unit last stride; dq, dk, dv are written. lse (B, Hq, Sq) in the
     Accum dtype (float64 for float64 inputs, else float32), unit last stride, as the forward
-    wrote it.
+    wrote it. Valid for any arrays of the same shapes, strides and 16-byte alignment.
     """
-    import cupy
-
     batch, seqlen_q, heads_q, head_dim = q.shape
     _, seqlen_k, heads_kv, _ = k.shape
     dtype = _dtypes.dtype_name(q.dtype)
     aligned = is_aligned((q, k, v, out, dout, dq, dk, dv), head_dim)
     kernels = bwd_kernels(dtype, head_dim, causal, aligned, _compile.smem_limit(device_id))
     if batch == 0 or heads_q == 0:
-        return
+        return None
     accum = _accum_dtype(dtype)
     if lse.dtype != accum:
         raise TypeError(f"lse must be {accum} for {dtype} inputs, got {lse.dtype}")
 
-    # Scratch in the Accum dtype: delta per query row; dq_accum only in atomic mode.
-    delta = cupy.empty((batch, heads_q, seqlen_q), accum)
-    dq_accum = None
-    if not deterministic:
-        dq_accum = cupy.empty((batch, heads_q, seqlen_q, kernels.width), accum)
+    # Scratch in the Accum dtype: delta per query row; dq_accum (B, Hq, Sq, width) only in
+    # atomic mode, after delta at an aligned offset.
+    delta_bytes = batch * heads_q * seqlen_q * accum.itemsize
+    offset = 0 if deterministic else -(-max(delta_bytes, 1) // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+    accum_shape = (batch, heads_q, seqlen_q, kernels.width)
+    scratch = delta_bytes if deterministic else offset + math.prod(accum_shape) * accum.itemsize
 
-    fields = {
-        "q": q.data.ptr, "k": k.data.ptr, "v": v.data.ptr, "o": out.data.ptr,
-        "dout": dout.data.ptr, "lse": lse.data.ptr, "dq": dq.data.ptr, "dk": dk.data.ptr,
-        "dv": dv.data.ptr, "delta": delta.data.ptr,
-        "dq_accum": 0 if dq_accum is None else dq_accum.data.ptr,
+    params = pack_params(BWD_PARAMS, {
+        **dict.fromkeys(BWD_POINTERS, 0),
         **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("o", out),
         **_strides("do", dout), **_strides("dq", dq), **_strides("dk", dk), **_strides("dv", dv),
         "lse_batch_stride": lse.strides[0] // lse.itemsize,
@@ -313,15 +358,16 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
         "batch": batch, "heads_q": heads_q, "heads_kv": heads_kv, "group": heads_q // heads_kv,
         "seqlen_q": seqlen_q, "seqlen_k": seqlen_k, "head_dim": head_dim,
         "head_dim_rounded": kernels.width, "deterministic": int(deterministic),
-    }
-    params = pack_params(BWD_PARAMS, fields)
+    })
+    launches = []
 
     def launch(spec: KernelSpec, rows: int, block_rows: int, heads: int, maps=()) -> None:
         grid = (math.ceil(rows / block_rows), heads, batch)
         if grid[0] == 0:
             return
-        fn = _compile.get_function(spec, device_id, cc)
-        fn(grid, (spec.threads,), (params, *maps), shared_mem=spec.smem_bytes)
+        launches.append(KernelCall(
+            _compile.get_function(spec, device_id, cc), device_id, grid, spec.threads,
+            spec.smem_bytes, params, BWD_POINTERS, tensor_maps=maps))
 
     launch(kernels.preprocess, seqlen_q, kernels.preprocess.block_m, heads_q)
     # The Hopper dK/dV kernel where it applies (it logs why not), else sm80/SIMT. With
@@ -329,20 +375,27 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
     operands = (("q", q), ("k", k), ("v", v), ("dout", dout))
     reason = _sm90_reason(dtype, head_dim, aligned, cc, operands)
     if reason is None:
-        from cuflash._launch_sm90 import _encode
+        from cuflash._launch_sm90 import _encode_at
 
         spec = dkdv_sm90_spec(dtype, head_dim, causal)
         rows = {"q": spec.block_m, "dout": spec.block_m, "k": spec.block_n, "v": spec.block_n}
-        maps = [_encode(a.data.ptr, tuple(a.shape), tuple(a.strides), dtype, rows[name])
-                for name, a in operands]
+
+        def tensor_map(field: str, shape, strides, map_dtype: str, block_rows: int):
+            return field, functools.partial(_encode_at, shape=tuple(shape),
+                                            byte_strides=tuple(strides), dtype=map_dtype,
+                                            block_rows=block_rows)
+
+        maps = [tensor_map(name, a.shape, a.strides, dtype, rows[name]) for name, a in operands]
         # dq_accum (B, Hq, Sq, width) seen as (B, S, H, D) for the kernel's TMA reductions.
         # Deterministic mode has no dq_accum and never touches the map: q's stands in.
-        if dq_accum is None:
+        if deterministic:
             maps.append(maps[0])
         else:
-            view = dq_accum.transpose(0, 2, 1, 3)
-            maps.append(_encode(dq_accum.data.ptr, tuple(view.shape), tuple(view.strides),
-                                "float32", spec.block_m))
+            item = accum.itemsize
+            view_strides = (heads_q * seqlen_q * kernels.width * item, kernels.width * item,
+                            seqlen_q * kernels.width * item, item)
+            maps.append(tensor_map("dq_accum", (batch, seqlen_q, heads_q, kernels.width),
+                                   view_strides, "float32", spec.block_m))
         launch(spec, seqlen_k, spec.block_n, heads_kv, maps)
     else:
         if _dtypes.uses_tensor_cores(dtype) and cc == 90:
@@ -352,3 +405,4 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
         launch(kernels.dq, seqlen_q, kernels.dq.block_m, heads_q)
     else:
         launch(kernels.convert, seqlen_q, kernels.convert.block_m, heads_q)
+    return BackwardCall(tuple(launches), offset, scratch)

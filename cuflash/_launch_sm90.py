@@ -18,6 +18,7 @@ import math
 import numpy as np
 
 from cuflash import _compile, _dtypes
+from cuflash._kernel_call import KernelCall
 from cuflash._launch import Tile, width_for
 from cuflash._spec import KernelSpec
 
@@ -174,15 +175,17 @@ def causal_order(batch: int, seqlen_q: int, seqlen_k: int, heads_q: int, block_m
     return order
 
 
-@functools.lru_cache(maxsize=128)
-def _device_order(device_id: int, *shape: int):
-    """causal_order(*shape) on the device (memoised with the plan it belongs to)."""
+def _upload(table: np.ndarray):
+    """`table` in device memory of its own (not a pool's: it lives as long as the plan that
+    holds it, beyond any call's allocations or graph pool). Runs once per plan; the wait makes
+    the copy visible to launches on any stream."""
     import cupy
 
-    with cupy.cuda.Device(device_id):
-        order = cupy.asarray(causal_order(*shape))
-        cupy.cuda.get_current_stream().synchronize()  # visible to launches on any stream
-    return order
+    memory = cupy.cuda.Memory(table.nbytes)
+    device = cupy.ndarray(table.shape, table.dtype, cupy.cuda.MemoryPointer(memory, 0))
+    device.set(table)
+    cupy.cuda.get_current_stream().synchronize()
+    return memory, memory.ptr
 
 
 def schedule(batch: int, seqlen_q: int, seqlen_k: int, heads_q: int, spec: KernelSpec,
@@ -278,7 +281,7 @@ def _driver():
 # allocators hand the same buffers back call after call, so a small memo hits in steady state.
 @functools.lru_cache(maxsize=256)
 def _encode(ptr: int, shape: tuple[int, ...], byte_strides: tuple[int, ...], dtype: str,
-            block_rows: int):
+            block_rows: int) -> bytes:
     """A rank-4 tensor map over a (B, S, H, D) view at `ptr`: dims innermost first (D, S, H, B),
     boxes of 128 bytes of columns (64 16-bit or 32 fp32 ones) x `block_rows` rows, 128-byte
     swizzle, out-of-bounds elements read 0 (and are not written by reductions)."""
@@ -307,8 +310,7 @@ def _encode(ptr: int, shape: tuple[int, ...], byte_strides: tuple[int, ...], dty
     if err != drv.CUresult.CUDA_SUCCESS:
         raise RuntimeError(f"cuTensorMapEncodeTiled failed ({err}) for shape {shape}, "
                            f"strides {byte_strides}, dtype {dtype}")
-    raw = ctypes.string_at(tensor_map.getPtr(), 128)
-    return np.frombuffer(raw, dtype=TMA_MAP)[0]
+    return ctypes.string_at(tensor_map.getPtr(), 128)
 
 
 def _tma_reason(name: str, array) -> str | None:
@@ -361,23 +363,26 @@ def forward_sm90(q, k, v, out, lse, *, causal: bool, scale: float, device_id: in
     made (or there was nothing to compute); False, having launched nothing, when the inputs do not
     qualify.
     """
+    import cupy
+
+    from cuflash._launch import forward_pointers
+
     batch, seqlen_q, heads_q, head_dim = q.shape
     qualifies = (cc == 90 and _dtypes.dtype_name(q.dtype) in _TENSOR_DTYPES
                  and head_dim <= max(FWD_SM90_TILES))
     if qualifies and 0 in (batch, seqlen_q, heads_q):
         return True  # nothing to compute (empty arrays may carry any strides)
-    launch = plan_sm90(q, k, v, out, causal=causal, scale=scale, device_id=device_id, cc=cc)
-    if launch is None:
+    call = plan_sm90(q, k, v, out, causal=causal, scale=scale, device_id=device_id, cc=cc)
+    if call is None:
         return False
-    launch({"q": q.data.ptr, "k": k.data.ptr, "v": v.data.ptr, "o": out.data.ptr,
-            "lse": 0 if lse is None else lse.data.ptr})
+    call(forward_pointers(q, k, v, out, lse), cupy.cuda.get_current_stream().ptr)
     return True
 
 
 def plan_sm90(q, k, v, out, *, causal: bool, scale: float, device_id: int, cc: int):
-    """The replayable `_launch.Launch` of the Hopper forward for these views, or None (reason
+    """The replayable `KernelCall` of the Hopper forward for these views, or None (reason
     logged) when they do not qualify. Expects a non-empty problem."""
-    from cuflash._launch import Launch, fwd_params
+    from cuflash._launch import FWD_POINTERS, fwd_params
 
     batch, seqlen_q, heads_q, head_dim = q.shape
     dtype = _dtypes.dtype_name(q.dtype)
@@ -392,8 +397,10 @@ def plan_sm90(q, k, v, out, *, causal: bool, scale: float, device_id: int, cc: i
     table = takes_table(spec)
     grid = grid_size(batch, seqlen_q, heads_q, spec.block_m, causal and not table,
                      sm_count(device_id))
-    order = _device_order(device_id, batch, seqlen_q, k.shape[1], heads_q, spec.block_m,
-                          spec.block_n, grid) if table else np.uint64(0)
+    keep, order = None, 0
+    if table:
+        keep, order = _upload(causal_order(batch, seqlen_q, k.shape[1], heads_q, spec.block_m,
+                                           spec.block_n, grid))
 
     def tensor_map(name: str, array, rows: int):
         shape, strides = tuple(array.shape), tuple(array.strides)
@@ -405,19 +412,21 @@ def plan_sm90(q, k, v, out, *, causal: bool, scale: float, device_id: int, cc: i
     # The output's map (64-row boxes) only where the kernel stores through it: encoding one is
     # per-call work whenever the output buffer moves.
     if stores_o(spec.head_dim, Tile(spec.block_m, spec.block_n, spec.warps), q.dtype.itemsize):
-        maps, args = (*maps, tensor_map("o", out, 64)), (order,)
+        maps, args = (*maps, tensor_map("o", out, 64)), (np.uint64(order),)
     else:
-        args = (_UNUSED_MAP, order)
-    return Launch(
-        fn=_compile.get_function(spec, device_id, cc),
+        args = (_UNUSED_MAP, np.uint64(order))
+    return KernelCall(
+        _compile.get_function(spec, device_id, cc), device_id,
         grid=(grid, 1, 1),
         threads=spec.threads,
         smem_bytes=spec.smem_bytes,
-        params=np.array(fwd_params(q, k, v, out, causal=causal, scale=scale)),
+        params=fwd_params(q, k, v, out, causal=causal, scale=scale),
+        pointer_fields=FWD_POINTERS,
         tensor_maps=maps,
         args=args,
+        keep=keep,
     )
 
 
-def _encode_at(ptr: int, *, shape, byte_strides, dtype: str, block_rows: int):
+def _encode_at(ptr: int, *, shape, byte_strides, dtype: str, block_rows: int) -> bytes:
     return _encode(ptr, shape, byte_strides, dtype, block_rows)
