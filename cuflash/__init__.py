@@ -3,6 +3,7 @@
     out = cuflash.attention(q, k, v, causal=True)          # NumPy, CuPy, torch or JAX in and out
     dq, dk, dv = cuflash.attention_backward(dout, q, k, v, out, lse)
     ref = cuflash.reference.attention(q, k, v)             # float64 NumPy reference
+    cuflash.warmup((2, 1024, 8, 64), (2, 1024, 2, 64), dtype="bfloat16")  # before graph capture
 
 `cuflash.jax` (jax.custom_vjp) and `cuflash.torch` (torch.library custom op) load on first use.
 """
@@ -12,10 +13,11 @@ from __future__ import annotations
 import importlib
 
 from cuflash import reference
+from cuflash._warmup import warmup
 from cuflash.api import attention, attention_backward
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "attention", "attention_backward", "reference"]
+__all__ = ["__version__", "attention", "attention_backward", "reference", "warmup"]
 
 
 def __getattr__(name: str):

@@ -132,6 +132,72 @@ def empty(shape: tuple[int, ...], like_backend, src: Source, like: object):
     return None, backend_module(src).empty(shape, dtype=like_backend.dtype)
 
 
+def empty_backend(shape: tuple[int, ...], dtype: str, src: Source):
+    """A backend (CuPy) scratch array on the current device, from the caller's allocator: torch's
+    caching allocator for torch inputs, CuPy's pool otherwise. Call inside `stream_scope`."""
+    if src.framework == "torch":
+        import torch
+
+        native = torch.empty(shape, dtype=getattr(torch, dtype), device=src.device_id)
+        return _cupy_view_of_torch(native)
+    import cupy
+
+    return cupy.empty(shape, dtype=dtype)
+
+
+def allocator(src: Source):
+    """``alloc(nbytes) -> (owner, pointer)``: device memory on `src`'s device from the caller's
+    allocator (torch's caching allocator for torch inputs, else CuPy's pool). The memory lives as
+    long as `owner`; both allocators are stream-ordered, so dropping it once the work that uses it
+    is queued on the current stream is safe."""
+    if src.framework == "torch":
+        return functools.partial(_torch_alloc, device=src.device_id)
+    return cupy_alloc
+
+
+def _torch_alloc(nbytes: int, device: int) -> tuple[object, int]:
+    import torch
+
+    owner = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return owner, owner.data_ptr()
+
+
+def cupy_alloc(nbytes: int) -> tuple[object, int]:
+    """Device memory from CuPy's pool on the current device: ``(owner, pointer)``."""
+    import cupy
+
+    memory = cupy.cuda.alloc(nbytes)
+    return memory, memory.ptr
+
+
+def current_stream(src: Source) -> int:
+    """The ``cudaStream_t`` (as an int) cuflash launches on: torch's current stream for torch
+    inputs, else CuPy's. Inside `stream_scope` both are the same."""
+    if src.framework == "torch":
+        return torch_stream(src.device_id)
+    import cupy
+
+    return cupy.cuda.get_current_stream().ptr
+
+
+def torch_stream(device_id: int) -> int:
+    """torch's current stream on a device, as an int (the raw query where torch has it: the
+    public one builds a Python stream object per call)."""
+    import torch
+
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw(device_id)
+    return torch.cuda.current_stream(device_id).cuda_stream
+
+
+def is_capturing(stream: int) -> bool:
+    """Whether CUDA graph capture is under way on `stream`."""
+    import cupy
+
+    return cupy.cuda.runtime.streamIsCapturing(stream) != 0
+
+
 def from_backend(native: object | None, backend, src: Source):
     """The result in the caller's type: `native` if one was allocated, else a DLPack handover."""
     if native is not None:

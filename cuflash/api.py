@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cuflash import _dtypes, _interop
+from cuflash import _dtypes, _interop, _replay
 
 log = logging.getLogger("cuflash")
 
@@ -85,16 +85,17 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
 
     See also: `attention_backward`, `cuflash.reference.attention`, `cuflash.jax.attention`.
     """
-    fast_key = _fast_key(q, k, v, causal, scale, layout, return_lse, out)
-    if fast_key is not None and fast_key in _FAST:
-        return _FAST[fast_key](q, k, v)
+    key = _replay.forward_key(q, k, v, out, (causal, type(causal), scale, type(scale), layout,
+                                             return_lse, type(return_lse)))
+    replay = _replay.lookup(key)
+    if replay is not None:
+        return replay(q, k, v, out)
     problem = validate(q, k, v, causal=causal, scale=scale, layout=layout)
     _check_flag("return_lse", return_lse)
     if problem.source.framework == "torch" and out is None and _wants_grad(q, k, v):
-        from cuflash import torch as cuflash_torch
-
-        return cuflash_torch.attention(q, k, v, causal=problem.causal, scale=problem.scale,
-                                       layout=layout, return_lse=return_lse)
+        replay = _replay.AutogradReplay(problem.causal, problem.scale, layout, return_lse)
+        _replay.record(key, replay)
+        return replay(q, k, v)
     if out is not None:
         if problem.source.framework == "jax":
             raise TypeError("out: JAX arrays are immutable; call without out= and use the result")
@@ -102,6 +103,8 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
 
     src = problem.source
     with _interop.stream_scope(src):
+        if key is not None:
+            _refuse_first_call_in_capture(src)
         qb, kb, vb = (_backend(x, src, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
         if out is None:
             out_native, out_b = _interop.empty(
@@ -111,9 +114,11 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
         lse_native = lse_b = None
         if return_lse:
             lse_native, lse_b = _lse_buffer(problem, qb, src, q)
-        launch = forward_into(problem, qb, kb, vb, out_b, lse_b)
-        if fast_key is not None and launch is not None:
-            _FAST[fast_key] = _FastForward(launch, problem, return_lse)
+        replayable, call = forward_into(problem, qb, kb, vb, out_b, lse_b)
+        if replayable and key is not None:
+            _replay.record(key, _replay.ForwardReplay(
+                call, problem.caller_shape(problem.seqlen_q, problem.heads_q),
+                problem.lse_shape() if return_lse else None, _replay.framework_of(q)))
         result = _interop.from_backend(out_native, out_b, src)
         if return_lse:
             return result, _interop.from_backend(lse_native, lse_b, src)
@@ -140,6 +145,12 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
     For float64 on the GPU the float32 `lse` would limit gradients to ~1e-7 relative error, so
     the row statistics are recomputed in float64 (one extra forward pass).
     """
+    arrays = (dout, q, k, v, out, lse)
+    key = _replay.backward_key(arrays, (causal, type(causal), scale, type(scale), layout,
+                                        deterministic, type(deterministic)))
+    replay = _replay.lookup(key)
+    if replay is not None:
+        return replay(*arrays)
     problem = validate(q, k, v, causal=causal, scale=scale, layout=layout)
     _check_flag("deterministic", deterministic)
     q_shape = problem.caller_shape(problem.seqlen_q, problem.heads_q)
@@ -149,68 +160,27 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
 
     src = problem.source
     with _interop.stream_scope(src):
+        if key is not None:
+            _refuse_first_call_in_capture(src)
         qb, kb, vb = (_backend(x, src, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
         dob, ob = _backend(dout, src, "dout"), _backend(out, src, "out")
         lseb = _interop.to_backend(lse, src)
         grads = [_interop.empty(x.shape, x, src, like) for x, like in ((qb, q), (kb, k), (vb, v))]
-        backward_into(problem, dob, qb, kb, vb, ob, lseb, *(g[1] for g in grads),
-                      deterministic=deterministic)
+        call = backward_into(problem, dob, qb, kb, vb, ob, lseb, *(g[1] for g in grads),
+                             deterministic=deterministic)
+        if call is not False and key is not None:
+            _replay.record(key, _replay.BackwardReplay(call, _replay.framework_of(q)))
         return tuple(_interop.from_backend(native, b, src) for native, b in grads)
 
 
-# ---- repeated torch CUDA calls -----------------------------------------------------------------
-
-# Call signature -> replayable launch. A torch CUDA forward that was validated and dispatched
-# once is replayed for later calls of the same signature (shapes, strides, dtypes, device,
-# options, 16-byte alignment of each input): ~200 us of Python per call otherwise, the whole
-# kernel time of a short sequence. Bounded: signatures are few in real programs.
-_FAST: dict[tuple, _FastForward] = {}
-_FAST_LIMIT = 1024
-
-
-def _fast_key(q, k, v, causal, scale, layout, return_lse, out) -> tuple | None:
-    """The signature of a call the fast path may serve, or None."""
-    if out is not None or type(q).__module__ != "torch" or not q.is_cuda:
-        return None
-    if type(k) is not type(q) or type(v) is not type(q) or _wants_grad(q, k, v):
-        return None
-    if len(_FAST) >= _FAST_LIMIT:
-        _FAST.clear()
-    device = q.device.index
-    import torch
-
-    if device != torch.cuda.current_device():
-        return None
-    tensors = (q, k, v)
-    # A non-unit last stride is served by a copy, which replaying raw pointers would skip.
-    if any(t.stride()[-1] != 1 and t.shape[-1] > 1 for t in tensors):
-        return None
-    return (*(t.shape for t in tensors), *(t.stride() for t in tensors),
-            *(t.dtype for t in tensors), *(t.device for t in tensors),
-            *(t.data_ptr() % 16 for t in tensors),
-            type(causal), causal, type(scale), scale, layout, type(return_lse), return_lse)
-
-
-class _FastForward:
-    """A validated torch CUDA forward, replayed on new tensors of the same signature."""
-
-    def __init__(self, launch, problem: Problem, return_lse: bool):
-        self.launch = launch
-        self.out_shape = problem.caller_shape(problem.seqlen_q, problem.heads_q)
-        self.lse_shape = problem.lse_shape() if return_lse else None
-
-    def __call__(self, q, k, v):
-        import torch
-
-        out = torch.empty(self.out_shape, dtype=q.dtype, device=q.device)
-        lse = None
-        if self.lse_shape is not None:
-            lse = torch.empty(self.lse_shape, dtype=torch.float32, device=q.device)
-        handle = torch.cuda.current_stream().cuda_stream
-        with _interop._external_stream(handle, q.device.index):
-            self.launch({"q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(),
-                         "o": out.data_ptr(), "lse": 0 if lse is None else lse.data_ptr()})
-        return out if lse is None else (out, lse)
+def _refuse_first_call_in_capture(src: _interop.Source) -> None:
+    """A first call of a signature plans: it may compile, upload a schedule table and wait for
+    it, none of which CUDA graph capture allows. Say so rather than fail inside the driver."""
+    if src.device == "cuda" and _interop.is_capturing(_interop.current_stream(src)):
+        raise RuntimeError(
+            "cuflash: the first call of this signature (shapes, strides, dtypes, options) came "
+            "during CUDA graph capture; run it once before capturing (or call cuflash.warmup) so "
+            "that the kernel is compiled and the launch planned, then capture")
 
 
 # ---- validation ------------------------------------------------------------------------------
@@ -340,11 +310,14 @@ def _wants_grad(*tensors) -> bool:
 
 
 def _backend(x: object, src: _interop.Source, name: str):
-    """Backend view of an input; one copy when its last axis is not unit-stride."""
+    """Backend view of an input; one copy (from the caller's allocator) when its last axis is
+    not unit-stride."""
     b = _interop.to_backend(x, src)
     if b.ndim and b.shape[-1] > 1 and b.strides[-1] != b.dtype.itemsize:
         log.info("%s: last axis has stride %d bytes, not %d: copying to a contiguous array",
                  name, b.strides[-1], b.dtype.itemsize)
+        if src.framework == "torch":
+            return _interop.to_backend(x.detach().contiguous(), src)
         b = _interop.backend_module(src).ascontiguousarray(b)
     return b
 
@@ -370,8 +343,9 @@ def _lse_buffer(problem: Problem, qb, src: _interop.Source, q):
 def forward_into(problem: Problem, qb, kb, vb, out_b, lse_b):
     """Run the forward on backend arrays of the caller's layout; writes `out_b` (and `lse_b`).
 
-    Returns the replayable GPU launch when exactly one kernel wrote the caller's buffers (None
-    on the CPU, for empty problems and for fp64 with lse, which goes through a float64 copy).
+    Returns ``(replayable, call)``: whether a later call of the same signature may replay
+    `call`, the one `KernelCall` that wrote the caller's buffers (None when the problem is
+    empty). Not replayable: the CPU path, and float64 with lse (it goes through a float64 copy).
     """
     q4, k4, v4, o4 = (to_bshd(x, problem) for x in (qb, kb, vb, out_b))
     lse3 = None if lse_b is None else (lse_b if problem.batched else lse_b[None])
@@ -382,22 +356,23 @@ def forward_into(problem: Problem, qb, kb, vb, out_b, lse_b):
         o4[...] = o
         if lse3 is not None:
             lse3[...] = lse
-        return None
-    import cupy
-
+        return False, None
     from cuflash import _launch
 
-    device_id = problem.source.device_id
-    cc = compute_capability(device_id)
+    src = problem.source
+    device_id = src.device_id
+    lse_k = lse3
     if lse3 is not None and problem.dtype == "float64":
         # fp64 kernels keep their statistics in double; the caller gets a float32 copy.
-        lse64 = cupy.empty(lse3.shape, dtype="float64")
-        _launch.forward(q4, k4, v4, o4, lse64, causal=problem.causal, scale=problem.scale,
-                        device_id=device_id, cc=cc)
-        lse3[...] = lse64
-        return None
-    return _launch.forward(q4, k4, v4, o4, lse3, causal=problem.causal, scale=problem.scale,
-                           device_id=device_id, cc=cc)
+        lse_k = _interop.empty_backend(lse3.shape, "float64", src)
+    call = _launch.plan_forward(q4, k4, v4, o4, causal=problem.causal, scale=problem.scale,
+                                device_id=device_id, cc=compute_capability(device_id))
+    if call is not None:
+        call(_launch.forward_pointers(q4, k4, v4, o4, lse_k), _interop.current_stream(src))
+    if lse_k is not lse3:
+        lse3[...] = lse_k
+        return False, call
+    return True, call
 
 
 @functools.cache
@@ -409,8 +384,13 @@ def compute_capability(device_id: int) -> int:
 
 
 def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
-                  deterministic: bool) -> None:
-    """Run the backward on backend arrays of the caller's layout; writes dq, dk, dv."""
+                  deterministic: bool):
+    """Run the backward on backend arrays of the caller's layout; writes dq, dk, dv.
+
+    Returns the `_launch_bwd.BackwardCall` a later call of the same signature may replay (None
+    when there was nothing to launch), or False where it may not: the CPU path, and float64,
+    which recomputes its statistics in float64 first.
+    """
     do4, q4, k4, v4, o4, dq4, dk4, dv4 = (
         to_bshd(x, problem) for x in (dob, qb, kb, vb, ob, dqb, dkb, dvb))
     lse3 = lseb if problem.batched else lseb[None]
@@ -420,20 +400,32 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
         dq, dk, dv = _cpu.backward(do4, q4, k4, v4, o4, lse3, causal=problem.causal,
                                    scale=problem.scale)
         dq4[...], dk4[...], dv4[...] = dq, dk, dv
-        return
-    import cupy
-
+        return False
     from cuflash import _launch, _launch_bwd
 
-    device_id = problem.source.device_id
+    src = problem.source
+    device_id = src.device_id
     cc = compute_capability(device_id)
+    alloc = _interop.allocator(src)
+    stream = _interop.current_stream(src)
+    replayable = True
     if problem.dtype == "float64":
-        lse3 = cupy.empty(lse3.shape, dtype="float64")
-        scratch = cupy.empty(o4.shape, dtype=o4.dtype)
-        _launch.forward(q4, k4, v4, scratch, lse3, causal=problem.causal, scale=problem.scale,
-                        device_id=device_id, cc=cc)
-    else:
-        lse3 = cupy.ascontiguousarray(lse3)
-    _launch_bwd.backward(do4, q4, k4, v4, o4, lse3, dq4, dk4, dv4, causal=problem.causal,
-                         scale=problem.scale, deterministic=deterministic, device_id=device_id,
-                         cc=cc)
+        lse3 = _interop.empty_backend(lse3.shape, "float64", src)
+        scratch = _interop.empty_backend(o4.shape, "float64", src)
+        forward = _launch.plan_forward(q4, k4, v4, scratch, causal=problem.causal,
+                                       scale=problem.scale, device_id=device_id, cc=cc)
+        if forward is not None:
+            forward(_launch.forward_pointers(q4, k4, v4, scratch, lse3), stream)
+        replayable = False
+    elif not lse3.flags.c_contiguous:
+        contiguous = _interop.empty_backend(lse3.shape, "float32", src)
+        contiguous[...] = lse3
+        lse3 = contiguous
+        replayable = False
+    call = _launch_bwd.plan_backward(do4, q4, k4, v4, o4, lse3, dq4, dk4, dv4,
+                                     causal=problem.causal, scale=problem.scale,
+                                     deterministic=deterministic, device_id=device_id, cc=cc)
+    if call is not None:
+        call(_launch_bwd.backward_pointers(do4, q4, k4, v4, o4, lse3, dq4, dk4, dv4), stream,
+             alloc)
+    return call if replayable else False

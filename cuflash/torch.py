@@ -12,16 +12,18 @@ Each runs the framework-agnostic core (the public :func:`cuflash.attention` /
 tracing, and the forward's autograd formula calls the backward op, so gradients come from
 cuflash's own backward. ``lse`` is not differentiable (as in flash-attn).
 
-torch.compile (checked with torch 2.13, ``fullgraph=True``, static and dynamic shapes):
+Eager autograd does not go through the ops: :func:`attention` applies a plain
+``torch.autograd.Function`` that calls the same core, because the dispatcher's custom-op
+machinery costs several times the whole host path of a small call. The ops are what
+torch.compile traces.
 
-- :func:`attention` here is always the op: it compiles without graph breaks, with or without
-  grad. The forward and the backward (traced by AOTAutograd) are single opaque graph nodes.
-- :func:`cuflash.attention` on tensors that require grad also compiles without graph breaks:
-  Dynamo traces its validation (plain Python on shapes and dtypes, folded to constants and
-  guards) and reaches the same op.
-- :func:`cuflash.attention` on tensors that do *not* require grad (inference, ``torch.no_grad``)
-  goes through DLPack views, which Dynamo cannot trace: under ``fullgraph=True`` that is an error,
-  otherwise a graph break. Compiled inference code should call :func:`cuflash.torch.attention`.
+torch.compile (``fullgraph=True``, static and dynamic shapes):
+
+- :func:`attention` here compiles to the op without graph breaks, with or without grad. The
+  forward and the backward (traced by AOTAutograd) are single opaque graph nodes, and both can
+  be captured in CUDA graphs (``mode="reduce-overhead"``).
+- :func:`cuflash.attention` compiles too: under tracing it validates (plain Python on shapes and
+  dtypes, folded to constants and guards) and routes to the same op, with or without grad.
   ``out=`` is not supported under torch.compile.
 """
 
@@ -64,8 +66,38 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     """
     api._check_flag("causal", causal)
     api._check_flag("return_lse", return_lse)
-    out, lse = attention_fwd(q, k, v, causal, scale, layout)
+    if torch.compiler.is_compiling():
+        out, lse = attention_fwd(q, k, v, causal, scale, layout)
+    else:
+        out, lse = _Attention.apply(q, k, v, causal, scale, layout)
     return (out, lse) if return_lse else out
+
+
+class _Attention(torch.autograd.Function):
+    """The eager autograd node: what the custom op's autograd does, without the dispatcher's
+    per-call cost (several hundred microseconds for a forward and backward). torch.compile
+    traces the op instead."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, layout):
+        # Grad mode is off in here, so the core takes its plain (replayable) path.
+        out, lse = api.attention(q, k, v, causal=causal, scale=scale, layout=layout,
+                                 return_lse=True)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mark_non_differentiable(lse)
+        ctx.options = (causal, scale, layout)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        causal, scale, layout = ctx.options
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()  # an expanded gradient (of a sum): one copy, then replayable
+        dq, dk, dv = api.attention_backward(
+            dout, q, k, v, out, lse, causal=causal, scale=scale, layout=layout,
+            deterministic=torch.are_deterministic_algorithms_enabled())
+        return dq, dk, dv, None, None, None
 
 
 @torch.library.custom_op("cuflash::attention_fwd", mutates_args=())

@@ -83,7 +83,8 @@ def test_check_exits_nonzero_when_cuflash_is_wrong():
 
 
 def test_unwritten_output_fails(monkeypatch, capsys):
-    monkeypatch.setattr(api, "forward_into", lambda *args, **kwargs: None)  # writes nothing
+    # Writes nothing, and nothing to replay.
+    monkeypatch.setattr(api, "forward_into", lambda *args, **kwargs: (False, None))
     assert cli.main(["check", "--device", "cpu", "--seed", "1"]) == 1
     stdout = capsys.readouterr().out
     assert "never written (still NaN poison)" in stdout

@@ -1,0 +1,89 @@
+"""The replay machinery on the CPU: `KernelCall` fills its argument buffers as the kernel reads
+them, and only GPU arrays of torch and CuPy are ever replayed (everything else validates on
+every call)."""
+
+from __future__ import annotations
+
+import ctypes
+import types
+
+import numpy as np
+import pytest
+
+import cuflash
+from cuflash import _kernel_call, _launch, _replay
+
+
+def _fake_function():
+    return types.SimpleNamespace(kernel=types.SimpleNamespace(ptr=0xABC), name="probe")
+
+
+def test_kernel_call_fills_pointers_maps_and_arguments(monkeypatch):
+    seen = []
+
+    def launch(handle, gx, gy, gz, bx, by, bz, smem, stream, argv, extra):
+        params = np.frombuffer(ctypes.string_at(argv[0], _launch.FWD_PARAMS.itemsize),
+                               dtype=_launch.FWD_PARAMS)[0]
+        maps = [ctypes.string_at(argv[i], 128) for i in (1, 2)]
+        tail = np.frombuffer(ctypes.string_at(argv[3], 8), dtype=np.uint64)[0]
+        seen.append((handle, (gx, gy, gz, bx, by, bz, smem, stream), params, maps, int(tail)))
+        return 0
+
+    monkeypatch.setattr(_kernel_call, "_driver_launch", lambda: (launch, None))
+    params = np.zeros((), dtype=_launch.FWD_PARAMS)
+    params["seqlen_q"] = 77
+    encoded = []
+
+    def encoder(tag):
+        def encode(ptr):
+            encoded.append((tag, ptr))
+            return bytes([tag]) * 120 + ptr.to_bytes(8, "little")
+        return encode
+
+    call = _kernel_call.KernelCall(_fake_function(), 0, (3, 2, 1), 128, 4096, params,
+                                   _launch.FWD_POINTERS,
+                                   tensor_maps=(("k", encoder(1)), ("o", encoder(2))),
+                                   args=(np.uint64(99),))
+    for round_ in range(2):
+        call((10, 20, 30, 40, 50 + round_), stream=7)
+    call((11, 20, 30, 40, 0), stream=8)
+    assert len(seen) == 3
+    handle, config, params_seen, maps, tail = seen[-1]
+    assert handle == 0xABC and config == (3, 2, 1, 128, 1, 1, 4096, 8)
+    assert [int(params_seen[f]) for f in _launch.FWD_POINTERS] == [11, 20, 30, 40, 0]
+    assert int(params_seen["seqlen_q"]) == 77, "a replay must leave the other fields alone"
+    assert maps[0][-8:] == (20).to_bytes(8, "little") and maps[0][0] == 1
+    assert maps[1][-8:] == (40).to_bytes(8, "little") and maps[1][0] == 2
+    assert tail == 99
+    # Each map is encoded once per pointer: the replays on known buffers encode nothing.
+    assert sorted(set(encoded)) == sorted(encoded) == [(1, 20), (2, 40)]
+
+
+def test_kernel_call_refuses_scattered_pointer_fields():
+    with pytest.raises(ValueError, match="not consecutive"):
+        _kernel_call.KernelCall(_fake_function(), 0, (1, 1, 1), 32, 0,
+                                np.zeros((), dtype=_launch.FWD_PARAMS), ("q", "v"))
+
+
+def test_kernel_call_reports_driver_errors(monkeypatch):
+    monkeypatch.setattr(_kernel_call, "_driver_launch", lambda: (lambda *a: 1, None))
+    monkeypatch.setattr(_kernel_call, "_error_name", lambda code: "CUDA_ERROR_INVALID_VALUE")
+    call = _kernel_call.KernelCall(_fake_function(), 0, (1, 1, 1), 32, 0,
+                                   np.zeros((), dtype=_launch.FWD_PARAMS), _launch.FWD_POINTERS)
+    with pytest.raises(RuntimeError, match="probe: CUDA_ERROR_INVALID_VALUE"):
+        call((1, 2, 3, 4, 5), stream=0)
+
+
+def test_cpu_arrays_are_never_replayed_and_always_validated():
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 9, 2, 8), dtype=np.float32)
+    before = _replay.size()
+    for _ in range(2):
+        cuflash.attention(q, q, q, causal=True)
+    assert _replay.size() == before
+    with pytest.raises(ValueError, match="scale"):
+        cuflash.attention(q, q, q, scale=-1.0)
+    torch = pytest.importorskip("torch")
+    t = torch.from_numpy(q)
+    assert _replay.forward_key(t, t, t, None, (False,)) is None
+    assert _replay.forward_key(q, q, q, None, (False,)) is None
