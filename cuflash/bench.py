@@ -254,6 +254,9 @@ def _parser() -> argparse.ArgumentParser:
                     "(TFLOP/s, " + FLOP_FORMULA + "), measure workspace memory vs S and "
                     "cold-cache compile time; write JSON, PNG plots and a Markdown table.",
     )
+    parser.add_argument("--overhead", action="store_true",
+                        help="time the host path of one small call per framework against SDPA "
+                             "instead (see python -m cuflash bench --overhead --help)")
     parser.add_argument("--quick", action="store_true",
                         help="preset of ~2 minutes on an H100: S 1k/4k/16k, D 64/128/256, bf16, "
                              "fwd, causal and not (CPU: a few seconds at tiny sizes)")
@@ -1526,6 +1529,10 @@ def main(argv: list[str] | None = None) -> int:
     Returns 0, 1 when cuflash itself failed somewhere (status "error"), 2 on a usage error.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--overhead" in argv:
+        from cuflash import bench_overhead
+
+        return bench_overhead.main(argv)
     args = _parser().parse_args(argv)
 
     no_gpu = None if args.device == "cpu" else find_gpu()
