@@ -13,11 +13,13 @@ from __future__ import annotations
 import importlib
 
 from cuflash import reference
+from cuflash._merge import merge_attention
 from cuflash._warmup import warmup
 from cuflash.api import attention, attention_backward
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "attention", "attention_backward", "reference", "warmup"]
+__all__ = ["__version__", "attention", "attention_backward", "merge_attention", "reference",
+           "warmup"]
 
 
 def __getattr__(name: str):
