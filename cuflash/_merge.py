@@ -84,9 +84,7 @@ def _check(outs, lses, layout: str, ops) -> None:
         raise TypeError(f"outs[0]: dtype {dtype} is not supported; expected one of "
                         f"{', '.join(_dtypes.GPU_DTYPES)}")
     for i, x in enumerate(outs):
-        if _ops_for(x) is not ops or not ops.same_place(x, first):
-            raise TypeError(f"outs[{i}]: expected the framework and device of outs[0] "
-                            f"({ops.describe(first)}), got {_describe(x)}")
+        _check_place(f"outs[{i}]", x, first, ops)
         seen = tuple(int(n) for n in x.shape)
         if seen != shape:
             raise ValueError(f"outs[{i}]: expected the shape of outs[0] {shape}, got {seen}")
@@ -97,15 +95,19 @@ def _check(outs, lses, layout: str, ops) -> None:
     if layout == "bshd":
         rows = (*rows[:-2], rows[-1], rows[-2])
     for i, x in enumerate(lses):
-        if _ops_for(x) is not ops or not ops.same_place(x, first):
-            raise TypeError(f"lses[{i}]: expected the framework and device of outs[0] "
-                            f"({ops.describe(first)}), got {_describe(x)}")
+        _check_place(f"lses[{i}]", x, first, ops)
         seen = tuple(int(n) for n in x.shape)
         if seen != rows:
             raise ValueError(f"lses[{i}]: expected shape {rows} ((B, Hq, Sq) for outs of shape "
                              f"{shape}, layout {layout}), got {seen}")
         if ops.dtype_name(x) != "float32":
             raise TypeError(f"lses[{i}]: expected dtype float32, got {ops.dtype_name(x)}")
+
+
+def _check_place(name: str, x, first, ops) -> None:
+    if _ops_for(x) is not ops or not ops.same_place(x, first):
+        raise TypeError(f"{name}: expected the framework and device of outs[0] "
+                        f"({ops.describe(first)}), got {_describe(x)}")
 
 
 def _describe(x) -> str:
