@@ -44,7 +44,6 @@ def forward(
     sk, hkv = k.shape[1], k.shape[2]
     dtype = _compute_dtype(q.dtype)
     q_t = _grouped_q(q, hkv, dtype)  # (B, Hkv, G, Sq, D)
-    q_t *= dtype.type(scale)  # fold the scale into q once, not into every score tile
     k_t, v_t = _heads_first(k, dtype), _heads_first(v, dtype)  # (B, Hkv, Sk, D)
 
     out = np.empty((b, sq, hq, d), dtype=q.dtype)
@@ -52,7 +51,7 @@ def forward(
     for i0 in range(0, sq, BLOCK_Q):
         i1 = min(i0 + BLOCK_Q, sq)
         q_blk = _rows(q_t, i0, i1)  # (B, Hkv, G * bq, D)
-        state = _OnlineSoftmax(q_blk.shape[:-1], d, dtype)
+        state = _OnlineSoftmax(q_blk.shape[:-1], d, dtype, scale)
         for j0, j1, masked in _key_blocks(i0, i1, sq, sk, causal):
             # -- compute qk --
             s = np.matmul(q_blk, k_t[:, :, j0:j1].swapaxes(-1, -2))  # (B, Hkv, G * bq, bk)
@@ -137,22 +136,30 @@ def backward(
 
 
 class _OnlineSoftmax:
-    """Running row max ``m_i``, row sum ``l_i`` and unnormalised output ``acc`` of a query block."""
+    """Running row max ``m_i`` (of the unscaled scores), row sum ``l_i`` and unnormalised output
+    ``acc`` of a query block."""
 
-    def __init__(self, rows: tuple[int, ...], d: int, dtype: np.dtype) -> None:
+    def __init__(self, rows: tuple[int, ...], d: int, dtype: np.dtype, scale: float) -> None:
+        self.scale = dtype.type(scale)
         self.m_i = np.full(rows, -np.inf, dtype=dtype)
         self.l_i = np.zeros(rows, dtype=dtype)
         self.acc = np.zeros((*rows, d), dtype=dtype)
 
     def update(self, s: np.ndarray, v_blk: np.ndarray) -> None:
-        """Fold in one key block: scores ``s`` (scaled, masked; overwritten) and its values."""
+        """Fold in one key block: raw scores ``s = q k^T`` (masked; overwritten) and its values.
+
+        The scale is applied inside the exponent, ``exp(scale * (s - m))``, after the product: a
+        scale folded into q first would round q (an extra error where the scale is not a power
+        of two) and would overflow float32 for large scales.
+        """
         m_new = np.maximum(self.m_i, s.max(axis=-1))
         # A row that has seen only masked keys so far still has m_new = -inf, and
         # exp(-inf - -inf) is NaN: subtract 0 instead, which leaves its p (and alpha) exactly 0.
         m_safe = np.where(np.isneginf(m_new), 0, m_new)
-        alpha = np.exp(self.m_i - m_safe)
+        alpha = np.exp(self.scale * (self.m_i - m_safe))
         p = s
         np.subtract(p, m_safe[..., None], out=p)
+        np.multiply(p, self.scale, out=p)
         np.exp(p, out=p)
         self.l_i = self.l_i * alpha + p.sum(axis=-1)
         self.acc *= alpha[..., None]
@@ -160,11 +167,12 @@ class _OnlineSoftmax:
         self.m_i = m_new
 
     def finalize(self) -> tuple[np.ndarray, np.ndarray]:
-        """``out = acc / l_i`` and ``lse = m_i + log(l_i)``; 0 and -inf for rows that saw no key."""
+        """``out = acc / l_i`` and ``lse = scale * m_i + log(l_i)``; 0 and -inf for rows that saw
+        no key."""
         seen = self.l_i > 0
         l_safe = np.where(seen, self.l_i, 1)
         out = self.acc / l_safe[..., None]  # acc is exactly 0 on unseen rows
-        lse = np.where(seen, self.m_i + np.log(l_safe), -np.inf)
+        lse = np.where(seen, self.scale * self.m_i + np.log(l_safe), -np.inf)
         return out, lse
 
 

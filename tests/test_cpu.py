@@ -140,6 +140,20 @@ def test_lengths_zero_and_one(case: Case):
         assert_matches_reference(name, got, ref, naive_g, dtype=case.dtype, eps=eps)
 
 
+@pytest.mark.parametrize("seed", range(30))
+def test_fp32_forward_with_a_scale_that_is_not_a_power_of_two(seed: int):
+    # scale = 7 rounds when folded into q before the product; with scores of ~100 that rounding
+    # took the error past twice naive float32's (7 of these 30 seeds before the fix).
+    rng = np.random.default_rng(seed)
+    q = 3 * rng.standard_normal((1, 64, 1, 194)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 64, 1, 194)).astype(np.float32) for _ in range(2))
+    out, lse = _cpu.forward(q, k, v, causal=False, scale=7.0)
+    ref_out, ref_lse = reference.attention(q, k, v, scale=7.0, return_lse=True)
+    naive_out, naive_lse = naive_attention(q, k, v, dtype="float32", causal=False, scale=7.0)
+    assert_matches_reference("out", out, ref_out, naive_out, dtype="float32")
+    assert_matches_reference("lse", lse, ref_lse, naive_lse, dtype=LSE_DTYPE)
+
+
 @pytest.mark.parametrize(
     "case, tiles",
     [
