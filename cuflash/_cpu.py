@@ -53,12 +53,8 @@ def forward(
         q_blk = _rows(q_t, i0, i1)  # (B, Hkv, G * bq, D)
         state = _OnlineSoftmax(q_blk.shape[:-1], d, dtype, scale)
         for j0, j1, masked in _key_blocks(i0, i1, sq, sk, causal):
-            # -- compute qk --
-            s = np.matmul(q_blk, k_t[:, :, j0:j1].swapaxes(-1, -2))  # (B, Hkv, G * bq, bk)
-            if masked:
-                _mask_future(s, i0, i1, j0, j1, sq, sk)
-            # -- online softmax and p @ v --
-            state.update(s, v_t[:, :, j0:j1])
+            # -- online softmax of q k^T, and p @ v --
+            state.update(_scores(q_blk, k_t, i0, i1, j0, j1, sq, sk, masked), v_t[:, :, j0:j1])
         o_blk, lse_blk = state.finalize()
         out[:, i0:i1] = _ungroup(o_blk, i1 - i0).swapaxes(1, 2)
         lse[:, :, i0:i1] = lse_blk.reshape(b, hq, i1 - i0)
@@ -71,16 +67,21 @@ def backward(
     k: np.ndarray,
     v: np.ndarray,
     out: np.ndarray,
-    lse: np.ndarray,
     *,
     causal: bool,
     scale: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Attention backward pass (FlashAttention-2): P is recomputed tile by tile from ``lse``.
+    """Attention backward pass (FlashAttention-2): P is recomputed tile by tile.
+
+    Each query block first recomputes its row statistics (max and sum, in the compute dtype) with
+    one pass over the keys, rather than read them back from the forward's float32 lse: with
+    scores of ~1e4, lse rounded to float32 is off by ~1e-3, and exp(s - lse) would then miss a
+    row sum of one by as much (the float32 gradients failed the accuracy rule; float64 ones would
+    carry float32's ~1e-7 everywhere). With its own max and sum every P row sums to one to the
+    compute dtype's precision, as in naive attention.
 
     Args:
-        dout, out: ``(B, Sq, Hq, D)``; q, k, v: as for :func:`forward`; lse: ``(B, Hq, Sq)`` as
-            returned by :func:`forward`. Any strides.
+        dout, out: ``(B, Sq, Hq, D)``; q, k, v: as for :func:`forward`. Any strides.
         causal, scale: as for :func:`forward`.
 
     Returns:
@@ -90,15 +91,11 @@ def backward(
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     dtype = _compute_dtype(q.dtype)
+    scale_t = dtype.type(scale)
     q_t = _grouped_q(q, hkv, dtype)
-    q_t *= dtype.type(scale)
     do_t = _grouped_q(dout, hkv, dtype)
     # -- preprocess: delta = rowsum(dO * O), the softmax-backward term --
     delta_t = np.sum(do_t * _grouped_q(out, hkv, dtype), axis=-1)  # (B, Hkv, G, Sq)
-    lse_t = lse.reshape(b, hkv, hq // hkv, sq).astype(dtype)
-    # A row that saw no key has lse = -inf, and exp(s - -inf) would be inf (or NaN for masked s):
-    # subtract +inf instead, so its P is exactly 0 and it contributes nothing.
-    lse_t[np.isneginf(lse_t)] = np.inf
     k_t, v_t = _heads_first(k, dtype), _heads_first(v, dtype)
 
     dq = np.empty((b, sq, hq, d), dtype=q.dtype)
@@ -108,17 +105,18 @@ def backward(
         i1 = min(i0 + BLOCK_Q, sq)
         q_blk, do_blk = _rows(q_t, i0, i1), _rows(do_t, i0, i1)
         delta_blk = _rows(delta_t[..., None], i0, i1)  # (B, Hkv, G * bq, 1)
-        lse_blk = _rows(lse_t[..., None], i0, i1)
-        if dtype == np.float64:
-            lse_blk = _refine_lse(lse_blk, q_blk, k_t, i0, i1, sq, sk, causal)
+        stats = _RowStatistics(q_blk.shape[:-1], dtype, scale)
+        for j0, j1, masked in _key_blocks(i0, i1, sq, sk, causal):
+            stats.fold(_scores(q_blk, k_t, i0, i1, j0, j1, sq, sk, masked))
+        m_blk, log_l_blk = stats.normaliser()
         dq_blk = np.zeros_like(q_blk)
         for j0, j1, masked in _key_blocks(i0, i1, sq, sk, causal):
             k_blk, v_blk = k_t[:, :, j0:j1], v_t[:, :, j0:j1]
-            # -- recompute P = exp(s - lse) --
-            p = np.matmul(q_blk, k_blk.swapaxes(-1, -2))
-            if masked:
-                _mask_future(p, i0, i1, j0, j1, sq, sk)
-            np.subtract(p, lse_blk, out=p)
+            # -- recompute P = exp(scale * (s - m) - log l) --
+            p = _scores(q_blk, k_t, i0, i1, j0, j1, sq, sk, masked)
+            np.subtract(p, m_blk, out=p)
+            np.multiply(p, scale_t, out=p)
+            np.subtract(p, log_l_blk, out=p)
             np.exp(p, out=p)
             # -- dV += P^T dO (the matmul sums the group's query heads) --
             dv_t[:, :, j0:j1] += np.matmul(p.swapaxes(-1, -2), do_blk)
@@ -126,45 +124,88 @@ def backward(
             ds = np.matmul(do_blk, v_blk.swapaxes(-1, -2))
             np.subtract(ds, delta_blk, out=ds)
             np.multiply(ds, p, out=ds)
-            # -- dQ += dS K, dK += dS^T (scale * Q) --
+            # -- dQ += dS K, dK += dS^T Q (both times scale at the end) --
             dq_blk += np.matmul(ds, k_blk)
             dk_t[:, :, j0:j1] += np.matmul(ds.swapaxes(-1, -2), q_blk)
-        dq[:, i0:i1] = (_ungroup(dq_blk, i1 - i0) * dtype.type(scale)).swapaxes(1, 2)
+        dq[:, i0:i1] = (_ungroup(dq_blk, i1 - i0) * scale_t).swapaxes(1, 2)
+    dk_t *= scale_t
     dk = np.ascontiguousarray(dk_t.swapaxes(1, 2), dtype=k.dtype)
     dv = np.ascontiguousarray(dv_t.swapaxes(1, 2), dtype=v.dtype)
     return dq, dk, dv
 
 
-class _OnlineSoftmax:
-    """Running row max ``m_i`` (of the unscaled scores), row sum ``l_i`` and unnormalised output
-    ``acc`` of a query block."""
+def _scores(
+    q_blk: np.ndarray,
+    k_t: np.ndarray,
+    i0: int,
+    i1: int,
+    j0: int,
+    j1: int,
+    sq: int,
+    sk: int,
+    masked: bool,
+) -> np.ndarray:
+    """Raw scores ``q k^T`` of query rows ``[i0, i1)`` against keys ``[j0, j1)``, -inf where
+    masked: ``(B, Hkv, G * bq, bk)``."""
+    s = np.matmul(q_blk, k_t[:, :, j0:j1].swapaxes(-1, -2))
+    if masked:
+        _mask_future(s, i0, i1, j0, j1, sq, sk)
+    return s
 
-    def __init__(self, rows: tuple[int, ...], d: int, dtype: np.dtype, scale: float) -> None:
+
+class _RowStatistics:
+    """Running row max ``m_i`` of the unscaled scores and row sum ``l_i`` of
+    ``exp(scale * (s - m_i))`` over the key blocks of a query block."""
+
+    def __init__(self, rows: tuple[int, ...], dtype: np.dtype, scale: float) -> None:
         self.scale = dtype.type(scale)
         self.m_i = np.full(rows, -np.inf, dtype=dtype)
         self.l_i = np.zeros(rows, dtype=dtype)
-        self.acc = np.zeros((*rows, d), dtype=dtype)
 
-    def update(self, s: np.ndarray, v_blk: np.ndarray) -> None:
-        """Fold in one key block: raw scores ``s = q k^T`` (masked; overwritten) and its values.
+    def fold(self, s: np.ndarray) -> np.ndarray:
+        """Fold in one key block of raw scores ``s = q k^T`` (masked with -inf).
 
-        The scale is applied inside the exponent, ``exp(scale * (s - m))``, after the product: a
-        scale folded into q first would round q (an extra error where the scale is not a power
-        of two) and would overflow float32 for large scales.
+        ``s`` is overwritten with ``p = exp(scale * (s - m_new))``; returns ``alpha``, the factor
+        that rescales sums taken against the previous max. The scale is applied inside the
+        exponent, after the product: folded into q first it would round q once more (an extra
+        error where the scale is not a power of two) and overflow float32 for large scales.
         """
         m_new = np.maximum(self.m_i, s.max(axis=-1))
         # A row that has seen only masked keys so far still has m_new = -inf, and
         # exp(-inf - -inf) is NaN: subtract 0 instead, which leaves its p (and alpha) exactly 0.
         m_safe = np.where(np.isneginf(m_new), 0, m_new)
         alpha = np.exp(self.scale * (self.m_i - m_safe))
-        p = s
-        np.subtract(p, m_safe[..., None], out=p)
-        np.multiply(p, self.scale, out=p)
-        np.exp(p, out=p)
-        self.l_i = self.l_i * alpha + p.sum(axis=-1)
-        self.acc *= alpha[..., None]
-        self.acc += np.matmul(p, v_blk)
+        np.subtract(s, m_safe[..., None], out=s)
+        np.multiply(s, self.scale, out=s)
+        np.exp(s, out=s)
+        self.l_i = self.l_i * alpha + s.sum(axis=-1)
         self.m_i = m_new
+        return alpha
+
+    def normaliser(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(m, log l)`` shaped ``(*rows, 1)``, so that ``P = exp(scale * (s - m) - log l)``.
+
+        A row that saw no key gets ``(0, +inf)``: its P is exactly 0 (masked scores are -inf).
+        """
+        blind = self.l_i == 0
+        m = np.where(blind, 0, self.m_i)
+        with np.errstate(divide="ignore"):
+            log_l = np.where(blind, np.inf, np.log(self.l_i))
+        return m[..., None], log_l[..., None]
+
+
+class _OnlineSoftmax(_RowStatistics):
+    """Row statistics and the unnormalised output ``acc`` of a query block."""
+
+    def __init__(self, rows: tuple[int, ...], d: int, dtype: np.dtype, scale: float) -> None:
+        super().__init__(rows, dtype, scale)
+        self.acc = np.zeros((*rows, d), dtype=dtype)
+
+    def update(self, s: np.ndarray, v_blk: np.ndarray) -> None:
+        """Fold in one key block: raw scores ``s`` (masked; overwritten) and its values."""
+        alpha = self.fold(s)
+        self.acc *= alpha[..., None]
+        self.acc += np.matmul(s, v_blk)
 
     def finalize(self) -> tuple[np.ndarray, np.ndarray]:
         """``out = acc / l_i`` and ``lse = scale * m_i + log(l_i)``; 0 and -inf for rows that saw
@@ -196,33 +237,6 @@ def _mask_future(s: np.ndarray, i0: int, i1: int, j0: int, j1: int, sq: int, sk:
     b, hkv, rows, bk = s.shape
     future = np.arange(j0, j1)[None, :] > np.arange(i0, i1)[:, None] + (sk - sq)  # (bq, bk)
     np.copyto(s.reshape(b, hkv, rows // (i1 - i0), i1 - i0, bk), -np.inf, where=future)
-
-
-def _refine_lse(
-    lse_blk: np.ndarray,
-    q_blk: np.ndarray,
-    k_t: np.ndarray,
-    i0: int,
-    i1: int,
-    sq: int,
-    sk: int,
-    causal: bool,
-) -> np.ndarray:
-    """Correct a float32 lse to float64 accuracy with one extra pass over the keys.
-
-    The stored lse is float32, so exp(s - lse) would carry ~1e-7 relative error into every
-    float64 gradient. The row sums of exp(s - lse) are 1 up to that error: adding their log to
-    lse fixes it.
-    """
-    total = np.zeros_like(lse_blk)
-    for j0, j1, masked in _key_blocks(i0, i1, sq, sk, causal):
-        s = np.matmul(q_blk, k_t[:, :, j0:j1].swapaxes(-1, -2))
-        if masked:
-            _mask_future(s, i0, i1, j0, j1, sq, sk)
-        np.subtract(s, lse_blk, out=s)
-        total += np.exp(s, out=s).sum(axis=-1, keepdims=True)
-    seen = total > 0  # rows that saw no key keep their +inf
-    return np.where(seen, lse_blk + np.log(np.where(seen, total, 1)), lse_blk)
 
 
 def _compute_dtype(dtype: np.dtype) -> np.dtype:

@@ -143,7 +143,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
         dk/dv sum over each group's query heads.
 
     For float64 on the GPU the float32 `lse` would limit gradients to ~1e-7 relative error, so
-    the row statistics are recomputed in float64 (one extra forward pass).
+    the row statistics are recomputed in float64 (one extra forward pass). The CPU path always
+    recomputes them, in its compute dtype (one extra pass over the keys), and reads `lse` only
+    to validate it: a float32 lse is too coarse for exp(s - lse) once scores reach ~1e4.
     """
     arrays = (dout, q, k, v, out, lse)
     key = _replay.backward_key(arrays, (causal, type(causal), scale, type(scale), layout,
@@ -393,16 +395,17 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
     """
     do4, q4, k4, v4, o4, dq4, dk4, dv4 = (
         to_bshd(x, problem) for x in (dob, qb, kb, vb, ob, dqb, dkb, dvb))
-    lse3 = lseb if problem.batched else lseb[None]
     if problem.source.device == "cpu":
         from cuflash import _cpu
 
-        dq, dk, dv = _cpu.backward(do4, q4, k4, v4, o4, lse3, causal=problem.causal,
+        # The CPU path recomputes the row statistics itself; lse was only validated.
+        dq, dk, dv = _cpu.backward(do4, q4, k4, v4, o4, causal=problem.causal,
                                    scale=problem.scale)
         dq4[...], dk4[...], dv4[...] = dq, dk, dv
         return False
     from cuflash import _launch, _launch_bwd
 
+    lse3 = lseb if problem.batched else lseb[None]
     src = problem.source
     device_id = src.device_id
     cc = compute_capability(device_id)

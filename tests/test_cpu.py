@@ -60,8 +60,8 @@ def _forward(case: Case, q, k, v):
     return _cpu.forward(q, k, v, causal=case.causal, scale=_scale(case))
 
 
-def _backward(case: Case, dout, q, k, v, out, lse):
-    return _cpu.backward(dout, q, k, v, out, lse, causal=case.causal, scale=_scale(case))
+def _backward(case: Case, dout, q, k, v, out):
+    return _cpu.backward(dout, q, k, v, out, causal=case.causal, scale=_scale(case))
 
 
 @ACCURACY
@@ -85,7 +85,7 @@ def test_forward_and_backward_match_reference(
         out, lse = _cpu.forward(q4, k4, v4, **opts)
         inputs |= {"out": out, "lse": lse}
         originals |= {"out": out.copy(), "lse": lse.copy()}
-        grads = _cpu.backward(do4, q4, k4, v4, out, lse, **opts)
+        grads = _cpu.backward(do4, q4, k4, v4, out, **opts)
 
     b, sq, hq, _ = q4.shape
     assert out.dtype == q.dtype and out.shape == q4.shape and out.flags.c_contiguous
@@ -125,7 +125,7 @@ def test_forward_and_backward_match_reference(
 def test_lengths_zero_and_one(case: Case):
     q, k, v, dout = _canonical_inputs(case, seed=11)
     out, lse = _forward(case, q, k, v)
-    grads = _backward(case, dout, q, k, v, out, lse)
+    grads = _backward(case, dout, q, k, v, out)
     ref_out, ref_lse = reference.attention(q, k, v, causal=case.causal, return_lse=True)
     naive = {"dtype": case.dtype, "causal": case.causal, "scale": _scale(case)}
     naive_out, naive_lse = naive_attention(q, k, v, **naive)
@@ -138,6 +138,41 @@ def test_lengths_zero_and_one(case: Case):
         ("dq", "dk", "dv"), grads, ref_grads, naive_grads, grad_eps, strict=True
     ):
         assert_matches_reference(name, got, ref, naive_g, dtype=case.dtype, eps=eps)
+
+
+def test_fp32_backward_with_large_scores_sums_p_to_one():
+    # Scores 20000 and 19992: lse = 20000.000335 rounds to 20000 in float32, and exp(s - lse)
+    # gave dv = (1.0, 0.000335), probabilities summing to 1.00034.
+    q = np.full((1, 1, 1, 1), 2000, np.float32)
+    k = np.array([10, 9.996], np.float32).reshape(1, 2, 1, 1)
+    v = np.array([1, -1], np.float32).reshape(1, 2, 1, 1)
+    dout = np.ones_like(q)
+    out, _ = _cpu.forward(q, k, v, causal=False, scale=1.0)
+    _, _, dv = _cpu.backward(dout, q, k, v, out, causal=False, scale=1.0)
+    ref_dv = reference.attention_backward(dout, q, k, v, scale=1.0)[2]
+    naive_dv = naive_attention_backward(dout, q, k, v, dtype="float32", causal=False, scale=1.0)[2]
+    eps = backward_eps(dout, q, k, v, dtype="float32", causal=False, scale=1.0)[2]
+    np.testing.assert_allclose(dv.ravel(), [0.999664, 0.000336], rtol=1e-5, atol=1e-6)
+    assert_matches_reference("dv", dv, ref_dv, naive_dv, dtype="float32", eps=eps)
+
+
+@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("causal", [False, True])
+def test_fp32_backward_with_q_scaled_by_1000(seed: int, causal: bool):
+    rng = np.random.default_rng(seed)
+    q = 1000 * rng.standard_normal((1, 24, 2, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 24, 1, 16)).astype(np.float32) for _ in range(2))
+    dout = rng.standard_normal(q.shape).astype(np.float32)
+    opts = {"causal": causal, "scale": 0.25}
+    out, _ = _cpu.forward(q, k, v, **opts)
+    grads = _cpu.backward(dout, q, k, v, out, **opts)
+    ref_grads = reference.attention_backward(dout, q, k, v, **opts)
+    naive_grads = naive_attention_backward(dout, q, k, v, dtype="float32", **opts)
+    grad_eps = backward_eps(dout, q, k, v, dtype="float32", **opts)
+    for name, got, ref, naive_g, eps in zip(
+        ("dq", "dk", "dv"), grads, ref_grads, naive_grads, grad_eps, strict=True
+    ):
+        assert_matches_reference(name, got, ref, naive_g, dtype="float32", eps=eps)
 
 
 @pytest.mark.parametrize("seed", range(30))
@@ -174,11 +209,11 @@ def test_rows_that_see_no_key_give_zero_and_no_gradient(case: Case, tiles: tuple
         # An incoming gradient on the blind rows only must produce no gradient at all.
         dout_blind = np.where(np.arange(case.seqlen_q)[:, None, None] < blind, dout, 0)
         for name, g in zip(
-            ("dq", "dk", "dv"), _backward(case, dout_blind, q, k, v, out, lse), strict=True
+            ("dq", "dk", "dv"), _backward(case, dout_blind, q, k, v, out), strict=True
         ):
             assert not np.any(g), f"{name} is not zero"
         for name, g in zip(
-            ("dq", "dk", "dv"), _backward(case, dout, q, k, v, out, lse), strict=True
+            ("dq", "dk", "dv"), _backward(case, dout, q, k, v, out), strict=True
         ):
             assert np.all(np.isfinite(g)), f"{name} is not finite"
 
@@ -211,8 +246,8 @@ def test_permuting_keys_and_values_together_changes_nothing(case: Case, seed: in
     out_p, lse_p = _forward(case, q, k[:, perm], v[:, perm])
     np.testing.assert_allclose(out_p, out, rtol=0, atol=SAME_TOL[case.dtype])
     np.testing.assert_allclose(lse_p, lse, rtol=1e-6, atol=1e-6)
-    dq, dk, dv = _backward(case, dout, q, k, v, out, lse)
-    dq_p, dk_p, dv_p = _backward(case, dout, q, k[:, perm], v[:, perm], out_p, lse_p)
+    dq, dk, dv = _backward(case, dout, q, k, v, out)
+    dq_p, dk_p, dv_p = _backward(case, dout, q, k[:, perm], v[:, perm], out_p)
     for name, got, want in (("dq", dq_p, dq), ("dk", dk_p, dk[:, perm]), ("dv", dv_p, dv[:, perm])):
         tol = SAME_TOL[case.dtype] * max(1.0, float(np.abs(want).max(initial=0)))
         np.testing.assert_allclose(got, want, rtol=0, atol=tol, err_msg=name)
@@ -254,8 +289,8 @@ def test_causal_rows_ignore_future_keys(case: Case, seed: int):
     out2, lse2 = _forward(case, q, k2, v2)
     np.testing.assert_array_equal(out2[:, rows], out[:, rows])
     np.testing.assert_array_equal(lse2[:, :, rows], lse[:, :, rows])
-    dq = _backward(case, dout, q, k, v, out, lse)[0]
-    dq2 = _backward(case, dout, q, k2, v2, out2, lse2)[0]
+    dq = _backward(case, dout, q, k, v, out)[0]
+    dq2 = _backward(case, dout, q, k2, v2, out2)[0]
     np.testing.assert_array_equal(dq2[:, rows], dq[:, rows])
 
 
@@ -269,8 +304,8 @@ def test_gqa_equals_repeating_kv_heads(case: Case, seed: int):
     out_r, lse_r = _forward(case, q, k_rep, v_rep)
     np.testing.assert_allclose(out_r, out, rtol=0, atol=SAME_TOL[case.dtype])
     np.testing.assert_allclose(lse_r, lse, rtol=1e-6, atol=1e-6)
-    grads = _backward(case, dout, q, k, v, out, lse)
-    dq_r, dk_r, dv_r = _backward(case, dout, q, k_rep, v_rep, out_r, lse_r)
+    grads = _backward(case, dout, q, k, v, out)
+    dq_r, dk_r, dv_r = _backward(case, dout, q, k_rep, v_rep, out_r)
     b, sk, hkv, d = k.shape
     summed = [x.reshape(b, sk, hkv, case.group, d).sum(axis=3) for x in (dk_r, dv_r)]
     for name, got, want in zip(("dq", "dk", "dv"), (dq_r, *summed), grads, strict=True):
