@@ -38,7 +38,8 @@ def forward(
 
     Returns:
         ``out`` ``(B, Sq, Hq, D)`` C-contiguous in q's dtype, and ``lse`` ``(B, Hq, Sq)`` float32
-        (natural log). Rows that see no key have ``out = 0`` and ``lse = -inf``.
+        (natural log). Rows that see no key have ``out = 0`` and ``lse = -inf``; NaN inputs
+        reach exactly the rows :mod:`cuflash.reference` says (docs/api.md, NaN policy).
     """
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
@@ -52,9 +53,9 @@ def forward(
         i1 = min(i0 + BLOCK_Q, sq)
         q_blk = _rows(q_t, i0, i1)  # (B, Hkv, G * bq, D)
         state = _OnlineSoftmax(q_blk.shape[:-1], d, dtype, scale)
-        for j0, j1, masked in _key_blocks(i0, i1, sq, sk, causal):
+        for j0, j1, future in _key_blocks(i0, i1, sq, sk, causal):
             # -- online softmax of q k^T, and p @ v --
-            state.update(_scores(q_blk, k_t, i0, i1, j0, j1, sq, sk, masked), v_t[:, :, j0:j1])
+            state.update(_scores(q_blk, k_t, j0, j1, future), v_t[:, :, j0:j1], future)
         o_blk, lse_blk = state.finalize()
         out[:, i0:i1] = _ungroup(o_blk, i1 - i0).swapaxes(1, 2)
         lse[:, :, i0:i1] = lse_blk.reshape(b, hq, i1 - i0)
@@ -106,14 +107,14 @@ def backward(
         q_blk, do_blk = _rows(q_t, i0, i1), _rows(do_t, i0, i1)
         delta_blk = _rows(delta_t[..., None], i0, i1)  # (B, Hkv, G * bq, 1)
         stats = _RowStatistics(q_blk.shape[:-1], dtype, scale)
-        for j0, j1, masked in _key_blocks(i0, i1, sq, sk, causal):
-            stats.fold(_scores(q_blk, k_t, i0, i1, j0, j1, sq, sk, masked))
+        for j0, j1, future in _key_blocks(i0, i1, sq, sk, causal):
+            stats.fold(_scores(q_blk, k_t, j0, j1, future))
         m_blk, log_l_blk = stats.normaliser()
         dq_blk = np.zeros_like(q_blk)
-        for j0, j1, masked in _key_blocks(i0, i1, sq, sk, causal):
+        for j0, j1, future in _key_blocks(i0, i1, sq, sk, causal):
             k_blk, v_blk = k_t[:, :, j0:j1], v_t[:, :, j0:j1]
             # -- recompute P = exp(scale * (s - m) - log l) --
-            p = _scores(q_blk, k_t, i0, i1, j0, j1, sq, sk, masked)
+            p = _scores(q_blk, k_t, j0, j1, future)
             np.subtract(p, m_blk, out=p)
             np.multiply(p, scale_t, out=p)
             np.subtract(p, log_l_blk, out=p)
@@ -134,22 +135,16 @@ def backward(
     return dq, dk, dv
 
 
-def _scores(
-    q_blk: np.ndarray,
-    k_t: np.ndarray,
-    i0: int,
-    i1: int,
-    j0: int,
-    j1: int,
-    sq: int,
-    sk: int,
-    masked: bool,
-) -> np.ndarray:
-    """Raw scores ``q k^T`` of query rows ``[i0, i1)`` against keys ``[j0, j1)``, -inf where
-    masked: ``(B, Hkv, G * bq, bk)``."""
+def _scores(q_blk: np.ndarray, k_t: np.ndarray, j0: int, j1: int, future: np.ndarray | None
+            ) -> np.ndarray:
+    """Raw scores ``q k^T`` ``(B, Hkv, G * bq, bk)`` of a query block against keys ``[j0, j1)``,
+    -inf where ``future`` (``(bq, bk)``, None: nothing masked) says the query does not see the
+    key."""
     s = np.matmul(q_blk, k_t[:, :, j0:j1].swapaxes(-1, -2))
-    if masked:
-        _mask_future(s, i0, i1, j0, j1, sq, sk)
+    if future is not None:
+        b, hkv, rows, bk = s.shape
+        bq = future.shape[0]
+        np.copyto(s.reshape(b, hkv, rows // bq, bq, bk), -np.inf, where=future)
     return s
 
 
@@ -201,42 +196,49 @@ class _OnlineSoftmax(_RowStatistics):
         super().__init__(rows, dtype, scale)
         self.acc = np.zeros((*rows, d), dtype=dtype)
 
-    def update(self, s: np.ndarray, v_blk: np.ndarray) -> None:
-        """Fold in one key block: raw scores ``s`` (masked; overwritten) and its values."""
+    def update(self, s: np.ndarray, v_blk: np.ndarray, future: np.ndarray | None) -> None:
+        """Fold in one key block: raw scores ``s`` (masked by ``future``; overwritten) and its
+        values."""
         alpha = self.fold(s)
         self.acc *= alpha[..., None]
-        self.acc += np.matmul(s, v_blk)
+        if future is None or not np.isnan(v_blk).any():
+            self.acc += np.matmul(s, v_blk)
+            return
+        # p is exactly 0 on masked keys, but 0 * NaN is NaN: a NaN value must reach the rows that
+        # see its key and no other. Add the values with NaN as 0, then set NaN where seen.
+        nan_v = np.isnan(v_blk)
+        self.acc += np.matmul(s, np.where(nan_v, 0, v_blk))
+        sees_nan = np.matmul((~future).astype(s.dtype), nan_v.astype(s.dtype)) > 0
+        b, hkv, rows, d = self.acc.shape
+        bq = future.shape[0]
+        np.copyto(self.acc.reshape(b, hkv, rows // bq, bq, d), np.nan, where=sees_nan[:, :, None])
 
     def finalize(self) -> tuple[np.ndarray, np.ndarray]:
         """``out = acc / l_i`` and ``lse = scale * m_i + log(l_i)``; 0 and -inf for rows that saw
         no key."""
-        seen = self.l_i > 0
-        l_safe = np.where(seen, self.l_i, 1)
-        out = self.acc / l_safe[..., None]  # acc is exactly 0 on unseen rows
-        lse = np.where(seen, self.scale * self.m_i + np.log(l_safe), -np.inf)
+        blind = self.l_i == 0  # NaN (a NaN score) is not blind: it gives NaN out and lse
+        l_safe = np.where(blind, 1, self.l_i)
+        out = self.acc / l_safe[..., None]  # acc is exactly 0 on blind rows
+        lse = np.where(blind, -np.inf, self.scale * self.m_i + np.log(l_safe))
         return out, lse
 
 
 def _key_blocks(
     i0: int, i1: int, sq: int, sk: int, causal: bool
-) -> Iterator[tuple[int, int, bool]]:
-    """Yield ``(j0, j1, masked)`` for the key blocks query rows ``[i0, i1)`` must visit.
+) -> Iterator[tuple[int, int, np.ndarray | None]]:
+    """Yield ``(j0, j1, future)`` for the key blocks query rows ``[i0, i1)`` must visit.
 
     With the bottom-right causal mask row i sees keys ``j <= i + sk - sq``: blocks entirely in the
-    future of the block's last row are skipped, and only blocks reaching past the first row's
-    horizon need masking.
+    future of the block's last row are skipped. ``future`` is None for a block every row sees in
+    full, else ``(bq, bk)`` bool, True where query ``i0 + r`` does not see key ``j0 + c``.
     """
     end = min(sk, i1 + sk - sq) if causal else sk
     for j0 in range(0, end, BLOCK_K):
         j1 = min(j0 + BLOCK_K, sk)
-        yield j0, j1, causal and j1 - 1 > i0 + sk - sq
-
-
-def _mask_future(s: np.ndarray, i0: int, i1: int, j0: int, j1: int, sq: int, sk: int) -> None:
-    """Set ``s[..., g * bq + r, c]`` to -inf where query ``i0 + r`` does not see key ``j0 + c``."""
-    b, hkv, rows, bk = s.shape
-    future = np.arange(j0, j1)[None, :] > np.arange(i0, i1)[:, None] + (sk - sq)  # (bq, bk)
-    np.copyto(s.reshape(b, hkv, rows // (i1 - i0), i1 - i0, bk), -np.inf, where=future)
+        if causal and j1 - 1 > i0 + sk - sq:
+            yield j0, j1, np.arange(j0, j1)[None, :] > np.arange(i0, i1)[:, None] + (sk - sq)
+        else:
+            yield j0, j1, None
 
 
 def _compute_dtype(dtype: np.dtype) -> np.dtype:

@@ -12,7 +12,11 @@ Conventions are those of :func:`cuflash.attention` (see DESIGN.md):
 - GQA / MQA: ``Hq % Hkv == 0``; query head ``h`` reads kv head ``h // (Hq // Hkv)``.
 - ``causal=True`` is bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + Sk - Sq``.
 - A query row that sees no key (causal with ``Sq > Sk``, or ``Sk == 0``) outputs zeros, has
-  ``lse = -inf`` and contributes nothing to the gradients; no NaN is ever produced.
+  ``lse = -inf`` and contributes nothing to the gradients, whatever its q holds.
+- NaN: a NaN in a query row makes that row's output and lse NaN; a NaN in a key row makes the
+  output and lse NaN of exactly the query rows that see that key; a NaN in ``v[j, d]`` makes
+  ``out[i, d]`` NaN (not the lse) for exactly the query rows ``i`` that see key ``j``. Nothing
+  else changes. The CPU path of :func:`cuflash.attention` follows the same policy.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ def attention(
     q4, k4, v4, three_d = _canonical_inputs(layout, q=q, k=k, v=v)
     scale = _default_scale(scale, q4.shape[-1])
     p, lse = _probabilities(q4, k4, causal, scale)
-    out = np.matmul(p, _grouped_kv(v4))  # (B, Hkv, G, Sq, D)
+    out = _weighted_values(p, v4, causal)  # (B, Hkv, G, Sq, D)
     out = _from_grouped_q(out, layout, three_d)
     if not return_lse:
         return out
@@ -139,10 +143,28 @@ def _probabilities(
     m = np.where(np.isneginf(m), 0.0, m)
     p = np.exp(s - m)
     row_sum = p.sum(axis=-1, keepdims=True)
-    p = np.divide(p, row_sum, out=np.zeros_like(p), where=row_sum > 0)
+    # A NaN score makes its row's m, sum, p and lse NaN (row_sum != 0 lets NaN through).
+    p = np.divide(p, row_sum, out=np.zeros_like(p), where=row_sum != 0)
+    if causal:
+        p[..., ~_visible(sq, sk)] = 0.0  # a NaN row's masked entries are exp(-inf - NaN) = NaN
     with np.errstate(divide="ignore"):  # log(0) = -inf is the lse of a row that sees no key
         lse = (m + np.log(row_sum))[..., 0]
     return p, lse
+
+
+def _weighted_values(p: np.ndarray, v4: np.ndarray, causal: bool) -> np.ndarray:
+    """``p @ v`` ``(B, Hkv, G, Sq, D)``, where a NaN in v reaches exactly the outputs of the
+    queries that see its key: p is 0 on masked keys, but 0 * NaN would be NaN."""
+    v_g = _grouped_kv(v4)  # (B, Hkv, 1, Sk, D)
+    nan_v = np.isnan(v_g)
+    if not nan_v.any():
+        return np.matmul(p, v_g)
+    out = np.matmul(p, np.where(nan_v, 0.0, v_g))
+    sq, sk = p.shape[-2:]
+    visible = _visible(sq, sk) if causal else np.ones((sq, sk), dtype=bool)
+    sees_nan = np.matmul(visible.astype(np.float64), nan_v.astype(np.float64)) > 0
+    out[np.broadcast_to(sees_nan, out.shape)] = np.nan
+    return out
 
 
 def _visible(sq: int, sk: int) -> np.ndarray:

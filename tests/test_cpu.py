@@ -218,6 +218,47 @@ def test_rows_that_see_no_key_give_zero_and_no_gradient(case: Case, tiles: tuple
             assert np.all(np.isfinite(g)), f"{name} is not finite"
 
 
+@pytest.mark.parametrize("tiles", [TILES[0], (2, 3)], ids=lambda t: f"tiles{t[0]}x{t[1]}")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("sq, sk", [(6, 9), (9, 6)], ids=["Sq<Sk", "Sq>Sk"])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_nan_policy_matches_the_reference(where: str, sq: int, sk: int, causal: bool, tiles):
+    # NaN in q row i: out and lse of row i NaN. NaN in k (v) at key j: out and lse (out only)
+    # NaN in exactly the rows that see key j (v: in the NaN's column). Rows that see no key:
+    # zeros and lse = -inf whatever they hold. The reference must say the same, row by row.
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((1, sq, 4, 8))
+    k, v = (rng.standard_normal((1, sk, 2, 8)) for _ in range(2))
+    sees = np.arange(sk)[None, :] <= np.arange(sq)[:, None] + (sk - sq) if causal else (
+        np.ones((sq, sk), dtype=bool))
+    want_out = np.zeros((1, sq, 4, 8), dtype=bool)
+    want_lse = np.zeros((1, 4, sq), dtype=bool)
+    if where == "q":  # rows 1 (sees no key when causal with Sq > Sk) and 5, head 2
+        q[0, [1, 5], 2, 3] = np.nan
+        rows = [i for i in (1, 5) if sees[i].any()]
+        want_out[0, rows, 2, :] = True
+        want_lse[0, 2, rows] = True
+    else:  # key 4 of kv head 1, read by query heads 2 and 3
+        (k if where == "k" else v)[0, 4, 1, 3] = np.nan
+        rows = sees[:, 4]
+        if where == "k":
+            want_out[0, rows, 2:, :] = True
+            want_lse[0, 2:, rows] = True
+        else:
+            want_out[0, rows, 2:, 3] = True
+    with _tiles(*tiles):
+        out, lse = _cpu.forward(q, k, v, causal=causal, scale=0.5)
+    ref_out, ref_lse = reference.attention(q, k, v, causal=causal, scale=0.5, return_lse=True)
+    np.testing.assert_array_equal(np.isnan(ref_out), want_out, err_msg="reference out NaN")
+    np.testing.assert_array_equal(np.isnan(ref_lse), want_lse, err_msg="reference lse NaN")
+    np.testing.assert_array_equal(np.isnan(out), want_out, err_msg="cpu out NaN")
+    np.testing.assert_array_equal(np.isnan(lse), want_lse, err_msg="cpu lse NaN")
+    blind = ~sees.any(axis=1)
+    assert np.all(out[:, blind] == 0) and np.all(np.isneginf(lse[:, :, blind]))
+    np.testing.assert_allclose(out[~want_out], ref_out[~want_out], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(lse[~want_lse], ref_lse[~want_lse], rtol=0, atol=1e-6)
+
+
 # Tolerances of the metamorphic checks: the transformed problem rounds differently, so results
 # agree to a few hundred ulps (more for the key shift, whose scores reach ~100 in magnitude).
 SAME_TOL = {"float32": 2e-5, "float64": 1e-12}
