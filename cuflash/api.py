@@ -20,6 +20,9 @@ log = logging.getLogger("cuflash")
 
 LAYOUTS = ("bshd", "bhsd")
 MAX_HEAD_DIM = 256
+# The CUDA kernels work in log2 units with scale * log2(e) held in float32: a larger scale would
+# make that factor inf and every score NaN. The CPU path could go further; one rule serves both.
+MAX_SCALE = float(np.finfo(np.float32).max) / math.log2(math.e)  # about 2.3587e38
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,8 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
         v: values, shaped like `k`.
         causal: bottom-right aligned causal mask: query i sees key j iff ``j <= i + Sk - Sq``.
             A query that sees no key gets an all-zero output and ``lse = -inf``.
-        scale: softmax scale, a finite number > 0; defaults to ``1 / sqrt(D)``.
+        scale: softmax scale, a number in ``(0, MAX_SCALE]`` (about 2.3587e38: scale * log2(e)
+            must be finite in float32); defaults to ``1 / sqrt(D)``.
         layout: ``"bshd"`` (flash-attn / JAX order) or ``"bhsd"`` (PyTorch SDPA order).
         return_lse: also return the log-sum-exp of each query row.
         out: optional array of the output's shape and dtype, in the caller's framework and on
@@ -270,6 +274,9 @@ def _check_scale(scale: object, head_dim: int) -> float:
     value = float(scale)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"scale: expected a finite number > 0, got {value!r}")
+    if value > MAX_SCALE:
+        raise ValueError(f"scale: expected at most {MAX_SCALE:.5g} (float32 max / log2(e), so "
+                         f"that scale * log2(e) is finite in float32), got {value!r}")
     return value
 
 

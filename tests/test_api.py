@@ -151,6 +151,27 @@ def test_scale_not_positive_finite(no_work, scale):
         cuflash.attention(*qkv(), scale=scale)
 
 
+@pytest.mark.parametrize("scale", [2.4e38, 1e300, np.float64(api.MAX_SCALE) * (1 + 2**-52)])
+def test_scale_above_the_float32_bound(no_work, scale):
+    with raises(ValueError, "scale:", "expected at most 2.3587e+38", "log2(e)", repr(float(scale))):
+        cuflash.attention(*qkv(), scale=scale)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_huge_scale_is_exact_on_the_cpu(dtype, causal):
+    # scale = 1e38 used to overflow the float32 scores and give all-NaN output.
+    q, k, v = qkv(dtype, seed=4)
+    out, lse = cuflash.attention(q, k, v, causal=causal, scale=1e38, return_lse=True)
+    ref_out, ref_lse = reference.attention(q, k, v, causal=causal, scale=1e38, return_lse=True)
+    np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-6)
+    # lse beyond float32's range (|lse| > 3.4e38) rounds to +-inf, as the float32 cast does.
+    with np.errstate(over="ignore"):
+        np.testing.assert_allclose(lse, ref_lse.astype(np.float32), rtol=1e-6)
+    out, lse = cuflash.attention(q, k, v, causal=causal, scale=api.MAX_SCALE, return_lse=True)
+    assert np.all(np.isfinite(out))
+
+
 @pytest.mark.parametrize("scale", ["0.5", True, 1j, [0.5]], ids=["str", "bool", "complex", "list"])
 def test_scale_not_a_real_number(no_work, scale):
     with raises(TypeError, "scale:", "real number > 0 or None", repr(scale)):
