@@ -104,6 +104,7 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
         if problem.source.framework == "jax":
             raise TypeError("out: JAX arrays are immutable; call without out= and use the result")
         _check_out("out", out, problem, problem.caller_shape(problem.seqlen_q, problem.heads_q))
+        _check_writable("out", out)
 
     src = problem.source
     with _interop.stream_scope(src):
@@ -197,6 +198,8 @@ def validate(q, k, v, *, causal, scale, layout) -> Problem:
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     _check_flag("causal", causal)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _refuse_masked(name, x)
     sources = {name: _interop.source_of(x, name) for name, x in (("q", q), ("k", k), ("v", v))}
     src = sources["q"]
     for name in ("k", "v"):
@@ -280,8 +283,24 @@ def _check_scale(scale: object, head_dim: int) -> float:
     return value
 
 
+def _refuse_masked(name: str, x: object) -> None:
+    """A NumPy masked array would pass as a plain array and its mask be silently ignored."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name}: expected a plain array, got a numpy.ma.MaskedArray, whose mask "
+                        f"cuflash would ignore; fill it ({name}.filled(value)) or compress it "
+                        "first")
+
+
+def _check_writable(name: str, x: object) -> None:
+    """`x` is written in place: a read-only NumPy array must fail now, not after the work."""
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        raise ValueError(f"{name}: expected a writable array, got a read-only one "
+                         "(flags.writeable is False); pass a writable array or leave out= out")
+
+
 def _check_out(name: str, x: object, problem: Problem, shape: tuple[int, ...]) -> None:
-    """`x` must live where q lives and have the given shape and q's dtype."""
+    """`x` must be a plain array living where q lives, with the given shape and q's dtype."""
+    _refuse_masked(name, x)
     src = _interop.source_of(x, name)
     if src != problem.source:
         raise TypeError(f"{name}: expected {problem.source.describe()} like q, "
@@ -295,6 +314,7 @@ def _check_out(name: str, x: object, problem: Problem, shape: tuple[int, ...]) -
 
 
 def _check_lse(lse: object, problem: Problem) -> None:
+    _refuse_masked("lse", lse)
     src = _interop.source_of(lse, "lse")
     if src != problem.source:
         raise TypeError(f"lse: expected {problem.source.describe()} like q, got {src.describe()}")

@@ -222,6 +222,33 @@ def test_out_not_an_array(no_work):
         cuflash.attention(q, k, v, out=q.tolist())
 
 
+def test_read_only_out_fails_before_any_work(no_work):
+    q, k, v = qkv()
+    out = np.empty_like(q)
+    out.flags.writeable = False
+    with raises(ValueError, "out:", "writable", "read-only"):
+        cuflash.attention(q, k, v, out=out)
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v", "out"])
+def test_masked_arrays_are_refused_in_the_forward(no_work, name):
+    arrays = dict(zip("qkv", qkv(), strict=True))
+    arrays["out"] = np.empty_like(arrays["q"])
+    arrays[name] = np.ma.masked_array(arrays[name], mask=np.zeros(arrays[name].shape, bool))
+    with raises(TypeError, f"{name}:", "numpy.ma.MaskedArray", "fill", "compress"):
+        cuflash.attention(arrays["q"], arrays["k"], arrays["v"], out=arrays["out"])
+
+
+@pytest.mark.parametrize("name", ["dout", "q", "out", "lse"])
+def test_masked_arrays_are_refused_in_the_backward(no_work, name):
+    q, k, v = qkv()
+    arrays = {"dout": np.ones_like(q), "q": q, "k": k, "v": v, "out": np.ones_like(q),
+              "lse": np.ones((B, HQ, SQ), np.float32)}
+    arrays[name] = np.ma.masked_array(arrays[name], mask=np.zeros(arrays[name].shape, bool))
+    with raises(TypeError, f"{name}:", "numpy.ma.MaskedArray", "fill", "compress"):
+        cuflash.attention_backward(*arrays.values())
+
+
 def test_backward_bad_dout_out_lse(no_work):
     q, k, v = qkv()
     out = np.ones_like(q)
