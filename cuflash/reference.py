@@ -22,6 +22,7 @@ Conventions are those of :func:`cuflash.attention` (see DESIGN.md):
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -66,7 +67,10 @@ def attention(
         reference exact.)
 
     Raises:
-        ValueError: unknown layout, or shapes that do not fit together.
+        TypeError: complex input, a ``numpy.ma.MaskedArray``, or a scale that is not a real
+            number.
+        ValueError: unknown layout, shapes that do not fit together, or a scale that is not
+            finite and > 0.
 
     See also:
         attention_backward: the gradient of this function.
@@ -104,7 +108,7 @@ def attention_backward(
         head is summed over the query heads that read it. Rows that see no key contribute nothing.
 
     Raises:
-        ValueError: unknown layout, or shapes that do not fit together.
+        TypeError, ValueError: as for :func:`attention`, and for dout.
     """
     q4, k4, v4, three_d = _canonical_inputs(layout, q=q, k=k, v=v)
     (dout4,) = _canonical_arrays(layout, three_d, dout=dout)
@@ -227,7 +231,16 @@ def _canonical_arrays(layout: str, three_d: bool, **arrays: Any) -> list[np.ndar
     want = 3 if three_d else 4
     result = []
     for name, x in arrays.items():
-        x = np.asarray(_to_numpy(x, name), dtype=np.float64)
+        x = _to_numpy(x, name)
+        if isinstance(x, np.ma.MaskedArray):
+            raise TypeError(f"{name}: expected a plain array, got a numpy.ma.MaskedArray, whose "
+                            f"mask would be ignored; fill it ({name}.filled(value)) or compress "
+                            "it first")
+        if np.iscomplexobj(x):
+            raise TypeError(f"{name}: expected real values, got complex dtype {x.dtype}; "
+                            f"attention is defined for real inputs (pass {name}.real to drop "
+                            "the imaginary part)")
+        x = np.asarray(x, dtype=np.float64)
         if x.ndim != want:
             raise ValueError(
                 f"{name} must be {want}-D like q (layout {layout!r}); got shape {x.shape}"
@@ -266,8 +279,16 @@ def _to_numpy(x: Any, name: str) -> np.ndarray:
         ) from err
 
 
-def _default_scale(scale: float | None, d: int) -> float:
-    return 1.0 / math.sqrt(d) if scale is None else float(scale)
+def _default_scale(scale: Any, d: int) -> float:
+    """``1 / sqrt(d)`` for None, else the scale as a float, which must be finite and > 0."""
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale: expected a real number > 0 or None, got {scale!r}")
+    value = float(scale)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"scale: expected a finite number > 0, got {value!r}")
+    return value
 
 
 def _shape(x: Any) -> tuple[int, ...]:

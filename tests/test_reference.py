@@ -291,3 +291,37 @@ def test_backward_checks_dout_shape():
     q, k, v = _random(1, 3, 2, 4), _random(1, 5, 2, 4), _random(1, 5, 2, 4)
     with pytest.raises(ValueError, match="dout has shape"):
         reference.attention_backward(_random(1, 3, 2, 5), q, k, v)
+
+
+@pytest.mark.parametrize("scale", [0, 0.0, -0.5, math.nan, math.inf])
+def test_scale_must_be_finite_and_positive(scale):
+    q, k, v = _random(1, 3, 2, 4), _random(1, 5, 2, 4), _random(1, 5, 2, 4)
+    with pytest.raises(ValueError, match="scale: expected a finite number > 0"):
+        reference.attention(q, k, v, scale=scale)
+    with pytest.raises(ValueError, match="scale: expected a finite number > 0"):
+        reference.attention_backward(q, q, k, v, scale=scale)
+
+
+@pytest.mark.parametrize("scale", ["0.5", True, 1j], ids=["str", "bool", "complex"])
+def test_scale_must_be_a_real_number(scale):
+    q, k, v = _random(1, 3, 2, 4), _random(1, 5, 2, 4), _random(1, 5, 2, 4)
+    with pytest.raises(TypeError, match="scale: expected a real number"):
+        reference.attention(q, k, v, scale=scale)
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_complex_input_is_refused(name):
+    args = {"q": _random(1, 3, 2, 4), "k": _random(1, 5, 2, 4), "v": _random(1, 5, 2, 4)}
+    args[name] = args[name] + 1j
+    with pytest.raises(TypeError, match=f"{name}: expected real values, got complex"):
+        reference.attention(**args)
+    dout = args["q"].real if name != "q" else _random(1, 3, 2, 4)
+    with pytest.raises(TypeError, match=f"{name}: expected real values, got complex"):
+        reference.attention_backward(dout, **args)
+
+
+def test_masked_input_is_refused():
+    q, k, v = _random(1, 3, 2, 4), _random(1, 5, 2, 4), _random(1, 5, 2, 4)
+    masked = np.ma.masked_array(k, mask=np.zeros(k.shape, bool))
+    with pytest.raises(TypeError, match=r"k: expected a plain array, got a numpy\.ma\.MaskedArray"):
+        reference.attention(q, masked, v)
