@@ -325,11 +325,13 @@ def check(device: str | None = None, seed: int | None = None) -> int:
         gpus, reason = _gpus()
         device = "cuda" if gpus else "cpu"
         if not gpus:
-            print(f"no usable CUDA GPU ({reason}); checking the CPU path")
+            print(f"No usable CUDA GPU or driver was found, so the CPU path is checked instead "
+                  f"(detail: {reason}).")
     elif device == "cuda":
         gpus, reason = _gpus()
         if not gpus:
-            print(f"error: --device cuda, but no usable CUDA GPU ({reason})", file=sys.stderr)
+            print(f"error: --device cuda, but no usable CUDA GPU or driver was found "
+                  f"(detail: {reason})", file=sys.stderr)
             return 2
     seed = secrets.randbits(32) if seed is None else seed
     backend = _Backend(device)

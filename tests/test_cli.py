@@ -120,6 +120,17 @@ def test_modified_input_fails(monkeypatch, capsys):
     assert "input v was modified" in capsys.readouterr().out
 
 
+def test_no_driver_is_said_plainly_before_the_detail(monkeypatch, capsys):
+    detail = ("CUDARuntimeError: cudaErrorInsufficientDriver: CUDA driver version is "
+              "insufficient for CUDA runtime version")
+    monkeypatch.setattr(cli, "_gpus", lambda: ([], detail))
+    monkeypatch.setattr(cli, "CASES", cli.CASES[-3:-2])  # one small case is enough
+    assert cli.check(seed=1) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("No usable CUDA GPU or driver was found, so the CPU path is checked")
+    assert first.index("CPU path") < first.index(detail)
+
+
 def test_forcing_cuda_without_a_gpu_is_an_error(capsys):
     if gpu_skip_reason() is None:
         pytest.skip("a CUDA GPU is present")
