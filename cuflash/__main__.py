@@ -3,7 +3,8 @@
 ``info``   versions, NVRTC, GPUs, where the kernel sources and CuPy's compile cache are.
 ``check``  runs cuflash on the best device present (or ``--device``) over a handful of awkward
            shapes and every dtype the device supports, forward and backward, against the float64
-           reference with DESIGN.md's accuracy rule; prints a table and exits 1 on any failure.
+           reference with the accuracy rule of docs/api.md; prints a table and exits 1 on any
+           failure.
 ``bench``  hands its arguments to :func:`cuflash.bench.main`.
 
 Every probe of the machine is guarded: no GPU, no driver or no CuPy is reported, never a crash.

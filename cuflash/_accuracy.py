@@ -1,4 +1,5 @@
-"""The accuracy rule of DESIGN.md, shared by the tests and ``python -m cuflash check``.
+"""The accuracy rule (docs/api.md, "Accuracy rule"), shared by the tests and ``python -m cuflash
+check``.
 
 A result passes when ``max|got - ref64| <= 2 * max|naive - ref64| + eps``: ``ref64`` is
 :mod:`cuflash.reference` (float64), ``naive`` is plain attention computed the way a framework would

@@ -4,7 +4,7 @@ Plain ``softmax(scale * q @ k^T) @ v`` on the whole ``(Sq, Sk)`` score matrix, i
 whatever the input dtype or framework. It is O(S^2) in memory on purpose: nothing here is tiled, so
 it shares no code (and no bug) with the flash paths. Use it on small problems.
 
-Conventions are those of :func:`cuflash.attention` (see DESIGN.md):
+Conventions are those of :func:`cuflash.attention` (docs/api.md, "Conventions"):
 
 - layout ``"bshd"``: q ``(B, Sq, Hq, D)``, k and v ``(B, Sk, Hkv, D)``;
   layout ``"bhsd"``: q ``(B, Hq, Sq, D)``, k and v ``(B, Hkv, Sk, D)``;

@@ -1,4 +1,4 @@
-"""The accuracy rule of DESIGN.md for the tests: the package's own `cuflash._accuracy`, which
+"""The accuracy rule (docs/api.md) for the tests: the package's own `cuflash._accuracy`, which
 `python -m cuflash check` uses too (one rule, one place)."""
 
 from cuflash._accuracy import (

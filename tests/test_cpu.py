@@ -1,5 +1,6 @@
 """cuflash._cpu, the NumPy FlashAttention path: accuracy against the reference and the properties
-of DESIGN.md (metamorphic relations, fully-masked rows, untouched inputs, O(S) memory)."""
+the path must have (metamorphic relations, fully-masked rows, the NaN policy, untouched inputs,
+O(S) memory)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """cuflash.jax.attention: eager, jax.grad, jax.jit (forward and grad) and vmap against the float64
-reference, by DESIGN.md's accuracy rule; GPU variants marked gpu and skipped, with the reason
+reference, by the accuracy rule of docs/api.md; GPU variants marked gpu and skipped, with the reason
 printed, where JAX sees no GPU.
 
 Under jax.jit the CPU backend runs the CPU path through a host callback; on a GPU it refuses with

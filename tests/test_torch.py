@@ -1,8 +1,8 @@
 """cuflash on torch tensors: the ``cuflash::attention_fwd`` / ``attention_bwd`` custom ops.
 
-Forward and ``loss.backward()`` gradients against the float64 reference (DESIGN.md's accuracy
-rule), gradcheck, torch.compile(fullgraph=True) and ``torch.library.opcheck`` on the CPU; the
-same on CUDA (marked gpu, skipped with the reason printed where torch sees no GPU), plus a test
+Forward and ``loss.backward()`` gradients against the float64 reference (the accuracy rule of
+docs/api.md), gradcheck, torch.compile(fullgraph=True) and ``torch.library.opcheck`` on the CPU;
+the same on CUDA (marked gpu, skipped with the reason printed where torch sees no GPU), plus a test
 that cuflash runs on the caller's side stream.
 """
 
