@@ -110,10 +110,6 @@ def test_installed_cli_runs(venv: Path, tmp_path: Path):
     assert (venv / "bin" / "cuflash").is_file(), "the console script is installed"
 
 
-# cuflash/bench.py still names it in a comment; that file is being changed elsewhere.
-CITATION_EXEMPT = {"cuflash/bench.py"}
-
-
 def test_docs_and_sources_stand_alone():
     # Files outside this tree (a design document, a shared folder above it) are not shipped: the
     # README, docs, package, kernels and tests must point into the tree instead.
@@ -122,6 +118,5 @@ def test_docs_and_sources_stand_alone():
                                    for p in (ROOT / top).rglob("*") if p.is_file())]
     cited = [f"{p.relative_to(ROOT)}: {name}" for p in files
              if p.suffix in (".md", ".py", ".cu", ".cuh")
-             and str(p.relative_to(ROOT)) not in CITATION_EXEMPT
              for name in outside if name in p.read_text(encoding="utf-8")]
     assert not cited, cited
