@@ -143,8 +143,8 @@ class Config:
     out: Path
 
 
-# Presets per (device, --quick). The GPU sweep follows docs/performance.md's convention; the CPU one is
-# small because the NumPy path runs at GFLOP/s.
+# Presets per (device, --quick). The GPU sweep follows docs/performance.md's convention; the CPU
+# one is small because the NumPy path runs at GFLOP/s.
 _PRESETS = {
     ("cuda", False): dict(seqlens=(512, 1024, 2048, 4096, 8192, 16384), head_dims=(64, 128, 256),
                           dtypes=("bfloat16", "float16"), passes=PASSES, tokens=16384,
