@@ -11,6 +11,7 @@ Debug switches: ``CUFLASH_LINEINFO=1`` adds ``-lineinfo``; ``CUFLASH_VERBOSE=1``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -159,18 +160,53 @@ def _load(spec: KernelSpec, compute_capability: int):
             f"head dim 128)"
         )
     start = time.perf_counter()
-    module = cupy.RawModule(
-        code=expanded_source(spec.source),
-        options=nvrtc_options(arch_flag(compute_capability)),
-        name_expressions=[spec.name],
-    )
-    fn = module.get_function(spec.name)
+    try:
+        fn = _compile_and_load(spec, compute_capability)
+    except OSError as err:
+        # CuPy compiled the kernel but could not write its disk cache (a read-only or full
+        # CUPY_CACHE_DIR): compile again without the disk, rather than fail the call.
+        log.debug("kernel cache unusable (%s: %s); compiling %s in memory", type(err).__name__,
+                  err, spec.name)
+        with _in_memory_compiles():
+            fn = _compile_and_load(spec, compute_capability)
     if spec.smem_bytes > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = spec.smem_bytes
     seconds = time.perf_counter() - start
     compile_seconds[spec.name] = seconds
     log.debug("compiled %s for cc %d in %.2f s", spec.name, compute_capability, seconds)
     return fn
+
+
+def _compile_and_load(spec: KernelSpec, compute_capability: int):
+    """NVRTC through CuPy's RawModule (its disk cache unless told otherwise), then load."""
+    import cupy
+
+    module = cupy.RawModule(
+        code=expanded_source(spec.source),
+        options=nvrtc_options(arch_flag(compute_capability)),
+        name_expressions=[spec.name],
+    )
+    return module.get_function(spec.name)
+
+
+_in_memory_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _in_memory_compiles():
+    """CuPy compiles without touching its disk cache while this is active (it reads
+    CUPY_CACHE_IN_MEMORY at each compile). Process-wide, so one such compile at a time; another
+    thread's CuPy compile meanwhile merely skips the disk too."""
+    with _in_memory_lock:
+        saved = os.environ.get("CUPY_CACHE_IN_MEMORY")
+        os.environ["CUPY_CACHE_IN_MEMORY"] = "1"
+        try:
+            yield
+        finally:
+            if saved is None:
+                del os.environ["CUPY_CACHE_IN_MEMORY"]
+            else:
+                os.environ["CUPY_CACHE_IN_MEMORY"] = saved
 
 
 # ---- CPU: NVRTC resource report (no GPU needed) --------------------------------------------

@@ -87,3 +87,4 @@ def test_cpu_arrays_are_never_replayed_and_always_validated():
     t = torch.from_numpy(q)
     assert _replay.forward_key(t, t, t, None, (False,)) is None
     assert _replay.forward_key(q, q, q, None, (False,)) is None
+
