@@ -160,13 +160,19 @@ def _load(spec: KernelSpec, compute_capability: int):
             f"head dim 128)"
         )
     start = time.perf_counter()
-    try:
-        fn = _compile_and_load(spec, compute_capability)
-    except OSError as err:
-        # CuPy compiled the kernel but could not write its disk cache (a read-only or full
-        # CUPY_CACHE_DIR): compile again without the disk, rather than fail the call.
-        log.debug("kernel cache unusable (%s: %s); compiling %s in memory", type(err).__name__,
-                  err, spec.name)
+    global _disk_cache_failed
+    fn = None
+    if not _disk_cache_failed:
+        try:
+            fn = _compile_and_load(spec, compute_capability)
+        except OSError as err:
+            # CuPy compiled the kernel but could not write its disk cache (a read-only or full
+            # CUPY_CACHE_DIR): compile again without the disk, rather than fail the call, and
+            # skip the disk for the rest of the process.
+            log.debug("kernel cache unusable (%s: %s); compiling %s and later kernels in "
+                      "memory", type(err).__name__, err, spec.name)
+            _disk_cache_failed = True
+    if fn is None:
         with _in_memory_compiles():
             fn = _compile_and_load(spec, compute_capability)
     if spec.smem_bytes > 48 * 1024:
@@ -190,6 +196,7 @@ def _compile_and_load(spec: KernelSpec, compute_capability: int):
 
 
 _in_memory_lock = threading.Lock()
+_disk_cache_failed = False  # set once CuPy could not write its disk cache in this process
 
 
 @contextlib.contextmanager

@@ -35,6 +35,7 @@ def _fake_cupy_compiles(monkeypatch, fail_in_memory=False):
     monkeypatch.setattr(cupy, "RawModule", RawModule)
     monkeypatch.setattr(cupy.cuda, "Device", lambda *a: types.SimpleNamespace(id=0))
     monkeypatch.setattr(_compile, "smem_limit", lambda device_id: 232448)
+    monkeypatch.setattr(_compile, "_disk_cache_failed", False)
     return compiles
 
 
@@ -52,6 +53,9 @@ def test_unwritable_kernel_cache_compiles_in_memory(monkeypatch, caplog):
     assert compiles == [False, True], "one try through the disk cache, then one in memory"
     assert "CUPY_CACHE_IN_MEMORY" not in os.environ, "the switch must not outlive the compile"
     assert any("kernel cache unusable (PermissionError" in r.message for r in caplog.records)
+    # Later kernels of the process go straight to memory: one compile each, not two.
+    _compile._load(_launch.fwd_spec("float16", 128, True, True), 90)
+    assert compiles == [False, True, True]
 
 
 def test_in_memory_compile_restores_the_callers_setting_and_reports_real_failures(monkeypatch):
