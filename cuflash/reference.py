@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["attention", "attention_backward"]
+__all__ = ["attention", "attention_backward", "attention_varlen", "attention_with_kvcache"]
 
 _LAYOUTS = ("bshd", "bhsd")
 
@@ -41,6 +41,7 @@ def attention(
     v: Any,
     *,
     causal: bool = False,
+    window: tuple[int, int] | None = None,
     scale: float | None = None,
     layout: str = "bshd",
     return_lse: bool = False,
@@ -56,6 +57,10 @@ def attention(
         v: values, the shape of ``k``.
         causal: bottom-right aligned causal mask (query ``i`` sees key ``j`` iff
             ``j <= i + Sk - Sq``).
+        window: ``(left, right)`` sliding window, ``-1`` meaning unbounded, bottom-right
+            aligned like causal: with ``i' = i + Sk - Sq``, query ``i`` sees key ``j`` iff
+            ``i' - left <= j <= i' + right``. ``(-1, 0)`` is causal; with ``causal=True`` too,
+            ``right`` is clipped to 0. None: no window.
         scale: softmax scale; ``1 / sqrt(D)`` when None.
         layout: ``"bshd"`` or ``"bhsd"``.
         return_lse: also return the log-sum-exp of the scaled scores of every query row.
@@ -69,16 +74,18 @@ def attention(
     Raises:
         TypeError: complex input, a ``numpy.ma.MaskedArray``, or a scale that is not a real
             number.
-        ValueError: unknown layout, shapes that do not fit together, or a scale that is not
-            finite and > 0.
+        ValueError: unknown layout, shapes that do not fit together, a scale that is not
+            finite and > 0, or a window that is not a pair of integers >= -1 (TypeError for a
+            non-integer in it).
 
     See also:
         attention_backward: the gradient of this function.
     """
     q4, k4, v4, three_d = _canonical_inputs(layout, q=q, k=k, v=v)
     scale = _default_scale(scale, q4.shape[-1])
-    p, lse = _probabilities(q4, k4, causal, scale)
-    out = _weighted_values(p, v4, causal)  # (B, Hkv, G, Sq, D)
+    visible = _mask(q4.shape[1], k4.shape[1], causal, window)
+    p, lse = _probabilities(q4, k4, visible, scale)
+    out = _weighted_values(p, v4, visible)  # (B, Hkv, G, Sq, D)
     out = _from_grouped_q(out, layout, three_d)
     if not return_lse:
         return out
@@ -94,6 +101,7 @@ def attention_backward(
     v: Any,
     *,
     causal: bool = False,
+    window: tuple[int, int] | None = None,
     scale: float | None = None,
     layout: str = "bshd",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -101,7 +109,7 @@ def attention_backward(
 
     Args:
         dout: gradient of the loss with respect to the output; q's shape.
-        q, k, v, causal, scale, layout: as for :func:`attention`.
+        q, k, v, causal, window, scale, layout: as for :func:`attention`.
 
     Returns:
         ``(dq, dk, dv)``, float64 NumPy arrays shaped like q, k and v. With GQA the gradient of a kv
@@ -115,7 +123,7 @@ def attention_backward(
     if dout4.shape != q4.shape:
         raise ValueError(f"dout has shape {_shape(dout)}; expected q's shape {_shape(q)}")
     scale = _default_scale(scale, q4.shape[-1])
-    p, _ = _probabilities(q4, k4, causal, scale)  # (B, Hkv, G, Sq, Sk)
+    p, _ = _probabilities(q4, k4, _mask(q4.shape[1], k4.shape[1], causal, window), scale)
     k_g, v_g = _grouped_kv(k4), _grouped_kv(v4)  # (B, Hkv, 1, Sk, D)
     do_g = _grouped_q(dout4, k4.shape[2])  # (B, Hkv, G, Sq, D)
 
@@ -133,14 +141,188 @@ def attention_backward(
     return dq, dk, dv
 
 
+def attention_varlen(
+    q: Any,
+    k: Any,
+    v: Any,
+    cu_seqlens_q: Any,
+    cu_seqlens_k: Any,
+    *,
+    seqused_k: Any = None,
+    causal: bool = False,
+    window: tuple[int, int] | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Attention over a packed batch of sequences of different lengths, in float64 (flash-attn's
+    varlen layout), one sequence at a time.
+
+    Args:
+        q: ``(total_q, Hq, D)``: the queries of every sequence, one after the other.
+        k, v: ``(total_k, Hkv, D)``, likewise.
+        cu_seqlens_q, cu_seqlens_k: integer ``(B + 1,)`` prefix sums: sequence ``b`` holds
+            rows ``cu[b]:cu[b+1]``; ``cu[0] == 0``, non-decreasing, ``cu[B]`` the total. Length
+            0 is legal.
+        seqused_k: optional integer ``(B,)``: sequence ``b`` uses only its first
+            ``seqused_k[b]`` keys.
+        causal, window, scale: as for :func:`attention`, per sequence (bottom-right aligned on
+            each sequence's own lengths).
+        return_lse: also return the float64 lse, ``(Hq, total_q)``.
+
+    Returns:
+        ``out`` ``(total_q, Hq, D)`` float64, or ``(out, lse)``.
+    """
+    q3, k3, v3 = (_to_float64(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+    for name, x in (("q", q3), ("k", k3), ("v", v3)):
+        if x.ndim != 3:
+            raise ValueError(f"{name}: expected (total, heads, head_dim), got shape {x.shape}")
+    cu_q = _prefix_sums(cu_seqlens_q, "cu_seqlens_q", q3.shape[0])
+    cu_k = _prefix_sums(cu_seqlens_k, "cu_seqlens_k", k3.shape[0])
+    if len(cu_q) != len(cu_k):
+        raise ValueError(f"cu_seqlens_k: expected {len(cu_q)} entries like cu_seqlens_q "
+                         f"(B + 1), got {len(cu_k)}")
+    used = np.diff(cu_k)
+    if seqused_k is not None:
+        used = _integers(seqused_k, "seqused_k", (len(cu_k) - 1,))
+        if np.any(used < 0) or np.any(used > np.diff(cu_k)):
+            raise ValueError(f"seqused_k: expected 0 <= seqused_k[b] <= the length of sequence "
+                             f"b ({np.diff(cu_k).tolist()}), got {used.tolist()}")
+    out = np.zeros(q3.shape)
+    lse = np.full((q3.shape[1], q3.shape[0]), -np.inf)
+    for b in range(len(cu_q) - 1):
+        rows = slice(cu_q[b], cu_q[b + 1])
+        keys = slice(cu_k[b], cu_k[b] + used[b])
+        out[rows], lse[:, rows] = attention(q3[rows], k3[keys], v3[keys], causal=causal,
+                                            window=window, scale=scale, return_lse=True)
+    return (out, lse) if return_lse else out
+
+
+def attention_with_kvcache(
+    q: Any,
+    k_cache: Any,
+    v_cache: Any,
+    *,
+    cache_seqlens: Any,
+    k: Any = None,
+    v: Any = None,
+    block_table: Any = None,
+    causal: bool = True,
+    window: tuple[int, int] | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Attention of new queries against a KV cache (flash-attn's meaning), in float64.
+
+    Sequence ``b`` attends to the first ``cache_seqlens[b]`` keys of its cache followed by its
+    new keys `k` (if given): ``L_b = cache_seqlens[b] + Snew`` keys, bottom-right aligned for
+    causal and window. The oracle never writes: the caches are left as they are (a fast path
+    appends `k`, `v` in place at ``cache_seqlens``; the attention is the same).
+
+    Args:
+        q: ``(B, Sq, Hq, D)``.
+        k_cache, v_cache: contiguous ``(B, S_cache, Hkv, D)``, or paged ``(num_pages,
+            page_size, Hkv, D)`` with `block_table`.
+        cache_seqlens: an int, or integers ``(B,)``: keys already in each sequence's cache.
+        k, v: optional new keys and values ``(B, Snew, Hkv, D)``, appended after the cache.
+        block_table: integers ``(B, max_pages)``: page ``block_table[b, p]`` holds keys
+            ``p * page_size`` to ``(p + 1) * page_size - 1`` of sequence ``b``.
+        causal, window, scale: as for :func:`attention` (causal defaults to True here).
+        return_lse: also return the float64 lse ``(B, Hq, Sq)``.
+
+    Returns:
+        ``out`` ``(B, Sq, Hq, D)`` float64, or ``(out, lse)``.
+    """
+    q4 = _to_float64(q, "q")
+    kc, vc = _to_float64(k_cache, "k_cache"), _to_float64(v_cache, "v_cache")
+    if q4.ndim != 4 or kc.ndim != 4 or kc.shape != vc.shape:
+        raise ValueError(f"q: expected (B, Sq, Hq, D) and k_cache, v_cache (B or pages, S, Hkv, "
+                         f"D) of one shape; got q {q4.shape}, k_cache {kc.shape}, v_cache "
+                         f"{vc.shape}")
+    batch = q4.shape[0]
+    lengths = _integers(np.broadcast_to(np.asarray(cache_seqlens), (batch,)), "cache_seqlens",
+                        (batch,))
+    new_k = new_v = np.zeros((batch, 0, *kc.shape[2:]))
+    if (k is None) != (v is None):
+        raise ValueError("k, v: pass both new keys and new values, or neither")
+    if k is not None:
+        new_k, new_v = _to_float64(k, "k"), _to_float64(v, "v")
+        if new_k.shape != new_v.shape or new_k.shape[0] != batch or new_k.shape[2:] != kc.shape[2:]:
+            raise ValueError(f"k: expected (B={batch}, Snew, Hkv, D) like the cache and v, got k "
+                             f"{new_k.shape}, v {new_v.shape}")
+    if block_table is None:
+        if kc.shape[0] != batch:
+            raise ValueError(f"k_cache: expected batch {batch} like q, got shape {kc.shape}")
+        capacity = kc.shape[1]
+        keys_of = [kc[b] for b in range(batch)]
+        values_of = [vc[b] for b in range(batch)]
+    else:
+        pages, page_size = kc.shape[:2]
+        table = _integers(block_table, "block_table", None)
+        if table.ndim != 2 or table.shape[0] != batch:
+            raise ValueError(f"block_table: expected (B={batch}, max_pages), got {table.shape}")
+        if table.size and (table.min() < 0 or table.max() >= pages):
+            raise ValueError(f"block_table: expected page indices in [0, {pages}), got "
+                             f"{table.min()}..{table.max()}")
+        capacity = table.shape[1] * page_size
+        keys_of = [kc[table[b]].reshape(-1, *kc.shape[2:]) for b in range(batch)]
+        values_of = [vc[table[b]].reshape(-1, *kc.shape[2:]) for b in range(batch)]
+    if np.any(lengths < 0) or np.any(lengths + new_k.shape[1] > capacity):
+        raise ValueError(f"cache_seqlens: expected 0 <= cache_seqlens[b] and cache_seqlens[b] + "
+                         f"{new_k.shape[1]} new keys <= the cache's {capacity}, got "
+                         f"{lengths.tolist()}")
+    out = np.zeros(q4.shape)
+    lse = np.full((batch, q4.shape[2], q4.shape[1]), -np.inf)
+    for b in range(batch):
+        keys = np.concatenate([keys_of[b][:lengths[b]], new_k[b]])
+        values = np.concatenate([values_of[b][:lengths[b]], new_v[b]])
+        out[b], lse[b] = attention(q4[b], keys, values, causal=causal, window=window,
+                                   scale=scale, return_lse=True)
+    return (out, lse) if return_lse else out
+
+
+def _to_float64(x: Any, name: str) -> np.ndarray:
+    """`x` as a float64 host array; masked arrays and complex values are refused."""
+    x = _to_numpy(x, name)
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name}: expected a plain array, got a numpy.ma.MaskedArray, whose "
+                        f"mask would be ignored; fill it ({name}.filled(value)) or compress "
+                        "it first")
+    if np.iscomplexobj(x):
+        raise TypeError(f"{name}: expected real values, got complex dtype {x.dtype}; "
+                        f"attention is defined for real inputs (pass {name}.real to drop "
+                        "the imaginary part)")
+    return np.asarray(x, dtype=np.float64)
+
+
+def _integers(x: Any, name: str, shape: tuple[int, ...] | None) -> np.ndarray:
+    """An integer array (any integer dtype), of `shape` where given."""
+    array = np.asarray(_to_numpy(x, name))
+    if not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{name}: expected integers, got dtype {array.dtype}")
+    if shape is not None and array.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {array.shape}")
+    return array.astype(np.int64)
+
+
+def _prefix_sums(x: Any, name: str, total: int) -> np.ndarray:
+    """Validated ``(B + 1,)`` prefix sums ending at `total`."""
+    cu = _integers(x, name, None)
+    if cu.ndim != 1 or len(cu) < 1:
+        raise ValueError(f"{name}: expected a 1-D (B + 1,) array, got shape {cu.shape}")
+    if cu[0] != 0 or np.any(np.diff(cu) < 0) or cu[-1] != total:
+        raise ValueError(f"{name}: expected prefix sums from 0, non-decreasing, ending at the "
+                         f"total {total}; got {cu.tolist()}")
+    return cu
+
+
 def _probabilities(
-    q4: np.ndarray, k4: np.ndarray, causal: bool, scale: float
+    q4: np.ndarray, k4: np.ndarray, visible: np.ndarray | None, scale: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities ``(B, Hkv, G, Sq, Sk)`` and lse ``(B, Hkv, G, Sq)``."""
-    sq, sk = q4.shape[1], k4.shape[1]
+    """Softmax probabilities ``(B, Hkv, G, Sq, Sk)`` and lse ``(B, Hkv, G, Sq)``; `visible`
+    ``(Sq, Sk)`` is the mask (None: every key)."""
     s = scale * np.matmul(_grouped_q(q4, k4.shape[2]), _grouped_kv(k4).swapaxes(-1, -2))
-    if causal:
-        s[..., ~_visible(sq, sk)] = -np.inf
+    if visible is not None:
+        s[..., ~visible] = -np.inf
     m = np.max(s, axis=-1, keepdims=True, initial=-np.inf)
     # A row that sees no key has m = -inf, and s - m would be -inf - -inf = NaN: subtract 0
     # instead, so every p of that row is exp(-inf) = 0 and its row sum is 0.
@@ -149,14 +331,14 @@ def _probabilities(
     row_sum = p.sum(axis=-1, keepdims=True)
     # A NaN score makes its row's m, sum, p and lse NaN (row_sum != 0 lets NaN through).
     p = np.divide(p, row_sum, out=np.zeros_like(p), where=row_sum != 0)
-    if causal:
-        p[..., ~_visible(sq, sk)] = 0.0  # a NaN row's masked entries are exp(-inf - NaN) = NaN
+    if visible is not None:
+        p[..., ~visible] = 0.0  # a NaN row's masked entries are exp(-inf - NaN) = NaN
     with np.errstate(divide="ignore"):  # log(0) = -inf is the lse of a row that sees no key
         lse = (m + np.log(row_sum))[..., 0]
     return p, lse
 
 
-def _weighted_values(p: np.ndarray, v4: np.ndarray, causal: bool) -> np.ndarray:
+def _weighted_values(p: np.ndarray, v4: np.ndarray, visible: np.ndarray | None) -> np.ndarray:
     """``p @ v`` ``(B, Hkv, G, Sq, D)``, where a NaN in v reaches exactly the outputs of the
     queries that see its key: p is 0 on masked keys, but 0 * NaN would be NaN."""
     v_g = _grouped_kv(v4)  # (B, Hkv, 1, Sk, D)
@@ -164,16 +346,47 @@ def _weighted_values(p: np.ndarray, v4: np.ndarray, causal: bool) -> np.ndarray:
     if not nan_v.any():
         return np.matmul(p, v_g)
     out = np.matmul(p, np.where(nan_v, 0.0, v_g))
-    sq, sk = p.shape[-2:]
-    visible = _visible(sq, sk) if causal else np.ones((sq, sk), dtype=bool)
+    if visible is None:
+        visible = np.ones(p.shape[-2:], dtype=bool)
     sees_nan = np.matmul(visible.astype(np.float64), nan_v.astype(np.float64)) > 0
     out[np.broadcast_to(sees_nan, out.shape)] = np.nan
     return out
 
 
-def _visible(sq: int, sk: int) -> np.ndarray:
-    """``(Sq, Sk)`` bool, True where query i sees key j under the bottom-right causal mask."""
-    return np.arange(sk)[None, :] <= np.arange(sq)[:, None] + (sk - sq)
+def _mask(sq: int, sk: int, causal: bool, window: Any) -> np.ndarray | None:
+    """``(Sq, Sk)`` bool, True where query i sees key j: the bottom-right aligned causal mask
+    and/or window (``i' = i + Sk - Sq`` sees ``i' - left <= j <= i' + right``); None where
+    every key is seen."""
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal: expected True or False, got {causal!r}")
+    left, right = _window(window)
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    if left < 0 and right < 0:
+        return None
+    j = np.arange(sk)[None, :]
+    diagonal = np.arange(sq)[:, None] + (sk - sq)
+    visible = np.ones((sq, sk), dtype=bool)
+    if left >= 0:
+        visible &= j >= diagonal - left
+    if right >= 0:
+        visible &= j <= diagonal + right
+    return visible
+
+
+def _window(window: Any) -> tuple[int, int]:
+    """``(left, right)`` of a window argument, ``(-1, -1)`` for None."""
+    if window is None:
+        return -1, -1
+    if isinstance(window, (str, bytes)) or not hasattr(window, "__len__") or len(window) != 2:
+        raise TypeError(f"window: expected None or a pair (left, right) of ints, got {window!r}")
+    for side in window:
+        if isinstance(side, (bool, np.bool_)) or not isinstance(side, numbers.Integral):
+            raise TypeError(f"window: expected ints (-1 for unbounded), got {window!r}")
+    left, right = (int(side) for side in window)
+    if left < -1 or right < -1:
+        raise ValueError(f"window: expected each side >= -1 (-1: unbounded), got {window!r}")
+    return left, right
 
 
 def _grouped_q(x4: np.ndarray, hkv: int) -> np.ndarray:
@@ -231,16 +444,7 @@ def _canonical_arrays(layout: str, three_d: bool, **arrays: Any) -> list[np.ndar
     want = 3 if three_d else 4
     result = []
     for name, x in arrays.items():
-        x = _to_numpy(x, name)
-        if isinstance(x, np.ma.MaskedArray):
-            raise TypeError(f"{name}: expected a plain array, got a numpy.ma.MaskedArray, whose "
-                            f"mask would be ignored; fill it ({name}.filled(value)) or compress "
-                            "it first")
-        if np.iscomplexobj(x):
-            raise TypeError(f"{name}: expected real values, got complex dtype {x.dtype}; "
-                            f"attention is defined for real inputs (pass {name}.real to drop "
-                            "the imaginary part)")
-        x = np.asarray(x, dtype=np.float64)
+        x = _to_float64(x, name)
         if x.ndim != want:
             raise ValueError(
                 f"{name} must be {want}-D like q (layout {layout!r}); got shape {x.shape}"
