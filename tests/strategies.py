@@ -8,6 +8,7 @@ to the canonical ``(B, S, H, D)`` order.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -16,6 +17,22 @@ import numpy as np
 from hypothesis import strategies as st
 
 from tests.accuracy import round_to
+
+
+def examples(default: int) -> int:
+    """Hypothesis examples for a property suite: `default`, or ``CUFLASH_FUZZ_EXAMPLES`` where
+    it is set (a long fuzz run: ``CUFLASH_FUZZ_EXAMPLES=2000 pytest tests/test_gpu_*.py``)."""
+    text = os.environ.get("CUFLASH_FUZZ_EXAMPLES")
+    if not text:
+        return default
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"CUFLASH_FUZZ_EXAMPLES: expected a positive integer, got {text!r}")
+    return count
+
 
 LAYOUTS = ("bshd", "bhsd")
 VIEWS = ("contiguous", "qkv_packed", "transposed")

@@ -22,7 +22,7 @@ from tests.accuracy import (
     naive_attention,
     naive_attention_backward,
 )
-from tests.strategies import Case, make_dout, make_inputs, problems, seeds, to_bshd4
+from tests.strategies import Case, examples, make_dout, make_inputs, problems, seeds, to_bshd4
 
 CPU_DTYPES = ("float16", "float32", "float64")
 
@@ -30,7 +30,8 @@ CPU_DTYPES = ("float16", "float32", "float64")
 # too, so the causal block skipping and masking meet every alignment).
 TILES = ((_cpu.BLOCK_Q, _cpu.BLOCK_K), (16, 32), (32, 16), (5, 7))
 
-ACCURACY = settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+ACCURACY = settings(deadline=None, max_examples=examples(60),
+                    suppress_health_check=[HealthCheck.too_slow])
 PROPERTY = settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
 
 

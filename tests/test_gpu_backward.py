@@ -23,7 +23,7 @@ from tests.accuracy import (  # noqa: E402
     backward_eps,
     naive_attention_backward,
 )
-from tests.strategies import Case, make_dout, make_inputs, problems, seeds, to_bshd4  # noqa: E402
+from tests.strategies import Case, examples, make_dout, make_inputs, problems, seeds, to_bshd4  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -72,7 +72,7 @@ def _skip_single_family(dtype: str, kernel_path: str) -> None:
 # kernel_path (tests/conftest.py) sets an environment variable once per test, the same for every
 # example.
 @pytest.mark.parametrize("dtype", DTYPES)
-@settings(max_examples=80, deadline=None,
+@settings(max_examples=examples(80), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), seed=seeds())
 def test_backward_matches_reference(dtype, kernel_path, data, seed):

@@ -21,12 +21,12 @@ import cupy  # noqa: E402
 import cuflash  # noqa: E402
 from cuflash import _compile, _launch, reference  # noqa: E402
 from tests.accuracy import assert_matches_reference, naive_attention  # noqa: E402
-from tests.strategies import make_inputs, problems, seeds, to_bshd4  # noqa: E402
+from tests.strategies import examples, make_inputs, problems, seeds, to_bshd4  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
 # kernel_path sets an environment variable once per test, the same for every example.
-GPU_SETTINGS = settings(max_examples=120, deadline=None,
+GPU_SETTINGS = settings(max_examples=examples(120), deadline=None,
                         suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.gpu_support import require_gpu, to_numpy
+from tests.strategies import examples
 
 require_gpu()
 
@@ -147,7 +148,8 @@ def _check_call(xp, c, seed):
 
 
 @pytest.mark.parametrize("framework", ["torch", "cupy"])
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(25), deadline=None,
+          suppress_health_check=list(HealthCheck))
 @given(sequence=st.lists(calls(), min_size=2, max_size=5), repeats=st.lists(
     st.integers(0, 4), min_size=1, max_size=4), seed=st.integers(0, 2**32 - 1))
 def test_call_sequences_never_replay_a_stale_launch(framework, sequence, repeats, seed):

@@ -20,13 +20,13 @@ import cupy  # noqa: E402
 
 from cuflash import _launch_sm90, reference  # noqa: E402
 from tests.accuracy import assert_matches_reference, naive_attention  # noqa: E402
-from tests.strategies import Case, make_inputs, problems, seeds, to_bshd4  # noqa: E402
+from tests.strategies import Case, examples, make_inputs, problems, seeds, to_bshd4  # noqa: E402
 
 CC = require_hopper("sm90 GPU tests")
 
 pytestmark = pytest.mark.gpu
 
-GPU_SETTINGS = settings(max_examples=150, deadline=None, derandomize=False)
+GPU_SETTINGS = settings(max_examples=examples(150), deadline=None, derandomize=False)
 # Head dims whose rows are whole 16-byte vectors: every view strategies.py builds is TMA-legal.
 TMA_HEAD_DIMS = (8, 16, 32, 40, 56, 64, 72, 96, 120, 128, 136, 160, 192, 200, 248, 256)
 

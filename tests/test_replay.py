@@ -88,3 +88,16 @@ def test_cpu_arrays_are_never_replayed_and_always_validated():
     assert _replay.forward_key(t, t, t, None, (False,)) is None
     assert _replay.forward_key(q, q, q, None, (False,)) is None
 
+
+
+def test_fuzz_examples_switch(monkeypatch):
+    from tests.strategies import examples
+
+    monkeypatch.delenv("CUFLASH_FUZZ_EXAMPLES", raising=False)
+    assert examples(25) == 25
+    monkeypatch.setenv("CUFLASH_FUZZ_EXAMPLES", "2000")
+    assert examples(25) == 2000
+    for bad in ("0", "-3", "many"):
+        monkeypatch.setenv("CUFLASH_FUZZ_EXAMPLES", bad)
+        with pytest.raises(ValueError, match="CUFLASH_FUZZ_EXAMPLES: expected a positive"):
+            examples(25)
