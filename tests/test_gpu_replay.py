@@ -75,6 +75,16 @@ def _inputs(xp, c, seed):
     return arrays
 
 
+def _view_of_base(x):
+    """A float64 NumPy view `x` as (its whole base array, contiguous; the view's start and
+    strides in elements of that base), so a device copy of the base can be viewed the same way."""
+    base = x.base
+    while base.base is not None:
+        base = base.base
+    start = (x.__array_interface__["data"][0] - base.__array_interface__["data"][0]) // 8
+    return np.ascontiguousarray(base), start, tuple(s // 8 for s in x.strides)
+
+
 class _Torch:
     def __init__(self):
         self.torch = _torch()
@@ -87,12 +97,8 @@ class _Torch:
         return view
 
     def to_device_view(self, x, dtype, offset):
-        base = x.base
-        while base.base is not None:
-            base = base.base
-        whole = self.to_device(np.ascontiguousarray(base), dtype, offset)
-        strides = tuple(s // 8 for s in x.strides)
-        start = (x.__array_interface__["data"][0] - base.__array_interface__["data"][0]) // 8
+        base, start, strides = _view_of_base(x)
+        whole = self.to_device(base, dtype, offset)
         return whole.as_strided(x.shape, strides, whole.storage_offset() + start)
 
     def empty_like_out(self, q, shape):
@@ -108,14 +114,11 @@ class _Cupy:
         return view
 
     def to_device_view(self, x, dtype, offset):
-        base = x.base
-        while base.base is not None:
-            base = base.base
-        whole = self.to_device(np.ascontiguousarray(base), dtype, offset)
+        base, start, strides = _view_of_base(x)
+        whole = self.to_device(base, dtype, offset)
         item = whole.dtype.itemsize
-        start = (x.__array_interface__["data"][0] - base.__array_interface__["data"][0]) // 8
         return cupy.ndarray(x.shape, whole.dtype, whole.data + start * item,
-                            strides=tuple(s // 8 * item for s in x.strides))
+                            strides=tuple(s * item for s in strides))
 
     def empty_like_out(self, q, shape):
         return cupy.empty(shape, dtype=q.dtype)
