@@ -101,6 +101,11 @@ class KernelCall:
         self._argv = (ctypes.c_void_p * len(buffers))(*(b.ctypes.data for b in buffers))
         self._keep = keep
         self._lock = threading.Lock()
+        # cuLaunchKernel's fixed arguments as ctypes values of its declared types: ctypes then
+        # passes them without converting Python ints on every launch.
+        uint = ctypes.c_uint
+        self._fixed = (ctypes.c_void_p(self._handle), *(uint(n) for n in grid), uint(threads),
+                       uint(1), uint(1), uint(smem_bytes))
 
     @property
     def name(self) -> str:
@@ -120,16 +125,14 @@ class KernelCall:
                         known.clear()
                     encoded = known[ptr] = encode(ptr)
                 ctypes.memmove(address, encoded, 128)
-            code = launch(self._handle, *self.grid, self.threads, 1, 1, self.smem_bytes, stream,
-                          self._argv, None)
+            code = launch(*self._fixed, stream, self._argv, None)
             if code == _CUDA_ERROR_INVALID_CONTEXT:
                 # A thread that has not used CUDA yet has no current context: make the kernel's
                 # device (its primary context) current and try once more.
                 import cupy
 
                 cupy.cuda.runtime.setDevice(self.device_id)
-                code = launch(self._handle, *self.grid, self.threads, 1, 1, self.smem_bytes,
-                              stream, self._argv, None)
+                code = launch(*self._fixed, stream, self._argv, None)
         if code:
             raise RuntimeError(f"cuLaunchKernel failed for {self.name}: {_error_name(code)} "
                                f"(grid {self.grid}, {self.threads} threads, {self.smem_bytes} "

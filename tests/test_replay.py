@@ -26,7 +26,8 @@ def test_kernel_call_fills_pointers_maps_and_arguments(monkeypatch):
                                dtype=_launch.FWD_PARAMS)[0]
         maps = [ctypes.string_at(argv[i], 128) for i in (1, 2)]
         tail = np.frombuffer(ctypes.string_at(argv[3], 8), dtype=np.uint64)[0]
-        seen.append((handle, (gx, gy, gz, bx, by, bz, smem, stream), params, maps, int(tail)))
+        config = tuple(getattr(x, "value", x) for x in (gx, gy, gz, bx, by, bz, smem, stream))
+        seen.append((getattr(handle, "value", handle), config, params, maps, int(tail)))
         return 0
 
     monkeypatch.setattr(_kernel_call, "_driver_launch", lambda: (launch, None))
