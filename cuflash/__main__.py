@@ -197,6 +197,7 @@ class Case:
     heads_kv: int
     head_dim: int
     causal: bool = False
+    window: tuple[int, int] | None = None
     layout: str = "bshd"
     three_d: bool = False  # no batch axis (batch must be 1)
     scale: float | None = None
@@ -207,6 +208,8 @@ class Case:
                  f"Sk{self.seqlen_k}", f"H{self.heads_q}/{self.heads_kv}", f"D{self.head_dim}"]
         if self.causal:
             parts.append("causal")
+        if self.window is not None:
+            parts.append("window{}:{}".format(*self.window))
         if self.scale is not None:
             parts.append(f"scale{self.scale:g}")
         parts.append(self.layout)
@@ -244,6 +247,11 @@ CASES = (
     Case(1, 1, 1, 2, 1, 16, three_d=True),
     Case(1, 1, 77, 4, 2, 64, causal=True, three_d=True, layout="bhsd"),
     Case(1, 16, 0, 2, 2, 64),
+    # Sliding windows: cut on both sides, one side only, rows that see nothing (right < -shift).
+    Case(2, 300, 300, 4, 2, 64, window=(40, 0)),
+    Case(1, 130, 200, 2, 2, 128, window=(17, 5), layout="bhsd"),
+    Case(1, 200, 90, 2, 1, 64, window=(3, -1)),
+    Case(1, 150, 70, 2, 2, 96, window=(10, 2), causal=True),
 )
 
 
@@ -263,7 +271,7 @@ class _Backend:
         cc = int(gpu.compute_capability)
         self.xp, self.label, self.dtypes = cupy, f"cuda:{gpu.id}", []
         for dtype in _dtypes.GPU_DTYPES:
-            min_arch = _launch.fwd_spec(dtype, 64, causal=False, aligned=True).min_arch
+            min_arch = _launch.fwd_spec(dtype, 64, mask="none", aligned=True).min_arch
             if min_arch > cc:
                 self.notes.append(f"{dtype} skipped: its kernels need compute capability >= "
                                   f"{min_arch / 10:.1f}, this GPU has {cc / 10:.1f}")
@@ -372,8 +380,10 @@ def check_case(case: Case, dtype: str, backend: _Backend, rng: np.random.Generat
     host = {name: case.from_canonical(x) for name, x in
             (("q", q4), ("k", k4), ("v", v4), ("dout", do4))}
     q, k, v, dout = (backend.array(host[name], dtype) for name in ("q", "k", "v", "dout"))
-    opts = {"causal": case.causal, "scale": case.scale, "layout": case.layout}
-    naive_opts = {"dtype": dtype, "causal": case.causal, "scale": case.softmax_scale}
+    opts = {"causal": case.causal, "window": case.window, "scale": case.scale,
+            "layout": case.layout}
+    naive_opts = {"dtype": dtype, "causal": case.causal, "window": case.window,
+                  "scale": case.softmax_scale}
 
     # -- forward: into a NaN-poisoned out=, then against the reference --
     out = backend.poisoned(tuple(host["q"].shape), dtype)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cuflash import reference
+
 # eps, relative to max(1, max|ref64|) so that it follows the magnitude of what is compared
 # (gradients of long sequences grow like sqrt(S)). float64: a few hundred ulps of reordering.
 # float32: ~100 ulps; still 50x tighter than the ~5e-4 error of plain TF32, which must fail.
@@ -50,7 +52,8 @@ def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def naive_attention(
-    q: np.ndarray, k: np.ndarray, v: np.ndarray, *, dtype: str, causal: bool, scale: float
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, *, dtype: str, causal: bool, scale: float,
+    window=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Plain attention in ``dtype``: returns ``(out, lse)`` as float64 arrays.
 
@@ -59,7 +62,7 @@ def naive_attention(
     the dtype before P @ V, output rounded to the dtype. float32 / float64 compute in the dtype.
     lse ``(B, Hq, Sq)`` is rounded to float32, the dtype cuflash returns it in.
     """
-    p, lse = _naive_probabilities(q, k, dtype, causal, scale)
+    p, lse = _naive_probabilities(q, k, dtype, causal, window, scale)
     out = np.matmul(round_to(p, dtype), _grouped_kv(round_to(v, dtype)))
     return _ungrouped(round_to(out, dtype)), round_to(lse, LSE_DTYPE).astype(np.float64)
 
@@ -73,6 +76,7 @@ def naive_attention_backward(
     dtype: str,
     causal: bool,
     scale: float,
+    window=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Plain attention backward in ``dtype`` (as autograd of :func:`naive_attention` would do it).
 
@@ -81,7 +85,7 @@ def naive_attention_backward(
     it meets q and k; each gradient is rounded to the dtype at the end.
     """
     hkv = k.shape[2]
-    p, _ = _naive_probabilities(q, k, dtype, causal, scale)
+    p, _ = _naive_probabilities(q, k, dtype, causal, window, scale)
     do_g = _grouped_q(round_to(dout, dtype), hkv)
     q_g = _grouped_q(round_to(q, dtype), hkv)
     k_g, v_g = _grouped_kv(round_to(k, dtype)), _grouped_kv(round_to(v, dtype))
@@ -103,6 +107,7 @@ def backward_eps(
     dtype: str,
     causal: bool,
     scale: float,
+    window=None,
 ) -> tuple[float, float, float]:
     """eps for dq, dk, dv: ``EPS[dtype]`` times the largest magnitude each gradient is summed from.
 
@@ -112,7 +117,7 @@ def backward_eps(
     the rule no room. The magnitudes are the same sums taken over absolute values, in float64.
     """
     hkv = k.shape[2]
-    p, _ = _naive_probabilities(q, k, "float64", causal, scale)
+    p, _ = _naive_probabilities(q, k, "float64", causal, window, scale)
     do_g, q_g = (np.abs(_grouped_q(np.asarray(x, dtype=np.float64), hkv)) for x in (dout, q))
     k_g, v_g = (np.abs(_grouped_kv(np.asarray(x, dtype=np.float64))) for x in (k, v))
     dp_abs = np.matmul(do_g, v_g.swapaxes(-1, -2))
@@ -238,16 +243,18 @@ def _first_bad(
 
 
 def _naive_probabilities(
-    q: np.ndarray, k: np.ndarray, dtype: str, causal: bool, scale: float
+    q: np.ndarray, k: np.ndarray, dtype: str, causal: bool, window, scale: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax ``(B, Hkv, G, Sq, Sk)`` and lse ``(B, Hq, Sq)`` in the compute dtype."""
+    """Softmax ``(B, Hkv, G, Sq, Sk)`` and lse ``(B, Hq, Sq)`` in the compute dtype; the mask
+    is the oracle's (`cuflash.reference.visible`)."""
     sq, hkv, sk = q.shape[1], k.shape[2], k.shape[1]
     s = np.matmul(
         _grouped_q(round_to(q, dtype), hkv), _grouped_kv(round_to(k, dtype)).swapaxes(-1, -2)
     )
     s *= s.dtype.type(scale)
-    if causal:
-        s[..., np.arange(sk)[None, :] > np.arange(sq)[:, None] + (sk - sq)] = -np.inf
+    seen = reference.visible(sq, sk, causal=causal, window=window)
+    if seen is not None:
+        s[..., ~seen] = -np.inf
     m = np.max(s, axis=-1, keepdims=True, initial=-np.inf)
     m = np.where(np.isneginf(m), 0, m)  # a row that sees no key: keep exp(-inf - 0) = 0, not NaN
     e = np.exp(s - m)

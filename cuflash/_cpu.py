@@ -18,6 +18,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from cuflash._variant import Variant
+
 # Tile sizes. Measured on 2 cores (OpenBLAS, fp32, B=1, H=8, D=64, S=4096, not causal): forward
 # ~0.85 s with 128 x 512, ~1.35 s with 64 x 256 (per-tile Python overhead); 256 x 512 is no faster
 # and doubles the score tile.
@@ -29,14 +31,14 @@ BLOCK_K = 512
 # beyond float32's range rounds to +-inf: neither is an error worth a RuntimeWarning.
 @np.errstate(over="ignore")
 def forward(
-    q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool, scale: float
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, *, variant: Variant, scale: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Attention forward pass.
 
     Args:
         q: ``(B, Sq, Hq, D)``; k, v: ``(B, Sk, Hkv, D)``; one dtype among float16/32/64, any
             strides. ``Hq % Hkv == 0``.
-        causal: bottom-right aligned mask: query i sees key j iff ``j <= i + Sk - Sq``.
+        variant: the mask (`Variant.key_bounds`: the keys each query sees).
         scale: softmax scale.
 
     Returns:
@@ -56,9 +58,9 @@ def forward(
         i1 = min(i0 + BLOCK_Q, sq)
         q_blk = _rows(q_t, i0, i1)  # (B, Hkv, G * bq, D)
         state = _OnlineSoftmax(q_blk.shape[:-1], d, dtype, scale)
-        for j0, j1, future in _key_blocks(i0, i1, sq, sk, causal):
+        for j0, j1, hidden in _key_blocks(i0, i1, sq, sk, variant):
             # -- online softmax of q k^T, and p @ v --
-            state.update(_scores(q_blk, k_t, j0, j1, future), v_t[:, :, j0:j1], future)
+            state.update(_scores(q_blk, k_t, j0, j1, hidden), v_t[:, :, j0:j1], hidden)
         o_blk, lse_blk = state.finalize()
         out[:, i0:i1] = _ungroup(o_blk, i1 - i0).swapaxes(1, 2)
         lse[:, :, i0:i1] = lse_blk.reshape(b, hq, i1 - i0)
@@ -73,7 +75,7 @@ def backward(
     v: np.ndarray,
     out: np.ndarray,
     *,
-    causal: bool,
+    variant: Variant,
     scale: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Attention backward pass (FlashAttention-2): P is recomputed tile by tile.
@@ -87,7 +89,7 @@ def backward(
 
     Args:
         dout, out: ``(B, Sq, Hq, D)``; q, k, v: as for :func:`forward`. Any strides.
-        causal, scale: as for :func:`forward`.
+        variant, scale: as for :func:`forward`.
 
     Returns:
         ``(dq, dk, dv)`` shaped like q, k, v, C-contiguous, in the input dtype. With GQA, dk and dv
@@ -111,14 +113,14 @@ def backward(
         q_blk, do_blk = _rows(q_t, i0, i1), _rows(do_t, i0, i1)
         delta_blk = _rows(delta_t[..., None], i0, i1)  # (B, Hkv, G * bq, 1)
         stats = _RowStatistics(q_blk.shape[:-1], dtype, scale)
-        for j0, j1, future in _key_blocks(i0, i1, sq, sk, causal):
-            stats.fold(_scores(q_blk, k_t, j0, j1, future))
+        for j0, j1, hidden in _key_blocks(i0, i1, sq, sk, variant):
+            stats.fold(_scores(q_blk, k_t, j0, j1, hidden))
         m_blk, log_l_blk = stats.normaliser()
         dq_blk = np.zeros_like(q_blk)
-        for j0, j1, future in _key_blocks(i0, i1, sq, sk, causal):
+        for j0, j1, hidden in _key_blocks(i0, i1, sq, sk, variant):
             k_blk, v_blk = k_t[:, :, j0:j1], v_t[:, :, j0:j1]
             # -- recompute P = exp(scale * (s - m) - log l) --
-            p = _scores(q_blk, k_t, j0, j1, future)
+            p = _scores(q_blk, k_t, j0, j1, hidden)
             np.subtract(p, m_blk, out=p)
             np.multiply(p, scale_t, out=p)
             np.subtract(p, log_l_blk, out=p)
@@ -139,16 +141,16 @@ def backward(
     return dq, dk, dv
 
 
-def _scores(q_blk: np.ndarray, k_t: np.ndarray, j0: int, j1: int, future: np.ndarray | None
+def _scores(q_blk: np.ndarray, k_t: np.ndarray, j0: int, j1: int, hidden: np.ndarray | None
             ) -> np.ndarray:
     """Raw scores ``q k^T`` ``(B, Hkv, G * bq, bk)`` of a query block against keys ``[j0, j1)``,
-    -inf where ``future`` (``(bq, bk)``, None: nothing masked) says the query does not see the
+    -inf where ``hidden`` (``(bq, bk)``, None: nothing masked) says the query does not see the
     key."""
     s = np.matmul(q_blk, k_t[:, :, j0:j1].swapaxes(-1, -2))
-    if future is not None:
+    if hidden is not None:
         b, hkv, rows, bk = s.shape
-        bq = future.shape[0]
-        np.copyto(s.reshape(b, hkv, rows // bq, bq, bk), -np.inf, where=future)
+        bq = hidden.shape[0]
+        np.copyto(s.reshape(b, hkv, rows // bq, bq, bk), -np.inf, where=hidden)
     return s
 
 
@@ -200,21 +202,21 @@ class _OnlineSoftmax(_RowStatistics):
         super().__init__(rows, dtype, scale)
         self.acc = np.zeros((*rows, d), dtype=dtype)
 
-    def update(self, s: np.ndarray, v_blk: np.ndarray, future: np.ndarray | None) -> None:
-        """Fold in one key block: raw scores ``s`` (masked by ``future``; overwritten) and its
+    def update(self, s: np.ndarray, v_blk: np.ndarray, hidden: np.ndarray | None) -> None:
+        """Fold in one key block: raw scores ``s`` (masked by ``hidden``; overwritten) and its
         values."""
         alpha = self.fold(s)
         self.acc *= alpha[..., None]
-        if future is None or not np.isnan(v_blk).any():
+        if hidden is None or not np.isnan(v_blk).any():
             self.acc += np.matmul(s, v_blk)
             return
         # p is exactly 0 on masked keys, but 0 * NaN is NaN: a NaN value must reach the rows that
         # see its key and no other. Add the values with NaN as 0, then set NaN where seen.
         nan_v = np.isnan(v_blk)
         self.acc += np.matmul(s, np.where(nan_v, 0, v_blk))
-        sees_nan = np.matmul((~future).astype(s.dtype), nan_v.astype(s.dtype)) > 0
+        sees_nan = np.matmul((~hidden).astype(s.dtype), nan_v.astype(s.dtype)) > 0
         b, hkv, rows, d = self.acc.shape
-        bq = future.shape[0]
+        bq = hidden.shape[0]
         np.copyto(self.acc.reshape(b, hkv, rows // bq, bq, d), np.nan, where=sees_nan[:, :, None])
 
     def finalize(self) -> tuple[np.ndarray, np.ndarray]:
@@ -228,19 +230,21 @@ class _OnlineSoftmax(_RowStatistics):
 
 
 def _key_blocks(
-    i0: int, i1: int, sq: int, sk: int, causal: bool
+    i0: int, i1: int, sq: int, sk: int, variant: Variant
 ) -> Iterator[tuple[int, int, np.ndarray | None]]:
-    """Yield ``(j0, j1, future)`` for the key blocks query rows ``[i0, i1)`` must visit.
+    """Yield ``(j0, j1, hidden)`` for the key blocks query rows ``[i0, i1)`` must visit.
 
-    With the bottom-right causal mask row i sees keys ``j <= i + sk - sq``: blocks entirely in the
-    future of the block's last row are skipped. ``future`` is None for a block every row sees in
-    full, else ``(bq, bk)`` bool, True where query ``i0 + r`` does not see key ``j0 + c``.
+    Keys no row of the block sees (before a window's left edge, past the diagonal) are skipped.
+    ``hidden`` is None for a block every row sees in full, else ``(bq, bk)`` bool, True where
+    query ``i0 + r`` does not see key ``j0 + c``.
     """
-    end = min(sk, i1 + sk - sq) if causal else sk
-    for j0 in range(0, end, BLOCK_K):
-        j1 = min(j0 + BLOCK_K, sk)
-        if causal and j1 - 1 > i0 + sk - sq:
-            yield j0, j1, np.arange(j0, j1)[None, :] > np.arange(i0, i1)[:, None] + (sk - sq)
+    begin, end = variant.key_span(i0, i1, sq, sk)
+    first, stop = variant.key_bounds(np.arange(i0, i1), sq, sk)
+    for j0 in range(begin, end, BLOCK_K):
+        j1 = min(j0 + BLOCK_K, end)
+        if first.max() > j0 or stop.min() < j1:
+            cols = np.arange(j0, j1)[None, :]
+            yield j0, j1, (cols < first[:, None]) | (cols >= stop[:, None])
         else:
             yield j0, j1, None
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cuflash import _compile, _dtypes
+from cuflash import _compile, _dtypes, _variant
 from cuflash._kernel_call import KernelCall
 from cuflash._spec import KernelSpec
+from cuflash._variant import Variant
 
 _STRIDE_FIELDS = ("batch_stride", "row_stride", "head_stride")
 
@@ -33,11 +34,15 @@ def _params_dtype(pointers: tuple[str, ...], strided: tuple[str, ...], ints: tup
 
 _SHAPE_INTS = ("batch", "heads_q", "heads_kv", "group", "seqlen_q", "seqlen_k", "head_dim")
 
-FWD_PARAMS = _params_dtype(("q", "k", "v", "o", "lse"), ("q", "k", "v", "o"), _SHAPE_INTS)
+_WINDOW_INTS = ("window_left", "window_right")
+
+FWD_PARAMS = _params_dtype(
+    ("q", "k", "v", "o", "lse"), ("q", "k", "v", "o"), (*_SHAPE_INTS, *_WINDOW_INTS)
+)
 BWD_PARAMS = _params_dtype(
     ("q", "k", "v", "o", "dout", "lse", "dq", "dk", "dv", "dq_accum", "delta"),
     ("q", "k", "v", "o", "do", "dq", "dk", "dv"),
-    (*_SHAPE_INTS, "head_dim_rounded", "deterministic"),
+    (*_SHAPE_INTS, "head_dim_rounded", "deterministic", *_WINDOW_INTS),
 )
 
 
@@ -93,7 +98,7 @@ def width_for(head_dim: int, widths) -> int:
 
 
 @functools.cache
-def fwd_spec(dtype: str, head_dim: int, causal: bool, aligned: bool) -> KernelSpec:
+def fwd_spec(dtype: str, head_dim: int, mask: str, aligned: bool) -> KernelSpec:
     """The forward kernel the dispatcher picks for one problem class (memoised: hot path)."""
     if _dtypes.uses_tensor_cores(dtype):
         width = width_for(head_dim, FWD_SM80_TILES)
@@ -102,7 +107,7 @@ def fwd_spec(dtype: str, head_dim: int, causal: bool, aligned: bool) -> KernelSp
         # Q tile plus one K tile and one V tile, each row `width` elements.
         smem = (tile.block_m + 2 * tile.block_n) * width * itemsize
         return KernelSpec("fwd_sm80.cu", "fwd_sm80", dtype, width, tile.block_m, tile.block_n,
-                          tile.warps, causal, aligned, smem)
+                          tile.warps, mask, aligned, smem)
     tiles = FWD_SIMT_TILES[dtype]
     width = width_for(head_dim, tiles)
     tile = tiles[width]
@@ -114,7 +119,7 @@ def fwd_spec(dtype: str, head_dim: int, causal: bool, aligned: bool) -> KernelSp
     smem = ((tile.block_m + 2 * tile.block_n) * (width + vec)
             + tile.block_m * (tile.block_n + 8)) * itemsize
     return KernelSpec("fwd_simt.cu", "fwd_simt", dtype, width, tile.block_m, tile.block_n,
-                      tile.warps, causal, aligned, smem, min_arch=60)
+                      tile.warps, mask, aligned, smem, min_arch=60)
 
 
 def all_fwd_specs() -> list[KernelSpec]:
@@ -123,9 +128,9 @@ def all_fwd_specs() -> list[KernelSpec]:
     for dtype in _dtypes.GPU_DTYPES:
         widths = FWD_SM80_TILES if _dtypes.uses_tensor_cores(dtype) else FWD_SIMT_TILES[dtype]
         for width in widths:
-            for causal in (False, True):
+            for mask in _variant.MASK_KINDS:
                 for aligned in (False, True):
-                    specs.append(fwd_spec(dtype, width, causal, aligned))
+                    specs.append(fwd_spec(dtype, width, mask, aligned))
     return specs
 
 
@@ -167,7 +172,7 @@ def forward_pointers(q, k, v, out, lse) -> tuple[int, ...]:
     return (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, 0 if lse is None else lse.data.ptr)
 
 
-def plan_forward(q, k, v, out, *, causal: bool, scale: float, device_id: int,
+def plan_forward(q, k, v, out, *, variant: Variant, scale: float, device_id: int,
                  cc: int) -> KernelCall | None:
     """The forward's replayable `KernelCall` for these views (None when there is nothing to
     compute): the Hopper kernel where it applies (it logs why not), else sm80 or SIMT.
@@ -183,35 +188,35 @@ def plan_forward(q, k, v, out, *, causal: bool, scale: float, device_id: int,
     if cc == 90 and _dtypes.uses_tensor_cores(dtype) and not os.environ.get("CUFLASH_FORCE_SM80"):
         from cuflash._launch_sm90 import plan_sm90
 
-        call = plan_sm90(q, k, v, out, causal=causal, scale=scale, device_id=device_id, cc=cc)
+        call = plan_sm90(q, k, v, out, variant=variant, scale=scale, device_id=device_id, cc=cc)
         if call is not None:
             return call
     aligned = is_aligned((q, k, v, out), head_dim)
-    spec = fwd_spec(dtype, head_dim, causal, aligned)
+    spec = fwd_spec(dtype, head_dim, variant.mask, aligned)
     return KernelCall(
         _compile.get_function(spec, device_id, cc), device_id,
         grid=(math.ceil(seqlen_q / spec.block_m), heads_q, batch),
         threads=spec.threads,
         smem_bytes=spec.smem_bytes,
-        params=fwd_params(q, k, v, out, causal=causal, scale=scale),
+        params=fwd_params(q, k, v, out, variant=variant, scale=scale),
         pointer_fields=FWD_POINTERS,
     )
 
 
-def forward(q, k, v, out, lse, *, causal: bool, scale: float, device_id: int,
+def forward(q, k, v, out, lse, *, variant: Variant, scale: float, device_id: int,
             cc: int) -> KernelCall | None:
     """Plan and launch the forward on CuPy's current stream; returns
     the `KernelCall` (None when there was nothing to compute). lse: (B, Hq, Sq) C-contiguous in
     the Accum dtype (float64 for float64 inputs, else float32), or None."""
     import cupy
 
-    call = plan_forward(q, k, v, out, causal=causal, scale=scale, device_id=device_id, cc=cc)
+    call = plan_forward(q, k, v, out, variant=variant, scale=scale, device_id=device_id, cc=cc)
     if call is not None:
         call(forward_pointers(q, k, v, out, lse), cupy.cuda.get_current_stream().ptr)
     return call
 
 
-def fwd_params(q, k, v, out, *, causal: bool, scale: float):
+def fwd_params(q, k, v, out, *, variant: Variant, scale: float):
     """The FwdParams block for (B, S, H, D) views, pointer fields zero (`KernelCall` fills
     them)."""
     batch, seqlen_q, heads_q, head_dim = q.shape
@@ -223,4 +228,5 @@ def fwd_params(q, k, v, out, *, causal: bool, scale: float):
               "batch": batch, "heads_q": heads_q, "heads_kv": heads_kv,
               "group": heads_q // heads_kv, "seqlen_q": seqlen_q, "seqlen_k": seqlen_k,
               "head_dim": head_dim}
+    fields["window_left"], fields["window_right"] = variant.window_params(seqlen_q, seqlen_k)
     return pack_params(FWD_PARAMS, fields)

@@ -31,10 +31,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cuflash import _compile, _dtypes
+from cuflash import _compile, _dtypes, _variant
 from cuflash._kernel_call import KernelCall
 from cuflash._launch import BWD_PARAMS, Tile, _strides, is_aligned, pack_params, width_for
 from cuflash._spec import KernelSpec
+from cuflash._variant import Variant
 
 # Backward, SIMT, fp32/fp64 (kernels_cu/bwd_simt.cu): block_m query rows per step, block_n keys per
 # dK/dV block. Chosen so that dK + dV (2 * block_n * width / threads registers per thread) and the
@@ -168,18 +169,18 @@ def _sm90_smem(width: int, tile: Tile) -> int:
 
 
 @functools.cache
-def dkdv_sm90_spec(dtype: str, head_dim: int, causal: bool) -> KernelSpec:
+def dkdv_sm90_spec(dtype: str, head_dim: int, mask: str) -> KernelSpec:
     """The Hopper dK/dV kernel for one problem class (memoised: per call)."""
     width = width_for(head_dim, BWD_SM90_TILES)
     tile = BWD_SM90_TILES[width]
     return KernelSpec("bwd_sm90.cu", "bwd_dkdv_sm90", dtype, width, tile.block_m, tile.block_n,
-                      tile.warps, causal, True, _sm90_smem(width, tile), min_arch=90)
+                      tile.warps, mask, True, _sm90_smem(width, tile), min_arch=90)
 
 
 def all_bwd_sm90_specs() -> list[KernelSpec]:
     """Every Hopper backward instantiation (for the compile test)."""
-    return [dkdv_sm90_spec(dtype, width, causal) for dtype in ("float16", "bfloat16")
-            for width in BWD_SM90_TILES for causal in (False, True)]
+    return [dkdv_sm90_spec(dtype, width, mask) for dtype in ("float16", "bfloat16")
+            for width in BWD_SM90_TILES for mask in _variant.MASK_KINDS]
 
 
 def _sm90_reason(dtype: str, head_dim: int, aligned: bool, cc: int, arrays) -> str | None:
@@ -194,7 +195,7 @@ def _sm90_reason(dtype: str, head_dim: int, aligned: bool, cc: int, arrays) -> s
     return _launch_sm90.tma_kernel_reason(cc, dtype, head_dim, max(BWD_SM90_TILES), arrays)
 
 
-def _sm80_kernels(dtype: str, head_dim: int, causal: bool, aligned: bool,
+def _sm80_kernels(dtype: str, head_dim: int, mask: str, aligned: bool,
                   smem_limit: int | None) -> BwdKernels:
     width = width_for(head_dim, BWD_SM80_DKDV_TILES)
     dkdv, dq = BWD_SM80_DKDV_TILES[width], BWD_SM80_DQ_TILES[width]
@@ -205,26 +206,26 @@ def _sm80_kernels(dtype: str, head_dim: int, causal: bool, aligned: bool,
         smem_dkdv, smem_dq = _sm80_smem(width, dkdv, dq)
     rows = BWD_SM80_ROWWISE_TILE
 
-    def spec(entry: str, tile: Tile, masked: bool, smem: int) -> KernelSpec:
+    def spec(entry: str, tile: Tile, masked: str, smem: int) -> KernelSpec:
         return KernelSpec("bwd_sm80.cu", entry, dtype, width, tile.block_m, tile.block_n,
                           tile.warps, masked, aligned, smem)
 
     return BwdKernels(
-        preprocess=spec("bwd_preprocess_sm80", rows, False, 0),
-        dkdv=spec("bwd_dkdv_sm80", dkdv, causal, smem_dkdv),
-        dq=spec("bwd_dq_sm80", dq, causal, smem_dq),
-        convert=spec("bwd_convert_dq_sm80", rows, False, 0),
+        preprocess=spec("bwd_preprocess_sm80", rows, "none", 0),
+        dkdv=spec("bwd_dkdv_sm80", dkdv, mask, smem_dkdv),
+        dq=spec("bwd_dq_sm80", dq, mask, smem_dq),
+        convert=spec("bwd_convert_dq_sm80", rows, "none", 0),
     )
 
 
 def _row_spec(entry: str, dtype: str, width: int) -> KernelSpec:
     t = ROWWISE_TILE
     return KernelSpec("bwd_simt.cu", entry, dtype, width, t.block_m, t.block_n, t.warps,
-                      False, False, 0, min_arch=60)
+                      "none", False, 0, min_arch=60)
 
 
 @functools.cache
-def bwd_kernels(dtype: str, head_dim: int, causal: bool, aligned: bool,
+def bwd_kernels(dtype: str, head_dim: int, mask: str, aligned: bool,
                 smem_limit: int | None = None) -> BwdKernels:
     """The backward kernels the dispatcher picks for one problem class (memoised: per call).
 
@@ -232,7 +233,7 @@ def bwd_kernels(dtype: str, head_dim: int, causal: bool, aligned: bool,
     small tiles when the regular ones need more (None: the regular tiles).
     """
     if _dtypes.uses_tensor_cores(dtype):
-        return _sm80_kernels(dtype, head_dim, causal, aligned, smem_limit)
+        return _sm80_kernels(dtype, head_dim, mask, aligned, smem_limit)
     tiles = BWD_SIMT_TILES[dtype]
     width = width_for(head_dim, tiles)
     tile = tiles[width]
@@ -240,7 +241,7 @@ def bwd_kernels(dtype: str, head_dim: int, causal: bool, aligned: bool,
 
     def spec(entry: str, smem: int) -> KernelSpec:
         return KernelSpec("bwd_simt.cu", entry, dtype, width, tile.block_m, tile.block_n,
-                          tile.warps, causal, aligned, smem, min_arch=60)
+                          tile.warps, mask, aligned, smem, min_arch=60)
 
     return BwdKernels(
         preprocess=_row_spec("bwd_preprocess", dtype, width),
@@ -258,10 +259,10 @@ def all_bwd_specs() -> list[KernelSpec]:
     small = _SMALL_SMEM_LIMIT  # the small-shared-memory tables too
     for dtype, dtype_widths in widths.items():
         for width in dtype_widths:
-            for causal in (False, True):
+            for mask in _variant.MASK_KINDS:
                 for aligned in (False, True):
                     for limit in (None, small):
-                        kernels = bwd_kernels(dtype, width, causal, aligned, limit)
+                        kernels = bwd_kernels(dtype, width, mask, aligned, limit)
                         for spec in (kernels.preprocess, kernels.dkdv, kernels.dq,
                                      kernels.convert):
                             specs[spec] = None
@@ -307,21 +308,21 @@ def backward_pointers(dout, q, k, v, out, lse, dq, dk, dv) -> tuple[int, ...]:
     return tuple(a.data.ptr for a in (q, k, v, out, dout, lse, dq, dk, dv))
 
 
-def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
+def backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scale: float,
              deterministic: bool, device_id: int, cc: int) -> None:
     """Plan and launch the backward on CuPy's current stream, scratch from CuPy's pool."""
     import cupy
 
     from cuflash._interop import cupy_alloc
 
-    call = plan_backward(dout, q, k, v, out, lse, dq, dk, dv, causal=causal, scale=scale,
+    call = plan_backward(dout, q, k, v, out, lse, dq, dk, dv, variant=variant, scale=scale,
                          deterministic=deterministic, device_id=device_id, cc=cc)
     if call is not None:
         call(backward_pointers(dout, q, k, v, out, lse, dq, dk, dv),
              cupy.cuda.get_current_stream().ptr, cupy_alloc)
 
 
-def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
+def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scale: float,
                   deterministic: bool, device_id: int, cc: int) -> BackwardCall | None:
     """The backward's replayable launches for these views (None: nothing to compute).
 
@@ -334,7 +335,7 @@ def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: f
     _, seqlen_k, heads_kv, _ = k.shape
     dtype = _dtypes.dtype_name(q.dtype)
     aligned = is_aligned((q, k, v, out, dout, dq, dk, dv), head_dim)
-    kernels = bwd_kernels(dtype, head_dim, causal, aligned, _compile.smem_limit(device_id))
+    kernels = bwd_kernels(dtype, head_dim, variant.mask, aligned, _compile.smem_limit(device_id))
     if batch == 0 or heads_q == 0:
         return None
     accum = _accum_dtype(dtype)
@@ -358,6 +359,8 @@ def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: f
         "batch": batch, "heads_q": heads_q, "heads_kv": heads_kv, "group": heads_q // heads_kv,
         "seqlen_q": seqlen_q, "seqlen_k": seqlen_k, "head_dim": head_dim,
         "head_dim_rounded": kernels.width, "deterministic": int(deterministic),
+        **dict(zip(("window_left", "window_right"), variant.window_params(seqlen_q, seqlen_k),
+                   strict=True)),
     })
     launches = []
 
@@ -377,7 +380,7 @@ def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: f
     if reason is None:
         from cuflash._launch_sm90 import _encode_at
 
-        spec = dkdv_sm90_spec(dtype, head_dim, causal)
+        spec = dkdv_sm90_spec(dtype, head_dim, variant.mask)
         rows = {"q": spec.block_m, "dout": spec.block_m, "k": spec.block_n, "v": spec.block_n}
 
         def tensor_map(field: str, shape, strides, map_dtype: str, block_rows: int):

@@ -17,10 +17,11 @@ import math
 
 import numpy as np
 
-from cuflash import _compile, _dtypes
+from cuflash import _compile, _dtypes, _variant
 from cuflash._kernel_call import KernelCall
 from cuflash._launch import Tile, width_for
 from cuflash._spec import KernelSpec
+from cuflash._variant import Variant
 
 log = logging.getLogger("cuflash")
 
@@ -47,6 +48,7 @@ LONG_TILE_MAX_PADDING = 1.02
 STAGES = 2  # K/V shared-memory slots; mirrors FwdSm90Traits::kStages
 SMEM_LIMIT = 232448  # opt-in shared memory per block on an H100; mirrors FwdSm90Traits::kSmemLimit
 _TENSOR_DTYPES = ("float16", "bfloat16")
+_CAUSAL = Variant("causal", -1, 0)
 
 
 def q_stages(width: int, tile: Tile, itemsize: int = 2) -> int:
@@ -97,19 +99,20 @@ def takes_table(spec: KernelSpec) -> bool:
     return spec.causal and spec.head_dim <= 64
 
 
+def pairs_tiles(spec: KernelSpec) -> bool:
+    """Whether the round robin deals pairs of query tiles (long m_blocks-1-j with short j): where
+    a tile's cost grows with m_block, as under a causal mask, and a pair's is then about even.
+    A window's cost is flat past its first tiles, so single tiles go round robin. Mirrors
+    FwdSm90Schedule's kPairs."""
+    return spec.mask == "causal"
+
+
 def grid_size(batch: int, seqlen_q: int, heads_q: int, block_m: int, pairs: bool,
               sms: int) -> int:
     """Blocks of the persistent grid: one per SM, fewer when there are fewer work units (query
     tiles, or with `pairs` (the causal round robin) pairs of them)."""
     m_blocks = math.ceil(seqlen_q / block_m)
     return min((math.ceil(m_blocks / 2) if pairs else m_blocks) * heads_q * batch, sms)
-
-
-def causal_key_tiles(seqlen_q: int, seqlen_k: int, block_m: int, block_n: int) -> np.ndarray:
-    """Key tiles each causal query tile (by m_block) loads: fwd_sm90's key_tiles for a whole
-    tile (bottom-right: query i sees key j iff j <= i + seqlen_k - seqlen_q)."""
-    row_end = (np.arange(math.ceil(seqlen_q / block_m), dtype=np.int64) + 1) * block_m
-    return -(-np.minimum(seqlen_k, np.maximum(0, row_end + seqlen_k - seqlen_q)) // block_n)
 
 
 @functools.lru_cache(maxsize=128)
@@ -131,7 +134,7 @@ def causal_order(batch: int, seqlen_q: int, seqlen_k: int, heads_q: int, block_m
     m_blocks = math.ceil(seqlen_q / block_m)
     if batch * heads_q * m_blocks >= 2**31:
         raise ValueError(f"{batch * heads_q * m_blocks} query tiles do not fit the kernel's int32")
-    cost = causal_key_tiles(seqlen_q, seqlen_k, block_m, block_n) + 1
+    cost = _CAUSAL.key_tiles(seqlen_q, seqlen_k, block_m, block_n) + 1
     per_head = math.ceil(m_blocks / 2)
     j = np.arange(per_head)
     bh = np.arange(batch * heads_q)[:, None] * m_blocks
@@ -200,12 +203,13 @@ def schedule(batch: int, seqlen_q: int, seqlen_k: int, heads_q: int, spec: Kerne
         order = causal_order(batch, seqlen_q, seqlen_k, heads_q, block_m, spec.block_n, grid)
         tiles = [[int(t) for t in order[order[b]:order[b + 1]] if t >= 0] for b in range(grid)]
     else:
-        per_head = math.ceil(m_blocks / 2) if spec.causal else m_blocks
+        pairs = pairs_tiles(spec)
+        per_head = math.ceil(m_blocks / 2) if pairs else m_blocks
         tiles = [[] for _ in range(grid)]
         for u in range(per_head * heads_q * batch):
             bh, j = divmod(u, per_head)
-            pair = [m_blocks - 1 - j, j] if spec.causal and 2 * j + 1 != m_blocks else \
-                [m_blocks - 1 - j] if spec.causal else [j]
+            pair = [m_blocks - 1 - j, j] if pairs and 2 * j + 1 != m_blocks else \
+                [m_blocks - 1 - j] if pairs else [j]
             tiles[u % grid] += [bh * m_blocks + m for m in pair]
     return [[(t % m_blocks, t // m_blocks % heads_q, t // m_blocks // heads_q) for t in block]
             for block in tiles]
@@ -238,7 +242,7 @@ def takes_short_tile(seqlen_q: int, head_dim: int) -> bool:
 
 
 @functools.cache
-def fwd_sm90_spec(dtype: str, head_dim: int, causal: bool, short: bool = False) -> KernelSpec:
+def fwd_sm90_spec(dtype: str, head_dim: int, mask: str, short: bool = False) -> KernelSpec:
     """The Hopper forward kernel for one problem class (memoised: hot path). `short`: the width's
     short tile where there is one (`takes_short_tile`)."""
     width = width_for(head_dim, FWD_SM90_TILES)
@@ -246,15 +250,15 @@ def fwd_sm90_spec(dtype: str, head_dim: int, causal: bool, short: bool = False) 
     if short:
         tile = FWD_SM90_SHORT_TILES.get(width, tile)
     return KernelSpec("fwd_sm90.cu", "fwd_sm90", dtype, width, tile.block_m, tile.block_n,
-                      tile.warps, causal, True, smem_bytes(width, tile, _dtypes.itemsize(dtype)),
+                      tile.warps, mask, True, smem_bytes(width, tile, _dtypes.itemsize(dtype)),
                       min_arch=90)
 
 
 def all_fwd_sm90_specs() -> list[KernelSpec]:
     """Every instantiation forward_sm90 can choose (for the compile test)."""
-    specs = {fwd_sm90_spec(dtype, width, causal, short): None
-             for dtype in _TENSOR_DTYPES for width in FWD_SM90_TILES for causal in (False, True)
-             for short in (False, True)}
+    specs = {fwd_sm90_spec(dtype, width, mask, short): None
+             for dtype in _TENSOR_DTYPES for width in FWD_SM90_TILES
+             for mask in _variant.MASK_KINDS for short in (False, True)}
     return list(specs)
 
 
@@ -354,7 +358,7 @@ def _reject(reason: str) -> None:
     log.debug("fwd_sm90 not taken, falling back to sm80: %s", reason)
 
 
-def forward_sm90(q, k, v, out, lse, *, causal: bool, scale: float, device_id: int,
+def forward_sm90(q, k, v, out, lse, *, variant: Variant, scale: float, device_id: int,
                  cc: int) -> bool:
     """Launch the Hopper forward on CuPy's current stream, or return False when it does not apply.
 
@@ -372,14 +376,14 @@ def forward_sm90(q, k, v, out, lse, *, causal: bool, scale: float, device_id: in
                  and head_dim <= max(FWD_SM90_TILES))
     if qualifies and 0 in (batch, seqlen_q, heads_q):
         return True  # nothing to compute (empty arrays may carry any strides)
-    call = plan_sm90(q, k, v, out, causal=causal, scale=scale, device_id=device_id, cc=cc)
+    call = plan_sm90(q, k, v, out, variant=variant, scale=scale, device_id=device_id, cc=cc)
     if call is None:
         return False
     call(forward_pointers(q, k, v, out, lse), cupy.cuda.get_current_stream().ptr)
     return True
 
 
-def plan_sm90(q, k, v, out, *, causal: bool, scale: float, device_id: int, cc: int):
+def plan_sm90(q, k, v, out, *, variant: Variant, scale: float, device_id: int, cc: int):
     """The replayable `KernelCall` of the Hopper forward for these views, or None (reason
     logged) when they do not qualify. Expects a non-empty problem."""
     from cuflash._launch import FWD_POINTERS, fwd_params
@@ -391,11 +395,11 @@ def plan_sm90(q, k, v, out, *, causal: bool, scale: float, device_id: int, cc: i
     if reason is not None:
         return _reject(reason)  # an empty k: seqlen_k = 0
 
-    spec = fwd_sm90_spec(dtype, head_dim, causal, takes_short_tile(seqlen_q, head_dim))
+    spec = fwd_sm90_spec(dtype, head_dim, variant.mask, takes_short_tile(seqlen_q, head_dim))
     # Persistent: at most one block per SM, each looping over query tiles (as its table says
     # where the kernel takes one; the others take a null pointer).
     table = takes_table(spec)
-    grid = grid_size(batch, seqlen_q, heads_q, spec.block_m, causal and not table,
+    grid = grid_size(batch, seqlen_q, heads_q, spec.block_m, pairs_tiles(spec) and not table,
                      sm_count(device_id))
     keep, order = None, 0
     if table:
@@ -420,7 +424,7 @@ def plan_sm90(q, k, v, out, *, causal: bool, scale: float, device_id: int, cc: i
         grid=(grid, 1, 1),
         threads=spec.threads,
         smem_bytes=spec.smem_bytes,
-        params=fwd_params(q, k, v, out, causal=causal, scale=scale),
+        params=fwd_params(q, k, v, out, variant=variant, scale=scale),
         pointer_fields=FWD_POINTERS,
         tensor_maps=maps,
         args=args,

@@ -55,6 +55,17 @@ def size() -> int:
 # ---- signatures ------------------------------------------------------------------------------
 
 
+def window_key(window) -> Hashable:
+    """The `window` option's part of a signature: hashable whatever the caller passed (a list,
+    a NumPy pair), and telling 1 from 1.0 and True apart as validation does."""
+    if window is None:
+        return None
+    try:
+        return tuple((type(x), x) for x in window)
+    except TypeError:  # not iterable: validation names it
+        return (type(window), window)
+
+
 class _Torch:
     """torch CUDA tensors: results from torch's caching allocator, torch's current stream."""
 
@@ -238,11 +249,12 @@ class AutogradReplay:
     """A validated torch forward that autograd differentiates: straight to cuflash.torch's
     autograd node, whose own calls of the core replay."""
 
-    def __init__(self, causal: bool, scale: float, layout: str, return_lse: bool):
+    def __init__(self, variant, scale: float, layout: str, return_lse: bool):
         from cuflash import torch as cuflash_torch
 
         self.attention = cuflash_torch.attention
-        self.options = {"causal": causal, "scale": scale, "layout": layout,
+        # A variant's window, (-1, 0) for causal, names it to cuflash.torch in full.
+        self.options = {"window": variant.window, "scale": scale, "layout": layout,
                         "return_lse": return_lse}
 
     def __call__(self, q, k, v, out=None):

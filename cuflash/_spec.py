@@ -1,7 +1,8 @@
 """KernelSpec: one frozen record per kernel instantiation.
 
 Its `name` renders the C++ template name expression (``cuflash::fwd_sm80<cuflash::bf16, 128, 128,
-64, 4, true, true>``); that single string is the compile-cache key, the log line and the test id.
+64, 4, cuflash::CausalMask, true>``); that single string is the compile-cache key, the log line
+and the test id.
 Sequence lengths are never part of a spec: they are kernel arguments, so the cache does not grow
 with shapes.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cuflash import _dtypes
+from cuflash import _dtypes, _variant
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class KernelSpec:
         block_m: query rows per thread block.
         block_n: key rows per inner-loop tile.
         warps: warps per thread block.
-        causal: bottom-right causal masking compiled in.
+        mask: the mask kind compiled in (a `_variant.MASK_KINDS` name; kernels_cu/mask.cuh).
         aligned: 16-byte vector loads allowed (pointers and strides are multiples of 16 bytes).
         smem_bytes: dynamic shared memory the launch must provide.
         min_arch: lowest compute capability (e.g. 80) the kernel compiles for.
@@ -38,7 +39,7 @@ class KernelSpec:
     block_m: int
     block_n: int
     warps: int
-    causal: bool
+    mask: str
     aligned: bool
     smem_bytes: int
     min_arch: int = 80
@@ -56,10 +57,14 @@ class KernelSpec:
             str(self.block_m),
             str(self.block_n),
             str(self.warps),
-            flag[self.causal],
+            _variant.Variant(self.mask).cpp_mask,
             flag[self.aligned],
         )
         return f"cuflash::{self.entry}<{', '.join(args)}>"
+
+    @property
+    def causal(self) -> bool:
+        return self.mask == "causal"
 
     def __str__(self) -> str:
         return self.name

@@ -10,7 +10,8 @@ FRAMEWORKS = ("torch", "cupy")
 
 
 def warmup(q_shape: tuple[int, ...], k_shape: tuple[int, ...], *, dtype: str,
-           causal: bool = False, scale: float | None = None, layout: str = "bshd",
+           causal: bool = False, window: tuple[int, int] | None = None,
+           scale: float | None = None, layout: str = "bshd",
            return_lse: bool = False, backward: bool = False, framework: str = "torch",
            device: int = 0) -> None:
     """Compile the kernels of one call signature and plan its launches, so that later calls of
@@ -26,7 +27,8 @@ def warmup(q_shape: tuple[int, ...], k_shape: tuple[int, ...], *, dtype: str,
         q_shape: q's shape in `layout` (3-D or 4-D), as `cuflash.attention` takes it.
         k_shape: k's (and v's) shape.
         dtype: ``"float16"``, ``"bfloat16"``, ``"float32"`` or ``"float64"``.
-        causal, scale, layout, return_lse: as `cuflash.attention` takes them.
+        causal, window, scale, layout, return_lse: as `cuflash.attention` takes them (a
+            later call must pass `window` as the same type, e.g. a tuple, to replay).
         backward: also plan `cuflash.attention_backward` (and, for torch, autograd).
         framework: ``"torch"`` or ``"cupy"``: whose arrays the program passes.
         device: the CUDA device.
@@ -61,7 +63,7 @@ def warmup(q_shape: tuple[int, ...], k_shape: tuple[int, ...], *, dtype: str,
             cupy.cuda.Device(device).synchronize()
 
     q, k, v = make(q_shape), make(k_shape), make(k_shape)
-    options = {"causal": causal, "scale": scale, "layout": layout}
+    options = {"causal": causal, "window": window, "scale": scale, "layout": layout}
     out, lse = api.attention(q, k, v, return_lse=True, **options)
     if not return_lse:
         api.attention(q, k, v, **options)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cuflash import _dtypes, _interop, _replay
+from cuflash._variant import Variant
 
 log = logging.getLogger("cuflash")
 
@@ -36,7 +37,7 @@ class Problem:
     heads_kv: int
     head_dim: int
     dtype: str
-    causal: bool
+    variant: Variant
     scale: float
     layout: str
     batched: bool  # False: the caller passed 3-D arrays (no batch axis)
@@ -53,13 +54,16 @@ class Problem:
         return (self.batch, *shape) if self.batched else shape
 
     def flops(self) -> float:
-        """Forward FLOPs as the FlashAttention papers count them (x0.5 causal)."""
-        full = 4.0 * self.batch * self.heads_q * self.seqlen_q * self.seqlen_k * self.head_dim
-        return full * (0.5 if self.causal else 1.0)
+        """Forward FLOPs as the FlashAttention papers count them (x0.5 causal), in general 4 D
+        per visible (query, key) pair."""
+        pairs = (0.5 * self.seqlen_q * self.seqlen_k if self.variant.causal
+                 else self.variant.visible_pairs(self.seqlen_q, self.seqlen_k))
+        return 4.0 * self.batch * self.heads_q * pairs * self.head_dim
 
 
-def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
-              layout: str = "bshd", return_lse: bool = False, out=None):
+def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None = None,
+              scale: float | None = None, layout: str = "bshd", return_lse: bool = False,
+              out=None):
     """Exact scaled dot-product attention, softmax(scale * q k^T) v, without an N x N matrix.
 
     Args:
@@ -71,6 +75,11 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
         v: values, shaped like `k`.
         causal: bottom-right aligned causal mask: query i sees key j iff ``j <= i + Sk - Sq``.
             A query that sees no key gets an all-zero output and ``lse = -inf``.
+        window: sliding-window (local) attention, ``(left, right)`` ints, -1 meaning unbounded
+            (flash-attn's convention): query i sees key j iff
+            ``i + Sk - Sq - left <= j <= i + Sk - Sq + right``. ``window=(-1, 0)`` is
+            ``causal=True`` and ``(-1, -1)`` no mask; with `causal`, `right` is clipped to 0.
+            Work is skipped tile by tile: time grows with the window, not with Sk.
         scale: softmax scale, a number in ``(0, MAX_SCALE]`` (about 2.3587e38: scale * log2(e)
             must be finite in float32); defaults to ``1 / sqrt(D)``.
         layout: ``"bshd"`` (flash-attn / JAX order) or ``"bhsd"`` (PyTorch SDPA order).
@@ -89,15 +98,16 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
 
     See also: `attention_backward`, `cuflash.reference.attention`, `cuflash.jax.attention`.
     """
-    key = _replay.forward_key(q, k, v, out, (causal, type(causal), scale, type(scale), layout,
-                                             return_lse, type(return_lse)))
+    key = _replay.forward_key(q, k, v, out, (causal, type(causal), _replay.window_key(window),
+                                             scale, type(scale), layout, return_lse,
+                                             type(return_lse)))
     replay = _replay.lookup(key)
     if replay is not None:
         return replay(q, k, v, out)
-    problem = validate(q, k, v, causal=causal, scale=scale, layout=layout)
+    problem = validate(q, k, v, causal=causal, window=window, scale=scale, layout=layout)
     _check_flag("return_lse", return_lse)
     if problem.source.framework == "torch" and out is None and _wants_grad(q, k, v):
-        replay = _replay.AutogradReplay(problem.causal, problem.scale, layout, return_lse)
+        replay = _replay.AutogradReplay(problem.variant, problem.scale, layout, return_lse)
         _replay.record(key, replay)
         return replay(q, k, v)
     if out is not None:
@@ -131,13 +141,13 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
-                       scale: float | None = None, layout: str = "bshd",
-                       deterministic: bool = False):
+                       window: tuple[int, int] | None = None, scale: float | None = None,
+                       layout: str = "bshd", deterministic: bool = False):
     """Gradients of `attention` with respect to q, k and v.
 
     Args:
         dout: gradient of the output, shaped like `q`.
-        q, k, v, causal, scale, layout: exactly as passed to `attention`.
+        q, k, v, causal, window, scale, layout: exactly as passed to `attention`.
         out: the forward's output.
         lse: the forward's log-sum-exp (``return_lse=True``), float32 ``(B, Hq, Sq)``.
         deterministic: on the GPU, compute dq without atomics so results are bit-identical run
@@ -153,12 +163,13 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
     to validate it: a float32 lse is too coarse for exp(s - lse) once scores reach ~1e4.
     """
     arrays = (dout, q, k, v, out, lse)
-    key = _replay.backward_key(arrays, (causal, type(causal), scale, type(scale), layout,
-                                        deterministic, type(deterministic)))
+    key = _replay.backward_key(arrays, (causal, type(causal), _replay.window_key(window), scale,
+                                        type(scale), layout, deterministic,
+                                        type(deterministic)))
     replay = _replay.lookup(key)
     if replay is not None:
         return replay(*arrays)
-    problem = validate(q, k, v, causal=causal, scale=scale, layout=layout)
+    problem = validate(q, k, v, causal=causal, window=window, scale=scale, layout=layout)
     _check_flag("deterministic", deterministic)
     q_shape = problem.caller_shape(problem.seqlen_q, problem.heads_q)
     for name, x in (("dout", dout), ("out", out)):
@@ -193,11 +204,12 @@ def _refuse_first_call_in_capture(src: _interop.Source) -> None:
 # ---- validation ------------------------------------------------------------------------------
 
 
-def validate(q, k, v, *, causal, scale, layout) -> Problem:
+def validate(q, k, v, *, causal, scale, layout, window=None) -> Problem:
     """Check q, k, v and the options; raise TypeError/ValueError naming what is wrong."""
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     _check_flag("causal", causal)
+    variant = Variant.of(causal=bool(causal), window=window)
     for name, x in (("q", q), ("k", k), ("v", v)):
         _refuse_masked(name, x)
     sources = {name: _interop.source_of(x, name) for name, x in (("q", q), ("k", k), ("v", v))}
@@ -251,7 +263,7 @@ def validate(q, k, v, *, causal, scale, layout) -> Problem:
             f"({heads_kv}) (shapes q {shapes['q']}, k {shapes['k']}, layout {layout} {axes})"
         )
     return Problem(batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q,
-                   heads_kv=heads_kv, head_dim=head_dim, dtype=dtypes["q"], causal=bool(causal),
+                   heads_kv=heads_kv, head_dim=head_dim, dtype=dtypes["q"], variant=variant,
                    scale=_check_scale(scale, head_dim), layout=layout, batched=ndim == 4,
                    source=src)
 
@@ -381,7 +393,7 @@ def forward_into(problem: Problem, qb, kb, vb, out_b, lse_b):
     if problem.source.device == "cpu":
         from cuflash import _cpu
 
-        o, lse = _cpu.forward(q4, k4, v4, causal=problem.causal, scale=problem.scale)
+        o, lse = _cpu.forward(q4, k4, v4, variant=problem.variant, scale=problem.scale)
         o4[...] = o
         if lse3 is not None:
             lse3[...] = lse
@@ -394,7 +406,7 @@ def forward_into(problem: Problem, qb, kb, vb, out_b, lse_b):
     if lse3 is not None and problem.dtype == "float64":
         # fp64 kernels keep their statistics in double; the caller gets a float32 copy.
         lse_k = _interop.empty_backend(lse3.shape, "float64", src)
-    call = _launch.plan_forward(q4, k4, v4, o4, causal=problem.causal, scale=problem.scale,
+    call = _launch.plan_forward(q4, k4, v4, o4, variant=problem.variant, scale=problem.scale,
                                 device_id=device_id, cc=compute_capability(device_id))
     if call is not None:
         call(_launch.forward_pointers(q4, k4, v4, o4, lse_k), _interop.current_stream(src))
@@ -426,7 +438,7 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
         from cuflash import _cpu
 
         # The CPU path recomputes the row statistics itself; lse was only validated.
-        dq, dk, dv = _cpu.backward(do4, q4, k4, v4, o4, causal=problem.causal,
+        dq, dk, dv = _cpu.backward(do4, q4, k4, v4, o4, variant=problem.variant,
                                    scale=problem.scale)
         dq4[...], dk4[...], dv4[...] = dq, dk, dv
         return False
@@ -442,7 +454,7 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
     if problem.dtype == "float64":
         lse3 = _interop.empty_backend(lse3.shape, "float64", src)
         scratch = _interop.empty_backend(o4.shape, "float64", src)
-        forward = _launch.plan_forward(q4, k4, v4, scratch, causal=problem.causal,
+        forward = _launch.plan_forward(q4, k4, v4, scratch, variant=problem.variant,
                                        scale=problem.scale, device_id=device_id, cc=cc)
         if forward is not None:
             forward(_launch.forward_pointers(q4, k4, v4, scratch, lse3), stream)
@@ -453,7 +465,7 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
         lse3 = contiguous
         replayable = False
     call = _launch_bwd.plan_backward(do4, q4, k4, v4, o4, lse3, dq4, dk4, dv4,
-                                     causal=problem.causal, scale=problem.scale,
+                                     variant=problem.variant, scale=problem.scale,
                                      deterministic=deterministic, device_id=device_id, cc=cc)
     if call is not None:
         call(_launch_bwd.backward_pointers(do4, q4, k4, v4, o4, lse3, dq4, dk4, dv4), stream,

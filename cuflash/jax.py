@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cuflash import _dtypes, _interop, api
+from cuflash import _dtypes, _interop, _variant, api
 
 __all__ = ["attention"]
 
@@ -39,7 +39,8 @@ _GPU_JIT_ERROR = (
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
-              scale: float | None = None, layout: str = "bshd") -> jax.Array:
+              window: tuple[int, int] | None = None, scale: float | None = None,
+              layout: str = "bshd") -> jax.Array:
     """Exact attention for JAX arrays, differentiable with respect to q, k and v.
 
     Args:
@@ -48,10 +49,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
         k: keys, ``(B, Sk, Hkv, D)`` (``"bhsd"``: ``(B, Hkv, Sk, D)``), ``Hq % Hkv == 0``.
         v: values, shaped like `k`.
         causal: bottom-right aligned causal mask (query i sees key j iff ``j <= i + Sk - Sq``).
+        window: sliding window ``(left, right)``, -1 unbounded, as for :func:`cuflash.attention`.
         scale: softmax scale, a Python number > 0; defaults to ``1 / sqrt(D)``.
         layout: ``"bshd"`` or ``"bhsd"``.
 
-    `causal`, `scale` and `layout` are static (not differentiated, not traced).
+    `causal`, `window`, `scale` and `layout` are static (not differentiated, not traced).
 
     Returns:
         the attention output, shaped like q, same dtype and device.
@@ -64,23 +66,24 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
     See also: `cuflash.attention` (any framework, no autodiff), `cuflash.attention_backward`.
     """
     q, k, v = (jnp.asarray(x) for x in (q, k, v))
-    return _attention(q, k, v, causal, scale, layout)
+    window = _variant.check_window(window)  # a hashable pair: custom_vjp's static arguments
+    return _attention(q, k, v, causal, window, scale, layout)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _attention(q, k, v, causal, scale, layout):
-    return _forward(q, k, v, causal, scale, layout)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _attention(q, k, v, causal, window, scale, layout):
+    return _forward(q, k, v, causal, window, scale, layout)[0]
 
 
-def _attention_fwd(q, k, v, causal, scale, layout):
-    out, lse = _forward(q, k, v, causal, scale, layout)
+def _attention_fwd(q, k, v, causal, window, scale, layout):
+    out, lse = _forward(q, k, v, causal, window, scale, layout)
     return out, (q, k, v, out, lse)
 
 
-def _attention_bwd(causal, scale, layout, residuals, dout):
+def _attention_bwd(causal, window, scale, layout, residuals, dout):
     q, k, v, out, lse = residuals
-    backward = functools.partial(api.attention_backward, causal=causal, scale=scale,
-                                 layout=layout)
+    backward = functools.partial(api.attention_backward, causal=causal, window=window,
+                                 scale=scale, layout=layout)
     if _concrete(dout, *residuals):
         return _eager_backward(backward, dout, q, k, v, out, lse)
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
@@ -90,13 +93,13 @@ def _attention_bwd(causal, scale, layout, residuals, dout):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _forward(q, k, v, causal, scale, layout):
+def _forward(q, k, v, causal, window, scale, layout):
     """``(out, lse)``: the core on concrete arrays, else a host callback into the CPU path."""
-    forward = functools.partial(api.attention, causal=causal, scale=scale, layout=layout,
-                                return_lse=True)
+    forward = functools.partial(api.attention, causal=causal, window=window, scale=scale,
+                                layout=layout, return_lse=True)
     if _concrete(q, k, v):
         return forward(q, k, v)
-    problem = _validate_traced(q, k, v, causal, scale, layout)
+    problem = _validate_traced(q, k, v, causal, window, scale, layout)
     shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype),
               jax.ShapeDtypeStruct(problem.lse_shape(), np.float32))
     return _host_call(forward, shapes, q, k, v)
@@ -120,7 +123,7 @@ def _concrete(*arrays) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in arrays)
 
 
-def _validate_traced(q, k, v, causal, scale, layout) -> api.Problem:
+def _validate_traced(q, k, v, causal, window, scale, layout) -> api.Problem:
     """Validate traced q, k, v at trace time, as the CPU path will see them in the callback.
 
     The stand-ins are zero-stride NumPy views of one element: they have the shapes and dtypes of
@@ -132,7 +135,7 @@ def _validate_traced(q, k, v, causal, scale, layout) -> api.Problem:
                         f"(it runs the CPU path there); expected one of "
                         f"{', '.join(_dtypes.CPU_DTYPES)}. On a GPU call it outside jax.jit")
     stand_ins = (np.broadcast_to(np.empty((), dtype=x.dtype), x.shape) for x in (q, k, v))
-    return api.validate(*stand_ins, causal=causal, scale=scale, layout=layout)
+    return api.validate(*stand_ins, causal=causal, window=window, scale=scale, layout=layout)
 
 
 def _host_call(fn, result_shapes, *arrays):

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["attention", "attention_backward", "attention_varlen", "attention_with_kvcache"]
+__all__ = ["attention", "attention_backward", "attention_varlen", "attention_with_kvcache",
+           "visible"]
 
 _LAYOUTS = ("bshd", "bhsd")
 
@@ -83,9 +84,9 @@ def attention(
     """
     q4, k4, v4, three_d = _canonical_inputs(layout, q=q, k=k, v=v)
     scale = _default_scale(scale, q4.shape[-1])
-    visible = _mask(q4.shape[1], k4.shape[1], causal, window)
-    p, lse = _probabilities(q4, k4, visible, scale)
-    out = _weighted_values(p, v4, visible)  # (B, Hkv, G, Sq, D)
+    seen = visible(q4.shape[1], k4.shape[1], causal=causal, window=window)
+    p, lse = _probabilities(q4, k4, seen, scale)
+    out = _weighted_values(p, v4, seen)  # (B, Hkv, G, Sq, D)
     out = _from_grouped_q(out, layout, three_d)
     if not return_lse:
         return out
@@ -123,7 +124,8 @@ def attention_backward(
     if dout4.shape != q4.shape:
         raise ValueError(f"dout has shape {_shape(dout)}; expected q's shape {_shape(q)}")
     scale = _default_scale(scale, q4.shape[-1])
-    p, _ = _probabilities(q4, k4, _mask(q4.shape[1], k4.shape[1], causal, window), scale)
+    seen = visible(q4.shape[1], k4.shape[1], causal=causal, window=window)
+    p, _ = _probabilities(q4, k4, seen, scale)
     k_g, v_g = _grouped_kv(k4), _grouped_kv(v4)  # (B, Hkv, 1, Sk, D)
     do_g = _grouped_q(dout4, k4.shape[2])  # (B, Hkv, G, Sq, D)
 
@@ -353,10 +355,10 @@ def _weighted_values(p: np.ndarray, v4: np.ndarray, visible: np.ndarray | None) 
     return out
 
 
-def _mask(sq: int, sk: int, causal: bool, window: Any) -> np.ndarray | None:
-    """``(Sq, Sk)`` bool, True where query i sees key j: the bottom-right aligned causal mask
-    and/or window (``i' = i + Sk - Sq`` sees ``i' - left <= j <= i' + right``); None where
-    every key is seen."""
+def visible(sq: int, sk: int, *, causal: bool = False, window: Any = None) -> np.ndarray | None:
+    """The oracle's mask: ``(Sq, Sk)`` bool, True where query i sees key j: the bottom-right
+    aligned causal mask and/or window (``i' = i + Sk - Sq`` sees
+    ``i' - left <= j <= i' + right``); None where every key is seen."""
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal: expected True or False, got {causal!r}")
     left, right = _window(window)

@@ -3,9 +3,10 @@
 Two ops, registered under the ``cuflash`` namespace, work on CPU and CUDA tensors (the core picks
 the path; CUDA kernels run on torch's current stream):
 
-- ``torch.ops.cuflash.attention_fwd(q, k, v, causal, scale, layout) -> (out, lse)``
+- ``torch.ops.cuflash.attention_fwd(q, k, v, causal, scale, layout, window_left=-1,
+  window_right=-1) -> (out, lse)``
 - ``torch.ops.cuflash.attention_bwd(dout, q, k, v, out, lse, causal, scale, layout,
-  deterministic) -> (dq, dk, dv)``
+  deterministic, window_left=-1, window_right=-1) -> (dq, dk, dv)``
 
 Each runs the framework-agnostic core (the public :func:`cuflash.attention` /
 :func:`cuflash.attention_backward` on detached tensors), has a fake (meta) implementation for
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from cuflash import api
+from cuflash import _variant, api
 
 __all__ = ["attention", "attention_bwd", "attention_fwd"]
 
@@ -39,7 +40,8 @@ Tensor = torch.Tensor
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
-              scale: float | None = None, layout: str = "bshd", return_lse: bool = False):
+              window: tuple[int, int] | None = None, scale: float | None = None,
+              layout: str = "bshd", return_lse: bool = False):
     """Exact attention on torch tensors, differentiable with respect to q, k and v.
 
     Args:
@@ -49,6 +51,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
             q, ``Hq % Hkv == 0``.
         v: values, shaped like `k`.
         causal: bottom-right aligned causal mask (query i sees key j iff ``j <= i + Sk - Sq``).
+        window: sliding window ``(left, right)``, -1 unbounded, as for :func:`cuflash.attention`.
         scale: softmax scale, a number > 0; defaults to ``1 / sqrt(D)``.
         layout: ``"bshd"`` or ``"bhsd"``.
         return_lse: also return the float32 log-sum-exp ``(B, Hq, Sq)`` (``(Hq, Sq)`` for 3-D);
@@ -66,10 +69,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     """
     api._check_flag("causal", causal)
     api._check_flag("return_lse", return_lse)
+    left, right = _variant.check_window(window)
     if torch.compiler.is_compiling():
-        out, lse = attention_fwd(q, k, v, causal, scale, layout)
+        out, lse = attention_fwd(q, k, v, causal, scale, layout, left, right)
     else:
-        out, lse = _Attention.apply(q, k, v, causal, scale, layout)
+        out, lse = _Attention.apply(q, k, v, causal, scale, layout, (left, right))
     return (out, lse) if return_lse else out
 
 
@@ -79,38 +83,40 @@ class _Attention(torch.autograd.Function):
     traces the op instead."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, layout):
+    def forward(ctx, q, k, v, causal, scale, layout, window):
         # Grad mode is off in here, so the core takes its plain (replayable) path.
-        out, lse = api.attention(q, k, v, causal=causal, scale=scale, layout=layout,
-                                 return_lse=True)
+        out, lse = api.attention(q, k, v, causal=causal, window=window, scale=scale,
+                                 layout=layout, return_lse=True)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mark_non_differentiable(lse)
-        ctx.options = (causal, scale, layout)
+        ctx.options = (causal, window, scale, layout)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        causal, scale, layout = ctx.options
+        causal, window, scale, layout = ctx.options
         if dout.stride(-1) != 1:
             dout = dout.contiguous()  # an expanded gradient (of a sum): one copy, then replayable
         dq, dk, dv = api.attention_backward(
-            dout, q, k, v, out, lse, causal=causal, scale=scale, layout=layout,
+            dout, q, k, v, out, lse, causal=causal, window=window, scale=scale, layout=layout,
             deterministic=torch.are_deterministic_algorithms_enabled())
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 @torch.library.custom_op("cuflash::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None,
-                  layout: str) -> tuple[Tensor, Tensor]:
+                  layout: str, window_left: int = -1,
+                  window_right: int = -1) -> tuple[Tensor, Tensor]:
     """The forward op: ``(out, lse)`` as :func:`cuflash.attention` with ``return_lse=True``."""
     # Detached, so the core takes its plain path instead of routing back here for autograd.
-    return api.attention(q.detach(), k.detach(), v.detach(), causal=causal, scale=scale,
-                         layout=layout, return_lse=True)
+    return api.attention(q.detach(), k.detach(), v.detach(), causal=causal,
+                         window=(window_left, window_right), scale=scale, layout=layout,
+                         return_lse=True)
 
 
 @attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, causal, scale, layout):
+def _attention_fwd_fake(q, k, v, causal, scale, layout, window_left=-1, window_right=-1):
     # The core allocates both results contiguous: out like q, lse (B, Hq, Sq) float32.
     if layout == "bhsd":
         lse_shape = q.shape[:-1]
@@ -121,33 +127,35 @@ def _attention_fwd_fake(q, k, v, causal, scale, layout):
 
 @torch.library.custom_op("cuflash::attention_bwd", mutates_args=())
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                  causal: bool, scale: float | None, layout: str,
-                  deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+                  causal: bool, scale: float | None, layout: str, deterministic: bool,
+                  window_left: int = -1,
+                  window_right: int = -1) -> tuple[Tensor, Tensor, Tensor]:
     """The backward op: ``(dq, dk, dv)`` as :func:`cuflash.attention_backward`."""
     tensors = (x.detach() for x in (dout, q, k, v, out, lse))
-    return api.attention_backward(*tensors, causal=causal, scale=scale, layout=layout,
-                                  deterministic=deterministic)
+    return api.attention_backward(*tensors, causal=causal, window=(window_left, window_right),
+                                  scale=scale, layout=layout, deterministic=deterministic)
 
 
 @attention_bwd.register_fake
-def _attention_bwd_fake(dout, q, k, v, out, lse, causal, scale, layout, deterministic):
+def _attention_bwd_fake(dout, q, k, v, out, lse, causal, scale, layout, deterministic,
+                        window_left=-1, window_right=-1):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, causal, scale, layout = inputs
+    q, k, v, causal, scale, layout, *window = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.mark_non_differentiable(lse)
-    ctx.options = (causal, scale, layout)
+    ctx.options = (causal, scale, layout, *window)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    causal, scale, layout = ctx.options
+    causal, scale, layout, *window = ctx.options
     dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, causal, scale, layout,
-                               torch.are_deterministic_algorithms_enabled())
-    return dq, dk, dv, None, None, None
+                               torch.are_deterministic_algorithms_enabled(), *window)
+    return (dq, dk, dv, *(None,) * len(ctx.options))  # no gradient for the options
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -10,8 +10,9 @@
 //                   in order and writes dq itself, with no atomics.
 //   bwd_convert_dq  dq = scale * dq_accum in the storage type (row-wise, any dtype).
 // Every kernel takes the same template parameters so one KernelSpec names any of them; the row-wise
-// kernels ignore the tile ones.
+// kernels ignore the tile ones and MaskKind (rendered as NoMask).
 #include "common.cuh"
+#include "mask.cuh"
 #include "simt_common.cuh"
 #include "simt_softmax.cuh"
 
@@ -80,7 +81,7 @@ template <typename T, int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> st
 // Recomputes this thread's part of one (query tile, key tile) pair from the staged Q, dO, K, V,
 // lse (score units) and delta: on return `p` holds P = exp(scale * S - lse) and `ds` holds
 // dS = P * (dP - delta), both zero where the mask hides the key.
-template <typename Tr, bool kCausal, typename T>
+template <typename Tr, typename MaskKind, typename T>
 __device__ __forceinline__ void recompute_p_ds(T (&p)[Tr::kRows][Tr::kKeys],
                                                T (&ds)[Tr::kRows][Tr::kKeys], const T* sQ,
                                                const T* sDo, const T* sK, const T* sV,
@@ -94,11 +95,11 @@ __device__ __forceinline__ void recompute_p_ds(T (&p)[Tr::kRows][Tr::kKeys],
   gemm_nt<Tr::kRows, Tr::kKeys, Tr::kHeadDim, Tr::kRowThreads, Tr::kColThreads, Tr::kLdQKV,
           Tr::kLdQKV>(ds, sDo + trow * Tr::kLdQKV, sV + tcol * Tr::kLdQKV);
 
-  // -- p = exp(scale * s - lse), ds = p * (dp - delta); masked: keys past seqlen_k, future keys --
+  // -- p = exp(scale * s - lse), ds = p * (dp - delta); zero where the row does not see the key
+  // (keys past seqlen_k among them), on the tiles the mask's edges or the ragged end cut --
   const T scale = ScoreUnits<T>::scale(params);
-  const int diag = params.seqlen_k - params.seqlen_q;
-  const bool partial = n0 + Tr::kBlockN > params.seqlen_k ||
-                       (kCausal && n0 + Tr::kBlockN - 1 > m0 + diag);
+  const Mask<MaskKind> mask(params);
+  const bool partial = !mask.full(m0, m0 + Tr::kBlockM, n0, n0 + Tr::kBlockN);
 #pragma unroll
   for (int i = 0; i < Tr::kRows; ++i) {
     const int r = trow + i * Tr::kRowThreads;
@@ -108,8 +109,7 @@ __device__ __forceinline__ void recompute_p_ds(T (&p)[Tr::kRows][Tr::kKeys],
 #pragma unroll
     for (int j = 0; j < Tr::kKeys; ++j) {
       const int key = n0 + tcol + j * Tr::kColThreads;
-      const bool masked =
-          partial && (key >= params.seqlen_k || (kCausal && key > row + diag));
+      const bool masked = partial && (key >= params.seqlen_k || mask.band_hides(row, key));
       const T prob = masked ? T(0) : ScoreUnits<T>::exp(madd(p[i][j], scale, -lse));
       p[i][j] = prob;
       ds[i][j] = prob * (ds[i][j] - delta);
@@ -164,7 +164,7 @@ __device__ __forceinline__ void atomic_add_row(T* row, const T (&x)[kC * Pack<T>
   }
 }
 
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kCausal,
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
           bool kAligned>
 __global__ void __launch_bounds__(
     kWarps * kWarpSize, (BwdSimtTraits<T, kHeadDim, kBlockM, kBlockN, kWarps>::kDkdvMinBlocksPerSm))
@@ -204,11 +204,12 @@ __global__ void __launch_bounds__(
           n0 * p.v_row_stride,
       p.v_row_stride, keys, p.head_dim, tid);
 
-  // Bottom-right causal: query i sees key n0 (the block's first) iff i >= n0 - diag; query tiles
-  // before that see none of this block's keys.
-  const int diag = p.seqlen_k - p.seqlen_q;
-  const int m_tile_begin = kCausal ? max(0, n0 - diag) / kBlockM : 0;
-  const int m_tiles = ceil_div(p.seqlen_q, kBlockM);
+  // The query tiles [m_begin, m_end) that see some key of this block: from the first query of its
+  // first key (always < seqlen_q) to the last of its last key; none (m_end <= m_begin: a key block
+  // no query sees) leaves dK, dV zero and the epilogue still writes them.
+  const Mask<MaskKind> mask(p);
+  const int m_begin = max(0, mask.first_query(n0)) / kBlockM;
+  const int m_end = ceil_div(min(p.seqlen_q, mask.end_query(n0 + keys - 1)), kBlockM);
 
   T acc_dk[Tr::kKeyRows][Tr::kDims];
   T acc_dv[Tr::kKeyRows][Tr::kDims];
@@ -225,7 +226,7 @@ __global__ void __launch_bounds__(
         static_cast<const T*>(p.lse) + batch * p.lse_batch_stride + head * p.lse_head_stride;
     const T* delta = static_cast<const T*>(p.delta) + head_rows;
 
-    for (int m_tile = m_tile_begin; m_tile < m_tiles; ++m_tile) {
+    for (int m_tile = m_begin; m_tile < m_end; ++m_tile) {
       const int m0 = m_tile * kBlockM;
       const int rows = min(kBlockM, p.seqlen_q - m0);
       copy_tile<kBlockM, kHeadDim, Tr::kLdQKV, Tr::kThreads, kAligned>(
@@ -238,7 +239,7 @@ __global__ void __launch_bounds__(
 
       T prob[Tr::kRows][Tr::kKeys];
       T ds[Tr::kRows][Tr::kKeys];
-      recompute_p_ds<Tr, kCausal>(prob, ds, sQ, sDo, sK, sV, sLse, sDelta, m0, n0, trow, tcol, p);
+      recompute_p_ds<Tr, MaskKind>(prob, ds, sQ, sDo, sK, sV, sLse, sDelta, m0, n0, trow, tcol, p);
 #pragma unroll
       for (int i = 0; i < Tr::kRows; ++i) {
         const int r = trow + i * Tr::kRowThreads;
@@ -297,7 +298,7 @@ __global__ void __launch_bounds__(
   }
 }
 
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kCausal,
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
           bool kAligned>
 __global__ void __launch_bounds__(
     kWarps * kWarpSize, (BwdSimtTraits<T, kHeadDim, kBlockM, kBlockN, kWarps>::kDqMinBlocksPerSm))
@@ -343,14 +344,16 @@ __global__ void __launch_bounds__(
 
   const T* k = static_cast<const T*>(p.k) + batch * p.k_batch_stride + kv_head * p.k_head_stride;
   const T* v = static_cast<const T*>(p.v) + batch * p.v_batch_stride + kv_head * p.v_head_stride;
-  // Bottom-right causal, as in the forward: keys past the block's last visible key are skipped.
-  const int diag = p.seqlen_k - p.seqlen_q;
-  const int n_end = kCausal ? max(0, min(p.seqlen_k, m0 + rows + diag)) : p.seqlen_k;
-  const int n_tiles = ceil_div(n_end, kBlockN);
+  // The key tiles [n_begin, n_end) some row of the block sees, as in the forward; none leaves
+  // dq zero. No left edge: the walk starts at the constant 0, as before the mask kinds.
+  const Mask<MaskKind> mask(p);
+  const Span block_keys = mask.keys(m0, m0 + rows);
+  const int n_begin = Mask<MaskKind>::kLeft ? block_keys.begin / kBlockN : 0;
+  const int n_end = ceil_div(block_keys.end, kBlockN);
 
   T acc_dq[Tr::kRows][Tr::kDims];
   fill(acc_dq, T(0));
-  for (int tile = 0; tile < n_tiles; ++tile) {  // a fixed order: dq is bit-identical run to run
+  for (int tile = n_begin; tile < n_end; ++tile) {  // fixed order: dq is bit-identical run to run
     const int n0 = tile * kBlockN;
     const int keys = min(kBlockN, p.seqlen_k - n0);
     copy_tile<kBlockN, kHeadDim, Tr::kLdQKV, Tr::kThreads, kAligned>(
@@ -362,7 +365,7 @@ __global__ void __launch_bounds__(
 
     T prob[Tr::kRows][Tr::kKeys];
     T ds[Tr::kRows][Tr::kKeys];
-    recompute_p_ds<Tr, kCausal>(prob, ds, sQ, sDo, sK, sV, sLse, sDelta, m0, n0, trow, tcol, p);
+    recompute_p_ds<Tr, MaskKind>(prob, ds, sQ, sDo, sK, sV, sLse, sDelta, m0, n0, trow, tcol, p);
 #pragma unroll
     for (int i = 0; i < Tr::kRows; ++i) {
 #pragma unroll
@@ -396,7 +399,7 @@ __global__ void __launch_bounds__(
 // ---- row-wise kernels: one warp per row, lanes across the head dim; grid (ceil(Sq / kBlockM),
 // heads_q, batch). Memory-bound; generic in T (to_accum / from_accum) so every dtype can use them.
 
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kCausal,
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
           bool kAligned>
 __global__ void __launch_bounds__(kWarps * kWarpSize) bwd_preprocess(const BwdParams p) {
   using Accum = typename AccumOf<T>::type;
@@ -430,7 +433,7 @@ __global__ void __launch_bounds__(kWarps * kWarpSize) bwd_preprocess(const BwdPa
   }
 }
 
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kCausal,
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
           bool kAligned>
 __global__ void __launch_bounds__(kWarps * kWarpSize) bwd_convert_dq(const BwdParams p) {
   using Accum = typename AccumOf<T>::type;

@@ -12,9 +12,10 @@
 //                        tiles in order and writes dq = sum dS K itself, no atomics.
 //   bwd_convert_dq_sm80  dq = dq_accum in the storage type.
 // All kernels take the same template parameters so one KernelSpec names any of them; the row-wise
-// kernels ignore kBlockN and kCausal.
+// kernels ignore kBlockN and MaskKind (rendered as NoMask).
 #include "common.cuh"
 #include "load_tile_sm80.cuh"
+#include "mask.cuh"
 #include "mma_sm80.cuh"
 
 namespace cuflash {
@@ -323,7 +324,7 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct BwdDkdv
   static_assert(kSmemBytes <= kSm80SmemBudget, "tile does not fit sm_80 shared memory");
 };
 
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kCausal,
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
           bool kAligned>
 __global__ void __launch_bounds__(kWarps * kWarpSize, 1)
 bwd_dkdv_sm80(const __grid_constant__ BwdParams p) {
@@ -334,7 +335,8 @@ bwd_dkdv_sm80(const __grid_constant__ BwdParams p) {
   constexpr int kKeyTiles = Tr::kKeyTiles, kDTiles = Tr::kDTiles, kSubQTiles = Tr::kSubQTiles;
   extern __shared__ __align__(128) char smem[];
 
-  const int n_block = blockIdx.x;  // causal: low key blocks see the most queries and run first
+  // With a right edge and no left edge (causal) low key blocks see the most queries and run first.
+  const int n_block = blockIdx.x;
   const int kv_head = blockIdx.y;
   const int batch = blockIdx.z;
   const int tid = threadIdx.x;
@@ -343,12 +345,19 @@ bwd_dkdv_sm80(const __grid_constant__ BwdParams p) {
   const int g = lane / 4, t = lane % 4;
   const int n0 = n_block * kBlockN;
 
-  // Bottom-right causal: query i sees key j iff j <= i + diag. Query i sees the block's first key
-  // n0 iff i >= n0 - diag, so the query tiles before that one see none of its keys.
-  const int diag = p.seqlen_k - p.seqlen_q;
+  // The query tiles [m_begin, m_end) that see some key of the block: bands move right with the
+  // row, so the first sees key n0 and the last the block's last key. None (a key block no query
+  // sees) leaves dK, dV zero, and the epilogue still writes them.
+  const Mask<MaskKind> mask(p);
   const int m_tiles = ceil_div(p.seqlen_q, kBlockM);
-  const int m_begin = kCausal ? min(m_tiles, max(0, n0 - diag) / kBlockM) : 0;
-  const int n_steps = p.group * (m_tiles - m_begin);  // (query head, query tile) pairs
+  const int m_begin =
+      Mask<MaskKind>::kRight ? min(m_tiles, max(0, mask.first_query(n0)) / kBlockM) : 0;
+  const int m_end =
+      Mask<MaskKind>::kLeft
+          ? max(m_begin, min(m_tiles, ceil_div(mask.end_query(min(n0 + kBlockN, p.seqlen_k) - 1),
+                                               kBlockM)))
+          : m_tiles;
+  const int n_steps = p.group * (m_end - m_begin);  // (query head, query tile) pairs
   const bool ragged_keys = n0 + kBlockN > p.seqlen_k;
 
   // Warp roles (see the traits).
@@ -434,7 +443,7 @@ bwd_dkdv_sm80(const __grid_constant__ BwdParams p) {
     const uint32 do_off = Tr::kDoOffset + stage * QTile::kBytes;
     // The next step: the next query tile, or the first one of the next query head.
     const bool has_next = step + 1 < n_steps;
-    const bool head_done = m_tile + 1 == m_tiles;
+    const bool head_done = m_tile + 1 == m_end;
     const int next_head = head_done ? head + 1 : head;
     const int next_m_tile = head_done ? m_begin : m_tile + 1;
 
@@ -445,7 +454,11 @@ bwd_dkdv_sm80(const __grid_constant__ BwdParams p) {
     if (Tr::kStages == 2 && has_next) load_q_do(next_head, next_m_tile * kBlockM, stage ^ 1);
     cp_async_commit();
 
-    const bool masked = ragged_keys || (kCausal && n0 + kBlockN - 1 > m0 + diag);
+    // Per-element work unless the step is full (the same test in two forms: each kind's ptxas
+    // allocation is best with its own).
+    const bool masked = Mask<MaskKind>::kLeft
+                            ? !mask.full(m0, m0 + kBlockM, n0, n0 + kBlockN)
+                            : ragged_keys || mask.cuts(m0, m0 + kBlockM, n0, n0 + kBlockN);
 #pragma unroll
     for (int sub = 0; sub < Tr::kSubTiles; ++sub) {
       const int col0 = sub * Tr::kSubQueries;  // this sub-tile's first S^T column, from warp_q0
@@ -476,22 +489,27 @@ bwd_dkdv_sm80(const __grid_constant__ BwdParams p) {
           }
         }
       }
-      // -- mask keys past seqlen_k and (causal) keys after a query's diagonal, on the steps that
-      // touch them: key j is visible to query m0 + c iff j < seqlen_k and c >= j - diag - m0 --
+      // -- zero P^T where the query does not see the key, on the steps the mask or the ragged end
+      // cut: columns [first_col, end_col) of the step see the key, none past seqlen_k --
       if (masked) {
 #pragma unroll
         for (int kt = 0; kt < kKeyTiles; ++kt) {
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int key = n0 + warp_key0 + kt * 16 + h * 8 + g;
-            const int first_col = key >= p.seqlen_k ? kBlockM : kCausal ? key - diag - m0 : 0;
+            const int first_col = key >= p.seqlen_k       ? kBlockM
+                                  : Mask<MaskKind>::kRight ? mask.first_query(key) - m0
+                                                           : 0;
+            const int end_col = mask.end_query(key) - m0;  // used only with a left edge
             // relative to this thread's first column of the sub-tile
-            const int first = first_col - (warp_q0 + col0 + 2 * t);
+            const int col = warp_q0 + col0 + 2 * t;
+            const int first = first_col - col, end = end_col - col;
 #pragma unroll
             for (int qt = 0; qt < kSubQTiles; ++qt) {
 #pragma unroll
               for (int e = 0; e < 2; ++e) {
-                if (qt * 8 + e < first) st[kt][qt][2 * h + e] = 0.f;
+                const int c = qt * 8 + e;
+                if (c < first || (Mask<MaskKind>::kLeft && c >= end)) st[kt][qt][2 * h + e] = 0.f;
               }
             }
           }
@@ -657,7 +675,7 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct BwdDqSm
   static_assert(kSmemBytes <= kSm80SmemBudget, "tile does not fit sm_80 shared memory");
 };
 
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kCausal,
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
           bool kAligned>
 __global__ void __launch_bounds__(kWarps * kWarpSize)
 bwd_dq_sm80(const __grid_constant__ BwdParams p) {
@@ -667,8 +685,9 @@ bwd_dq_sm80(const __grid_constant__ BwdParams p) {
   constexpr int kMTiles = Tr::kMTiles, kNTiles = Tr::kNTiles, kDTiles = Tr::kDTiles;
   extern __shared__ __align__(128) char smem[];
 
-  // Causal blocks are scheduled longest first (high m_block sees the most keys).
-  const int m_block = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  // With a right edge and no left edge (causal) high m_block sees the most keys: longest first.
+  const int m_block =
+      Mask<MaskKind>::kRight && !Mask<MaskKind>::kLeft ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
   const int head = blockIdx.y;
   const int batch = blockIdx.z;
   const int kv_head = head / p.group;
@@ -678,12 +697,13 @@ bwd_dq_sm80(const __grid_constant__ BwdParams p) {
   const int m0 = m_block * kBlockM;
   const int warp_row0 = warp * Tr::kRowsPerWarp;
 
-  // Bottom-right causal: the block's last row, min(m0 + kBlockM, seqlen_q) - 1, sees keys up to
-  // that row + diag.
-  const int diag = p.seqlen_k - p.seqlen_q;
-  int n_end = p.seqlen_k;
-  if (kCausal) n_end = max(0, min(n_end, min(m0 + kBlockM, p.seqlen_q) + diag));
-  const int n_tiles = ceil_div(n_end, kBlockN);
+  // The key tiles [n_begin, n_begin + n_tiles) some row of the block sees: bands move right with
+  // the row, so the first row sees the lowest key and the last (up to seqlen_q) the highest. None
+  // leaves dq zero.
+  const Mask<MaskKind> mask(p);
+  const int n_begin = mask.first_key(m0) / kBlockN;
+  const int n_tiles =
+      ceil_div(mask.end_key(min(m0 + kBlockM, p.seqlen_q) - 1), kBlockN) - n_begin;
 
   const T* q = static_cast<const T*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride;
   const T* dout =
@@ -734,18 +754,19 @@ bwd_dq_sm80(const __grid_constant__ BwdParams p) {
                                              p.seqlen_q, p.head_dim);
     load_tile<QTile, Tr::kThreads, kAligned>(smem_base + Tr::kDoOffset, dout, p.do_row_stride, m0,
                                              p.seqlen_q, p.head_dim);
-    load_k_v(0, 0);
+    load_k_v(n_begin, 0);
     cp_async_commit();
   }
 
-  for (int tile = 0; tile < n_tiles; ++tile) {  // a fixed order: dq is bit-identical run to run
-    const int stage = Tr::kStages == 2 ? tile % 2 : 0;
+  for (int i = 0; i < n_tiles; ++i) {  // a fixed order: dq is bit-identical run to run
+    const int tile = n_begin + i;
+    const int stage = Tr::kStages == 2 ? i % 2 : 0;
     const int n0 = tile * kBlockN;
     const uint32 k_off = Tr::kKOffset + stage * KVTile::kBytes;
     const uint32 v_off = Tr::kVOffset + stage * KVTile::kBytes;
     cp_async_wait<0>();
     __syncthreads();  // K, V (and Q, dO the first time) landed; every warp is done with tile - 1
-    if (Tr::kStages == 2 && tile + 1 < n_tiles) load_k_v(tile + 1, stage ^ 1);
+    if (Tr::kStages == 2 && i + 1 < n_tiles) load_k_v(tile + 1, stage ^ 1);
     cp_async_commit();
 
     // -- S = Q K^T, dP = dO V^T (rows: this warp's queries; columns: keys) --
@@ -756,24 +777,25 @@ bwd_dq_sm80(const __grid_constant__ BwdParams p) {
     gemm_ss<T, Frag::kA, Frag::kB, Tr::kQKSteps>(s, row_frag, Tr::kQOffset, key_frag, k_off);
     gemm_ss<T, Frag::kA, Frag::kB, Tr::kQKSteps>(dp, row_frag, Tr::kDoOffset, key_frag, v_off);
 
-    // -- P = exp2(S * scale_log2 - lse_log2); keys past seqlen_k and after the diagonal masked
-    // (only on the tiles that touch them); dS = scale * P * (dP - delta), the softmax scale folded
-    // in as in bwd_dkdv_sm80 --
-    const bool masked = n0 + kBlockN > p.seqlen_k || (kCausal && n0 + kBlockN - 1 > m0 + diag);
+    // -- P = exp2(S * scale_log2 - lse_log2), zero where the row does not see the key (only on
+    // the tiles the mask or the ragged end cut); dS = scale * P * (dP - delta), the softmax scale
+    // folded in as in bwd_dkdv_sm80 --
+    const bool masked = n0 + kBlockN > p.seqlen_k || mask.cuts(m0, m0 + kBlockM, n0, n0 + kBlockN);
 #pragma unroll
     for (int r = 0; r < 2 * kMTiles; ++r) {
       const int mt = r / 2, h = r % 2;
       const int row = m0 + warp_row0 + mt * 16 + h * 8 + g;
-      // Last visible key, relative to this thread's first column of the tile (n0 + 2t).
-      const int last =
-          (kCausal ? min(p.seqlen_k - 1, row + diag) : p.seqlen_k - 1) - n0 - 2 * t;
+      // The row's keys [first, last], relative to this thread's first column of the tile (n0 + 2t).
+      const int first = mask.first_key(row) - n0 - 2 * t;
+      const int last = mask.last_key(row) - n0 - 2 * t;
 #pragma unroll
       for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           float& x = s[mt][nt][2 * h + e];
+          const int c = nt * 8 + e;
           x = exp2_ftz(fmaf(x, p.scale_log2, -row_lse2[r]));
-          if (masked && nt * 8 + e > last) x = 0.f;
+          if (masked && (c > last || (Mask<MaskKind>::kLeft && c < first))) x = 0.f;
           dp[mt][nt][2 * h + e] = x * fmaf(dp[mt][nt][2 * h + e], scale, -row_delta[r]);
         }
       }
@@ -786,7 +808,7 @@ bwd_dq_sm80(const __grid_constant__ BwdParams p) {
 
     if (Tr::kStages == 1) {
       __syncthreads();  // every warp is done with K, V: the next tile may overwrite them
-      if (tile + 1 < n_tiles) load_k_v(tile + 1, 0);
+      if (i + 1 < n_tiles) load_k_v(tile + 1, 0);
       cp_async_commit();
     }
   }
@@ -844,7 +866,7 @@ __device__ __forceinline__ void load_vec8(float (&x)[8], const T* row, int col, 
   }
 }
 
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kCausal,
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
           bool kAligned>
 __global__ void __launch_bounds__(kWarps * kWarpSize)
 bwd_preprocess_sm80(const __grid_constant__ BwdParams p) {
@@ -888,7 +910,7 @@ bwd_preprocess_sm80(const __grid_constant__ BwdParams p) {
   }
 }
 
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kCausal,
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
           bool kAligned>
 __global__ void __launch_bounds__(kWarps * kWarpSize)
 bwd_convert_dq_sm80(const __grid_constant__ BwdParams p) {

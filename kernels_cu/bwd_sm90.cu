@@ -3,11 +3,12 @@
 // are bwd_sm80.cu's (same parameter block, same dq_accum and delta layouts).
 //
 // One thread block owns kBlockN keys of one (batch, kv head) and walks the GQA group's query heads
-// and their query tiles of kBlockM rows, as bwd_dkdv_sm80 does. Warpgroup 0 is the producer: its
-// thread 0 loads K and V once and then Q and dO of every step through kStages shared-memory slots
-// with TMA (128-byte swizzle, out-of-bounds rows and columns read as zeros); its warp 1 stages the
-// step's lse (log2 units) and scale * delta beside them. Head dims up to 128: kBlockN = 128 and
-// consumer warpgroup c owns keys [64c, 64c + 64) of the block:
+// and their query tiles of kBlockM rows that see those keys (a band of them with a window), as
+// bwd_dkdv_sm80 does. Warpgroup 0 is the producer: its thread 0 loads K and V once and then Q and
+// dO of every step through kStages shared-memory slots with TMA (128-byte swizzle, out-of-bounds
+// rows and columns read as zeros); its warp 1 stages the step's lse (log2 units) and scale * delta
+// beside them. Head dims up to 128: kBlockN = 128 and consumer warpgroup c owns keys
+// [64c, 64c + 64) of the block:
 //
 //   S^T  = K_c Q^T                wgmma SS (both K-major), 64 x kBlockM
 //   dP^T = V_c dO^T               wgmma SS
@@ -32,6 +33,7 @@
 // each consumer writes its half into the step's Q or dO slot (32 KB each) once both consumers
 // are done with them, and the producer's warp 2 frees the slot when the reduction has read it.
 #include "common.cuh"
+#include "mask.cuh"
 #include "tma_sm90.cuh"
 #include "wgmma_sm90.cuh"
 
@@ -113,7 +115,7 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct BwdSm90
   static_assert(kDqCols % 64 == 0, "dQ columns are whole chunks");
 };
 
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kCausal,
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
           bool kAligned>
 __global__ void __launch_bounds__(kWarps * kWarpSize, 1)
 bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMap tma_q,
@@ -147,12 +149,20 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
   const int kv_head = blockIdx.y;
   const int batch = blockIdx.z;
   const int n0 = n_block * kBlockN;
-  // Bottom-right causal: query i sees key j iff j <= i + diag; the query tiles before
-  // (n0 - diag) / kBlockM see none of this block's keys.
-  const int diag = p.seqlen_k - p.seqlen_q;
+  // The query tiles [m_begin, m_end) that see some key of the block: bands move right with the
+  // row, so they run from the first query whose band reaches key n0 to the last that sees the
+  // block's last key. None (the block lies left of every band): no step, and the epilogue writes
+  // dK = dV = 0. (query_tiles() gives the same range; its code made the producer warps spill.)
+  const Mask<MaskKind> mask(p);
   const int m_tiles = ceil_div(p.seqlen_q, kBlockM);
-  const int m_begin = kCausal ? min(m_tiles, max(0, n0 - diag) / kBlockM) : 0;
-  const int m_count = m_tiles - m_begin;
+  const int m_begin =
+      Mask<MaskKind>::kRight ? min(m_tiles, max(0, mask.first_query(n0)) / kBlockM) : 0;
+  const int m_end =
+      Mask<MaskKind>::kLeft
+          ? max(m_begin, min(m_tiles, ceil_div(mask.end_query(min(n0 + kBlockN, p.seqlen_k) - 1),
+                                               kBlockM)))
+          : m_tiles;
+  const int m_count = m_end - m_begin;
   const int n_steps = p.group * m_count;  // (query head, query tile) pairs
   auto step_head = [&](int step) { return kv_head * p.group + step / m_count; };
   auto step_row0 = [&](int step) { return (m_begin + step % m_count) * kBlockM; };
@@ -315,19 +325,26 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
           st[j][2 * h + 1] = exp2_ftz(fmaf(st[j][2 * h + 1], p.scale_log2, -l.y));
         }
       }
-      // Keys past seqlen_k and (causal) keys after a query's diagonal: key j is visible to query
-      // row0 + c iff j < seqlen_k and c >= j - diag - row0. Only steps touching them pay.
-      if (ragged_keys || (kCausal && n0 + kBlockN - 1 > row0 + diag)) {
+      // Zero P^T where the query does not see the key: key j (< seqlen_k) is seen by columns
+      // [first_query(j), end_query(j)) - row0, none past seqlen_k. Only steps the band's edges
+      // or the ragged end cut pay.
+      if (ragged_keys || mask.cuts(row0, row0 + kBlockM, n0, n0 + kBlockN)) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int key = n0 + key_base + h * 8 + g;
-          const int first_col = key >= p.seqlen_k ? kBlockM : kCausal ? key - diag - row0 : 0;
-          const int first = first_col - q_col0 - 2 * t;  // from this thread's first column
+          const int first_col = key >= p.seqlen_k       ? kBlockM
+                                : Mask<MaskKind>::kRight ? mask.first_query(key) - row0
+                                                         : 0;
+          const int end_col = mask.end_query(key) - row0;  // used only with a left edge
+          // from this thread's first column
+          const int first = first_col - q_col0 - 2 * t, end = end_col - q_col0 - 2 * t;
 #pragma unroll
           for (int j = 0; j < kQTiles; ++j)
 #pragma unroll
-            for (int e = 0; e < 2; ++e)
-              if (j * 8 + e < first) st[j][2 * h + e] = 0.f;
+            for (int e = 0; e < 2; ++e) {
+              const int c = j * 8 + e;
+              if (c < first || (Mask<MaskKind>::kLeft && c >= end)) st[j][2 * h + e] = 0.f;
+            }
         }
       }
       // -- dS^T = P^T * (scale dP^T - scale delta): the softmax scale rides on dS, so dK and dQ

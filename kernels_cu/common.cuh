@@ -46,6 +46,8 @@ struct FwdParams {
   int seqlen_q;
   int seqlen_k;
   int head_dim;       // the true head dim; kernels are compiled for a width >= head_dim
+  int window_left;    // WindowMask's band (mask.cuh), each in [0, seqlen_q + seqlen_k]; else unused
+  int window_right;
 };
 
 // Parameters of the backward kernels (same conventions). `Accum` below is float for fp16/bf16/fp32
@@ -87,6 +89,8 @@ struct BwdParams {
   int head_dim;
   int head_dim_rounded;   // dq_accum row width (the compiled head-dim width)
   int deterministic;      // 1: dq by its own kernel in a fixed order instead of atomics
+  int window_left;        // as in FwdParams
+  int window_right;
 };
 
 #ifdef CUFLASH_FWD_PARAMS_SIZE

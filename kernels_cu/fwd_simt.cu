@@ -5,6 +5,7 @@
 //   S = Q K^T (registers) -> mask -> online softmax -> P (shared) -> O += P V (registers).
 // cp.async streams V under S = Q K^T and the next K under O += P V.
 #include "common.cuh"
+#include "mask.cuh"
 #include "simt_common.cuh"
 #include "simt_softmax.cuh"
 
@@ -55,7 +56,7 @@ template <typename T, int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> st
   static_assert((kLdQKV / kVec) % 2 == 1, "Q/K/V row pitch must be an odd number of vectors");
 };
 
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kCausal,
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
           bool kAligned>
 __global__ void __launch_bounds__(
     kWarps * kWarpSize, (FwdSimtTraits<T, kHeadDim, kBlockM, kBlockN, kWarps>::kMinBlocksPerSm))
@@ -86,18 +87,22 @@ __global__ void __launch_bounds__(
   const T* k = static_cast<const T*>(p.k) + batch * p.k_batch_stride + kv_head * p.k_head_stride;
   const T* v = static_cast<const T*>(p.v) + batch * p.v_batch_stride + kv_head * p.v_head_stride;
 
-  // Bottom-right causal: query i sees key j iff j <= i + diag. Keys past the block's last visible
-  // key are never loaded; n_end <= 0 (every row sees nothing, or seqlen_k == 0) skips the loop.
-  const int diag = p.seqlen_k - p.seqlen_q;
-  const int n_end = kCausal ? max(0, min(p.seqlen_k, row0 + rows + diag)) : p.seqlen_k;
-  const int n_tiles = ceil_div(n_end, kBlockN);
+  // Only the key tiles [n_begin, n_end) that some row of the block sees are loaded; none (every
+  // row sees nothing, or seqlen_k == 0) skips the loop and leaves output 0, lse -inf. No left
+  // edge: the walk starts at the constant 0, as before the mask kinds.
+  const Mask<MaskKind> mask(p);
+  const Span block_keys = mask.keys(row0, row0 + rows);
+  const int n_begin = Mask<MaskKind>::kLeft ? block_keys.begin / kBlockN : 0;
+  const int n_end = ceil_div(block_keys.end, kBlockN);
 
   // -- prologue: Q and the first K tile --
   copy_tile<kBlockM, kHeadDim, Tr::kLdQKV, Tr::kThreads, kAligned>(sQ, q, p.q_row_stride, rows,
                                                                   p.head_dim, tid);
-  if (n_tiles > 0) {
+  if (n_begin < n_end) {
+    const int first = n_begin * kBlockN;
     copy_tile<kBlockN, kHeadDim, Tr::kLdQKV, Tr::kThreads, kAligned>(
-        sK, k, p.k_row_stride, min(kBlockN, p.seqlen_k), p.head_dim, tid);
+        sK, k + first * p.k_row_stride, p.k_row_stride, min(kBlockN, p.seqlen_k - first),
+        p.head_dim, tid);
   }
 
   T acc_o[Tr::kRows][Tr::kDims];
@@ -106,7 +111,7 @@ __global__ void __launch_bounds__(
   softmax.init();
   const T scale = Units::scale(p);
 
-  for (int tile = 0; tile < n_tiles; ++tile) {
+  for (int tile = n_begin; tile < n_end; ++tile) {
     const int n0 = tile * kBlockN;
     const int keys = min(kBlockN, p.seqlen_k - n0);
     copy_async_wait_all();
@@ -120,8 +125,9 @@ __global__ void __launch_bounds__(
     gemm_nt<Tr::kRows, Tr::kKeys, kHeadDim, Tr::kRowThreads, Tr::kColThreads, Tr::kLdQKV,
             Tr::kLdQKV>(s, sQ + trow * Tr::kLdQKV, sK + tcol * Tr::kLdQKV);
 
-    // -- scale and mask: keys past seqlen_k (zero-filled rows of K) and, causal, future keys --
-    const bool partial = keys < kBlockN || (kCausal && n0 + kBlockN - 1 > row0 + diag);
+    // -- scale and mask the keys a row does not see (keys past seqlen_k, zero-filled rows of K,
+    // among them), on the tiles the mask's edges or the ragged end cut --
+    const bool partial = keys < kBlockN || mask.cuts(row0, row0 + rows, n0, n0 + kBlockN);
 #pragma unroll
     for (int i = 0; i < Tr::kRows; ++i) {
       const int row = row0 + trow + i * Tr::kRowThreads;
@@ -129,9 +135,7 @@ __global__ void __launch_bounds__(
       for (int j = 0; j < Tr::kKeys; ++j) {
         const int key = n0 + tcol + j * Tr::kColThreads;
         s[i][j] *= scale;
-        if (partial && (key >= p.seqlen_k || (kCausal && key > row + diag))) {
-          s[i][j] = -infinity<T>();
-        }
+        if (partial && (key >= p.seqlen_k || mask.band_hides(row, key))) s[i][j] = -infinity<T>();
       }
     }
 
@@ -149,7 +153,7 @@ __global__ void __launch_bounds__(
 
     copy_async_wait_all();
     __syncthreads();  // V(tile) and P landed; every warp is done with K(tile)
-    if (tile + 1 < n_tiles) {
+    if (tile + 1 < n_end) {
       const int next = n0 + kBlockN;
       copy_tile<kBlockN, kHeadDim, Tr::kLdQKV, Tr::kThreads, kAligned>(
           sK, k + next * p.k_row_stride, p.k_row_stride, min(kBlockN, p.seqlen_k - next),

@@ -2,12 +2,14 @@
 //
 // One thread block computes kBlockM query rows of one (batch, head). Its warps split the rows
 // (each warp owns kRowsPerWarp whole rows, so softmax statistics need only quad shuffles) and
-// walk the key/value tiles from the last to the first: the tiles that need masking (ragged end,
-// causal diagonal) come first, the rest run unmasked. Loads overlap compute FlashAttention-2
-// style: V(j) streams in while S = Q K(j)^T is computed, K(j-1) while O += P V(j) is.
+// walk the key/value tiles they see from the last to the first: the tiles that need masking
+// (ragged end, causal diagonal, window edges) come first and, with a window's left edge, last;
+// the rest run unmasked. Loads overlap compute FlashAttention-2 style: V(j) streams in while
+// S = Q K(j)^T is computed, K(j-1) while O += P V(j) is.
 // The fp32 accumulator of S, packed pairwise to 16 bits, is already the A fragment of P V.
 #include "common.cuh"
 #include "load_tile_sm80.cuh"
+#include "mask.cuh"
 #include "mma_sm80.cuh"
 #include "softmax.cuh"
 
@@ -38,7 +40,7 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm80
   static_assert(kNTiles % 2 == 0 && kDTiles % 2 == 0, "ldmatrix.x4 loads n8 tiles in pairs");
 };
 
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kCausal,
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
           bool kAligned>
 __global__ void __launch_bounds__(kWarps * kWarpSize)
 fwd_sm80(const __grid_constant__ FwdParams p) {
@@ -48,8 +50,9 @@ fwd_sm80(const __grid_constant__ FwdParams p) {
   constexpr int kMTiles = Tr::kMTiles, kNTiles = Tr::kNTiles, kDTiles = Tr::kDTiles;
   extern __shared__ __align__(128) char smem[];
 
-  // Causal blocks are scheduled longest first (high m_block sees the most keys).
-  const int m_block = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  // With a right edge and no left edge (causal) high m_block sees the most keys: longest first.
+  const int m_block =
+      Mask<MaskKind>::kRight && !Mask<MaskKind>::kLeft ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
   const int head = blockIdx.y;
   const int batch = blockIdx.z;
   const int kv_head = head / p.group;
@@ -57,12 +60,14 @@ fwd_sm80(const __grid_constant__ FwdParams p) {
   const int lane = threadIdx.x % kWarpSize;
   const int g = lane / 4, t = lane % 4;
 
-  // Bottom-right causal: query i sees key j iff j <= i + diag.
-  const int diag = p.seqlen_k - p.seqlen_q;
+  // The key tiles [n_begin, n_end) some row of the block sees; none leaves output 0, lse -inf.
+  // Without a left edge the walk ends at the constant 0, and n_end is keys_end(): dense and
+  // causal code stays as it was before the mask kinds.
+  const Mask<MaskKind> mask(p);
   const int row0 = m_block * kBlockM;
-  int n_end = p.seqlen_k;
-  if (kCausal) n_end = min(n_end, max(0, row0 + kBlockM + diag));
-  const int n_blocks = ceil_div(n_end, kBlockN);
+  const int n_begin =
+      Mask<MaskKind>::kLeft ? mask.keys(row0, row0 + kBlockM).begin / kBlockN : 0;
+  const int n_end = ceil_div(mask.keys_end(row0 + kBlockM), kBlockN);
 
   const T* q = static_cast<const T*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride;
   const T* k = static_cast<const T*>(p.k) + batch * p.k_batch_stride + kv_head * p.k_head_stride;
@@ -90,15 +95,15 @@ fwd_sm80(const __grid_constant__ FwdParams p) {
   const typename KVTile::Reader k_frag(k_base, (lane & 7) + (lane / 16) * 8, (lane / 8) % 2);
   const typename KVTile::Reader v_frag(v_base, (lane & 7) + ((lane / 8) % 2) * 8, lane / 16);
 
-  if (n_blocks > 0) {
+  if (n_begin < n_end) {
     load_tile<QTile, Tr::kThreads, kAligned>(q_base, q, p.q_row_stride, row0, p.seqlen_q,
                                              p.head_dim);
-    load_tile<KVTile, Tr::kThreads, kAligned>(k_base, k, p.k_row_stride, (n_blocks - 1) * kBlockN,
+    load_tile<KVTile, Tr::kThreads, kAligned>(k_base, k, p.k_row_stride, (n_end - 1) * kBlockN,
                                               p.seqlen_k, p.head_dim);
     cp_async_commit();
   }
 
-  for (int n_block = n_blocks - 1; n_block >= 0; --n_block) {
+  for (int n_block = n_end - 1; n_block >= n_begin; --n_block) {
     const int col0 = n_block * kBlockN;
     cp_async_wait<0>();
     __syncthreads();  // K(n_block) landed; every warp is done with V(n_block + 1)
@@ -133,20 +138,23 @@ fwd_sm80(const __grid_constant__ FwdParams p) {
       }
     }
 
-    // -- mask the ragged end and the causal diagonal (only the tiles that touch them) --
-    const bool ragged = col0 + kBlockN > p.seqlen_k;
-    const bool diagonal = kCausal && col0 + kBlockN - 1 > row0 + diag;
-    if (ragged || diagonal) {
+    // -- mask the keys a row does not see, on the tiles the ragged end or the mask's edges cut --
+    if (col0 + kBlockN > p.seqlen_k || mask.cuts(row0, row0 + kBlockM, col0, col0 + kBlockN)) {
 #pragma unroll
       for (int r = 0; r < 2 * kMTiles; ++r) {
-        // Last visible key of this row, relative to the tile's first column.
+        // The row's keys [first, end), relative to this thread's first column of the tile.
         const int row = row0 + warp_row0 + (r / 2) * 16 + (r % 2) * 8 + g;
-        const int last = (kCausal ? min(p.seqlen_k - 1, row + diag) : p.seqlen_k - 1) - col0 - 2 * t;
+        const Span seen = mask.row_keys(row);
+        const int first = seen.begin - col0 - 2 * t;
+        const int end = seen.end - col0 - 2 * t;
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            if (nt * 8 + e > last) s[r / 2][nt][2 * (r % 2) + e] = neg_inf();
+            const int c = nt * 8 + e;
+            if (c >= end || (Mask<MaskKind>::kLeft && c < first)) {
+              s[r / 2][nt][2 * (r % 2) + e] = neg_inf();
+            }
           }
         }
       }
@@ -159,7 +167,7 @@ fwd_sm80(const __grid_constant__ FwdParams p) {
 
     cp_async_wait<0>();
     __syncthreads();  // V(n_block) landed; every warp is done reading K(n_block)
-    if (n_block > 0) {
+    if (n_block > n_begin) {
       load_tile<KVTile, Tr::kThreads, kAligned>(k_base, k, p.k_row_stride, col0 - kBlockN,
                                                 p.seqlen_k, p.head_dim);
     }

@@ -10,8 +10,9 @@
 // warpgroup owns 64 query rows of the tile: S = Q K^T (Q from registers with two consumers up to
 // D = 128, wgmma RS; else from shared memory, wgmma SS), the online softmax in registers
 // (softmax.cuh, the sm80 semantics), then O += P V with P straight from the S accumulators as
-// the register A operand and V as a transposed (MN-major) B operand (wgmma RS). K/V tiles are
-// walked from the last to the first, so the tiles that need masking come first.
+// the register A operand and V as a transposed (MN-major) B operand (wgmma RS). A query tile
+// visits the key tiles its rows see (mask.cuh; a window bounds them at both ends), from the last
+// to the first: the tiles the right edge cuts come first, those a window's left edge cuts last.
 //
 // Barriers: q_full[] / k_full[] / v_full[] (the producer's expect_tx, completed by TMA bytes) and
 // q_empty[] / k_empty[] / v_empty[] (one arrive per consumer warp once its warpgroup's wgmma has
@@ -21,6 +22,7 @@
 // parities come from running counters (K/V tiles and non-empty work tiles loaded so far), which
 // producer and consumers advance alike.
 #include "common.cuh"
+#include "mask.cuh"
 #include "mma_sm80.cuh"
 #include "softmax.cuh"
 #include "tma_sm90.cuh"
@@ -57,15 +59,17 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   // max and 7-15 MUFU.EX2. Placements forced with a shared-memory read (after 0, 4, 8, 16 or all
   // 64) ran slower than this unforced one (kernel notes step 17).
   static constexpr int kHandOverAt = 8;
-  // Causal: each consumer skips the key tiles wholly past its own 64 rows' diagonal (the tile's
-  // last ones, loaded for the other consumers). With 80-key tiles at D = 256 that is one tile of
-  // most 128-row tiles for consumer 0; with 128-key tiles (the 128 x 128 tiles) it happens only
-  // for Sq != Sk, and is left out where the consumers take softmax turns (a skipped tile would
-  // have to pass its turn on, and that code alone cost 1-2% at D = 64; kernel notes step 18).
+  // A mask with a right edge (causal, window): each consumer skips the key tiles wholly past its
+  // own 64 rows' right edge (the tile's first ones walked, loaded for the other consumers). With
+  // 80-key tiles at D = 256 that is one tile of most causal 128-row tiles for consumer 0; with
+  // 128-key tiles (the 128 x 128 tiles) it happens only for Sq != Sk, and is left out where the
+  // consumers take softmax turns (a skipped tile would have to pass its turn on, and that code
+  // alone cost 1-2% at D = 64; kernel notes step 18).
   static constexpr bool kSkipMaskedTiles = !kSoftmaxTurns;
-  // Causal, D = 64 (the softmax bounds it): a consumer whose rows see none of its diagonal key
-  // tile's second half (consumer 0 of every 128 x 128 tile at Sq == Sk) runs that tile's softmax
-  // on the first half only: 1.02-1.07x at 1k-4k. At D = 128 it ran 0.96-1.01x, and is left out.
+  // A right edge, D = 64 (the softmax bounds it): a consumer whose rows see none of its first key
+  // tile's second half (causal: consumer 0 of every 128 x 128 tile at Sq == Sk) runs that tile's
+  // softmax on the first half only: causal 1.02-1.07x at 1k-4k. At D = 128 it ran 0.96-1.01x,
+  // and is left out.
   static constexpr bool kHalfDiagonal = kHeadDim <= 64 && kBlockN == 128;
   // A tile's wgmma descriptors as the first one's plus each k-step's offset: one 64-bit uniform
   // add per wgmma instead of a shift, mask and or. Rotated A/B (kernel notes step 21): D=256
@@ -76,7 +80,8 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   // Causal: the schedule is the host's table (FwdSm90Schedule), whose single-tile tail evens out
   // the last round: 1.02-1.06x at D = 64, 1k-4k (kernel notes step 23). At D = 128 its code moved
   // the softmax hand-over and cost 2-3% at 1k, and at D = 256 the single tiles ran 0.97-0.99x at
-  // 1k: both keep the pairs' round robin. Mirrored by _launch_sm90.takes_table.
+  // 1k: both keep the pairs' round robin. The kernel takes it only with pairs (causal): mirrored
+  // by _launch_sm90.takes_table.
   static constexpr bool kScheduleTable = kHeadDim <= 64;
 
   // Shared tiles are 128-byte-swizzled chunks of 64 16-bit columns (one TMA box each): a tile of
@@ -107,7 +112,7 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
   // under its first S, rather than between the tiles, where the warpgroup's first product waits
   // for it: 1.03x at causal 1k (kernel notes step 27). After the first softmax instead ran
   // 0.97-1.01x; the non-causal tile ran 0.92-0.96x either way, and at D = 128 the result held in
-  // registers spills.
+  // registers spills. Causal only: a window's tiles are measured neither way.
   static constexpr bool kDeferCausalEpilogue = kTmaStore && kSoftmaxTurns && kHeadDim <= 64;
   // Where no O buffer fits (D = 256), each consumer stages its 64 rows for the TMA stores in a
   // slot of the tile's last key tile instead: consumer kKStager in K's, free of reads once both
@@ -166,14 +171,14 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm90
 
 // The persistent schedule (mirrored by _launch_sm90.schedule): block b takes work units b,
 // b + gridDim.x, ... A unit covers one (batch, head), with its query tiles fastest, so the units
-// running at once share few heads and their K/V stays hot in L2. Non-causal, a unit is one query
-// tile. Causal, a tile's cost grows with m_block and a static round robin over such tiles is
-// unbalanced, so a unit pairs tile m_blocks-1-j (long, first) with tile j (short): with Sq == Sk
-// every pair costs m_blocks + 1 key tiles and the blocks finish together, but for the last round,
-// which is partly empty (3% of the time with 1024 pairs on 132 SMs). With kTable (Tr::
-// kScheduleTable), a causal schedule comes from the host instead: see below.
-template <int kBlockM, bool kCausal, bool kTable> struct FwdSm90Schedule {
-  static constexpr int kTilesPerUnit = kCausal ? 2 : 1;
+// running at once share few heads and their K/V stays hot in L2. A unit is one query tile, but
+// with kPairs: where a tile's cost grows with m_block (causal) a static round robin over such
+// tiles is unbalanced, so a unit pairs tile m_blocks-1-j (long, first) with tile j (short): with
+// Sq == Sk every pair costs m_blocks + 1 key tiles and the blocks finish together, but for the
+// last round, which is partly empty (3% of the time with 1024 pairs on 132 SMs). With kTable
+// (Tr::kScheduleTable), a paired schedule comes from the host instead: see below.
+template <int kBlockM, bool kPairs, bool kTable> struct FwdSm90Schedule {
+  static constexpr int kTilesPerUnit = kPairs ? 2 : 1;
   int m_blocks;        // query tiles per (batch, head)
   int units_per_head;  // work units per (batch, head)
   int units;
@@ -192,7 +197,7 @@ template <int kBlockM, bool kCausal, bool kTable> struct FwdSm90Schedule {
     const int bh = unit / units_per_head;
     head = bh % heads_q;
     batch = bh / heads_q;
-    m_block = kCausal && sub == 0 ? m_blocks - 1 - j : j;
+    m_block = kPairs && sub == 0 ? m_blocks - 1 - j : j;
     return sub == 0 || 2 * j + 1 != m_blocks;
   }
 
@@ -222,7 +227,7 @@ template <int kBlockM, bool kCausal, bool kTable> struct FwdSm90Schedule {
   }
 };
 
-// Causal with a schedule table (Tr::kScheduleTable): the host balances the tiles
+// Pairs with a schedule table (causal, Tr::kScheduleTable): the host balances the tiles
 // (_launch_sm90.causal_order) and hands each block its list: block b computes the units
 // order[order[b]] .. order[order[b + 1] - 1], two entries each, a pair as above or a single tile
 // and -1. The last rounds of pairs (_launch_sm90.TAIL_ROUNDS), where the round robin would
@@ -252,13 +257,13 @@ template <int kBlockM> struct FwdSm90Schedule<kBlockM, true, true> {
   }
 };
 
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kCausal,
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
           bool kAligned>
 __global__ void __launch_bounds__(kWarps * kWarpSize, 1)
 fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma_q,
          const __grid_constant__ TmaMap tma_k, const __grid_constant__ TmaMap tma_v,
          const __grid_constant__ TmaMap tma_o /* 64-row boxes; with Tr::kStoreO */,
-         const int* __restrict__ order /* causal with Tr::kScheduleTable, else null */) {
+         const int* __restrict__ order /* kPairs with Tr::kScheduleTable, else null */) {
   typedef FwdSm90Traits<kHeadDim, kBlockM, kBlockN, kWarps> Tr;
   constexpr int kStages = Tr::kStages, kQStages = Tr::kQStages;
   static_assert(kAligned, "TMA needs 16-byte strides; unaligned inputs take the sm80 kernel");
@@ -276,17 +281,22 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
   auto k_empty = [&](int stage) { return bar + 8 * (2 * kQStages + 2 * kStages + stage); };
   auto v_empty = [&](int stage) { return bar + 8 * (2 * kQStages + 3 * kStages + stage); };
 
-  const FwdSm90Schedule<kBlockM, kCausal, Tr::kScheduleTable> schedule(p, order);
-  // Bottom-right causal: query i sees key j iff j <= i + diag.
-  const int diag = p.seqlen_k - p.seqlen_q;
-  // Key tiles that `rows` query rows from row0 see (0: every one of them is fully masked).
-  auto key_tiles = [&](int row0, int rows) {
-    int n_end = p.seqlen_k;
-    if (kCausal) n_end = min(n_end, max(0, row0 + rows + diag));
-    return ceil_div(n_end, kBlockN);
+  typedef Mask<MaskKind> M;
+  const M mask(p);
+  // A right edge without a left one (causal): a query tile's cost grows with m_block, and the
+  // schedule pairs long tiles with short ones (_launch_sm90.pairs_tiles).
+  constexpr bool kPairs = M::kRight && !M::kLeft;
+  const FwdSm90Schedule<kBlockM, kPairs, kPairs && Tr::kScheduleTable> schedule(p, order);
+  // The key tiles [begin, end) that the query rows [row0, row0 + rows) see (empty: none);
+  // without a left edge from tile 0, a constant. (Without any edge, seqlen_k is read from p, as
+  // in the ragged-end tests: ptxas then gives NoMask the code it had before the mask kinds.)
+  auto key_tiles = [&](int row0, int rows) -> Span {
+    if (M::kLeft) return mask.template key_tiles<kBlockN>(row0, row0 + rows);
+    return {0, ceil_div(M::kRight ? mask.keys_end(row0 + rows) : p.seqlen_k, kBlockN)};
   };
+  auto size = [](Span tiles) { return tiles.end - tiles.begin; };
 
-  constexpr bool kDeferEpilogue = kCausal && Tr::kDeferCausalEpilogue;
+  constexpr bool kDeferEpilogue = kPairs && Tr::kDeferCausalEpilogue;
   const int warpgroup = threadIdx.x / Tr::kWarpgroupThreads;
   if (threadIdx.x == 0) {
 #pragma unroll
@@ -334,7 +344,8 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       const uint64 kv_policy = l2_policy<L2Evict::kLast>();
       schedule.for_each_tile([&](int m_block, int head, int batch, int) {
         const int row0 = m_block * kBlockM;
-        const int n_blocks = key_tiles(row0, kBlockM);
+        const Span tiles = key_tiles(row0, kBlockM);
+        const int n_blocks = size(tiles);
         if (n_blocks == 0) return;  // nothing to load: the consumers write zeros
         const int kv_head = head / p.group;
         // -- Q, once its buffer's previous tile has done its last S (first use: at once) --
@@ -350,7 +361,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
         ++q_iter;
         // -- K and V, last key tile first --
         for (int i = 0; i < n_blocks; ++i, ++kv_iter) {
-          const int n_row0 = (n_blocks - 1 - i) * kBlockN;
+          const int n_row0 = (tiles.end - 1 - i) * kBlockN;
           const int stage = kv_iter % kStages;
           const uint32 free_parity = ((kv_iter / kStages) & 1) ^ 1;  // first pass: at once
           load_tile(tma_k, k_smem(stage), k_full(stage), k_empty(stage), free_parity,
@@ -375,12 +386,12 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
 
     // Softmax turns. ptxas schedules register work across bar.arrive; the hand-over lands after
     // the row maxes and about 8 exponentials (checked in the SASS, kernel notes step 17) when its
-    // thread count depends on them (zero_after) in causal instantiations, and when it does not
+    // thread count depends on them (zero_after) in masked instantiations, and when it does not
     // in the others (with the dependency, ptxas moves it behind ~57 of the 64 exponentials).
     auto wait_softmax_turn = [&]() { named_bar_sync(Tr::kTurnBarrier + consumer, 256); };
     auto pass_softmax_turn = [&](float dep) {
       named_bar_arrive(Tr::kTurnBarrier + (consumer ^ 1),
-                       256 + (kCausal ? zero_after(dep) : 0));
+                       256 + (M::kMasks ? zero_after(dep) : 0));
     };
     auto softmax_update = [&](auto& s, float (&alpha)[2]) {  // s: float[1][n][4]
       if (Tr::kSoftmaxTurns) {
@@ -442,24 +453,26 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       }
       wgmma_commit();
     };
-    // Masks the ragged end and the causal diagonal of key tile `n_block` for the query tile at
-    // row0 (only key tiles that touch them).
-    auto mask = [&](float (&s)[1][kNTiles][4], int row0, int n_block) {
+    // Hides the keys of key tile `n_block` that this warp's rows of the query tile at row0 do not
+    // see (the mask's edges, the ragged end), on the tiles where some row misses some key.
+    auto apply_mask = [&](float (&s)[1][kNTiles][4], int row0, int n_block) {
       const int col0 = n_block * kBlockN;
       const bool ragged = col0 + kBlockN > p.seqlen_k;
-      const bool diagonal = kCausal && col0 + kBlockN - 1 > row0 + rows_before + diag;
-      if (ragged || diagonal) {
+      const bool cut = mask.cuts(row0 + rows_before, row0 + rows_before + 16, col0, col0 + kBlockN);
+      if (ragged || cut) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int row = row0 + rows_before + half * 8 + g;
-          // Last visible key of this row, relative to this thread's first column of the tile.
-          const int last =
-              (kCausal ? min(p.seqlen_k - 1, row + diag) : p.seqlen_k - 1) - col0 - 2 * t;
+          // The row's first and last visible keys, relative to this thread's first column (no
+          // edge: the ragged end, seqlen_k from p as in key_tiles).
+          const int first = mask.first_key(row) - col0 - 2 * t;
+          const int last = (M::kRight ? mask.last_key(row) : p.seqlen_k - 1) - col0 - 2 * t;
 #pragma unroll
           for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              if (nt * 8 + e > last) s[0][nt][2 * half + e] = neg_inf();
+              const int c = nt * 8 + e;
+              if (c > last || (M::kLeft && c < first)) s[0][nt][2 * half + e] = neg_inf();
             }
           }
         }
@@ -598,19 +611,24 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
     auto slot_barrier = [&](int parity, int c) { return Tr::kSlotBarrier + 2 * parity + c; };
     schedule.for_each_tile([&](int m_block, int head, int batch, int next_m) {
       const int row0 = m_block * kBlockM;
-      const int n_loaded = key_tiles(row0, kBlockM);  // by the producer, last key tile first
+      // Loaded by the producer, from tile n_begin + n_loaded - 1 down to tile n_begin.
+      const Span tiles = key_tiles(row0, kBlockM);
+      const int n_begin = tiles.begin, n_loaded = size(tiles);
       // Tr::kOInKV: this tile's O is staged in its last key tile's slots where the next tile
       // has the key tiles to drain it under (both consumers decide alike); else stored directly.
       const bool stage_o = Tr::kOInKV && n_loaded > 0 && next_m >= 0 &&
-                           key_tiles(next_m * kBlockM, kBlockM) >= Tr::kStageMinNext;
-      // This warpgroup's own rows may see fewer (Tr::kSkipMaskedTiles). Its first row is read
-      // from lane 0 so that ptxas knows it is warp-uniform: the count, and the stage and parity
-      // counters that follow from it, then stay in uniform registers (from `consumer` itself
-      // they were per-thread, and spilled at D = 256).
+                           size(key_tiles(next_m * kBlockM, kBlockM)) >= Tr::kStageMinNext;
+      // This warpgroup's own rows may see fewer at the top (Tr::kSkipMaskedTiles: it walks tiles
+      // n_begin + n_blocks - 1 down to n_begin; the last ones, before a window's left edge for its
+      // rows, it walks masked: the staged O's slot is the tile's last). Its first row is read from
+      // lane 0 so that ptxas knows it is warp-uniform: the count, and the stage and parity
+      // counters that follow from it, then stay in uniform registers (from `consumer` itself they
+      // were per-thread, and spilled at D = 256).
       const int wg_row0 =
-          kCausal ? __shfl_sync(0xffffffff, row0 + consumer * Tr::kRowsPerConsumer, 0) : 0;
-      const int n_blocks = kCausal && Tr::kSkipMaskedTiles
-                               ? key_tiles(wg_row0, Tr::kRowsPerConsumer)
+          M::kRight ? __shfl_sync(0xffffffff, row0 + consumer * Tr::kRowsPerConsumer, 0) : 0;
+      const int n_blocks = M::kRight && Tr::kSkipMaskedTiles
+                               ? ceil_div(mask.keys_end(wg_row0 + Tr::kRowsPerConsumer), kBlockN) -
+                                     n_begin
                                : n_loaded;
       const int q_stage = q_iter % kQStages;
       const int slot_parity = q_iter & 1;  // both consumers count the tiles with keys loaded
@@ -682,12 +700,13 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
         wgmma_wait<0>();
         fence_operand(s[0]);
         release_k(first, n_blocks == 1);
-        mask(s, row0, n_blocks - 1);
+        apply_mask(s, row0, n_begin + (n_blocks - 1));  // the first key tile walked
         // Tr::kHalfDiagonal: no row of this warpgroup sees the second half of its first key
         // tile; P's second half is zero. (This tile's turn ends after all its exponentials, as
         // ptxas places it; handing over earlier ran 0.90-0.98x: kernel notes step 19.)
-        const int last_key = min(p.seqlen_k - 1, wg_row0 + Tr::kRowsPerConsumer - 1 + diag);
-        if (kCausal && Tr::kHalfDiagonal && last_key < (n_blocks - 1) * kBlockN + kBlockN / 2) {
+        const int last_key = mask.last_key(wg_row0 + Tr::kRowsPerConsumer - 1);
+        if (M::kRight && Tr::kHalfDiagonal &&
+            last_key < (n_begin + (n_blocks - 1)) * kBlockN + kBlockN / 2) {
           softmax_update(*reinterpret_cast<float(*)[1][kNTiles / 2][4]>(&s), alpha);
 #pragma unroll
           for (int nt = kNTiles / 2; nt < kNTiles; ++nt)
@@ -711,7 +730,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
           wgmma_wait<1>();
           fence_operand(s[0]);
           release_k(stage, i == n_blocks - 1);
-          mask(s, row0, n_blocks - 1 - i);
+          apply_mask(s, row0, n_begin + (n_blocks - 1 - i));
           softmax_update(s, alpha);
           wgmma_wait<0>();
           fence_operand(acc_o[0]);

@@ -64,6 +64,7 @@ class Case:
     head_dim: int
     dtype: str = "float32"
     causal: bool = False
+    window: tuple[int, int] | None = None  # sliding window (left, right), -1 unbounded
     layout: str = "bshd"
     three_d: bool = False  # no batch axis; batch is then 1
     view: str = "contiguous"
@@ -92,10 +93,17 @@ class Case:
         ]
         if self.causal:
             parts.append("causal")
+        if self.window is not None:
+            parts.append("w{}:{}".format(*self.window))
         parts.append(self.layout)
         if self.view != "contiguous":
             parts.append({"qkv_packed": "packed", "transposed": "strided"}[self.view])
         return "-".join(parts)
+
+    @property
+    def mask(self) -> dict[str, Any]:
+        """The mask options as `cuflash.attention` and the reference take them."""
+        return {"causal": self.causal, "window": self.window}
 
     @property
     def group(self) -> int:
@@ -135,8 +143,10 @@ def problems(
     layouts: tuple[str, ...] = LAYOUTS,
     views: tuple[str, ...] = VIEWS,
     allow_3d: bool = True,
+    windows: bool = False,
 ) -> Case:
-    """Draw a :class:`Case`; the keyword arguments bound it (``causal=None`` draws both)."""
+    """Draw a :class:`Case`; the keyword arguments bound it (``causal=None`` draws both).
+    With `windows`, about half the cases get a sliding window (`window_sides`)."""
     view = draw(st.sampled_from(views))
     three_d = allow_3d and draw(st.booleans())
     batch = 1 if three_d else draw(st.integers(1, max_batch))
@@ -156,10 +166,32 @@ def problems(
         head_dim=draw(_mixed(AWKWARD_HEAD_DIMS, 1, max_head_dim)),
         dtype=draw(st.sampled_from(dtypes)),
         causal=draw(st.booleans()) if causal is None else causal,
+        window=draw(st.one_of(st.none(), window_sides(max_seqlen))) if windows else None,
         layout=draw(st.sampled_from(layouts)),
         three_d=three_d,
         view=view,
     )
+
+
+# Fixed masks for the tile-edge tests: none, causal, and windows cut on one or both sides, wide
+# and narrower than a tile (so tiles are cut by the left edge, the diagonal, or both).
+MASKS = (
+    {"causal": False},
+    {"causal": True},
+    {"causal": False, "window": (37, 0)},
+    {"causal": False, "window": (100, 20)},
+    {"causal": False, "window": (-1, 70)},
+    {"causal": True, "window": (200, 9)},
+)
+MASK_IDS = ("none", "causal", "w37:0", "w100:20", "w-1:70", "causal-w200")
+
+
+def window_sides(max_seqlen: int) -> st.SearchStrategy[tuple[int, int]]:
+    """(left, right) pairs: unbounded (-1), 0, small, around a tile, and beyond any sequence
+    (so rows may see nothing, or everything)."""
+    side = st.one_of(st.sampled_from((-1, 0, 1, 63, 64, 65, 127, 128, 2 * max_seqlen + 5)),
+                     st.integers(-1, max_seqlen))
+    return st.tuples(side, side)
 
 
 def seeds() -> st.SearchStrategy[int]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from cuflash import _compile, _launch_bwd, _launch_sm90
+from cuflash import _compile, _launch_bwd, _launch_sm90, _variant
 
 SPECS = _launch_sm90.all_fwd_sm90_specs()
 BWD_SPECS = _launch_bwd.all_bwd_sm90_specs()
@@ -37,18 +37,18 @@ def test_compiles_without_spills(spec):
                                                (BWD_SPECS, _launch_bwd.BWD_SM90_TILES)],
                          ids=["forward", "backward"])
 def test_every_width_and_dtype_is_covered(specs, tiles):
-    assert {(s.dtype, s.head_dim, s.causal) for s in specs} == {
-        (dtype, width, causal)
+    assert {(s.dtype, s.head_dim, s.mask) for s in specs} == {
+        (dtype, width, mask)
         for dtype in ("float16", "bfloat16")
         for width in tiles
-        for causal in (False, True)
+        for mask in _variant.MASK_KINDS
     }
 
 
 def test_spec_name_renders_the_template_signature():
-    spec = _launch_sm90.fwd_sm90_spec("bfloat16", 100, True)
+    spec = _launch_sm90.fwd_sm90_spec("bfloat16", 100, "causal")
     assert spec.head_dim == 128 and spec.min_arch == 90
-    assert spec.name == "cuflash::fwd_sm90<cuflash::bf16, 128, 128, 128, 12, true, true>"
+    assert spec.name == "cuflash::fwd_sm90<cuflash::bf16, 128, 128, 128, 12, cuflash::CausalMask, true>"
 
 
 def test_q_is_double_buffered_where_it_fits():
@@ -100,22 +100,22 @@ def test_short_problems_take_their_own_tile():
     assert [short(s, 48) for s in (2048, 2304)] == [True, False]  # head dims round up to 64
     assert not any(short(s, width) for s in (512, 2048, 8192) for width in (128, 256))
     spec = _launch_sm90.fwd_sm90_spec
-    for causal in (False, True):
-        assert spec("bfloat16", 64, causal, short=False).block_m == 192
-        assert spec("bfloat16", 64, causal, short=False).warps == 16
-        assert spec("bfloat16", 64, causal, short=True).block_m == 128
-        assert spec("bfloat16", 64, causal, short=True).warps == 12
+    for mask in _variant.MASK_KINDS:
+        assert spec("bfloat16", 64, mask, short=False).block_m == 192
+        assert spec("bfloat16", 64, mask, short=False).warps == 16
+        assert spec("bfloat16", 64, mask, short=True).block_m == 128
+        assert spec("bfloat16", 64, mask, short=True).warps == 12
         for width in (128, 256):  # no short tile
-            assert spec("bfloat16", width, causal, short=True) == spec("bfloat16", width, causal)
-    assert {(s.head_dim, s.block_m, s.causal) for s in SPECS if s.head_dim == 64} == {
-        (64, 192, False), (64, 192, True), (64, 128, False), (64, 128, True)}
+            assert spec("bfloat16", width, mask, short=True) == spec("bfloat16", width, mask)
+    assert {(s.head_dim, s.block_m, s.mask) for s in SPECS if s.head_dim == 64} == {
+        (64, block_m, mask) for block_m in (192, 128) for mask in _variant.MASK_KINDS}
     assert all(spec.smem_bytes <= _launch_sm90.SMEM_LIMIT == SMEM_LIMIT for spec in SPECS)
 
 
 def test_backward_head_dims_round_up_to_a_compiled_width():
-    spec = _launch_bwd.dkdv_sm90_spec("float16", 72, False)
+    spec = _launch_bwd.dkdv_sm90_spec("float16", 72, "none")
     assert spec.head_dim == 128 and spec.min_arch == 90 and spec.warps == 12
-    assert _launch_bwd.dkdv_sm90_spec("bfloat16", 200, True).head_dim == 256
+    assert _launch_bwd.dkdv_sm90_spec("bfloat16", 200, "causal").head_dim == 256
 
 
 # ptxas's notes (NVRTC 13.x) that mean the wgmma were not pipelined, in the words of their reasons.

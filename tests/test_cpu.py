@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from cuflash import _cpu, reference
+from cuflash._variant import Variant
 from tests.accuracy import (
     LSE_DTYPE,
     assert_matches_reference,
@@ -59,16 +60,16 @@ def _scale(case: Case) -> float:
 
 
 def _forward(case: Case, q, k, v):
-    return _cpu.forward(q, k, v, causal=case.causal, scale=_scale(case))
+    return _cpu.forward(q, k, v, variant=Variant.of(**case.mask), scale=_scale(case))
 
 
 def _backward(case: Case, dout, q, k, v, out):
-    return _cpu.backward(dout, q, k, v, out, causal=case.causal, scale=_scale(case))
+    return _cpu.backward(dout, q, k, v, out, variant=Variant.of(**case.mask), scale=_scale(case))
 
 
 @ACCURACY
 @given(
-    case=problems(dtypes=CPU_DTYPES),
+    case=problems(dtypes=CPU_DTYPES, windows=True),
     seed=seeds(),
     tiles=st.sampled_from(TILES),
     scale=st.one_of(st.none(), st.floats(0.05, 2.0)),
@@ -82,7 +83,8 @@ def test_forward_and_backward_match_reference(
     q4, k4, v4, do4 = (to_bshd4(x, case) for x in (q, k, v, dout))
     inputs = {"q": q, "k": k, "v": v, "dout": dout}
     originals = {name: x.copy() for name, x in inputs.items()}
-    opts = {"causal": case.causal, "scale": _scale(case) if scale is None else scale}
+    scale_used = _scale(case) if scale is None else scale
+    opts = {"variant": Variant.of(**case.mask), "scale": scale_used}
     with _tiles(*tiles):
         out, lse = _cpu.forward(q4, k4, v4, **opts)
         inputs |= {"out": out, "lse": lse}
@@ -95,12 +97,13 @@ def test_forward_and_backward_match_reference(
     for name, g, x in zip(("dq", "dk", "dv"), grads, (q4, k4, v4), strict=True):
         assert g.dtype == x.dtype and g.shape == x.shape and g.flags.c_contiguous, name
 
-    ref_opts = {"causal": case.causal, "scale": scale, "layout": case.layout}
+    ref_opts = {**case.mask, "scale": scale, "layout": case.layout}
     ref_out, ref_lse = reference.attention(q, k, v, return_lse=True, **ref_opts)
     ref_grads = reference.attention_backward(dout, q, k, v, **ref_opts)
-    naive_out, naive_lse = naive_attention(q4, k4, v4, dtype=case.dtype, **opts)
-    naive_grads = naive_attention_backward(do4, q4, k4, v4, dtype=case.dtype, **opts)
-    grad_eps = backward_eps(do4, q4, k4, v4, dtype=case.dtype, **opts)
+    naive_opts = {**case.mask, "scale": scale_used, "dtype": case.dtype}
+    naive_out, naive_lse = naive_attention(q4, k4, v4, **naive_opts)
+    naive_grads = naive_attention_backward(do4, q4, k4, v4, **naive_opts)
+    grad_eps = backward_eps(do4, q4, k4, v4, **naive_opts)
 
     assert_matches_reference("out", out, to_bshd4(ref_out, case), naive_out, dtype=case.dtype)
     ref_lse = ref_lse[None] if case.three_d else ref_lse
@@ -149,8 +152,8 @@ def test_fp32_backward_with_large_scores_sums_p_to_one():
     k = np.array([10, 9.996], np.float32).reshape(1, 2, 1, 1)
     v = np.array([1, -1], np.float32).reshape(1, 2, 1, 1)
     dout = np.ones_like(q)
-    out, _ = _cpu.forward(q, k, v, causal=False, scale=1.0)
-    _, _, dv = _cpu.backward(dout, q, k, v, out, causal=False, scale=1.0)
+    out, _ = _cpu.forward(q, k, v, variant=Variant(), scale=1.0)
+    _, _, dv = _cpu.backward(dout, q, k, v, out, variant=Variant(), scale=1.0)
     ref_dv = reference.attention_backward(dout, q, k, v, scale=1.0)[2]
     naive_dv = naive_attention_backward(dout, q, k, v, dtype="float32", causal=False, scale=1.0)[2]
     eps = backward_eps(dout, q, k, v, dtype="float32", causal=False, scale=1.0)[2]
@@ -166,8 +169,8 @@ def test_fp32_backward_with_q_scaled_by_1000(seed: int, causal: bool):
     k, v = (rng.standard_normal((1, 24, 1, 16)).astype(np.float32) for _ in range(2))
     dout = rng.standard_normal(q.shape).astype(np.float32)
     opts = {"causal": causal, "scale": 0.25}
-    out, _ = _cpu.forward(q, k, v, **opts)
-    grads = _cpu.backward(dout, q, k, v, out, **opts)
+    out, _ = _cpu.forward(q, k, v, variant=Variant.of(causal=causal), scale=0.25)
+    grads = _cpu.backward(dout, q, k, v, out, variant=Variant.of(causal=causal), scale=0.25)
     ref_grads = reference.attention_backward(dout, q, k, v, **opts)
     naive_grads = naive_attention_backward(dout, q, k, v, dtype="float32", **opts)
     grad_eps = backward_eps(dout, q, k, v, dtype="float32", **opts)
@@ -184,7 +187,7 @@ def test_fp32_forward_with_a_scale_that_is_not_a_power_of_two(seed: int):
     rng = np.random.default_rng(seed)
     q = 3 * rng.standard_normal((1, 64, 1, 194)).astype(np.float32)
     k, v = (rng.standard_normal((1, 64, 1, 194)).astype(np.float32) for _ in range(2))
-    out, lse = _cpu.forward(q, k, v, causal=False, scale=7.0)
+    out, lse = _cpu.forward(q, k, v, variant=Variant(), scale=7.0)
     ref_out, ref_lse = reference.attention(q, k, v, scale=7.0, return_lse=True)
     naive_out, naive_lse = naive_attention(q, k, v, dtype="float32", causal=False, scale=7.0)
     assert_matches_reference("out", out, ref_out, naive_out, dtype="float32")
@@ -249,7 +252,7 @@ def test_nan_policy_matches_the_reference(where: str, sq: int, sk: int, causal: 
         else:
             want_out[0, rows, 2:, 3] = True
     with _tiles(*tiles):
-        out, lse = _cpu.forward(q, k, v, causal=causal, scale=0.5)
+        out, lse = _cpu.forward(q, k, v, variant=Variant.of(causal=causal), scale=0.5)
     ref_out, ref_lse = reference.attention(q, k, v, causal=causal, scale=0.5, return_lse=True)
     np.testing.assert_array_equal(np.isnan(ref_out), want_out, err_msg="reference out NaN")
     np.testing.assert_array_equal(np.isnan(ref_lse), want_lse, err_msg="reference lse NaN")
@@ -362,7 +365,7 @@ def _forward_peak_bytes(seqlen: int) -> int:
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        _cpu.forward(q, k, v, causal=False, scale=0.125)
+        _cpu.forward(q, k, v, variant=Variant(), scale=0.125)
         return tracemalloc.get_traced_memory()[1] - before
     finally:
         tracemalloc.stop()

@@ -19,7 +19,7 @@ import cupy  # noqa: E402
 
 from cuflash import _launch_bwd  # noqa: E402
 from cuflash._launch import is_aligned  # noqa: E402
-from tests.strategies import Case  # noqa: E402
+from tests.strategies import MASK_IDS, MASKS, Case  # noqa: E402
 from tests.test_gpu_backward import _check_case  # noqa: E402
 
 CC = require_hopper("sm90 backward GPU tests")
@@ -39,12 +39,12 @@ def _qualifies(case: Case) -> str | None:
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 192, 256])
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mask", MASKS, ids=MASK_IDS)
 @pytest.mark.parametrize("lengths", [(700, 700), (400, 900), (900, 400)])
-def test_long_problems(dtype, head_dim, causal, lengths):
+def test_long_problems(dtype, head_dim, mask, lengths):
     sq, sk = lengths
     case = Case(batch=2, seqlen_q=sq, seqlen_k=sk, heads_q=6, heads_kv=2, head_dim=head_dim,
-                dtype=dtype, causal=causal)
+                dtype=dtype, **mask)
     assert _qualifies(case) is None
     _check_case(case, seed=sq + sk + head_dim)
     _check_case(case, seed=sq + sk + head_dim, deterministic=True)

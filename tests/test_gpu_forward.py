@@ -21,7 +21,15 @@ import cupy  # noqa: E402
 import cuflash  # noqa: E402
 from cuflash import _compile, _launch, reference  # noqa: E402
 from tests.accuracy import assert_matches_reference, naive_attention  # noqa: E402
-from tests.strategies import examples, make_inputs, problems, seeds, to_bshd4  # noqa: E402
+from tests.strategies import (  # noqa: E402
+    MASK_IDS,
+    MASKS,
+    examples,
+    make_inputs,
+    problems,
+    seeds,
+    to_bshd4,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -53,7 +61,7 @@ def _check_case(case, seed):
     q, k, v = make_inputs(case, xp, seed)
     before = [to_numpy(x) for x in (q, k, v)]
     out = _poisoned_like(q)
-    result, lse = cuflash.attention(q, k, v, causal=case.causal, layout=case.layout,
+    result, lse = cuflash.attention(q, k, v, **case.mask, layout=case.layout,
                                     return_lse=True, out=out)
     assert result is out, "out= must be written in place and returned"
     got = to_numpy(result)
@@ -62,10 +70,9 @@ def _check_case(case, seed):
         np.testing.assert_array_equal(to_numpy(x), b, err_msg=f"{case.id}: {name} was modified")
 
     q4, k4, v4 = (to_bshd4(x, case) for x in before)
-    ref, ref_lse = reference.attention(q4, k4, v4, causal=case.causal, return_lse=True)
+    ref, ref_lse = reference.attention(q4, k4, v4, **case.mask, return_lse=True)
     scale = 1.0 / np.sqrt(case.head_dim)
-    naive, naive_lse = naive_attention(q4, k4, v4, dtype=case.dtype, causal=case.causal,
-                                       scale=scale)
+    naive, naive_lse = naive_attention(q4, k4, v4, dtype=case.dtype, **case.mask, scale=scale)
     assert_matches_reference(f"{case.id} out", to_bshd4(got, case), ref, naive, dtype=case.dtype)
     got_lse = to_numpy(lse)
     if case.three_d:
@@ -79,20 +86,20 @@ def _check_case(case, seed):
 def test_forward_matches_reference(dtype, kernel_path, data, seed):
     if kernel_path == "sm80" and dtype in ("float32", "float64"):
         pytest.skip("fp32/fp64 have one kernel family")
-    case = data.draw(problems(dtypes=(dtype,), max_seqlen=300))
+    case = data.draw(problems(dtypes=(dtype,), max_seqlen=300, windows=True))
     _check_case(case, seed)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.parametrize("causal", [False, True])
-def test_tile_edges(dtype, head_dim, causal, kernel_path):
+@pytest.mark.parametrize("mask", MASKS, ids=MASK_IDS)
+def test_tile_edges(dtype, head_dim, mask, kernel_path):
     """Lengths one either side of every tile size, Sq != Sk, GQA: each kernel instantiation."""
     from tests.strategies import Case
 
-    for sq, sk in ((127, 129), (129, 64), (65, 257), (1, 200), (200, 1)):
+    for sq, sk in ((127, 129), (129, 64), (65, 257), (1, 200), (200, 1), (300, 520)):
         case = Case(batch=2, seqlen_q=sq, seqlen_k=sk, heads_q=4, heads_kv=2, head_dim=head_dim,
-                    dtype=dtype, causal=causal)
+                    dtype=dtype, **mask)
         _check_case(case, seed=sq * 1000 + sk)
 
 
@@ -157,7 +164,7 @@ def test_torch_side_stream():
 
 def test_first_compile_is_thread_safe(monkeypatch):
     """Two threads asking for one uncompiled kernel get one compile and correct results."""
-    spec = _launch.fwd_spec("float32", 64, True, True)
+    spec = _launch.fwd_spec("float32", 64, "causal", True)
     for key in [key for key in _compile._functions if key[1] == spec]:
         del _compile._functions[key]
     calls = []

@@ -19,8 +19,11 @@ require_gpu()
 import cupy  # noqa: E402
 
 from cuflash import _launch_sm90, reference  # noqa: E402
+from cuflash._variant import Variant  # noqa: E402
 from tests.accuracy import assert_matches_reference, naive_attention  # noqa: E402
 from tests.strategies import Case, examples, make_inputs, problems, seeds, to_bshd4  # noqa: E402
+
+MASK = {False: "none", True: "causal"}  # a case's causal flag as a spec's mask kind
 
 CC = require_hopper("sm90 GPU tests")
 
@@ -50,8 +53,8 @@ def _run(case: Case, seed: int) -> bool:
     lse = cupy.full((batch, case.heads_q, case.seqlen_q), cupy.nan, dtype=cupy.float32)
     scale = 1.0 / np.sqrt(case.head_dim)
     ran = _launch_sm90.forward_sm90(
-        *(to_bshd4(x, case) for x in (qc, kc, vc, out)), lse, causal=case.causal, scale=scale,
-        device_id=0, cc=CC)
+        *(to_bshd4(x, case) for x in (qc, kc, vc, out)), lse, variant=Variant.of(**case.mask),
+        scale=scale, device_id=0, cc=CC)
     if not ran:
         return False
     cupy.cuda.Device(0).synchronize()
@@ -60,8 +63,8 @@ def _run(case: Case, seed: int) -> bool:
     for name, x, b in zip("qkv", (q, k, v), before, strict=True):
         np.testing.assert_array_equal(to_numpy(x), b, err_msg=f"{case.id}: {name} was modified")
     q4, k4, v4 = (to_bshd4(x, case) for x in before)
-    ref, ref_lse = reference.attention(q4, k4, v4, causal=case.causal, return_lse=True)
-    naive, naive_lse = naive_attention(q4, k4, v4, dtype=case.dtype, causal=case.causal,
+    ref, ref_lse = reference.attention(q4, k4, v4, **case.mask, return_lse=True)
+    naive, naive_lse = naive_attention(q4, k4, v4, dtype=case.dtype, **case.mask,
                                        scale=scale)
     assert_matches_reference(f"{case.id} out", to_bshd4(got, case), ref, naive, dtype=case.dtype)
     got_lse = cupy.asnumpy(lse).astype(np.float64)
@@ -73,7 +76,7 @@ def _run(case: Case, seed: int) -> bool:
 @GPU_SETTINGS
 @given(data=st.data(), seed=seeds())
 def test_forward_sm90_matches_reference(dtype, data, seed):
-    case = data.draw(problems(dtypes=(dtype,), max_seqlen=400, max_head_dim=256))
+    case = data.draw(problems(dtypes=(dtype,), max_seqlen=400, max_head_dim=256, windows=True))
     case = Case(**{**case.__dict__, "head_dim": data.draw(st.sampled_from(TMA_HEAD_DIMS))})
     ran = _run(case, seed)
     # Empty keys are the sm80 kernel's job (it writes zeros and lse = -inf); empty queries: no-op.
@@ -101,7 +104,7 @@ def test_persistent_blocks_loop_over_tiles(head_dim, causal):
     for sq, sk, heads_q in ((300, 300, 40), (700, 150, 24)):
         case = Case(batch=2, seqlen_q=sq, seqlen_k=sk, heads_q=heads_q, heads_kv=8,
                     head_dim=head_dim, dtype="float16", causal=causal)
-        spec = _launch_sm90.fwd_sm90_spec("float16", head_dim, causal,
+        spec = _launch_sm90.fwd_sm90_spec("float16", head_dim, MASK[causal],
                                           _launch_sm90.takes_short_tile(sq, head_dim))
         tiles = case.batch * heads_q * -(-sq // spec.block_m)
         assert tiles > _launch_sm90.sm_count(0), case.id
@@ -115,7 +118,7 @@ def test_long_d64_runs_three_consumers(dtype, causal):
     problems, every other test at D=64, take the 128-row one)."""
     for sq, sk in ((4200, 4200), (4100, 1000), (4097, 5000)):
         assert sq > _launch_sm90.SHORT_MAX_SEQLEN_Q
-        assert _launch_sm90.fwd_sm90_spec(dtype, 64, causal, False).block_m == 192
+        assert _launch_sm90.fwd_sm90_spec(dtype, 64, MASK[causal], False).block_m == 192
         case = Case(batch=1, seqlen_q=sq, seqlen_k=sk, heads_q=2, heads_kv=1, head_dim=64,
                     dtype=dtype, causal=causal)
         assert _run(case, seed=sq + sk), case.id
@@ -126,7 +129,7 @@ def test_d64_between_1k_and_4k_takes_the_tile_that_pads_least(causal):
     """D=64 from 1k to 4k queries: three consumers where 192-row tiles pad the queries no more
     than 128-row ones (1536, 2304), two where they would pad more (2560); Sq != Sk as well."""
     for sq, sk, three in ((1536, 1536, True), (2304, 1000, True), (2560, 2600, False)):
-        spec = _launch_sm90.fwd_sm90_spec("bfloat16", 64, causal,
+        spec = _launch_sm90.fwd_sm90_spec("bfloat16", 64, MASK[causal],
                                           _launch_sm90.takes_short_tile(sq, 64))
         assert (spec.block_m == 192) == three, sq
         case = Case(batch=1, seqlen_q=sq, seqlen_k=sk, heads_q=2, heads_kv=1, head_dim=64,
@@ -141,7 +144,7 @@ def test_causal_schedule_table(dtype, sq, sk, heads_q):
     """Causal D=64 (both tiles) walks the host's table: more pairs than the tail, so blocks take
     pairs and then single tiles; with Sq > Sk, tiles without keys fall both among the pairs and
     in the tail, and with Sq < Sk the pairs are unequal."""
-    spec = _launch_sm90.fwd_sm90_spec(dtype, 64, True, _launch_sm90.takes_short_tile(sq, 64))
+    spec = _launch_sm90.fwd_sm90_spec(dtype, 64, "causal", _launch_sm90.takes_short_tile(sq, 64))
     assert _launch_sm90.takes_table(spec)
     grid = _launch_sm90.grid_size(1, sq, heads_q, spec.block_m, False, _launch_sm90.sm_count(0))
     order = _launch_sm90.causal_order(1, sq, sk, heads_q, spec.block_m, spec.block_n, grid)
@@ -162,7 +165,7 @@ def test_consumers_skip_key_tiles_past_their_diagonal(dtype):
     """Causal D=256 (80-key tiles): each consumer releases unread the key tiles loaded for the
     query tile that lie wholly past its own 64 rows' diagonal; where it sees no key at all (Sq >
     Sk) while the next consumer does, it writes zeros and lse -inf."""
-    spec = _launch_sm90.fwd_sm90_spec(dtype, 256, True)
+    spec = _launch_sm90.fwd_sm90_spec(dtype, 256, "causal")
     consumers = spec.block_m // 64
     for sq, sk, none_for_consumer_0 in ((1000, 1000, False), (300, 100, True), (700, 760, False)):
         tiles = [(_key_tiles(r0, spec.block_m, sq, sk, spec.block_n),
@@ -182,8 +185,8 @@ def test_fully_masked_rows_are_zero():
     k = cupy.asarray(rng.standard_normal((1, 20, 2, 64)), dtype=cupy.float16)
     out = cupy.full(q.shape, cupy.nan, dtype=q.dtype)
     lse = cupy.full((1, 2, 300), cupy.nan, dtype=cupy.float32)
-    assert _launch_sm90.forward_sm90(q, k, k, out, lse, causal=True, scale=0.125, device_id=0,
-                                     cc=CC)
+    assert _launch_sm90.forward_sm90(q, k, k, out, lse, variant=Variant.of(causal=True),
+                                     scale=0.125, device_id=0, cc=CC)
     out, lse = cupy.asnumpy(out), cupy.asnumpy(lse)
     assert np.all(out[:, :280] == 0) and np.all(np.isneginf(lse[:, :, :280]))
     assert np.all(np.isfinite(out[:, 280:])) and np.any(out[:, 280:] != 0)
@@ -201,5 +204,5 @@ def test_fully_masked_rows_are_zero():
 ])
 def test_refuses_what_tma_cannot_read(reason, make):
     q, k, v, out = make()
-    assert not _launch_sm90.forward_sm90(q, k, v, out, None, causal=False, scale=1.0,
+    assert not _launch_sm90.forward_sm90(q, k, v, out, None, variant=Variant(), scale=1.0,
                                          device_id=0, cc=CC), reason

@@ -46,7 +46,7 @@ def test_unwritable_kernel_cache_compiles_in_memory(monkeypatch, caplog):
 
     compiles = _fake_cupy_compiles(monkeypatch)
     monkeypatch.delenv("CUPY_CACHE_IN_MEMORY", raising=False)
-    spec = _launch.fwd_spec("float16", 64, True, True)
+    spec = _launch.fwd_spec("float16", 64, "causal", True)
     with caplog.at_level("DEBUG", logger="cuflash"):
         fn = _compile._load(spec, 90)
     assert fn.name == spec.name
@@ -54,7 +54,7 @@ def test_unwritable_kernel_cache_compiles_in_memory(monkeypatch, caplog):
     assert "CUPY_CACHE_IN_MEMORY" not in os.environ, "the switch must not outlive the compile"
     assert any("kernel cache unusable (PermissionError" in r.message for r in caplog.records)
     # Later kernels of the process go straight to memory: one compile each, not two.
-    _compile._load(_launch.fwd_spec("float16", 128, True, True), 90)
+    _compile._load(_launch.fwd_spec("float16", 128, "causal", True), 90)
     assert compiles == [False, True, True]
 
 
@@ -66,5 +66,5 @@ def test_in_memory_compile_restores_the_callers_setting_and_reports_real_failure
     _fake_cupy_compiles(monkeypatch, fail_in_memory=True)
     monkeypatch.setenv("CUPY_CACHE_IN_MEMORY", "0")
     with pytest.raises(PermissionError):
-        _compile._load(_launch.fwd_spec("bfloat16", 128, False, True), 90)
+        _compile._load(_launch.fwd_spec("bfloat16", 128, "none", True), 90)
     assert os.environ["CUPY_CACHE_IN_MEMORY"] == "0"

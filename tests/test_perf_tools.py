@@ -68,8 +68,8 @@ def test_tile_override_holds_for_one_plan_only(ab_kernels, monkeypatch):
     seen = []
 
     def plan(*args, **kwargs):
-        seen.append([_launch_sm90.fwd_sm90_spec("bfloat16", 64, causal, short=True)
-                     for causal in (False, True)])
+        seen.append([_launch_sm90.fwd_sm90_spec("bfloat16", 64, mask, short=True)
+                     for mask in ("none", "causal")])
         if kwargs.get("fail"):
             raise RuntimeError("plan failed")
         return "launch"
@@ -84,7 +84,7 @@ def test_tile_override_holds_for_one_plan_only(ab_kernels, monkeypatch):
     # Afterwards (also after a failed plan) the tables and the memoised specs are the shipped ones.
     assert _launch_sm90.FWD_SM90_TILES == tiles
     assert _launch_sm90.FWD_SM90_SHORT_TILES == short
-    assert _launch_sm90.fwd_sm90_spec("bfloat16", 64, False, short=True).block_m == (
+    assert _launch_sm90.fwd_sm90_spec("bfloat16", 64, "none", short=True).block_m == (
         short[64].block_m)
 
 

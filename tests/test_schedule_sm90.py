@@ -1,8 +1,8 @@
 """The Hopper forward's persistent schedule on the CPU: the causal table (`causal_order`, D=64) and
 the walk of every kernel (`_launch_sm90.schedule`, FwdSm90Schedule in Python): every query tile
-once, no idle block, and the table's balance in the cost model of the kernel notes (step 23). The
-GPU tests check the kernel's own walk: an unvisited tile leaves its NaN-poisoned output in
-place."""
+once, no idle block, pairs only under a causal mask (a window's tiles go singly, round robin),
+and the table's balance in the cost model of the kernel notes (step 23). The GPU tests check the
+kernel's own walk: an unvisited tile leaves its NaN-poisoned output in place."""
 
 from __future__ import annotations
 
@@ -13,25 +13,26 @@ import numpy as np
 import pytest
 
 from cuflash import _launch_sm90
+from cuflash._variant import Variant
 
 SMS = 132  # an H100 SXM
 
 
-def _spec(head_dim: int, block_m: int, causal: bool):
-    """The bfloat16 kernel of that width and tile."""
+def _spec(head_dim: int, block_m: int, mask: str):
+    """The bfloat16 kernel of that width, tile and mask kind."""
     return next(s for s in _launch_sm90.all_fwd_sm90_specs() if s.dtype == "bfloat16" and
-                s.head_dim == head_dim and s.block_m == block_m and s.causal == causal)
+                s.head_dim == head_dim and s.block_m == block_m and s.mask == mask)
 
 
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mask", ["none", "causal", "window"])
 @pytest.mark.parametrize("head_dim, block_m", [(64, 128), (64, 192), (128, 128), (256, 128)])
 @pytest.mark.parametrize("batch, heads, sq, sk, sms", [
     (1, 1, 64, 64, SMS), (2, 3, 700, 700, SMS), (16, 8, 1024, 1024, SMS), (1, 14, 4200, 4200, SMS),
     (2, 5, 300, 100, 7), (1, 40, 16384, 16384, SMS), (3, 7, 1000, 3000, 16), (4, 9, 1001, 999, 32),
 ])
-def test_every_tile_once_and_no_block_idle(batch, heads, sq, sk, sms, head_dim, block_m, causal):
-    spec = _spec(head_dim, block_m, causal)
-    pairs = causal and not _launch_sm90.takes_table(spec)
+def test_every_tile_once_and_no_block_idle(batch, heads, sq, sk, sms, head_dim, block_m, mask):
+    spec = _spec(head_dim, block_m, mask)
+    pairs = _launch_sm90.pairs_tiles(spec) and not _launch_sm90.takes_table(spec)
     grid = _launch_sm90.grid_size(batch, sq, heads, block_m, pairs, sms)
     blocks = _launch_sm90.schedule(batch, sq, sk, heads, spec, grid)
     tiles = [t for block in blocks for t in block]
@@ -42,9 +43,34 @@ def test_every_tile_once_and_no_block_idle(batch, heads, sq, sk, sms, head_dim, 
 
 
 def test_the_table_is_causal_d64_only():
-    """Every D=64 causal kernel walks a table; the others the round robin (kScheduleTable)."""
+    """Every D=64 causal kernel walks a table; the others the round robin (kScheduleTable, taken
+    only with kPairs)."""
     for spec in _launch_sm90.all_fwd_sm90_specs():
         assert _launch_sm90.takes_table(spec) == (spec.causal and spec.head_dim == 64), spec.name
+
+
+def test_only_causal_pairs_tiles():
+    """A tile's cost grows with m_block only under a causal mask (FwdSm90Schedule's kPairs: a
+    right edge without a left one); a window's tiles cost about alike and go singly."""
+    for spec in _launch_sm90.all_fwd_sm90_specs():
+        assert _launch_sm90.pairs_tiles(spec) == (spec.mask == "causal"), spec.name
+
+
+@pytest.mark.parametrize("head_dim, block_m", [(64, 128), (64, 192), (128, 128), (256, 128)])
+@pytest.mark.parametrize("batch, heads, sq, sms", [(1, 1, 64, SMS), (2, 3, 700, 7),
+                                                   (16, 8, 1024, SMS), (3, 7, 1000, 16)])
+def test_window_deals_single_tiles_round_robin(batch, heads, sq, sms, head_dim, block_m):
+    """Under a window, work unit u is query tile u (query tiles fastest, then heads, then
+    batches) on block u % grid, as under no mask; the grid counts tiles, not pairs."""
+    spec = _spec(head_dim, block_m, "window")
+    m_blocks = math.ceil(sq / block_m)
+    grid = _launch_sm90.grid_size(batch, sq, heads, block_m, _launch_sm90.pairs_tiles(spec), sms)
+    assert grid == min(m_blocks * heads * batch, sms)
+    units = [(m, h, b) for b in range(batch) for h in range(heads) for m in range(m_blocks)]
+    expected = [units[u::grid] for u in range(grid)]
+    assert _launch_sm90.schedule(batch, sq, 2 * sq, heads, spec, grid) == expected
+    dense = _spec(head_dim, block_m, "none")
+    assert _launch_sm90.schedule(batch, sq, 2 * sq, heads, dense, grid) == expected
 
 
 @pytest.mark.parametrize("sq, sk, block_m, block_n", [
@@ -82,8 +108,8 @@ def test_causal_table_evens_out_the_blocks(block_m, sq):
     pairs the last round is partly empty (the busiest block 1.5-3% over the mean); with the
     table's single-tile tail the busiest block is within 1.5%."""
     batch, heads = 16384 // sq, 32
-    spec = _spec(64, block_m, True)
-    cost = _launch_sm90.causal_key_tiles(sq, sq, block_m, spec.block_n) + 1
+    spec = _spec(64, block_m, "causal")
+    cost = Variant.of(causal=True).key_tiles(sq, sq, block_m, spec.block_n) + 1
     table = _launch_sm90.schedule(batch, sq, sq, heads, spec, _launch_sm90.grid_size(
         batch, sq, heads, block_m, False, SMS))
     round_robin = dataclasses.replace(spec, head_dim=128)  # the same tiles, walked in pairs

@@ -1,0 +1,131 @@
+"""Variant: which kind of attention a problem asks for, described once, as data.
+
+A variant has a compile-time part, which picks the kernel (its mask *kind* becomes a C++ template
+type argument, ``cuflash::WindowMask``), and run-time values that travel in the kernel's parameter
+block (the window's sizes). Everything that needs to know the mask asks the variant: the kernel
+specs, the launch planners, the Hopper schedule, the CPU path and the FLOP count. The CUDA side
+of the same rule is ``kernels_cu/mask.cuh``; ``cuflash.reference`` keeps its own naive formula on
+purpose, as the oracle both are tested against.
+
+The mask is a band around the bottom-right aligned diagonal (flash-attn's convention): with
+``shift = Sk - Sq``, query i sees key j iff ``0 <= j < Sk`` and
+``i + shift - left <= j <= i + shift + right``, where -1 means that side is unbounded.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+MASK_KINDS = ("none", "causal", "window")
+# C++ type of each mask kind (kernels_cu/mask.cuh).
+_CPP_MASK = {"none": "cuflash::NoMask", "causal": "cuflash::CausalMask",
+             "window": "cuflash::WindowMask"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The kind of attention: today its mask; score modifications will join as fields.
+
+    Attributes:
+        mask: ``"none"``, ``"causal"`` or ``"window"``: the compile-time mask kind.
+        left, right: the window's reach before and after the diagonal (-1: unbounded). Only
+            ``"window"`` reads them; the other kinds hold (-1, -1) and (-1, 0).
+
+    Build one with `Variant.of`, which normalises equal masks to one variant: a window of
+    (-1, -1) is ``"none"`` and (-1, 0) is ``"causal"``, so they share kernels bit for bit.
+    """
+
+    mask: str = "none"
+    left: int = -1
+    right: int = -1
+
+    @staticmethod
+    def of(*, causal: bool = False, window=None) -> Variant:
+        """The variant of `attention`'s ``causal`` and ``window`` arguments (both validated)."""
+        left, right = check_window(window)
+        if causal:
+            right = 0  # causal clips the window's right side to the diagonal
+        if left < 0 and right < 0:
+            return Variant("none")
+        if left < 0 and right == 0:
+            return Variant("causal", -1, 0)
+        return Variant("window", left, right)
+
+    @property
+    def causal(self) -> bool:
+        return self.mask == "causal"
+
+    @property
+    def window(self) -> tuple[int, int] | None:
+        """(left, right) as the caller would pass it, or None for no mask."""
+        return None if self.mask == "none" else (self.left, self.right)
+
+    @property
+    def cpp_mask(self) -> str:
+        return _CPP_MASK[self.mask]
+
+    def window_params(self, seqlen_q: int, seqlen_k: int) -> tuple[int, int]:
+        """(window_left, window_right) for the parameter block: an unbounded side, and any
+        reach past both sequences, becomes seqlen_q + seqlen_k (no row reaches it, and sums
+        of it stay far inside int32)."""
+        reach = seqlen_q + seqlen_k
+        return tuple(reach if x < 0 else min(x, reach) for x in (self.left, self.right))
+
+    # ---- the mask, in Python (the CPU path, schedules and FLOP counts) ---------------------
+
+    def key_bounds(self, rows: np.ndarray, seqlen_q: int, seqlen_k: int):
+        """Each row's visible keys as ``(first, end)`` int64 arrays: keys ``first <= j < end``
+        (``end <= first`` when the row sees none)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        shift = seqlen_k - seqlen_q
+        first = np.zeros_like(rows)
+        end = np.full_like(rows, seqlen_k)
+        if self.right >= 0:
+            end = np.clip(rows + shift + self.right + 1, 0, seqlen_k)
+        if self.left >= 0:
+            first = np.clip(rows + shift - self.left, 0, seqlen_k)
+        return first, end
+
+    def key_span(self, row_begin: int, row_end: int, seqlen_q: int, seqlen_k: int):
+        """Keys some row of [row_begin, row_end) sees, as a half-open (begin, end)."""
+        first, end = self.key_bounds(np.array([row_begin, row_end - 1]), seqlen_q, seqlen_k)
+        begin, stop = int(first[0]), int(end[1])
+        return min(begin, stop), stop
+
+    def visible_pairs(self, seqlen_q: int, seqlen_k: int) -> int:
+        """How many (query, key) pairs the mask lets through: the work a kernel must do."""
+        if self.mask == "none":
+            return seqlen_q * seqlen_k
+        first, end = self.key_bounds(np.arange(seqlen_q), seqlen_q, seqlen_k)
+        return int(np.maximum(end - first, 0).sum())
+
+    def key_tiles(self, seqlen_q: int, seqlen_k: int, block_m: int, block_n: int) -> np.ndarray:
+        """Key tiles each query tile (by m_block) visits: its cost, for the Hopper schedule."""
+        m_blocks = -(-seqlen_q // block_m)
+        starts = np.arange(m_blocks, dtype=np.int64) * block_m
+        first, _ = self.key_bounds(starts, seqlen_q, seqlen_k)
+        # A tile's last rows may lie past seqlen_q; the kernels count them as rows, so do we.
+        _, end = self.key_bounds(starts + block_m - 1, seqlen_q, seqlen_k)
+        first = np.minimum(first, end)
+        return np.where(end > first, -(-end // block_n) - first // block_n, 0)
+
+
+def check_window(window) -> tuple[int, int]:
+    """`window` as (left, right) ints >= -1; (-1, -1) for None. Raises naming ``window``."""
+    if window is None:
+        return -1, -1
+    if isinstance(window, (str, bytes)) or not hasattr(window, "__len__") or len(window) != 2:
+        raise TypeError(f"window: expected None or a pair (left, right) of ints, got {window!r}")
+    out = []
+    for side, x in zip(("left", "right"), window, strict=True):
+        if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
+            raise TypeError(f"window: {side} must be an int (-1 for unbounded), got {x!r} in "
+                            f"{window!r}")
+        if x < -1:
+            raise ValueError(f"window: {side} must be >= -1 (-1 for unbounded), got {int(x)} in "
+                             f"{tuple(window)!r}")
+        out.append(int(x))
+    return out[0], out[1]
