@@ -34,9 +34,9 @@ def test_flops_follow_the_flashattention_papers():
 
 
 def test_sweep_follows_the_convention():
-    args = bench._parser().parse_args(["--seqlens", "512,1k,16k", "--head-dims", "64,256",
-                                       "--dtypes", "bf16,fp16", "--passes", "all",
-                                       "--causal", "yes"])
+    args = bench.build_parser().parse_args(["--seqlens", "512,1k,16k", "--head-dims", "64,256",
+                                            "--dtypes", "bf16,fp16", "--passes", "all",
+                                            "--causal", "yes"])
     config = bench.make_config(args, "cuda")
     assert config.seqlens == (512, 1024, 16384)
     assert config.dtypes == ("bfloat16", "float16")
@@ -51,7 +51,7 @@ def test_sweep_follows_the_convention():
 
 
 def test_quick_preset():
-    gpu = bench.make_config(bench._parser().parse_args(["--quick"]), "cuda")
+    gpu = bench.make_config(bench.build_parser().parse_args(["--quick"]), "cuda")
     assert gpu.seqlens == (1024, 4096, 16384)
     assert gpu.head_dims == (64, 128, 256)
     assert gpu.dtypes == ("bfloat16",)
@@ -60,15 +60,16 @@ def test_quick_preset():
     assert gpu.memory.seqlens[-1] == 131072
     assert (gpu.memory.batch, gpu.memory.heads, gpu.memory.head_dim) == (1, 16, 128)
     # Explicit flags win over the preset.
-    cpu = bench.make_config(bench._parser().parse_args(["--quick", "--seqlens", "64",
-                                                        "--dtypes", "bf16,fp64"]), "cpu")
+    cpu = bench.make_config(bench.build_parser().parse_args(["--quick", "--seqlens", "64",
+                                                             "--dtypes", "bf16,fp64"]),
+                            "cpu")
     assert cpu.seqlens == (64,)
     assert cpu.dtypes == ("float64",)  # no bfloat16 on the CPU path
 
 
 def test_bad_flags_fail_clearly(capsys):
     with pytest.raises(SystemExit):
-        bench._parser().parse_args(["--dtypes", "int8"])
+        bench.build_parser().parse_args(["--dtypes", "int8"])
     assert "unknown dtype 'int8'" in capsys.readouterr().err
     assert bench.main(["--device", "cpu", "--head-dims", "48", "--model-dim", "64"]) == 2
     assert "divide the model dim" in capsys.readouterr().err
@@ -325,7 +326,58 @@ def test_cells_without_call_times_get_no_interval():
 def test_markdown_names_the_level_and_behind_cells():
     rng = np.random.default_rng(1)
     cells = (_cells(0.150 + rng.normal(0, 0.002, 20), 0.150 + rng.normal(0, 0.002, 20)))
-    line = bench._verdict_line(cells, "bfloat16")
+    line = bench.verdict_line(cells, "bfloat16")
     assert line.startswith("Against the best peer, by the 95% interval")
     assert "ahead 0; level 1: fwd D=64 causal S=1k " in line and line.endswith("behind 0.")
-    assert bench._verdict_line(cells, "float16") is None
+    assert bench.verdict_line(cells, "float16") is None
+
+
+def test_window_bench_table_counts_visible_pairs_and_compares(capsys):
+    from cuflash.bench import window
+
+    rows = [
+        {"impl": "cuflash", "pass": "fwd", "head_dim": 64, "seqlen": 4096, "window": None,
+         "tflops": 500.0},
+        {"impl": "cuflash", "pass": "fwd", "head_dim": 64, "seqlen": 4096, "window": 1024,
+         "tflops": 450.0},
+        {"impl": "flex", "pass": "fwd", "head_dim": 64, "seqlen": 4096, "window": 1024,
+         "tflops": 300.0},
+    ]
+    text = window.table(rows)
+    assert "| fwd | 64 | 4096 | 1024 | 450 | 300 | 1.50 | 0.90 |" in text
+    assert "| fwd | 64 | 4096 | causal | 500 | - | - | - |" in text
+
+
+def test_overhead_bench_stands_alone():
+    """``--overhead`` times older trees too (``PYTHONPATH=old python3 cuflash/bench/overhead.py``):
+    its file imports nothing of cuflash but the public API, and runs by path and as a module."""
+    import ast
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from cuflash.bench import overhead
+
+    path = Path(overhead.__file__)
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+            assert not [n for n in names if n.startswith("cuflash.")], names
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0 and not (node.module or "").startswith("cuflash"), node.module
+    root = path.parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    for command in ([str(path)], ["-m", "cuflash.bench.overhead"]):
+        proc = subprocess.run([sys.executable, *command, "--help"], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert "python -m cuflash bench --overhead" in proc.stdout
+
+
+def test_window_bench_without_a_gpu_says_so(capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: the command would run the benchmark")
+    assert bench.main(["--window", "--seqlens", "4096"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

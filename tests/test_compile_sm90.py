@@ -48,7 +48,8 @@ def test_every_width_and_dtype_is_covered(specs, tiles):
 def test_spec_name_renders_the_template_signature():
     spec = _launch_sm90.fwd_sm90_spec("bfloat16", 100, "causal")
     assert spec.head_dim == 128 and spec.min_arch == 90
-    assert spec.name == "cuflash::fwd_sm90<cuflash::bf16, 128, 128, 128, 12, cuflash::CausalMask, true>"
+    assert spec.name == ("cuflash::fwd_sm90<cuflash::bf16, 128, 128, 128, 12, cuflash::CausalMask, "
+                         "true>")
 
 
 def test_q_is_double_buffered_where_it_fits():

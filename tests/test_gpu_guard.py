@@ -66,10 +66,11 @@ class GuardedAllocator:
         """The bands that no longer hold CANARY, described."""
         cupy.cuda.Device().synchronize()
         found = []
-        for memory, nbytes in self.live:
+        # On the host: a comparison on the device would allocate through this very allocator.
+        for memory, nbytes in list(self.live):
             raw = cupy.ndarray((nbytes + 2 * BAND,), cupy.uint8, cupy.cuda.MemoryPointer(memory, 0))
             for name, band in (("before", raw[:BAND]), ("after", raw[BAND + nbytes:])):
-                bad = cupy.flatnonzero(band != CANARY)
+                bad = np.flatnonzero(band.get() != CANARY)
                 if bad.size:
                     found.append(f"{int(bad.size)} bytes {name} a {nbytes}-byte allocation "
                                  f"(first at offset {int(bad[0])} of the band)")

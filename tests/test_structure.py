@@ -19,20 +19,39 @@ KNOWN_CYCLES = {
 }
 
 
+def module_name(path: Path) -> str:
+    """`cuflash/x.py` is "x", `cuflash/__init__.py` "__init__"; in a subpackage,
+    `cuflash/bench/y.py` is "bench.y" and `cuflash/bench/__init__.py` "bench"."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    if len(parts) > 1 and parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
 def import_graph() -> dict[str, set[str]]:
-    """Module -> the package modules it imports (`cuflash/x.py` is "x", `__init__.py` is
-    "__init__")."""
-    modules = {p.stem: p for p in PACKAGE.glob("*.py")}
+    """Module -> the package modules it imports, subpackages included (see `module_name`)."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
+        # The package a relative import starts from ([] is cuflash itself).
+        if path.stem != "__init__":
+            here = name.split(".")[:-1]
+        else:
+            here = [] if name == "__init__" else name.split(".")
         deps: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.module == "cuflash":
-                deps |= {a.name if a.name in modules else "__init__" for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cuflash."):
-                deps.add(node.module.split(".")[1])
+            if isinstance(node, ast.ImportFrom) and (node.level or node.module == "cuflash"
+                                                     or node.module.startswith("cuflash.")):
+                if node.level:
+                    base = ".".join([*here[:len(here) + 1 - node.level],
+                                     *filter(None, [node.module])])
+                else:
+                    base = node.module.removeprefix("cuflash").removeprefix(".")
+                for a in node.names:  # `from cuflash.bench import window` imports bench.window
+                    sub = f"{base}.{a.name}" if base else a.name
+                    deps.add(sub if sub in modules else base or "__init__")
             elif isinstance(node, ast.Import):
-                deps |= {a.name.split(".")[1] for a in node.names
+                deps |= {a.name.removeprefix("cuflash.") for a in node.names
                          if a.name.startswith("cuflash.")}
         graph[name] = {d for d in deps if d in modules and d != name}
     return graph

@@ -6,7 +6,8 @@ once, results dropped) and reports the median over `repeats` of the time per cal
 time per call (kernel durations from the CUDA profiler) is reported beside it. Rows whose
 framework is missing are skipped with the reason.
 
-Only cuflash's public API is used, so the same file times an older tree (``PYTHONPATH=old``).
+Only cuflash's public API is used, so the same file times an older tree by path:
+``PYTHONPATH=old python3 cuflash/bench/overhead.py``.
 """
 
 from __future__ import annotations
