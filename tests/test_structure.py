@@ -101,3 +101,26 @@ def test_no_import_cycle_beyond_the_known_ones():
     assert found == KNOWN_CYCLES, (
         f"new or changed cycles: {sorted(map(sorted, found - KNOWN_CYCLES))}; "
         f"gone (delete from KNOWN_CYCLES): {sorted(map(sorted, KNOWN_CYCLES - found))}")
+
+
+def test_only_the_mask_knows_the_diagonal():
+    """The bottom-right shift (seqlen_k - seqlen_q) is written in kernels_cu/mask.cuh and, in
+    Python, in cuflash/_variant.py (and the oracle, cuflash/reference.py) only: every kernel and
+    path asks those for its mask."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    shift = re.compile(r"seqlen_k\s*-\s*(p\.)?seqlen_q|\bsk\s*-\s*sq\b|\bdiag\b")
+    allowed = {"kernels_cu/mask.cuh", "cuflash/_variant.py", "cuflash/reference.py"}
+    sources = [*root.glob("kernels_cu/*.cu"), *root.glob("kernels_cu/*.cuh"),
+               *root.glob("cuflash/**/*.py")]
+    assert len(sources) > 20, "the test must see the sources"
+    offenders = []
+    for path in sources:
+        name = path.relative_to(root).as_posix()
+        if name in allowed:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if shift.search(line):
+                offenders.append(f"{name}:{number}: {line.strip()}")
+    assert not offenders, "a diagonal outside the mask:\n" + "\n".join(offenders)
