@@ -21,28 +21,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.gpu_support import require_gpu, to_numpy
+from tests.gpu_support import require_gpu
 
 require_gpu()
 
 import cupy  # noqa: E402
 
-import cuflash  # noqa: E402
-from cuflash import _replay, reference  # noqa: E402
-from tests.accuracy import (  # noqa: E402
-    assert_matches_reference,
-    backward_eps,
-    naive_attention,
-    naive_attention_backward,
-)
-from tests.strategies import (  # noqa: E402
-    examples,
-    make_dout,
-    make_inputs,
-    problems,
-    seeds,
-    to_bshd4,
-)
+from cuflash import _replay  # noqa: E402
+from tests.strategies import examples, problems, seeds  # noqa: E402
+from tests.test_gpu_backward import _check_case as check_backward  # noqa: E402
+from tests.test_gpu_forward import _check_case as check_forward  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -92,33 +80,12 @@ def guarded():
 
 
 def _check(case, seed: int, deterministic: bool) -> None:
+    """The forward and backward GPU suites' own checks of `case`, every allocation guarded."""
     with guarded() as allocator:
-        q, k, v = make_inputs(case, cupy, seed)
-        dout = make_dout(case, cupy, seed)
-        opts = {**case.mask, "layout": case.layout}
-        out, lse = cuflash.attention(q, k, v, return_lse=True, **opts)
-        grads = cuflash.attention_backward(dout, q, k, v, out, lse, **opts,
-                                           deterministic=deterministic)
+        check_forward(case, seed)
+        check_backward(case, seed, deterministic=deterministic)
         damaged = allocator.damaged()
-        host = [to_numpy(x) for x in (q, k, v, dout, out, lse, *grads)]
     assert not damaged, f"{case.id}: written outside a tensor: {damaged}"
-
-    q4, k4, v4, do4 = (to_bshd4(x, case) for x in host[:4])
-    scale = 1.0 / np.sqrt(case.head_dim)
-    naive_opts = {**case.mask, "dtype": case.dtype, "scale": scale}
-    ref_out, ref_lse = reference.attention(q4, k4, v4, **case.mask, return_lse=True)
-    naive_out, naive_lse = naive_attention(q4, k4, v4, **naive_opts)
-    assert_matches_reference(f"{case.id} out", to_bshd4(host[4], case), ref_out, naive_out,
-                             dtype=case.dtype)
-    got_lse = host[5][None] if case.three_d else host[5]
-    assert_matches_reference(f"{case.id} lse", got_lse, ref_lse, naive_lse, dtype="float32")
-    refs = reference.attention_backward(do4, q4, k4, v4, **case.mask)
-    naive = naive_attention_backward(do4, q4, k4, v4, **naive_opts)
-    eps = backward_eps(do4, q4, k4, v4, **naive_opts)
-    for name, got, ref, nv, e in zip(("dq", "dk", "dv"), host[6:], refs, naive, eps,
-                                     strict=True):
-        assert_matches_reference(f"{case.id} {name}", to_bshd4(got, case), ref, nv,
-                                 dtype=case.dtype, eps=e)
 
 
 def test_the_allocator_sees_a_write_past_the_end():
