@@ -5,8 +5,9 @@ Sources are found in the installed package (``cuflash/kernels_cu``, mapped from 
 ``#include "x.cuh"`` lines are expanded here, so the text handed to NVRTC is self-contained and
 CuPy's disk cache, which hashes only the text and the options, sees every header change.
 
-Debug switches: ``CUFLASH_LINEINFO=1`` adds ``-lineinfo``; ``CUFLASH_VERBOSE=1`` logs each compile
-(logger ``cuflash``).
+Debug switches: ``CUFLASH_DEBUG=1`` builds checked kernels (debug_build); ``CUFLASH_LINEINFO=1``
+adds ``-lineinfo``; ``CUFLASH_VERBOSE=1`` logs each kernel load (logger ``cuflash``): loaded from
+CuPy's disk cache, or compiled, and how long it took.
 """
 
 from __future__ import annotations
@@ -161,6 +162,10 @@ def _load(spec: KernelSpec, compute_capability: int):
         )
     start = time.perf_counter()
     global _disk_cache_failed
+    debug = log.isEnabledFor(logging.DEBUG)
+    cache_dir = _cache_dir() if debug else None
+    before = _cubins(cache_dir) if cache_dir else {}
+    in_memory = _disk_cache_failed or _cupy_in_memory()
     fn = None
     if not _disk_cache_failed:
         try:
@@ -171,7 +176,7 @@ def _load(spec: KernelSpec, compute_capability: int):
             # skip the disk for the rest of the process.
             log.debug("kernel cache unusable (%s: %s); compiling %s and later kernels in "
                       "memory", type(err).__name__, err, spec.name)
-            _disk_cache_failed = True
+            _disk_cache_failed = in_memory = True
     if fn is None:
         with _in_memory_compiles():
             fn = _compile_and_load(spec, compute_capability)
@@ -179,8 +184,54 @@ def _load(spec: KernelSpec, compute_capability: int):
         fn.max_dynamic_shared_size_bytes = spec.smem_bytes
     seconds = time.perf_counter() - start
     compile_seconds[spec.name] = seconds
-    log.debug("compiled %s for cc %d in %.2f s", spec.name, compute_capability, seconds)
+    if debug:
+        if in_memory:
+            how = "compiled in memory, without the disk cache"
+        elif cache_dir is None:
+            how = "compiled or loaded through CuPy's kernel cache backend"
+        elif any(before.get(name) != stamp for name, stamp in _cubins(cache_dir).items()):
+            how = (f"compiled (no valid binary in the disk cache {cache_dir}: missing or corrupt; "
+                   f"CuPy wrote a new one)")
+        else:
+            how = f"loaded from the disk cache {cache_dir}"
+        log.debug("%s for cc %d: %s in %.2f s", spec.name, compute_capability, how, seconds)
     return fn
+
+
+def _cupy_in_memory() -> bool:
+    """CUPY_CACHE_IN_MEMORY as CuPy reads it at each compile: only an integer equal to 1 is on."""
+    try:
+        return int(os.environ.get("CUPY_CACHE_IN_MEMORY") or 0) == 1
+    except ValueError:
+        return False
+
+
+def _cache_dir() -> str | None:
+    """CuPy's kernel cache directory: CuPy 14's disk backend's (CUPY_CACHE_DIR as read when cupy
+    was imported), else CuPy 13's (read at each compile); None for a backend without one."""
+    from cupy.cuda import compiler
+
+    backend = getattr(compiler, "_kernel_cache_backend", None)
+    if backend is not None:
+        return getattr(backend, "_cache_dir", None)
+    return os.environ.get("CUPY_CACHE_DIR", os.path.expanduser("~/.cupy/kernel_cache"))
+
+
+def _cubins(directory: str) -> dict[str, tuple[int, int]]:
+    """{name: (inode, mtime_ns)} of the cached binaries in `directory` ({} if it can't be read).
+
+    Only at DEBUG, to tell a load from a compile: CuPy stores a new binary by renaming a new file
+    into place, so a compile adds or changes an entry and a load leaves them all alone. (Another
+    process writing the directory at the same moment can make a load read as a compile.)
+    """
+    found = {}
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.endswith(".cubin"):
+                with contextlib.suppress(OSError):  # removed meanwhile
+                    stat = entry.stat()
+                    found[entry.name] = (stat.st_ino, stat.st_mtime_ns)
+    return found
 
 
 def _compile_and_load(spec: KernelSpec, compute_capability: int):
