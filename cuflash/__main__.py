@@ -29,7 +29,7 @@ import numpy as np
 import cuflash
 from cuflash import _accuracy, _compile, _dtypes, reference
 
-_ENV_SWITCHES = ("CUFLASH_VERBOSE", "CUFLASH_LINEINFO")
+_ENV_SWITCHES = ("CUFLASH_VERBOSE", "CUFLASH_LINEINFO", "CUFLASH_DEBUG")
 
 
 def main(argv: list[str] | None = None) -> int:

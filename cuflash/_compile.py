@@ -33,8 +33,9 @@ if os.environ.get("CUFLASH_VERBOSE") and not log.handlers:
     log.addHandler(handler)
     log.propagate = False  # one line per record, whatever the application configured
 
-_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
-_PRAGMA_ONCE = re.compile(r"^\s*#\s*pragma\s+once\s*$", re.MULTILINE)
+# [ \t], not \s: a match must not swallow the newlines around it (line numbers stay true).
+_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"[ \t]*$', re.MULTILINE)
+_PRAGMA_ONCE = re.compile(r"^[ \t]*#[ \t]*pragma[ \t]+once[ \t]*$", re.MULTILINE)
 # Architectures whose kernels need the "a" (architecture-specific) target: wgmma, setmaxnreg.
 _ARCH_SPECIFIC = {90}
 
@@ -65,7 +66,14 @@ def expanded_source(filename: str) -> str:
         if not path.is_file():
             raise FileNotFoundError(f"kernels_cu/{name} not found (included from the sources)")
         text = _PRAGMA_ONCE.sub("", path.read_text())
-        body = _INCLUDE.sub(lambda m: expand(m.group(1)), text)
+
+        def include(m: re.Match) -> str:
+            # After the header, say where the includer resumes: compile errors and the checked
+            # build's messages (__FILE__, __LINE__) then name the true file and line.
+            resume = text.count("\n", 0, m.start()) + 2
+            return f'{expand(m.group(1))}\n#line {resume} "{name}"'
+
+        body = _INCLUDE.sub(include, text)
         return f'#line 1 "{name}"\n{body}'
 
     return expand(filename)
@@ -87,9 +95,19 @@ def nvrtc_options(arch: str) -> tuple[str, ...]:
         f"-DCUFLASH_FWD_PARAMS_SIZE={_launch.FWD_PARAMS.itemsize}",
         f"-DCUFLASH_BWD_PARAMS_SIZE={_launch.BWD_PARAMS.itemsize}",
     ]
-    if os.environ.get("CUFLASH_LINEINFO"):
+    if debug_build():
+        options += ["-DCUFLASH_DEBUG", "-lineinfo"]
+    elif os.environ.get("CUFLASH_LINEINFO"):
         options.append("-lineinfo")
     return tuple(options)
+
+
+def debug_build() -> bool:
+    """True where ``CUFLASH_DEBUG`` is set (any non-empty value, as every CUFLASH_ switch):
+    kernels compile with kernels_cu/check.cuh's bounds assertions on every global access, and
+    ``-lineinfo``. Read at each compile, so set it before the first call; the flag is part of
+    the options, hence of CuPy's cache key."""
+    return bool(os.environ.get("CUFLASH_DEBUG"))
 
 
 # What CuPy's RawModule adds to every NVRTC compile of ours (cupy/cuda/compiler.py, CuPy 13-14):

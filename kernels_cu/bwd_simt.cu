@@ -122,12 +122,15 @@ __device__ __forceinline__ void recompute_p_ds(T (&p)[Tr::kRows][Tr::kKeys],
 // lse = -inf; its keys are all masked, and +inf keeps exp(s - lse) from ever being exp(+inf).
 template <typename Tr, typename T>
 __device__ __forceinline__ void stage_lse_delta(T* sLse, T* sDelta, const T* lse, const T* delta,
-                                                int m0, int seqlen_q, int tid) {
+                                                int m0, int seqlen_q, int tid,
+                                                const Extent& lse_ext, const Extent& delta_ext) {
   for (int r = tid; r < Tr::kBlockM; r += Tr::kThreads) {
     const int row = m0 + r;
     T l = infinity<T>();
     T d = T(0);
     if (row < seqlen_q) {
+      CUFLASH_CHECK_ACCESS(lse_ext, lse + row, sizeof(T));
+      CUFLASH_CHECK_ACCESS(delta_ext, delta + row, sizeof(T));
       const T x = lse[row];
       if (x != -infinity<T>()) l = ScoreUnits<T>::from_natural(x);
       d = delta[row];
@@ -140,7 +143,7 @@ __device__ __forceinline__ void stage_lse_delta(T* sLse, T* sDelta, const T* lse
 // row[col] += x for this thread's columns (< cols) of one dq_accum row.
 template <int kC, int kColStep, typename T>
 __device__ __forceinline__ void atomic_add_row(T* row, const T (&x)[kC * Pack<T>::kSize], int col0,
-                                               int cols) {
+                                               int cols, const Extent& ext) {
   constexpr int kVec = Pack<T>::kSize;
 #pragma unroll
   for (int c = 0; c < kC; ++c) {
@@ -148,6 +151,7 @@ __device__ __forceinline__ void atomic_add_row(T* row, const T (&x)[kC * Pack<T>
     if (col >= cols) continue;
 #if __CUDA_ARCH__ >= 900
     if constexpr (sizeof(T) == 4) {
+      CUFLASH_CHECK_ACCESS(ext, row + col, 16);
       // One 16-byte reduction instead of four. Columns past head_dim add exact zeros (K's padded
       // columns are zero) to a scratch row that is kHeadDim wide, so the whole vector is safe.
       asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(row + col),
@@ -159,7 +163,9 @@ __device__ __forceinline__ void atomic_add_row(T* row, const T (&x)[kC * Pack<T>
 #endif
 #pragma unroll
     for (int f = 0; f < kVec; ++f) {
-      if (col + f < cols) atomicAdd(row + col + f, x[c * kVec + f]);
+      if (col + f >= cols) continue;
+      CUFLASH_CHECK_ACCESS(ext, row + col + f, sizeof(T));
+      atomicAdd(row + col + f, x[c * kVec + f]);
     }
   }
 }
@@ -197,12 +203,12 @@ __global__ void __launch_bounds__(
       sK,
       static_cast<const T*>(p.k) + batch * p.k_batch_stride + kv_head * p.k_head_stride +
           n0 * p.k_row_stride,
-      p.k_row_stride, keys, p.head_dim, tid);
+      p.k_row_stride, keys, p.head_dim, tid, k_extent<T>(p));
   copy_tile<kBlockN, kHeadDim, Tr::kLdQKV, Tr::kThreads, kAligned>(
       sV,
       static_cast<const T*>(p.v) + batch * p.v_batch_stride + kv_head * p.v_head_stride +
           n0 * p.v_row_stride,
-      p.v_row_stride, keys, p.head_dim, tid);
+      p.v_row_stride, keys, p.head_dim, tid, v_extent<T>(p));
 
   // The query tiles [m_begin, m_end) that see some key of this block: from the first query of its
   // first key (always < seqlen_q) to the last of its last key; none (m_end <= m_begin: a key block
@@ -230,10 +236,12 @@ __global__ void __launch_bounds__(
       const int m0 = m_tile * kBlockM;
       const int rows = min(kBlockM, p.seqlen_q - m0);
       copy_tile<kBlockM, kHeadDim, Tr::kLdQKV, Tr::kThreads, kAligned>(
-          sQ, q + m0 * p.q_row_stride, p.q_row_stride, rows, p.head_dim, tid);
+          sQ, q + m0 * p.q_row_stride, p.q_row_stride, rows, p.head_dim, tid, q_extent<T>(p));
       copy_tile<kBlockM, kHeadDim, Tr::kLdQKV, Tr::kThreads, kAligned>(
-          sDo, dout + m0 * p.do_row_stride, p.do_row_stride, rows, p.head_dim, tid);
-      stage_lse_delta<Tr>(sLse, sDelta, lse, delta, m0, p.seqlen_q, tid);
+          sDo, dout + m0 * p.do_row_stride, p.do_row_stride, rows, p.head_dim, tid,
+          dout_extent<T>(p));
+      stage_lse_delta<Tr>(sLse, sDelta, lse, delta, m0, p.seqlen_q, tid, lse_extent<T>(p),
+                          delta_extent<T>(p));
       copy_async_wait_all();
       __syncthreads();  // Q, dO, lse, delta (and K, V the first time) staged
 
@@ -271,7 +279,8 @@ __global__ void __launch_bounds__(
           const int row = m0 + trow + i * Tr::kRowThreads;
           if (row < p.seqlen_q) {
             atomic_add_row<Tr::kDimVecs, Tr::kDimStep>(dq_accum + row * int64(p.head_dim_rounded),
-                                                       acc_dq[i], tcol * Tr::kVec, p.head_dim);
+                                                       acc_dq[i], tcol * Tr::kVec, p.head_dim,
+                                                       dq_accum_extent<T>(p));
           }
         }
       }
@@ -291,9 +300,11 @@ __global__ void __launch_bounds__(
 #pragma unroll
       for (int d = 0; d < Tr::kDims; ++d) acc_dk[i][d] *= scale;
       store_row<Tr::kDimVecs, Tr::kDimStep, kAligned>(dk + row * p.dk_row_stride, acc_dk[i],
-                                                        tcol * Tr::kVec, p.head_dim);
+                                                        tcol * Tr::kVec, p.head_dim,
+                                                        dk_extent<T>(p));
       store_row<Tr::kDimVecs, Tr::kDimStep, kAligned>(dv + row * p.dv_row_stride, acc_dv[i],
-                                                        tcol * Tr::kVec, p.head_dim);
+                                                        tcol * Tr::kVec, p.head_dim,
+                                                        dv_extent<T>(p));
     }
   }
 }
@@ -331,16 +342,17 @@ __global__ void __launch_bounds__(
       sQ,
       static_cast<const T*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride +
           m0 * p.q_row_stride,
-      p.q_row_stride, rows, p.head_dim, tid);
+      p.q_row_stride, rows, p.head_dim, tid, q_extent<T>(p));
   copy_tile<kBlockM, kHeadDim, Tr::kLdQKV, Tr::kThreads, kAligned>(
       sDo,
       static_cast<const T*>(p.dout) + batch * p.do_batch_stride + head * p.do_head_stride +
           m0 * p.do_row_stride,
-      p.do_row_stride, rows, p.head_dim, tid);
+      p.do_row_stride, rows, p.head_dim, tid, dout_extent<T>(p));
   stage_lse_delta<Tr>(
       sLse, sDelta,
       static_cast<const T*>(p.lse) + batch * p.lse_batch_stride + head * p.lse_head_stride,
-      static_cast<const T*>(p.delta) + head_rows, m0, p.seqlen_q, tid);
+      static_cast<const T*>(p.delta) + head_rows, m0, p.seqlen_q, tid, lse_extent<T>(p),
+      delta_extent<T>(p));
 
   const T* k = static_cast<const T*>(p.k) + batch * p.k_batch_stride + kv_head * p.k_head_stride;
   const T* v = static_cast<const T*>(p.v) + batch * p.v_batch_stride + kv_head * p.v_head_stride;
@@ -357,9 +369,9 @@ __global__ void __launch_bounds__(
     const int n0 = tile * kBlockN;
     const int keys = min(kBlockN, p.seqlen_k - n0);
     copy_tile<kBlockN, kHeadDim, Tr::kLdQKV, Tr::kThreads, kAligned>(
-        sK, k + n0 * p.k_row_stride, p.k_row_stride, keys, p.head_dim, tid);
+        sK, k + n0 * p.k_row_stride, p.k_row_stride, keys, p.head_dim, tid, k_extent<T>(p));
     copy_tile<kBlockN, kHeadDim, Tr::kLdQKV, Tr::kThreads, kAligned>(
-        sV, v + n0 * p.v_row_stride, p.v_row_stride, keys, p.head_dim, tid);
+        sV, v + n0 * p.v_row_stride, p.v_row_stride, keys, p.head_dim, tid, v_extent<T>(p));
     copy_async_wait_all();
     __syncthreads();  // K, V (and Q, dO, lse, delta the first time) staged
 
@@ -391,7 +403,8 @@ __global__ void __launch_bounds__(
 #pragma unroll
       for (int d = 0; d < Tr::kDims; ++d) acc_dq[i][d] *= scale;
       store_row<Tr::kDimVecs, Tr::kDimStep, kAligned>(dq + row * p.dq_row_stride, acc_dq[i],
-                                                        tcol * Tr::kVec, p.head_dim);
+                                                        tcol * Tr::kVec, p.head_dim,
+                                                        dq_extent<T>(p));
     }
   }
 }
@@ -422,13 +435,21 @@ __global__ void __launch_bounds__(kWarps * kWarpSize) bwd_preprocess(const BwdPa
     const T* out_row = out + row * p.o_row_stride;
     Accum sum = 0;
     for (int d = lane; d < p.head_dim; d += kWarpSize) {
+      CUFLASH_CHECK_ACCESS(dout_extent<T>(p), dout_row + d, sizeof(T));
+      CUFLASH_CHECK_ACCESS(o_extent<T>(p), out_row + d, sizeof(T));
       sum = madd(to_accum(dout_row[d]), to_accum(out_row[d]), sum);
     }
     sum = group_sum<kWarpSize>(sum);
-    if (lane == 0) delta[row] = sum;
+    if (lane == 0) {
+      CUFLASH_CHECK_ACCESS(delta_extent<Accum>(p), delta + row, sizeof(Accum));
+      delta[row] = sum;
+    }
     if (dq_accum != nullptr) {
       Accum* dq_row = dq_accum + (head_rows + row) * p.head_dim_rounded;
-      for (int d = lane; d < p.head_dim_rounded; d += kWarpSize) dq_row[d] = Accum(0);
+      for (int d = lane; d < p.head_dim_rounded; d += kWarpSize) {
+        CUFLASH_CHECK_ACCESS(dq_accum_extent<Accum>(p), dq_row + d, sizeof(Accum));
+        dq_row[d] = Accum(0);
+      }
     }
   }
 }
@@ -452,7 +473,11 @@ __global__ void __launch_bounds__(kWarps * kWarpSize) bwd_convert_dq(const BwdPa
     if (row >= p.seqlen_q) break;
     const Accum* src = dq_accum + row * int64(p.head_dim_rounded);
     T* dst = dq + row * p.dq_row_stride;
-    for (int d = lane; d < p.head_dim; d += kWarpSize) dst[d] = from_accum<T>(src[d] * scale);
+    for (int d = lane; d < p.head_dim; d += kWarpSize) {
+      CUFLASH_CHECK_ACCESS(dq_accum_extent<Accum>(p), src + d, sizeof(Accum));
+      CUFLASH_CHECK_ACCESS(dq_extent<T>(p), dst + d, sizeof(T));
+      dst[d] = from_accum<T>(src[d] * scale);
+    }
   }
 }
 

@@ -213,12 +213,22 @@ __device__ __forceinline__ void gemm_rs(float (&acc)[kM][kN][4], const uint32 (&
 // Two neighbouring elements (col, col + 1) of one output row; columns >= head_dim are not stored.
 // Aligned rows hold whole 8-element vectors (head_dim % 8 == 0), so col < head_dim covers both.
 template <typename T, bool kAligned>
-__device__ __forceinline__ void store_pair(T* row, int col, int head_dim, float x0, float x1) {
+__device__ __forceinline__ void store_pair(T* row, int col, int head_dim, float x0, float x1,
+                                           const Extent& ext) {
   if (kAligned) {
-    if (col < head_dim) *reinterpret_cast<uint32*>(row + col) = pack2<T>(x0, x1);
+    if (col < head_dim) {
+      CUFLASH_CHECK_ACCESS(ext, row + col, 4);
+      *reinterpret_cast<uint32*>(row + col) = pack2<T>(x0, x1);
+    }
   } else {
-    if (col < head_dim) row[col] = from_float<T>(x0);
-    if (col + 1 < head_dim) row[col + 1] = from_float<T>(x1);
+    if (col < head_dim) {
+      CUFLASH_CHECK_ACCESS(ext, row + col, 2);
+      row[col] = from_float<T>(x0);
+    }
+    if (col + 1 < head_dim) {
+      CUFLASH_CHECK_ACCESS(ext, row + col + 1, 2);
+      row[col + 1] = from_float<T>(x1);
+    }
   }
 }
 
@@ -380,9 +390,11 @@ bwd_dkdv_sm80(const __grid_constant__ BwdParams p) {
         static_cast<const T*>(p.dout) + batch * p.do_batch_stride + head * p.do_head_stride;
     const uint32 stage_off = stage * QTile::kBytes;
     load_tile<QTile, Tr::kThreads, kAligned>(smem_base + Tr::kQOffset + stage_off, q,
-                                             p.q_row_stride, row0, p.seqlen_q, p.head_dim);
+                                             p.q_row_stride, row0, p.seqlen_q, p.head_dim,
+                                             q_extent<T>(p));
     load_tile<QTile, Tr::kThreads, kAligned>(smem_base + Tr::kDoOffset + stage_off, dout,
-                                             p.do_row_stride, row0, p.seqlen_q, p.head_dim);
+                                             p.do_row_stride, row0, p.seqlen_q, p.head_dim,
+                                             dout_extent<T>(p));
   };
   // Thread tid < kBlockM fetches lse and delta of row row0 + tid, and stashes lse (log2 units) and
   // scale * delta in buffer `buf`. Rows past seqlen_q get lse = +inf and delta = 0: P = 0 and
@@ -393,6 +405,10 @@ bwd_dkdv_sm80(const __grid_constant__ BwdParams p) {
     lse = -neg_inf();
     dlt = 0.f;
     if (tid < kBlockM && row < p.seqlen_q) {
+      CUFLASH_CHECK_ACCESS(lse_extent<float>(p), static_cast<const float*>(p.lse) +
+                           batch * p.lse_batch_stride + head * p.lse_head_stride + row, 4);
+      CUFLASH_CHECK_ACCESS(delta_extent<float>(p), static_cast<const float*>(p.delta) +
+                           (static_cast<int64>(batch) * p.heads_q + head) * p.seqlen_q + row, 4);
       lse = static_cast<const float*>(
           p.lse)[batch * p.lse_batch_stride + head * p.lse_head_stride + row];
       dlt = static_cast<const float*>(
@@ -425,9 +441,9 @@ bwd_dkdv_sm80(const __grid_constant__ BwdParams p) {
     const T* k = static_cast<const T*>(p.k) + batch * p.k_batch_stride + kv_head * p.k_head_stride;
     const T* v = static_cast<const T*>(p.v) + batch * p.v_batch_stride + kv_head * p.v_head_stride;
     load_tile<KVTile, Tr::kThreads, kAligned>(smem_base + Tr::kKOffset, k, p.k_row_stride, n0,
-                                              p.seqlen_k, p.head_dim);
+                                              p.seqlen_k, p.head_dim, k_extent<T>(p));
     load_tile<KVTile, Tr::kThreads, kAligned>(smem_base + Tr::kVOffset, v, p.v_row_stride, n0,
-                                              p.seqlen_k, p.head_dim);
+                                              p.seqlen_k, p.head_dim, v_extent<T>(p));
     load_q_do(head, m_tile * kBlockM, 0);
     cp_async_commit();
     float lse, dlt;
@@ -600,6 +616,7 @@ bwd_dkdv_sm80(const __grid_constant__ BwdParams p) {
             for (int dt = 0; dt < Tr::kDqChunkTiles; ++dt) {
               const int col = c * Tr::kDqChunkDims + dt * 8;
               if (col < cols_left) {
+                CUFLASH_CHECK_ACCESS(dq_accum_extent<float>(p), dst + dt * 8, 8);
                 atomic_add_pair(dst + dt * 8, acc_dq[mt][dt][2 * h], acc_dq[mt][dt][2 * h + 1]);
               }
             }
@@ -629,9 +646,9 @@ bwd_dkdv_sm80(const __grid_constant__ BwdParams p) {
       for (int dt = 0; dt < kDTiles; ++dt) {
         const int col = warp_d0 + dt * 8 + 2 * t;
         store_pair<T, kAligned>(dk_row, col, p.head_dim, acc_dk[kt][dt][2 * h],
-                                acc_dk[kt][dt][2 * h + 1]);
+                                acc_dk[kt][dt][2 * h + 1], dk_extent<T>(p));
         store_pair<T, kAligned>(dv_row, col, p.head_dim, acc_dv[kt][dt][2 * h],
-                                acc_dv[kt][dt][2 * h + 1]);
+                                acc_dv[kt][dt][2 * h + 1], dv_extent<T>(p));
       }
     }
   }
@@ -724,6 +741,10 @@ bwd_dq_sm80(const __grid_constant__ BwdParams p) {
     for (int r = 0; r < 2 * kMTiles; ++r) {
       const int row = m0 + warp_row0 + (r / 2) * 16 + (r % 2) * 8 + g;
       const bool valid = row < p.seqlen_q;
+      if (valid) {
+        CUFLASH_CHECK_ACCESS(lse_extent<float>(p), lse + row, 4);
+        CUFLASH_CHECK_ACCESS(delta_extent<float>(p), delta + row, 4);
+      }
       row_lse2[r] = valid ? lse_log2(lse[row]) : -neg_inf();
       row_delta[r] = valid ? delta[row] * scale : 0.f;
     }
@@ -740,10 +761,10 @@ bwd_dq_sm80(const __grid_constant__ BwdParams p) {
     const uint32 stage_off = stage * KVTile::kBytes;
     load_tile<KVTile, Tr::kThreads, kAligned>(smem_base + Tr::kKOffset + stage_off, k,
                                               p.k_row_stride, tile * kBlockN, p.seqlen_k,
-                                              p.head_dim);
+                                              p.head_dim, k_extent<T>(p));
     load_tile<KVTile, Tr::kThreads, kAligned>(smem_base + Tr::kVOffset + stage_off, v,
                                               p.v_row_stride, tile * kBlockN, p.seqlen_k,
-                                              p.head_dim);
+                                              p.head_dim, v_extent<T>(p));
   };
 
   float acc_dq[kMTiles][kDTiles][4];
@@ -751,9 +772,9 @@ bwd_dq_sm80(const __grid_constant__ BwdParams p) {
 
   if (n_tiles > 0) {
     load_tile<QTile, Tr::kThreads, kAligned>(smem_base + Tr::kQOffset, q, p.q_row_stride, m0,
-                                             p.seqlen_q, p.head_dim);
+                                             p.seqlen_q, p.head_dim, q_extent<T>(p));
     load_tile<QTile, Tr::kThreads, kAligned>(smem_base + Tr::kDoOffset, dout, p.do_row_stride, m0,
-                                             p.seqlen_q, p.head_dim);
+                                             p.seqlen_q, p.head_dim, dout_extent<T>(p));
     load_k_v(n_begin, 0);
     cp_async_commit();
   }
@@ -826,7 +847,7 @@ bwd_dq_sm80(const __grid_constant__ BwdParams p) {
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt) {
         store_pair<T, kAligned>(dq_row, dt * 8 + 2 * t, p.head_dim, acc_dq[mt][dt][2 * h],
-                                acc_dq[mt][dt][2 * h + 1]);
+                                acc_dq[mt][dt][2 * h + 1], dq_extent<T>(p));
       }
     }
   }
@@ -848,10 +869,12 @@ template <int kHeadDim_, int kBlockM_, int kWarps_> struct BwdRowSm80Traits {
 
 // 8 elements of a row from column col, as floats; elements at or past head_dim read as 0.
 template <typename T, bool kAligned>
-__device__ __forceinline__ void load_vec8(float (&x)[8], const T* row, int col, int head_dim) {
+__device__ __forceinline__ void load_vec8(float (&x)[8], const T* row, int col, int head_dim,
+                                          const Extent& ext) {
   if (kAligned) {
     uint32 w[4] = {0, 0, 0, 0};
     if (col < head_dim) {
+      CUFLASH_CHECK_ACCESS(ext, row + col, 16);
       const uint4 u = *reinterpret_cast<const uint4*>(row + col);
       w[0] = u.x, w[1] = u.y, w[2] = u.z, w[3] = u.w;
     }
@@ -862,7 +885,10 @@ __device__ __forceinline__ void load_vec8(float (&x)[8], const T* row, int col, 
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < 8; ++j) x[j] = col + j < head_dim ? to_float<T>(row[col + j]) : 0.f;
+    for (int j = 0; j < 8; ++j) {
+      if (col + j < head_dim) CUFLASH_CHECK_ACCESS(ext, row + col + j, 2);
+      x[j] = col + j < head_dim ? to_float<T>(row[col + j]) : 0.f;
+    }
   }
 }
 
@@ -890,8 +916,8 @@ bwd_preprocess_sm80(const __grid_constant__ BwdParams p) {
     float sum = 0.f;
     if (valid) {
       float a[8], b[8];
-      load_vec8<T, kAligned>(a, dout + row * p.do_row_stride, col, p.head_dim);
-      load_vec8<T, kAligned>(b, out + row * p.o_row_stride, col, p.head_dim);
+      load_vec8<T, kAligned>(a, dout + row * p.do_row_stride, col, p.head_dim, dout_extent<T>(p));
+      load_vec8<T, kAligned>(b, out + row * p.o_row_stride, col, p.head_dim, o_extent<T>(p));
 #pragma unroll
       for (int j = 0; j < 8; ++j) sum = fmaf(a[j], b[j], sum);
     }
@@ -900,10 +926,14 @@ bwd_preprocess_sm80(const __grid_constant__ BwdParams p) {
     for (int offset = Tr::kVecs / 2; offset > 0; offset /= 2) {
       sum += __shfl_xor_sync(0xffffffffu, sum, offset);
     }
-    if (valid && vec == 0) delta[row] = sum;
+    if (valid && vec == 0) {
+      CUFLASH_CHECK_ACCESS(delta_extent<float>(p), delta + row, 4);
+      delta[row] = sum;
+    }
     if (valid && dq_accum != nullptr && col < p.head_dim_rounded) {
       float4* dst =
           reinterpret_cast<float4*>(dq_accum + (head_rows + row) * p.head_dim_rounded + col);
+      CUFLASH_CHECK_ACCESS(dq_accum_extent<float>(p), dst, 32);
       dst[0] = make_float4(0.f, 0.f, 0.f, 0.f);
       dst[1] = make_float4(0.f, 0.f, 0.f, 0.f);
     }
@@ -929,17 +959,22 @@ bwd_convert_dq_sm80(const __grid_constant__ BwdParams p) {
     if (row >= p.seqlen_q || col >= p.head_dim) continue;
     const float4* src =
         reinterpret_cast<const float4*>(dq_accum + (head_rows + row) * p.head_dim_rounded + col);
+    CUFLASH_CHECK_ACCESS(dq_accum_extent<float>(p), src, 32);
     const float4 lo = src[0], hi = src[1];
     const float x[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
     T* dst = dq + row * p.dq_row_stride + col;
     if (kAligned) {
       const uint4 u = make_uint4(pack2<T>(x[0], x[1]), pack2<T>(x[2], x[3]), pack2<T>(x[4], x[5]),
                                  pack2<T>(x[6], x[7]));
+      CUFLASH_CHECK_ACCESS(dq_extent<T>(p), dst, 16);
       *reinterpret_cast<uint4*>(dst) = u;
     } else {
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        if (col + j < p.head_dim) dst[j] = from_float<T>(x[j]);
+        if (col + j < p.head_dim) {
+          CUFLASH_CHECK_ACCESS(dq_extent<T>(p), dst + j, 2);
+          dst[j] = from_float<T>(x[j]);
+        }
       }
     }
   }

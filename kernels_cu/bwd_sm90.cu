@@ -227,6 +227,8 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
           const int row = row0 + r;
           float lse2 = -neg_inf(), dlt = 0.f;
           if (row < p.seqlen_q) {
+            CUFLASH_CHECK_ACCESS(lse_extent<float>(p), lse + row, 4);
+            CUFLASH_CHECK_ACCESS(delta_extent<float>(p), delta + row, 4);
             lse2 = lse_log2(lse[row]);
             dlt = delta[row] * scale;
           }
@@ -497,8 +499,10 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
       const int row = n0 + key_base + h * 8 + g;
       const bool in_range = row < p.seqlen_k;
       store_row_sectors<T, kDTiles>(dk + row * p.dk_row_stride, d_col0, p.head_dim, t, in_range,
+                                    dk_extent<T>(p),
                                     [&](int dt, int e) { return acc_dk[dt][2 * h + e]; });
       store_row_sectors<T, kDTiles>(dv + row * p.dv_row_stride, d_col0, p.head_dim, t, in_range,
+                                    dv_extent<T>(p),
                                     [&](int dt, int e) { return acc_dv[dt][2 * h + e]; });
     }
   }

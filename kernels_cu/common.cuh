@@ -4,6 +4,8 @@
 // (`f16`, `bf16`) and converted with inline PTX, so this compiles identically under NVRTC and nvcc.
 #pragma once
 
+#include "check.cuh"
+
 namespace cuflash {
 
 typedef long long int64;
@@ -173,10 +175,10 @@ __device__ __forceinline__ int row_sector_col(int j, int t) {
 }
 // The row_sectors of one row stored at `row` from column col0, with 8-byte stores; lanes whose
 // row is out of range pass store = false. Needs the row 8-byte aligned and col0 a multiple of 16
-// (the aligned kernels: 16-byte rows, head_dim % 8 == 0).
+// (the aligned kernels: 16-byte rows, head_dim % 8 == 0). `ext`: the tensor `row` lies in.
 template <typename T, int kDTiles, typename Value>
 __device__ __forceinline__ void store_row_sectors(T* row, int col0, int head_dim, int t,
-                                                  bool store, Value value) {
+                                                  bool store, const Extent& ext, Value value) {
   uint2 out[kDTiles / 2];
   row_sectors<T, kDTiles>(out, t, value);
   if (!store) return;
@@ -185,12 +187,14 @@ __device__ __forceinline__ void store_row_sectors(T* row, int col0, int head_dim
     const int col = col0 + row_sector_col(j, t);
     const uint2 words = out[j];
     if (col + 3 < head_dim) {
+      CUFLASH_CHECK_ACCESS(ext, row + col, 8);
       *reinterpret_cast<uint2*>(row + col) = words;
     } else {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const uint32 word = e < 2 ? words.x : words.y;
         if (col + e < head_dim) {
+          CUFLASH_CHECK_ACCESS(ext, row + col + e, 2);
           reinterpret_cast<unsigned short*>(row)[col + e] =
               static_cast<unsigned short>(e % 2 ? word >> 16 : word & 0xffffu);
         }

@@ -97,12 +97,12 @@ __global__ void __launch_bounds__(
 
   // -- prologue: Q and the first K tile --
   copy_tile<kBlockM, kHeadDim, Tr::kLdQKV, Tr::kThreads, kAligned>(sQ, q, p.q_row_stride, rows,
-                                                                  p.head_dim, tid);
+                                                                  p.head_dim, tid, q_extent<T>(p));
   if (n_begin < n_end) {
     const int first = n_begin * kBlockN;
     copy_tile<kBlockN, kHeadDim, Tr::kLdQKV, Tr::kThreads, kAligned>(
         sK, k + first * p.k_row_stride, p.k_row_stride, min(kBlockN, p.seqlen_k - first),
-        p.head_dim, tid);
+        p.head_dim, tid, k_extent<T>(p));
   }
 
   T acc_o[Tr::kRows][Tr::kDims];
@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(
     copy_async_wait_all();
     __syncthreads();  // K(tile) landed; every warp is done with V(tile - 1) and P(tile - 1)
     copy_tile<kBlockN, kHeadDim, Tr::kLdQKV, Tr::kThreads, kAligned>(
-        sV, v + n0 * p.v_row_stride, p.v_row_stride, keys, p.head_dim, tid);
+        sV, v + n0 * p.v_row_stride, p.v_row_stride, keys, p.head_dim, tid, v_extent<T>(p));
 
     // -- compute qk --
     T s[Tr::kRows][Tr::kKeys];
@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(
       const int next = n0 + kBlockN;
       copy_tile<kBlockN, kHeadDim, Tr::kLdQKV, Tr::kThreads, kAligned>(
           sK, k + next * p.k_row_stride, p.k_row_stride, min(kBlockN, p.seqlen_k - next),
-          p.head_dim, tid);
+          p.head_dim, tid, k_extent<T>(p));
     }
 
     // -- acc += p v --
@@ -179,8 +179,12 @@ __global__ void __launch_bounds__(
     const int row = row0 + trow + i * Tr::kRowThreads;
     if (row < p.seqlen_q) {
       store_row<Tr::kDimVecs, Tr::kDimStep, kAligned>(o + row * p.o_row_stride, acc_o[i],
-                                                        tcol * Tr::kVec, p.head_dim);
-      if (lse_out != nullptr) lse_out[row] = lse[i];
+                                                        tcol * Tr::kVec, p.head_dim,
+                                                        o_extent<T>(p));
+      if (lse_out != nullptr) {
+        CUFLASH_CHECK_ACCESS(lse_extent<T>(p), lse_out + row, sizeof(T));
+        lse_out[row] = lse[i];
+      }
     }
   }
 }

@@ -97,9 +97,9 @@ fwd_sm80(const __grid_constant__ FwdParams p) {
 
   if (n_begin < n_end) {
     load_tile<QTile, Tr::kThreads, kAligned>(q_base, q, p.q_row_stride, row0, p.seqlen_q,
-                                             p.head_dim);
+                                             p.head_dim, q_extent<T>(p));
     load_tile<KVTile, Tr::kThreads, kAligned>(k_base, k, p.k_row_stride, (n_end - 1) * kBlockN,
-                                              p.seqlen_k, p.head_dim);
+                                              p.seqlen_k, p.head_dim, k_extent<T>(p));
     cp_async_commit();
   }
 
@@ -108,7 +108,7 @@ fwd_sm80(const __grid_constant__ FwdParams p) {
     cp_async_wait<0>();
     __syncthreads();  // K(n_block) landed; every warp is done with V(n_block + 1)
     load_tile<KVTile, Tr::kThreads, kAligned>(v_base, v, p.v_row_stride, col0, p.seqlen_k,
-                                              p.head_dim);
+                                              p.head_dim, v_extent<T>(p));
     cp_async_commit();
 
     // -- S = Q K^T --
@@ -169,7 +169,7 @@ fwd_sm80(const __grid_constant__ FwdParams p) {
     __syncthreads();  // V(n_block) landed; every warp is done reading K(n_block)
     if (n_block > n_begin) {
       load_tile<KVTile, Tr::kThreads, kAligned>(k_base, k, p.k_row_stride, col0 - kBlockN,
-                                                p.seqlen_k, p.head_dim);
+                                                p.seqlen_k, p.head_dim, k_extent<T>(p));
     }
     cp_async_commit();
 
@@ -207,7 +207,7 @@ fwd_sm80(const __grid_constant__ FwdParams p) {
       const int row = row0 + warp_row0 + mt * 16 + g + half * 8;
       T* o_row = o + row * p.o_row_stride;
       if (kAligned) {  // 8-byte, sector-filling stores (every lane takes part)
-        store_row_sectors<T, kDTiles>(o_row, 0, p.head_dim, t, row < p.seqlen_q,
+        store_row_sectors<T, kDTiles>(o_row, 0, p.head_dim, t, row < p.seqlen_q, o_extent<T>(p),
                                       [&](int dt, int e) { return acc_o[mt][dt][2 * half + e]; });
       }
       if (row >= p.seqlen_q) continue;
@@ -215,13 +215,21 @@ fwd_sm80(const __grid_constant__ FwdParams p) {
 #pragma unroll
         for (int dt = 0; dt < kDTiles; ++dt) {
           const int col = dt * 8 + 2 * t;
-          if (col < p.head_dim) o_row[col] = from_float<T>(acc_o[mt][dt][2 * half]);
-          if (col + 1 < p.head_dim) o_row[col + 1] = from_float<T>(acc_o[mt][dt][2 * half + 1]);
+          if (col < p.head_dim) {
+            CUFLASH_CHECK_ACCESS(o_extent<T>(p), o_row + col, sizeof(T));
+            o_row[col] = from_float<T>(acc_o[mt][dt][2 * half]);
+          }
+          if (col + 1 < p.head_dim) {
+            CUFLASH_CHECK_ACCESS(o_extent<T>(p), o_row + col + 1, sizeof(T));
+            o_row[col + 1] = from_float<T>(acc_o[mt][dt][2 * half + 1]);
+          }
         }
       }
       if (p.lse != nullptr && t == 0) {
         float* lse_out = static_cast<float*>(p.lse);
-        lse_out[batch * p.lse_batch_stride + head * p.lse_head_stride + row] = lse[2 * mt + half];
+        const int64 at = batch * p.lse_batch_stride + head * p.lse_head_stride + row;
+        CUFLASH_CHECK_ACCESS(lse_extent<float>(p), lse_out + at, 4);
+        lse_out[at] = lse[2 * mt + half];
       }
     }
   }

@@ -534,8 +534,10 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       for (int half = 0; half < 2; ++half) {
         const int row = row0 + rows_before + g + half * 8;
         if (row < p.seqlen_q && p.lse != nullptr && t == 0) {
-          float* lse_out = static_cast<float*>(p.lse);
-          lse_out[batch * p.lse_batch_stride + head * p.lse_head_stride + row] = lse[half];
+          float* lse_out = static_cast<float*>(p.lse) + batch * p.lse_batch_stride +
+                           head * p.lse_head_stride + row;
+          CUFLASH_CHECK_ACCESS(lse_extent<float>(p), lse_out, 4);
+          *lse_out = lse[half];
         }
       }
     };
@@ -576,9 +578,10 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
         const int row = fin_row0 + rows_before + g + half * 8;
         if (!fin_pending || row >= p.seqlen_q) continue;
         if (p.lse != nullptr && t == 0) {
-          float* lse_out = static_cast<float*>(p.lse);
-          lse_out[fin_batch * p.lse_batch_stride + fin_head * p.lse_head_stride + row] =
-              fin_lse[half];
+          float* lse_out = static_cast<float*>(p.lse) + fin_batch * p.lse_batch_stride +
+                           fin_head * p.lse_head_stride + row;
+          CUFLASH_CHECK_ACCESS(lse_extent<float>(p), lse_out, 4);
+          *lse_out = fin_lse[half];
         }
       }
       fin_pending = false;
@@ -798,11 +801,13 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       for (int half = 0; half < 2; ++half) {
         const int row = row0 + rows_before + g + half * 8;
         store_row_sectors<T, kDTiles>(o + row * p.o_row_stride, 0, p.head_dim, t,
-                                      row < p.seqlen_q,
+                                      row < p.seqlen_q, o_extent<T>(p),
                                       [&](int dt, int e) { return acc_o[0][dt][2 * half + e]; });
         if (row < p.seqlen_q && p.lse != nullptr && t == 0) {
-          float* lse_out = static_cast<float*>(p.lse);
-          lse_out[batch * p.lse_batch_stride + head * p.lse_head_stride + row] = lse[half];
+          float* lse_out = static_cast<float*>(p.lse) + batch * p.lse_batch_stride +
+                           head * p.lse_head_stride + row;
+          CUFLASH_CHECK_ACCESS(lse_extent<float>(p), lse_out, 4);
+          *lse_out = lse[half];
         }
       }
     });

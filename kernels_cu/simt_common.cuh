@@ -128,8 +128,11 @@ __device__ __forceinline__ void gemm_nn(T (&acc)[kM][kC * Pack<T>::kSize], const
 // src-size operand zero-fills what lies outside the matrix. Older GPUs copy through registers.
 
 // One 16-byte vector (kAligned) or one element; `valid` false writes zeros and reads nothing.
+// `ext`: the tensor `gmem` points into (checked builds, check.cuh).
 template <int kBytes>
-__device__ __forceinline__ void copy_async(void* smem, const void* gmem, bool valid) {
+__device__ __forceinline__ void copy_async(void* smem, const void* gmem, bool valid,
+                                           const Extent& ext) {
+  if (valid) CUFLASH_CHECK_ACCESS(ext, gmem, kBytes);
 #if __CUDA_ARCH__ >= 800
   const uint32 dst = static_cast<uint32>(__cvta_generic_to_shared(smem));
   if (kBytes == 16) {
@@ -165,7 +168,7 @@ __device__ __forceinline__ void copy_async_wait_all() {
 // product, and garbage could be NaN (0 * NaN = NaN).
 template <int kRows, int kCols, int kLd, int kThreads, bool kAligned, typename T>
 __device__ __forceinline__ void copy_tile(T* smem, const T* gmem, int64 row_stride, int rows,
-                                          int cols, int tid) {
+                                          int cols, int tid, const Extent& ext) {
   constexpr int kVec = Pack<T>::kSize;
   constexpr int kVecsPerRow = kCols / kVec;
   // The block copies kRowsPerStep whole rows per step; thread `tid` always copies vector `c` of
@@ -183,12 +186,12 @@ __device__ __forceinline__ void copy_tile(T* smem, const T* gmem, int64 row_stri
     if (kAligned) {
       // head_dim * sizeof(T) % 16 == 0: a vector is wholly inside or wholly outside the matrix.
       const bool valid = r < rows && c < cols;
-      copy_async<16>(dst, valid ? src : gmem, valid);
+      copy_async<16>(dst, valid ? src : gmem, valid, ext);
     } else {
 #pragma unroll
       for (int e = 0; e < kVec; ++e) {
         const bool valid = r < rows && c + e < cols;
-        copy_async<sizeof(T)>(dst + e, valid ? src + e : gmem, valid);
+        copy_async<sizeof(T)>(dst + e, valid ? src + e : gmem, valid, ext);
       }
     }
     dst += kRowsPerStep * kLd;
@@ -200,7 +203,7 @@ __device__ __forceinline__ void copy_tile(T* smem, const T* gmem, int64 row_stri
 // < `cols` (the true head dim) are written.
 template <int kC, int kColStep, bool kAligned, typename T>
 __device__ __forceinline__ void store_row(T* row, const T (&x)[kC * Pack<T>::kSize], int col0,
-                                          int cols) {
+                                          int cols, const Extent& ext) {
   constexpr int kVec = Pack<T>::kSize;
 #pragma unroll
   for (int c = 0; c < kC; ++c) {
@@ -210,12 +213,15 @@ __device__ __forceinline__ void store_row(T* row, const T (&x)[kC * Pack<T>::kSi
         Pack<T> v;
 #pragma unroll
         for (int f = 0; f < kVec; ++f) v.v[f] = x[c * kVec + f];
+        CUFLASH_CHECK_ACCESS(ext, row + col, sizeof(v));
         store_pack(row + col, v);
       }
     } else {
 #pragma unroll
       for (int f = 0; f < kVec; ++f) {
-        if (col + f < cols) row[col + f] = x[c * kVec + f];
+        if (col + f >= cols) continue;
+        CUFLASH_CHECK_ACCESS(ext, row + col + f, sizeof(T));
+        row[col + f] = x[c * kVec + f];
       }
     }
   }

@@ -48,7 +48,7 @@ def test_info_runs_without_a_gpu():
     result = run_cli("info")
     assert result.returncode == 0, result.stderr
     for key in ("cuflash", "numpy", "cupy", "torch", "jax", "NVRTC", "GPU", "kernel sources",
-                "kernel cache", "CUFLASH_VERBOSE", "CUFLASH_LINEINFO"):
+                "kernel cache", "CUFLASH_VERBOSE", "CUFLASH_LINEINFO", "CUFLASH_DEBUG"):
         assert any(line.startswith(key) for line in result.stdout.splitlines()), key
     assert str(ROOT / "kernels_cu") in result.stdout
 
