@@ -381,3 +381,69 @@ def test_window_bench_without_a_gpu_says_so(capsys):
         pytest.skip("a CUDA GPU is present: the command would run the benchmark")
     assert bench.main(["--window", "--seqlens", "4096"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_long_bench_flags_sizes_and_flops():
+    """``--long``: its flags, the 1M-token sizes, the causal FLOP count and the repeats."""
+    from cuflash.bench import long
+
+    args = long.build_parser().parse_args([])
+    assert args.seqlens == (131072, 262144, 524288, 1048576)
+    assert (args.batch, args.heads, args.head_dim, args.dtype) == (1, 16, 128, "bf16")
+    assert args.repeats is None and not args.no_sdpa and args.sdpa_max_seqlen is None
+    args = long.build_parser().parse_args(["--seqlens", "128k,1M", "--repeats", "2", "--no-sdpa",
+                                           "--sdpa-max-seqlen", "512k", "--dtype", "fp16"])
+    assert args.seqlens == (131072, 2**20) and args.repeats == 2 and args.no_sdpa
+    assert args.sdpa_max_seqlen == 524288 and args.dtype == "fp16"
+    assert bench.build_parser().parse_args(["--long"]).long  # listed in bench --help
+    assert [long.parse_seqlen(t) for t in ("1000", "4k", "1m", " 2M ")] == [1000, 4096, 2**20,
+                                                                          2**21]
+    assert [long.fmt_seqlen(s) for s in (1000, 4096, 131072, 2**20)] == ["1000", "4k", "128k",
+                                                                        "1M"]
+    assert [long.default_repeats(s) for s in long.DEFAULT_SEQLENS] == [3, 2, 1, 1]
+    # Causal forward 2*2*B*H*S*S*D/2, backward 2.5x.
+    s = 2**20
+    assert long.pass_flops(1, 16, s, 128, "fwd") == 2 * 2 * 16 * s * s * 128 / 2
+    assert long.pass_flops(1, 16, s, 128, "bwd") == 2.5 * 2 * 2 * 16 * s * s * 128 / 2
+    # q, k, v, out, dout, dq, dk, dv of 2^31 bf16 elements each, and a float32 lse.
+    assert long.tensor_bytes(1, 16, s, 128, 2) == 8 * 2**32 + 4 * 16 * s
+    fields = long.timing_fields([10.0, 30.0, 20.0], [50.0], 1, 16, 4096, 128)
+    assert fields["fwd_ms"] == 20.0 and fields["bwd_ms"] == 50.0
+    assert fields["fwd_tflops"] == pytest.approx(2 * 16 * 4096 * 4096 * 128 / 20.0 / 1e9)
+    assert fields["bwd_times_ms"] == [50.0]
+
+
+def test_long_bench_table_shows_memory_per_token_and_missing_cells():
+    from cuflash.bench import long
+
+    gib, kib = 2**30, 2**10
+    rows = []
+    for s in (131072, 1048576):
+        tensors = long.tensor_bytes(1, 16, s, 128, 2)
+        rows.append({"impl": "cuflash", "seqlen": s, "batch": 1, "fwd_ms": 1000.0,
+                     "fwd_tflops": 600.0, "bwd_ms": 2500.0, "bwd_tflops": 420.0,
+                     "peak_bytes": 40 * kib * s, "tensor_bytes": tensors, "note": ""})
+    rows.append({"impl": "sdpa-flash", "seqlen": 1048576, "batch": 1,
+                 "note": "OutOfMemoryError: CUDA out of memory"})
+    text = long.table(rows)
+    lines = text.splitlines()
+    assert lines[0].startswith("| S | impl | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s "
+                               "| peak GiB |")
+    assert len(lines) == 2 + 3
+    assert lines[3] == ("| 1M | cuflash | 1000.0 | 600 | 2500.0 | 420 | 40.00 | 32.06 | 7.94 "
+                        "| 40.00 |  |")
+    assert lines[4] == ("| 1M | sdpa-flash | - | - | - | - | - | - | - | - "
+                        "| OutOfMemoryError: CUDA out of memory |")
+    assert lines[2].startswith("| 128k | cuflash |")
+    assert f"| {40 * 131072 * kib / gib:.2f} |" in lines[2]
+    line = long.linearity(rows, "cuflash")
+    assert line == ("cuflash: peak per token 40.00-40.00 KiB over S = 128k, 1M (max/min 1.000: "
+                    "memory linear in S)")
+    assert long.linearity(rows, "sdpa-flash") is None
+
+
+def test_long_bench_without_a_gpu_says_so(capsys):
+    if gpu_skip_reason() is None:
+        pytest.skip("a CUDA GPU is present: the command would run the benchmark")
+    assert bench.main(["--long", "--seqlens", "4k"]) == 2
+    assert "bench --long needs a CUDA GPU" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """``python -m cuflash bench``'s command line: the flags, and `main`, which picks the device, runs
-the sweeps and writes and prints the results (``--overhead`` and ``--window`` hand over to
-`cuflash.bench.overhead` and `cuflash.bench.window`)."""
+the sweeps and writes and prints the results (``--overhead``, ``--window`` and ``--long`` hand
+over to `cuflash.bench.overhead`, `cuflash.bench.window` and `cuflash.bench.long`)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ from cuflash.bench.report import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The flags of ``python -m cuflash bench`` (``--overhead`` and ``--window`` have their own)."""
+    """The flags of ``python -m cuflash bench`` (``--overhead``, ``--window`` and ``--long`` have
+    their own)."""
     parser = argparse.ArgumentParser(
         prog="python -m cuflash bench",
         description="Time cuflash against PyTorch SDPA's backends and standard attention "
@@ -53,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window", action="store_true",
                         help="time sliding-window attention against FlexAttention instead (see "
                              "python -m cuflash bench --window --help)")
+    parser.add_argument("--long", action="store_true",
+                        help="time causal forward and backward at S = 128k..1M tokens, with peak "
+                             "memory, against SDPA's flash backend instead (see python -m "
+                             "cuflash bench --long --help)")
     parser.add_argument("--quick", action="store_true",
                         help="preset of ~2 minutes on an H100: S 1k/4k/16k, D 64/128/256, bf16, "
                              "fwd, causal and not (CPU: a few seconds at tiny sizes)")
@@ -143,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         from cuflash.bench import window
 
         return window.main([a for a in argv if a != "--window"])
+    if "--long" in argv:
+        from cuflash.bench import long
+
+        return long.main([a for a in argv if a != "--long"])
     args = build_parser().parse_args(argv)
 
     no_gpu = None if args.device == "cpu" else find_gpu()
