@@ -69,8 +69,8 @@ class Variant:
 
     def window_params(self, seqlen_q: int, seqlen_k: int) -> tuple[int, int]:
         """(window_left, window_right) for the parameter block: an unbounded side, and any
-        reach past both sequences, becomes seqlen_q + seqlen_k (no row reaches it, and sums
-        of it stay far inside int32)."""
+        reach past both sequences, becomes seqlen_q + seqlen_k (no row reaches it). The kernels'
+        sums reach seqlen_q + 2 * seqlen_k, which validation keeps within int32."""
         reach = seqlen_q + seqlen_k
         return tuple(reach if x < 0 else min(x, reach) for x in (self.left, self.right))
 

@@ -262,10 +262,30 @@ def validate(q, k, v, *, causal, scale, layout, window=None) -> Problem:
             f"k: query heads ({heads_q}) must be a positive multiple of key/value heads "
             f"({heads_kv}) (shapes q {shapes['q']}, k {shapes['k']}, layout {layout} {axes})"
         )
+    _check_sizes(batch, seqlen_q, seqlen_k, heads_q, src.device == "cuda",
+                 f"shapes q {shapes['q']}, k {shapes['k']}, layout {layout} {axes}")
     return Problem(batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q,
                    heads_kv=heads_kv, head_dim=head_dim, dtype=dtypes["q"], variant=variant,
                    scale=_check_scale(scale, head_dim), layout=layout, batched=ndim == 4,
                    source=src)
+
+
+# The kernels index rows and keys in 32-bit ints and reach seqlen_q + 2 * seqlen_k (the window
+# edges of an unbounded side); CUDA grids are at most 65535 blocks along y (heads) and z (batch).
+MAX_ROW_REACH = 2**31 - 1
+MAX_GRID_YZ = 65535
+
+
+def _check_sizes(batch: int, seqlen_q: int, seqlen_k: int, heads_q: int, cuda: bool,
+                 shapes: str) -> None:
+    if seqlen_q + 2 * seqlen_k > MAX_ROW_REACH:
+        raise ValueError(f"q, k: sequence lengths too long for the kernels' 32-bit row indices: "
+                         f"seqlen_q + 2 * seqlen_k must be at most {MAX_ROW_REACH}, got "
+                         f"{seqlen_q} + 2 * {seqlen_k} ({shapes})")
+    if cuda and (batch > MAX_GRID_YZ or heads_q > MAX_GRID_YZ):
+        name, n = ("q batch", batch) if batch > MAX_GRID_YZ else ("q heads", heads_q)
+        raise ValueError(f"{name}: at most {MAX_GRID_YZ} on CUDA (a grid dimension of the "
+                         f"kernels), got {n} ({shapes}); split the call")
 
 
 def _canonical(shape: tuple[int, ...], layout: str) -> tuple[int, int, int, int]:

@@ -77,6 +77,24 @@ def test_batch_mismatch(no_work):
         cuflash.attention(q, k[:1], v[:1])
 
 
+def test_sequences_past_the_kernels_row_indices_are_refused(no_work):
+    # Zero-stride views: a (1, 2^30, 1, 8) q and k cost no memory.
+    q = np.broadcast_to(np.ones((1, 1, 1, 8), np.float32), (1, 2**30, 1, 8))
+    with raises(ValueError, "q, k:", "seqlen_q + 2 * seqlen_k", str(2**31 - 1),
+                f"{2**30} + 2 * {2**30}", str(q.shape)):
+        cuflash.attention(q, q, q)
+
+
+@pytest.mark.parametrize("dim", ["batch", "heads"])
+def test_grid_limits_are_refused_on_cuda(dim):
+    # The check runs for CUDA sources only (the CPU path has no grid); called directly here.
+    big = api.MAX_GRID_YZ + 1
+    batch, heads = (big, 1) if dim == "batch" else (1, big)
+    with raises(ValueError, f"q {dim}:", f"at most {api.MAX_GRID_YZ}", f"got {big}"):
+        api._check_sizes(batch, 16, 16, heads, True, "shapes ...")
+    api._check_sizes(batch, 16, 16, heads, False, "shapes ...")  # the CPU path takes them
+
+
 def test_head_dim_mismatch(no_work):
     q, k, v = qkv()
     with raises(ValueError, "k:", f"head dim {D - 1}", f"head dim {D}"):
