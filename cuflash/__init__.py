@@ -14,12 +14,13 @@ import importlib
 
 from cuflash import reference
 from cuflash._merge import merge_attention
+from cuflash._varlen import attention_varlen, attention_varlen_backward
 from cuflash._warmup import warmup
 from cuflash.api import attention, attention_backward
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "attention", "attention_backward", "merge_attention", "reference",
-           "warmup"]
+__all__ = ["__version__", "attention", "attention_backward", "attention_varlen",
+           "attention_varlen_backward", "merge_attention", "reference", "warmup"]
 
 
 def __getattr__(name: str):

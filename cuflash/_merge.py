@@ -169,6 +169,15 @@ class _ArrayOps:
     def expand_last(x):
         return x[..., None]
 
+    def concat(self, parts, axis: int):
+        return self.xp.concatenate(parts, axis=axis)
+
+    def zeros(self, shape: tuple[int, ...], like):
+        return self.xp.zeros(shape, dtype=like.dtype)
+
+    def contiguous(self, x):
+        return getattr(self.xp, "ascontiguousarray", self.xp.asarray)(x)
+
 
 class _TorchOps(_ArrayOps):
     def __init__(self):
@@ -187,6 +196,15 @@ class _TorchOps(_ArrayOps):
 
     def swap_last_two(self, x):
         return x.transpose(-1, -2)
+
+    def concat(self, parts, axis: int):
+        return self.xp.cat(parts, dim=axis)
+
+    def zeros(self, shape: tuple[int, ...], like):
+        return self.xp.zeros(shape, dtype=like.dtype, device=like.device)
+
+    def contiguous(self, x):
+        return x.contiguous()
 
 
 _OPS: dict[str, _ArrayOps] = {}
