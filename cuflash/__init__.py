@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 
 from cuflash import reference
+from cuflash._kvcache import attention_with_kvcache
 from cuflash._merge import merge_attention
 from cuflash._varlen import attention_varlen, attention_varlen_backward
 from cuflash._warmup import warmup
@@ -20,7 +21,8 @@ from cuflash.api import attention, attention_backward
 
 __version__ = "0.1.0"
 __all__ = ["__version__", "attention", "attention_backward", "attention_varlen",
-           "attention_varlen_backward", "merge_attention", "reference", "warmup"]
+           "attention_varlen_backward", "attention_with_kvcache", "merge_attention",
+           "reference", "warmup"]
 
 
 def __getattr__(name: str):
