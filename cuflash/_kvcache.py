@@ -3,7 +3,8 @@ and values appended in place first (flash-attn's meaning).
 
 Today the append is the framework's own indexed assignment into the caller's caches, and each
 sequence then runs as one `cuflash.attention` call: on a view of a contiguous cache, or on its
-pages gathered in order (a copy). `cache_seqlens` and `block_table` are read on the host (for
+pages gathered in order (a copy). Rotary embedding is computed in the caller's framework.
+`cache_seqlens`, `block_table`, `cache_batch_idx` and `cache_leftpad` are read on the host (for
 device arrays, one small copy that waits for the stream). A split-KV decoding kernel that reads
 the pages itself is not written yet.
 """
@@ -20,9 +21,10 @@ from cuflash.api import attention
 
 
 def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None,
-                           block_table=None, cache_batch_idx=None, causal: bool = True,
-                           window: tuple[int, int] | None = None, scale: float | None = None,
-                           return_lse: bool = False):
+                           block_table=None, cache_batch_idx=None, cache_leftpad=None,
+                           rotary_cos=None, rotary_sin=None, rotary_interleaved: bool = False,
+                           causal: bool = True, window: tuple[int, int] | None = None,
+                           scale: float | None = None, return_lse: bool = False):
     """Attention of new queries against a KV cache, after appending new keys and values to it.
 
     Args:
@@ -38,6 +40,16 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None
             ``p * page_size .. (p + 1) * page_size - 1`` of sequence b.
         cache_batch_idx: int32 ``(B,)``: sequence b uses row ``cache_batch_idx[b]`` of a
             contiguous cache (default: row b). Rows must be distinct where new keys are written.
+        cache_leftpad: int32 ``(B,)``: sequence b's keys start at this position of its
+            (contiguous) cache row; it has ``cache_seqlens[b] - cache_leftpad[b]`` cached keys.
+        rotary_cos, rotary_sin: ``(seqlen_ro, rotary_dim / 2)`` (q's framework): rotary
+            embedding of the new keys (rotated before they are written) and of q, at positions
+            counted from the sequence's first key: new key i at ``cache_seqlens[b] -
+            cache_leftpad[b] + i``; query i likewise with causal or a window, else every query
+            at ``cache_seqlens[b] - cache_leftpad[b]`` (flash-attn's convention). Only with new
+            keys. The first ``rotary_dim`` features rotate in pairs: ``j`` with ``j +
+            rotary_dim / 2``, or ``2j`` with ``2j + 1`` when `rotary_interleaved`. Computed in
+            float32 (float64 for float64 inputs).
         causal, window, scale: as for `cuflash.attention`, bottom-right aligned on the
             ``cache_seqlens[b] + Snew`` keys of each sequence; `causal` defaults to True.
         return_lse: also return the float32 lse ``(B, Hq, Sq)``.
@@ -52,12 +64,19 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None
 
     See also: `cuflash.reference.attention_with_kvcache` (the float64 oracle).
     """
-    plan = _Plan.of(q, k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx)
+    plan = _Plan.of(q, k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx,
+                    cache_leftpad)
     _check_flag("causal", causal)
     _check_flag("return_lse", return_lse)
+    _check_flag("rotary_interleaved", rotary_interleaved)
+    ops = _ops_for(q)
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos, rotary_sin: pass both or neither")
+    if rotary_cos is not None:
+        q, k = plan.rotate(q, k, rotary_cos, rotary_sin, rotary_interleaved,
+                           causal or window is not None, ops)
     if k is not None:
         plan.append(k_cache, v_cache, k, v)
-    ops = _ops_for(q)
     outs, lses = [], []
     for b in range(plan.batch):
         keys, values = plan.keys_of(k_cache, b), plan.keys_of(v_cache, b)
@@ -77,12 +96,13 @@ class _Plan:
     """The checked cache layout of one call: where each sequence's keys are, and how many."""
 
     def __init__(self, batch: int, lengths: np.ndarray, new: int, table: np.ndarray | None,
-                 rows: np.ndarray, page_size: int):
+                 rows: np.ndarray, page_size: int, start: np.ndarray):
         self.batch, self.lengths, self.new = batch, lengths, new
-        self.table, self.rows, self.page_size = table, rows, page_size
+        self.table, self.rows, self.page_size, self.start = table, rows, page_size, start
 
     @classmethod
-    def of(cls, q, k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx) -> _Plan:
+    def of(cls, q, k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx,
+           cache_leftpad) -> _Plan:
         shapes = {name: _shape4(x, name) for name, x in
                   (("q", q), ("k_cache", k_cache), ("v_cache", v_cache))}
         batch, _, heads_q, dim = shapes["q"]
@@ -144,7 +164,16 @@ class _Plan:
             raise ValueError(f"cache_seqlens: expected 0 <= cache_seqlens[b] and cache_seqlens[b]"
                              f" + {new} new keys <= the cache's capacity {capacity}, got "
                              f"{lengths.tolist()}")
-        plan = cls(batch, lengths, new, table, rows, page_size)
+        start = np.zeros(batch, np.int64)
+        if cache_leftpad is not None:
+            if table is not None:
+                raise ValueError("cache_leftpad: not with a paged cache")
+            start = _int32_vector(cache_leftpad, "cache_leftpad")
+            if start.shape != (batch,) or np.any(start < 0) or np.any(start > lengths):
+                raise ValueError(f"cache_leftpad: expected shape ({batch},) with 0 <= "
+                                 f"cache_leftpad[b] <= cache_seqlens[b] ({lengths.tolist()}), "
+                                 f"got {start.tolist()}")
+        plan = cls(batch, lengths, new, table, rows, page_size, start)
         if new and table is None and len(set(rows.tolist())) != batch:
             raise ValueError(f"cache_batch_idx: rows must be distinct where new keys are "
                              f"written, got {rows.tolist()}")
@@ -172,14 +201,59 @@ class _Plan:
         for cache, new in ((k_cache, k), (v_cache, v)):
             cache[first, second] = new.reshape(flat)
 
+    def rotate(self, q, k, cos, sin, interleaved: bool, per_row: bool, ops):
+        """q and the new keys with the rotary embedding at their positions (module docstring)."""
+        if k is None:
+            raise ValueError("rotary_cos: rotary embedding needs new keys k, v")
+        shapes = [tuple(int(n) for n in getattr(x, "shape", ())) for x in (cos, sin)]
+        dim = int(q.shape[-1])
+        if len(shapes[0]) != 2 or shapes[0] != shapes[1] or not 0 < 2 * shapes[0][1] <= dim:
+            raise ValueError(f"rotary_cos: expected (seqlen_ro, rotary_dim / 2) like rotary_sin "
+                             f"with rotary_dim <= D = {dim}, got {shapes[0]}, {shapes[1]}")
+        for name, x in (("rotary_cos", cos), ("rotary_sin", sin)):
+            if type(x).__module__.split(".")[0] != type(q).__module__.split(".")[0]:
+                raise TypeError(f"{name}: expected an array of q's framework, got "
+                                f"{type(x).__name__}")
+        first = self.lengths - self.start
+        key_pos = first[:, None] + np.arange(self.new)[None]
+        sq = int(q.shape[1])
+        q_pos = (first[:, None] + np.arange(sq)[None] if per_row
+                 else np.broadcast_to(first[:, None], (self.batch, sq)))
+        reach = max(int(key_pos.max(initial=0)), int(q_pos.max(initial=0)))
+        if reach >= shapes[0][0]:
+            raise ValueError(f"rotary_cos: {shapes[0][0]} positions, but positions up to {reach} "
+                             f"are rotated")
+        return (_rotary(q, cos, sin, q_pos, interleaved, ops),
+                _rotary(k, cos, sin, key_pos, interleaved, ops))
+
     def keys_of(self, cache, b: int):
-        """Sequence b's ``cache_seqlens[b] + Snew`` keys: a view (contiguous) or a gather."""
+        """Sequence b's ``cache_seqlens[b] - cache_leftpad[b] + Snew`` keys: a view (contiguous)
+        or a gather."""
         count = int(self.lengths[b]) + self.new
         if self.table is None:
-            return cache[int(self.rows[b]), :count]
+            return cache[int(self.rows[b]), int(self.start[b]):count]
         pages = -(-count // self.page_size)
         gathered = cache[_index(self.table[b, :pages], cache)]
         return gathered.reshape(pages * self.page_size, *tuple(cache.shape[2:]))[:count]
+
+
+def _rotary(x, cos, sin, positions: np.ndarray, interleaved: bool, ops):
+    """`x (B, S, H, D)` rotated by ``cos, sin (seqlen_ro, rotary_dim / 2)`` at `positions`
+    ``(B, S)``, in float32 (float64 for float64), returned in x's dtype."""
+    dtype = ops.dtype_name(x)
+    accum = "float64" if dtype == "float64" else "float32"
+    at = _index(np.ascontiguousarray(positions), cos)
+    c, s = (ops.cast(t[at], accum)[:, :, None, :] for t in (cos, sin))
+    half = int(cos.shape[-1])
+    x32 = ops.cast(x, accum)
+    part = x32[..., :2 * half]
+    if interleaved:
+        x1, x2 = part[..., 0::2], part[..., 1::2]
+        turned = ops.stack([x1 * c - x2 * s, x1 * s + x2 * c], -1).reshape(tuple(part.shape))
+    else:
+        x1, x2 = part[..., :half], part[..., half:]
+        turned = ops.concat([x1 * c - x2 * s, x1 * s + x2 * c], -1)
+    return ops.cast(ops.concat([turned, x32[..., 2 * half:]], -1), dtype)
 
 
 def _shape4(x: Any, name: str) -> tuple[int, ...]:

@@ -172,6 +172,9 @@ class _ArrayOps:
     def concat(self, parts, axis: int):
         return self.xp.concatenate(parts, axis=axis)
 
+    def stack(self, parts, axis: int):
+        return self.xp.stack(parts, axis=axis)
+
     def zeros(self, shape: tuple[int, ...], like):
         return self.xp.zeros(shape, dtype=like.dtype)
 
@@ -199,6 +202,9 @@ class _TorchOps(_ArrayOps):
 
     def concat(self, parts, axis: int):
         return self.xp.cat(parts, dim=axis)
+
+    def stack(self, parts, axis: int):
+        return self.xp.stack(parts, dim=axis)
 
     def zeros(self, shape: tuple[int, ...], like):
         return self.xp.zeros(shape, dtype=like.dtype, device=like.device)

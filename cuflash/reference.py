@@ -208,6 +208,10 @@ def attention_with_kvcache(
     k: Any = None,
     v: Any = None,
     block_table: Any = None,
+    cache_leftpad: Any = None,
+    rotary_cos: Any = None,
+    rotary_sin: Any = None,
+    rotary_interleaved: bool = False,
     causal: bool = True,
     window: tuple[int, int] | None = None,
     scale: float | None = None,
@@ -215,10 +219,11 @@ def attention_with_kvcache(
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attention of new queries against a KV cache (flash-attn's meaning), in float64.
 
-    Sequence ``b`` attends to the first ``cache_seqlens[b]`` keys of its cache followed by its
-    new keys `k` (if given): ``L_b = cache_seqlens[b] + Snew`` keys, bottom-right aligned for
-    causal and window. The oracle never writes: the caches are left as they are (a fast path
-    appends `k`, `v` in place at ``cache_seqlens``; the attention is the same).
+    Sequence ``b`` attends to keys ``cache_leftpad[b] .. cache_seqlens[b] - 1`` of its cache
+    followed by its new keys `k` (if given): ``L_b = cache_seqlens[b] - cache_leftpad[b] + Snew``
+    keys, bottom-right aligned for causal and window. The oracle never writes: the caches are
+    left as they are (a fast path appends `k`, `v` in place at ``cache_seqlens``; the attention
+    is the same).
 
     Args:
         q: ``(B, Sq, Hq, D)``.
@@ -228,6 +233,14 @@ def attention_with_kvcache(
         k, v: optional new keys and values ``(B, Snew, Hkv, D)``, appended after the cache.
         block_table: integers ``(B, max_pages)``: page ``block_table[b, p]`` holds keys
             ``p * page_size`` to ``(p + 1) * page_size - 1`` of sequence ``b``.
+        cache_leftpad: integers ``(B,)``: sequence ``b``'s keys start at this cache position
+            (contiguous caches; default 0).
+        rotary_cos, rotary_sin: ``(seqlen_ro, rotary_dim / 2)``: rotary embedding of the new
+            keys and of q, at the positions counted from the sequence's first key: new key
+            ``i`` at ``cache_seqlens[b] - cache_leftpad[b] + i``; query ``i`` likewise with
+            causal or a window, else every query at ``cache_seqlens[b] - cache_leftpad[b]``.
+            Only with new keys. The first ``rotary_dim`` features rotate, pairing ``j`` with
+            ``j + rotary_dim / 2``, or ``2j`` with ``2j + 1`` when `rotary_interleaved`.
         causal, window, scale: as for :func:`attention` (causal defaults to True here).
         return_lse: also return the float64 lse ``(B, Hq, Sq)``.
 
@@ -272,14 +285,59 @@ def attention_with_kvcache(
         raise ValueError(f"cache_seqlens: expected 0 <= cache_seqlens[b] and cache_seqlens[b] + "
                          f"{new_k.shape[1]} new keys <= the cache's {capacity}, got "
                          f"{lengths.tolist()}")
+    start = np.zeros(batch, np.int64)
+    if cache_leftpad is not None:
+        if block_table is not None:
+            raise ValueError("cache_leftpad: not with a paged cache")
+        start = _integers(cache_leftpad, "cache_leftpad", (batch,))
+        if np.any(start < 0) or np.any(start > lengths):
+            raise ValueError(f"cache_leftpad: expected 0 <= cache_leftpad[b] <= "
+                             f"cache_seqlens[b] ({lengths.tolist()}), got {start.tolist()}")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos, rotary_sin: pass both or neither")
+    if rotary_cos is not None:
+        if k is None:
+            raise ValueError("rotary_cos: rotary embedding needs new keys k, v")
+        cos, sin = _to_float64(rotary_cos, "rotary_cos"), _to_float64(rotary_sin, "rotary_sin")
+        if cos.ndim != 2 or cos.shape != sin.shape or not 0 < 2 * cos.shape[1] <= q4.shape[-1]:
+            raise ValueError(f"rotary_cos: expected (seqlen_ro, rotary_dim / 2) like rotary_sin "
+                             f"with rotary_dim <= D = {q4.shape[-1]}, got {cos.shape}, "
+                             f"{sin.shape}")
+        first = lengths - start  # the position of the first new key
+        key_pos = first[:, None] + np.arange(new_k.shape[1])[None]
+        q_pos = (first[:, None] + np.arange(q4.shape[1])[None] if causal or window is not None
+                 else np.broadcast_to(first[:, None], (batch, q4.shape[1])))
+        if max(key_pos.max(initial=0), q_pos.max(initial=0)) >= cos.shape[0]:
+            raise ValueError(f"rotary_cos: {cos.shape[0]} positions, but positions up to "
+                             f"{max(key_pos.max(initial=0), q_pos.max(initial=0))} are rotated")
+        q4 = rotary(q4, cos[q_pos], sin[q_pos], interleaved=rotary_interleaved)
+        new_k = rotary(new_k, cos[key_pos], sin[key_pos], interleaved=rotary_interleaved)
     out = np.zeros(q4.shape)
     lse = np.full((batch, q4.shape[2], q4.shape[1]), -np.inf)
     for b in range(batch):
-        keys = np.concatenate([keys_of[b][:lengths[b]], new_k[b]])
-        values = np.concatenate([values_of[b][:lengths[b]], new_v[b]])
+        keys = np.concatenate([keys_of[b][start[b]:lengths[b]], new_k[b]])
+        values = np.concatenate([values_of[b][start[b]:lengths[b]], new_v[b]])
         out[b], lse[b] = attention(q4[b], keys, values, causal=causal, window=window,
                                    scale=scale, return_lse=True)
     return (out, lse) if return_lse else out
+
+
+def rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, *,
+           interleaved: bool = False) -> np.ndarray:
+    """Rotary embedding of ``x (B, S, H, D)`` in float64 with ``cos, sin (B, S, rotary_dim / 2)``
+    per position: the first ``rotary_dim`` features rotate in pairs (``j`` and
+    ``j + rotary_dim / 2``, or ``2j`` and ``2j + 1`` when `interleaved`); the rest pass."""
+    half = cos.shape[-1]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    x = np.asarray(x, dtype=np.float64)
+    part = x[..., :2 * half]
+    if interleaved:
+        x1, x2 = part[..., 0::2], part[..., 1::2]
+        turned = np.stack([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1).reshape(part.shape)
+    else:
+        x1, x2 = part[..., :half], part[..., half:]
+        turned = np.concatenate([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
+    return np.concatenate([turned, x[..., 2 * half:]], axis=-1)
 
 
 def _to_float64(x: Any, name: str) -> np.ndarray:

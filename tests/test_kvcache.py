@@ -37,15 +37,20 @@ def caches(draw):
     mask = draw(st.sampled_from([{}, {"causal": False}, {"window": (4, 0)}, {"window": (2, 1)}]))
     dtype = draw(st.sampled_from(["float64", "float32"]))
     seed = draw(st.integers(0, 2**31 - 1))
+    leftpad = None if paged else [draw(st.integers(0, n)) for n in lengths]
+    rotary = None
+    if new:  # rotary needs new keys: (rotary_dim, interleaved)
+        rotary = draw(st.sampled_from([None, (d, False), (d, True), (d // 2, False),
+                                       (d // 2, True)]))
     return batch, hkv, group, d, sq, new, paged, page_size, max_pages, capacity, lengths, mask, \
-        dtype, seed
+        dtype, seed, leftpad, rotary
 
 
 @settings(max_examples=examples(40), deadline=None)
 @given(caches())
 def test_matches_the_reference_and_appends_in_place(case):
     (batch, hkv, group, d, sq, new, paged, page_size, max_pages, capacity, lengths, mask, dtype,
-     seed) = case
+     seed, leftpad, rotary) = case
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((batch, sq, hkv * group, d)).astype(dtype)
     table = None
@@ -61,12 +66,27 @@ def test_matches_the_reference_and_appends_in_place(case):
     if new or rng.integers(2):
         k, v = (rng.standard_normal((batch, new, hkv, d)).astype(dtype) for _ in range(2))
     seqlens = np.asarray(lengths, np.int32)
+    extra = {}
+    if leftpad is not None and rng.integers(2):
+        extra["cache_leftpad"] = np.asarray(leftpad, np.int32)
+    if rotary is not None:
+        positions = 64 + capacity + sq
+        angles = rng.uniform(0, 6.3, (positions, rotary[0] // 2))
+        extra.update(rotary_cos=np.cos(angles).astype(dtype), rotary_sin=np.sin(angles)
+                     .astype(dtype), rotary_interleaved=rotary[1])
     ref, ref_lse = reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens,
-                                                    k=k, v=v, block_table=table, **mask,
+                                                    k=k, v=v, block_table=table, **mask, **extra,
                                                     return_lse=True)
     before_k, before_v = k_cache.copy(), v_cache.copy()
     out, lse = cuflash.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, k=k,
-                                              v=v, block_table=table, **mask, return_lse=True)
+                                              v=v, block_table=table, **mask, **extra,
+                                              return_lse=True)
+    if rotary is not None:  # the cache receives the rotated keys
+        start = extra.get("cache_leftpad", np.zeros(batch, np.int32))
+        pos = (seqlens - start)[:, None] + np.arange(new)[None]
+        k = reference.rotary(k, extra["rotary_cos"][pos].astype(np.float64),
+                             extra["rotary_sin"][pos].astype(np.float64),
+                             interleaved=rotary[1]).astype(dtype)
     np.testing.assert_allclose(out, ref, **TOL[dtype])
     np.testing.assert_allclose(lse, ref_lse, rtol=1e-6, atol=1e-6)
     assert out.dtype == q.dtype and lse.dtype == np.float32
@@ -78,7 +98,7 @@ def test_matches_the_reference_and_appends_in_place(case):
             pos = lengths[b] + i
             at = (table[b, pos // page_size], pos % page_size) if paged else (b, pos)
             written[at] = True
-            np.testing.assert_array_equal(k_cache[at], k[b, i])
+            np.testing.assert_allclose(k_cache[at], k[b, i], **TOL[dtype])
             np.testing.assert_array_equal(v_cache[at], v[b, i])
     np.testing.assert_array_equal(k_cache[~written], before_k[~written])
     np.testing.assert_array_equal(v_cache[~written], before_v[~written])
@@ -145,6 +165,18 @@ def _good():
     (dict(cache_batch_idx=np.array([0, 2], np.int32)), ("cache_batch_idx:", "[0, 2)")),
     (dict(q=np.zeros((2, 1, 3, 8), np.float32), k_cache=np.zeros((2, 6, 2, 8), np.float32),
           v_cache=np.zeros((2, 6, 2, 8), np.float32)), ("k_cache:", "multiple of Hkv")),
+    (dict(cache_leftpad=np.array([2, 0], np.int32)), ("cache_leftpad:", "<= cache_seqlens[b]")),
+    (dict(cache_leftpad=np.array([0, 0], np.int32),
+          block_table=np.array([[0], [1]], np.int32)), ("cache_leftpad:", "paged")),
+    (dict(rotary_cos=np.ones((9, 4), np.float32)), ("rotary_cos, rotary_sin:", "both")),
+    (dict(rotary_cos=np.ones((9, 4), np.float32), rotary_sin=np.ones((9, 3), np.float32)),
+     ("rotary_cos:", "(seqlen_ro, rotary_dim / 2)")),
+    (dict(rotary_cos=np.ones((9, 5), np.float32), rotary_sin=np.ones((9, 5), np.float32)),
+     ("rotary_cos:", "rotary_dim <= D = 8")),
+    (dict(rotary_cos=np.ones((5, 4), np.float32), rotary_sin=np.ones((5, 4), np.float32)),
+     ("rotary_cos:", "5 positions", "up to 5")),
+    (dict(k=None, v=None, rotary_cos=np.ones((9, 4), np.float32),
+          rotary_sin=np.ones((9, 4), np.float32)), ("rotary_cos:", "needs new keys")),
 ], ids=lambda x: "" if isinstance(x, dict) else x[0].rstrip(":"))
 def test_bad_input_is_refused_before_any_write(change, fragments):
     args = {**_good(), **change}

@@ -192,3 +192,17 @@ def test_kvcache_bad_input_names_the_argument():
     with pytest.raises(ValueError, match=r"block_table: expected page indices in \[0, 2\)"):
         reference.attention_with_kvcache(q, cache, cache, cache_seqlens=1,
                                          block_table=np.array([[0], [2]]))
+
+
+def test_rotary_turns_each_pair_by_its_angle():
+    theta = np.array([[[0.3, 1.1]]])  # (B=1, S=1, rotary_dim / 2 = 2)
+    x = np.array([1.0, 2.0, 3.0, 4.0, 5.0]).reshape(1, 1, 1, 5)  # D = 5: the last passes
+    c, s = np.cos(theta), np.sin(theta)
+    halves = reference.rotary(x, c, s)  # pairs (0, 2) and (1, 3)
+    want = [1 * c[0, 0, 0] - 3 * s[0, 0, 0], 2 * c[0, 0, 1] - 4 * s[0, 0, 1],
+            1 * s[0, 0, 0] + 3 * c[0, 0, 0], 2 * s[0, 0, 1] + 4 * c[0, 0, 1], 5.0]
+    np.testing.assert_allclose(halves[0, 0, 0], want, rtol=1e-15)
+    pairs = reference.rotary(x, c, s, interleaved=True)  # pairs (0, 1) and (2, 3)
+    want = [1 * c[0, 0, 0] - 2 * s[0, 0, 0], 1 * s[0, 0, 0] + 2 * c[0, 0, 0],
+            3 * c[0, 0, 1] - 4 * s[0, 0, 1], 3 * s[0, 0, 1] + 4 * c[0, 0, 1], 5.0]
+    np.testing.assert_allclose(pairs[0, 0, 0], want, rtol=1e-15)
