@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from cuflash import _reference_mods as _mods
+
 __all__ = ["attention", "attention_backward", "attention_varlen", "attention_with_kvcache",
            "visible"]
 
@@ -46,6 +48,11 @@ def attention(
     scale: float | None = None,
     layout: str = "bshd",
     return_lse: bool = False,
+    softcap: float = 0.0,
+    alibi_slopes: Any = None,
+    sinks: Any = None,
+    bias: Any = None,
+    mask: Any = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attention computed naively in float64.
 
@@ -65,6 +72,13 @@ def attention(
         scale: softmax scale; ``1 / sqrt(D)`` when None.
         layout: ``"bshd"`` or ``"bhsd"``.
         return_lse: also return the log-sum-exp of the scaled scores of every query row.
+        softcap: ``> 0``: scores become ``softcap * tanh(s / softcap)`` after scaling (0: off).
+        alibi_slopes: ``(Hq,)`` or ``(B, Hq)``: adds ``-slope * |i + Sk - Sq - j|``.
+        sinks: ``(Hq,)`` logits of a virtual key with no value: the softmax denominator gains
+            ``exp(sinks[h])``, and lse includes it (a row that sees no key: ``lse = sinks[h]``).
+        bias: additive, broadcastable to ``(B, Hq, Sq, Sk)`` (this order in either layout).
+        mask: boolean, broadcastable likewise; ``True`` = attend (SDPA's meaning), combined with
+            causal and window.
 
     Returns:
         ``out``, float64 NumPy array of q's shape; with ``return_lse``, ``(out, lse)`` where
@@ -85,6 +99,12 @@ def attention(
     q4, k4, v4, three_d = _canonical_inputs(layout, q=q, k=k, v=v)
     scale = _default_scale(scale, q4.shape[-1])
     seen = visible(q4.shape[1], k4.shape[1], causal=causal, window=window)
+    options = _mods.mods(_score_shape(q4, k4), softcap=softcap, alibi_slopes=alibi_slopes,
+                         sinks=sinks, bias=bias, mask=mask)
+    if options.any:
+        out, lse = _mods.forward(*_per_head(q4, k4, v4), seen, scale, options)
+        out = _from_kv(out.swapaxes(1, 2), layout, three_d)
+        return (out, (lse[0] if three_d else lse)) if return_lse else out
     p, lse = _probabilities(q4, k4, seen, scale)
     out = _weighted_values(p, v4, seen)  # (B, Hkv, G, Sq, D)
     out = _from_grouped_q(out, layout, three_d)
@@ -105,12 +125,18 @@ def attention_backward(
     window: tuple[int, int] | None = None,
     scale: float | None = None,
     layout: str = "bshd",
+    softcap: float = 0.0,
+    alibi_slopes: Any = None,
+    sinks: Any = None,
+    bias: Any = None,
+    mask: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact float64 gradient of :func:`attention` for the incoming gradient ``dout``.
 
     Args:
         dout: gradient of the loss with respect to the output; q's shape.
-        q, k, v, causal, window, scale, layout: as for :func:`attention`.
+        q, k, v, causal, window, scale, layout, softcap, alibi_slopes, sinks, bias, mask: as
+            for :func:`attention` (the gradients of bias and sinks: :func:`attention_grads`).
 
     Returns:
         ``(dq, dk, dv)``, float64 NumPy arrays shaped like q, k and v. With GQA the gradient of a kv
@@ -125,6 +151,11 @@ def attention_backward(
         raise ValueError(f"dout has shape {_shape(dout)}; expected q's shape {_shape(q)}")
     scale = _default_scale(scale, q4.shape[-1])
     seen = visible(q4.shape[1], k4.shape[1], causal=causal, window=window)
+    options = _mods.mods(_score_shape(q4, k4), softcap=softcap, alibi_slopes=alibi_slopes,
+                         sinks=sinks, bias=bias, mask=mask)
+    if options.any:
+        grads = _mods_backward(dout4, q4, k4, v4, seen, scale, options, layout, three_d)
+        return grads["q"], grads["k"], grads["v"]
     p, _ = _probabilities(q4, k4, seen, scale)
     k_g, v_g = _grouped_kv(k4), _grouped_kv(v4)  # (B, Hkv, 1, Sk, D)
     do_g = _grouped_q(dout4, k4.shape[2])  # (B, Hkv, G, Sq, D)
@@ -141,6 +172,58 @@ def attention_backward(
     dq = _from_grouped_q(dq, layout, three_d)
     dk, dv = (_from_kv(x.swapaxes(1, 2), layout, three_d) for x in (dk, dv))
     return dq, dk, dv
+
+
+def attention_grads(
+    dout: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    causal: bool = False,
+    window: tuple[int, int] | None = None,
+    scale: float | None = None,
+    layout: str = "bshd",
+    softcap: float = 0.0,
+    alibi_slopes: Any = None,
+    sinks: Any = None,
+    bias: Any = None,
+    mask: Any = None,
+) -> dict[str, np.ndarray]:
+    """Every float64 gradient of :func:`attention`, by name: ``"q"``, ``"k"``, ``"v"``, and
+    ``"bias"`` (summed to the bias's own shape over the axes it was broadcast along) and
+    ``"sinks"`` ``(Hq,)`` where those were given. Arguments as for :func:`attention_backward`.
+    """
+    q4, k4, v4, three_d = _canonical_inputs(layout, q=q, k=k, v=v)
+    (dout4,) = _canonical_arrays(layout, three_d, dout=dout)
+    if dout4.shape != q4.shape:
+        raise ValueError(f"dout has shape {_shape(dout)}; expected q's shape {_shape(q)}")
+    scale = _default_scale(scale, q4.shape[-1])
+    seen = visible(q4.shape[1], k4.shape[1], causal=causal, window=window)
+    options = _mods.mods(_score_shape(q4, k4), softcap=softcap, alibi_slopes=alibi_slopes,
+                         sinks=sinks, bias=bias, mask=mask)
+    return _mods_backward(dout4, q4, k4, v4, seen, scale, options, layout, three_d)
+
+
+def _score_shape(q4: np.ndarray, k4: np.ndarray) -> tuple[int, int, int, int]:
+    return (q4.shape[0], q4.shape[2], q4.shape[1], k4.shape[1])
+
+
+def _per_head(*xs: np.ndarray) -> list[np.ndarray]:
+    """``(B, S, H, D)`` arrays as ``(B, Hq, S, D)``, kv heads repeated over their query heads."""
+    hq = xs[0].shape[2]
+    return [np.repeat(x.transpose(0, 2, 1, 3), hq // x.shape[2], axis=1) for x in xs]
+
+
+def _mods_backward(dout4, q4, k4, v4, seen, scale, options, layout, three_d):
+    hkv = k4.shape[2]
+    grads = _mods.backward(*_per_head(dout4, q4, k4, v4), seen, scale, options)
+    b, hq, sk, d = grads["k"].shape
+    for name in ("k", "v"):  # summed over each kv head's query heads
+        grads[name] = grads[name].reshape(b, hkv, hq // hkv, sk, d).sum(axis=2)
+    for name in ("q", "k", "v"):
+        grads[name] = _from_kv(grads[name].swapaxes(1, 2), layout, three_d)
+    return grads
 
 
 def attention_varlen(
