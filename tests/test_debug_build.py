@@ -81,6 +81,22 @@ def test_checked_build_compiles(spec, monkeypatch):
     assert report.registers > 0, report.line()
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("CUFLASH_NVRTC_FLOOR"),
+                    reason="CUFLASH_NVRTC_FLOOR not set: no NVRTC 13.0 to compile with "
+                           "(.ci/run unpacks one)")
+def test_checked_build_compiles_with_the_oldest_nvrtc(monkeypatch):
+    """The GPU machines' CuPy compiles with NVRTC 13.0: the checked build must too."""
+    from tests import sass
+
+    monkeypatch.setenv("CUFLASH_DEBUG", "1")
+    lib = sass.load_nvrtc(os.environ["CUFLASH_NVRTC_FLOOR"])
+    assert sass.nvrtc_version(lib) == "13.0"
+    for spec in _one_spec_per_kernel_function():
+        report = sass.ptxas_report(spec, "sm_90a", lib=lib)
+        assert report.registers > 0, spec.name
+
+
 _WRONG_LAUNCH = textwrap.dedent("""
     import cupy
     from cuflash import _compile, _launch
