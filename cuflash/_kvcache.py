@@ -277,7 +277,7 @@ def _int32_table(x: Any, batch: int) -> np.ndarray:
     if dtype is None or str(dtype).removeprefix("torch.") != "int32":
         raise TypeError(f"block_table: expected an int32 array, got "
                         f"{dtype if dtype is not None else type(x).__name__}")
-    table = _to_host(x).astype(np.int64)
+    table = _to_host(x, "block_table").astype(np.int64)
     if table.ndim != 2 or table.shape[0] != batch:
         raise ValueError(f"block_table: expected shape (B={batch}, max_pages), got "
                          f"{table.shape}")

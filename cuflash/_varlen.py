@@ -175,7 +175,7 @@ def _int32_vector(x: Any, name: str) -> np.ndarray:
         raise TypeError(f"{name}: expected an int32 array, got {type(x).__name__}")
     if _dtypes.dtype_name(dtype) != "int32":
         raise TypeError(f"{name}: expected dtype int32 (flash-attn's convention), got {dtype}")
-    host = _to_host(x)
+    host = _to_host(x, name)
     if host.ndim != 1:
         raise ValueError(f"{name}: expected a 1-D array, got shape {host.shape}")
     return host.astype(np.int64)
@@ -197,8 +197,12 @@ def _prefix_sums(x: Any, name: str, total: int, of: str) -> np.ndarray:
     return cu
 
 
-def _to_host(x: Any) -> np.ndarray:
+def _to_host(x: Any, name: str = "") -> np.ndarray:
     top = type(x).__module__.split(".")[0]
+    if top == "jax" and type(x).__name__.endswith("Tracer"):
+        raise TypeError(f"{name}: got a traced JAX value ({type(x).__name__}); its values are "
+                        f"read on the host, so it must be a concrete array (this function does "
+                        f"not run under jax.jit yet)")
     if top == "torch":
         return x.detach().cpu().numpy()
     if top == "cupy":

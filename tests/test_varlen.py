@@ -143,3 +143,11 @@ def test_jax_arrays_come_back_as_jax():
     assert type(out).__module__.startswith("jax")
     ref = reference.attention_varlen(q, k, v, cu_q, cu_k, window=(2, 0))
     np.testing.assert_allclose(np.asarray(out), ref, **TOL["float32"])
+
+
+def test_traced_prefix_sums_are_refused_clearly():
+    jax = pytest.importorskip("jax")
+    q = np.ones((6, 2, 8), np.float32)
+    cu = np.array([0, 2, 6], np.int32)
+    with pytest.raises(TypeError, match="cu_seqlens_q: got a traced JAX value"):
+        jax.jit(lambda c: cuflash.attention_varlen(q, q[:, :1], q[:, :1], c, c))(cu)
