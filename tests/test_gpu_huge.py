@@ -341,16 +341,9 @@ def _poisoned_allocations(cupy):
     """Every CuPy allocation in the block (cuflash's results, lse, delta, the dq accumulator)
     comes from the pool filled with 0xFF bytes: NaN in every float dtype, so anything a kernel
     fails to write shows."""
-    pool = cupy.get_default_memory_pool()
+    from cuflash.bench.devices import poisoning_allocator
 
-    def alloc(nbytes: int):
-        memory = pool.malloc(nbytes)
-        if nbytes:
-            cupy.cuda.runtime.memsetAsync(memory.ptr, 0xFF, nbytes,
-                                          cupy.cuda.get_current_stream().ptr)
-        return memory
-
-    with cupy.cuda.using_allocator(alloc):
+    with cupy.cuda.using_allocator(poisoning_allocator(cupy)):
         yield
 
 

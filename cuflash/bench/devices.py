@@ -112,7 +112,7 @@ class Gpu:
         """
         self.synchronize()
         self.release()
-        hook = _pool_peak_hook()
+        hook = pool_peak_hook()
         torch = self.torch
         if torch is not None:
             torch.cuda.reset_peak_memory_stats(self.device_id)
@@ -209,16 +209,16 @@ class Cpu:
                 "memory_bytes": self.capacity}
 
 
-def _pool_peak_hook():
-    """A CuPy memory hook recording the peak of pool memory in use while it is active."""
+def pool_peak_hook(start: int = 0):
+    """A CuPy memory hook recording the peak of pool memory in use while it is active, counted
+    from `start` bytes."""
     import cupy
 
     class PoolPeak(cupy.cuda.MemoryHook):
         name = "cuflash-bench-peak"
 
         def __init__(self):
-            self.current = 0
-            self.peak = 0
+            self.current = self.peak = start
 
         def malloc_postprocess(self, **kwargs):
             self.current += kwargs["mem_size"]
@@ -228,6 +228,21 @@ def _pool_peak_hook():
             self.current -= kwargs["mem_size"]
 
     return PoolPeak()
+
+
+def poisoning_allocator(cupy):
+    """A CuPy allocator drawing from the default pool and filling each allocation with 0xFF bytes
+    (NaN in every float dtype) on the current stream, so anything a kernel fails to write shows."""
+    pool = cupy.get_default_memory_pool()
+
+    def alloc(nbytes: int):
+        memory = pool.malloc(nbytes)
+        if nbytes:
+            cupy.cuda.runtime.memsetAsync(memory.ptr, 0xFF, nbytes,
+                                          cupy.cuda.get_current_stream().ptr)
+        return memory
+
+    return alloc
 
 
 def numpy_dtype(name: str):

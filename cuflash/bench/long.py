@@ -44,6 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cuflash.bench.config import DTYPE_ALIASES, GIB, KIB, SHORT_DTYPE, attention_flops
+from cuflash.bench.devices import poisoning_allocator, pool_peak_hook
 
 DEFAULT_SEQLENS = (131072, 262144, 524288, 1048576)
 WARMUP_SEQLEN = 4096
@@ -193,40 +194,6 @@ def _finite_cupy(cupy, x) -> bool:
                for b in range(0, flat.size, CHUNK))
 
 
-def _pool_peak(cupy, start: int):
-    """A MemoryHook: the peak of CuPy pool bytes in use, counted from `start`."""
-
-    class PoolPeak(cupy.cuda.MemoryHook):
-        name = "cuflash-bench-long-peak"
-
-        def __init__(self):
-            self.current = self.peak = start
-
-        def malloc_postprocess(self, **kwargs):
-            self.current += kwargs["mem_size"]
-            self.peak = max(self.peak, self.current)
-
-        def free_postprocess(self, **kwargs):
-            self.current -= kwargs["mem_size"]
-
-    return PoolPeak()
-
-
-def _poisoning_allocator(cupy):
-    """CuPy allocations from the default pool, each filled with 0xFF bytes (NaN) on the current
-    stream before use."""
-    pool = cupy.get_default_memory_pool()
-
-    def alloc(nbytes: int):
-        memory = pool.malloc(nbytes)
-        if nbytes:
-            cupy.cuda.runtime.memsetAsync(memory.ptr, 0xFF, nbytes,
-                                          cupy.cuda.get_current_stream().ptr)
-        return memory
-
-    return alloc
-
-
 def _release_cupy(cupy) -> None:
     cupy.cuda.Device().synchronize()
     cupy.get_default_memory_pool().free_all_blocks()
@@ -242,10 +209,10 @@ def run_cuflash(cupy, args, seqlen: int, repeats: int) -> dict:
            "head_dim": args.head_dim, "dtype": dtype, "repeats": repeats}
     _release_cupy(cupy)
     pool = cupy.get_default_memory_pool()
-    hook = _pool_peak(cupy, pool.used_bytes())
+    hook = pool_peak_hook(pool.used_bytes())
     event = cupy.cuda.Event
     fwd_ms, bwd_ms, finite = [], [], True
-    with hook, cupy.cuda.using_allocator(_poisoning_allocator(cupy)):
+    with hook, cupy.cuda.using_allocator(poisoning_allocator(cupy)):
         rng = cupy.random.default_rng(args.seed)
         q, k, v, dout = (_random_cupy(cupy, rng, shape, dtype) for _ in range(4))
         out = cupy.empty_like(q)  # poisoned by the allocator
