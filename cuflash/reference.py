@@ -145,33 +145,10 @@ def attention_backward(
     Raises:
         TypeError, ValueError: as for :func:`attention`, and for dout.
     """
-    q4, k4, v4, three_d = _canonical_inputs(layout, q=q, k=k, v=v)
-    (dout4,) = _canonical_arrays(layout, three_d, dout=dout)
-    if dout4.shape != q4.shape:
-        raise ValueError(f"dout has shape {_shape(dout)}; expected q's shape {_shape(q)}")
-    scale = _default_scale(scale, q4.shape[-1])
-    seen = visible(q4.shape[1], k4.shape[1], causal=causal, window=window)
-    options = _mods.mods(_score_shape(q4, k4), softcap=softcap, alibi_slopes=alibi_slopes,
-                         sinks=sinks, bias=bias, mask=mask)
-    if options.any:
-        grads = _mods_backward(dout4, q4, k4, v4, seen, scale, options, layout, three_d)
-        return grads["q"], grads["k"], grads["v"]
-    p, _ = _probabilities(q4, k4, seen, scale)
-    k_g, v_g = _grouped_kv(k4), _grouped_kv(v4)  # (B, Hkv, 1, Sk, D)
-    do_g = _grouped_q(dout4, k4.shape[2])  # (B, Hkv, G, Sq, D)
-
-    # -- dv = P^T dO, summed over the query heads of each kv head --
-    dv = np.matmul(p.swapaxes(-1, -2), do_g).sum(axis=2)
-    # -- softmax backward: dS = P * (dP - rowsum(P * dP)) --
-    dp = np.matmul(do_g, v_g.swapaxes(-1, -2))
-    ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True))
-    # -- through s = scale * q k^T --
-    dq = scale * np.matmul(ds, k_g)
-    dk = scale * np.matmul(ds.swapaxes(-1, -2), _grouped_q(q4, k4.shape[2])).sum(axis=2)
-
-    dq = _from_grouped_q(dq, layout, three_d)
-    dk, dv = (_from_kv(x.swapaxes(1, 2), layout, three_d) for x in (dk, dv))
-    return dq, dk, dv
+    grads = attention_grads(dout, q, k, v, causal=causal, window=window, scale=scale,
+                            layout=layout, softcap=softcap, alibi_slopes=alibi_slopes,
+                            sinks=sinks, bias=bias, mask=mask)
+    return grads["q"], grads["k"], grads["v"]
 
 
 def attention_grads(
@@ -202,7 +179,24 @@ def attention_grads(
     seen = visible(q4.shape[1], k4.shape[1], causal=causal, window=window)
     options = _mods.mods(_score_shape(q4, k4), softcap=softcap, alibi_slopes=alibi_slopes,
                          sinks=sinks, bias=bias, mask=mask)
-    return _mods_backward(dout4, q4, k4, v4, seen, scale, options, layout, three_d)
+    if options.any:
+        return _mods_backward(dout4, q4, k4, v4, seen, scale, options, layout, three_d)
+    p, _ = _probabilities(q4, k4, seen, scale)
+    k_g, v_g = _grouped_kv(k4), _grouped_kv(v4)  # (B, Hkv, 1, Sk, D)
+    do_g = _grouped_q(dout4, k4.shape[2])  # (B, Hkv, G, Sq, D)
+
+    # -- dv = P^T dO, summed over the query heads of each kv head --
+    dv = np.matmul(p.swapaxes(-1, -2), do_g).sum(axis=2)
+    # -- softmax backward: dS = P * (dP - rowsum(P * dP)) --
+    dp = np.matmul(do_g, v_g.swapaxes(-1, -2))
+    ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True))
+    # -- through s = scale * q k^T --
+    dq = scale * np.matmul(ds, k_g)
+    dk = scale * np.matmul(ds.swapaxes(-1, -2), _grouped_q(q4, k4.shape[2])).sum(axis=2)
+
+    dq = _from_grouped_q(dq, layout, three_d)
+    dk, dv = (_from_kv(x.swapaxes(1, 2), layout, three_d) for x in (dk, dv))
+    return {"q": dq, "k": dk, "v": dv}
 
 
 def _score_shape(q4: np.ndarray, k4: np.ndarray) -> tuple[int, int, int, int]:
