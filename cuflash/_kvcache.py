@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from cuflash._merge import _ops_for
-from cuflash._varlen import _check_flag, _int32_vector, _to_host
-from cuflash.api import attention
+from cuflash._varlen import _int32_vector, _to_host
+from cuflash.api import _check_flag, attention
 
 
 def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None,

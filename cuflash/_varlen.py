@@ -17,7 +17,7 @@ import numpy as np
 
 from cuflash import _dtypes
 from cuflash._merge import _ops_for
-from cuflash.api import attention, attention_backward
+from cuflash.api import _check_flag, attention, attention_backward
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q: int | None = None,
@@ -208,8 +208,3 @@ def _to_host(x: Any, name: str = "") -> np.ndarray:
     if top == "cupy":
         return x.get()
     return np.asarray(x)
-
-
-def _check_flag(name: str, value: object) -> None:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name}: expected True or False, got {value!r}")
