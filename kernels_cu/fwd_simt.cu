@@ -6,6 +6,7 @@
 // cp.async streams V under S = Q K^T and the next K under O += P V.
 #include "common.cuh"
 #include "mask.cuh"
+#include "nonfinite.cuh"
 #include "simt_common.cuh"
 #include "simt_softmax.cuh"
 
@@ -184,6 +185,28 @@ __global__ void __launch_bounds__(
       if (lse_out != nullptr) {
         CUFLASH_CHECK_ACCESS(lse_extent<T>(p), lse_out + row, sizeof(T));
         lse_out[row] = lse[i];
+      }
+    }
+  }
+
+  // -- a NaN or inf of v that a mask hid, multiplied in by P V: repaired (nonfinite.cuh) --
+  if constexpr (Mask<MaskKind>::kMasks) {
+    NonFinite nonfinite;
+#pragma unroll
+    for (int i = 0; i < Tr::kRows; ++i)
+#pragma unroll
+      for (int d = 0; d < Tr::kDims; ++d) nonfinite.see(acc_o[i][d], d);
+    if (__syncthreads_or(nonfinite.any())) {  // the block's stores are visible after it
+      // (all from p and the block index again: nothing more lives through the loop)
+      const Mask<MaskKind> m(p);
+      const int first = blockIdx.x * kBlockM, last = min(first + kBlockM, p.seqlen_q);
+      const Span keys = m.keys(first, first + kBlockM);
+      const Span walked = {Mask<MaskKind>::kLeft ? keys.begin / kBlockN * kBlockN : 0,
+                           min(p.seqlen_k, ceil_div(keys.end, kBlockN) * kBlockN)};
+#pragma unroll 1
+      for (int r = first + threadIdx.x / kWarpSize; r < last; r += kWarps) {
+        repair_row<T, kHeadDim>(p, m, blockIdx.z, blockIdx.y, r, walked,
+                                threadIdx.x % kWarpSize);
       }
     }
   }

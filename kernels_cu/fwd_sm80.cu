@@ -11,6 +11,7 @@
 #include "load_tile_sm80.cuh"
 #include "mask.cuh"
 #include "mma_sm80.cuh"
+#include "nonfinite.cuh"
 #include "softmax.cuh"
 
 namespace cuflash {
@@ -230,6 +231,24 @@ fwd_sm80(const __grid_constant__ FwdParams p) {
         const int64 at = batch * p.lse_batch_stride + head * p.lse_head_stride + row;
         CUFLASH_CHECK_ACCESS(lse_extent<float>(p), lse_out + at, 4);
         lse_out[at] = lse[2 * mt + half];
+      }
+    }
+  }
+
+  // -- a NaN or inf of v that a mask hid, multiplied in by P V: repaired (nonfinite.cuh) --
+  if constexpr (Mask<MaskKind>::kMasks) {
+    NonFinite nonfinite;
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) nonfinite.see(acc_o[mt][dt][e], e);
+    if (__syncthreads_or(nonfinite.any())) {  // the block's stores are visible after it
+      const Span walked = {n_begin * kBlockN, min(p.seqlen_k, n_end * kBlockN)};
+#pragma unroll 1
+      for (int r = row0 + warp; r < min(row0 + kBlockM, p.seqlen_q); r += kWarps) {
+        repair_row<T, kHeadDim>(p, mask, batch, head, r, walked, lane);
       }
     }
   }

@@ -23,6 +23,7 @@
 // producer and consumers advance alike.
 #include "common.cuh"
 #include "mask.cuh"
+#include "nonfinite.cuh"
 #include "mma_sm80.cuh"
 #include "softmax.cuh"
 #include "tma_sm90.cuh"
@@ -612,6 +613,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       if (Tr::kOInKV && staged_stage == stage) release_staged();
     };
     auto slot_barrier = [&](int parity, int c) { return Tr::kSlotBarrier + 2 * parity + c; };
+    NonFinite nonfinite;  // over every tile's O (with a mask edge): nonfinite.cuh
     schedule.for_each_tile([&](int m_block, int head, int batch, int next_m) {
       const int row0 = m_block * kBlockM;
       // Loaded by the producer, from tile n_begin + n_loaded - 1 down to tile n_begin.
@@ -763,6 +765,13 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
         ++q_iter;
       }
 
+      if constexpr (M::kMasks) {
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; ++dt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) nonfinite.see(acc_o[0][dt][e], e);
+      }
+
       // -- epilogue: O / l, lse; rows >= seqlen_q and columns >= head_dim are not stored. It
       // runs while the producer already streams the next tile's Q and K/V (kDeferEpilogue: its
       // stores under the next tile's first S). --
@@ -818,6 +827,23 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
     if (Tr::kSoftmaxTurns && consumer == 0) wait_softmax_turn();
     // The O stores have read shared memory (and are done) before the block exits.
     if (Tr::kStoreO && threadIdx.x % Tr::kWarpgroupThreads == 0) bulk_wait_group<0>();
+
+    // -- a NaN or inf of v that a mask hid, multiplied in by P V: each warp repairs its 16 rows
+    // of the tiles it computed (nonfinite.cuh), after the warpgroup's stores are done --
+    if constexpr (M::kMasks) {
+      named_bar_sync(Tr::kEpilogueBarrier + consumer, Tr::kWarpgroupThreads);
+      if (__any_sync(0xffffffffu, nonfinite.any())) {
+        schedule.for_each_tile([&](int m_block, int head, int batch, int) {
+          const int row0 = m_block * kBlockM;
+          const Span tiles = key_tiles(row0, kBlockM);
+          const Span walked = {tiles.begin * kBlockN, min(p.seqlen_k, tiles.end * kBlockN)};
+#pragma unroll 1
+          for (int r = row0 + rows_before; r < min(row0 + rows_before + 16, p.seqlen_q); ++r) {
+            repair_row<T, kHeadDim>(p, mask, batch, head, r, walked, lane);
+          }
+        });
+      }
+    }
   }
 }
 
