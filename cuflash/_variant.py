@@ -113,6 +113,26 @@ class Variant:
         return np.where(end > first, -(-end // block_n) - first // block_n, 0)
 
 
+def from_top_left(left: int, right: int, seqlen_q: int,
+                  seqlen_k: int) -> tuple[tuple[int, int], int]:
+    """A band aligned top-left as cuflash's bottom-right window: ``(window, keys)``.
+
+    Top-left (``jax.nn.dot_product_attention``'s ``is_causal`` and ``local_window_size``): query
+    i sees key j iff ``i - left <= j <= i + right`` (-1: that side unbounded). The same band is
+    `window` over the first `keys` keys: keys no query sees are cut off, so that a right side
+    moved onto the bottom-right diagonal never falls below it. Raises ValueError where a left side
+    would (more queries than ``seqlen_k + left``: the last queries would see no key).
+    """
+    keys = seqlen_k if right < 0 else min(seqlen_k, seqlen_q + right)
+    shift = keys - seqlen_q  # the bottom-right diagonal of the kept keys, from the top-left one
+    new_left = -1 if left < 0 else left + shift
+    if left >= 0 and new_left < 0:
+        raise ValueError(f"a left window of {left} with {seqlen_q} queries and {seqlen_k} keys "
+                         f"leaves queries {seqlen_k + left} and later with no key to see, which "
+                         f"cuflash's bottom-right aligned window cannot express")
+    return (new_left, -1 if right < 0 else right - shift), keys
+
+
 def check_window(window) -> tuple[int, int]:
     """`window` as (left, right) ints >= -1; (-1, -1) for None. Raises naming ``window``."""
     if window is None:

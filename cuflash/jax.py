@@ -1,41 +1,45 @@
-"""JAX integration: :func:`attention` with a ``jax.custom_vjp`` backed by cuflash's own backward.
+"""JAX integration: :func:`attention` (a ``jax.custom_vjp`` backed by cuflash's own backward) and
+:func:`dot_product_attention`, shaped like ``jax.nn.dot_product_attention``.
 
 Where it runs:
 
+- **Under jax.jit on a GPU** (and ``jax.grad``, ``jax.value_and_grad``, ``jax.vmap``,
+  ``jax.checkpoint``, ``shard_map``, ``lax.scan``, ...): the CUDA kernels run inside the compiled
+  function, on XLA's stream and XLA's buffers, with no host round trip and no synchronisation.
+  Each forward and backward is an XLA buffer callback (``jax.experimental.buffer_callback``)
+  whose kernels were compiled and whose launches were planned while JAX traced the function; a
+  run only reads the buffers' addresses and launches. The backward's scratch is an output of
+  its callback, allocated by XLA. The callbacks may be recorded into XLA's command buffers (CUDA
+  graphs). ``jax.vmap`` folds the mapped axis into the batch: one launch for the whole stack.
+- **Under jax.jit on the CPU backend**: ``jax.pure_callback`` into cuflash's NumPy path (float16
+  and bfloat16 computed in float32).
 - **Eager** (concrete arrays, including inside an eager ``jax.grad`` / ``jax.vjp``): q, k, v go
   through DLPack to the CUDA kernels (GPU arrays) or the NumPy path (CPU arrays), without a copy,
   and the results come back as JAX arrays on the same device.
-- **Under jax.jit (or vmap, scan, ...) on the CPU backend**: works. The forward and the backward
-  are ``jax.pure_callback`` calls into the CPU path; XLA hands them the host buffers. Shape and
-  dtype errors are raised while tracing.
-- **Under jax.jit on a GPU (or any non-CPU backend)**: a clear error when the compiled function
-  runs (a ``JaxRuntimeError`` whose message starts with "cuflash.jax.attention cannot run inside
-  jax.jit on a GPU"). XLA can call back into Python only on the host, so the only way to run there
-  would be to copy q, k, v to the host and compute attention with NumPy, orders of magnitude slower
-  than the kernel; cuflash refuses rather than hide that cliff. Call it outside ``jax.jit`` (eager
-  arrays, eager ``jax.grad``) to use the CUDA kernels. The backend is chosen per compiled function
-  with ``jax.lax.platform_dependent``, so a function jitted onto the CPU of a GPU machine works.
+
+The platform is chosen per compiled function with ``jax.lax.platform_dependent``, so a function
+jitted onto the CPU of a GPU machine runs the NumPy path. Compiling for any other platform fails
+when XLA lowers the function, with a ``NotImplementedError`` naming the platform. Shape, dtype
+and option errors are raised while tracing, naming the argument.
+
+Tracing plans the GPU launches wherever CuPy sees a GPU (so a function to run on a GPU must be
+traced in a process that has one), compiling each kernel variant on its first use (CuPy's disk
+cache makes that a load in later processes). A new shape is a new trace: it plans again.
 """
 
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cuflash import _dtypes, _interop, _variant, api
+from cuflash import _dtypes, _interop, _jax_trace, _variant, api
+from cuflash._jax_trace import Options
 
-__all__ = ["attention"]
-
-_GPU_JIT_ERROR = (
-    "cuflash.jax.attention cannot run inside jax.jit on a GPU (nor in other traced code such "
-    "as vmap or scan, nor on any non-CPU backend): XLA can call back into Python only on the "
-    "host, which would copy q, k, v to the CPU and compute attention there. Call "
-    "cuflash.jax.attention outside jax.jit (eager arrays and eager jax.grad use the CUDA "
-    "kernels), or jit the function onto the CPU."
-)
+__all__ = ["attention", "dot_product_attention"]
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
@@ -58,51 +62,154 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
     Returns:
         the attention output, shaped like q, same dtype and device.
 
-    dtypes: eager on a GPU float16, bfloat16, float32, float64; on the CPU (eager, or under
-    ``jax.jit``) float16 (computed in float32), float32, float64 (with ``jax_enable_x64``).
-    Under ``jax.jit`` this runs on the CPU backend only; on a GPU it raises when the compiled
-    function runs: see the module docstring.
+    dtypes: on a GPU float16, bfloat16, float32, float64 (eager or under ``jax.jit``); on the CPU
+    float16 and bfloat16 (computed in float32), float32, float64 (float64 needs
+    ``jax_enable_x64``). See the module docstring for where each part runs.
 
-    See also: `cuflash.attention` (any framework, no autodiff), `cuflash.attention_backward`.
+    See also: `dot_product_attention` (``jax.nn.dot_product_attention``'s arguments),
+    `cuflash.attention` (any framework, no autodiff), `cuflash.attention_backward`.
     """
     q, k, v = (jnp.asarray(x) for x in (q, k, v))
-    window = _variant.check_window(window)  # a hashable pair: custom_vjp's static arguments
-    return _attention(q, k, v, causal, window, scale, layout)
+    options = Options(causal, _variant.check_window(window), scale, layout)
+    if not _concrete(q, k, v):
+        # Inside shard_map: operands that vary over fewer mesh axes than the others are marked
+        # as varying over all of them, outside the custom_vjp, so that JAX sums their gradients.
+        axes = _jax_trace.varying_axes(q, k, v)
+        q, k, v = (_jax_trace.vary(x, axes) for x in (q, k, v))
+    return _attention(q, k, v, options)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _attention(q, k, v, causal, window, scale, layout):
-    return _forward(q, k, v, causal, window, scale, layout)[0]
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                          bias: jax.Array | None = None, mask: jax.Array | None = None, *,
+                          scale: float | None = None, is_causal: bool = False,
+                          query_seq_lengths: jax.Array | None = None,
+                          key_value_seq_lengths: jax.Array | None = None,
+                          local_window_size: int | tuple[int, int] | None = None,
+                          implementation: str | None = None,
+                          return_residual: bool = False) -> jax.Array:
+    """``jax.nn.dot_product_attention`` computed by cuflash: same arguments, same masks.
+
+    Args:
+        query: ``(B, T, N, H)`` or ``(T, N, H)``.
+        key: ``(B, S, K, H)`` or ``(S, K, H)``, ``N % K == 0`` (GQA / MQA).
+        value: shaped like `key`.
+        bias, mask, query_seq_lengths, key_value_seq_lengths: not supported yet: each must be
+            None (NotImplementedError naming it otherwise).
+        scale: softmax scale, a Python number > 0; defaults to ``1 / sqrt(H)``.
+        is_causal: JAX's causal mask, aligned top-left: query i sees key j iff ``j <= i``.
+        local_window_size: ``(left, right)`` ints >= 0, or one int for both: query i sees key j
+            iff ``i - left <= j <= i + right`` (top-left aligned, as JAX defines it).
+        implementation: must be None (cuflash is the implementation).
+        return_residual: must be False.
+
+    Returns:
+        the attention output, shaped like `query`, in its dtype.
+
+    JAX's masks are mapped onto cuflash's bottom-right aligned window (`cuflash.attention`'s
+    `window`), keys no query sees being cut off. One case has no such window: a left window with
+    more queries than ``S + left``, whose last queries would see no key (JAX gives them the mean
+    of all values); it raises ValueError. Differentiable with respect to query, key and value;
+    works under every transform :func:`attention` does.
+
+    See also: `attention` (cuflash's own arguments: bottom-right causal, windows, "bhsd").
+    """
+    for name, given in (("bias", bias), ("mask", mask), ("query_seq_lengths", query_seq_lengths),
+                        ("key_value_seq_lengths", key_value_seq_lengths)):
+        if given is not None:
+            raise NotImplementedError(f"{name}: not supported by cuflash.jax."
+                                      f"dot_product_attention yet; expected None, got "
+                                      f"{type(given).__name__}")
+    if implementation is not None:
+        raise ValueError(f"implementation: expected None (cuflash is the implementation), "
+                         f"got {implementation!r}")
+    if return_residual is not False:
+        raise NotImplementedError(f"return_residual: not supported by cuflash.jax."
+                                  f"dot_product_attention; expected False, got "
+                                  f"{return_residual!r}")
+    api._check_flag("is_causal", is_causal)
+    query, key, value = (jnp.asarray(x) for x in (query, key, value))
+    for name, x, axes in (("query", query, "T, N"), ("key", key, "S, K"),
+                          ("value", value, "S, K")):
+        if x.ndim not in (3, 4):
+            raise ValueError(f"{name}: expected (B, {axes}, H) or ({axes}, H), got shape "
+                             f"{x.shape}")
+    left, right = _local_window(local_window_size)
+    if is_causal:
+        right = 0
+    window, keys = _variant.from_top_left(left, right, query.shape[-3], key.shape[-3])
+    if keys < key.shape[-3]:
+        key, value = key[..., :keys, :, :], value[..., :keys, :, :]
+    return attention(query, key, value, window=window, scale=scale, layout="bshd")
 
 
-def _attention_fwd(q, k, v, causal, window, scale, layout):
-    out, lse = _forward(q, k, v, causal, window, scale, layout)
+def _local_window(size) -> tuple[int, int]:
+    """`local_window_size` as (left, right) ints >= 0, or (-1, -1) for None."""
+    if size is None:
+        return -1, -1
+    pair = (size, size) if isinstance(size, numbers.Integral) else size
+    valid = (isinstance(pair, (tuple, list)) and len(pair) == 2
+             and all(isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+                     and x >= 0 for x in pair))
+    if not valid:
+        raise ValueError(f"local_window_size: expected None, an int >= 0 or a pair (left, right) "
+                         f"of ints >= 0, got {size!r}")
+    return int(pair[0]), int(pair[1])
+
+
+# ---- the custom_vjp ----------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q, k, v, options: Options):
+    return _forward(q, k, v, options)[0]
+
+
+def _attention_fwd(q, k, v, options: Options):
+    out, lse = _forward(q, k, v, options)
     return out, (q, k, v, out, lse)
 
 
-def _attention_bwd(causal, window, scale, layout, residuals, dout):
-    q, k, v, out, lse = residuals
-    backward = functools.partial(api.attention_backward, causal=causal, window=window,
-                                 scale=scale, layout=layout)
-    if _concrete(dout, *residuals):
-        return _eager_backward(backward, dout, q, k, v, out, lse)
-    shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
-    return _host_call(backward, shapes, dout, q, k, v, out, lse)
+def _attention_bwd(options: Options, residuals, dout):
+    return _backward(dout, *residuals, options)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _forward(q, k, v, causal, window, scale, layout):
-    """``(out, lse)``: the core on concrete arrays, else a host callback into the CPU path."""
-    forward = functools.partial(api.attention, causal=causal, window=window, scale=scale,
-                                layout=layout, return_lse=True)
-    if _concrete(q, k, v):
-        return forward(q, k, v)
-    problem = _validate_traced(q, k, v, causal, window, scale, layout)
-    shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype),
-              jax.ShapeDtypeStruct(problem.lse_shape(), np.float32))
-    return _host_call(forward, shapes, q, k, v)
+def _forward(q, k, v, options: Options):
+    """``(out, lse)``: the core on concrete arrays, else staged for the platform."""
+    if not _concrete(q, k, v):
+        return _jax_trace.forward(q, k, v, options)
+    forward = functools.partial(api.attention, causal=options.causal, window=options.window,
+                                scale=options.scale, layout=options.layout, return_lse=True)
+    if _cpu_computes_in_float32(q):
+        out, lse = forward(*(x.astype(jnp.float32) for x in (q, k, v)))
+        return out.astype(q.dtype), lse
+    return forward(q, k, v)
+
+
+def _backward(dout, q, k, v, out, lse, options: Options):
+    """``(dq, dk, dv)``: the core on concrete arrays, else staged for the platform."""
+    if not _concrete(dout, q, k, v, out, lse):
+        return _jax_trace.backward(dout, q, k, v, out, lse, options)
+    backward = functools.partial(api.attention_backward, causal=options.causal,
+                                 window=options.window, scale=options.scale,
+                                 layout=options.layout)
+    if lse.dtype != jnp.float32:
+        # A traced forward keeps float64 statistics for float64 inputs; the core recomputes
+        # those and takes float32 (it only validates them).
+        lse = lse.astype(jnp.float32)
+    if _cpu_computes_in_float32(q):
+        grads = _eager_backward(backward, *(x.astype(jnp.float32) for x in (dout, q, k, v, out)),
+                                lse)
+        return tuple(g.astype(q.dtype) for g in grads)
+    return _eager_backward(backward, dout, q, k, v, out, lse)
+
+
+def _cpu_computes_in_float32(q) -> bool:
+    """bfloat16 on the CPU, which the NumPy path computes in float32 (as it does float16)."""
+    return (_dtypes.dtype_name(q.dtype) == _dtypes.BFLOAT16
+            and _interop.source_of(q, "q").device == "cpu")
 
 
 def _eager_backward(backward, *arrays):
@@ -121,37 +228,3 @@ def _eager_backward(backward, *arrays):
 
 def _concrete(*arrays) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in arrays)
-
-
-def _validate_traced(q, k, v, causal, window, scale, layout) -> api.Problem:
-    """Validate traced q, k, v at trace time, as the CPU path will see them in the callback.
-
-    The stand-ins are zero-stride NumPy views of one element: they have the shapes and dtypes of
-    the traced values and cost no memory.
-    """
-    dtype = _dtypes.dtype_name(q.dtype)
-    if dtype not in _dtypes.CPU_DTYPES:
-        raise TypeError(f"q: dtype {dtype} is not supported by cuflash.jax.attention under jax.jit "
-                        f"(it runs the CPU path there); expected one of "
-                        f"{', '.join(_dtypes.CPU_DTYPES)}. On a GPU call it outside jax.jit")
-    stand_ins = (np.broadcast_to(np.empty((), dtype=x.dtype), x.shape) for x in (q, k, v))
-    return api.validate(*stand_ins, causal=causal, window=window, scale=scale, layout=layout)
-
-
-def _host_call(fn, result_shapes, *arrays):
-    """``fn(*arrays)`` under a trace: a host callback on the CPU backend, an error on others."""
-
-    def on_host(*host_arrays):
-        return fn(*(np.asarray(x) for x in host_arrays))
-
-    def cpu(*xs):
-        return jax.pure_callback(on_host, result_shapes, *xs, vmap_method="sequential")
-
-    def other(*xs):
-        return jax.pure_callback(_refuse, result_shapes, *xs, vmap_method="sequential")
-
-    return jax.lax.platform_dependent(*arrays, cpu=cpu, default=other)
-
-
-def _refuse(*_):
-    raise NotImplementedError(_GPU_JIT_ERROR)

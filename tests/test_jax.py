@@ -1,15 +1,19 @@
-"""cuflash.jax.attention: eager, jax.grad, jax.jit (forward and grad) and vmap against the float64
-reference, by the accuracy rule of docs/api.md; GPU variants marked gpu and skipped, with the reason
-printed, where JAX sees no GPU.
-
-Under jax.jit the CPU backend runs the CPU path through a host callback; on a GPU it refuses with
-a clear error (see cuflash/jax.py), which the GPU tests check.
+"""cuflash.jax on JAX's CPU backend: eager, jax.jit, grad, value_and_grad, vmap, checkpoint and
+shard_map against the float64 reference by the accuracy rule of docs/api.md; dot_product_attention
+against jax.nn.dot_product_attention in float64; errors while tracing; the refusal of other
+platforms when XLA lowers; and the GPU path's trace-time planning and buffer callbacks, run on
+stand-ins of the GPU (planners and launches recorded, nothing executed). The GPU runs are in
+tests/test_gpu_jax.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -19,25 +23,28 @@ jax = pytest.importorskip("jax", reason="jax is not installed: cuflash.jax is un
 
 import jax.numpy as jnp  # noqa: E402
 
+from cuflash import _jax_gpu, _jax_trace, _kernel_call, _launch, api, reference  # noqa: E402
 from cuflash import jax as cuflash_jax  # noqa: E402
-from cuflash import reference  # noqa: E402
-from tests.accuracy import (  # noqa: E402
-    assert_matches_reference,
-    backward_eps,
-    naive_attention,
-    naive_attention_backward,
+from tests.jax_support import (  # noqa: E402
+    attention_of,
+    check_case,
+    check_grads,
+    close,
+    inputs,
+    loss_of,
+    x64,
 )
-from tests.strategies import Case, make_dout, make_inputs, to_bshd4  # noqa: E402
+from tests.strategies import Case  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
-def _cpu_default_device(request):
-    """Tests not marked gpu run on JAX's CPU backend, also on a machine whose default is a GPU."""
-    if request.node.get_closest_marker("gpu"):
-        yield
-        return
+def _cpu_default_device():
+    """Every test here runs on JAX's CPU backend, also on a machine whose default is a GPU."""
     with jax.default_device(jax.devices("cpu")[0]):
         yield
+
 
 CPU_CASES = [
     Case(2, 13, 31, 4, 2, 16, dtype="float32", causal=True),
@@ -45,170 +52,493 @@ CPU_CASES = [
     Case(1, 17, 17, 3, 3, 8, dtype="float32", layout="bhsd"),
     Case(1, 9, 20, 6, 2, 12, dtype="float64", causal=True, three_d=True),
     Case(2, 7, 11, 2, 1, 8, dtype="float16", causal=True),
+    Case(2, 19, 23, 4, 2, 16, dtype="bfloat16", window=(5, 2), layout="bhsd"),
 ]
 
 
-def _x64(case: Case):
-    """float64 JAX arrays exist only with jax_enable_x64; scope it to the test."""
-    return jax.enable_x64(True) if case.dtype == "float64" else contextlib.nullcontext()
-
-
-def _inputs(case: Case, seed: int, device=None):
-    """q, k, v, dout as NumPy arrays (the exact values) and as JAX arrays on `device`."""
-    arrays = (*make_inputs(case, np, seed), make_dout(case, np, seed))
-    return arrays, tuple(jax.device_put(jnp.asarray(x), device) for x in arrays)
-
-
-def _loss_and_fn(case: Case, dout):
-    def fn(q, k, v):
-        return cuflash_jax.attention(q, k, v, causal=case.causal, layout=case.layout)
-
-    def loss(q, k, v):
-        return jnp.sum(fn(q, k, v) * dout)
-
-    return fn, loss
-
-
-def _check_out(case: Case, arrays, out) -> None:
-    q, k, v, _ = arrays
-    opts = {"causal": case.causal, "scale": 1 / math.sqrt(case.head_dim)}
-    ref = reference.attention(q, k, v, causal=case.causal, layout=case.layout)
-    q4, k4, v4 = (to_bshd4(x, case) for x in (q, k, v))
-    naive, _ = naive_attention(q4, k4, v4, dtype=case.dtype, **opts)
-    assert out.dtype == q.dtype and out.shape == q.shape
-    assert_matches_reference("out", to_bshd4(np.asarray(out, dtype=np.float64), case),
-                             to_bshd4(ref, case), naive, dtype=case.dtype)
-
-
-def _check_grads(case: Case, arrays, grads) -> None:
-    q, k, v, dout = arrays
-    opts = {"causal": case.causal, "scale": 1 / math.sqrt(case.head_dim)}
-    refs = reference.attention_backward(dout, q, k, v, causal=case.causal, layout=case.layout)
-    q4, k4, v4, do4 = (to_bshd4(x, case) for x in arrays)
-    naives = naive_attention_backward(do4, q4, k4, v4, dtype=case.dtype, **opts)
-    eps = backward_eps(do4, q4, k4, v4, dtype=case.dtype, **opts)
-    for name, got, x, ref, naive, e in zip(("dq", "dk", "dv"), grads, (q, k, v), refs, naives,
-                                           eps, strict=True):
-        assert got.dtype == x.dtype and got.shape == x.shape, name
-        assert_matches_reference(name, to_bshd4(np.asarray(got, dtype=np.float64), case),
-                                 to_bshd4(ref, case), naive, dtype=case.dtype, eps=e)
-
-
-def _check_case(case: Case, jit: bool, device=None) -> None:
-    """Forward and jax.grad of one case; eager ones must not go through the host callback."""
-    eager_only = mock.patch.object(cuflash_jax, "_host_call",
-                                   side_effect=AssertionError("eager call used the callback"))
-    with _x64(case), contextlib.nullcontext() if jit else eager_only:
-        arrays, (q, k, v, dout) = _inputs(case, seed=9, device=device)
-        fn, loss = _loss_and_fn(case, dout)
-        grad = jax.grad(loss, argnums=(0, 1, 2))
-        if jit:
-            fn, grad = jax.jit(fn), jax.jit(grad)
-        _check_out(case, arrays, fn(q, k, v))
-        _check_grads(case, arrays, grad(q, k, v))
-
-
-# ---- CPU -------------------------------------------------------------------------------------
+# ---- eager and jit -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
 def test_eager_forward_and_grad_match_reference(case: Case):
-    _check_case(case, jit=False)
+    check_case(case, jit=False)
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
 def test_jit_forward_and_grad_match_reference(case: Case):
-    _check_case(case, jit=True)
+    check_case(case, jit=True)
 
 
 def test_eager_result_is_a_jax_array():
     case = CPU_CASES[0]
-    _, (q, k, v, _) = _inputs(case, seed=1)
+    _, (q, k, v, _) = inputs(case, seed=1)
     out = cuflash_jax.attention(q, k, v, causal=True)
     assert isinstance(out, jax.Array) and out.devices() == q.devices()
 
 
-def test_jit_value_and_grad_and_vmap():
+def test_jit_value_and_grad_matches_eager():
     case = CPU_CASES[2]
-    arrays, (q, k, v, dout) = _inputs(case, seed=2)
-    fn, loss = _loss_and_fn(case, dout)
+    arrays, (q, k, v, dout) = inputs(case, seed=2)
+    loss = loss_of(attention_of(case), dout)
     value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
-    np.testing.assert_allclose(value, loss(q, k, v), rtol=1e-6)
-    _check_grads(case, arrays, grads)
-    # vmap over a stack of problems equals one call per problem.
-    stacked = [jnp.stack([x, 2 * x]) for x in (q, k, v)]
-    batched = jax.jit(jax.vmap(fn))(*stacked)
-    for i in range(2):
-        np.testing.assert_allclose(batched[i], fn(*(x[i] for x in stacked)), rtol=1e-6,
-                                   atol=1e-6)
+    close(value, loss(q, k, v), rtol=1e-6)
+    check_grads(case, arrays, grads)
+
+
+def test_vjp_across_eager_and_jit():
+    """Residuals of an eager forward reach a jitted backward, and a jitted forward's an eager
+    backward (float64: the traced forward keeps float64 statistics, the eager one float32)."""
+    case = CPU_CASES[1]
+    with x64(case):
+        arrays, (q, k, v, dout) = inputs(case, seed=11)
+        fn = attention_of(case)
+        _, eager_vjp = jax.vjp(fn, q, k, v)
+        check_grads(case, arrays, jax.jit(eager_vjp)(dout))
+        _, traced_vjp = jax.jit(lambda q, k, v: jax.vjp(fn, q, k, v))(q, k, v)
+        check_grads(case, arrays, traced_vjp(dout))
+
+
+def test_checkpoint_recomputes_the_forward_and_matches():
+    case = CPU_CASES[0]
+    arrays, (q, k, v, dout) = inputs(case, seed=3)
+    loss = loss_of(attention_of(case), dout)
+    for policy in (None, jax.checkpoint_policies.everything_saveable):
+        grads = jax.jit(jax.grad(jax.checkpoint(loss, policy=policy), argnums=(0, 1, 2)))(q, k, v)
+        check_grads(case, arrays, grads)
 
 
 def test_static_options_are_not_traced():
     case = CPU_CASES[0]
-    _, (q, k, v, _) = _inputs(case, seed=3)
+    _, (q, k, v, _) = inputs(case, seed=3)
     causal = jax.jit(lambda q, k, v: cuflash_jax.attention(q, k, v, causal=True, scale=0.5))
     full = jax.jit(lambda q, k, v: cuflash_jax.attention(q, k, v, scale=0.5))
     ref = reference.attention(q, k, v, causal=True, scale=0.5)
-    np.testing.assert_allclose(causal(q, k, v), ref, rtol=1e-5, atol=1e-5)
+    close(causal(q, k, v), ref, rtol=1e-5, atol=1e-5)
     assert not np.allclose(full(q, k, v), ref, rtol=1e-3, atol=1e-3)
 
 
-def test_errors_are_raised_eagerly_and_while_tracing():
-    q = jnp.ones((2, 5, 4, 8))
-    k = jnp.ones((2, 7, 2, 6))
-    with pytest.raises(ValueError, match="k: head dim 6 differs"):
-        cuflash_jax.attention(q, k, k)
-    with pytest.raises(ValueError, match="k: head dim 6 differs"):
-        jax.jit(cuflash_jax.attention).trace(q, k, k)
-    with pytest.raises(ValueError, match="layout"):
-        jax.jit(lambda q: cuflash_jax.attention(q, q, q, layout="sbhd")).trace(q)
-    bf16 = q.astype(jnp.bfloat16)
-    with pytest.raises(TypeError, match=r"bfloat16 is not supported .* under jax\.jit"):
-        jax.jit(cuflash_jax.attention).trace(bf16, bf16, bf16)
+def test_new_shapes_trace_again_and_known_ones_do_not():
+    fn = jax.jit(lambda q, k, v: cuflash_jax.attention(q, k, v, causal=True))
+    shapes = [((2, 9, 4, 8), (2, 12, 2, 8)), ((1, 33, 2, 16), (1, 5, 1, 16)),
+              ((2, 9, 4, 8), (2, 12, 2, 8))]
+    rng = np.random.default_rng(0)
+    with mock.patch.object(_jax_trace, "validate", wraps=_jax_trace.validate) as traced:
+        for q_shape, k_shape in shapes:
+            q, k, v = (rng.standard_normal(s, dtype=np.float32) for s in (q_shape, k_shape,
+                                                                           k_shape))
+            close(fn(q, k, v), reference.attention(q, k, v, causal=True), rtol=1e-5, atol=1e-5)
+    assert traced.call_count == 2, "the repeated shape must reuse its compiled function"
 
 
-def test_the_non_cpu_branch_refuses_with_the_documented_message():
-    # What a GPU runs under jax.jit (the GPU tests below check it end to end).
-    with pytest.raises(NotImplementedError, match=r"cannot run inside jax\.jit on a GPU"):
-        cuflash_jax._refuse(np.ones(1))
+# ---- vmap: the mapped axis joins the batch -----------------------------------------------------
 
 
-# ---- GPU -------------------------------------------------------------------------------------
+def _callbacks(jaxpr) -> list:
+    """The host callbacks' equations anywhere in a jaxpr (closed or not), sub-jaxprs included."""
+    found = []
+    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+        if eqn.primitive.name == "pure_callback":
+            found.append(eqn)
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(item, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
+                    found += _callbacks(item)
+    return found
 
 
-@pytest.fixture
-def gpu():
-    """JAX's first GPU, or a skip (with the reason printed) where JAX has none."""
-    try:
-        return jax.devices("gpu")[0]
-    except RuntimeError as err:
-        reason = f"JAX sees no GPU ({err})"
-        print(f"skipping: {reason}")
-        pytest.skip(reason)
+@pytest.mark.parametrize("in_axes", [(0, 0, 0), (0, None, None), (1, 0, None)],
+                         ids=["all", "q-only", "moved"])
+def test_vmap_folds_the_mapped_axis_into_one_call(in_axes):
+    case = Case(2, 9, 14, 4, 2, 8, causal=True)
+    _, (q, k, v, _) = inputs(case, seed=4)
+
+    def stack(x, axis):
+        return x if axis is None else jnp.stack([x, 2 * x, -x], axis=axis)
+
+    args = [stack(x, a) for x, a in zip((q, k, v), in_axes, strict=True)]
+    fn = attention_of(case)
+    batched = jax.jit(jax.vmap(fn, in_axes=in_axes))(*args)
+    for i in range(3):
+        one = [x if a is None else jnp.take(x, i, axis=a)
+               for x, a in zip(args, in_axes, strict=True)]
+        close(batched[i], fn(*one))
+    (eqn,) = _callbacks(jax.make_jaxpr(jax.vmap(fn, in_axes=in_axes))(*args))
+    assert eqn.outvars[0].aval.shape == (3 * 2, 9, 4, 8), "one call over the folded batch"
 
 
-GPU_CASES = [
-    Case(2, 70, 129, 4, 2, 64, dtype="float16", causal=True),
-    Case(1, 129, 70, 4, 1, 128, dtype="bfloat16", causal=True, layout="bhsd"),
-    Case(1, 65, 65, 2, 2, 96, dtype="float32"),
+def test_vmap_of_3d_inputs_and_nested_vmaps():
+    case = Case(1, 11, 7, 2, 2, 8, causal=True, three_d=True, layout="bhsd")
+    _, (q, k, v, _) = inputs(case, seed=5)
+    fn = attention_of(case)
+    stacked = [jnp.stack([jnp.stack([x, 0.5 * x]), jnp.stack([-x, 3 * x])]) for x in (q, k, v)]
+    nested = jax.jit(jax.vmap(jax.vmap(fn)))(*stacked)
+    for i in range(2):
+        for j in range(2):
+            close(nested[i, j], fn(*(x[i, j] for x in stacked)))
+    (eqn,) = _callbacks(jax.make_jaxpr(jax.vmap(jax.vmap(fn)))(*stacked))
+    assert eqn.outvars[0].aval.shape == (4, 2, 11, 8)
+
+
+def test_vmap_of_grad_and_grad_of_vmap():
+    case = Case(2, 8, 10, 2, 1, 8, window=(3, 1))
+    arrays, (q, k, v, dout) = inputs(case, seed=6)
+    loss = loss_of(attention_of(case), dout)
+    qs = jnp.stack([q, 0.5 * q])
+    per_problem = [jax.grad(loss, argnums=(0, 1, 2))(x, k, v) for x in qs]
+    vmapped = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1, 2)), in_axes=(0, None, None)))(
+        qs, k, v)
+    summed = jax.jit(jax.grad(lambda qs, k, v: jax.vmap(loss, in_axes=(0, None, None))(
+        qs, k, v).sum(), argnums=(0, 1, 2)))(qs, k, v)
+    for i in range(2):
+        for got, want in zip(vmapped, per_problem[i], strict=True):
+            close(got[i], want, rtol=1e-5, atol=1e-5)
+        close(summed[0][i], per_problem[i][0], rtol=1e-5, atol=1e-5)
+    close(summed[1], per_problem[0][1] + per_problem[1][1], rtol=1e-5, atol=1e-5)
+    check_grads(case, arrays, per_problem[0])
+
+
+# ---- shard_map: two CPU devices in a fresh interpreter ----------------------------------------
+
+_SHARD_MAP_SCRIPT = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+from cuflash import jax as cuflash_jax, reference
+
+try:
+    shard_map = jax.shard_map
+except AttributeError:  # JAX < 0.7
+    from jax.experimental.shard_map import shard_map
+assert len(jax.devices()) == 2, jax.devices()
+mesh = Mesh(np.array(jax.devices()), ("x",))
+rng = np.random.default_rng(0)
+q = rng.standard_normal((4, 16, 4, 8), dtype=np.float32)
+k, v = (rng.standard_normal((4, 24, 2, 8), dtype=np.float32) for _ in range(2))
+dout = rng.standard_normal(q.shape, dtype=np.float32)
+
+def check(name, got, want):
+    err = float(np.abs(np.asarray(got, np.float64) - want).max())
+    assert err < 2e-5, (name, err)
+
+# Batch sharded: every operand varies over the mesh axis.
+fn = lambda q, k, v: cuflash_jax.attention(q, k, v, causal=True)
+sharded = jax.jit(shard_map(fn, mesh=mesh, in_specs=P("x"), out_specs=P("x")))
+check("out", sharded(q, k, v), reference.attention(q, k, v, causal=True))
+loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * dout)
+grads = jax.jit(jax.grad(loss(shard_map(fn, mesh=mesh, in_specs=P("x"), out_specs=P("x"))),
+                         argnums=(0, 1, 2)))(q, k, v)
+refs = reference.attention_backward(dout, q, k, v, causal=True)
+for name, g, r in zip(("dq", "dk", "dv"), grads, refs):
+    check(name, g, r)
+
+# Queries sharded along the sequence, keys and values replicated: dk and dv are summed over the
+# shards (the replicated operands are marked varying, whose transpose is a psum).
+full = lambda q, k, v: cuflash_jax.attention(q, k, v)
+seq = shard_map(full, mesh=mesh, in_specs=(P(None, "x"), P(), P()), out_specs=P(None, "x"))
+check("out (seq)", jax.jit(seq)(q, k, v), reference.attention(q, k, v))
+grads = jax.jit(jax.grad(loss(seq), argnums=(0, 1, 2)))(q, k, v)
+for name, g, r in zip(("dq", "dk", "dv"), grads, reference.attention_backward(dout, q, k, v)):
+    check(name + " (seq)", g, r)
+print("shard_map ok")
+"""
+
+
+def test_shard_map_on_a_two_device_cpu_mesh():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    run = subprocess.run([sys.executable, "-c", _SHARD_MAP_SCRIPT], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "shard_map ok" in run.stdout
+
+
+# ---- dot_product_attention ---------------------------------------------------------------------
+
+# (query shape, key shape, is_causal, local_window_size): Sq = Sk, Sq < Sk (keys cut off),
+# Sq > Sk, windows on either side, GQA, 3-D.
+DPA_CASES = [
+    ((2, 16, 4, 8), (2, 16, 2, 8), True, None),
+    ((2, 9, 4, 8), (2, 23, 4, 8), True, None),
+    ((1, 23, 2, 16), (1, 9, 1, 16), True, None),
+    ((2, 17, 4, 8), (2, 17, 4, 8), False, (3, 2)),
+    ((2, 11, 2, 8), (2, 30, 2, 8), False, (4, 6)),
+    ((2, 20, 2, 8), (2, 12, 2, 8), False, (10, 0)),
+    ((13, 4, 8), (19, 2, 8), True, 5),
+    ((2, 12, 2, 8), (2, 12, 2, 8), False, None),
 ]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
-def test_gpu_eager_forward_and_grad_match_reference(gpu, case: Case):
-    _check_case(case, jit=False, device=gpu)
+def _top_left_attention(q, k, v, *, is_causal, local_window_size, scale):
+    """jax.nn.dot_product_attention's masks spelled out in float64 (its own implementation runs
+    the softmax in float32): the oracle of the tests below."""
+    seqlen_q, seqlen_k = q.shape[-3], k.shape[-3]
+    i, j = jnp.arange(seqlen_q)[:, None], jnp.arange(seqlen_k)[None, :]
+    visible = jnp.ones((seqlen_q, seqlen_k), bool)
+    if is_causal:
+        visible &= j <= i
+    if local_window_size is not None:
+        left, right = ((local_window_size,) * 2 if isinstance(local_window_size, int)
+                       else local_window_size)
+        visible &= (i - left <= j) & (j <= i + right)
+    group = q.shape[-2] // k.shape[-2]
+    k, v = (jnp.repeat(x, group, axis=-2) for x in (k, v))
+    logits = jnp.einsum("...tnh,...snh->...nts", q, k) * scale
+    probabilities = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
+    return jnp.einsum("...nts,...snh->...tnh", probabilities, v)
 
 
-@pytest.mark.gpu
-def test_gpu_jit_raises_a_clear_error(gpu):
-    case = GPU_CASES[0]
-    _, (q, k, v, _) = _inputs(case, seed=4, device=gpu)
-    with pytest.raises(jax.errors.JaxRuntimeError, match=r"cannot run inside jax\.jit on a GPU"):
-        jax.jit(lambda q, k, v: cuflash_jax.attention(q, k, v))(q, k, v).block_until_ready()
+@pytest.mark.parametrize("shapes", DPA_CASES,
+                         ids=lambda c: f"q{c[0]}-k{c[1]}-causal{c[2]}-window{c[3]}")
+def test_dot_product_attention_matches_jax_nn(shapes):
+    q_shape, k_shape, is_causal, window = shapes
+    rng = np.random.default_rng(7)
+    with jax.enable_x64(True):
+        q, k, v = (jnp.asarray(rng.standard_normal(s)) for s in (q_shape, k_shape, k_shape))
+        dout = jnp.asarray(rng.standard_normal(q_shape))
+        options = {"is_causal": is_causal, "local_window_size": window, "scale": 0.3}
+
+        def ours(q, k, v):
+            return cuflash_jax.dot_product_attention(q, k, v, **options)
+
+        def oracle(q, k, v):
+            return _top_left_attention(q, k, v, **options)
+
+        out = jax.jit(ours)(q, k, v)
+        close(out, oracle(q, k, v), rtol=1e-10, atol=1e-10)
+        # JAX's own (float32 softmax) agrees to float32 precision: the same masks.
+        close(out, jax.nn.dot_product_attention(q, k, v, implementation="xla", **options),
+               rtol=1e-5, atol=1e-5)
+        grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * dout), argnums=(0, 1, 2)))(
+            q, k, v) for f in (ours, oracle)]
+        for got, want in zip(*grads, strict=True):
+            close(got, want, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.gpu
-def test_gpu_machine_can_still_jit_onto_the_cpu(gpu):
-    case = CPU_CASES[0]
-    _check_case(case, jit=True, device=jax.devices("cpu")[0])
+def test_dot_product_attention_in_float32_and_bfloat16():
+    rng = np.random.default_rng(8)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 33, 4, 16), dtype=np.float32))
+               for _ in range(3))
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+        args = [x.astype(dtype) for x in (q, k, v)]
+        got = jax.jit(lambda *a: cuflash_jax.dot_product_attention(*a, is_causal=True))(*args)
+        want = jax.nn.dot_product_attention(*args, is_causal=True)
+        assert got.dtype == dtype
+        close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"bias": np.zeros((1, 1, 8, 8))}, NotImplementedError, "bias: not supported"),
+    ({"mask": np.ones((1, 1, 8, 8), bool)}, NotImplementedError, "mask: not supported"),
+    ({"query_seq_lengths": np.ones(2, np.int32)}, NotImplementedError, "query_seq_lengths"),
+    ({"key_value_seq_lengths": np.ones(2, np.int32)}, NotImplementedError,
+     "key_value_seq_lengths"),
+    ({"implementation": "cudnn"}, ValueError, "implementation: expected None"),
+    ({"return_residual": True}, NotImplementedError, "return_residual"),
+    ({"local_window_size": (2, -1)}, ValueError, "local_window_size: expected"),
+    ({"local_window_size": 1.5}, ValueError, "local_window_size: expected"),
+    ({"is_causal": 1}, TypeError, "is_causal: expected True or False"),
+])
+def test_dot_product_attention_refuses_what_it_does_not_support(kwargs, error, match):
+    q = jnp.ones((2, 8, 2, 4))
+    with pytest.raises(error, match=match):
+        cuflash_jax.dot_product_attention(q, q, q, **kwargs)
+
+
+def test_dot_product_attention_refuses_rows_that_would_see_no_key():
+    q, k = jnp.ones((1, 20, 2, 4)), jnp.ones((1, 8, 2, 4))
+    with pytest.raises(ValueError, match=r"queries 10 and later with no key"):
+        jax.jit(lambda q, k: cuflash_jax.dot_product_attention(
+            q, k, k, local_window_size=(2, 0))).trace(q, k)
+    with pytest.raises(ValueError, match=r"query: expected \(B, T, N, H\)"):
+        cuflash_jax.dot_product_attention(q[0, 0], k, k)
+
+
+# ---- errors while tracing; other platforms -----------------------------------------------------
+
+
+@pytest.mark.parametrize(("q", "k", "kwargs", "error", "match"), [
+    ((2, 5, 4, 8), (2, 7, 2, 6), {}, ValueError, "k: head dim 6 differs"),
+    ((2, 5, 4, 8), (2, 7, 3, 8), {}, ValueError, r"k: query heads \(4\) must be"),
+    ((2, 5, 4, 8), (2, 7, 2, 8), {"layout": "sbhd"}, ValueError, "layout: expected"),
+    ((2, 5, 4, 8), (2, 7, 2, 8), {"scale": -1.0}, ValueError, "scale: expected a finite"),
+    ((2, 5, 4, 8), (2, 7, 2, 8), {"causal": 1}, TypeError, "causal: expected True or False"),
+    ((2, 5, 4, 8), (2, 7, 2, 8), {"window": (1, -2)}, ValueError, "window: right must be"),
+    ((5, 8), (7, 8), {}, ValueError, "q: expected 3 or 4 dimensions"),
+])
+def test_bad_input_raises_eagerly_and_while_tracing(q, k, kwargs, error, match):
+    q, k = jnp.ones(q), jnp.ones(k)
+
+    def fn(q, k):
+        return cuflash_jax.attention(q, k, k, **kwargs)
+
+    with pytest.raises(error, match=match):
+        fn(q, k)
+    with pytest.raises(error, match=match):
+        jax.jit(fn).trace(q, k)
+
+
+def test_bad_dtypes_raise_while_tracing():
+    q = jnp.ones((2, 5, 4, 8))
+    with pytest.raises(TypeError, match=r"q: dtype int32 is not supported by cuflash\.jax"):
+        jax.jit(cuflash_jax.attention).trace(*(q.astype(jnp.int32),) * 3)
+    with pytest.raises(TypeError, match=r"k: expected dtype float32 .* got float16"):
+        jax.jit(cuflash_jax.attention).trace(q, q.astype(jnp.float16), q)
+    with pytest.raises(TypeError, match=r"v: expected dtype bfloat16 .* got float32"):
+        jax.jit(cuflash_jax.attention).trace(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), q)
+
+
+def test_other_platforms_are_refused_when_lowered():
+    q = jnp.ones((2, 5, 4, 8))
+    traced = jax.jit(lambda q: cuflash_jax.attention(q, q, q)).trace(q)
+    with pytest.raises(NotImplementedError,
+                       match=r"runs on the CPU and on CUDA GPUs only \(compiling for tpu\)"):
+        traced.lower(lowering_platforms=("tpu",))
+
+
+# ---- the GPU path on stand-ins: planned while tracing, launched by its callbacks -------------
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """One CUDA device of compute capability 8.0 as far as planning goes: kernels are named but
+    not compiled, and every launch is recorded (its parameter block and stream), not run."""
+    cupy = pytest.importorskip("cupy", reason="cupy is not installed: the planners import it")
+
+    monkeypatch.setattr(_jax_gpu, "unusable_reason", lambda: None)
+    monkeypatch.setattr(_jax_gpu, "_devices", lambda: range(1))
+    monkeypatch.setattr(api, "compute_capability", lambda device: 80)
+    monkeypatch.setattr(cupy.cuda, "Device", lambda device: contextlib.nullcontext())
+    from cuflash import _compile
+
+    monkeypatch.setattr(_compile, "smem_limit", lambda device: 163 * 1024)
+    monkeypatch.setattr(_compile, "get_function", lambda spec, device, cc: types.SimpleNamespace(
+        kernel=types.SimpleNamespace(ptr=0xF00), name=spec.name))
+    launches = []
+
+    def launch(handle, gx, gy, gz, bx, by, bz, smem, stream, argv, extra):
+        launches.append((argv[0], getattr(stream, "value", stream)))
+        return 0
+
+    monkeypatch.setattr(_kernel_call, "_driver_launch", lambda: (launch, None))
+    return launches
+
+
+class _Buffer:
+    """What XLA hands a buffer callback on a GPU, as far as the callbacks look."""
+
+    def __init__(self, shape, address: int, device: int = 0):
+        self.shape, self.address, self.device = tuple(shape), address, device
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "data": (self.address, False), "version": 2}
+
+    def __dlpack_device__(self):
+        return 2, self.device
+
+
+def _params(argv0, dtype) -> np.ndarray:
+    import ctypes
+
+    return np.frombuffer(ctypes.string_at(argv0, dtype.itemsize), dtype=dtype)[0]
+
+
+def _stand_in_problem(case: Case) -> api.Problem:
+    """The problem the traced path validates for `case` (its arrays' shapes and dtype)."""
+    q, k = (jnp.ones(s, case.dtype) for s in (case.q_shape, case.kv_shape))
+    return _jax_trace.validate(q, k, k, _jax_trace.Options(case.causal, (-1, -1), None,
+                                                           case.layout))
+
+
+@pytest.mark.parametrize("case", [Case(2, 70, 129, 4, 2, 64, dtype="bfloat16", causal=True),
+                                  Case(1, 33, 17, 2, 1, 40, dtype="float16", layout="bhsd",
+                                       three_d=True),
+                                  Case(2, 9, 12, 2, 2, 32, dtype="float32", layout="bhsd")],
+                         ids=lambda c: c.id)
+def test_gpu_callbacks_launch_their_plans_on_xla_buffers(fake_gpu, case: Case):
+    problem = _stand_in_problem(case)
+    forward = _jax_gpu._ForwardLaunch({0: _jax_gpu._plan_forward(problem, 0)})
+    q, out = (_Buffer(case.q_shape, a) for a in (0x1000, 0x4000))
+    k, v = (_Buffer(case.kv_shape, a) for a in (0x2000, 0x3000))
+    lse = _Buffer(problem.lse_shape(), 0x5000)
+    forward(types.SimpleNamespace(stream=77), (out, lse), q, k, v)
+    ((argv0, stream),) = fake_gpu
+    params = _params(argv0, _launch.FWD_PARAMS)
+    assert stream == 77
+    assert [int(params[f]) for f in _launch.FWD_POINTERS] == [0x1000, 0x2000, 0x3000, 0x4000,
+                                                              0x5000]
+    # The strides are those of dense arrays of the caller's shapes, as the eager path sees them.
+    views = [api.to_bshd(np.empty(s, np.float32), problem)
+             for s in (case.q_shape, case.kv_shape, case.kv_shape, case.q_shape)]
+    expected = _launch.fwd_params(*views, variant=problem.variant, scale=problem.scale)
+    for field in _launch.FWD_PARAMS.names:
+        if field not in _launch.FWD_POINTERS:
+            assert params[field] == expected[field], field
+
+    fake_gpu.clear()
+    plan = _jax_gpu._plan_backward(problem, 0)
+    backward = _jax_gpu._BackwardLaunch({0: plan})
+    grads = [_Buffer(s, a) for s, a in ((case.q_shape, 0x6000), (case.kv_shape, 0x7000),
+                                        (case.kv_shape, 0x8000))]
+    scratch = _Buffer((plan.scratch_bytes,), 0x10000)
+    dout = _Buffer(case.q_shape, 0x9000)
+    backward(types.SimpleNamespace(stream=78), (*grads, scratch), dout, q, k, v, out, lse)
+    assert len(fake_gpu) == 3, "preprocess, dK/dV, convert"
+    for argv0, stream in fake_gpu:
+        params = _params(argv0, _launch.BWD_PARAMS)
+        assert stream == 78
+        assert [int(params[f]) for f in ("q", "k", "v", "o", "dout", "lse", "dq", "dk", "dv",
+                                         "delta")] == [0x1000, 0x2000, 0x3000, 0x4000, 0x9000,
+                                                       0x5000, 0x6000, 0x7000, 0x8000, 0x10000]
+        assert int(params["dq_accum"]) == 0x10000 + plan.dq_accum_offset > 0x10000
+
+
+def test_gpu_callbacks_check_the_device_and_the_alignment(fake_gpu):
+    case = Case(1, 8, 8, 2, 2, 32)
+    problem = _stand_in_problem(case)
+    forward = _jax_gpu._ForwardLaunch({0: _jax_gpu._plan_forward(problem, 0)})
+    ctx = types.SimpleNamespace(stream=1)
+    out, lse = _Buffer(case.q_shape, 0x400), _Buffer(problem.lse_shape(), 0x500)
+    with pytest.raises(RuntimeError, match=r"runs on CUDA device 1, but was planned for "
+                                           r"devices \[0\]"):
+        forward(ctx, (out, lse), *(_Buffer(case.q_shape, 0x100, device=1),) * 3)
+    with pytest.raises(RuntimeError, match="not 16-byte aligned"):
+        forward(ctx, (out, lse), _Buffer(case.q_shape, 0x108), _Buffer(case.q_shape, 0x200),
+                _Buffer(case.q_shape, 0x300))
+    assert not fake_gpu
+
+
+def test_gpu_branch_is_planned_while_tracing_and_lowered_as_buffer_callbacks(fake_gpu):
+    case = Case(2, 24, 40, 4, 2, 64, dtype="bfloat16", causal=True)
+    _, (q, k, v, dout) = inputs(case, seed=10)
+    loss = loss_of(attention_of(case), dout)
+    with mock.patch.object(_jax_gpu, "_plan_backward", wraps=_jax_gpu._plan_backward) as plans:
+        traced = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(q, k, v)
+        assert plans.call_count == 1, "the backward is planned while tracing"
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla_buffer_python_gpu_callback_cmd_buffer") == 2, "forward, backward"
+    assert "xla_ffi_python_cpu_callback" not in text
+    scratch = _jax_gpu._plan_backward(_stand_in_problem(case), 0).scratch_bytes
+    assert f"tensor<{scratch}xui8>" in text, "the scratch is an output XLA allocates"
+    assert not fake_gpu, "nothing is launched while tracing or lowering"
+
+
+def test_gpu_branch_without_a_gpu_says_why_when_lowered(monkeypatch):
+    monkeypatch.setattr(_jax_gpu, "unusable_reason", lambda: "CuPy sees no CUDA GPU (test)")
+    q = jnp.ones((2, 5, 4, 8))
+    traced = jax.jit(lambda q: cuflash_jax.attention(q, q, q)).trace(q)
+    with pytest.raises(NotImplementedError, match=r"cannot compile for CUDA in this process: "
+                                                  r"CuPy sees no CUDA GPU \(test\)"):
+        traced.lower(lowering_platforms=("cuda",))
+
+
+def test_placeholders_have_the_strides_of_the_eager_views():
+    for case in (Case(2, 5, 7, 4, 2, 8), Case(2, 5, 7, 4, 2, 8, layout="bhsd"),
+                 Case(1, 5, 7, 4, 2, 8, three_d=True), Case(1, 5, 7, 4, 2, 8, three_d=True,
+                                                             layout="bhsd")):
+        problem = _stand_in_problem(case)
+        for shape in (case.q_shape, case.kv_shape):
+            view = api.to_bshd(np.empty(shape, np.float32), problem)
+            stand_in = _jax_gpu.dense_bshd(shape, np.float32, problem)
+            assert (stand_in.shape, stand_in.strides) == (view.shape, view.strides), case.id
