@@ -197,11 +197,11 @@ def test_vmap_of_grad_and_grad_of_vmap():
     check_grads(case, arrays, per_problem[0])
 
 
-# ---- shard_map: two CPU devices in a fresh interpreter ----------------------------------------
+# ---- shard_map: four CPU devices in a fresh interpreter ---------------------------------------
 
 _SHARD_MAP_SCRIPT = """
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 from cuflash import jax as cuflash_jax, reference
@@ -210,8 +210,8 @@ try:
     shard_map = jax.shard_map
 except AttributeError:  # JAX < 0.7
     from jax.experimental.shard_map import shard_map
-assert len(jax.devices()) == 2, jax.devices()
-mesh = Mesh(np.array(jax.devices()), ("x",))
+assert len(jax.devices()) == 4, jax.devices()
+mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
 rng = np.random.default_rng(0)
 q = rng.standard_normal((4, 16, 4, 8), dtype=np.float32)
 k, v = (rng.standard_normal((4, 24, 2, 8), dtype=np.float32) for _ in range(2))
@@ -240,11 +240,21 @@ check("out (seq)", jax.jit(seq)(q, k, v), reference.attention(q, k, v))
 grads = jax.jit(jax.grad(loss(seq), argnums=(0, 1, 2)))(q, k, v)
 for name, g, r in zip(("dq", "dk", "dv"), grads, reference.attention_backward(dout, q, k, v)):
     check(name + " (seq)", g, r)
+
+# A two-axis mesh: batch over "data", heads over "model" (query heads 4 and kv heads 2 split in
+# two: each shard keeps whole GQA groups).
+mesh2 = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "model"))
+spec = P("data", None, "model")
+two = shard_map(fn, mesh=mesh2, in_specs=spec, out_specs=spec)
+check("out (2-axis)", jax.jit(two)(q, k, v), reference.attention(q, k, v, causal=True))
+grads = jax.jit(jax.grad(loss(two), argnums=(0, 1, 2)))(q, k, v)
+for name, g, r in zip(("dq", "dk", "dv"), grads, refs):
+    check(name + " (2-axis)", g, r)
 print("shard_map ok")
 """
 
 
-def test_shard_map_on_a_two_device_cpu_mesh():
+def test_shard_map_on_one_and_two_axis_cpu_meshes():
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     env.pop("XLA_FLAGS", None)
     run = subprocess.run([sys.executable, "-c", _SHARD_MAP_SCRIPT], capture_output=True,
