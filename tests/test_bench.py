@@ -447,3 +447,223 @@ def test_long_bench_without_a_gpu_says_so(capsys):
         pytest.skip("a CUDA GPU is present: the command would run the benchmark")
     assert bench.main(["--long", "--seqlens", "4k"]) == 2
     assert "bench --long needs a CUDA GPU" in capsys.readouterr().err
+
+
+# ---- bench --jax (cuflash.bench.jax_jit): everything but the GPU run ---------------------------
+
+
+def _jax_sees_a_gpu() -> bool:
+    try:
+        import jax
+
+        return jax.devices()[0].platform == "gpu"
+    except Exception:  # not installed, or no backend at all
+        return False
+
+
+def test_jax_bench_help_runs_without_importing_jax():
+    """``python -m cuflash bench --jax --help`` hands over to jax_jit's parser (listed in bench's
+    own --help) and needs no JAX."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from cuflash.bench import jax_jit
+
+    root = Path(bench.__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "cuflash", "bench", "--jax", "--help"], cwd=root,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m cuflash bench --jax")
+    for flag in ("--budget", "--repeats", "--head-dims", "--seqlens", "--xla-logits-gib", "--out"):
+        assert flag in proc.stdout
+    code = ("import sys\nfrom cuflash import bench\ntry:\n    bench.main(['--jax', '--help'])\n"
+            "except SystemExit as e:\n    print(e.code, 'jax' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "0 False"
+    assert bench.build_parser().parse_args(["--jax"]).jax  # listed in bench --help
+    args = jax_jit.build_parser().parse_args([])
+    assert (args.repeats, args.budget, args.head_dims, args.seqlens, args.xla_logits_gib,
+            args.out) == (5, 225.0, [128, 64], [1024, 2048, 4096, 8192, 16384], 4.0, None)
+    args = jax_jit.build_parser().parse_args(["--budget", "220", "--head-dims", "64",
+                                              "--seqlens", "1024", "4096", "--out", "o"])
+    assert (args.budget, args.head_dims, args.seqlens, str(args.out)) == (220.0, [64],
+                                                                           [1024, 4096], "o")
+    with pytest.raises(SystemExit):  # only the head dims of the sweep's model width
+        jax_jit.build_parser().parse_args(["--head-dims", "96"])
+
+
+def test_jax_bench_without_a_gpu_says_so(capsys):
+    pytest.importorskip("jax")
+    if _jax_sees_a_gpu():
+        pytest.skip("JAX sees a GPU: the command would run the benchmark")
+    assert bench.main(["--jax", "--budget", "1"]) == 2
+    assert "bench --jax needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_jax_bench_without_jax_says_so(capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "jax", None)  # `import jax` raises ImportError
+    assert bench.main(["--jax"]) == 2
+    assert "bench --jax needs JAX with a CUDA GPU; JAX is not importable" in capsys.readouterr().err
+
+
+def test_jax_bench_flops():
+    """Forward 4*B*H*S*S*D, x0.5 causal; the value_and_grad step 3.5x the forward."""
+    from cuflash.bench import jax_jit
+
+    b, h, s, d = 16, 16, 1024, 128
+    assert jax_jit.pass_flops(b, h, s, d, False, "fwd") == 4 * b * h * s * s * d
+    assert jax_jit.pass_flops(b, h, s, d, True, "fwd") == 2 * b * h * s * s * d
+    assert jax_jit.pass_flops(b, h, s, d, True, "fwd+bwd") == 3.5 * 2 * b * h * s * s * d
+    # Every row of the sweep does the same work per token: B*S and H*D fixed.
+    flops = {jax_jit.pass_flops(jax_jit.TOKENS // s, jax_jit.HEADS[d], s, d, False, "fwd") / s
+             for s in jax_jit.SEQLENS for d in jax_jit.HEADS}
+    assert flops == {4.0 * jax_jit.TOKENS * 2048}
+
+
+def _jax_rows() -> list[dict]:
+    """Two rows of the H100 run of 2026-12-06 (docs/notes/runs/jax-jit-h100-2026-12-06.txt)."""
+    return [
+        {"D": 128, "S": 2048, "B": 8, "H": 16, "causal": False,
+         "fwd cuflash": 661.8, "fwd cuflash first": 1.0, "fwd cudnn": 587.2,
+         "fwd cudnn first": 10.3, "fwd xla": 104.1, "fwd xla first": 29.9,
+         "fwd+bwd cuflash": 472.3, "fwd+bwd cuflash first": 1.5, "fwd+bwd cudnn": 460.1,
+         "fwd+bwd xla": 110.1},
+        {"D": 128, "S": 8192, "B": 2, "H": 16, "causal": True,
+         "fwd cuflash": 652.9, "fwd cudnn": 567.0, "fwd xla": "skip",
+         "fwd+bwd cuflash": 500.4, "fwd+bwd cudnn": 494.3, "fwd+bwd xla": "skip"},
+    ]
+
+
+_JAX_SMALL = [("cuflash", 96.0, 47.0), ("cudnn", 100.0, 51.0), ("xla", 81.0, 39.0)]
+
+
+def test_jax_bench_table_reproduces_the_recorded_run():
+    """The terminal table, line for line as the H100 run printed it."""
+    from cuflash.bench import jax_jit
+
+    rows = _jax_rows()
+    assert [jax_jit.progress_line(r) for r in rows] == [
+        "D128 S2048  B8  full     661.8    587.2    104.1    472.3    460.1    110.1",
+        "D128 S8192  B2  causal   652.9    567.0     skip    500.4    494.3     skip"]
+    assert jax_jit.table_lines(rows, _JAX_SMALL) == [
+        "",
+        "TFLOP/s, bf16, B*S = 16384 tokens; fwd = jitted forward, fwd+bwd = jitted value_and_grad "
+        "(3.5x the forward's FLOPs); cf = cuflash.jax.attention, cudnn / xla = "
+        "jax.nn.dot_product_attention(implementation=...)",
+        "                      |              forward               |        forward + backward "
+        "        ",
+        "   D      S   B mask  |     cf  cudnn    xla cf/cud cf/xla |     cf  cudnn    xla cf/cud "
+        "cf/xla",
+        "-" * 95,
+        " 128   2048   8 full  |  661.8  587.2  104.1   1.13   6.36 |  472.3  460.1  110.1   1.03"
+        "   4.29",
+        " 128   8192   2 causal|  652.9  567.0   skip   1.15      - |  500.4  494.3   skip   1.01"
+        "      -",
+        "first calls (trace, plan, compile; cuflash includes NVRTC where the kernel cache is "
+        "cold), seconds in all: cuflash 2.5, cudnn 10.3, xla 29.9",
+        "small jitted forward (B1 S128 H16 D128 bf16 causal), us per call: cuflash 96 latency / 47 "
+        "back-to-back; cudnn 100 latency / 51 back-to-back; xla 81 latency / 39 back-to-back",
+    ]
+    assert jax_jit.first_seconds(rows) == pytest.approx({"cuflash": 2.5, "cudnn": 10.3,
+                                                         "xla": 29.9})
+    lines = jax_jit.table_lines([{**rows[1], "fwd cudnn": "error", "fwd+bwd xla": "budget"}], [])
+    assert lines[-2] == (" 128   8192   2 causal|  652.9  error   skip      -      - |  500.4  "
+                         "494.3 budget   1.01      -")
+    assert lines[-1].endswith("seconds in all: ")  # no first call timed, no small call
+
+
+def test_jax_bench_markdown_and_outputs(tmp_path):
+    from cuflash.bench import jax_jit
+
+    rows = _jax_rows()
+    text = jax_jit.markdown(rows, _JAX_SMALL, ["a note"])
+    lines = text.splitlines()
+    assert lines[0].startswith("TFLOP/s, bf16, B*S = 16384 tokens;")
+    assert lines[2] == ("| D | S | B | mask | fwd cf | fwd cudnn | fwd xla | fwd cf/cudnn "
+                        "| fwd cf/xla | fwd+bwd cf | fwd+bwd cudnn | fwd+bwd xla "
+                        "| fwd+bwd cf/cudnn | fwd+bwd cf/xla |")
+    assert lines[3].count("|") == lines[2].count("|")
+    assert lines[4] == ("| 128 | 2048 | 8 | full | 661.8 | 587.2 | 104.1 | 1.13 | 6.36 | 472.3 "
+                        "| 460.1 | 110.1 | 1.03 | 4.29 |")
+    assert lines[5] == ("| 128 | 8192 | 2 | causal | 652.9 | 567.0 | skip | 1.15 | - | 500.4 "
+                        "| 494.3 | skip | 1.01 | - |")
+    assert lines[6:] == ["", jax_jit.firsts_line(rows), "", jax_jit.small_line(_JAX_SMALL), "",
+                         "a note"]
+
+    record = {"command": "python -m cuflash bench --jax --budget 220",
+              "environment": {"device": "NVIDIA H100 80GB HBM3", "jax": "0.11.2",
+                              "cuflash": "0.1.0", "source_digest": "0123456789ab",
+                              "date": "2026-12-06T00:00:00+00:00"},
+              "correctness": {"ok": True, "in_graph": True,
+                              "problem": "bf16, B2 Sq300 Sk357 H8/2 D64 causal", "outputs": []},
+              "rows": rows,
+              "small_call": [{"impl": i, "latency_us": lat, "back_to_back_us": thr}
+                             for i, lat, thr in _JAX_SMALL]}
+    paths = jax_jit.write_outputs(tmp_path / "out", record)
+    assert [p.name for p in paths] == ["jax_jit.json", "jax_jit.md"]
+    assert json.loads(paths[0].read_text()) == record
+    md = paths[1].read_text()
+    assert "| 128 | 2048 | 8 | full | 661.8 |" in md
+    assert "correctness (jitted, bf16, B2 Sq300 Sk357 H8/2 D64 causal): PASS" in md
+    assert ("NVIDIA H100 80GB HBM3, jax 0.11.2, cuflash 0.1.0 (source digest 0123456789ab), "
+            "2026-12-06T00:00:00+00:00; `python -m cuflash bench --jax --budget 220`") in md
+
+
+def test_jax_bench_out_records_the_run(tmp_path, monkeypatch, capsys):
+    """``--out``: main's record of a run (the GPU parts stubbed) is JSON with the environment."""
+    jax = pytest.importorskip("jax")
+    import cuflash
+    from cuflash.bench import jax_jit
+
+    class FakeGpu:
+        platform, device_kind = "gpu", "Fake GPU"
+
+    check = {"ok": True, "in_graph": True, "problem": "bf16, tiny", "outputs": []}
+    monkeypatch.setattr(jax, "devices", lambda *a: [FakeGpu()])
+    monkeypatch.setattr(jax_jit, "correctness", lambda: check)
+    seen = {}
+
+    def sweep(args, deadline):
+        seen["budget_left"] = deadline - time.perf_counter()
+        return _jax_rows()
+
+    monkeypatch.setattr(jax_jit, "sweep", sweep)
+    monkeypatch.setattr(jax_jit, "small_call", lambda repeats: _JAX_SMALL)
+    out = tmp_path / "o"
+    assert bench.main(["--jax", "--budget", "220", "--out", str(out)]) == 0
+    assert 200 < seen["budget_left"] <= 220 - jax_jit.SMALL_CALL_SECONDS
+    stdout = capsys.readouterr().out
+    assert stdout.startswith(f"cuflash {cuflash.__version__}, jax ") and "Fake GPU (gpu)" in stdout
+    assert " 128   2048   8 full  |  661.8" in stdout and "correctness: PASS;" in stdout
+    record = json.loads((out / "jax_jit.json").read_text())
+    assert record["command"] == f"python -m cuflash bench --jax --budget 220 --out {out}"
+    env = record["environment"]
+    assert env["jax"] == jax.__version__ and env["device"] == "Fake GPU"
+    assert len(env["source_digest"]) == 12 and env["date"]
+    assert record["config"]["budget"] == 220.0 and record["config"]["tokens"] == 16384
+    assert record["rows"] == _jax_rows() and record["correctness"] == check
+    assert record["small_call"][0] == {"impl": "cuflash", "shape": "B1 S128 H16 D128 bf16 causal",
+                                       "latency_us": 96.0, "back_to_back_us": 47.0}
+    assert record["first_call_seconds"]["cudnn"] == pytest.approx(10.3)
+    assert "| 128 | 8192 | 2 | causal | 652.9 |" in (out / "jax_jit.md").read_text()
+    monkeypatch.setattr(jax_jit, "correctness", lambda: {**check, "ok": False})
+    assert bench.main(["--jax", "--budget", "220"]) == 1  # a failed check fails the run
+
+
+def test_jax_bench_times_a_jitted_step_on_the_cpu():
+    """median_seconds over rotating input sets, on whatever device JAX has (XLA's attention)."""
+    pytest.importorskip("jax")
+    from cuflash.bench import jax_jit
+
+    sets = jax_jit.input_sets(1, 32, 2, 16, seed=0)
+    assert len(sets) == jax_jit.INPUT_SETS and sets[0][0].shape == (1, 32, 2, 16)
+    assert str(sets[0][0].dtype) == "bfloat16"
+    for mode in jax_jit.MODES:
+        first, seconds = jax_jit.median_seconds(jax_jit.jitted("xla", True, mode), sets, 2,
+                                                takes_dout=mode != "fwd")
+        assert first > 0 and seconds > 0

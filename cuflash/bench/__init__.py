@@ -28,8 +28,10 @@ benchmarks the CPU path against NumPy standard attention at small sizes, and say
 Modules: `config` (presets, cases, FLOPs), `impls` (what is timed), `devices` (GPU and CPU
 timing and memory), `measure` (the sweeps, ratio intervals, compile time), `provenance`
 (versions, git state, source digest), `report` (plots, Markdown, terminal), `cli` (the flags
-and `main`); `overhead` (``--overhead``), `window` (``--window``) and `long` (``--long``: causal
-forward and backward up to a million tokens, with peak memory) load only when asked for.
+and `main`); `overhead` (``--overhead``), `window` (``--window``), `long` (``--long``: causal
+forward and backward up to a million tokens, with peak memory) and `jax_jit` (``--jax``:
+`cuflash.jax.attention` under ``jax.jit`` against ``jax.nn.dot_product_attention``) load only
+when asked for.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """``python -m cuflash bench``'s command line: the flags, and `main`, which picks the device, runs
-the sweeps and writes and prints the results (``--overhead``, ``--window`` and ``--long`` hand
-over to `cuflash.bench.overhead`, `cuflash.bench.window` and `cuflash.bench.long`)."""
+the sweeps and writes and prints the results (``--overhead``, ``--window``, ``--long`` and
+``--jax`` hand over to `cuflash.bench.overhead`, `cuflash.bench.window`, `cuflash.bench.long` and
+`cuflash.bench.jax_jit`)."""
 
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ from cuflash.bench.report import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The flags of ``python -m cuflash bench`` (``--overhead``, ``--window`` and ``--long`` have
-    their own)."""
+    """The flags of ``python -m cuflash bench`` (``--overhead``, ``--window``, ``--long`` and
+    ``--jax`` have their own)."""
     parser = argparse.ArgumentParser(
         prog="python -m cuflash bench",
         description="Time cuflash against PyTorch SDPA's backends and standard attention "
@@ -58,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="time causal forward and backward at S = 128k..1M tokens, with peak "
                              "memory, against SDPA's flash backend instead (see python -m "
                              "cuflash bench --long --help)")
+    parser.add_argument("--jax", action="store_true",
+                        help="time cuflash.jax.attention under jax.jit against "
+                             "jax.nn.dot_product_attention (cuDNN, XLA) instead (see python -m "
+                             "cuflash bench --jax --help)")
     parser.add_argument("--quick", action="store_true",
                         help="preset of ~2 minutes on an H100: S 1k/4k/16k, D 64/128/256, bf16, "
                              "fwd, causal and not (CPU: a few seconds at tiny sizes)")
@@ -152,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         from cuflash.bench import long
 
         return long.main([a for a in argv if a != "--long"])
+    if "--jax" in argv:
+        from cuflash.bench import jax_jit
+
+        return jax_jit.main([a for a in argv if a != "--jax"])
     args = build_parser().parse_args(argv)
 
     no_gpu = None if args.device == "cpu" else find_gpu()
