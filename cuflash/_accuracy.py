@@ -53,16 +53,17 @@ def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
 
 def naive_attention(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, *, dtype: str, causal: bool, scale: float,
-    window=None,
+    window=None, softcap: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Plain attention in ``dtype``: returns ``(out, lse)`` as float64 arrays.
 
     q ``(B, Sq, Hq, D)``, k and v ``(B, Sk, Hkv, D)``. Half types follow a tensor-core framework:
     matmul inputs in the dtype, products accumulated in float32, softmax in float32, P rounded to
     the dtype before P @ V, output rounded to the dtype. float32 / float64 compute in the dtype.
-    lse ``(B, Hq, Sq)`` is rounded to float32, the dtype cuflash returns it in.
+    lse ``(B, Hq, Sq)`` is rounded to float32, the dtype cuflash returns it in. ``softcap > 0``
+    caps the scaled scores, ``softcap * tanh(s / softcap)``, in the compute dtype.
     """
-    p, lse = _naive_probabilities(q, k, dtype, causal, window, scale)
+    p, lse, _ = _naive_probabilities(q, k, dtype, causal, window, scale, softcap)
     out = np.matmul(round_to(p, dtype), _grouped_kv(round_to(v, dtype)))
     return _ungrouped(round_to(out, dtype)), round_to(lse, LSE_DTYPE).astype(np.float64)
 
@@ -77,6 +78,7 @@ def naive_attention_backward(
     causal: bool,
     scale: float,
     window=None,
+    softcap: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Plain attention backward in ``dtype`` (as autograd of :func:`naive_attention` would do it).
 
@@ -85,13 +87,13 @@ def naive_attention_backward(
     it meets q and k; each gradient is rounded to the dtype at the end.
     """
     hkv = k.shape[2]
-    p, _ = _naive_probabilities(q, k, dtype, causal, window, scale)
+    p, _, slope = _naive_probabilities(q, k, dtype, causal, window, scale, softcap)
     do_g = _grouped_q(round_to(dout, dtype), hkv)
     q_g = _grouped_q(round_to(q, dtype), hkv)
     k_g, v_g = _grouped_kv(round_to(k, dtype)), _grouped_kv(round_to(v, dtype))
     dv = np.matmul(round_to(p, dtype).swapaxes(-1, -2), do_g).sum(axis=2)
     dp = np.matmul(do_g, v_g.swapaxes(-1, -2))
-    ds = round_to(p * (dp - np.sum(p * dp, axis=-1, keepdims=True)), dtype)
+    ds = round_to(p * (dp - np.sum(p * dp, axis=-1, keepdims=True)) * slope, dtype)
     dq = np.matmul(ds, k_g) * p.dtype.type(scale)
     dk = np.matmul(ds.swapaxes(-1, -2), q_g).sum(axis=2) * p.dtype.type(scale)
     dk, dv = (round_to(x, dtype).swapaxes(1, 2).astype(np.float64) for x in (dk, dv))
@@ -108,6 +110,7 @@ def backward_eps(
     causal: bool,
     scale: float,
     window=None,
+    softcap: float = 0.0,
 ) -> tuple[float, float, float]:
     """eps for dq, dk, dv: ``EPS[dtype]`` times the largest magnitude each gradient is summed from.
 
@@ -117,12 +120,12 @@ def backward_eps(
     the rule no room. The magnitudes are the same sums taken over absolute values, in float64.
     """
     hkv = k.shape[2]
-    p, _ = _naive_probabilities(q, k, "float64", causal, window, scale)
+    p, _, slope = _naive_probabilities(q, k, "float64", causal, window, scale, softcap)
     do_g, q_g = (np.abs(_grouped_q(np.asarray(x, dtype=np.float64), hkv)) for x in (dout, q))
     k_g, v_g = (np.abs(_grouped_kv(np.asarray(x, dtype=np.float64))) for x in (k, v))
     dp_abs = np.matmul(do_g, v_g.swapaxes(-1, -2))
     delta_abs = np.sum(p * dp_abs, axis=-1, keepdims=True)  # >= |rowsum(dO * O)|
-    ds_abs = p * (dp_abs + delta_abs)
+    ds_abs = p * (dp_abs + delta_abs) * slope
     dq_mag = abs(scale) * np.matmul(ds_abs, k_g)
     dk_mag = abs(scale) * np.matmul(ds_abs.swapaxes(-1, -2), q_g).sum(axis=2)
     dv_mag = np.matmul(p.swapaxes(-1, -2), do_g).sum(axis=2)
@@ -243,15 +246,22 @@ def _first_bad(
 
 
 def _naive_probabilities(
-    q: np.ndarray, k: np.ndarray, dtype: str, causal: bool, window, scale: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax ``(B, Hkv, G, Sq, Sk)`` and lse ``(B, Hq, Sq)`` in the compute dtype; the mask
-    is the oracle's (`cuflash.reference.visible`)."""
+    q: np.ndarray, k: np.ndarray, dtype: str, causal: bool, window, scale: float,
+    softcap: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | float]:
+    """Softmax ``(B, Hkv, G, Sq, Sk)``, lse ``(B, Hq, Sq)`` and the softcap's slope
+    ``d s' / d s = 1 - tanh^2`` (1.0 without one) in the compute dtype; the mask is the
+    oracle's (`cuflash.reference.visible`)."""
     sq, hkv, sk = q.shape[1], k.shape[2], k.shape[1]
     s = np.matmul(
         _grouped_q(round_to(q, dtype), hkv), _grouped_kv(round_to(k, dtype)).swapaxes(-1, -2)
     )
     s *= s.dtype.type(scale)
+    slope = 1.0
+    if softcap:
+        tanh = np.tanh(s / s.dtype.type(softcap))
+        s = s.dtype.type(softcap) * tanh
+        slope = 1 - tanh * tanh
     seen = reference.visible(sq, sk, causal=causal, window=window)
     if seen is not None:
         s[..., ~seen] = -np.inf
@@ -263,7 +273,7 @@ def _naive_probabilities(
     with np.errstate(divide="ignore"):  # log(0) = -inf for rows that see no key
         lse = (m + np.log(row_sum))[..., 0]
     b, hkv, g, _ = lse.shape
-    return p, lse.reshape(b, hkv * g, sq)
+    return p, lse.reshape(b, hkv * g, sq), slope
 
 
 def _grouped_q(x: np.ndarray, hkv: int) -> np.ndarray:

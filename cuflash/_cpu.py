@@ -38,7 +38,8 @@ def forward(
     Args:
         q: ``(B, Sq, Hq, D)``; k, v: ``(B, Sk, Hkv, D)``; one dtype among float16/32/64, any
             strides. ``Hq % Hkv == 0``.
-        variant: the mask (`Variant.key_bounds`: the keys each query sees).
+        variant: the mask (`Variant.key_bounds`: the keys each query sees) and the softcap
+            (``variant.softcap > 0``: scores become ``softcap * tanh(scale * s / softcap)``).
         scale: softmax scale.
 
     Returns:
@@ -54,13 +55,15 @@ def forward(
 
     out = np.empty((b, sq, hq, d), dtype=q.dtype)
     lse = np.empty((b, hq, sq), dtype=np.float32)
+    cap = _Softcap.of(variant, scale, dtype)
     for i0 in range(0, sq, BLOCK_Q):
         i1 = min(i0 + BLOCK_Q, sq)
         q_blk = _rows(q_t, i0, i1)  # (B, Hkv, G * bq, D)
-        state = _OnlineSoftmax(q_blk.shape[:-1], d, dtype, scale)
+        state = _OnlineSoftmax(q_blk.shape[:-1], d, dtype, cap.softmax_scale(scale))
         for j0, j1, hidden in _key_blocks(i0, i1, sq, sk, variant):
-            # -- online softmax of q k^T, and p @ v --
-            state.update(_scores(q_blk, k_t, j0, j1, hidden), v_t[:, :, j0:j1], hidden)
+            # -- online softmax of q k^T (capped), and p @ v --
+            s, _ = _scores(q_blk, k_t, j0, j1, hidden, cap)
+            state.update(s, v_t[:, :, j0:j1], hidden)
         o_blk, lse_blk = state.finalize()
         out[:, i0:i1] = _ungroup(o_blk, i1 - i0).swapaxes(1, 2)
         lse[:, :, i0:i1] = lse_blk.reshape(b, hq, i1 - i0)
@@ -99,6 +102,8 @@ def backward(
     sk, hkv = k.shape[1], k.shape[2]
     dtype = _compute_dtype(q.dtype)
     scale_t = dtype.type(scale)
+    cap = _Softcap.of(variant, scale, dtype)
+    softmax_scale = cap.softmax_scale(scale)
     q_t = _grouped_q(q, hkv, dtype)
     do_t = _grouped_q(dout, hkv, dtype)
     # -- preprocess: delta = rowsum(dO * O), the softmax-backward term --
@@ -112,17 +117,18 @@ def backward(
         i1 = min(i0 + BLOCK_Q, sq)
         q_blk, do_blk = _rows(q_t, i0, i1), _rows(do_t, i0, i1)
         delta_blk = _rows(delta_t[..., None], i0, i1)  # (B, Hkv, G * bq, 1)
-        stats = _RowStatistics(q_blk.shape[:-1], dtype, scale)
+        stats = _RowStatistics(q_blk.shape[:-1], dtype, softmax_scale)
         for j0, j1, hidden in _key_blocks(i0, i1, sq, sk, variant):
-            stats.fold(_scores(q_blk, k_t, j0, j1, hidden))
+            stats.fold(_scores(q_blk, k_t, j0, j1, hidden, cap)[0])
         m_blk, log_l_blk = stats.normaliser()
         dq_blk = np.zeros_like(q_blk)
         for j0, j1, hidden in _key_blocks(i0, i1, sq, sk, variant):
             k_blk, v_blk = k_t[:, :, j0:j1], v_t[:, :, j0:j1]
-            # -- recompute P = exp(scale * (s - m) - log l) --
-            p = _scores(q_blk, k_t, j0, j1, hidden)
+            # -- recompute P = exp(scale * (s - m) - log l) (capped: exp(s' - m - log l)) --
+            p, tanh = _scores(q_blk, k_t, j0, j1, hidden, cap)
             np.subtract(p, m_blk, out=p)
-            np.multiply(p, scale_t, out=p)
+            if not cap:
+                np.multiply(p, scale_t, out=p)
             np.subtract(p, log_l_blk, out=p)
             np.exp(p, out=p)
             # -- dV += P^T dO (the matmul sums the group's query heads) --
@@ -131,6 +137,8 @@ def backward(
             ds = np.matmul(do_blk, v_blk.swapaxes(-1, -2))
             np.subtract(ds, delta_blk, out=ds)
             np.multiply(ds, p, out=ds)
+            if cap:  # through s' = cap * tanh(scale * s / cap): times 1 - tanh^2 (and scale)
+                np.multiply(ds, 1 - tanh * tanh, out=ds)
             # -- dQ += dS K, dK += dS^T Q (both times scale at the end) --
             dq_blk += np.matmul(ds, k_blk)
             dk_t[:, :, j0:j1] += np.matmul(ds.swapaxes(-1, -2), q_blk)
@@ -141,17 +149,48 @@ def backward(
     return dq, dk, dv
 
 
-def _scores(q_blk: np.ndarray, k_t: np.ndarray, j0: int, j1: int, hidden: np.ndarray | None
-            ) -> np.ndarray:
-    """Raw scores ``q k^T`` ``(B, Hkv, G * bq, bk)`` of a query block against keys ``[j0, j1)``,
-    -inf where ``hidden`` (``(bq, bk)``, None: nothing masked) says the query does not see the
-    key."""
+def _scores(q_blk: np.ndarray, k_t: np.ndarray, j0: int, j1: int, hidden: np.ndarray | None,
+            cap: _Softcap) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scores ``(B, Hkv, G * bq, bk)`` of a query block against keys ``[j0, j1)``, -inf where
+    ``hidden`` (``(bq, bk)``, None: nothing masked) says the query does not see the key, and
+    their tanh. Without a softcap: the raw ``q k^T`` (the scale is applied later, inside the
+    exponent) and None. With one: ``s' = cap * tanh(scale * q k^T / cap)`` and the tanh (0
+    where hidden, so that a hidden key's NaN stays out of the gradients)."""
     s = np.matmul(q_blk, k_t[:, :, j0:j1].swapaxes(-1, -2))
+    tanh = None
+    if cap:
+        np.multiply(s, cap.inner, out=s)
+        np.tanh(s, out=s)
+        tanh = s.copy()
+        np.multiply(s, cap.value, out=s)
     if hidden is not None:
         b, hkv, rows, bk = s.shape
         bq = hidden.shape[0]
-        np.copyto(s.reshape(b, hkv, rows // bq, bq, bk), -np.inf, where=hidden)
-    return s
+        for x, fill in ((s, -np.inf), (tanh, 0.0)):
+            if x is not None:
+                np.copyto(x.reshape(b, hkv, rows // bq, bq, bk), fill, where=hidden)
+    return s, tanh
+
+
+class _Softcap:
+    """The softcap of a variant in the compute dtype: ``value`` and ``inner = scale / value``;
+    false when off."""
+
+    def __init__(self, value: float, scale: float, dtype: np.dtype) -> None:
+        self.value = dtype.type(value)
+        self.inner = dtype.type(scale / value) if value else dtype.type(0)
+
+    @classmethod
+    def of(cls, variant: Variant, scale: float, dtype: np.dtype) -> _Softcap:
+        return cls(variant.softcap, scale, dtype)
+
+    def __bool__(self) -> bool:
+        return bool(self.value)
+
+    def softmax_scale(self, scale: float) -> float:
+        """The factor the softmax applies to the scores: `scale` for raw ones, 1 for capped
+        ones (already scaled)."""
+        return 1.0 if self else scale
 
 
 class _RowStatistics:

@@ -254,8 +254,8 @@ class AutogradReplay:
 
         self.attention = cuflash_torch.attention
         # A variant's window, (-1, 0) for causal, names it to cuflash.torch in full.
-        self.options = {"window": variant.window, "scale": scale, "layout": layout,
-                        "return_lse": return_lse}
+        self.options = {"window": variant.window, "scale": scale, "softcap": variant.softcap,
+                        "layout": layout, "return_lse": return_lse}
 
     def __call__(self, q, k, v, out=None):
         return self.attention(q, k, v, **self.options)

@@ -27,12 +27,15 @@ _CPP_MASK = {"none": "cuflash::NoMask", "causal": "cuflash::CausalMask",
 
 @dataclass(frozen=True)
 class Variant:
-    """The kind of attention: today its mask; score modifications will join as fields.
+    """The kind of attention: its mask and its score modifications.
 
     Attributes:
         mask: ``"none"``, ``"causal"`` or ``"window"``: the compile-time mask kind.
         left, right: the window's reach before and after the diagonal (-1: unbounded). Only
             ``"window"`` reads them; the other kinds hold (-1, -1) and (-1, 0).
+        softcap: ``> 0``: scores (after scaling) become ``softcap * tanh(s / softcap)``; 0: off.
+            The CPU path computes it; the CUDA kernels do not yet (`cuflash.api` refuses it
+            there, naming the argument).
 
     Build one with `Variant.of`, which normalises equal masks to one variant: a window of
     (-1, -1) is ``"none"`` and (-1, 0) is ``"causal"``, so they share kernels bit for bit.
@@ -41,18 +44,21 @@ class Variant:
     mask: str = "none"
     left: int = -1
     right: int = -1
+    softcap: float = 0.0
 
     @staticmethod
-    def of(*, causal: bool = False, window=None) -> Variant:
-        """The variant of `attention`'s ``causal`` and ``window`` arguments (both validated)."""
+    def of(*, causal: bool = False, window=None, softcap=0.0) -> Variant:
+        """The variant of `attention`'s ``causal``, ``window`` and ``softcap`` arguments (all
+        validated)."""
         left, right = check_window(window)
+        cap = check_softcap(softcap)
         if causal:
             right = 0  # causal clips the window's right side to the diagonal
         if left < 0 and right < 0:
-            return Variant("none")
+            return Variant("none", softcap=cap)
         if left < 0 and right == 0:
-            return Variant("causal", -1, 0)
-        return Variant("window", left, right)
+            return Variant("causal", -1, 0, cap)
+        return Variant("window", left, right, cap)
 
     @property
     def causal(self) -> bool:
@@ -131,6 +137,21 @@ def from_top_left(left: int, right: int, seqlen_q: int,
                          f"leaves queries {seqlen_k + left} and later with no key to see, which "
                          f"cuflash's bottom-right aligned window cannot express")
     return (new_left, -1 if right < 0 else right - shift), keys
+
+
+# The largest softcap: scores are capped in the compute dtype, float32 included.
+MAX_SOFTCAP = float(np.finfo(np.float32).max)
+
+
+def check_softcap(softcap) -> float:
+    """`softcap` as a float in [0, MAX_SOFTCAP] (0: off). Raises naming ``softcap``."""
+    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap: expected a real number >= 0 (0: off), got {softcap!r}")
+    value = float(softcap)
+    if not 0.0 <= value <= MAX_SOFTCAP:  # NaN fails too
+        raise ValueError(f"softcap: expected a finite number >= 0 and at most {MAX_SOFTCAP:.5g} "
+                         f"(0: off), got {value!r}")
+    return value
 
 
 def check_window(window) -> tuple[int, int]:

@@ -62,8 +62,8 @@ class Problem:
 
 
 def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None = None,
-              scale: float | None = None, layout: str = "bshd", return_lse: bool = False,
-              out=None):
+              scale: float | None = None, softcap: float = 0.0, layout: str = "bshd",
+              return_lse: bool = False, out=None):
     """Exact scaled dot-product attention, softmax(scale * q k^T) v, without an N x N matrix.
 
     Args:
@@ -82,6 +82,9 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
             Work is skipped tile by tile: time grows with the window, not with Sk.
         scale: softmax scale, a number in ``(0, MAX_SCALE]`` (about 2.3587e38: scale * log2(e)
             must be finite in float32); defaults to ``1 / sqrt(D)``.
+        softcap: ``> 0``: logit soft-capping (Gemma 2, Grok): the scaled scores become
+            ``softcap * tanh(s / softcap)`` before the softmax; 0 (the default) is off. The CPU
+            path only for now: on CUDA a nonzero softcap raises NotImplementedError.
         layout: ``"bshd"`` (flash-attn / JAX order) or ``"bhsd"`` (PyTorch SDPA order).
         return_lse: also return the log-sum-exp of each query row.
         out: optional array of the output's shape and dtype, in the caller's framework and on
@@ -99,12 +102,13 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
     See also: `attention_backward`, `cuflash.reference.attention`, `cuflash.jax.attention`.
     """
     key = _replay.forward_key(q, k, v, out, (causal, type(causal), _replay.window_key(window),
-                                             scale, type(scale), layout, return_lse,
-                                             type(return_lse)))
+                                             scale, type(scale), softcap, type(softcap), layout,
+                                             return_lse, type(return_lse)))
     replay = _replay.lookup(key)
     if replay is not None:
         return replay(q, k, v, out)
-    problem = validate(q, k, v, causal=causal, window=window, scale=scale, layout=layout)
+    problem = validate(q, k, v, causal=causal, window=window, scale=scale, layout=layout,
+                       softcap=softcap)
     _check_flag("return_lse", return_lse)
     if problem.source.framework == "torch" and out is None and _wants_grad(q, k, v):
         replay = _replay.AutogradReplay(problem.variant, problem.scale, layout, return_lse)
@@ -142,12 +146,12 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
 
 def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
                        window: tuple[int, int] | None = None, scale: float | None = None,
-                       layout: str = "bshd", deterministic: bool = False):
+                       softcap: float = 0.0, layout: str = "bshd", deterministic: bool = False):
     """Gradients of `attention` with respect to q, k and v.
 
     Args:
         dout: gradient of the output, shaped like `q`.
-        q, k, v, causal, window, scale, layout: exactly as passed to `attention`.
+        q, k, v, causal, window, scale, softcap, layout: exactly as passed to `attention`.
         out: the forward's output.
         lse: the forward's log-sum-exp (``return_lse=True``), float32 ``(B, Hq, Sq)``.
         deterministic: on the GPU, compute dq without atomics so results are bit-identical run
@@ -164,12 +168,13 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
     """
     arrays = (dout, q, k, v, out, lse)
     key = _replay.backward_key(arrays, (causal, type(causal), _replay.window_key(window), scale,
-                                        type(scale), layout, deterministic,
-                                        type(deterministic)))
+                                        type(scale), softcap, type(softcap), layout,
+                                        deterministic, type(deterministic)))
     replay = _replay.lookup(key)
     if replay is not None:
         return replay(*arrays)
-    problem = validate(q, k, v, causal=causal, window=window, scale=scale, layout=layout)
+    problem = validate(q, k, v, causal=causal, window=window, scale=scale, layout=layout,
+                       softcap=softcap)
     _check_flag("deterministic", deterministic)
     q_shape = problem.caller_shape(problem.seqlen_q, problem.heads_q)
     for name, x in (("dout", dout), ("out", out)):
@@ -204,12 +209,13 @@ def _refuse_first_call_in_capture(src: _interop.Source) -> None:
 # ---- validation ------------------------------------------------------------------------------
 
 
-def validate(q, k, v, *, causal, scale, layout, window=None) -> Problem:
-    """Check q, k, v and the options; raise TypeError/ValueError naming what is wrong."""
+def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0) -> Problem:
+    """Check q, k, v and the options; raise TypeError/ValueError naming what is wrong (and
+    NotImplementedError for an option the inputs' device does not compute yet)."""
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     _check_flag("causal", causal)
-    variant = Variant.of(causal=bool(causal), window=window)
+    variant = Variant.of(causal=bool(causal), window=window, softcap=softcap)
     for name, x in (("q", q), ("k", k), ("v", v)):
         _refuse_masked(name, x)
     sources = {name: _interop.source_of(x, name) for name, x in (("q", q), ("k", k), ("v", v))}
@@ -220,6 +226,11 @@ def validate(q, k, v, *, causal, scale, layout, window=None) -> Problem:
                 f"{name}: expected the same framework and device as q ({src.describe()}), "
                 f"got {sources[name].describe()}"
             )
+
+    if variant.softcap and src.device == "cuda":
+        raise NotImplementedError(
+            f"softcap: not yet computed by the CUDA kernels (got softcap={variant.softcap!r} for "
+            f"{src.describe()} inputs); the CPU path and cuflash.reference compute it")
 
     dtypes = {name: _interop.dtype_name(x) for name, x in (("q", q), ("k", k), ("v", v))}
     allowed = _dtypes.GPU_DTYPES if src.device == "cuda" else _dtypes.CPU_DTYPES

@@ -1,0 +1,154 @@
+"""Logit soft-capping (``softcap``) on the CPU path: forward and backward against the float64
+oracle by the accuracy rule, through NumPy and through torch autograd; argument validation; the
+variant it makes; and the refusal on CUDA, where the kernels do not compute it yet."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cuflash
+from cuflash import reference
+from cuflash._variant import Variant
+from tests.accuracy import (
+    assert_matches_reference,
+    backward_eps,
+    naive_attention,
+    naive_attention_backward,
+)
+from tests.strategies import examples
+
+BAD_SOFTCAPS = [
+    (True, TypeError, "real number"),
+    ("1", TypeError, "real number"),
+    (None, TypeError, "real number"),
+    (-0.5, ValueError, ">= 0"),
+    (float("nan"), ValueError, ">= 0"),
+    (float("inf"), ValueError, ">= 0"),
+    (1e39, ValueError, "at most"),
+]
+
+
+def _inputs(rng, b, sq, sk, hq, hkv, d, dtype, spread):
+    q = (rng.standard_normal((b, sq, hq, d)) * spread).astype(dtype)
+    k = (rng.standard_normal((b, sk, hkv, d)) * spread).astype(dtype)
+    v = rng.standard_normal((b, sk, hkv, d)).astype(dtype)
+    return q, k, v
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(data=st.data())
+def test_softcap_matches_the_reference(data):
+    """Random shapes, GQA, masks, scales and caps (from tight, where most scores saturate, to
+    loose), every CPU dtype: out, lse, dq, dk, dv by the accuracy rule."""
+    draw = data.draw
+    dtype = draw(st.sampled_from(["float16", "float32", "float64"]))
+    hkv = draw(st.integers(1, 2))
+    hq = hkv * draw(st.integers(1, 3))
+    b, sq, sk = draw(st.integers(1, 2)), draw(st.integers(0, 40)), draw(st.integers(0, 40))
+    d = draw(st.sampled_from([1, 8, 16, 33]))
+    mask = draw(st.sampled_from([{}, {"causal": True},
+                                 {"window": (draw(st.integers(-1, 9)), draw(st.integers(-1, 9)))}]))
+    softcap = draw(st.sampled_from([0.3, 1.0, 5.0, 50.0]))
+    scale = draw(st.sampled_from([None, 0.2, 1.7]))
+    spread = draw(st.sampled_from([1.0, 4.0]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    q, k, v = _inputs(rng, b, sq, sk, hq, hkv, d, dtype, spread)
+    dout = rng.standard_normal(q.shape).astype(dtype)
+    opts = {**mask, "scale": scale, "softcap": softcap}
+
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **opts)
+    q64, k64, v64, do64 = (x.astype(np.float64) for x in (q, k, v, dout))
+    ref, ref_lse = reference.attention(q64, k64, v64, return_lse=True, **opts)
+    s = 1.0 / np.sqrt(d) if scale is None else scale
+    naive_opts = {"causal": mask.get("causal", False), "window": mask.get("window"), "scale": s,
+                  "softcap": softcap}
+    naive, naive_lse = naive_attention(q64, k64, v64, dtype=dtype, **naive_opts)
+    assert_matches_reference("out", out, ref, naive, dtype=dtype)
+    assert_matches_reference("lse", lse, ref_lse, naive_lse, dtype="float32")
+
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, **opts)
+    refs = reference.attention_backward(do64, q64, k64, v64, **opts)
+    naives = naive_attention_backward(do64, q64, k64, v64, dtype=dtype, **naive_opts)
+    eps = backward_eps(do64, q64, k64, v64, dtype=dtype, **naive_opts)
+    for name, g, r, n, e in zip(("dq", "dk", "dv"), grads, refs, naives, eps, strict=True):
+        assert_matches_reference(name, g, r, n, dtype=dtype, eps=e)
+
+
+def test_softcap_changes_the_result_and_bounds_the_scores():
+    """A tight cap differs from no cap; every capped score lies in (-cap, cap), so lse is at most
+    cap + log(Sk) (a check that cannot pass by ignoring the argument)."""
+    rng = np.random.default_rng(3)
+    q, k, v = _inputs(rng, 1, 20, 30, 2, 2, 16, np.float64, 5.0)
+    plain, plain_lse = cuflash.attention(q, k, v, return_lse=True)
+    capped, capped_lse = cuflash.attention(q, k, v, softcap=0.5, return_lse=True)
+    assert np.max(np.abs(plain - capped)) > 1e-2
+    assert np.all(capped_lse <= 0.5 + np.log(30) + 1e-12)
+    assert np.any(plain_lse > 0.5 + np.log(30))
+
+
+def test_softcap_zero_is_no_cap_bit_for_bit():
+    rng = np.random.default_rng(4)
+    q, k, v = _inputs(rng, 2, 11, 17, 4, 2, 8, np.float32, 1.0)
+    for mask in ({}, {"causal": True}, {"window": (3, 1)}):
+        np.testing.assert_array_equal(cuflash.attention(q, k, v, softcap=0.0, **mask),
+                                      cuflash.attention(q, k, v, **mask))
+
+
+def test_softcap_through_torch_autograd_on_the_cpu():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    q, k, v = _inputs(rng, 1, 9, 12, 4, 2, 8, np.float64, 3.0)
+    dout = rng.standard_normal(q.shape)
+    leaves = [torch.tensor(x, requires_grad=True) for x in (q, k, v)]
+    for entry in (cuflash.attention, cuflash.torch.attention):
+        for x in leaves:
+            x.grad = None
+        out = entry(*leaves, causal=True, softcap=1.5)
+        out.backward(torch.tensor(dout))
+        np.testing.assert_allclose(out.detach().numpy(),
+                                   reference.attention(q, k, v, causal=True, softcap=1.5),
+                                   rtol=0, atol=1e-12)
+        refs = reference.attention_backward(dout, q, k, v, causal=True, softcap=1.5)
+        for x, r in zip(leaves, refs, strict=True):
+            np.testing.assert_allclose(x.grad.numpy(), r, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("softcap, error, words", BAD_SOFTCAPS)
+def test_bad_softcap_is_refused_naming_it(softcap, error, words):
+    q, k, v = _inputs(np.random.default_rng(0), 1, 4, 4, 2, 2, 8, np.float32, 1.0)
+    out = np.zeros_like(q)
+    for call in (lambda: cuflash.attention(q, k, v, softcap=softcap),
+                 lambda: cuflash.attention_backward(out, q, k, v, out,
+                                                    np.zeros((1, 2, 4), np.float32),
+                                                    softcap=softcap),
+                 lambda: Variant.of(softcap=softcap)):
+        with pytest.raises(error, match=words) as raised:
+            call()
+        assert str(raised.value).startswith("softcap: ")
+
+
+def test_variant_keeps_the_cap_with_every_mask():
+    assert Variant.of(softcap=2) == Variant("none", softcap=2.0)
+    assert Variant.of(causal=True, softcap=2) == Variant("causal", -1, 0, 2.0)
+    assert Variant.of(window=(3, 1), softcap=np.float32(2)) == Variant("window", 3, 1, 2.0)
+    assert Variant.of(causal=True).softcap == 0.0
+
+
+def test_softcap_is_refused_on_cuda_before_any_work():
+    """The CUDA kernels do not cap yet: a nonzero softcap on CUDA inputs raises
+    NotImplementedError naming the argument (0 runs as usual)."""
+    from tests.gpu_support import gpu_skip_reason
+
+    reason = gpu_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    import cupy
+
+    q, k, v = (cupy.asarray(x) for x in _inputs(np.random.default_rng(0), 1, 8, 8, 2, 2, 16,
+                                                np.float32, 1.0))
+    with pytest.raises(NotImplementedError, match=r"^softcap: not yet computed by the CUDA"):
+        cuflash.attention(q, k, v, softcap=1.0)
+    assert cuflash.attention(q, k, v, softcap=0.0).shape == q.shape
