@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cuflash import reference
+from cuflash import _reference_mods, reference
 
 # eps, relative to max(1, max|ref64|) so that it follows the magnitude of what is compared
 # (gradients of long sequences grow like sqrt(S)). float64: a few hundred ulps of reordering.
@@ -53,7 +53,7 @@ def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
 
 def naive_attention(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, *, dtype: str, causal: bool, scale: float,
-    window=None, softcap: float = 0.0,
+    window=None, softcap: float = 0.0, alibi_slopes=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Plain attention in ``dtype``: returns ``(out, lse)`` as float64 arrays.
 
@@ -61,9 +61,10 @@ def naive_attention(
     matmul inputs in the dtype, products accumulated in float32, softmax in float32, P rounded to
     the dtype before P @ V, output rounded to the dtype. float32 / float64 compute in the dtype.
     lse ``(B, Hq, Sq)`` is rounded to float32, the dtype cuflash returns it in. ``softcap > 0``
-    caps the scaled scores, ``softcap * tanh(s / softcap)``, in the compute dtype.
+    caps the scaled scores, ``softcap * tanh(s / softcap)``, and ``alibi_slopes`` (``(Hq,)`` or
+    ``(B, Hq)``) adds ``-slope * |i + Sk - Sq - j|``, in the compute dtype.
     """
-    p, lse, _ = _naive_probabilities(q, k, dtype, causal, window, scale, softcap)
+    p, lse, _ = _naive_probabilities(q, k, dtype, causal, window, scale, softcap, alibi_slopes)
     out = np.matmul(round_to(p, dtype), _grouped_kv(round_to(v, dtype)))
     return _ungrouped(round_to(out, dtype)), round_to(lse, LSE_DTYPE).astype(np.float64)
 
@@ -79,6 +80,7 @@ def naive_attention_backward(
     scale: float,
     window=None,
     softcap: float = 0.0,
+    alibi_slopes=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Plain attention backward in ``dtype`` (as autograd of :func:`naive_attention` would do it).
 
@@ -87,7 +89,8 @@ def naive_attention_backward(
     it meets q and k; each gradient is rounded to the dtype at the end.
     """
     hkv = k.shape[2]
-    p, _, slope = _naive_probabilities(q, k, dtype, causal, window, scale, softcap)
+    p, _, slope = _naive_probabilities(q, k, dtype, causal, window, scale, softcap,
+                                       alibi_slopes)
     do_g = _grouped_q(round_to(dout, dtype), hkv)
     q_g = _grouped_q(round_to(q, dtype), hkv)
     k_g, v_g = _grouped_kv(round_to(k, dtype)), _grouped_kv(round_to(v, dtype))
@@ -111,6 +114,7 @@ def backward_eps(
     scale: float,
     window=None,
     softcap: float = 0.0,
+    alibi_slopes=None,
 ) -> tuple[float, float, float]:
     """eps for dq, dk, dv: ``EPS[dtype]`` times the largest magnitude each gradient is summed from.
 
@@ -120,7 +124,8 @@ def backward_eps(
     the rule no room. The magnitudes are the same sums taken over absolute values, in float64.
     """
     hkv = k.shape[2]
-    p, _, slope = _naive_probabilities(q, k, "float64", causal, window, scale, softcap)
+    p, _, slope = _naive_probabilities(q, k, "float64", causal, window, scale, softcap,
+                                       alibi_slopes)
     do_g, q_g = (np.abs(_grouped_q(np.asarray(x, dtype=np.float64), hkv)) for x in (dout, q))
     k_g, v_g = (np.abs(_grouped_kv(np.asarray(x, dtype=np.float64))) for x in (k, v))
     dp_abs = np.matmul(do_g, v_g.swapaxes(-1, -2))
@@ -247,7 +252,7 @@ def _first_bad(
 
 def _naive_probabilities(
     q: np.ndarray, k: np.ndarray, dtype: str, causal: bool, window, scale: float,
-    softcap: float = 0.0,
+    softcap: float = 0.0, alibi_slopes=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | float]:
     """Softmax ``(B, Hkv, G, Sq, Sk)``, lse ``(B, Hq, Sq)`` and the softcap's slope
     ``d s' / d s = 1 - tanh^2`` (1.0 without one) in the compute dtype; the mask is the
@@ -262,6 +267,11 @@ def _naive_probabilities(
         tanh = np.tanh(s / s.dtype.type(softcap))
         s = s.dtype.type(softcap) * tanh
         slope = 1 - tanh * tanh
+    if alibi_slopes is not None:
+        b, hkv, g = s.shape[:3]
+        slopes = np.broadcast_to(np.asarray(alibi_slopes, dtype=np.float64), (b, hkv * g))
+        distance = _reference_mods.alibi_distance(sq, sk)  # the oracle's, as for the mask
+        s = s - (slopes.reshape(b, hkv, g, 1, 1) * distance).astype(s.dtype)
     seen = reference.visible(sq, sk, causal=causal, window=window)
     if seen is not None:
         s[..., ~seen] = -np.inf

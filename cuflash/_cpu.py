@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from cuflash._variant import Variant
+from cuflash._variant import Variant, diagonal_distance
 
 # Tile sizes. Measured on 2 cores (OpenBLAS, fp32, B=1, H=8, D=64, S=4096, not causal): forward
 # ~0.85 s with 128 x 512, ~1.35 s with 64 x 256 (per-tile Python overhead); 256 x 512 is no faster
@@ -31,7 +31,8 @@ BLOCK_K = 512
 # beyond float32's range rounds to +-inf: neither is an error worth a RuntimeWarning.
 @np.errstate(over="ignore")
 def forward(
-    q: np.ndarray, k: np.ndarray, v: np.ndarray, *, variant: Variant, scale: float
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, *, variant: Variant, scale: float,
+    alibi_slopes: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Attention forward pass.
 
@@ -41,6 +42,8 @@ def forward(
         variant: the mask (`Variant.key_bounds`: the keys each query sees) and the softcap
             (``variant.softcap > 0``: scores become ``softcap * tanh(scale * s / softcap)``).
         scale: softmax scale.
+        alibi_slopes: ``(B, Hq)`` or None: ALiBi, ``-slope * |i + Sk - Sq - j|`` added to the
+            (scaled, capped) scores.
 
     Returns:
         ``out`` ``(B, Sq, Hq, D)`` C-contiguous in q's dtype, and ``lse`` ``(B, Hq, Sq)`` float32
@@ -55,14 +58,14 @@ def forward(
 
     out = np.empty((b, sq, hq, d), dtype=q.dtype)
     lse = np.empty((b, hq, sq), dtype=np.float32)
-    cap = _Softcap.of(variant, scale, dtype)
+    mods = _ScoreMods(variant, scale, dtype, alibi_slopes, hkv, sq, sk)
     for i0 in range(0, sq, BLOCK_Q):
         i1 = min(i0 + BLOCK_Q, sq)
         q_blk = _rows(q_t, i0, i1)  # (B, Hkv, G * bq, D)
-        state = _OnlineSoftmax(q_blk.shape[:-1], d, dtype, cap.softmax_scale(scale))
+        state = _OnlineSoftmax(q_blk.shape[:-1], d, dtype, mods.softmax_scale(scale))
         for j0, j1, hidden in _key_blocks(i0, i1, sq, sk, variant):
-            # -- online softmax of q k^T (capped), and p @ v --
-            s, _ = _scores(q_blk, k_t, j0, j1, hidden, cap)
+            # -- online softmax of q k^T (modified), and p @ v --
+            s, _ = _scores(q_blk, k_t, i0, j0, j1, hidden, mods)
             state.update(s, v_t[:, :, j0:j1], hidden)
         o_blk, lse_blk = state.finalize()
         out[:, i0:i1] = _ungroup(o_blk, i1 - i0).swapaxes(1, 2)
@@ -80,6 +83,7 @@ def backward(
     *,
     variant: Variant,
     scale: float,
+    alibi_slopes: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Attention backward pass (FlashAttention-2): P is recomputed tile by tile.
 
@@ -92,7 +96,7 @@ def backward(
 
     Args:
         dout, out: ``(B, Sq, Hq, D)``; q, k, v: as for :func:`forward`. Any strides.
-        variant, scale: as for :func:`forward`.
+        variant, scale, alibi_slopes: as for :func:`forward`.
 
     Returns:
         ``(dq, dk, dv)`` shaped like q, k, v, C-contiguous, in the input dtype. With GQA, dk and dv
@@ -102,8 +106,8 @@ def backward(
     sk, hkv = k.shape[1], k.shape[2]
     dtype = _compute_dtype(q.dtype)
     scale_t = dtype.type(scale)
-    cap = _Softcap.of(variant, scale, dtype)
-    softmax_scale = cap.softmax_scale(scale)
+    mods = _ScoreMods(variant, scale, dtype, alibi_slopes, hkv, sq, sk)
+    softmax_scale = mods.softmax_scale(scale)
     q_t = _grouped_q(q, hkv, dtype)
     do_t = _grouped_q(dout, hkv, dtype)
     # -- preprocess: delta = rowsum(dO * O), the softmax-backward term --
@@ -119,15 +123,15 @@ def backward(
         delta_blk = _rows(delta_t[..., None], i0, i1)  # (B, Hkv, G * bq, 1)
         stats = _RowStatistics(q_blk.shape[:-1], dtype, softmax_scale)
         for j0, j1, hidden in _key_blocks(i0, i1, sq, sk, variant):
-            stats.fold(_scores(q_blk, k_t, j0, j1, hidden, cap)[0])
+            stats.fold(_scores(q_blk, k_t, i0, j0, j1, hidden, mods)[0])
         m_blk, log_l_blk = stats.normaliser()
         dq_blk = np.zeros_like(q_blk)
         for j0, j1, hidden in _key_blocks(i0, i1, sq, sk, variant):
             k_blk, v_blk = k_t[:, :, j0:j1], v_t[:, :, j0:j1]
-            # -- recompute P = exp(scale * (s - m) - log l) (capped: exp(s' - m - log l)) --
-            p, tanh = _scores(q_blk, k_t, j0, j1, hidden, cap)
+            # -- recompute P = exp(scale * (s - m) - log l) (modified: exp(s' - m - log l)) --
+            p, tanh = _scores(q_blk, k_t, i0, j0, j1, hidden, mods)
             np.subtract(p, m_blk, out=p)
-            if not cap:
+            if not mods:
                 np.multiply(p, scale_t, out=p)
             np.subtract(p, log_l_blk, out=p)
             np.exp(p, out=p)
@@ -137,7 +141,7 @@ def backward(
             ds = np.matmul(do_blk, v_blk.swapaxes(-1, -2))
             np.subtract(ds, delta_blk, out=ds)
             np.multiply(ds, p, out=ds)
-            if cap:  # through s' = cap * tanh(scale * s / cap): times 1 - tanh^2 (and scale)
+            if tanh is not None:  # through s' = cap * tanh(scale * s / cap): 1 - tanh^2
                 np.multiply(ds, 1 - tanh * tanh, out=ds)
             # -- dQ += dS K, dK += dS^T Q (both times scale at the end) --
             dq_blk += np.matmul(ds, k_blk)
@@ -149,48 +153,69 @@ def backward(
     return dq, dk, dv
 
 
-def _scores(q_blk: np.ndarray, k_t: np.ndarray, j0: int, j1: int, hidden: np.ndarray | None,
-            cap: _Softcap) -> tuple[np.ndarray, np.ndarray | None]:
-    """Scores ``(B, Hkv, G * bq, bk)`` of a query block against keys ``[j0, j1)``, -inf where
-    ``hidden`` (``(bq, bk)``, None: nothing masked) says the query does not see the key, and
-    their tanh. Without a softcap: the raw ``q k^T`` (the scale is applied later, inside the
-    exponent) and None. With one: ``s' = cap * tanh(scale * q k^T / cap)`` and the tanh (0
-    where hidden, so that a hidden key's NaN stays out of the gradients)."""
+def _scores(q_blk: np.ndarray, k_t: np.ndarray, i0: int, j0: int, j1: int,
+            hidden: np.ndarray | None, mods: _ScoreMods) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scores ``(B, Hkv, G * bq, bk)`` of the query block from row `i0` against keys
+    ``[j0, j1)``, -inf where ``hidden`` (``(bq, bk)``, None: nothing masked) says the query does
+    not see the key, and with a softcap their tanh (else None). Without modifications: the raw
+    ``q k^T`` (the scale is applied later, inside the exponent); with any, the modified scores in
+    logits (`_ScoreMods.apply`)."""
     s = np.matmul(q_blk, k_t[:, :, j0:j1].swapaxes(-1, -2))
-    tanh = None
-    if cap:
-        np.multiply(s, cap.inner, out=s)
-        np.tanh(s, out=s)
-        tanh = s.copy()
-        np.multiply(s, cap.value, out=s)
+    tanh = mods.apply(s, i0, j0) if mods else None
     if hidden is not None:
         b, hkv, rows, bk = s.shape
         bq = hidden.shape[0]
         for x, fill in ((s, -np.inf), (tanh, 0.0)):
-            if x is not None:
+            if x is not None:  # tanh 0 where hidden: a hidden key's NaN stays out of gradients
                 np.copyto(x.reshape(b, hkv, rows // bq, bq, bk), fill, where=hidden)
     return s, tanh
 
 
-class _Softcap:
-    """The softcap of a variant in the compute dtype: ``value`` and ``inner = scale / value``;
-    false when off."""
+class _ScoreMods:
+    """A call's score modifications, in the compute dtype, in flash-attn's order: scale, then
+    softcap (``cap * tanh(s / cap)``), then ALiBi (``-slope * |i + Sk - Sq - j|``). False when
+    there are none: the scores then stay raw and the softmax scales them inside its exponent."""
 
-    def __init__(self, value: float, scale: float, dtype: np.dtype) -> None:
-        self.value = dtype.type(value)
-        self.inner = dtype.type(scale / value) if value else dtype.type(0)
-
-    @classmethod
-    def of(cls, variant: Variant, scale: float, dtype: np.dtype) -> _Softcap:
-        return cls(variant.softcap, scale, dtype)
+    def __init__(self, variant: Variant, scale: float, dtype: np.dtype,
+                 alibi_slopes: np.ndarray | None, hkv: int, seqlen_q: int, seqlen_k: int):
+        self.dtype = dtype
+        self.scale = dtype.type(scale)
+        self.cap = dtype.type(variant.softcap)
+        self.inner = dtype.type(scale / variant.softcap) if variant.softcap else dtype.type(0)
+        self.slopes = None  # (B, Hkv, G, 1, 1): query head h = kv * G + g
+        if alibi_slopes is not None:
+            b, hq = alibi_slopes.shape
+            self.slopes = alibi_slopes.astype(dtype).reshape(b, hkv, hq // hkv, 1, 1)
+        self.seqlens = seqlen_q, seqlen_k
 
     def __bool__(self) -> bool:
-        return bool(self.value)
+        return bool(self.cap) or self.slopes is not None
 
     def softmax_scale(self, scale: float) -> float:
-        """The factor the softmax applies to the scores: `scale` for raw ones, 1 for capped
+        """The factor the softmax applies to the scores: `scale` for raw ones, 1 for modified
         ones (already scaled)."""
         return 1.0 if self else scale
+
+    def apply(self, s: np.ndarray, i0: int, j0: int) -> np.ndarray | None:
+        """Raw scores `s` of rows from `i0` and keys from `j0`, modified in place; returns the
+        softcap's tanh (None without one)."""
+        tanh = None
+        if self.cap:
+            np.multiply(s, self.inner, out=s)
+            np.tanh(s, out=s)
+            tanh = s.copy()
+            np.multiply(s, self.cap, out=s)
+        else:
+            np.multiply(s, self.scale, out=s)
+        if self.slopes is not None:
+            b, hkv, rows, bk = s.shape
+            g = self.slopes.shape[2]
+            bq = rows // g
+            distance = diagonal_distance(np.arange(i0, i0 + bq), np.arange(j0, j0 + bk),
+                                         *self.seqlens).astype(self.dtype)
+            view = s.reshape(b, hkv, g, bq, bk)
+            np.subtract(view, self.slopes * distance, out=view)
+        return tanh
 
 
 class _RowStatistics:

@@ -115,8 +115,7 @@ def _softmax(q, k, visible, scale: float, m: Mods):
         tanh = np.tanh(s / m.softcap)
         s = m.softcap * tanh
     if m.alibi is not None:
-        distance = np.abs(np.arange(sq)[:, None] + (sk - sq) - np.arange(sk)[None, :])
-        s = s - m.alibi[:, :, None, None] * distance
+        s = s - m.alibi[:, :, None, None] * alibi_distance(sq, sk)
     if m.bias is not None:
         s = s + m.bias
     seen = _seen(visible, m, s.shape)
@@ -133,6 +132,12 @@ def _softmax(q, k, visible, scale: float, m: Mods):
     with np.errstate(divide="ignore"):
         lse = (top + np.log(total))[..., 0]
     return p, p_sink, lse, tanh
+
+
+def alibi_distance(seqlen_q: int, seqlen_k: int) -> np.ndarray:
+    """``|i + Sk - Sq - j|`` for every query i and key j, ``(Sq, Sk)``: ALiBi's distance."""
+    return np.abs(np.arange(seqlen_q)[:, None] + (seqlen_k - seqlen_q)
+                  - np.arange(seqlen_k)[None, :])
 
 
 def _seen(visible: np.ndarray | None, m: Mods, shape: tuple[int, ...]) -> np.ndarray:

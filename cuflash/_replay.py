@@ -249,13 +249,15 @@ class AutogradReplay:
     """A validated torch forward that autograd differentiates: straight to cuflash.torch's
     autograd node, whose own calls of the core replay."""
 
-    def __init__(self, variant, scale: float, layout: str, return_lse: bool):
+    def __init__(self, variant, scale: float, layout: str, return_lse: bool,
+                 alibi_slopes=None):
         from cuflash import torch as cuflash_torch
 
         self.attention = cuflash_torch.attention
         # A variant's window, (-1, 0) for causal, names it to cuflash.torch in full.
         self.options = {"window": variant.window, "scale": scale, "softcap": variant.softcap,
-                        "layout": layout, "return_lse": return_lse}
+                        "alibi_slopes": alibi_slopes, "layout": layout,
+                        "return_lse": return_lse}
 
     def __call__(self, q, k, v, out=None):
         return self.attention(q, k, v, **self.options)

@@ -34,8 +34,10 @@ class Variant:
         left, right: the window's reach before and after the diagonal (-1: unbounded). Only
             ``"window"`` reads them; the other kinds hold (-1, -1) and (-1, 0).
         softcap: ``> 0``: scores (after scaling) become ``softcap * tanh(s / softcap)``; 0: off.
-            The CPU path computes it; the CUDA kernels do not yet (`cuflash.api` refuses it
-            there, naming the argument).
+        alibi: whether ALiBi biases are added (``-slope * |i + Sk - Sq - j|``, the slopes a
+            run-time array that travels beside the variant).
+    The CPU path computes softcap and ALiBi; the CUDA kernels do not yet (`cuflash.api` refuses
+    them there, naming the argument).
 
     Build one with `Variant.of`, which normalises equal masks to one variant: a window of
     (-1, -1) is ``"none"`` and (-1, 0) is ``"causal"``, so they share kernels bit for bit.
@@ -45,20 +47,21 @@ class Variant:
     left: int = -1
     right: int = -1
     softcap: float = 0.0
+    alibi: bool = False
 
     @staticmethod
-    def of(*, causal: bool = False, window=None, softcap=0.0) -> Variant:
+    def of(*, causal: bool = False, window=None, softcap=0.0, alibi: bool = False) -> Variant:
         """The variant of `attention`'s ``causal``, ``window`` and ``softcap`` arguments (all
-        validated)."""
+        validated) and whether it has ALiBi slopes."""
         left, right = check_window(window)
         cap = check_softcap(softcap)
         if causal:
             right = 0  # causal clips the window's right side to the diagonal
         if left < 0 and right < 0:
-            return Variant("none", softcap=cap)
+            return Variant("none", softcap=cap, alibi=alibi)
         if left < 0 and right == 0:
-            return Variant("causal", -1, 0, cap)
-        return Variant("window", left, right, cap)
+            return Variant("causal", -1, 0, cap, alibi)
+        return Variant("window", left, right, cap, alibi)
 
     @property
     def causal(self) -> bool:
@@ -117,6 +120,14 @@ class Variant:
         _, end = self.key_bounds(starts + block_m - 1, seqlen_q, seqlen_k)
         first = np.minimum(first, end)
         return np.where(end > first, -(-end // block_n) - first // block_n, 0)
+
+
+def diagonal_distance(rows: np.ndarray, cols: np.ndarray, seqlen_q: int,
+                      seqlen_k: int) -> np.ndarray:
+    """``|i + Sk - Sq - j|``: how far key j lies from query i's bottom-right aligned diagonal,
+    for every pair of `rows` x `cols` (ALiBi's distance)."""
+    rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+    return np.abs(rows[:, None] + (seqlen_k - seqlen_q) - cols[None, :])
 
 
 def from_top_left(left: int, right: int, seqlen_q: int,

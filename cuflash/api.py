@@ -10,7 +10,7 @@ import functools
 import logging
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -42,6 +42,8 @@ class Problem:
     layout: str
     batched: bool  # False: the caller passed 3-D arrays (no batch axis)
     source: _interop.Source
+    # ALiBi slopes, float64 (B, Hq), when variant.alibi: run-time data, not part of the identity
+    alibi_slopes: np.ndarray | None = field(default=None, compare=False)
 
     def caller_shape(self, seqlen: int, heads: int) -> tuple[int, ...]:
         """Shape of a (seqlen, heads, head_dim) tensor in the caller's layout and rank."""
@@ -62,8 +64,8 @@ class Problem:
 
 
 def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None = None,
-              scale: float | None = None, softcap: float = 0.0, layout: str = "bshd",
-              return_lse: bool = False, out=None):
+              scale: float | None = None, softcap: float = 0.0, alibi_slopes=None,
+              layout: str = "bshd", return_lse: bool = False, out=None):
     """Exact scaled dot-product attention, softmax(scale * q k^T) v, without an N x N matrix.
 
     Args:
@@ -85,6 +87,11 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
         softcap: ``> 0``: logit soft-capping (Gemma 2, Grok): the scaled scores become
             ``softcap * tanh(s / softcap)`` before the softmax; 0 (the default) is off. The CPU
             path only for now: on CUDA a nonzero softcap raises NotImplementedError.
+        alibi_slopes: ALiBi (BLOOM, MPT; flash-attn's convention): a float32 or float64 array
+            ``(Hq,)`` or ``(B, Hq)`` of finite slopes; ``-slope * |i + Sk - Sq - j|`` is added
+            to the (scaled, capped) score of query i and key j. The CPU path only for now (a
+            NumPy array, or the CPU array of q's framework); on CUDA it raises
+            NotImplementedError. The slopes get no gradient.
         layout: ``"bshd"`` (flash-attn / JAX order) or ``"bhsd"`` (PyTorch SDPA order).
         return_lse: also return the log-sum-exp of each query row.
         out: optional array of the output's shape and dtype, in the caller's framework and on
@@ -101,17 +108,19 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
 
     See also: `attention_backward`, `cuflash.reference.attention`, `cuflash.jax.attention`.
     """
-    key = _replay.forward_key(q, k, v, out, (causal, type(causal), _replay.window_key(window),
-                                             scale, type(scale), softcap, type(softcap), layout,
-                                             return_lse, type(return_lse)))
+    # Calls with ALiBi slopes are never replayed: a replay would keep the first call's values.
+    key = None if alibi_slopes is not None else _replay.forward_key(
+        q, k, v, out, (causal, type(causal), _replay.window_key(window), scale, type(scale),
+                       softcap, type(softcap), layout, return_lse, type(return_lse)))
     replay = _replay.lookup(key)
     if replay is not None:
         return replay(q, k, v, out)
     problem = validate(q, k, v, causal=causal, window=window, scale=scale, layout=layout,
-                       softcap=softcap)
+                       softcap=softcap, alibi_slopes=alibi_slopes)
     _check_flag("return_lse", return_lse)
     if problem.source.framework == "torch" and out is None and _wants_grad(q, k, v):
-        replay = _replay.AutogradReplay(problem.variant, problem.scale, layout, return_lse)
+        replay = _replay.AutogradReplay(problem.variant, problem.scale, layout, return_lse,
+                                        alibi_slopes)
         _replay.record(key, replay)
         return replay(q, k, v)
     if out is not None:
@@ -146,12 +155,14 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
 
 def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
                        window: tuple[int, int] | None = None, scale: float | None = None,
-                       softcap: float = 0.0, layout: str = "bshd", deterministic: bool = False):
+                       softcap: float = 0.0, alibi_slopes=None, layout: str = "bshd",
+                       deterministic: bool = False):
     """Gradients of `attention` with respect to q, k and v.
 
     Args:
         dout: gradient of the output, shaped like `q`.
-        q, k, v, causal, window, scale, softcap, layout: exactly as passed to `attention`.
+        q, k, v, causal, window, scale, softcap, alibi_slopes, layout: exactly as passed to
+            `attention`.
         out: the forward's output.
         lse: the forward's log-sum-exp (``return_lse=True``), float32 ``(B, Hq, Sq)``.
         deterministic: on the GPU, compute dq without atomics so results are bit-identical run
@@ -167,14 +178,14 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
     to validate it: a float32 lse is too coarse for exp(s - lse) once scores reach ~1e4.
     """
     arrays = (dout, q, k, v, out, lse)
-    key = _replay.backward_key(arrays, (causal, type(causal), _replay.window_key(window), scale,
-                                        type(scale), softcap, type(softcap), layout,
-                                        deterministic, type(deterministic)))
+    key = None if alibi_slopes is not None else _replay.backward_key(
+        arrays, (causal, type(causal), _replay.window_key(window), scale, type(scale), softcap,
+                 type(softcap), layout, deterministic, type(deterministic)))
     replay = _replay.lookup(key)
     if replay is not None:
         return replay(*arrays)
     problem = validate(q, k, v, causal=causal, window=window, scale=scale, layout=layout,
-                       softcap=softcap)
+                       softcap=softcap, alibi_slopes=alibi_slopes)
     _check_flag("deterministic", deterministic)
     q_shape = problem.caller_shape(problem.seqlen_q, problem.heads_q)
     for name, x in (("dout", dout), ("out", out)):
@@ -209,13 +220,15 @@ def _refuse_first_call_in_capture(src: _interop.Source) -> None:
 # ---- validation ------------------------------------------------------------------------------
 
 
-def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0) -> Problem:
+def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
+             alibi_slopes=None) -> Problem:
     """Check q, k, v and the options; raise TypeError/ValueError naming what is wrong (and
     NotImplementedError for an option the inputs' device does not compute yet)."""
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     _check_flag("causal", causal)
-    variant = Variant.of(causal=bool(causal), window=window, softcap=softcap)
+    variant = Variant.of(causal=bool(causal), window=window, softcap=softcap,
+                         alibi=alibi_slopes is not None)
     for name, x in (("q", q), ("k", k), ("v", v)):
         _refuse_masked(name, x)
     sources = {name: _interop.source_of(x, name) for name, x in (("q", q), ("k", k), ("v", v))}
@@ -231,6 +244,10 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0) -> Pro
         raise NotImplementedError(
             f"softcap: not yet computed by the CUDA kernels (got softcap={variant.softcap!r} for "
             f"{src.describe()} inputs); the CPU path and cuflash.reference compute it")
+    if variant.alibi and src.device == "cuda":
+        raise NotImplementedError(
+            f"alibi_slopes: not yet computed by the CUDA kernels (got slopes for "
+            f"{src.describe()} inputs); the CPU path and cuflash.reference compute ALiBi")
 
     dtypes = {name: _interop.dtype_name(x) for name, x in (("q", q), ("k", k), ("v", v))}
     allowed = _dtypes.GPU_DTYPES if src.device == "cuda" else _dtypes.CPU_DTYPES
@@ -275,10 +292,11 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0) -> Pro
         )
     _check_sizes(batch, seqlen_q, seqlen_k, heads_q, src.device == "cuda",
                  f"shapes q {shapes['q']}, k {shapes['k']}, layout {layout} {axes}")
+    slopes = None if alibi_slopes is None else _check_alibi(alibi_slopes, src, batch, heads_q)
     return Problem(batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q,
                    heads_kv=heads_kv, head_dim=head_dim, dtype=dtypes["q"], variant=variant,
                    scale=_check_scale(scale, head_dim), layout=layout, batched=ndim == 4,
-                   source=src)
+                   source=src, alibi_slopes=slopes)
 
 
 # The kernels index rows and keys in 32-bit ints and reach seqlen_q + 2 * seqlen_k (the window
@@ -324,6 +342,27 @@ def _check_scale(scale: object, head_dim: int) -> float:
         raise ValueError(f"scale: expected at most {MAX_SCALE:.5g} (float32 max / log2(e), so "
                          f"that scale * log2(e) is finite in float32), got {value!r}")
     return value
+
+
+def _check_alibi(slopes: object, src: _interop.Source, batch: int, heads_q: int) -> np.ndarray:
+    """ALiBi slopes as float64 ``(B, Hq)``: a float32/float64 array of shape ``(Hq,)`` or
+    ``(B, Hq)`` with finite values, NumPy or on q's framework and device."""
+    _refuse_masked("alibi_slopes", slopes)
+    where = _interop.source_of(slopes, "alibi_slopes")
+    if where.framework != "numpy" and where != src:
+        raise TypeError(f"alibi_slopes: expected a NumPy array or an array of q's framework and "
+                        f"device ({src.describe()}), got {where.describe()}")
+    dtype = _interop.dtype_name(slopes)
+    if dtype not in ("float32", "float64"):
+        raise TypeError(f"alibi_slopes: expected dtype float32 or float64, got {dtype}")
+    shape = tuple(int(n) for n in slopes.shape)
+    if shape not in ((heads_q,), (batch, heads_q)):
+        raise ValueError(f"alibi_slopes: expected shape ({heads_q},) or ({batch}, {heads_q}) "
+                         f"(Hq, or B and Hq), got {shape}")
+    values = np.array(_interop.to_backend(slopes, where), dtype=np.float64)  # a copy
+    if not np.all(np.isfinite(values)):
+        raise ValueError("alibi_slopes: expected finite values, got NaN or infinity")
+    return np.broadcast_to(values, (batch, heads_q))
 
 
 def _refuse_masked(name: str, x: object) -> None:
@@ -424,7 +463,8 @@ def forward_into(problem: Problem, qb, kb, vb, out_b, lse_b):
     if problem.source.device == "cpu":
         from cuflash import _cpu
 
-        o, lse = _cpu.forward(q4, k4, v4, variant=problem.variant, scale=problem.scale)
+        o, lse = _cpu.forward(q4, k4, v4, variant=problem.variant, scale=problem.scale,
+                              alibi_slopes=problem.alibi_slopes)
         o4[...] = o
         if lse3 is not None:
             lse3[...] = lse
@@ -470,7 +510,7 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
 
         # The CPU path recomputes the row statistics itself; lse was only validated.
         dq, dk, dv = _cpu.backward(do4, q4, k4, v4, o4, variant=problem.variant,
-                                   scale=problem.scale)
+                                   scale=problem.scale, alibi_slopes=problem.alibi_slopes)
         dq4[...], dk4[...], dv4[...] = dq, dk, dv
         return False
     from cuflash import _launch, _launch_bwd

@@ -4,9 +4,10 @@ Two ops, registered under the ``cuflash`` namespace, work on CPU and CUDA tensor
 the path; CUDA kernels run on torch's current stream):
 
 - ``torch.ops.cuflash.attention_fwd(q, k, v, causal, scale, layout, window_left=-1,
-  window_right=-1, softcap=0.0) -> (out, lse)``
+  window_right=-1, softcap=0.0, alibi_slopes=None) -> (out, lse)``
 - ``torch.ops.cuflash.attention_bwd(dout, q, k, v, out, lse, causal, scale, layout,
-  deterministic, window_left=-1, window_right=-1, softcap=0.0) -> (dq, dk, dv)``
+  deterministic, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None) ->
+  (dq, dk, dv)``
 
 Each runs the framework-agnostic core (the public :func:`cuflash.attention` /
 :func:`cuflash.attention_backward` on detached tensors), has a fake (meta) implementation for
@@ -41,7 +42,8 @@ Tensor = torch.Tensor
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
               window: tuple[int, int] | None = None, scale: float | None = None,
-              softcap: float = 0.0, layout: str = "bshd", return_lse: bool = False):
+              softcap: float = 0.0, alibi_slopes: Tensor | None = None, layout: str = "bshd",
+              return_lse: bool = False):
     """Exact attention on torch tensors, differentiable with respect to q, k and v.
 
     Args:
@@ -55,6 +57,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         scale: softmax scale, a number > 0; defaults to ``1 / sqrt(D)``.
         softcap: ``> 0``: scores become ``softcap * tanh(s / softcap)`` after scaling, as for
             :func:`cuflash.attention` (CPU tensors only for now).
+        alibi_slopes: ALiBi slopes ``(Hq,)`` or ``(B, Hq)``, float32 or float64, as for
+            :func:`cuflash.attention` (CPU tensors only for now; no gradient).
         layout: ``"bshd"`` or ``"bhsd"``.
         return_lse: also return the float32 log-sum-exp ``(B, Hq, Sq)`` (``(Hq, Sq)`` for 3-D);
             it carries no gradient.
@@ -74,9 +78,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     left, right = _variant.check_window(window)
     cap = _variant.check_softcap(softcap)
     if torch.compiler.is_compiling():
-        out, lse = attention_fwd(q, k, v, causal, scale, layout, left, right, cap)
+        out, lse = attention_fwd(q, k, v, causal, scale, layout, left, right, cap, alibi_slopes)
     else:
-        out, lse = _Attention.apply(q, k, v, causal, scale, layout, (left, right), cap)
+        out, lse = _Attention.apply(q, k, v, causal, scale, layout, (left, right), cap,
+                                    alibi_slopes)
     return (out, lse) if return_lse else out
 
 
@@ -86,41 +91,44 @@ class _Attention(torch.autograd.Function):
     traces the op instead."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, layout, window, softcap):
+    def forward(ctx, q, k, v, causal, scale, layout, window, softcap, alibi_slopes):
         # Grad mode is off in here, so the core takes its plain (replayable) path.
         out, lse = api.attention(q, k, v, causal=causal, window=window, scale=scale,
-                                 softcap=softcap, layout=layout, return_lse=True)
+                                 softcap=softcap, alibi_slopes=alibi_slopes, layout=layout,
+                                 return_lse=True)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mark_non_differentiable(lse)
-        ctx.options = (causal, window, scale, softcap, layout)
+        ctx.options = (causal, window, scale, softcap, alibi_slopes, layout)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        causal, window, scale, softcap, layout = ctx.options
+        causal, window, scale, softcap, alibi_slopes, layout = ctx.options
         if dout.stride(-1) != 1:
             dout = dout.contiguous()  # an expanded gradient (of a sum): one copy, then replayable
         dq, dk, dv = api.attention_backward(
             dout, q, k, v, out, lse, causal=causal, window=window, scale=scale, softcap=softcap,
-            layout=layout, deterministic=torch.are_deterministic_algorithms_enabled())
-        return dq, dk, dv, None, None, None, None, None
+            alibi_slopes=alibi_slopes, layout=layout,
+            deterministic=torch.are_deterministic_algorithms_enabled())
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 @torch.library.custom_op("cuflash::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None,
                   layout: str, window_left: int = -1, window_right: int = -1,
-                  softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+                  softcap: float = 0.0,
+                  alibi_slopes: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The forward op: ``(out, lse)`` as :func:`cuflash.attention` with ``return_lse=True``."""
     # Detached, so the core takes its plain path instead of routing back here for autograd.
     return api.attention(q.detach(), k.detach(), v.detach(), causal=causal,
                          window=(window_left, window_right), scale=scale, softcap=softcap,
-                         layout=layout, return_lse=True)
+                         alibi_slopes=alibi_slopes, layout=layout, return_lse=True)
 
 
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, causal, scale, layout, window_left=-1, window_right=-1,
-                        softcap=0.0):
+                        softcap=0.0, alibi_slopes=None):
     # The core allocates both results contiguous: out like q, lse (B, Hq, Sq) float32.
     if layout == "bhsd":
         lse_shape = q.shape[:-1]
@@ -132,23 +140,23 @@ def _attention_fwd_fake(q, k, v, causal, scale, layout, window_left=-1, window_r
 @torch.library.custom_op("cuflash::attention_bwd", mutates_args=())
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   causal: bool, scale: float | None, layout: str, deterministic: bool,
-                  window_left: int = -1, window_right: int = -1,
-                  softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+                  window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
+                  alibi_slopes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The backward op: ``(dq, dk, dv)`` as :func:`cuflash.attention_backward`."""
     tensors = (x.detach() for x in (dout, q, k, v, out, lse))
     return api.attention_backward(*tensors, causal=causal, window=(window_left, window_right),
-                                  scale=scale, softcap=softcap, layout=layout,
-                                  deterministic=deterministic)
+                                  scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
+                                  layout=layout, deterministic=deterministic)
 
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, causal, scale, layout, deterministic,
-                        window_left=-1, window_right=-1, softcap=0.0):
+                        window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, causal, scale, layout, *trailing = inputs  # window_left, window_right, softcap
+    q, k, v, causal, scale, layout, *trailing = inputs  # window_{left,right}, softcap, alibi
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.mark_non_differentiable(lse)

@@ -73,8 +73,8 @@ def test_check_exits_nonzero_when_cuflash_is_wrong():
         import sys
         from cuflash import _cpu, __main__ as cli
         real = _cpu.forward
-        _cpu.forward = lambda q, k, v, *, variant, scale: real(q, k, v, variant=variant,
-                                                               scale=scale * 1.01)
+        _cpu.forward = lambda q, k, v, *, scale, **options: real(q, k, v, scale=scale * 1.01,
+                                                                 **options)
         sys.exit(cli.main(["check", "--device", "cpu", "--seed", "7"]))
     """)
     result = run_cli(code=code)

@@ -1,6 +1,7 @@
-"""Logit soft-capping (``softcap``) on the CPU path: forward and backward against the float64
-oracle by the accuracy rule, through NumPy and through torch autograd; argument validation; the
-variant it makes; and the refusal on CUDA, where the kernels do not compute it yet."""
+"""Score modifications on the CPU path, logit soft-capping (``softcap``) and ALiBi
+(``alibi_slopes``), alone and together: forward and backward against the float64 oracle by the
+accuracy rule, through NumPy and through torch autograd; argument validation; the variant they
+make; and the refusal on CUDA, where the kernels do not compute them yet."""
 
 from __future__ import annotations
 
@@ -20,6 +21,16 @@ from tests.accuracy import (
 )
 from tests.strategies import examples
 
+BAD_SLOPES = [
+    (np.ones(4, np.int32), TypeError, "dtype float32 or float64"),
+    (np.ones(4, np.float16), TypeError, "dtype float32 or float64"),
+    ([0.1, 0.2, 0.3, 0.4], TypeError, "alibi_slopes"),
+    (np.ma.masked_array(np.ones(4, np.float32)), TypeError, "alibi_slopes"),
+    (np.ones(3, np.float32), ValueError, r"shape \(4,\) or \(1, 4\)"),
+    (np.ones((2, 4), np.float32), ValueError, r"shape \(4,\) or \(1, 4\)"),
+    (np.array([0.1, np.nan, 0.1, 0.1], np.float32), ValueError, "finite"),
+]
+
 BAD_SOFTCAPS = [
     (True, TypeError, "real number"),
     ("1", TypeError, "real number"),
@@ -38,11 +49,12 @@ def _inputs(rng, b, sq, sk, hq, hkv, d, dtype, spread):
     return q, k, v
 
 
-@settings(max_examples=examples(60), deadline=None)
+@settings(max_examples=examples(80), deadline=None)
 @given(data=st.data())
-def test_softcap_matches_the_reference(data):
-    """Random shapes, GQA, masks, scales and caps (from tight, where most scores saturate, to
-    loose), every CPU dtype: out, lse, dq, dk, dv by the accuracy rule."""
+def test_score_mods_match_the_reference(data):
+    """Random shapes, GQA, masks, scales, caps (from tight, where most scores saturate, to
+    loose; or none) and ALiBi slopes (per head or per batch and head; or none), every CPU dtype:
+    out, lse, dq, dk, dv by the accuracy rule."""
     draw = data.draw
     dtype = draw(st.sampled_from(["float16", "float32", "float64"]))
     hkv = draw(st.integers(1, 2))
@@ -51,20 +63,24 @@ def test_softcap_matches_the_reference(data):
     d = draw(st.sampled_from([1, 8, 16, 33]))
     mask = draw(st.sampled_from([{}, {"causal": True},
                                  {"window": (draw(st.integers(-1, 9)), draw(st.integers(-1, 9)))}]))
-    softcap = draw(st.sampled_from([0.3, 1.0, 5.0, 50.0]))
+    softcap = draw(st.sampled_from([0.0, 0.3, 1.0, 5.0, 50.0]))
+    alibi = draw(st.sampled_from([None, (hq,), (b, hq)]))
+    if softcap == 0.0 and alibi is None:
+        softcap = 1.0
     scale = draw(st.sampled_from([None, 0.2, 1.7]))
     spread = draw(st.sampled_from([1.0, 4.0]))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     q, k, v = _inputs(rng, b, sq, sk, hq, hkv, d, dtype, spread)
     dout = rng.standard_normal(q.shape).astype(dtype)
-    opts = {**mask, "scale": scale, "softcap": softcap}
+    slopes = None if alibi is None else rng.uniform(0.0, 1.0, alibi).astype(np.float32)
+    opts = {**mask, "scale": scale, "softcap": softcap, "alibi_slopes": slopes}
 
     out, lse = cuflash.attention(q, k, v, return_lse=True, **opts)
     q64, k64, v64, do64 = (x.astype(np.float64) for x in (q, k, v, dout))
     ref, ref_lse = reference.attention(q64, k64, v64, return_lse=True, **opts)
     s = 1.0 / np.sqrt(d) if scale is None else scale
     naive_opts = {"causal": mask.get("causal", False), "window": mask.get("window"), "scale": s,
-                  "softcap": softcap}
+                  "softcap": softcap, "alibi_slopes": slopes}
     naive, naive_lse = naive_attention(q64, k64, v64, dtype=dtype, **naive_opts)
     assert_matches_reference("out", out, ref, naive, dtype=dtype)
     assert_matches_reference("lse", lse, ref_lse, naive_lse, dtype="float32")
@@ -89,6 +105,26 @@ def test_softcap_changes_the_result_and_bounds_the_scores():
     assert np.any(plain_lse > 0.5 + np.log(30))
 
 
+def test_alibi_penalises_distant_keys():
+    """With equal scores (q = 0) the weights follow ALiBi alone: each row's are
+    softmax(-slope * distance), largest on its diagonal key (a check that cannot pass by ignoring
+    the slopes), and zero slopes are no ALiBi bit for bit."""
+    rng = np.random.default_rng(6)
+    v = np.eye(10)[None, :, None, :].repeat(2, axis=2)  # out = the weights themselves
+    q = np.zeros((1, 6, 2, 10))
+    k = rng.standard_normal((1, 10, 2, 10))
+    slopes = np.array([0.5, 2.0])
+    out = cuflash.attention(q, k, v, alibi_slopes=slopes)
+    distance = np.abs(np.arange(6)[:, None] + 4 - np.arange(10)[None, :])
+    for h, slope in enumerate(slopes):
+        want = np.exp(-slope * distance)
+        want /= want.sum(axis=1, keepdims=True)
+        np.testing.assert_allclose(out[0, :, h], want, rtol=1e-12, atol=1e-15)
+        assert np.all(out[0, :, h].argmax(axis=1) == np.arange(6) + 4)
+    np.testing.assert_array_equal(cuflash.attention(q, k, v, alibi_slopes=np.zeros(2)),
+                                  cuflash.attention(q, k, v))
+
+
 def test_softcap_zero_is_no_cap_bit_for_bit():
     rng = np.random.default_rng(4)
     q, k, v = _inputs(rng, 2, 11, 17, 4, 2, 8, np.float32, 1.0)
@@ -97,21 +133,22 @@ def test_softcap_zero_is_no_cap_bit_for_bit():
                                       cuflash.attention(q, k, v, **mask))
 
 
-def test_softcap_through_torch_autograd_on_the_cpu():
+def test_score_mods_through_torch_autograd_on_the_cpu():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(5)
     q, k, v = _inputs(rng, 1, 9, 12, 4, 2, 8, np.float64, 3.0)
     dout = rng.standard_normal(q.shape)
     leaves = [torch.tensor(x, requires_grad=True) for x in (q, k, v)]
+    slopes = np.array([0.25, 0.5, 1.0, 2.0])
+    mods = {"causal": True, "softcap": 1.5, "alibi_slopes": slopes}
     for entry in (cuflash.attention, cuflash.torch.attention):
         for x in leaves:
             x.grad = None
-        out = entry(*leaves, causal=True, softcap=1.5)
+        out = entry(*leaves, **{**mods, "alibi_slopes": torch.tensor(slopes)})
         out.backward(torch.tensor(dout))
-        np.testing.assert_allclose(out.detach().numpy(),
-                                   reference.attention(q, k, v, causal=True, softcap=1.5),
+        np.testing.assert_allclose(out.detach().numpy(), reference.attention(q, k, v, **mods),
                                    rtol=0, atol=1e-12)
-        refs = reference.attention_backward(dout, q, k, v, causal=True, softcap=1.5)
+        refs = reference.attention_backward(dout, q, k, v, **mods)
         for x, r in zip(leaves, refs, strict=True):
             np.testing.assert_allclose(x.grad.numpy(), r, rtol=0, atol=1e-12)
 
@@ -130,16 +167,42 @@ def test_bad_softcap_is_refused_naming_it(softcap, error, words):
         assert str(raised.value).startswith("softcap: ")
 
 
+@pytest.mark.parametrize("slopes, error, words", BAD_SLOPES)
+def test_bad_alibi_slopes_are_refused_naming_them(slopes, error, words):
+    q, k, v = _inputs(np.random.default_rng(0), 1, 4, 4, 4, 2, 8, np.float32, 1.0)
+    out = np.zeros_like(q)
+    for call in (lambda: cuflash.attention(q, k, v, alibi_slopes=slopes),
+                 lambda: cuflash.attention_backward(out, q, k, v, out,
+                                                    np.zeros((1, 4, 4), np.float32),
+                                                    alibi_slopes=slopes)):
+        with pytest.raises(error, match=words) as raised:
+            call()
+        assert str(raised.value).startswith("alibi_slopes: ")
+
+
+def test_alibi_slopes_of_another_framework_are_refused():
+    torch = pytest.importorskip("torch")
+    q, k, v = _inputs(np.random.default_rng(0), 1, 4, 4, 2, 2, 8, np.float32, 1.0)
+    with pytest.raises(TypeError, match=r"^alibi_slopes: expected a NumPy array or an array of q"):
+        cuflash.attention(q, k, v, alibi_slopes=torch.ones(2))
+    # NumPy slopes are fine with torch CPU tensors.
+    out = cuflash.attention(torch.tensor(q), torch.tensor(k), torch.tensor(v),
+                            alibi_slopes=np.array([0.5, 1.0], np.float32))
+    np.testing.assert_allclose(out.numpy(), cuflash.attention(
+        q, k, v, alibi_slopes=np.array([0.5, 1.0], np.float32)), rtol=0, atol=0)
+
+
 def test_variant_keeps_the_cap_with_every_mask():
     assert Variant.of(softcap=2) == Variant("none", softcap=2.0)
     assert Variant.of(causal=True, softcap=2) == Variant("causal", -1, 0, 2.0)
     assert Variant.of(window=(3, 1), softcap=np.float32(2)) == Variant("window", 3, 1, 2.0)
     assert Variant.of(causal=True).softcap == 0.0
+    assert Variant.of(causal=True, alibi=True) == Variant("causal", -1, 0, 0.0, True)
 
 
-def test_softcap_is_refused_on_cuda_before_any_work():
-    """The CUDA kernels do not cap yet: a nonzero softcap on CUDA inputs raises
-    NotImplementedError naming the argument (0 runs as usual)."""
+def test_score_mods_are_refused_on_cuda_before_any_work():
+    """The CUDA kernels do not cap or add ALiBi yet: a nonzero softcap or any slopes on CUDA
+    inputs raise NotImplementedError naming the argument (softcap 0 runs as usual)."""
     from tests.gpu_support import gpu_skip_reason
 
     reason = gpu_skip_reason()
@@ -151,4 +214,6 @@ def test_softcap_is_refused_on_cuda_before_any_work():
                                                 np.float32, 1.0))
     with pytest.raises(NotImplementedError, match=r"^softcap: not yet computed by the CUDA"):
         cuflash.attention(q, k, v, softcap=1.0)
+    with pytest.raises(NotImplementedError, match=r"^alibi_slopes: not yet computed by the CUDA"):
+        cuflash.attention(q, k, v, alibi_slopes=cupy.ones(2, cupy.float32))
     assert cuflash.attention(q, k, v, softcap=0.0).shape == q.shape
