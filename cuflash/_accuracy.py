@@ -53,7 +53,7 @@ def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
 
 def naive_attention(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, *, dtype: str, causal: bool, scale: float,
-    window=None, softcap: float = 0.0, alibi_slopes=None,
+    window=None, softcap: float = 0.0, alibi_slopes=None, sinks=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Plain attention in ``dtype``: returns ``(out, lse)`` as float64 arrays.
 
@@ -62,9 +62,11 @@ def naive_attention(
     the dtype before P @ V, output rounded to the dtype. float32 / float64 compute in the dtype.
     lse ``(B, Hq, Sq)`` is rounded to float32, the dtype cuflash returns it in. ``softcap > 0``
     caps the scaled scores, ``softcap * tanh(s / softcap)``, and ``alibi_slopes`` (``(Hq,)`` or
-    ``(B, Hq)``) adds ``-slope * |i + Sk - Sq - j|``, in the compute dtype.
+    ``(B, Hq)``) adds ``-slope * |i + Sk - Sq - j|``, in the compute dtype; ``sinks`` ``(Hq,)``
+    adds each head's sink to every row's softmax denominator (and lse).
     """
-    p, lse, _ = _naive_probabilities(q, k, dtype, causal, window, scale, softcap, alibi_slopes)
+    p, lse, _, _ = _naive_probabilities(q, k, dtype, causal, window, scale, softcap, alibi_slopes,
+                                        sinks)
     out = np.matmul(round_to(p, dtype), _grouped_kv(round_to(v, dtype)))
     return _ungrouped(round_to(out, dtype)), round_to(lse, LSE_DTYPE).astype(np.float64)
 
@@ -81,6 +83,7 @@ def naive_attention_backward(
     window=None,
     softcap: float = 0.0,
     alibi_slopes=None,
+    sinks=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Plain attention backward in ``dtype`` (as autograd of :func:`naive_attention` would do it).
 
@@ -89,8 +92,8 @@ def naive_attention_backward(
     it meets q and k; each gradient is rounded to the dtype at the end.
     """
     hkv = k.shape[2]
-    p, _, slope = _naive_probabilities(q, k, dtype, causal, window, scale, softcap,
-                                       alibi_slopes)
+    p, _, slope, _ = _naive_probabilities(q, k, dtype, causal, window, scale, softcap,
+                                          alibi_slopes, sinks)
     do_g = _grouped_q(round_to(dout, dtype), hkv)
     q_g = _grouped_q(round_to(q, dtype), hkv)
     k_g, v_g = _grouped_kv(round_to(k, dtype)), _grouped_kv(round_to(v, dtype))
@@ -101,6 +104,22 @@ def naive_attention_backward(
     dk = np.matmul(ds.swapaxes(-1, -2), q_g).sum(axis=2) * p.dtype.type(scale)
     dk, dv = (round_to(x, dtype).swapaxes(1, 2).astype(np.float64) for x in (dk, dv))
     return _ungrouped(round_to(dq, dtype)), dk, dv
+
+
+def naive_sinks_gradient(
+    dout: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, *, dtype: str, causal: bool,
+    scale: float, sinks, window=None, softcap: float = 0.0, alibi_slopes=None,
+) -> np.ndarray:
+    """The sinks' gradient ``(Hq,)`` as plain attention would form it in ``dtype``:
+    ``-sum over batch and rows of p_sink * rowsum(P * dP)``, float64."""
+    hkv = k.shape[2]
+    p, _, _, p_sink = _naive_probabilities(q, k, dtype, causal, window, scale, softcap,
+                                           alibi_slopes, sinks)
+    do_g = _grouped_q(round_to(dout, dtype), hkv)
+    dp = np.matmul(do_g, _grouped_kv(round_to(v, dtype)).swapaxes(-1, -2))
+    delta = np.sum(p * dp, axis=-1)
+    grad = -np.sum(p_sink * delta, axis=(0, 3))  # (Hkv, G)
+    return round_to(grad.reshape(-1), dtype).astype(np.float64)
 
 
 def backward_eps(
@@ -115,6 +134,7 @@ def backward_eps(
     window=None,
     softcap: float = 0.0,
     alibi_slopes=None,
+    sinks=None,
 ) -> tuple[float, float, float]:
     """eps for dq, dk, dv: ``EPS[dtype]`` times the largest magnitude each gradient is summed from.
 
@@ -124,8 +144,8 @@ def backward_eps(
     the rule no room. The magnitudes are the same sums taken over absolute values, in float64.
     """
     hkv = k.shape[2]
-    p, _, slope = _naive_probabilities(q, k, "float64", causal, window, scale, softcap,
-                                       alibi_slopes)
+    p, _, slope, _ = _naive_probabilities(q, k, "float64", causal, window, scale, softcap,
+                                          alibi_slopes, sinks)
     do_g, q_g = (np.abs(_grouped_q(np.asarray(x, dtype=np.float64), hkv)) for x in (dout, q))
     k_g, v_g = (np.abs(_grouped_kv(np.asarray(x, dtype=np.float64))) for x in (k, v))
     dp_abs = np.matmul(do_g, v_g.swapaxes(-1, -2))
@@ -252,11 +272,12 @@ def _first_bad(
 
 def _naive_probabilities(
     q: np.ndarray, k: np.ndarray, dtype: str, causal: bool, window, scale: float,
-    softcap: float = 0.0, alibi_slopes=None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | float]:
-    """Softmax ``(B, Hkv, G, Sq, Sk)``, lse ``(B, Hq, Sq)`` and the softcap's slope
-    ``d s' / d s = 1 - tanh^2`` (1.0 without one) in the compute dtype; the mask is the
-    oracle's (`cuflash.reference.visible`)."""
+    softcap: float = 0.0, alibi_slopes=None, sinks=None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | float, np.ndarray | None]:
+    """Softmax ``(B, Hkv, G, Sq, Sk)``, lse ``(B, Hq, Sq)``, the softcap's slope
+    ``d s' / d s = 1 - tanh^2`` (1.0 without one) and the sinks' probabilities
+    ``(B, Hkv, G, Sq)`` (None without sinks) in the compute dtype; the mask is the oracle's
+    (`cuflash.reference.visible`)."""
     sq, hkv, sk = q.shape[1], k.shape[2], k.shape[1]
     s = np.matmul(
         _grouped_q(round_to(q, dtype), hkv), _grouped_kv(round_to(k, dtype)).swapaxes(-1, -2)
@@ -275,15 +296,27 @@ def _naive_probabilities(
     seen = reference.visible(sq, sk, causal=causal, window=window)
     if seen is not None:
         s[..., ~seen] = -np.inf
+    sink = None
+    if sinks is not None:
+        b, hkv, g = s.shape[:3]
+        sink = np.broadcast_to(np.asarray(sinks, dtype=s.dtype).reshape(1, hkv, g, 1, 1),
+                               (b, hkv, g, sq, 1))
     m = np.max(s, axis=-1, keepdims=True, initial=-np.inf)
+    if sink is not None:
+        m = np.maximum(m, sink)
     m = np.where(np.isneginf(m), 0, m)  # a row that sees no key: keep exp(-inf - 0) = 0, not NaN
     e = np.exp(s - m)
     row_sum = e.sum(axis=-1, keepdims=True)
+    p_sink = None
+    if sink is not None:
+        e_sink = np.exp(sink - m)
+        row_sum = row_sum + e_sink
+        p_sink = (e_sink / row_sum)[..., 0]
     p = np.divide(e, row_sum, out=np.zeros_like(e), where=row_sum > 0)
     with np.errstate(divide="ignore"):  # log(0) = -inf for rows that see no key
         lse = (m + np.log(row_sum))[..., 0]
     b, hkv, g, _ = lse.shape
-    return p, lse.reshape(b, hkv * g, sq), slope
+    return p, lse.reshape(b, hkv * g, sq), slope, p_sink
 
 
 def _grouped_q(x: np.ndarray, hkv: int) -> np.ndarray:

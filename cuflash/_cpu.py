@@ -32,7 +32,7 @@ BLOCK_K = 512
 @np.errstate(over="ignore")
 def forward(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, *, variant: Variant, scale: float,
-    alibi_slopes: np.ndarray | None = None,
+    alibi_slopes: np.ndarray | None = None, sinks: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Attention forward pass.
 
@@ -44,6 +44,9 @@ def forward(
         scale: softmax scale.
         alibi_slopes: ``(B, Hq)`` or None: ALiBi, ``-slope * |i + Sk - Sq - j|`` added to the
             (scaled, capped) scores.
+        sinks: ``(Hq,)`` or None: each head's sink logit, a virtual key with no value in every
+            row's softmax (``lse`` includes it; a row that sees no key gets zeros and
+            ``lse = sink``).
 
     Returns:
         ``out`` ``(B, Sq, Hq, D)`` C-contiguous in q's dtype, and ``lse`` ``(B, Hq, Sq)`` float32
@@ -58,11 +61,12 @@ def forward(
 
     out = np.empty((b, sq, hq, d), dtype=q.dtype)
     lse = np.empty((b, hq, sq), dtype=np.float32)
-    mods = _ScoreMods(variant, scale, dtype, alibi_slopes, hkv, sq, sk)
+    mods = _ScoreMods(variant, scale, dtype, alibi_slopes, sinks, hkv, sq, sk)
     for i0 in range(0, sq, BLOCK_Q):
         i1 = min(i0 + BLOCK_Q, sq)
         q_blk = _rows(q_t, i0, i1)  # (B, Hkv, G * bq, D)
         state = _OnlineSoftmax(q_blk.shape[:-1], d, dtype, mods.softmax_scale(scale))
+        mods.start(state, i1 - i0)
         for j0, j1, hidden in _key_blocks(i0, i1, sq, sk, variant):
             # -- online softmax of q k^T (modified), and p @ v --
             s, _ = _scores(q_blk, k_t, i0, j0, j1, hidden, mods)
@@ -84,6 +88,8 @@ def backward(
     variant: Variant,
     scale: float,
     alibi_slopes: np.ndarray | None = None,
+    sinks: np.ndarray | None = None,
+    dsinks: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Attention backward pass (FlashAttention-2): P is recomputed tile by tile.
 
@@ -96,7 +102,9 @@ def backward(
 
     Args:
         dout, out: ``(B, Sq, Hq, D)``; q, k, v: as for :func:`forward`. Any strides.
-        variant, scale, alibi_slopes: as for :func:`forward`.
+        variant, scale, alibi_slopes, sinks: as for :func:`forward`.
+        dsinks: with sinks, a float64 ``(Hq,)`` array that receives their gradient,
+            ``-sum over batch and rows of p_sink * delta`` (``p_sink = exp(sink - lse)``).
 
     Returns:
         ``(dq, dk, dv)`` shaped like q, k, v, C-contiguous, in the input dtype. With GQA, dk and dv
@@ -106,8 +114,9 @@ def backward(
     sk, hkv = k.shape[1], k.shape[2]
     dtype = _compute_dtype(q.dtype)
     scale_t = dtype.type(scale)
-    mods = _ScoreMods(variant, scale, dtype, alibi_slopes, hkv, sq, sk)
+    mods = _ScoreMods(variant, scale, dtype, alibi_slopes, sinks, hkv, sq, sk)
     softmax_scale = mods.softmax_scale(scale)
+    dsinks_t = None if dsinks is None else np.zeros((hkv, hq // hkv), dtype=np.float64)
     q_t = _grouped_q(q, hkv, dtype)
     do_t = _grouped_q(dout, hkv, dtype)
     # -- preprocess: delta = rowsum(dO * O), the softmax-backward term --
@@ -122,9 +131,14 @@ def backward(
         q_blk, do_blk = _rows(q_t, i0, i1), _rows(do_t, i0, i1)
         delta_blk = _rows(delta_t[..., None], i0, i1)  # (B, Hkv, G * bq, 1)
         stats = _RowStatistics(q_blk.shape[:-1], dtype, softmax_scale)
+        mods.start(stats, i1 - i0)
         for j0, j1, hidden in _key_blocks(i0, i1, sq, sk, variant):
             stats.fold(_scores(q_blk, k_t, i0, j0, j1, hidden, mods)[0])
         m_blk, log_l_blk = stats.normaliser()
+        if dsinks_t is not None:  # d lse-weighted sink: -p_sink * delta, p_sink = e^(sink - lse)
+            p_sink = np.exp(mods.sink_rows(i1 - i0)[..., None] - m_blk - log_l_blk)
+            dsinks_t -= (p_sink * delta_blk).reshape(b, hkv, hq // hkv, i1 - i0).sum(
+                axis=(0, 3), dtype=np.float64)
         dq_blk = np.zeros_like(q_blk)
         for j0, j1, hidden in _key_blocks(i0, i1, sq, sk, variant):
             k_blk, v_blk = k_t[:, :, j0:j1], v_t[:, :, j0:j1]
@@ -150,6 +164,8 @@ def backward(
     dk_t *= scale_t
     dk = np.ascontiguousarray(dk_t.swapaxes(1, 2), dtype=k.dtype)
     dv = np.ascontiguousarray(dv_t.swapaxes(1, 2), dtype=v.dtype)
+    if dsinks is not None:
+        dsinks[...] = dsinks_t.reshape(hq)
     return dq, dk, dv
 
 
@@ -173,11 +189,13 @@ def _scores(q_blk: np.ndarray, k_t: np.ndarray, i0: int, j0: int, j1: int,
 
 class _ScoreMods:
     """A call's score modifications, in the compute dtype, in flash-attn's order: scale, then
-    softcap (``cap * tanh(s / cap)``), then ALiBi (``-slope * |i + Sk - Sq - j|``). False when
-    there are none: the scores then stay raw and the softmax scales them inside its exponent."""
+    softcap (``cap * tanh(s / cap)``), then ALiBi (``-slope * |i + Sk - Sq - j|``); and the
+    sinks, which start each row's softmax. False when there are none: the scores then stay raw
+    and the softmax scales them inside its exponent."""
 
     def __init__(self, variant: Variant, scale: float, dtype: np.dtype,
-                 alibi_slopes: np.ndarray | None, hkv: int, seqlen_q: int, seqlen_k: int):
+                 alibi_slopes: np.ndarray | None, sinks: np.ndarray | None, hkv: int,
+                 seqlen_q: int, seqlen_k: int):
         self.dtype = dtype
         self.scale = dtype.type(scale)
         self.cap = dtype.type(variant.softcap)
@@ -187,9 +205,22 @@ class _ScoreMods:
             b, hq = alibi_slopes.shape
             self.slopes = alibi_slopes.astype(dtype).reshape(b, hkv, hq // hkv, 1, 1)
         self.seqlens = seqlen_q, seqlen_k
+        self.sinks = None  # (Hkv, G): query head h = kv * G + g
+        if sinks is not None:
+            self.sinks = sinks.astype(dtype).reshape(hkv, -1)
 
     def __bool__(self) -> bool:
-        return bool(self.cap) or self.slopes is not None
+        return bool(self.cap) or self.slopes is not None or self.sinks is not None
+
+    def sink_rows(self, bq: int) -> np.ndarray:
+        """Each row's sink logit, ``(Hkv, G * bq)`` (rows as `_rows` lays them out)."""
+        return np.repeat(self.sinks, bq, axis=1)
+
+    def start(self, stats: _RowStatistics, bq: int) -> None:
+        """With sinks, every row's softmax starts from its sink: max = sink, sum = 1."""
+        if self.sinks is not None:
+            stats.m_i = np.broadcast_to(self.sink_rows(bq), stats.m_i.shape).copy()
+            stats.l_i = np.ones_like(stats.l_i)
 
     def softmax_scale(self, scale: float) -> float:
         """The factor the softmax applies to the scores: `scale` for raw ones, 1 for modified

@@ -250,13 +250,13 @@ class AutogradReplay:
     autograd node, whose own calls of the core replay."""
 
     def __init__(self, variant, scale: float, layout: str, return_lse: bool,
-                 alibi_slopes=None):
+                 alibi_slopes=None, sinks=None):
         from cuflash import torch as cuflash_torch
 
         self.attention = cuflash_torch.attention
         # A variant's window, (-1, 0) for causal, names it to cuflash.torch in full.
         self.options = {"window": variant.window, "scale": scale, "softcap": variant.softcap,
-                        "alibi_slopes": alibi_slopes, "layout": layout,
+                        "alibi_slopes": alibi_slopes, "sinks": sinks, "layout": layout,
                         "return_lse": return_lse}
 
     def __call__(self, q, k, v, out=None):

@@ -36,8 +36,10 @@ class Variant:
         softcap: ``> 0``: scores (after scaling) become ``softcap * tanh(s / softcap)``; 0: off.
         alibi: whether ALiBi biases are added (``-slope * |i + Sk - Sq - j|``, the slopes a
             run-time array that travels beside the variant).
-    The CPU path computes softcap and ALiBi; the CUDA kernels do not yet (`cuflash.api` refuses
-    them there, naming the argument).
+        sinks: whether each query head's softmax has a sink, a virtual key with a logit of its
+            own and no value (its logits travel beside the variant).
+    The CPU path computes softcap, ALiBi and sinks; the CUDA kernels do not yet (`cuflash.api`
+    refuses them there, naming the argument).
 
     Build one with `Variant.of`, which normalises equal masks to one variant: a window of
     (-1, -1) is ``"none"`` and (-1, 0) is ``"causal"``, so they share kernels bit for bit.
@@ -48,20 +50,22 @@ class Variant:
     right: int = -1
     softcap: float = 0.0
     alibi: bool = False
+    sinks: bool = False
 
     @staticmethod
-    def of(*, causal: bool = False, window=None, softcap=0.0, alibi: bool = False) -> Variant:
+    def of(*, causal: bool = False, window=None, softcap=0.0, alibi: bool = False,
+           sinks: bool = False) -> Variant:
         """The variant of `attention`'s ``causal``, ``window`` and ``softcap`` arguments (all
-        validated) and whether it has ALiBi slopes."""
+        validated) and whether it has ALiBi slopes and sinks."""
         left, right = check_window(window)
         cap = check_softcap(softcap)
         if causal:
             right = 0  # causal clips the window's right side to the diagonal
         if left < 0 and right < 0:
-            return Variant("none", softcap=cap, alibi=alibi)
+            return Variant("none", softcap=cap, alibi=alibi, sinks=sinks)
         if left < 0 and right == 0:
-            return Variant("causal", -1, 0, cap, alibi)
-        return Variant("window", left, right, cap, alibi)
+            return Variant("causal", -1, 0, cap, alibi, sinks)
+        return Variant("window", left, right, cap, alibi, sinks)
 
     @property
     def causal(self) -> bool:

@@ -42,8 +42,10 @@ class Problem:
     layout: str
     batched: bool  # False: the caller passed 3-D arrays (no batch axis)
     source: _interop.Source
-    # ALiBi slopes, float64 (B, Hq), when variant.alibi: run-time data, not part of the identity
+    # Run-time data of the score modifications, float64, not part of the identity: ALiBi slopes
+    # (B, Hq) when variant.alibi, sink logits (Hq,) when variant.sinks.
     alibi_slopes: np.ndarray | None = field(default=None, compare=False)
+    sinks: np.ndarray | None = field(default=None, compare=False)
 
     def caller_shape(self, seqlen: int, heads: int) -> tuple[int, ...]:
         """Shape of a (seqlen, heads, head_dim) tensor in the caller's layout and rank."""
@@ -64,7 +66,7 @@ class Problem:
 
 
 def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None = None,
-              scale: float | None = None, softcap: float = 0.0, alibi_slopes=None,
+              scale: float | None = None, softcap: float = 0.0, alibi_slopes=None, sinks=None,
               layout: str = "bshd", return_lse: bool = False, out=None):
     """Exact scaled dot-product attention, softmax(scale * q k^T) v, without an N x N matrix.
 
@@ -92,6 +94,12 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
             to the (scaled, capped) score of query i and key j. The CPU path only for now (a
             NumPy array, or the CPU array of q's framework); on CUDA it raises
             NotImplementedError. The slopes get no gradient.
+        sinks: attention sinks (gpt-oss): a float32 or float64 array ``(Hq,)`` of finite
+            logits, one per query head, of a virtual key with no value: every row's softmax
+            denominator gains ``exp(sinks[h])`` and ``lse`` includes it (a row that sees no key
+            gets zeros and ``lse = sinks[h]``). The CPU path only for now (CUDA:
+            NotImplementedError); its gradient: `attention_backward`'s ``return_dsinks``, or
+            torch autograd.
         layout: ``"bshd"`` (flash-attn / JAX order) or ``"bhsd"`` (PyTorch SDPA order).
         return_lse: also return the log-sum-exp of each query row.
         out: optional array of the output's shape and dtype, in the caller's framework and on
@@ -108,19 +116,19 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
 
     See also: `attention_backward`, `cuflash.reference.attention`, `cuflash.jax.attention`.
     """
-    # Calls with ALiBi slopes are never replayed: a replay would keep the first call's values.
-    key = None if alibi_slopes is not None else _replay.forward_key(
+    # Calls with slopes or sinks are never replayed: a replay would keep the first call's values.
+    key = None if alibi_slopes is not None or sinks is not None else _replay.forward_key(
         q, k, v, out, (causal, type(causal), _replay.window_key(window), scale, type(scale),
                        softcap, type(softcap), layout, return_lse, type(return_lse)))
     replay = _replay.lookup(key)
     if replay is not None:
         return replay(q, k, v, out)
     problem = validate(q, k, v, causal=causal, window=window, scale=scale, layout=layout,
-                       softcap=softcap, alibi_slopes=alibi_slopes)
+                       softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     _check_flag("return_lse", return_lse)
     if problem.source.framework == "torch" and out is None and _wants_grad(q, k, v):
         replay = _replay.AutogradReplay(problem.variant, problem.scale, layout, return_lse,
-                                        alibi_slopes)
+                                        alibi_slopes, sinks)
         _replay.record(key, replay)
         return replay(q, k, v)
     if out is not None:
@@ -155,22 +163,26 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
 
 def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
                        window: tuple[int, int] | None = None, scale: float | None = None,
-                       softcap: float = 0.0, alibi_slopes=None, layout: str = "bshd",
-                       deterministic: bool = False):
+                       softcap: float = 0.0, alibi_slopes=None, sinks=None,
+                       layout: str = "bshd", deterministic: bool = False,
+                       return_dsinks: bool = False):
     """Gradients of `attention` with respect to q, k and v.
 
     Args:
         dout: gradient of the output, shaped like `q`.
-        q, k, v, causal, window, scale, softcap, alibi_slopes, layout: exactly as passed to
-            `attention`.
+        q, k, v, causal, window, scale, softcap, alibi_slopes, sinks, layout: exactly as passed
+            to `attention`.
         out: the forward's output.
         lse: the forward's log-sum-exp (``return_lse=True``), float32 ``(B, Hq, Sq)``.
         deterministic: on the GPU, compute dq without atomics so results are bit-identical run
             after run (slower). The CPU path is always deterministic.
+        return_dsinks: also return the gradient of `sinks` (which must be given), shaped and
+            typed like it: ``-sum over batch and rows of exp(sink - lse) * rowsum(dout * out)``.
 
     Returns:
-        ``(dq, dk, dv)`` shaped like q, k, v, in their framework, device and dtype. For GQA,
-        dk/dv sum over each group's query heads.
+        ``(dq, dk, dv)`` shaped like q, k, v, in their framework, device and dtype, or
+        ``(dq, dk, dv, dsinks)`` with `return_dsinks`. For GQA, dk/dv sum over each group's query
+        heads.
 
     For float64 on the GPU the float32 `lse` would limit gradients to ~1e-7 relative error, so
     the row statistics are recomputed in float64 (one extra forward pass). The CPU path always
@@ -178,15 +190,18 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
     to validate it: a float32 lse is too coarse for exp(s - lse) once scores reach ~1e4.
     """
     arrays = (dout, q, k, v, out, lse)
-    key = None if alibi_slopes is not None else _replay.backward_key(
+    key = None if alibi_slopes is not None or sinks is not None else _replay.backward_key(
         arrays, (causal, type(causal), _replay.window_key(window), scale, type(scale), softcap,
                  type(softcap), layout, deterministic, type(deterministic)))
     replay = _replay.lookup(key)
     if replay is not None:
         return replay(*arrays)
     problem = validate(q, k, v, causal=causal, window=window, scale=scale, layout=layout,
-                       softcap=softcap, alibi_slopes=alibi_slopes)
+                       softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     _check_flag("deterministic", deterministic)
+    _check_flag("return_dsinks", return_dsinks)
+    if return_dsinks and sinks is None:
+        raise ValueError("return_dsinks: True needs sinks (the gradient of which sinks?)")
     q_shape = problem.caller_shape(problem.seqlen_q, problem.heads_q)
     for name, x in (("dout", dout), ("out", out)):
         _check_out(name, x, problem, q_shape)
@@ -200,11 +215,13 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
         dob, ob = _backend(dout, src, "dout"), _backend(out, src, "out")
         lseb = _interop.to_backend(lse, src)
         grads = [_interop.empty(x.shape, x, src, like) for x, like in ((qb, q), (kb, k), (vb, v))]
+        dsinks = np.zeros(problem.heads_q) if return_dsinks else None
         call = backward_into(problem, dob, qb, kb, vb, ob, lseb, *(g[1] for g in grads),
-                             deterministic=deterministic)
+                             deterministic=deterministic, dsinks=dsinks)
         if call is not False and key is not None:
             _replay.record(key, _replay.BackwardReplay(call, _replay.framework_of(q)))
-        return tuple(_interop.from_backend(native, b, src) for native, b in grads)
+        result = tuple(_interop.from_backend(native, b, src) for native, b in grads)
+        return (*result, _in_framework_of(dsinks, sinks)) if return_dsinks else result
 
 
 def _refuse_first_call_in_capture(src: _interop.Source) -> None:
@@ -221,14 +238,14 @@ def _refuse_first_call_in_capture(src: _interop.Source) -> None:
 
 
 def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
-             alibi_slopes=None) -> Problem:
+             alibi_slopes=None, sinks=None) -> Problem:
     """Check q, k, v and the options; raise TypeError/ValueError naming what is wrong (and
     NotImplementedError for an option the inputs' device does not compute yet)."""
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     _check_flag("causal", causal)
     variant = Variant.of(causal=bool(causal), window=window, softcap=softcap,
-                         alibi=alibi_slopes is not None)
+                         alibi=alibi_slopes is not None, sinks=sinks is not None)
     for name, x in (("q", q), ("k", k), ("v", v)):
         _refuse_masked(name, x)
     sources = {name: _interop.source_of(x, name) for name, x in (("q", q), ("k", k), ("v", v))}
@@ -248,6 +265,10 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
         raise NotImplementedError(
             f"alibi_slopes: not yet computed by the CUDA kernels (got slopes for "
             f"{src.describe()} inputs); the CPU path and cuflash.reference compute ALiBi")
+    if variant.sinks and src.device == "cuda":
+        raise NotImplementedError(
+            f"sinks: not yet computed by the CUDA kernels (got sinks for {src.describe()} "
+            f"inputs); the CPU path and cuflash.reference compute them")
 
     dtypes = {name: _interop.dtype_name(x) for name, x in (("q", q), ("k", k), ("v", v))}
     allowed = _dtypes.GPU_DTYPES if src.device == "cuda" else _dtypes.CPU_DTYPES
@@ -293,10 +314,12 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
     _check_sizes(batch, seqlen_q, seqlen_k, heads_q, src.device == "cuda",
                  f"shapes q {shapes['q']}, k {shapes['k']}, layout {layout} {axes}")
     slopes = None if alibi_slopes is None else _check_alibi(alibi_slopes, src, batch, heads_q)
+    sink = None if sinks is None else _check_head_values("sinks", sinks, src, [(heads_q,)],
+                                                         f"({heads_q},) (Hq)")
     return Problem(batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q,
                    heads_kv=heads_kv, head_dim=head_dim, dtype=dtypes["q"], variant=variant,
                    scale=_check_scale(scale, head_dim), layout=layout, batched=ndim == 4,
-                   source=src, alibi_slopes=slopes)
+                   source=src, alibi_slopes=slopes, sinks=sink)
 
 
 # The kernels index rows and keys in 32-bit ints and reach seqlen_q + 2 * seqlen_k (the window
@@ -345,24 +368,47 @@ def _check_scale(scale: object, head_dim: int) -> float:
 
 
 def _check_alibi(slopes: object, src: _interop.Source, batch: int, heads_q: int) -> np.ndarray:
-    """ALiBi slopes as float64 ``(B, Hq)``: a float32/float64 array of shape ``(Hq,)`` or
-    ``(B, Hq)`` with finite values, NumPy or on q's framework and device."""
-    _refuse_masked("alibi_slopes", slopes)
-    where = _interop.source_of(slopes, "alibi_slopes")
-    if where.framework != "numpy" and where != src:
-        raise TypeError(f"alibi_slopes: expected a NumPy array or an array of q's framework and "
-                        f"device ({src.describe()}), got {where.describe()}")
-    dtype = _interop.dtype_name(slopes)
-    if dtype not in ("float32", "float64"):
-        raise TypeError(f"alibi_slopes: expected dtype float32 or float64, got {dtype}")
-    shape = tuple(int(n) for n in slopes.shape)
-    if shape not in ((heads_q,), (batch, heads_q)):
-        raise ValueError(f"alibi_slopes: expected shape ({heads_q},) or ({batch}, {heads_q}) "
-                         f"(Hq, or B and Hq), got {shape}")
-    values = np.array(_interop.to_backend(slopes, where), dtype=np.float64)  # a copy
-    if not np.all(np.isfinite(values)):
-        raise ValueError("alibi_slopes: expected finite values, got NaN or infinity")
+    """ALiBi slopes as float64 ``(B, Hq)``, from ``(Hq,)`` or ``(B, Hq)``."""
+    values = _check_head_values("alibi_slopes", slopes, src, [(heads_q,), (batch, heads_q)],
+                                f"({heads_q},) or ({batch}, {heads_q}) (Hq, or B and Hq)")
     return np.broadcast_to(values, (batch, heads_q))
+
+
+def _check_head_values(name: str, x: object, src: _interop.Source,
+                       shapes: list[tuple[int, ...]], expected: str) -> np.ndarray:
+    """A float64 copy of `x`: a float32/float64 array of one of `shapes` with finite values,
+    NumPy or on q's framework and device. Raises naming `name`."""
+    _refuse_masked(name, x)
+    where = _interop.source_of(x, name)
+    if where.framework != "numpy" and where != src:
+        raise TypeError(f"{name}: expected a NumPy array or an array of q's framework and "
+                        f"device ({src.describe()}), got {where.describe()}")
+    dtype = _interop.dtype_name(x)
+    if dtype not in ("float32", "float64"):
+        raise TypeError(f"{name}: expected dtype float32 or float64, got {dtype}")
+    shape = tuple(int(n) for n in x.shape)
+    if shape not in shapes:
+        raise ValueError(f"{name}: expected shape {expected}, got {shape}")
+    values = np.array(_interop.to_backend(x, where), dtype=np.float64)  # a copy
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{name}: expected finite values, got NaN or infinity")
+    return values
+
+
+def _in_framework_of(values: np.ndarray, like: object):
+    """float64 NumPy `values` as an array of `like`'s framework and dtype (CPU)."""
+    if isinstance(like, np.ndarray):
+        return values.astype(like.dtype)
+    framework = _interop.source_of(like, "sinks").framework
+    if framework == "torch":
+        import torch
+
+        return torch.from_numpy(values).to(like.dtype)
+    if framework == "jax":
+        import jax.numpy as jnp
+
+        return jnp.asarray(values, dtype=like.dtype)
+    return values.astype(_interop.dtype_name(like))
 
 
 def _refuse_masked(name: str, x: object) -> None:
@@ -464,7 +510,7 @@ def forward_into(problem: Problem, qb, kb, vb, out_b, lse_b):
         from cuflash import _cpu
 
         o, lse = _cpu.forward(q4, k4, v4, variant=problem.variant, scale=problem.scale,
-                              alibi_slopes=problem.alibi_slopes)
+                              alibi_slopes=problem.alibi_slopes, sinks=problem.sinks)
         o4[...] = o
         if lse3 is not None:
             lse3[...] = lse
@@ -496,8 +542,9 @@ def compute_capability(device_id: int) -> int:
 
 
 def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
-                  deterministic: bool):
-    """Run the backward on backend arrays of the caller's layout; writes dq, dk, dv.
+                  deterministic: bool, dsinks: np.ndarray | None = None):
+    """Run the backward on backend arrays of the caller's layout; writes dq, dk, dv (and, when
+    given, `dsinks`: the sinks' gradient, float64 (Hq,); the CPU path).
 
     Returns the `_launch_bwd.BackwardCall` a later call of the same signature may replay (None
     when there was nothing to launch), or False where it may not: the CPU path, and float64,
@@ -510,7 +557,8 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
 
         # The CPU path recomputes the row statistics itself; lse was only validated.
         dq, dk, dv = _cpu.backward(do4, q4, k4, v4, o4, variant=problem.variant,
-                                   scale=problem.scale, alibi_slopes=problem.alibi_slopes)
+                                   scale=problem.scale, alibi_slopes=problem.alibi_slopes,
+                                   sinks=problem.sinks, dsinks=dsinks)
         dq4[...], dk4[...], dv4[...] = dq, dk, dv
         return False
     from cuflash import _launch, _launch_bwd

@@ -4,10 +4,10 @@ Two ops, registered under the ``cuflash`` namespace, work on CPU and CUDA tensor
 the path; CUDA kernels run on torch's current stream):
 
 - ``torch.ops.cuflash.attention_fwd(q, k, v, causal, scale, layout, window_left=-1,
-  window_right=-1, softcap=0.0, alibi_slopes=None) -> (out, lse)``
+  window_right=-1, softcap=0.0, alibi_slopes=None, sinks=None) -> (out, lse)``
 - ``torch.ops.cuflash.attention_bwd(dout, q, k, v, out, lse, causal, scale, layout,
-  deterministic, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None) ->
-  (dq, dk, dv)``
+  deterministic, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
+  sinks=None) -> (dq, dk, dv, dsinks)`` (dsinks empty without sinks)
 
 Each runs the framework-agnostic core (the public :func:`cuflash.attention` /
 :func:`cuflash.attention_backward` on detached tensors), has a fake (meta) implementation for
@@ -42,8 +42,8 @@ Tensor = torch.Tensor
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
               window: tuple[int, int] | None = None, scale: float | None = None,
-              softcap: float = 0.0, alibi_slopes: Tensor | None = None, layout: str = "bshd",
-              return_lse: bool = False):
+              softcap: float = 0.0, alibi_slopes: Tensor | None = None,
+              sinks: Tensor | None = None, layout: str = "bshd", return_lse: bool = False):
     """Exact attention on torch tensors, differentiable with respect to q, k and v.
 
     Args:
@@ -59,6 +59,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
             :func:`cuflash.attention` (CPU tensors only for now).
         alibi_slopes: ALiBi slopes ``(Hq,)`` or ``(B, Hq)``, float32 or float64, as for
             :func:`cuflash.attention` (CPU tensors only for now; no gradient).
+        sinks: attention sinks ``(Hq,)``, float32 or float64, as for :func:`cuflash.attention`
+            (CPU tensors only for now); a tensor that requires grad gets its gradient.
         layout: ``"bshd"`` or ``"bhsd"``.
         return_lse: also return the float32 log-sum-exp ``(B, Hq, Sq)`` (``(Hq, Sq)`` for 3-D);
             it carries no gradient.
@@ -78,10 +80,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     left, right = _variant.check_window(window)
     cap = _variant.check_softcap(softcap)
     if torch.compiler.is_compiling():
-        out, lse = attention_fwd(q, k, v, causal, scale, layout, left, right, cap, alibi_slopes)
+        out, lse = attention_fwd(q, k, v, causal, scale, layout, left, right, cap, alibi_slopes,
+                                 sinks)
     else:
         out, lse = _Attention.apply(q, k, v, causal, scale, layout, (left, right), cap,
-                                    alibi_slopes)
+                                    alibi_slopes, sinks)
     return (out, lse) if return_lse else out
 
 
@@ -91,44 +94,51 @@ class _Attention(torch.autograd.Function):
     traces the op instead."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, layout, window, softcap, alibi_slopes):
+    def forward(ctx, q, k, v, causal, scale, layout, window, softcap, alibi_slopes, sinks):
         # Grad mode is off in here, so the core takes its plain (replayable) path.
         out, lse = api.attention(q, k, v, causal=causal, window=window, scale=scale,
-                                 softcap=softcap, alibi_slopes=alibi_slopes, layout=layout,
-                                 return_lse=True)
+                                 softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+                                 layout=layout, return_lse=True)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mark_non_differentiable(lse)
-        ctx.options = (causal, window, scale, softcap, alibi_slopes, layout)
+        ctx.options = (causal, window, scale, softcap, alibi_slopes, sinks, layout)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        causal, window, scale, softcap, alibi_slopes, layout = ctx.options
+        causal, window, scale, softcap, alibi_slopes, sinks, layout = ctx.options
         if dout.stride(-1) != 1:
             dout = dout.contiguous()  # an expanded gradient (of a sum): one copy, then replayable
-        dq, dk, dv = api.attention_backward(
+        grads = api.attention_backward(
             dout, q, k, v, out, lse, causal=causal, window=window, scale=scale, softcap=softcap,
-            alibi_slopes=alibi_slopes, layout=layout,
-            deterministic=torch.are_deterministic_algorithms_enabled())
-        return dq, dk, dv, None, None, None, None, None, None
+            alibi_slopes=alibi_slopes, sinks=sinks, layout=layout,
+            deterministic=torch.are_deterministic_algorithms_enabled(),
+            return_dsinks=bool(ctx.needs_input_grad[9]))
+        dsinks = grads[3] if len(grads) == 4 else None
+        return (*grads[:3], None, None, None, None, None, None, dsinks)
 
 
 @torch.library.custom_op("cuflash::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None,
                   layout: str, window_left: int = -1, window_right: int = -1,
-                  softcap: float = 0.0,
-                  alibi_slopes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  softcap: float = 0.0, alibi_slopes: Tensor | None = None,
+                  sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The forward op: ``(out, lse)`` as :func:`cuflash.attention` with ``return_lse=True``."""
     # Detached, so the core takes its plain path instead of routing back here for autograd.
     return api.attention(q.detach(), k.detach(), v.detach(), causal=causal,
                          window=(window_left, window_right), scale=scale, softcap=softcap,
-                         alibi_slopes=alibi_slopes, layout=layout, return_lse=True)
+                         alibi_slopes=alibi_slopes, sinks=_detached(sinks), layout=layout,
+                         return_lse=True)
+
+
+def _detached(x: Tensor | None) -> Tensor | None:
+    return None if x is None else x.detach()
 
 
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, causal, scale, layout, window_left=-1, window_right=-1,
-                        softcap=0.0, alibi_slopes=None):
+                        softcap=0.0, alibi_slopes=None, sinks=None):
     # The core allocates both results contiguous: out like q, lse (B, Hq, Sq) float32.
     if layout == "bhsd":
         lse_shape = q.shape[:-1]
@@ -141,22 +151,32 @@ def _attention_fwd_fake(q, k, v, causal, scale, layout, window_left=-1, window_r
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   causal: bool, scale: float | None, layout: str, deterministic: bool,
                   window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
-                  alibi_slopes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """The backward op: ``(dq, dk, dv)`` as :func:`cuflash.attention_backward`."""
+                  alibi_slopes: Tensor | None = None,
+                  sinks: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward op: ``(dq, dk, dv, dsinks)`` as :func:`cuflash.attention_backward`
+    (``dsinks`` empty without sinks)."""
     tensors = (x.detach() for x in (dout, q, k, v, out, lse))
-    return api.attention_backward(*tensors, causal=causal, window=(window_left, window_right),
-                                  scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
-                                  layout=layout, deterministic=deterministic)
+    grads = api.attention_backward(*tensors, causal=causal, window=(window_left, window_right),
+                                   scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
+                                   sinks=_detached(sinks), layout=layout,
+                                   deterministic=deterministic, return_dsinks=sinks is not None)
+    if sinks is None:
+        return (*grads, q.new_empty((0,), dtype=torch.float32))
+    return grads
 
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, causal, scale, layout, deterministic,
-                        window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+                        window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
+                        sinks=None):
+    dsinks = (q.new_empty((0,), dtype=torch.float32) if sinks is None
+              else sinks.new_empty(sinks.shape))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, causal, scale, layout, *trailing = inputs  # window_{left,right}, softcap, alibi
+    # trailing: window_left, window_right, softcap, alibi_slopes, sinks
+    q, k, v, causal, scale, layout, *trailing = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.mark_non_differentiable(lse)
@@ -166,9 +186,12 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
     causal, scale, layout, *trailing = ctx.options
-    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, causal, scale, layout,
-                               torch.are_deterministic_algorithms_enabled(), *trailing)
-    return (dq, dk, dv, *(None,) * len(ctx.options))  # no gradient for the options
+    dq, dk, dv, dsinks = attention_bwd(dout, q, k, v, out, lse, causal, scale, layout,
+                                       torch.are_deterministic_algorithms_enabled(), *trailing)
+    sinks = trailing[4] if len(trailing) > 4 else None
+    # no gradient for the options (the sinks' last, where given)
+    return (dq, dk, dv, *(None,) * (len(ctx.options) - 1),
+            None if sinks is None else dsinks)
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)

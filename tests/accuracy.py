@@ -9,6 +9,7 @@ from cuflash._accuracy import (
     compare,
     naive_attention,
     naive_attention_backward,
+    naive_sinks_gradient,
     round_to,
 )
 
@@ -20,5 +21,6 @@ __all__ = [
     "compare",
     "naive_attention",
     "naive_attention_backward",
+    "naive_sinks_gradient",
     "round_to",
 ]

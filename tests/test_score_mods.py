@@ -1,7 +1,8 @@
-"""Score modifications on the CPU path, logit soft-capping (``softcap``) and ALiBi
-(``alibi_slopes``), alone and together: forward and backward against the float64 oracle by the
-accuracy rule, through NumPy and through torch autograd; argument validation; the variant they
-make; and the refusal on CUDA, where the kernels do not compute them yet."""
+"""Score modifications on the CPU path, logit soft-capping (``softcap``), ALiBi
+(``alibi_slopes``) and attention sinks (``sinks``, with their gradient), alone and together:
+forward and backward against the float64 oracle by the accuracy rule, through NumPy and through
+torch autograd (the autograd node and the custom op); argument validation; the variant they make;
+and the refusal on CUDA, where the kernels do not compute them yet."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import cuflash
 from cuflash import reference
 from cuflash._variant import Variant
 from tests.accuracy import (
+    EPS,
     assert_matches_reference,
     backward_eps,
     naive_attention,
     naive_attention_backward,
+    naive_sinks_gradient,
 )
 from tests.strategies import examples
 
@@ -65,7 +68,8 @@ def test_score_mods_match_the_reference(data):
                                  {"window": (draw(st.integers(-1, 9)), draw(st.integers(-1, 9)))}]))
     softcap = draw(st.sampled_from([0.0, 0.3, 1.0, 5.0, 50.0]))
     alibi = draw(st.sampled_from([None, (hq,), (b, hq)]))
-    if softcap == 0.0 and alibi is None:
+    with_sinks = draw(st.booleans())
+    if softcap == 0.0 and alibi is None and not with_sinks:
         softcap = 1.0
     scale = draw(st.sampled_from([None, 0.2, 1.7]))
     spread = draw(st.sampled_from([1.0, 4.0]))
@@ -73,24 +77,33 @@ def test_score_mods_match_the_reference(data):
     q, k, v = _inputs(rng, b, sq, sk, hq, hkv, d, dtype, spread)
     dout = rng.standard_normal(q.shape).astype(dtype)
     slopes = None if alibi is None else rng.uniform(0.0, 1.0, alibi).astype(np.float32)
-    opts = {**mask, "scale": scale, "softcap": softcap, "alibi_slopes": slopes}
+    sinks = (rng.standard_normal(hq) * 3).astype(np.float32) if with_sinks else None
+    opts = {**mask, "scale": scale, "softcap": softcap, "alibi_slopes": slopes, "sinks": sinks}
 
     out, lse = cuflash.attention(q, k, v, return_lse=True, **opts)
     q64, k64, v64, do64 = (x.astype(np.float64) for x in (q, k, v, dout))
     ref, ref_lse = reference.attention(q64, k64, v64, return_lse=True, **opts)
     s = 1.0 / np.sqrt(d) if scale is None else scale
     naive_opts = {"causal": mask.get("causal", False), "window": mask.get("window"), "scale": s,
-                  "softcap": softcap, "alibi_slopes": slopes}
+                  "softcap": softcap, "alibi_slopes": slopes, "sinks": sinks}
     naive, naive_lse = naive_attention(q64, k64, v64, dtype=dtype, **naive_opts)
     assert_matches_reference("out", out, ref, naive, dtype=dtype)
     assert_matches_reference("lse", lse, ref_lse, naive_lse, dtype="float32")
 
-    grads = cuflash.attention_backward(dout, q, k, v, out, lse, **opts)
-    refs = reference.attention_backward(do64, q64, k64, v64, **opts)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, return_dsinks=with_sinks, **opts)
+    refs = reference.attention_grads(do64, q64, k64, v64, **opts)
     naives = naive_attention_backward(do64, q64, k64, v64, dtype=dtype, **naive_opts)
     eps = backward_eps(do64, q64, k64, v64, dtype=dtype, **naive_opts)
-    for name, g, r, n, e in zip(("dq", "dk", "dv"), grads, refs, naives, eps, strict=True):
-        assert_matches_reference(name, g, r, n, dtype=dtype, eps=e)
+    for name, g, n, e in zip(("dq", "dk", "dv"), grads, naives, eps, strict=False):
+        assert_matches_reference(name, g, refs[name[1:]], n, dtype=dtype, eps=e)
+    if with_sinks:
+        assert grads[3].dtype == np.float32 and grads[3].shape == (hq,)
+        naive_dsinks = naive_sinks_gradient(do64, q64, k64, v64, dtype=dtype, **naive_opts)
+        # |dsinks_h| <= sum over rows of p_sink * |delta|: the rule's floor scales with it.
+        floor = max(1.0, float(np.sum(np.abs(do64)) * np.max(np.abs(ref), initial=0.0)))
+        sink_dtype = "float32" if dtype == "float64" else dtype  # dsinks come back as float32
+        assert_matches_reference("dsinks", grads[3], refs["sinks"], naive_dsinks,
+                                 dtype=sink_dtype, eps=EPS[sink_dtype] * floor)
 
 
 def test_softcap_changes_the_result_and_bounds_the_scores():
@@ -125,6 +138,35 @@ def test_alibi_penalises_distant_keys():
                                   cuflash.attention(q, k, v))
 
 
+def test_sinks_take_weight_and_fill_blind_rows():
+    """A sink adds exp(sink) to every row's denominator: with one key per row, out = v *
+    e^s / (e^s + e^sink) exactly; a row that sees no key gets zeros and lse = its head's sink."""
+    q = np.ones((1, 3, 2, 1))
+    k = np.full((1, 1, 2, 1), 2.0)
+    v = np.full((1, 1, 2, 1), 5.0)
+    sinks = np.array([1.0, -3.0])
+    # causal with Sq 3 > Sk 1: rows 0 and 1 see no key, row 2 sees key 0 with score 2 * scale.
+    out, lse = cuflash.attention(q, k, v, causal=True, sinks=sinks, scale=1.0, return_lse=True)
+    for h, sink in enumerate(sinks):
+        np.testing.assert_array_equal(out[0, :2, h], 0.0)
+        np.testing.assert_array_equal(lse[0, h, :2], np.float32(sink))
+        want = 5.0 * np.exp(2.0) / (np.exp(2.0) + np.exp(sink))
+        np.testing.assert_allclose(out[0, 2, h, 0], want, rtol=1e-14)
+        np.testing.assert_allclose(lse[0, h, 2], np.logaddexp(2.0, sink), rtol=1e-7)
+
+
+def test_return_dsinks_needs_sinks_and_a_flag():
+    q, k, v = _inputs(np.random.default_rng(0), 1, 4, 4, 2, 2, 8, np.float32, 1.0)
+    out, lse = cuflash.attention(q, k, v, return_lse=True)
+    with pytest.raises(ValueError, match=r"^return_dsinks: True needs sinks"):
+        cuflash.attention_backward(out, q, k, v, out, lse, return_dsinks=True)
+    with pytest.raises(TypeError, match=r"^return_dsinks: expected True or False"):
+        cuflash.attention_backward(out, q, k, v, out, lse, sinks=np.zeros(2, np.float32),
+                                   return_dsinks=1)
+    grads = cuflash.attention_backward(out, q, k, v, out, lse, sinks=np.zeros(2, np.float32))
+    assert len(grads) == 3
+
+
 def test_softcap_zero_is_no_cap_bit_for_bit():
     rng = np.random.default_rng(4)
     q, k, v = _inputs(rng, 2, 11, 17, 4, 2, 8, np.float32, 1.0)
@@ -140,17 +182,27 @@ def test_score_mods_through_torch_autograd_on_the_cpu():
     dout = rng.standard_normal(q.shape)
     leaves = [torch.tensor(x, requires_grad=True) for x in (q, k, v)]
     slopes = np.array([0.25, 0.5, 1.0, 2.0])
-    mods = {"causal": True, "softcap": 1.5, "alibi_slopes": slopes}
-    for entry in (cuflash.attention, cuflash.torch.attention):
-        for x in leaves:
+    sinks = np.array([0.5, -1.0, 2.0, 0.0])
+    mods = {"causal": True, "softcap": 1.5, "alibi_slopes": slopes, "sinks": sinks}
+    sink_leaf = torch.tensor(sinks, requires_grad=True)
+    refs = reference.attention_grads(dout, q, k, v, **mods)
+    call = {"causal": True, "softcap": 1.5, "alibi_slopes": torch.tensor(slopes),
+            "sinks": sink_leaf}
+    ops = torch.ops.cuflash
+
+    def op_entry(q, k, v, **options):  # the custom op (what torch.compile traces) and its grads
+        return ops.attention_fwd(q, k, v, True, None, "bshd", -1, 0, 1.5,
+                                 options["alibi_slopes"], options["sinks"])[0]
+
+    for entry in (cuflash.attention, cuflash.torch.attention, op_entry):
+        for x in (*leaves, sink_leaf):
             x.grad = None
-        out = entry(*leaves, **{**mods, "alibi_slopes": torch.tensor(slopes)})
+        out = entry(*leaves, **call)
         out.backward(torch.tensor(dout))
         np.testing.assert_allclose(out.detach().numpy(), reference.attention(q, k, v, **mods),
                                    rtol=0, atol=1e-12)
-        refs = reference.attention_backward(dout, q, k, v, **mods)
-        for x, r in zip(leaves, refs, strict=True):
-            np.testing.assert_allclose(x.grad.numpy(), r, rtol=0, atol=1e-12)
+        for x, name in zip((*leaves, sink_leaf), ("q", "k", "v", "sinks"), strict=True):
+            np.testing.assert_allclose(x.grad.numpy(), refs[name], rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("softcap, error, words", BAD_SOFTCAPS)
@@ -192,12 +244,27 @@ def test_alibi_slopes_of_another_framework_are_refused():
         q, k, v, alibi_slopes=np.array([0.5, 1.0], np.float32)), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("sinks, error, words", [
+    (np.ones(3, np.float32), ValueError, r"shape \(4,\) \(Hq\)"),
+    (np.ones((1, 4), np.float32), ValueError, r"shape \(4,\) \(Hq\)"),
+    (np.ones(4, np.int64), TypeError, "dtype float32 or float64"),
+    (np.array([0, 0, np.inf, 0], np.float32), ValueError, "finite"),
+    ([0.0] * 4, TypeError, "sinks"),
+])
+def test_bad_sinks_are_refused_naming_them(sinks, error, words):
+    q, k, v = _inputs(np.random.default_rng(0), 1, 4, 4, 4, 2, 8, np.float32, 1.0)
+    with pytest.raises(error, match=words) as raised:
+        cuflash.attention(q, k, v, sinks=sinks)
+    assert str(raised.value).startswith("sinks: ")
+
+
 def test_variant_keeps_the_cap_with_every_mask():
     assert Variant.of(softcap=2) == Variant("none", softcap=2.0)
     assert Variant.of(causal=True, softcap=2) == Variant("causal", -1, 0, 2.0)
     assert Variant.of(window=(3, 1), softcap=np.float32(2)) == Variant("window", 3, 1, 2.0)
     assert Variant.of(causal=True).softcap == 0.0
     assert Variant.of(causal=True, alibi=True) == Variant("causal", -1, 0, 0.0, True)
+    assert Variant.of(sinks=True) == Variant("none", sinks=True)
 
 
 def test_score_mods_are_refused_on_cuda_before_any_work():
@@ -216,4 +283,6 @@ def test_score_mods_are_refused_on_cuda_before_any_work():
         cuflash.attention(q, k, v, softcap=1.0)
     with pytest.raises(NotImplementedError, match=r"^alibi_slopes: not yet computed by the CUDA"):
         cuflash.attention(q, k, v, alibi_slopes=cupy.ones(2, cupy.float32))
+    with pytest.raises(NotImplementedError, match=r"^sinks: not yet computed by the CUDA"):
+        cuflash.attention(q, k, v, sinks=cupy.zeros(2, cupy.float32))
     assert cuflash.attention(q, k, v, softcap=0.0).shape == q.shape
