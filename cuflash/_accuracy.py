@@ -53,7 +53,7 @@ def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
 
 def naive_attention(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, *, dtype: str, causal: bool, scale: float,
-    window=None, softcap: float = 0.0, alibi_slopes=None, sinks=None,
+    window=None, softcap: float = 0.0, alibi_slopes=None, sinks=None, bias=None, mask=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Plain attention in ``dtype``: returns ``(out, lse)`` as float64 arrays.
 
@@ -63,10 +63,11 @@ def naive_attention(
     lse ``(B, Hq, Sq)`` is rounded to float32, the dtype cuflash returns it in. ``softcap > 0``
     caps the scaled scores, ``softcap * tanh(s / softcap)``, and ``alibi_slopes`` (``(Hq,)`` or
     ``(B, Hq)``) adds ``-slope * |i + Sk - Sq - j|``, in the compute dtype; ``sinks`` ``(Hq,)``
-    adds each head's sink to every row's softmax denominator (and lse).
+    adds each head's sink to every row's softmax denominator (and lse); ``bias`` is added last
+    and ``mask`` (bool, True = attend) hides keys, both broadcastable to ``(B, Hq, Sq, Sk)``.
     """
     p, lse, _, _ = _naive_probabilities(q, k, dtype, causal, window, scale, softcap, alibi_slopes,
-                                        sinks)
+                                        sinks, bias, mask)
     out = np.matmul(round_to(p, dtype), _grouped_kv(round_to(v, dtype)))
     return _ungrouped(round_to(out, dtype)), round_to(lse, LSE_DTYPE).astype(np.float64)
 
@@ -84,6 +85,8 @@ def naive_attention_backward(
     softcap: float = 0.0,
     alibi_slopes=None,
     sinks=None,
+    bias=None,
+    mask=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Plain attention backward in ``dtype`` (as autograd of :func:`naive_attention` would do it).
 
@@ -93,7 +96,7 @@ def naive_attention_backward(
     """
     hkv = k.shape[2]
     p, _, slope, _ = _naive_probabilities(q, k, dtype, causal, window, scale, softcap,
-                                          alibi_slopes, sinks)
+                                          alibi_slopes, sinks, bias, mask)
     do_g = _grouped_q(round_to(dout, dtype), hkv)
     q_g = _grouped_q(round_to(q, dtype), hkv)
     k_g, v_g = _grouped_kv(round_to(k, dtype)), _grouped_kv(round_to(v, dtype))
@@ -108,18 +111,41 @@ def naive_attention_backward(
 
 def naive_sinks_gradient(
     dout: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, *, dtype: str, causal: bool,
-    scale: float, sinks, window=None, softcap: float = 0.0, alibi_slopes=None,
+    scale: float, sinks, window=None, softcap: float = 0.0, alibi_slopes=None, bias=None,
+    mask=None,
 ) -> np.ndarray:
     """The sinks' gradient ``(Hq,)`` as plain attention would form it in ``dtype``:
     ``-sum over batch and rows of p_sink * rowsum(P * dP)``, float64."""
     hkv = k.shape[2]
     p, _, _, p_sink = _naive_probabilities(q, k, dtype, causal, window, scale, softcap,
-                                           alibi_slopes, sinks)
+                                           alibi_slopes, sinks, bias, mask)
     do_g = _grouped_q(round_to(dout, dtype), hkv)
     dp = np.matmul(do_g, _grouped_kv(round_to(v, dtype)).swapaxes(-1, -2))
     delta = np.sum(p * dp, axis=-1)
     grad = -np.sum(p_sink * delta, axis=(0, 3))  # (Hkv, G)
     return round_to(grad.reshape(-1), dtype).astype(np.float64)
+
+
+def naive_bias_gradient(
+    dout: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, *, dtype: str, causal: bool,
+    scale: float, bias, window=None, softcap: float = 0.0, alibi_slopes=None, sinks=None,
+    mask=None,
+) -> np.ndarray:
+    """The bias's gradient, shaped like `bias`, as plain attention would form it in ``dtype``:
+    dS = P * (dP - rowsum(P * dP)) summed over the axes bias was broadcast along, float64."""
+    hkv = k.shape[2]
+    p, _, _, _ = _naive_probabilities(q, k, dtype, causal, window, scale, softcap,
+                                      alibi_slopes, sinks, bias, mask)
+    do_g = _grouped_q(round_to(dout, dtype), hkv)
+    dp = np.matmul(do_g, _grouped_kv(round_to(v, dtype)).swapaxes(-1, -2))
+    ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True))
+    b, hkv, g, sq, sk = ds.shape
+    ds = ds.reshape(b, hkv * g, sq, sk)
+    shape = np.shape(bias)
+    padded = (1,) * (4 - len(shape)) + shape
+    axes = tuple(a for a in range(4) if padded[a] == 1 and ds.shape[a] != 1)
+    grad = ds.sum(axis=axes, keepdims=True) if axes else ds
+    return round_to(grad.reshape(shape), dtype).astype(np.float64)
 
 
 def backward_eps(
@@ -135,6 +161,8 @@ def backward_eps(
     softcap: float = 0.0,
     alibi_slopes=None,
     sinks=None,
+    bias=None,
+    mask=None,
 ) -> tuple[float, float, float]:
     """eps for dq, dk, dv: ``EPS[dtype]`` times the largest magnitude each gradient is summed from.
 
@@ -145,7 +173,7 @@ def backward_eps(
     """
     hkv = k.shape[2]
     p, _, slope, _ = _naive_probabilities(q, k, "float64", causal, window, scale, softcap,
-                                          alibi_slopes, sinks)
+                                          alibi_slopes, sinks, bias, mask)
     do_g, q_g = (np.abs(_grouped_q(np.asarray(x, dtype=np.float64), hkv)) for x in (dout, q))
     k_g, v_g = (np.abs(_grouped_kv(np.asarray(x, dtype=np.float64))) for x in (k, v))
     dp_abs = np.matmul(do_g, v_g.swapaxes(-1, -2))
@@ -272,7 +300,7 @@ def _first_bad(
 
 def _naive_probabilities(
     q: np.ndarray, k: np.ndarray, dtype: str, causal: bool, window, scale: float,
-    softcap: float = 0.0, alibi_slopes=None, sinks=None,
+    softcap: float = 0.0, alibi_slopes=None, sinks=None, bias=None, mask=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | float, np.ndarray | None]:
     """Softmax ``(B, Hkv, G, Sq, Sk)``, lse ``(B, Hq, Sq)``, the softcap's slope
     ``d s' / d s = 1 - tanh^2`` (1.0 without one) and the sinks' probabilities
@@ -293,9 +321,16 @@ def _naive_probabilities(
         slopes = np.broadcast_to(np.asarray(alibi_slopes, dtype=np.float64), (b, hkv * g))
         distance = _reference_mods.alibi_distance(sq, sk)  # the oracle's, as for the mask
         s = s - (slopes.reshape(b, hkv, g, 1, 1) * distance).astype(s.dtype)
+    b, hkv, g = s.shape[:3]
+    if bias is not None:
+        full = np.broadcast_to(np.asarray(bias, dtype=np.float64), (b, hkv * g, sq, sk))
+        s = s + full.reshape(b, hkv, g, sq, sk).astype(s.dtype)
     seen = reference.visible(sq, sk, causal=causal, window=window)
     if seen is not None:
         s[..., ~seen] = -np.inf
+    if mask is not None:
+        hidden = ~np.broadcast_to(np.asarray(mask, dtype=bool), (b, hkv * g, sq, sk))
+        s = np.where(hidden.reshape(b, hkv, g, sq, sk), -np.inf, s)
     sink = None
     if sinks is not None:
         b, hkv, g = s.shape[:3]

@@ -33,6 +33,7 @@ BLOCK_K = 512
 def forward(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, *, variant: Variant, scale: float,
     alibi_slopes: np.ndarray | None = None, sinks: np.ndarray | None = None,
+    bias: np.ndarray | None = None, mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Attention forward pass.
 
@@ -47,6 +48,10 @@ def forward(
         sinks: ``(Hq,)`` or None: each head's sink logit, a virtual key with no value in every
             row's softmax (``lse`` includes it; a row that sees no key gets zeros and
             ``lse = sink``).
+        bias: None or an array broadcastable to ``(B, Hq, Sq, Sk)``, added to the scores after
+            ALiBi; read block by block, never expanded.
+        mask: None or a bool array broadcastable to ``(B, Hq, Sq, Sk)``: False hides the key
+            from the query (as causal and window do).
 
     Returns:
         ``out`` ``(B, Sq, Hq, D)`` C-contiguous in q's dtype, and ``lse`` ``(B, Hq, Sq)`` float32
@@ -61,13 +66,13 @@ def forward(
 
     out = np.empty((b, sq, hq, d), dtype=q.dtype)
     lse = np.empty((b, hq, sq), dtype=np.float32)
-    mods = _ScoreMods(variant, scale, dtype, alibi_slopes, sinks, hkv, sq, sk)
+    mods = _ScoreMods(variant, scale, dtype, alibi_slopes, sinks, bias, mask, (b, hq, hkv, sq, sk))
     for i0 in range(0, sq, BLOCK_Q):
         i1 = min(i0 + BLOCK_Q, sq)
         q_blk = _rows(q_t, i0, i1)  # (B, Hkv, G * bq, D)
         state = _OnlineSoftmax(q_blk.shape[:-1], d, dtype, mods.softmax_scale(scale))
         mods.start(state, i1 - i0)
-        for j0, j1, hidden in _key_blocks(i0, i1, sq, sk, variant):
+        for j0, j1, hidden in _key_blocks(i0, i1, sq, sk, variant, mods):
             # -- online softmax of q k^T (modified), and p @ v --
             s, _ = _scores(q_blk, k_t, i0, j0, j1, hidden, mods)
             state.update(s, v_t[:, :, j0:j1], hidden)
@@ -89,7 +94,10 @@ def backward(
     scale: float,
     alibi_slopes: np.ndarray | None = None,
     sinks: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
     dsinks: np.ndarray | None = None,
+    dbias: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Attention backward pass (FlashAttention-2): P is recomputed tile by tile.
 
@@ -102,9 +110,11 @@ def backward(
 
     Args:
         dout, out: ``(B, Sq, Hq, D)``; q, k, v: as for :func:`forward`. Any strides.
-        variant, scale, alibi_slopes, sinks: as for :func:`forward`.
+        variant, scale, alibi_slopes, sinks, bias, mask: as for :func:`forward`.
         dsinks: with sinks, a float64 ``(Hq,)`` array that receives their gradient,
             ``-sum over batch and rows of p_sink * delta`` (``p_sink = exp(sink - lse)``).
+        dbias: with bias, a float64 array of bias's shape left-padded to 4 dimensions that
+            receives its gradient, dS summed over the axes bias was broadcast along.
 
     Returns:
         ``(dq, dk, dv)`` shaped like q, k, v, C-contiguous, in the input dtype. With GQA, dk and dv
@@ -114,8 +124,10 @@ def backward(
     sk, hkv = k.shape[1], k.shape[2]
     dtype = _compute_dtype(q.dtype)
     scale_t = dtype.type(scale)
-    mods = _ScoreMods(variant, scale, dtype, alibi_slopes, sinks, hkv, sq, sk)
+    mods = _ScoreMods(variant, scale, dtype, alibi_slopes, sinks, bias, mask, (b, hq, hkv, sq, sk))
     softmax_scale = mods.softmax_scale(scale)
+    if dbias is not None:
+        dbias[...] = 0
     dsinks_t = None if dsinks is None else np.zeros((hkv, hq // hkv), dtype=np.float64)
     q_t = _grouped_q(q, hkv, dtype)
     do_t = _grouped_q(dout, hkv, dtype)
@@ -132,7 +144,7 @@ def backward(
         delta_blk = _rows(delta_t[..., None], i0, i1)  # (B, Hkv, G * bq, 1)
         stats = _RowStatistics(q_blk.shape[:-1], dtype, softmax_scale)
         mods.start(stats, i1 - i0)
-        for j0, j1, hidden in _key_blocks(i0, i1, sq, sk, variant):
+        for j0, j1, hidden in _key_blocks(i0, i1, sq, sk, variant, mods):
             stats.fold(_scores(q_blk, k_t, i0, j0, j1, hidden, mods)[0])
         m_blk, log_l_blk = stats.normaliser()
         if dsinks_t is not None:  # d lse-weighted sink: -p_sink * delta, p_sink = e^(sink - lse)
@@ -140,7 +152,7 @@ def backward(
             dsinks_t -= (p_sink * delta_blk).reshape(b, hkv, hq // hkv, i1 - i0).sum(
                 axis=(0, 3), dtype=np.float64)
         dq_blk = np.zeros_like(q_blk)
-        for j0, j1, hidden in _key_blocks(i0, i1, sq, sk, variant):
+        for j0, j1, hidden in _key_blocks(i0, i1, sq, sk, variant, mods):
             k_blk, v_blk = k_t[:, :, j0:j1], v_t[:, :, j0:j1]
             # -- recompute P = exp(scale * (s - m) - log l) (modified: exp(s' - m - log l)) --
             p, tanh = _scores(q_blk, k_t, i0, j0, j1, hidden, mods)
@@ -155,6 +167,8 @@ def backward(
             ds = np.matmul(do_blk, v_blk.swapaxes(-1, -2))
             np.subtract(ds, delta_blk, out=ds)
             np.multiply(ds, p, out=ds)
+            if dbias is not None:  # the bias is added last: its gradient is dS here
+                mods.add_bias_gradient(dbias, ds, i0, j0)
             if tanh is not None:  # through s' = cap * tanh(scale * s / cap): 1 - tanh^2
                 np.multiply(ds, 1 - tanh * tanh, out=ds)
             # -- dQ += dS K, dK += dS^T Q (both times scale at the end) --
@@ -180,7 +194,7 @@ def _scores(q_blk: np.ndarray, k_t: np.ndarray, i0: int, j0: int, j1: int,
     tanh = mods.apply(s, i0, j0) if mods else None
     if hidden is not None:
         b, hkv, rows, bk = s.shape
-        bq = hidden.shape[0]
+        bq = hidden.shape[-2]
         for x, fill in ((s, -np.inf), (tanh, 0.0)):
             if x is not None:  # tanh 0 where hidden: a hidden key's NaN stays out of gradients
                 np.copyto(x.reshape(b, hkv, rows // bq, bq, bk), fill, where=hidden)
@@ -189,28 +203,64 @@ def _scores(q_blk: np.ndarray, k_t: np.ndarray, i0: int, j0: int, j1: int,
 
 class _ScoreMods:
     """A call's score modifications, in the compute dtype, in flash-attn's order: scale, then
-    softcap (``cap * tanh(s / cap)``), then ALiBi (``-slope * |i + Sk - Sq - j|``); and the
-    sinks, which start each row's softmax. False when there are none: the scores then stay raw
-    and the softmax scales them inside its exponent."""
+    softcap (``cap * tanh(s / cap)``), then ALiBi (``-slope * |i + Sk - Sq - j|``), then the
+    bias; the user mask, which hides keys as the variant's mask does; and the sinks, which start
+    each row's softmax. False when the scores are unmodified: they then stay raw and the softmax
+    scales them inside its exponent."""
 
     def __init__(self, variant: Variant, scale: float, dtype: np.dtype,
-                 alibi_slopes: np.ndarray | None, sinks: np.ndarray | None, hkv: int,
-                 seqlen_q: int, seqlen_k: int):
+                 alibi_slopes: np.ndarray | None, sinks: np.ndarray | None,
+                 bias: np.ndarray | None, mask: np.ndarray | None,
+                 sizes: tuple[int, int, int, int, int]):
+        b, hq, hkv, seqlen_q, seqlen_k = sizes
         self.dtype = dtype
         self.scale = dtype.type(scale)
         self.cap = dtype.type(variant.softcap)
         self.inner = dtype.type(scale / variant.softcap) if variant.softcap else dtype.type(0)
         self.slopes = None  # (B, Hkv, G, 1, 1): query head h = kv * G + g
         if alibi_slopes is not None:
-            b, hq = alibi_slopes.shape
             self.slopes = alibi_slopes.astype(dtype).reshape(b, hkv, hq // hkv, 1, 1)
         self.seqlens = seqlen_q, seqlen_k
         self.sinks = None  # (Hkv, G): query head h = kv * G + g
         if sinks is not None:
             self.sinks = sinks.astype(dtype).reshape(hkv, -1)
+        full = (b, hq, seqlen_q, seqlen_k)
+        self.grouped = (b, hkv, hq // hkv)
+        self.bias = None if bias is None else np.broadcast_to(bias, full)  # a view
+        self.bias_shape = None if bias is None else (1,) * (4 - bias.ndim) + bias.shape
+        self.mask = None if mask is None else np.broadcast_to(mask, full)
 
     def __bool__(self) -> bool:
-        return bool(self.cap) or self.slopes is not None or self.sinks is not None
+        return (bool(self.cap) or self.slopes is not None or self.sinks is not None
+                or self.bias is not None)
+
+    def _block(self, x: np.ndarray, i0: int, bq: int, j0: int, bk: int) -> np.ndarray:
+        """Rows [i0, i0 + bq) and keys [j0, j0 + bk) of a (B, Hq, Sq, Sk) view, as
+        (B, Hkv, G, bq, bk)."""
+        return x[:, :, i0:i0 + bq, j0:j0 + bk].reshape(*self.grouped, bq, bk)
+
+    def hide(self, hidden: np.ndarray | None, i0: int, i1: int, j0: int,
+             j1: int) -> np.ndarray | None:
+        """The keys the block's rows do not see: the variant's `hidden` ``(bq, bk)`` and, with
+        a mask, where it is False (then ``(B, Hkv, G, bq, bk)``)."""
+        if self.mask is None:
+            return hidden
+        user = ~self._block(self.mask, i0, i1 - i0, j0, j1 - j0)
+        return user if hidden is None else user | hidden
+
+    def add_bias_gradient(self, dbias: np.ndarray, ds: np.ndarray, i0: int, j0: int) -> None:
+        """Add the block's dS ``(B, Hkv, G * bq, bk)`` into `dbias` (the bias's padded shape),
+        summed over the axes the bias was broadcast along."""
+        b, hkv, rows, bk = ds.shape
+        g = self.grouped[2]
+        bq = rows // g
+        blk = ds.reshape(b, hkv * g, bq, bk)
+        axes = tuple(a for a in range(4) if self.bias_shape[a] == 1 and blk.shape[a] != 1)
+        if axes:
+            blk = blk.sum(axis=axes, keepdims=True, dtype=np.float64)
+        rows_at = slice(i0, i0 + bq) if self.bias_shape[2] != 1 else slice(0, 1)
+        cols_at = slice(j0, j0 + bk) if self.bias_shape[3] != 1 else slice(0, 1)
+        dbias[:, :, rows_at, cols_at] += blk
 
     def sink_rows(self, bq: int) -> np.ndarray:
         """Each row's sink logit, ``(Hkv, G * bq)`` (rows as `_rows` lays them out)."""
@@ -246,6 +296,11 @@ class _ScoreMods:
                                          *self.seqlens).astype(self.dtype)
             view = s.reshape(b, hkv, g, bq, bk)
             np.subtract(view, self.slopes * distance, out=view)
+        if self.bias is not None:
+            b, hkv, rows, bk = s.shape
+            bq = rows // self.grouped[2]
+            view = s.reshape(*self.grouped, bq, bk)
+            np.add(view, self._block(self.bias, i0, bq, j0, bk).astype(self.dtype), out=view)
         return tanh
 
 
@@ -309,10 +364,11 @@ class _OnlineSoftmax(_RowStatistics):
         # see its key and no other. Add the values with NaN as 0, then set NaN where seen.
         nan_v = np.isnan(v_blk)
         self.acc += np.matmul(s, np.where(nan_v, 0, v_blk))
-        sees_nan = np.matmul((~hidden).astype(s.dtype), nan_v.astype(s.dtype)) > 0
+        hid = hidden if hidden.ndim == 5 else hidden[None, None, None]  # (.., G, bq, bk)
+        sees_nan = np.matmul((~hid).astype(s.dtype), nan_v[:, :, None].astype(s.dtype)) > 0
         b, hkv, rows, d = self.acc.shape
-        bq = hidden.shape[0]
-        np.copyto(self.acc.reshape(b, hkv, rows // bq, bq, d), np.nan, where=sees_nan[:, :, None])
+        bq = hidden.shape[-2]
+        np.copyto(self.acc.reshape(b, hkv, rows // bq, bq, d), np.nan, where=sees_nan)
 
     def finalize(self) -> tuple[np.ndarray, np.ndarray]:
         """``out = acc / l_i`` and ``lse = scale * m_i + log(l_i)``; 0 and -inf for rows that saw
@@ -325,23 +381,24 @@ class _OnlineSoftmax(_RowStatistics):
 
 
 def _key_blocks(
-    i0: int, i1: int, sq: int, sk: int, variant: Variant
+    i0: int, i1: int, sq: int, sk: int, variant: Variant, mods: _ScoreMods
 ) -> Iterator[tuple[int, int, np.ndarray | None]]:
     """Yield ``(j0, j1, hidden)`` for the key blocks query rows ``[i0, i1)`` must visit.
 
     Keys no row of the block sees (before a window's left edge, past the diagonal) are skipped.
     ``hidden`` is None for a block every row sees in full, else ``(bq, bk)`` bool, True where
-    query ``i0 + r`` does not see key ``j0 + c``.
+    query ``i0 + r`` does not see key ``j0 + c`` (with a user mask ``(B, Hkv, G, bq, bk)``, its
+    False entries hidden too: `_ScoreMods.hide`).
     """
     begin, end = variant.key_span(i0, i1, sq, sk)
     first, stop = variant.key_bounds(np.arange(i0, i1), sq, sk)
     for j0 in range(begin, end, BLOCK_K):
         j1 = min(j0 + BLOCK_K, end)
+        hidden = None
         if first.max() > j0 or stop.min() < j1:
             cols = np.arange(j0, j1)[None, :]
-            yield j0, j1, (cols < first[:, None]) | (cols >= stop[:, None])
-        else:
-            yield j0, j1, None
+            hidden = (cols < first[:, None]) | (cols >= stop[:, None])
+        yield j0, j1, mods.hide(hidden, i0, i1, j0, j1)
 
 
 def _compute_dtype(dtype: np.dtype) -> np.dtype:

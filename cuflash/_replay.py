@@ -250,13 +250,14 @@ class AutogradReplay:
     autograd node, whose own calls of the core replay."""
 
     def __init__(self, variant, scale: float, layout: str, return_lse: bool,
-                 alibi_slopes=None, sinks=None):
+                 alibi_slopes=None, sinks=None, bias=None, mask=None):
         from cuflash import torch as cuflash_torch
 
         self.attention = cuflash_torch.attention
         # A variant's window, (-1, 0) for causal, names it to cuflash.torch in full.
         self.options = {"window": variant.window, "scale": scale, "softcap": variant.softcap,
-                        "alibi_slopes": alibi_slopes, "sinks": sinks, "layout": layout,
+                        "alibi_slopes": alibi_slopes, "sinks": sinks, "bias": bias,
+                        "mask": mask, "layout": layout,
                         "return_lse": return_lse}
 
     def __call__(self, q, k, v, out=None):

@@ -38,8 +38,10 @@ class Variant:
             run-time array that travels beside the variant).
         sinks: whether each query head's softmax has a sink, a virtual key with a logit of its
             own and no value (its logits travel beside the variant).
-    The CPU path computes softcap, ALiBi and sinks; the CUDA kernels do not yet (`cuflash.api`
-    refuses them there, naming the argument).
+        bias: whether an additive bias tensor is added to the scores (last, after ALiBi).
+        mask_array: whether a boolean mask tensor hides keys (besides the mask kind).
+    The CPU path computes all of them; the CUDA kernels do not yet (`cuflash.api` refuses them
+    there, naming the argument).
 
     Build one with `Variant.of`, which normalises equal masks to one variant: a window of
     (-1, -1) is ``"none"`` and (-1, 0) is ``"causal"``, so they share kernels bit for bit.
@@ -51,21 +53,23 @@ class Variant:
     softcap: float = 0.0
     alibi: bool = False
     sinks: bool = False
+    bias: bool = False
+    mask_array: bool = False
 
     @staticmethod
     def of(*, causal: bool = False, window=None, softcap=0.0, alibi: bool = False,
-           sinks: bool = False) -> Variant:
+           sinks: bool = False, bias: bool = False, mask_array: bool = False) -> Variant:
         """The variant of `attention`'s ``causal``, ``window`` and ``softcap`` arguments (all
-        validated) and whether it has ALiBi slopes and sinks."""
+        validated) and whether it has ALiBi slopes, sinks, a bias and a mask array."""
         left, right = check_window(window)
         cap = check_softcap(softcap)
         if causal:
             right = 0  # causal clips the window's right side to the diagonal
         if left < 0 and right < 0:
-            return Variant("none", softcap=cap, alibi=alibi, sinks=sinks)
+            return Variant("none", -1, -1, cap, alibi, sinks, bias, mask_array)
         if left < 0 and right == 0:
-            return Variant("causal", -1, 0, cap, alibi, sinks)
-        return Variant("window", left, right, cap, alibi, sinks)
+            return Variant("causal", -1, 0, cap, alibi, sinks, bias, mask_array)
+        return Variant("window", left, right, cap, alibi, sinks, bias, mask_array)
 
     @property
     def causal(self) -> bool:

@@ -46,6 +46,9 @@ class Problem:
     # (B, Hq) when variant.alibi, sink logits (Hq,) when variant.sinks.
     alibi_slopes: np.ndarray | None = field(default=None, compare=False)
     sinks: np.ndarray | None = field(default=None, compare=False)
+    # The caller's bias and mask as NumPy views (never copied, never written), when given.
+    bias: np.ndarray | None = field(default=None, compare=False)
+    mask: np.ndarray | None = field(default=None, compare=False)
 
     def caller_shape(self, seqlen: int, heads: int) -> tuple[int, ...]:
         """Shape of a (seqlen, heads, head_dim) tensor in the caller's layout and rank."""
@@ -67,7 +70,7 @@ class Problem:
 
 def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None = None,
               scale: float | None = None, softcap: float = 0.0, alibi_slopes=None, sinks=None,
-              layout: str = "bshd", return_lse: bool = False, out=None):
+              bias=None, mask=None, layout: str = "bshd", return_lse: bool = False, out=None):
     """Exact scaled dot-product attention, softmax(scale * q k^T) v, without an N x N matrix.
 
     Args:
@@ -100,6 +103,13 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
             gets zeros and ``lse = sinks[h]``). The CPU path only for now (CUDA:
             NotImplementedError); its gradient: `attention_backward`'s ``return_dsinks``, or
             torch autograd.
+        bias: an additive float16/32/64 array broadcastable to ``(B, Hq, Sq, Sk)`` (any of B,
+            Hq of size 1, SDPA's attn_mask shape in both layouts), added to the scores after
+            ALiBi; read block by block, never expanded. Gradient: `attention_backward`'s
+            ``return_dbias``, or torch autograd. The CPU path only for now.
+        mask: a boolean array broadcastable like `bias`, True = attend (SDPA's meaning); keys
+            it hides behave as causal ones do (a row that sees no key: zeros, ``lse = -inf``).
+            The CPU path only for now.
         layout: ``"bshd"`` (flash-attn / JAX order) or ``"bhsd"`` (PyTorch SDPA order).
         return_lse: also return the log-sum-exp of each query row.
         out: optional array of the output's shape and dtype, in the caller's framework and on
@@ -117,18 +127,20 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
     See also: `attention_backward`, `cuflash.reference.attention`, `cuflash.jax.attention`.
     """
     # Calls with slopes or sinks are never replayed: a replay would keep the first call's values.
-    key = None if alibi_slopes is not None or sinks is not None else _replay.forward_key(
+    plain = alibi_slopes is None and sinks is None and bias is None and mask is None
+    key = None if not plain else _replay.forward_key(
         q, k, v, out, (causal, type(causal), _replay.window_key(window), scale, type(scale),
                        softcap, type(softcap), layout, return_lse, type(return_lse)))
     replay = _replay.lookup(key)
     if replay is not None:
         return replay(q, k, v, out)
     problem = validate(q, k, v, causal=causal, window=window, scale=scale, layout=layout,
-                       softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+                       softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, bias=bias,
+                       mask=mask)
     _check_flag("return_lse", return_lse)
     if problem.source.framework == "torch" and out is None and _wants_grad(q, k, v):
         replay = _replay.AutogradReplay(problem.variant, problem.scale, layout, return_lse,
-                                        alibi_slopes, sinks)
+                                        alibi_slopes, sinks, bias, mask)
         _replay.record(key, replay)
         return replay(q, k, v)
     if out is not None:
@@ -163,26 +175,28 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
 
 def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
                        window: tuple[int, int] | None = None, scale: float | None = None,
-                       softcap: float = 0.0, alibi_slopes=None, sinks=None,
-                       layout: str = "bshd", deterministic: bool = False,
-                       return_dsinks: bool = False):
+                       softcap: float = 0.0, alibi_slopes=None, sinks=None, bias=None,
+                       mask=None, layout: str = "bshd", deterministic: bool = False,
+                       return_dsinks: bool = False, return_dbias: bool = False):
     """Gradients of `attention` with respect to q, k and v.
 
     Args:
         dout: gradient of the output, shaped like `q`.
-        q, k, v, causal, window, scale, softcap, alibi_slopes, sinks, layout: exactly as passed
-            to `attention`.
+        q, k, v, causal, window, scale, softcap, alibi_slopes, sinks, bias, mask, layout:
+            exactly as passed to `attention`.
         out: the forward's output.
         lse: the forward's log-sum-exp (``return_lse=True``), float32 ``(B, Hq, Sq)``.
         deterministic: on the GPU, compute dq without atomics so results are bit-identical run
             after run (slower). The CPU path is always deterministic.
         return_dsinks: also return the gradient of `sinks` (which must be given), shaped and
             typed like it: ``-sum over batch and rows of exp(sink - lse) * rowsum(dout * out)``.
+        return_dbias: also return the gradient of `bias` (which must be given), shaped and
+            typed like it: the scores' gradient summed over the axes bias was broadcast along.
 
     Returns:
-        ``(dq, dk, dv)`` shaped like q, k, v, in their framework, device and dtype, or
-        ``(dq, dk, dv, dsinks)`` with `return_dsinks`. For GQA, dk/dv sum over each group's query
-        heads.
+        ``(dq, dk, dv)`` shaped like q, k, v, in their framework, device and dtype, followed by
+        ``dsinks`` with `return_dsinks` and ``dbias`` with `return_dbias`, in that order. For
+        GQA, dk/dv sum over each group's query heads.
 
     For float64 on the GPU the float32 `lse` would limit gradients to ~1e-7 relative error, so
     the row statistics are recomputed in float64 (one extra forward pass). The CPU path always
@@ -190,18 +204,22 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
     to validate it: a float32 lse is too coarse for exp(s - lse) once scores reach ~1e4.
     """
     arrays = (dout, q, k, v, out, lse)
-    key = None if alibi_slopes is not None or sinks is not None else _replay.backward_key(
+    plain = alibi_slopes is None and sinks is None and bias is None and mask is None
+    key = None if not plain else _replay.backward_key(
         arrays, (causal, type(causal), _replay.window_key(window), scale, type(scale), softcap,
                  type(softcap), layout, deterministic, type(deterministic)))
     replay = _replay.lookup(key)
     if replay is not None:
         return replay(*arrays)
     problem = validate(q, k, v, causal=causal, window=window, scale=scale, layout=layout,
-                       softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+                       softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, bias=bias,
+                       mask=mask)
     _check_flag("deterministic", deterministic)
-    _check_flag("return_dsinks", return_dsinks)
-    if return_dsinks and sinks is None:
-        raise ValueError("return_dsinks: True needs sinks (the gradient of which sinks?)")
+    for flag, value, given, what in (("return_dsinks", return_dsinks, sinks, "sinks"),
+                                     ("return_dbias", return_dbias, bias, "bias")):
+        _check_flag(flag, value)
+        if value and given is None:
+            raise ValueError(f"{flag}: True needs {what} (the gradient of which {what}?)")
     q_shape = problem.caller_shape(problem.seqlen_q, problem.heads_q)
     for name, x in (("dout", dout), ("out", out)):
         _check_out(name, x, problem, q_shape)
@@ -216,12 +234,19 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
         lseb = _interop.to_backend(lse, src)
         grads = [_interop.empty(x.shape, x, src, like) for x, like in ((qb, q), (kb, k), (vb, v))]
         dsinks = np.zeros(problem.heads_q) if return_dsinks else None
+        dbias = None
+        if return_dbias:
+            dbias = np.zeros((1,) * (4 - problem.bias.ndim) + problem.bias.shape)
         call = backward_into(problem, dob, qb, kb, vb, ob, lseb, *(g[1] for g in grads),
-                             deterministic=deterministic, dsinks=dsinks)
+                             deterministic=deterministic, dsinks=dsinks, dbias=dbias)
         if call is not False and key is not None:
             _replay.record(key, _replay.BackwardReplay(call, _replay.framework_of(q)))
         result = tuple(_interop.from_backend(native, b, src) for native, b in grads)
-        return (*result, _in_framework_of(dsinks, sinks)) if return_dsinks else result
+        if return_dsinks:
+            result += (_in_framework_of(dsinks, sinks),)
+        if return_dbias:
+            result += (_in_framework_of(dbias.reshape(problem.bias.shape), bias),)
+        return result
 
 
 def _refuse_first_call_in_capture(src: _interop.Source) -> None:
@@ -238,14 +263,15 @@ def _refuse_first_call_in_capture(src: _interop.Source) -> None:
 
 
 def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
-             alibi_slopes=None, sinks=None) -> Problem:
+             alibi_slopes=None, sinks=None, bias=None, mask=None) -> Problem:
     """Check q, k, v and the options; raise TypeError/ValueError naming what is wrong (and
     NotImplementedError for an option the inputs' device does not compute yet)."""
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     _check_flag("causal", causal)
     variant = Variant.of(causal=bool(causal), window=window, softcap=softcap,
-                         alibi=alibi_slopes is not None, sinks=sinks is not None)
+                         alibi=alibi_slopes is not None, sinks=sinks is not None,
+                         bias=bias is not None, mask_array=mask is not None)
     for name, x in (("q", q), ("k", k), ("v", v)):
         _refuse_masked(name, x)
     sources = {name: _interop.source_of(x, name) for name, x in (("q", q), ("k", k), ("v", v))}
@@ -269,6 +295,11 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
         raise NotImplementedError(
             f"sinks: not yet computed by the CUDA kernels (got sinks for {src.describe()} "
             f"inputs); the CPU path and cuflash.reference compute them")
+    for name, given in (("bias", variant.bias), ("mask", variant.mask_array)):
+        if given and src.device == "cuda":
+            raise NotImplementedError(
+                f"{name}: not yet read by the CUDA kernels (got a {name} for {src.describe()} "
+                f"inputs); the CPU path and cuflash.reference take it")
 
     dtypes = {name: _interop.dtype_name(x) for name, x in (("q", q), ("k", k), ("v", v))}
     allowed = _dtypes.GPU_DTYPES if src.device == "cuda" else _dtypes.CPU_DTYPES
@@ -316,10 +347,14 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
     slopes = None if alibi_slopes is None else _check_alibi(alibi_slopes, src, batch, heads_q)
     sink = None if sinks is None else _check_head_values("sinks", sinks, src, [(heads_q,)],
                                                          f"({heads_q},) (Hq)")
+    full = (batch, heads_q, seqlen_q, seqlen_k)
+    bias_view = None if bias is None else _check_score_array(
+        "bias", bias, src, full, ("float16", "float32", "float64"))
+    mask_view = None if mask is None else _check_score_array("mask", mask, src, full, ("bool",))
     return Problem(batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q,
                    heads_kv=heads_kv, head_dim=head_dim, dtype=dtypes["q"], variant=variant,
                    scale=_check_scale(scale, head_dim), layout=layout, batched=ndim == 4,
-                   source=src, alibi_slopes=slopes, sinks=sink)
+                   source=src, alibi_slopes=slopes, sinks=sink, bias=bias_view, mask=mask_view)
 
 
 # The kernels index rows and keys in 32-bit ints and reach seqlen_q + 2 * seqlen_k (the window
@@ -393,6 +428,26 @@ def _check_head_values(name: str, x: object, src: _interop.Source,
     if not np.all(np.isfinite(values)):
         raise ValueError(f"{name}: expected finite values, got NaN or infinity")
     return values
+
+
+def _check_score_array(name: str, x: object, src: _interop.Source, full: tuple[int, ...],
+                       dtypes: tuple[str, ...]) -> np.ndarray:
+    """A NumPy view of `x` (no copy): an array of one of `dtypes`, NumPy or of q's framework and
+    device, broadcastable to `full` = (B, Hq, Sq, Sk). Raises naming `name`."""
+    _refuse_masked(name, x)
+    where = _interop.source_of(x, name)
+    if where.framework != "numpy" and where != src:
+        raise TypeError(f"{name}: expected a NumPy array or an array of q's framework and "
+                        f"device ({src.describe()}), got {where.describe()}")
+    dtype = _interop.dtype_name(x)
+    if dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype {' or '.join(dtypes)}, got {dtype}")
+    shape = tuple(int(n) for n in x.shape)
+    if len(shape) > 4 or any(n not in (1, want) for n, want in zip(shape[::-1], full[::-1],
+                                                                    strict=False)):
+        raise ValueError(f"{name}: expected a shape broadcastable to (B, Hq, Sq, Sk) = {full}, "
+                         f"got {shape}")
+    return _interop.to_backend(x, where)
 
 
 def _in_framework_of(values: np.ndarray, like: object):
@@ -510,7 +565,8 @@ def forward_into(problem: Problem, qb, kb, vb, out_b, lse_b):
         from cuflash import _cpu
 
         o, lse = _cpu.forward(q4, k4, v4, variant=problem.variant, scale=problem.scale,
-                              alibi_slopes=problem.alibi_slopes, sinks=problem.sinks)
+                              alibi_slopes=problem.alibi_slopes, sinks=problem.sinks,
+                              bias=problem.bias, mask=problem.mask)
         o4[...] = o
         if lse3 is not None:
             lse3[...] = lse
@@ -542,9 +598,10 @@ def compute_capability(device_id: int) -> int:
 
 
 def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
-                  deterministic: bool, dsinks: np.ndarray | None = None):
+                  deterministic: bool, dsinks: np.ndarray | None = None,
+                  dbias: np.ndarray | None = None):
     """Run the backward on backend arrays of the caller's layout; writes dq, dk, dv (and, when
-    given, `dsinks`: the sinks' gradient, float64 (Hq,); the CPU path).
+    given, `dsinks` and `dbias`: float64 gradients of the sinks and the bias; the CPU path).
 
     Returns the `_launch_bwd.BackwardCall` a later call of the same signature may replay (None
     when there was nothing to launch), or False where it may not: the CPU path, and float64,
@@ -558,7 +615,8 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
         # The CPU path recomputes the row statistics itself; lse was only validated.
         dq, dk, dv = _cpu.backward(do4, q4, k4, v4, o4, variant=problem.variant,
                                    scale=problem.scale, alibi_slopes=problem.alibi_slopes,
-                                   sinks=problem.sinks, dsinks=dsinks)
+                                   sinks=problem.sinks, bias=problem.bias, mask=problem.mask,
+                                   dsinks=dsinks, dbias=dbias)
         dq4[...], dk4[...], dv4[...] = dq, dk, dv
         return False
     from cuflash import _launch, _launch_bwd

@@ -9,6 +9,7 @@ from cuflash._accuracy import (
     compare,
     naive_attention,
     naive_attention_backward,
+    naive_bias_gradient,
     naive_sinks_gradient,
     round_to,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "compare",
     "naive_attention",
     "naive_attention_backward",
+    "naive_bias_gradient",
     "naive_sinks_gradient",
     "round_to",
 ]

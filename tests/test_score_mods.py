@@ -1,5 +1,6 @@
 """Score modifications on the CPU path, logit soft-capping (``softcap``), ALiBi
-(``alibi_slopes``) and attention sinks (``sinks``, with their gradient), alone and together:
+(``alibi_slopes``), attention sinks (``sinks``), an additive ``bias`` (the last two with their
+gradients) and a boolean ``mask``, alone and together:
 forward and backward against the float64 oracle by the accuracy rule, through NumPy and through
 torch autograd (the autograd node and the custom op); argument validation; the variant they make;
 and the refusal on CUDA, where the kernels do not compute them yet."""
@@ -20,6 +21,7 @@ from tests.accuracy import (
     backward_eps,
     naive_attention,
     naive_attention_backward,
+    naive_bias_gradient,
     naive_sinks_gradient,
 )
 from tests.strategies import examples
@@ -69,7 +71,9 @@ def test_score_mods_match_the_reference(data):
     softcap = draw(st.sampled_from([0.0, 0.3, 1.0, 5.0, 50.0]))
     alibi = draw(st.sampled_from([None, (hq,), (b, hq)]))
     with_sinks = draw(st.booleans())
-    if softcap == 0.0 and alibi is None and not with_sinks:
+    bias_shape = draw(st.sampled_from([None, (b, hq, sq, sk), (hq, 1, sk), (1, 1, sq, 1), (sk,)]))
+    mask_shape = draw(st.sampled_from([None, (b, 1, sq, sk), (sq, sk)]))
+    if softcap == 0.0 and alibi is None and not with_sinks and bias_shape is None:
         softcap = 1.0
     scale = draw(st.sampled_from([None, 0.2, 1.7]))
     spread = draw(st.sampled_from([1.0, 4.0]))
@@ -78,19 +82,24 @@ def test_score_mods_match_the_reference(data):
     dout = rng.standard_normal(q.shape).astype(dtype)
     slopes = None if alibi is None else rng.uniform(0.0, 1.0, alibi).astype(np.float32)
     sinks = (rng.standard_normal(hq) * 3).astype(np.float32) if with_sinks else None
-    opts = {**mask, "scale": scale, "softcap": softcap, "alibi_slopes": slopes, "sinks": sinks}
+    bias = None if bias_shape is None else (rng.standard_normal(bias_shape) * 2).astype(dtype)
+    keep = None if mask_shape is None else rng.random(mask_shape) < 0.7
+    opts = {**mask, "scale": scale, "softcap": softcap, "alibi_slopes": slopes, "sinks": sinks,
+            "bias": bias, "mask": keep}
 
     out, lse = cuflash.attention(q, k, v, return_lse=True, **opts)
     q64, k64, v64, do64 = (x.astype(np.float64) for x in (q, k, v, dout))
     ref, ref_lse = reference.attention(q64, k64, v64, return_lse=True, **opts)
     s = 1.0 / np.sqrt(d) if scale is None else scale
     naive_opts = {"causal": mask.get("causal", False), "window": mask.get("window"), "scale": s,
-                  "softcap": softcap, "alibi_slopes": slopes, "sinks": sinks}
+                  "softcap": softcap, "alibi_slopes": slopes, "sinks": sinks, "bias": bias,
+                  "mask": keep}
     naive, naive_lse = naive_attention(q64, k64, v64, dtype=dtype, **naive_opts)
     assert_matches_reference("out", out, ref, naive, dtype=dtype)
     assert_matches_reference("lse", lse, ref_lse, naive_lse, dtype="float32")
 
-    grads = cuflash.attention_backward(dout, q, k, v, out, lse, return_dsinks=with_sinks, **opts)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, return_dsinks=with_sinks,
+                                       return_dbias=bias is not None, **opts)
     refs = reference.attention_grads(do64, q64, k64, v64, **opts)
     naives = naive_attention_backward(do64, q64, k64, v64, dtype=dtype, **naive_opts)
     eps = backward_eps(do64, q64, k64, v64, dtype=dtype, **naive_opts)
@@ -104,6 +113,14 @@ def test_score_mods_match_the_reference(data):
         sink_dtype = "float32" if dtype == "float64" else dtype  # dsinks come back as float32
         assert_matches_reference("dsinks", grads[3], refs["sinks"], naive_dsinks,
                                  dtype=sink_dtype, eps=EPS[sink_dtype] * floor)
+    if bias is not None:
+        dbias = grads[-1]
+        assert dbias.dtype == bias.dtype and dbias.shape == bias.shape
+        naive_dbias = naive_bias_gradient(do64, q64, k64, v64, dtype=dtype, **naive_opts)
+        # |dS| <= p * (|dP| + |delta|), |dP| <= sum |dout| |v|: the floor scales with that sum.
+        floor = max(1.0, 2 * float(np.sum(np.abs(do64))) * float(np.max(np.abs(v64), initial=0)))
+        assert_matches_reference("dbias", dbias, refs["bias"], naive_dbias, dtype=dtype,
+                                 eps=EPS[dtype] * floor)
 
 
 def test_softcap_changes_the_result_and_bounds_the_scores():
@@ -184,24 +201,30 @@ def test_score_mods_through_torch_autograd_on_the_cpu():
     slopes = np.array([0.25, 0.5, 1.0, 2.0])
     sinks = np.array([0.5, -1.0, 2.0, 0.0])
     mods = {"causal": True, "softcap": 1.5, "alibi_slopes": slopes, "sinks": sinks}
+    bias = rng.standard_normal((4, 1, 12))
+    keep = rng.random((9, 12)) < 0.8
+    mods |= {"bias": bias, "mask": keep}
     sink_leaf = torch.tensor(sinks, requires_grad=True)
+    bias_leaf = torch.tensor(bias, requires_grad=True)
     refs = reference.attention_grads(dout, q, k, v, **mods)
     call = {"causal": True, "softcap": 1.5, "alibi_slopes": torch.tensor(slopes),
-            "sinks": sink_leaf}
+            "sinks": sink_leaf, "bias": bias_leaf, "mask": torch.tensor(keep)}
     ops = torch.ops.cuflash
 
     def op_entry(q, k, v, **options):  # the custom op (what torch.compile traces) and its grads
         return ops.attention_fwd(q, k, v, True, None, "bshd", -1, 0, 1.5,
-                                 options["alibi_slopes"], options["sinks"])[0]
+                                 options["alibi_slopes"], options["sinks"], options["bias"],
+                                 options["mask"])[0]
 
     for entry in (cuflash.attention, cuflash.torch.attention, op_entry):
-        for x in (*leaves, sink_leaf):
+        for x in (*leaves, sink_leaf, bias_leaf):
             x.grad = None
         out = entry(*leaves, **call)
         out.backward(torch.tensor(dout))
         np.testing.assert_allclose(out.detach().numpy(), reference.attention(q, k, v, **mods),
                                    rtol=0, atol=1e-12)
-        for x, name in zip((*leaves, sink_leaf), ("q", "k", "v", "sinks"), strict=True):
+        for x, name in zip((*leaves, sink_leaf, bias_leaf), ("q", "k", "v", "sinks", "bias"),
+                           strict=True):
             np.testing.assert_allclose(x.grad.numpy(), refs[name], rtol=0, atol=1e-12)
 
 
@@ -258,6 +281,43 @@ def test_bad_sinks_are_refused_naming_them(sinks, error, words):
     assert str(raised.value).startswith("sinks: ")
 
 
+@pytest.mark.parametrize("name, x, error, words", [
+    ("bias", np.zeros((3, 5)), ValueError, r"broadcastable to \(B, Hq, Sq, Sk\) = \(1, 4, 6, 5\)"),
+    ("bias", np.zeros((1, 1, 1, 1, 5)), ValueError, "broadcastable"),
+    ("bias", np.zeros((6, 5), np.int32), TypeError, "dtype float16 or float32 or float64"),
+    ("bias", [[0.0] * 5] * 6, TypeError, "bias"),
+    ("mask", np.ones((6, 5), np.float32), TypeError, "dtype bool"),
+    ("mask", np.ones((2, 6, 5), bool), ValueError, "broadcastable"),
+])
+def test_bad_bias_and_mask_are_refused_naming_them(name, x, error, words):
+    q = np.zeros((1, 6, 4, 8), np.float32)
+    k = v = np.zeros((1, 5, 2, 8), np.float32)
+    with pytest.raises(error, match=words) as raised:
+        cuflash.attention(q, k, v, **{name: x})
+    assert str(raised.value).startswith(f"{name}: ")
+
+
+def test_a_mask_hiding_whole_rows_gives_zeros_and_the_bias_is_not_copied_or_written():
+    rng = np.random.default_rng(8)
+    q, k, v = _inputs(rng, 1, 5, 7, 2, 1, 8, np.float64, 1.0)
+    keep = np.ones((5, 7), bool)
+    keep[1] = keep[3] = False
+    bias = rng.standard_normal((5, 7))
+    before = bias.copy()
+    out, lse = cuflash.attention(q, k, v, mask=keep, bias=bias, return_lse=True)
+    assert np.all(out[0, [1, 3]] == 0) and np.all(np.isneginf(lse[0, :, [1, 3]]))
+    np.testing.assert_array_equal(bias, before)
+    ref = reference.attention(q, k, v, mask=keep, bias=bias)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-13)
+
+
+def test_return_dbias_needs_a_bias():
+    q, k, v = _inputs(np.random.default_rng(0), 1, 4, 4, 2, 2, 8, np.float32, 1.0)
+    out, lse = cuflash.attention(q, k, v, return_lse=True)
+    with pytest.raises(ValueError, match=r"^return_dbias: True needs bias"):
+        cuflash.attention_backward(out, q, k, v, out, lse, return_dbias=True)
+
+
 def test_variant_keeps_the_cap_with_every_mask():
     assert Variant.of(softcap=2) == Variant("none", softcap=2.0)
     assert Variant.of(causal=True, softcap=2) == Variant("causal", -1, 0, 2.0)
@@ -285,4 +345,8 @@ def test_score_mods_are_refused_on_cuda_before_any_work():
         cuflash.attention(q, k, v, alibi_slopes=cupy.ones(2, cupy.float32))
     with pytest.raises(NotImplementedError, match=r"^sinks: not yet computed by the CUDA"):
         cuflash.attention(q, k, v, sinks=cupy.zeros(2, cupy.float32))
+    with pytest.raises(NotImplementedError, match=r"^bias: not yet read by the CUDA"):
+        cuflash.attention(q, k, v, bias=cupy.zeros((8, 8), cupy.float32))
+    with pytest.raises(NotImplementedError, match=r"^mask: not yet read by the CUDA"):
+        cuflash.attention(q, k, v, mask=cupy.ones((8, 8), bool))
     assert cuflash.attention(q, k, v, softcap=0.0).shape == q.shape

@@ -229,6 +229,26 @@ def test_opcheck(shapes, causal, scale, layout):
                           (torch.randn_like(out), *plain, lse, causal, scale, layout, False))
 
 
+def test_opcheck_with_score_modifications():
+    """The ops' schema, fake kernels and autograd with every score modification passed (CPU):
+    softcap, ALiBi, sinks and bias that require grad, a mask."""
+    q = torch.randn((2, 5, 4, 8), dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn((2, 7, 2, 8), dtype=torch.float64, requires_grad=True) for _ in range(2))
+    slopes = torch.rand(4, dtype=torch.float64)
+    sinks = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn((4, 1, 7), dtype=torch.float64, requires_grad=True)
+    mask = torch.rand((5, 7)) < 0.8
+    mods = (-1, 0, 2.5, slopes, sinks, bias, mask)
+    torch.library.opcheck(torch.ops.cuflash.attention_fwd.default,
+                          (q, k, v, True, None, "bshd", *mods))
+    out, lse = torch.ops.cuflash.attention_fwd(q, k, v, True, None, "bshd", *mods)
+    plain = [x.detach() for x in (q, k, v, out)]
+    plain_mods = [x.detach() if isinstance(x, torch.Tensor) else x for x in mods]
+    torch.library.opcheck(torch.ops.cuflash.attention_bwd.default,
+                          (torch.randn_like(out), *plain, lse, True, None, "bshd", False,
+                           *plain_mods))
+
+
 class _Block(torch.nn.Module):
     """A projection then cuflash: what a compiled model would contain."""
 
