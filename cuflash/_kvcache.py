@@ -15,16 +15,19 @@ from typing import Any
 
 import numpy as np
 
+from cuflash import _interop
 from cuflash._merge import _ops_for
+from cuflash._variant import check_softcap
 from cuflash._varlen import _int32_vector, _to_host
-from cuflash.api import _check_flag, attention
+from cuflash.api import _check_flag, _check_head_values, attention
 
 
 def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None,
                            block_table=None, cache_batch_idx=None, cache_leftpad=None,
                            rotary_cos=None, rotary_sin=None, rotary_interleaved: bool = False,
                            causal: bool = True, window: tuple[int, int] | None = None,
-                           scale: float | None = None, return_lse: bool = False):
+                           scale: float | None = None, softcap: float = 0.0, alibi_slopes=None,
+                           sinks=None, return_lse: bool = False):
     """Attention of new queries against a KV cache, after appending new keys and values to it.
 
     Args:
@@ -52,6 +55,9 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None
             float32 (float64 for float64 inputs).
         causal, window, scale: as for `cuflash.attention`, bottom-right aligned on the
             ``cache_seqlens[b] + Snew`` keys of each sequence; `causal` defaults to True.
+        softcap, alibi_slopes, sinks: as for `cuflash.attention` (slopes ``(Hq,)`` or
+            ``(B, Hq)``, row b for sequence b; ALiBi distances over each sequence's keys). The
+            CPU path only for now: checked before any write.
         return_lse: also return the float32 lse ``(B, Hq, Sq)``.
 
     Returns:
@@ -69,6 +75,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None
     _check_flag("causal", causal)
     _check_flag("return_lse", return_lse)
     _check_flag("rotary_interleaved", rotary_interleaved)
+    slopes = _check_mods(q, softcap, alibi_slopes, sinks)
     ops = _ops_for(q)
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos, rotary_sin: pass both or neither")
@@ -81,7 +88,9 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None
     for b in range(plan.batch):
         keys, values = plan.keys_of(k_cache, b), plan.keys_of(v_cache, b)
         out, lse = attention(q[b:b + 1], keys[None], values[None], causal=causal,
-                             window=window, scale=scale, return_lse=True)
+                             window=window, scale=scale, softcap=softcap, sinks=sinks,
+                             alibi_slopes=None if slopes is None else slopes[b:b + 1],
+                             return_lse=True)
         outs.append(out)
         lses.append(lse)
     if not outs:
@@ -90,6 +99,30 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None
     else:
         out, lse = ops.concat(outs, 0), ops.concat(lses, 0)
     return (out, lse) if return_lse else out
+
+
+def _check_mods(q, softcap, alibi_slopes, sinks) -> np.ndarray | None:
+    """The score modifications checked as `cuflash.attention` will check them, but before the
+    caches are written; the ALiBi slopes as float64 ``(B, Hq)`` (or None)."""
+    src = _interop.source_of(q, "q")
+    check_softcap(softcap)
+    batch, heads_q = int(q.shape[0]), int(q.shape[2])
+    slopes = None
+    if alibi_slopes is not None:
+        slopes = _check_head_values("alibi_slopes", alibi_slopes, src,
+                                    [(heads_q,), (batch, heads_q)],
+                                    f"({heads_q},) or ({batch}, {heads_q}) (Hq, or B and Hq)")
+        slopes = np.broadcast_to(slopes, (batch, heads_q))
+    if sinks is not None:
+        _check_head_values("sinks", sinks, src, [(heads_q,)], f"({heads_q},) (Hq)")
+    if src.device == "cuda":
+        for name, given in (("softcap", softcap), ("alibi_slopes", alibi_slopes is not None),
+                            ("sinks", sinks is not None)):
+            if given:
+                raise NotImplementedError(
+                    f"{name}: not yet computed by the CUDA kernels; the CPU path and "
+                    f"cuflash.reference compute it")
+    return slopes
 
 
 class _Plan:

@@ -23,6 +23,7 @@ from cuflash.api import _check_flag, attention, attention_backward
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q: int | None = None,
                      max_seqlen_k: int | None = None, seqused_k=None, causal: bool = False,
                      window: tuple[int, int] | None = None, scale: float | None = None,
+                     softcap: float = 0.0, alibi_slopes=None, sinks=None,
                      return_lse: bool = False):
     """Attention over a packed batch of sequences of different lengths (flash-attn's varlen).
 
@@ -39,6 +40,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q: int |
             keys only.
         causal, window, scale: as for `cuflash.attention`, per sequence: the masks are
             bottom-right aligned on each sequence's own lengths.
+        softcap, sinks: as for `cuflash.attention` (sinks ``(Hq,)``), in every sequence.
+        alibi_slopes: as for `cuflash.attention`: ``(Hq,)``, or ``(B, Hq)`` with row b for
+            sequence b; distances on each sequence's own positions.
         return_lse: also return the float32 lse, ``(Hq, total_q)``.
 
     Returns:
@@ -53,9 +57,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q: int |
     _check_flag("return_lse", return_lse)
     ops = _ops_for(q)
     outs, lses = [], []
-    for rows, keys in pack.sequences():
+    for b, (rows, keys) in enumerate(pack.sequences()):
         out, lse = attention(q[rows][None], k[keys][None], v[keys][None], causal=causal,
-                             window=window, scale=scale, return_lse=True)
+                             window=window, scale=scale, softcap=softcap, sinks=sinks,
+                             alibi_slopes=pack.slopes_of(alibi_slopes, b), return_lse=True)
         outs.append(out[0])
         lses.append(lse[0])
     if not outs:  # B = 0
@@ -70,18 +75,21 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
                               max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
                               seqused_k=None, causal: bool = False,
                               window: tuple[int, int] | None = None, scale: float | None = None,
-                              deterministic: bool = False):
-    """Gradients of `attention_varlen` with respect to q, k and v.
+                              softcap: float = 0.0, alibi_slopes=None, sinks=None,
+                              deterministic: bool = False, return_dsinks: bool = False):
+    """Gradients of `attention_varlen` with respect to q, k and v (and the sinks).
 
     Args:
         dout: gradient of the output, ``(total_q, Hq, D)``.
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, causal,
-            window, scale: exactly as passed to `attention_varlen`.
+            window, scale, softcap, alibi_slopes, sinks: exactly as passed to `attention_varlen`.
         out, lse: its output and float32 lse ``(Hq, total_q)`` (``return_lse=True``).
         deterministic: as for `cuflash.attention_backward`.
+        return_dsinks: also return the sinks' gradient, summed over the sequences.
 
     Returns:
-        ``(dq, dk, dv)`` shaped like q, k, v. Keys past ``seqused_k[b]`` get zero gradients.
+        ``(dq, dk, dv)`` shaped like q, k, v (keys past ``seqused_k[b]`` get zero gradients),
+        and ``dsinks`` with `return_dsinks`.
     """
     pack = _Packed.of(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       seqused_k)
@@ -91,13 +99,19 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
         if tuple(int(n) for n in getattr(x, "shape", ())) != shape:
             raise ValueError(f"{name}: expected shape {shape}, got "
                              f"{tuple(getattr(x, 'shape', ())) or type(x).__name__}")
+    _check_flag("return_dsinks", return_dsinks)
+    if return_dsinks and sinks is None:
+        raise ValueError("return_dsinks: True needs sinks (the gradient of which sinks?)")
     ops = _ops_for(q)
-    dqs, dks, dvs = [], [], []
-    for (rows, keys), unused in zip(pack.sequences(), pack.unused_keys(), strict=True):
-        dq, dk, dv = attention_backward(
+    dqs, dks, dvs, dsinks = [], [], [], []
+    for b, ((rows, keys), unused) in enumerate(zip(pack.sequences(), pack.unused_keys(),
+                                                    strict=True)):
+        dq, dk, dv, *dsink = attention_backward(
             dout[rows][None], q[rows][None], k[keys][None], v[keys][None], out[rows][None],
             ops.contiguous(lse[:, rows])[None], causal=causal, window=window, scale=scale,
-            deterministic=deterministic)
+            softcap=softcap, alibi_slopes=pack.slopes_of(alibi_slopes, b), sinks=sinks,
+            deterministic=deterministic, return_dsinks=return_dsinks)
+        dsinks += dsink
         dqs.append(dq[0])
         dks.append(dk[0])
         dvs.append(dv[0])
@@ -106,9 +120,14 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
             dks.append(zeros)
             dvs.append(zeros)
     if not dqs:
-        return ops.zeros(tuple(q.shape), q), ops.zeros(tuple(k.shape), k), \
-            ops.zeros(tuple(v.shape), v)
-    return ops.concat(dqs, 0), ops.concat(dks, 0), ops.concat(dvs, 0)
+        grads = (ops.zeros(tuple(q.shape), q), ops.zeros(tuple(k.shape), k),
+                 ops.zeros(tuple(v.shape), v))
+    else:
+        grads = ops.concat(dqs, 0), ops.concat(dks, 0), ops.concat(dvs, 0)
+    if not return_dsinks:
+        return grads
+    dsink = sinks * 0 if not dsinks else ops.stack(dsinks, 0).sum(0)
+    return (*grads, dsink)
 
 
 class _Packed:
@@ -116,6 +135,15 @@ class _Packed:
 
     def __init__(self, cu_q: np.ndarray, cu_k: np.ndarray, used: np.ndarray):
         self.cu_q, self.cu_k, self.used = cu_q, cu_k, used
+
+    def slopes_of(self, alibi_slopes, b: int):
+        """Sequence b's ALiBi slopes: all of ``(Hq,)`` slopes, row b of ``(B, Hq)`` ones."""
+        if alibi_slopes is None or len(getattr(alibi_slopes, "shape", ())) != 2:
+            return alibi_slopes  # None, (Hq,), or wrong: cuflash.attention names it
+        if int(alibi_slopes.shape[0]) != len(self.cu_q) - 1:
+            raise ValueError(f"alibi_slopes: expected ({len(self.cu_q) - 1}, Hq) (one row per "
+                             f"sequence) or (Hq,), got {tuple(alibi_slopes.shape)}")
+        return alibi_slopes[b]
 
     @classmethod
     def of(cls, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

@@ -119,6 +119,25 @@ def test_cache_batch_idx_picks_the_rows():
     np.testing.assert_array_equal(k_cache[1, 5], k[1, 0])
 
 
+def test_score_modifications_per_sequence():
+    """softcap, per-sequence ALiBi slopes and sinks against the reference on each sequence's
+    keys after the append (causal, bottom-right aligned)."""
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((2, 3, 4, 8))
+    k_cache, v_cache = (rng.standard_normal((2, 12, 2, 8)) for _ in range(2))
+    k, v = (rng.standard_normal((2, 3, 2, 8)) for _ in range(2))
+    seqlens = np.array([4, 7], np.int32)
+    slopes, sinks = rng.uniform(0, 0.5, (2, 4)), rng.standard_normal(4)
+    out = cuflash.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, k=k, v=v,
+                                         softcap=3.0, alibi_slopes=slopes, sinks=sinks)
+    for b in range(2):
+        n = seqlens[b] + 3
+        want = reference.attention(q[b:b + 1], k_cache[b:b + 1, :n], v_cache[b:b + 1, :n],
+                                   causal=True, softcap=3.0, alibi_slopes=slopes[b],
+                                   sinks=sinks)
+        np.testing.assert_allclose(out[b:b + 1], want, rtol=1e-10, atol=1e-12)
+
+
 def test_torch_caches_are_written_in_place():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(1)
@@ -177,6 +196,9 @@ def _good():
      ("rotary_cos:", "5 positions", "up to 5")),
     (dict(k=None, v=None, rotary_cos=np.ones((9, 4), np.float32),
           rotary_sin=np.ones((9, 4), np.float32)), ("rotary_cos:", "needs new keys")),
+    (dict(softcap=-1.0), ("softcap:", ">= 0")),
+    (dict(alibi_slopes=np.ones(3, np.float32)), ("alibi_slopes:", "(2,) or (2, 2)")),
+    (dict(sinks=np.ones((2, 2), np.float32)), ("sinks:", "(2,) (Hq)")),
 ], ids=lambda x: "" if isinstance(x, dict) else x[0].rstrip(":"))
 def test_bad_input_is_refused_before_any_write(change, fragments):
     args = {**_good(), **change}

@@ -76,6 +76,40 @@ def test_matches_the_reference_forward_and_backward(case):
         np.testing.assert_allclose(got, ref_grad, **TOL[dtype])
 
 
+@pytest.mark.parametrize("mask", [{}, {"causal": True}, {"window": (4, 1)}])
+def test_score_modifications_per_sequence(mask):
+    """softcap, per-sequence ALiBi slopes ((B, Hq)) and sinks, forward and backward (the sinks'
+    gradient summed over the sequences), against the reference sequence by sequence; a
+    sequence of no queries and one of no keys included."""
+    lengths_q, lengths_k = [7, 0, 5, 9], [11, 6, 0, 9]
+    q, k, v, cu_q, cu_k = _arrays(lengths_q, lengths_k, 2, 2, 16, "float64", 3)
+    rng = np.random.default_rng(4)
+    slopes = rng.uniform(0, 0.5, (4, 4))
+    sinks = rng.standard_normal(4)
+    mods = {"softcap": 2.0, "sinks": sinks, **mask}
+    out, lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, alibi_slopes=slopes, **mods,
+                                        return_lse=True)
+    dout = rng.standard_normal(q.shape)
+    dq, dk, dv, dsinks = cuflash.attention_varlen_backward(
+        dout, q, k, v, out, lse, cu_q, cu_k, alibi_slopes=slopes, return_dsinks=True, **mods)
+    want_dsinks = np.zeros(4)
+    for b in range(4):
+        rows, keys = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        ref, ref_lse = reference.attention(q[rows], k[keys], v[keys], alibi_slopes=slopes[b],
+                                           **mods, return_lse=True)
+        np.testing.assert_allclose(out[rows], ref, **TOL["float64"])
+        np.testing.assert_allclose(lse[:, rows], ref_lse, rtol=1e-6, atol=1e-6)
+        grads = reference.attention_grads(dout[rows], q[rows], k[keys], v[keys],
+                                          alibi_slopes=slopes[b], **mods)
+        for got, name, sl in ((dq, "q", rows), (dk, "k", keys), (dv, "v", keys)):
+            np.testing.assert_allclose(got[sl], grads[name], **TOL["float64"])
+        want_dsinks += grads["sinks"]
+    # lse is float32, and the CPU backward recomputes its statistics: dsinks is float64-exact.
+    np.testing.assert_allclose(dsinks, want_dsinks, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"^alibi_slopes: expected \(4, Hq\)"):
+        cuflash.attention_varlen(q, k, v, cu_q, cu_k, alibi_slopes=slopes[:3])
+
+
 def test_torch_autograd_through_the_packed_batch():
     torch = pytest.importorskip("torch")
     q, k, v, cu_q, cu_k = _arrays([5, 0, 9], [7, 3, 4], 2, 2, 16, "float64", 3)
