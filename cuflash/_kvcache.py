@@ -19,7 +19,7 @@ from cuflash import _interop
 from cuflash._merge import _ops_for
 from cuflash._variant import check_softcap
 from cuflash._varlen import _int32_vector, _to_host
-from cuflash.api import _check_flag, _check_head_values, attention
+from cuflash.api import _check_alibi, _check_flag, _check_head_values, attention
 
 
 def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None,
@@ -107,12 +107,7 @@ def _check_mods(q, softcap, alibi_slopes, sinks) -> np.ndarray | None:
     src = _interop.source_of(q, "q")
     check_softcap(softcap)
     batch, heads_q = int(q.shape[0]), int(q.shape[2])
-    slopes = None
-    if alibi_slopes is not None:
-        slopes = _check_head_values("alibi_slopes", alibi_slopes, src,
-                                    [(heads_q,), (batch, heads_q)],
-                                    f"({heads_q},) or ({batch}, {heads_q}) (Hq, or B and Hq)")
-        slopes = np.broadcast_to(slopes, (batch, heads_q))
+    slopes = None if alibi_slopes is None else _check_alibi(alibi_slopes, src, batch, heads_q)
     if sinks is not None:
         _check_head_values("sinks", sinks, src, [(heads_q,)], f"({heads_q},) (Hq)")
     if src.device == "cuda":

@@ -409,18 +409,26 @@ def _check_alibi(slopes: object, src: _interop.Source, batch: int, heads_q: int)
     return np.broadcast_to(values, (batch, heads_q))
 
 
-def _check_head_values(name: str, x: object, src: _interop.Source,
-                       shapes: list[tuple[int, ...]], expected: str) -> np.ndarray:
-    """A float64 copy of `x`: a float32/float64 array of one of `shapes` with finite values,
-    NumPy or on q's framework and device. Raises naming `name`."""
+def _check_side_array(name: str, x: object, src: _interop.Source,
+                      dtypes: tuple[str, ...]) -> _interop.Source:
+    """Where an array argument beside q, k, v lives: not a masked array, NumPy or q's own
+    framework and device, one of `dtypes`. Raises naming `name`."""
     _refuse_masked(name, x)
     where = _interop.source_of(x, name)
     if where.framework != "numpy" and where != src:
         raise TypeError(f"{name}: expected a NumPy array or an array of q's framework and "
                         f"device ({src.describe()}), got {where.describe()}")
     dtype = _interop.dtype_name(x)
-    if dtype not in ("float32", "float64"):
-        raise TypeError(f"{name}: expected dtype float32 or float64, got {dtype}")
+    if dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype {' or '.join(dtypes)}, got {dtype}")
+    return where
+
+
+def _check_head_values(name: str, x: object, src: _interop.Source,
+                       shapes: list[tuple[int, ...]], expected: str) -> np.ndarray:
+    """A float64 copy of `x`: a float32/float64 array of one of `shapes` with finite values,
+    NumPy or on q's framework and device. Raises naming `name`."""
+    where = _check_side_array(name, x, src, ("float32", "float64"))
     shape = tuple(int(n) for n in x.shape)
     if shape not in shapes:
         raise ValueError(f"{name}: expected shape {expected}, got {shape}")
@@ -434,14 +442,7 @@ def _check_score_array(name: str, x: object, src: _interop.Source, full: tuple[i
                        dtypes: tuple[str, ...]) -> np.ndarray:
     """A NumPy view of `x` (no copy): an array of one of `dtypes`, NumPy or of q's framework and
     device, broadcastable to `full` = (B, Hq, Sq, Sk). Raises naming `name`."""
-    _refuse_masked(name, x)
-    where = _interop.source_of(x, name)
-    if where.framework != "numpy" and where != src:
-        raise TypeError(f"{name}: expected a NumPy array or an array of q's framework and "
-                        f"device ({src.describe()}), got {where.describe()}")
-    dtype = _interop.dtype_name(x)
-    if dtype not in dtypes:
-        raise TypeError(f"{name}: expected dtype {' or '.join(dtypes)}, got {dtype}")
+    where = _check_side_array(name, x, src, dtypes)
     shape = tuple(int(n) for n in x.shape)
     if len(shape) > 4 or any(n not in (1, want) for n, want in zip(shape[::-1], full[::-1],
                                                                     strict=False)):
