@@ -42,6 +42,7 @@ class Options:
     window: tuple[int, int]
     scale: float | None
     layout: str
+    softcap: float = 0.0
 
 
 def validate(q, k, v, options: Options) -> api.Problem:
@@ -61,7 +62,7 @@ def validate(q, k, v, options: Options) -> api.Problem:
     stand_in = _CPU_COMPUTE.get(dtype, q.dtype)
     problem = api.validate(*(np.broadcast_to(np.empty((), stand_in), x.shape) for x in (q, k, v)),
                            causal=options.causal, window=options.window, scale=options.scale,
-                           layout=options.layout)
+                           layout=options.layout, softcap=options.softcap)
     return dataclasses.replace(problem, dtype=dtype)
 
 
@@ -167,7 +168,8 @@ def _cpu_forward(q, k, v, *, options: Options, lse_shape: tuple[int, ...]):
     compute = _CPU_COMPUTE.get(_dtypes.dtype_name(q.dtype), q.dtype)
     result = (jax.ShapeDtypeStruct(q.shape, compute), jax.ShapeDtypeStruct(lse_shape, np.float32))
     forward = functools.partial(api.attention, causal=options.causal, window=options.window,
-                                scale=options.scale, layout=options.layout, return_lse=True)
+                                scale=options.scale, softcap=options.softcap,
+                                layout=options.layout, return_lse=True)
     out, lse = _host_call(forward, result, *(x.astype(compute) for x in (q, k, v)))
     return out.astype(q.dtype), lse.astype(_jax_gpu.accum_dtype(_dtypes.dtype_name(q.dtype)))
 
@@ -177,7 +179,7 @@ def _cpu_backward(dout, q, k, v, out, lse, *, options: Options):
     result = tuple(jax.ShapeDtypeStruct(x.shape, compute) for x in (q, k, v))
     backward = functools.partial(api.attention_backward, causal=options.causal,
                                  window=options.window, scale=options.scale,
-                                 layout=options.layout)
+                                 softcap=options.softcap, layout=options.layout)
     # The CPU path recomputes the row statistics and only validates lse, which it wants float32.
     arrays = (*(x.astype(compute) for x in (dout, q, k, v, out)), lse.astype(np.float32))
     return tuple(g.astype(x.dtype) for g, x in zip(_host_call(backward, result, *arrays),
@@ -194,6 +196,9 @@ def _host_call(fn, result, *arrays):
 def _cuda_branch(launch, result, *arrays, problem: api.Problem):
     """`launch` (a `_jax_gpu` function) where this process can plan CUDA launches; elsewhere the
     branch is never compiled (no GPU to run it), and a stand-in that says why fills it."""
+    if problem.variant.softcap:
+        return _refuse(result, *arrays, why="softcap: not yet computed by the CUDA kernels (the "
+                                            "CPU backend computes it)")
     reason = _jax_gpu.unusable_reason()
     if reason is not None:
         return _refuse(result, *arrays, why=f"cannot compile for CUDA in this process: {reason}")

@@ -44,7 +44,7 @@ __all__ = ["attention", "dot_product_attention"]
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
               window: tuple[int, int] | None = None, scale: float | None = None,
-              layout: str = "bshd") -> jax.Array:
+              softcap: float = 0.0, layout: str = "bshd") -> jax.Array:
     """Exact attention for JAX arrays, differentiable with respect to q, k and v.
 
     Args:
@@ -55,9 +55,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
         causal: bottom-right aligned causal mask (query i sees key j iff ``j <= i + Sk - Sq``).
         window: sliding window ``(left, right)``, -1 unbounded, as for :func:`cuflash.attention`.
         scale: softmax scale, a Python number > 0; defaults to ``1 / sqrt(D)``.
+        softcap: ``> 0``: logit soft-capping, as for :func:`cuflash.attention`. On the CPU
+            backend (eager and under jit) for now; a GPU raises NotImplementedError (eager) or
+            when XLA compiles the function for CUDA.
         layout: ``"bshd"`` or ``"bhsd"``.
 
-    `causal`, `window`, `scale` and `layout` are static (not differentiated, not traced).
+    `causal`, `window`, `scale`, `softcap` and `layout` are static (not differentiated, not
+    traced).
 
     Returns:
         the attention output, shaped like q, same dtype and device.
@@ -70,7 +74,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
     `cuflash.attention` (any framework, no autodiff), `cuflash.attention_backward`.
     """
     q, k, v = (jnp.asarray(x) for x in (q, k, v))
-    options = Options(causal, _variant.check_window(window), scale, layout)
+    options = Options(causal, _variant.check_window(window), scale, layout,
+                      _variant.check_softcap(softcap))
     if not _concrete(q, k, v):
         # Inside shard_map: operands that vary over fewer mesh axes than the others are marked
         # as varying over all of them, outside the custom_vjp, so that JAX sums their gradients.
@@ -181,7 +186,8 @@ def _forward(q, k, v, options: Options):
     if not _concrete(q, k, v):
         return _jax_trace.forward(q, k, v, options)
     forward = functools.partial(api.attention, causal=options.causal, window=options.window,
-                                scale=options.scale, layout=options.layout, return_lse=True)
+                                scale=options.scale, softcap=options.softcap,
+                                layout=options.layout, return_lse=True)
     if _cpu_computes_in_float32(q):
         out, lse = forward(*(x.astype(jnp.float32) for x in (q, k, v)))
         return out.astype(q.dtype), lse
@@ -194,7 +200,7 @@ def _backward(dout, q, k, v, out, lse, options: Options):
         return _jax_trace.backward(dout, q, k, v, out, lse, options)
     backward = functools.partial(api.attention_backward, causal=options.causal,
                                  window=options.window, scale=options.scale,
-                                 layout=options.layout)
+                                 softcap=options.softcap, layout=options.layout)
     if lse.dtype != jnp.float32:
         # A traced forward keeps float64 statistics for float64 inputs; the core recomputes
         # those and takes float32 (it only validates them).

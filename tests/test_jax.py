@@ -534,6 +534,37 @@ def test_gpu_branch_is_planned_while_tracing_and_lowered_as_buffer_callbacks(fak
     assert not fake_gpu, "nothing is launched while tracing or lowering"
 
 
+def test_softcap_on_the_cpu_backend_eager_and_jitted():
+    """softcap through the custom_vjp: eager, jitted and its grad, against the float64 oracle."""
+    rng = np.random.default_rng(9)
+    q = rng.standard_normal((2, 6, 4, 8)).astype(np.float32) * 3
+    k, v = (rng.standard_normal((2, 9, 2, 8)).astype(np.float32) for _ in range(2))
+    dout = rng.standard_normal(q.shape).astype(np.float32)
+    want = reference.attention(q, k, v, causal=True, softcap=1.5)
+    refs = reference.attention_backward(dout, q, k, v, causal=True, softcap=1.5)
+
+    def fn(q, k, v):
+        return cuflash_jax.attention(q, k, v, causal=True, softcap=1.5)
+
+    def loss(q, k, v):
+        return jnp.sum(fn(q, k, v) * dout)
+
+    for run in (fn, jax.jit(fn)):
+        np.testing.assert_allclose(np.asarray(run(q, k, v)), want, rtol=2e-5, atol=2e-6)
+    for grad in (jax.grad(loss, argnums=(0, 1, 2)), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))):
+        for got, ref in zip(grad(q, k, v), refs, strict=True):
+            np.testing.assert_allclose(np.asarray(got), ref, rtol=2e-5, atol=2e-5)
+
+
+def test_softcap_is_refused_when_lowered_for_cuda(monkeypatch):
+    monkeypatch.setattr(_jax_gpu, "unusable_reason", lambda: None)
+    q = jnp.ones((2, 5, 4, 8))
+    traced = jax.jit(lambda q: cuflash_jax.attention(q, q, q, softcap=2.0)).trace(q)
+    with pytest.raises(NotImplementedError, match=r"softcap: not yet computed by the CUDA "
+                                                  r"kernels .*\(compiling for cuda\)"):
+        traced.lower(lowering_platforms=("cuda",))
+
+
 def test_gpu_branch_without_a_gpu_says_why_when_lowered(monkeypatch):
     monkeypatch.setattr(_jax_gpu, "unusable_reason", lambda: "CuPy sees no CUDA GPU (test)")
     q = jnp.ones((2, 5, 4, 8))
