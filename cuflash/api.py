@@ -126,7 +126,8 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
 
     See also: `attention_backward`, `cuflash.reference.attention`, `cuflash.jax.attention`.
     """
-    # Calls with slopes or sinks are never replayed: a replay would keep the first call's values.
+    # Calls with array arguments (slopes, sinks, bias, mask) are never replayed: a replay would
+    # keep the first call's values.
     plain = alibi_slopes is None and sinks is None and bias is None and mask is None
     key = None if not plain else _replay.forward_key(
         q, k, v, out, (causal, type(causal), _replay.window_key(window), scale, type(scale),
