@@ -21,7 +21,7 @@ import types
 import jax
 import numpy as np
 
-from cuflash import _launch, _launch_bwd, api
+from cuflash import _checks, _launch, _launch_bwd, api
 
 _ALIGNMENT = 16  # bytes: what the plans assume of every buffer's address
 
@@ -56,7 +56,7 @@ def _devices() -> range:
 def accum_dtype(dtype: str) -> np.dtype:
     """The kernels' softmax-statistics dtype, in which lse is kept between forward and backward:
     float64 for float64 inputs (so their backward needs no second forward), else float32."""
-    return _launch_bwd._accum_dtype(dtype)
+    return _launch_bwd.accum_dtype(dtype)
 
 
 def forward(q, k, v, problem: api.Problem):
@@ -92,7 +92,7 @@ def backward(dout, q, k, v, out, lse, problem: api.Problem):
 
 def _check_grid(problem: api.Problem) -> None:
     """The CUDA limits validation checks only for CUDA inputs (traced ones validate as NumPy)."""
-    api._check_sizes(problem.batch, problem.seqlen_q, problem.seqlen_k, problem.heads_q, True,
+    _checks.check_sizes(problem.batch, problem.seqlen_q, problem.seqlen_k, problem.heads_q, True,
                      f"q {_q_shaped(problem)}, k {_k_shaped(problem)}, layout {problem.layout}")
 
 

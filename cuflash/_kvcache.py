@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 
 from cuflash import _interop
-from cuflash._merge import _ops_for
+from cuflash._checks import check_alibi, check_flag, check_head_values
+from cuflash._merge import ops_for
 from cuflash._variant import check_softcap
-from cuflash._varlen import _int32_vector, _to_host
-from cuflash.api import _check_alibi, _check_flag, _check_head_values, attention
+from cuflash._varlen import int32_vector, to_host
+from cuflash.api import attention
 
 
 def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None,
@@ -72,11 +73,11 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None
     """
     plan = _Plan.of(q, k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx,
                     cache_leftpad)
-    _check_flag("causal", causal)
-    _check_flag("return_lse", return_lse)
-    _check_flag("rotary_interleaved", rotary_interleaved)
+    check_flag("causal", causal)
+    check_flag("return_lse", return_lse)
+    check_flag("rotary_interleaved", rotary_interleaved)
     slopes = _check_mods(q, softcap, alibi_slopes, sinks)
-    ops = _ops_for(q)
+    ops = ops_for(q)
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos, rotary_sin: pass both or neither")
     if rotary_cos is not None:
@@ -107,9 +108,9 @@ def _check_mods(q, softcap, alibi_slopes, sinks) -> np.ndarray | None:
     src = _interop.source_of(q, "q")
     check_softcap(softcap)
     batch, heads_q = int(q.shape[0]), int(q.shape[2])
-    slopes = None if alibi_slopes is None else _check_alibi(alibi_slopes, src, batch, heads_q)
+    slopes = None if alibi_slopes is None else check_alibi(alibi_slopes, src, batch, heads_q)
     if sinks is not None:
-        _check_head_values("sinks", sinks, src, [(heads_q,)], f"({heads_q},) (Hq)")
+        check_head_values("sinks", sinks, src, [(heads_q,)], f"({heads_q},) (Hq)")
     if src.device == "cuda":
         for name, given in (("softcap", softcap), ("alibi_slopes", alibi_slopes is not None),
                             ("sinks", sinks is not None)):
@@ -163,7 +164,7 @@ class _Plan:
         if isinstance(cache_seqlens, (int, np.integer)) and not isinstance(cache_seqlens, bool):
             lengths = np.full(batch, int(cache_seqlens), np.int64)
         else:
-            lengths = _int32_vector(cache_seqlens, "cache_seqlens")
+            lengths = int32_vector(cache_seqlens, "cache_seqlens")
             if lengths.shape != (batch,):
                 raise ValueError(f"cache_seqlens: expected an int or shape ({batch},) (B), got "
                                  f"{lengths.shape}")
@@ -179,7 +180,7 @@ class _Plan:
             capacity = table.shape[1] * page_size
         else:
             if cache_batch_idx is not None:
-                rows = _int32_vector(cache_batch_idx, "cache_batch_idx")
+                rows = int32_vector(cache_batch_idx, "cache_batch_idx")
                 if rows.shape != (batch,) or (rows.size and (rows.min() < 0
                                                               or rows.max() >= n_rows)):
                     raise ValueError(f"cache_batch_idx: expected shape ({batch},) with rows in "
@@ -196,7 +197,7 @@ class _Plan:
         if cache_leftpad is not None:
             if table is not None:
                 raise ValueError("cache_leftpad: not with a paged cache")
-            start = _int32_vector(cache_leftpad, "cache_leftpad")
+            start = int32_vector(cache_leftpad, "cache_leftpad")
             if start.shape != (batch,) or np.any(start < 0) or np.any(start > lengths):
                 raise ValueError(f"cache_leftpad: expected shape ({batch},) with 0 <= "
                                  f"cache_leftpad[b] <= cache_seqlens[b] ({lengths.tolist()}), "
@@ -305,7 +306,7 @@ def _int32_table(x: Any, batch: int) -> np.ndarray:
     if dtype is None or str(dtype).removeprefix("torch.") != "int32":
         raise TypeError(f"block_table: expected an int32 array, got "
                         f"{dtype if dtype is not None else type(x).__name__}")
-    table = _to_host(x, "block_table").astype(np.int64)
+    table = to_host(x, "block_table").astype(np.int64)
     if table.ndim != 2 or table.shape[0] != batch:
         raise ValueError(f"block_table: expected shape (B={batch}, max_pages), got "
                          f"{table.shape}")

@@ -153,7 +153,7 @@ def _elem_strides(a) -> tuple[int, ...]:
     return tuple(s // a.dtype.itemsize for s in a.strides)
 
 
-def _strides(name: str, a) -> dict[str, int]:
+def param_strides(name: str, a) -> dict[str, int]:
     b, s, h, _ = _elem_strides(a)
     return {f"{name}_batch_stride": b, f"{name}_row_stride": s, f"{name}_head_stride": h}
 
@@ -222,7 +222,8 @@ def fwd_params(q, k, v, out, *, variant: Variant, scale: float):
     batch, seqlen_q, heads_q, head_dim = q.shape
     _, seqlen_k, heads_kv, _ = k.shape
     fields = {"q": 0, "k": 0, "v": 0, "o": 0, "lse": 0,
-              **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("o", out),
+              **param_strides("q", q), **param_strides("k", k), **param_strides("v", v),
+              **param_strides("o", out),
               "lse_batch_stride": heads_q * seqlen_q, "lse_head_stride": seqlen_q,
               "scale": scale, "scale_log2": scale * math.log2(math.e),
               "batch": batch, "heads_q": heads_q, "heads_kv": heads_kv,

@@ -33,7 +33,7 @@ import numpy as np
 
 from cuflash import _compile, _dtypes, _variant
 from cuflash._kernel_call import KernelCall
-from cuflash._launch import BWD_PARAMS, Tile, _strides, is_aligned, pack_params, width_for
+from cuflash._launch import BWD_PARAMS, Tile, is_aligned, pack_params, param_strides, width_for
 from cuflash._spec import KernelSpec
 from cuflash._variant import Variant
 
@@ -269,7 +269,7 @@ def all_bwd_specs() -> list[KernelSpec]:
     return list(specs)
 
 
-def _accum_dtype(dtype: str) -> np.dtype:
+def accum_dtype(dtype: str) -> np.dtype:
     """Softmax-statistics dtype (``AccumOf<T>`` in common.cuh): float64 for fp64, else float32."""
     return np.dtype(np.float64 if dtype == "float64" else np.float32)
 
@@ -338,7 +338,7 @@ def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scal
     kernels = bwd_kernels(dtype, head_dim, variant.mask, aligned, _compile.smem_limit(device_id))
     if batch == 0 or heads_q == 0:
         return None
-    accum = _accum_dtype(dtype)
+    accum = accum_dtype(dtype)
     if lse.dtype != accum:
         raise TypeError(f"lse must be {accum} for {dtype} inputs, got {lse.dtype}")
 
@@ -351,8 +351,9 @@ def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scal
 
     params = pack_params(BWD_PARAMS, {
         **dict.fromkeys(BWD_POINTERS, 0),
-        **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("o", out),
-        **_strides("do", dout), **_strides("dq", dq), **_strides("dk", dk), **_strides("dv", dv),
+        **param_strides("q", q), **param_strides("k", k), **param_strides("v", v),
+        **param_strides("o", out), **param_strides("do", dout), **param_strides("dq", dq),
+        **param_strides("dk", dk), **param_strides("dv", dv),
         "lse_batch_stride": lse.strides[0] // lse.itemsize,
         "lse_head_stride": lse.strides[1] // lse.itemsize,
         "scale": scale, "scale_log2": scale * math.log2(math.e),
@@ -378,13 +379,13 @@ def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scal
     operands = (("q", q), ("k", k), ("v", v), ("dout", dout))
     reason = _sm90_reason(dtype, head_dim, aligned, cc, operands)
     if reason is None:
-        from cuflash._launch_sm90 import _encode_at
+        from cuflash._launch_sm90 import encode_at
 
         spec = dkdv_sm90_spec(dtype, head_dim, variant.mask)
         rows = {"q": spec.block_m, "dout": spec.block_m, "k": spec.block_n, "v": spec.block_n}
 
         def tensor_map(field: str, shape, strides, map_dtype: str, block_rows: int):
-            return field, functools.partial(_encode_at, shape=tuple(shape),
+            return field, functools.partial(encode_at, shape=tuple(shape),
                                             byte_strides=tuple(strides), dtype=map_dtype,
                                             block_rows=block_rows)
 

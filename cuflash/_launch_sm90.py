@@ -408,7 +408,7 @@ def plan_sm90(q, k, v, out, *, variant: Variant, scale: float, device_id: int, c
 
     def tensor_map(name: str, array, rows: int):
         shape, strides = tuple(array.shape), tuple(array.strides)
-        return name, functools.partial(_encode_at, shape=shape, byte_strides=strides,
+        return name, functools.partial(encode_at, shape=shape, byte_strides=strides,
                                        dtype=dtype, block_rows=rows)
 
     maps = (tensor_map("q", q, spec.block_m), tensor_map("k", k, spec.block_n),
@@ -432,5 +432,5 @@ def plan_sm90(q, k, v, out, *, variant: Variant, scale: float, device_id: int, c
     )
 
 
-def _encode_at(ptr: int, *, shape, byte_strides, dtype: str, block_rows: int) -> bytes:
+def encode_at(ptr: int, *, shape, byte_strides, dtype: str, block_rows: int) -> bytes:
     return _encode(ptr, shape, byte_strides, dtype, block_rows)

@@ -46,7 +46,7 @@ def merge_attention(outs: Sequence, lses: Sequence, *, layout: str = "bshd"):
         raise ValueError(f"lses: expected one lse per output ({len(outs)}), got {len(lses)}")
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-    ops = _ops_for(outs[0])
+    ops = ops_for(outs[0])
     _check(outs, lses, layout, ops)
 
     accum = "float64" if ops.dtype_name(outs[0]) == "float64" else "float32"
@@ -105,7 +105,7 @@ def _check(outs, lses, layout: str, ops) -> None:
 
 
 def _check_place(name: str, x, first, ops) -> None:
-    if _ops_for(x) is not ops or not ops.same_place(x, first):
+    if ops_for(x) is not ops or not ops.same_place(x, first):
         raise TypeError(f"{name}: expected the framework and device of outs[0] "
                         f"({ops.describe(first)}), got {_describe(x)}")
 
@@ -216,7 +216,7 @@ class _TorchOps(_ArrayOps):
 _OPS: dict[str, _ArrayOps] = {}
 
 
-def _ops_for(x) -> _ArrayOps:
+def ops_for(x) -> _ArrayOps:
     """The namespace that computes on `x` in its own framework (TypeError if none)."""
     top = type(x).__module__.split(".")[0]
     if top in _OPS:

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from cuflash import _dtypes
-from cuflash._merge import _ops_for
-from cuflash.api import _check_flag, attention, attention_backward
+from cuflash._checks import check_flag
+from cuflash._merge import ops_for
+from cuflash.api import attention, attention_backward
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q: int | None = None,
@@ -54,8 +55,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q: int |
     """
     pack = _Packed.of(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       seqused_k)
-    _check_flag("return_lse", return_lse)
-    ops = _ops_for(q)
+    check_flag("return_lse", return_lse)
+    ops = ops_for(q)
     outs, lses = [], []
     for b, (rows, keys) in enumerate(pack.sequences()):
         out, lse = attention(q[rows][None], k[keys][None], v[keys][None], causal=causal,
@@ -99,10 +100,10 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
         if tuple(int(n) for n in getattr(x, "shape", ())) != shape:
             raise ValueError(f"{name}: expected shape {shape}, got "
                              f"{tuple(getattr(x, 'shape', ())) or type(x).__name__}")
-    _check_flag("return_dsinks", return_dsinks)
+    check_flag("return_dsinks", return_dsinks)
     if return_dsinks and sinks is None:
         raise ValueError("return_dsinks: True needs sinks (the gradient of which sinks?)")
-    ops = _ops_for(q)
+    ops = ops_for(q)
     dqs, dks, dvs, dsinks = [], [], [], []
     for b, ((rows, keys), unused) in enumerate(zip(pack.sequences(), pack.unused_keys(),
                                                     strict=True)):
@@ -165,7 +166,7 @@ class _Packed:
         lengths_k = np.diff(cu_k)
         used = lengths_k
         if seqused_k is not None:
-            used = _int32_vector(seqused_k, "seqused_k")
+            used = int32_vector(seqused_k, "seqused_k")
             if used.shape != lengths_k.shape:
                 raise ValueError(f"seqused_k: expected shape ({len(lengths_k)},) (B), got "
                                  f"{used.shape}")
@@ -196,21 +197,21 @@ class _Packed:
         return (int(n) for n in np.diff(self.cu_k) - self.used)
 
 
-def _int32_vector(x: Any, name: str) -> np.ndarray:
+def int32_vector(x: Any, name: str) -> np.ndarray:
     """A 1-D int32 array of the host values of `x` (a device array is copied back)."""
     dtype = getattr(x, "dtype", None)
     if dtype is None:
         raise TypeError(f"{name}: expected an int32 array, got {type(x).__name__}")
     if _dtypes.dtype_name(dtype) != "int32":
         raise TypeError(f"{name}: expected dtype int32 (flash-attn's convention), got {dtype}")
-    host = _to_host(x, name)
+    host = to_host(x, name)
     if host.ndim != 1:
         raise ValueError(f"{name}: expected a 1-D array, got shape {host.shape}")
     return host.astype(np.int64)
 
 
 def _prefix_sums(x: Any, name: str, total: int, of: str) -> np.ndarray:
-    cu = _int32_vector(x, name)
+    cu = int32_vector(x, name)
     if len(cu) < 1:
         raise ValueError(f"{name}: expected B + 1 >= 1 entries, got none")
     if cu[0] != 0:
@@ -225,7 +226,7 @@ def _prefix_sums(x: Any, name: str, total: int, of: str) -> np.ndarray:
     return cu
 
 
-def _to_host(x: Any, name: str = "") -> np.ndarray:
+def to_host(x: Any, name: str = "") -> np.ndarray:
     top = type(x).__module__.split(".")[0]
     if top == "jax" and type(x).__name__.endswith("Tracer"):
         raise TypeError(f"{name}: got a traced JAX value ({type(x).__name__}); its values are "

@@ -15,6 +15,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cuflash import _dtypes, _interop, _replay
+from cuflash._checks import (  # the size limits stay importable from here, where they apply
+    MAX_GRID_YZ,  # noqa: F401
+    MAX_ROW_REACH,  # noqa: F401
+    check_alibi,
+    check_flag,
+    check_head_values,
+    check_score_array,
+    check_sizes,
+    refuse_masked,
+)
 from cuflash._variant import Variant
 
 log = logging.getLogger("cuflash")
@@ -138,7 +148,7 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
     problem = validate(q, k, v, causal=causal, window=window, scale=scale, layout=layout,
                        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, bias=bias,
                        mask=mask)
-    _check_flag("return_lse", return_lse)
+    check_flag("return_lse", return_lse)
     if problem.source.framework == "torch" and out is None and _wants_grad(q, k, v):
         replay = _replay.AutogradReplay(problem.variant, problem.scale, layout, return_lse,
                                         alibi_slopes, sinks, bias, mask)
@@ -215,10 +225,10 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
     problem = validate(q, k, v, causal=causal, window=window, scale=scale, layout=layout,
                        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, bias=bias,
                        mask=mask)
-    _check_flag("deterministic", deterministic)
+    check_flag("deterministic", deterministic)
     for flag, value, given, what in (("return_dsinks", return_dsinks, sinks, "sinks"),
                                      ("return_dbias", return_dbias, bias, "bias")):
-        _check_flag(flag, value)
+        check_flag(flag, value)
         if value and given is None:
             raise ValueError(f"{flag}: True needs {what} (the gradient of which {what}?)")
     q_shape = problem.caller_shape(problem.seqlen_q, problem.heads_q)
@@ -269,12 +279,12 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
     NotImplementedError for an option the inputs' device does not compute yet)."""
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-    _check_flag("causal", causal)
+    check_flag("causal", causal)
     variant = Variant.of(causal=bool(causal), window=window, softcap=softcap,
                          alibi=alibi_slopes is not None, sinks=sinks is not None,
                          bias=bias is not None, mask_array=mask is not None)
     for name, x in (("q", q), ("k", k), ("v", v)):
-        _refuse_masked(name, x)
+        refuse_masked(name, x)
     sources = {name: _interop.source_of(x, name) for name, x in (("q", q), ("k", k), ("v", v))}
     src = sources["q"]
     for name in ("k", "v"):
@@ -343,37 +353,19 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
             f"k: query heads ({heads_q}) must be a positive multiple of key/value heads "
             f"({heads_kv}) (shapes q {shapes['q']}, k {shapes['k']}, layout {layout} {axes})"
         )
-    _check_sizes(batch, seqlen_q, seqlen_k, heads_q, src.device == "cuda",
+    check_sizes(batch, seqlen_q, seqlen_k, heads_q, src.device == "cuda",
                  f"shapes q {shapes['q']}, k {shapes['k']}, layout {layout} {axes}")
-    slopes = None if alibi_slopes is None else _check_alibi(alibi_slopes, src, batch, heads_q)
-    sink = None if sinks is None else _check_head_values("sinks", sinks, src, [(heads_q,)],
+    slopes = None if alibi_slopes is None else check_alibi(alibi_slopes, src, batch, heads_q)
+    sink = None if sinks is None else check_head_values("sinks", sinks, src, [(heads_q,)],
                                                          f"({heads_q},) (Hq)")
     full = (batch, heads_q, seqlen_q, seqlen_k)
-    bias_view = None if bias is None else _check_score_array(
+    bias_view = None if bias is None else check_score_array(
         "bias", bias, src, full, ("float16", "float32", "float64"))
-    mask_view = None if mask is None else _check_score_array("mask", mask, src, full, ("bool",))
+    mask_view = None if mask is None else check_score_array("mask", mask, src, full, ("bool",))
     return Problem(batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q,
                    heads_kv=heads_kv, head_dim=head_dim, dtype=dtypes["q"], variant=variant,
                    scale=_check_scale(scale, head_dim), layout=layout, batched=ndim == 4,
                    source=src, alibi_slopes=slopes, sinks=sink, bias=bias_view, mask=mask_view)
-
-
-# The kernels index rows and keys in 32-bit ints and reach seqlen_q + 2 * seqlen_k (the window
-# edges of an unbounded side); CUDA grids are at most 65535 blocks along y (heads) and z (batch).
-MAX_ROW_REACH = 2**31 - 1
-MAX_GRID_YZ = 65535
-
-
-def _check_sizes(batch: int, seqlen_q: int, seqlen_k: int, heads_q: int, cuda: bool,
-                 shapes: str) -> None:
-    if seqlen_q + 2 * seqlen_k > MAX_ROW_REACH:
-        raise ValueError(f"q, k: sequence lengths too long for the kernels' 32-bit row indices: "
-                         f"seqlen_q + 2 * seqlen_k must be at most {MAX_ROW_REACH}, got "
-                         f"{seqlen_q} + 2 * {seqlen_k} ({shapes})")
-    if cuda and (batch > MAX_GRID_YZ or heads_q > MAX_GRID_YZ):
-        name, n = ("q batch", batch) if batch > MAX_GRID_YZ else ("q heads", heads_q)
-        raise ValueError(f"{name}: at most {MAX_GRID_YZ} on CUDA (a grid dimension of the "
-                         f"kernels), got {n} ({shapes}); split the call")
 
 
 def _canonical(shape: tuple[int, ...], layout: str) -> tuple[int, int, int, int]:
@@ -382,11 +374,6 @@ def _canonical(shape: tuple[int, ...], layout: str) -> tuple[int, int, int, int]
         shape = (1, *shape)
     b, x, y, d = shape
     return (b, x, y, d) if layout == "bshd" else (b, y, x, d)
-
-
-def _check_flag(name: str, value: object) -> None:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name}: expected True or False, got {value!r}")
 
 
 def _check_scale(scale: object, head_dim: int) -> float:
@@ -401,55 +388,6 @@ def _check_scale(scale: object, head_dim: int) -> float:
         raise ValueError(f"scale: expected at most {MAX_SCALE:.5g} (float32 max / log2(e), so "
                          f"that scale * log2(e) is finite in float32), got {value!r}")
     return value
-
-
-def _check_alibi(slopes: object, src: _interop.Source, batch: int, heads_q: int) -> np.ndarray:
-    """ALiBi slopes as float64 ``(B, Hq)``, from ``(Hq,)`` or ``(B, Hq)``."""
-    values = _check_head_values("alibi_slopes", slopes, src, [(heads_q,), (batch, heads_q)],
-                                f"({heads_q},) or ({batch}, {heads_q}) (Hq, or B and Hq)")
-    return np.broadcast_to(values, (batch, heads_q))
-
-
-def _check_side_array(name: str, x: object, src: _interop.Source,
-                      dtypes: tuple[str, ...]) -> _interop.Source:
-    """Where an array argument beside q, k, v lives: not a masked array, NumPy or q's own
-    framework and device, one of `dtypes`. Raises naming `name`."""
-    _refuse_masked(name, x)
-    where = _interop.source_of(x, name)
-    if where.framework != "numpy" and where != src:
-        raise TypeError(f"{name}: expected a NumPy array or an array of q's framework and "
-                        f"device ({src.describe()}), got {where.describe()}")
-    dtype = _interop.dtype_name(x)
-    if dtype not in dtypes:
-        raise TypeError(f"{name}: expected dtype {' or '.join(dtypes)}, got {dtype}")
-    return where
-
-
-def _check_head_values(name: str, x: object, src: _interop.Source,
-                       shapes: list[tuple[int, ...]], expected: str) -> np.ndarray:
-    """A float64 copy of `x`: a float32/float64 array of one of `shapes` with finite values,
-    NumPy or on q's framework and device. Raises naming `name`."""
-    where = _check_side_array(name, x, src, ("float32", "float64"))
-    shape = tuple(int(n) for n in x.shape)
-    if shape not in shapes:
-        raise ValueError(f"{name}: expected shape {expected}, got {shape}")
-    values = np.array(_interop.to_backend(x, where), dtype=np.float64)  # a copy
-    if not np.all(np.isfinite(values)):
-        raise ValueError(f"{name}: expected finite values, got NaN or infinity")
-    return values
-
-
-def _check_score_array(name: str, x: object, src: _interop.Source, full: tuple[int, ...],
-                       dtypes: tuple[str, ...]) -> np.ndarray:
-    """A NumPy view of `x` (no copy): an array of one of `dtypes`, NumPy or of q's framework and
-    device, broadcastable to `full` = (B, Hq, Sq, Sk). Raises naming `name`."""
-    where = _check_side_array(name, x, src, dtypes)
-    shape = tuple(int(n) for n in x.shape)
-    if len(shape) > 4 or any(n not in (1, want) for n, want in zip(shape[::-1], full[::-1],
-                                                                    strict=False)):
-        raise ValueError(f"{name}: expected a shape broadcastable to (B, Hq, Sq, Sk) = {full}, "
-                         f"got {shape}")
-    return _interop.to_backend(x, where)
 
 
 def _in_framework_of(values: np.ndarray, like: object):
@@ -468,14 +406,6 @@ def _in_framework_of(values: np.ndarray, like: object):
     return values.astype(_interop.dtype_name(like))
 
 
-def _refuse_masked(name: str, x: object) -> None:
-    """A NumPy masked array would pass as a plain array and its mask be silently ignored."""
-    if isinstance(x, np.ma.MaskedArray):
-        raise TypeError(f"{name}: expected a plain array, got a numpy.ma.MaskedArray, whose mask "
-                        f"cuflash would ignore; fill it ({name}.filled(value)) or compress it "
-                        "first")
-
-
 def _check_writable(name: str, x: object) -> None:
     """`x` is written in place: a read-only NumPy array must fail now, not after the work."""
     if isinstance(x, np.ndarray) and not x.flags.writeable:
@@ -485,7 +415,7 @@ def _check_writable(name: str, x: object) -> None:
 
 def _check_out(name: str, x: object, problem: Problem, shape: tuple[int, ...]) -> None:
     """`x` must be a plain array living where q lives, with the given shape and q's dtype."""
-    _refuse_masked(name, x)
+    refuse_masked(name, x)
     src = _interop.source_of(x, name)
     if src != problem.source:
         raise TypeError(f"{name}: expected {problem.source.describe()} like q, "
@@ -499,7 +429,7 @@ def _check_out(name: str, x: object, problem: Problem, shape: tuple[int, ...]) -
 
 
 def _check_lse(lse: object, problem: Problem) -> None:
-    _refuse_masked("lse", lse)
+    refuse_masked("lse", lse)
     src = _interop.source_of(lse, "lse")
     if src != problem.source:
         raise TypeError(f"lse: expected {problem.source.describe()} like q, got {src.describe()}")

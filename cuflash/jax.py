@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cuflash import _dtypes, _interop, _jax_trace, _variant, api
+from cuflash import _checks, _dtypes, _interop, _jax_trace, _variant, api
 from cuflash._jax_trace import Options
 
 __all__ = ["attention", "dot_product_attention"]
@@ -131,7 +131,7 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
         raise NotImplementedError(f"return_residual: not supported by cuflash.jax."
                                   f"dot_product_attention; expected False, got "
                                   f"{return_residual!r}")
-    api._check_flag("is_causal", is_causal)
+    _checks.check_flag("is_causal", is_causal)
     query, key, value = (jnp.asarray(x) for x in (query, key, value))
     for name, x, axes in (("query", query, "T, N"), ("key", key, "S, K"),
                           ("value", value, "S, K")):

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from cuflash import _variant, api
+from cuflash import _checks, _variant, api
 
 __all__ = ["attention", "attention_bwd", "attention_fwd"]
 
@@ -82,8 +82,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
 
     See also: `cuflash.attention`, `cuflash.attention_backward`.
     """
-    api._check_flag("causal", causal)
-    api._check_flag("return_lse", return_lse)
+    _checks.check_flag("causal", causal)
+    _checks.check_flag("return_lse", return_lse)
     left, right = _variant.check_window(window)
     cap = _variant.check_softcap(softcap)
     if torch.compiler.is_compiling():

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import cuflash
-from cuflash import _cpu, _interop, api, reference
+from cuflash import _checks, _cpu, _interop, api, reference
 
 B, SQ, SK, HQ, HKV, D = 2, 7, 9, 4, 2, 16
 
@@ -91,8 +91,8 @@ def test_grid_limits_are_refused_on_cuda(dim):
     big = api.MAX_GRID_YZ + 1
     batch, heads = (big, 1) if dim == "batch" else (1, big)
     with raises(ValueError, f"q {dim}:", f"at most {api.MAX_GRID_YZ}", f"got {big}"):
-        api._check_sizes(batch, 16, 16, heads, True, "shapes ...")
-    api._check_sizes(batch, 16, 16, heads, False, "shapes ...")  # the CPU path takes them
+        _checks.check_sizes(batch, 16, 16, heads, True, "shapes ...")
+    _checks.check_sizes(batch, 16, 16, heads, False, "shapes ...")  # the CPU path takes them
 
 
 def test_head_dim_mismatch(no_work):

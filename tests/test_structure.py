@@ -125,3 +125,51 @@ def test_only_the_mask_knows_the_diagonal():
             if shift.search(line):
                 offenders.append(f"{name}:{number}: {line.strip()}")
     assert not offenders, "a diagonal outside the mask:\n" + "\n".join(offenders)
+
+
+def private_names_across_modules(root: Path = PACKAGE) -> list[str]:
+    """Each use of another package module's private name (one leading underscore): imported
+    (``from cuflash.x import _name``) or reached through a module (``x._name``, where x is a
+    package module). Private *modules* (``cuflash._cpu``) are fine: their names are what they
+    share."""
+    found = []
+    for path in root.rglob("*.py"):
+        name = path.relative_to(root).with_suffix("").as_posix()
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        modules = set()  # local names bound to package modules
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(
+                    "cuflash")):
+                for a in node.names:
+                    private = a.name.startswith("_") and not a.name.startswith("__")
+                    if private and not (root / f"{a.name}.py").exists() and not (
+                            root / a.name).is_dir():
+                        found.append(f"{name}: from {node.module} import {a.name}")
+                    modules.add(a.asname or a.name)
+            elif isinstance(node, ast.Import):
+                modules |= {a.asname or a.name.split(".")[-1] for a in node.names
+                            if a.name.startswith("cuflash")}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id in modules and node.attr.startswith("_")
+                    and not node.attr.startswith("__")):
+                found.append(f"{name}: {node.value.id}.{node.attr}")
+    return found
+
+
+def test_private_name_finder_finds_planted_uses(tmp_path):
+    (tmp_path / "_helpers.py").write_text("def _secret():\n    return 1\n\n\ndef open_():\n"
+                                          "    return 2\n")
+    (tmp_path / "user.py").write_text("from cuflash import _helpers\n"
+                                      "from cuflash._helpers import _secret, open_\n\n\n"
+                                      "def f():\n    return _helpers._secret() + open_()\n")
+    found = private_names_across_modules(tmp_path)
+    assert sorted(found) == ["user: _helpers._secret",
+                             "user: from cuflash._helpers import _secret"]
+
+
+def test_no_private_names_across_modules():
+    """A name another module needs is part of its module's interface: no leading underscore."""
+    assert len(list(PACKAGE.rglob("*.py"))) > 20, "the test must see the package"
+    found = private_names_across_modules()
+    assert not found, "private names used across modules:\n" + "\n".join(sorted(set(found)))

@@ -409,7 +409,7 @@ def jax_environment(device) -> dict:
     """Versions, the JAX device, the date and the source revision, for the JSON."""
     import jax
 
-    from cuflash.bench.provenance import _git, guard, source_digest
+    from cuflash.bench.provenance import git_state, guard, source_digest
 
     def version(package: str) -> str | None:
         try:
@@ -429,7 +429,7 @@ def jax_environment(device) -> dict:
         "device_platform": device.platform,
         "device_count": guard(lambda: str(jax.device_count())),
         "platform_version": guard(lambda: device.client.platform_version),
-        **_git(),
+        **git_state(),
         "source_digest": guard(source_digest),
     }
 

@@ -28,7 +28,7 @@ def environment(device) -> dict:
         "torch": _version("torch"),
         "matplotlib": _version("matplotlib"),
         "nvrtc": guard(_nvrtc_version),
-        **_git(),
+        **git_state(),
         "source_digest": guard(source_digest),
         **device.environment(),
     }
@@ -70,7 +70,7 @@ def guard(probe: Callable[[], str]) -> str:
         return f"unavailable ({describe(err)})"
 
 
-def _git() -> dict:
+def git_state() -> dict:
     root = Path(cuflash.__file__).resolve().parent.parent
 
     def git(*args: str) -> str | None:

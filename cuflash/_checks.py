@@ -1,0 +1,88 @@
+"""The checks every entry point makes of its arguments (the core API, varlen, the KV cache, the
+torch and JAX integrations): each raises TypeError or ValueError naming the argument, before any
+work."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cuflash import _interop
+
+# The kernels index rows and keys in 32-bit ints and reach seqlen_q + 2 * seqlen_k (the window
+# edges of an unbounded side); CUDA grids are at most 65535 blocks along y (heads) and z (batch).
+MAX_ROW_REACH = 2**31 - 1
+MAX_GRID_YZ = 65535
+
+
+def check_sizes(batch: int, seqlen_q: int, seqlen_k: int, heads_q: int, cuda: bool,
+                 shapes: str) -> None:
+    if seqlen_q + 2 * seqlen_k > MAX_ROW_REACH:
+        raise ValueError(f"q, k: sequence lengths too long for the kernels' 32-bit row indices: "
+                         f"seqlen_q + 2 * seqlen_k must be at most {MAX_ROW_REACH}, got "
+                         f"{seqlen_q} + 2 * {seqlen_k} ({shapes})")
+    if cuda and (batch > MAX_GRID_YZ or heads_q > MAX_GRID_YZ):
+        name, n = ("q batch", batch) if batch > MAX_GRID_YZ else ("q heads", heads_q)
+        raise ValueError(f"{name}: at most {MAX_GRID_YZ} on CUDA (a grid dimension of the "
+                         f"kernels), got {n} ({shapes}); split the call")
+
+
+def check_flag(name: str, value: object) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+
+
+def check_alibi(slopes: object, src: _interop.Source, batch: int, heads_q: int) -> np.ndarray:
+    """ALiBi slopes as float64 ``(B, Hq)``, from ``(Hq,)`` or ``(B, Hq)``."""
+    values = check_head_values("alibi_slopes", slopes, src, [(heads_q,), (batch, heads_q)],
+                                f"({heads_q},) or ({batch}, {heads_q}) (Hq, or B and Hq)")
+    return np.broadcast_to(values, (batch, heads_q))
+
+
+def check_side_array(name: str, x: object, src: _interop.Source,
+                      dtypes: tuple[str, ...]) -> _interop.Source:
+    """Where an array argument beside q, k, v lives: not a masked array, NumPy or q's own
+    framework and device, one of `dtypes`. Raises naming `name`."""
+    refuse_masked(name, x)
+    where = _interop.source_of(x, name)
+    if where.framework != "numpy" and where != src:
+        raise TypeError(f"{name}: expected a NumPy array or an array of q's framework and "
+                        f"device ({src.describe()}), got {where.describe()}")
+    dtype = _interop.dtype_name(x)
+    if dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype {' or '.join(dtypes)}, got {dtype}")
+    return where
+
+
+def check_head_values(name: str, x: object, src: _interop.Source,
+                       shapes: list[tuple[int, ...]], expected: str) -> np.ndarray:
+    """A float64 copy of `x`: a float32/float64 array of one of `shapes` with finite values,
+    NumPy or on q's framework and device. Raises naming `name`."""
+    where = check_side_array(name, x, src, ("float32", "float64"))
+    shape = tuple(int(n) for n in x.shape)
+    if shape not in shapes:
+        raise ValueError(f"{name}: expected shape {expected}, got {shape}")
+    values = np.array(_interop.to_backend(x, where), dtype=np.float64)  # a copy
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{name}: expected finite values, got NaN or infinity")
+    return values
+
+
+def check_score_array(name: str, x: object, src: _interop.Source, full: tuple[int, ...],
+                       dtypes: tuple[str, ...]) -> np.ndarray:
+    """A NumPy view of `x` (no copy): an array of one of `dtypes`, NumPy or of q's framework and
+    device, broadcastable to `full` = (B, Hq, Sq, Sk). Raises naming `name`."""
+    where = check_side_array(name, x, src, dtypes)
+    shape = tuple(int(n) for n in x.shape)
+    if len(shape) > 4 or any(n not in (1, want) for n, want in zip(shape[::-1], full[::-1],
+                                                                    strict=False)):
+        raise ValueError(f"{name}: expected a shape broadcastable to (B, Hq, Sq, Sk) = {full}, "
+                         f"got {shape}")
+    return _interop.to_backend(x, where)
+
+
+def refuse_masked(name: str, x: object) -> None:
+    """A NumPy masked array would pass as a plain array and its mask be silently ignored."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name}: expected a plain array, got a numpy.ma.MaskedArray, whose mask "
+                        f"cuflash would ignore; fill it ({name}.filled(value)) or compress it "
+                        "first")
