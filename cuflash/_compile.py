@@ -87,13 +87,13 @@ def arch_flag(compute_capability: int) -> str:
 
 def nvrtc_options(arch: str) -> tuple[str, ...]:
     """NVRTC options for one architecture (``sm_80``, ``sm_90a``, ...)."""
-    from cuflash import _launch
+    from cuflash import _launch_common
 
     options = [
         f"-arch={arch}",
         "-std=c++17",
-        f"-DCUFLASH_FWD_PARAMS_SIZE={_launch.FWD_PARAMS.itemsize}",
-        f"-DCUFLASH_BWD_PARAMS_SIZE={_launch.BWD_PARAMS.itemsize}",
+        f"-DCUFLASH_FWD_PARAMS_SIZE={_launch_common.FWD_PARAMS.itemsize}",
+        f"-DCUFLASH_BWD_PARAMS_SIZE={_launch_common.BWD_PARAMS.itemsize}",
     ]
     if debug_build():
         options += ["-DCUFLASH_DEBUG", "-lineinfo"]

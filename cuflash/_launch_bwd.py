@@ -18,7 +18,7 @@ kernels.
 
 Tile sizes live in the tables below, one row per head-dim width; the C++ traits
 (``BwdSimtTraits`` in kernels_cu/bwd_simt.cu) derive every other size from them. The parameter block
-is ``_launch.BWD_PARAMS`` (mirrors ``BwdParams`` in kernels_cu/common.cuh).
+is ``_launch_common.BWD_PARAMS`` (mirrors ``BwdParams`` in kernels_cu/common.cuh).
 """
 
 from __future__ import annotations
@@ -33,7 +33,14 @@ import numpy as np
 
 from cuflash import _compile, _dtypes, _variant
 from cuflash._kernel_call import KernelCall
-from cuflash._launch import BWD_PARAMS, Tile, is_aligned, pack_params, param_strides, width_for
+from cuflash._launch_common import (
+    BWD_PARAMS,
+    Tile,
+    is_aligned,
+    pack_params,
+    param_strides,
+    width_for,
+)
 from cuflash._spec import KernelSpec
 from cuflash._variant import Variant
 

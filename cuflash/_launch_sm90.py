@@ -19,7 +19,7 @@ import numpy as np
 
 from cuflash import _compile, _dtypes, _variant
 from cuflash._kernel_call import KernelCall
-from cuflash._launch import Tile, width_for
+from cuflash._launch_common import Tile, width_for
 from cuflash._spec import KernelSpec
 from cuflash._variant import Variant
 
@@ -369,7 +369,7 @@ def forward_sm90(q, k, v, out, lse, *, variant: Variant, scale: float, device_id
     """
     import cupy
 
-    from cuflash._launch import forward_pointers
+    from cuflash._launch_common import forward_pointers
 
     batch, seqlen_q, heads_q, head_dim = q.shape
     qualifies = (cc == 90 and _dtypes.dtype_name(q.dtype) in _TENSOR_DTYPES
@@ -386,7 +386,7 @@ def forward_sm90(q, k, v, out, lse, *, variant: Variant, scale: float, device_id
 def plan_sm90(q, k, v, out, *, variant: Variant, scale: float, device_id: int, cc: int):
     """The replayable `KernelCall` of the Hopper forward for these views, or None (reason
     logged) when they do not qualify. Expects a non-empty problem."""
-    from cuflash._launch import FWD_POINTERS, fwd_params
+    from cuflash._launch_common import FWD_POINTERS, fwd_params
 
     batch, seqlen_q, heads_q, head_dim = q.shape
     dtype = _dtypes.dtype_name(q.dtype)

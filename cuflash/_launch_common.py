@@ -1,0 +1,113 @@
+"""What the launch modules share: the kernels' parameter blocks (`FWD_PARAMS`, `BWD_PARAMS`,
+mirroring ``FwdParams`` and ``BwdParams`` in kernels_cu/common.cuh) and their packing, the tile
+record, the choice of a compiled head-dim width, and the 16-byte alignment test.
+
+It sits below `_compile` (which passes the blocks' sizes to NVRTC) and every launch module
+(`_launch`, `_launch_sm90`, `_launch_bwd`), so that none of them needs another's internals.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from cuflash._variant import Variant
+
+_STRIDE_FIELDS = ("batch_stride", "row_stride", "head_stride")
+
+
+def _params_dtype(pointers: tuple[str, ...], strided: tuple[str, ...], ints: tuple[str, ...]):
+    fields = [(name, np.uint64) for name in pointers]
+    fields += [(f"{t}_{s}", np.int64) for t in strided for s in _STRIDE_FIELDS]
+    fields += [("lse_batch_stride", np.int64), ("lse_head_stride", np.int64)]
+    fields += [("scale", np.float64), ("scale_log2", np.float32)]
+    fields += [(name, np.int32) for name in ints]
+    return np.dtype(fields, align=True)
+
+
+_SHAPE_INTS = ("batch", "heads_q", "heads_kv", "group", "seqlen_q", "seqlen_k", "head_dim")
+
+_WINDOW_INTS = ("window_left", "window_right")
+
+FWD_PARAMS = _params_dtype(
+    ("q", "k", "v", "o", "lse"), ("q", "k", "v", "o"), (*_SHAPE_INTS, *_WINDOW_INTS)
+)
+BWD_PARAMS = _params_dtype(
+    ("q", "k", "v", "o", "dout", "lse", "dq", "dk", "dv", "dq_accum", "delta"),
+    ("q", "k", "v", "o", "do", "dq", "dk", "dv"),
+    (*_SHAPE_INTS, "head_dim_rounded", "deterministic", *_WINDOW_INTS),
+)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Tile sizes of one kernel family at one head-dim width."""
+
+    block_m: int
+    block_n: int
+    warps: int
+
+
+def width_for(head_dim: int, widths) -> int:
+    """Smallest compiled head-dim width that holds `head_dim` (the rest is padded in registers)."""
+    for width in sorted(widths):
+        if head_dim <= width:
+            return width
+    raise ValueError(f"head dim {head_dim} exceeds the largest kernel width {max(widths)}")
+
+
+def is_aligned(arrays, head_dim: int) -> bool:
+    """True when 16-byte vector loads/stores are legal on every array.
+
+    Needs each base address, each non-unit stride and the head dim (in bytes) to be multiples of
+    16 bytes; the last axis is unit-stride by construction (the API copies otherwise).
+    """
+    for a in arrays:
+        itemsize = a.dtype.itemsize
+        if a.data.ptr % 16 or (head_dim * itemsize) % 16:
+            return False
+        if any((s * itemsize) % 16 for s in _elem_strides(a)[:-1]):
+            return False
+    return True
+
+
+def _elem_strides(a) -> tuple[int, ...]:
+    return tuple(s // a.dtype.itemsize for s in a.strides)
+
+
+def param_strides(name: str, a) -> dict[str, int]:
+    b, s, h, _ = _elem_strides(a)
+    return {f"{name}_batch_stride": b, f"{name}_row_stride": s, f"{name}_head_stride": h}
+
+
+def pack_params(dtype: np.dtype, fields: dict[str, float | int]):
+    """One structured scalar from a dict of every field (built in one call: this is per launch)."""
+    return np.array(tuple(fields[name] for name in dtype.names), dtype=dtype)[()]
+
+
+# The pointer fields of FwdParams a forward launch fills, in the order `KernelCall` takes them.
+FWD_POINTERS = ("q", "k", "v", "o", "lse")
+
+
+def forward_pointers(q, k, v, out, lse) -> tuple[int, ...]:
+    """FWD_POINTERS of CuPy arrays (lse may be None)."""
+    return (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, 0 if lse is None else lse.data.ptr)
+
+
+def fwd_params(q, k, v, out, *, variant: Variant, scale: float):
+    """The FwdParams block for (B, S, H, D) views, pointer fields zero (`KernelCall` fills
+    them)."""
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    _, seqlen_k, heads_kv, _ = k.shape
+    fields = {"q": 0, "k": 0, "v": 0, "o": 0, "lse": 0,
+              **param_strides("q", q), **param_strides("k", k), **param_strides("v", v),
+              **param_strides("o", out),
+              "lse_batch_stride": heads_q * seqlen_q, "lse_head_stride": seqlen_q,
+              "scale": scale, "scale_log2": scale * math.log2(math.e),
+              "batch": batch, "heads_q": heads_q, "heads_kv": heads_kv,
+              "group": heads_q // heads_kv, "seqlen_q": seqlen_q, "seqlen_k": seqlen_k,
+              "head_dim": head_dim}
+    fields["window_left"], fields["window_right"] = variant.window_params(seqlen_q, seqlen_k)
+    return pack_params(FWD_PARAMS, fields)
