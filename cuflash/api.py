@@ -254,9 +254,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
             _replay.record(key, _replay.BackwardReplay(call, _replay.framework_of(q)))
         result = tuple(_interop.from_backend(native, b, src) for native, b in grads)
         if return_dsinks:
-            result += (_in_framework_of(dsinks, sinks),)
+            result += (_in_framework_of(dsinks, sinks, "sinks"),)
         if return_dbias:
-            result += (_in_framework_of(dbias.reshape(problem.bias.shape), bias),)
+            result += (_in_framework_of(dbias.reshape(problem.bias.shape), bias, "bias"),)
         return result
 
 
@@ -390,11 +390,12 @@ def _check_scale(scale: object, head_dim: int) -> float:
     return value
 
 
-def _in_framework_of(values: np.ndarray, like: object):
-    """float64 NumPy `values` as an array of `like`'s framework and dtype (CPU)."""
+def _in_framework_of(values: np.ndarray, like: object, name: str):
+    """float64 NumPy `values` as an array of `like`'s (argument `name`'s) framework and dtype
+    (CPU)."""
     if isinstance(like, np.ndarray):
         return values.astype(like.dtype)
-    framework = _interop.source_of(like, "sinks").framework
+    framework = _interop.source_of(like, name).framework
     if framework == "torch":
         import torch
 
