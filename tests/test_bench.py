@@ -383,6 +383,189 @@ def test_window_bench_without_a_gpu_says_so(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+# ---- bench --softcap (cuflash.bench.softcap): everything but the GPU run -----------------------
+
+
+def test_softcap_bench_flags_and_cells():
+    """``--softcap``: its flags, the cells (B*S and H*D fixed) and the flag's place in bench."""
+    from cuflash.bench import softcap
+
+    args = softcap.build_parser().parse_args([])
+    assert (args.cap, args.head_dims, args.seqlens, args.causal) == (
+        30.0, (64, 128), (1024, 2048, 4096, 8192, 16384), "both")
+    assert (args.tokens, args.model_dim, args.calls, args.repeats) == (16384, 2048, 5, 7)
+    assert args.budget is None and not args.no_flex and args.out is None
+    cells = softcap.cells(args)
+    assert len(cells) == 2 * 5 * 2 and cells[:2] == [(64, 1024, False), (64, 1024, True)]
+    for head_dim, seqlen, _ in cells:  # bhsd, B*S = 16384 tokens, H*D = 2048
+        batch, heads, s, d = softcap.shape(args, head_dim, seqlen)
+        assert (s, d, batch * seqlen, heads * head_dim) == (seqlen, head_dim, 16384, 2048)
+    args = softcap.build_parser().parse_args(["--cap", "50", "--head-dims", "128", "--seqlens",
+                                              "1k,16k", "--causal", "yes", "--budget", "200",
+                                              "--no-flex", "--out", "o"])
+    assert (args.cap, args.head_dims, args.seqlens, args.budget) == (50.0, (128,),
+                                                                     (1024, 16384), 200.0)
+    assert softcap.cells(args) == [(128, 1024, True), (128, 16384, True)]
+    assert args.no_flex and str(args.out) == "o"
+    assert softcap.cells(softcap.build_parser().parse_args(["--causal", "no", "--seqlens",
+                                                             "2k"])) == [(64, 2048, False),
+                                                                         (128, 2048, False)]
+    for bad in (["--cap", "0"], ["--cap", "-1"], ["--cap", "nan"], ["--seqlens", "1x"],
+                ["--head-dims", "0"], ["--causal", "maybe"]):
+        with pytest.raises(SystemExit):
+            softcap.build_parser().parse_args(bad)
+    with pytest.raises(SystemExit):  # a head dim that does not divide the model width
+        softcap.main(["--head-dims", "96"])
+    assert bench.build_parser().parse_args(["--softcap"]).softcap  # listed in bench --help
+
+
+def _softcap_rows() -> list[dict]:
+    def row(impl, pass_, causal, tflops, **extra):
+        fields = {"impl": impl, "pass": pass_, "head_dim": 128, "seqlen": 4096, "batch": 4,
+                  "heads": 16, "causal": causal, **extra}
+        if tflops is None:
+            return fields
+        return {**fields, "status": "ok", "tflops": tflops, "ms": 100.0 / tflops}
+
+    return [
+        row("cuflash", "fwd", False, 570.0, max_abs_diff_flex=0.002),
+        row("cuflash-plain", "fwd", False, 600.0),
+        row("flex", "fwd", False, 380.0),
+        row("cuflash", "bwd", False, 400.0),
+        row("cuflash-plain", "bwd", False, 410.0),
+        row("flex", "bwd", False, None, status="error", error="RuntimeError: no kernel"),
+        row("cuflash", "fwd", True, 500.0),
+        row("cuflash-plain", "fwd", True, 500.0),
+        row("cuflash", "bwd", True, None, status="budget"),
+        row("cuflash-plain", "bwd", True, None, status="budget"),
+    ]
+
+
+def test_softcap_bench_table_and_summary():
+    """One Markdown line per (pass, D, S, mask): each implementation's TFLOP/s and ms, then
+    cuflash / cuflash-plain and cuflash / flex; statuses where a cell has no number."""
+    from cuflash.bench import softcap
+
+    lines = softcap.table(_softcap_rows()).splitlines()
+    assert lines[0] == ("| pass | D | S | B | H | mask | cuflash TFLOP/s | cuflash ms "
+                        "| plain TFLOP/s | plain ms | flex TFLOP/s | flex ms | cuflash/plain "
+                        "| cuflash/flex |")
+    assert lines[1].count("|") == lines[0].count("|")
+    assert lines[2:] == [  # forward first; full before causal
+        "| fwd | 128 | 4096 | 4 | 16 | full | 570 | 0.175 | 600 | 0.167 | 380 | 0.263 | 0.95 "
+        "| 1.50 |",
+        "| fwd | 128 | 4096 | 4 | 16 | causal | 500 | 0.200 | 500 | 0.200 | - | - | 1.00 | - |",
+        "| bwd | 128 | 4096 | 4 | 16 | full | 400 | 0.250 | 410 | 0.244 | error | error | 0.98 "
+        "| - |",
+        "| bwd | 128 | 4096 | 4 | 16 | causal | budget | budget | budget | budget | - | - | - "
+        "| - |",
+    ]
+    assert softcap.summary(_softcap_rows()) == [
+        "fwd: cuflash/plain median 0.97, lowest 0.95; cuflash/flex median 1.50, lowest 1.50; "
+        "below 0.95: none",
+        "bwd: cuflash/plain median 0.98, lowest 0.98; below 0.95: none",
+    ]
+    slow = [{**r, "tflops": 300.0} if r["impl"] == "cuflash" and r.get("tflops") else r
+            for r in _softcap_rows()]
+    assert softcap.summary(slow)[0].endswith("below 0.95: D128 S4096 full 0.50, "
+                                             "D128 S4096 causal 0.60")
+    assert softcap.progress_line(_softcap_rows()[3:6]) == (
+        "D128 S4096 B4 H16 full: cuflash bwd 400, cuflash-plain bwd 410, flex bwd error")
+
+
+def test_softcap_bench_without_a_gpu_says_so(capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: the command would run the benchmark")
+    assert bench.main(["--softcap", "--seqlens", "1k"]) == 2
+    assert "bench --softcap needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_softcap_bench_out_records_the_run(tmp_path, monkeypatch, capsys):
+    """``--out``: main's record of a run (the GPU stubbed) is JSON with the command, the
+    configuration and the environment, and Markdown with the table and the provenance."""
+    torch = pytest.importorskip("torch")
+    from cuflash.bench import softcap
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    seen = {}
+
+    def run(args, deadline):
+        seen["budget_left"] = deadline - time.perf_counter()
+        seen["args"] = args
+        return _softcap_rows()
+
+    monkeypatch.setattr(softcap, "run", run)
+    out = tmp_path / "o"
+    argv = ["--softcap", "--cap", "20", "--seqlens", "4k", "--budget", "300", "--out", str(out)]
+    assert bench.main(argv) == 0
+    assert 290 < seen["budget_left"] <= 300 and seen["args"].seqlens == (4096,)
+    stdout = capsys.readouterr().out
+    assert stdout.startswith("bf16, B*S = 16384 tokens, H*D = 2048, softcap 20;")
+    assert "| fwd | 128 | 4096 | 4 | 16 | full | 570 |" in stdout
+    assert "fwd: cuflash/plain median 0.97" in stdout
+    record = json.loads((out / "softcap.json").read_text())
+    assert record["command"] == ("python -m cuflash bench --softcap --cap 20 --seqlens 4k "
+                                 f"--budget 300 --out {out}")
+    env = record["environment"]
+    assert env["gpu"] == "Fake GPU" and env["torch"] == torch.__version__ and env["date"]
+    assert len(env["source_digest"]) == 12 and "git_commit" in env
+    assert record["config"]["cap"] == 20.0 and record["config"]["out"] == str(out)
+    assert record["config"]["seqlens"] == [4096] and record["rows"] == _softcap_rows()
+    assert record["summary"] == softcap.summary(_softcap_rows())
+    md = (out / "softcap.md").read_text()
+    assert "| fwd | 128 | 4096 | 4 | 16 | full | 570 | 0.175 |" in md
+    assert f"Fake GPU, torch {torch.__version__}, cuflash " in md
+    assert md.rstrip().endswith(f"`{record['command']}`")
+
+
+def test_softcap_bench_sweep_on_the_cpu(monkeypatch):
+    """`run` at tiny sizes on CPU tensors (the GPU's timing stubbed): every cell times cuflash
+    with the softcap and without, on the same inputs; past the budget cells are skipped."""
+    torch = pytest.importorskip("torch")
+    from cuflash.bench import softcap
+
+    randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, device=None, **kw: randn(*a, **kw))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    calls, inputs_seen = [], []
+
+    def time_pass(torch_, fn, inputs, pass_, calls_, repeats):
+        assert all(x.dtype == torch.bfloat16 and bool(x.abs().sum() > 0)  # random, not zeros
+                   for x in inputs)
+        inputs_seen.append(inputs)
+        q, k, v, dout = (x.float() for x in inputs)  # the CPU path has no bfloat16
+        if pass_ == "fwd":
+            calls.append(fn(q, k, v).float())
+        else:
+            q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+            fn(q, k, v).backward(dout)
+            assert q.grad is not None and k.grad is not None and v.grad is not None
+        return 2.0
+
+    monkeypatch.setattr(softcap, "time_pass", time_pass)
+    args = softcap.build_parser().parse_args(["--cap", "0.5", "--head-dims", "16", "--seqlens",
+                                              "32", "--tokens", "64", "--model-dim", "32",
+                                              "--no-flex"])
+    rows = softcap.run(args)
+    assert [(r["impl"], r["pass"], r["causal"], r["status"]) for r in rows] == [
+        (impl, p, causal, "ok") for causal in (False, True) for impl in ("cuflash",
+                                                                         "cuflash-plain")
+        for p in ("fwd", "bwd")]
+    assert {(r["batch"], r["heads"], r["softcap"]) for r in rows} == {(2, 2, 0.5), (2, 2, 0.0)}
+    flops = 4 * 2 * 2 * 32 * 32 * 16
+    assert rows[0]["tflops"] == pytest.approx(flops / 2.0 / 1e9)
+    assert rows[5]["tflops"] == pytest.approx(flops * 0.5 * 2.5 / 2.0 / 1e9)  # causal bwd
+    assert "max_abs_diff_flex" in rows[0] and rows[0]["max_abs_diff_flex"] is None  # no flex
+    # Within a cell every implementation and pass gets the same inputs; each cell fresh ones.
+    assert len({id(x) for x in inputs_seen[:4]}) == 1 and inputs_seen[4] is not inputs_seen[0]
+    capped, plain = calls[0], calls[1]  # a tight cap changes the output
+    assert capped.shape == (2, 2, 32, 16) and not torch.equal(capped, plain)
+    skipped = softcap.run(args, deadline=time.perf_counter() - 1)
+    assert [r["status"] for r in skipped] == ["budget"] * 8
+
+
 def test_long_bench_flags_sizes_and_flops():
     """``--long``: its flags, the 1M-token sizes, the causal FLOP count and the repeats."""
     from cuflash.bench import long

@@ -1,7 +1,7 @@
 """``python -m cuflash bench``'s command line: the flags, and `main`, which picks the device, runs
-the sweeps and writes and prints the results (``--overhead``, ``--window``, ``--long`` and
-``--jax`` hand over to `cuflash.bench.overhead`, `cuflash.bench.window`, `cuflash.bench.long` and
-`cuflash.bench.jax_jit`)."""
+the sweeps and writes and prints the results (``--overhead``, ``--window``, ``--softcap``,
+``--long`` and ``--jax`` hand over to `cuflash.bench.overhead`, `cuflash.bench.window`,
+`cuflash.bench.softcap`, `cuflash.bench.long` and `cuflash.bench.jax_jit`)."""
 
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ from cuflash.bench.report import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The flags of ``python -m cuflash bench`` (``--overhead``, ``--window``, ``--long`` and
-    ``--jax`` have their own)."""
+    """The flags of ``python -m cuflash bench`` (``--overhead``, ``--window``, ``--softcap``,
+    ``--long`` and ``--jax`` have their own)."""
     parser = argparse.ArgumentParser(
         prog="python -m cuflash bench",
         description="Time cuflash against PyTorch SDPA's backends and standard attention "
@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window", action="store_true",
                         help="time sliding-window attention against FlexAttention instead (see "
                              "python -m cuflash bench --window --help)")
+    parser.add_argument("--softcap", action="store_true",
+                        help="time logit soft-capping against cuflash without it and "
+                             "FlexAttention instead (see python -m cuflash bench --softcap "
+                             "--help)")
     parser.add_argument("--long", action="store_true",
                         help="time causal forward and backward at S = 128k..1M tokens, with peak "
                              "memory, against SDPA's flash backend instead (see python -m "
@@ -153,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         from cuflash.bench import window
 
         return window.main([a for a in argv if a != "--window"])
+    if "--softcap" in argv:
+        from cuflash.bench import softcap
+
+        return softcap.main([a for a in argv if a != "--softcap"])
     if "--long" in argv:
         from cuflash.bench import long
 

@@ -9,66 +9,32 @@ equivalent ``mask_mod`` and a block mask, timed in the same run on fresh random 
 
 Backward cells time ``out.backward(dout)`` through each library's autograd (cuflash.torch,
 flex_attention), so both pay the same framework costs. CUDA events, after warm-up; the median
-of `repeats` timings of `calls` back-to-back calls.
+of `repeats` timings of `calls` back-to-back calls (`cuflash.bench.torch_gpu`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from cuflash._variant import Variant
+from cuflash.bench.torch_gpu import compiled_flex, cuda_torch, time_pass
 
 PASS_FACTOR = {"fwd": 1.0, "bwd": 2.5}
 
 
-def _median_ms(torch, fn: Callable[[], object], calls: int, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        stop.record()
-        stop.synchronize()
-        samples.append(start.elapsed_time(stop) / calls)
-    return statistics.median(samples)
-
-
 def _flex(torch, seqlen: int, left: int | None):
     """A compiled FlexAttention callable for a causal window of `left` keys (None: causal)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
     if left is None:
         def mask_mod(b, h, q, kv):
             return kv <= q
     else:
         def mask_mod(b, h, q, kv):
             return (kv <= q) & (q - kv <= left)
-    # Each cell compiles anew: past torch.compile's recompile limit flex_attention falls back
-    # to an unfused path that runs ~100x slower (seen after the first few cells of a run).
-    torch._dynamo.reset()
-    block_mask = create_block_mask(mask_mod, None, None, seqlen, seqlen, device="cuda",
-                                   _compile=True)  # uncompiled, it materialises S x S
-    compiled = torch.compile(flex_attention, dynamic=False)
-    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
-
-
-def _time_pass(torch, fn, inputs, pass_: str, calls: int, repeats: int) -> float:
-    """Milliseconds per forward (`fn(q, k, v)` without grad) or per backward through autograd."""
-    q, k, v, dout = inputs
-    if pass_ == "fwd":
-        with torch.no_grad():
-            return _median_ms(torch, lambda: fn(q, k, v), calls, repeats)
-    out = fn(*(x.detach().requires_grad_() for x in (q, k, v)))
-    return _median_ms(torch, lambda: out.backward(dout, retain_graph=True), calls, repeats)
+    return compiled_flex(torch, seqlen, mask_mod)
 
 
 def _impls(torch, seqlen: int, window: int | None, flex: bool) -> dict[str, Callable]:
@@ -105,7 +71,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                               for _ in range(4)]
                     for pass_ in ("fwd", "bwd"):
                         try:
-                            ms = _time_pass(torch, fn, inputs, pass_, args.calls, args.repeats)
+                            ms = time_pass(torch, fn, inputs, pass_, args.calls, args.repeats)
                         except Exception as err:
                             print(f"{name} {pass_} D{head_dim} S{seqlen} w{window}: "
                                   f"{type(err).__name__}: {err}", file=sys.stderr)
@@ -159,14 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-flex", action="store_true", help="time cuflash only")
     parser.add_argument("--out", type=Path, help="write window.json into this directory")
     args = parser.parse_args(argv)
-    try:
-        import torch
-    except ImportError:
-        print("bench --window needs torch with CUDA", file=sys.stderr)
-        return 2
-    if not torch.cuda.is_available():
-        print("bench --window needs a CUDA GPU (torch.cuda.is_available() is False)",
-              file=sys.stderr)
+    torch = cuda_torch("--window")
+    if torch is None:
         return 2
     rows = run(args)
     if args.out:
