@@ -65,8 +65,10 @@ FWD_SIMT_TILES: dict[str, dict[int, Tile]] = {
 
 
 @functools.cache
-def fwd_spec(dtype: str, head_dim: int, mask: str, aligned: bool) -> KernelSpec:
-    """The forward kernel the dispatcher picks for one problem class (memoised: hot path)."""
+def fwd_spec(dtype: str, head_dim: int, mask: str, aligned: bool,
+             score: str = "none") -> KernelSpec:
+    """The forward kernel the dispatcher picks for one problem class (memoised: hot path):
+    `mask` and `score` are the variant's compile-time kinds."""
     if _dtypes.uses_tensor_cores(dtype):
         width = width_for(head_dim, FWD_SM80_TILES)
         tile = (FWD_SM80_TILES if aligned else FWD_SM80_UNALIGNED_TILES)[width]
@@ -74,7 +76,7 @@ def fwd_spec(dtype: str, head_dim: int, mask: str, aligned: bool) -> KernelSpec:
         # Q tile plus one K tile and one V tile, each row `width` elements.
         smem = (tile.block_m + 2 * tile.block_n) * width * itemsize
         return KernelSpec("fwd_sm80.cu", "fwd_sm80", dtype, width, tile.block_m, tile.block_n,
-                          tile.warps, mask, aligned, smem)
+                          tile.warps, mask, aligned, smem, score=score)
     tiles = FWD_SIMT_TILES[dtype]
     width = width_for(head_dim, tiles)
     tile = tiles[width]
@@ -86,7 +88,7 @@ def fwd_spec(dtype: str, head_dim: int, mask: str, aligned: bool) -> KernelSpec:
     smem = ((tile.block_m + 2 * tile.block_n) * (width + vec)
             + tile.block_m * (tile.block_n + 8)) * itemsize
     return KernelSpec("fwd_simt.cu", "fwd_simt", dtype, width, tile.block_m, tile.block_n,
-                      tile.warps, mask, aligned, smem, min_arch=60)
+                      tile.warps, mask, aligned, smem, min_arch=60, score=score)
 
 
 def all_fwd_specs() -> list[KernelSpec]:
@@ -96,8 +98,9 @@ def all_fwd_specs() -> list[KernelSpec]:
         widths = FWD_SM80_TILES if _dtypes.uses_tensor_cores(dtype) else FWD_SIMT_TILES[dtype]
         for width in widths:
             for mask in _variant.MASK_KINDS:
-                for aligned in (False, True):
-                    specs.append(fwd_spec(dtype, width, mask, aligned))
+                for score in _variant.SCORE_KINDS:
+                    for aligned in (False, True):
+                        specs.append(fwd_spec(dtype, width, mask, aligned, score))
     return specs
 
 
@@ -121,7 +124,7 @@ def plan_forward(q, k, v, out, *, variant: Variant, scale: float, device_id: int
         if call is not None:
             return call
     aligned = is_aligned((q, k, v, out), head_dim)
-    spec = fwd_spec(dtype, head_dim, variant.mask, aligned)
+    spec = fwd_spec(dtype, head_dim, variant.mask, aligned, variant.score)
     return KernelCall(
         _compile.get_function(spec, device_id, cc), device_id,
         grid=(math.ceil(seqlen_q / spec.block_m), heads_q, batch),

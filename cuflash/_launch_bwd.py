@@ -24,6 +24,7 @@ is ``_launch_common.BWD_PARAMS`` (mirrors ``BwdParams`` in kernels_cu/common.cuh
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import os
@@ -95,6 +96,9 @@ BWD_SM80_SMALL_DQ_TILES: dict[int, Tile] = {
     64: Tile(block_m=128, block_n=64, warps=8),
     128: Tile(block_m=64, block_n=32, warps=4),
 }
+# With a score modification at D=256 the dK/dV kernel keeps fewer query rows a step: the regular
+# tile sits at 255 registers and the modification's values spill (ptxas: 4-20 bytes).
+BWD_SM80_SCORED_DKDV_TILES: dict[int, Tile] = {256: Tile(block_m=32, block_n=64, warps=8)}
 BWD_SM80_ROWWISE_TILE = Tile(block_m=64, block_n=0, warps=4)
 # Backward dK/dV on Hopper, fp16/bf16 (kernels_cu/bwd_sm90.cu): block_n keys per block, block_m
 # query rows per step, 12 warps (one producer and two consumer warpgroups). Up to D=128 each
@@ -105,6 +109,9 @@ BWD_SM90_TILES: dict[int, Tile] = {
     128: Tile(block_m=64, block_n=128, warps=12),
     256: Tile(block_m=64, block_n=64, warps=12),
 }
+# Widths whose Hopper dK/dV kernel takes a score modification: at D=64 its 128-query steps spill
+# with one (ptxas: 4-20 bytes), so those problems take the sm80 kernels.
+SM90_SCORED_WIDTHS = (128, 256)
 _SM90_STAGES = 2  # Q/dO slots; mirrors BwdSm90Traits::kStages
 log = logging.getLogger("cuflash")
 
@@ -176,36 +183,45 @@ def _sm90_smem(width: int, tile: Tile) -> int:
 
 
 @functools.cache
-def dkdv_sm90_spec(dtype: str, head_dim: int, mask: str) -> KernelSpec:
+def dkdv_sm90_spec(dtype: str, head_dim: int, mask: str, score: str = "none") -> KernelSpec:
     """The Hopper dK/dV kernel for one problem class (memoised: per call)."""
     width = width_for(head_dim, BWD_SM90_TILES)
     tile = BWD_SM90_TILES[width]
     return KernelSpec("bwd_sm90.cu", "bwd_dkdv_sm90", dtype, width, tile.block_m, tile.block_n,
-                      tile.warps, mask, True, _sm90_smem(width, tile), min_arch=90)
+                      tile.warps, mask, True, _sm90_smem(width, tile), min_arch=90,
+                      score=score)
 
 
 def all_bwd_sm90_specs() -> list[KernelSpec]:
     """Every Hopper backward instantiation (for the compile test)."""
-    return [dkdv_sm90_spec(dtype, width, mask) for dtype in ("float16", "bfloat16")
-            for width in BWD_SM90_TILES for mask in _variant.MASK_KINDS]
+    return [dkdv_sm90_spec(dtype, width, mask, score) for dtype in ("float16", "bfloat16")
+            for width in BWD_SM90_TILES for mask in _variant.MASK_KINDS
+            for score in _variant.SCORE_KINDS if score == "none" or width in SM90_SCORED_WIDTHS]
 
 
-def _sm90_reason(dtype: str, head_dim: int, aligned: bool, cc: int, arrays) -> str | None:
+def _sm90_reason(dtype: str, head_dim: int, aligned: bool, cc: int, arrays,
+                 score: str = "none") -> str | None:
     """Why the Hopper dK/dV kernel does not take this problem (None when it does): the Hopper
-    TMA kernels' shared conditions, and every array (outputs too) 16-byte aligned."""
+    TMA kernels' shared conditions, every array (outputs too) 16-byte aligned, and a score
+    modification only at the widths that take one."""
     from cuflash import _launch_sm90
 
     if os.environ.get("CUFLASH_FORCE_SM80"):
         return "CUFLASH_FORCE_SM80 is set"
     if not aligned:
         return "an operand is not 16-byte aligned"
+    if (score != "none" and head_dim <= max(BWD_SM90_TILES)
+            and width_for(head_dim, BWD_SM90_TILES) not in SM90_SCORED_WIDTHS):
+        return f"a {score} at head dim {head_dim} (the Hopper dK/dV kernel spills with one)"
     return _launch_sm90.tma_kernel_reason(cc, dtype, head_dim, max(BWD_SM90_TILES), arrays)
 
 
 def _sm80_kernels(dtype: str, head_dim: int, mask: str, aligned: bool,
-                  smem_limit: int | None) -> BwdKernels:
+                  smem_limit: int | None, score: str) -> BwdKernels:
     width = width_for(head_dim, BWD_SM80_DKDV_TILES)
     dkdv, dq = BWD_SM80_DKDV_TILES[width], BWD_SM80_DQ_TILES[width]
+    if score != "none":
+        dkdv = BWD_SM80_SCORED_DKDV_TILES.get(width, dkdv)
     smem_dkdv, smem_dq = _sm80_smem(width, dkdv, dq)
     if (smem_limit is not None and max(smem_dkdv, smem_dq) > smem_limit
             and width in BWD_SM80_SMALL_DKDV_TILES):
@@ -213,15 +229,15 @@ def _sm80_kernels(dtype: str, head_dim: int, mask: str, aligned: bool,
         smem_dkdv, smem_dq = _sm80_smem(width, dkdv, dq)
     rows = BWD_SM80_ROWWISE_TILE
 
-    def spec(entry: str, tile: Tile, masked: str, smem: int) -> KernelSpec:
+    def spec(entry: str, tile: Tile, masked: str, smem: int, scored: str) -> KernelSpec:
         return KernelSpec("bwd_sm80.cu", entry, dtype, width, tile.block_m, tile.block_n,
-                          tile.warps, masked, aligned, smem)
+                          tile.warps, masked, aligned, smem, score=scored)
 
     return BwdKernels(
-        preprocess=spec("bwd_preprocess_sm80", rows, "none", 0),
-        dkdv=spec("bwd_dkdv_sm80", dkdv, mask, smem_dkdv),
-        dq=spec("bwd_dq_sm80", dq, mask, smem_dq),
-        convert=spec("bwd_convert_dq_sm80", rows, "none", 0),
+        preprocess=spec("bwd_preprocess_sm80", rows, "none", 0, "none"),
+        dkdv=spec("bwd_dkdv_sm80", dkdv, mask, smem_dkdv, score),
+        dq=spec("bwd_dq_sm80", dq, mask, smem_dq, score),
+        convert=spec("bwd_convert_dq_sm80", rows, "none", 0, "none"),
     )
 
 
@@ -233,14 +249,15 @@ def _row_spec(entry: str, dtype: str, width: int) -> KernelSpec:
 
 @functools.cache
 def bwd_kernels(dtype: str, head_dim: int, mask: str, aligned: bool,
-                smem_limit: int | None = None) -> BwdKernels:
-    """The backward kernels the dispatcher picks for one problem class (memoised: per call).
+                smem_limit: int | None = None, score: str = "none") -> BwdKernels:
+    """The backward kernels the dispatcher picks for one problem class (memoised: per call):
+    `mask` and `score` are the variant's compile-time kinds.
 
     `smem_limit`: the device's shared memory per block (bytes); the fp16/bf16 kernels take their
     small tiles when the regular ones need more (None: the regular tiles).
     """
     if _dtypes.uses_tensor_cores(dtype):
-        return _sm80_kernels(dtype, head_dim, mask, aligned, smem_limit)
+        return _sm80_kernels(dtype, head_dim, mask, aligned, smem_limit, score)
     tiles = BWD_SIMT_TILES[dtype]
     width = width_for(head_dim, tiles)
     tile = tiles[width]
@@ -248,7 +265,7 @@ def bwd_kernels(dtype: str, head_dim: int, mask: str, aligned: bool,
 
     def spec(entry: str, smem: int) -> KernelSpec:
         return KernelSpec("bwd_simt.cu", entry, dtype, width, tile.block_m, tile.block_n,
-                          tile.warps, mask, aligned, smem, min_arch=60)
+                          tile.warps, mask, aligned, smem, min_arch=60, score=score)
 
     return BwdKernels(
         preprocess=_row_spec("bwd_preprocess", dtype, width),
@@ -266,10 +283,10 @@ def all_bwd_specs() -> list[KernelSpec]:
     small = _SMALL_SMEM_LIMIT  # the small-shared-memory tables too
     for dtype, dtype_widths in widths.items():
         for width in dtype_widths:
-            for mask in _variant.MASK_KINDS:
+            for mask, score in itertools.product(_variant.MASK_KINDS, _variant.SCORE_KINDS):
                 for aligned in (False, True):
                     for limit in (None, small):
-                        kernels = bwd_kernels(dtype, width, mask, aligned, limit)
+                        kernels = bwd_kernels(dtype, width, mask, aligned, limit, score)
                         for spec in (kernels.preprocess, kernels.dkdv, kernels.dq,
                                      kernels.convert):
                             specs[spec] = None
@@ -342,7 +359,8 @@ def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scal
     _, seqlen_k, heads_kv, _ = k.shape
     dtype = _dtypes.dtype_name(q.dtype)
     aligned = is_aligned((q, k, v, out, dout, dq, dk, dv), head_dim)
-    kernels = bwd_kernels(dtype, head_dim, variant.mask, aligned, _compile.smem_limit(device_id))
+    kernels = bwd_kernels(dtype, head_dim, variant.mask, aligned, _compile.smem_limit(device_id),
+                          variant.score)
     if batch == 0 or heads_q == 0:
         return None
     accum = accum_dtype(dtype)
@@ -369,6 +387,7 @@ def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scal
         "head_dim_rounded": kernels.width, "deterministic": int(deterministic),
         **dict(zip(("window_left", "window_right"), variant.window_params(seqlen_q, seqlen_k),
                    strict=True)),
+        "softcap": variant.softcap,
     })
     launches = []
 
@@ -384,11 +403,11 @@ def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scal
     # The Hopper dK/dV kernel where it applies (it logs why not), else sm80/SIMT. With
     # seqlen_q == 0 the latter still runs and writes dk = dv = 0.
     operands = (("q", q), ("k", k), ("v", v), ("dout", dout))
-    reason = _sm90_reason(dtype, head_dim, aligned, cc, operands)
+    reason = _sm90_reason(dtype, head_dim, aligned, cc, operands, variant.score)
     if reason is None:
         from cuflash._launch_sm90 import encode_at
 
-        spec = dkdv_sm90_spec(dtype, head_dim, variant.mask)
+        spec = dkdv_sm90_spec(dtype, head_dim, variant.mask, variant.score)
         rows = {"q": spec.block_m, "dout": spec.block_m, "k": spec.block_n, "v": spec.block_n}
 
         def tensor_map(field: str, shape, strides, map_dtype: str, block_rows: int):

@@ -24,6 +24,7 @@ def _params_dtype(pointers: tuple[str, ...], strided: tuple[str, ...], ints: tup
     fields += [("lse_batch_stride", np.int64), ("lse_head_stride", np.int64)]
     fields += [("scale", np.float64), ("scale_log2", np.float32)]
     fields += [(name, np.int32) for name in ints]
+    fields += [("softcap", np.float64)]
     return np.dtype(fields, align=True)
 
 
@@ -110,4 +111,5 @@ def fwd_params(q, k, v, out, *, variant: Variant, scale: float):
               "group": heads_q // heads_kv, "seqlen_q": seqlen_q, "seqlen_k": seqlen_k,
               "head_dim": head_dim}
     fields["window_left"], fields["window_right"] = variant.window_params(seqlen_q, seqlen_k)
+    fields["softcap"] = variant.softcap
     return pack_params(FWD_PARAMS, fields)

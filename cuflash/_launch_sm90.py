@@ -242,23 +242,27 @@ def takes_short_tile(seqlen_q: int, head_dim: int) -> bool:
 
 
 @functools.cache
-def fwd_sm90_spec(dtype: str, head_dim: int, mask: str, short: bool = False) -> KernelSpec:
+def fwd_sm90_spec(dtype: str, head_dim: int, mask: str, short: bool = False,
+                  score: str = "none") -> KernelSpec:
     """The Hopper forward kernel for one problem class (memoised: hot path). `short`: the width's
-    short tile where there is one (`takes_short_tile`)."""
+    short tile where there is one (`takes_short_tile`); `mask`, `score`: the variant's kinds."""
     width = width_for(head_dim, FWD_SM90_TILES)
     tile = FWD_SM90_TILES[width]
-    if short:
+    # A score modification takes the short tile: the long one's three consumers have 128
+    # registers a thread, which the modification's values overflow (spills).
+    if short or score != "none":
         tile = FWD_SM90_SHORT_TILES.get(width, tile)
     return KernelSpec("fwd_sm90.cu", "fwd_sm90", dtype, width, tile.block_m, tile.block_n,
                       tile.warps, mask, True, smem_bytes(width, tile, _dtypes.itemsize(dtype)),
-                      min_arch=90)
+                      min_arch=90, score=score)
 
 
 def all_fwd_sm90_specs() -> list[KernelSpec]:
     """Every instantiation forward_sm90 can choose (for the compile test)."""
-    specs = {fwd_sm90_spec(dtype, width, mask, short): None
+    specs = {fwd_sm90_spec(dtype, width, mask, short, score): None
              for dtype in _TENSOR_DTYPES for width in FWD_SM90_TILES
-             for mask in _variant.MASK_KINDS for short in (False, True)}
+             for mask in _variant.MASK_KINDS for short in (False, True)
+             for score in _variant.SCORE_KINDS}
     return list(specs)
 
 
@@ -395,7 +399,8 @@ def plan_sm90(q, k, v, out, *, variant: Variant, scale: float, device_id: int, c
     if reason is not None:
         return _reject(reason)  # an empty k: seqlen_k = 0
 
-    spec = fwd_sm90_spec(dtype, head_dim, variant.mask, takes_short_tile(seqlen_q, head_dim))
+    spec = fwd_sm90_spec(dtype, head_dim, variant.mask, takes_short_tile(seqlen_q, head_dim),
+                         variant.score)
     # Persistent: at most one block per SM, each looping over query tiles (as its table says
     # where the kernel takes one; the others take a null pointer).
     table = takes_table(spec)

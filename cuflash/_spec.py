@@ -1,8 +1,8 @@
 """KernelSpec: one frozen record per kernel instantiation.
 
 Its `name` renders the C++ template name expression (``cuflash::fwd_sm80<cuflash::bf16, 128, 128,
-64, 4, cuflash::CausalMask, true>``); that single string is the compile-cache key, the log line
-and the test id.
+32, 4, cuflash::CausalMask, cuflash::NoScore, true>``); that single string is the compile-cache
+key, the log line and the test id.
 Sequence lengths are never part of a spec: they are kernel arguments, so the cache does not grow
 with shapes.
 """
@@ -30,6 +30,8 @@ class KernelSpec:
         aligned: 16-byte vector loads allowed (pointers and strides are multiples of 16 bytes).
         smem_bytes: dynamic shared memory the launch must provide.
         min_arch: lowest compute capability (e.g. 80) the kernel compiles for.
+        score: the score modification compiled in (a `_variant.SCORE_KINDS` name;
+            kernels_cu/score.cuh), rendered after the mask.
     """
 
     source: str
@@ -43,6 +45,7 @@ class KernelSpec:
     aligned: bool
     smem_bytes: int
     min_arch: int = 80
+    score: str = "none"
 
     @property
     def threads(self) -> int:
@@ -57,7 +60,8 @@ class KernelSpec:
             str(self.block_m),
             str(self.block_n),
             str(self.warps),
-            _variant.Variant(self.mask).cpp_mask,
+            _variant.cpp_mask(self.mask),
+            _variant.cpp_score(self.score),
             flag[self.aligned],
         )
         return f"cuflash::{self.entry}<{', '.join(args)}>"

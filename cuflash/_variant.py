@@ -23,6 +23,19 @@ MASK_KINDS = ("none", "causal", "window")
 # C++ type of each mask kind (kernels_cu/mask.cuh).
 _CPP_MASK = {"none": "cuflash::NoMask", "causal": "cuflash::CausalMask",
              "window": "cuflash::WindowMask"}
+# The score modifications the kernels compile in, and their C++ types (kernels_cu/score.cuh).
+SCORE_KINDS = ("none", "softcap")
+_CPP_SCORE = {"none": "cuflash::NoScore", "softcap": "cuflash::Softcap"}
+
+
+def cpp_mask(kind: str) -> str:
+    """The C++ type of mask kind `kind` (a `MASK_KINDS` name)."""
+    return _CPP_MASK[kind]
+
+
+def cpp_score(kind: str) -> str:
+    """The C++ type of score kind `kind` (a `SCORE_KINDS` name)."""
+    return _CPP_SCORE[kind]
 
 
 @dataclass(frozen=True)
@@ -40,8 +53,9 @@ class Variant:
             own and no value (its logits travel beside the variant).
         bias: whether an additive bias tensor is added to the scores (last, after ALiBi).
         mask_array: whether a boolean mask tensor hides keys (besides the mask kind).
-    The CPU path computes all of them; the CUDA kernels do not yet (`cuflash.api` refuses them
-    there, naming the argument).
+    The CPU path computes all of them; the CUDA kernels compute the softcap (its compile-time
+    kind is `score`) and not yet the others (`cuflash.api` refuses them there, naming the
+    argument).
 
     Build one with `Variant.of`, which normalises equal masks to one variant: a window of
     (-1, -1) is ``"none"`` and (-1, 0) is ``"causal"``, so they share kernels bit for bit.
@@ -83,6 +97,11 @@ class Variant:
     @property
     def cpp_mask(self) -> str:
         return _CPP_MASK[self.mask]
+
+    @property
+    def score(self) -> str:
+        """The compile-time score kind (a `SCORE_KINDS` name): what the kernels modify."""
+        return "softcap" if self.softcap else "none"
 
     def window_params(self, seqlen_q: int, seqlen_k: int) -> tuple[int, int]:
         """(window_left, window_right) for the parameter block: an unbounded side, and any

@@ -13,6 +13,7 @@
 // kernels ignore the tile ones and MaskKind (rendered as NoMask).
 #include "common.cuh"
 #include "mask.cuh"
+#include "score.cuh"
 #include "simt_common.cuh"
 #include "simt_softmax.cuh"
 
@@ -81,7 +82,7 @@ template <typename T, int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> st
 // Recomputes this thread's part of one (query tile, key tile) pair from the staged Q, dO, K, V,
 // lse (score units) and delta: on return `p` holds P = exp(scale * S - lse) and `ds` holds
 // dS = P * (dP - delta), both zero where the mask hides the key.
-template <typename Tr, typename MaskKind, typename T>
+template <typename Tr, typename MaskKind, typename ScoreKind, typename T>
 __device__ __forceinline__ void recompute_p_ds(T (&p)[Tr::kRows][Tr::kKeys],
                                                T (&ds)[Tr::kRows][Tr::kKeys], const T* sQ,
                                                const T* sDo, const T* sK, const T* sV,
@@ -95,11 +96,19 @@ __device__ __forceinline__ void recompute_p_ds(T (&p)[Tr::kRows][Tr::kKeys],
   gemm_nt<Tr::kRows, Tr::kKeys, Tr::kHeadDim, Tr::kRowThreads, Tr::kColThreads, Tr::kLdQKV,
           Tr::kLdQKV>(ds, sDo + trow * Tr::kLdQKV, sV + tcol * Tr::kLdQKV);
 
-  // -- p = exp(scale * s - lse), ds = p * (dp - delta); zero where the row does not see the key
-  // (keys past seqlen_k among them), on the tiles the mask's edges or the ragged end cut --
+  // -- p = exp(scale * score(s) - lse), ds = p * (dp - delta) * the score's slope (score.cuh);
+  // zero where the row does not see the key (keys past seqlen_k among them), on the tiles the
+  // mask's edges or the ragged end cut --
   const T scale = ScoreUnits<T>::scale(params);
   const Mask<MaskKind> mask(params);
+  const Score<ScoreKind, T> score(params);
   const bool partial = !mask.full(m0, m0 + Tr::kBlockM, n0, n0 + Tr::kBlockN);
+  if constexpr (ScoreKind::kModifies) {  // a pass of its own: fewer live values than in the loop
+#pragma unroll
+    for (int i = 0; i < Tr::kRows; ++i)
+#pragma unroll
+      for (int j = 0; j < Tr::kKeys; ++j) p[i][j] = score(p[i][j]);
+  }
 #pragma unroll
   for (int i = 0; i < Tr::kRows; ++i) {
     const int r = trow + i * Tr::kRowThreads;
@@ -111,8 +120,8 @@ __device__ __forceinline__ void recompute_p_ds(T (&p)[Tr::kRows][Tr::kKeys],
       const int key = n0 + tcol + j * Tr::kColThreads;
       const bool masked = partial && (key >= params.seqlen_k || mask.band_hides(row, key));
       const T prob = masked ? T(0) : ScoreUnits<T>::exp(madd(p[i][j], scale, -lse));
+      ds[i][j] = prob * (ds[i][j] - delta) * score.slope(p[i][j]);
       p[i][j] = prob;
-      ds[i][j] = prob * (ds[i][j] - delta);
     }
   }
 }
@@ -171,9 +180,11 @@ __device__ __forceinline__ void atomic_add_row(T* row, const T (&x)[kC * Pack<T>
 }
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
-          bool kAligned>
+          typename ScoreKind, bool kAligned>
 __global__ void __launch_bounds__(
-    kWarps * kWarpSize, (BwdSimtTraits<T, kHeadDim, kBlockM, kBlockN, kWarps>::kDkdvMinBlocksPerSm))
+    kWarps * kWarpSize,  // a score modification needs more registers than the budget allows
+    (ScoreKind::kModifies ? 1
+                          : BwdSimtTraits<T, kHeadDim, kBlockM, kBlockN, kWarps>::kDkdvMinBlocksPerSm))
     bwd_dkdv_simt(const BwdParams p) {
   using Tr = BwdSimtTraits<T, kHeadDim, kBlockM, kBlockN, kWarps>;
   extern __shared__ float4 smem_vec[];  // float4: 16-byte alignment for the Pack loads
@@ -247,7 +258,8 @@ __global__ void __launch_bounds__(
 
       T prob[Tr::kRows][Tr::kKeys];
       T ds[Tr::kRows][Tr::kKeys];
-      recompute_p_ds<Tr, MaskKind>(prob, ds, sQ, sDo, sK, sV, sLse, sDelta, m0, n0, trow, tcol, p);
+      recompute_p_ds<Tr, MaskKind, ScoreKind>(prob, ds, sQ, sDo, sK, sV, sLse, sDelta, m0, n0,
+                                              trow, tcol, p);
 #pragma unroll
       for (int i = 0; i < Tr::kRows; ++i) {
         const int r = trow + i * Tr::kRowThreads;
@@ -310,9 +322,11 @@ __global__ void __launch_bounds__(
 }
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
-          bool kAligned>
+          typename ScoreKind, bool kAligned>
 __global__ void __launch_bounds__(
-    kWarps * kWarpSize, (BwdSimtTraits<T, kHeadDim, kBlockM, kBlockN, kWarps>::kDqMinBlocksPerSm))
+    kWarps * kWarpSize,  // a score modification needs more registers than the budget allows
+    (ScoreKind::kModifies ? 1
+                          : BwdSimtTraits<T, kHeadDim, kBlockM, kBlockN, kWarps>::kDqMinBlocksPerSm))
     bwd_dq_simt(const BwdParams p) {
   using Tr = BwdSimtTraits<T, kHeadDim, kBlockM, kBlockN, kWarps>;
   extern __shared__ float4 smem_vec[];
@@ -377,7 +391,8 @@ __global__ void __launch_bounds__(
 
     T prob[Tr::kRows][Tr::kKeys];
     T ds[Tr::kRows][Tr::kKeys];
-    recompute_p_ds<Tr, MaskKind>(prob, ds, sQ, sDo, sK, sV, sLse, sDelta, m0, n0, trow, tcol, p);
+    recompute_p_ds<Tr, MaskKind, ScoreKind>(prob, ds, sQ, sDo, sK, sV, sLse, sDelta, m0, n0,
+                                              trow, tcol, p);
 #pragma unroll
     for (int i = 0; i < Tr::kRows; ++i) {
 #pragma unroll
@@ -413,7 +428,7 @@ __global__ void __launch_bounds__(
 // heads_q, batch). Memory-bound; generic in T (to_accum / from_accum) so every dtype can use them.
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
-          bool kAligned>
+          typename ScoreKind, bool kAligned>
 __global__ void __launch_bounds__(kWarps * kWarpSize) bwd_preprocess(const BwdParams p) {
   using Accum = typename AccumOf<T>::type;
   const int lane = threadIdx.x % kWarpSize;
@@ -455,7 +470,7 @@ __global__ void __launch_bounds__(kWarps * kWarpSize) bwd_preprocess(const BwdPa
 }
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
-          bool kAligned>
+          typename ScoreKind, bool kAligned>
 __global__ void __launch_bounds__(kWarps * kWarpSize) bwd_convert_dq(const BwdParams p) {
   using Accum = typename AccumOf<T>::type;
   const int lane = threadIdx.x % kWarpSize;

@@ -12,11 +12,13 @@
 //                        tiles in order and writes dq = sum dS K itself, no atomics.
 //   bwd_convert_dq_sm80  dq = dq_accum in the storage type.
 // All kernels take the same template parameters so one KernelSpec names any of them; the row-wise
-// kernels ignore kBlockN and MaskKind (rendered as NoMask).
+// kernels ignore kBlockN, MaskKind and ScoreKind (rendered as NoMask, NoScore). With a score
+// modification (score.cuh) S is modified before P is recomputed and dS is multiplied by its slope.
 #include "common.cuh"
 #include "load_tile_sm80.cuh"
 #include "mask.cuh"
 #include "mma_sm80.cuh"
+#include "score.cuh"
 
 namespace cuflash {
 
@@ -335,7 +337,7 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct BwdDkdv
 };
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
-          bool kAligned>
+          typename ScoreKind, bool kAligned>
 __global__ void __launch_bounds__(kWarps * kWarpSize, 1)
 bwd_dkdv_sm80(const __grid_constant__ BwdParams p) {
   typedef BwdDkdvSm80Traits<kHeadDim, kBlockM, kBlockN, kWarps> Tr;
@@ -359,6 +361,7 @@ bwd_dkdv_sm80(const __grid_constant__ BwdParams p) {
   // row, so the first sees key n0 and the last the block's last key. None (a key block no query
   // sees) leaves dK, dV zero, and the epilogue still writes them.
   const Mask<MaskKind> mask(p);
+  const Score<ScoreKind, T> score(p);
   const int m_tiles = ceil_div(p.seqlen_q, kBlockM);
   const int m_begin =
       Mask<MaskKind>::kRight ? min(m_tiles, max(0, mask.first_query(n0)) / kBlockM) : 0;
@@ -490,23 +493,35 @@ bwd_dkdv_sm80(const __grid_constant__ BwdParams p) {
       gemm_ss<T, Frag::kA, Frag::kB, Tr::kQKSteps>(dpt, key_frag, Tr::kVOffset, query_frag,
                                                    do_off + sub_off);
 
-      // -- P^T = exp2(S^T * scale_log2 - lse_log2) --
+      // -- P^T = exp2(S^T * scale_log2 - lse_log2); with a score modification (score.cuh) the
+      // modified S^T instead, and P^T with dS^T below (a register array of slopes would spill) --
       const float* lse2 = s_lse + buf * kBlockM + warp_q0 + col0 + 2 * t;
       const float* dlt = s_delta + buf * kBlockM + warp_q0 + col0 + 2 * t;
+      if constexpr (ScoreKind::kModifies) {
 #pragma unroll
-      for (int qt = 0; qt < kSubQTiles; ++qt) {
-        const float2 l = *reinterpret_cast<const float2*>(lse2 + qt * 8);
+        for (int kt = 0; kt < kKeyTiles; ++kt)
 #pragma unroll
-        for (int kt = 0; kt < kKeyTiles; ++kt) {
+          for (int qt = 0; qt < kSubQTiles; ++qt)
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            st[kt][qt][2 * h] = exp2_ftz(fmaf(st[kt][qt][2 * h], p.scale_log2, -l.x));
-            st[kt][qt][2 * h + 1] = exp2_ftz(fmaf(st[kt][qt][2 * h + 1], p.scale_log2, -l.y));
+            for (int e = 0; e < 4; ++e) st[kt][qt][e] = score(st[kt][qt][e]);
+      } else {
+#pragma unroll
+        for (int qt = 0; qt < kSubQTiles; ++qt) {
+          const float2 l = *reinterpret_cast<const float2*>(lse2 + qt * 8);
+#pragma unroll
+          for (int kt = 0; kt < kKeyTiles; ++kt) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              st[kt][qt][2 * h] = exp2_ftz(fmaf(st[kt][qt][2 * h], p.scale_log2, -l.x));
+              st[kt][qt][2 * h + 1] = exp2_ftz(fmaf(st[kt][qt][2 * h + 1], p.scale_log2, -l.y));
+            }
           }
         }
       }
-      // -- zero P^T where the query does not see the key, on the steps the mask or the ragged end
-      // cut: columns [first_col, end_col) of the step see the key, none past seqlen_k --
+      // -- zero P^T (or hide the modified S^T) where the query does not see the key, on the steps
+      // the mask or the ragged end cut: columns [first_col, end_col) of the step see the key,
+      // none past seqlen_k --
+      const float hidden = ScoreKind::kModifies ? neg_inf() : 0.f;
       if (masked) {
 #pragma unroll
         for (int kt = 0; kt < kKeyTiles; ++kt) {
@@ -525,13 +540,15 @@ bwd_dkdv_sm80(const __grid_constant__ BwdParams p) {
 #pragma unroll
               for (int e = 0; e < 2; ++e) {
                 const int c = qt * 8 + e;
-                if (c < first || (Mask<MaskKind>::kLeft && c >= end)) st[kt][qt][2 * h + e] = 0.f;
+                if (c < first || (Mask<MaskKind>::kLeft && c >= end)) {
+                  st[kt][qt][2 * h + e] = hidden;
+                }
               }
             }
           }
         }
       }
-      // -- dS^T = scale * P^T * (dP^T - delta) --
+      // -- dS^T = scale * P^T * (dP^T - delta) (times the score's slope) --
       // The softmax scale is folded in here (delta was stashed scaled): dK = dS^T Q and
       // dQ = dS K then need no scaling of their own, in the epilogue and before the atomics.
 #pragma unroll
@@ -539,11 +556,21 @@ bwd_dkdv_sm80(const __grid_constant__ BwdParams p) {
         const float2 d = *reinterpret_cast<const float2*>(dlt + qt * 8);
 #pragma unroll
         for (int kt = 0; kt < kKeyTiles; ++kt) {
+          if constexpr (ScoreKind::kModifies) {
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            float* x = dpt[kt][qt] + 2 * h;
-            x[0] = st[kt][qt][2 * h] * fmaf(x[0], scale, -d.x);
-            x[1] = st[kt][qt][2 * h + 1] * fmaf(x[1], scale, -d.y);
+            for (int e = 0; e < 4; ++e) {
+              const float modified = st[kt][qt][e];
+              st[kt][qt][e] = exp2_ftz(fmaf(modified, p.scale_log2, -lse2[qt * 8 + e % 2]));
+              float& x = dpt[kt][qt][e];
+              x = st[kt][qt][e] * fmaf(x, scale, -(e % 2 ? d.y : d.x)) * score.slope(modified);
+            }
+          } else {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              float* x = dpt[kt][qt] + 2 * h;
+              x[0] = st[kt][qt][2 * h] * fmaf(x[0], scale, -d.x);
+              x[1] = st[kt][qt][2 * h + 1] * fmaf(x[1], scale, -d.y);
+            }
           }
         }
       }
@@ -693,7 +720,7 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct BwdDqSm
 };
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
-          bool kAligned>
+          typename ScoreKind, bool kAligned>
 __global__ void __launch_bounds__(kWarps * kWarpSize)
 bwd_dq_sm80(const __grid_constant__ BwdParams p) {
   typedef BwdDqSm80Traits<kHeadDim, kBlockM, kBlockN, kWarps> Tr;
@@ -718,6 +745,7 @@ bwd_dq_sm80(const __grid_constant__ BwdParams p) {
   // the row, so the first row sees the lowest key and the last (up to seqlen_q) the highest. None
   // leaves dq zero.
   const Mask<MaskKind> mask(p);
+  const Score<ScoreKind, T> score(p);
   const int n_begin = mask.first_key(m0) / kBlockN;
   const int n_tiles =
       ceil_div(mask.end_key(min(m0 + kBlockM, p.seqlen_q) - 1), kBlockN) - n_begin;
@@ -798,9 +826,9 @@ bwd_dq_sm80(const __grid_constant__ BwdParams p) {
     gemm_ss<T, Frag::kA, Frag::kB, Tr::kQKSteps>(s, row_frag, Tr::kQOffset, key_frag, k_off);
     gemm_ss<T, Frag::kA, Frag::kB, Tr::kQKSteps>(dp, row_frag, Tr::kDoOffset, key_frag, v_off);
 
-    // -- P = exp2(S * scale_log2 - lse_log2), zero where the row does not see the key (only on
-    // the tiles the mask or the ragged end cut); dS = scale * P * (dP - delta), the softmax scale
-    // folded in as in bwd_dkdv_sm80 --
+    // -- P = exp2(score(S) * scale_log2 - lse_log2), zero where the row does not see the key
+    // (only on the tiles the mask or the ragged end cut); dS = scale * P * (dP - delta) * the
+    // score's slope, the softmax scale folded in as in bwd_dkdv_sm80 --
     const bool masked = n0 + kBlockN > p.seqlen_k || mask.cuts(m0, m0 + kBlockM, n0, n0 + kBlockN);
 #pragma unroll
     for (int r = 0; r < 2 * kMTiles; ++r) {
@@ -815,9 +843,11 @@ bwd_dq_sm80(const __grid_constant__ BwdParams p) {
         for (int e = 0; e < 2; ++e) {
           float& x = s[mt][nt][2 * h + e];
           const int c = nt * 8 + e;
-          x = exp2_ftz(fmaf(x, p.scale_log2, -row_lse2[r]));
+          const float modified = score(x);
+          x = exp2_ftz(fmaf(modified, p.scale_log2, -row_lse2[r]));
           if (masked && (c > last || (Mask<MaskKind>::kLeft && c < first))) x = 0.f;
-          dp[mt][nt][2 * h + e] = x * fmaf(dp[mt][nt][2 * h + e], scale, -row_delta[r]);
+          dp[mt][nt][2 * h + e] =
+              x * fmaf(dp[mt][nt][2 * h + e], scale, -row_delta[r]) * score.slope(modified);
         }
       }
     }
@@ -893,7 +923,7 @@ __device__ __forceinline__ void load_vec8(float (&x)[8], const T* row, int col, 
 }
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
-          bool kAligned>
+          typename ScoreKind, bool kAligned>
 __global__ void __launch_bounds__(kWarps * kWarpSize)
 bwd_preprocess_sm80(const __grid_constant__ BwdParams p) {
   typedef BwdRowSm80Traits<kHeadDim, kBlockM, kWarps> Tr;
@@ -941,7 +971,7 @@ bwd_preprocess_sm80(const __grid_constant__ BwdParams p) {
 }
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
-          bool kAligned>
+          typename ScoreKind, bool kAligned>
 __global__ void __launch_bounds__(kWarps * kWarpSize)
 bwd_convert_dq_sm80(const __grid_constant__ BwdParams p) {
   typedef BwdRowSm80Traits<kHeadDim, kBlockM, kWarps> Tr;

@@ -12,7 +12,8 @@
 //
 //   S^T  = K_c Q^T                wgmma SS (both K-major), 64 x kBlockM
 //   dP^T = V_c dO^T               wgmma SS
-//   P^T  = exp2(S^T * scale_log2 - lse_log2), masked;  dS^T = P^T * (scale dP^T - scale delta)
+//   P^T  = exp2(score(S^T) * scale_log2 - lse_log2), masked (score.cuh: the modification)
+//   dS^T = P^T * (scale dP^T - scale delta) * the score's slope
 //   dV_c += P^T dO                wgmma RS: P^T from the S^T accumulators, dO MN-major
 //   dK_c += dS^T Q                wgmma RS: the same with dS^T and Q
 //   dQ   += dS K                  (atomic mode) dS^T of both consumers goes to shared memory; each
@@ -34,6 +35,7 @@
 // are done with them, and the producer's warp 2 frees the slot when the reduction has read it.
 #include "common.cuh"
 #include "mask.cuh"
+#include "score.cuh"
 #include "tma_sm90.cuh"
 #include "wgmma_sm90.cuh"
 
@@ -116,7 +118,7 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct BwdSm90
 };
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
-          bool kAligned>
+          typename ScoreKind, bool kAligned>
 __global__ void __launch_bounds__(kWarps * kWarpSize, 1)
 bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMap tma_q,
               const __grid_constant__ TmaMap tma_k, const __grid_constant__ TmaMap tma_v,
@@ -154,6 +156,7 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
   // block's last key. None (the block lies left of every band): no step, and the epilogue writes
   // dK = dV = 0. (query_tiles() gives the same range; its code made the producer warps spill.)
   const Mask<MaskKind> mask(p);
+  const Score<ScoreKind, T> score(p);
   const int m_tiles = ceil_div(p.seqlen_q, kBlockM);
   const int m_begin =
       Mask<MaskKind>::kRight ? min(m_tiles, max(0, mask.first_query(n0)) / kBlockM) : 0;
@@ -313,23 +316,32 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
       issue_keys_by_queries(st, k_rows, q_smem(stage));
       issue_keys_by_queries(dpt, v_rows, do_smem(stage));
 
-      // -- P^T = exp2(S^T * scale_log2 - lse_log2) while dP^T runs --
+      // -- P^T = exp2(S^T * scale_log2 - lse_log2) while dP^T runs; with a score modification
+      // (score.cuh) the modified S^T instead, and P^T with dS^T below --
       wgmma_wait<1>();
       fence_operand(st);
       const float* lse2 = s_lse + stage * kBlockM + q_col0 + 2 * t;
       const float* dlt = s_delta + stage * kBlockM + q_col0 + 2 * t;
+      if constexpr (ScoreKind::kModifies) {
 #pragma unroll
-      for (int j = 0; j < kQTiles; ++j) {
-        const float2 l = *reinterpret_cast<const float2*>(lse2 + j * 8);
+        for (int j = 0; j < kQTiles; ++j)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          st[j][2 * h] = exp2_ftz(fmaf(st[j][2 * h], p.scale_log2, -l.x));
-          st[j][2 * h + 1] = exp2_ftz(fmaf(st[j][2 * h + 1], p.scale_log2, -l.y));
+          for (int e = 0; e < 4; ++e) st[j][e] = score(st[j][e]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < kQTiles; ++j) {
+          const float2 l = *reinterpret_cast<const float2*>(lse2 + j * 8);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            st[j][2 * h] = exp2_ftz(fmaf(st[j][2 * h], p.scale_log2, -l.x));
+            st[j][2 * h + 1] = exp2_ftz(fmaf(st[j][2 * h + 1], p.scale_log2, -l.y));
+          }
         }
       }
-      // Zero P^T where the query does not see the key: key j (< seqlen_k) is seen by columns
-      // [first_query(j), end_query(j)) - row0, none past seqlen_k. Only steps the band's edges
-      // or the ragged end cut pay.
+      const float hidden = ScoreKind::kModifies ? neg_inf() : 0.f;
+      // Zero P^T (or hide the modified S^T) where the query does not see the key: key j
+      // (< seqlen_k) is seen by columns [first_query(j), end_query(j)) - row0, none past
+      // seqlen_k. Only steps the band's edges or the ragged end cut pay.
       if (ragged_keys || mask.cuts(row0, row0 + kBlockM, n0, n0 + kBlockN)) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -345,21 +357,30 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               const int c = j * 8 + e;
-              if (c < first || (Mask<MaskKind>::kLeft && c >= end)) st[j][2 * h + e] = 0.f;
+              if (c < first || (Mask<MaskKind>::kLeft && c >= end)) st[j][2 * h + e] = hidden;
             }
         }
       }
-      // -- dS^T = P^T * (scale dP^T - scale delta): the softmax scale rides on dS, so dK and dQ
-      // come out scaled --
+      // -- dS^T = P^T * (scale dP^T - scale delta) (times the score's slope): the softmax scale
+      // rides on dS, so dK and dQ come out scaled --
       wgmma_wait<0>();
       fence_operand(dpt);
 #pragma unroll
       for (int j = 0; j < kQTiles; ++j) {
         const float2 d = *reinterpret_cast<const float2*>(dlt + j * 8);
+        if constexpr (ScoreKind::kModifies) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          dpt[j][2 * h] = st[j][2 * h] * fmaf(dpt[j][2 * h], scale, -d.x);
-          dpt[j][2 * h + 1] = st[j][2 * h + 1] * fmaf(dpt[j][2 * h + 1], scale, -d.y);
+          for (int e = 0; e < 4; ++e) {
+            const float x = st[j][e], l = lse2[j * 8 + e % 2];
+            st[j][e] = exp2_ftz(fmaf(x, p.scale_log2, -l));
+            dpt[j][e] = st[j][e] * fmaf(dpt[j][e], scale, -(e % 2 ? d.y : d.x)) * score.slope(x);
+          }
+        } else {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            dpt[j][2 * h] = st[j][2 * h] * fmaf(dpt[j][2 * h], scale, -d.x);
+            dpt[j][2 * h + 1] = st[j][2 * h + 1] * fmaf(dpt[j][2 * h + 1], scale, -d.y);
+          }
         }
       }
       // P^T and dS^T packed: the register A operands (k16 step ks = queries 16ks..16ks+15).

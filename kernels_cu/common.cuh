@@ -50,6 +50,7 @@ struct FwdParams {
   int head_dim;       // the true head dim; kernels are compiled for a width >= head_dim
   int window_left;    // WindowMask's band (mask.cuh), each in [0, seqlen_q + seqlen_k]; else unused
   int window_right;
+  double softcap;     // Softcap's cap (score.cuh), > 0; else unused
 };
 
 // Parameters of the backward kernels (same conventions). `Accum` below is float for fp16/bf16/fp32
@@ -93,6 +94,7 @@ struct BwdParams {
   int deterministic;      // 1: dq by its own kernel in a fixed order instead of atomics
   int window_left;        // as in FwdParams
   int window_right;
+  double softcap;
 };
 
 #ifdef CUFLASH_FWD_PARAMS_SIZE

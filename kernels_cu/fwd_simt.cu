@@ -2,11 +2,13 @@
 // accuracy, FlashAttention-2's loop with SIMT-GEMM register tiling. See NOTES_simt.md.
 //
 // One block owns kBlockM query rows of one (batch, head) and walks the key tiles:
-//   S = Q K^T (registers) -> mask -> online softmax -> P (shared) -> O += P V (registers).
+//   S = Q K^T (registers) -> score modification -> mask -> online softmax -> P (shared)
+//   -> O += P V (registers).
 // cp.async streams V under S = Q K^T and the next K under O += P V.
 #include "common.cuh"
 #include "mask.cuh"
 #include "nonfinite.cuh"
+#include "score.cuh"
 #include "simt_common.cuh"
 #include "simt_softmax.cuh"
 
@@ -58,7 +60,7 @@ template <typename T, int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> st
 };
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
-          bool kAligned>
+          typename ScoreKind, bool kAligned>
 __global__ void __launch_bounds__(
     kWarps * kWarpSize, (FwdSimtTraits<T, kHeadDim, kBlockM, kBlockN, kWarps>::kMinBlocksPerSm))
     fwd_simt(const FwdParams p) {
@@ -92,6 +94,7 @@ __global__ void __launch_bounds__(
   // row sees nothing, or seqlen_k == 0) skips the loop and leaves output 0, lse -inf. No left
   // edge: the walk starts at the constant 0, as before the mask kinds.
   const Mask<MaskKind> mask(p);
+  const Score<ScoreKind, T> score(p);
   const Span block_keys = mask.keys(row0, row0 + rows);
   const int n_begin = Mask<MaskKind>::kLeft ? block_keys.begin / kBlockN : 0;
   const int n_end = ceil_div(block_keys.end, kBlockN);
@@ -126,9 +129,15 @@ __global__ void __launch_bounds__(
     gemm_nt<Tr::kRows, Tr::kKeys, kHeadDim, Tr::kRowThreads, Tr::kColThreads, Tr::kLdQKV,
             Tr::kLdQKV>(s, sQ + trow * Tr::kLdQKV, sK + tcol * Tr::kLdQKV);
 
-    // -- scale and mask the keys a row does not see (keys past seqlen_k, zero-filled rows of K,
-    // among them), on the tiles the mask's edges or the ragged end cut --
+    // -- modify (score.cuh), scale and mask the keys a row does not see (keys past seqlen_k,
+    // zero-filled rows of K, among them), on the tiles the mask's edges or the ragged end cut --
     const bool partial = keys < kBlockN || mask.cuts(row0, row0 + rows, n0, n0 + kBlockN);
+    if constexpr (ScoreKind::kModifies) {
+#pragma unroll
+      for (int i = 0; i < Tr::kRows; ++i)
+#pragma unroll
+        for (int j = 0; j < Tr::kKeys; ++j) s[i][j] = score(s[i][j]);
+    }
 #pragma unroll
     for (int i = 0; i < Tr::kRows; ++i) {
       const int row = row0 + trow + i * Tr::kRowThreads;
@@ -199,13 +208,14 @@ __global__ void __launch_bounds__(
     if (__syncthreads_or(nonfinite.any())) {  // the block's stores are visible after it
       // (all from p and the block index again: nothing more lives through the loop)
       const Mask<MaskKind> m(p);
+      const Score<ScoreKind, T> modified(p);
       const int first = blockIdx.x * kBlockM, last = min(first + kBlockM, p.seqlen_q);
       const Span keys = m.keys(first, first + kBlockM);
       const Span walked = {Mask<MaskKind>::kLeft ? keys.begin / kBlockN * kBlockN : 0,
                            min(p.seqlen_k, ceil_div(keys.end, kBlockN) * kBlockN)};
 #pragma unroll 1
       for (int r = first + threadIdx.x / kWarpSize; r < last; r += kWarps) {
-        repair_row<T, kHeadDim>(p, m, blockIdx.z, blockIdx.y, r, walked,
+        repair_row<T, kHeadDim>(p, m, modified, blockIdx.z, blockIdx.y, r, walked,
                                 threadIdx.x % kWarpSize);
       }
     }

@@ -12,6 +12,7 @@
 #include "mask.cuh"
 #include "mma_sm80.cuh"
 #include "nonfinite.cuh"
+#include "score.cuh"
 #include "softmax.cuh"
 
 namespace cuflash {
@@ -42,7 +43,7 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct FwdSm80
 };
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
-          bool kAligned>
+          typename ScoreKind, bool kAligned>
 __global__ void __launch_bounds__(kWarps * kWarpSize)
 fwd_sm80(const __grid_constant__ FwdParams p) {
   typedef FwdSm80Traits<kHeadDim, kBlockM, kBlockN, kWarps> Tr;
@@ -65,6 +66,7 @@ fwd_sm80(const __grid_constant__ FwdParams p) {
   // Without a left edge the walk ends at the constant 0, and n_end is keys_end(): dense and
   // causal code stays as it was before the mask kinds.
   const Mask<MaskKind> mask(p);
+  const Score<ScoreKind, T> score(p);
   const int row0 = m_block * kBlockM;
   const int n_begin =
       Mask<MaskKind>::kLeft ? mask.keys(row0, row0 + kBlockM).begin / kBlockN : 0;
@@ -139,7 +141,16 @@ fwd_sm80(const __grid_constant__ FwdParams p) {
       }
     }
 
-    // -- mask the keys a row does not see, on the tiles the ragged end or the mask's edges cut --
+    // -- the score modification (score.cuh), then mask the keys a row does not see, on the
+    // tiles the ragged end or the mask's edges cut --
+    if constexpr (ScoreKind::kModifies) {
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mt][nt][e] = score(s[mt][nt][e]);
+    }
     if (col0 + kBlockN > p.seqlen_k || mask.cuts(row0, row0 + kBlockM, col0, col0 + kBlockN)) {
 #pragma unroll
       for (int r = 0; r < 2 * kMTiles; ++r) {
@@ -248,7 +259,7 @@ fwd_sm80(const __grid_constant__ FwdParams p) {
       const Span walked = {n_begin * kBlockN, min(p.seqlen_k, n_end * kBlockN)};
 #pragma unroll 1
       for (int r = row0 + warp; r < min(row0 + kBlockM, p.seqlen_q); r += kWarps) {
-        repair_row<T, kHeadDim>(p, mask, batch, head, r, walked, lane);
+        repair_row<T, kHeadDim>(p, mask, score, batch, head, r, walked, lane);
       }
     }
   }

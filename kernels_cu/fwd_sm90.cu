@@ -24,6 +24,7 @@
 #include "common.cuh"
 #include "mask.cuh"
 #include "nonfinite.cuh"
+#include "score.cuh"
 #include "mma_sm80.cuh"
 #include "softmax.cuh"
 #include "tma_sm90.cuh"
@@ -259,7 +260,7 @@ template <int kBlockM> struct FwdSm90Schedule<kBlockM, true, true> {
 };
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
-          bool kAligned>
+          typename ScoreKind, bool kAligned>
 __global__ void __launch_bounds__(kWarps * kWarpSize, 1)
 fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma_q,
          const __grid_constant__ TmaMap tma_k, const __grid_constant__ TmaMap tma_v,
@@ -284,6 +285,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
 
   typedef Mask<MaskKind> M;
   const M mask(p);
+  const Score<ScoreKind, T> score(p);
   // A right edge without a left one (causal): a query tile's cost grows with m_block, and the
   // schedule pairs long tiles with short ones (_launch_sm90.pairs_tiles).
   constexpr bool kPairs = M::kRight && !M::kLeft;
@@ -454,9 +456,16 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       }
       wgmma_commit();
     };
-    // Hides the keys of key tile `n_block` that this warp's rows of the query tile at row0 do not
-    // see (the mask's edges, the ragged end), on the tiles where some row misses some key.
+    // Applies the score modification (score.cuh) to key tile `n_block`, then hides the keys that
+    // this warp's rows of the query tile at row0 do not see (the mask's edges, the ragged end),
+    // on the tiles where some row misses some key.
     auto apply_mask = [&](float (&s)[1][kNTiles][4], int row0, int n_block) {
+      if constexpr (ScoreKind::kModifies) {
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[0][nt][e] = score(s[0][nt][e]);
+      }
       const int col0 = n_block * kBlockN;
       const bool ragged = col0 + kBlockN > p.seqlen_k;
       const bool cut = mask.cuts(row0 + rows_before, row0 + rows_before + 16, col0, col0 + kBlockN);
@@ -839,7 +848,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
           const Span walked = {tiles.begin * kBlockN, min(p.seqlen_k, tiles.end * kBlockN)};
 #pragma unroll 1
           for (int r = row0 + rows_before; r < min(row0 + rows_before + 16, p.seqlen_q); ++r) {
-            repair_row<T, kHeadDim>(p, mask, batch, head, r, walked, lane);
+            repair_row<T, kHeadDim>(p, mask, score, batch, head, r, walked, lane);
           }
         });
       }

@@ -12,6 +12,7 @@
 
 #include "common.cuh"
 #include "mask.cuh"
+#include "score.cuh"
 
 namespace cuflash {
 
@@ -60,9 +61,10 @@ template <typename A> __device__ __forceinline__ A warp_sum(A x) {
 
 // Row `row` (< seqlen_q) of (batch, head), by one whole warp, after the kernel's stores of that
 // row are visible to it. `walked`: the keys (< seqlen_k) of the key tiles the row's tile visited.
-template <typename T, int kHeadDim, typename MaskKind>
+template <typename T, int kHeadDim, typename MaskKind, typename ScoreKind>
 __device__ __forceinline__ void repair_row(const FwdParams& p, const Mask<MaskKind>& mask,
-                                           int batch, int head, int row, Span walked, int lane) {
+                                           const Score<ScoreKind, T>& score, int batch, int head,
+                                           int row, Span walked, int lane) {
   typedef typename AccumOf<T>::type A;
   constexpr int kCols = ceil_div(kHeadDim, kWarpSize);  // columns lane + 32 c of each lane
   const int kv_head = head / p.group;
@@ -108,8 +110,9 @@ __device__ __forceinline__ void repair_row(const FwdParams& p, const Mask<MaskKi
   }
   if (!leaked) return;  // every NaN came from what the row sees
 
-  // out[row, d] = sum over the keys j the row sees of softmax(scale q.k)_j v[j, d], in one pass
-  // with a running max, in Accum; a NaN score makes the row NaN (it already is: not rewritten).
+  // out[row, d] = sum over the keys j the row sees of softmax(scale score(q.k))_j v[j, d], in one
+  // pass with a running max, in Accum; a NaN score makes the row NaN (it already is: not
+  // rewritten).
   const A scale = static_cast<A>(p.scale);
   A m, l = A(0), acc[kCols];
   minus_infinity(m);
@@ -128,7 +131,7 @@ __device__ __forceinline__ void repair_row(const FwdParams& p, const Mask<MaskKi
         dot += widen(q[d]) * widen(*at);  // q re-read (L1): no registers held for it
       }
     }
-    const A s = warp_sum(dot) * scale;
+    const A s = score(warp_sum(dot)) * scale;
     if (s != s) return;
     const A m_new = max_of(m, s);
     const A alpha = exp_of(m - m_new), pj = exp_of(s - m_new);

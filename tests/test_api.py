@@ -469,12 +469,16 @@ def test_hopper_tma_kernels_qualify_on_the_same_conditions(monkeypatch):
     monkeypatch.setattr(_launch_sm90, "_driver", lambda: None)
     assert "cuda.bindings is not installed" in reason(90, "float16", 64, 256, arrays)
 
-    # The backward adds its own two conditions, then defers to the shared ones.
+    # The backward adds its own conditions, then defers to the shared ones.
     monkeypatch.setattr(_launch_sm90, "_driver", lambda: object())
     assert _launch_bwd._sm90_reason("float16", 64, True, 90, arrays) is None
     assert _launch_bwd._sm90_reason("float16", 64, False, 90, arrays) == \
         "an operand is not 16-byte aligned"
     assert _launch_bwd._sm90_reason("float16", 320, True, 90, arrays) == "head dim 320 > 256"
+    # a softcap: only at the widths whose Hopper kernel takes one (D 64 spills)
+    assert _launch_bwd._sm90_reason("float16", 64, True, 90, arrays, "softcap") == \
+        "a softcap at head dim 64 (the Hopper dK/dV kernel spills with one)"
+    assert _launch_bwd._sm90_reason("float16", 100, True, 90, arrays, "softcap") is None
     monkeypatch.setenv("CUFLASH_FORCE_SM80", "1")
     assert _launch_bwd._sm90_reason("float16", 64, True, 90, arrays) == \
         "CUFLASH_FORCE_SM80 is set"

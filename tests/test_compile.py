@@ -33,14 +33,14 @@ MAX_REGISTERS = 255
 KNOWN_SPILLS = {
     (arch, f"cuflash::bwd_dkdv_sm80<cuflash::{dtype}, {shape}>")
     for dtype in ("f16", "bf16")
-    for arch, shape in (("sm_90a", "128, 64, 128, 8, cuflash::NoMask, true"),
-                        ("sm_90a", "256, 64, 64, 8, cuflash::NoMask, true"),
-                        ("sm_80", "256, 64, 64, 8, cuflash::CausalMask, true"),
-                        ("sm_90a", "256, 64, 64, 8, cuflash::CausalMask, true"),
+    for arch, shape in (("sm_90a", "128, 64, 128, 8, cuflash::NoMask, cuflash::NoScore, true"),
+                        ("sm_90a", "256, 64, 64, 8, cuflash::NoMask, cuflash::NoScore, true"),
+                        ("sm_80", "256, 64, 64, 8, cuflash::CausalMask, cuflash::NoScore, true"),
+                        ("sm_90a", "256, 64, 64, 8, cuflash::CausalMask, cuflash::NoScore, true"),
                         # The window's left edge is one more live value in a kernel at 255
                         # registers; on H100 it runs only where TMA cannot (bwd_dkdv_sm90 else).
-                        ("sm_90a", "256, 64, 64, 8, cuflash::WindowMask, true"),
-                        ("sm_90a", "256, 64, 64, 8, cuflash::WindowMask, false"))
+                        ("sm_90a", "256, 64, 64, 8, cuflash::WindowMask, cuflash::NoScore, true"),
+                        ("sm_90a", "256, 64, 64, 8, cuflash::WindowMask, cuflash::NoScore, false"))
 }
 
 
@@ -58,7 +58,7 @@ FLOOR_CASES = CASES + [("sm_90a", spec) for spec in HOPPER_SPECS]
 # lse/delta warp (kernel_notes_bwd_sm90.md: removing them reordered the consumers). Exact: a
 # fix, or a new spill, fails the test until this set is brought up to date.
 FLOOR_HOPPER_SPILLS = {
-    f"cuflash::bwd_dkdv_sm90<cuflash::{dtype}, {shape}, true>"
+    f"cuflash::bwd_dkdv_sm90<cuflash::{dtype}, {shape}, cuflash::NoScore, true>"
     for dtype in ("f16", "bf16")
     for shape in ("64, 128, 128, 12, cuflash::NoMask", "64, 128, 128, 12, cuflash::CausalMask",
                   "64, 128, 128, 12, cuflash::WindowMask", "256, 64, 64, 12, cuflash::NoMask")
