@@ -53,9 +53,9 @@ class Variant:
             own and no value (its logits travel beside the variant).
         bias: whether an additive bias tensor is added to the scores (last, after ALiBi).
         mask_array: whether a boolean mask tensor hides keys (besides the mask kind).
-    The CPU path computes all of them; the CUDA kernels compute the softcap (its compile-time
-    kind is `score`) and not yet the others (`cuflash.api` refuses them there, naming the
-    argument).
+    The CPU path computes all of them. The CUDA kernels carry the softcap (its compile-time kind
+    is `score`) but `cuflash.api` refuses it on CUDA until its GPU tests have run, and refuses
+    the others there too, naming the argument.
 
     Build one with `Variant.of`, which normalises equal masks to one variant: a window of
     (-1, -1) is ``"none"`` and (-1, 0) is ``"causal"``, so they share kernels bit for bit.
