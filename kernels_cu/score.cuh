@@ -35,11 +35,7 @@ template <typename T> __device__ __forceinline__ float tanh_for(float x) {
   return y;
 }
 template <> __device__ __forceinline__ float tanh_for<float>(float x) { return tanhf(x); }
-// (fp64: from expm1, which needs fewer registers than libdevice's tanh; |x| >= 20 rounds to +-1)
-template <typename T> __device__ __forceinline__ double tanh_for(double x) {
-  const double e = expm1(2.0 * fmin(fmax(x, -20.0), 20.0));
-  return e / (e + 2.0);
-}
+template <typename T> __device__ __forceinline__ double tanh_for(double x) { return tanh(x); }
 
 // The modification of kind `Kind` for inputs of type T, on scores of type A (float, or double for
 // fp64 inputs). Built once per kernel from the parameter block.
