@@ -42,14 +42,12 @@ template <typename T> __device__ __forceinline__ double tanh_for(double x) { ret
 template <typename Kind, typename T, typename A = typename AccumOf<T>::type> struct Score;
 
 template <typename T, typename A> struct Score<NoScore, T, A> {
-  static constexpr bool kModifies = false;
   template <typename Params> __device__ __forceinline__ explicit Score(const Params&) {}
   __device__ __forceinline__ A operator()(A s) const { return s; }
   __device__ __forceinline__ A slope(A) const { return A(1); }
 };
 
 template <typename T, typename A> struct Score<Softcap, T, A> {
-  static constexpr bool kModifies = true;
   A inner;  // scale / cap: the raw score's argument of tanh
   A outer;  // cap / scale: tanh back in raw units
   template <typename Params>
