@@ -8,10 +8,11 @@ zigzag order (`zigzag_split`): rank r holds chunks r and 2W - 1 - r of 2W equal 
 every rank sees as many (query, key) pairs as every other; a pair is then either wholly visible,
 the causal diagonal, or skipped.
 
-The backward sends the keys and values around again, with their dK and dV travelling beside
-them and accumulating (in float32, float64 for float64 inputs); after a full turn each block's
-gradients are back at its owner. A pair's gradients come from cuflash's backward of that pair
-alone, given ``w * dout`` with ``w = exp(lse_pair - lse)`` per query row and the merged ``out``:
+The backward sends the keys and values around again (the next block in flight while this one's
+gradients are computed), with their dK and dV following them and accumulating (in float32,
+float64 for float64 inputs); after a full turn each block's gradients are back at its owner. A
+pair's gradients come from cuflash's backward of that pair alone, given ``w * dout`` with
+``w = exp(lse_pair - lse)`` per query row and the merged ``out``:
 then its ``P (dP - delta)`` is the merged softmax's, so no kernel needs the merged statistics.
 
 Public home: ``cuflash.ring_torch`` (`cuflash.torch` does not re-export it: that import would
@@ -133,11 +134,14 @@ class _Ring(torch.autograd.Function):
         row_lses = lse.chunk(ring.chunks, dim=-1)
         acc = ring.accum_dtype
         dq = [torch.zeros_like(x, dtype=acc) for x in qs]
-        travelling = (k, v, torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc))
+        kb, vb = k, v
+        dkb, dvb = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
         pair_lses = iter(ctx.pair_lses)
         for step in range(ring.world):
             owner = (ring.rank - step) % ring.world
-            kb, vb, dkb, dvb = travelling
+            # K and V do not change: the next ones travel while this block's gradients are
+            # computed; its dK and dV follow once they hold this rank's share.
+            next_kv = ring.pass_on((kb, vb)) if step + 1 < ring.world else None
             kc, vc = ring.split(kb), ring.split(vb)
             dkc, dvc = ring.split(dkb), ring.split(dvb)  # views: add_ writes the travelling block
             for i, j in ring.pairs(owner):
@@ -149,8 +153,11 @@ class _Ring(torch.autograd.Function):
                 dq[i] += grads[0].to(acc)
                 dkc[j].add_(grads[1].to(acc))
                 dvc[j].add_(grads[2].to(acc))
-            travelling = ring.received(ring.pass_on((kb, vb, dkb, dvb)))
-        _, _, dk, dv = travelling  # after a full turn: this rank's own block, all its gradient
+            dkb, dvb = ring.received(ring.pass_on((dkb, dvb)))
+            if next_kv is not None:
+                kb, vb = ring.received(next_kv)
+        # after a full turn dK, dV are this rank's own block's, with every rank's share
+        dk, dv = dkb, dvb
         return (ring.join([x.to(q.dtype) for x in dq]), dk.to(k.dtype), dv.to(v.dtype),
                 None, None, None, None)
 
