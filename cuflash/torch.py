@@ -29,15 +29,21 @@ torch.compile (``fullgraph=True``, static and dynamic shapes):
 - :func:`cuflash.attention` compiles too: under tracing it validates (plain Python on shapes and
   dtypes, folded to constants and guards) and routes to the same op, with or without grad.
   ``out=`` is not supported under torch.compile.
+
+Context parallelism: :func:`ring_attention` computes attention over a sequence sharded along S
+across the ranks of a ``torch.distributed`` group (NCCL for CUDA tensors, gloo for CPU ones),
+with :func:`zigzag_split` / :func:`zigzag_merge` for the causal load-balanced order.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from cuflash import _checks, _variant, api
 
-__all__ = ["attention", "attention_bwd", "attention_fwd"]
+__all__ = ["attention", "attention_bwd", "attention_fwd", "ring_attention", "zigzag_merge",
+           "zigzag_split"]
 
 Tensor = torch.Tensor
 
@@ -216,3 +222,223 @@ def _backward(ctx, dout, _dlse):
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- ring attention: a sequence sharded across the ranks of a torch.distributed group -----------
+#
+# Each rank keeps its queries and passes its keys and values around the ring (point-to-point
+# sends to the next rank, receives from the previous one, the next block in flight while this one
+# is computed). Every (query chunk, key chunk) pair is one cuflash call with ``return_lse``; the
+# partial results merge exactly by their log-sum-exp. With ``causal`` the sequence is split in the
+# zigzag order (`zigzag_split`): rank r holds chunks r and 2W - 1 - r of 2W equal chunks, so that
+# every rank sees as many (query, key) pairs as every other; a pair is then either wholly visible,
+# the causal diagonal, or skipped.
+#
+# The backward sends the keys and values around again (the next block in flight while this one's
+# gradients are computed), with their dK and dV following them and accumulating (in float32,
+# float64 for float64 inputs); after a full turn each block's gradients are back at its owner. A
+# pair's gradients come from cuflash's backward of that pair alone, given ``w * dout`` with
+# ``w = exp(lse_pair - lse)`` per query row and the merged ``out``: then its ``P (dP - delta)``
+# is the merged softmax's, so no kernel needs the merged statistics.
+#
+# The merge reads cuflash's lse, which is float32 for every input dtype: float64 results agree
+# with one-process attention to about 1e-7 relative, not to float64's precision.
+
+
+def zigzag_split(x: torch.Tensor, world: int, *, dim: int = 1) -> list[torch.Tensor]:
+    """`x` cut along `dim` into `world` shards in the zigzag order: 2 * world equal chunks, shard
+    r = chunks r and 2 * world - 1 - r (views concatenated, so new tensors). The sequence length
+    must be a multiple of 2 * world."""
+    if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+        raise ValueError(f"world: expected an int >= 1, got {world!r}")
+    length = x.shape[dim]
+    if length % (2 * world):
+        raise ValueError(f"x: the sequence axis (dim {dim}) has {length} positions, not a "
+                         f"multiple of 2 * world = {2 * world}")
+    chunks = x.chunk(2 * world, dim=dim)
+    return [torch.cat((chunks[r], chunks[2 * world - 1 - r]), dim=dim) for r in range(world)]
+
+
+def zigzag_merge(shards: list[torch.Tensor], *, dim: int = 1) -> torch.Tensor:
+    """The inverse of `zigzag_split`: the whole sequence from its `world` shards, in order."""
+    world = len(shards)
+    if world < 1:
+        raise ValueError("shards: expected at least one shard")
+    halves = [s.chunk(2, dim=dim) for s in shards]
+    ordered = [halves[r][0] for r in range(world)] + [halves[r][1] for r in reversed(range(world))]
+    return torch.cat(ordered, dim=dim)
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
+                   causal: bool = False, window=None, scale: float | None = None,
+                   layout: str = "bshd") -> torch.Tensor:
+    """Attention of this rank's queries over the keys of every rank of `group`.
+
+    Args:
+        q, k, v: this rank's shard of the sequence, 4-D in `layout` (``"bshd"`` or ``"bhsd"``),
+            every rank the same shape; GQA as for `cuflash.attention`. With `causal` the shards
+            must be in the zigzag order (`zigzag_split`) and their length even; without it any
+            split works (contiguous shards, in rank order or not).
+        group: the ``torch.distributed`` process group (None: the default one).
+        causal: causal attention over the whole sequence (positions in the zigzag order).
+        window: not supported yet (raises NotImplementedError unless None).
+        scale: softmax scale; defaults to ``1 / sqrt(D)``.
+        layout: axis order of q, k, v and the output.
+
+    Returns:
+        This rank's output, shaped like `q`; differentiable (autograd sends dK and dV around the
+        ring back to their owners).
+    """
+    if window is not None:
+        raise NotImplementedError("window: ring_attention does not take a sliding window yet "
+                                  f"(got {window!r}); use causal or no mask")
+    _checks.check_flag("causal", causal)
+    if not isinstance(layout, str) or layout not in api.LAYOUTS:
+        raise ValueError(f"layout: expected one of {api.LAYOUTS}, got {layout!r}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D torch.Tensor in layout {layout!r}, got "
+                             f"{type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))}")
+    seq = 1 if layout == "bshd" else 2
+    if k.shape[seq] != q.shape[seq]:
+        raise ValueError(f"k: expected this rank's shard as long as q's ({q.shape[seq]}), got "
+                         f"{k.shape[seq]}")
+    if causal and q.shape[seq] % 2:
+        raise ValueError(f"q: with causal the shard holds two zigzag chunks, so its length must "
+                         f"be even, got {q.shape[seq]}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return _Ring.apply(q, k, v, group, bool(causal), float(scale), layout)
+
+
+class _Ring(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, causal, scale, layout):
+        ring = _Geometry(q, group, causal, layout)
+        q, k, v = (x.detach().contiguous() for x in (q, k, v))
+        outs, lses = [None] * ring.chunks, [None] * ring.chunks
+        pair_lses = []
+        blocks = (k, v)
+        for step in range(ring.world):
+            owner = (ring.rank - step) % ring.world
+            pending = ring.pass_on(blocks) if step + 1 < ring.world else None
+            kc, vc = (ring.split(x) for x in blocks)
+            for i, j in ring.pairs(owner):
+                out, lse = api.attention(ring.split(q)[i], kc[j], vc[j], causal=ring.diagonal(
+                    owner, i, j), scale=scale, layout=layout, return_lse=True)
+                pair_lses.append(lse)
+                outs[i], lses[i] = ring.merge(outs[i], lses[i], out, lse)
+            if pending is not None:
+                blocks = ring.received(pending)
+        out = ring.join([o.to(q.dtype) for o in outs])
+        lse = torch.cat(lses, dim=-1)
+        ctx.ring, ctx.scale, ctx.pair_lses = ring, scale, pair_lses
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        ring, scale = ctx.ring, ctx.scale
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = dout.contiguous()
+        qs, outs, douts = ring.split(q), ring.split(out), ring.split(dout)
+        row_lses = lse.chunk(ring.chunks, dim=-1)
+        acc = ring.accum_dtype
+        dq = [torch.zeros_like(x, dtype=acc) for x in qs]
+        kb, vb = k, v
+        dkb, dvb = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
+        pair_lses = iter(ctx.pair_lses)
+        for step in range(ring.world):
+            owner = (ring.rank - step) % ring.world
+            # K and V do not change: the next ones travel while this block's gradients are
+            # computed; its dK and dV follow once they hold this rank's share.
+            next_kv = ring.pass_on((kb, vb)) if step + 1 < ring.world else None
+            kc, vc = ring.split(kb), ring.split(vb)
+            dkc, dvc = ring.split(dkb), ring.split(dvb)  # views: add_ writes the travelling block
+            for i, j in ring.pairs(owner):
+                pair_lse = next(pair_lses)
+                weight = ring.row_weight(torch.exp(pair_lse.double() - row_lses[i].double()))
+                grads = api.attention_backward(
+                    (douts[i].to(acc) * weight).to(q.dtype), qs[i], kc[j], vc[j], outs[i],
+                    pair_lse, causal=ring.diagonal(owner, i, j), scale=scale, layout=ring.layout)
+                dq[i] += grads[0].to(acc)
+                dkc[j].add_(grads[1].to(acc))
+                dvc[j].add_(grads[2].to(acc))
+            if ring.world > 1:
+                dkb, dvb = ring.received(ring.pass_on((dkb, dvb)))
+            if next_kv is not None:
+                kb, vb = ring.received(next_kv)
+        # after a full turn dK, dV are this rank's own block's, with every rank's share
+        dk, dv = dkb, dvb
+        return (ring.join([x.to(q.dtype) for x in dq]), dk.to(k.dtype), dv.to(v.dtype),
+                None, None, None, None)
+
+
+class _Geometry:
+    """Where this rank is in the ring and how its shard splits into chunks."""
+
+    def __init__(self, q: torch.Tensor, group, causal: bool, layout: str):
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.causal, self.layout = causal, layout
+        self.seq = 1 if layout == "bshd" else 2
+        self.chunks = 2 if causal else 1
+        self.accum_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    def chunk_ids(self, rank: int) -> tuple[int, ...]:
+        """Global chunk indices rank `rank` holds (in the causal zigzag order)."""
+        return (rank, 2 * self.world - 1 - rank) if self.causal else (rank,)
+
+    def pairs(self, owner: int):
+        """(query chunk, key chunk) positions of this rank's queries and `owner`'s keys that
+        some query sees."""
+        mine, theirs = self.chunk_ids(self.rank), self.chunk_ids(owner)
+        for i, qi in enumerate(mine):
+            for j, kj in enumerate(theirs):
+                if not self.causal or kj <= qi:
+                    yield i, j
+
+    def diagonal(self, owner: int, i: int, j: int) -> bool:
+        return self.causal and self.chunk_ids(self.rank)[i] == self.chunk_ids(owner)[j]
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return x.chunk(self.chunks, dim=self.seq)
+
+    def join(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(parts, dim=self.seq)
+
+    def row_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """A (B, H, S) row factor shaped to multiply a (layout) tensor."""
+        return (w.transpose(1, 2) if self.layout == "bshd" else w).unsqueeze(-1)
+
+    def merge(self, out, lse, new_out, new_lse):
+        """Two partial results of the same rows merged exactly (in the accumulation dtype)."""
+        new_out = new_out.to(self.accum_dtype)
+        new_lse = new_lse.to(self.accum_dtype)
+        if out is None:
+            return new_out, new_lse
+        merged = torch.logaddexp(lse, new_lse)
+        # rows that saw no key yet keep -inf: their weights are 0, not NaN
+        finite = torch.isfinite(merged)
+        w_old = torch.where(finite, torch.exp(lse - merged), torch.zeros_like(lse))
+        w_new = torch.where(finite, torch.exp(new_lse - merged), torch.zeros_like(lse))
+        return out * self.row_weight(w_old) + new_out * self.row_weight(w_new), merged
+
+    def pass_on(self, tensors):
+        """Send `tensors` to the next rank and receive as many from the previous one, both
+        asynchronous: returns (requests, receive buffers)."""
+        to, frm = (self.rank + 1) % self.world, (self.rank - 1) % self.world
+        if self.group is not None:  # ranks of the group -> ranks of the default group
+            to, frm = dist.get_global_rank(self.group, to), dist.get_global_rank(self.group, frm)
+        buffers = [torch.empty_like(t) for t in tensors]
+        requests = [dist.isend(t, to, group=self.group) for t in tensors]
+        requests += [dist.irecv(b, frm, group=self.group) for b in buffers]
+        return requests, buffers
+
+    @staticmethod
+    def received(pending):
+        requests, buffers = pending
+        for r in requests:
+            r.wait()
+        return tuple(buffers)

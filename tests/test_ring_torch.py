@@ -16,7 +16,7 @@ dist = pytest.importorskip("torch.distributed")
 mp = pytest.importorskip("torch.multiprocessing")
 
 import cuflash  # noqa: E402
-from cuflash import ring_torch  # noqa: E402
+from cuflash import torch as cuflash_torch  # noqa: E402
 
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
@@ -46,12 +46,12 @@ def _inputs(dtype, layout: str, seed: int):
 
 def _shards(x, world: int, causal: bool, dim: int):
     if causal:
-        return ring_torch.zigzag_split(x, world, dim=dim)
+        return cuflash_torch.zigzag_split(x, world, dim=dim)
     return list(x.chunk(world, dim=dim))
 
 
 def _gather(parts, causal: bool, dim: int):
-    return ring_torch.zigzag_merge(parts, dim=dim) if causal else torch.cat(parts, dim=dim)
+    return cuflash_torch.zigzag_merge(parts, dim=dim) if causal else torch.cat(parts, dim=dim)
 
 
 def _worker(rank: int, world: int, port: int, cases, errors) -> None:
@@ -72,7 +72,7 @@ def _check(rank: int, world: int, dtype, causal: bool, layout: str) -> None:
     q, k, v, dout = _inputs(dtype, layout, seed=7)
     mine = [_shards(x, world, causal, dim)[rank] for x in (q, k, v, dout)]
     ql, kl, vl, dl = (x.clone().requires_grad_(i < 3) for i, x in enumerate(mine))
-    out = ring_torch.ring_attention(ql, kl, vl, causal=causal, layout=layout)
+    out = cuflash_torch.ring_attention(ql, kl, vl, causal=causal, layout=layout)
     out.backward(dl)
 
     # the whole sequence in one process, the same inputs
@@ -115,25 +115,25 @@ def test_ring_attention_equals_one_process(world):
 
 def test_zigzag_split_and_merge_round_trip():
     x = torch.arange(2 * 24 * 3).reshape(2, 24, 3)
-    shards = ring_torch.zigzag_split(x, 3, dim=1)
+    shards = cuflash_torch.zigzag_split(x, 3, dim=1)
     assert [s.shape[1] for s in shards] == [8, 8, 8]
     # rank 0 holds chunks 0 and 5 (of 6 chunks of 4 positions)
     assert shards[0][0, :, 0].tolist() == [x[0, i, 0].item() for i in (0, 1, 2, 3, 20, 21, 22, 23)]
-    assert torch.equal(ring_torch.zigzag_merge(shards, dim=1), x)
+    assert torch.equal(cuflash_torch.zigzag_merge(shards, dim=1), x)
 
 
 def test_bad_arguments_name_themselves():
     q = torch.zeros(1, 8, 2, 4)
     with pytest.raises(ValueError, match=r"^x: the sequence axis \(dim 1\) has 8 positions, not "
                                          r"a multiple of 2 \* world = 6"):
-        ring_torch.zigzag_split(q, 3)
+        cuflash_torch.zigzag_split(q, 3)
     with pytest.raises(ValueError, match=r"^world: expected an int >= 1"):
-        ring_torch.zigzag_split(q, 0)
+        cuflash_torch.zigzag_split(q, 0)
     with pytest.raises(NotImplementedError, match=r"^window: ring_attention does not take"):
-        ring_torch.ring_attention(q, q, q, window=(4, 0))
+        cuflash_torch.ring_attention(q, q, q, window=(4, 0))
     with pytest.raises(ValueError, match=r"^layout: expected one of"):
-        ring_torch.ring_attention(q, q, q, layout="sbhd")
+        cuflash_torch.ring_attention(q, q, q, layout="sbhd")
     with pytest.raises(ValueError, match=r"^k: expected this rank's shard as long as q's"):
-        ring_torch.ring_attention(q, q[:, :4], q[:, :4])
+        cuflash_torch.ring_attention(q, q[:, :4], q[:, :4])
     with pytest.raises(ValueError, match=r"^q: with causal the shard holds two zigzag chunks"):
-        ring_torch.ring_attention(q[:, :7], q[:, :7], q[:, :7], causal=True)
+        cuflash_torch.ring_attention(q[:, :7], q[:, :7], q[:, :7], causal=True)
