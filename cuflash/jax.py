@@ -25,6 +25,11 @@ and option errors are raised while tracing, naming the argument.
 Tracing plans the GPU launches wherever CuPy sees a GPU (so a function to run on a GPU must be
 traced in a process that has one), compiling each kernel variant on its first use (CuPy's disk
 cache makes that a load in later processes). A new shape is a new trace: it plans again.
+
+Context parallelism: :func:`ring_attention`, inside ``jax.shard_map``, computes attention over a
+sequence sharded along a mesh axis, passing keys and values around the ring with
+``jax.lax.ppermute``; :func:`zigzag_order` / :func:`zigzag_unorder` put a sequence into (and
+back from) the causal load-balanced order before sharding.
 """
 
 from __future__ import annotations
@@ -37,9 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from cuflash import _checks, _dtypes, _interop, _jax_trace, _variant, api
+from cuflash._jax_ring import ring_attention, zigzag_order, zigzag_unorder
 from cuflash._jax_trace import Options
 
-__all__ = ["attention", "dot_product_attention"]
+__all__ = ["attention", "dot_product_attention", "ring_attention", "zigzag_order",
+           "zigzag_unorder"]
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
