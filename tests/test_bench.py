@@ -850,3 +850,55 @@ def test_jax_bench_times_a_jitted_step_on_the_cpu():
         first, seconds = jax_jit.median_seconds(jax_jit.jitted("xla", True, mode), sets, 2,
                                                 takes_dout=mode != "fwd")
         assert first > 0 and seconds > 0
+
+
+# ---- bench --ring (cuflash.bench.ring): everything but the GPU run ---------------------------
+
+
+def test_ring_bench_flags_cells_and_checks():
+    """``--ring``: its flags, the cells, what cannot run on a world size, and its place in bench."""
+    from cuflash.bench import config, ring
+
+    assert [config.parse_seqlen(t) for t in ("512", "16k", "1m")] == [512, 16384, 2**20]
+    args = ring.build_parser().parse_args([])
+    assert args.seqlens == (131072, 262144, 524288, 1048576) and args.causal == "both"
+    assert (args.world, args.heads, args.head_dim, args.repeats) == (None, 8, 128, 3)
+    assert ring.cells(args)[:2] == [(131072, False), (131072, True)]
+    assert ring.check(args, 4) is None
+    args = ring.build_parser().parse_args(["--seqlens", "96,192", "--causal", "yes"])
+    assert ring.cells(args) == [(96, True), (192, True)]
+    assert ring.check(args, 3) is None
+    assert ring.check(args, 5) == "--seqlens: 96 is not a multiple of 2 * world = 10"
+    assert ring.check(args, 0) == "--world must be >= 1, got 0"
+    for bad in (["--seqlens", "1x"], ["--causal", "maybe"], ["--world", "two"]):
+        with pytest.raises(SystemExit):
+            ring.build_parser().parse_args(bad)
+    assert bench.build_parser().parse_args(["--ring"]).ring  # listed in bench --help
+
+
+def test_ring_bench_rates_and_table():
+    """Per-GPU TFLOP/s count the whole problem over world GPUs; single is its own one-GPU
+    problem over S / world positions; the efficiency is their ratio."""
+    from cuflash.bench import config, ring
+
+    base = {"pass": "fwd", "seqlen": 8192, "world": 4, "heads": 8, "head_dim": 128,
+            "causal": True}
+    rates = ring._rates({"impl": "ring", **base}, 10.0)
+    whole = config.attention_flops(1, 8, 8192, 8192, 128, causal=True, pass_="fwd")
+    assert rates["tflops_per_gpu"] == pytest.approx(whole / 4 / 10.0 / 1e9)
+    assert rates["tokens_per_s"] == pytest.approx(8192 / 10.0 * 1e3)
+    single = ring._rates({"impl": "single", **base}, 1.0)
+    part = config.attention_flops(1, 8, 2048, 2048, 128, causal=True, pass_="fwd")
+    assert single["tflops_per_gpu"] == pytest.approx(part / 1.0 / 1e9)
+    rows = [{"impl": "ring", **base, "status": "ok", "ms": 10.0, **rates},
+            {"impl": "single", **base, "status": "ok", "ms": 1.0, **single},
+            {"impl": "cp-sdpa", **base, "status": "error", "error": "ImportError: no cp"}]
+    eff = ring.efficiency(rows[0], rows[1])
+    assert eff == pytest.approx(rates["tflops_per_gpu"] / single["tflops_per_gpu"])
+    assert ring.efficiency(rows[0], None) is None
+    text = ring.table(rows)
+    assert "single TFLOP/s (S/4)" in text.splitlines()[0]
+    line = text.splitlines()[2]
+    assert line.startswith("| fwd | 8192 | causal | ") and "| error |" in line
+    assert line.endswith(f"| {eff:.2f} |")
+    assert ring.progress_line(rows).startswith("S8192 world 4 causal: ring fwd ")

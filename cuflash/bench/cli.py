@@ -1,7 +1,8 @@
 """``python -m cuflash bench``'s command line: the flags, and `main`, which picks the device, runs
 the sweeps and writes and prints the results (``--overhead``, ``--window``, ``--softcap``,
-``--long`` and ``--jax`` hand over to `cuflash.bench.overhead`, `cuflash.bench.window`,
-`cuflash.bench.softcap`, `cuflash.bench.long` and `cuflash.bench.jax_jit`)."""
+``--long``, ``--ring`` and ``--jax`` hand over to `cuflash.bench.overhead`,
+`cuflash.bench.window`, `cuflash.bench.softcap`, `cuflash.bench.long`, `cuflash.bench.ring` and
+`cuflash.bench.jax_jit`)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from cuflash.bench.report import (
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags of ``python -m cuflash bench`` (``--overhead``, ``--window``, ``--softcap``,
-    ``--long`` and ``--jax`` have their own)."""
+    ``--long``, ``--ring`` and ``--jax`` have their own)."""
     parser = argparse.ArgumentParser(
         prog="python -m cuflash bench",
         description="Time cuflash against PyTorch SDPA's backends and standard attention "
@@ -63,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="time causal forward and backward at S = 128k..1M tokens, with peak "
                              "memory, against SDPA's flash backend instead (see python -m "
                              "cuflash bench --long --help)")
+    parser.add_argument("--ring", action="store_true",
+                        help="time ring attention across this host's GPUs against the "
+                             "single-GPU kernel and torch context_parallel instead (see python "
+                             "-m cuflash bench --ring --help)")
     parser.add_argument("--jax", action="store_true",
                         help="time cuflash.jax.attention under jax.jit against "
                              "jax.nn.dot_product_attention (cuDNN, XLA) instead (see python -m "
@@ -165,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         from cuflash.bench import long
 
         return long.main([a for a in argv if a != "--long"])
+    if "--ring" in argv:
+        from cuflash.bench import ring
+
+        return ring.main([a for a in argv if a != "--ring"])
     if "--jax" in argv:
         from cuflash.bench import jax_jit
 

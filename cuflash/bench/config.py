@@ -177,9 +177,10 @@ def fmt_seqlen(seqlen: int) -> str:
 
 
 def parse_seqlen(text: str) -> int:
-    """ "512" -> 512, "16k" -> 16384."""
+    """ "512" -> 512, "16k" -> 16384, "1m" -> 1048576."""
     text = text.strip().lower()
-    value = int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+    unit = {"k": 1024, "m": 1024 * 1024}.get(text[-1:], 1)
+    value = int(text[:-1] if unit > 1 else text) * unit
     if value < 1:
         raise ValueError(f"sequence length must be >= 1, got {text!r}")
     return value
