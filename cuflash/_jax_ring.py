@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cuflash import _checks, _dtypes, _jax_gpu, _jax_trace
+from cuflash import _checks, _dtypes, _jax_gpu, _jax_trace, _variant
 from cuflash._jax_trace import Options
 
 LAYOUTS = ("bshd", "bhsd")
@@ -68,7 +68,8 @@ def _chunks(x, world: int, axis: int) -> list:
 
 
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis_name, causal: bool = False,
-                   window=None, scale: float | None = None, layout: str = "bshd") -> jax.Array:
+                   window=None, scale: float | None = None, softcap: float = 0.0,
+                   layout: str = "bshd") -> jax.Array:
     """Attention of this device's queries over the keys of every device along mesh axis
     `axis_name`, for use inside ``jax.shard_map`` (a sequence sharded along that axis).
 
@@ -81,6 +82,7 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis_name, causa
         causal: causal attention over the whole sequence.
         window: not supported yet (NotImplementedError unless None).
         scale: softmax scale; defaults to ``1 / sqrt(D)``.
+        softcap: ``> 0``: logit soft-capping, as for `cuflash.jax.attention`.
         layout: ``"bshd"`` or ``"bhsd"``.
 
     Returns:
@@ -91,6 +93,7 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis_name, causa
         raise NotImplementedError(f"window: ring_attention does not take a sliding window yet "
                                   f"(got {window!r}); use causal or no mask")
     _checks.check_flag("causal", causal)
+    cap = _variant.check_softcap(softcap)
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     q, k, v = (jnp.asarray(x) for x in (q, k, v))
@@ -110,7 +113,7 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis_name, causa
     except NameError as e:
         raise ValueError(f"axis_name: {axis_name!r} is not a mesh axis bound here; call "
                          f"ring_attention inside jax.shard_map over a mesh with that axis") from e
-    ring = _Ring(axis_name, int(world), bool(causal), scale, layout)
+    ring = _Ring(axis_name, int(world), bool(causal), scale, layout, cap)
     axes = _jax_trace.varying_axes(q, k, v) | {axis_name}
     q, k, v = (_jax_trace.vary(x, frozenset(axes)) for x in (q, k, v))
     return _ring(q, k, v, ring)
@@ -125,13 +128,14 @@ class _Ring:
     causal: bool
     scale: float | None
     layout: str
+    softcap: float = 0.0
 
     @property
     def seq(self) -> int:
         return 1 if self.layout == "bshd" else 2
 
     def options(self, causal: bool) -> Options:
-        return Options(causal, (-1, -1), self.scale, self.layout)
+        return Options(causal, (-1, -1), self.scale, self.layout, self.softcap)
 
     def halves(self, x):
         """The two zigzag chunks of a shard (its lse's halves along the last axis)."""

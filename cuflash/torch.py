@@ -271,7 +271,7 @@ def zigzag_merge(shards: list[torch.Tensor], *, dim: int = 1) -> torch.Tensor:
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
                    causal: bool = False, window=None, scale: float | None = None,
-                   layout: str = "bshd") -> torch.Tensor:
+                   softcap: float = 0.0, layout: str = "bshd") -> torch.Tensor:
     """Attention of this rank's queries over the keys of every rank of `group`.
 
     Args:
@@ -283,6 +283,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
         causal: causal attention over the whole sequence (positions in the zigzag order).
         window: not supported yet (raises NotImplementedError unless None).
         scale: softmax scale; defaults to ``1 / sqrt(D)``.
+        softcap: ``> 0``: logit soft-capping, as for :func:`cuflash.attention` (each pair's
+            scores are capped before the merge, so the result is the capped attention).
         layout: axis order of q, k, v and the output.
 
     Returns:
@@ -306,14 +308,15 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
     if causal and q.shape[seq] % 2:
         raise ValueError(f"q: with causal the shard holds two zigzag chunks, so its length must "
                          f"be even, got {q.shape[seq]}")
+    cap = _variant.check_softcap(softcap)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return _Ring.apply(q, k, v, group, bool(causal), float(scale), layout)
+    return _Ring.apply(q, k, v, group, bool(causal), float(scale), cap, layout)
 
 
 class _Ring(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, scale, layout):
+    def forward(ctx, q, k, v, group, causal, scale, softcap, layout):
         ring = _Geometry(q, group, causal, layout)
         q, k, v = (x.detach().contiguous() for x in (q, k, v))
         outs, lses = [None] * ring.chunks, [None] * ring.chunks
@@ -325,14 +328,14 @@ class _Ring(torch.autograd.Function):
             kc, vc = (ring.split(x) for x in blocks)
             for i, j in ring.pairs(owner):
                 out, lse = api.attention(ring.split(q)[i], kc[j], vc[j], causal=ring.diagonal(
-                    owner, i, j), scale=scale, layout=layout, return_lse=True)
+                    owner, i, j), scale=scale, softcap=softcap, layout=layout, return_lse=True)
                 pair_lses.append(lse)
                 outs[i], lses[i] = ring.merge(outs[i], lses[i], out, lse)
             if pending is not None:
                 blocks = ring.received(pending)
         out = ring.join([o.to(q.dtype) for o in outs])
         lse = torch.cat(lses, dim=-1)
-        ctx.ring, ctx.scale, ctx.pair_lses = ring, scale, pair_lses
+        ctx.ring, ctx.scale, ctx.softcap, ctx.pair_lses = ring, scale, softcap, pair_lses
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 
@@ -360,7 +363,8 @@ class _Ring(torch.autograd.Function):
                 weight = ring.row_weight(torch.exp(pair_lse.double() - row_lses[i].double()))
                 grads = api.attention_backward(
                     (douts[i].to(acc) * weight).to(q.dtype), qs[i], kc[j], vc[j], outs[i],
-                    pair_lse, causal=ring.diagonal(owner, i, j), scale=scale, layout=ring.layout)
+                    pair_lse, causal=ring.diagonal(owner, i, j), scale=scale,
+                    softcap=ctx.softcap, layout=ring.layout)
                 dq[i] += grads[0].to(acc)
                 dkc[j].add_(grads[1].to(acc))
                 dvc[j].add_(grads[2].to(acc))
@@ -371,7 +375,7 @@ class _Ring(torch.autograd.Function):
         # after a full turn dK, dV are this rank's own block's, with every rank's share
         dk, dv = dkb, dvb
         return (ring.join([x.to(q.dtype) for x in dq]), dk.to(k.dtype), dv.to(v.dtype),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 class _Geometry:

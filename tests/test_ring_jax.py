@@ -1,8 +1,8 @@
 """`cuflash.jax.ring_attention` inside ``jax.shard_map`` on JAX's CPU backend with 1, 2 and 4 host
 devices: forward and backward (jax.grad under jax.jit) equal one-device attention on the whole
-sequence (float64 and float32; causal in the zigzag order and not; GQA; both layouts); the zigzag
-order round trip; bad arguments named. The multi-device runs need a fresh interpreter (XLA's host
-device count is fixed at start-up)."""
+sequence (float64 and float32; causal in the zigzag order and not; GQA; both layouts; a softcap);
+the zigzag order round trip; bad arguments named. The multi-device runs need a fresh
+interpreter (XLA's host device count is fixed at start-up)."""
 
 from __future__ import annotations
 
@@ -37,32 +37,35 @@ rng = np.random.default_rng(world)
 # float64 merges by cuflash's float32 lse (relative error ~1e-7 in the merge weights)
 tolerance = {"float64": 2e-6, "float32": 2e-5}
 B, S, HQ, HKV, D = 2, 48, 4, 2, 16
-for dtype in ("float64", "float32"):
-    for causal in (False, True):
-        for layout in ("bshd", "bhsd"):
-            axis = 1 if layout == "bshd" else 2
-            shape = lambda h: (B, S, h, D) if layout == "bshd" else (B, h, S, D)
-            q, k, v, dout = (rng.standard_normal(shape(h)).astype(dtype)
-                             for h in (HQ, HKV, HKV, HQ))
-            if causal:
-                order = lambda x: cuflash_jax.zigzag_order(x, world, axis=axis)
-                unorder = lambda x: cuflash_jax.zigzag_unorder(x, world, axis=axis)
-            else:
-                order = unorder = lambda x: jnp.asarray(x)
-            spec = P(None, "seq") if layout == "bshd" else P(None, None, "seq")
-            ring = jax.shard_map(
-                lambda q, k, v: cuflash_jax.ring_attention(q, k, v, axis_name="seq",
-                                                           causal=causal, layout=layout),
-                mesh=mesh, in_specs=spec, out_specs=spec)
-            args = [order(x) for x in (q, k, v)]
-            out = unorder(jax.jit(ring)(*args))
-            loss = lambda q, k, v: jnp.sum(ring(q, k, v) * order(dout))
-            grads = [unorder(g) for g in jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args)]
-            want = [reference.attention(q, k, v, causal=causal, layout=layout),
-                    *reference.attention_backward(dout, q, k, v, causal=causal, layout=layout)]
-            for name, got, ref in zip(("out", "dq", "dk", "dv"), [out, *grads], want):
-                err = float(np.abs(np.asarray(got, np.float64) - ref).max())
-                assert err < tolerance[dtype], (name, world, dtype, causal, layout, err)
+cases = [(dtype, causal, layout, 0.0) for dtype in ("float64", "float32")
+         for causal in (False, True) for layout in ("bshd", "bhsd")]
+cases += [("float64", causal, "bshd", 2.0) for causal in (False, True)]  # softcap
+for dtype, causal, layout, softcap in cases:
+    axis = 1 if layout == "bshd" else 2
+    shape = lambda h: (B, S, h, D) if layout == "bshd" else (B, h, S, D)
+    q, k, v, dout = (rng.standard_normal(shape(h)).astype(dtype)
+                     for h in (HQ, HKV, HKV, HQ))
+    if causal:
+        order = lambda x: cuflash_jax.zigzag_order(x, world, axis=axis)
+        unorder = lambda x: cuflash_jax.zigzag_unorder(x, world, axis=axis)
+    else:
+        order = unorder = lambda x: jnp.asarray(x)
+    spec = P(None, "seq") if layout == "bshd" else P(None, None, "seq")
+    ring = jax.shard_map(
+        lambda q, k, v: cuflash_jax.ring_attention(q, k, v, axis_name="seq",
+                                                   causal=causal, softcap=softcap,
+                                                   layout=layout),
+        mesh=mesh, in_specs=spec, out_specs=spec)
+    args = [order(x) for x in (q, k, v)]
+    out = unorder(jax.jit(ring)(*args))
+    loss = lambda q, k, v: jnp.sum(ring(q, k, v) * order(dout))
+    grads = [unorder(g) for g in jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args)]
+    opts = {"causal": causal, "softcap": softcap, "layout": layout}
+    want = [reference.attention(q, k, v, **opts),
+            *reference.attention_backward(dout, q, k, v, **opts)]
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), [out, *grads], want):
+        err = float(np.abs(np.asarray(got, np.float64) - ref).max())
+        assert err < tolerance[dtype], (name, world, dtype, causal, layout, softcap, err)
 print("ring ok")
 """
 

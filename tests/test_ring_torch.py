@@ -1,6 +1,6 @@
 """Ring attention over torch.distributed (gloo, CPU processes): forward and backward equal
 single-process attention on the gathered sequence, causal (zigzag shards) and not, GQA, both
-layouts, float64 and float32."""
+layouts, float64 and float32, with and without a softcap."""
 
 from __future__ import annotations
 
@@ -59,25 +59,26 @@ def _worker(rank: int, world: int, port: int, cases, errors) -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
         try:
-            for dtype, causal, layout in cases:
-                _check(rank, world, dtype, causal, layout)
+            for dtype, causal, layout, softcap in cases:
+                _check(rank, world, dtype, causal, layout, softcap)
         finally:
             dist.destroy_process_group()
     except BaseException:  # reported to the parent, which fails the test with it
         errors.put(f"rank {rank}: {traceback.format_exc()}")
 
 
-def _check(rank: int, world: int, dtype, causal: bool, layout: str) -> None:
+def _check(rank: int, world: int, dtype, causal: bool, layout: str, softcap: float) -> None:
     dim = 1 if layout == "bshd" else 2
     q, k, v, dout = _inputs(dtype, layout, seed=7)
     mine = [_shards(x, world, causal, dim)[rank] for x in (q, k, v, dout)]
     ql, kl, vl, dl = (x.clone().requires_grad_(i < 3) for i, x in enumerate(mine))
-    out = cuflash_torch.ring_attention(ql, kl, vl, causal=causal, layout=layout)
+    out = cuflash_torch.ring_attention(ql, kl, vl, causal=causal, softcap=softcap,
+                                       layout=layout)
     out.backward(dl)
 
     # the whole sequence in one process, the same inputs
     qa, ka, va = (x.clone().requires_grad_() for x in (q, k, v))
-    want = cuflash.attention(qa, ka, va, causal=causal, layout=layout)
+    want = cuflash.attention(qa, ka, va, causal=causal, softcap=softcap, layout=layout)
     want.backward(dout)
     tol = TOLERANCE[dtype]
     for name, got, full in (("out", out, want), ("dq", ql.grad, qa.grad),
@@ -86,13 +87,14 @@ def _check(rank: int, world: int, dtype, causal: bool, layout: str) -> None:
         np.testing.assert_allclose(got.detach().double().numpy(), expected.double().numpy(),
                                    rtol=tol, atol=tol,
                                    err_msg=f"{name} world={world} {dtype} causal={causal} "
-                                           f"{layout}")
+                                           f"{layout} softcap={softcap}")
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_attention_equals_one_process(world):
-    cases = [(dtype, causal, layout) for dtype in (torch.float64, torch.float32)
+    cases = [(dtype, causal, layout, 0.0) for dtype in (torch.float64, torch.float32)
              for causal in (False, True) for layout in ("bshd", "bhsd")]
+    cases += [(torch.float64, causal, "bshd", 2.0) for causal in (False, True)]  # softcap
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
     port = _free_port()
