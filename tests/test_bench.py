@@ -902,3 +902,28 @@ def test_ring_bench_rates_and_table():
     assert line.startswith("| fwd | 8192 | causal | ") and "| error |" in line
     assert line.endswith(f"| {eff:.2f} |")
     assert ring.progress_line(rows).startswith("S8192 world 4 causal: ring fwd ")
+
+
+def test_ring_bench_runs_end_to_end_on_the_cpu(tmp_path, capsys):
+    """``--ring --device cpu``: the same processes, group and collection over gloo, at toy
+    sizes: every cell comes back from both ranks, cuflash's rows ran, the record is written."""
+    pytest.importorskip("torch")
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out = tmp_path / "ring"
+    argv = ["--ring", "--device", "cpu", "--world", "2", "--seqlens", "32,64", "--heads", "2",
+            "--head-dim", "8", "--repeats", "1", "--out", str(out)]
+    assert bench.main(argv) == 0
+    record = json.loads((out / "ring.json").read_text())
+    assert record["world"] == 2 and record["config"]["device"] == "cpu"
+    rows = record["rows"]
+    assert {(r["impl"], r["pass"], r["seqlen"], r["causal"]) for r in rows} == {
+        (i, p, s, c) for i in ("ring", "single", "cp-sdpa") for p in ("fwd", "bwd")
+        for s in (32, 64) for c in (False, True)}
+    ours = [r for r in rows if r["impl"] != "cp-sdpa"]
+    assert all(r["status"] == "ok" and r["ms"] > 0 and r["tokens_per_s"] > 0 for r in ours), ours
+    stdout = capsys.readouterr().out
+    assert stdout.startswith("float32 on the CPU path (gloo; a smoke test)")
+    assert "| fwd | 32 | full |" in stdout and (out / "ring.md").exists()

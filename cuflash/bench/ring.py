@@ -20,12 +20,15 @@ median of ``--repeats`` timings, each rank timing its own and the maximum over r
 ``--budget`` (seconds) skips the cells left once it is spent; ``--out DIR`` writes ``ring.json``
 (rows, configuration, command, environment) and ``ring.md`` (the table). Needs torch with CUDA
 and NCCL: without them it says so and exits with status 2. A world of one runs the same code
-path (every step's K/V stays put), which measures the ring's own overhead.
+path (every step's K/V stays put), which measures the ring's own overhead. ``--device cpu``
+runs the same processes on the CPU path over gloo (float32, wall-clock timing): a smoke test of
+the benchmark itself, not a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import socket
@@ -59,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cuflash bench --ring",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=int,
-                        help="GPUs (processes) in the ring (default: every GPU torch sees)")
+                        help="GPUs (processes) in the ring (default: every GPU torch sees; "
+                             "--device cpu: 2)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cuda (NCCL, bf16) or cpu (gloo, float32: a smoke test)")
     parser.add_argument("--seqlens", type=_seqlens, default=SEQLENS,
                         help="total sequence lengths, comma list (default 128k,256k,512k,1m); "
                              "each a multiple of 2 * world")
@@ -97,12 +103,19 @@ def check(args: argparse.Namespace, world: int) -> str | None:
 # ---- one rank ----------------------------------------------------------------------------------
 
 
-def _median_ms(torch, fn, repeats: int) -> float:
-    """One warm-up call, then the median of `repeats` CUDA-event timings of one call."""
+def _median_ms(torch, fn, repeats: int, cuda: bool) -> float:
+    """One warm-up call, then the median of `repeats` timings of one call: CUDA events, or
+    wall-clock time on the CPU."""
     fn()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     samples = []
     for _ in range(repeats):
+        if not cuda:
+            began = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - began) * 1e3)
+            continue
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -112,34 +125,38 @@ def _median_ms(torch, fn, repeats: int) -> float:
     return sorted(samples)[len(samples) // 2]
 
 
-def _time(torch, fn, inputs, pass_: str, repeats: int) -> float:
+def _time(torch, fn, inputs, pass_: str, repeats: int, cuda: bool) -> float:
     q, k, v, dout = inputs
     if pass_ == "fwd":
         with torch.no_grad():
-            return _median_ms(torch, lambda: fn(q, k, v), repeats)
+            return _median_ms(torch, lambda: fn(q, k, v), repeats, cuda)
     out = fn(*(x.detach().requires_grad_() for x in (q, k, v)))
-    return _median_ms(torch, lambda: out.backward(dout, retain_graph=True), repeats)
+    return _median_ms(torch, lambda: out.backward(dout, retain_graph=True), repeats, cuda)
 
 
-def _cp_sdpa(torch, dist, world: int, causal: bool):
-    """``fn(q, k, v)`` (bhsd, this rank's shard): PyTorch's context_parallel with SDPA."""
+def _cp_sdpa(torch, dist, world: int, causal: bool, device: str):
+    """``time(inputs, pass_, repeats, cuda) -> ms``: PyTorch's context_parallel with SDPA on
+    this rank's shard. context_parallel takes whole-sequence buffers and shards them in place
+    on entry, so the shards are gathered first (untimed) and SDPA is timed inside the context
+    on the shards it hands back."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.experimental import context_parallel
     from torch.nn.functional import scaled_dot_product_attention
 
-    mesh = init_device_mesh("cuda", (world,))
+    mesh = init_device_mesh(device, (world,))
 
-    def fn(q, k, v):
-        # context_parallel shards whole-sequence buffers in place; hand it the gathered ones
+    def time_pass(inputs, pass_: str, repeats: int, cuda: bool) -> float:
         full = []
-        for x in (q, k, v):
-            parts = [torch.empty_like(x) for _ in range(world)]
-            dist.all_gather(parts, x.detach())
-            full.append(torch.cat(parts, dim=2).requires_grad_(x.requires_grad))
-        with context_parallel(mesh, buffers=full, buffer_seq_dims=[2, 2, 2]):
-            return scaled_dot_product_attention(*full, is_causal=causal)
+        for x in inputs:  # q, k, v, dout: bshd shards -> whole bhsd sequences
+            shard = x.transpose(1, 2).contiguous()
+            parts = [torch.empty_like(shard) for _ in range(world)]
+            dist.all_gather(parts, shard)
+            full.append(torch.cat(parts, dim=2))
+        with context_parallel(mesh, buffers=full, buffer_seq_dims=[2] * len(full)):
+            return _time(torch, lambda q, k, v: scaled_dot_product_attention(
+                q, k, v, is_causal=causal), full, pass_, repeats, cuda)
 
-    return fn
+    return time_pass
 
 
 def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, results) -> None:
@@ -148,52 +165,55 @@ def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, resul
 
     import cuflash.torch as cft
 
+    cuda = args.device == "cuda"
+    dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
     try:
-        torch.cuda.set_device(rank)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("nccl", rank=rank, world_size=world,
-                                device_id=torch.device("cuda", rank))
+        if cuda:
+            torch.cuda.set_device(rank)
+            dist.init_process_group("nccl", rank=rank, world_size=world, device_id=dev)
+        else:
+            dist.init_process_group("gloo", rank=rank, world_size=world)
         deadline = None if args.budget is None else time.perf_counter() + args.budget
         rows = []
         for seqlen, causal in cells(args):
             base = {"seqlen": seqlen, "world": world, "heads": args.heads,
                     "head_dim": args.head_dim, "causal": causal}
             over = deadline is not None and time.perf_counter() > deadline
-            flag = torch.tensor([1.0 if over else 0.0], device="cuda")
+            flag = torch.tensor([1.0 if over else 0.0], device=dev)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank skips alike
             if flag.item():
                 rows += [{"impl": i, "pass": p, **base, "status": "budget"}
                          for i in IMPLS for p in PASSES]
                 continue
             local = seqlen // world
-            g = torch.Generator(device="cuda").manual_seed(seqlen + rank)
-            inputs = [torch.randn(1, local, args.heads, args.head_dim, device="cuda",
-                                  dtype=torch.bfloat16, generator=g) for _ in range(4)]
-            fns = {
-                "ring": lambda q, k, v, c=causal: cft.ring_attention(q, k, v, causal=c),
-                "single": lambda q, k, v, c=causal: cft.attention(q, k, v, causal=c),
-            }
+            g = torch.Generator(device=dev).manual_seed(seqlen + rank)
+            inputs = [torch.randn(1, local, args.heads, args.head_dim, device=dev, dtype=dtype,
+                                  generator=g) for _ in range(4)]
+            timers = {name: functools.partial(_time, torch, fn) for name, fn in (
+                ("ring", lambda q, k, v, c=causal: cft.ring_attention(q, k, v, causal=c)),
+                ("single", lambda q, k, v, c=causal: cft.attention(q, k, v, causal=c)))}
             if not args.no_cp:
                 try:
-                    cp = _cp_sdpa(torch, dist, world, causal)
-                    fns["cp-sdpa"] = lambda q, k, v, cp=cp: cp(
-                        *(x.transpose(1, 2) for x in (q, k, v)))
+                    timers["cp-sdpa"] = _cp_sdpa(torch, dist, world, causal, dev.type)
                 except Exception as err:  # this torch has no context_parallel
                     rows += [{"impl": "cp-sdpa", "pass": p, **base, "status": "error",
                               "error": _reason(err)} for p in PASSES]
             for name in IMPLS:
-                if name not in fns:
+                if name not in timers:
                     continue
                 for pass_ in PASSES:
                     row = {"impl": name, "pass": pass_, **base}
                     dist.barrier()
                     try:
-                        ms = _time(torch, fns[name], inputs, pass_, args.repeats)
-                        status = torch.tensor([ms], device="cuda", dtype=torch.float64)
+                        ms = timers[name](inputs, pass_, args.repeats, cuda)
+                        status = torch.tensor([ms], device=dev, dtype=torch.float64)
                     except Exception as err:  # out of memory, a refusal: say so, go on
                         row.update(status="error", error=_reason(err))
-                        status = torch.tensor([float("nan")], device="cuda", dtype=torch.float64)
-                    torch.cuda.empty_cache()
+                        status = torch.tensor([float("nan")], device=dev, dtype=torch.float64)
+                    if cuda:
+                        torch.cuda.empty_cache()
                     dist.all_reduce(status, op=dist.ReduceOp.MAX)  # NaN wins: any rank failed
                     ms = float(status.item())
                     if "status" not in row:
@@ -205,8 +225,9 @@ def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, resul
             if rank == 0:
                 print(progress_line([r for r in rows if r["seqlen"] == seqlen
                                      and r["causal"] == causal]), file=sys.stderr, flush=True)
-            del inputs, fns
-            torch.cuda.empty_cache()
+            del inputs, timers
+            if cuda:
+                torch.cuda.empty_cache()
         if rank == 0:
             results.put(("rows", rows))
         dist.destroy_process_group()
@@ -279,7 +300,10 @@ def progress_line(cell: list[dict]) -> str:
 
 
 def caption(config: dict, world: int) -> str:
-    return (f"bf16, B = 1, H = {config['heads']}, D = {config['head_dim']}, {world} GPU(s); "
+    cuda = config.get("device", "cuda") == "cuda"
+    return (f"{'bf16' if cuda else 'float32 on the CPU path (gloo; a smoke test)'}, B = 1, "
+            f"H = {config['heads']}, D = {config['head_dim']}, {world} "
+            f"{'GPU(s)' if cuda else 'process(es)'}; "
             f"per-GPU TFLOP/s ({FLOPS}) from the slowest rank's median time; ring = "
             "cuflash.torch.ring_attention, single = cuflash.torch.attention on one GPU over "
             "S / world positions, cp-sdpa = torch context_parallel with SDPA")
@@ -307,24 +331,37 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    torch = cuda_torch("--ring")
-    if torch is None:
-        return 2
+    cuda = args.device == "cuda"
+    if cuda:
+        torch = cuda_torch("--ring")
+        if torch is None:
+            return 2
+    else:
+        try:
+            import torch
+        except ImportError:
+            print("bench --ring needs torch", file=sys.stderr)
+            return 2
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
-    if not dist.is_available() or not dist.is_nccl_available():
-        print("bench --ring needs torch.distributed with NCCL", file=sys.stderr)
+    backend_ok = dist.is_available() and (dist.is_nccl_available() if cuda
+                                          else dist.is_gloo_available())
+    if not backend_ok:
+        print(f"bench --ring needs torch.distributed with {'NCCL' if cuda else 'gloo'}",
+              file=sys.stderr)
         return 2
-    world = args.world if args.world is not None else torch.cuda.device_count()
-    if world > torch.cuda.device_count():
-        parser.error(f"--world {world}: torch sees {torch.cuda.device_count()} GPU(s)")
+    available = torch.cuda.device_count() if cuda else None
+    world = args.world if args.world is not None else (available if cuda else 2)
+    if cuda and world > available:
+        parser.error(f"--world {world}: torch sees {available} GPU(s)")
     problem = check(args, world)
     if problem:
         parser.error(problem)
     began = time.perf_counter()
-    print(f"cuflash bench --ring on {world} x {torch.cuda.get_device_name()}: "
-          f"{len(cells(args))} cells", file=sys.stderr, flush=True)
+    where = torch.cuda.get_device_name() if cuda else "CPU process"
+    print(f"cuflash bench --ring on {world} x {where}: {len(cells(args))} cells",
+          file=sys.stderr, flush=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
