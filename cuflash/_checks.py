@@ -86,3 +86,28 @@ def refuse_masked(name: str, x: object) -> None:
         raise TypeError(f"{name}: expected a plain array, got a numpy.ma.MaskedArray, whose mask "
                         f"cuflash would ignore; fill it ({name}.filled(value)) or compress it "
                         "first")
+
+
+def check_ring_shards(q, k, v, *, causal: object, window: object, layout: object,
+                      holder: str) -> int:
+    """The arguments both ring attentions share, checked before any communication; returns
+    the sequence axis of `layout`. `holder`: who holds a shard, for the messages ("rank",
+    "device")."""
+    if window is not None:
+        raise NotImplementedError(f"window: ring_attention does not take a sliding window yet "
+                                  f"(got {window!r}); use causal or no mask")
+    check_flag("causal", causal)
+    if not isinstance(layout, str) or layout not in ("bshd", "bhsd"):
+        raise ValueError(f"layout: expected one of ('bshd', 'bhsd'), got {layout!r}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if len(x.shape) != 4:
+            raise ValueError(f"{name}: expected a 4-D array in layout {layout!r}, got shape "
+                             f"{tuple(x.shape)}")
+    seq = 1 if layout == "bshd" else 2
+    if k.shape[seq] != q.shape[seq]:
+        raise ValueError(f"k: expected this {holder}'s shard as long as q's ({q.shape[seq]}), "
+                         f"got {k.shape[seq]}")
+    if causal and q.shape[seq] % 2:
+        raise ValueError(f"q: with causal the shard holds two zigzag chunks, so its length must "
+                         f"be even, got {q.shape[seq]}")
+    return seq

@@ -33,8 +33,6 @@ import numpy as np
 from cuflash import _checks, _dtypes, _jax_gpu, _jax_trace, _variant
 from cuflash._jax_trace import Options
 
-LAYOUTS = ("bshd", "bhsd")
-
 
 def zigzag_order(x: jax.Array, world: int, *, axis: int = 1) -> jax.Array:
     """`x` with its sequence axis reordered so that cutting it into `world` equal contiguous
@@ -89,25 +87,10 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis_name, causa
         this device's output, shaped like `q`; differentiable with respect to q, k and v (a
         ``jax.custom_vjp`` whose backward sends dK and dV around the ring to their owners).
     """
-    if window is not None:
-        raise NotImplementedError(f"window: ring_attention does not take a sliding window yet "
-                                  f"(got {window!r}); use causal or no mask")
-    _checks.check_flag("causal", causal)
     cap = _variant.check_softcap(softcap)
-    if not isinstance(layout, str) or layout not in LAYOUTS:
-        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     q, k, v = (jnp.asarray(x) for x in (q, k, v))
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.ndim != 4:
-            raise ValueError(f"{name}: expected a 4-D array in layout {layout!r}, got shape "
-                             f"{x.shape}")
-    seq = 1 if layout == "bshd" else 2
-    if k.shape[seq] != q.shape[seq]:
-        raise ValueError(f"k: expected this device's shard as long as q's ({q.shape[seq]}), "
-                         f"got {k.shape[seq]}")
-    if causal and q.shape[seq] % 2:
-        raise ValueError(f"q: with causal the shard holds two zigzag chunks, so its length must "
-                         f"be even, got {q.shape[seq]}")
+    _checks.check_ring_shards(q, k, v, causal=causal, window=window, layout=layout,
+                              holder="device")
     try:
         world = jax.lax.axis_size(axis_name)
     except NameError as e:

@@ -291,23 +291,11 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
         This rank's output, shaped like `q`; differentiable (autograd sends dK and dV around the
         ring back to their owners).
     """
-    if window is not None:
-        raise NotImplementedError("window: ring_attention does not take a sliding window yet "
-                                  f"(got {window!r}); use causal or no mask")
-    _checks.check_flag("causal", causal)
-    if not isinstance(layout, str) or layout not in api.LAYOUTS:
-        raise ValueError(f"layout: expected one of {api.LAYOUTS}, got {layout!r}")
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-D torch.Tensor in layout {layout!r}, got "
-                             f"{type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))}")
-    seq = 1 if layout == "bshd" else 2
-    if k.shape[seq] != q.shape[seq]:
-        raise ValueError(f"k: expected this rank's shard as long as q's ({q.shape[seq]}), got "
-                         f"{k.shape[seq]}")
-    if causal and q.shape[seq] % 2:
-        raise ValueError(f"q: with causal the shard holds two zigzag chunks, so its length must "
-                         f"be even, got {q.shape[seq]}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    _checks.check_ring_shards(q, k, v, causal=causal, window=window, layout=layout,
+                              holder="rank")
     cap = _variant.check_softcap(softcap)
     if scale is None:
         scale = q.shape[-1] ** -0.5

@@ -186,6 +186,17 @@ def parse_seqlen(text: str) -> int:
     return value
 
 
+def seqlens_arg(text: str) -> tuple[int, ...]:
+    """An argparse type: "1k,4k,1m" -> (1024, 4096, 1048576), errors as argparse's."""
+    try:
+        values = tuple(parse_seqlen(x) for x in text.split(",") if x.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected a comma-separated list, e.g. 1k,4k,16k")
+    return values
+
+
 def sweep_cases(config: Config) -> list[Case]:
     """The timing sweep's cases, in the order they run (and the tables list them)."""
     cases = []

@@ -37,7 +37,7 @@ import time
 import traceback
 from pathlib import Path
 
-from cuflash.bench.config import attention_flops, parse_seqlen
+from cuflash.bench.config import attention_flops, seqlens_arg
 from cuflash.bench.torch_gpu import cuda_torch, environment
 
 IMPLS = ("ring", "single", "cp-sdpa")
@@ -48,16 +48,6 @@ TARGET = 0.9  # ring / single per-GPU efficiency at 4 GPUs, S >= 256k
 FLOPS = "fwd = 4*B*H*S*S*D (x0.5 causal); bwd = 2.5*fwd; per GPU = / world"
 
 
-def _seqlens(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(parse_seqlen(x) for x in text.split(",") if x.strip())
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected a comma-separated list, e.g. 128k,256k,1m")
-    return values
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cuflash bench --ring",
                                      description=__doc__.splitlines()[0])
@@ -66,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "--device cpu: 2)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cuda (NCCL, bf16) or cpu (gloo, float32: a smoke test)")
-    parser.add_argument("--seqlens", type=_seqlens, default=SEQLENS,
+    parser.add_argument("--seqlens", type=seqlens_arg, default=SEQLENS,
                         help="total sequence lengths, comma list (default 128k,256k,512k,1m); "
                              "each a multiple of 2 * world")
     parser.add_argument("--causal", choices=tuple(CAUSAL), default="both",

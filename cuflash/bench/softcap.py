@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cuflash.bench.config import attention_flops, parse_seqlen
+from cuflash.bench.config import attention_flops, seqlens_arg
 from cuflash.bench.torch_gpu import compiled_flex, cuda_torch, environment, time_pass
 
 IMPLS = ("cuflash", "cuflash-plain", "flex")
@@ -50,16 +50,6 @@ CAUSAL = {"both": (False, True), "yes": (True,), "no": (False,)}
 
 
 # ---- flags -----------------------------------------------------------------------------------
-
-
-def _seqlens(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(parse_seqlen(x) for x in text.split(",") if x.strip())
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected a comma-separated list, e.g. 1k,4k,16k")
-    return values
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -87,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the softcap: scaled scores become cap * tanh(s / cap) (default 30)")
     parser.add_argument("--head-dims", type=_ints, default=HEAD_DIMS,
                         help="comma list (default 64,128); each must divide --model-dim")
-    parser.add_argument("--seqlens", type=_seqlens, default=SEQLENS,
+    parser.add_argument("--seqlens", type=seqlens_arg, default=SEQLENS,
                         help="comma list, e.g. 1k,4k,16k (default 1k,2k,4k,8k,16k)")
     parser.add_argument("--causal", choices=tuple(CAUSAL), default="both",
                         help="causal mask, no mask, or both (default)")
