@@ -38,7 +38,7 @@ import traceback
 from pathlib import Path
 
 from cuflash.bench.config import attention_flops, seqlens_arg
-from cuflash.bench.torch_gpu import cuda_torch, environment
+from cuflash.bench.torch_gpu import cuda_torch, environment, provenance
 
 IMPLS = ("ring", "single", "cp-sdpa")
 PASSES = ("fwd", "bwd")
@@ -300,16 +300,14 @@ def caption(config: dict, world: int) -> str:
 
 
 def write_outputs(out: Path, record: dict) -> list[Path]:
+    """``ring.json`` (`record` as is) and ``ring.md`` (caption, table and the provenance line)
+    under `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    env = record["environment"]
-    provenance = (f"{env.get('gpu')} x {record['world']}, torch {env.get('torch')}, cuflash "
-                  f"{env.get('cuflash')} (commit {env.get('git_commit')}"
-                  f"{', dirty' if env.get('git_dirty') else ''}), {env.get('date')}; "
-                  f"`{record['command']}`")
+    line = provenance(record["environment"], record["command"], record["world"])
     paths = [out / "ring.json", out / "ring.md"]
     paths[0].write_text(json.dumps(record, indent=1) + "\n")
     paths[1].write_text("\n\n".join((caption(record["config"], record["world"]),
-                                     table(record["rows"]), provenance)) + "\n")
+                                     table(record["rows"]), line)) + "\n")
     return paths
 
 

@@ -38,7 +38,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cuflash.bench.config import attention_flops, seqlens_arg
-from cuflash.bench.torch_gpu import compiled_flex, cuda_torch, environment, time_pass
+from cuflash.bench.torch_gpu import (
+    compiled_flex,
+    cuda_torch,
+    environment,
+    provenance,
+    time_pass,
+)
 
 IMPLS = ("cuflash", "cuflash-plain", "flex")
 PASSES = ("fwd", "bwd")
@@ -299,13 +305,9 @@ def write_outputs(out: Path, record: dict) -> list[Path]:
     """``softcap.json`` (`record` as is) and ``softcap.md`` (caption, table, summary and the
     provenance line) under `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    env = record["environment"]
-    provenance = (f"{env.get('gpu')}, torch {env.get('torch')}, cuflash {env.get('cuflash')} "
-                  f"(commit {env.get('git_commit')}{', dirty' if env.get('git_dirty') else ''}, "
-                  f"source digest {env.get('source_digest')}), {env.get('date')}; "
-                  f"`{record['command']}`")
     paragraphs = [caption(record["config"]), table(record["rows"]),
-                  "\n".join(summary(record["rows"])), provenance]
+                  "\n".join(summary(record["rows"])),
+                  provenance(record["environment"], record["command"])]
     paths = [out / "softcap.json", out / "softcap.md"]
     paths[0].write_text(json.dumps(record, indent=1) + "\n")
     paths[1].write_text("\n\n".join(p for p in paragraphs if p) + "\n")

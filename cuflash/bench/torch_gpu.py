@@ -1,13 +1,13 @@
-"""What ``bench --window`` and ``bench --softcap`` share: torch on a CUDA GPU, timed with CUDA
-events, against PyTorch FlexAttention compiled anew for each cell.
+"""What ``bench --window``, ``--softcap`` and ``--ring`` share: torch on a CUDA GPU, timed
+with CUDA events, against PyTorch FlexAttention compiled anew for each cell.
 
 `median_ms` times a callable (after warm-up, the median of `repeats` timings of `calls`
 back-to-back calls); `time_pass` times a forward without grad or a backward through autograd;
 `compiled_flex` builds FlexAttention for one problem; `cuda_torch` is torch where it sees a CUDA
-GPU; `environment` is what ran where, for a JSON record. torch is imported only by `cuda_torch`:
-the others take it as an argument, so that their modules load (``--help``, the tables) without it.
+GPU; `environment` is what ran where, for a JSON record, and `provenance` the Markdown line that
+says it. torch is imported only by `cuda_torch`: the others take it as an argument, so that
+their modules load (``--help``, the tables) without it.
 """
-
 from __future__ import annotations
 
 import datetime
@@ -99,3 +99,13 @@ def environment(torch) -> dict:
         **git_state(),
         "source_digest": guard(source_digest),
     }
+
+
+def provenance(env: dict, command: str, gpus: int | None = None) -> str:
+    """The Markdown line saying what ran where: an `environment` record and the command;
+    `gpus`: how many GPUs took part, where more than one may."""
+    count = "" if gpus is None else f" x {gpus}"
+    dirty = ", dirty" if env.get("git_dirty") else ""
+    return (f"{env.get('gpu')}{count}, torch {env.get('torch')}, cuflash {env.get('cuflash')} "
+            f"(commit {env.get('git_commit')}{dirty}, source digest "
+            f"{env.get('source_digest')}), {env.get('date')}; `{command}`")
