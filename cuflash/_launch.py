@@ -105,13 +105,14 @@ def all_fwd_specs() -> list[KernelSpec]:
 
 
 def plan_forward(q, k, v, out, *, variant: Variant, scale: float, device_id: int,
-                 cc: int) -> KernelCall | None:
+                 cc: int, sinks: int = 0) -> KernelCall | None:
     """The forward's replayable `KernelCall` for these views (None when there is nothing to
     compute): the Hopper kernel where it applies (it logs why not), else sm80 or SIMT.
 
     q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), out like q: CuPy arrays with any strides and a unit
     last stride; the call is valid for any arrays of the same shapes, strides and 16-byte
-    alignment. Call inside the device's scope.
+    alignment (and, with `sinks`, the device address of the sinks, Accum ``(Hq,)``, that it
+    keeps). Call inside the device's scope.
     """
     batch, seqlen_q, heads_q, head_dim = q.shape
     if batch == 0 or seqlen_q == 0 or heads_q == 0:
@@ -120,7 +121,8 @@ def plan_forward(q, k, v, out, *, variant: Variant, scale: float, device_id: int
     if cc == 90 and _dtypes.uses_tensor_cores(dtype) and not os.environ.get("CUFLASH_FORCE_SM80"):
         from cuflash._launch_sm90 import plan_sm90
 
-        call = plan_sm90(q, k, v, out, variant=variant, scale=scale, device_id=device_id, cc=cc)
+        call = plan_sm90(q, k, v, out, variant=variant, scale=scale, device_id=device_id, cc=cc,
+                         sinks=sinks)
         if call is not None:
             return call
     aligned = is_aligned((q, k, v, out), head_dim)
@@ -130,7 +132,7 @@ def plan_forward(q, k, v, out, *, variant: Variant, scale: float, device_id: int
         grid=(math.ceil(seqlen_q / spec.block_m), heads_q, batch),
         threads=spec.threads,
         smem_bytes=spec.smem_bytes,
-        params=fwd_params(q, k, v, out, variant=variant, scale=scale),
+        params=fwd_params(q, k, v, out, variant=variant, scale=scale, sinks=sinks),
         pointer_fields=FWD_POINTERS,
     )
 

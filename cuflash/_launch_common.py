@@ -18,13 +18,16 @@ from cuflash._variant import Variant
 _STRIDE_FIELDS = ("batch_stride", "row_stride", "head_stride")
 
 
-def _params_dtype(pointers: tuple[str, ...], strided: tuple[str, ...], ints: tuple[str, ...]):
+def _params_dtype(pointers: tuple[str, ...], strided: tuple[str, ...], ints: tuple[str, ...],
+                  tail: tuple[str, ...] = ()):
+    """The block's fields in the C++ struct's order; `tail`: pointers after the softcap."""
     fields = [(name, np.uint64) for name in pointers]
     fields += [(f"{t}_{s}", np.int64) for t in strided for s in _STRIDE_FIELDS]
     fields += [("lse_batch_stride", np.int64), ("lse_head_stride", np.int64)]
     fields += [("scale", np.float64), ("scale_log2", np.float32)]
     fields += [(name, np.int32) for name in ints]
     fields += [("softcap", np.float64)]
+    fields += [(name, np.uint64) for name in tail]
     return np.dtype(fields, align=True)
 
 
@@ -33,7 +36,8 @@ _SHAPE_INTS = ("batch", "heads_q", "heads_kv", "group", "seqlen_q", "seqlen_k", 
 _WINDOW_INTS = ("window_left", "window_right")
 
 FWD_PARAMS = _params_dtype(
-    ("q", "k", "v", "o", "lse"), ("q", "k", "v", "o"), (*_SHAPE_INTS, *_WINDOW_INTS)
+    ("q", "k", "v", "o", "lse"), ("q", "k", "v", "o"), (*_SHAPE_INTS, *_WINDOW_INTS),
+    tail=("sinks",),
 )
 BWD_PARAMS = _params_dtype(
     ("q", "k", "v", "o", "dout", "lse", "dq", "dk", "dv", "dq_accum", "delta"),
@@ -97,9 +101,9 @@ def forward_pointers(q, k, v, out, lse) -> tuple[int, ...]:
     return (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, 0 if lse is None else lse.data.ptr)
 
 
-def fwd_params(q, k, v, out, *, variant: Variant, scale: float):
-    """The FwdParams block for (B, S, H, D) views, pointer fields zero (`KernelCall` fills
-    them)."""
+def fwd_params(q, k, v, out, *, variant: Variant, scale: float, sinks: int = 0):
+    """The FwdParams block for (B, S, H, D) views, the `FWD_POINTERS` zero (`KernelCall` fills
+    them); `sinks`: the device address of the sinks (Accum, (Hq,)), or 0 for none."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     _, seqlen_k, heads_kv, _ = k.shape
     fields = {"q": 0, "k": 0, "v": 0, "o": 0, "lse": 0,
@@ -112,4 +116,5 @@ def fwd_params(q, k, v, out, *, variant: Variant, scale: float):
               "head_dim": head_dim}
     fields["window_left"], fields["window_right"] = variant.window_params(seqlen_q, seqlen_k)
     fields["softcap"] = variant.softcap
+    fields["sinks"] = sinks
     return pack_params(FWD_PARAMS, fields)

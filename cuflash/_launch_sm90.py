@@ -243,9 +243,10 @@ def takes_short_tile(seqlen_q: int, head_dim: int) -> bool:
 
 @functools.cache
 def fwd_sm90_spec(dtype: str, head_dim: int, mask: str, short: bool = False,
-                  score: str = "none") -> KernelSpec:
+                  score: str = "none", sinks: bool = False) -> KernelSpec:
     """The Hopper forward kernel for one problem class (memoised: hot path). `short`: the width's
-    short tile where there is one (`takes_short_tile`); `mask`, `score`: the variant's kinds."""
+    short tile where there is one (`takes_short_tile`); `mask`, `score`: the variant's kinds;
+    `sinks`: whether the call has attention sinks."""
     width = width_for(head_dim, FWD_SM90_TILES)
     tile = FWD_SM90_TILES[width]
     # A score modification takes the short tile: the long one's three consumers have 128
@@ -254,15 +255,15 @@ def fwd_sm90_spec(dtype: str, head_dim: int, mask: str, short: bool = False,
         tile = FWD_SM90_SHORT_TILES.get(width, tile)
     return KernelSpec("fwd_sm90.cu", "fwd_sm90", dtype, width, tile.block_m, tile.block_n,
                       tile.warps, mask, True, smem_bytes(width, tile, _dtypes.itemsize(dtype)),
-                      min_arch=90, score=score)
+                      min_arch=90, score=score, sinks=sinks)
 
 
 def all_fwd_sm90_specs() -> list[KernelSpec]:
     """Every instantiation forward_sm90 can choose (for the compile test)."""
-    specs = {fwd_sm90_spec(dtype, width, mask, short, score): None
+    specs = {fwd_sm90_spec(dtype, width, mask, short, score, sinks): None
              for dtype in _TENSOR_DTYPES for width in FWD_SM90_TILES
              for mask in _variant.MASK_KINDS for short in (False, True)
-             for score in _variant.SCORE_KINDS}
+             for score in _variant.SCORE_KINDS for sinks in (False, True)}
     return list(specs)
 
 
@@ -387,9 +388,11 @@ def forward_sm90(q, k, v, out, lse, *, variant: Variant, scale: float, device_id
     return True
 
 
-def plan_sm90(q, k, v, out, *, variant: Variant, scale: float, device_id: int, cc: int):
+def plan_sm90(q, k, v, out, *, variant: Variant, scale: float, device_id: int, cc: int,
+              sinks: int = 0):
     """The replayable `KernelCall` of the Hopper forward for these views, or None (reason
-    logged) when they do not qualify. Expects a non-empty problem."""
+    logged) when they do not qualify. Expects a non-empty problem. `sinks`: as for
+    `_launch_common.fwd_params` (nonzero: the kernel instantiated with sinks)."""
     from cuflash._launch_common import FWD_POINTERS, fwd_params
 
     batch, seqlen_q, heads_q, head_dim = q.shape
@@ -400,7 +403,7 @@ def plan_sm90(q, k, v, out, *, variant: Variant, scale: float, device_id: int, c
         return _reject(reason)  # an empty k: seqlen_k = 0
 
     spec = fwd_sm90_spec(dtype, head_dim, variant.mask, takes_short_tile(seqlen_q, head_dim),
-                         variant.score)
+                         variant.score, bool(sinks))
     # Persistent: at most one block per SM, each looping over query tiles (as its table says
     # where the kernel takes one; the others take a null pointer).
     table = takes_table(spec)
@@ -429,7 +432,7 @@ def plan_sm90(q, k, v, out, *, variant: Variant, scale: float, device_id: int, c
         grid=(grid, 1, 1),
         threads=spec.threads,
         smem_bytes=spec.smem_bytes,
-        params=fwd_params(q, k, v, out, variant=variant, scale=scale),
+        params=fwd_params(q, k, v, out, variant=variant, scale=scale, sinks=sinks),
         pointer_fields=FWD_POINTERS,
         tensor_maps=maps,
         args=args,

@@ -32,6 +32,8 @@ class KernelSpec:
         min_arch: lowest compute capability (e.g. 80) the kernel compiles for.
         score: the score modification compiled in (a `_variant.SCORE_KINDS` name;
             kernels_cu/score.cuh), rendered after the mask.
+        sinks: whether attention sinks are compiled in (kernels_cu/sink.cuh), rendered last;
+            None for the kernels that take them at run time or not at all (no such argument).
     """
 
     source: str
@@ -46,6 +48,7 @@ class KernelSpec:
     smem_bytes: int
     min_arch: int = 80
     score: str = "none"
+    sinks: bool | None = None
 
     @property
     def threads(self) -> int:
@@ -64,6 +67,8 @@ class KernelSpec:
             _variant.cpp_score(self.score),
             flag[self.aligned],
         )
+        if self.sinks is not None:
+            args = (*args, flag[self.sinks])
         return f"cuflash::{self.entry}<{', '.join(args)}>"
 
     @property

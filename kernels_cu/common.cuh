@@ -51,6 +51,7 @@ struct FwdParams {
   int window_left;    // WindowMask's band (mask.cuh), each in [0, seqlen_q + seqlen_k]; else unused
   int window_right;
   double softcap;     // Softcap's cap (score.cuh), > 0; else unused
+  const void* sinks;  // Accum (heads_q,): each head's sink logit (sink.cuh); null: none
 };
 
 // Parameters of the backward kernels (same conventions). `Accum` below is float for fp16/bf16/fp32

@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(
 
   // -- epilogue: o = acc / l, lse = m + log(l) --
   T lse[Tr::kRows];
-  softmax.finalize(acc_o, lse);
+  softmax.finalize(acc_o, lse, sink_at<T>(p, head));
   T* o = static_cast<T*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
   T* lse_out = p.lse == nullptr || tcol != 0
                    ? nullptr

@@ -211,7 +211,7 @@ fwd_sm80(const __grid_constant__ FwdParams p) {
 
   // -- epilogue: O / l, lse; rows >= seqlen_q and columns >= head_dim are not stored --
   float lse[2 * kMTiles];
-  softmax.finalize(acc_o, static_cast<float>(p.scale), lse);
+  softmax.finalize(acc_o, static_cast<float>(p.scale), lse, sink_at<float>(p, head));
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll

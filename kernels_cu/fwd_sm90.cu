@@ -259,8 +259,10 @@ template <int kBlockM> struct FwdSm90Schedule<kBlockM, true, true> {
   }
 };
 
+// kSinks: whether the call has attention sinks (sink.cuh); a template argument so that kernels
+// without them carry none of it.
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
-          typename ScoreKind, bool kAligned>
+          typename ScoreKind, bool kAligned, bool kSinks>
 __global__ void __launch_bounds__(kWarps * kWarpSize, 1)
 fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma_q,
          const __grid_constant__ TmaMap tma_k, const __grid_constant__ TmaMap tma_v,
@@ -556,7 +558,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
     int fin_row0 = 0, fin_head = 0, fin_batch = 0;
     bool fin_pending = false;
     auto finish_tile = [&](int row0, int head, int batch) {
-      softmax.finalize(acc_o, static_cast<float>(p.scale), fin_lse);
+      softmax.finalize(acc_o, static_cast<float>(p.scale), fin_lse, sink_of<kSinks>(p, head));
       if constexpr (kDeferEpilogue) {  // held in registers past the acc_o of the next tile
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
@@ -798,7 +800,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
           named_bar_arrive(slot_barrier(slot_parity, c ^ 1), 2 * Tr::kWarpgroupThreads);
         } else {
           float lse[2];
-          softmax.finalize(acc_o, static_cast<float>(p.scale), lse);
+          softmax.finalize(acc_o, static_cast<float>(p.scale), lse, sink_of<kSinks>(p, head));
           const uint32 slot_empty = c == Tr::kKStager ? k_empty(last) : v_empty(last);
           const uint32 o_rows = c == Tr::kKStager ? k_smem(last) : v_smem(last);
           named_bar_sync(slot_barrier(slot_parity, c), 2 * Tr::kWarpgroupThreads);
@@ -813,7 +815,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
         }
       }
       float lse[2];
-      softmax.finalize(acc_o, static_cast<float>(p.scale), lse);
+      softmax.finalize(acc_o, static_cast<float>(p.scale), lse, sink_of<kSinks>(p, head));
       T* o = static_cast<T*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {

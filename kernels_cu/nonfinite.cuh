@@ -13,6 +13,7 @@
 #include "common.cuh"
 #include "mask.cuh"
 #include "score.cuh"
+#include "sink.cuh"
 
 namespace cuflash {
 
@@ -41,15 +42,6 @@ template <typename T> struct Narrow {
 template <> struct Narrow<double> {
   static __device__ __forceinline__ double from(double x) { return x; }
 };
-
-__device__ __forceinline__ float exp_of(float x) { return expf(x); }
-__device__ __forceinline__ double exp_of(double x) { return exp(x); }
-__device__ __forceinline__ float max_of(float a, float b) { return fmaxf(a, b); }
-__device__ __forceinline__ double max_of(double a, double b) { return fmax(a, b); }
-__device__ __forceinline__ void minus_infinity(float& x) { x = neg_inf(); }
-__device__ __forceinline__ void minus_infinity(double& x) {
-  x = __longlong_as_double(0xfff0000000000000ll);
-}
 
 template <typename A> __device__ __forceinline__ A warp_sum(A x) {
 #pragma unroll
@@ -111,11 +103,12 @@ __device__ __forceinline__ void repair_row(const FwdParams& p, const Mask<MaskKi
   if (!leaked) return;  // every NaN came from what the row sees
 
   // out[row, d] = sum over the keys j the row sees of softmax(scale score(q.k))_j v[j, d], in one
-  // pass with a running max, in Accum; a NaN score makes the row NaN (it already is: not
-  // rewritten).
+  // pass with a running max, in Accum, the denominator starting from the head's sink (sink.cuh);
+  // a NaN score makes the row NaN (it already is: not rewritten).
   const A scale = static_cast<A>(p.scale);
-  A m, l = A(0), acc[kCols];
-  minus_infinity(m);
+  A m = sink_at<A>(p, head), l = A(0), acc[kCols], none;
+  minus_infinity(none);
+  if (m != none) l = A(1);  // the sink's own term, exp(sink - m)
 #pragma unroll
   for (int c = 0; c < kCols; ++c) acc[c] = A(0);
 #pragma unroll 1

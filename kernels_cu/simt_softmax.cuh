@@ -3,6 +3,7 @@
 
 #include "common.cuh"
 #include "simt_common.cuh"
+#include "sink.cuh"
 
 namespace cuflash {
 
@@ -77,16 +78,23 @@ template <typename T, int kRows, int kCols, int kLanes> struct OnlineSoftmax {
     }
   }
 
-  // Normalises the accumulator and returns each row's natural-log lse. A row that saw no key has
-  // sum 0: it keeps output 0 (acc is 0) and gets lse = -inf instead of 0 * inf = NaN.
+  // Normalises the accumulator and returns each row's natural-log lse, the head's `sink`
+  // (sink.cuh, natural units; -inf: none) joining the denominator. A row that saw no key has sum
+  // 0: it keeps output 0 (acc is 0) and gets lse = sink (-inf without one, not 0 * inf = NaN).
   template <int kD>
-  __device__ __forceinline__ void finalize(T (&acc)[kRows][kD], T (&lse)[kRows]) {
+  __device__ __forceinline__ void finalize(T (&acc)[kRows][kD], T (&lse)[kRows], T sink) {
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
       const T sum = group_sum<kLanes>(row_sum[i]);
       const bool empty = sum == T(0);
-      const T inv = empty ? T(0) : T(1) / sum;
-      lse[i] = empty ? -infinity<T>() : ScoreUnits<T>::lse(row_max[i], sum);
+      T inv = empty ? T(0) : T(1) / sum;
+      lse[i] = empty ? sink : ScoreUnits<T>::lse(row_max[i], sum);
+      if (sink != -infinity<T>() && !empty) {  // lse as the max, the sum exp(lse - lse) = 1
+        T m = lse[i], total = T(1), weight;
+        fold_sink(m, total, weight, sink);
+        inv *= weight / total;
+        lse[i] = m + log(total);
+      }
 #pragma unroll
       for (int d = 0; d < kD; ++d) acc[i][d] *= inv;
     }

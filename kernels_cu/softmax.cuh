@@ -6,6 +6,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "sink.cuh"
 
 namespace cuflash {
 
@@ -135,18 +136,20 @@ template <int kMTiles> struct OnlineSoftmax {
     }
   }
 
-  // Normalises the output by the row sums and returns each row's log-sum-exp (natural log). A row
-  // that saw no key has sum 0: its output stays 0 (not 0/0) and its lse is -inf.
+  // Normalises the output by the row sums and returns each row's log-sum-exp (natural log), the
+  // head's `sink` (sink.cuh; -inf: none) joining the denominator. A row that saw no key has sum
+  // 0: its output stays 0 (not 0/0) and its lse is the sink (-inf without one).
   template <int kDTiles>
   __device__ __forceinline__ void finalize(float (&acc)[kMTiles][kDTiles][4], float scale,
-                                           float (&lse)[kRows]) {
+                                           float (&lse)[kRows], float sink) {
     float inv[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      const float sum = quad_sum(row_sum[r]);
-      const bool empty = sum == 0.f;
-      inv[r] = empty ? 0.f : 1.f / sum;
-      lse[r] = empty ? neg_inf() : row_max[r] * scale + logf(sum);
+      float total = quad_sum(row_sum[r]), m = row_max[r] * scale, weight = 1.f;
+      const bool empty = total == 0.f;
+      if (sink != neg_inf() && !empty) fold_sink(m, total, weight, sink);
+      inv[r] = empty ? 0.f : weight / total;
+      lse[r] = empty ? sink : m + logf(total);
     }
     rescale(acc, inv);
   }

@@ -49,10 +49,10 @@ def test_spec_name_renders_the_template_signature():
     spec = _launch_sm90.fwd_sm90_spec("bfloat16", 100, "causal")
     assert spec.head_dim == 128 and spec.min_arch == 90
     assert spec.name == ("cuflash::fwd_sm90<cuflash::bf16, 128, 128, 128, 12, cuflash::CausalMask, "
-                         "cuflash::NoScore, true>")
-    capped = _launch_sm90.fwd_sm90_spec("bfloat16", 64, "window", False, "softcap")
+                         "cuflash::NoScore, true, false>")
+    capped = _launch_sm90.fwd_sm90_spec("bfloat16", 64, "window", False, "softcap", True)
     assert capped.name == ("cuflash::fwd_sm90<cuflash::bf16, 64, 128, 128, 12, "
-                           "cuflash::WindowMask, cuflash::Softcap, true>")  # the short tile
+                           "cuflash::WindowMask, cuflash::Softcap, true, true>")  # the short tile
 
 
 def test_q_is_double_buffered_where_it_fits():
