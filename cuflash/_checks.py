@@ -67,6 +67,19 @@ def check_head_values(name: str, x: object, src: _interop.Source,
     return values
 
 
+def check_sinks(x: object, src: _interop.Source, heads_q: int):
+    """The sinks ``(Hq,)``, float32 or float64: a float64 NumPy copy with finite values, or, for
+    CUDA inputs and sinks on q's device, the device array itself (its values are not read on the
+    host: that would wait for the device). Raises naming ``sinks``."""
+    where = check_side_array("sinks", x, src, ("float32", "float64"))
+    shape = tuple(int(n) for n in x.shape)
+    if shape != (heads_q,):
+        raise ValueError(f"sinks: expected shape ({heads_q},) (Hq), got {shape}")
+    if where.device == "cuda":
+        return _interop.to_backend(x, where)
+    return check_head_values("sinks", x, where, [(heads_q,)], f"({heads_q},) (Hq)")
+
+
 def check_score_array(name: str, x: object, src: _interop.Source, full: tuple[int, ...],
                        dtypes: tuple[str, ...]) -> np.ndarray:
     """A NumPy view of `x` (no copy): an array of one of `dtypes`, NumPy or of q's framework and

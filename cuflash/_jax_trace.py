@@ -196,9 +196,6 @@ def _host_call(fn, result, *arrays):
 def _cuda_branch(launch, result, *arrays, problem: api.Problem):
     """`launch` (a `_jax_gpu` function) where this process can plan CUDA launches; elsewhere the
     branch is never compiled (no GPU to run it), and a stand-in that says why fills it."""
-    if problem.variant.softcap:
-        return _refuse(result, *arrays, why="softcap: not yet computed by the CUDA kernels (the "
-                                            "CPU backend computes it)")
     reason = _jax_gpu.unusable_reason()
     if reason is not None:
         return _refuse(result, *arrays, why=f"cannot compile for CUDA in this process: {reason}")

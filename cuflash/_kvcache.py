@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from cuflash import _interop
-from cuflash._checks import check_alibi, check_flag, check_head_values
+from cuflash._checks import check_alibi, check_flag, check_sinks
 from cuflash._merge import ops_for
 from cuflash._variant import check_softcap
 from cuflash._varlen import int32_vector, to_host
@@ -110,14 +110,12 @@ def _check_mods(q, softcap, alibi_slopes, sinks) -> np.ndarray | None:
     batch, heads_q = int(q.shape[0]), int(q.shape[2])
     slopes = None if alibi_slopes is None else check_alibi(alibi_slopes, src, batch, heads_q)
     if sinks is not None:
-        check_head_values("sinks", sinks, src, [(heads_q,)], f"({heads_q},) (Hq)")
+        check_sinks(sinks, src, heads_q)
     if src.device == "cuda":
-        for name, given in (("softcap", softcap), ("alibi_slopes", alibi_slopes is not None),
-                            ("sinks", sinks is not None)):
-            if given:
-                raise NotImplementedError(
-                    f"{name}: not yet computed by the CUDA kernels; the CPU path and "
-                    f"cuflash.reference compute it")
+        if alibi_slopes is not None:
+            raise NotImplementedError(
+                "alibi_slopes: not yet computed by the CUDA kernels; the CPU path and "
+                "cuflash.reference compute it")
     return slopes
 
 

@@ -20,8 +20,8 @@ from cuflash._checks import (  # the size limits stay importable from here, wher
     MAX_ROW_REACH,  # noqa: F401
     check_alibi,
     check_flag,
-    check_head_values,
     check_score_array,
+    check_sinks,
     check_sizes,
     refuse_masked,
 )
@@ -52,10 +52,11 @@ class Problem:
     layout: str
     batched: bool  # False: the caller passed 3-D arrays (no batch axis)
     source: _interop.Source
-    # Run-time data of the score modifications, float64, not part of the identity: ALiBi slopes
-    # (B, Hq) when variant.alibi, sink logits (Hq,) when variant.sinks.
+    # Run-time data of the score modifications, not part of the identity: ALiBi slopes (B, Hq),
+    # float64, when variant.alibi; sink logits (Hq,) when variant.sinks: float64 NumPy, or the
+    # caller's float32/float64 device array as a CuPy view for CUDA inputs (`check_sinks`).
     alibi_slopes: np.ndarray | None = field(default=None, compare=False)
-    sinks: np.ndarray | None = field(default=None, compare=False)
+    sinks: object | None = field(default=None, compare=False)
     # The caller's bias and mask as NumPy views (never copied, never written), when given.
     bias: np.ndarray | None = field(default=None, compare=False)
     mask: np.ndarray | None = field(default=None, compare=False)
@@ -100,8 +101,8 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
         scale: softmax scale, a number in ``(0, MAX_SCALE]`` (about 2.3587e38: scale * log2(e)
             must be finite in float32); defaults to ``1 / sqrt(D)``.
         softcap: ``> 0``: logit soft-capping (Gemma 2, Grok): the scaled scores become
-            ``softcap * tanh(s / softcap)`` before the softmax; 0 (the default) is off. The CPU
-            path only for now: on CUDA a nonzero softcap raises NotImplementedError.
+            ``softcap * tanh(s / softcap)`` before the softmax; 0 (the default) is off. Every
+            path computes it, forward and backward.
         alibi_slopes: ALiBi (BLOOM, MPT; flash-attn's convention): a float32 or float64 array
             ``(Hq,)`` or ``(B, Hq)`` of finite slopes; ``-slope * |i + Sk - Sq - j|`` is added
             to the (scaled, capped) score of query i and key j. The CPU path only for now (a
@@ -244,12 +245,12 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
         dob, ob = _backend(dout, src, "dout"), _backend(out, src, "out")
         lseb = _interop.to_backend(lse, src)
         grads = [_interop.empty(x.shape, x, src, like) for x, like in ((qb, q), (kb, k), (vb, v))]
-        dsinks = np.zeros(problem.heads_q) if return_dsinks else None
         dbias = None
         if return_dbias:
             dbias = np.zeros((1,) * (4 - problem.bias.ndim) + problem.bias.shape)
-        call = backward_into(problem, dob, qb, kb, vb, ob, lseb, *(g[1] for g in grads),
-                             deterministic=deterministic, dsinks=dsinks, dbias=dbias)
+        call, dsinks = backward_into(problem, dob, qb, kb, vb, ob, lseb, *(g[1] for g in grads),
+                                     deterministic=deterministic, dsinks=return_dsinks,
+                                     dbias=dbias)
         if call is not False and key is not None:
             _replay.record(key, _replay.BackwardReplay(call, _replay.framework_of(q)))
         result = tuple(_interop.from_backend(native, b, src) for native, b in grads)
@@ -294,18 +295,10 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
                 f"got {sources[name].describe()}"
             )
 
-    if variant.softcap and src.device == "cuda":
-        raise NotImplementedError(
-            f"softcap: not yet computed by the CUDA kernels (got softcap={variant.softcap!r} for "
-            f"{src.describe()} inputs); the CPU path and cuflash.reference compute it")
     if variant.alibi and src.device == "cuda":
         raise NotImplementedError(
             f"alibi_slopes: not yet computed by the CUDA kernels (got slopes for "
             f"{src.describe()} inputs); the CPU path and cuflash.reference compute ALiBi")
-    if variant.sinks and src.device == "cuda":
-        raise NotImplementedError(
-            f"sinks: not yet computed by the CUDA kernels (got sinks for {src.describe()} "
-            f"inputs); the CPU path and cuflash.reference compute them")
     for name, given in (("bias", variant.bias), ("mask", variant.mask_array)):
         if given and src.device == "cuda":
             raise NotImplementedError(
@@ -356,8 +349,7 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
     check_sizes(batch, seqlen_q, seqlen_k, heads_q, src.device == "cuda",
                  f"shapes q {shapes['q']}, k {shapes['k']}, layout {layout} {axes}")
     slopes = None if alibi_slopes is None else check_alibi(alibi_slopes, src, batch, heads_q)
-    sink = None if sinks is None else check_head_values("sinks", sinks, src, [(heads_q,)],
-                                                         f"({heads_q},) (Hq)")
+    sink = None if sinks is None else check_sinks(sinks, src, heads_q)
     full = (batch, heads_q, seqlen_q, seqlen_k)
     bias_view = None if bias is None else check_score_array(
         "bias", bias, src, full, ("float16", "float32", "float64"))
@@ -390,21 +382,34 @@ def _check_scale(scale: object, head_dim: int) -> float:
     return value
 
 
-def _in_framework_of(values: np.ndarray, like: object, name: str):
-    """float64 NumPy `values` as an array of `like`'s (argument `name`'s) framework and dtype
-    (CPU)."""
+def _in_framework_of(values, like: object, name: str):
+    """`values` (float64 NumPy, or a CuPy array on `like`'s device) as an array of `like`'s
+    (argument `name`'s) framework, dtype and device."""
+    dtype = _interop.dtype_name(like)
     if isinstance(like, np.ndarray):
-        return values.astype(like.dtype)
-    framework = _interop.source_of(like, name).framework
-    if framework == "torch":
+        return np.asarray(values.get() if not isinstance(values, np.ndarray) else values,
+                          dtype=like.dtype)
+    where = _interop.source_of(like, name)
+    if where.device == "cuda":
+        values = values.astype(dtype)  # a new CuPy array: handed over without a copy
+        if where.framework == "torch":
+            import torch
+
+            return torch.from_dlpack(values)
+        if where.framework == "jax":
+            import jax.numpy as jnp
+
+            return jnp.from_dlpack(values)
+        return values
+    if where.framework == "torch":
         import torch
 
         return torch.from_numpy(values).to(like.dtype)
-    if framework == "jax":
+    if where.framework == "jax":
         import jax.numpy as jnp
 
         return jnp.asarray(values, dtype=like.dtype)
-    return values.astype(_interop.dtype_name(like))
+    return values.astype(dtype)
 
 
 def _check_writable(name: str, x: object) -> None:
@@ -512,14 +517,32 @@ def forward_into(problem: Problem, qb, kb, vb, out_b, lse_b):
     if lse3 is not None and problem.dtype == "float64":
         # fp64 kernels keep their statistics in double; the caller gets a float32 copy.
         lse_k = _interop.empty_backend(lse3.shape, "float64", src)
+    sinks = _sinks_on_device(problem)
     call = _launch.plan_forward(q4, k4, v4, o4, variant=problem.variant, scale=problem.scale,
-                                device_id=device_id, cc=compute_capability(device_id))
+                                device_id=device_id, cc=compute_capability(device_id),
+                                sinks=0 if sinks is None else sinks.data.ptr)
     if call is not None:
         call(_launch.forward_pointers(q4, k4, v4, o4, lse_k), _interop.current_stream(src))
     if lse_k is not lse3:
         lse3[...] = lse_k
         return False, call
     return True, call
+
+
+def _sinks_on_device(problem: Problem):
+    """The sinks as the kernels read them (None without sinks): a contiguous ``(Hq,)`` device
+    array in the Accum dtype (float64 for float64 inputs, else float32), from the caller's
+    allocator. Copied on the device: a device array's values are never read on the host. Lives
+    until the launch that reads it is queued (stream-ordered pools)."""
+    if problem.sinks is None:
+        return None
+    accum = "float64" if problem.dtype == "float64" else "float32"
+    buffer = _interop.empty_backend((problem.heads_q,), accum, problem.source)
+    if isinstance(problem.sinks, np.ndarray):
+        buffer.set(problem.sinks.astype(accum))
+    else:
+        buffer[...] = problem.sinks
+    return buffer
 
 
 @functools.cache
@@ -531,14 +554,15 @@ def compute_capability(device_id: int) -> int:
 
 
 def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
-                  deterministic: bool, dsinks: np.ndarray | None = None,
-                  dbias: np.ndarray | None = None):
+                  deterministic: bool, dsinks: bool = False, dbias: np.ndarray | None = None):
     """Run the backward on backend arrays of the caller's layout; writes dq, dk, dv (and, when
-    given, `dsinks` and `dbias`: float64 gradients of the sinks and the bias; the CPU path).
+    given, `dbias`: the float64 gradient of the bias; the CPU path).
 
-    Returns the `_launch_bwd.BackwardCall` a later call of the same signature may replay (None
-    when there was nothing to launch), or False where it may not: the CPU path, and float64,
-    which recomputes its statistics in float64 first.
+    Returns ``(call, dsinks)``. `call`: the `_launch_bwd.BackwardCall` a later call of the same
+    signature may replay (None when there was nothing to launch), or False where it may not: the
+    CPU path, and float64, which recomputes its statistics in float64 first. `dsinks` (with
+    ``dsinks=True``, else None): the sinks' gradient ``(Hq,)``, float64 NumPy on the CPU, a CuPy
+    array in the Accum dtype on CUDA.
     """
     do4, q4, k4, v4, o4, dq4, dk4, dv4 = (
         to_bshd(x, problem) for x in (dob, qb, kb, vb, ob, dqb, dkb, dvb))
@@ -546,12 +570,13 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
         from cuflash import _cpu
 
         # The CPU path recomputes the row statistics itself; lse was only validated.
+        sinks_grad = np.zeros(problem.heads_q) if dsinks else None
         dq, dk, dv = _cpu.backward(do4, q4, k4, v4, o4, variant=problem.variant,
                                    scale=problem.scale, alibi_slopes=problem.alibi_slopes,
                                    sinks=problem.sinks, bias=problem.bias, mask=problem.mask,
-                                   dsinks=dsinks, dbias=dbias)
+                                   dsinks=sinks_grad, dbias=dbias)
         dq4[...], dk4[...], dv4[...] = dq, dk, dv
-        return False
+        return False, sinks_grad
     from cuflash import _launch, _launch_bwd
 
     lse3 = lseb if problem.batched else lseb[None]
@@ -564,8 +589,10 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
     if problem.dtype == "float64":
         lse3 = _interop.empty_backend(lse3.shape, "float64", src)
         scratch = _interop.empty_backend(o4.shape, "float64", src)
+        sinks = _sinks_on_device(problem)
         forward = _launch.plan_forward(q4, k4, v4, scratch, variant=problem.variant,
-                                       scale=problem.scale, device_id=device_id, cc=cc)
+                                       scale=problem.scale, device_id=device_id, cc=cc,
+                                       sinks=0 if sinks is None else sinks.data.ptr)
         if forward is not None:
             forward(_launch.forward_pointers(q4, k4, v4, scratch, lse3), stream)
         replayable = False
@@ -577,7 +604,31 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
     call = _launch_bwd.plan_backward(do4, q4, k4, v4, o4, lse3, dq4, dk4, dv4,
                                      variant=problem.variant, scale=problem.scale,
                                      deterministic=deterministic, device_id=device_id, cc=cc)
+    scratch = []  # with dsinks: the call's scratch, whose first part is delta = rowsum(dO * O)
+
+    def keeping(nbytes: int):
+        owner, pointer = alloc(nbytes)
+        scratch.append((owner, pointer, nbytes))
+        return owner, pointer
+
     if call is not None:
         call(_launch_bwd.backward_pointers(do4, q4, k4, v4, o4, lse3, dq4, dk4, dv4), stream,
-             alloc)
-    return call if replayable else False
+             keeping if dsinks else alloc)
+    sinks_grad = _sinks_gradient(problem, lse3, scratch) if dsinks else None
+    return (call if replayable else False), sinks_grad
+
+
+def _sinks_gradient(problem: Problem, lse3, scratch):
+    """d loss / d sink[h] = -sum over batch and rows of exp(sink[h] - lse) * delta, on the
+    device, from the backward's delta (the start of its `scratch`: (owner, pointer, bytes)) and
+    the lse it read (B, Hq, Sq) in the Accum dtype. Zeros when there was nothing to launch."""
+    import cupy
+
+    sinks = _sinks_on_device(problem)
+    if not scratch or problem.seqlen_q == 0:
+        return cupy.zeros_like(sinks)
+    owner, pointer, nbytes = scratch[0]
+    memory = cupy.cuda.UnownedMemory(pointer, nbytes, owner)
+    delta = cupy.ndarray(lse3.shape, dtype=lse3.dtype, memptr=cupy.cuda.MemoryPointer(memory, 0))
+    weights = cupy.exp(sinks[None, :, None] - lse3) * delta
+    return -weights.sum(axis=(0, 2))

@@ -62,9 +62,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
         causal: bottom-right aligned causal mask (query i sees key j iff ``j <= i + Sk - Sq``).
         window: sliding window ``(left, right)``, -1 unbounded, as for :func:`cuflash.attention`.
         scale: softmax scale, a Python number > 0; defaults to ``1 / sqrt(D)``.
-        softcap: ``> 0``: logit soft-capping, as for :func:`cuflash.attention`. On the CPU
-            backend (eager and under jit) for now; a GPU raises NotImplementedError (eager) or
-            when XLA compiles the function for CUDA.
+        softcap: ``> 0``: logit soft-capping, as for :func:`cuflash.attention`, on every
+            backend, eager and under jit.
         layout: ``"bshd"`` or ``"bhsd"``.
 
     `causal`, `window`, `scale`, `softcap` and `layout` are static (not differentiated, not

@@ -65,7 +65,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         window: sliding window ``(left, right)``, -1 unbounded, as for :func:`cuflash.attention`.
         scale: softmax scale, a number > 0; defaults to ``1 / sqrt(D)``.
         softcap: ``> 0``: scores become ``softcap * tanh(s / softcap)`` after scaling, as for
-            :func:`cuflash.attention` (CPU tensors only for now).
+            :func:`cuflash.attention`.
         alibi_slopes: ALiBi slopes ``(Hq,)`` or ``(B, Hq)``, float32 or float64, as for
             :func:`cuflash.attention` (CPU tensors only for now; no gradient).
         sinks: attention sinks ``(Hq,)``, float32 or float64, as for :func:`cuflash.attention`

@@ -39,7 +39,7 @@ def attention_of(case: Case):
 
     def fn(q, k, v):
         return cuflash_jax.attention(q, k, v, causal=case.causal, window=case.window,
-                                     layout=case.layout)
+                                     softcap=case.softcap, layout=case.layout)
 
     return fn
 
@@ -64,14 +64,13 @@ def close(got, want, rtol=1e-6, atol=1e-6) -> None:
 
 
 def _options(case: Case) -> dict:
-    return {"causal": case.causal, "window": case.window, "scale": 1 / math.sqrt(case.head_dim)}
+    return {**case.mask, "scale": 1 / math.sqrt(case.head_dim)}
 
 
 def check_out(case: Case, arrays, out) -> None:
     """`out` against the float64 reference of the NumPy `arrays` (q, k, v, dout)."""
     q, k, v, _ = arrays
-    ref = reference.attention(q, k, v, causal=case.causal, window=case.window,
-                              layout=case.layout)
+    ref = reference.attention(q, k, v, **case.mask, layout=case.layout)
     q4, k4, v4 = (to_bshd4(x, case) for x in (q, k, v))
     naive, _ = naive_attention(q4, k4, v4, dtype=case.dtype, **_options(case))
     assert out.dtype == q.dtype and out.shape == q.shape
@@ -82,8 +81,7 @@ def check_out(case: Case, arrays, out) -> None:
 def check_grads(case: Case, arrays, grads) -> None:
     """dq, dk, dv against the float64 reference's of the NumPy `arrays` (q, k, v, dout)."""
     q, k, v, dout = arrays
-    refs = reference.attention_backward(dout, q, k, v, causal=case.causal, window=case.window,
-                                        layout=case.layout)
+    refs = reference.attention_backward(dout, q, k, v, **case.mask, layout=case.layout)
     q4, k4, v4, do4 = (to_bshd4(x, case) for x in arrays)
     naives = naive_attention_backward(do4, q4, k4, v4, dtype=case.dtype, **_options(case))
     eps = backward_eps(do4, q4, k4, v4, dtype=case.dtype, **_options(case))

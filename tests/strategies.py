@@ -65,6 +65,7 @@ class Case:
     dtype: str = "float32"
     causal: bool = False
     window: tuple[int, int] | None = None  # sliding window (left, right), -1 unbounded
+    softcap: float = 0.0  # logit soft-capping, 0 off
     layout: str = "bshd"
     three_d: bool = False  # no batch axis; batch is then 1
     view: str = "contiguous"
@@ -95,6 +96,8 @@ class Case:
             parts.append("causal")
         if self.window is not None:
             parts.append("w{}:{}".format(*self.window))
+        if self.softcap:
+            parts.append(f"cap{self.softcap:g}")
         parts.append(self.layout)
         if self.view != "contiguous":
             parts.append({"qkv_packed": "packed", "transposed": "strided"}[self.view])
@@ -102,8 +105,8 @@ class Case:
 
     @property
     def mask(self) -> dict[str, Any]:
-        """The mask options as `cuflash.attention` and the reference take them."""
-        return {"causal": self.causal, "window": self.window}
+        """The mask and score options as `cuflash.attention` and the reference take them."""
+        return {"causal": self.causal, "window": self.window, "softcap": self.softcap}
 
     @property
     def group(self) -> int:
@@ -144,9 +147,11 @@ def problems(
     views: tuple[str, ...] = VIEWS,
     allow_3d: bool = True,
     windows: bool = False,
+    softcaps: bool = False,
 ) -> Case:
     """Draw a :class:`Case`; the keyword arguments bound it (``causal=None`` draws both).
-    With `windows`, about half the cases get a sliding window (`window_sides`)."""
+    With `windows`, about half the cases get a sliding window (`window_sides`); with `softcaps`,
+    about half get a logit softcap (`SOFTCAPS`)."""
     view = draw(st.sampled_from(views))
     three_d = allow_3d and draw(st.booleans())
     batch = 1 if three_d else draw(st.integers(1, max_batch))
@@ -167,14 +172,20 @@ def problems(
         dtype=draw(st.sampled_from(dtypes)),
         causal=draw(st.booleans()) if causal is None else causal,
         window=draw(st.one_of(st.none(), window_sides(max_seqlen))) if windows else None,
+        softcap=draw(st.sampled_from((0.0,) * len(SOFTCAPS) + SOFTCAPS)) if softcaps else 0.0,
         layout=draw(st.sampled_from(layouts)),
         three_d=three_d,
         view=view,
     )
 
 
+# Logit softcaps: tight enough to bend most scores (0.5), Gemma's 30 and 50, and between.
+SOFTCAPS = (0.5, 2.0, 30.0, 50.0)
+
+
 # Fixed masks for the tile-edge tests: none, causal, and windows cut on one or both sides, wide
-# and narrower than a tile (so tiles are cut by the left edge, the diagonal, or both).
+# and narrower than a tile (so tiles are cut by the left edge, the diagonal, or both); two with
+# a softcap.
 MASKS = (
     {"causal": False},
     {"causal": True},
@@ -182,8 +193,11 @@ MASKS = (
     {"causal": False, "window": (100, 20)},
     {"causal": False, "window": (-1, 70)},
     {"causal": True, "window": (200, 9)},
+    {"causal": True, "softcap": 2.0},
+    {"causal": False, "window": (100, 20), "softcap": 0.5},
 )
-MASK_IDS = ("none", "causal", "w37:0", "w100:20", "w-1:70", "causal-w200")
+MASK_IDS = ("none", "causal", "w37:0", "w100:20", "w-1:70", "causal-w200", "causal-cap2",
+            "w100:20-cap0.5")
 
 
 def window_sides(max_seqlen: int) -> st.SearchStrategy[tuple[int, int]]:

@@ -86,7 +86,7 @@ def _skip_single_family(dtype: str, kernel_path: str) -> None:
 @given(data=st.data(), seed=seeds())
 def test_backward_matches_reference(dtype, kernel_path, data, seed):
     _skip_single_family(dtype, kernel_path)
-    case = data.draw(problems(dtypes=(dtype,), max_seqlen=260, windows=True))
+    case = data.draw(problems(dtypes=(dtype,), max_seqlen=260, windows=True, softcaps=True))
     _check_case(case, seed)
 
 

@@ -86,7 +86,7 @@ def _check_case(case, seed):
 def test_forward_matches_reference(dtype, kernel_path, data, seed):
     if kernel_path == "sm80" and dtype in ("float32", "float64"):
         pytest.skip("fp32/fp64 have one kernel family")
-    case = data.draw(problems(dtypes=(dtype,), max_seqlen=300, windows=True))
+    case = data.draw(problems(dtypes=(dtype,), max_seqlen=300, windows=True, softcaps=True))
     _check_case(case, seed)
 
 

@@ -66,6 +66,8 @@ CASES = [
     Case(1, 33, 47, 2, 1, 64, dtype="float64", causal=True, three_d=True),
     Case(2, 61, 61, 2, 2, 60, dtype="bfloat16", causal=True),  # rows of 120 bytes: no TMA
     Case(1, 130, 257, 2, 1, 256, dtype="bfloat16"),
+    Case(2, 100, 150, 4, 2, 64, dtype="bfloat16", causal=True, softcap=2.0),
+    Case(1, 97, 97, 2, 2, 128, dtype="float32", window=(20, 3), softcap=0.5),
 ]
 
 

@@ -76,7 +76,8 @@ def _run(case: Case, seed: int) -> bool:
 @GPU_SETTINGS
 @given(data=st.data(), seed=seeds())
 def test_forward_sm90_matches_reference(dtype, data, seed):
-    case = data.draw(problems(dtypes=(dtype,), max_seqlen=400, max_head_dim=256, windows=True))
+    case = data.draw(problems(dtypes=(dtype,), max_seqlen=400, max_head_dim=256, windows=True,
+                                softcaps=True))
     case = Case(**{**case.__dict__, "head_dim": data.draw(st.sampled_from(TMA_HEAD_DIMS))})
     ran = _run(case, seed)
     # Empty keys are the sm80 kernel's job (it writes zeros and lse = -inf); empty queries: no-op.

@@ -556,15 +556,6 @@ def test_softcap_on_the_cpu_backend_eager_and_jitted():
             np.testing.assert_allclose(np.asarray(got), ref, rtol=2e-5, atol=2e-5)
 
 
-def test_softcap_is_refused_when_lowered_for_cuda(monkeypatch):
-    monkeypatch.setattr(_jax_gpu, "unusable_reason", lambda: None)
-    q = jnp.ones((2, 5, 4, 8))
-    traced = jax.jit(lambda q: cuflash_jax.attention(q, q, q, softcap=2.0)).trace(q)
-    with pytest.raises(NotImplementedError, match=r"softcap: not yet computed by the CUDA "
-                                                  r"kernels .*\(compiling for cuda\)"):
-        traced.lower(lowering_platforms=("cuda",))
-
-
 def test_gpu_branch_without_a_gpu_says_why_when_lowered(monkeypatch):
     monkeypatch.setattr(_jax_gpu, "unusable_reason", lambda: "CuPy sees no CUDA GPU (test)")
     q = jnp.ones((2, 5, 4, 8))
