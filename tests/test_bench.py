@@ -410,12 +410,18 @@ def test_softcap_bench_flags_and_cells():
     assert softcap.cells(softcap.build_parser().parse_args(["--causal", "no", "--seqlens",
                                                              "2k"])) == [(64, 2048, False),
                                                                          (128, 2048, False)]
-    for bad in (["--cap", "0"], ["--cap", "-1"], ["--cap", "nan"], ["--seqlens", "1x"],
+    for bad in (["--cap", "-1"], ["--cap", "nan"], ["--seqlens", "1x"],
                 ["--head-dims", "0"], ["--causal", "maybe"]):
         with pytest.raises(SystemExit):
             softcap.build_parser().parse_args(bad)
     with pytest.raises(SystemExit):  # a head dim that does not divide the model width
         softcap.main(["--head-dims", "96"])
+    with pytest.raises(SystemExit):  # no softcap and no sinks: nothing to compare
+        softcap.main(["--cap", "0"])
+    sinks_only = softcap.build_parser().parse_args(["--cap", "0", "--sinks"])
+    assert sinks_only.cap == 0.0 and sinks_only.sinks and not args.sinks
+    assert "and sinks" in softcap.caption({**vars(sinks_only), "out": None})
+    assert "flex not timed" in softcap.caption({**vars(sinks_only), "out": None})
     assert bench.build_parser().parse_args(["--softcap"]).softcap  # listed in bench --help
 
 

@@ -11,6 +11,10 @@ on the same fresh random inputs (standard normal), timed in the same run:
 - ``flex``: PyTorch FlexAttention compiled (``dynamic=False``) with the ``score_mod``
   ``cap * tanh(score / cap)`` (its score is already scaled) and, causal, the causal block mask.
 
+With ``--sinks`` the ``cuflash`` call also gets attention sinks (gpt-oss): one float32 logit
+per head (standard normal) that requires grad, so the backward computes their gradient too;
+``--cap 0`` then times the sinks alone. FlexAttention has no sinks: it is not timed with them.
+
 TFLOP/s as the FlashAttention papers count them (`cuflash.bench.attention_flops`): forward
 ``4*B*H*S*S*D``, halved when causal, backward 2.5 times that; the tanh is not counted, so a
 softcap that costs time shows as a lower rate. Backward cells time ``out.backward(dout)``
@@ -71,8 +75,8 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def _cap(text: str) -> float:
     value = float(text)
-    if not value > 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"the softcap must be > 0, got {text!r}")
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"the softcap must be >= 0, got {text!r}")
     return value
 
 
@@ -80,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cuflash bench --softcap",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--cap", type=_cap, default=30.0,
-                        help="the softcap: scaled scores become cap * tanh(s / cap) (default 30)")
+                        help="the softcap: scaled scores become cap * tanh(s / cap) (default 30;"
+                             " 0 only with --sinks)")
+    parser.add_argument("--sinks", action="store_true",
+                        help="give cuflash attention sinks too (one logit per head, with their "
+                             "gradient); FlexAttention is then not timed")
     parser.add_argument("--head-dims", type=_ints, default=HEAD_DIMS,
                         help="comma list (default 64,128); each must divide --model-dim")
     parser.add_argument("--seqlens", type=seqlens_arg, default=SEQLENS,
@@ -130,12 +138,13 @@ def _flex(torch, seqlen: int, causal: bool, cap: float) -> Callable:
     return compiled_flex(torch, seqlen, causal_mask if causal else None, score_mod)
 
 
-def _impls(torch, seqlen: int, causal: bool, cap: float, flex: bool) -> dict[str, Callable]:
+def _impls(torch, seqlen: int, causal: bool, cap: float, flex: bool,
+           sinks=None) -> dict[str, Callable]:
     import cuflash.torch as cft
 
     impls = {
         "cuflash": lambda q, k, v: cft.attention(q, k, v, causal=causal, softcap=cap,
-                                                 layout="bhsd"),
+                                                 sinks=sinks, layout="bhsd"),
         "cuflash-plain": lambda q, k, v: cft.attention(q, k, v, causal=causal, layout="bhsd"),
     }
     if flex:
@@ -171,7 +180,8 @@ def run(args: argparse.Namespace, deadline: float | None = None) -> list[dict]:
     import torch
 
     torch.manual_seed(args.seed)
-    impl_names = IMPLS[:2] if args.no_flex else IMPLS
+    flex = not (args.no_flex or args.sinks)
+    impl_names = IMPLS if flex else IMPLS[:2]
     rows = []
     for head_dim, seqlen, causal in cells(args):
         batch, heads, _, _ = shape(args, head_dim, seqlen)
@@ -183,12 +193,16 @@ def run(args: argparse.Namespace, deadline: float | None = None) -> list[dict]:
             continue
         inputs = [torch.randn(shape(args, head_dim, seqlen), device="cuda", dtype=torch.bfloat16)
                   for _ in range(4)]
-        fns = _impls(torch, seqlen, causal, args.cap, not args.no_flex)
+        sinks = None
+        if args.sinks:
+            sinks = torch.randn(heads, device="cuda", dtype=torch.float32, requires_grad=True)
+        fns = _impls(torch, seqlen, causal, args.cap, flex, sinks)
         cell = []
         for name in impl_names:
             softcap = 0.0 if name == "cuflash-plain" else args.cap
             for pass_ in PASSES:
-                row = {"impl": name, "pass": pass_, **base, "softcap": softcap}
+                row = {"impl": name, "pass": pass_, **base, "softcap": softcap,
+                       "sinks": args.sinks and name == "cuflash"}
                 flops = attention_flops(batch, heads, seqlen, seqlen, head_dim, causal=causal,
                                         pass_=pass_)
                 try:
@@ -207,7 +221,7 @@ def run(args: argparse.Namespace, deadline: float | None = None) -> list[dict]:
                 row["max_abs_diff_flex"] = diff
         print(progress_line(cell), file=sys.stderr, flush=True)
         rows += cell
-        del inputs, fns
+        del inputs, fns, sinks
         torch.cuda.empty_cache()
     return rows
 
@@ -295,10 +309,13 @@ def progress_line(cell: list[dict]) -> str:
 
 
 def caption(config: dict) -> str:
-    return (f"bf16, B*S = {config['tokens']} tokens, H*D = {config['model_dim']}, softcap "
-            f"{config['cap']:g}; TFLOP/s ({FLOPS}; the tanh not counted) and ms per call; "
-            "cuflash = cuflash.torch.attention(softcap=cap), plain = the same without softcap, "
+    mods = f"softcap {config['cap']:g}" + (" and sinks" if config.get("sinks") else "")
+    call = "softcap=cap" + (", sinks=sinks (requiring grad)" if config.get("sinks") else "")
+    flex = ("flex not timed (no sinks)" if config.get("sinks") else
             "flex = compiled FlexAttention with score_mod cap * tanh(score / cap)")
+    return (f"bf16, B*S = {config['tokens']} tokens, H*D = {config['model_dim']}, {mods}; "
+            f"TFLOP/s ({FLOPS}; the modifications not counted) and ms per call; "
+            f"cuflash = cuflash.torch.attention({call}), plain = the same without them, {flex}")
 
 
 def write_outputs(out: Path, record: dict) -> list[Path]:
@@ -322,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.cap == 0 and not args.sinks:
+        parser.error("--cap 0 times nothing but plain cuflash: give a softcap > 0 or --sinks")
     uneven = [d for d in args.head_dims if args.model_dim % d]
     if uneven:
         parser.error(f"--head-dims {uneven[0]} does not divide --model-dim {args.model_dim}")
@@ -330,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     began = time.perf_counter()
     print(f"cuflash bench --softcap on {torch.cuda.get_device_name()}: "
-          f"{len(cells(args))} cells, softcap {args.cap:g}", file=sys.stderr, flush=True)
+          f"{len(cells(args))} cells, softcap {args.cap:g}{' and sinks' if args.sinks else ''}",
+          file=sys.stderr, flush=True)
     deadline = None if args.budget is None else began + args.budget
     rows = run(args, deadline)
     config = {**vars(args), "out": None if args.out is None else str(args.out)}
