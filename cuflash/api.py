@@ -111,9 +111,10 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
         sinks: attention sinks (gpt-oss): a float32 or float64 array ``(Hq,)`` of finite
             logits, one per query head, of a virtual key with no value: every row's softmax
             denominator gains ``exp(sinks[h])`` and ``lse`` includes it (a row that sees no key
-            gets zeros and ``lse = sinks[h]``). The CPU path only for now (CUDA:
-            NotImplementedError); its gradient: `attention_backward`'s ``return_dsinks``, or
-            torch autograd.
+            gets zeros and ``lse = sinks[h]``). Every path; on CUDA, sinks on q's device are
+            not read on the host (no wait for the device), so a NaN there is not refused: it
+            gives NaN rows. Its gradient: `attention_backward`'s ``return_dsinks``, or torch
+            autograd.
         bias: an additive float16/32/64 array broadcastable to ``(B, Hq, Sq, Sk)`` (any of B,
             Hq of size 1, SDPA's attn_mask shape in both layouts), added to the scores after
             ALiBi; read block by block, never expanded. Gradient: `attention_backward`'s

@@ -68,8 +68,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
             :func:`cuflash.attention`.
         alibi_slopes: ALiBi slopes ``(Hq,)`` or ``(B, Hq)``, float32 or float64, as for
             :func:`cuflash.attention` (CPU tensors only for now; no gradient).
-        sinks: attention sinks ``(Hq,)``, float32 or float64, as for :func:`cuflash.attention`
-            (CPU tensors only for now); a tensor that requires grad gets its gradient.
+        sinks: attention sinks ``(Hq,)``, float32 or float64, as for :func:`cuflash.attention`;
+            a tensor that requires grad gets its gradient.
         bias: an additive tensor broadcastable to ``(B, Hq, Sq, Sk)``, as for
             :func:`cuflash.attention` (CPU tensors only for now); one that requires grad gets
             its gradient, summed over the axes it was broadcast along.
