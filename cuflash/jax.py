@@ -13,9 +13,10 @@ Where it runs:
   graphs). ``jax.vmap`` folds the mapped axis into the batch: one launch for the whole stack.
 - **Under jax.jit on the CPU backend**: ``jax.pure_callback`` into cuflash's NumPy path (float16
   and bfloat16 computed in float32).
-- **Eager** (concrete arrays, including inside an eager ``jax.grad`` / ``jax.vjp``): q, k, v go
-  through DLPack to the CUDA kernels (GPU arrays) or the NumPy path (CPU arrays), without a copy,
-  and the results come back as JAX arrays on the same device.
+- **Eager** (concrete arrays, including inside an eager ``jax.grad`` / ``jax.vjp``): GPU arrays
+  take the compiled path above, jitted once per options and shape (a call is then JAX's
+  dispatch of a compiled function, not a validation and plan per call); CPU arrays go through
+  DLPack to the NumPy path without a copy, and the results come back as JAX arrays.
 
 The platform is chosen per compiled function with ``jax.lax.platform_dependent``, so a function
 jitted onto the CPU of a GPU machine runs the NumPy path. Compiling for any other platform fails
@@ -188,9 +189,11 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _forward(q, k, v, options: Options):
-    """``(out, lse)``: the core on concrete arrays, else staged for the platform."""
+    """``(out, lse)``: staged for the platform when traced or on a GPU, else the NumPy core."""
     if not _concrete(q, k, v):
         return _jax_trace.forward(q, k, v, options)
+    if _on_gpu(q):
+        return _compiled(_jax_trace.forward, options)(q, k, v)
     forward = functools.partial(api.attention, causal=options.causal, window=options.window,
                                 scale=options.scale, softcap=options.softcap,
                                 layout=options.layout, return_lse=True)
@@ -201,9 +204,12 @@ def _forward(q, k, v, options: Options):
 
 
 def _backward(dout, q, k, v, out, lse, options: Options):
-    """``(dq, dk, dv)``: the core on concrete arrays, else staged for the platform."""
+    """``(dq, dk, dv)``: staged for the platform when traced or on a GPU, else the NumPy
+    core."""
     if not _concrete(dout, q, k, v, out, lse):
         return _jax_trace.backward(dout, q, k, v, out, lse, options)
+    if _on_gpu(q):
+        return _compiled(_jax_trace.backward, options)(dout, q, k, v, out, lse)
     backward = functools.partial(api.attention_backward, causal=options.causal,
                                  window=options.window, scale=options.scale,
                                  softcap=options.softcap, layout=options.layout)
@@ -236,6 +242,19 @@ def _eager_backward(backward, *arrays):
     with _interop.stream_scope(src):
         views = [_interop.to_backend(x, src) for x in arrays]
         return tuple(_interop.from_backend(None, g, src) for g in backward(*views))
+
+
+@functools.cache
+def _compiled(staged, options: Options):
+    """`staged` (`_jax_trace.forward` or `.backward`) jitted for `options`: concrete GPU arrays
+    run the kernels as a compiled call. JAX dispatches a compiled call in microseconds, where
+    the eager core would validate, plan and pass every array through DLPack each time; a new
+    shape or dtype compiles (and plans) once, as under the caller's own jit."""
+    return jax.jit(functools.partial(staged, options=options))
+
+
+def _on_gpu(x) -> bool:
+    return _interop.source_of(x, "q").device == "cuda"
 
 
 def _concrete(*arrays) -> bool:
