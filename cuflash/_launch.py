@@ -18,10 +18,11 @@ from cuflash._kernel_call import KernelCall
 from cuflash._launch_common import (  # the shared names stay reachable through _launch too
     BWD_PARAMS,  # noqa: F401
     FWD_PARAMS,  # noqa: F401
-    FWD_POINTERS,
+    FWD_POINTERS,  # noqa: F401
     Tile,
     forward_pointers,
     fwd_params,
+    fwd_pointer_fields,
     is_aligned,
     pack_params,  # noqa: F401
     param_strides,  # noqa: F401
@@ -105,14 +106,14 @@ def all_fwd_specs() -> list[KernelSpec]:
 
 
 def plan_forward(q, k, v, out, *, variant: Variant, scale: float, device_id: int,
-                 cc: int, sinks: int = 0) -> KernelCall | None:
+                 cc: int, sinks: bool = False) -> KernelCall | None:
     """The forward's replayable `KernelCall` for these views (None when there is nothing to
     compute): the Hopper kernel where it applies (it logs why not), else sm80 or SIMT.
 
     q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), out like q: CuPy arrays with any strides and a unit
     last stride; the call is valid for any arrays of the same shapes, strides and 16-byte
-    alignment (and, with `sinks`, the device address of the sinks, Accum ``(Hq,)``, that it
-    keeps). Call inside the device's scope.
+    alignment. `sinks`: the call has attention sinks (Accum ``(Hq,)``), whose address each
+    launch passes after lse (`forward_pointers`). Call inside the device's scope.
     """
     batch, seqlen_q, heads_q, head_dim = q.shape
     if batch == 0 or seqlen_q == 0 or heads_q == 0:
@@ -132,8 +133,8 @@ def plan_forward(q, k, v, out, *, variant: Variant, scale: float, device_id: int
         grid=(math.ceil(seqlen_q / spec.block_m), heads_q, batch),
         threads=spec.threads,
         smem_bytes=spec.smem_bytes,
-        params=fwd_params(q, k, v, out, variant=variant, scale=scale, sinks=sinks),
-        pointer_fields=FWD_POINTERS,
+        params=fwd_params(q, k, v, out, variant=variant, scale=scale),
+        pointer_fields=fwd_pointer_fields(sinks),
     )
 
 

@@ -18,16 +18,13 @@ from cuflash._variant import Variant
 _STRIDE_FIELDS = ("batch_stride", "row_stride", "head_stride")
 
 
-def _params_dtype(pointers: tuple[str, ...], strided: tuple[str, ...], ints: tuple[str, ...],
-                  tail: tuple[str, ...] = ()):
-    """The block's fields in the C++ struct's order; `tail`: pointers after the softcap."""
+def _params_dtype(pointers: tuple[str, ...], strided: tuple[str, ...], ints: tuple[str, ...]):
     fields = [(name, np.uint64) for name in pointers]
     fields += [(f"{t}_{s}", np.int64) for t in strided for s in _STRIDE_FIELDS]
     fields += [("lse_batch_stride", np.int64), ("lse_head_stride", np.int64)]
     fields += [("scale", np.float64), ("scale_log2", np.float32)]
     fields += [(name, np.int32) for name in ints]
     fields += [("softcap", np.float64)]
-    fields += [(name, np.uint64) for name in tail]
     return np.dtype(fields, align=True)
 
 
@@ -36,8 +33,7 @@ _SHAPE_INTS = ("batch", "heads_q", "heads_kv", "group", "seqlen_q", "seqlen_k", 
 _WINDOW_INTS = ("window_left", "window_right")
 
 FWD_PARAMS = _params_dtype(
-    ("q", "k", "v", "o", "lse"), ("q", "k", "v", "o"), (*_SHAPE_INTS, *_WINDOW_INTS),
-    tail=("sinks",),
+    ("q", "k", "v", "o", "lse", "sinks"), ("q", "k", "v", "o"), (*_SHAPE_INTS, *_WINDOW_INTS)
 )
 BWD_PARAMS = _params_dtype(
     ("q", "k", "v", "o", "dout", "lse", "dq", "dk", "dv", "dq_accum", "delta"),
@@ -92,21 +88,28 @@ def pack_params(dtype: np.dtype, fields: dict[str, float | int]):
     return np.array(tuple(fields[name] for name in dtype.names), dtype=dtype)[()]
 
 
-# The pointer fields of FwdParams a forward launch fills, in the order `KernelCall` takes them.
+# The pointer fields of FwdParams a forward launch fills, in the order `KernelCall` takes them;
+# a launch with sinks fills the sinks' too (`fwd_pointer_fields`).
 FWD_POINTERS = ("q", "k", "v", "o", "lse")
 
 
-def forward_pointers(q, k, v, out, lse) -> tuple[int, ...]:
-    """FWD_POINTERS of CuPy arrays (lse may be None)."""
-    return (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, 0 if lse is None else lse.data.ptr)
+def fwd_pointer_fields(sinks: bool) -> tuple[str, ...]:
+    return (*FWD_POINTERS, "sinks") if sinks else FWD_POINTERS
 
 
-def fwd_params(q, k, v, out, *, variant: Variant, scale: float, sinks: int = 0):
-    """The FwdParams block for (B, S, H, D) views, the `FWD_POINTERS` zero (`KernelCall` fills
-    them); `sinks`: the device address of the sinks (Accum, (Hq,)), or 0 for none."""
+def forward_pointers(q, k, v, out, lse, sinks=None) -> tuple[int, ...]:
+    """The forward's pointer fields of CuPy arrays (lse may be None; with `sinks`, its
+    address follows)."""
+    found = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, 0 if lse is None else lse.data.ptr)
+    return found if sinks is None else (*found, sinks.data.ptr)
+
+
+def fwd_params(q, k, v, out, *, variant: Variant, scale: float):
+    """The FwdParams block for (B, S, H, D) views, pointer fields zero (`KernelCall` fills the
+    ones it launches with; a null sinks pointer is no sinks)."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     _, seqlen_k, heads_kv, _ = k.shape
-    fields = {"q": 0, "k": 0, "v": 0, "o": 0, "lse": 0,
+    fields = {"q": 0, "k": 0, "v": 0, "o": 0, "lse": 0, "sinks": 0,
               **param_strides("q", q), **param_strides("k", k), **param_strides("v", v),
               **param_strides("o", out),
               "lse_batch_stride": heads_q * seqlen_q, "lse_head_stride": seqlen_q,
@@ -116,5 +119,4 @@ def fwd_params(q, k, v, out, *, variant: Variant, scale: float, sinks: int = 0):
               "head_dim": head_dim}
     fields["window_left"], fields["window_right"] = variant.window_params(seqlen_q, seqlen_k)
     fields["softcap"] = variant.softcap
-    fields["sinks"] = sinks
     return pack_params(FWD_PARAMS, fields)

@@ -389,11 +389,11 @@ def forward_sm90(q, k, v, out, lse, *, variant: Variant, scale: float, device_id
 
 
 def plan_sm90(q, k, v, out, *, variant: Variant, scale: float, device_id: int, cc: int,
-              sinks: int = 0):
+              sinks: bool = False):
     """The replayable `KernelCall` of the Hopper forward for these views, or None (reason
-    logged) when they do not qualify. Expects a non-empty problem. `sinks`: as for
-    `_launch_common.fwd_params` (nonzero: the kernel instantiated with sinks)."""
-    from cuflash._launch_common import FWD_POINTERS, fwd_params
+    logged) when they do not qualify. Expects a non-empty problem. `sinks`: the call has
+    attention sinks, whose address each launch passes after lse."""
+    from cuflash._launch_common import fwd_params, fwd_pointer_fields
 
     batch, seqlen_q, heads_q, head_dim = q.shape
     dtype = _dtypes.dtype_name(q.dtype)
@@ -403,7 +403,7 @@ def plan_sm90(q, k, v, out, *, variant: Variant, scale: float, device_id: int, c
         return _reject(reason)  # an empty k: seqlen_k = 0
 
     spec = fwd_sm90_spec(dtype, head_dim, variant.mask, takes_short_tile(seqlen_q, head_dim),
-                         variant.score, bool(sinks))
+                         variant.score, sinks)
     # Persistent: at most one block per SM, each looping over query tiles (as its table says
     # where the kernel takes one; the others take a null pointer).
     table = takes_table(spec)
@@ -432,8 +432,8 @@ def plan_sm90(q, k, v, out, *, variant: Variant, scale: float, device_id: int, c
         grid=(grid, 1, 1),
         threads=spec.threads,
         smem_bytes=spec.smem_bytes,
-        params=fwd_params(q, k, v, out, variant=variant, scale=scale, sinks=sinks),
-        pointer_fields=FWD_POINTERS,
+        params=fwd_params(q, k, v, out, variant=variant, scale=scale),
+        pointer_fields=fwd_pointer_fields(sinks),
         tensor_maps=maps,
         args=args,
         keep=keep,

@@ -521,9 +521,10 @@ def forward_into(problem: Problem, qb, kb, vb, out_b, lse_b):
     sinks = _sinks_on_device(problem)
     call = _launch.plan_forward(q4, k4, v4, o4, variant=problem.variant, scale=problem.scale,
                                 device_id=device_id, cc=compute_capability(device_id),
-                                sinks=0 if sinks is None else sinks.data.ptr)
+                                sinks=sinks is not None)
     if call is not None:
-        call(_launch.forward_pointers(q4, k4, v4, o4, lse_k), _interop.current_stream(src))
+        call(_launch.forward_pointers(q4, k4, v4, o4, lse_k, sinks),
+             _interop.current_stream(src))
     if lse_k is not lse3:
         lse3[...] = lse_k
         return False, call
@@ -593,9 +594,9 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
         sinks = _sinks_on_device(problem)
         forward = _launch.plan_forward(q4, k4, v4, scratch, variant=problem.variant,
                                        scale=problem.scale, device_id=device_id, cc=cc,
-                                       sinks=0 if sinks is None else sinks.data.ptr)
+                                       sinks=sinks is not None)
         if forward is not None:
-            forward(_launch.forward_pointers(q4, k4, v4, scratch, lse3), stream)
+            forward(_launch.forward_pointers(q4, k4, v4, scratch, lse3, sinks), stream)
         replayable = False
     elif not lse3.flags.c_contiguous:
         contiguous = _interop.empty_backend(lse3.shape, "float32", src)

@@ -32,6 +32,7 @@ struct FwdParams {
   const void* v;
   void* o;
   void* lse;  // Accum (batch, heads_q, seqlen_q), natural log, row stride 1; null: not requested
+  const void* sinks;  // Accum (heads_q,): each head's sink logit (sink.cuh); null: none
 
   int64 q_batch_stride, q_row_stride, q_head_stride;
   int64 k_batch_stride, k_row_stride, k_head_stride;
@@ -51,7 +52,6 @@ struct FwdParams {
   int window_left;    // WindowMask's band (mask.cuh), each in [0, seqlen_q + seqlen_k]; else unused
   int window_right;
   double softcap;     // Softcap's cap (score.cuh), > 0; else unused
-  const void* sinks;  // Accum (heads_q,): each head's sink logit (sink.cuh); null: none
 };
 
 // Parameters of the backward kernels (same conventions). `Accum` below is float for fp16/bf16/fp32
