@@ -59,19 +59,20 @@ def accum_dtype(dtype: str) -> np.dtype:
     return _launch_bwd.accum_dtype(dtype)
 
 
-def forward(q, k, v, problem: api.Problem):
-    """``(out, lse)`` of traced q, k, v (the caller's layout); lse in `accum_dtype`."""
+def forward(q, k, v, *sinks, problem: api.Problem):
+    """``(out, lse)`` of traced q, k, v (the caller's layout), and the sinks ``(Hq,)`` in
+    `accum_dtype` where given; lse in `accum_dtype`."""
     from jax.experimental.buffer_callback import buffer_callback
 
     _check_grid(problem)
-    plans = {device: _plan_forward(problem, device) for device in _devices()}
+    plans = {device: _plan_forward(problem, device, bool(sinks)) for device in _devices()}
     shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype),
               jax.ShapeDtypeStruct(problem.lse_shape(), accum_dtype(problem.dtype)))
     # vmap is folded into the batch before it gets here (`_jax_trace`); "sequential" would be
     # right too: each call at the planned shapes.
     launch = buffer_callback(_ForwardLaunch(plans), shapes, vmap_method="sequential",
                              command_buffer_compatible=True)
-    return launch(q, k, v)
+    return launch(q, k, v, *sinks)
 
 
 def backward(dout, q, k, v, out, lse, problem: api.Problem):
@@ -148,8 +149,9 @@ def _k_shaped(problem: api.Problem) -> tuple[int, ...]:
     return problem.caller_shape(problem.seqlen_k, problem.heads_kv)
 
 
-def _plan_forward(problem: api.Problem, device_id: int):
-    """The forward's `KernelCall` on one device (None: nothing to compute)."""
+def _plan_forward(problem: api.Problem, device_id: int, sinks: bool = False):
+    """The forward's `KernelCall` on one device (None: nothing to compute); with `sinks`, its
+    launches take the sinks' address after lse's."""
     import cupy
 
     q, out = (dense_bshd(_q_shaped(problem), problem.dtype, problem) for _ in range(2))
@@ -157,7 +159,7 @@ def _plan_forward(problem: api.Problem, device_id: int):
     with cupy.cuda.Device(device_id):
         return _launch.plan_forward(q, k, v, out, variant=problem.variant, scale=problem.scale,
                                     device_id=device_id,
-                                    cc=api.compute_capability(device_id))
+                                    cc=api.compute_capability(device_id), sinks=sinks)
 
 
 def _plan_backward(problem: api.Problem, device_id: int):
@@ -205,11 +207,11 @@ class _Launch:
 
 
 class _ForwardLaunch(_Launch):
-    def __call__(self, ctx, outs, q, k, v) -> None:
+    def __call__(self, ctx, outs, q, k, v, *sinks) -> None:
         out, lse = outs
         call = self.plan(q)
         if call is not None:
-            call(pointers(q, k, v, out, lse), ctx.stream)
+            call(pointers(q, k, v, out, lse, *sinks), ctx.stream)
 
 
 class _BackwardLaunch(_Launch):

@@ -52,8 +52,9 @@ __all__ = ["attention", "dot_product_attention", "ring_attention", "zigzag_order
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
               window: tuple[int, int] | None = None, scale: float | None = None,
-              softcap: float = 0.0, layout: str = "bshd") -> jax.Array:
-    """Exact attention for JAX arrays, differentiable with respect to q, k and v.
+              softcap: float = 0.0, sinks: jax.Array | None = None,
+              layout: str = "bshd") -> jax.Array:
+    """Exact attention for JAX arrays, differentiable with respect to q, k, v and the sinks.
 
     Args:
         q: queries, ``(B, Sq, Hq, D)`` for layout ``"bshd"`` or ``(B, Hq, Sq, D)`` for ``"bhsd"``;
@@ -65,6 +66,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
         scale: softmax scale, a Python number > 0; defaults to ``1 / sqrt(D)``.
         softcap: ``> 0``: logit soft-capping, as for :func:`cuflash.attention`, on every
             backend, eager and under jit.
+        sinks: attention sinks (gpt-oss), a float32 or float64 array ``(Hq,)``: each row's
+            softmax denominator gains ``exp(sinks[h])``, as for :func:`cuflash.attention`.
+            Differentiable (a traced value, not static); one set for the whole batch, so under
+            ``jax.vmap`` it must not be mapped.
         layout: ``"bshd"`` or ``"bhsd"``.
 
     `causal`, `window`, `scale`, `softcap` and `layout` are static (not differentiated, not
@@ -83,12 +88,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
     q, k, v = (jnp.asarray(x) for x in (q, k, v))
     options = Options(causal, _variant.check_window(window), scale, layout,
                       _variant.check_softcap(softcap))
-    if not _concrete(q, k, v):
+    arrays = (q, k, v) if sinks is None else (q, k, v, jnp.asarray(sinks))
+    if not _concrete(*arrays):
         # Inside shard_map: operands that vary over fewer mesh axes than the others are marked
         # as varying over all of them, outside the custom_vjp, so that JAX sums their gradients.
-        axes = _jax_trace.varying_axes(q, k, v)
-        q, k, v = (_jax_trace.vary(x, axes) for x in (q, k, v))
-    return _attention(q, k, v, options)
+        axes = _jax_trace.varying_axes(*arrays)
+        arrays = tuple(_jax_trace.vary(x, axes) for x in arrays)
+    if sinks is None:
+        return _attention(*arrays, options)
+    return _attention_sinks(*arrays, options)
 
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
@@ -188,14 +196,33 @@ def _attention_bwd(options: Options, residuals, dout):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _forward(q, k, v, options: Options):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention_sinks(q, k, v, sinks, options: Options):
+    return _forward(q, k, v, options, sinks)[0]
+
+
+def _attention_sinks_fwd(q, k, v, sinks, options: Options):
+    out, lse = _forward(q, k, v, options, sinks)
+    return out, (q, k, v, sinks, out, lse)
+
+
+def _attention_sinks_bwd(options: Options, residuals, dout):
+    q, k, v, sinks, out, lse = residuals
+    *grads, dsinks = _backward(dout, q, k, v, out, lse, options, sinks)
+    return (*grads, dsinks.astype(sinks.dtype))
+
+
+_attention_sinks.defvjp(_attention_sinks_fwd, _attention_sinks_bwd)
+
+
+def _forward(q, k, v, options: Options, sinks=None):
     """``(out, lse)``: staged for the platform when traced or on a GPU, else the NumPy core."""
-    if not _concrete(q, k, v):
-        return _jax_trace.forward(q, k, v, options)
+    if not _concrete(q, k, v) or (sinks is not None and not _concrete(sinks)):
+        return _jax_trace.forward(q, k, v, options, sinks=sinks)
     if _on_gpu(q):
-        return _compiled(_jax_trace.forward, options)(q, k, v)
+        return _compiled(_jax_trace.forward, options)(q, k, v, sinks=sinks)
     forward = functools.partial(api.attention, causal=options.causal, window=options.window,
-                                scale=options.scale, softcap=options.softcap,
+                                scale=options.scale, softcap=options.softcap, sinks=sinks,
                                 layout=options.layout, return_lse=True)
     if _cpu_computes_in_float32(q):
         out, lse = forward(*(x.astype(jnp.float32) for x in (q, k, v)))
@@ -203,16 +230,20 @@ def _forward(q, k, v, options: Options):
     return forward(q, k, v)
 
 
-def _backward(dout, q, k, v, out, lse, options: Options):
-    """``(dq, dk, dv)``: staged for the platform when traced or on a GPU, else the NumPy
-    core."""
-    if not _concrete(dout, q, k, v, out, lse):
-        return _jax_trace.backward(dout, q, k, v, out, lse, options)
+def _backward(dout, q, k, v, out, lse, options: Options, sinks=None):
+    """``(dq, dk, dv)`` (and ``dsinks`` with `sinks`): staged for the platform when traced or
+    on a GPU, else the NumPy core."""
+    arrays = (dout, q, k, v, out, lse) if sinks is None else (dout, q, k, v, out, lse, sinks)
+    if not _concrete(*arrays):
+        return _jax_trace.backward(dout, q, k, v, out, lse, options, sinks=sinks)
     if _on_gpu(q):
-        return _compiled(_jax_trace.backward, options)(dout, q, k, v, out, lse)
+        return _compiled(_jax_trace.backward, options)(dout, q, k, v, out, lse, sinks=sinks)
     backward = functools.partial(api.attention_backward, causal=options.causal,
                                  window=options.window, scale=options.scale,
                                  softcap=options.softcap, layout=options.layout)
+    if sinks is not None:
+        backward = functools.partial(backward, sinks=_interop.to_backend(sinks, _interop.source_of(
+            sinks, "sinks")), return_dsinks=True)
     if lse.dtype != jnp.float32:
         # A traced forward keeps float64 statistics for float64 inputs; the core recomputes
         # those and takes float32 (it only validates them).
@@ -220,7 +251,7 @@ def _backward(dout, q, k, v, out, lse, options: Options):
     if _cpu_computes_in_float32(q):
         grads = _eager_backward(backward, *(x.astype(jnp.float32) for x in (dout, q, k, v, out)),
                                 lse)
-        return tuple(g.astype(q.dtype) for g in grads)
+        return (*(g.astype(q.dtype) for g in grads[:3]), *grads[3:])  # dsinks keep theirs
     return _eager_backward(backward, dout, q, k, v, out, lse)
 
 

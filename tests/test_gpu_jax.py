@@ -224,6 +224,56 @@ def test_new_shapes_are_planned_again():
     assert traced.call_count == 2, "the repeated shape reuses its compiled function"
 
 
+@pytest.mark.parametrize("dtype, causal, jit", [("bfloat16", True, True), ("float16", False, True),
+                                                ("float32", True, False), ("float64", False, True)])
+def test_sinks_forward_and_gradients(dtype, causal, jit):
+    """Sinks through the kernels inside a compiled function (and eagerly): out and the
+    gradients of q, k, v and the sinks against the float64 reference by the accuracy rule."""
+    from tests.accuracy import (
+        EPS,
+        assert_matches_reference,
+        backward_eps,
+        naive_attention,
+        naive_attention_backward,
+        naive_sinks_gradient,
+    )
+
+    rng = np.random.default_rng(21)
+    b, s, hq, hkv, d = 2, 150, 4, 2, 64
+    q64, do64 = (rng.standard_normal((b, s, hq, d)) for _ in range(2))
+    k64, v64 = (rng.standard_normal((b, s + 30, hkv, d)) for _ in range(2))
+    sinks = (rng.standard_normal(hq) * 3).astype(np.float32)
+    cast = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32,
+            "float64": jnp.float64}[dtype]
+    with jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext():
+        q, k, v, dout = (jnp.asarray(x, cast) for x in (q64, k64, v64, do64))
+        q64, k64, v64, do64 = (f64(x) for x in (q, k, v, dout))  # the values the call sees
+
+        def loss(q, k, v, s):
+            return jnp.sum(cuflash_jax.attention(q, k, v, causal=causal, sinks=s) * dout)
+
+        run = jax.jit if jit else (lambda f: f)
+        out = run(lambda *a: cuflash_jax.attention(*a[:3], causal=causal, sinks=a[3]))(
+            q, k, v, jnp.asarray(sinks))
+        grads = run(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, jnp.asarray(sinks))
+    used = sinks.astype(np.float64)
+    opts = {"causal": causal, "sinks": used, "scale": 1 / np.sqrt(d)}
+    ref = reference.attention(q64, k64, v64, causal=causal, sinks=used)
+    naive, _ = naive_attention(q64, k64, v64, dtype=dtype, **opts)
+    assert_matches_reference("out", f64(out), ref, naive, dtype=dtype)
+    refs = reference.attention_grads(do64, q64, k64, v64, causal=causal, sinks=used)
+    naives = naive_attention_backward(do64, q64, k64, v64, dtype=dtype, **opts)
+    eps = backward_eps(do64, q64, k64, v64, dtype=dtype, **opts)
+    for name, got, nv, e in zip(("dq", "dk", "dv"), grads, naives, eps, strict=False):
+        assert_matches_reference(name, f64(got), refs[name[1:]], nv, dtype=dtype, eps=e)
+    assert grads[3].dtype == jnp.float32 and grads[3].shape == (hq,)
+    floor = max(1.0, float(np.sum(np.abs(do64)) * np.max(np.abs(ref))))
+    rule = "float32" if dtype == "float64" else dtype
+    assert_matches_reference("dsinks", f64(grads[3]), refs["sinks"],
+                             naive_sinks_gradient(do64, q64, k64, v64, dtype=dtype, **opts),
+                             dtype=rule, eps=EPS[rule] * floor)
+
+
 def test_dot_product_attention_matches_jax_nn():
     rng = np.random.default_rng(8)
     q, k, v = (jnp.asarray(rng.standard_normal((2, 256, 8, 64)), jnp.bfloat16) for _ in range(3))
