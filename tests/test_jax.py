@@ -556,6 +556,62 @@ def test_softcap_on_the_cpu_backend_eager_and_jitted():
             np.testing.assert_allclose(np.asarray(got), ref, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("layout, three_d", [("bshd", False), ("bhsd", False), ("bshd", True)])
+def test_sinks_on_the_cpu_backend_eager_jitted_and_vmapped(layout, three_d):
+    """sinks through the custom_vjp: eager and jitted forward and grad (q, k, v and the sinks),
+    float64 exact; vmap over the batch with the sinks shared, against the oracle per example."""
+    rng = np.random.default_rng(12)
+    shape_q, shape_kv = ((7, 4, 8), (9, 2, 8)) if layout == "bshd" else ((4, 7, 8), (2, 9, 8))
+    lead = () if three_d else (2,)
+    q, dout = (rng.standard_normal((*lead, *shape_q)) for _ in range(2))
+    k, v = (rng.standard_normal((*lead, *shape_kv)) for _ in range(2))
+    sinks = rng.standard_normal(4) * 2
+    opts = {"causal": True, "layout": layout}
+    want = reference.attention(q, k, v, sinks=sinks, **opts)
+    refs = reference.attention_grads(dout, q, k, v, sinks=sinks, **opts)
+
+    def fn(q, k, v, s):
+        return cuflash_jax.attention(q, k, v, sinks=s, **opts)
+
+    def loss(q, k, v, s):
+        return jnp.sum(fn(q, k, v, s) * dout)
+
+    with jax.enable_x64(True):
+        for run in (fn, jax.jit(fn)):
+            np.testing.assert_allclose(np.asarray(run(q, k, v, sinks)), want, rtol=1e-12,
+                                       atol=1e-12)
+        grad = jax.grad(loss, argnums=(0, 1, 2, 3))
+        for run in (grad, jax.jit(grad)):
+            got = run(q, k, v, sinks)
+            for g, name in zip(got, ("q", "k", "v", "sinks"), strict=True):
+                np.testing.assert_allclose(np.asarray(g), refs[name], rtol=1e-10, atol=1e-10,
+                                           err_msg=name)
+        if three_d:
+            return
+        # vmap: a stack of 3 problems sharing the sinks, each checked on its own.
+        stack = [rng.standard_normal((3, *x.shape)) for x in (q, k, v, dout)]
+
+        def per_example(q, k, v, dout, s):
+            return jax.grad(lambda q, s: jnp.sum(fn(q, k, v, s) * dout), argnums=(0, 1))(q, s)
+
+        dq, dsinks = jax.jit(jax.vmap(per_example, in_axes=(0, 0, 0, 0, None)))(*stack, sinks)
+    for i in range(3):
+        one = reference.attention_grads(*(x[i] for x in (stack[3], *stack[:3])), sinks=sinks,
+                                        **opts)
+        np.testing.assert_allclose(np.asarray(dq[i]), one["q"], rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(np.asarray(dsinks[i]), one["sinks"], rtol=1e-10, atol=1e-10)
+
+
+def test_sinks_are_checked_and_not_mapped_by_vmap():
+    q = jnp.ones((2, 5, 4, 8))
+    with pytest.raises(ValueError, match=r"^sinks: expected shape \(4,\)"):
+        cuflash_jax.attention(q, q, q, sinks=jnp.zeros(3))
+    with pytest.raises(TypeError, match=r"^sinks: expected dtype float32 or float64"):
+        jax.jit(lambda q, s: cuflash_jax.attention(q, q, q, sinks=s))(q, jnp.zeros(4, jnp.int32))
+    with pytest.raises(NotImplementedError, match=r"^sinks: cuflash.jax takes one set"):
+        jax.vmap(lambda q, s: cuflash_jax.attention(q, q, q, sinks=s))(q, jnp.zeros((2, 4)))
+
+
 def test_gpu_branch_without_a_gpu_says_why_when_lowered(monkeypatch):
     monkeypatch.setattr(_jax_gpu, "unusable_reason", lambda: "CuPy sees no CUDA GPU (test)")
     q = jnp.ones((2, 5, 4, 8))
