@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(
 #pragma unroll 1
       for (int r = first + threadIdx.x / kWarpSize; r < last; r += kWarps) {
         repair_row<T, kHeadDim>(p, m, modified, blockIdx.z, blockIdx.y, r, walked,
-                                threadIdx.x % kWarpSize);
+                                threadIdx.x % kWarpSize, sink_at<T>(p, blockIdx.y));
       }
     }
   }

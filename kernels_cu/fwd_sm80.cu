@@ -259,7 +259,8 @@ fwd_sm80(const __grid_constant__ FwdParams p) {
       const Span walked = {n_begin * kBlockN, min(p.seqlen_k, n_end * kBlockN)};
 #pragma unroll 1
       for (int r = row0 + warp; r < min(row0 + kBlockM, p.seqlen_q); r += kWarps) {
-        repair_row<T, kHeadDim>(p, mask, score, batch, head, r, walked, lane);
+        repair_row<T, kHeadDim>(p, mask, score, batch, head, r, walked, lane,
+                                sink_at<float>(p, head));
       }
     }
   }

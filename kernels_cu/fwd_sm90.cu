@@ -553,12 +553,21 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
         }
       }
     };
+    // O / l and the lse of this thread's rows, the head's sink joining them where the call has
+    // sinks (kernels without them keep the plain finaliser).
+    auto finalize = [&](float (&lse)[2], int head) {
+      if constexpr (kSinks) {
+        softmax.finalize(acc_o, static_cast<float>(p.scale), lse, sink_of<true>(p, head));
+      } else {
+        softmax.finalize(acc_o, static_cast<float>(p.scale), lse);
+      }
+    };
     uint2 fin_out[2][kDTiles / 2] = {};
     float fin_lse[2] = {0.f, 0.f};
     int fin_row0 = 0, fin_head = 0, fin_batch = 0;
     bool fin_pending = false;
     auto finish_tile = [&](int row0, int head, int batch) {
-      softmax.finalize(acc_o, static_cast<float>(p.scale), fin_lse, sink_of<kSinks>(p, head));
+      finalize(fin_lse, head);
       if constexpr (kDeferEpilogue) {  // held in registers past the acc_o of the next tile
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
@@ -800,7 +809,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
           named_bar_arrive(slot_barrier(slot_parity, c ^ 1), 2 * Tr::kWarpgroupThreads);
         } else {
           float lse[2];
-          softmax.finalize(acc_o, static_cast<float>(p.scale), lse, sink_of<kSinks>(p, head));
+          finalize(lse, head);
           const uint32 slot_empty = c == Tr::kKStager ? k_empty(last) : v_empty(last);
           const uint32 o_rows = c == Tr::kKStager ? k_smem(last) : v_smem(last);
           named_bar_sync(slot_barrier(slot_parity, c), 2 * Tr::kWarpgroupThreads);
@@ -815,7 +824,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
         }
       }
       float lse[2];
-      softmax.finalize(acc_o, static_cast<float>(p.scale), lse, sink_of<kSinks>(p, head));
+      finalize(lse, head);
       T* o = static_cast<T*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
@@ -850,7 +859,8 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
           const Span walked = {tiles.begin * kBlockN, min(p.seqlen_k, tiles.end * kBlockN)};
 #pragma unroll 1
           for (int r = row0 + rows_before; r < min(row0 + rows_before + 16, p.seqlen_q); ++r) {
-            repair_row<T, kHeadDim>(p, mask, score, batch, head, r, walked, lane);
+            repair_row<T, kHeadDim>(p, mask, score, batch, head, r, walked, lane,
+                                    sink_of<kSinks>(p, head));
           }
         });
       }

@@ -52,12 +52,13 @@ template <typename A> __device__ __forceinline__ A warp_sum(A x) {
 }
 
 // Row `row` (< seqlen_q) of (batch, head), by one whole warp, after the kernel's stores of that
-// row are visible to it. `walked`: the keys (< seqlen_k) of the key tiles the row's tile visited.
-template <typename T, int kHeadDim, typename MaskKind, typename ScoreKind>
+// row are visible to it. `walked`: the keys (< seqlen_k) of the key tiles the row's tile visited;
+// `sink`: the head's sink as the kernel's finaliser took it (sink.cuh; -inf: none).
+template <typename T, int kHeadDim, typename MaskKind, typename ScoreKind,
+          typename A = typename AccumOf<T>::type>
 __device__ __forceinline__ void repair_row(const FwdParams& p, const Mask<MaskKind>& mask,
                                            const Score<ScoreKind, T>& score, int batch, int head,
-                                           int row, Span walked, int lane) {
-  typedef typename AccumOf<T>::type A;
+                                           int row, Span walked, int lane, A sink) {
   constexpr int kCols = ceil_div(kHeadDim, kWarpSize);  // columns lane + 32 c of each lane
   const int kv_head = head / p.group;
   T* o = static_cast<T*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride +
@@ -106,7 +107,7 @@ __device__ __forceinline__ void repair_row(const FwdParams& p, const Mask<MaskKi
   // pass with a running max, in Accum, the denominator starting from the head's sink (sink.cuh);
   // a NaN score makes the row NaN (it already is: not rewritten).
   const A scale = static_cast<A>(p.scale);
-  A m = sink_at<A>(p, head), l = A(0), acc[kCols], none;
+  A m = sink, l = A(0), acc[kCols], none;
   minus_infinity(none);
   if (m != none) l = A(1);  // the sink's own term, exp(sink - m)
 #pragma unroll

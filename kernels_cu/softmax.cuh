@@ -136,9 +136,24 @@ template <int kMTiles> struct OnlineSoftmax {
     }
   }
 
-  // Normalises the output by the row sums and returns each row's log-sum-exp (natural log), the
-  // head's `sink` (sink.cuh; -inf: none) joining the denominator. A row that saw no key has sum
-  // 0: its output stays 0 (not 0/0) and its lse is the sink (-inf without one).
+  // Normalises the output by the row sums and returns each row's log-sum-exp (natural log). A row
+  // that saw no key has sum 0: its output stays 0 (not 0/0) and its lse is -inf.
+  template <int kDTiles>
+  __device__ __forceinline__ void finalize(float (&acc)[kMTiles][kDTiles][4], float scale,
+                                           float (&lse)[kRows]) {
+    float inv[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const float sum = quad_sum(row_sum[r]);
+      const bool empty = sum == 0.f;
+      inv[r] = empty ? 0.f : 1.f / sum;
+      lse[r] = empty ? neg_inf() : row_max[r] * scale + logf(sum);
+    }
+    rescale(acc, inv);
+  }
+
+  // The same with the head's `sink` (sink.cuh; -inf: none) joining the denominator: a row that
+  // saw no key gets lse = sink.
   template <int kDTiles>
   __device__ __forceinline__ void finalize(float (&acc)[kMTiles][kDTiles][4], float scale,
                                            float (&lse)[kRows], float sink) {
