@@ -384,19 +384,18 @@ def _check_scale(scale: object, head_dim: int) -> float:
 
 
 def _in_framework_of(values, like: object, name: str):
-    """`values` (float64 NumPy, or a CuPy array on `like`'s device) as an array of `like`'s
-    (argument `name`'s) framework, dtype and device."""
+    """`values` (float64 NumPy; on the GPU a torch tensor for torch callers, else a CuPy
+    array) as an array of `like`'s (argument `name`'s) framework, dtype and device."""
     dtype = _interop.dtype_name(like)
     if isinstance(like, np.ndarray):
-        return np.asarray(values.get() if not isinstance(values, np.ndarray) else values,
-                          dtype=like.dtype)
+        if not isinstance(values, np.ndarray):  # a device result for host sinks
+            values = values.cpu().numpy() if hasattr(values, "cpu") else values.get()
+        return np.asarray(values, dtype=like.dtype)
     where = _interop.source_of(like, name)
     if where.device == "cuda":
-        values = values.astype(dtype)  # a new CuPy array: handed over without a copy
         if where.framework == "torch":
-            import torch
-
-            return torch.from_dlpack(values)
+            return values.to(dtype=like.dtype, device=like.device)
+        values = values.astype(dtype)  # a new CuPy array: handed over without a copy
         if where.framework == "jax":
             import jax.numpy as jnp
 
@@ -623,14 +622,29 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
 def _sinks_gradient(problem: Problem, lse3, scratch):
     """d loss / d sink[h] = -sum over batch and rows of exp(sink[h] - lse) * delta, on the
     device, from the backward's delta (the start of its `scratch`: (owner, pointer, bytes)) and
-    the lse it read (B, Hq, Sq) in the Accum dtype. Zeros when there was nothing to launch."""
+    the lse it read (B, Hq, Sq) in the Accum dtype. Zeros when there was nothing to launch.
+
+    Computed by the caller's framework (torch ops for torch inputs, so that its temporaries come
+    from torch's allocator; CuPy otherwise), on the current stream: a torch tensor or a CuPy
+    array in the Accum dtype."""
     import cupy
 
     sinks = _sinks_on_device(problem)
-    if not scratch or problem.seqlen_q == 0:
+    delta = None
+    if scratch and problem.seqlen_q:
+        owner, pointer, nbytes = scratch[0]
+        memory = cupy.cuda.UnownedMemory(pointer, nbytes, owner)
+        delta = cupy.ndarray(lse3.shape, dtype=lse3.dtype,
+                             memptr=cupy.cuda.MemoryPointer(memory, 0))
+    if problem.source.framework == "torch":
+        import torch
+
+        device = torch.device("cuda", problem.source.device_id)
+        sinks_t = torch.as_tensor(sinks, device=device)
+        if delta is None:
+            return torch.zeros_like(sinks_t)
+        lse_t, delta_t = (torch.as_tensor(x, device=device) for x in (lse3, delta))
+        return -(torch.exp(sinks_t[None, :, None] - lse_t) * delta_t).sum(dim=(0, 2))
+    if delta is None:
         return cupy.zeros_like(sinks)
-    owner, pointer, nbytes = scratch[0]
-    memory = cupy.cuda.UnownedMemory(pointer, nbytes, owner)
-    delta = cupy.ndarray(lse3.shape, dtype=lse3.dtype, memptr=cupy.cuda.MemoryPointer(memory, 0))
-    weights = cupy.exp(sinks[None, :, None] - lse3) * delta
-    return -weights.sum(axis=(0, 2))
+    return -(cupy.exp(sinks[None, :, None] - lse3) * delta).sum(axis=(0, 2))

@@ -182,8 +182,9 @@ def test_repeated_signature_replays_and_backward_too():
 
 
 def test_torch_program_allocates_only_through_torch():
-    """Forward, backward (atomic and deterministic) and autograd of a torch program take no byte
-    from CuPy's pool, first calls included; their scratch shows in torch's counters."""
+    """Forward, backward (atomic and deterministic) and autograd of a torch program, with sinks
+    and a softcap too, take no byte from CuPy's pool, first calls included; their scratch shows
+    in torch's counters."""
     torch = _torch()
     pool = cupy.get_default_memory_pool()
     pool.free_all_blocks()
@@ -199,6 +200,8 @@ def test_torch_program_allocates_only_through_torch():
         cuflash.attention(qg, kg, vg, causal=causal).backward(dout)
         q32 = q.float()
         cuflash.attention(q32, k.float(), v.float(), causal=causal)
+        sinks = torch.randn(4, device="cuda", requires_grad=True)  # sinks and their gradient
+        cuflash.attention(qg, kg, vg, causal=causal, softcap=5.0, sinks=sinks).backward(dout)
     torch.cuda.synchronize()
     assert (pool.used_bytes(), pool.total_bytes()) == (used, total), "CuPy's pool was used"
 
