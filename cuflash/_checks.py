@@ -4,9 +4,26 @@ work."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from cuflash import _interop
+
+# Score modifications the CUDA kernels compute that have not yet passed their GPU test suites:
+# CUDA inputs with them are refused unless UNVERIFIED_FLAG is "1" (the test suite sets it, so
+# that the GPU suites run them). Each leaves this tuple once its suites have run on a GPU.
+UNVERIFIED_ON_CUDA = ("softcap", "sinks")
+UNVERIFIED_FLAG = "CUFLASH_UNVERIFIED_CUDA"
+
+
+def unverified_on_cuda(name: str) -> str | None:
+    """Why CUDA inputs with the modification `name` are refused now (None: they are not)."""
+    if name not in UNVERIFIED_ON_CUDA or os.environ.get(UNVERIFIED_FLAG) == "1":
+        return None
+    return (f"{name}: computed by the CUDA kernels but not yet run through their GPU test "
+            f"suites, so off on CUDA for now; set {UNVERIFIED_FLAG}=1 to use it anyway (the CPU "
+            f"path and cuflash.reference compute it)")
 
 # The kernels index rows and keys in 32-bit ints and reach seqlen_q + 2 * seqlen_k (the window
 # edges of an unbounded side); CUDA grids are at most 65535 blocks along y (heads) and z (batch).

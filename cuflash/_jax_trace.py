@@ -26,7 +26,7 @@ from jax.custom_batching import custom_vmap
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
-from cuflash import _dtypes, _jax_gpu, api
+from cuflash import _checks, _dtypes, _jax_gpu, api
 
 # What a traced call takes: every dtype some platform computes.
 DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -269,6 +269,10 @@ def _cuda_branch(launch, result, *arrays, problem: api.Problem):
     reason = _jax_gpu.unusable_reason()
     if reason is not None:
         return _refuse(result, *arrays, why=f"cannot compile for CUDA in this process: {reason}")
+    for name, given in (("softcap", problem.variant.softcap), ("sinks", problem.variant.sinks)):
+        why = _checks.unverified_on_cuda(name) if given else None
+        if why is not None:
+            return _refuse(result, *arrays, why=why)
     return launch(*arrays, problem=problem)
 
 

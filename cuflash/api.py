@@ -24,6 +24,7 @@ from cuflash._checks import (  # the size limits stay importable from here, wher
     check_sinks,
     check_sizes,
     refuse_masked,
+    unverified_on_cuda,
 )
 from cuflash._variant import Variant
 
@@ -296,6 +297,10 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
                 f"got {sources[name].describe()}"
             )
 
+    for name, given in (("softcap", variant.softcap), ("sinks", variant.sinks)):
+        why = unverified_on_cuda(name) if given and src.device == "cuda" else None
+        if why is not None:
+            raise NotImplementedError(f"{why} (got it for {src.describe()} inputs)")
     if variant.alibi and src.device == "cuda":
         raise NotImplementedError(
             f"alibi_slopes: not yet computed by the CUDA kernels (got slopes for "

@@ -612,6 +612,20 @@ def test_sinks_are_checked_and_not_mapped_by_vmap():
         jax.vmap(lambda q, s: cuflash_jax.attention(q, q, q, sinks=s))(q, jnp.zeros((2, 4)))
 
 
+@pytest.mark.parametrize("name", ["softcap", "sinks"])
+def test_unverified_modifications_are_refused_when_lowered_for_cuda(monkeypatch, name):
+    """Held back on CUDA until their GPU suites have run (_checks.UNVERIFIED_ON_CUDA): the CUDA
+    lowering says so, naming the argument and the flag; with the flag it is planned."""
+    monkeypatch.setattr(_jax_gpu, "unusable_reason", lambda: None)
+    monkeypatch.delenv("CUFLASH_UNVERIFIED_CUDA")
+    q = jnp.ones((2, 5, 4, 8))
+    extra = {"softcap": 2.0} if name == "softcap" else {"sinks": jnp.zeros(4)}
+    traced = jax.jit(lambda q: cuflash_jax.attention(q, q, q, **extra)).trace(q)
+    with pytest.raises(NotImplementedError, match=rf"{name}: computed by the CUDA kernels but "
+                                                  rf"not yet run .*CUFLASH_UNVERIFIED_CUDA=1"):
+        traced.lower(lowering_platforms=("cuda",))
+
+
 def test_gpu_branch_without_a_gpu_says_why_when_lowered(monkeypatch):
     monkeypatch.setattr(_jax_gpu, "unusable_reason", lambda: "CuPy sees no CUDA GPU (test)")
     q = jnp.ones((2, 5, 4, 8))

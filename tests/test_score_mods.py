@@ -327,9 +327,23 @@ def test_variant_keeps_the_cap_with_every_mask():
     assert Variant.of(sinks=True) == Variant("none", sinks=True)
 
 
-def test_score_mods_are_refused_on_cuda_before_any_work():
+def test_the_hold_on_unverified_modifications_follows_the_flag(monkeypatch):
+    from cuflash import _checks
+
+    assert set(_checks.UNVERIFIED_ON_CUDA) <= {"softcap", "sinks"}
+    monkeypatch.delenv(_checks.UNVERIFIED_FLAG, raising=False)
+    for name in _checks.UNVERIFIED_ON_CUDA:
+        assert _checks.unverified_on_cuda(name).startswith(f"{name}: computed by the CUDA")
+    assert _checks.unverified_on_cuda("bias") is None  # not held: refused as not in the kernels
+    monkeypatch.setenv(_checks.UNVERIFIED_FLAG, "1")
+    assert all(_checks.unverified_on_cuda(name) is None for name in _checks.UNVERIFIED_ON_CUDA)
+
+
+def test_score_mods_are_refused_on_cuda_before_any_work(monkeypatch):
     """The CUDA kernels do not add ALiBi, a bias or a mask yet: any of them on CUDA inputs
-    raises NotImplementedError naming the argument (a softcap and sinks run)."""
+    raises NotImplementedError naming the argument. A softcap and sinks, which the kernels
+    compute, are held back until their GPU suites have run, but for CUFLASH_UNVERIFIED_CUDA=1
+    (which the test suite sets)."""
     from tests.gpu_support import gpu_skip_reason
 
     reason = gpu_skip_reason()
@@ -347,3 +361,9 @@ def test_score_mods_are_refused_on_cuda_before_any_work():
         cuflash.attention(q, k, v, mask=cupy.ones((8, 8), bool))
     assert cuflash.attention(q, k, v, softcap=1.0, sinks=cupy.zeros(2, cupy.float32)).shape == \
         q.shape
+    monkeypatch.delenv("CUFLASH_UNVERIFIED_CUDA")
+    for extra in ({"softcap": 1.0}, {"sinks": cupy.zeros(2, cupy.float32)}):
+        (name,) = extra
+        with pytest.raises(NotImplementedError, match=rf"^{name}: computed by the CUDA kernels "
+                                                      rf"but not yet run"):
+            cuflash.attention(q, k, v, **extra)
