@@ -602,6 +602,35 @@ def test_sinks_on_the_cpu_backend_eager_jitted_and_vmapped(layout, three_d):
         np.testing.assert_allclose(np.asarray(dsinks[i]), one["sinks"], rtol=1e-10, atol=1e-10)
 
 
+def test_eager_calls_on_a_gpu_take_the_compiled_path(monkeypatch):
+    """Concrete GPU arrays run cuflash.jax's staged forward and backward jitted once per options
+    (`jax._compiled`). Seen here on the CPU backend, with arrays taken for GPU ones: the same
+    results as the eager core, with and without sinks, and one jitted function per pass and
+    options (the sinks are traced, not options)."""
+    from cuflash import jax as module
+
+    rng = np.random.default_rng(13)
+    q, dout = (rng.standard_normal((2, 7, 4, 8)).astype(np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((2, 9, 2, 8)).astype(np.float32) for _ in range(2))
+    sinks = rng.standard_normal(4).astype(np.float32)
+
+    def grads(**extra):
+        loss = lambda q, k, v: jnp.sum(cuflash_jax.attention(q, k, v, causal=True, **extra)  # noqa: E731
+                                       * dout)
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    eager = [grads(), grads(sinks=jnp.asarray(sinks))]
+    module._compiled.cache_clear()
+    monkeypatch.setattr(module, "_on_gpu", lambda x: True)
+    staged = [grads(), grads(sinks=jnp.asarray(sinks))]
+    info = module._compiled.cache_info()  # forward and backward, for both calls (same options)
+    assert (info.currsize, info.hits) == (2, 2), info
+    for (value, got), (want_value, want) in zip(staged, eager, strict=True):
+        np.testing.assert_allclose(np.asarray(value), np.asarray(want_value), rtol=1e-5)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+
 def test_sinks_are_checked_and_not_mapped_by_vmap():
     q = jnp.ones((2, 5, 4, 8))
     with pytest.raises(ValueError, match=r"^sinks: expected shape \(4,\)"):
