@@ -31,17 +31,9 @@ from tests.accuracy import (  # noqa: E402
     naive_sinks_gradient,
 )
 from tests.strategies import Case, examples, make_dout, make_inputs, problems, seeds, to_bshd4  # noqa: E402
+from tests.test_gpu_backward import DTYPES, _namespace, _skip_single_family  # noqa: E402
 
 pytestmark = pytest.mark.gpu
-
-DTYPES = ["float16", "bfloat16", "float32", "float64"]
-
-
-def _namespace(dtype: str):
-    if dtype == "bfloat16":
-        pytest.importorskip("torch")
-        return torch_cuda()
-    return cupy
 
 
 def _sinks(values: np.ndarray, xp, where: str):
@@ -92,11 +84,6 @@ def check_sinks_case(case: Case, seed: int, sinks64: np.ndarray, *, where: str =
     rule = "float32" if case.dtype == "float64" and sink_dtype == np.float32 else case.dtype
     assert_matches_reference(f"{case.id} dsinks", to_numpy(dsinks), refs["sinks"], naive_ds,
                              dtype=rule, eps=EPS[rule] * floor)
-
-
-def _skip_single_family(dtype: str, kernel_path: str) -> None:
-    if kernel_path == "sm80" and dtype in ("float32", "float64"):
-        pytest.skip("fp32/fp64 have one kernel family")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
