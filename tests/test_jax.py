@@ -23,7 +23,15 @@ jax = pytest.importorskip("jax", reason="jax is not installed: cuflash.jax is un
 
 import jax.numpy as jnp  # noqa: E402
 
-from cuflash import _jax_gpu, _jax_trace, _kernel_call, _launch, api, reference  # noqa: E402
+from cuflash import (  # noqa: E402
+    _checks,
+    _jax_gpu,
+    _jax_trace,
+    _kernel_call,
+    _launch,
+    api,
+    reference,
+)
 from cuflash import jax as cuflash_jax  # noqa: E402
 from tests.jax_support import (  # noqa: E402
     attention_of,
@@ -641,7 +649,7 @@ def test_sinks_are_checked_and_not_mapped_by_vmap():
         jax.vmap(lambda q, s: cuflash_jax.attention(q, q, q, sinks=s))(q, jnp.zeros((2, 4)))
 
 
-@pytest.mark.parametrize("name", ["softcap", "sinks"])
+@pytest.mark.parametrize("name", _checks.UNVERIFIED_ON_CUDA)
 def test_unverified_modifications_are_refused_when_lowered_for_cuda(monkeypatch, name):
     """Held back on CUDA until their GPU suites have run (_checks.UNVERIFIED_ON_CUDA): the CUDA
     lowering says so, naming the argument and the flag; with the flag it is planned."""
