@@ -2,7 +2,8 @@
 # One GPU pass for what is held back on CUDA (_checks.UNVERIFIED_ON_CUDA: softcap, sinks): the
 # suites that draw them, in parallel (each cut at $LIM seconds, $EX Hypothesis examples), then
 # bench --softcap, bench --softcap --cap 0 --sinks and bench --overhead. Logs and tables under
-# $OUT (the device tool's output folder). About 7 minutes on an H100: bash tests/perf/gpu_pass.sh
+# $OUT (the device tool's output folder); NOBENCH=1 runs the suites only. About 7 minutes on an
+# H100: bash tests/perf/gpu_pass.sh
 set -u
 export PYTHONPATH=. CUFLASH_FUZZ_EXAMPLES=${EX:-25} PYTHONUNBUFFERED=1 CUFLASH_UNVERIFIED_CUDA=1
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader | tee $OUT/gpu.txt
@@ -19,8 +20,10 @@ suite sinks tests/test_gpu_sinks.py
 wait
 echo "suites done in $(( $(date +%s) - T0 )) s"
 for f in fwd bwd sm90 bwd90 jax misc sinks; do echo "== $f: $(tail -3 $OUT/$f.log | tr '\n' ' ')"; done
-timeout 95 python3 -m cuflash bench --softcap --seqlens 4k,16k --head-dims 64,128 --repeats 5 --budget 70 --out $OUT/softcap > $OUT/bench_softcap.log 2>&1; echo "softcap bench rc=$?"
-timeout 50 python3 -m cuflash bench --softcap --cap 0 --sinks --seqlens 4k,16k --head-dims 64,128 --repeats 5 --budget 35 --out $OUT/sinks > $OUT/bench_sinks.log 2>&1; echo "sinks bench rc=$?"
-timeout 75 python3 -m cuflash bench --overhead --repeats 5 > $OUT/bench_overhead.log 2>&1; echo "overhead bench rc=$?"
+if [ -z "${NOBENCH:-}" ]; then
+  timeout 95 python3 -m cuflash bench --softcap --seqlens 4k,16k --head-dims 64,128 --repeats 5 --budget 70 --out $OUT/softcap > $OUT/bench_softcap.log 2>&1; echo "softcap bench rc=$?"
+  timeout 50 python3 -m cuflash bench --softcap --cap 0 --sinks --seqlens 4k,16k --head-dims 64,128 --repeats 5 --budget 35 --out $OUT/sinks > $OUT/bench_sinks.log 2>&1; echo "sinks bench rc=$?"
+  timeout 75 python3 -m cuflash bench --overhead --repeats 5 > $OUT/bench_overhead.log 2>&1; echo "overhead bench rc=$?"
+fi
 echo "total $(( $(date +%s) - T0 )) s"
 tail -22 $OUT/softcap/softcap.md 2>/dev/null; tail -12 $OUT/sinks/softcap.md 2>/dev/null; tail -5 $OUT/bench_softcap.log $OUT/bench_sinks.log; grep -E "us|call" $OUT/bench_overhead.log | tail -16
