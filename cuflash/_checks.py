@@ -13,7 +13,7 @@ from cuflash import _interop
 # Score modifications the CUDA kernels compute that have not yet passed their GPU test suites:
 # CUDA inputs with them are refused unless UNVERIFIED_FLAG is "1" (the test suite sets it, so
 # that the GPU suites run them). Each leaves this tuple once its suites have run on a GPU.
-UNVERIFIED_ON_CUDA = ("softcap", "sinks")
+UNVERIFIED_ON_CUDA = ("softcap", "sinks", "alibi_slopes")
 UNVERIFIED_FLAG = "CUFLASH_UNVERIFIED_CUDA"
 
 
@@ -48,10 +48,20 @@ def check_flag(name: str, value: object) -> None:
         raise TypeError(f"{name}: expected True or False, got {value!r}")
 
 
-def check_alibi(slopes: object, src: _interop.Source, batch: int, heads_q: int) -> np.ndarray:
-    """ALiBi slopes as float64 ``(B, Hq)``, from ``(Hq,)`` or ``(B, Hq)``."""
-    values = check_head_values("alibi_slopes", slopes, src, [(heads_q,), (batch, heads_q)],
-                                f"({heads_q},) or ({batch}, {heads_q}) (Hq, or B and Hq)")
+def check_alibi(slopes: object, src: _interop.Source, batch: int, heads_q: int):
+    """ALiBi slopes ``(Hq,)`` or ``(B, Hq)``, float32 or float64: a float64 NumPy ``(B, Hq)``
+    view with finite values, or, for slopes on q's CUDA device, the device array itself as
+    given (its values are not read on the host: that would wait for the device). Raises naming
+    ``alibi_slopes``."""
+    shapes = [(heads_q,), (batch, heads_q)]
+    expected = f"({heads_q},) or ({batch}, {heads_q}) (Hq, or B and Hq)"
+    where = check_side_array("alibi_slopes", slopes, src, ("float32", "float64"))
+    shape = tuple(int(n) for n in slopes.shape)
+    if shape not in shapes:
+        raise ValueError(f"alibi_slopes: expected shape {expected}, got {shape}")
+    if where.device == "cuda":
+        return _interop.to_backend(slopes, where)
+    values = check_head_values("alibi_slopes", slopes, where, shapes, expected)
     return np.broadcast_to(values, (batch, heads_q))
 
 

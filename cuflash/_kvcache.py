@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from cuflash import _interop
-from cuflash._checks import check_alibi, check_flag, check_sinks
+from cuflash._checks import check_alibi, check_flag, check_sinks, unverified_on_cuda
 from cuflash._merge import ops_for
 from cuflash._variant import check_softcap
 from cuflash._varlen import int32_vector, to_host
@@ -76,7 +76,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None
     check_flag("causal", causal)
     check_flag("return_lse", return_lse)
     check_flag("rotary_interleaved", rotary_interleaved)
-    slopes = _check_mods(q, softcap, alibi_slopes, sinks)
+    _check_mods(q, softcap, alibi_slopes, sinks)
     ops = ops_for(q)
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos, rotary_sin: pass both or neither")
@@ -90,7 +90,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None
         keys, values = plan.keys_of(k_cache, b), plan.keys_of(v_cache, b)
         out, lse = attention(q[b:b + 1], keys[None], values[None], causal=causal,
                              window=window, scale=scale, softcap=softcap, sinks=sinks,
-                             alibi_slopes=None if slopes is None else slopes[b:b + 1],
+                             alibi_slopes=_slopes_of(alibi_slopes, b),
                              return_lse=True)
         outs.append(out)
         lses.append(lse)
@@ -102,21 +102,30 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None
     return (out, lse) if return_lse else out
 
 
-def _check_mods(q, softcap, alibi_slopes, sinks) -> np.ndarray | None:
-    """The score modifications checked as `cuflash.attention` will check them, but before the
-    caches are written; the ALiBi slopes as float64 ``(B, Hq)`` (or None)."""
+def _check_mods(q, softcap, alibi_slopes, sinks) -> None:
+    """The score modifications checked as `cuflash.attention` will check them (the holds on
+    CUDA too), but before the caches are written."""
     src = _interop.source_of(q, "q")
-    check_softcap(softcap)
+    cap = check_softcap(softcap)
     batch, heads_q = int(q.shape[0]), int(q.shape[2])
-    slopes = None if alibi_slopes is None else check_alibi(alibi_slopes, src, batch, heads_q)
+    if alibi_slopes is not None:
+        check_alibi(alibi_slopes, src, batch, heads_q)
     if sinks is not None:
         check_sinks(sinks, src, heads_q)
     if src.device == "cuda":
-        if alibi_slopes is not None:
-            raise NotImplementedError(
-                "alibi_slopes: not yet computed by the CUDA kernels; the CPU path and "
-                "cuflash.reference compute it")
-    return slopes
+        for name, given in (("softcap", cap), ("sinks", sinks is not None),
+                            ("alibi_slopes", alibi_slopes is not None)):
+            why = unverified_on_cuda(name) if given else None
+            if why is not None:
+                raise NotImplementedError(f"{why} (got it for {src.describe()} inputs)")
+
+
+def _slopes_of(alibi_slopes, b: int):
+    """Sequence b's ALiBi slopes as the caller's array: ``(Hq,)`` slopes serve every sequence,
+    ``(B, Hq)`` ones give row b, as ``(1, Hq)``."""
+    if alibi_slopes is None or len(alibi_slopes.shape) == 1:
+        return alibi_slopes
+    return alibi_slopes[b:b + 1]
 
 
 class _Plan:

@@ -113,7 +113,8 @@ def plan_forward(q, k, v, out, *, variant: Variant, scale: float, device_id: int
     q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), out like q: CuPy arrays with any strides and a unit
     last stride; the call is valid for any arrays of the same shapes, strides and 16-byte
     alignment. `sinks`: the call has attention sinks (Accum ``(Hq,)``), whose address each
-    launch passes after lse (`forward_pointers`). Call inside the device's scope.
+    launch passes after lse (`forward_pointers`), and after them the ALiBi slopes' (Accum
+    ``(B, Hq)``) where `variant` has ALiBi. Call inside the device's scope.
     """
     batch, seqlen_q, heads_q, head_dim = q.shape
     if batch == 0 or seqlen_q == 0 or heads_q == 0:
@@ -134,7 +135,7 @@ def plan_forward(q, k, v, out, *, variant: Variant, scale: float, device_id: int
         threads=spec.threads,
         smem_bytes=spec.smem_bytes,
         params=fwd_params(q, k, v, out, variant=variant, scale=scale),
-        pointer_fields=fwd_pointer_fields(sinks),
+        pointer_fields=fwd_pointer_fields(sinks, variant.alibi),
     )
 
 

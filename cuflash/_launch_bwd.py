@@ -299,8 +299,9 @@ def accum_dtype(dtype: str) -> np.dtype:
 
 
 # The pointer fields of BwdParams a backward fills, in their order in the block (so a replay
-# writes them in one go): the caller's arrays, then the scratch.
+# writes them in one go): the caller's arrays, then the scratch, then (with ALiBi) the slopes.
 BWD_POINTERS = ("q", "k", "v", "o", "dout", "lse", "dq", "dk", "dv", "dq_accum", "delta")
+_CALLER_POINTERS = 9  # q .. dv: what `BackwardCall` is given before the scratch
 _SCRATCH_ALIGN = 256
 
 
@@ -318,23 +319,27 @@ class BackwardCall:
     scratch_bytes: int
 
     def __call__(self, pointers, stream: int, alloc) -> None:
-        """`pointers`: q, k, v, out, dout, lse, dq, dk, dv (BWD_POINTERS without the scratch)."""
+        """`pointers`: q, k, v, out, dout, lse, dq, dk, dv (BWD_POINTERS without the scratch),
+        then the ALiBi slopes' where the variant has them (`backward_pointers`)."""
         owner, base = alloc(self.scratch_bytes)
         accum = base + self.dq_accum_offset if self.dq_accum_offset else 0
-        pointers = (*pointers, accum, base)
+        pointers = (*pointers[:_CALLER_POINTERS], accum, base, *pointers[_CALLER_POINTERS:])
         for launch in self.launches:
             launch(pointers, stream)
         del owner  # freed to the stream-ordered pool after the launches
 
 
-def backward_pointers(dout, q, k, v, out, lse, dq, dk, dv) -> tuple[int, ...]:
-    """The caller's pointers as `BackwardCall` takes them."""
-    return tuple(a.data.ptr for a in (q, k, v, out, dout, lse, dq, dk, dv))
+def backward_pointers(dout, q, k, v, out, lse, dq, dk, dv, alibi=None) -> tuple[int, ...]:
+    """The caller's pointers as `BackwardCall` takes them (`alibi`: the Accum (B, Hq) slopes
+    of a variant with ALiBi, else None)."""
+    arrays = (q, k, v, out, dout, lse, dq, dk, dv) + (() if alibi is None else (alibi,))
+    return tuple(a.data.ptr for a in arrays)
 
 
 def backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scale: float,
-             deterministic: bool, device_id: int, cc: int) -> None:
-    """Plan and launch the backward on CuPy's current stream, scratch from CuPy's pool."""
+             deterministic: bool, device_id: int, cc: int, alibi=None) -> None:
+    """Plan and launch the backward on CuPy's current stream, scratch from CuPy's pool
+    (`alibi`: the slopes where `variant` has ALiBi)."""
     import cupy
 
     from cuflash._interop import cupy_alloc
@@ -342,7 +347,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scale: fl
     call = plan_backward(dout, q, k, v, out, lse, dq, dk, dv, variant=variant, scale=scale,
                          deterministic=deterministic, device_id=device_id, cc=cc)
     if call is not None:
-        call(backward_pointers(dout, q, k, v, out, lse, dq, dk, dv),
+        call(backward_pointers(dout, q, k, v, out, lse, dq, dk, dv, alibi),
              cupy.cuda.get_current_stream().ptr, cupy_alloc)
 
 
@@ -375,7 +380,7 @@ def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scal
     scratch = delta_bytes if deterministic else offset + math.prod(accum_shape) * accum.itemsize
 
     params = pack_params(BWD_PARAMS, {
-        **dict.fromkeys(BWD_POINTERS, 0),
+        **dict.fromkeys(BWD_POINTERS, 0), "alibi": 0,
         **param_strides("q", q), **param_strides("k", k), **param_strides("v", v),
         **param_strides("o", out), **param_strides("do", dout), **param_strides("dq", dq),
         **param_strides("dk", dk), **param_strides("dv", dv),
@@ -390,6 +395,7 @@ def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scal
         "softcap": variant.softcap,
     })
     launches = []
+    pointer_fields = (*BWD_POINTERS, "alibi") if variant.alibi else BWD_POINTERS
 
     def launch(spec: KernelSpec, rows: int, block_rows: int, heads: int, maps=()) -> None:
         grid = (math.ceil(rows / block_rows), heads, batch)
@@ -397,7 +403,7 @@ def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scal
             return
         launches.append(KernelCall(
             _compile.get_function(spec, device_id, cc), device_id, grid, spec.threads,
-            spec.smem_bytes, params, BWD_POINTERS, tensor_maps=maps))
+            spec.smem_bytes, params, pointer_fields, tensor_maps=maps))
 
     launch(kernels.preprocess, seqlen_q, kernels.preprocess.block_m, heads_q)
     # The Hopper dK/dV kernel where it applies (it logs why not), else sm80/SIMT. With

@@ -33,10 +33,11 @@ _SHAPE_INTS = ("batch", "heads_q", "heads_kv", "group", "seqlen_q", "seqlen_k", 
 _WINDOW_INTS = ("window_left", "window_right")
 
 FWD_PARAMS = _params_dtype(
-    ("q", "k", "v", "o", "lse", "sinks"), ("q", "k", "v", "o"), (*_SHAPE_INTS, *_WINDOW_INTS)
+    ("q", "k", "v", "o", "lse", "sinks", "alibi"), ("q", "k", "v", "o"),
+    (*_SHAPE_INTS, *_WINDOW_INTS)
 )
 BWD_PARAMS = _params_dtype(
-    ("q", "k", "v", "o", "dout", "lse", "dq", "dk", "dv", "dq_accum", "delta"),
+    ("q", "k", "v", "o", "dout", "lse", "dq", "dk", "dv", "dq_accum", "delta", "alibi"),
     ("q", "k", "v", "o", "do", "dq", "dk", "dv"),
     (*_SHAPE_INTS, "head_dim_rounded", "deterministic", *_WINDOW_INTS),
 )
@@ -89,18 +90,24 @@ def pack_params(dtype: np.dtype, fields: dict[str, float | int]):
 
 
 # The pointer fields of FwdParams a forward launch fills, in the order `KernelCall` takes them;
-# a launch with sinks fills the sinks' too (`fwd_pointer_fields`).
+# a launch with sinks or ALiBi slopes fills theirs too (`fwd_pointer_fields`).
 FWD_POINTERS = ("q", "k", "v", "o", "lse")
 
 
-def fwd_pointer_fields(sinks: bool) -> tuple[str, ...]:
+def fwd_pointer_fields(sinks: bool, alibi: bool = False) -> tuple[str, ...]:
+    """FWD_POINTERS, then "sinks" with sinks or slopes (a null sinks pointer is no sinks),
+    then "alibi" with slopes."""
+    if alibi:
+        return (*FWD_POINTERS, "sinks", "alibi")
     return (*FWD_POINTERS, "sinks") if sinks else FWD_POINTERS
 
 
-def forward_pointers(q, k, v, out, lse, sinks=None) -> tuple[int, ...]:
-    """The forward's pointer fields of CuPy arrays (lse may be None; with `sinks`, its
-    address follows)."""
+def forward_pointers(q, k, v, out, lse, sinks=None, alibi=None) -> tuple[int, ...]:
+    """The forward's pointer fields of CuPy arrays, as `fwd_pointer_fields` names them (lse
+    and sinks may be None; `alibi`: the (B, Hq) slopes, or None)."""
     found = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, 0 if lse is None else lse.data.ptr)
+    if alibi is not None:
+        return (*found, 0 if sinks is None else sinks.data.ptr, alibi.data.ptr)
     return found if sinks is None else (*found, sinks.data.ptr)
 
 
@@ -109,7 +116,7 @@ def fwd_params(q, k, v, out, *, variant: Variant, scale: float):
     ones it launches with; a null sinks pointer is no sinks)."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     _, seqlen_k, heads_kv, _ = k.shape
-    fields = {"q": 0, "k": 0, "v": 0, "o": 0, "lse": 0, "sinks": 0,
+    fields = {"q": 0, "k": 0, "v": 0, "o": 0, "lse": 0, "sinks": 0, "alibi": 0,
               **param_strides("q", q), **param_strides("k", k), **param_strides("v", v),
               **param_strides("o", out),
               "lse_batch_stride": heads_q * seqlen_q, "lse_head_stride": seqlen_q,

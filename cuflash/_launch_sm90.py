@@ -433,7 +433,7 @@ def plan_sm90(q, k, v, out, *, variant: Variant, scale: float, device_id: int, c
         threads=spec.threads,
         smem_bytes=spec.smem_bytes,
         params=fwd_params(q, k, v, out, variant=variant, scale=scale),
-        pointer_fields=fwd_pointer_fields(sinks),
+        pointer_fields=fwd_pointer_fields(sinks, variant.alibi),
         tensor_maps=maps,
         args=args,
         keep=keep,

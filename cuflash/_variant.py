@@ -24,8 +24,8 @@ MASK_KINDS = ("none", "causal", "window")
 _CPP_MASK = {"none": "cuflash::NoMask", "causal": "cuflash::CausalMask",
              "window": "cuflash::WindowMask"}
 # The score modifications the kernels compile in, and their C++ types (kernels_cu/score.cuh).
-SCORE_KINDS = ("none", "softcap")
-_CPP_SCORE = {"none": "cuflash::NoScore", "softcap": "cuflash::Softcap"}
+SCORE_KINDS = ("none", "softcap", "alibi")
+_CPP_SCORE = {"none": "cuflash::NoScore", "softcap": "cuflash::Softcap", "alibi": "cuflash::Alibi"}
 
 
 def cpp_mask(kind: str) -> str:
@@ -53,9 +53,10 @@ class Variant:
             own and no value (its logits travel beside the variant).
         bias: whether an additive bias tensor is added to the scores (last, after ALiBi).
         mask_array: whether a boolean mask tensor hides keys (besides the mask kind).
-    The CPU path computes all of them. The CUDA kernels carry the softcap (its compile-time kind
-    is `score`) but `cuflash.api` refuses it on CUDA until its GPU tests have run, and refuses
-    the others there too, naming the argument.
+    The CPU path computes all of them. The CUDA kernels compute the softcap, ALiBi (their
+    compile-time kind is `score`) and the sinks; `cuflash.api` names the ones held back on CUDA
+    until their GPU suites have run (`_checks.UNVERIFIED_ON_CUDA`) and refuses the bias and the
+    mask array there.
 
     Build one with `Variant.of`, which normalises equal masks to one variant: a window of
     (-1, -1) is ``"none"`` and (-1, 0) is ``"causal"``, so they share kernels bit for bit.
@@ -100,7 +101,10 @@ class Variant:
 
     @property
     def score(self) -> str:
-        """The compile-time score kind (a `SCORE_KINDS` name): what the kernels modify."""
+        """The compile-time score kind (a `SCORE_KINDS` name): what the kernels modify. ALiBi's
+        kind takes a softcap too (a run-time test in the kernel: one kind, not two)."""
+        if self.alibi:
+            return "alibi"
         return "softcap" if self.softcap else "none"
 
     def window_params(self, seqlen_q: int, seqlen_k: int) -> tuple[int, int]:

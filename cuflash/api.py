@@ -53,10 +53,11 @@ class Problem:
     layout: str
     batched: bool  # False: the caller passed 3-D arrays (no batch axis)
     source: _interop.Source
-    # Run-time data of the score modifications, not part of the identity: ALiBi slopes (B, Hq),
-    # float64, when variant.alibi; sink logits (Hq,) when variant.sinks: float64 NumPy, or the
-    # caller's float32/float64 device array as a CuPy view for CUDA inputs (`check_sinks`).
-    alibi_slopes: np.ndarray | None = field(default=None, compare=False)
+    # Run-time data of the score modifications, not part of the identity: ALiBi slopes when
+    # variant.alibi, float64 NumPy (B, Hq), and sink logits (Hq,) when variant.sinks, float64
+    # NumPy; either as the caller's float32/float64 device array (a CuPy view, the slopes (Hq,)
+    # or (B, Hq)) for CUDA inputs with them on q's device (`check_alibi`, `check_sinks`).
+    alibi_slopes: object | None = field(default=None, compare=False)
     sinks: object | None = field(default=None, compare=False)
     # The caller's bias and mask as NumPy views (never copied, never written), when given.
     bias: np.ndarray | None = field(default=None, compare=False)
@@ -297,14 +298,11 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
                 f"got {sources[name].describe()}"
             )
 
-    for name, given in (("softcap", variant.softcap), ("sinks", variant.sinks)):
+    for name, given in (("softcap", variant.softcap), ("sinks", variant.sinks),
+                        ("alibi_slopes", variant.alibi)):
         why = unverified_on_cuda(name) if given and src.device == "cuda" else None
         if why is not None:
             raise NotImplementedError(f"{why} (got it for {src.describe()} inputs)")
-    if variant.alibi and src.device == "cuda":
-        raise NotImplementedError(
-            f"alibi_slopes: not yet computed by the CUDA kernels (got slopes for "
-            f"{src.describe()} inputs); the CPU path and cuflash.reference compute ALiBi")
     for name, given in (("bias", variant.bias), ("mask", variant.mask_array)):
         if given and src.device == "cuda":
             raise NotImplementedError(
@@ -522,12 +520,12 @@ def forward_into(problem: Problem, qb, kb, vb, out_b, lse_b):
     if lse3 is not None and problem.dtype == "float64":
         # fp64 kernels keep their statistics in double; the caller gets a float32 copy.
         lse_k = _interop.empty_backend(lse3.shape, "float64", src)
-    sinks = _sinks_on_device(problem)
+    sinks, slopes = _sinks_on_device(problem), _slopes_on_device(problem)
     call = _launch.plan_forward(q4, k4, v4, o4, variant=problem.variant, scale=problem.scale,
                                 device_id=device_id, cc=compute_capability(device_id),
                                 sinks=sinks is not None)
     if call is not None:
-        call(_launch.forward_pointers(q4, k4, v4, o4, lse_k, sinks),
+        call(_launch.forward_pointers(q4, k4, v4, o4, lse_k, sinks, slopes),
              _interop.current_stream(src))
     if lse_k is not lse3:
         lse3[...] = lse_k
@@ -537,17 +535,29 @@ def forward_into(problem: Problem, qb, kb, vb, out_b, lse_b):
 
 def _sinks_on_device(problem: Problem):
     """The sinks as the kernels read them (None without sinks): a contiguous ``(Hq,)`` device
-    array in the Accum dtype (float64 for float64 inputs, else float32), from the caller's
-    allocator. Copied on the device: a device array's values are never read on the host. Lives
+    array in the Accum dtype (float64 for float64 inputs, else float32)."""
+    return _on_device(problem.sinks, (problem.heads_q,), problem)
+
+
+def _slopes_on_device(problem: Problem):
+    """The ALiBi slopes as the kernels read them (None without ALiBi): a contiguous
+    ``(B, Hq)`` device array in the Accum dtype, slopes ``(Hq,)`` repeated for every batch."""
+    return _on_device(problem.alibi_slopes, (problem.batch, problem.heads_q), problem)
+
+
+def _on_device(values, shape: tuple[int, ...], problem: Problem):
+    """`values` (float64 NumPy, or a device array that broadcasts to `shape`) as a new
+    contiguous device array of `shape` in the Accum dtype, from the caller's allocator; None
+    for None. Copied on the device: a device array's values are never read on the host. Lives
     until the launch that reads it is queued (stream-ordered pools)."""
-    if problem.sinks is None:
+    if values is None:
         return None
     accum = "float64" if problem.dtype == "float64" else "float32"
-    buffer = _interop.empty_backend((problem.heads_q,), accum, problem.source)
-    if isinstance(problem.sinks, np.ndarray):
-        buffer.set(problem.sinks.astype(accum))
+    buffer = _interop.empty_backend(shape, accum, problem.source)
+    if isinstance(values, np.ndarray):
+        buffer.set(np.ascontiguousarray(np.broadcast_to(values, shape), dtype=accum))
     else:
-        buffer[...] = problem.sinks
+        buffer[...] = values
     return buffer
 
 
@@ -600,7 +610,8 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
                                        scale=problem.scale, device_id=device_id, cc=cc,
                                        sinks=sinks is not None)
         if forward is not None:
-            forward(_launch.forward_pointers(q4, k4, v4, scratch, lse3, sinks), stream)
+            forward(_launch.forward_pointers(q4, k4, v4, scratch, lse3, sinks,
+                                             _slopes_on_device(problem)), stream)
         replayable = False
     elif not lse3.flags.c_contiguous:
         contiguous = _interop.empty_backend(lse3.shape, "float32", src)
@@ -618,7 +629,8 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
         return owner, pointer
 
     if call is not None:
-        call(_launch_bwd.backward_pointers(do4, q4, k4, v4, o4, lse3, dq4, dk4, dv4), stream,
+        call(_launch_bwd.backward_pointers(do4, q4, k4, v4, o4, lse3, dq4, dk4, dv4,
+                                           _slopes_on_device(problem)), stream,
              keeping if dsinks else alloc)
     sinks_grad = _sinks_gradient(problem, lse3, scratch) if dsinks else None
     return (call if replayable else False), sinks_grad

@@ -81,13 +81,14 @@ template <typename T, int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> st
 
 // Recomputes this thread's part of one (query tile, key tile) pair from the staged Q, dO, K, V,
 // lse (score units) and delta: on return `p` holds P = exp(scale * S - lse) and `ds` holds
-// dS = P * (dP - delta), both zero where the mask hides the key.
+// dS = P * (dP - delta), both zero where the mask hides the key. (batch, head): the query head's.
 template <typename Tr, typename MaskKind, typename ScoreKind, typename T>
 __device__ __forceinline__ void recompute_p_ds(T (&p)[Tr::kRows][Tr::kKeys],
                                                T (&ds)[Tr::kRows][Tr::kKeys], const T* sQ,
                                                const T* sDo, const T* sK, const T* sV,
                                                const T* sLse, const T* sDelta, int m0, int n0,
-                                               int trow, int tcol, const BwdParams& params) {
+                                               int trow, int tcol, int batch, int head,
+                                               const BwdParams& params) {
   fill(p, T(0));
   fill(ds, T(0));
   // -- s = q k^T, dp = do v^T --
@@ -101,13 +102,16 @@ __device__ __forceinline__ void recompute_p_ds(T (&p)[Tr::kRows][Tr::kKeys],
   // mask's edges or the ragged end cut --
   const T scale = ScoreUnits<T>::scale(params);
   const Mask<MaskKind> mask(params);
-  const Score<ScoreKind, T> score(params);
+  const Score<ScoreKind, T> score = Score<ScoreKind, T>(params).for_head(params, batch, head);
   const bool partial = !mask.full(m0, m0 + Tr::kBlockM, n0, n0 + Tr::kBlockN);
   if constexpr (ScoreKind::kModifies) {  // a pass of its own: fewer live values than in the loop
 #pragma unroll
     for (int i = 0; i < Tr::kRows; ++i)
 #pragma unroll
-      for (int j = 0; j < Tr::kKeys; ++j) p[i][j] = score(p[i][j]);
+      for (int j = 0; j < Tr::kKeys; ++j) {
+        p[i][j] =
+            score(p[i][j], m0 + trow + i * Tr::kRowThreads, n0 + tcol + j * Tr::kColThreads);
+      }
   }
 #pragma unroll
   for (int i = 0; i < Tr::kRows; ++i) {
@@ -120,7 +124,7 @@ __device__ __forceinline__ void recompute_p_ds(T (&p)[Tr::kRows][Tr::kKeys],
       const int key = n0 + tcol + j * Tr::kColThreads;
       const bool masked = partial && (key >= params.seqlen_k || mask.band_hides(row, key));
       const T prob = masked ? T(0) : ScoreUnits<T>::exp(madd(p[i][j], scale, -lse));
-      ds[i][j] = prob * (ds[i][j] - delta) * score.slope(p[i][j]);
+      ds[i][j] = prob * (ds[i][j] - delta) * score.slope(p[i][j], row, key);
       p[i][j] = prob;
     }
   }
@@ -259,7 +263,7 @@ __global__ void __launch_bounds__(
       T prob[Tr::kRows][Tr::kKeys];
       T ds[Tr::kRows][Tr::kKeys];
       recompute_p_ds<Tr, MaskKind, ScoreKind>(prob, ds, sQ, sDo, sK, sV, sLse, sDelta, m0, n0,
-                                              trow, tcol, p);
+                                              trow, tcol, batch, head, p);
 #pragma unroll
       for (int i = 0; i < Tr::kRows; ++i) {
         const int r = trow + i * Tr::kRowThreads;
@@ -392,7 +396,7 @@ __global__ void __launch_bounds__(
     T prob[Tr::kRows][Tr::kKeys];
     T ds[Tr::kRows][Tr::kKeys];
     recompute_p_ds<Tr, MaskKind, ScoreKind>(prob, ds, sQ, sDo, sK, sV, sLse, sDelta, m0, n0,
-                                              trow, tcol, p);
+                                            trow, tcol, batch, head, p);
 #pragma unroll
     for (int i = 0; i < Tr::kRows; ++i) {
 #pragma unroll

@@ -473,6 +473,7 @@ bwd_dkdv_sm80(const __grid_constant__ BwdParams p) {
     if (Tr::kStages == 2 && has_next) load_q_do(next_head, next_m_tile * kBlockM, stage ^ 1);
     cp_async_commit();
 
+    const Score<ScoreKind, T> step_score = score.for_head(p, batch, head);
     // Per-element work unless the step is full (the same test in two forms: each kind's ptxas
     // allocation is best with its own).
     const bool masked = Mask<MaskKind>::kLeft
@@ -503,7 +504,12 @@ bwd_dkdv_sm80(const __grid_constant__ BwdParams p) {
 #pragma unroll
           for (int qt = 0; qt < kSubQTiles; ++qt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) st[kt][qt][e] = score(st[kt][qt][e]);
+            for (int e = 0; e < 4; ++e) {
+              // S^T's C fragment: keys g and g + 8 of the m16 tile, queries 2t and 2t + 1
+              st[kt][qt][e] =
+                  step_score(st[kt][qt][e], m0 + warp_q0 + col0 + qt * 8 + 2 * t + e % 2,
+                             n0 + warp_key0 + kt * 16 + (e / 2) * 8 + g);
+            }
       } else {
 #pragma unroll
         for (int qt = 0; qt < kSubQTiles; ++qt) {
@@ -562,7 +568,9 @@ bwd_dkdv_sm80(const __grid_constant__ BwdParams p) {
               const float modified = st[kt][qt][e];
               st[kt][qt][e] = exp2_ftz(fmaf(modified, p.scale_log2, -lse2[qt * 8 + e % 2]));
               float& x = dpt[kt][qt][e];
-              x = st[kt][qt][e] * fmaf(x, scale, -(e % 2 ? d.y : d.x)) * score.slope(modified);
+              x = st[kt][qt][e] * fmaf(x, scale, -(e % 2 ? d.y : d.x)) *
+                  step_score.slope(modified, m0 + warp_q0 + col0 + qt * 8 + 2 * t + e % 2,
+                                   n0 + warp_key0 + kt * 16 + (e / 2) * 8 + g);
             }
           } else {
 #pragma unroll
@@ -721,7 +729,9 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_> struct BwdDqSm
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
           typename ScoreKind, bool kAligned>
-__global__ void __launch_bounds__(kWarps * kWarpSize)
+// Blocks per SM: ptxas's choice (0), which for some tiles is two blocks of 128 registers; a
+// positional score's index arithmetic does not fit that, so those kernels ask for one.
+__global__ void __launch_bounds__(kWarps * kWarpSize, ScoreKind::kPositional ? 1 : 0)
 bwd_dq_sm80(const __grid_constant__ BwdParams p) {
   typedef BwdDqSm80Traits<kHeadDim, kBlockM, kBlockN, kWarps> Tr;
   typedef typename Tr::QTile QTile;
@@ -745,7 +755,7 @@ bwd_dq_sm80(const __grid_constant__ BwdParams p) {
   // the row, so the first row sees the lowest key and the last (up to seqlen_q) the highest. None
   // leaves dq zero.
   const Mask<MaskKind> mask(p);
-  const Score<ScoreKind, T> score(p);
+  const Score<ScoreKind, T> score = Score<ScoreKind, T>(p).for_head(p, batch, head);
   const int n_begin = mask.first_key(m0) / kBlockN;
   const int n_tiles =
       ceil_div(mask.end_key(min(m0 + kBlockM, p.seqlen_q) - 1), kBlockN) - n_begin;
@@ -843,11 +853,12 @@ bwd_dq_sm80(const __grid_constant__ BwdParams p) {
         for (int e = 0; e < 2; ++e) {
           float& x = s[mt][nt][2 * h + e];
           const int c = nt * 8 + e;
-          const float modified = score(x);
+          const int col = n0 + 2 * t + c;
+          const float modified = score(x, row, col);
           x = exp2_ftz(fmaf(modified, p.scale_log2, -row_lse2[r]));
           if (masked && (c > last || (Mask<MaskKind>::kLeft && c < first))) x = 0.f;
-          dp[mt][nt][2 * h + e] =
-              x * fmaf(dp[mt][nt][2 * h + e], scale, -row_delta[r]) * score.slope(modified);
+          dp[mt][nt][2 * h + e] = x * fmaf(dp[mt][nt][2 * h + e], scale, -row_delta[r]) *
+                                  score.slope(modified, row, col);
         }
       }
     }

@@ -308,6 +308,7 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
     for (int step = 0; step < n_steps; ++step) {
       const int stage = step % kStages;
       const int head = step_head(step), row0 = step_row0(step);
+      const Score<ScoreKind, T> step_score = score.for_head(p, batch, head);
       mbar_wait(full(stage), (step / kStages) & 1);
 
       // -- S^T = K_c Q^T and dP^T = V_c dO^T, two wgmma groups --
@@ -326,7 +327,11 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
 #pragma unroll
         for (int j = 0; j < kQTiles; ++j)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) st[j][e] = score(st[j][e]);
+          for (int e = 0; e < 4; ++e) {
+            // S^T's C fragment: keys g and g + 8, queries 2t and 2t + 1 of each n8 tile
+            st[j][e] = step_score(st[j][e], row0 + q_col0 + j * 8 + 2 * t + e % 2,
+                                  n0 + key_base + (e / 2) * 8 + g);
+          }
       } else {
 #pragma unroll
         for (int j = 0; j < kQTiles; ++j) {
@@ -373,7 +378,9 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
           for (int e = 0; e < 4; ++e) {
             const float x = st[j][e], l = lse2[j * 8 + e % 2];
             st[j][e] = exp2_ftz(fmaf(x, p.scale_log2, -l));
-            dpt[j][e] = st[j][e] * fmaf(dpt[j][e], scale, -(e % 2 ? d.y : d.x)) * score.slope(x);
+            dpt[j][e] = st[j][e] * fmaf(dpt[j][e], scale, -(e % 2 ? d.y : d.x)) *
+                        step_score.slope(x, row0 + q_col0 + j * 8 + 2 * t + e % 2,
+                                         n0 + key_base + (e / 2) * 8 + g);
           }
         } else {
 #pragma unroll

@@ -33,6 +33,7 @@ struct FwdParams {
   void* o;
   void* lse;  // Accum (batch, heads_q, seqlen_q), natural log, row stride 1; null: not requested
   const void* sinks;  // Accum (heads_q,): each head's sink logit (sink.cuh); null: none
+  const void* alibi;  // Accum (batch, heads_q) ALiBi slopes (score.cuh's Alibi); else unused
 
   int64 q_batch_stride, q_row_stride, q_head_stride;
   int64 k_batch_stride, k_row_stride, k_head_stride;
@@ -51,7 +52,7 @@ struct FwdParams {
   int head_dim;       // the true head dim; kernels are compiled for a width >= head_dim
   int window_left;    // WindowMask's band (mask.cuh), each in [0, seqlen_q + seqlen_k]; else unused
   int window_right;
-  double softcap;     // Softcap's cap (score.cuh), > 0; else unused
+  double softcap;     // Softcap's cap (score.cuh), > 0 (Alibi: 0 is no cap); else unused
 };
 
 // Parameters of the backward kernels (same conventions). `Accum` below is float for fp16/bf16/fp32
@@ -71,6 +72,7 @@ struct BwdParams {
   void* dv;
   void* dq_accum;
   void* delta;
+  const void* alibi;  // as in FwdParams
 
   int64 q_batch_stride, q_row_stride, q_head_stride;
   int64 k_batch_stride, k_row_stride, k_head_stride;

@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(
   // row sees nothing, or seqlen_k == 0) skips the loop and leaves output 0, lse -inf. No left
   // edge: the walk starts at the constant 0, as before the mask kinds.
   const Mask<MaskKind> mask(p);
-  const Score<ScoreKind, T> score(p);
+  const Score<ScoreKind, T> score = Score<ScoreKind, T>(p).for_head(p, batch, head);
   const Span block_keys = mask.keys(row0, row0 + rows);
   const int n_begin = Mask<MaskKind>::kLeft ? block_keys.begin / kBlockN : 0;
   const int n_end = ceil_div(block_keys.end, kBlockN);
@@ -136,7 +136,10 @@ __global__ void __launch_bounds__(
 #pragma unroll
       for (int i = 0; i < Tr::kRows; ++i)
 #pragma unroll
-        for (int j = 0; j < Tr::kKeys; ++j) s[i][j] = score(s[i][j]);
+        for (int j = 0; j < Tr::kKeys; ++j) {
+          s[i][j] =
+              score(s[i][j], row0 + trow + i * Tr::kRowThreads, n0 + tcol + j * Tr::kColThreads);
+        }
     }
 #pragma unroll
     for (int i = 0; i < Tr::kRows; ++i) {
@@ -208,7 +211,8 @@ __global__ void __launch_bounds__(
     if (__syncthreads_or(nonfinite.any())) {  // the block's stores are visible after it
       // (all from p and the block index again: nothing more lives through the loop)
       const Mask<MaskKind> m(p);
-      const Score<ScoreKind, T> modified(p);
+      const Score<ScoreKind, T> modified =
+          Score<ScoreKind, T>(p).for_head(p, blockIdx.z, blockIdx.y);
       const int first = blockIdx.x * kBlockM, last = min(first + kBlockM, p.seqlen_q);
       const Span keys = m.keys(first, first + kBlockM);
       const Span walked = {Mask<MaskKind>::kLeft ? keys.begin / kBlockN * kBlockN : 0,

@@ -66,7 +66,7 @@ fwd_sm80(const __grid_constant__ FwdParams p) {
   // Without a left edge the walk ends at the constant 0, and n_end is keys_end(): dense and
   // causal code stays as it was before the mask kinds.
   const Mask<MaskKind> mask(p);
-  const Score<ScoreKind, T> score(p);
+  const Score<ScoreKind, T> score = Score<ScoreKind, T>(p).for_head(p, batch, head);
   const int row0 = m_block * kBlockM;
   const int n_begin =
       Mask<MaskKind>::kLeft ? mask.keys(row0, row0 + kBlockM).begin / kBlockN : 0;
@@ -149,7 +149,11 @@ fwd_sm80(const __grid_constant__ FwdParams p) {
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) s[mt][nt][e] = score(s[mt][nt][e]);
+          for (int e = 0; e < 4; ++e) {
+            // the mma's C fragment: rows g and g + 8 of the m16 tile, columns 2t and 2t + 1
+            s[mt][nt][e] = score(s[mt][nt][e], row0 + warp_row0 + mt * 16 + (e / 2) * 8 + g,
+                                 col0 + nt * 8 + 2 * t + e % 2);
+          }
     }
     if (col0 + kBlockN > p.seqlen_k || mask.cuts(row0, row0 + kBlockM, col0, col0 + kBlockN)) {
 #pragma unroll

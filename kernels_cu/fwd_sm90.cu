@@ -287,7 +287,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
 
   typedef Mask<MaskKind> M;
   const M mask(p);
-  const Score<ScoreKind, T> score(p);
+  const Score<ScoreKind, T> score(p);  // bound to each tile's head (for_head) where it is used
   // A right edge without a left one (causal): a query tile's cost grows with m_block, and the
   // schedule pairs long tiles with short ones (_launch_sm90.pairs_tiles).
   constexpr bool kPairs = M::kRight && !M::kLeft;
@@ -458,17 +458,22 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       }
       wgmma_commit();
     };
-    // Applies the score modification (score.cuh) to key tile `n_block`, then hides the keys that
-    // this warp's rows of the query tile at row0 do not see (the mask's edges, the ragged end),
-    // on the tiles where some row misses some key.
-    auto apply_mask = [&](float (&s)[1][kNTiles][4], int row0, int n_block) {
+    // Applies the score modification `mod` (score.cuh, bound to the tile's head) to key tile
+    // `n_block`, then hides the keys that this warp's rows of the query tile at row0 do not see
+    // (the mask's edges, the ragged end), on the tiles where some row misses some key.
+    auto apply_mask = [&](float (&s)[1][kNTiles][4], int row0, int n_block,
+                          const Score<ScoreKind, T>& mod) {
+      const int col0 = n_block * kBlockN;
       if constexpr (ScoreKind::kModifies) {
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) s[0][nt][e] = score(s[0][nt][e]);
+          for (int e = 0; e < 4; ++e) {
+            // the wgmma C fragment: rows g and g + 8 of the warp's 16, columns 2t and 2t + 1
+            s[0][nt][e] = mod(s[0][nt][e], row0 + rows_before + (e / 2) * 8 + g,
+                              col0 + nt * 8 + 2 * t + e % 2);
+          }
       }
-      const int col0 = n_block * kBlockN;
       const bool ragged = col0 + kBlockN > p.seqlen_k;
       const bool cut = mask.cuts(row0 + rows_before, row0 + rows_before + 16, col0, col0 + kBlockN);
       if (ragged || cut) {
@@ -636,6 +641,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
     NonFinite nonfinite;  // over every tile's O (with a mask edge): nonfinite.cuh
     schedule.for_each_tile([&](int m_block, int head, int batch, int next_m) {
       const int row0 = m_block * kBlockM;
+      const Score<ScoreKind, T> tile_score = score.for_head(p, batch, head);
       // Loaded by the producer, from tile n_begin + n_loaded - 1 down to tile n_begin.
       const Span tiles = key_tiles(row0, kBlockM);
       const int n_begin = tiles.begin, n_loaded = size(tiles);
@@ -725,7 +731,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
         wgmma_wait<0>();
         fence_operand(s[0]);
         release_k(first, n_blocks == 1);
-        apply_mask(s, row0, n_begin + (n_blocks - 1));  // the first key tile walked
+        apply_mask(s, row0, n_begin + (n_blocks - 1), tile_score);  // the first key tile walked
         // Tr::kHalfDiagonal: no row of this warpgroup sees the second half of its first key
         // tile; P's second half is zero. (This tile's turn ends after all its exponentials, as
         // ptxas places it; handing over earlier ran 0.90-0.98x: kernel notes step 19.)
@@ -755,7 +761,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
           wgmma_wait<1>();
           fence_operand(s[0]);
           release_k(stage, i == n_blocks - 1);
-          apply_mask(s, row0, n_begin + (n_blocks - 1 - i));
+          apply_mask(s, row0, n_begin + (n_blocks - 1 - i), tile_score);
           softmax_update(s, alpha);
           wgmma_wait<0>();
           fence_operand(acc_o[0]);
@@ -859,7 +865,8 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
           const Span walked = {tiles.begin * kBlockN, min(p.seqlen_k, tiles.end * kBlockN)};
 #pragma unroll 1
           for (int r = row0 + rows_before; r < min(row0 + rows_before + 16, p.seqlen_q); ++r) {
-            repair_row<T, kHeadDim>(p, mask, score, batch, head, r, walked, lane,
+            repair_row<T, kHeadDim>(p, mask, score.for_head(p, batch, head), batch, head, r,
+                                    walked, lane,
                                     sink_of<kSinks>(p, head));
           }
         });

@@ -29,6 +29,18 @@ struct WindowMask {
   static constexpr bool kLeft = true, kRight = true, kWindow = true;
 };
 
+// How far key `col` lies from row `row`'s bottom-right aligned diagonal: |row + shift - col|
+// (ALiBi's distance, score.cuh).
+struct Diagonal {
+  int shift;
+  template <typename Params>
+  __device__ __forceinline__ explicit Diagonal(const Params& p)
+      : shift(p.seqlen_k - p.seqlen_q) {}
+  __device__ __forceinline__ int distance(int row, int col) const {
+    return abs(row + shift - col);
+  }
+};
+
 // A half-open range [begin, end) of keys or queries; empty when end <= begin.
 struct Span {
   int begin, end;

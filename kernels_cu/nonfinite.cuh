@@ -125,7 +125,7 @@ __device__ __forceinline__ void repair_row(const FwdParams& p, const Mask<MaskKi
         dot += widen(q[d]) * widen(*at);  // q re-read (L1): no registers held for it
       }
     }
-    const A s = score(warp_sum(dot)) * scale;
+    const A s = score(warp_sum(dot), row, j) * scale;
     if (s != s) return;
     const A m_new = max_of(m, s);
     const A alpha = exp_of(m - m_new), pj = exp_of(s - m_new);

@@ -422,6 +422,31 @@ def test_softcap_bench_flags_and_cells():
     assert sinks_only.cap == 0.0 and sinks_only.sinks and not args.sinks
     assert "and sinks" in softcap.caption({**vars(sinks_only), "out": None})
     assert "flex not timed" in softcap.caption({**vars(sinks_only), "out": None})
+    alibi_only = softcap.build_parser().parse_args(["--cap", "0", "--alibi"])
+    caption = softcap.caption({**vars(alibi_only), "out": None})
+    assert "and ALiBi" in caption and "alibi_slopes=slopes" in caption
+    assert "score_mod score - slope[h] * |q - kv|" in caption
+    assert softcap.alibi_slopes(8)[0] == 0.5 and softcap.alibi_slopes(8)[-1] == 2.0 ** -8
+
+
+def test_softcap_bench_flex_score_mod_matches_the_reference(monkeypatch):
+    """FlexAttention's score_mod of `bench --softcap --alibi` is cuflash's modification: the
+    capped score minus slope * distance (Sq = Sk: no shift), on CPU tensors."""
+    torch = pytest.importorskip("torch")
+    from cuflash.bench import softcap
+
+    slopes = torch.tensor(softcap.alibi_slopes(4))
+    captured = {}
+
+    def fake_compiled(torch_, seqlen, mask_mod=None, score_mod=None):
+        captured["score_mod"] = score_mod
+
+    monkeypatch.setattr(softcap, "compiled_flex", fake_compiled)
+    softcap._flex(torch, 16, False, 2.0, slopes)
+    score = torch.tensor(3.0)
+    got = captured["score_mod"](score, 0, 2, torch.tensor(5), torch.tensor(1))
+    want = 2.0 * np.tanh(3.0 / 2.0) - float(slopes[2]) * 4
+    assert abs(float(got) - want) < 1e-6
     assert bench.build_parser().parse_args(["--softcap"]).softcap  # listed in bench --help
 
 

@@ -328,7 +328,7 @@ def test_variant_keeps_the_cap_with_every_mask():
 
 
 def test_the_hold_on_unverified_modifications_follows_the_flag(monkeypatch):
-    assert set(_checks.UNVERIFIED_ON_CUDA) <= {"softcap", "sinks"}
+    assert set(_checks.UNVERIFIED_ON_CUDA) <= {"softcap", "sinks", "alibi_slopes"}
     monkeypatch.delenv(_checks.UNVERIFIED_FLAG, raising=False)
     for name in _checks.UNVERIFIED_ON_CUDA:
         assert _checks.unverified_on_cuda(name).startswith(f"{name}: computed by the CUDA")
@@ -338,8 +338,8 @@ def test_the_hold_on_unverified_modifications_follows_the_flag(monkeypatch):
 
 
 def test_score_mods_are_refused_on_cuda_before_any_work(monkeypatch):
-    """The CUDA kernels do not add ALiBi, a bias or a mask yet: any of them on CUDA inputs
-    raises NotImplementedError naming the argument. A softcap and sinks, which the kernels
+    """The CUDA kernels do not add a bias or a mask yet: either on CUDA inputs raises
+    NotImplementedError naming the argument. A softcap, sinks and ALiBi, which the kernels
     compute, are held back until their GPU suites have run, but for CUFLASH_UNVERIFIED_CUDA=1
     (which the test suite sets)."""
     from tests.gpu_support import gpu_skip_reason
@@ -351,16 +351,16 @@ def test_score_mods_are_refused_on_cuda_before_any_work(monkeypatch):
 
     q, k, v = (cupy.asarray(x) for x in _inputs(np.random.default_rng(0), 1, 8, 8, 2, 2, 16,
                                                 np.float32, 1.0))
-    with pytest.raises(NotImplementedError, match=r"^alibi_slopes: not yet computed by the CUDA"):
-        cuflash.attention(q, k, v, alibi_slopes=cupy.ones(2, cupy.float32))
     with pytest.raises(NotImplementedError, match=r"^bias: not yet read by the CUDA"):
         cuflash.attention(q, k, v, bias=cupy.zeros((8, 8), cupy.float32))
     with pytest.raises(NotImplementedError, match=r"^mask: not yet read by the CUDA"):
         cuflash.attention(q, k, v, mask=cupy.ones((8, 8), bool))
-    assert cuflash.attention(q, k, v, softcap=1.0, sinks=cupy.zeros(2, cupy.float32)).shape == \
-        q.shape
+    slopes = cupy.ones(2, cupy.float32)
+    assert cuflash.attention(q, k, v, softcap=1.0, sinks=cupy.zeros(2, cupy.float32),
+                             alibi_slopes=slopes).shape == q.shape
     monkeypatch.delenv("CUFLASH_UNVERIFIED_CUDA")
-    for extra in ({"softcap": 1.0}, {"sinks": cupy.zeros(2, cupy.float32)}):
+    for extra in ({"softcap": 1.0}, {"sinks": cupy.zeros(2, cupy.float32)},
+                  {"alibi_slopes": slopes}):
         (name,) = extra
         if name not in _checks.UNVERIFIED_ON_CUDA:
             assert cuflash.attention(q, k, v, **extra).shape == q.shape

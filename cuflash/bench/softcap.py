@@ -14,6 +14,9 @@ on the same fresh random inputs (standard normal), timed in the same run:
 With ``--sinks`` the ``cuflash`` call also gets attention sinks (gpt-oss): one float32 logit
 per head (standard normal) that requires grad, so the backward computes their gradient too;
 ``--cap 0`` then times the sinks alone. FlexAttention has no sinks: it is not timed with them.
+With ``--alibi`` both get ALiBi with BLOOM's slopes ``2^(-8 h / H)`` (float32, one per head):
+cuflash as ``alibi_slopes``, FlexAttention in its ``score_mod`` (``- slope[h] * |q - kv|``,
+after the cap); ``--cap 0`` times ALiBi alone.
 
 TFLOP/s as the FlashAttention papers count them (`cuflash.bench.attention_flops`): forward
 ``4*B*H*S*S*D``, halved when causal, backward 2.5 times that; the tanh is not counted, so a
@@ -85,10 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--cap", type=_cap, default=30.0,
                         help="the softcap: scaled scores become cap * tanh(s / cap) (default 30;"
-                             " 0 only with --sinks)")
+                             " 0 only with --sinks or --alibi)")
     parser.add_argument("--sinks", action="store_true",
                         help="give cuflash attention sinks too (one logit per head, with their "
                              "gradient); FlexAttention is then not timed")
+    parser.add_argument("--alibi", action="store_true",
+                        help="give cuflash and FlexAttention ALiBi too (BLOOM's slopes)")
     parser.add_argument("--head-dims", type=_ints, default=HEAD_DIMS,
                         help="comma list (default 64,128); each must divide --model-dim")
     parser.add_argument("--seqlens", type=seqlens_arg, default=SEQLENS,
@@ -126,11 +131,21 @@ def shape(args: argparse.Namespace, head_dim: int, seqlen: int) -> tuple[int, in
     return max(1, args.tokens // seqlen), args.model_dim // head_dim, seqlen, head_dim
 
 
-def _flex(torch, seqlen: int, causal: bool, cap: float) -> Callable:
-    """A compiled FlexAttention callable with the softcap as its score_mod."""
+def alibi_slopes(heads: int) -> list[float]:
+    """BLOOM's ALiBi slopes for `heads` heads: 2^(-8 h / H), h = 1..H."""
+    return [2.0 ** (-8.0 * h / heads) for h in range(1, heads + 1)]
+
+
+def _flex(torch, seqlen: int, causal: bool, cap: float, slopes=None) -> Callable:
+    """A compiled FlexAttention callable with the softcap (where > 0), then ALiBi with
+    `slopes` (a float32 tensor, where given), as its score_mod."""
 
     def score_mod(score, b, h, q, kv):
-        return cap * torch.tanh(score / cap)
+        if cap:
+            score = cap * torch.tanh(score / cap)
+        if slopes is not None:
+            score = score - slopes[h] * (q - kv).abs()
+        return score
 
     def causal_mask(b, h, q, kv):
         return kv <= q
@@ -139,17 +154,18 @@ def _flex(torch, seqlen: int, causal: bool, cap: float) -> Callable:
 
 
 def _impls(torch, seqlen: int, causal: bool, cap: float, flex: bool,
-           sinks=None) -> dict[str, Callable]:
+           sinks=None, slopes=None) -> dict[str, Callable]:
     import cuflash.torch as cft
 
     impls = {
         "cuflash": lambda q, k, v: cft.attention(q, k, v, causal=causal, softcap=cap,
-                                                 sinks=sinks, layout="bhsd"),
+                                                 sinks=sinks, alibi_slopes=slopes,
+                                                 layout="bhsd"),
         "cuflash-plain": lambda q, k, v: cft.attention(q, k, v, causal=causal, layout="bhsd"),
     }
     if flex:
         try:
-            impls["flex"] = _flex(torch, seqlen, causal, cap)
+            impls["flex"] = _flex(torch, seqlen, causal, cap, slopes)
         except Exception as err:  # no triton, an old torch: say so, go on
             print(f"flex unavailable: {type(err).__name__}: {err}", file=sys.stderr)
     return impls
@@ -193,16 +209,19 @@ def run(args: argparse.Namespace, deadline: float | None = None) -> list[dict]:
             continue
         inputs = [torch.randn(shape(args, head_dim, seqlen), device="cuda", dtype=torch.bfloat16)
                   for _ in range(4)]
-        sinks = None
+        sinks = slopes = None
         if args.sinks:
             sinks = torch.randn(heads, device="cuda", dtype=torch.float32, requires_grad=True)
-        fns = _impls(torch, seqlen, causal, args.cap, flex, sinks)
+        if args.alibi:
+            slopes = torch.tensor(alibi_slopes(heads), device="cuda", dtype=torch.float32)
+        fns = _impls(torch, seqlen, causal, args.cap, flex, sinks, slopes)
         cell = []
         for name in impl_names:
             softcap = 0.0 if name == "cuflash-plain" else args.cap
             for pass_ in PASSES:
                 row = {"impl": name, "pass": pass_, **base, "softcap": softcap,
-                       "sinks": args.sinks and name == "cuflash"}
+                       "sinks": args.sinks and name == "cuflash",
+                       "alibi": args.alibi and name != "cuflash-plain"}
                 flops = attention_flops(batch, heads, seqlen, seqlen, head_dim, causal=causal,
                                         pass_=pass_)
                 try:
@@ -221,7 +240,7 @@ def run(args: argparse.Namespace, deadline: float | None = None) -> list[dict]:
                 row["max_abs_diff_flex"] = diff
         print(progress_line(cell), file=sys.stderr, flush=True)
         rows += cell
-        del inputs, fns, sinks
+        del inputs, fns, sinks, slopes
         torch.cuda.empty_cache()
     return rows
 
@@ -310,9 +329,13 @@ def progress_line(cell: list[dict]) -> str:
 
 def caption(config: dict) -> str:
     mods = f"softcap {config['cap']:g}" + (" and sinks" if config.get("sinks") else "")
+    mods += " and ALiBi (BLOOM's slopes)" if config.get("alibi") else ""
     call = "softcap=cap" + (", sinks=sinks (requiring grad)" if config.get("sinks") else "")
+    call += ", alibi_slopes=slopes" if config.get("alibi") else ""
+    flex_mod = "cap * tanh(score / cap)" if config["cap"] else "score"
+    flex_mod += " - slope[h] * |q - kv|" if config.get("alibi") else ""
     flex = ("flex not timed (no sinks)" if config.get("sinks") else
-            "flex = compiled FlexAttention with score_mod cap * tanh(score / cap)")
+            f"flex = compiled FlexAttention with score_mod {flex_mod}")
     return (f"bf16, B*S = {config['tokens']} tokens, H*D = {config['model_dim']}, {mods}; "
             f"TFLOP/s ({FLOPS}; the modifications not counted) and ms per call; "
             f"cuflash = cuflash.torch.attention({call}), plain = the same without them, {flex}")
@@ -339,8 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.cap == 0 and not args.sinks:
-        parser.error("--cap 0 times nothing but plain cuflash: give a softcap > 0 or --sinks")
+    if args.cap == 0 and not (args.sinks or args.alibi):
+        parser.error("--cap 0 times nothing but plain cuflash: give a softcap > 0, --sinks or "
+                     "--alibi")
     uneven = [d for d in args.head_dims if args.model_dim % d]
     if uneven:
         parser.error(f"--head-dims {uneven[0]} does not divide --model-dim {args.model_dim}")
@@ -349,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     began = time.perf_counter()
     print(f"cuflash bench --softcap on {torch.cuda.get_device_name()}: "
-          f"{len(cells(args))} cells, softcap {args.cap:g}{' and sinks' if args.sinks else ''}",
+          f"{len(cells(args))} cells, softcap {args.cap:g}{' and sinks' if args.sinks else ''}"
+          f"{' and ALiBi' if args.alibi else ''}",
           file=sys.stderr, flush=True)
     deadline = None if args.budget is None else began + args.budget
     rows = run(args, deadline)

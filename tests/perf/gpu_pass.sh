@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One GPU pass for what is held back on CUDA (_checks.UNVERIFIED_ON_CUDA: softcap, sinks): the
-# suites that draw them, in parallel (each cut at $LIM seconds, $EX Hypothesis examples), then
-# bench --softcap, bench --softcap --cap 0 --sinks and bench --overhead. Logs and tables under
+# One GPU pass for what is held back on CUDA (_checks.UNVERIFIED_ON_CUDA: softcap, sinks, ALiBi):
+# the suites that draw them, in parallel (each cut at $LIM seconds, $EX Hypothesis examples),
+# then bench --softcap, --softcap --cap 0 --sinks, --softcap --cap 0 --alibi and --overhead. Logs and tables under
 # $OUT (the device tool's output folder); NOBENCH=1 runs the suites only. About 7 minutes on an
 # H100: bash tests/perf/gpu_pass.sh
 set -u
@@ -17,13 +17,15 @@ suite bwd90 tests/test_gpu_bwd_sm90.py -k "cap"
 suite jax tests/test_gpu_jax.py
 suite misc tests/test_score_mods.py tests/test_gpu_ring.py tests/test_gpu_replay.py -k "cuda or ring or torch_program"
 suite sinks tests/test_gpu_sinks.py
+suite alibi tests/test_gpu_alibi.py
 wait
 echo "suites done in $(( $(date +%s) - T0 )) s"
-for f in fwd bwd sm90 bwd90 jax misc sinks; do echo "== $f: $(tail -3 $OUT/$f.log | tr '\n' ' ')"; done
+for f in fwd bwd sm90 bwd90 jax misc sinks alibi; do echo "== $f: $(tail -3 $OUT/$f.log | tr '\n' ' ')"; done
 if [ -z "${NOBENCH:-}" ]; then
   timeout 95 python3 -m cuflash bench --softcap --seqlens 4k,16k --head-dims 64,128 --repeats 5 --budget 70 --out $OUT/softcap > $OUT/bench_softcap.log 2>&1; echo "softcap bench rc=$?"
   timeout 50 python3 -m cuflash bench --softcap --cap 0 --sinks --seqlens 4k,16k --head-dims 64,128 --repeats 5 --budget 35 --out $OUT/sinks > $OUT/bench_sinks.log 2>&1; echo "sinks bench rc=$?"
+  timeout 80 python3 -m cuflash bench --softcap --cap 0 --alibi --seqlens 4k,16k --head-dims 64,128 --repeats 5 --budget 60 --out $OUT/alibi > $OUT/bench_alibi.log 2>&1; echo "alibi bench rc=$?"
   timeout 75 python3 -m cuflash bench --overhead --repeats 5 > $OUT/bench_overhead.log 2>&1; echo "overhead bench rc=$?"
 fi
 echo "total $(( $(date +%s) - T0 )) s"
-tail -22 $OUT/softcap/softcap.md 2>/dev/null; tail -12 $OUT/sinks/softcap.md 2>/dev/null; tail -5 $OUT/bench_softcap.log $OUT/bench_sinks.log; grep -E "us|call" $OUT/bench_overhead.log | tail -16
+tail -22 $OUT/softcap/softcap.md 2>/dev/null; tail -12 $OUT/sinks/softcap.md 2>/dev/null; tail -22 $OUT/alibi/softcap.md 2>/dev/null; tail -5 $OUT/bench_softcap.log $OUT/bench_sinks.log $OUT/bench_alibi.log; grep -E "us|call" $OUT/bench_overhead.log | tail -16
