@@ -13,8 +13,22 @@ from cuflash import _interop
 # Score modifications the CUDA kernels compute that have not yet passed their GPU test suites:
 # CUDA inputs with them are refused unless UNVERIFIED_FLAG is "1" (the test suite sets it, so
 # that the GPU suites run them). Each leaves this tuple once its suites have run on a GPU.
-UNVERIFIED_ON_CUDA = ("softcap", "sinks", "alibi_slopes")
+UNVERIFIED_ON_CUDA = ("softcap", "sinks", "alibi_slopes", "bias", "mask")
 UNVERIFIED_FLAG = "CUFLASH_UNVERIFIED_CUDA"
+
+
+def refuse_capped_mods_on_cuda(softcap: float, alibi: bool, bias: bool, mask: bool,
+                               where: str) -> None:
+    """The CUDA kernels do not combine a softcap with ALiBi, a bias or a mask array
+    (kernels_cu/score.cuh's Mods): raise NotImplementedError naming them. `where`: the inputs,
+    described."""
+    others = [name for name, given in (("alibi_slopes", alibi), ("bias", bias), ("mask", mask))
+              if given]
+    if softcap and others:
+        raise NotImplementedError(
+            f"softcap: the CUDA kernels do not combine a softcap with {', '.join(others)} yet "
+            f"(got both for {where}); the CPU path and cuflash.reference compute the "
+            f"combination")
 
 
 def unverified_on_cuda(name: str) -> str | None:

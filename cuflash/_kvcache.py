@@ -16,7 +16,13 @@ from typing import Any
 import numpy as np
 
 from cuflash import _interop
-from cuflash._checks import check_alibi, check_flag, check_sinks, unverified_on_cuda
+from cuflash._checks import (
+    check_alibi,
+    check_flag,
+    check_sinks,
+    refuse_capped_mods_on_cuda,
+    unverified_on_cuda,
+)
 from cuflash._merge import ops_for
 from cuflash._variant import check_softcap
 from cuflash._varlen import int32_vector, to_host
@@ -118,6 +124,8 @@ def _check_mods(q, softcap, alibi_slopes, sinks) -> None:
             why = unverified_on_cuda(name) if given else None
             if why is not None:
                 raise NotImplementedError(f"{why} (got it for {src.describe()} inputs)")
+        refuse_capped_mods_on_cuda(cap, alibi_slopes is not None, False, False,
+                                   f"{src.describe()} inputs")
 
 
 def _slopes_of(alibi_slopes, b: int):

@@ -19,6 +19,8 @@ from cuflash._launch_common import (  # the shared names stay reachable through 
     BWD_PARAMS,  # noqa: F401
     FWD_PARAMS,  # noqa: F401
     FWD_POINTERS,  # noqa: F401
+    NO_MODS,
+    Mods,
     Tile,
     forward_pointers,
     fwd_params,
@@ -106,15 +108,16 @@ def all_fwd_specs() -> list[KernelSpec]:
 
 
 def plan_forward(q, k, v, out, *, variant: Variant, scale: float, device_id: int,
-                 cc: int, sinks: bool = False) -> KernelCall | None:
+                 cc: int, sinks: bool = False, mods: Mods = NO_MODS) -> KernelCall | None:
     """The forward's replayable `KernelCall` for these views (None when there is nothing to
     compute): the Hopper kernel where it applies (it logs why not), else sm80 or SIMT.
 
     q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), out like q: CuPy arrays with any strides and a unit
     last stride; the call is valid for any arrays of the same shapes, strides and 16-byte
     alignment. `sinks`: the call has attention sinks (Accum ``(Hq,)``), whose address each
-    launch passes after lse (`forward_pointers`), and after them the ALiBi slopes' (Accum
-    ``(B, Hq)``) where `variant` has ALiBi. Call inside the device's scope.
+    launch passes after lse (`forward_pointers`), and after it the arrays of `mods` where the
+    variant's score kind is "mods" (`mods` gives the plan their strides). Call inside the
+    device's scope.
     """
     batch, seqlen_q, heads_q, head_dim = q.shape
     if batch == 0 or seqlen_q == 0 or heads_q == 0:
@@ -124,7 +127,7 @@ def plan_forward(q, k, v, out, *, variant: Variant, scale: float, device_id: int
         from cuflash._launch_sm90 import plan_sm90
 
         call = plan_sm90(q, k, v, out, variant=variant, scale=scale, device_id=device_id, cc=cc,
-                         sinks=sinks)
+                         sinks=sinks, mods=mods)
         if call is not None:
             return call
     aligned = is_aligned((q, k, v, out), head_dim)
@@ -134,8 +137,8 @@ def plan_forward(q, k, v, out, *, variant: Variant, scale: float, device_id: int
         grid=(math.ceil(seqlen_q / spec.block_m), heads_q, batch),
         threads=spec.threads,
         smem_bytes=spec.smem_bytes,
-        params=fwd_params(q, k, v, out, variant=variant, scale=scale),
-        pointer_fields=fwd_pointer_fields(sinks, variant.alibi),
+        params=fwd_params(q, k, v, out, variant=variant, scale=scale, mods=mods),
+        pointer_fields=fwd_pointer_fields(sinks, variant.score == "mods"),
     )
 
 

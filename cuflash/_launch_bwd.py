@@ -36,6 +36,9 @@ from cuflash import _compile, _dtypes, _variant
 from cuflash._kernel_call import KernelCall
 from cuflash._launch_common import (
     BWD_PARAMS,
+    MOD_POINTERS,
+    NO_MODS,
+    Mods,
     Tile,
     is_aligned,
     pack_params,
@@ -299,7 +302,8 @@ def accum_dtype(dtype: str) -> np.dtype:
 
 
 # The pointer fields of BwdParams a backward fills, in their order in the block (so a replay
-# writes them in one go): the caller's arrays, then the scratch, then (with ALiBi) the slopes.
+# writes them in one go): the caller's arrays, then the scratch, then (with the run-time
+# modifications) MOD_POINTERS.
 BWD_POINTERS = ("q", "k", "v", "o", "dout", "lse", "dq", "dk", "dv", "dq_accum", "delta")
 _CALLER_POINTERS = 9  # q .. dv: what `BackwardCall` is given before the scratch
 _SCRATCH_ALIGN = 256
@@ -329,36 +333,41 @@ class BackwardCall:
         del owner  # freed to the stream-ordered pool after the launches
 
 
-def backward_pointers(dout, q, k, v, out, lse, dq, dk, dv, alibi=None) -> tuple[int, ...]:
-    """The caller's pointers as `BackwardCall` takes them (`alibi`: the Accum (B, Hq) slopes
-    of a variant with ALiBi, else None)."""
-    arrays = (q, k, v, out, dout, lse, dq, dk, dv) + (() if alibi is None else (alibi,))
-    return tuple(a.data.ptr for a in arrays)
+def backward_pointers(dout, q, k, v, out, lse, dq, dk, dv,
+                      mods: Mods | None = None) -> tuple[int, ...]:
+    """The caller's pointers as `BackwardCall` takes them (`mods`: the arrays of a variant with
+    the run-time modifications, else None)."""
+    found = tuple(a.data.ptr for a in (q, k, v, out, dout, lse, dq, dk, dv))
+    return found if mods is None else (*found, *mods.pointers())
 
 
 def backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scale: float,
-             deterministic: bool, device_id: int, cc: int, alibi=None) -> None:
+             deterministic: bool, device_id: int, cc: int, mods: Mods | None = None) -> None:
     """Plan and launch the backward on CuPy's current stream, scratch from CuPy's pool
-    (`alibi`: the slopes where `variant` has ALiBi)."""
+    (`mods`: the arrays where `variant` has the run-time modifications)."""
     import cupy
 
     from cuflash._interop import cupy_alloc
 
     call = plan_backward(dout, q, k, v, out, lse, dq, dk, dv, variant=variant, scale=scale,
-                         deterministic=deterministic, device_id=device_id, cc=cc)
+                         deterministic=deterministic, device_id=device_id, cc=cc,
+                         mods=mods or NO_MODS)
     if call is not None:
-        call(backward_pointers(dout, q, k, v, out, lse, dq, dk, dv, alibi),
+        call(backward_pointers(dout, q, k, v, out, lse, dq, dk, dv, mods),
              cupy.cuda.get_current_stream().ptr, cupy_alloc)
 
 
 def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scale: float,
-                  deterministic: bool, device_id: int, cc: int) -> BackwardCall | None:
+                  deterministic: bool, device_id: int, cc: int,
+                  mods: Mods = NO_MODS) -> BackwardCall | None:
     """The backward's replayable launches for these views (None: nothing to compute).
 
     q, dq (B, Sq, Hq, D); k, v, dk, dv (B, Sk, Hkv, D); out, dout like q: CuPy arrays in "bshd"
     order with any strides and a unit last stride; dq, dk, dv are written. lse (B, Hq, Sq) in the
     Accum dtype (float64 for float64 inputs, else float32), unit last stride, as the forward
-    wrote it. Valid for any arrays of the same shapes, strides and 16-byte alignment.
+    wrote it. Valid for any arrays of the same shapes, strides and 16-byte alignment (and,
+    for a variant with the run-time modifications, `mods` of the same strides: see
+    `backward_pointers`).
     """
     batch, seqlen_q, heads_q, head_dim = q.shape
     _, seqlen_k, heads_kv, _ = k.shape
@@ -380,7 +389,7 @@ def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scal
     scratch = delta_bytes if deterministic else offset + math.prod(accum_shape) * accum.itemsize
 
     params = pack_params(BWD_PARAMS, {
-        **dict.fromkeys(BWD_POINTERS, 0), "alibi": 0,
+        **dict.fromkeys((*BWD_POINTERS, *MOD_POINTERS), 0), **mods.fields(),
         **param_strides("q", q), **param_strides("k", k), **param_strides("v", v),
         **param_strides("o", out), **param_strides("do", dout), **param_strides("dq", dq),
         **param_strides("dk", dk), **param_strides("dv", dv),
@@ -395,7 +404,7 @@ def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scal
         "softcap": variant.softcap,
     })
     launches = []
-    pointer_fields = (*BWD_POINTERS, "alibi") if variant.alibi else BWD_POINTERS
+    pointer_fields = (*BWD_POINTERS, *MOD_POINTERS) if variant.score == "mods" else BWD_POINTERS
 
     def launch(spec: KernelSpec, rows: int, block_rows: int, heads: int, maps=()) -> None:
         grid = (math.ceil(rows / block_rows), heads, batch)

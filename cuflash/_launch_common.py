@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from cuflash._variant import Variant
 
 _STRIDE_FIELDS = ("batch_stride", "row_stride", "head_stride")
+_SIDE_AXES = ("batch", "head", "row", "col")  # the bias's and the mask's (B, H, Sq, Sk) strides
 
 
 def _params_dtype(pointers: tuple[str, ...], strided: tuple[str, ...], ints: tuple[str, ...]):
     fields = [(name, np.uint64) for name in pointers]
     fields += [(f"{t}_{s}", np.int64) for t in strided for s in _STRIDE_FIELDS]
     fields += [("lse_batch_stride", np.int64), ("lse_head_stride", np.int64)]
+    fields += [(f"{t}_{axis}_stride", np.int64) for t in ("bias", "mask") for axis in _SIDE_AXES]
     fields += [("scale", np.float64), ("scale_log2", np.float32)]
-    fields += [(name, np.int32) for name in ints]
+    fields += [(name, np.int32) for name in (*ints, "bias_dtype")]
     fields += [("softcap", np.float64)]
     return np.dtype(fields, align=True)
 
@@ -33,11 +36,12 @@ _SHAPE_INTS = ("batch", "heads_q", "heads_kv", "group", "seqlen_q", "seqlen_k", 
 _WINDOW_INTS = ("window_left", "window_right")
 
 FWD_PARAMS = _params_dtype(
-    ("q", "k", "v", "o", "lse", "sinks", "alibi"), ("q", "k", "v", "o"),
+    ("q", "k", "v", "o", "lse", "sinks", "alibi", "bias", "mask"), ("q", "k", "v", "o"),
     (*_SHAPE_INTS, *_WINDOW_INTS)
 )
 BWD_PARAMS = _params_dtype(
-    ("q", "k", "v", "o", "dout", "lse", "dq", "dk", "dv", "dq_accum", "delta", "alibi"),
+    ("q", "k", "v", "o", "dout", "lse", "dq", "dk", "dv", "dq_accum", "delta", "alibi", "bias",
+     "mask"),
     ("q", "k", "v", "o", "do", "dq", "dk", "dv"),
     (*_SHAPE_INTS, "head_dim_rounded", "deterministic", *_WINDOW_INTS),
 )
@@ -90,33 +94,64 @@ def pack_params(dtype: np.dtype, fields: dict[str, float | int]):
 
 
 # The pointer fields of FwdParams a forward launch fills, in the order `KernelCall` takes them;
-# a launch with sinks or ALiBi slopes fills theirs too (`fwd_pointer_fields`).
+# a launch with sinks fills theirs too, and one of a variant with the run-time modifications
+# (score kind "mods") the sinks', the slopes', the bias's and the mask's (`fwd_pointer_fields`).
 FWD_POINTERS = ("q", "k", "v", "o", "lse")
+MOD_POINTERS = ("alibi", "bias", "mask")
 
 
-def fwd_pointer_fields(sinks: bool, alibi: bool = False) -> tuple[str, ...]:
-    """FWD_POINTERS, then "sinks" with sinks or slopes (a null sinks pointer is no sinks),
-    then "alibi" with slopes."""
-    if alibi:
-        return (*FWD_POINTERS, "sinks", "alibi")
+@dataclass(frozen=True)
+class Mods:
+    """The arrays of the run-time modifications as the kernels read them (score.cuh's Mods),
+    each a CuPy array on q's device or None: the ALiBi slopes, Accum ``(B, Hq)`` contiguous; the
+    bias (float16/32/64) and the mask (bool), views of shape ``(B, Hq, Sq, Sk)`` with any
+    strides (0 where broadcast)."""
+
+    alibi: Any = None
+    bias: Any = None
+    mask: Any = None
+
+    def pointers(self) -> tuple[int, ...]:
+        return tuple(0 if a is None else a.data.ptr for a in (self.alibi, self.bias, self.mask))
+
+    def fields(self) -> dict[str, int]:
+        """The parameter blocks' strides of the bias and the mask (elements), and the bias's
+        itemsize."""
+        found = {"bias_dtype": 4 if self.bias is None else self.bias.dtype.itemsize}
+        for name, a in (("bias", self.bias), ("mask", self.mask)):
+            strides = (0,) * 4 if a is None else tuple(s // a.dtype.itemsize for s in a.strides)
+            found |= {f"{name}_{axis}_stride": s for axis, s in zip(_SIDE_AXES, strides,
+                                                                    strict=True)}
+        return found
+
+
+NO_MODS = Mods()
+
+
+def fwd_pointer_fields(sinks: bool, mods: bool = False) -> tuple[str, ...]:
+    """FWD_POINTERS, then "sinks" with sinks or `mods` (a null sinks pointer is no sinks),
+    then MOD_POINTERS with `mods`."""
+    if mods:
+        return (*FWD_POINTERS, "sinks", *MOD_POINTERS)
     return (*FWD_POINTERS, "sinks") if sinks else FWD_POINTERS
 
 
-def forward_pointers(q, k, v, out, lse, sinks=None, alibi=None) -> tuple[int, ...]:
+def forward_pointers(q, k, v, out, lse, sinks=None, mods: Mods | None = None) -> tuple[int, ...]:
     """The forward's pointer fields of CuPy arrays, as `fwd_pointer_fields` names them (lse
-    and sinks may be None; `alibi`: the (B, Hq) slopes, or None)."""
+    and sinks may be None; `mods` for a variant with the run-time modifications)."""
     found = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, 0 if lse is None else lse.data.ptr)
-    if alibi is not None:
-        return (*found, 0 if sinks is None else sinks.data.ptr, alibi.data.ptr)
+    if mods is not None:
+        return (*found, 0 if sinks is None else sinks.data.ptr, *mods.pointers())
     return found if sinks is None else (*found, sinks.data.ptr)
 
 
-def fwd_params(q, k, v, out, *, variant: Variant, scale: float):
+def fwd_params(q, k, v, out, *, variant: Variant, scale: float, mods: Mods = NO_MODS):
     """The FwdParams block for (B, S, H, D) views, pointer fields zero (`KernelCall` fills the
-    ones it launches with; a null sinks pointer is no sinks)."""
+    ones it launches with; a null sinks pointer is no sinks); `mods` gives the bias's and the
+    mask's strides."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     _, seqlen_k, heads_kv, _ = k.shape
-    fields = {"q": 0, "k": 0, "v": 0, "o": 0, "lse": 0, "sinks": 0, "alibi": 0,
+    fields = {**dict.fromkeys(fwd_pointer_fields(True, True), 0), **mods.fields(),
               **param_strides("q", q), **param_strides("k", k), **param_strides("v", v),
               **param_strides("o", out),
               "lse_batch_stride": heads_q * seqlen_q, "lse_head_stride": seqlen_q,

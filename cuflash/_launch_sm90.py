@@ -389,11 +389,14 @@ def forward_sm90(q, k, v, out, lse, *, variant: Variant, scale: float, device_id
 
 
 def plan_sm90(q, k, v, out, *, variant: Variant, scale: float, device_id: int, cc: int,
-              sinks: bool = False):
+              sinks: bool = False, mods=None):
     """The replayable `KernelCall` of the Hopper forward for these views, or None (reason
     logged) when they do not qualify. Expects a non-empty problem. `sinks`: the call has
-    attention sinks, whose address each launch passes after lse."""
-    from cuflash._launch_common import fwd_params, fwd_pointer_fields
+    attention sinks, whose address each launch passes after lse; `mods`: the arrays of the
+    run-time modifications (`_launch_common.Mods`), for their strides."""
+    from cuflash._launch_common import NO_MODS, fwd_params, fwd_pointer_fields
+
+    mods = NO_MODS if mods is None else mods
 
     batch, seqlen_q, heads_q, head_dim = q.shape
     dtype = _dtypes.dtype_name(q.dtype)
@@ -432,8 +435,8 @@ def plan_sm90(q, k, v, out, *, variant: Variant, scale: float, device_id: int, c
         grid=(grid, 1, 1),
         threads=spec.threads,
         smem_bytes=spec.smem_bytes,
-        params=fwd_params(q, k, v, out, variant=variant, scale=scale),
-        pointer_fields=fwd_pointer_fields(sinks, variant.alibi),
+        params=fwd_params(q, k, v, out, variant=variant, scale=scale, mods=mods),
+        pointer_fields=fwd_pointer_fields(sinks, variant.score == "mods"),
         tensor_maps=maps,
         args=args,
         keep=keep,

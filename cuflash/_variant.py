@@ -24,8 +24,8 @@ MASK_KINDS = ("none", "causal", "window")
 _CPP_MASK = {"none": "cuflash::NoMask", "causal": "cuflash::CausalMask",
              "window": "cuflash::WindowMask"}
 # The score modifications the kernels compile in, and their C++ types (kernels_cu/score.cuh).
-SCORE_KINDS = ("none", "softcap", "alibi")
-_CPP_SCORE = {"none": "cuflash::NoScore", "softcap": "cuflash::Softcap", "alibi": "cuflash::Alibi"}
+SCORE_KINDS = ("none", "softcap", "mods")
+_CPP_SCORE = {"none": "cuflash::NoScore", "softcap": "cuflash::Softcap", "mods": "cuflash::Mods"}
 
 
 def cpp_mask(kind: str) -> str:
@@ -53,10 +53,10 @@ class Variant:
             own and no value (its logits travel beside the variant).
         bias: whether an additive bias tensor is added to the scores (last, after ALiBi).
         mask_array: whether a boolean mask tensor hides keys (besides the mask kind).
-    The CPU path computes all of them. The CUDA kernels compute the softcap, ALiBi (their
-    compile-time kind is `score`) and the sinks; `cuflash.api` names the ones held back on CUDA
-    until their GPU suites have run (`_checks.UNVERIFIED_ON_CUDA`) and refuses the bias and the
-    mask array there.
+    Every path computes all of them: on CUDA the sinks fold into each finished row, and the
+    others are the compile-time score kind `score` (ALiBi, the bias and the mask array as the
+    run-time ``"mods"``). `cuflash.api` names the ones held back on CUDA until their GPU suites
+    have run (`_checks.UNVERIFIED_ON_CUDA`).
 
     Build one with `Variant.of`, which normalises equal masks to one variant: a window of
     (-1, -1) is ``"none"`` and (-1, 0) is ``"causal"``, so they share kernels bit for bit.
@@ -101,10 +101,12 @@ class Variant:
 
     @property
     def score(self) -> str:
-        """The compile-time score kind (a `SCORE_KINDS` name): what the kernels modify. ALiBi's
-        kind takes a softcap too (a run-time test in the kernel: one kind, not two)."""
-        if self.alibi:
-            return "alibi"
+        """The compile-time score kind (a `SCORE_KINDS` name): what the kernels modify.
+        ``"mods"``, for ALiBi, a bias or a mask array, takes each of them and a softcap where the
+        parameter block has it (run-time tests in the kernels: one kind, not one per
+        combination)."""
+        if self.alibi or self.bias or self.mask_array:
+            return "mods"
         return "softcap" if self.softcap else "none"
 
     def window_params(self, seqlen_q: int, seqlen_k: int) -> tuple[int, int]:

@@ -23,6 +23,7 @@ from cuflash._checks import (  # the size limits stay importable from here, wher
     check_score_array,
     check_sinks,
     check_sizes,
+    refuse_capped_mods_on_cuda,
     refuse_masked,
     unverified_on_cuda,
 )
@@ -235,6 +236,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
         check_flag(flag, value)
         if value and given is None:
             raise ValueError(f"{flag}: True needs {what} (the gradient of which {what}?)")
+    if return_dbias and problem.source.device == "cuda":
+        raise NotImplementedError(f"return_dbias: {NO_DBIAS_ON_CUDA} (CUDA inputs); the CPU "
+                                  f"path and cuflash.reference compute it")
     q_shape = problem.caller_shape(problem.seqlen_q, problem.heads_q)
     for name, x in (("dout", dout), ("out", out)):
         _check_out(name, x, problem, q_shape)
@@ -276,6 +280,8 @@ def _refuse_first_call_in_capture(src: _interop.Source) -> None:
 
 # ---- validation ------------------------------------------------------------------------------
 
+NO_DBIAS_ON_CUDA = "the CUDA kernels do not form the bias's gradient yet"
+
 
 def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
              alibi_slopes=None, sinks=None, bias=None, mask=None) -> Problem:
@@ -299,15 +305,14 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
             )
 
     for name, given in (("softcap", variant.softcap), ("sinks", variant.sinks),
-                        ("alibi_slopes", variant.alibi)):
+                        ("alibi_slopes", variant.alibi), ("bias", variant.bias),
+                        ("mask", variant.mask_array)):
         why = unverified_on_cuda(name) if given and src.device == "cuda" else None
         if why is not None:
             raise NotImplementedError(f"{why} (got it for {src.describe()} inputs)")
-    for name, given in (("bias", variant.bias), ("mask", variant.mask_array)):
-        if given and src.device == "cuda":
-            raise NotImplementedError(
-                f"{name}: not yet read by the CUDA kernels (got a {name} for {src.describe()} "
-                f"inputs); the CPU path and cuflash.reference take it")
+    if src.device == "cuda":
+        refuse_capped_mods_on_cuda(variant.softcap, variant.alibi, variant.bias,
+                                   variant.mask_array, f"{src.describe()} inputs")
 
     dtypes = {name: _interop.dtype_name(x) for name, x in (("q", q), ("k", k), ("v", v))}
     allowed = _dtypes.GPU_DTYPES if src.device == "cuda" else _dtypes.CPU_DTYPES
@@ -520,12 +525,12 @@ def forward_into(problem: Problem, qb, kb, vb, out_b, lse_b):
     if lse3 is not None and problem.dtype == "float64":
         # fp64 kernels keep their statistics in double; the caller gets a float32 copy.
         lse_k = _interop.empty_backend(lse3.shape, "float64", src)
-    sinks, slopes = _sinks_on_device(problem), _slopes_on_device(problem)
+    sinks, mods = _sinks_on_device(problem), _mods_on_device(problem)
     call = _launch.plan_forward(q4, k4, v4, o4, variant=problem.variant, scale=problem.scale,
                                 device_id=device_id, cc=compute_capability(device_id),
-                                sinks=sinks is not None)
+                                sinks=sinks is not None, mods=mods or _launch.NO_MODS)
     if call is not None:
-        call(_launch.forward_pointers(q4, k4, v4, o4, lse_k, sinks, slopes),
+        call(_launch.forward_pointers(q4, k4, v4, o4, lse_k, sinks, mods),
              _interop.current_stream(src))
     if lse_k is not lse3:
         lse3[...] = lse_k
@@ -539,10 +544,34 @@ def _sinks_on_device(problem: Problem):
     return _on_device(problem.sinks, (problem.heads_q,), problem)
 
 
-def _slopes_on_device(problem: Problem):
-    """The ALiBi slopes as the kernels read them (None without ALiBi): a contiguous
-    ``(B, Hq)`` device array in the Accum dtype, slopes ``(Hq,)`` repeated for every batch."""
-    return _on_device(problem.alibi_slopes, (problem.batch, problem.heads_q), problem)
+def _mods_on_device(problem: Problem):
+    """The arrays of the run-time modifications as the kernels read them
+    (`_launch_common.Mods`), or None for a variant without them: the ALiBi slopes as a
+    contiguous ``(B, Hq)`` Accum copy (``(Hq,)`` slopes repeated for every batch); the bias and
+    the mask as ``(B, Hq, Sq, Sk)`` views of the caller's device arrays, broadcast with stride 0
+    (a NumPy one is copied to the device first, in its own shape)."""
+    if problem.variant.score != "mods":
+        return None
+    from cuflash._launch_common import Mods
+
+    full = (problem.batch, problem.heads_q, problem.seqlen_q, problem.seqlen_k)
+    slopes = _on_device(problem.alibi_slopes, (problem.batch, problem.heads_q), problem)
+    return Mods(alibi=slopes, bias=_device_view(problem.bias, full, problem),
+                mask=_device_view(problem.mask, full, problem))
+
+
+def _device_view(values, full: tuple[int, ...], problem: Problem):
+    """`values` (a CuPy view, or NumPy: copied to the device in its shape and dtype) broadcast
+    to `full`, without copying on the device; None for None."""
+    if values is None:
+        return None
+    import cupy
+
+    if isinstance(values, np.ndarray):
+        device = _interop.empty_backend(values.shape, values.dtype.name, problem.source)
+        device.set(np.ascontiguousarray(values))
+        values = device
+    return cupy.broadcast_to(values, full)
 
 
 def _on_device(values, shape: tuple[int, ...], problem: Problem):
@@ -602,16 +631,16 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
     alloc = _interop.allocator(src)
     stream = _interop.current_stream(src)
     replayable = True
+    mods = _mods_on_device(problem)
     if problem.dtype == "float64":
         lse3 = _interop.empty_backend(lse3.shape, "float64", src)
         scratch = _interop.empty_backend(o4.shape, "float64", src)
         sinks = _sinks_on_device(problem)
         forward = _launch.plan_forward(q4, k4, v4, scratch, variant=problem.variant,
                                        scale=problem.scale, device_id=device_id, cc=cc,
-                                       sinks=sinks is not None)
+                                       sinks=sinks is not None, mods=mods or _launch.NO_MODS)
         if forward is not None:
-            forward(_launch.forward_pointers(q4, k4, v4, scratch, lse3, sinks,
-                                             _slopes_on_device(problem)), stream)
+            forward(_launch.forward_pointers(q4, k4, v4, scratch, lse3, sinks, mods), stream)
         replayable = False
     elif not lse3.flags.c_contiguous:
         contiguous = _interop.empty_backend(lse3.shape, "float32", src)
@@ -620,7 +649,8 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
         replayable = False
     call = _launch_bwd.plan_backward(do4, q4, k4, v4, o4, lse3, dq4, dk4, dv4,
                                      variant=problem.variant, scale=problem.scale,
-                                     deterministic=deterministic, device_id=device_id, cc=cc)
+                                     deterministic=deterministic, device_id=device_id, cc=cc,
+                                     mods=mods or _launch.NO_MODS)
     scratch = []  # with dsinks: the call's scratch, whose first part is delta = rowsum(dO * O)
 
     def keeping(nbytes: int):
@@ -629,8 +659,8 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
         return owner, pointer
 
     if call is not None:
-        call(_launch_bwd.backward_pointers(do4, q4, k4, v4, o4, lse3, dq4, dk4, dv4,
-                                           _slopes_on_device(problem)), stream,
+        call(_launch_bwd.backward_pointers(do4, q4, k4, v4, o4, lse3, dq4, dk4, dv4, mods),
+             stream,
              keeping if dsinks else alloc)
     sinks_grad = _sinks_gradient(problem, lse3, scratch) if dsinks else None
     return (call if replayable else False), sinks_grad

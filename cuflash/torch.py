@@ -67,13 +67,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         softcap: ``> 0``: scores become ``softcap * tanh(s / softcap)`` after scaling, as for
             :func:`cuflash.attention`.
         alibi_slopes: ALiBi slopes ``(Hq,)`` or ``(B, Hq)``, float32 or float64, as for
-            :func:`cuflash.attention` (CPU tensors only for now; no gradient).
+            :func:`cuflash.attention` (no gradient).
         sinks: attention sinks ``(Hq,)``, float32 or float64, as for :func:`cuflash.attention`;
             a tensor that requires grad gets its gradient.
         bias: an additive tensor broadcastable to ``(B, Hq, Sq, Sk)``, as for
-            :func:`cuflash.attention` (CPU tensors only for now); one that requires grad gets
-            its gradient, summed over the axes it was broadcast along.
-        mask: a bool tensor broadcastable like `bias`, True = attend (CPU tensors only for now).
+            :func:`cuflash.attention`; one that requires grad gets its gradient, summed over
+            the axes it was broadcast along (CPU tensors only for now: the CUDA kernels do not
+            form it yet, and a CUDA bias that requires grad raises NotImplementedError).
+        mask: a bool tensor broadcastable like `bias`, True = attend.
         layout: ``"bshd"`` or ``"bhsd"``.
         return_lse: also return the float32 log-sum-exp ``(B, Hq, Sq)`` (``(Hq, Sq)`` for 3-D);
             it carries no gradient.
@@ -92,6 +93,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     _checks.check_flag("return_lse", return_lse)
     left, right = _variant.check_window(window)
     cap = _variant.check_softcap(softcap)
+    if isinstance(bias, Tensor) and bias.requires_grad and bias.is_cuda:
+        raise NotImplementedError(f"bias: {api.NO_DBIAS_ON_CUDA}; detach it, or compute on the "
+                                  f"CPU, where the bias gets its gradient")
     if torch.compiler.is_compiling():
         out, lse = attention_fwd(q, k, v, causal, scale, layout, left, right, cap, alibi_slopes,
                                  sinks, bias, mask)
@@ -178,11 +182,11 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
         *tensors, causal=causal, window=(window_left, window_right), scale=scale,
         softcap=softcap, alibi_slopes=alibi_slopes, sinks=_detached(sinks), bias=_detached(bias),
         mask=mask, layout=layout, deterministic=deterministic, return_dsinks=sinks is not None,
-        return_dbias=bias is not None))
+        return_dbias=bias is not None and not bias.is_cuda))  # see attention(): none on CUDA
     def empty():  # one each: results may not alias one another
         return q.new_empty((0,), dtype=torch.float32)
 
-    dbias = grads.pop() if bias is not None else empty()
+    dbias = grads.pop() if bias is not None and not bias.is_cuda else empty()
     dsinks = grads.pop() if sinks is not None else empty()
     return (*grads, dsinks, dbias)
 

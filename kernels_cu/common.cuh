@@ -33,13 +33,18 @@ struct FwdParams {
   void* o;
   void* lse;  // Accum (batch, heads_q, seqlen_q), natural log, row stride 1; null: not requested
   const void* sinks;  // Accum (heads_q,): each head's sink logit (sink.cuh); null: none
-  const void* alibi;  // Accum (batch, heads_q) ALiBi slopes (score.cuh's Alibi); else unused
+  const void* alibi;  // Accum (batch, heads_q) ALiBi slopes (score.cuh's Mods); null: none
+  const void* bias;   // an additive bias (score.cuh's Mods), bias_dtype; null: none
+  const void* mask;   // a boolean mask array, one byte each, 0 hides (score.cuh's Mods); null: none
 
   int64 q_batch_stride, q_row_stride, q_head_stride;
   int64 k_batch_stride, k_row_stride, k_head_stride;
   int64 v_batch_stride, v_row_stride, v_head_stride;
   int64 o_batch_stride, o_row_stride, o_head_stride;
   int64 lse_batch_stride, lse_head_stride;
+  // (batch, head, query row, key) strides of the bias and the mask in elements, 0 where broadcast
+  int64 bias_batch_stride, bias_head_stride, bias_row_stride, bias_col_stride;
+  int64 mask_batch_stride, mask_head_stride, mask_row_stride, mask_col_stride;
 
   double scale;       // softmax scale (fp64 kernels use it directly)
   float scale_log2;   // scale * log2(e): exp(scale*(s-m)) == exp2(s*scale_log2 - m*scale_log2)
@@ -52,7 +57,8 @@ struct FwdParams {
   int head_dim;       // the true head dim; kernels are compiled for a width >= head_dim
   int window_left;    // WindowMask's band (mask.cuh), each in [0, seqlen_q + seqlen_k]; else unused
   int window_right;
-  double softcap;     // Softcap's cap (score.cuh), > 0 (Alibi: 0 is no cap); else unused
+  int bias_dtype;     // the bias's itemsize: 2 float16, 4 float32, 8 float64
+  double softcap;     // Softcap's cap (score.cuh), > 0 (Mods: 0 is no cap); else unused
 };
 
 // Parameters of the backward kernels (same conventions). `Accum` below is float for fp16/bf16/fp32
@@ -73,6 +79,8 @@ struct BwdParams {
   void* dq_accum;
   void* delta;
   const void* alibi;  // as in FwdParams
+  const void* bias;
+  const void* mask;
 
   int64 q_batch_stride, q_row_stride, q_head_stride;
   int64 k_batch_stride, k_row_stride, k_head_stride;
@@ -83,6 +91,8 @@ struct BwdParams {
   int64 dk_batch_stride, dk_row_stride, dk_head_stride;
   int64 dv_batch_stride, dv_row_stride, dv_head_stride;
   int64 lse_batch_stride, lse_head_stride;
+  int64 bias_batch_stride, bias_head_stride, bias_row_stride, bias_col_stride;
+  int64 mask_batch_stride, mask_head_stride, mask_row_stride, mask_col_stride;
 
   double scale;
   float scale_log2;
@@ -97,6 +107,7 @@ struct BwdParams {
   int deterministic;      // 1: dq by its own kernel in a fixed order instead of atomics
   int window_left;        // as in FwdParams
   int window_right;
+  int bias_dtype;
   double softcap;
 };
 

@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(
   }
 
   // -- a NaN or inf of v that a mask hid, multiplied in by P V: repaired (nonfinite.cuh) --
-  if constexpr (Mask<MaskKind>::kMasks) {
+  if constexpr (Mask<MaskKind>::kMasks || ScoreKind::kHides) {
     NonFinite nonfinite;
 #pragma unroll
     for (int i = 0; i < Tr::kRows; ++i)

@@ -251,7 +251,7 @@ fwd_sm80(const __grid_constant__ FwdParams p) {
   }
 
   // -- a NaN or inf of v that a mask hid, multiplied in by P V: repaired (nonfinite.cuh) --
-  if constexpr (Mask<MaskKind>::kMasks) {
+  if constexpr (Mask<MaskKind>::kMasks || ScoreKind::kHides) {
     NonFinite nonfinite;
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)

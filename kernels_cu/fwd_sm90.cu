@@ -791,7 +791,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
         ++q_iter;
       }
 
-      if constexpr (M::kMasks) {
+      if constexpr (M::kMasks || ScoreKind::kHides) {
 #pragma unroll
         for (int dt = 0; dt < kDTiles; ++dt)
 #pragma unroll
@@ -856,7 +856,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
 
     // -- a NaN or inf of v that a mask hid, multiplied in by P V: each warp repairs its 16 rows
     // of the tiles it computed (nonfinite.cuh), after the warpgroup's stores are done --
-    if constexpr (M::kMasks) {
+    if constexpr (M::kMasks || ScoreKind::kHides) {
       named_bar_sync(Tr::kEpilogueBarrier + consumer, Tr::kWarpgroupThreads);
       if (__any_sync(0xffffffffu, nonfinite.any())) {
         schedule.for_each_tile([&](int m_block, int head, int batch, int) {
@@ -866,8 +866,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
 #pragma unroll 1
           for (int r = row0 + rows_before; r < min(row0 + rows_before + 16, p.seqlen_q); ++r) {
             repair_row<T, kHeadDim>(p, mask, score.for_head(p, batch, head), batch, head, r,
-                                    walked, lane,
-                                    sink_of<kSinks>(p, head));
+                                    walked, lane, sink_of<kSinks>(p, head));
           }
         });
       }

@@ -81,12 +81,15 @@ __device__ __forceinline__ void repair_row(const FwdParams& p, const Mask<MaskKi
   if (!__any_sync(0xffffffffu, nan_cols != 0)) return;
 
   // Keys walked but hidden from the row: [walked.begin, seen.begin) and [seen.end, walked.end)
-  // (all of `walked` when the row sees nothing). A non-finite v there in a NaN column: repair.
+  // (all of `walked` when the row sees nothing), and those the score's mask array hides. A
+  // non-finite v there in a NaN column: repair.
   const Span seen = mask.row_keys(row);
   bool leaked = false;
 #pragma unroll 1
   for (int j = walked.begin; j < walked.end && !leaked; ++j) {
-    if (j == seen.begin && !seen.empty()) {  // the keys the row sees: skipped
+    if constexpr (ScoreKind::kHides) {
+      if (j >= seen.begin && j < seen.end && !score.hides(row, j)) continue;  // seen, shown
+    } else if (j == seen.begin && !seen.empty()) {  // the keys the row sees: skipped
       j = seen.end - 1;
       continue;
     }
@@ -114,6 +117,7 @@ __device__ __forceinline__ void repair_row(const FwdParams& p, const Mask<MaskKi
   for (int c = 0; c < kCols; ++c) acc[c] = A(0);
 #pragma unroll 1
   for (int j = seen.begin; j < seen.end; ++j) {
+    if (score.hides(row, j)) continue;
     A dot = A(0);
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {

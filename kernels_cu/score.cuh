@@ -5,11 +5,14 @@
 //     NoScore   scores as they are
 //     Softcap   scale * s becomes cap * tanh(scale * s / cap) (flash-attn's order: scale, then
 //               cap); cap from the parameter block (`softcap`, > 0)
-//     Alibi     ALiBi (flash-attn's convention): -slope * the key's distance from the row's
-//               bottom-right aligned diagonal (mask.cuh's Diagonal) is added to the scaled
-//               score, after a softcap where the block has one (softcap > 0, a run-time test,
-//               so that ALiBi costs one kind, not two); the slopes are Accum (batch, heads_q)
-//               at `alibi`
+//     Mods      the run-time modifications, each where the parameter block has it: ALiBi
+//               (`alibi`: Accum (batch, heads_q) slopes; -slope * the key's distance from the
+//               row's bottom-right aligned diagonal, mask.cuh's Diagonal), then an additive bias
+//               (`bias`: float16/32/64, any strides, 0 where broadcast), then a boolean mask
+//               array (`mask`: 0 hides the key). One kind for all of them, their presence
+//               tested at run time, so that they cost one more instantiation per kernel and not
+//               one per combination. Not with a softcap: its derivative would need the capped
+//               score again, the bias re-read with it, which spilled the dK/dV kernels.
 // A kernel builds its Score once from the parameter block and binds it to each (batch, query head)
 // it computes (`for_head`); each call passes the score's query row and key column. The kinds that
 // read neither return themselves and ignore the position, and the compiler drops the index math.
@@ -17,18 +20,20 @@
 
 #include "common.cuh"
 #include "mask.cuh"
+#include "sink.cuh"
 
 namespace cuflash {
 
-// kModifies: the scores change; kPositional: how depends on the row and key.
+// kModifies: the scores change; kPositional: how depends on the row and key; kHides: a score
+// may become -inf (hidden as the mask hides it).
 struct NoScore {
-  static constexpr bool kModifies = false, kPositional = false;
+  static constexpr bool kModifies = false, kPositional = false, kHides = false;
 };
 struct Softcap {
-  static constexpr bool kModifies = true, kPositional = false;
+  static constexpr bool kModifies = true, kPositional = false, kHides = false;
 };
-struct Alibi {
-  static constexpr bool kModifies = true, kPositional = true;
+struct Mods {
+  static constexpr bool kModifies = true, kPositional = true, kHides = true;
 };
 
 // tanh in the precision a kernel's inputs need: the MUFU approximation (relative error ~2^-11,
@@ -55,6 +60,7 @@ template <typename T, typename A> struct Score<NoScore, T, A> {
   }
   __device__ __forceinline__ A operator()(A s, int, int) const { return s; }
   __device__ __forceinline__ A slope(A, int, int) const { return A(1); }
+  __device__ __forceinline__ bool hides(int, int) const { return false; }
 };
 
 // 1 - tanh^2 for tanh = t, the derivative of a capped score; 0 for a hidden (-inf) score, whose
@@ -80,36 +86,74 @@ template <typename T, typename A> struct Score<Softcap, T, A> {
   __device__ __forceinline__ A slope(A modified, int, int) const {
     return tanh_slope(modified * inner);  // tanh = modified * inner
   }
+  __device__ __forceinline__ bool hides(int, int) const { return false; }
 };
 
-template <typename T, typename A> struct Score<Alibi, T, A> {
-  A inner, outer;  // the softcap's, as above; inner = 0 without one
-  A decay;         // the head's slope / scale: the bias of one position, in raw units
+// Loads element `i` of a bias stored as `dtype` (its itemsize: 2 float16, 4 float32, 8 float64).
+template <typename A> __device__ __forceinline__ A load_bias(const void* base, int dtype, int64 i) {
+  if (dtype == 2) return static_cast<A>(to_float(static_cast<const f16*>(base)[i]));
+  if (dtype == 4) return static_cast<A>(static_cast<const float*>(base)[i]);
+  return static_cast<A>(static_cast<const double*>(base)[i]);
+}
+
+template <typename T, typename A> struct Score<Mods, T, A> {
+  A decay;          // ALiBi: the head's slope / scale, the bias of one position in raw units
+  A unscale;        // 1 / scale: a bias in raw units
   Diagonal diagonal;
+  int seqlen_q, seqlen_k;
+  const void* bias;  // the (batch, head) plane of the bias; null: none
+  const unsigned char* mask;  // the (batch, head) plane of the mask (1: attend); null: none
+  int64 bias_row, bias_col, mask_row, mask_col;  // strides in elements (0: broadcast)
+  int bias_dtype;
   template <typename Params>
   __device__ __forceinline__ explicit Score(const Params& p)
-      : inner(p.softcap > 0 ? static_cast<A>(p.scale / p.softcap) : A(0)),
-        outer(p.softcap > 0 ? static_cast<A>(p.softcap / p.scale) : A(0)),
-        decay(A(0)),
-        diagonal(p) {}
+      : decay(A(0)),
+        unscale(static_cast<A>(1.0 / p.scale)),
+        diagonal(p),
+        seqlen_q(p.seqlen_q),
+        seqlen_k(p.seqlen_k),
+        bias(nullptr),
+        mask(nullptr),
+        bias_row(p.bias_row_stride),
+        bias_col(p.bias_col_stride),
+        mask_row(p.mask_row_stride),
+        mask_col(p.mask_col_stride),
+        bias_dtype(p.bias_dtype) {}
   template <typename Params>
   __device__ __forceinline__ Score for_head(const Params& p, int batch, int head) const {
     Score bound = *this;
-    const A slope = static_cast<const A*>(p.alibi)[batch * p.heads_q + head];
-    bound.decay = static_cast<A>(static_cast<double>(slope) / p.scale);
+    if (p.alibi != nullptr) {
+      const A slope = static_cast<const A*>(p.alibi)[batch * p.heads_q + head];
+      bound.decay = static_cast<A>(static_cast<double>(slope) / p.scale);
+    }
+    if (p.bias != nullptr) {
+      bound.bias = static_cast<const char*>(p.bias) +
+                   (batch * p.bias_batch_stride + head * p.bias_head_stride) * bias_dtype;
+    }
+    if (p.mask != nullptr) {
+      bound.mask = static_cast<const unsigned char*>(p.mask) + batch * p.mask_batch_stride +
+                   head * p.mask_head_stride;
+    }
     return bound;
   }
-  __device__ __forceinline__ A bias(int row, int col) const {
-    return decay * static_cast<A>(diagonal.distance(row, col));
+  __device__ __forceinline__ bool inside(int row, int col) const {
+    return row < seqlen_q && col < seqlen_k;
+  }
+  // Whether the mask array hides key `col` from row `row`.
+  __device__ __forceinline__ bool hides(int row, int col) const {
+    return mask != nullptr && inside(row, col) && mask[row * mask_row + col * mask_col] == 0;
   }
   __device__ __forceinline__ A operator()(A s, int row, int col) const {
-    if (inner != A(0)) s = outer * tanh_for<T>(s * inner);
-    return s - bias(row, col);
+    s -= decay * static_cast<A>(diagonal.distance(row, col));  // decay 0: no ALiBi
+    if (bias != nullptr && inside(row, col)) {
+      s += load_bias<A>(bias, bias_dtype, row * bias_row + col * bias_col) * unscale;
+    }
+    A hidden;
+    minus_infinity(hidden);
+    return hides(row, col) ? hidden : s;
   }
-  // the capped score is modified + bias; 1 without a cap
-  __device__ __forceinline__ A slope(A modified, int row, int col) const {
-    return inner != A(0) ? tanh_slope((modified + bias(row, col)) * inner) : A(1);
-  }
+  // Added terms: the derivative is 1 (a hidden score's P is 0, so its dS is 0 anyway).
+  __device__ __forceinline__ A slope(A, int, int) const { return A(1); }
 };
 
 }  // namespace cuflash

@@ -1,7 +1,7 @@
-"""GPU: ALiBi through the CUDA kernels (kernels_cu/score.cuh, the Alibi kind), forward and backward.
+"""GPU: ALiBi through the CUDA kernels (kernels_cu/score.cuh, the Mods kind), forward and backward.
 
-`-slope * |i + Sk - Sq - j|` is added to each scaled (and capped) score. Every GPU path (the
-dispatcher's choice: Hopper on an H100; forced sm80; SIMT for fp32/fp64), masks, softcaps, GQA,
+`-slope * |i + Sk - Sq - j|` is added to each scaled score. Every GPU path (the dispatcher's
+choice: Hopper on an H100; forced sm80; SIMT for fp32/fp64), masks, GQA,
 slopes `(Hq,)` or `(B, Hq)`, on the device or in NumPy, against the float64 reference by the
 accuracy rule. Skipped, with the reason printed, where no CUDA GPU is usable.
 """
@@ -84,11 +84,11 @@ def check_alibi_case(case: Case, seed: int, slopes64: np.ndarray, *, where: str 
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), seed=seeds())
 def test_alibi_matches_reference(dtype, kernel_path, data, seed):
-    """Random shapes, masks (rows that see nothing included), softcaps, GQA, both layouts;
+    """Random shapes, masks (rows that see nothing included), GQA, both layouts;
     BLOOM's slopes or random ones up to 1 (a bias that dwarfs the scores), per head or per batch
     and head, on the device or in NumPy, float32 or float64."""
     _skip_single_family(dtype, kernel_path)
-    case = data.draw(problems(dtypes=(dtype,), max_seqlen=260, windows=True, softcaps=True))
+    case = data.draw(problems(dtypes=(dtype,), max_seqlen=260, windows=True))
     rng = np.random.default_rng(seed)
     per_batch = data.draw(st.booleans()) and not case.three_d
     shape = (case.batch, case.heads_q) if per_batch else (case.heads_q,)
@@ -104,8 +104,8 @@ def test_alibi_matches_reference(dtype, kernel_path, data, seed):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("mask", [{"causal": False}, {"causal": True},
-                                  {"causal": False, "window": (100, 20), "softcap": 2.0}],
-                         ids=["none", "causal", "w100:20-cap2"])
+                                  {"causal": False, "window": (100, 20)}],
+                         ids=["none", "causal", "w100:20"])
 def test_alibi_on_long_tiles(dtype, head_dim, mask, kernel_path):
     """Multi-tile rows (each kernel's pipeline wraps, the Hopper forward's persistent tiles
     change heads), Sq != Sk both ways, GQA, slopes per batch and head; deterministic dq too."""

@@ -328,20 +328,20 @@ def test_variant_keeps_the_cap_with_every_mask():
 
 
 def test_the_hold_on_unverified_modifications_follows_the_flag(monkeypatch):
-    assert set(_checks.UNVERIFIED_ON_CUDA) <= {"softcap", "sinks", "alibi_slopes"}
+    assert set(_checks.UNVERIFIED_ON_CUDA) <= {"softcap", "sinks", "alibi_slopes", "bias", "mask"}
     monkeypatch.delenv(_checks.UNVERIFIED_FLAG, raising=False)
     for name in _checks.UNVERIFIED_ON_CUDA:
         assert _checks.unverified_on_cuda(name).startswith(f"{name}: computed by the CUDA")
-    assert _checks.unverified_on_cuda("bias") is None  # not held: refused as not in the kernels
+    assert _checks.unverified_on_cuda("dropout_p") is None  # not a held modification
     monkeypatch.setenv(_checks.UNVERIFIED_FLAG, "1")
     assert all(_checks.unverified_on_cuda(name) is None for name in _checks.UNVERIFIED_ON_CUDA)
 
 
-def test_score_mods_are_refused_on_cuda_before_any_work(monkeypatch):
-    """The CUDA kernels do not add a bias or a mask yet: either on CUDA inputs raises
-    NotImplementedError naming the argument. A softcap, sinks and ALiBi, which the kernels
-    compute, are held back until their GPU suites have run, but for CUFLASH_UNVERIFIED_CUDA=1
-    (which the test suite sets)."""
+def test_score_mods_on_cuda_are_held_back_until_verified(monkeypatch):
+    """Every modification is computed by the CUDA kernels; those not yet run through their GPU
+    suites are held back (NotImplementedError naming the argument and the flag) but for
+    CUFLASH_UNVERIFIED_CUDA=1, which the test suite sets. A softcap together with ALiBi, a bias
+    or a mask is refused on CUDA, naming both."""
     from tests.gpu_support import gpu_skip_reason
 
     reason = gpu_skip_reason()
@@ -351,16 +351,19 @@ def test_score_mods_are_refused_on_cuda_before_any_work(monkeypatch):
 
     q, k, v = (cupy.asarray(x) for x in _inputs(np.random.default_rng(0), 1, 8, 8, 2, 2, 16,
                                                 np.float32, 1.0))
-    with pytest.raises(NotImplementedError, match=r"^bias: not yet read by the CUDA"):
-        cuflash.attention(q, k, v, bias=cupy.zeros((8, 8), cupy.float32))
-    with pytest.raises(NotImplementedError, match=r"^mask: not yet read by the CUDA"):
-        cuflash.attention(q, k, v, mask=cupy.ones((8, 8), bool))
     slopes = cupy.ones(2, cupy.float32)
-    assert cuflash.attention(q, k, v, softcap=1.0, sinks=cupy.zeros(2, cupy.float32),
-                             alibi_slopes=slopes).shape == q.shape
+    extras = ({"softcap": 1.0}, {"sinks": cupy.zeros(2, cupy.float32)},
+              {"alibi_slopes": slopes}, {"bias": cupy.zeros((8, 8), cupy.float32)},
+              {"mask": cupy.ones((8, 8), bool)})
+    assert cuflash.attention(q, k, v, sinks=cupy.zeros(2, cupy.float32), alibi_slopes=slopes,
+                             bias=cupy.zeros((8, 8)), mask=cupy.ones((8, 8), bool)).shape == \
+        q.shape
+    with pytest.raises(NotImplementedError, match=r"^softcap: the CUDA kernels do not combine "
+                                                  r"a softcap with bias, mask yet"):
+        cuflash.attention(q, k, v, softcap=1.0, bias=cupy.zeros((8, 8)),
+                          mask=cupy.ones((8, 8), bool))
     monkeypatch.delenv("CUFLASH_UNVERIFIED_CUDA")
-    for extra in ({"softcap": 1.0}, {"sinks": cupy.zeros(2, cupy.float32)},
-                  {"alibi_slopes": slopes}):
+    for extra in extras:
         (name,) = extra
         if name not in _checks.UNVERIFIED_ON_CUDA:
             assert cuflash.attention(q, k, v, **extra).shape == q.shape
@@ -368,3 +371,36 @@ def test_score_mods_are_refused_on_cuda_before_any_work(monkeypatch):
         with pytest.raises(NotImplementedError, match=rf"^{name}: computed by the CUDA kernels "
                                                       rf"but not yet run"):
             cuflash.attention(q, k, v, **extra)
+
+
+def test_a_softcap_with_the_run_time_modifications_is_refused_on_cuda_naming_both():
+    _checks.refuse_capped_mods_on_cuda(0.0, True, True, True, "CUDA inputs")  # no cap
+    _checks.refuse_capped_mods_on_cuda(2.0, False, False, False, "CUDA inputs")  # cap alone
+    with pytest.raises(NotImplementedError, match=r"^softcap: the CUDA kernels do not combine a "
+                                                  r"softcap with alibi_slopes, mask yet \(got "
+                                                  r"both for CUDA inputs\); the CPU path"):
+        _checks.refuse_capped_mods_on_cuda(2.0, True, False, True, "CUDA inputs")
+
+
+def test_alibi_bias_and_mask_share_one_kernel_kind():
+    assert Variant.of().score == "none" and Variant.of(softcap=1.0).score == "softcap"
+    for flags in ({"alibi": True}, {"bias": True}, {"mask_array": True},
+                  {"alibi": True, "bias": True, "mask_array": True}):
+        assert Variant.of(causal=True, **flags).score == "mods"
+
+
+def test_mods_give_the_kernels_broadcast_strides():
+    """The bias's and the mask's (B, H, Sq, Sk) strides in elements, 0 along broadcast axes, and
+    the bias's itemsize, as the parameter blocks take them."""
+    from cuflash._launch_common import NO_MODS, Mods
+
+    bias = np.broadcast_to(np.zeros((3, 1, 5), np.float16), (2, 3, 4, 5))
+    mask = np.broadcast_to(np.ones((4, 5), bool), (2, 3, 4, 5))
+    assert Mods(bias=bias, mask=mask).fields() == {
+        "bias_dtype": 2, "bias_batch_stride": 0, "bias_head_stride": 5, "bias_row_stride": 0,
+        "bias_col_stride": 1, "mask_batch_stride": 0, "mask_head_stride": 0,
+        "mask_row_stride": 5, "mask_col_stride": 1}
+    strided = np.zeros((2, 3, 4, 10))[..., ::2]
+    assert Mods(bias=strided).fields()["bias_col_stride"] == 2
+    assert Mods(bias=strided).fields()["bias_dtype"] == 8
+    assert set(NO_MODS.fields().values()) <= {0, 4}

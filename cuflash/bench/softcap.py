@@ -15,8 +15,8 @@ With ``--sinks`` the ``cuflash`` call also gets attention sinks (gpt-oss): one f
 per head (standard normal) that requires grad, so the backward computes their gradient too;
 ``--cap 0`` then times the sinks alone. FlexAttention has no sinks: it is not timed with them.
 With ``--alibi`` both get ALiBi with BLOOM's slopes ``2^(-8 h / H)`` (float32, one per head):
-cuflash as ``alibi_slopes``, FlexAttention in its ``score_mod`` (``- slope[h] * |q - kv|``,
-after the cap); ``--cap 0`` times ALiBi alone.
+cuflash as ``alibi_slopes``, FlexAttention in its ``score_mod`` (``- slope[h] * |q - kv|``);
+it takes ``--cap 0`` (the CUDA kernels do not combine the two yet).
 
 TFLOP/s as the FlashAttention papers count them (`cuflash.bench.attention_flops`): forward
 ``4*B*H*S*S*D``, halved when causal, backward 2.5 times that; the tanh is not counted, so a
@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="give cuflash attention sinks too (one logit per head, with their "
                              "gradient); FlexAttention is then not timed")
     parser.add_argument("--alibi", action="store_true",
-                        help="give cuflash and FlexAttention ALiBi too (BLOOM's slopes)")
+                        help="give cuflash and FlexAttention ALiBi too (BLOOM's slopes; with "
+                             "--cap 0)")
     parser.add_argument("--head-dims", type=_ints, default=HEAD_DIMS,
                         help="comma list (default 64,128); each must divide --model-dim")
     parser.add_argument("--seqlens", type=seqlens_arg, default=SEQLENS,
@@ -362,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.alibi and args.cap:
+        parser.error("--alibi takes --cap 0: the CUDA kernels do not combine a softcap with "
+                     "ALiBi yet")
     if args.cap == 0 and not (args.sinks or args.alibi):
         parser.error("--cap 0 times nothing but plain cuflash: give a softcap > 0, --sinks or "
                      "--alibi")

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One GPU pass for what is held back on CUDA (_checks.UNVERIFIED_ON_CUDA: softcap, sinks, ALiBi):
-# the suites that draw them, in parallel (each cut at $LIM seconds, $EX Hypothesis examples),
-# then bench --softcap, --softcap --cap 0 --sinks, --softcap --cap 0 --alibi and --overhead. Logs and tables under
-# $OUT (the device tool's output folder); NOBENCH=1 runs the suites only. About 7 minutes on an
-# H100: bash tests/perf/gpu_pass.sh
+# One GPU pass for what is held back on CUDA (_checks.UNVERIFIED_ON_CUDA: softcap, sinks, ALiBi,
+# bias, mask): the suites that draw them, in parallel (each cut at $LIM seconds, $EX Hypothesis
+# examples), then bench --softcap, --softcap --cap 0 --sinks, --softcap --cap 0 --alibi and
+# --overhead. Logs and tables under $OUT (the device tool's output folder); NOBENCH=1 runs the
+# suites only. About 8 minutes on an H100: bash tests/perf/gpu_pass.sh
 set -u
 export PYTHONPATH=. CUFLASH_FUZZ_EXAMPLES=${EX:-25} PYTHONUNBUFFERED=1 CUFLASH_UNVERIFIED_CUDA=1
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader | tee $OUT/gpu.txt
@@ -18,9 +18,10 @@ suite jax tests/test_gpu_jax.py
 suite misc tests/test_score_mods.py tests/test_gpu_ring.py tests/test_gpu_replay.py -k "cuda or ring or torch_program"
 suite sinks tests/test_gpu_sinks.py
 suite alibi tests/test_gpu_alibi.py
+suite biasmask tests/test_gpu_bias_mask.py
 wait
 echo "suites done in $(( $(date +%s) - T0 )) s"
-for f in fwd bwd sm90 bwd90 jax misc sinks alibi; do echo "== $f: $(tail -3 $OUT/$f.log | tr '\n' ' ')"; done
+for f in fwd bwd sm90 bwd90 jax misc sinks alibi biasmask; do echo "== $f: $(tail -3 $OUT/$f.log | tr '\n' ' ')"; done
 if [ -z "${NOBENCH:-}" ]; then
   timeout 95 python3 -m cuflash bench --softcap --seqlens 4k,16k --head-dims 64,128 --repeats 5 --budget 70 --out $OUT/softcap > $OUT/bench_softcap.log 2>&1; echo "softcap bench rc=$?"
   timeout 50 python3 -m cuflash bench --softcap --cap 0 --sinks --seqlens 4k,16k --head-dims 64,128 --repeats 5 --budget 35 --out $OUT/sinks > $OUT/bench_sinks.log 2>&1; echo "sinks bench rc=$?"
