@@ -198,8 +198,9 @@ def _attention_bwd_fake(dout, q, k, v, out, lse, causal, scale, layout, determin
     def like(x):
         return q.new_empty((0,), dtype=torch.float32) if x is None else x.new_empty(x.shape)
 
+    # No dbias for a CUDA bias (attention_bwd): an empty one, as there.
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), like(sinks),
-            like(bias))
+            like(None if bias is None or bias.is_cuda else bias))
 
 
 def _setup_context(ctx, inputs, output) -> None:
