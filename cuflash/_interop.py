@@ -139,7 +139,12 @@ def empty_backend(shape: tuple[int, ...], dtype: str, src: Source):
         import torch
 
         native = torch.empty(shape, dtype=getattr(torch, dtype), device=src.device_id)
-        return _cupy_view_of_torch(native)
+        view = _cupy_view_of_torch(native)
+        if view is not None:
+            return view
+        import cupy
+
+        return cupy.from_dlpack(native)
     import cupy
 
     return cupy.empty(shape, dtype=dtype)
@@ -240,7 +245,7 @@ def _cupy_view_of_torch(t):
 
 
 _TORCH_TO_NUMPY = {"float16": "float16", "float32": "float32", "float64": "float64",
-                   _dtypes.BFLOAT16: _dtypes.BFLOAT16}
+                   _dtypes.BFLOAT16: _dtypes.BFLOAT16, "bool": "bool"}
 
 
 def backend_module(src: Source):

@@ -39,7 +39,7 @@ def _slopes(values: np.ndarray, xp, where: str):
         return values
     if xp is cupy:
         return cupy.asarray(values)
-    return xp.from_numpy(values).cuda()
+    return xp.asarray(values)  # torch_cuda(): a CUDA tensor of values' dtype
 
 
 def alibi_slopes(heads: int) -> np.ndarray:

@@ -40,7 +40,7 @@ def _on_device(values: np.ndarray, xp, where: str):
         return values
     if xp is cupy:
         return cupy.asarray(values)
-    return xp.from_numpy(values).cuda()
+    return xp.asarray(values)  # torch_cuda(): a CUDA tensor of values' dtype
 
 
 def side_shape(case: Case, keep: tuple[bool, bool, bool, bool], rank: int) -> tuple[int, ...]:

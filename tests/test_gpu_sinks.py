@@ -42,7 +42,7 @@ def _sinks(values: np.ndarray, xp, where: str):
         return values
     if xp is cupy:
         return cupy.asarray(values)
-    return xp.from_numpy(values).cuda()
+    return xp.asarray(values)  # torch_cuda(): a CUDA tensor of values' dtype
 
 
 def check_sinks_case(case: Case, seed: int, sinks64: np.ndarray, *, where: str = "device",
