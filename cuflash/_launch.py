@@ -116,8 +116,8 @@ def plan_forward(q, k, v, out, *, variant: Variant, scale: float, device_id: int
     last stride; the call is valid for any arrays of the same shapes, strides and 16-byte
     alignment. `sinks`: the call has attention sinks (Accum ``(Hq,)``), whose address each
     launch passes after lse (`forward_pointers`), and after it the arrays of `mods` where the
-    variant's score kind is "mods" (`mods` gives the plan their strides). Call inside the
-    device's scope.
+    variant reads arrays (`Variant.reads_arrays`; `mods` gives the plan their strides). Call
+    inside the device's scope.
     """
     batch, seqlen_q, heads_q, head_dim = q.shape
     if batch == 0 or seqlen_q == 0 or heads_q == 0:
@@ -138,7 +138,7 @@ def plan_forward(q, k, v, out, *, variant: Variant, scale: float, device_id: int
         threads=spec.threads,
         smem_bytes=spec.smem_bytes,
         params=fwd_params(q, k, v, out, variant=variant, scale=scale, mods=mods),
-        pointer_fields=fwd_pointer_fields(sinks, variant.score == "mods"),
+        pointer_fields=fwd_pointer_fields(sinks, variant.reads_arrays),
     )
 
 

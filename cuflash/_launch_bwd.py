@@ -404,7 +404,7 @@ def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scal
         "softcap": variant.softcap,
     })
     launches = []
-    pointer_fields = (*BWD_POINTERS, *MOD_POINTERS) if variant.score == "mods" else BWD_POINTERS
+    pointer_fields = (*BWD_POINTERS, *MOD_POINTERS) if variant.reads_arrays else BWD_POINTERS
 
     def launch(spec: KernelSpec, rows: int, block_rows: int, heads: int, maps=()) -> None:
         grid = (math.ceil(rows / block_rows), heads, batch)

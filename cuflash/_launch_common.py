@@ -95,7 +95,8 @@ def pack_params(dtype: np.dtype, fields: dict[str, float | int]):
 
 # The pointer fields of FwdParams a forward launch fills, in the order `KernelCall` takes them;
 # a launch with sinks fills theirs too, and one of a variant with the run-time modifications
-# (score kind "mods") the sinks', the slopes', the bias's and the mask's (`fwd_pointer_fields`).
+# (`Variant.reads_arrays`) the sinks', the slopes', the bias's and the mask's
+# (`fwd_pointer_fields`).
 FWD_POINTERS = ("q", "k", "v", "o", "lse")
 MOD_POINTERS = ("alibi", "bias", "mask")
 

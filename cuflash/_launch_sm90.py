@@ -258,12 +258,23 @@ def fwd_sm90_spec(dtype: str, head_dim: int, mask: str, short: bool = False,
                       min_arch=90, score=score, sinks=sinks)
 
 
+# The widths whose Hopper forward takes the "mods" score kind (a bias, a mask array): at 256 the
+# consumers' 168 registers do not hold its per-score loads and branches, and sm80 runs it.
+FWD_SM90_MODS_WIDTHS = (64, 128)
+
+
+def takes_score(score: str, head_dim: int) -> bool:
+    """Whether the Hopper forward takes score kind `score` at head dim `head_dim`."""
+    return score != "mods" or width_for(head_dim, FWD_SM90_TILES) in FWD_SM90_MODS_WIDTHS
+
+
 def all_fwd_sm90_specs() -> list[KernelSpec]:
     """Every instantiation forward_sm90 can choose (for the compile test)."""
     specs = {fwd_sm90_spec(dtype, width, mask, short, score, sinks): None
              for dtype in _TENSOR_DTYPES for width in FWD_SM90_TILES
              for mask in _variant.MASK_KINDS for short in (False, True)
-             for score in _variant.SCORE_KINDS for sinks in (False, True)}
+             for score in _variant.SCORE_KINDS for sinks in (False, True)
+             if takes_score(score, width)}
     return list(specs)
 
 
@@ -402,6 +413,9 @@ def plan_sm90(q, k, v, out, *, variant: Variant, scale: float, device_id: int, c
     dtype = _dtypes.dtype_name(q.dtype)
     reason = tma_kernel_reason(cc, dtype, head_dim, max(FWD_SM90_TILES),
                                (("q", q), ("k", k), ("v", v), ("out", out)))
+    if reason is None and not takes_score(variant.score, head_dim):
+        reason = (f"a bias or mask at head dim {head_dim} (the Hopper forward spills with the "
+                  f"Mods kind there)")
     if reason is not None:
         return _reject(reason)  # an empty k: seqlen_k = 0
 
@@ -436,7 +450,7 @@ def plan_sm90(q, k, v, out, *, variant: Variant, scale: float, device_id: int, c
         threads=spec.threads,
         smem_bytes=spec.smem_bytes,
         params=fwd_params(q, k, v, out, variant=variant, scale=scale, mods=mods),
-        pointer_fields=fwd_pointer_fields(sinks, variant.score == "mods"),
+        pointer_fields=fwd_pointer_fields(sinks, variant.reads_arrays),
         tensor_maps=maps,
         args=args,
         keep=keep,

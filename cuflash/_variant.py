@@ -24,8 +24,9 @@ MASK_KINDS = ("none", "causal", "window")
 _CPP_MASK = {"none": "cuflash::NoMask", "causal": "cuflash::CausalMask",
              "window": "cuflash::WindowMask"}
 # The score modifications the kernels compile in, and their C++ types (kernels_cu/score.cuh).
-SCORE_KINDS = ("none", "softcap", "mods")
-_CPP_SCORE = {"none": "cuflash::NoScore", "softcap": "cuflash::Softcap", "mods": "cuflash::Mods"}
+SCORE_KINDS = ("none", "softcap", "alibi", "mods")
+_CPP_SCORE = {"none": "cuflash::NoScore", "softcap": "cuflash::Softcap", "alibi": "cuflash::Alibi",
+              "mods": "cuflash::Mods"}
 
 
 def cpp_mask(kind: str) -> str:
@@ -55,8 +56,8 @@ class Variant:
         mask_array: whether a boolean mask tensor hides keys (besides the mask kind).
     Every path computes all of them: on CUDA the sinks fold into each finished row, and the
     others are the compile-time score kind `score` (ALiBi, the bias and the mask array as the
-    run-time ``"mods"``). `cuflash.api` names the ones held back on CUDA until their GPU suites
-    have run (`_checks.UNVERIFIED_ON_CUDA`).
+    kinds ``"alibi"`` and ``"mods"``). `cuflash.api` names the ones held back on CUDA until
+    their GPU suites have run (`_checks.UNVERIFIED_ON_CUDA`).
 
     Build one with `Variant.of`, which normalises equal masks to one variant: a window of
     (-1, -1) is ``"none"`` and (-1, 0) is ``"causal"``, so they share kernels bit for bit.
@@ -102,12 +103,18 @@ class Variant:
     @property
     def score(self) -> str:
         """The compile-time score kind (a `SCORE_KINDS` name): what the kernels modify.
-        ``"mods"``, for ALiBi, a bias or a mask array, takes each of them and a softcap where the
-        parameter block has it (run-time tests in the kernels: one kind, not one per
-        combination)."""
-        if self.alibi or self.bias or self.mask_array:
+        ``"alibi"`` is ALiBi alone; ``"mods"`` a bias and/or a mask array, with ALiBi where the
+        parameter block has slopes (each tested at run time). Neither takes a softcap."""
+        if self.bias or self.mask_array:
             return "mods"
+        if self.alibi:
+            return "alibi"
         return "softcap" if self.softcap else "none"
+
+    @property
+    def reads_arrays(self) -> bool:
+        """Whether the kernels read the modifications' arrays (`_launch_common.Mods`)."""
+        return self.score in ("alibi", "mods")
 
     def window_params(self, seqlen_q: int, seqlen_k: int) -> tuple[int, int]:
         """(window_left, window_right) for the parameter block: an unbounded side, and any

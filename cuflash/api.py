@@ -547,15 +547,18 @@ def _sinks_on_device(problem: Problem):
 def _mods_on_device(problem: Problem):
     """The arrays of the run-time modifications as the kernels read them
     (`_launch_common.Mods`), or None for a variant without them: the ALiBi slopes as a
-    contiguous ``(B, Hq)`` Accum copy (``(Hq,)`` slopes repeated for every batch); the bias and
-    the mask as ``(B, Hq, Sq, Sk)`` views of the caller's device arrays, broadcast with stride 0
-    (a NumPy one is copied to the device first, in its own shape)."""
-    if problem.variant.score != "mods":
+    contiguous ``(B, Hq)`` Accum copy (``(Hq,)`` slopes repeated for every batch); for the
+    "mods" kind the bias and the mask as ``(B, Hq, Sq, Sk)`` views of the caller's device
+    arrays, broadcast with stride 0 (a NumPy one is copied to the device first, in its own
+    shape), None where the call has none."""
+    if not problem.variant.reads_arrays:
         return None
     from cuflash._launch_common import Mods
 
-    full = (problem.batch, problem.heads_q, problem.seqlen_q, problem.seqlen_k)
     slopes = _on_device(problem.alibi_slopes, (problem.batch, problem.heads_q), problem)
+    if problem.variant.score == "alibi":
+        return Mods(alibi=slopes)
+    full = (problem.batch, problem.heads_q, problem.seqlen_q, problem.seqlen_k)
     return Mods(alibi=slopes, bias=_device_view(problem.bias, full, problem),
                 mask=_device_view(problem.mask, full, problem))
 

@@ -5,14 +5,16 @@
 //     NoScore   scores as they are
 //     Softcap   scale * s becomes cap * tanh(scale * s / cap) (flash-attn's order: scale, then
 //               cap); cap from the parameter block (`softcap`, > 0)
-//     Mods      the run-time modifications, each where the parameter block has it: ALiBi
-//               (`alibi`: Accum (batch, heads_q) slopes; -slope * the key's distance from the
-//               row's bottom-right aligned diagonal, mask.cuh's Diagonal), then an additive bias
-//               (`bias`: float16/32/64, any strides, 0 where broadcast), then a boolean mask
-//               array (`mask`: 0 hides the key). One kind for all of them, their presence
-//               tested at run time, so that they cost one more instantiation per kernel and not
-//               one per combination. Not with a softcap: its derivative would need the capped
-//               score again, the bias re-read with it, which spilled the dK/dV kernels.
+//     Alibi     ALiBi alone (flash-attn's convention): -slope * the key's distance from the
+//               row's bottom-right aligned diagonal (mask.cuh's Diagonal); the slopes are Accum
+//               (batch, heads_q) at `alibi`
+//     Mods      an additive bias (`bias`: float16/32/64, any strides, 0 where broadcast) and/or
+//               a boolean mask array (`mask`: 0 hides the key), with ALiBi where `alibi` is set:
+//               one kind for every combination, each present where its pointer is set (a
+//               run-time test; a branch-free form, always reading both, spilled the Hopper
+//               forward at D 128 and 256)
+//     Neither takes a softcap: its derivative needs the capped score again, the bias re-read
+//     with it, which spilled the dK/dV kernels.
 // A kernel builds its Score once from the parameter block and binds it to each (batch, query head)
 // it computes (`for_head`); each call passes the score's query row and key column. The kinds that
 // read neither return themselves and ignore the position, and the compiler drops the index math.
@@ -31,6 +33,9 @@ struct NoScore {
 };
 struct Softcap {
   static constexpr bool kModifies = true, kPositional = false, kHides = false;
+};
+struct Alibi {
+  static constexpr bool kModifies = true, kPositional = true, kHides = false;
 };
 struct Mods {
   static constexpr bool kModifies = true, kPositional = true, kHides = true;
@@ -95,6 +100,25 @@ template <typename A> __device__ __forceinline__ A load_bias(const void* base, i
   if (dtype == 4) return static_cast<A>(static_cast<const float*>(base)[i]);
   return static_cast<A>(static_cast<const double*>(base)[i]);
 }
+
+template <typename T, typename A> struct Score<Alibi, T, A> {
+  A decay;  // the head's slope / scale: the bias of one position, in raw units
+  Diagonal diagonal;
+  template <typename Params>
+  __device__ __forceinline__ explicit Score(const Params& p) : decay(A(0)), diagonal(p) {}
+  template <typename Params>
+  __device__ __forceinline__ Score for_head(const Params& p, int batch, int head) const {
+    Score bound = *this;
+    const A slope = static_cast<const A*>(p.alibi)[batch * p.heads_q + head];
+    bound.decay = static_cast<A>(static_cast<double>(slope) / p.scale);
+    return bound;
+  }
+  __device__ __forceinline__ A operator()(A s, int row, int col) const {
+    return s - decay * static_cast<A>(diagonal.distance(row, col));
+  }
+  __device__ __forceinline__ A slope(A, int, int) const { return A(1); }
+  __device__ __forceinline__ bool hides(int, int) const { return false; }
+};
 
 template <typename T, typename A> struct Score<Mods, T, A> {
   A decay;          // ALiBi: the head's slope / scale, the bias of one position in raw units
