@@ -57,9 +57,10 @@ def naive_attention(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Plain attention in ``dtype``: returns ``(out, lse)`` as float64 arrays.
 
-    q ``(B, Sq, Hq, D)``, k and v ``(B, Sk, Hkv, D)``. Half types follow a tensor-core framework:
-    matmul inputs in the dtype, products accumulated in float32, softmax in float32, P rounded to
-    the dtype before P @ V, output rounded to the dtype. float32 / float64 compute in the dtype.
+    q ``(B, Sq, Hq, D)``, k ``(B, Sk, Hkv, D)``, v ``(B, Sk, Hkv, Dv)`` (out has ``Dv``). Half
+    types follow a tensor-core framework: matmul inputs in the dtype, products accumulated in
+    float32, softmax in float32, P rounded to the dtype before P @ V, output rounded to the
+    dtype. float32 / float64 compute in the dtype.
     lse ``(B, Hq, Sq)`` is rounded to float32, the dtype cuflash returns it in. ``softcap > 0``
     caps the scaled scores, ``softcap * tanh(s / softcap)``, and ``alibi_slopes`` (``(Hq,)`` or
     ``(B, Hq)``) adds ``-slope * |i + Sk - Sq - j|``, in the compute dtype; ``sinks`` ``(Hq,)``

@@ -38,8 +38,8 @@ def forward(
     """Attention forward pass.
 
     Args:
-        q: ``(B, Sq, Hq, D)``; k, v: ``(B, Sk, Hkv, D)``; one dtype among float16/32/64, any
-            strides. ``Hq % Hkv == 0``.
+        q: ``(B, Sq, Hq, D)``; k: ``(B, Sk, Hkv, D)``; v: ``(B, Sk, Hkv, Dv)`` (its head dim
+            may differ); one dtype among float16/32/64, any strides. ``Hq % Hkv == 0``.
         variant: the mask (`Variant.key_bounds`: the keys each query sees) and the softcap
             (``variant.softcap > 0``: scores become ``softcap * tanh(scale * s / softcap)``).
         scale: softmax scale.
@@ -54,23 +54,23 @@ def forward(
             from the query (as causal and window do).
 
     Returns:
-        ``out`` ``(B, Sq, Hq, D)`` C-contiguous in q's dtype, and ``lse`` ``(B, Hq, Sq)`` float32
+        ``out`` ``(B, Sq, Hq, Dv)`` C-contiguous in q's dtype, and ``lse`` ``(B, Hq, Sq)`` float32
         (natural log). Rows that see no key have ``out = 0`` and ``lse = -inf``; NaN inputs
         reach exactly the rows :mod:`cuflash.reference` says (docs/api.md, NaN policy).
     """
-    b, sq, hq, d = q.shape
-    sk, hkv = k.shape[1], k.shape[2]
+    b, sq, hq, _ = q.shape
+    sk, hkv, dim_v = k.shape[1], k.shape[2], v.shape[3]
     dtype = _compute_dtype(q.dtype)
     q_t = _grouped_q(q, hkv, dtype)  # (B, Hkv, G, Sq, D)
-    k_t, v_t = _heads_first(k, dtype), _heads_first(v, dtype)  # (B, Hkv, Sk, D)
+    k_t, v_t = _heads_first(k, dtype), _heads_first(v, dtype)  # (B, Hkv, Sk, D), (.., Dv)
 
-    out = np.empty((b, sq, hq, d), dtype=q.dtype)
+    out = np.empty((b, sq, hq, dim_v), dtype=q.dtype)
     lse = np.empty((b, hq, sq), dtype=np.float32)
     mods = _ScoreMods(variant, scale, dtype, alibi_slopes, sinks, bias, mask, (b, hq, hkv, sq, sk))
     for i0 in range(0, sq, BLOCK_Q):
         i1 = min(i0 + BLOCK_Q, sq)
         q_blk = _rows(q_t, i0, i1)  # (B, Hkv, G * bq, D)
-        state = _OnlineSoftmax(q_blk.shape[:-1], d, dtype, mods.softmax_scale(scale))
+        state = _OnlineSoftmax(q_blk.shape[:-1], dim_v, dtype, mods.softmax_scale(scale))
         mods.start(state, i1 - i0)
         for j0, j1, hidden in _key_blocks(i0, i1, sq, sk, variant, mods):
             # -- online softmax of q k^T (modified), and p @ v --
@@ -109,7 +109,7 @@ def backward(
     compute dtype's precision, as in naive attention.
 
     Args:
-        dout, out: ``(B, Sq, Hq, D)``; q, k, v: as for :func:`forward`. Any strides.
+        dout, out: ``(B, Sq, Hq, Dv)``; q, k, v: as for :func:`forward`. Any strides.
         variant, scale, alibi_slopes, sinks, bias, mask: as for :func:`forward`.
         dsinks: with sinks, a float64 ``(Hq,)`` array that receives their gradient,
             ``-sum over batch and rows of p_sink * delta`` (``p_sink = exp(sink - lse)``).
@@ -121,7 +121,7 @@ def backward(
         are summed over the query heads of each kv head.
     """
     b, sq, hq, d = q.shape
-    sk, hkv = k.shape[1], k.shape[2]
+    sk, hkv, dim_v = k.shape[1], k.shape[2], v.shape[3]
     dtype = _compute_dtype(q.dtype)
     scale_t = dtype.type(scale)
     mods = _ScoreMods(variant, scale, dtype, alibi_slopes, sinks, bias, mask, (b, hq, hkv, sq, sk))
@@ -137,7 +137,7 @@ def backward(
 
     dq = np.empty((b, sq, hq, d), dtype=q.dtype)
     dk_t = np.zeros((b, hkv, sk, d), dtype=dtype)
-    dv_t = np.zeros((b, hkv, sk, d), dtype=dtype)
+    dv_t = np.zeros((b, hkv, sk, dim_v), dtype=dtype)
     for i0 in range(0, sq, BLOCK_Q):
         i1 = min(i0 + BLOCK_Q, sq)
         q_blk, do_blk = _rows(q_t, i0, i1), _rows(do_t, i0, i1)

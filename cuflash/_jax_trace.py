@@ -78,14 +78,15 @@ def forward(q, k, v, options: Options, sinks=None):
     `_jax_gpu.accum_dtype` (float64 for float64)."""
     problem = validate(q, k, v, options, sinks)
     accum = _jax_gpu.accum_dtype(problem.dtype)
-    result = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+    result = (jax.ShapeDtypeStruct(problem.out_shape(), q.dtype),
               jax.ShapeDtypeStruct(problem.lse_shape(), accum))
     arrays = (q, k, v) if sinks is None else (q, k, v, sinks.astype(accum))
 
     def on_platform(*arrays):
         return jax.lax.platform_dependent(
             *arrays,
-            cpu=functools.partial(_cpu_forward, options=options, lse_shape=problem.lse_shape()),
+            cpu=functools.partial(_cpu_forward, options=options, out_shape=problem.out_shape(),
+                                  lse_shape=problem.lse_shape()),
             cuda=functools.partial(_cuda_branch, _jax_gpu.forward, result, problem=problem),
             default=functools.partial(_refuse, result))
 
@@ -214,9 +215,10 @@ def vary(x, axes: frozenset):
 # ---- the branches ------------------------------------------------------------------------------
 
 
-def _cpu_forward(q, k, v, *sinks, options: Options, lse_shape: tuple[int, ...]):
+def _cpu_forward(q, k, v, *sinks, options: Options, out_shape: tuple[int, ...],
+                 lse_shape: tuple[int, ...]):
     compute = _CPU_COMPUTE.get(_dtypes.dtype_name(q.dtype), q.dtype)
-    result = (jax.ShapeDtypeStruct(q.shape, compute), jax.ShapeDtypeStruct(lse_shape, np.float32))
+    result = (jax.ShapeDtypeStruct(out_shape, compute), jax.ShapeDtypeStruct(lse_shape, np.float32))
 
     def forward(q, k, v, *sinks):
         return api.attention(q, k, v, causal=options.causal, window=options.window,
@@ -273,6 +275,9 @@ def _cuda_branch(launch, result, *arrays, problem: api.Problem):
         why = _checks.unverified_on_cuda(name) if given else None
         if why is not None:
             return _refuse(result, *arrays, why=why)
+    why = _checks.value_head_dim_on_cuda(problem.head_dim, problem.head_dim_v)
+    if why is not None:
+        return _refuse(result, *arrays, why=why)
     return launch(*arrays, problem=problem)
 
 

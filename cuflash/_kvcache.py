@@ -150,6 +150,8 @@ class _Plan:
         shapes = {name: _shape4(x, name) for name, x in
                   (("q", q), ("k_cache", k_cache), ("v_cache", v_cache))}
         batch, _, heads_q, dim = shapes["q"]
+        # One head dim for q and both caches: v's own head dim (Dv, which `cuflash.attention`
+        # takes on the CPU) is not taken here yet.
         if shapes["v_cache"] != shapes["k_cache"]:
             raise ValueError(f"v_cache: expected the shape of k_cache {shapes['k_cache']}, got "
                              f"{shapes['v_cache']}")

@@ -72,8 +72,8 @@ def mods(shape: tuple[int, int, int, int], *, softcap: Any = 0.0, alibi_slopes: 
 
 def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, visible: np.ndarray | None,
             scale: float, m: Mods) -> tuple[np.ndarray, np.ndarray]:
-    """``out (B, Hq, Sq, D)`` and ``lse (B, Hq, Sq)`` from ``q (B, Hq, Sq, D)`` and ``k, v (B,
-    Hq, Sk, D)`` (kv heads already repeated over their query heads)."""
+    """``out (B, Hq, Sq, Dv)`` and ``lse (B, Hq, Sq)`` from ``q (B, Hq, Sq, D)``, ``k (B, Hq, Sk,
+    D)`` and ``v (B, Hq, Sk, Dv)`` (kv heads already repeated over their query heads)."""
     p, _, lse, _ = _softmax(q, k, visible, scale, m)
     nan_v = np.isnan(v)
     if not nan_v.any():

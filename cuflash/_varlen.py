@@ -31,7 +31,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q: int |
     Args:
         q: ``(total_q, Hq, D)``: the queries of every sequence, one after the other. Any
             framework `cuflash.attention` takes (NumPy, CuPy, torch, JAX).
-        k, v: ``(total_k, Hkv, D)``, likewise, ``Hq % Hkv == 0``.
+        k, v: ``(total_k, Hkv, D)`` and ``(total_k, Hkv, Dv)``, likewise, ``Hq % Hkv == 0``;
+            v's head dim ``Dv`` may differ from ``D`` as `cuflash.attention` allows.
         cu_seqlens_q, cu_seqlens_k: int32 ``(B + 1,)`` prefix sums (NumPy, or the framework
             and device of q): sequence b holds rows ``cu[b]:cu[b + 1]``; ``cu[0] == 0``,
             non-decreasing, ``cu[B]`` the total. Sequences of length 0 are legal.
@@ -47,7 +48,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q: int |
         return_lse: also return the float32 lse, ``(Hq, total_q)``.
 
     Returns:
-        ``out`` ``(total_q, Hq, D)`` in q's framework, device and dtype, or ``(out, lse)``.
+        ``out`` ``(total_q, Hq, Dv)`` in q's framework, device and dtype, or ``(out, lse)``.
 
     torch tensors that require grad get gradients through each sequence's call.
 
@@ -65,7 +66,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q: int |
         outs.append(out[0])
         lses.append(lse[0])
     if not outs:  # B = 0
-        out = ops.zeros(tuple(q.shape), q)
+        out = ops.zeros((*q.shape[:-1], v.shape[-1]), q)
         lse = ops.cast(ops.zeros((q.shape[1], 0), q), "float32")
     else:
         out, lse = ops.concat(outs, 0), ops.concat(lses, 1)
@@ -81,7 +82,7 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     """Gradients of `attention_varlen` with respect to q, k and v (and the sinks).
 
     Args:
-        dout: gradient of the output, ``(total_q, Hq, D)``.
+        dout: gradient of the output, ``(total_q, Hq, Dv)``.
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, causal,
             window, scale, softcap, alibi_slopes, sinks: exactly as passed to `attention_varlen`.
         out, lse: its output and float32 lse ``(Hq, total_q)`` (``return_lse=True``).
@@ -95,7 +96,8 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     pack = _Packed.of(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       seqused_k)
     total_q, heads_q = int(q.shape[0]), int(q.shape[1])
-    for name, x, shape in (("dout", dout, tuple(q.shape)), ("out", out, tuple(q.shape)),
+    out_shape = (total_q, heads_q, int(v.shape[-1]))
+    for name, x, shape in (("dout", dout, out_shape), ("out", out, out_shape),
                            ("lse", lse, (heads_q, total_q))):
         if tuple(int(n) for n in getattr(x, "shape", ())) != shape:
             raise ValueError(f"{name}: expected shape {shape}, got "
@@ -117,9 +119,8 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
         dks.append(dk[0])
         dvs.append(dv[0])
         if unused:
-            zeros = ops.zeros((unused, *k.shape[1:]), k)
-            dks.append(zeros)
-            dvs.append(zeros)
+            dks.append(ops.zeros((unused, *k.shape[1:]), k))
+            dvs.append(ops.zeros((unused, *v.shape[1:]), v))
     if not dqs:
         grads = (ops.zeros(tuple(q.shape), q), ops.zeros(tuple(k.shape), k),
                  ops.zeros(tuple(v.shape), v))
@@ -156,8 +157,9 @@ class _Packed:
                 raise ValueError(f"{name}: expected (total, heads, head_dim), got shape "
                                  f"{shape if hasattr(x, 'shape') else type(x).__name__}")
             shapes[name] = shape
-        if shapes["v"] != shapes["k"]:
-            raise ValueError(f"v: expected the shape of k {shapes['k']}, got {shapes['v']}")
+        if shapes["v"][:-1] != shapes["k"][:-1]:
+            raise ValueError(f"v: expected the shape of k {shapes['k']} but for the last axis "
+                             f"(v's head dim Dv may differ), got {shapes['v']}")
         cu_q = _prefix_sums(cu_seqlens_q, "cu_seqlens_q", shapes["q"][0], "q")
         cu_k = _prefix_sums(cu_seqlens_k, "cu_seqlens_k", shapes["k"][0], "k")
         if len(cu_k) != len(cu_q):

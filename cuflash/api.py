@@ -26,6 +26,7 @@ from cuflash._checks import (  # the size limits stay importable from here, wher
     refuse_capped_mods_on_cuda,
     refuse_masked,
     unverified_on_cuda,
+    value_head_dim_on_cuda,
 )
 from cuflash._variant import Variant
 
@@ -47,7 +48,8 @@ class Problem:
     seqlen_k: int
     heads_q: int
     heads_kv: int
-    head_dim: int
+    head_dim: int  # q's and k's (D)
+    head_dim_v: int  # v's and out's (Dv)
     dtype: str
     variant: Variant
     scale: float
@@ -64,22 +66,29 @@ class Problem:
     bias: np.ndarray | None = field(default=None, compare=False)
     mask: np.ndarray | None = field(default=None, compare=False)
 
-    def caller_shape(self, seqlen: int, heads: int) -> tuple[int, ...]:
-        """Shape of a (seqlen, heads, head_dim) tensor in the caller's layout and rank."""
+    def caller_shape(self, seqlen: int, heads: int, head_dim: int | None = None
+                     ) -> tuple[int, ...]:
+        """Shape of a (seqlen, heads, head_dim) tensor in the caller's layout and rank; the
+        head dim defaults to q's and k's."""
         inner = (seqlen, heads) if self.layout == "bshd" else (heads, seqlen)
-        shape = (*inner, self.head_dim)
+        shape = (*inner, self.head_dim if head_dim is None else head_dim)
         return (self.batch, *shape) if self.batched else shape
+
+    def out_shape(self) -> tuple[int, ...]:
+        """Shape of out (and dout): q's, with v's head dim Dv."""
+        return self.caller_shape(self.seqlen_q, self.heads_q, self.head_dim_v)
 
     def lse_shape(self) -> tuple[int, ...]:
         shape = (self.heads_q, self.seqlen_q)
         return (self.batch, *shape) if self.batched else shape
 
     def flops(self) -> float:
-        """Forward FLOPs as the FlashAttention papers count them (x0.5 causal), in general 4 D
-        per visible (query, key) pair."""
+        """Forward FLOPs as the FlashAttention papers count them (x0.5 causal), in general
+        2 D (q k^T) + 2 Dv (P v) per visible (query, key) pair: 4 D when Dv == D."""
         pairs = (0.5 * self.seqlen_q * self.seqlen_k if self.variant.causal
                  else self.variant.visible_pairs(self.seqlen_q, self.seqlen_k))
-        return 4.0 * self.batch * self.heads_q * pairs * self.head_dim
+        # (D + Dv) / 2 after the product: exactly today's 4 D count when Dv == D.
+        return 4.0 * self.batch * self.heads_q * pairs * (self.head_dim + self.head_dim_v) / 2
 
 
 def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None = None,
@@ -93,7 +102,9 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
             ``__dlpack__``: NumPy, CuPy, torch (CPU or CUDA), JAX.
         k: keys, ``(B, Sk, Hkv, D)`` (``"bhsd"``: ``(B, Hkv, Sk, D)``), same framework, device
             and dtype as `q`. ``Hq % Hkv == 0`` (multi-query / grouped-query attention).
-        v: values, shaped like `k`.
+        v: values, ``(B, Sk, Hkv, Dv)`` (``"bhsd"``: ``(B, Hkv, Sk, Dv)``): shaped like `k` but
+            for its head dim ``Dv`` (1..256), which may differ from ``D`` on the CPU path (the
+            CUDA kernels take ``Dv == D`` only: NotImplementedError otherwise).
         causal: bottom-right aligned causal mask: query i sees key j iff ``j <= i + Sk - Sq``.
             A query that sees no key gets an all-zero output and ``lse = -inf``.
         window: sliding-window (local) attention, ``(left, right)`` ints, -1 meaning unbounded
@@ -131,9 +142,9 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
             its device, written in place (not supported for JAX, whose arrays are immutable).
 
     Returns:
-        ``out``, shaped like `q`, in q's framework, device and dtype; with `return_lse`,
-        ``(out, lse)`` where lse is float32 ``(B, Hq, Sq)`` (``(Hq, Sq)`` for 3-D input),
-        natural log.
+        ``out``, shaped like `q` but with v's head dim ``Dv`` last, in q's framework, device
+        and dtype; with `return_lse`, ``(out, lse)`` where lse is float32 ``(B, Hq, Sq)``
+        (``(Hq, Sq)`` for 3-D input), natural log.
 
     dtypes: float16, bfloat16, float32, float64 on CUDA (fp32/fp64 at full precision, no tf32);
     float16 (computed in float32), float32, float64 on the CPU. Inputs are never modified.
@@ -162,7 +173,7 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
     if out is not None:
         if problem.source.framework == "jax":
             raise TypeError("out: JAX arrays are immutable; call without out= and use the result")
-        _check_out("out", out, problem, problem.caller_shape(problem.seqlen_q, problem.heads_q))
+        _check_out("out", out, problem, problem.out_shape())
         _check_writable("out", out)
 
     src = problem.source
@@ -171,8 +182,7 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
             _refuse_first_call_in_capture(src)
         qb, kb, vb = (_backend(x, src, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
         if out is None:
-            out_native, out_b = _interop.empty(
-                problem.caller_shape(problem.seqlen_q, problem.heads_q), qb, src, q)
+            out_native, out_b = _interop.empty(problem.out_shape(), qb, src, q)
         else:
             out_native, out_b = out, _interop.to_backend(out, src)
         lse_native = lse_b = None
@@ -181,8 +191,8 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
         replayable, call = forward_into(problem, qb, kb, vb, out_b, lse_b)
         if replayable and key is not None:
             _replay.record(key, _replay.ForwardReplay(
-                call, problem.caller_shape(problem.seqlen_q, problem.heads_q),
-                problem.lse_shape() if return_lse else None, _replay.framework_of(q)))
+                call, problem.out_shape(), problem.lse_shape() if return_lse else None,
+                _replay.framework_of(q)))
         result = _interop.from_backend(out_native, out_b, src)
         if return_lse:
             return result, _interop.from_backend(lse_native, lse_b, src)
@@ -197,7 +207,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
     """Gradients of `attention` with respect to q, k and v.
 
     Args:
-        dout: gradient of the output, shaped like `q`.
+        dout: gradient of the output, shaped like it (q's shape with v's head dim ``Dv``).
         q, k, v, causal, window, scale, softcap, alibi_slopes, sinks, bias, mask, layout:
             exactly as passed to `attention`.
         out: the forward's output.
@@ -239,9 +249,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
     if return_dbias and problem.source.device == "cuda":
         raise NotImplementedError(f"return_dbias: {NO_DBIAS_ON_CUDA} (CUDA inputs); the CPU "
                                   f"path and cuflash.reference compute it")
-    q_shape = problem.caller_shape(problem.seqlen_q, problem.heads_q)
+    out_shape = problem.out_shape()
     for name, x in (("dout", dout), ("out", out)):
-        _check_out(name, x, problem, q_shape)
+        _check_out(name, x, problem, out_shape)
     _check_lse(lse, problem)
 
     src = problem.source
@@ -338,8 +348,10 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
         axes = "(" + axes[4:]
     batch, seqlen_q, heads_q, head_dim = _canonical(shapes["q"], layout)
     _, seqlen_k, heads_kv, k_dim = _canonical(shapes["k"], layout)
-    if shapes["v"] != shapes["k"]:
-        raise ValueError(f"v: expected the shape of k {shapes['k']}, got {shapes['v']}")
+    if shapes["v"][:-1] != shapes["k"][:-1]:
+        raise ValueError(f"v: expected the shape of k {shapes['k']} but for the last axis (v's "
+                         f"head dim Dv may differ), got {shapes['v']}")
+    head_dim_v = shapes["v"][-1]
     kv_batch = shapes["k"][0] if ndim == 4 else 1
     if kv_batch != batch:
         raise ValueError(f"k: batch {kv_batch} differs from q's batch {batch} "
@@ -350,6 +362,12 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"q: head dim must be in 1..{MAX_HEAD_DIM}, got {head_dim} "
                          f"(shape {shapes['q']}, layout {layout} {axes})")
+    if not 1 <= head_dim_v <= MAX_HEAD_DIM:
+        raise ValueError(f"v: head dim (Dv) must be in 1..{MAX_HEAD_DIM}, got {head_dim_v} "
+                         f"(shape {shapes['v']}, layout {layout} {axes})")
+    why = value_head_dim_on_cuda(head_dim, head_dim_v) if src.device == "cuda" else None
+    if why is not None:
+        raise NotImplementedError(why)
     if heads_q < 1 or heads_kv < 1 or heads_q % heads_kv:
         raise ValueError(
             f"k: query heads ({heads_q}) must be a positive multiple of key/value heads "
@@ -364,9 +382,10 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
         "bias", bias, src, full, ("float16", "float32", "float64"))
     mask_view = None if mask is None else check_score_array("mask", mask, src, full, ("bool",))
     return Problem(batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q,
-                   heads_kv=heads_kv, head_dim=head_dim, dtype=dtypes["q"], variant=variant,
-                   scale=_check_scale(scale, head_dim), layout=layout, batched=ndim == 4,
-                   source=src, alibi_slopes=slopes, sinks=sink, bias=bias_view, mask=mask_view)
+                   heads_kv=heads_kv, head_dim=head_dim, head_dim_v=head_dim_v,
+                   dtype=dtypes["q"], variant=variant, scale=_check_scale(scale, head_dim),
+                   layout=layout, batched=ndim == 4, source=src, alibi_slopes=slopes,
+                   sinks=sink, bias=bias_view, mask=mask_view)
 
 
 def _canonical(shape: tuple[int, ...], layout: str) -> tuple[int, int, int, int]:

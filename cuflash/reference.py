@@ -6,8 +6,9 @@ it shares no code (and no bug) with the flash paths. Use it on small problems.
 
 Conventions are those of :func:`cuflash.attention` (docs/api.md, "Conventions"):
 
-- layout ``"bshd"``: q ``(B, Sq, Hq, D)``, k and v ``(B, Sk, Hkv, D)``;
-  layout ``"bhsd"``: q ``(B, Hq, Sq, D)``, k and v ``(B, Hkv, Sk, D)``;
+- layout ``"bshd"``: q ``(B, Sq, Hq, D)``, k ``(B, Sk, Hkv, D)``, v ``(B, Sk, Hkv, Dv)``;
+  layout ``"bhsd"``: q ``(B, Hq, Sq, D)``, k ``(B, Hkv, Sk, D)``, v ``(B, Hkv, Sk, Dv)``;
+  v's head dim ``Dv`` may differ from ``D``, and the output has it;
   3-D inputs (no batch axis) are accepted and answered without the batch axis.
 - GQA / MQA: ``Hq % Hkv == 0``; query head ``h`` reads kv head ``h // (Hq // Hkv)``.
 - ``causal=True`` is bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + Sk - Sq``.
@@ -62,7 +63,8 @@ def attention(
             ``__dlpack__`` (torch, JAX, CuPy; device arrays are copied to the host through CuPy),
             or a nested sequence. Any real dtype; it is read as float64.
         k: keys, ``(B, Sk, Hkv, D)`` / ``(B, Hkv, Sk, D)``, with ``Hq % Hkv == 0``.
-        v: values, the shape of ``k``.
+        v: values, the shape of ``k`` but for the last axis: ``(B, Sk, Hkv, Dv)`` /
+            ``(B, Hkv, Sk, Dv)``, ``Dv >= 1`` (it may differ from ``D``).
         causal: bottom-right aligned causal mask (query ``i`` sees key ``j`` iff
             ``j <= i + Sk - Sq``).
         window: ``(left, right)`` sliding window, ``-1`` meaning unbounded, bottom-right
@@ -81,10 +83,10 @@ def attention(
             causal and window.
 
     Returns:
-        ``out``, float64 NumPy array of q's shape; with ``return_lse``, ``(out, lse)`` where
-        ``lse`` is float64 ``(B, Hq, Sq)`` (``(Hq, Sq)`` for 3-D input), natural log, ``-inf`` for
-        rows that see no key. (cuflash.attention returns lse as float32; float64 here keeps the
-        reference exact.)
+        ``out``, float64 NumPy array of q's shape with v's head dim ``Dv`` last; with
+        ``return_lse``, ``(out, lse)`` where ``lse`` is float64 ``(B, Hq, Sq)`` (``(Hq, Sq)`` for
+        3-D input), natural log, ``-inf`` for rows that see no key. (cuflash.attention returns
+        lse as float32; float64 here keeps the reference exact.)
 
     Raises:
         TypeError: complex input, a ``numpy.ma.MaskedArray``, or a scale that is not a real
@@ -106,7 +108,7 @@ def attention(
         out = _from_kv(out.swapaxes(1, 2), layout, three_d)
         return (out, (lse[0] if three_d else lse)) if return_lse else out
     p, lse = _probabilities(q4, k4, seen, scale)
-    out = _weighted_values(p, v4, seen)  # (B, Hkv, G, Sq, D)
+    out = _weighted_values(p, v4, seen)  # (B, Hkv, G, Sq, Dv)
     out = _from_grouped_q(out, layout, three_d)
     if not return_lse:
         return out
@@ -134,7 +136,8 @@ def attention_backward(
     """Exact float64 gradient of :func:`attention` for the incoming gradient ``dout``.
 
     Args:
-        dout: gradient of the loss with respect to the output; q's shape.
+        dout: gradient of the loss with respect to the output; its shape (q's with v's head
+            dim ``Dv``).
         q, k, v, causal, window, scale, layout, softcap, alibi_slopes, sinks, bias, mask: as
             for :func:`attention` (the gradients of bias and sinks: :func:`attention_grads`).
 
@@ -173,8 +176,9 @@ def attention_grads(
     """
     q4, k4, v4, three_d = _canonical_inputs(layout, q=q, k=k, v=v)
     (dout4,) = _canonical_arrays(layout, three_d, dout=dout)
-    if dout4.shape != q4.shape:
-        raise ValueError(f"dout has shape {_shape(dout)}; expected q's shape {_shape(q)}")
+    if dout4.shape != (*q4.shape[:-1], v4.shape[-1]):
+        raise ValueError(f"dout has shape {_shape(dout)}; expected the output's shape "
+                         f"{(*_shape(q)[:-1], v4.shape[-1])} (q's, with v's head dim last)")
     scale = _default_scale(scale, q4.shape[-1])
     seen = visible(q4.shape[1], k4.shape[1], causal=causal, window=window)
     options = _mods.mods(_score_shape(q4, k4), softcap=softcap, alibi_slopes=alibi_slopes,
@@ -182,8 +186,8 @@ def attention_grads(
     if options.any:
         return _mods_backward(dout4, q4, k4, v4, seen, scale, options, layout, three_d)
     p, _ = _probabilities(q4, k4, seen, scale)
-    k_g, v_g = _grouped_kv(k4), _grouped_kv(v4)  # (B, Hkv, 1, Sk, D)
-    do_g = _grouped_q(dout4, k4.shape[2])  # (B, Hkv, G, Sq, D)
+    k_g, v_g = _grouped_kv(k4), _grouped_kv(v4)  # (B, Hkv, 1, Sk, D), (.., Dv)
+    do_g = _grouped_q(dout4, k4.shape[2])  # (B, Hkv, G, Sq, Dv)
 
     # -- dv = P^T dO, summed over the query heads of each kv head --
     dv = np.matmul(p.swapaxes(-1, -2), do_g).sum(axis=2)
@@ -212,8 +216,8 @@ def _per_head(*xs: np.ndarray) -> list[np.ndarray]:
 def _mods_backward(dout4, q4, k4, v4, seen, scale, options, layout, three_d):
     hkv = k4.shape[2]
     grads = _mods.backward(*_per_head(dout4, q4, k4, v4), seen, scale, options)
-    b, hq, sk, d = grads["k"].shape
     for name in ("k", "v"):  # summed over each kv head's query heads
+        b, hq, sk, d = grads[name].shape
         grads[name] = grads[name].reshape(b, hkv, hq // hkv, sk, d).sum(axis=2)
     for name in ("q", "k", "v"):
         grads[name] = _from_kv(grads[name].swapaxes(1, 2), layout, three_d)
@@ -238,7 +242,7 @@ def attention_varlen(
 
     Args:
         q: ``(total_q, Hq, D)``: the queries of every sequence, one after the other.
-        k, v: ``(total_k, Hkv, D)``, likewise.
+        k, v: ``(total_k, Hkv, D)`` and ``(total_k, Hkv, Dv)``, likewise.
         cu_seqlens_q, cu_seqlens_k: integer ``(B + 1,)`` prefix sums: sequence ``b`` holds
             rows ``cu[b]:cu[b+1]``; ``cu[0] == 0``, non-decreasing, ``cu[B]`` the total. Length
             0 is legal.
@@ -249,7 +253,7 @@ def attention_varlen(
         return_lse: also return the float64 lse, ``(Hq, total_q)``.
 
     Returns:
-        ``out`` ``(total_q, Hq, D)`` float64, or ``(out, lse)``.
+        ``out`` ``(total_q, Hq, Dv)`` float64, or ``(out, lse)``.
     """
     q3, k3, v3 = (_to_float64(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
     for name, x in (("q", q3), ("k", k3), ("v", v3)):
@@ -266,7 +270,7 @@ def attention_varlen(
         if np.any(used < 0) or np.any(used > np.diff(cu_k)):
             raise ValueError(f"seqused_k: expected 0 <= seqused_k[b] <= the length of sequence "
                              f"b ({np.diff(cu_k).tolist()}), got {used.tolist()}")
-    out = np.zeros(q3.shape)
+    out = np.zeros((*q3.shape[:-1], v3.shape[-1]))
     lse = np.full((q3.shape[1], q3.shape[0]), -np.inf)
     for b in range(len(cu_q) - 1):
         rows = slice(cu_q[b], cu_q[b + 1])
@@ -326,6 +330,7 @@ def attention_with_kvcache(
     """
     q4 = _to_float64(q, "q")
     kc, vc = _to_float64(k_cache, "k_cache"), _to_float64(v_cache, "v_cache")
+    # The caches share one head dim (v's differing from k's is not taken here yet).
     if q4.ndim != 4 or kc.ndim != 4 or kc.shape != vc.shape:
         raise ValueError(f"q: expected (B, Sq, Hq, D) and k_cache, v_cache (B or pages, S, Hkv, "
                          f"D) of one shape; got q {q4.shape}, k_cache {kc.shape}, v_cache "
@@ -559,11 +564,14 @@ def _canonical_inputs(
     q_np = _to_numpy(q, "q")
     three_d = q_np.ndim == 3
     q4, k4, v4 = _canonical_arrays(layout, three_d, q=q_np, k=k, v=v)
-    if k4.shape != v4.shape:
-        raise ValueError(f"k and v must have the same shape; got k {_shape(k)} and v {_shape(v)}")
+    if k4.shape[:-1] != v4.shape[:-1]:
+        raise ValueError(f"v: expected the same shape as k {_shape(k)} but for the last axis "
+                         f"(v's head dim may differ); got {_shape(v)}")
     (b, _, hq, d), (bk, _, hkv, dk) = q4.shape, k4.shape
     if d == 0:
         raise ValueError(f"the head dim must be at least 1; got q of shape {_shape(q)}")
+    if v4.shape[-1] == 0:
+        raise ValueError(f"v: the head dim must be at least 1; got v of shape {_shape(v)}")
     if (b, d) != (bk, dk):
         raise ValueError(
             f"q {_shape(q)} and k {_shape(k)} must agree on batch and head dim "

@@ -60,7 +60,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
             a 3-D tensor (no batch axis) is accepted in either layout. CPU or CUDA, any strides.
         k: keys, ``(B, Sk, Hkv, D)`` (``"bhsd"``: ``(B, Hkv, Sk, D)``), same device and dtype as
             q, ``Hq % Hkv == 0``.
-        v: values, shaped like `k`.
+        v: values, shaped like `k` but for its head dim ``Dv``, which may differ from ``D`` on
+            the CPU, as for :func:`cuflash.attention`.
         causal: bottom-right aligned causal mask (query i sees key j iff ``j <= i + Sk - Sq``).
         window: sliding window ``(left, right)``, -1 unbounded, as for :func:`cuflash.attention`.
         scale: softmax scale, a number > 0; defaults to ``1 / sqrt(D)``.
@@ -80,7 +81,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
             it carries no gradient.
 
     Returns:
-        ``out`` shaped like q (same device and dtype), or ``(out, lse)``.
+        ``out`` shaped like q but with v's head dim ``Dv`` (q's device and dtype), or
+        ``(out, lse)``.
 
     This is what :func:`cuflash.attention` runs for tensors that require grad. Unlike it, this
     function is always the ``cuflash::attention_fwd`` op, so it is the one to call from code
@@ -160,12 +162,14 @@ def _detached(x: Tensor | None) -> Tensor | None:
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, causal, scale, layout, window_left=-1, window_right=-1,
                         softcap=0.0, alibi_slopes=None, sinks=None, bias=None, mask=None):
-    # The core allocates both results contiguous: out like q, lse (B, Hq, Sq) float32.
+    # The core allocates both results contiguous: out like q with v's head dim, lse (B, Hq, Sq)
+    # float32.
     if layout == "bhsd":
         lse_shape = q.shape[:-1]
     else:
         lse_shape = (*q.shape[:-3], q.shape[-2], q.shape[-3])
-    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+    return (q.new_empty((*q.shape[:-1], v.shape[-1])),
+            q.new_empty(lse_shape, dtype=torch.float32))
 
 
 @torch.library.custom_op("cuflash::attention_bwd", mutates_args=())

@@ -73,7 +73,7 @@ def check_out(case: Case, arrays, out) -> None:
     ref = reference.attention(q, k, v, **case.mask, layout=case.layout)
     q4, k4, v4 = (to_bshd4(x, case) for x in (q, k, v))
     naive, _ = naive_attention(q4, k4, v4, dtype=case.dtype, **_options(case))
-    assert out.dtype == q.dtype and out.shape == q.shape
+    assert out.dtype == q.dtype and out.shape == case.out_shape
     assert_matches_reference("out", to_bshd4(f64(out), case), to_bshd4(ref, case), naive,
                              dtype=case.dtype)
 

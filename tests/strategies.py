@@ -52,8 +52,9 @@ class Case:
     """One attention problem: sizes, dtype name, mask, layout, rank and how q, k, v are stored.
 
     ``view`` is "contiguous", "qkv_packed" (q, k, v are slices of one packed ``(B, S, 3, H, D)``
-    array; needs ``seqlen_q == seqlen_k`` and ``heads_q == heads_kv``) or "transposed" (the leading
-    axes stored in reverse order: non-contiguous, unit-stride last axis).
+    array; needs ``seqlen_q == seqlen_k``, ``heads_q == heads_kv`` and one head dim) or
+    "transposed" (the leading axes stored in reverse order: non-contiguous, unit-stride last axis).
+    ``head_dim_v`` is v's head dim (Dv; None: ``head_dim``), which out and dout have too.
     """
 
     batch: int
@@ -69,6 +70,7 @@ class Case:
     layout: str = "bshd"
     three_d: bool = False  # no batch axis; batch is then 1
     view: str = "contiguous"
+    head_dim_v: int | None = None  # v's head dim (Dv); None: head_dim
 
     def __post_init__(self) -> None:
         if self.heads_q % self.heads_kv:
@@ -77,9 +79,11 @@ class Case:
             )
         if self.three_d and self.batch != 1:
             raise ValueError("a 3-D case has batch 1")
-        packable = self.seqlen_q == self.seqlen_k and self.heads_q == self.heads_kv
+        packable = (self.seqlen_q == self.seqlen_k and self.heads_q == self.heads_kv
+                    and self.dim_v == self.head_dim)
         if self.view == "qkv_packed" and not packable:
-            raise ValueError("qkv_packed needs seqlen_q == seqlen_k and heads_q == heads_kv")
+            raise ValueError("qkv_packed needs seqlen_q == seqlen_k, heads_q == heads_kv and "
+                             "head_dim_v == head_dim")
 
     @property
     def id(self) -> str:
@@ -89,7 +93,7 @@ class Case:
             f"Sq{self.seqlen_q}",
             f"Sk{self.seqlen_k}",
             f"H{self.heads_q}/{self.heads_kv}",
-            f"D{self.head_dim}",
+            f"D{self.head_dim}" + ("" if self.dim_v == self.head_dim else f"v{self.dim_v}"),
             SHORT_DTYPE[self.dtype],
         ]
         if self.causal:
@@ -113,16 +117,32 @@ class Case:
         return self.heads_q // self.heads_kv
 
     @property
+    def dim_v(self) -> int:
+        """v's head dim (Dv)."""
+        return self.head_dim if self.head_dim_v is None else self.head_dim_v
+
+    @property
     def q_shape(self) -> tuple[int, ...]:
         return self._shape(self.seqlen_q, self.heads_q)
 
     @property
     def kv_shape(self) -> tuple[int, ...]:
+        """k's shape (and v's when Dv == D)."""
         return self._shape(self.seqlen_k, self.heads_kv)
 
-    def _shape(self, s: int, h: int) -> tuple[int, ...]:
+    @property
+    def v_shape(self) -> tuple[int, ...]:
+        return self._shape(self.seqlen_k, self.heads_kv, self.dim_v)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """out's and dout's: q's with v's head dim."""
+        return self._shape(self.seqlen_q, self.heads_q, self.dim_v)
+
+    def _shape(self, s: int, h: int, d: int | None = None) -> tuple[int, ...]:
         inner = (s, h) if self.layout == "bshd" else (h, s)
-        return (*inner, self.head_dim) if self.three_d else (self.batch, *inner, self.head_dim)
+        d = self.head_dim if d is None else d
+        return (*inner, d) if self.three_d else (self.batch, *inner, d)
 
 
 def _mixed(awkward: tuple[int, ...], low: int, high: int) -> st.SearchStrategy[int]:
@@ -148,10 +168,12 @@ def problems(
     allow_3d: bool = True,
     windows: bool = False,
     softcaps: bool = False,
+    value_dims: bool = False,
 ) -> Case:
     """Draw a :class:`Case`; the keyword arguments bound it (``causal=None`` draws both).
     With `windows`, about half the cases get a sliding window (`window_sides`); with `softcaps`,
-    about half get a logit softcap (`SOFTCAPS`)."""
+    about half get a logit softcap (`SOFTCAPS`); with `value_dims`, about half of those not
+    packed get v a head dim of its own (1..max_head_dim, drawn like the head dim)."""
     view = draw(st.sampled_from(views))
     three_d = allow_3d and draw(st.booleans())
     batch = 1 if three_d else draw(st.integers(1, max_batch))
@@ -162,6 +184,9 @@ def problems(
     else:
         group = draw(st.integers(1, max_group))
         seqlen_k = draw(_mixed(AWKWARD_SEQLENS, 0, max_seqlen))
+    head_dim_v = None
+    if value_dims and view != "qkv_packed" and draw(st.booleans()):
+        head_dim_v = draw(_mixed(AWKWARD_HEAD_DIMS, 1, max_head_dim))
     return Case(
         batch=batch,
         seqlen_q=seqlen_q,
@@ -176,6 +201,7 @@ def problems(
         layout=draw(st.sampled_from(layouts)),
         three_d=three_d,
         view=view,
+        head_dim_v=head_dim_v,
     )
 
 
@@ -231,18 +257,20 @@ def make_inputs(case: Case, xp: ModuleType, seed: int) -> tuple[Any, Any, Any]:
         return q, k, v
     q = _array(case.q_shape, case, xp, rng)
     k = _array(case.kv_shape, case, xp, rng)
-    v = _array(case.kv_shape, case, xp, rng)
+    v = _array(case.v_shape, case, xp, rng)
     return q, k, v
 
 
 def make_dout(case: Case, xp: ModuleType, seed: int) -> Any:
-    """A fresh standard-normal, contiguous incoming gradient of q's shape."""
+    """A fresh standard-normal, contiguous incoming gradient of out's shape (q's, with v's head
+    dim)."""
     rng = np.random.default_rng((seed, 1))  # a different stream from make_inputs' for one seed
-    return _to_xp(rng.standard_normal(case.q_shape), xp, case.dtype)
+    return _to_xp(rng.standard_normal(case.out_shape), xp, case.dtype)
 
 
 def to_bshd4(x: Any, case: Case) -> Any:
-    """An array of q's or k's layout and rank in ``case`` as a 4-D ``(B, S, H, D)`` view."""
+    """An array of q's, k's, v's or out's layout and rank in ``case`` as a 4-D ``(B, S, H, D)``
+    view."""
     if case.three_d:
         x = x[None]
     return x.swapaxes(1, 2) if case.layout == "bhsd" else x

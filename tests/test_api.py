@@ -27,14 +27,16 @@ def rand(*shape: int, dtype: str = "float32", seed: int = 0) -> np.ndarray:
 
 
 def qkv(dtype: str = "float32", layout: str = "bshd", batched: bool = True, seed: int = 0,
-        sq: int = SQ, sk: int = SK, hq: int = HQ, hkv: int = HKV, d: int = D):
-    def shape(s: int, h: int) -> tuple[int, ...]:
+        sq: int = SQ, sk: int = SK, hq: int = HQ, hkv: int = HKV, d: int = D,
+        dv: int | None = None):
+    """q, k, v; v with head dim `dv` (None: `d`)."""
+    def shape(s: int, h: int, d: int) -> tuple[int, ...]:
         inner = (s, h, d) if layout == "bshd" else (h, s, d)
         return (B, *inner) if batched else inner
 
-    return (rand(*shape(sq, hq), dtype=dtype, seed=seed),
-            rand(*shape(sk, hkv), dtype=dtype, seed=seed + 1),
-            rand(*shape(sk, hkv), dtype=dtype, seed=seed + 2))
+    return (rand(*shape(sq, hq, d), dtype=dtype, seed=seed),
+            rand(*shape(sk, hkv, d), dtype=dtype, seed=seed + 1),
+            rand(*shape(sk, hkv, d if dv is None else dv), dtype=dtype, seed=seed + 2))
 
 
 @pytest.fixture
@@ -118,6 +120,29 @@ def test_v_shape_differs_from_k(no_work):
     q, k, v = qkv()
     with raises(ValueError, "v:", str(k.shape), str(v[:, :-1].shape)):
         cuflash.attention(q, k, v[:, :-1])
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+@pytest.mark.parametrize("axis", [0, 1, 2], ids=["batch", "axis1", "axis2"])
+def test_v_may_differ_from_k_in_its_last_axis_only(no_work, layout, axis):
+    q, k, v = qkv(layout=layout, dv=2 * D)
+    wrong = np.concatenate([v, v], axis=axis)  # one more of its other axes doubled
+    with raises(ValueError, "v:", f"expected the shape of k {k.shape}", "but for the last axis",
+                f"got {wrong.shape}"):
+        cuflash.attention(q, k, wrong, layout=layout)
+    out = np.empty((*q.shape[:-1], 2 * D), np.float32)
+    with raises(ValueError, "v:", f"got {wrong.shape}"):
+        cuflash.attention_backward(out, q, k, wrong, out, np.ones((B, HQ, SQ), np.float32),
+                                   layout=layout)
+
+
+@pytest.mark.parametrize("dv", [0, api.MAX_HEAD_DIM + 1])
+@pytest.mark.parametrize("batched", [True, False], ids=["4d", "3d"])
+def test_value_head_dim_out_of_range(no_work, dv, batched):
+    q, k, v = qkv(dv=dv, batched=batched)
+    with raises(ValueError, "v:", "head dim (Dv)", f"1..{api.MAX_HEAD_DIM}", f"got {dv}",
+                str(v.shape)):
+        cuflash.attention(q, k, v)
 
 
 @pytest.mark.parametrize("d", [0, api.MAX_HEAD_DIM + 1])
@@ -221,6 +246,20 @@ def test_out_of_wrong_shape(no_work):
         cuflash.attention(q, k, v, out=bad)
 
 
+def test_out_has_the_value_head_dim(no_work):
+    # With v's own head dim Dv, out (and dout) are q's shape with Dv last, not q's shape.
+    q, k, v = qkv(dv=D + 8)
+    want = (B, SQ, HQ, D + 8)
+    with raises(ValueError, "out:", f"expected shape {want}", f"got {q.shape}"):
+        cuflash.attention(q, k, v, out=np.empty_like(q))
+    lse = np.ones((B, HQ, SQ), np.float32)
+    right = np.ones(want, np.float32)
+    with raises(ValueError, "dout:", f"expected shape {want}", f"got {q.shape}"):
+        cuflash.attention_backward(np.ones_like(q), q, k, v, right, lse)
+    with raises(ValueError, "out:", f"expected shape {want}", f"got {q.shape}"):
+        cuflash.attention_backward(right, q, k, v, np.ones_like(q), lse)
+
+
 def test_out_of_wrong_dtype(no_work):
     q, k, v = qkv()
     with raises(TypeError, "out:", "float32", "float64"):
@@ -310,6 +349,88 @@ def test_ranks_and_layouts_agree_with_reference(layout, batched, causal):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-10, err_msg=f"d{name}")
     for name, x, original in zip("qkv", (q, k, v), originals, strict=True):
         np.testing.assert_array_equal(x, original, err_msg=f"{name} was modified")
+
+
+@pytest.mark.parametrize("d, dv", [(192, 128), (16, 40), (64, 1)])
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+@pytest.mark.parametrize("batched", [True, False], ids=["4d", "3d"])
+def test_value_head_dim_of_its_own_agrees_with_reference(d, dv, layout, batched):
+    # GQA (Hq 4, Hkv 2), a window and causal, in both layouts and ranks, through the public API.
+    q, k, v = qkv("float64", layout=layout, batched=batched, seed=12, d=d, dv=dv)
+    opts = {"causal": True, "window": (4, -1), "layout": layout}
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **opts)
+    ref, ref_lse = reference.attention(q, k, v, return_lse=True, **opts)
+    assert out.shape == (*q.shape[:-1], dv) == ref.shape and out.dtype == np.float64
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(lse, ref_lse, rtol=1e-6)
+    written = np.full(out.shape, np.nan)
+    assert cuflash.attention(q, k, v, out=written, **opts) is written
+    np.testing.assert_array_equal(written, out)
+
+    dout = rand(*out.shape, dtype="float64", seed=13)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, **opts)
+    ref_grads = reference.attention_backward(dout, q, k, v, **opts)
+    for name, got, want, x in zip("qkv", grads, ref_grads, (q, k, v), strict=True):
+        assert got.shape == x.shape and got.dtype == x.dtype, f"d{name}"
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-10, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("dv", [D - 9, D + 9], ids=["Dv<D", "Dv>D"])
+def test_value_head_dim_of_its_own_is_zero_padding(dv):
+    # Zero columns of q and k leave the scores alone and zero columns of v give zero columns of
+    # out, so the CPU path with Dv != D must give the first columns of its Dv == D result.
+    q, k, v = qkv("float64", seed=14, dv=dv)
+    width = max(D, dv)
+
+    def padded(x):
+        return np.concatenate([x, np.zeros((*x.shape[:-1], width - x.shape[-1]))], axis=-1)
+
+    opts = {"causal": True, "scale": 0.3, "softcap": 4.0}
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **opts)
+    wide, wide_lse = cuflash.attention(padded(q), padded(k), padded(v), return_lse=True, **opts)
+    np.testing.assert_allclose(out, wide[..., :dv], rtol=0, atol=1e-13)
+    np.testing.assert_allclose(lse, wide_lse, rtol=1e-7)
+    dout = rand(*out.shape, dtype="float64", seed=15)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, **opts)
+    wide_grads = cuflash.attention_backward(padded(dout), padded(q), padded(k), padded(v), wide,
+                                            wide_lse, **opts)
+    for name, got, full in zip("qkv", grads, wide_grads, strict=True):
+        np.testing.assert_allclose(got, full[..., :got.shape[-1]], rtol=0, atol=1e-12,
+                                   err_msg=f"d{name}")
+
+
+def test_flops_count_each_head_dim_once():
+    q, k, v = qkv()
+    same = api.validate(q, k, v, causal=False, scale=None, layout="bshd")
+    assert same.head_dim == same.head_dim_v == D
+    assert same.flops() == 4.0 * B * HQ * SQ * SK * D
+    q, k, v = qkv(dv=3 * D)
+    own = api.validate(q, k, v, causal=False, scale=None, layout="bshd")
+    assert (own.head_dim, own.head_dim_v) == (D, 3 * D)
+    assert own.flops() == 2.0 * B * HQ * SQ * SK * (D + 3 * D)  # 2 D for q k^T, 2 Dv for P v
+    assert own.out_shape() == (B, SQ, HQ, 3 * D)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_cuda_refuses_a_value_head_dim_of_its_own(no_work, direction):
+    from tests.gpu_support import gpu_skip_reason
+
+    reason = gpu_skip_reason()
+    if reason is not None:
+        print(f"skipping GPU test: {reason}")
+        pytest.skip(reason)
+    import cupy
+
+    q, k, v = (cupy.asarray(x) for x in qkv("float16", d=192, dv=128))
+    out = cupy.zeros((*q.shape[:-1], 128), cupy.float16)
+    lse = cupy.zeros((B, HQ, SQ), cupy.float32)
+    with raises(NotImplementedError, "v:", "Dv = 128", "D = 192", "CUDA kernels",
+                "the CPU path and cuflash.reference compute it"):
+        if direction == "forward":
+            cuflash.attention(q, k, v)
+        else:
+            cuflash.attention_backward(out, q, k, v, out, lse)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])

@@ -78,6 +78,46 @@ def test_forward_and_backward_match_reference(
     case: Case, seed: int, tiles: tuple[int, int], scale: float | None
 ):
     note(f"{case.id}, tiles {tiles}, scale {scale}")
+    _check_against_reference(case, seed, tiles, scale)
+
+
+@settings(deadline=None, max_examples=examples(30), suppress_health_check=[HealthCheck.too_slow])
+@given(
+    case=problems(dtypes=CPU_DTYPES, max_seqlen=150, windows=True, softcaps=True,
+                  value_dims=True),
+    seed=seeds(),
+    tiles=st.sampled_from(TILES),
+)
+def test_value_head_dim_of_its_own_matches_reference(case: Case, seed: int,
+                                                     tiles: tuple[int, int]):
+    note(f"{case.id}, tiles {tiles}")
+    _check_against_reference(case, seed, tiles, None)
+
+
+# v with a head dim of its own (Dv != D): GQA, causal, windows, both layouts, 3-D, strided.
+VALUE_DIM_CASES = [
+    Case(2, 37, 53, 4, 2, 192, head_dim_v=128, dtype="float32", causal=True),
+    Case(1, 29, 17, 6, 2, 16, head_dim_v=40, dtype="float64", window=(5, 3), layout="bhsd"),
+    Case(1, 21, 33, 3, 1, 64, head_dim_v=1, dtype="float16", causal=True, three_d=True),
+    Case(2, 40, 40, 2, 2, 16, head_dim_v=40, dtype="float32", window=(-1, 4), layout="bhsd",
+         view="transposed"),
+    Case(1, 15, 9, 4, 1, 64, head_dim_v=1, dtype="float64", window=(3, 0), layout="bhsd",
+         three_d=True),
+    Case(2, 19, 26, 4, 2, 192, head_dim_v=128, dtype="float64", causal=True, window=(7, -1),
+         softcap=2.0, layout="bhsd"),
+]
+
+
+@pytest.mark.parametrize("tiles", [TILES[0], (5, 7)], ids=lambda t: f"tiles{t[0]}x{t[1]}")
+@pytest.mark.parametrize("case", VALUE_DIM_CASES, ids=lambda c: c.id)
+def test_value_head_dim_of_its_own(case: Case, tiles: tuple[int, int]):
+    _check_against_reference(case, seed=21, tiles=tiles, scale=None)
+
+
+def _check_against_reference(case: Case, seed: int, tiles: tuple[int, int],
+                             scale: float | None) -> None:
+    """The CPU forward and backward of `case` against the float64 reference by the accuracy
+    rule: shapes, dtypes, contiguity, and inputs and outputs left untouched."""
     q, k, v = make_inputs(case, np, seed)
     dout = make_dout(case, np, seed)
     q4, k4, v4, do4 = (to_bshd4(x, case) for x in (q, k, v, dout))
@@ -92,7 +132,8 @@ def test_forward_and_backward_match_reference(
         grads = _cpu.backward(do4, q4, k4, v4, out, **opts)
 
     b, sq, hq, _ = q4.shape
-    assert out.dtype == q.dtype and out.shape == q4.shape and out.flags.c_contiguous
+    assert out.dtype == q.dtype and out.shape == (b, sq, hq, case.dim_v)
+    assert out.flags.c_contiguous
     assert lse.dtype == np.float32 and lse.shape == (b, hq, sq)
     for name, g, x in zip(("dq", "dk", "dv"), grads, (q4, k4, v4), strict=True):
         assert g.dtype == x.dtype and g.shape == x.shape and g.flags.c_contiguous, name

@@ -61,6 +61,11 @@ CPU_CASES = [
     Case(1, 9, 20, 6, 2, 12, dtype="float64", causal=True, three_d=True),
     Case(2, 7, 11, 2, 1, 8, dtype="float16", causal=True),
     Case(2, 19, 23, 4, 2, 16, dtype="bfloat16", window=(5, 2), layout="bhsd"),
+    # v with a head dim of its own (Dv != D); out and dout have it
+    Case(2, 13, 31, 4, 2, 192, head_dim_v=128, dtype="float32", causal=True),
+    Case(1, 9, 20, 6, 2, 16, head_dim_v=40, dtype="float64", window=(3, 2), layout="bhsd",
+         three_d=True),
+    Case(2, 7, 11, 2, 1, 64, head_dim_v=1, dtype="bfloat16", causal=True),
 ]
 
 
@@ -172,6 +177,19 @@ def test_vmap_folds_the_mapped_axis_into_one_call(in_axes):
         close(batched[i], fn(*one))
     (eqn,) = _callbacks(jax.make_jaxpr(jax.vmap(fn, in_axes=in_axes))(*args))
     assert eqn.outvars[0].aval.shape == (3 * 2, 9, 4, 8), "one call over the folded batch"
+
+
+def test_vmap_with_a_value_head_dim_of_its_own():
+    case = Case(2, 9, 14, 4, 2, 8, head_dim_v=12, causal=True, layout="bhsd")
+    _, (q, k, v, _) = inputs(case, seed=4)
+    fn = attention_of(case)
+    args = [jnp.stack([x, 2 * x, -x]) for x in (q, k, v)]
+    batched = jax.jit(jax.vmap(fn))(*args)
+    assert batched.shape == (3, *case.out_shape)
+    for i in range(3):
+        close(batched[i], fn(*(x[i] for x in args)))
+    (eqn,) = _callbacks(jax.make_jaxpr(jax.vmap(fn))(*args))
+    assert eqn.outvars[0].aval.shape == (3 * 2, 4, 9, 12), "one call over the folded batch"
 
 
 def test_vmap_of_3d_inputs_and_nested_vmaps():
@@ -649,8 +667,10 @@ def test_sinks_are_checked_and_not_mapped_by_vmap():
         jax.vmap(lambda q, s: cuflash_jax.attention(q, q, q, sinks=s))(q, jnp.zeros((2, 4)))
 
 
-# The held-back modifications cuflash.jax.attention takes (not ALiBi: no alibi_slopes there).
-@pytest.mark.parametrize("name", [n for n in _checks.UNVERIFIED_ON_CUDA if n != "alibi_slopes"])
+# The held-back modifications cuflash.jax.attention takes (softcap and sinks: it has no
+# alibi_slopes, bias or mask).
+@pytest.mark.parametrize("name", [n for n in _checks.UNVERIFIED_ON_CUDA
+                                  if n in ("softcap", "sinks")])
 def test_unverified_modifications_are_refused_when_lowered_for_cuda(monkeypatch, name):
     """Held back on CUDA until their GPU suites have run (_checks.UNVERIFIED_ON_CUDA): the CUDA
     lowering says so, naming the argument and the flag; with the flag it is planned."""
@@ -662,6 +682,24 @@ def test_unverified_modifications_are_refused_when_lowered_for_cuda(monkeypatch,
     with pytest.raises(NotImplementedError, match=rf"{name}: computed by the CUDA kernels but "
                                                   rf"not yet run .*CUFLASH_UNVERIFIED_CUDA=1"):
         traced.lower(lowering_platforms=("cuda",))
+
+
+def test_value_head_dim_of_its_own_is_refused_when_lowered_for_cuda(monkeypatch):
+    """The CUDA kernels take Dv == D only: the CUDA lowering (forward, and with the backward)
+    says so, naming v, what it saw and what it expected; the same function lowers for the
+    CPU."""
+    monkeypatch.setattr(_jax_gpu, "unusable_reason", lambda: None)
+    q, k, v = jnp.ones((2, 5, 4, 192)), jnp.ones((2, 7, 2, 192)), jnp.ones((2, 7, 2, 128))
+    traced = jax.jit(cuflash_jax.attention).trace(q, k, v)
+    assert traced.out_info.shape == (2, 5, 4, 128)
+    traced.lower(lowering_platforms=("cpu",))
+    with pytest.raises(NotImplementedError, match=r"v: a head dim \(Dv = 128\) other than q's "
+                                                  r"and k's \(D = 192\) is not in the CUDA "
+                                                  r"kernels yet"):
+        traced.lower(lowering_platforms=("cuda",))
+    grad = jax.grad(lambda q, k, v: cuflash_jax.attention(q, k, v).sum(), argnums=(0, 1, 2))
+    with pytest.raises(NotImplementedError, match=r"v: a head dim \(Dv = 128\)"):
+        jax.jit(grad).trace(q, k, v).lower(lowering_platforms=("cuda",))
 
 
 def test_gpu_branch_without_a_gpu_says_why_when_lowered(monkeypatch):

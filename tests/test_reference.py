@@ -16,10 +16,11 @@ RNG_SEED = 20240601
 
 
 def _loop_attention(q4, k4, v4, *, causal, scale):
-    """One query row at a time in plain float64: shares no code with cuflash.reference."""
-    b, sq, hq, d = q4.shape
+    """One query row at a time in plain float64: shares no code with cuflash.reference. v may
+    have a head dim of its own (out has it)."""
+    b, sq, hq, _ = q4.shape
     sk, hkv = k4.shape[1], k4.shape[2]
-    out = np.zeros((b, sq, hq, d))
+    out = np.zeros((b, sq, hq, v4.shape[-1]))
     lse = np.full((b, hq, sq), -np.inf)
     for bi in range(b):
         for h in range(hq):
@@ -65,6 +66,69 @@ def test_matches_loop_implementation(case: Case, seed: int):
     )
     np.testing.assert_allclose(to_bshd4(out, case), want, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(lse[None] if case.three_d else lse, want_lse, rtol=1e-12, atol=1e-12)
+
+
+# v with a head dim of its own (Dv != D): GQA, causal, both layouts, 3-D, a strided view.
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(1, 4, 6, 2, 1, 192, head_dim_v=128, causal=True, dtype="float64"),
+        Case(2, 6, 5, 3, 1, 16, head_dim_v=40, layout="bhsd", dtype="float64"),
+        Case(1, 5, 5, 4, 2, 64, head_dim_v=1, causal=True, three_d=True, dtype="float64"),
+        Case(1, 3, 6, 2, 2, 16, head_dim_v=40, layout="bhsd", three_d=True, view="transposed",
+             dtype="float64"),
+    ],
+    ids=lambda c: c.id,
+)
+def test_value_head_dim_of_its_own_matches_loop_implementation(case: Case):
+    q, k, v = make_inputs(case, np, seed=13)
+    out, lse = reference.attention(q, k, v, causal=case.causal, layout=case.layout,
+                                   return_lse=True)
+    assert out.dtype == np.float64 and out.shape == case.out_shape != case.q_shape
+    want, want_lse = _loop_attention(*(to_bshd4(x, case) for x in (q, k, v)), causal=case.causal,
+                                     scale=1 / math.sqrt(case.head_dim))
+    np.testing.assert_allclose(to_bshd4(out, case), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(lse[None] if case.three_d else lse, want_lse, rtol=1e-12,
+                               atol=1e-12)
+
+
+def _zero_padded(x: np.ndarray, width: int) -> np.ndarray:
+    """`x` with zero columns appended to its last axis, up to `width`."""
+    return np.concatenate([x, np.zeros((*x.shape[:-1], width - x.shape[-1]))], axis=-1)
+
+
+@pytest.mark.parametrize("modified", [False, True], ids=["plain", "every-modification"])
+@pytest.mark.parametrize("d, dv", [(6, 3), (3, 6)], ids=["Dv<D", "Dv>D"])
+def test_value_head_dim_of_its_own_is_zero_padding(d: int, dv: int, modified: bool):
+    # Zero columns added to q and k leave the scores as they are, and zero columns of v give zero
+    # columns of out: the problem with Dv != D is the first columns of one with a single head
+    # dim, forward and every gradient (the plain path and the modifications' own oracle).
+    rng = np.random.default_rng(17)
+    q, dout = rng.standard_normal((2, 5, 4, d)), rng.standard_normal((2, 5, 4, dv))
+    k, v = rng.standard_normal((2, 7, 2, d)), rng.standard_normal((2, 7, 2, dv))
+    opts = {"causal": True, "scale": 0.4}
+    if modified:
+        opts |= {"softcap": 3.0, "alibi_slopes": rng.random(4), "sinks": rng.standard_normal(4),
+                 "bias": rng.standard_normal((4, 5, 7)), "mask": rng.random((5, 7)) < 0.8}
+    width = max(d, dv)
+    out, lse = reference.attention(q, k, v, return_lse=True, **opts)
+    out_p, lse_p = reference.attention(*(_zero_padded(x, width) for x in (q, k, v)),
+                                       return_lse=True, **opts)
+    assert out.shape == (2, 5, 4, dv)
+    np.testing.assert_allclose(out, out_p[..., :dv], rtol=1e-12, atol=1e-13)
+    assert not out_p[..., dv:].any()
+    np.testing.assert_allclose(lse, lse_p, rtol=1e-12, atol=1e-13)
+    grads = reference.attention_grads(dout, q, k, v, **opts)
+    padded = reference.attention_grads(*(_zero_padded(x, width) for x in (dout, q, k, v)),
+                                       **opts)
+    assert set(grads) == ({"q", "k", "v", "bias", "sinks"} if modified else {"q", "k", "v"})
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        assert grads[name].shape == x.shape, name
+        np.testing.assert_allclose(grads[name], padded[name][..., :x.shape[-1]], rtol=1e-10,
+                                   atol=1e-12, err_msg=name)
+    for name in set(grads) - {"q", "k", "v"}:
+        np.testing.assert_allclose(grads[name], padded[name], rtol=1e-10, atol=1e-12,
+                                   err_msg=name)
 
 
 def test_single_key_gives_its_value():
@@ -182,6 +246,8 @@ def test_gqa_equals_repeated_kv_heads():
         Case(1, 4, 3, 2, 2, 3, causal=True),  # first row sees no key
         Case(2, 3, 3, 3, 1, 2, causal=True, layout="bhsd"),
         Case(1, 2, 5, 4, 2, 3, causal=True, three_d=True),
+        Case(1, 3, 4, 2, 1, 3, head_dim_v=5, causal=True),  # v's own head dim
+        Case(1, 4, 3, 2, 2, 4, head_dim_v=1, causal=True, layout="bhsd", three_d=True),
     ],
     ids=lambda c: c.id,
 )
@@ -269,7 +335,10 @@ def test_inputs_are_not_modified():
     "kwargs, match",
     [
         ({"layout": "sbhd"}, "layout must be one of"),
-        ({"k": _random(1, 5, 2, 3)}, "same shape"),
+        ({"v": _random(1, 4, 2, 4)}, r"v: expected the same shape as k \(1, 5, 2, 4\)"),
+        ({"v": _random(1, 5, 1, 4)}, r"v: expected the same shape as k .* got \(1, 5, 1, 4\)"),
+        ({"v": _random(1, 5, 2, 0)}, r"v: the head dim must be at least 1"),
+        ({"k": _random(1, 5, 2, 3)}, "agree on batch and head dim"),
         (
             {"k": _random(1, 5, 3, 4), "v": _random(1, 5, 3, 4)},
             "multiple of the number of kv heads",
@@ -277,7 +346,8 @@ def test_inputs_are_not_modified():
         ({"k": _random(2, 5, 2, 4), "v": _random(2, 5, 2, 4)}, "agree on batch and head dim"),
         ({"v": _random(5, 2, 4)}, "v must be 4-D like q"),
     ],
-    ids=["layout", "k-vs-v", "heads", "batch", "rank"],
+    ids=["layout", "v-seqlen", "v-heads", "v-head-dim-0", "k-head-dim", "heads", "batch",
+         "rank"],
 )
 def test_bad_shapes_raise_value_error(kwargs, match):
     args = {"q": _random(1, 3, 4, 4), "k": _random(1, 5, 2, 4), "v": _random(1, 5, 2, 4)}
@@ -291,6 +361,13 @@ def test_backward_checks_dout_shape():
     q, k, v = _random(1, 3, 2, 4), _random(1, 5, 2, 4), _random(1, 5, 2, 4)
     with pytest.raises(ValueError, match="dout has shape"):
         reference.attention_backward(_random(1, 3, 2, 5), q, k, v)
+    # With v's own head dim, dout is shaped like the output, not like q.
+    v6 = _random(1, 5, 2, 6)
+    with pytest.raises(ValueError, match=r"dout has shape \(1, 3, 2, 4\); expected the "
+                                         r"output's shape \(1, 3, 2, 6\)"):
+        reference.attention_backward(q, q, k, v6)
+    dq, dk, dv = reference.attention_backward(_random(1, 3, 2, 6), q, k, v6)
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v6.shape)
 
 
 @pytest.mark.parametrize("scale", [0, 0.0, -0.5, math.nan, math.inf])

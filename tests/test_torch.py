@@ -42,6 +42,11 @@ CPU_CASES = [
     Case(1, 9, 20, 6, 2, 12, dtype="float32", causal=True, three_d=True),
     Case(2, 5, 9, 4, 4, 8, dtype="float64", layout="bhsd", view="transposed"),
     Case(2, 7, 11, 2, 1, 8, dtype="float16", causal=True),
+    # v with a head dim of its own (Dv != D); out and dout have it
+    Case(2, 13, 31, 4, 2, 192, head_dim_v=128, dtype="float32", causal=True),
+    Case(1, 9, 20, 6, 2, 16, head_dim_v=40, dtype="float64", causal=True, layout="bhsd",
+         three_d=True),
+    Case(2, 7, 11, 2, 1, 64, head_dim_v=1, dtype="float16", layout="bhsd", view="transposed"),
 ]
 
 
@@ -88,7 +93,7 @@ def _check(case: Case, q, k, v, dout, out, lse, grads, scale: float | None = Non
     ref_opts = {"causal": case.causal, "scale": scale, "layout": case.layout}
     ref_out, ref_lse = reference.attention(qn, kn, vn, return_lse=True, **ref_opts)
     naive_out, naive_lse = naive_attention(q4, k4, v4, dtype=case.dtype, **opts)
-    assert out.dtype == q.dtype and out.shape == q.shape and out.device == q.device
+    assert out.dtype == q.dtype and out.shape == case.out_shape and out.device == q.device
     assert_matches_reference("out", to_bshd4(_numpy(out), case), to_bshd4(ref_out, case),
                              naive_out, dtype=case.dtype)
     if lse is not None:
@@ -164,6 +169,17 @@ def test_gradcheck_float64():
         lambda q, k, v: cuflash.attention(q, k, v, causal=True, scale=0.7), (q, k, v))
 
 
+def test_gradcheck_value_head_dim_of_its_own():
+    # v's head dim (7) differs from q's and k's (5): GQA, causal with Sq < Sk, 3-D "bhsd".
+    q = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 6, 5, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 6, 7, dtype=torch.float64, requires_grad=True)
+    assert cuflash.attention(q, k, v, layout="bhsd").shape == (4, 3, 7)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: cuflash.attention(q, k, v, causal=True, scale=0.7, layout="bhsd"),
+        (q, k, v))
+
+
 def test_no_grad_gives_the_same_result_without_a_graph():
     case = CPU_CASES[0]
     q, k, v, _ = _leaves(case, seed=4)
@@ -210,16 +226,18 @@ def test_errors_name_the_argument():
 @pytest.mark.parametrize(
     "shapes, causal, scale, layout",
     [
-        (((2, 5, 4, 8), (2, 7, 2, 8)), True, None, "bshd"),
-        (((2, 4, 5, 8), (2, 2, 7, 8)), False, 0.3, "bhsd"),
-        (((5, 2, 8), (7, 2, 8)), True, None, "bshd"),
+        (((2, 5, 4, 8), (2, 7, 2, 8), (2, 7, 2, 8)), True, None, "bshd"),
+        (((2, 4, 5, 8), (2, 2, 7, 8), (2, 2, 7, 8)), False, 0.3, "bhsd"),
+        (((5, 2, 8), (7, 2, 8), (7, 2, 8)), True, None, "bshd"),
+        (((2, 5, 4, 8), (2, 7, 2, 8), (2, 7, 2, 12)), True, None, "bshd"),
+        (((4, 5, 8), (2, 7, 8), (2, 7, 3)), False, 0.3, "bhsd"),
     ],
-    ids=["bshd-causal-gqa", "bhsd-scale", "3d"],
+    ids=["bshd-causal-gqa", "bhsd-scale", "3d", "bshd-dv12", "3d-bhsd-dv3"],
 )
 def test_opcheck(shapes, causal, scale, layout):
-    q_shape, kv_shape = shapes
-    q = torch.randn(q_shape, dtype=torch.float64, requires_grad=True)
-    k, v = (torch.randn(kv_shape, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    q_shape, k_shape, v_shape = shapes
+    q, k, v = (torch.randn(shape, dtype=torch.float64, requires_grad=True)
+               for shape in (q_shape, k_shape, v_shape))
     torch.library.opcheck(torch.ops.cuflash.attention_fwd.default,
                           (q, k, v, causal, scale, layout))
     out, lse = cuflash_torch.attention(q, k, v, causal=causal, scale=scale, layout=layout,
@@ -302,6 +320,25 @@ def test_torch_compile_inference_through_cuflash_torch_attention():
             q = torch.randn(2, seqlen, 4, 8)
             torch.testing.assert_close(fn(q, k, v), cuflash.attention(q, k, v, causal=True))
     assert counter.frame_count == 1
+
+
+def test_torch_compile_with_a_value_head_dim_of_its_own():
+    # The fake kernels give out v's head dim: forward and AOTAutograd's backward trace as one
+    # graph and agree with eager.
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, k, v: cuflash_torch.attention(q, k, v, causal=True),
+                       backend="aot_eager", fullgraph=True)
+    q = torch.randn(2, 9, 4, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 12, 2, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 12, 2, 24, dtype=torch.float64, requires_grad=True)
+    out = fn(q, k, v)
+    eager = cuflash_torch.attention(q, k, v, causal=True)
+    assert out.shape == eager.shape == (2, 9, 4, 24)
+    torch.testing.assert_close(out, eager, rtol=1e-12, atol=1e-12)
+    dout = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), dout),
+                         torch.autograd.grad(eager, (q, k, v), dout), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_torch_compile_public_function_without_grad():

@@ -110,6 +110,40 @@ def test_score_modifications_per_sequence(mask):
         cuflash.attention_varlen(q, k, v, cu_q, cu_k, alibi_slopes=slopes[:3])
 
 
+@pytest.mark.parametrize("dv", [1, 40])
+def test_value_head_dim_of_its_own(dv):
+    """v (total_k, Hkv, Dv) with Dv != D: out and dout have Dv, forward and backward against the
+    reference sequence by sequence (keys past seqused_k get zero dv of v's shape); GQA, causal,
+    a sequence of no queries and one of no keys; the oracle's own varlen agrees."""
+    lengths_q, lengths_k, used = [7, 0, 5, 9], [11, 6, 0, 9], [8, 6, 0, 9]
+    q, k, _, cu_q, cu_k = _arrays(lengths_q, lengths_k, 2, 2, 16, "float64", 8)
+    rng = np.random.default_rng(9)
+    v = rng.standard_normal((sum(lengths_k), 2, dv))
+    seqused = np.asarray(used, np.int32)
+    out, lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, seqused_k=seqused, causal=True,
+                                        return_lse=True)
+    assert out.shape == (sum(lengths_q), 4, dv) and out.dtype == q.dtype
+    ref = reference.attention_varlen(q, k, v, cu_q, cu_k, seqused_k=seqused, causal=True)
+    np.testing.assert_allclose(out, ref, **TOL["float64"])
+    dout = rng.standard_normal(out.shape)
+    dq, dk, dv_ = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k,
+                                                    seqused_k=seqused, causal=True)
+    assert (dq.shape, dk.shape, dv_.shape) == (q.shape, k.shape, v.shape)
+    want = [np.zeros(x.shape) for x in (q, k, v)]
+    for b in range(4):
+        rows, keys = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b] + used[b])
+        grads = reference.attention_backward(dout[rows], q[rows], k[keys], v[keys], causal=True)
+        for total, g, sl in zip(want, grads, (rows, keys, keys), strict=True):
+            total[sl] = g
+    for got, w in zip((dq, dk, dv_), want, strict=True):
+        np.testing.assert_allclose(got, w, **TOL["float64"])
+    with pytest.raises(ValueError, match=rf"dout: expected shape \(21, 4, {dv}\)"):
+        cuflash.attention_varlen_backward(q, q, k, v, out, lse, cu_q, cu_k)
+    empty = np.zeros(1, np.int32)
+    out0 = cuflash.attention_varlen(q[:0], k[:0], v[:0], empty, empty)
+    assert out0.shape == (0, 4, dv)
+
+
 def test_torch_autograd_through_the_packed_batch():
     torch = pytest.importorskip("torch")
     q, k, v, cu_q, cu_k = _arrays([5, 0, 9], [7, 3, 4], 2, 2, 16, "float64", 3)
@@ -152,6 +186,8 @@ def _good():
     (dict(max_seqlen_k=2.5), ("max_seqlen_k:", "an int or None")),
     (dict(q=np.zeros((1, 7, 2, 8), np.float32)), ("q:", "(total, heads, head_dim)")),
     (dict(v=np.zeros((6, 1, 8), np.float32)), ("v:", "the shape of k")),
+    (dict(v=np.zeros((7, 2, 8), np.float32)), ("v:", "the shape of k (7, 1, 8)",
+                                                "but for the last axis", "got (7, 2, 8)")),
 ], ids=lambda x: "" if isinstance(x, dict) else x[0].rstrip(":"))
 def test_bad_input_is_refused(change, fragments):
     q, k, v, cu_q, cu_k = _good()
