@@ -382,11 +382,16 @@ def test_a_softcap_with_the_run_time_modifications_is_refused_on_cuda_naming_bot
         _checks.refuse_capped_mods_on_cuda(2.0, True, False, True, "CUDA inputs")
 
 
-def test_alibi_bias_and_mask_share_one_kernel_kind():
+def test_the_run_time_modifications_take_two_kernel_kinds():
+    """ALiBi alone is the lean "alibi" kind; a bias or a mask array, with or without ALiBi,
+    is "mods"; both read the modifications' arrays."""
     assert Variant.of().score == "none" and Variant.of(softcap=1.0).score == "softcap"
-    for flags in ({"alibi": True}, {"bias": True}, {"mask_array": True},
+    assert Variant.of(causal=True, alibi=True).score == "alibi"
+    for flags in ({"bias": True}, {"mask_array": True}, {"alibi": True, "bias": True},
                   {"alibi": True, "bias": True, "mask_array": True}):
         assert Variant.of(causal=True, **flags).score == "mods"
+    assert all(Variant.of(**f).reads_arrays for f in ({"alibi": True}, {"mask_array": True}))
+    assert not Variant.of(softcap=2.0, sinks=True).reads_arrays
 
 
 def test_mods_give_the_kernels_broadcast_strides():
