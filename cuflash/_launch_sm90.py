@@ -180,8 +180,8 @@ def causal_order(batch: int, seqlen_q: int, seqlen_k: int, heads_q: int, block_m
 
 def _upload(table: np.ndarray):
     """`table` in device memory of its own (not a pool's: it lives as long as the plan that
-    holds it, beyond any call's allocations or graph pool). Runs once per plan; the wait makes
-    the copy visible to launches on any stream."""
+    holds it, beyond any call's allocations or graph pool). Runs once per table
+    (`_causal_table`); the wait makes the copy visible to launches on any stream."""
     import cupy
 
     memory = cupy.cuda.Memory(table.nbytes)
@@ -189,6 +189,16 @@ def _upload(table: np.ndarray):
     device.set(table)
     cupy.cuda.get_current_stream().synchronize()
     return memory, memory.ptr
+
+
+# Keyed by what the table depends on, and the device it lives on. Calls with array arguments
+# (sinks, ALiBi slopes, a bias, a mask) are not replayed and plan anew each time; without the
+# memo each such causal call recomputed the table and waited for the stream to upload it.
+@functools.lru_cache(maxsize=64)
+def _causal_table(device_id: int, batch: int, seqlen_q: int, seqlen_k: int, heads_q: int,
+                  block_m: int, block_n: int, grid: int):
+    """`causal_order`'s table uploaded (`_upload`): ``(memory, pointer)``, memoised."""
+    return _upload(causal_order(batch, seqlen_q, seqlen_k, heads_q, block_m, block_n, grid))
 
 
 def schedule(batch: int, seqlen_q: int, seqlen_k: int, heads_q: int, spec: KernelSpec,
@@ -428,8 +438,8 @@ def plan_sm90(q, k, v, out, *, variant: Variant, scale: float, device_id: int, c
                      sm_count(device_id))
     keep, order = None, 0
     if table:
-        keep, order = _upload(causal_order(batch, seqlen_q, k.shape[1], heads_q, spec.block_m,
-                                           spec.block_n, grid))
+        keep, order = _causal_table(device_id, batch, seqlen_q, k.shape[1], heads_q,
+                                    spec.block_m, spec.block_n, grid)
 
     def tensor_map(name: str, array, rows: int):
         shape, strides = tuple(array.shape), tuple(array.strides)
