@@ -53,6 +53,13 @@ def torch_cuda() -> types.SimpleNamespace:
                                  bfloat16=torch.bfloat16)
 
 
+def side_array(values: np.ndarray, xp, where: str):
+    """`values` as a caller passes an array beside q, k, v (sinks, slopes, a bias, a mask):
+    NumPy where `where` is "numpy", else on q's device through the namespace `xp` (cupy, or
+    torch_cuda()), in values' dtype."""
+    return values if where == "numpy" else xp.asarray(values)
+
+
 def to_numpy(x) -> np.ndarray:
     """float64 NumPy copy of a CuPy / torch / JAX / NumPy array (bfloat16 included)."""
     top = type(x).__module__.split(".")[0]

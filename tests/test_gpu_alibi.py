@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.gpu_support import require_gpu, to_numpy, torch_cuda
+from tests.gpu_support import require_gpu, side_array, to_numpy, torch_cuda
 
 require_gpu()
 
@@ -33,15 +33,6 @@ from tests.test_gpu_backward import DTYPES, _namespace, _skip_single_family  # n
 pytestmark = pytest.mark.gpu
 
 
-def _slopes(values: np.ndarray, xp, where: str):
-    """The slopes as the caller passes them: on q's device or NumPy."""
-    if where == "numpy":
-        return values
-    if xp is cupy:
-        return cupy.asarray(values)
-    return xp.asarray(values)  # torch_cuda(): a CUDA tensor of values' dtype
-
-
 def alibi_slopes(heads: int) -> np.ndarray:
     """BLOOM's slopes for `heads` heads: 2^(-8 h / H), h = 1..H (the power-of-two formula)."""
     return 2.0 ** (-8.0 * np.arange(1, heads + 1) / heads)
@@ -53,7 +44,7 @@ def check_alibi_case(case: Case, seed: int, slopes64: np.ndarray, *, where: str 
     xp = _namespace(case.dtype)
     q, k, v = make_inputs(case, xp, seed)
     dout = make_dout(case, xp, seed)
-    slopes = _slopes(slopes64.astype(slope_dtype), xp, where)
+    slopes = side_array(slopes64.astype(slope_dtype), xp, where)
     opts = {**case.mask, "layout": case.layout, "alibi_slopes": slopes}
     out, lse = cuflash.attention(q, k, v, return_lse=True, **opts)
     grads = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic,

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.gpu_support import require_gpu, to_numpy, torch_cuda
+from tests.gpu_support import require_gpu, side_array, to_numpy, torch_cuda
 
 require_gpu()
 
@@ -33,14 +33,6 @@ from tests.strategies import Case, examples, make_dout, make_inputs, problems, s
 from tests.test_gpu_backward import DTYPES, _namespace, _skip_single_family  # noqa: E402
 
 pytestmark = pytest.mark.gpu
-
-
-def _on_device(values: np.ndarray, xp, where: str):
-    if where == "numpy":
-        return values
-    if xp is cupy:
-        return cupy.asarray(values)
-    return xp.asarray(values)  # torch_cuda(): a CUDA tensor of values' dtype
 
 
 def side_shape(case: Case, keep: tuple[bool, bool, bool, bool], rank: int) -> tuple[int, ...]:
@@ -61,13 +53,13 @@ def check_case(case: Case, seed: int, *, bias64=None, mask=None, slopes=None,
     opts = {**case.mask, "layout": case.layout}
     mods = dict(case.mask)
     if bias64 is not None:
-        opts["bias"] = _on_device(bias64.astype(bias_dtype), xp, where)
+        opts["bias"] = side_array(bias64.astype(bias_dtype), xp, where)
         mods["bias"] = bias64.astype(bias_dtype).astype(np.float64)
     if mask is not None:
-        opts["mask"] = _on_device(mask, xp, where)
+        opts["mask"] = side_array(mask, xp, where)
         mods["mask"] = mask
     if slopes is not None:
-        opts["alibi_slopes"] = _on_device(slopes.astype(np.float32), xp, where)
+        opts["alibi_slopes"] = side_array(slopes.astype(np.float32), xp, where)
         mods["alibi_slopes"] = slopes.astype(np.float32).astype(np.float64)
     out, lse = cuflash.attention(q, k, v, return_lse=True, **opts)
     grads = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic,

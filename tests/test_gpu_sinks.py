@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.gpu_support import require_gpu, to_numpy, torch_cuda
+from tests.gpu_support import require_gpu, side_array, to_numpy, torch_cuda
 
 require_gpu()
 
@@ -36,22 +36,13 @@ from tests.test_gpu_backward import DTYPES, _namespace, _skip_single_family  # n
 pytestmark = pytest.mark.gpu
 
 
-def _sinks(values: np.ndarray, xp, where: str):
-    """The sink logits as the caller passes them: on q's device (float32 or float64) or NumPy."""
-    if where == "numpy":
-        return values
-    if xp is cupy:
-        return cupy.asarray(values)
-    return xp.asarray(values)  # torch_cuda(): a CUDA tensor of values' dtype
-
-
 def check_sinks_case(case: Case, seed: int, sinks64: np.ndarray, *, where: str = "device",
                      sink_dtype=np.float32, deterministic: bool = False) -> None:
     """out, lse, dq, dk, dv and dsinks of `case` with the sinks `sinks64` against the reference."""
     xp = _namespace(case.dtype)
     q, k, v = make_inputs(case, xp, seed)
     dout = make_dout(case, xp, seed)
-    sinks = _sinks(sinks64.astype(sink_dtype), xp, where)
+    sinks = side_array(sinks64.astype(sink_dtype), xp, where)
     opts = {**case.mask, "layout": case.layout, "sinks": sinks}
     out, lse = cuflash.attention(q, k, v, return_lse=True, **opts)
     grads = cuflash.attention_backward(dout, q, k, v, out, lse, return_dsinks=True,
