@@ -137,8 +137,8 @@ def test_torch_autograd_with_alibi():
     used = slopes.cpu().numpy().astype(np.float64)
     scale = 1.0 / np.sqrt(case.head_dim)
     ref = reference.attention(q4, k4, v4, causal=True, alibi_slopes=used)
-    naive = naive_attention(q4, k4, v4, dtype="bfloat16", causal=True, scale=scale,
-                            alibi_slopes=used)
+    naive, _ = naive_attention(q4, k4, v4, dtype="bfloat16", causal=True, scale=scale,
+                               alibi_slopes=used)
     assert_matches_reference("out", to_numpy(out.detach()), ref, naive, dtype="bfloat16")
     refs = reference.attention_grads(do4, q4, k4, v4, causal=True, alibi_slopes=used)
     naives = naive_attention_backward(do4, q4, k4, v4, dtype="bfloat16", causal=True,
@@ -169,8 +169,8 @@ def test_kvcache_decoding_with_alibi():
         q4 = to_numpy(q[i:i + 1])
         used = slopes[i:i + 1].astype(np.float32).astype(np.float64)
         ref = reference.attention(q4, k4, v4, causal=True, alibi_slopes=used)
-        naive = naive_attention(q4, k4, v4, dtype="float16", causal=True,
-                                scale=1.0 / np.sqrt(d), alibi_slopes=used)
+        naive, _ = naive_attention(q4, k4, v4, dtype="float16", causal=True,
+                                   scale=1.0 / np.sqrt(d), alibi_slopes=used)
         assert_matches_reference(f"sequence {i}", to_numpy(out[i:i + 1]), ref, naive,
                                  dtype="float16")
 
