@@ -112,9 +112,15 @@ BWD_SM90_TILES: dict[int, Tile] = {
     128: Tile(block_m=64, block_n=128, warps=12),
     256: Tile(block_m=64, block_n=64, warps=12),
 }
-# Widths whose Hopper dK/dV kernel takes a score modification: at D=64 its 128-query steps spill
-# with one (ptxas: 4-20 bytes), so those problems take the sm80 kernels.
-SM90_SCORED_WIDTHS = (128, 256)
+# Widths whose Hopper dK/dV kernel takes a softcap: at D=64 its 128-query steps spill with one
+# (ptxas: 4-20 bytes; the capped score stays live past dP for its slope), so those problems take
+# the sm80 kernels. The additive kinds (ALiBi, bias, mask) form P at once and take every width.
+SM90_SOFTCAP_WIDTHS = (128, 256)
+
+
+def sm90_takes_score(score: str, width: int) -> bool:
+    """Whether the Hopper dK/dV kernel of head-dim width `width` takes score kind `score`."""
+    return score != "softcap" or width in SM90_SOFTCAP_WIDTHS
 _SM90_STAGES = 2  # Q/dO slots; mirrors BwdSm90Traits::kStages
 log = logging.getLogger("cuflash")
 
@@ -199,7 +205,7 @@ def all_bwd_sm90_specs() -> list[KernelSpec]:
     """Every Hopper backward instantiation (for the compile test)."""
     return [dkdv_sm90_spec(dtype, width, mask, score) for dtype in ("float16", "bfloat16")
             for width in BWD_SM90_TILES for mask in _variant.MASK_KINDS
-            for score in _variant.SCORE_KINDS if score == "none" or width in SM90_SCORED_WIDTHS]
+            for score in _variant.SCORE_KINDS if sm90_takes_score(score, width)]
 
 
 def _sm90_reason(dtype: str, head_dim: int, aligned: bool, cc: int, arrays,
@@ -213,8 +219,8 @@ def _sm90_reason(dtype: str, head_dim: int, aligned: bool, cc: int, arrays,
         return "CUFLASH_FORCE_SM80 is set"
     if not aligned:
         return "an operand is not 16-byte aligned"
-    if (score != "none" and head_dim <= max(BWD_SM90_TILES)
-            and width_for(head_dim, BWD_SM90_TILES) not in SM90_SCORED_WIDTHS):
+    if head_dim <= max(BWD_SM90_TILES) and not sm90_takes_score(
+            score, width_for(head_dim, BWD_SM90_TILES)):
         return f"a {score} at head dim {head_dim} (the Hopper dK/dV kernel spills with one)"
     return _launch_sm90.tma_kernel_reason(cc, dtype, head_dim, max(BWD_SM90_TILES), arrays)
 

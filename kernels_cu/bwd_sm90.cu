@@ -125,6 +125,8 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
               const __grid_constant__ TmaMap tma_do, const __grid_constant__ TmaMap tma_dq) {
   typedef BwdSm90Traits<kHeadDim, kBlockM, kBlockN, kWarps> Tr;
   constexpr int kStages = Tr::kStages;
+  // dS needs the modified score's slope (a softcap): P waits for it, past dP
+  constexpr bool kSlopeLater = ScoreKind::kModifies && !ScoreKind::kAdditive;
   static_assert(kAligned, "TMA needs 16-byte strides; unaligned inputs take the sm80 kernel");
   extern __shared__ __align__(1024) char smem_raw[];
 
@@ -317,33 +319,33 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
       issue_keys_by_queries(st, k_rows, q_smem(stage));
       issue_keys_by_queries(dpt, v_rows, do_smem(stage));
 
-      // -- P^T = exp2(S^T * scale_log2 - lse_log2) while dP^T runs; with a score modification
-      // (score.cuh) the modified S^T instead, and P^T with dS^T below --
+      // -- P^T = exp2(S^T * scale_log2 - lse_log2) while dP^T runs, S^T modified first by an
+      // additive score kind (score.cuh); a softcap keeps the modified S^T for its slope, and
+      // forms P^T with dS^T below --
       wgmma_wait<1>();
       fence_operand(st);
       const float* lse2 = s_lse + stage * kBlockM + q_col0 + 2 * t;
       const float* dlt = s_delta + stage * kBlockM + q_col0 + 2 * t;
-      if constexpr (ScoreKind::kModifies) {
+      auto row_of = [&](int j, int e) { return row0 + q_col0 + j * 8 + 2 * t + e % 2; };
+      auto key_of = [&](int e) { return n0 + key_base + (e / 2) * 8 + g; };
+      if constexpr (kSlopeLater) {
 #pragma unroll
         for (int j = 0; j < kQTiles; ++j)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            // S^T's C fragment: keys g and g + 8, queries 2t and 2t + 1 of each n8 tile
-            st[j][e] = step_score(st[j][e], row0 + q_col0 + j * 8 + 2 * t + e % 2,
-                                  n0 + key_base + (e / 2) * 8 + g);
-          }
+          for (int e = 0; e < 4; ++e) st[j][e] = step_score(st[j][e], row_of(j, e), key_of(e));
       } else {
 #pragma unroll
         for (int j = 0; j < kQTiles; ++j) {
           const float2 l = *reinterpret_cast<const float2*>(lse2 + j * 8);
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            st[j][2 * h] = exp2_ftz(fmaf(st[j][2 * h], p.scale_log2, -l.x));
-            st[j][2 * h + 1] = exp2_ftz(fmaf(st[j][2 * h + 1], p.scale_log2, -l.y));
+          for (int e = 0; e < 4; ++e) {
+            // S^T's C fragment: keys g and g + 8, queries 2t and 2t + 1 of each n8 tile
+            const float s = step_score(st[j][e], row_of(j, e), key_of(e));
+            st[j][e] = exp2_ftz(fmaf(s, p.scale_log2, -(e % 2 ? l.y : l.x)));
           }
         }
       }
-      const float hidden = ScoreKind::kModifies ? neg_inf() : 0.f;
+      const float hidden = kSlopeLater ? neg_inf() : 0.f;
       // Zero P^T (or hide the modified S^T) where the query does not see the key: key j
       // (< seqlen_k) is seen by columns [first_query(j), end_query(j)) - row0, none past
       // seqlen_k. Only steps the band's edges or the ragged end cut pay.
@@ -373,14 +375,13 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
 #pragma unroll
       for (int j = 0; j < kQTiles; ++j) {
         const float2 d = *reinterpret_cast<const float2*>(dlt + j * 8);
-        if constexpr (ScoreKind::kModifies) {
+        if constexpr (kSlopeLater) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const float x = st[j][e], l = lse2[j * 8 + e % 2];
             st[j][e] = exp2_ftz(fmaf(x, p.scale_log2, -l));
             dpt[j][e] = st[j][e] * fmaf(dpt[j][e], scale, -(e % 2 ? d.y : d.x)) *
-                        step_score.slope(x, row0 + q_col0 + j * 8 + 2 * t + e % 2,
-                                         n0 + key_base + (e / 2) * 8 + g);
+                        step_score.slope(x, row_of(j, e), key_of(e));
           }
         } else {
 #pragma unroll

@@ -27,18 +27,19 @@
 namespace cuflash {
 
 // kModifies: the scores change; kPositional: how depends on the row and key; kHides: a score
-// may become -inf (hidden as the mask hides it).
+// may become -inf (hidden as the mask hides it); kAdditive: the modification adds a term, so its
+// derivative by the raw score is 1 and a backward can form P at once, as without one.
 struct NoScore {
-  static constexpr bool kModifies = false, kPositional = false, kHides = false;
+  static constexpr bool kModifies = false, kPositional = false, kHides = false, kAdditive = true;
 };
 struct Softcap {
-  static constexpr bool kModifies = true, kPositional = false, kHides = false;
+  static constexpr bool kModifies = true, kPositional = false, kHides = false, kAdditive = false;
 };
 struct Alibi {
-  static constexpr bool kModifies = true, kPositional = true, kHides = false;
+  static constexpr bool kModifies = true, kPositional = true, kHides = false, kAdditive = true;
 };
 struct Mods {
-  static constexpr bool kModifies = true, kPositional = true, kHides = true;
+  static constexpr bool kModifies = true, kPositional = true, kHides = true, kAdditive = true;
 };
 
 // tanh in the precision a kernel's inputs need: the MUFU approximation (relative error ~2^-11,

@@ -600,6 +600,9 @@ def test_hopper_tma_kernels_qualify_on_the_same_conditions(monkeypatch):
     assert _launch_bwd._sm90_reason("float16", 64, True, 90, arrays, "softcap") == \
         "a softcap at head dim 64 (the Hopper dK/dV kernel spills with one)"
     assert _launch_bwd._sm90_reason("float16", 100, True, 90, arrays, "softcap") is None
+    # the additive kinds form P at once and take every width
+    for score in ("alibi", "mods"):
+        assert _launch_bwd._sm90_reason("float16", 64, True, 90, arrays, score) is None
     monkeypatch.setenv("CUFLASH_FORCE_SM80", "1")
     assert _launch_bwd._sm90_reason("float16", 64, True, 90, arrays) == \
         "CUFLASH_FORCE_SM80 is set"
