@@ -95,3 +95,41 @@ def test_tile_cost_fit_recovers_a_line():
     lengths = [128, 256, 512, 1024, 2048]
     a, b = module.fit(lengths, [40.0 + 283.0 * sk / 1024 for sk in lengths])
     assert a == pytest.approx(40.0) and b == pytest.approx(283.0)
+
+
+def test_shards_cover_every_test_once(monkeypatch):
+    """tests/perf/shard.py: the n shards of a collection are disjoint and cover it, in order;
+    a malformed SHARD is a usage error naming it."""
+    from tests.perf import shard
+
+    class Hook:
+        def pytest_deselected(self, items):
+            self.deselected = list(items)
+
+    config = type("Config", (), {"hook": Hook()})()
+    collected = [f"test_{i}" for i in range(11)]
+    seen = []
+    for i in range(4):
+        monkeypatch.setenv("SHARD", f"{i}/4")
+        items = list(collected)
+        shard.pytest_collection_modifyitems(config, items)
+        assert items == collected[i::4]
+        assert sorted(config.hook.deselected + items) == sorted(collected)
+        seen += items
+    assert sorted(seen) == sorted(collected)
+    for bad in ("4/4", "1", "a/b"):
+        monkeypatch.setenv("SHARD", bad)
+        with pytest.raises(pytest.UsageError, match=r"^SHARD: expected"):
+            shard.pytest_collection_modifyitems(config, list(collected))
+
+
+def test_prewarm_lists_every_kernel_once_hopper_first():
+    from cuflash import _launch, _launch_bwd
+    from tests.perf import prewarm
+
+    specs = prewarm.specs()
+    every = (_launch.all_fwd_specs() + _launch_bwd.all_bwd_specs()
+             + _launch_sm90.all_fwd_sm90_specs() + _launch_bwd.all_bwd_sm90_specs())
+    assert len(specs) == len(set(specs)) and set(specs) == set(every)
+    hopper = [s.min_arch == 90 for s in specs]
+    assert hopper == sorted(hopper, reverse=True)  # the slow Hopper kernels start first
