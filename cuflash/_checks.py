@@ -4,17 +4,9 @@ work."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from cuflash import _interop
-
-# Score modifications the CUDA kernels compute that have not yet passed their GPU test suites:
-# CUDA inputs with them are refused unless UNVERIFIED_FLAG is "1" (the test suite sets it, so
-# that the GPU suites run them). Each leaves this tuple once its suites have run on a GPU.
-UNVERIFIED_ON_CUDA = ("softcap", "sinks", "alibi_slopes", "bias", "mask")
-UNVERIFIED_FLAG = "CUFLASH_UNVERIFIED_CUDA"
 
 
 def refuse_capped_mods_on_cuda(softcap: float, alibi: bool, bias: bool, mask: bool,
@@ -30,14 +22,6 @@ def refuse_capped_mods_on_cuda(softcap: float, alibi: bool, bias: bool, mask: bo
             f"(got both for {where}); the CPU path and cuflash.reference compute the "
             f"combination")
 
-
-def unverified_on_cuda(name: str) -> str | None:
-    """Why CUDA inputs with the modification `name` are refused now (None: they are not)."""
-    if name not in UNVERIFIED_ON_CUDA or os.environ.get(UNVERIFIED_FLAG) == "1":
-        return None
-    return (f"{name}: computed by the CUDA kernels but not yet run through their GPU test "
-            f"suites, so off on CUDA for now; set {UNVERIFIED_FLAG}=1 to use it anyway (the CPU "
-            f"path and cuflash.reference compute it)")
 
 def value_head_dim_on_cuda(head_dim: int, head_dim_v: int) -> str | None:
     """Why CUDA inputs whose v has head dim `head_dim_v` are refused (None: they are not): the

@@ -271,10 +271,6 @@ def _cuda_branch(launch, result, *arrays, problem: api.Problem):
     reason = _jax_gpu.unusable_reason()
     if reason is not None:
         return _refuse(result, *arrays, why=f"cannot compile for CUDA in this process: {reason}")
-    for name, given in (("softcap", problem.variant.softcap), ("sinks", problem.variant.sinks)):
-        why = _checks.unverified_on_cuda(name) if given else None
-        if why is not None:
-            return _refuse(result, *arrays, why=why)
     why = _checks.value_head_dim_on_cuda(problem.head_dim, problem.head_dim_v)
     if why is not None:
         return _refuse(result, *arrays, why=why)

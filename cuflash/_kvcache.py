@@ -21,7 +21,6 @@ from cuflash._checks import (
     check_flag,
     check_sinks,
     refuse_capped_mods_on_cuda,
-    unverified_on_cuda,
 )
 from cuflash._merge import ops_for
 from cuflash._variant import check_softcap
@@ -119,11 +118,6 @@ def _check_mods(q, softcap, alibi_slopes, sinks) -> None:
     if sinks is not None:
         check_sinks(sinks, src, heads_q)
     if src.device == "cuda":
-        for name, given in (("softcap", cap), ("sinks", sinks is not None),
-                            ("alibi_slopes", alibi_slopes is not None)):
-            why = unverified_on_cuda(name) if given else None
-            if why is not None:
-                raise NotImplementedError(f"{why} (got it for {src.describe()} inputs)")
         refuse_capped_mods_on_cuda(cap, alibi_slopes is not None, False, False,
                                    f"{src.describe()} inputs")
 

@@ -56,8 +56,7 @@ class Variant:
         mask_array: whether a boolean mask tensor hides keys (besides the mask kind).
     Every path computes all of them: on CUDA the sinks fold into each finished row, and the
     others are the compile-time score kind `score` (ALiBi, the bias and the mask array as the
-    kinds ``"alibi"`` and ``"mods"``). `cuflash.api` names the ones held back on CUDA until
-    their GPU suites have run (`_checks.UNVERIFIED_ON_CUDA`).
+    kinds ``"alibi"`` and ``"mods"``).
 
     Build one with `Variant.of`, which normalises equal masks to one variant: a window of
     (-1, -1) is ``"none"`` and (-1, 0) is ``"causal"``, so they share kernels bit for bit.

@@ -25,7 +25,6 @@ from cuflash._checks import (  # the size limits stay importable from here, wher
     check_sizes,
     refuse_capped_mods_on_cuda,
     refuse_masked,
-    unverified_on_cuda,
     value_head_dim_on_cuda,
 )
 from cuflash._variant import Variant
@@ -314,12 +313,6 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
                 f"got {sources[name].describe()}"
             )
 
-    for name, given in (("softcap", variant.softcap), ("sinks", variant.sinks),
-                        ("alibi_slopes", variant.alibi), ("bias", variant.bias),
-                        ("mask", variant.mask_array)):
-        why = unverified_on_cuda(name) if given and src.device == "cuda" else None
-        if why is not None:
-            raise NotImplementedError(f"{why} (got it for {src.describe()} inputs)")
     if src.device == "cuda":
         refuse_capped_mods_on_cuda(variant.softcap, variant.alibi, variant.bias,
                                    variant.mask_array, f"{src.describe()} inputs")

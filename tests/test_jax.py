@@ -24,7 +24,6 @@ jax = pytest.importorskip("jax", reason="jax is not installed: cuflash.jax is un
 import jax.numpy as jnp  # noqa: E402
 
 from cuflash import (  # noqa: E402
-    _checks,
     _jax_gpu,
     _jax_trace,
     _kernel_call,
@@ -665,23 +664,6 @@ def test_sinks_are_checked_and_not_mapped_by_vmap():
         jax.jit(lambda q, s: cuflash_jax.attention(q, q, q, sinks=s))(q, jnp.zeros(4, jnp.int32))
     with pytest.raises(NotImplementedError, match=r"^sinks: cuflash.jax takes one set"):
         jax.vmap(lambda q, s: cuflash_jax.attention(q, q, q, sinks=s))(q, jnp.zeros((2, 4)))
-
-
-# The held-back modifications cuflash.jax.attention takes (softcap and sinks: it has no
-# alibi_slopes, bias or mask).
-@pytest.mark.parametrize("name", [n for n in _checks.UNVERIFIED_ON_CUDA
-                                  if n in ("softcap", "sinks")])
-def test_unverified_modifications_are_refused_when_lowered_for_cuda(monkeypatch, name):
-    """Held back on CUDA until their GPU suites have run (_checks.UNVERIFIED_ON_CUDA): the CUDA
-    lowering says so, naming the argument and the flag; with the flag it is planned."""
-    monkeypatch.setattr(_jax_gpu, "unusable_reason", lambda: None)
-    monkeypatch.delenv("CUFLASH_UNVERIFIED_CUDA")
-    q = jnp.ones((2, 5, 4, 8))
-    extra = {"softcap": 2.0} if name == "softcap" else {"sinks": jnp.zeros(4)}
-    traced = jax.jit(lambda q: cuflash_jax.attention(q, q, q, **extra)).trace(q)
-    with pytest.raises(NotImplementedError, match=rf"{name}: computed by the CUDA kernels but "
-                                                  rf"not yet run .*CUFLASH_UNVERIFIED_CUDA=1"):
-        traced.lower(lowering_platforms=("cuda",))
 
 
 def test_value_head_dim_of_its_own_is_refused_when_lowered_for_cuda(monkeypatch):

@@ -327,21 +327,10 @@ def test_variant_keeps_the_cap_with_every_mask():
     assert Variant.of(sinks=True) == Variant("none", sinks=True)
 
 
-def test_the_hold_on_unverified_modifications_follows_the_flag(monkeypatch):
-    assert set(_checks.UNVERIFIED_ON_CUDA) <= {"softcap", "sinks", "alibi_slopes", "bias", "mask"}
-    monkeypatch.delenv(_checks.UNVERIFIED_FLAG, raising=False)
-    for name in _checks.UNVERIFIED_ON_CUDA:
-        assert _checks.unverified_on_cuda(name).startswith(f"{name}: computed by the CUDA")
-    assert _checks.unverified_on_cuda("dropout_p") is None  # not a held modification
-    monkeypatch.setenv(_checks.UNVERIFIED_FLAG, "1")
-    assert all(_checks.unverified_on_cuda(name) is None for name in _checks.UNVERIFIED_ON_CUDA)
-
-
-def test_score_mods_on_cuda_are_held_back_until_verified(monkeypatch):
-    """Every modification is computed by the CUDA kernels; those not yet run through their GPU
-    suites are held back (NotImplementedError naming the argument and the flag) but for
-    CUFLASH_UNVERIFIED_CUDA=1, which the test suite sets. A softcap together with ALiBi, a bias
-    or a mask is refused on CUDA, naming both."""
+def test_score_mods_on_cuda_alone_and_together():
+    """Every modification runs through the CUDA kernels, alone and (but for the softcap)
+    together; a softcap together with ALiBi, a bias or a mask is refused on CUDA, naming
+    both."""
     from tests.gpu_support import gpu_skip_reason
 
     reason = gpu_skip_reason()
@@ -362,15 +351,8 @@ def test_score_mods_on_cuda_are_held_back_until_verified(monkeypatch):
                                                   r"a softcap with bias, mask yet"):
         cuflash.attention(q, k, v, softcap=1.0, bias=cupy.zeros((8, 8)),
                           mask=cupy.ones((8, 8), bool))
-    monkeypatch.delenv("CUFLASH_UNVERIFIED_CUDA")
     for extra in extras:
-        (name,) = extra
-        if name not in _checks.UNVERIFIED_ON_CUDA:
-            assert cuflash.attention(q, k, v, **extra).shape == q.shape
-            continue
-        with pytest.raises(NotImplementedError, match=rf"^{name}: computed by the CUDA kernels "
-                                                      rf"but not yet run"):
-            cuflash.attention(q, k, v, **extra)
+        assert cuflash.attention(q, k, v, **extra).shape == q.shape
 
 
 def test_a_softcap_with_the_run_time_modifications_is_refused_on_cuda_naming_both():
