@@ -191,9 +191,8 @@ def _upload(table: np.ndarray):
     return memory, memory.ptr
 
 
-# Keyed by what the table depends on, and the device it lives on. Calls with array arguments
-# (sinks, ALiBi slopes, a bias, a mask) are not replayed and plan anew each time; without the
-# memo each such causal call recomputed the table and waited for the stream to upload it.
+# Keyed by what the table depends on, and the device it lives on: calls that plan anew (a new
+# signature, or one that never replays) reuse the uploaded table rather than wait for an upload.
 @functools.lru_cache(maxsize=64)
 def _causal_table(device_id: int, batch: int, seqlen_q: int, seqlen_k: int, heads_q: int,
                   block_m: int, block_n: int, grid: int):

@@ -10,6 +10,12 @@ compiles or allocates outside the framework's allocator, so it can be captured i
 Served: torch CUDA tensors (when autograd does not need the op and torch.compile is not tracing)
 and CuPy arrays. Everything else, and arrays whose last axis is not unit-stride (the full path
 copies those), go through the full path every time.
+
+The arrays beside q, k, v (ALiBi slopes, sinks, bias, mask) join the signature by their type,
+shape, strides, dtype and device, never their values: a replay reads them again at each call
+(the bias and the mask in place, the slopes and sinks copied as the first call did, by the
+`side` function the full path recorded). Such arrays of another framework or device than q's
+(NumPy slopes beside CUDA q, say) take the full path.
 """
 
 from __future__ import annotations
@@ -103,6 +109,20 @@ class _Torch:
             return None
         return "torch", device, needs_grad, *parts
 
+    def side(self, x) -> tuple | None:
+        """An array beside q, k, v: its part of a signature, or None (not a CUDA tensor)."""
+        if type(x) not in self.plain or not x.is_cuda:
+            return None
+        return x.shape, x.stride(), x.dtype, x.device
+
+    def accum_copy(self, x, shape, float64: bool):
+        """`x` broadcast to `shape` as a new contiguous float32 (float64) tensor."""
+        torch = self.torch
+        buffer = torch.empty(shape, dtype=torch.float64 if float64 else torch.float32,
+                             device=x.device)
+        buffer.copy_(x)
+        return buffer
+
     def empty(self, shape, like):
         return self.torch.empty(shape, dtype=like.dtype, device=like.device)
 
@@ -156,6 +176,16 @@ class _Cupy:
             return None
         return "cupy", device, *parts
 
+    def side(self, x) -> tuple | None:
+        if type(x) is not self.cupy.ndarray:
+            return None
+        return x.shape, x.strides, x.dtype, x.data.device_id
+
+    def accum_copy(self, x, shape, float64: bool):
+        buffer = self.cupy.empty(shape, dtype="float64" if float64 else "float32")
+        buffer[...] = x
+        return buffer
+
     def empty(self, shape, like):
         return self.cupy.empty(shape, dtype=like.dtype)
 
@@ -198,50 +228,117 @@ def _framework(x):
     return helper
 
 
-def forward_key(q, k, v, out, options: tuple) -> tuple | None:
-    """The signature of a forward call, or None where it is never replayed."""
+def _side_key(framework, side) -> tuple | None:
+    """The side arrays' part of a signature (None entries stay None), or None when one is not
+    of q's framework."""
+    parts = []
+    for x in side:
+        if x is None:
+            parts.append(None)
+            continue
+        part = framework.side(x)
+        if part is None:
+            return None
+        parts.append(part)
+    return tuple(parts)
+
+
+def forward_key(q, k, v, out, options: tuple, side: tuple = ()) -> tuple | None:
+    """The signature of a forward call, or None where it is never replayed. `side`: the
+    arrays beside q, k, v (any of them None), or () for a call without any."""
     framework = _framework(q)
     if framework is None:
         return None
     arrays = (q, k, v) if out is None else (q, k, v, out)
     key = framework.key(arrays, allow_grad=out is None)
-    return None if key is None else ("forward", out is None, *key, *options)
+    if key is None:
+        return None
+    if side:
+        sides = _side_key(framework, side)
+        if sides is None:
+            return None
+        return ("forward", out is None, *key, *options, sides)
+    return ("forward", out is None, *key, *options)
 
 
-def backward_key(arrays, options: tuple) -> tuple | None:
+def backward_key(arrays, options: tuple, side: tuple = ()) -> tuple | None:
     """The signature of a backward call (dout, q, k, v, out, lse), or None. lse must be
-    contiguous: the full path copies it otherwise."""
+    contiguous: the full path copies it otherwise. `side` as for `forward_key`."""
     framework = _framework(arrays[1])
     if framework is None:
         return None
     key = framework.key(arrays)
     if key is None or not framework.contiguous(arrays[5]):
         return None
+    if side:
+        sides = _side_key(framework, side)
+        if sides is None:
+            return None
+        return ("backward", *key, *options, sides)
     return ("backward", *key, *options)
 
 
 # ---- replays ---------------------------------------------------------------------------------
 
 
+class SidePointers:
+    """The pointer fields a replay passes for the arrays beside q, k, v, in the kernels' order
+    (`_launch_common.fwd_pointer_fields`, `backward_pointers`): the sinks (`sinks`), then the
+    ALiBi slopes, the bias and the mask (`mods`), each 0 where absent. The sinks and slopes are
+    copied to new contiguous Accum arrays of `sinks_shape` / `slopes_shape` on the call's stream,
+    as the full path copies them; the bias and the mask are read in place (the full path
+    recorded the replay only where it reads them so)."""
+
+    def __init__(self, framework, *, sinks: bool, mods: bool, sinks_shape: tuple[int, ...],
+                 slopes_shape: tuple[int, ...], float64: bool):
+        self.framework = framework
+        self.sinks, self.mods = sinks, mods
+        self.sinks_shape, self.slopes_shape = sinks_shape, slopes_shape
+        self.float64 = float64
+
+    def __call__(self, side) -> tuple[tuple[int, ...], list]:
+        """``(pointers, keep)`` for side = (alibi_slopes, sinks, bias, mask); `keep` holds the
+        copies until the launch is queued."""
+        fw = self.framework
+        alibi, sinks, bias, mask = side
+        keep = []
+
+        def copied(x, shape) -> int:
+            if x is None:
+                return 0
+            keep.append(fw.accum_copy(x, shape, self.float64))
+            return fw.pointer(keep[-1])
+
+        found = (copied(sinks, self.sinks_shape),) if self.sinks else ()
+        if self.mods:
+            found += (copied(alibi, self.slopes_shape), 0 if bias is None else fw.pointer(bias),
+                      0 if mask is None else fw.pointer(mask))
+        return found, keep
+
+
 class ForwardReplay:
-    """A planned forward: results allocated like the first call's, the launch replayed."""
+    """A planned forward: results allocated like the first call's, the launch replayed.
+    `side`: the `SidePointers` of a call with arrays beside q, k, v, else None."""
 
     def __init__(self, call, out_shape: tuple[int, ...], lse_shape: tuple[int, ...] | None,
-                 framework):
+                 framework, side: SidePointers | None = None):
         self.call = call  # None: the problem is empty, nothing to launch
         self.out_shape = out_shape
         self.lse_shape = lse_shape
         self.framework = framework
+        self.side = side
 
-    def __call__(self, q, k, v, out=None):
+    def __call__(self, q, k, v, out=None, side=None):
         fw = self.framework
         if out is None:
             out = fw.empty(self.out_shape, q)
         lse = None if self.lse_shape is None else fw.empty_float32(self.lse_shape, q)
         if self.call is not None:
             pointer = fw.pointer
+            extra, keep = self.side(side) if self.side is not None else ((), None)
             self.call((pointer(q), pointer(k), pointer(v), pointer(out),
-                       0 if lse is None else pointer(lse)), fw.stream(q))
+                       0 if lse is None else pointer(lse), *extra), fw.stream(q))
+            del keep  # the copies go back to the stream-ordered pool after the launch
         return out if lse is None else (out, lse)
 
 
@@ -249,37 +346,40 @@ class AutogradReplay:
     """A validated torch forward that autograd differentiates: straight to cuflash.torch's
     autograd node, whose own calls of the core replay."""
 
-    def __init__(self, variant, scale: float, layout: str, return_lse: bool,
-                 alibi_slopes=None, sinks=None, bias=None, mask=None):
+    def __init__(self, variant, scale: float, layout: str, return_lse: bool):
         from cuflash import torch as cuflash_torch
 
         self.attention = cuflash_torch.attention
         # A variant's window, (-1, 0) for causal, names it to cuflash.torch in full.
         self.options = {"window": variant.window, "scale": scale, "softcap": variant.softcap,
-                        "alibi_slopes": alibi_slopes, "sinks": sinks, "bias": bias,
-                        "mask": mask, "layout": layout,
-                        "return_lse": return_lse}
+                        "layout": layout, "return_lse": return_lse}
 
-    def __call__(self, q, k, v, out=None):
-        return self.attention(q, k, v, **self.options)
+    def __call__(self, q, k, v, out=None, side=(None, None, None, None)):
+        alibi_slopes, sinks, bias, mask = side
+        return self.attention(q, k, v, alibi_slopes=alibi_slopes, sinks=sinks, bias=bias,
+                              mask=mask, **self.options)
 
 
 class BackwardReplay:
-    """A planned backward: dq, dk, dv and the scratch allocated like the first call's."""
+    """A planned backward: dq, dk, dv and the scratch allocated like the first call's.
+    `side` as for `ForwardReplay`."""
 
-    def __init__(self, call, framework):
+    def __init__(self, call, framework, side: SidePointers | None = None):
         self.call = call  # a _launch_bwd.BackwardCall, or None when there is nothing to launch
         self.framework = framework
+        self.side = side
 
-    def __call__(self, dout, q, k, v, out, lse):
+    def __call__(self, dout, q, k, v, out, lse, side=None):
         fw = self.framework
         grads = (fw.empty(q.shape, q), fw.empty(k.shape, k), fw.empty(v.shape, v))
         if self.call is not None:
             pointer = fw.pointer
             dq, dk, dv = grads
+            extra, keep = self.side(side) if self.side is not None else ((), None)
             self.call((pointer(q), pointer(k), pointer(v), pointer(out), pointer(dout),
-                       pointer(lse), pointer(dq), pointer(dk), pointer(dv)),
+                       pointer(lse), pointer(dq), pointer(dk), pointer(dv), *extra),
                       fw.stream(q), fw.alloc(q))
+            del keep
         return grads
 
 

@@ -151,24 +151,25 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
 
     See also: `attention_backward`, `cuflash.reference.attention`, `cuflash.jax.attention`.
     """
-    # Calls with array arguments (slopes, sinks, bias, mask) are never replayed: a replay would
-    # keep the first call's values.
+    # The arrays beside q, k, v join the signature by their layout, not their values: a replay
+    # reads them again (`_replay.SidePointers`).
+    side = (alibi_slopes, sinks, bias, mask)
     plain = alibi_slopes is None and sinks is None and bias is None and mask is None
-    key = None if not plain else _replay.forward_key(
+    key = _replay.forward_key(
         q, k, v, out, (causal, type(causal), _replay.window_key(window), scale, type(scale),
-                       softcap, type(softcap), layout, return_lse, type(return_lse)))
+                       softcap, type(softcap), layout, return_lse, type(return_lse)),
+        () if plain else side)
     replay = _replay.lookup(key)
     if replay is not None:
-        return replay(q, k, v, out)
+        return replay(q, k, v, out) if plain else replay(q, k, v, out, side)
     problem = validate(q, k, v, causal=causal, window=window, scale=scale, layout=layout,
                        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, bias=bias,
                        mask=mask)
     check_flag("return_lse", return_lse)
     if problem.source.framework == "torch" and out is None and _wants_grad(q, k, v):
-        replay = _replay.AutogradReplay(problem.variant, problem.scale, layout, return_lse,
-                                        alibi_slopes, sinks, bias, mask)
+        replay = _replay.AutogradReplay(problem.variant, problem.scale, layout, return_lse)
         _replay.record(key, replay)
-        return replay(q, k, v)
+        return replay(q, k, v, side=side)
     if out is not None:
         if problem.source.framework == "jax":
             raise TypeError("out: JAX arrays are immutable; call without out= and use the result")
@@ -188,10 +189,10 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
         if return_lse:
             lse_native, lse_b = _lse_buffer(problem, qb, src, q)
         replayable, call = forward_into(problem, qb, kb, vb, out_b, lse_b)
-        if replayable and key is not None:
+        if replayable and key is not None and (plain or _reads_in_place(problem, bias, mask)):
             _replay.record(key, _replay.ForwardReplay(
                 call, problem.out_shape(), problem.lse_shape() if return_lse else None,
-                _replay.framework_of(q)))
+                _replay.framework_of(q), None if plain else _side_pointers(problem, q)))
         result = _interop.from_backend(out_native, out_b, src)
         if return_lse:
             return result, _interop.from_backend(lse_native, lse_b, src)
@@ -229,13 +230,17 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
     to validate it: a float32 lse is too coarse for exp(s - lse) once scores reach ~1e4.
     """
     arrays = (dout, q, k, v, out, lse)
+    side = (alibi_slopes, sinks, bias, mask)
     plain = alibi_slopes is None and sinks is None and bias is None and mask is None
-    key = None if not plain else _replay.backward_key(
-        arrays, (causal, type(causal), _replay.window_key(window), scale, type(scale), softcap,
-                 type(softcap), layout, deterministic, type(deterministic)))
+    # A call that asks for dsinks or dbias computes them beside the launches: never replayed.
+    key = None if return_dsinks is not False or return_dbias is not False else \
+        _replay.backward_key(
+            arrays, (causal, type(causal), _replay.window_key(window), scale, type(scale),
+                     softcap, type(softcap), layout, deterministic, type(deterministic)),
+            () if plain else side)
     replay = _replay.lookup(key)
     if replay is not None:
-        return replay(*arrays)
+        return replay(*arrays) if plain else replay(*arrays, side=side)
     problem = validate(q, k, v, causal=causal, window=window, scale=scale, layout=layout,
                        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, bias=bias,
                        mask=mask)
@@ -267,14 +272,40 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
         call, dsinks = backward_into(problem, dob, qb, kb, vb, ob, lseb, *(g[1] for g in grads),
                                      deterministic=deterministic, dsinks=return_dsinks,
                                      dbias=dbias)
-        if call is not False and key is not None:
-            _replay.record(key, _replay.BackwardReplay(call, _replay.framework_of(q)))
+        if call is not False and key is not None and (
+                plain or _reads_in_place(problem, bias, mask)):
+            _replay.record(key, _replay.BackwardReplay(
+                call, _replay.framework_of(q),
+                None if plain else _side_pointers(problem, q, sinks=False)))
         result = tuple(_interop.from_backend(native, b, src) for native, b in grads)
         if return_dsinks:
             result += (_in_framework_of(dsinks, sinks, "sinks"),)
         if return_dbias:
             result += (_in_framework_of(dbias.reshape(problem.bias.shape), bias, "bias"),)
         return result
+
+
+def _reads_in_place(problem: Problem, bias, mask) -> bool:
+    """Whether the kernels read the caller's bias and mask where the caller's own pointers say
+    (device views, as a replay passes them), not a copy."""
+    if bias is None and mask is None:
+        return True
+    fw = _replay.framework_of(bias if bias is not None else mask)
+    for given, view in ((bias, problem.bias), (mask, problem.mask)):
+        if given is not None and (isinstance(view, np.ndarray)
+                                  or view.data.ptr != fw.pointer(given)):
+            return False
+    return True
+
+
+def _side_pointers(problem: Problem, like, *, sinks: bool = True) -> _replay.SidePointers:
+    """How a replay of `problem` passes its arrays beside q, k, v: as `forward_into` and
+    `backward_into` (`sinks=False`: the backward reads no sinks) give them to the kernels."""
+    variant = problem.variant
+    return _replay.SidePointers(
+        _replay.framework_of(like), sinks=sinks and (variant.sinks or variant.reads_arrays),
+        mods=variant.reads_arrays, sinks_shape=(problem.heads_q,),
+        slopes_shape=(problem.batch, problem.heads_q), float64=problem.dtype == "float64")
 
 
 def _refuse_first_call_in_capture(src: _interop.Source) -> None:

@@ -181,6 +181,74 @@ def test_repeated_signature_replays_and_backward_too():
             np.testing.assert_allclose(to_numpy(got), want, atol=2e-2, rtol=2e-2)
 
 
+# The arrays beside q, k, v each case passes: ALiBi with sinks (the Alibi kind), a bias, a mask
+# and per-batch slopes (the Mods kind), sinks alone.
+SIDE_CASES = {"alibi+sinks": ("alibi_slopes", "sinks"),
+              "bias+mask+alibi": ("bias", "mask", "alibi_slopes"), "sinks": ("sinks",)}
+
+
+def _side_arrays(names, rng, b, hq, sq, sk):
+    """Fresh float64 NumPy values of the named arrays: slopes (B, Hq) for the Mods case, (Hq,)
+    else; sinks (Hq,); a bias (1, Hq, Sq, Sk); a mask (Sq, Sk) that keeps the diagonal."""
+    found = {}
+    if "alibi_slopes" in names:
+        found["alibi_slopes"] = rng.uniform(0, 0.5, (b, hq) if "bias" in names else (hq,))
+    if "sinks" in names:
+        found["sinks"] = rng.standard_normal(hq)
+    if "bias" in names:
+        found["bias"] = rng.standard_normal((1, hq, sq, sk))
+    if "mask" in names:
+        found["mask"] = (rng.random((sq, sk)) < 0.7) | np.eye(sq, sk, dtype=bool)
+    return found
+
+
+@pytest.mark.parametrize("framework", ["torch", "cupy"])
+@pytest.mark.parametrize("case", sorted(SIDE_CASES))
+def test_replays_read_each_calls_side_arrays(framework, case):
+    """Calls with slopes, sinks, a bias or a mask replay after the first (no new plan), forward
+    and backward, and read each call's own values: fresh values every call match the float64
+    reference. A bias of other strides plans anew."""
+    rng = np.random.default_rng(7)
+    b, hq, hkv, sq, sk, d = 2, 4, 2, 96, 130, 64
+    torch = _torch() if framework == "torch" else None
+
+    def device(x, dtype=None):
+        if torch is not None:
+            t = torch.from_numpy(np.ascontiguousarray(x)).cuda()
+            return t.to(getattr(torch, dtype)) if dtype else t.float() if t.is_floating_point() \
+                else t
+        a = cupy.asarray(x)
+        return a.astype(dtype) if dtype else a.astype(np.float32) if a.dtype.kind == "f" else a
+
+    sizes = None
+    for i in range(4):
+        host = [rng.standard_normal(shape) for shape in ((b, sq, hq, d), (b, sk, hkv, d),
+                                                          (b, sk, hkv, d), (b, sq, hq, d))]
+        q, k, v, dout = (device(x, "float16") for x in host)
+        side_host = _side_arrays(SIDE_CASES[case], rng, b, hq, sq, sk)
+        side = {name: device(x) for name, x in side_host.items()}
+        if i == 3 and "bias" in side:  # same values, other strides: a new signature
+            side["bias"] = device(np.ascontiguousarray(side_host["bias"].swapaxes(2, 3))
+                                  ).swapaxes(2, 3)
+        out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True, **side)
+        grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, **side)
+        if i == 1:
+            sizes = _replay.size()
+        elif i == 2:
+            assert _replay.size() == sizes, "a repeated signature must not plan again"
+        elif i == 3 and "bias" in side:
+            assert _replay.size() > sizes, "a bias of other strides must plan anew"
+        q64, k64, v64, do64 = (to_numpy(x).astype(np.float64) for x in (q, k, v, dout))
+        want, want_lse = reference.attention(q64, k64, v64, causal=True, return_lse=True,
+                                             **side_host)
+        np.testing.assert_allclose(to_numpy(out), want, atol=1e-2, rtol=1e-2, err_msg=f"{i}")
+        np.testing.assert_allclose(to_numpy(lse), want_lse, atol=1e-2, rtol=1e-3)
+        ref = reference.attention_backward(do64, q64, k64, v64, causal=True, **side_host)
+        for name, got, expected in zip("qkv", grads, ref, strict=True):
+            np.testing.assert_allclose(to_numpy(got), expected, atol=2e-2, rtol=2e-2,
+                                       err_msg=f"d{name}, call {i}")
+
+
 def test_torch_program_allocates_only_through_torch():
     """Forward, backward (atomic and deterministic) and autograd of a torch program, with sinks
     and a softcap too, take no byte from CuPy's pool, first calls included; their scratch shows

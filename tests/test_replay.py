@@ -102,3 +102,51 @@ def test_fuzz_examples_switch(monkeypatch):
         monkeypatch.setenv("CUFLASH_FUZZ_EXAMPLES", bad)
         with pytest.raises(ValueError, match="CUFLASH_FUZZ_EXAMPLES: expected a positive"):
             examples(25)
+
+
+def test_side_pointers_follow_the_kernels_order_and_copy_slopes_and_sinks():
+    """A replay's pointers for the arrays beside q, k, v: sinks, then slopes, bias, mask (0 where
+    absent); the slopes and sinks as new Accum copies of the recorded shapes, the bias and the
+    mask in place."""
+    copies = []
+
+    class Framework:
+        @staticmethod
+        def accum_copy(x, shape, float64):
+            copies.append(np.broadcast_to(x, shape).astype(np.float64 if float64 else np.float32))
+            return copies[-1]
+
+        @staticmethod
+        def pointer(x):
+            return x.__array_interface__["data"][0]
+
+    fw = Framework()
+    slopes, sinks = np.arange(3.0), np.ones(3)
+    bias, mask = np.zeros((1, 3, 4, 5)), np.ones((4, 5), bool)
+    both = _replay.SidePointers(fw, sinks=True, mods=True, sinks_shape=(3,),
+                                slopes_shape=(2, 3), float64=False)
+    pointers, keep = both((slopes, sinks, bias, mask))
+    assert [c.shape for c in copies] == [(3,), (2, 3)] and keep == copies
+    assert all(c.dtype == np.float32 for c in copies)
+    assert pointers == (fw.pointer(copies[0]), fw.pointer(copies[1]), fw.pointer(bias),
+                        fw.pointer(mask))
+    np.testing.assert_array_equal(copies[1], [[0, 1, 2], [0, 1, 2]])
+    assert both((None, sinks, None, None))[0][1:] == (0, 0, 0)
+    only_sinks = _replay.SidePointers(fw, sinks=True, mods=False, sinks_shape=(3,),
+                                      slopes_shape=(2, 3), float64=True)
+    pointers, keep = only_sinks((None, sinks, None, None))
+    assert len(pointers) == 1 and keep[0].dtype == np.float64
+    none = _replay.SidePointers(fw, sinks=False, mods=False, sinks_shape=(3,),
+                                slopes_shape=(2, 3), float64=False)
+    assert none((slopes, sinks, bias, mask)) == ((), [])
+
+
+def test_side_arrays_of_another_framework_are_not_replayed():
+    class Framework:
+        @staticmethod
+        def side(x):
+            return None if isinstance(x, np.ndarray) else ("layout",)
+
+    assert _replay._side_key(Framework(), (None, "device", None, None)) == \
+        (None, ("layout",), None, None)
+    assert _replay._side_key(Framework(), (None, "device", np.ones(3), None)) is None
