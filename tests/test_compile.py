@@ -20,6 +20,7 @@ import pytest
 
 from cuflash import _compile, _launch, _launch_bwd, _launch_sm90, _variant
 from cuflash._spec import KernelSpec
+from tests import compile_pool
 
 ARCHS = ("sm_80", "sm_90a")
 SIMT_DTYPES = ("float32", "float64")
@@ -69,22 +70,15 @@ FLOOR_HOPPER_SPILLS = {
 }
 
 
+def _report(case: tuple[str, KernelSpec]):
+    arch, spec = case
+    return _compile.compile_report(spec, arch)
+
+
 @pytest.fixture(scope="module")
 def reports(request) -> dict[tuple[str, KernelSpec], Future]:
     """ptxas reports of the cases selected in this session, keyed by (arch, spec)."""
-    selected = []
-    for item in request.session.items:
-        callspec = getattr(item, "callspec", None)
-        if item.module is request.module and callspec is not None and "case" in callspec.params:
-            selected.append(callspec.params["case"])
-    # spawn, not fork: no CUDA state may leak into the workers on a machine that has a GPU.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(os.cpu_count(), mp_context=context) as pool:
-        futures = {
-            (arch, spec): pool.submit(_compile.compile_report, spec, arch)
-            for arch, spec in selected
-        }
-    return futures
+    return compile_pool.run(_report, compile_pool.selected(request, "case"))
 
 
 @pytest.mark.parametrize("case", [

@@ -7,14 +7,19 @@ the producer warpgroup to the consumers), no ptxas warning, wgmma pipelined (no 
 serialised them or injected a wait: it does so silently, e.g. when accumulators are read or written
 while a wgmma may be in flight, or when registers run short for the pipeline), and no
 static shared memory beside the dynamic size the launch mirrors, within an H100 block's limit.
-Runs on the CPU: NVRTC and ptxas need no GPU. ``pytest -s`` prints the reports.
+Runs on the CPU: NVRTC and ptxas need no GPU. ``pytest -s`` prints the reports. The selected
+instantiations are compiled once, in parallel on every core, by a module fixture.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import pytest
 
 from cuflash import _compile, _launch_bwd, _launch_sm90, _variant
+from cuflash._spec import KernelSpec
+from tests import compile_pool
 
 SPECS = _launch_sm90.all_fwd_sm90_specs()
 BWD_SPECS = _launch_bwd.all_bwd_sm90_specs()
@@ -22,9 +27,19 @@ MAX_REGISTERS = 255
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on an H100
 
 
+def _report(spec: KernelSpec):
+    return _compile.compile_report(spec, "sm_90a")
+
+
+@pytest.fixture(scope="module")
+def reports(request) -> dict[KernelSpec, Future]:
+    """sm_90a ptxas reports of the specs selected in this session."""
+    return compile_pool.run(_report, compile_pool.selected(request, "spec"))
+
+
 @pytest.mark.parametrize("spec", SPECS + BWD_SPECS, ids=[s.name for s in SPECS + BWD_SPECS])
-def test_compiles_without_spills(spec):
-    report = _compile.compile_report(spec, "sm_90a")
+def test_compiles_without_spills(spec, reports):
+    report = reports[spec].result()
     print(report.line())
     assert report.clean, f"spills or stack frame:\n{report.log}"
     assert report.registers <= MAX_REGISTERS
