@@ -51,13 +51,48 @@ KNOWN_SPILLS = {
 
 # The oldest NVRTC the cuda13 extra meets: 13.0, what the GPU machine's CuPy compiles with. A kernel
 # that the wheel's newer NVRTC compiles may crash 13.0 (a segmentation fault, kernel_notes_sm90.md
-# step 28), so every case, the Hopper kernels' included, is compiled with it too, where
-# CUFLASH_NVRTC_FLOOR names the lib/ directory of an unpacked nvidia-cuda-nvrtc 13.0 wheel
-# (.ci/run sets it up).
+# step 28), so the kernels are compiled with it too, where CUFLASH_NVRTC_FLOOR names the lib/
+# directory of an unpacked nvidia-cuda-nvrtc 13.0 wheel (.ci/run sets it up).
 FLOOR_ENV = "CUFLASH_NVRTC_FLOOR"
 FLOOR_VERSION = "13.0"
 HOPPER_SPECS = _launch_sm90.all_fwd_sm90_specs() + _launch_bwd.all_bwd_sm90_specs()
-FLOOR_CASES = CASES + [("sm_90a", spec) for spec in HOPPER_SPECS]
+# What it compiles. The GPU machine (an H100) runs every kernel as 13.0 compiles it for sm_90a, the
+# sm80 and SIMT kernels too: every spec, Hopper or not, is compiled for sm_90a. For sm_80 (an A100
+# whose CuPy has 13.0) NVRTC's front end reads the same program as for sm_90a but for the
+# backward's `__CUDA_ARCH__ >= 900` vector reductions (bwd_sm80.cu's atomic_add_pair,
+# bwd_simt.cu's atomic_add_row), so the sm_90a compiles cover it; what sm_80 adds is 13.0's code
+# generation for that target, compiled for a subset that holds every kernel's device code:
+# - every NoScore spec (the default path: every width, tile, mask and alignment);
+# - each score kind of FLOOR_SM80_ONCE once per kernel function, dtype, mask and alignment, at
+#   the widest head dim (the most code to allocate);
+# - the kinds of FLOOR_SM80_STAND_INS not at all: their code is the stand-in kind's (score.cuh).
+#   Alibi's Score is Mods's ALiBi term alone (the slope read in for_head, decay *
+#   diagonal.distance subtracted, slope 1) without Mods's run-time bias and mask branches, and
+#   the kernels' switches on the kind (kModifies, kPositional, kHides, kAdditive) take for Alibi
+#   the arms Mods or NoScore take. Softcap has no stand-in: its tanh_for (tanh.approx.f32 for
+#   16-bit inputs, libdevice's tanhf and tanh for fp32 and fp64) and tanh_slope are in no other
+#   kind.
+FLOOR_SM80_ONCE = ("softcap", "mods")
+FLOOR_SM80_STAND_INS = {"alibi": "mods"}
+
+
+def _floor_sm80_specs(specs: list[KernelSpec]) -> list[KernelSpec]:
+    """The specs of `specs` that the floor also compiles for sm_80 (above), in their order."""
+    chosen: dict = {}
+    for spec in specs:
+        if spec.score == "none":
+            chosen[spec] = spec
+        elif spec.score in FLOOR_SM80_ONCE:
+            key = (spec.entry, spec.dtype, spec.mask, spec.score, spec.aligned)
+            if key not in chosen or spec.head_dim > chosen[key].head_dim:
+                chosen[key] = spec
+    kept = set(chosen.values())
+    return [spec for spec in specs if spec in kept]
+
+
+FLOOR_SM80_SPECS = _floor_sm80_specs(SPECS)
+FLOOR_CASES = ([("sm_90a", spec) for spec in SPECS + HOPPER_SPECS]
+               + [("sm_80", spec) for spec in FLOOR_SM80_SPECS])
 # The Hopper kernels run on the GPU machine as NVRTC 13.0 compiles them, and there some of the
 # dK/dV kernels spill 4-16 B that 13.5 keeps in registers, all in the producer warpgroup's
 # lse/delta warp (kernel_notes_bwd_sm90.md: removing them reordered the consumers). Exact: a
@@ -165,6 +200,26 @@ def test_small_shared_memory_tables_fit_99_kb():
     assert wide.dkdv.smem_bytes > limit  # refused by _compile with a clear error at first use
 
 
+def test_floor_compiles_every_kernel_for_sm90a_and_all_device_code_for_sm80():
+    """FLOOR_CASES: every spec, Hopper or not, for sm_90a, once; for sm_80 every NoScore spec and
+    each kind of FLOOR_SM80_ONCE in every kernel function, dtype, mask and alignment it has; every
+    other score kind has its stand-in among those (a new kind must be placed)."""
+    assert len(set(FLOOR_CASES)) == len(FLOOR_CASES)
+    assert {spec for arch, spec in FLOOR_CASES if arch == "sm_90a"} == set(SPECS + HOPPER_SPECS)
+    assert {arch for arch, _ in FLOOR_CASES} == {"sm_80", "sm_90a"}
+    assert set(_variant.SCORE_KINDS) == {"none", *FLOOR_SM80_ONCE, *FLOOR_SM80_STAND_INS}
+    assert set(FLOOR_SM80_STAND_INS.values()) <= {"none", *FLOOR_SM80_ONCE}
+    sm80 = {spec for arch, spec in FLOOR_CASES if arch == "sm_80"}
+    assert {s for s in SPECS if s.score == "none"} <= sm80
+
+    def groups(specs):
+        return {(s.entry, s.dtype, s.mask, s.score, s.aligned) for s in specs
+                if s.score in FLOOR_SM80_ONCE}
+
+    assert groups(sm80) == groups(SPECS)
+    assert len(sm80) == len({s for s in SPECS if s.score == "none"}) + len(groups(SPECS))
+
+
 _floor_lib = None
 
 
@@ -195,8 +250,11 @@ def _floor_compile(lib_dir: str, log_dir: str, arch: str, spec: KernelSpec):
                     reason=f"{FLOOR_ENV} not set: no NVRTC {FLOOR_VERSION} to compile with "
                            "(.ci/run unpacks one)")
 def test_every_case_compiles_with_the_oldest_nvrtc():
+    """FLOOR_CASES compile with NVRTC 13.0: no crash, no compile error; the Hopper kernels
+    without serialised wgmma and spilling exactly where FLOOR_HOPPER_SPILLS says."""
     lib_dir = os.environ[FLOOR_ENV]
     context = multiprocessing.get_context("spawn")
+    hopper = set(HOPPER_SPECS)
     failures, hopper_spills = [], set()
     with tempfile.TemporaryDirectory() as log_dir:
         try:
@@ -207,7 +265,7 @@ def test_every_case_compiles_with_the_oldest_nvrtc():
                     report = future.result()
                     if isinstance(report, str):
                         failures.append(f"{arch} {spec.name}: {report}")
-                    elif spec in HOPPER_SPECS:
+                    elif spec in hopper:
                         if not report.clean:
                             hopper_spills.add(spec.name)
                         if report.wgmma_serialized:
@@ -222,7 +280,8 @@ def test_every_case_compiles_with_the_oldest_nvrtc():
                     in_flight.append(lines[-1].removeprefix("start "))
             failures.append("a compiler process died (NVRTC crashed) while compiling one of: " +
                             "; ".join(sorted(in_flight)))
-    print(f"NVRTC {FLOOR_VERSION}: {len(FLOOR_CASES)} cases")
+    print(f"NVRTC {FLOOR_VERSION}: {len(FLOOR_CASES)} cases ({len(SPECS + HOPPER_SPECS)} sm_90a, "
+          f"{len(FLOOR_SM80_SPECS)} sm_80)")
     assert not failures, "\n".join(failures[:20])
     assert hopper_spills == FLOOR_HOPPER_SPILLS, (
         f"Hopper kernels spilling under NVRTC {FLOOR_VERSION}: new "
