@@ -21,12 +21,14 @@
 from __future__ import annotations
 
 import re
+from concurrent.futures import Future
 
 import pytest
 
 from cuflash import _launch_bwd, _launch_sm90
 from cuflash._launch import Tile
-from tests import sass
+from cuflash._spec import KernelSpec
+from tests import compile_pool, sass
 
 pytestmark = pytest.mark.skipif(sass.missing_tools() is not None,
                                 reason=f"no SASS on this machine: {sass.missing_tools()}")
@@ -42,9 +44,15 @@ ROW_MAX_FMNMX = 60  # 2 rows x (16 pairs + a 15-deep tree + the old max + 2 quad
 MAX_MUFU_IN_TURN = 20  # exponentials (and the 2 rescale factors) before the hand-over
 
 
-def _kinds(spec) -> list[str]:
-    """sass.kinds of the kernel without its one-warpgroup (128-thread) named barriers."""
-    text = sass.sass(spec)
+@pytest.fixture(scope="module")
+def sm90a_sass(request) -> dict[KernelSpec, Future]:
+    """The SASS of every spec the selected tests read, each compiled once (the forwards are read
+    by two tests each), in parallel."""
+    return compile_pool.run(sass.sass, compile_pool.selected(request, "spec"))
+
+
+def _kinds(text: str) -> list[str]:
+    """sass.kinds of a kernel's SASS without its one-warpgroup (128-thread) named barriers."""
     return sass.kinds("\n".join(line for line in text.splitlines()
                                 if not re.search(r"\bBAR\.[\w.]+ [^,;]+, 0x80\b", line)))
 
@@ -61,15 +69,15 @@ def _windows(kinds: list[str]) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("spec", FWD + BWD, ids=[s.name for s in FWD + BWD])
-def test_runs_on_wgmma_and_tma(spec):
-    text = sass.sass(spec)
+def test_runs_on_wgmma_and_tma(spec, sm90a_sass):
+    text = sm90a_sass[spec].result()
     assert "HGMMA" in text and "UTMALDG" in text
     assert "HMMA" not in text.replace("HGMMA", ""), "an mma.sync in a Hopper kernel"
 
 
 @pytest.mark.parametrize("spec", TURN_SPECS, ids=[s.name for s in TURN_SPECS])
-def test_softmax_turn_hands_over_after_the_row_maxes_and_a_few_exponentials(spec):
-    kinds = _kinds(spec)
+def test_softmax_turn_hands_over_after_the_row_maxes_and_a_few_exponentials(spec, sm90a_sass):
+    kinds = _kinds(sm90a_sass[spec].result())
     turns = [w for w in _windows(kinds) if w.count("FMNMX") >= ROW_MAX_FMNMX]
     print(f"NVRTC {sass.nvrtc_version()} {spec.name}:",
           [(w.count("FMNMX"), w.count("MUFU.EX2")) for w in turns])
@@ -81,8 +89,8 @@ def test_softmax_turn_hands_over_after_the_row_maxes_and_a_few_exponentials(spec
 
 
 @pytest.mark.parametrize("spec", FREE_SPECS, ids=[s.name for s in FREE_SPECS])
-def test_free_consumers_take_no_softmax_turns(spec):
-    kinds = _kinds(spec)
+def test_free_consumers_take_no_softmax_turns(spec, sm90a_sass):
+    kinds = _kinds(sm90a_sass[spec].result())
     tile = Tile(spec.block_m, spec.block_n, spec.warps)
     if _launch_sm90.tma_store(spec.head_dim, tile):  # three consumers: no shared barrier at all
         assert "BAR.ARV" not in kinds
