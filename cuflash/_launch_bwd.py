@@ -35,8 +35,8 @@ import numpy as np
 from cuflash import _compile, _dtypes, _variant
 from cuflash._kernel_call import KernelCall
 from cuflash._launch_common import (
+    BWD_MOD_POINTERS,
     BWD_PARAMS,
-    MOD_POINTERS,
     NO_MODS,
     Mods,
     Tile,
@@ -309,7 +309,7 @@ def accum_dtype(dtype: str) -> np.dtype:
 
 # The pointer fields of BwdParams a backward fills, in their order in the block (so a replay
 # writes them in one go): the caller's arrays, then the scratch, then (with the run-time
-# modifications) MOD_POINTERS.
+# modifications) BWD_MOD_POINTERS.
 BWD_POINTERS = ("q", "k", "v", "o", "dout", "lse", "dq", "dk", "dv", "dq_accum", "delta")
 _CALLER_POINTERS = 9  # q .. dv: what `BackwardCall` is given before the scratch
 _SCRATCH_ALIGN = 256
@@ -330,7 +330,7 @@ class BackwardCall:
 
     def __call__(self, pointers, stream: int, alloc) -> None:
         """`pointers`: q, k, v, out, dout, lse, dq, dk, dv (BWD_POINTERS without the scratch),
-        then the ALiBi slopes' where the variant has them (`backward_pointers`)."""
+        then BWD_MOD_POINTERS where the variant reads arrays (`backward_pointers`)."""
         owner, base = alloc(self.scratch_bytes)
         accum = base + self.dq_accum_offset if self.dq_accum_offset else 0
         pointers = (*pointers[:_CALLER_POINTERS], accum, base, *pointers[_CALLER_POINTERS:])
@@ -344,7 +344,7 @@ def backward_pointers(dout, q, k, v, out, lse, dq, dk, dv,
     """The caller's pointers as `BackwardCall` takes them (`mods`: the arrays of a variant with
     the run-time modifications, else None)."""
     found = tuple(a.data.ptr for a in (q, k, v, out, dout, lse, dq, dk, dv))
-    return found if mods is None else (*found, *mods.pointers())
+    return found if mods is None else (*found, *mods.bwd_pointers())
 
 
 def backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scale: float,
@@ -386,6 +386,14 @@ def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scal
     accum = accum_dtype(dtype)
     if lse.dtype != accum:
         raise TypeError(f"lse must be {accum} for {dtype} inputs, got {lse.dtype}")
+    # The Hopper dK/dV kernel where it applies (it logs why not), else sm80/SIMT.
+    operands = (("q", q), ("k", k), ("v", v), ("dout", dout))
+    reason = _sm90_reason(dtype, head_dim, aligned, cc, operands, variant.score)
+    if mods.dbias is not None:  # where the kernels write dS (score.cuh's Mods::record)
+        if reason is None and width_for(head_dim, BWD_SM90_TILES) == 64:
+            reason = "dbias at head dim 64 (the Hopper dK/dV kernel spills with its store)"
+        if reason is not None and _dtypes.uses_tensor_cores(dtype):
+            deterministic = True  # bwd_dq_sm80 writes it: bwd_dkdv_sm80 has no registers left
 
     # Scratch in the Accum dtype: delta per query row; dq_accum (B, Hq, Sq, width) only in
     # atomic mode, after delta at an aligned offset.
@@ -395,7 +403,7 @@ def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scal
     scratch = delta_bytes if deterministic else offset + math.prod(accum_shape) * accum.itemsize
 
     params = pack_params(BWD_PARAMS, {
-        **dict.fromkeys((*BWD_POINTERS, *MOD_POINTERS), 0), **mods.fields(),
+        **dict.fromkeys((*BWD_POINTERS, *BWD_MOD_POINTERS), 0), **mods.fields(),
         **param_strides("q", q), **param_strides("k", k), **param_strides("v", v),
         **param_strides("o", out), **param_strides("do", dout), **param_strides("dq", dq),
         **param_strides("dk", dk), **param_strides("dv", dv),
@@ -410,7 +418,7 @@ def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scal
         "softcap": variant.softcap,
     })
     launches = []
-    pointer_fields = (*BWD_POINTERS, *MOD_POINTERS) if variant.reads_arrays else BWD_POINTERS
+    pointer_fields = (*BWD_POINTERS, *BWD_MOD_POINTERS) if variant.reads_arrays else BWD_POINTERS
 
     def launch(spec: KernelSpec, rows: int, block_rows: int, heads: int, maps=()) -> None:
         grid = (math.ceil(rows / block_rows), heads, batch)
@@ -421,10 +429,7 @@ def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scal
             spec.smem_bytes, params, pointer_fields, tensor_maps=maps))
 
     launch(kernels.preprocess, seqlen_q, kernels.preprocess.block_m, heads_q)
-    # The Hopper dK/dV kernel where it applies (it logs why not), else sm80/SIMT. With
-    # seqlen_q == 0 the latter still runs and writes dk = dv = 0.
-    operands = (("q", q), ("k", k), ("v", v), ("dout", dout))
-    reason = _sm90_reason(dtype, head_dim, aligned, cc, operands, variant.score)
+    # With seqlen_q == 0 the sm80/SIMT dK/dV kernel still runs and writes dk = dv = 0.
     if reason is None:
         from cuflash._launch_sm90 import encode_at
 

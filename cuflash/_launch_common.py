@@ -41,7 +41,7 @@ FWD_PARAMS = _params_dtype(
 )
 BWD_PARAMS = _params_dtype(
     ("q", "k", "v", "o", "dout", "lse", "dq", "dk", "dv", "dq_accum", "delta", "alibi", "bias",
-     "mask"),
+     "mask", "dbias"),
     ("q", "k", "v", "o", "do", "dq", "dk", "dv"),
     (*_SHAPE_INTS, "head_dim_rounded", "deterministic", *_WINDOW_INTS),
 )
@@ -99,6 +99,7 @@ def pack_params(dtype: np.dtype, fields: dict[str, float | int]):
 # (`fwd_pointer_fields`).
 FWD_POINTERS = ("q", "k", "v", "o", "lse")
 MOD_POINTERS = ("alibi", "bias", "mask")
+BWD_MOD_POINTERS = (*MOD_POINTERS, "dbias")  # the backward's: where dbias goes, when asked for
 
 
 @dataclass(frozen=True)
@@ -111,9 +112,15 @@ class Mods:
     alibi: Any = None
     bias: Any = None
     mask: Any = None
+    dbias: Any = None  # the backward's: Accum (B, Hq, Sk, Sq), zeroed, when dbias is asked for
 
     def pointers(self) -> tuple[int, ...]:
+        """The forward's MOD_POINTERS."""
         return tuple(0 if a is None else a.data.ptr for a in (self.alibi, self.bias, self.mask))
+
+    def bwd_pointers(self) -> tuple[int, ...]:
+        """The backward's BWD_MOD_POINTERS."""
+        return (*self.pointers(), 0 if self.dbias is None else self.dbias.data.ptr)
 
     def fields(self) -> dict[str, int]:
         """The parameter blocks' strides of the bias and the mask (elements), and the bias's

@@ -284,15 +284,16 @@ def backward_key(arrays, options: tuple, side: tuple = ()) -> tuple | None:
 class SidePointers:
     """The pointer fields a replay passes for the arrays beside q, k, v, in the kernels' order
     (`_launch_common.fwd_pointer_fields`, `backward_pointers`): the sinks (`sinks`), then the
-    ALiBi slopes, the bias and the mask (`mods`), each 0 where absent. The sinks and slopes are
+    ALiBi slopes, the bias and the mask (`mods`), each 0 where absent, and for a backward
+    (`backward`) a null dbias (a call that asks for dbias is not replayed). The sinks and slopes are
     copied to new contiguous Accum arrays of `sinks_shape` / `slopes_shape` on the call's stream,
     as the full path copies them; the bias and the mask are read in place (the full path
     recorded the replay only where it reads them so)."""
 
     def __init__(self, framework, *, sinks: bool, mods: bool, sinks_shape: tuple[int, ...],
-                 slopes_shape: tuple[int, ...], float64: bool):
+                 slopes_shape: tuple[int, ...], float64: bool, backward: bool = False):
         self.framework = framework
-        self.sinks, self.mods = sinks, mods
+        self.sinks, self.mods, self.backward = sinks, mods, backward
         self.sinks_shape, self.slopes_shape = sinks_shape, slopes_shape
         self.float64 = float64
 
@@ -313,6 +314,8 @@ class SidePointers:
         if self.mods:
             found += (copied(alibi, self.slopes_shape), 0 if bias is None else fw.pointer(bias),
                       0 if mask is None else fw.pointer(mask))
+            if self.backward:
+                found += (0,)
         return found, keep
 
 

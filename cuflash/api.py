@@ -10,7 +10,7 @@ import functools
 import logging
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -118,9 +118,9 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
             path computes it, forward and backward.
         alibi_slopes: ALiBi (BLOOM, MPT; flash-attn's convention): a float32 or float64 array
             ``(Hq,)`` or ``(B, Hq)`` of finite slopes; ``-slope * |i + Sk - Sq - j|`` is added
-            to the (scaled, capped) score of query i and key j. The CPU path only for now (a
-            NumPy array, or the CPU array of q's framework); on CUDA it raises
-            NotImplementedError. The slopes get no gradient.
+            to the (scaled, capped) score of query i and key j. A NumPy array, or an array of
+            q's framework and device. Every path (on CUDA not with a softcap). The slopes get
+            no gradient.
         sinks: attention sinks (gpt-oss): a float32 or float64 array ``(Hq,)`` of finite
             logits, one per query head, of a virtual key with no value: every row's softmax
             denominator gains ``exp(sinks[h])`` and ``lse`` includes it (a row that sees no key
@@ -131,10 +131,10 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
         bias: an additive float16/32/64 array broadcastable to ``(B, Hq, Sq, Sk)`` (any of B,
             Hq of size 1, SDPA's attn_mask shape in both layouts), added to the scores after
             ALiBi; read block by block, never expanded. Gradient: `attention_backward`'s
-            ``return_dbias``, or torch autograd. The CPU path only for now.
+            ``return_dbias``, or torch autograd. Every path (on CUDA not with a softcap).
         mask: a boolean array broadcastable like `bias`, True = attend (SDPA's meaning); keys
             it hides behave as causal ones do (a row that sees no key: zeros, ``lse = -inf``).
-            The CPU path only for now.
+            Every path (on CUDA not with a softcap).
         layout: ``"bshd"`` (flash-attn / JAX order) or ``"bhsd"`` (PyTorch SDPA order).
         return_lse: also return the log-sum-exp of each query row.
         out: optional array of the output's shape and dtype, in the caller's framework and on
@@ -218,6 +218,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
             typed like it: ``-sum over batch and rows of exp(sink - lse) * rowsum(dout * out)``.
         return_dbias: also return the gradient of `bias` (which must be given), shaped and
             typed like it: the scores' gradient summed over the axes bias was broadcast along.
+            On CUDA the kernels write it into an Accum ``(B, Hq, Sk, Sq)`` scratch first (the
+            sm80 path then runs its deterministic dQ kernel, which writes it), and the call is
+            not replayed.
 
     Returns:
         ``(dq, dk, dv)`` shaped like q, k, v, in their framework, device and dtype, followed by
@@ -250,9 +253,6 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
         check_flag(flag, value)
         if value and given is None:
             raise ValueError(f"{flag}: True needs {what} (the gradient of which {what}?)")
-    if return_dbias and problem.source.device == "cuda":
-        raise NotImplementedError(f"return_dbias: {NO_DBIAS_ON_CUDA} (CUDA inputs); the CPU "
-                                  f"path and cuflash.reference compute it")
     out_shape = problem.out_shape()
     for name, x in (("dout", dout), ("out", out)):
         _check_out(name, x, problem, out_shape)
@@ -266,22 +266,19 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
         dob, ob = _backend(dout, src, "dout"), _backend(out, src, "out")
         lseb = _interop.to_backend(lse, src)
         grads = [_interop.empty(x.shape, x, src, like) for x, like in ((qb, q), (kb, k), (vb, v))]
-        dbias = None
-        if return_dbias:
-            dbias = np.zeros((1,) * (4 - problem.bias.ndim) + problem.bias.shape)
-        call, dsinks = backward_into(problem, dob, qb, kb, vb, ob, lseb, *(g[1] for g in grads),
-                                     deterministic=deterministic, dsinks=return_dsinks,
-                                     dbias=dbias)
+        call, dsinks, dbias = backward_into(
+            problem, dob, qb, kb, vb, ob, lseb, *(g[1] for g in grads),
+            deterministic=deterministic, dsinks=return_dsinks, dbias=return_dbias)
         if call is not False and key is not None and (
                 plain or _reads_in_place(problem, bias, mask)):
             _replay.record(key, _replay.BackwardReplay(
                 call, _replay.framework_of(q),
-                None if plain else _side_pointers(problem, q, sinks=False)))
+                None if plain else _side_pointers(problem, q, backward=True)))
         result = tuple(_interop.from_backend(native, b, src) for native, b in grads)
         if return_dsinks:
             result += (_in_framework_of(dsinks, sinks, "sinks"),)
         if return_dbias:
-            result += (_in_framework_of(dbias.reshape(problem.bias.shape), bias, "bias"),)
+            result += (_in_framework_of(dbias, bias, "bias"),)
         return result
 
 
@@ -298,14 +295,15 @@ def _reads_in_place(problem: Problem, bias, mask) -> bool:
     return True
 
 
-def _side_pointers(problem: Problem, like, *, sinks: bool = True) -> _replay.SidePointers:
+def _side_pointers(problem: Problem, like, *, backward: bool = False) -> _replay.SidePointers:
     """How a replay of `problem` passes its arrays beside q, k, v: as `forward_into` and
-    `backward_into` (`sinks=False`: the backward reads no sinks) give them to the kernels."""
+    `backward_into` (`backward`: no sinks, a null dbias) give them to the kernels."""
     variant = problem.variant
     return _replay.SidePointers(
-        _replay.framework_of(like), sinks=sinks and (variant.sinks or variant.reads_arrays),
+        _replay.framework_of(like), sinks=not backward and (variant.sinks or variant.reads_arrays),
         mods=variant.reads_arrays, sinks_shape=(problem.heads_q,),
-        slopes_shape=(problem.batch, problem.heads_q), float64=problem.dtype == "float64")
+        slopes_shape=(problem.batch, problem.heads_q), float64=problem.dtype == "float64",
+        backward=backward)
 
 
 def _refuse_first_call_in_capture(src: _interop.Source) -> None:
@@ -645,15 +643,16 @@ def compute_capability(device_id: int) -> int:
 
 
 def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
-                  deterministic: bool, dsinks: bool = False, dbias: np.ndarray | None = None):
-    """Run the backward on backend arrays of the caller's layout; writes dq, dk, dv (and, when
-    given, `dbias`: the float64 gradient of the bias; the CPU path).
+                  deterministic: bool, dsinks: bool = False, dbias: bool = False):
+    """Run the backward on backend arrays of the caller's layout; writes dq, dk, dv.
 
-    Returns ``(call, dsinks)``. `call`: the `_launch_bwd.BackwardCall` a later call of the same
-    signature may replay (None when there was nothing to launch), or False where it may not: the
-    CPU path, and float64, which recomputes its statistics in float64 first. `dsinks` (with
-    ``dsinks=True``, else None): the sinks' gradient ``(Hq,)``, float64 NumPy on the CPU, a CuPy
-    array in the Accum dtype on CUDA.
+    Returns ``(call, dsinks, dbias)``. `call`: the `_launch_bwd.BackwardCall` a later call of
+    the same signature may replay (None when there was nothing to launch), or False where it
+    may not: the CPU path, float64, which recomputes its statistics in float64 first, and a
+    call that asks for dsinks or dbias. `dsinks` (with ``dsinks=True``, else None): the sinks'
+    gradient ``(Hq,)``; `dbias` (with ``dbias=True``, else None): the bias's, in its shape
+    (summed over the axes it was broadcast along). Each float64 NumPy on the CPU; on CUDA a
+    torch tensor for torch callers, else a CuPy array, in the Accum dtype.
     """
     do4, q4, k4, v4, o4, dq4, dk4, dv4 = (
         to_bshd(x, problem) for x in (dob, qb, kb, vb, ob, dqb, dkb, dvb))
@@ -662,12 +661,14 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
 
         # The CPU path recomputes the row statistics itself; lse was only validated.
         sinks_grad = np.zeros(problem.heads_q) if dsinks else None
+        bias_grad = np.zeros(_bias_shape4(problem)) if dbias else None
         dq, dk, dv = _cpu.backward(do4, q4, k4, v4, o4, variant=problem.variant,
                                    scale=problem.scale, alibi_slopes=problem.alibi_slopes,
                                    sinks=problem.sinks, bias=problem.bias, mask=problem.mask,
-                                   dsinks=sinks_grad, dbias=dbias)
+                                   dsinks=sinks_grad, dbias=bias_grad)
         dq4[...], dk4[...], dv4[...] = dq, dk, dv
-        return False, sinks_grad
+        return False, sinks_grad, None if bias_grad is None else \
+            bias_grad.reshape(problem.bias.shape)
     from cuflash import _launch, _launch_bwd
 
     lse3 = lseb if problem.batched else lseb[None]
@@ -676,8 +677,15 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
     cc = compute_capability(device_id)
     alloc = _interop.allocator(src)
     stream = _interop.current_stream(src)
-    replayable = True
+    replayable = not (dsinks or dbias)
     mods = _mods_on_device(problem)
+    full_dbias = None
+    if dbias:  # the kernels write dS per (row, key) they visit, [key][query]; zeros elsewhere
+        full_dbias = _interop.empty_backend(
+            (problem.batch, problem.heads_q, problem.seqlen_k, problem.seqlen_q),
+            "float64" if problem.dtype == "float64" else "float32", src)
+        full_dbias.fill(0)
+        mods = replace(mods, dbias=full_dbias)
     if problem.dtype == "float64":
         lse3 = _interop.empty_backend(lse3.shape, "float64", src)
         scratch = _interop.empty_backend(o4.shape, "float64", src)
@@ -709,7 +717,33 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
              stream,
              keeping if dsinks else alloc)
     sinks_grad = _sinks_gradient(problem, lse3, scratch) if dsinks else None
-    return (call if replayable else False), sinks_grad
+    bias_grad = None if full_dbias is None else _bias_gradient(problem, full_dbias)
+    return (call if replayable else False), sinks_grad, bias_grad
+
+
+def _bias_shape4(problem: Problem) -> tuple[int, ...]:
+    """The bias's shape with the leading axes it leaves out as 1: 4-D."""
+    return (1,) * (4 - problem.bias.ndim) + problem.bias.shape
+
+
+def _bias_gradient(problem: Problem, full):
+    """The bias's gradient in its shape from the kernels' `full` dS (B, Hq, Sk, Sq), summed over
+    the axes the bias was broadcast along; by the caller's framework (torch for torch inputs,
+    so that its temporaries come from torch's allocator; CuPy otherwise), on the current
+    stream."""
+    grad = full.swapaxes(2, 3)
+    target = _bias_shape4(problem)
+    axes = tuple(a for a in range(4) if target[a] == 1 and grad.shape[a] != 1)
+    if problem.source.framework == "torch":
+        import torch
+
+        grad = torch.as_tensor(grad, device=torch.device("cuda", problem.source.device_id))
+        if axes:
+            grad = grad.sum(dim=axes, keepdim=True)
+        return grad.reshape(problem.bias.shape)
+    if axes:
+        grad = grad.sum(axis=axes, keepdims=True)
+    return grad.reshape(problem.bias.shape)
 
 
 def _sinks_gradient(problem: Problem, lse3, scratch):

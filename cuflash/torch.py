@@ -8,8 +8,8 @@ the path; CUDA kernels run on torch's current stream):
   (out, lse)``
 - ``torch.ops.cuflash.attention_bwd(dout, q, k, v, out, lse, causal, scale, layout,
   deterministic, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
-  sinks=None, bias=None, mask=None) -> (dq, dk, dv, dsinks, dbias)`` (dsinks and dbias empty
-  without sinks and bias)
+  sinks=None, bias=None, mask=None, want_dbias=False) -> (dq, dk, dv, dsinks, dbias)`` (dsinks
+  empty without sinks, dbias without `want_dbias`)
 
 Each runs the framework-agnostic core (the public :func:`cuflash.attention` /
 :func:`cuflash.attention_backward` on detached tensors), has a fake (meta) implementation for
@@ -73,8 +73,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
             a tensor that requires grad gets its gradient.
         bias: an additive tensor broadcastable to ``(B, Hq, Sq, Sk)``, as for
             :func:`cuflash.attention`; one that requires grad gets its gradient, summed over
-            the axes it was broadcast along (CPU tensors only for now: the CUDA kernels do not
-            form it yet, and a CUDA bias that requires grad raises NotImplementedError).
+            the axes it was broadcast along (on CUDA through a float32 ``(B, Hq, Sk, Sq)``
+            scratch that the backward kernels write).
         mask: a bool tensor broadcastable like `bias`, True = attend.
         layout: ``"bshd"`` or ``"bhsd"``.
         return_lse: also return the float32 log-sum-exp ``(B, Hq, Sq)`` (``(Hq, Sq)`` for 3-D);
@@ -95,9 +95,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     _checks.check_flag("return_lse", return_lse)
     left, right = _variant.check_window(window)
     cap = _variant.check_softcap(softcap)
-    if isinstance(bias, Tensor) and bias.requires_grad and bias.is_cuda:
-        raise NotImplementedError(f"bias: {api.NO_DBIAS_ON_CUDA}; detach it, or compute on the "
-                                  f"CPU, where the bias gets its gradient")
     if torch.compiler.is_compiling():
         out, lse = attention_fwd(q, k, v, causal, scale, layout, left, right, cap, alibi_slopes,
                                  sinks, bias, mask)
@@ -177,20 +174,23 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                   causal: bool, scale: float | None, layout: str, deterministic: bool,
                   window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
                   alibi_slopes: Tensor | None = None, sinks: Tensor | None = None,
-                  bias: Tensor | None = None,
-                  mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  bias: Tensor | None = None, mask: Tensor | None = None,
+                  want_dbias: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The backward op: ``(dq, dk, dv, dsinks, dbias)`` as :func:`cuflash.attention_backward`
-    (``dsinks``, ``dbias`` empty without sinks, bias)."""
+    (``dsinks`` empty without sinks; ``dbias`` empty unless `want_dbias` with a bias: on CUDA
+    it costs a float32 ``(B, Hq, Sk, Sq)`` scratch)."""
     tensors = (x.detach() for x in (dout, q, k, v, out, lse))
+    want_dbias = want_dbias and bias is not None
     grads = list(api.attention_backward(
         *tensors, causal=causal, window=(window_left, window_right), scale=scale,
         softcap=softcap, alibi_slopes=alibi_slopes, sinks=_detached(sinks), bias=_detached(bias),
         mask=mask, layout=layout, deterministic=deterministic, return_dsinks=sinks is not None,
-        return_dbias=bias is not None and not bias.is_cuda))  # see attention(): none on CUDA
+        return_dbias=want_dbias))
+
     def empty():  # one each: results may not alias one another
         return q.new_empty((0,), dtype=torch.float32)
 
-    dbias = grads.pop() if bias is not None and not bias.is_cuda else empty()
+    dbias = grads.pop() if want_dbias else empty()
     dsinks = grads.pop() if sinks is not None else empty()
     return (*grads, dsinks, dbias)
 
@@ -198,13 +198,16 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
 @attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, causal, scale, layout, deterministic,
                         window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
-                        sinks=None, bias=None, mask=None):
+                        sinks=None, bias=None, mask=None, want_dbias=False):
     def like(x):
         return q.new_empty((0,), dtype=torch.float32) if x is None else x.new_empty(x.shape)
 
-    # No dbias for a CUDA bias (attention_bwd): an empty one, as there.
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), like(sinks),
-            like(None if bias is None or bias.is_cuda else bias))
+            like(bias if want_dbias else None))
+
+
+# attention_fwd's trailing arguments' defaults, for a call that left some out
+_TRAILING_DEFAULTS = (-1, -1, 0.0, None, None, None, None)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -219,9 +222,11 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
     causal, scale, layout, *trailing = ctx.options
+    want_dbias = len(ctx.needs_input_grad) > 11 and bool(ctx.needs_input_grad[11])  # the bias
     dq, dk, dv, dsinks, dbias = attention_bwd(dout, q, k, v, out, lse, causal, scale, layout,
                                               torch.are_deterministic_algorithms_enabled(),
-                                              *trailing)
+                                              *trailing, *_TRAILING_DEFAULTS[len(trailing):],
+                                              want_dbias=want_dbias)
     # A gradient for the sinks and the bias where given (trailing 4 and 5), none for options.
     grads = [None] * len(ctx.options)
     for at, grad in ((3 + 4, dsinks), (3 + 5, dbias)):

@@ -246,6 +246,7 @@ __global__ void __launch_bounds__(
     const T* lse =
         static_cast<const T*>(p.lse) + batch * p.lse_batch_stride + head * p.lse_head_stride;
     const T* delta = static_cast<const T*>(p.delta) + head_rows;
+    const Score<ScoreKind, T> head_score = Score<ScoreKind, T>(p).for_head(p, batch, head);
 
     for (int m_tile = m_begin; m_tile < m_end; ++m_tile) {
       const int m0 = m_tile * kBlockM;
@@ -270,6 +271,7 @@ __global__ void __launch_bounds__(
 #pragma unroll
         for (int j = 0; j < Tr::kKeys; ++j) {
           const int n = tcol + j * Tr::kColThreads;
+          head_score.record(ds[i][j], m0 + r, n0 + n);  // a bias's gradient (score.cuh's Mods)
           sPt[n * Tr::kLdT + r] = prob[i][j];
           sDst[n * Tr::kLdT + r] = ds[i][j];
           sDs[r * Tr::kLdS + n] = ds[i][j];

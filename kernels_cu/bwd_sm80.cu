@@ -769,6 +769,7 @@ bwd_dq_sm80(const __grid_constant__ BwdParams p) {
   // lse (log2 units) and scale * delta of this thread's rows: r = 2 * mt + h is row warp_row0 +
   // 16 mt + 8 h + g. Rows past seqlen_q get lse = +inf, delta = 0: P = 0 and dS = 0 there.
   const float scale = static_cast<float>(p.scale);
+  const float unscale = static_cast<float>(1.0 / p.scale);  // dS back to the scaled score's
   float row_lse2[2 * kMTiles], row_delta[2 * kMTiles];
   {
     const float* lse =
@@ -859,6 +860,9 @@ bwd_dq_sm80(const __grid_constant__ BwdParams p) {
           if (masked && (c > last || (Mask<MaskKind>::kLeft && c < first))) x = 0.f;
           dp[mt][nt][2 * h + e] = x * fmaf(dp[mt][nt][2 * h + e], scale, -row_delta[r]) *
                                   score.slope(modified, row, col);
+          // a bias's gradient (score.cuh's Mods): here, not in bwd_dkdv_sm80, which has no
+          // registers left for it, so a call that asks for dbias runs this kernel
+          score.record(dp[mt][nt][2 * h + e] * unscale, row, col);
         }
       }
     }

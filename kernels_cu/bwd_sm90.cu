@@ -276,6 +276,7 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
     const int q_col0 = Tr::kSplitD ? consumer * Tr::kConsumerQueries : 0;  // its S^T columns
     const int d_col0 = Tr::kSplitD ? consumer * Tr::kConsumerDims : 0;     // its dK, dV columns
     const float scale = static_cast<float>(p.scale);
+    const float unscale = static_cast<float>(1.0 / p.scale);  // dS back to the scaled score's
     const bool ragged_keys = n0 + kBlockN > p.seqlen_k;
 
     float acc_dk[kDTiles][4], acc_dv[kDTiles][4];
@@ -388,6 +389,13 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
           for (int h = 0; h < 2; ++h) {
             dpt[j][2 * h] = st[j][2 * h] * fmaf(dpt[j][2 * h], scale, -d.x);
             dpt[j][2 * h + 1] = st[j][2 * h + 1] * fmaf(dpt[j][2 * h + 1], scale, -d.y);
+          }
+          // dS unscaled: a bias's gradient (score.cuh's Mods); at D 64 the store spills, and
+          // _launch_bwd sends a call that asks for dbias to the sm80 kernels
+          if constexpr (kHeadDim > 64) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              step_score.record(dpt[j][e] * unscale, row_of(j, e), key_of(e));
           }
         }
       }

@@ -81,6 +81,9 @@ struct BwdParams {
   const void* alibi;  // as in FwdParams
   const void* bias;
   const void* mask;
+  // The bias's gradient, Accum (batch, heads_q, seqlen_k, seqlen_q) contiguous, key-major, zeros
+  // where no query sees the key; null: not asked for (score.cuh's Mods writes it)
+  void* dbias;
 
   int64 q_batch_stride, q_row_stride, q_head_stride;
   int64 k_batch_stride, k_row_stride, k_head_stride;

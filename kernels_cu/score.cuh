@@ -67,6 +67,7 @@ template <typename T, typename A> struct Score<NoScore, T, A> {
   __device__ __forceinline__ A operator()(A s, int, int) const { return s; }
   __device__ __forceinline__ A slope(A, int, int) const { return A(1); }
   __device__ __forceinline__ bool hides(int, int) const { return false; }
+  __device__ __forceinline__ void record(A, int, int) const {}
 };
 
 // 1 - tanh^2 for tanh = t, the derivative of a capped score; 0 for a hidden (-inf) score, whose
@@ -93,6 +94,7 @@ template <typename T, typename A> struct Score<Softcap, T, A> {
     return tanh_slope(modified * inner);  // tanh = modified * inner
   }
   __device__ __forceinline__ bool hides(int, int) const { return false; }
+  __device__ __forceinline__ void record(A, int, int) const {}
 };
 
 // Loads element `i` of a bias stored as `dtype` (its itemsize: 2 float16, 4 float32, 8 float64).
@@ -119,7 +121,16 @@ template <typename T, typename A> struct Score<Alibi, T, A> {
   }
   __device__ __forceinline__ A slope(A, int, int) const { return A(1); }
   __device__ __forceinline__ bool hides(int, int) const { return false; }
+  __device__ __forceinline__ void record(A, int, int) const {}
 };
+
+// Where a backward writes the bias's gradient (BwdParams::dbias); a forward has none.
+template <typename Params> __device__ __forceinline__ void* dbias_of(const Params&) {
+  return nullptr;
+}
+template <> __device__ __forceinline__ void* dbias_of<BwdParams>(const BwdParams& p) {
+  return p.dbias;
+}
 
 template <typename T, typename A> struct Score<Mods, T, A> {
   A decay;          // ALiBi: the head's slope / scale, the bias of one position in raw units
@@ -128,6 +139,7 @@ template <typename T, typename A> struct Score<Mods, T, A> {
   int seqlen_q, seqlen_k;
   const void* bias;  // the (batch, head) plane of the bias; null: none
   const unsigned char* mask;  // the (batch, head) plane of the mask (1: attend); null: none
+  A* dbias;  // the backward's (batch, head) plane of dbias, [key][query]; null: none
   int64 bias_row, bias_col, mask_row, mask_col;  // strides in elements (0: broadcast)
   int bias_dtype;
   template <typename Params>
@@ -139,6 +151,7 @@ template <typename T, typename A> struct Score<Mods, T, A> {
         seqlen_k(p.seqlen_k),
         bias(nullptr),
         mask(nullptr),
+        dbias(nullptr),
         bias_row(p.bias_row_stride),
         bias_col(p.bias_col_stride),
         mask_row(p.mask_row_stride),
@@ -158,6 +171,10 @@ template <typename T, typename A> struct Score<Mods, T, A> {
     if (p.mask != nullptr) {
       bound.mask = static_cast<const unsigned char*>(p.mask) + batch * p.mask_batch_stride +
                    head * p.mask_head_stride;
+    }
+    if (dbias_of(p) != nullptr) {
+      bound.dbias = static_cast<A*>(dbias_of(p)) +
+                    (static_cast<int64>(batch) * p.heads_q + head) * seqlen_q * seqlen_k;
     }
     return bound;
   }
@@ -179,6 +196,13 @@ template <typename T, typename A> struct Score<Mods, T, A> {
   }
   // Added terms: the derivative is 1 (a hidden score's P is 0, so its dS is 0 anyway).
   __device__ __forceinline__ A slope(A, int, int) const { return A(1); }
+  // The backward's dS of row `row`, key `col` (the loss's derivative by the scaled score, which
+  // is the bias's), written where dbias is asked for.
+  __device__ __forceinline__ void record(A ds, int row, int col) const {
+    if (dbias != nullptr && inside(row, col)) {
+      dbias[static_cast<int64>(col) * seqlen_q + row] = ds;
+    }
+  }
 };
 
 }  // namespace cuflash

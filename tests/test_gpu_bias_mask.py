@@ -146,25 +146,42 @@ def test_hidden_nan_values_do_not_leak():
                                cupy.asnumpy(clean).astype(np.float32), rtol=2e-3, atol=2e-3)
 
 
-def test_torch_bias_that_requires_grad_is_refused_on_cuda():
+@pytest.mark.parametrize("bias_shape", [(2, 4, 70, 90), (4, 1, 90), (70, 90)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_bias_gradient_on_cuda_matches_reference(bias_shape, dtype, kernel_path):
+    """dbias from the CUDA kernels (the dK/dV kernels write dS where asked): through torch
+    autograd and `attention_backward(return_dbias=True)`, summed over the broadcast axes,
+    against the float64 reference; with a mask and causal, GQA, the Hopper path for bf16."""
     torch = pytest.importorskip("torch")
     import cuflash.torch as ct
 
-    case = Case(batch=1, seqlen_q=16, seqlen_k=16, heads_q=2, heads_kv=2, head_dim=32,
-                dtype="bfloat16")
-    q, k, v = (x.requires_grad_() for x in make_inputs(case, torch_cuda(), 1))
-    bias = torch.zeros(16, 16, device="cuda", requires_grad=True)
-    with pytest.raises(NotImplementedError, match=r"^bias: the CUDA kernels do not form the "
-                                                  r"bias's gradient yet"):
-        ct.attention(q, k, v, bias=bias)
-    out = ct.attention(q, k, v, bias=bias.detach(), mask=torch.ones(16, 16, dtype=torch.bool,
-                                                                     device="cuda"))
-    out.float().sum().backward()
-    assert q.grad is not None and bool(torch.isfinite(q.grad).all())
-    with pytest.raises(NotImplementedError, match=r"^return_dbias: the CUDA kernels"):
-        cuflash.attention_backward(out.detach(), q.detach(), k.detach(), v.detach(),
-                                   out.detach(), torch.zeros(1, 2, 16, device="cuda"),
-                                   bias=bias.detach(), return_dbias=True)
+    case = Case(batch=2, seqlen_q=70, seqlen_k=90, heads_q=4, heads_kv=2, head_dim=64,
+                dtype=dtype, causal=True)
+    rng = np.random.default_rng(3)
+    q, k, v = (x.requires_grad_() for x in make_inputs(case, torch_cuda(), 5))
+    dout = make_dout(case, torch_cuda(), 5)
+    bias64 = rng.standard_normal(bias_shape)
+    mask64 = rng.random((70, 90)) < 0.8
+    bias = torch.tensor(bias64, device="cuda", dtype=torch.float32, requires_grad=True)
+    mask = torch.tensor(mask64, device="cuda")
+    out = ct.attention(q, k, v, causal=True, bias=bias, mask=mask)
+    out.backward(dout)
+    q4, k4, v4, do4 = (to_numpy(x.detach()).astype(np.float64) for x in (q, k, v, dout))
+    used = to_numpy(bias.detach()).astype(np.float64)
+    refs = reference.attention_grads(do4, q4, k4, v4, causal=True, bias=used, mask=mask64)
+    tol = 2e-2 if dtype == "bfloat16" else 1e-4
+    scale = np.abs(refs["bias"]).max()
+    np.testing.assert_allclose(to_numpy(bias.grad), refs["bias"], atol=tol * scale, rtol=tol)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        np.testing.assert_allclose(to_numpy(x.grad), refs[name], atol=tol * 5, rtol=tol * 5,
+                                   err_msg=f"d{name}")
+    o, lse = cuflash.attention(q.detach(), k.detach(), v.detach(), causal=True,
+                               bias=bias.detach(), mask=mask, return_lse=True)
+    *_, dbias = cuflash.attention_backward(dout, q.detach(), k.detach(), v.detach(), o, lse,
+                                           causal=True, bias=bias.detach(), mask=mask,
+                                           return_dbias=True)
+    assert tuple(dbias.shape) == bias_shape and dbias.dtype == torch.float32
+    np.testing.assert_allclose(to_numpy(dbias), refs["bias"], atol=tol * scale, rtol=tol)
 
 
 def test_torch_compile_traces_bias_and_mask():

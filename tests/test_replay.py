@@ -132,6 +132,10 @@ def test_side_pointers_follow_the_kernels_order_and_copy_slopes_and_sinks():
                         fw.pointer(mask))
     np.testing.assert_array_equal(copies[1], [[0, 1, 2], [0, 1, 2]])
     assert both((None, sinks, None, None))[0][1:] == (0, 0, 0)
+    backward = _replay.SidePointers(fw, sinks=False, mods=True, sinks_shape=(3,),
+                                    slopes_shape=(2, 3), float64=False, backward=True)
+    pointers, _ = backward((None, sinks, bias, None))
+    assert pointers == (0, fw.pointer(bias), 0, 0)  # slopes, bias, mask, then a null dbias
     only_sinks = _replay.SidePointers(fw, sinks=True, mods=False, sinks_shape=(3,),
                                       slopes_shape=(2, 3), float64=True)
     pointers, keep = only_sinks((None, sinks, None, None))
