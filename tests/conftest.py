@@ -1,8 +1,18 @@
-"""Fixtures shared by the GPU test modules."""
+"""Fixtures shared by the GPU test modules, and the Hypothesis profile of CI."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from hypothesis import settings
+
+# CI (the environment sets CI) draws the same examples on every run: a failure there can be
+# reproduced, and whether a commit lands does not hang on a fresh draw. Everywhere else, and in
+# the long fuzz runs (CUFLASH_FUZZ_EXAMPLES), each run draws new examples.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(params=["dispatch", "sm80"])
