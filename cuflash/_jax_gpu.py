@@ -11,6 +11,11 @@ addresses and launches the planned `KernelCall`s on that stream. It allocates no
 nothing and never synchronises; the backward's scratch (delta and the dq accumulator) is one more
 output of its callback, so XLA allocates it and JAX's memory accounting sees it. That also makes
 the callbacks safe to record into XLA's command buffers (CUDA graphs), which they declare.
+
+The score modifications' arrays are buffers of the callbacks too: the sinks (Accum ``(Hq,)``),
+the ALiBi slopes (an Accum ``(B, Hq)`` copy made in the compiled function) and the bias and the
+mask in `_jax_trace`'s canonical shapes, dense, which the plans read as ``(B, Hq, Sq, Sk)`` with
+stride 0 along every axis of extent 1 (as `cuflash.attention` broadcasts them on the device).
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ import functools
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cuflash import _checks, _launch, _launch_bwd, api
+from cuflash._launch_common import MOD_POINTERS, NO_MODS, Mods
 
 _ALIGNMENT = 16  # bytes: what the plans assume of every buffer's address
 
@@ -59,36 +66,95 @@ def accum_dtype(dtype: str) -> np.dtype:
     return _launch_bwd.accum_dtype(dtype)
 
 
-def forward(q, k, v, *sinks, problem: api.Problem):
-    """``(out, lse)`` of traced q, k, v (the caller's layout), and the sinks ``(Hq,)`` in
-    `accum_dtype` where given; lse in `accum_dtype`."""
+def forward(q, k, v, *side, problem: api.Problem, names: tuple[str, ...] = ()):
+    """``(out, lse)`` of traced q, k, v (the caller's layout) and the score modifications'
+    arrays `side`, named by `names` (`_jax_trace.ScoreArrays` fields, canonical: the sinks
+    ``(Hq,)`` in `accum_dtype`); lse in `accum_dtype`."""
     from jax.experimental.buffer_callback import buffer_callback
 
     _check_grid(problem)
-    plans = {device: _plan_forward(problem, device, bool(sinks)) for device in _devices()}
+    side = _slopes_as_kernels_read(side, names, problem)
+    mods = _mod_placeholders(side, names, problem)
+    plans = {device: _plan_forward(problem, device, "sinks" in names, mods)
+             for device in _devices()}
     shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype),
               jax.ShapeDtypeStruct(problem.lse_shape(), accum_dtype(problem.dtype)))
     # vmap is folded into the batch before it gets here (`_jax_trace`); "sequential" would be
     # right too: each call at the planned shapes.
-    launch = buffer_callback(_ForwardLaunch(plans), shapes, vmap_method="sequential",
+    if problem.variant.reads_arrays:  # a null sinks pointer is no sinks
+        order = _order(names, ("sinks", *_MOD_NAMES), True)
+    else:
+        order = _order(names, ("sinks",), "sinks" in names)
+    launch = buffer_callback(_ForwardLaunch(plans, order), shapes, vmap_method="sequential",
                              command_buffer_compatible=True)
-    return launch(q, k, v, *sinks)
+    return launch(q, k, v, *side)
 
 
-def backward(dout, q, k, v, out, lse, problem: api.Problem):
-    """``(dq, dk, dv)`` of traced arrays; lse in `accum_dtype`, as `forward` returns it."""
+def backward(dout, q, k, v, out, lse, *side, problem: api.Problem, names: tuple[str, ...] = ()):
+    """``(dq, dk, dv)`` of traced arrays; lse in `accum_dtype`, as `forward` returns it; `side`
+    the slopes, the bias and the mask named by `names`, as `forward` takes them (the sinks
+    reach the backward only through lse)."""
     from jax.experimental.buffer_callback import buffer_callback
 
     _check_grid(problem)
-    plans = {device: _plan_backward(problem, device) for device in _devices()}
+    side = _slopes_as_kernels_read(side, names, problem)
+    mods = _mod_placeholders(side, names, problem)
+    plans = {device: _plan_backward(problem, device, mods) for device in _devices()}
     scratch = max((plan.scratch_bytes for plan in plans.values() if plan is not None),
                   default=0)
     shapes = (*(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)),
               jax.ShapeDtypeStruct((scratch,), np.uint8))
-    launch = buffer_callback(_BackwardLaunch(plans), shapes, vmap_method="sequential",
+    order = _order(names, _MOD_NAMES, problem.variant.reads_arrays)
+    launch = buffer_callback(_BackwardLaunch(plans, order), shapes, vmap_method="sequential",
                              command_buffer_compatible=True)
-    dq, dk, dv, _ = launch(dout, q, k, v, out, lse)
+    dq, dk, dv, _ = launch(dout, q, k, v, out, lse, *side)
     return dq, dk, dv
+
+
+# `_jax_trace.ScoreArrays` names of the arrays of `_launch_common.Mods`, in MOD_POINTERS order.
+_MOD_NAMES = ("alibi_slopes", "bias", "mask")
+assert len(_MOD_NAMES) == len(MOD_POINTERS)
+
+
+def _order(names: tuple[str, ...], fields: tuple[str, ...], used: bool) -> tuple:
+    """For each of the kernels' pointer `fields` after the caller's arrays, the position in
+    `names` of the buffer that fills it, or None for a null pointer; no fields unless `used`."""
+    if not used:
+        return ()
+    return tuple(names.index(field) if field in names else None for field in fields)
+
+
+def _slopes_as_kernels_read(side: tuple, names: tuple[str, ...], problem: api.Problem) -> tuple:
+    """`side` with the ALiBi slopes (``(B, Hq)``, ``(Hq,)`` without a batch axis) as the kernels
+    read them: a dense Accum ``(B, Hq)`` array (`api._mods_on_device`)."""
+    if "alibi_slopes" not in names:
+        return side
+    at = names.index("alibi_slopes")
+    slopes = jnp.broadcast_to(side[at].astype(accum_dtype(problem.dtype)),
+                              (problem.batch, problem.heads_q))
+    return (*side[:at], slopes, *side[at + 1:])
+
+
+def _mod_placeholders(side: tuple, names: tuple[str, ...], problem: api.Problem) -> Mods:
+    """The `Mods` the plans read strides from (NO_MODS for a variant without them): the
+    slopes dense ``(B, Hq)``; the bias and the mask as ``(B, Hq, Sq, Sk)`` views of dense
+    buffers of their canonical shapes, stride 0 along every axis of extent 1."""
+    if not problem.variant.reads_arrays:
+        return NO_MODS
+    given = dict(zip(names, side, strict=True))
+    found = {}
+    if "alibi_slopes" in given:
+        found["alibi"] = _dense((problem.batch, problem.heads_q), given["alibi_slopes"].dtype,
+                                True)
+    full = (problem.batch, problem.heads_q, problem.seqlen_q, problem.seqlen_k)
+    for name in ("bias", "mask"):
+        if name in given:
+            x = given[name]
+            dense = _dense((1,) * (4 - x.ndim) + tuple(x.shape), x.dtype, True)
+            strides = tuple(0 if n == 1 else s for n, s in zip(dense.shape, dense.strides,
+                                                               strict=True))
+            found[name] = Placeholder(full, strides, x.dtype)
+    return Mods(**found)
 
 
 def _check_grid(problem: api.Problem) -> None:
@@ -149,9 +215,11 @@ def _k_shaped(problem: api.Problem) -> tuple[int, ...]:
     return problem.caller_shape(problem.seqlen_k, problem.heads_kv)
 
 
-def _plan_forward(problem: api.Problem, device_id: int, sinks: bool = False):
+def _plan_forward(problem: api.Problem, device_id: int, sinks: bool = False,
+                  mods: Mods = NO_MODS):
     """The forward's `KernelCall` on one device (None: nothing to compute); with `sinks`, its
-    launches take the sinks' address after lse's."""
+    launches take the sinks' address after lse's, and then, for a variant that reads them,
+    the addresses of the arrays of `mods` (whose strides the plan reads)."""
     import cupy
 
     q, out = (dense_bshd(_q_shaped(problem), problem.dtype, problem) for _ in range(2))
@@ -159,11 +227,13 @@ def _plan_forward(problem: api.Problem, device_id: int, sinks: bool = False):
     with cupy.cuda.Device(device_id):
         return _launch.plan_forward(q, k, v, out, variant=problem.variant, scale=problem.scale,
                                     device_id=device_id,
-                                    cc=api.compute_capability(device_id), sinks=sinks)
+                                    cc=api.compute_capability(device_id), sinks=sinks,
+                                    mods=mods)
 
 
-def _plan_backward(problem: api.Problem, device_id: int):
-    """The backward's `BackwardCall` on one device (None: nothing to compute); atomic dq."""
+def _plan_backward(problem: api.Problem, device_id: int, mods: Mods = NO_MODS):
+    """The backward's `BackwardCall` on one device (None: nothing to compute); atomic dq;
+    `mods` as for `_plan_forward`."""
     import cupy
 
     q_like = [dense_bshd(_q_shaped(problem), problem.dtype, problem) for _ in range(4)]
@@ -173,7 +243,7 @@ def _plan_backward(problem: api.Problem, device_id: int):
         return _launch_bwd.plan_backward(
             dout, q, k, v, out, _lse_placeholder(problem), dq, dk, dv,
             variant=problem.variant, scale=problem.scale, deterministic=False,
-            device_id=device_id, cc=api.compute_capability(device_id))
+            device_id=device_id, cc=api.compute_capability(device_id), mods=mods)
 
 
 # ---- the callbacks -----------------------------------------------------------------------------
@@ -191,10 +261,18 @@ def pointers(*buffers) -> tuple[int, ...]:
 
 
 class _Launch:
-    """A buffer callback's plans, one per CUDA device."""
+    """A buffer callback's plans, one per CUDA device, and `order`: for each pointer field the
+    plans take after the caller's arrays, the position among the callback's trailing buffers
+    of the one that fills it, or None for a null pointer (`_order`)."""
 
-    def __init__(self, plans: dict[int, object]):
+    def __init__(self, plans: dict[int, object], order: tuple = ()):
         self.plans = plans
+        self.order = order
+
+    def side_pointers(self, side) -> tuple[int, ...]:
+        """The pointers of the trailing buffers `side`, as the plans take them."""
+        found = pointers(*side)
+        return tuple(0 if at is None else found[at] for at in self.order)
 
     def plan(self, buffer):
         """The plan for the device `buffer` lives on."""
@@ -207,18 +285,18 @@ class _Launch:
 
 
 class _ForwardLaunch(_Launch):
-    def __call__(self, ctx, outs, q, k, v, *sinks) -> None:
+    def __call__(self, ctx, outs, q, k, v, *side) -> None:
         out, lse = outs
         call = self.plan(q)
         if call is not None:
-            call(pointers(q, k, v, out, lse, *sinks), ctx.stream)
+            call((*pointers(q, k, v, out, lse), *self.side_pointers(side)), ctx.stream)
 
 
 class _BackwardLaunch(_Launch):
-    def __call__(self, ctx, outs, dout, q, k, v, out, lse) -> None:
+    def __call__(self, ctx, outs, dout, q, k, v, out, lse, *side) -> None:
         dq, dk, dv, scratch = outs
         call = self.plan(q)
         if call is not None:
             (base,) = pointers(scratch)
-            call(pointers(q, k, v, out, dout, lse, dq, dk, dv), ctx.stream,
-                 lambda nbytes: (None, base))
+            call((*pointers(q, k, v, out, dout, lse, dq, dk, dv), *self.side_pointers(side)),
+                 ctx.stream, lambda nbytes: (None, base))

@@ -12,12 +12,18 @@ the one for the platform it compiles for:
 Under ``jax.vmap`` the mapped axis is folded into the batch (one launch for the whole stack; an
 unmapped operand is broadcast first). Inside ``shard_map`` the results vary over the mesh axes
 their operands vary over (callbacks know nothing of meshes, so their results are marked).
+
+The score modifications' arrays (`ScoreArrays`: sinks, ALiBi slopes, a bias, a mask) travel
+beside q, k, v, traced like them, in a canonical form (`_canonical`): the slopes ``(B, Hq)``
+(``(Hq,)`` without a batch axis), the bias and the mask 4-D ``(1 or B, ...)`` (3-D without a
+batch axis), so that ``jax.vmap`` can fold them into the batch as well.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,12 +51,30 @@ class Options:
     softcap: float = 0.0
 
 
-def validate(q, k, v, options: Options, sinks=None) -> api.Problem:
-    """Validate traced q, k, v (and sinks) while tracing, as the eager API would; raise naming
-    the argument.
+class ScoreArrays(NamedTuple):
+    """The arrays of the score modifications a call takes beside q, k, v, each a JAX array or
+    None (a pytree: None fields are no leaves). Field names are `cuflash.attention`'s keywords."""
+
+    sinks: Any = None
+    alibi_slopes: Any = None
+    bias: Any = None
+    mask: Any = None
+
+    def given(self) -> tuple[str, ...]:
+        """The names of the arrays given, in field order."""
+        return tuple(name for name, x in zip(self._fields, self, strict=True) if x is not None)
+
+
+NO_ARRAYS = ScoreArrays()
+
+
+def validate(q, k, v, options: Options, mods: ScoreArrays = NO_ARRAYS) -> api.Problem:
+    """Validate traced q, k, v (and the score modifications' arrays) while tracing, as the eager
+    API would; raise naming the argument.
 
     The stand-ins are zero-stride NumPy views of one element: they have the shapes (and, but for
-    bfloat16, the dtypes) of the traced values and cost no memory; the sinks' are zeros.
+    bfloat16, the dtypes) of the traced values and cost no memory; the sinks' and the slopes'
+    are zeros (the core reads their values: finite), the mask's False.
     """
     dtype = _dtypes.dtype_name(q.dtype)
     if dtype not in DTYPES:
@@ -61,128 +85,219 @@ def validate(q, k, v, options: Options, sinks=None) -> api.Problem:
             raise TypeError(f"{name}: expected dtype {dtype} (the dtype of q), "
                             f"got {_dtypes.dtype_name(x.dtype)}")
     stand_in = _CPU_COMPUTE.get(dtype, q.dtype)
-    sink_stand_in = None
-    if sinks is not None:
-        sink_dtype = _dtypes.dtype_name(sinks.dtype)
-        if sink_dtype not in ("float32", "float64"):
-            raise TypeError(f"sinks: expected dtype float32 or float64, got {sink_dtype}")
-        sink_stand_in = np.zeros(sinks.shape, sinks.dtype)
+    side = {}
+    for name in mods.given():
+        x = getattr(mods, name)
+        if name in ("sinks", "alibi_slopes"):
+            given = _dtypes.dtype_name(x.dtype)
+            if given not in ("float32", "float64"):
+                raise TypeError(f"{name}: expected dtype float32 or float64, got {given}")
+            side[name] = np.zeros(x.shape, x.dtype)
+        else:  # bias, mask: the core checks their dtypes on the stand-ins
+            side[name] = np.broadcast_to(np.zeros((), x.dtype), x.shape)
     problem = api.validate(*(np.broadcast_to(np.empty((), stand_in), x.shape) for x in (q, k, v)),
                            causal=options.causal, window=options.window, scale=options.scale,
-                           layout=options.layout, softcap=options.softcap, sinks=sink_stand_in)
+                           layout=options.layout, softcap=options.softcap, **side)
     return dataclasses.replace(problem, dtype=dtype)
 
 
-def forward(q, k, v, options: Options, sinks=None):
-    """``(out, lse)`` of traced q, k, v (with `sinks`, one logit per query head); lse in
+def _canonical(mods: ScoreArrays, problem: api.Problem) -> ScoreArrays:
+    """`mods` as the platforms and `_folding_vmap` take them: the sinks in the Accum dtype; the
+    slopes ``(B, Hq)`` (``(Hq,)`` for a problem without a batch axis), in their dtype; the bias
+    and the mask 4-D (leading axes of size 1 added), the first axis 1 or B (3-D, without it, for
+    a problem without a batch axis). Idempotent."""
+    found = {}
+    if mods.sinks is not None:
+        found["sinks"] = mods.sinks.astype(_jax_gpu.accum_dtype(problem.dtype))
+    if mods.alibi_slopes is not None:
+        slopes = mods.alibi_slopes
+        found["alibi_slopes"] = (jnp.broadcast_to(slopes, (problem.batch, problem.heads_q))
+                                 if problem.batched else slopes.reshape(problem.heads_q))
+    for name in ("bias", "mask"):
+        x = getattr(mods, name)
+        if x is not None:
+            x = x.reshape((1,) * (4 - x.ndim) + x.shape)
+            found[name] = x if problem.batched else x[0]
+    return ScoreArrays(**found)
+
+
+def _flat(mods: ScoreArrays) -> tuple[tuple[str, ...], tuple]:
+    """The names of the arrays `mods` gives and the arrays, in field order."""
+    names = mods.given()
+    return names, tuple(getattr(mods, name) for name in names)
+
+
+def _float_dtype(dtype) -> np.dtype:
+    """A bias's dtype as the CPU path forms its gradient: float16 in float32, else its own."""
+    return np.promote_types(dtype, np.float32)
+
+
+def forward(q, k, v, options: Options, mods: ScoreArrays = NO_ARRAYS):
+    """``(out, lse)`` of traced q, k, v (with the score modifications' arrays `mods`); lse in
     `_jax_gpu.accum_dtype` (float64 for float64)."""
-    problem = validate(q, k, v, options, sinks)
+    problem = validate(q, k, v, options, mods)
     accum = _jax_gpu.accum_dtype(problem.dtype)
     result = (jax.ShapeDtypeStruct(problem.out_shape(), q.dtype),
               jax.ShapeDtypeStruct(problem.lse_shape(), accum))
-    arrays = (q, k, v) if sinks is None else (q, k, v, sinks.astype(accum))
+    names, side = _flat(_canonical(mods, problem))
+    arrays = (q, k, v, *side)
 
     def on_platform(*arrays):
         return jax.lax.platform_dependent(
             *arrays,
-            cpu=functools.partial(_cpu_forward, options=options, out_shape=problem.out_shape(),
-                                  lse_shape=problem.lse_shape()),
-            cuda=functools.partial(_cuda_branch, _jax_gpu.forward, result, problem=problem),
+            cpu=functools.partial(_cpu_forward, options=options, names=names,
+                                  out_shape=problem.out_shape(), lse_shape=problem.lse_shape()),
+            cuda=functools.partial(_cuda_branch, functools.partial(_jax_gpu.forward, names=names),
+                                   result, problem=problem),
             default=functools.partial(_refuse, result))
 
     axes = varying_axes(*arrays)
-    outs = _folding_vmap(on_platform, _forward_jit, options, leading=3)(*arrays)
+    again = functools.partial(_forward_jit, options=options)
+    outs = _folding_vmap(on_platform, again, leading=3, names=names)(*arrays)
     return tuple(vary(x, axes) for x in outs)
 
 
-def backward(dout, q, k, v, out, lse, options: Options, sinks=None):
-    """``(dq, dk, dv)`` of traced arrays, and ``dsinks`` (in the Accum dtype) with `sinks`;
-    `lse` as `forward` returns it (or float32, as the eager path does: then float64 inputs
-    recompute theirs).
+def backward(dout, q, k, v, out, lse, options: Options, mods: ScoreArrays = NO_ARRAYS,
+             dbias: bool = False):
+    """``(dq, dk, dv)`` of traced arrays, then ``dsinks`` (in the Accum dtype) where `mods` has
+    sinks, then with `dbias` the bias's gradient (shaped and typed like the bias); `lse` as
+    `forward` returns it (or float32, as the eager path does: then float64 inputs recompute
+    theirs). The slopes and the mask get no gradient.
 
-    The platform's backward gives the sinks' gradient per batch element (so that ``jax.vmap``
-    folds it like the others); it is summed here."""
-    problem = validate(q, k, v, options, sinks)
+    The platform's backward gives the sinks' and the bias's gradients per batch element (so that
+    ``jax.vmap`` folds them like the others); they are summed here. Only the CPU forms the
+    bias's gradient: compiled for CUDA, `dbias` is refused when XLA lowers the function."""
+    problem = validate(q, k, v, options, mods)
     accum = _jax_gpu.accum_dtype(problem.dtype)
     if lse.dtype != accum:
-        lse = forward(q, k, v, options, sinks=sinks)[1]
-    if sinks is None:
-        return _kernel_backward(dout, q, k, v, out, lse, options)
-    dq, dk, dv, dsinks = _kernel_backward(dout, q, k, v, out, lse, options,
-                                          sinks=sinks.astype(accum))
-    return dq, dk, dv, dsinks.sum(axis=0) if problem.batched else dsinks
+        lse = forward(q, k, v, options, mods)[1]
+    dq, dk, dv, *rest = _kernel_backward(dout, q, k, v, out, lse, options, mods, dbias=dbias)
+    grads = [dq, dk, dv]
+    if mods.sinks is not None:
+        dsinks = rest.pop(0)
+        grads.append(dsinks.sum(axis=0) if problem.batched else dsinks)
+    if dbias:
+        per_element = rest.pop(0)
+        if problem.batched and _canonical(mods, problem).bias.shape[0] == 1:
+            per_element = per_element.sum(axis=0, keepdims=True)
+        grads.append(per_element.reshape(mods.bias.shape).astype(mods.bias.dtype))
+    return tuple(grads)
 
 
-def _kernel_backward(dout, q, k, v, out, lse, options: Options, sinks=None):
-    """``(dq, dk, dv)`` and, with `sinks` (in the Accum dtype, as lse), their gradient per
-    batch element ``(B, Hq)`` (``(Hq,)`` unbatched): the platform's backward."""
-    problem = validate(q, k, v, options, sinks)
+def _kernel_backward(dout, q, k, v, out, lse, options: Options, mods: ScoreArrays = NO_ARRAYS,
+                     dbias: bool = False):
+    """``(dq, dk, dv)``, then, with sinks (in the Accum dtype, as lse), their gradient per
+    batch element ``(B, Hq)`` (``(Hq,)`` unbatched), then with `dbias` the bias's gradient per
+    batch element (the canonical bias's shape with B first; as it is unbatched), float32
+    (float64 for a float64 bias): the platform's backward."""
+    problem = validate(q, k, v, options, mods)
+    if dbias and mods.bias is None:
+        raise ValueError("dbias: True needs a bias (the gradient of which bias?)")
+    canonical = _canonical(mods, problem)
+    names, side = _flat(canonical)
     result = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
-    arrays = (dout, q, k, v, out, lse)
-    if sinks is not None:
-        arrays += (sinks,)
+    if canonical.sinks is not None:
         result += (jax.ShapeDtypeStruct(lse.shape[:-1], lse.dtype),)
+    why = None
+    if dbias:
+        shape = canonical.bias.shape
+        result += (jax.ShapeDtypeStruct((problem.batch, *shape[1:]) if problem.batched else shape,
+                                        _float_dtype(canonical.bias.dtype)),)
+        why = (f"bias: {api.NO_DBIAS_ON_CUDA} (a bias that is differentiated); stop its "
+               f"gradient (jax.lax.stop_gradient) or compile for the CPU, where the bias gets "
+               f"its gradient")
+    arrays = (dout, q, k, v, out, lse, *side)
 
     def on_platform(*arrays):
         return jax.lax.platform_dependent(
             *arrays,
-            cpu=functools.partial(_cpu_backward, options=options),
-            cuda=functools.partial(_cuda_branch, _gpu_backward, result, problem=problem),
+            cpu=functools.partial(_cpu_backward, options=options, names=names, dbias=dbias),
+            cuda=functools.partial(_cuda_branch, functools.partial(_gpu_backward, names=names),
+                                   result, problem=problem, why=why),
             default=functools.partial(_refuse, result))
 
     axes = varying_axes(*arrays)
-    grads = _folding_vmap(on_platform, _kernel_backward_jit, options, leading=6)(*arrays)
+    again = functools.partial(_kernel_backward_jit, options=options, dbias=dbias)
+    grads = _folding_vmap(on_platform, again, leading=6, names=names)(*arrays)
     return tuple(vary(g, axes) for g in grads)
 
 
-def _gpu_backward(dout, q, k, v, out, lse, *sinks, problem: api.Problem):
+def _gpu_backward(dout, q, k, v, out, lse, *side, problem: api.Problem,
+                  names: tuple[str, ...]):
     """The kernels' backward, which reads the sinks only through lse (Accum, exact for
     float64 too); their gradient per batch element from it and ``delta = rowsum(dout * out)``:
-    ``dsinks[b, h] = -sum over rows of exp(sinks[h] - lse) * delta``."""
-    grads = _jax_gpu.backward(dout, q, k, v, out, lse, problem=problem)
-    if not sinks:
+    ``dsinks[b, h] = -sum over rows of exp(sinks[h] - lse) * delta``. The slopes, the bias and
+    the mask go to the kernels."""
+    given = dict(zip(names, side, strict=True))
+    sinks = given.pop("sinks", None)
+    grads = _jax_gpu.backward(dout, q, k, v, out, lse, *given.values(), problem=problem,
+                              names=tuple(given))
+    if sinks is None:
         return grads
     delta = jnp.sum(dout.astype(lse.dtype) * out.astype(lse.dtype), axis=-1)  # caller's layout
     if problem.layout == "bshd":
         delta = jnp.swapaxes(delta, -1, -2)  # (..., S, H) -> (..., H, S), lse's order
-    return (*grads, -jnp.sum(jnp.exp(sinks[0][:, None] - lse) * delta, axis=-1))
+    return (*grads, -jnp.sum(jnp.exp(sinks[:, None] - lse) * delta, axis=-1))
 
 
 _forward_jit = jax.jit(forward, static_argnames="options")
-_kernel_backward_jit = jax.jit(_kernel_backward, static_argnames="options")
+_kernel_backward_jit = jax.jit(_kernel_backward, static_argnames=("options", "dbias"))
 
 
 # ---- vmap: the mapped axis joins the batch -----------------------------------------------------
 
 
-def _folding_vmap(body, again, options: Options, leading: int):
+def _folding_vmap(body, again, leading: int, names: tuple[str, ...]):
     """`body` as a ``custom_vmap`` whose rule folds the mapped axis into the batch and calls
-    ``again(*folded, options=options)`` (which plans for the folded shapes).
+    ``again(*folded, mods=ScoreArrays(...))`` (which plans for the folded shapes).
 
     The first `leading` arrays `body` takes, and every array it returns, lead with the problem's
     batch axis, or have none (3-D q: then the mapped axis becomes the batch). Unmapped arrays are
-    broadcast along the mapped axis first. An array after them is the sinks ``(Hq,)``, shared by
-    the whole batch: passed on as ``sinks=``, and never mapped.
+    broadcast along the mapped axis first. After them come the score modifications' arrays
+    named by `names`, in `_canonical` form: the slopes lead with the batch axis as q does; the
+    bias and the mask lead with 1 or B (a mapped one is broadcast over the batch, an unmapped
+    one of B repeated over the mapped axis, one of 1 left as it is); the sinks, one set for the
+    whole batch, are never mapped.
     """
     fn = custom_vmap(body)
 
     @fn.def_vmap
     def rule(axis_size: int, in_batched, *arrays):
-        shared = {}
-        if len(arrays) > leading:
-            if in_batched[leading]:
-                raise NotImplementedError("sinks: cuflash.jax takes one set of sinks for the "
-                                          "whole batch; under jax.vmap they must not be mapped")
-            shared["sinks"] = arrays[leading]
-        arrays = [x if mapped else jnp.broadcast_to(x, (axis_size, *x.shape))
-                  for x, mapped in zip(arrays[:leading], in_batched[:leading], strict=True)]
-        batched = arrays[0].ndim == 5  # (mapped, B, ...) q or dout; else (mapped, S, H, D)
+        side = dict(zip(names, arrays[leading:], strict=True))
+        mapped = dict(zip(names, in_batched[leading:], strict=True))
+        if mapped.get("sinks"):
+            raise NotImplementedError("sinks: cuflash.jax takes one set of sinks for the "
+                                      "whole batch; under jax.vmap they must not be mapped")
+
+        def spread(x, is_mapped):  # an unmapped array broadcast along the mapped axis
+            return x if is_mapped else jnp.broadcast_to(x, (axis_size, *x.shape))
+
+        core = [spread(x, m) for x, m in zip(arrays[:leading], in_batched[:leading],
+                                              strict=True)]
+        if "alibi_slopes" in side:
+            side["alibi_slopes"] = spread(side["alibi_slopes"], mapped["alibi_slopes"])
+        batched = core[0].ndim == 5  # (mapped, B, ...) q or dout; else (mapped, S, H, D)
         if not batched:
-            outs = tuple(again(*arrays, options=options, **shared))
+            # The mapped axis becomes the batch: mapped arrays lead with it; unmapped 3-D bias
+            # and mask broadcast over it as they are.
+            outs = tuple(again(*core, mods=ScoreArrays(**side)))
             return outs, (True,) * len(outs)
-        batch = arrays[0].shape[1]
-        outs = again(*(x.reshape(axis_size * batch, *x.shape[2:]) for x in arrays),
-                     options=options, **shared)
+        batch = core[0].shape[1]
+
+        def fold(x):  # (mapped, B, ...) -> (mapped * B, ...)
+            return x.reshape(axis_size * batch, *x.shape[2:])
+
+        if "alibi_slopes" in side:
+            side["alibi_slopes"] = fold(side["alibi_slopes"])
+        for name in ("bias", "mask"):
+            x = side.get(name)
+            if x is None:
+                continue
+            if mapped[name]:
+                side[name] = fold(jnp.broadcast_to(x, (axis_size, batch, *x.shape[2:])))
+            elif x.shape[0] != 1:
+                side[name] = fold(jnp.broadcast_to(x, (axis_size, *x.shape)))
+        outs = again(*(fold(x) for x in core), mods=ScoreArrays(**side))
         outs = tuple(y.reshape(axis_size, batch, *y.shape[1:]) for y in outs)
         return outs, (True,) * len(outs)
 
@@ -215,47 +330,69 @@ def vary(x, axes: frozenset):
 # ---- the branches ------------------------------------------------------------------------------
 
 
-def _cpu_forward(q, k, v, *sinks, options: Options, out_shape: tuple[int, ...],
-                 lse_shape: tuple[int, ...]):
+def _cpu_forward(q, k, v, *side, options: Options, names: tuple[str, ...],
+                 out_shape: tuple[int, ...], lse_shape: tuple[int, ...]):
     compute = _CPU_COMPUTE.get(_dtypes.dtype_name(q.dtype), q.dtype)
     result = (jax.ShapeDtypeStruct(out_shape, compute), jax.ShapeDtypeStruct(lse_shape, np.float32))
 
-    def forward(q, k, v, *sinks):
+    def forward(q, k, v, *side):
         return api.attention(q, k, v, causal=options.causal, window=options.window,
-                             scale=options.scale, softcap=options.softcap,
-                             sinks=sinks[0] if sinks else None, layout=options.layout,
-                             return_lse=True)
+                             scale=options.scale, softcap=options.softcap, layout=options.layout,
+                             return_lse=True, **dict(zip(names, side, strict=True)))
 
-    out, lse = _host_call(forward, result, *(x.astype(compute) for x in (q, k, v)), *sinks)
+    out, lse = _host_call(forward, result, *(x.astype(compute) for x in (q, k, v)), *side)
     return out.astype(q.dtype), lse.astype(_jax_gpu.accum_dtype(_dtypes.dtype_name(q.dtype)))
 
 
-def _cpu_backward(dout, q, k, v, out, lse, *sinks, options: Options):
+def _cpu_backward(dout, q, k, v, out, lse, *side, options: Options, names: tuple[str, ...],
+                  dbias: bool):
     compute = _CPU_COMPUTE.get(_dtypes.dtype_name(q.dtype), q.dtype)
+    given = dict(zip(names, side, strict=True))
     result = tuple(jax.ShapeDtypeStruct(x.shape, compute) for x in (q, k, v))
-    if sinks:
-        result += (jax.ShapeDtypeStruct(lse.shape[:-1], sinks[0].dtype),)
+    if "sinks" in given:
+        result += (jax.ShapeDtypeStruct(lse.shape[:-1], given["sinks"].dtype),)
+    if dbias:
+        # float16 biases give a float32 gradient (cast back once summed, in `backward`)
+        given["bias"] = given["bias"].astype(_float_dtype(given["bias"].dtype))
+        shape = given["bias"].shape
+        result += (jax.ShapeDtypeStruct((q.shape[0], *shape[1:]) if q.ndim == 4 else shape,
+                                        given["bias"].dtype),)
+    names = tuple(given)
     call = functools.partial(api.attention_backward, causal=options.causal,
                              window=options.window, scale=options.scale,
                              softcap=options.softcap, layout=options.layout)
+    wants = {"return_dsinks": "sinks" in given, "return_dbias": dbias}
 
-    def backward(dout, q, k, v, out, lse, *sinks):
-        if not sinks:
-            return call(dout, q, k, v, out, lse)
-        if q.ndim == 3:  # unbatched: the sinks' gradient has no batch axis either
-            return call(dout, q, k, v, out, lse, sinks=sinks[0], return_dsinks=True)
-        # One call per batch element: the sinks' gradient per element (float64 exact: the CPU
-        # path recomputes its statistics rather than reading the float32 lse).
-        parts = [call(*(x[b:b + 1] for x in (dout, q, k, v, out, lse)), sinks=sinks[0],
-                      return_dsinks=True) for b in range(q.shape[0])]
+    def backward(dout, q, k, v, out, lse, *side):
+        mods = dict(zip(names, side, strict=True))
+        if not any(wants.values()):
+            return call(dout, q, k, v, out, lse, **mods)
+        if q.ndim == 3:  # unbatched: the gradients have no batch axis either
+            return call(dout, q, k, v, out, lse, **mods, **wants)
+        # One call per batch element: the sinks' and the bias's gradients per element (float64
+        # exact: the CPU path recomputes its statistics rather than reading the float32 lse).
+        parts = [call(*(x[b:b + 1] for x in (dout, q, k, v, out, lse)),
+                      **{name: _batch_element(name, x, b) for name, x in mods.items()}, **wants)
+                 for b in range(q.shape[0])]
         grads = [np.concatenate([p[i] for p in parts]) for i in range(3)]
-        return (*grads, np.stack([p[3] for p in parts]))
+        if wants["return_dsinks"]:
+            grads.append(np.stack([p[3] for p in parts]))
+        if dbias:
+            grads.append(np.concatenate([p[-1] for p in parts]))
+        return tuple(grads)
 
     # The CPU path recomputes the row statistics (from the sinks too) and only validates lse,
     # which it wants float32.
     arrays = (*(x.astype(compute) for x in (dout, q, k, v, out)), lse.astype(np.float32))
-    grads = _host_call(backward, result, *arrays, *sinks)
+    grads = _host_call(backward, result, *arrays, *given.values())
     return (*(g.astype(x.dtype) for g, x in zip(grads[:3], (q, k, v), strict=True)), *grads[3:])
+
+
+def _batch_element(name: str, x: np.ndarray, b: int) -> np.ndarray:
+    """What batch element `b` of a batched call takes of the (canonical) array `name`."""
+    if name == "sinks" or (name in ("bias", "mask") and x.shape[0] == 1):
+        return x  # one for the whole batch
+    return x[b:b + 1]
 
 
 def _host_call(fn, result, *arrays):
@@ -265,16 +402,31 @@ def _host_call(fn, result, *arrays):
     return jax.pure_callback(on_host, result, *arrays, vmap_method="sequential")
 
 
-def _cuda_branch(launch, result, *arrays, problem: api.Problem):
-    """`launch` (a `_jax_gpu` function) where this process can plan CUDA launches; elsewhere the
-    branch is never compiled (no GPU to run it), and a stand-in that says why fills it."""
+def _cuda_branch(launch, result, *arrays, problem: api.Problem, why: str | None = None):
+    """`launch` (a `_jax_gpu` function) where this process can plan CUDA launches and the
+    kernels compute the problem; elsewhere the branch is never compiled (no GPU to run it, or
+    no kernel for it: `why`, or a Dv of its own, or a softcap with ALiBi, a bias or a mask),
+    and a stand-in that says why fills it, raising when XLA lowers it for CUDA."""
     reason = _jax_gpu.unusable_reason()
     if reason is not None:
         return _refuse(result, *arrays, why=f"cannot compile for CUDA in this process: {reason}")
-    why = _checks.value_head_dim_on_cuda(problem.head_dim, problem.head_dim_v)
+    why = (why or _checks.value_head_dim_on_cuda(problem.head_dim, problem.head_dim_v)
+           or _capped_mods_on_cuda(problem))
     if why is not None:
         return _refuse(result, *arrays, why=why)
     return launch(*arrays, problem=problem)
+
+
+def _capped_mods_on_cuda(problem: api.Problem) -> str | None:
+    """Why the kernels do not compute `problem`'s score modifications together (None: they
+    do), as `cuflash.attention` says it for CUDA inputs."""
+    variant = problem.variant
+    try:
+        _checks.refuse_capped_mods_on_cuda(variant.softcap, variant.alibi, variant.bias,
+                                           variant.mask_array, "inputs compiled for CUDA")
+    except NotImplementedError as err:
+        return str(err)
+    return None
 
 
 # ---- other platforms: refused when XLA lowers the function -------------------------------------

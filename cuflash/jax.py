@@ -35,16 +35,18 @@ back from) the causal load-balanced order before sharding.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from cuflash import _checks, _dtypes, _interop, _jax_trace, _variant, api
 from cuflash._jax_ring import ring_attention, zigzag_order, zigzag_unorder
-from cuflash._jax_trace import Options
+from cuflash._jax_trace import NO_ARRAYS, Options, ScoreArrays
 
 __all__ = ["attention", "dot_product_attention", "ring_attention", "zigzag_order",
            "zigzag_unorder"]
@@ -52,9 +54,11 @@ __all__ = ["attention", "dot_product_attention", "ring_attention", "zigzag_order
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
               window: tuple[int, int] | None = None, scale: float | None = None,
-              softcap: float = 0.0, sinks: jax.Array | None = None,
-              layout: str = "bshd") -> jax.Array:
-    """Exact attention for JAX arrays, differentiable with respect to q, k, v and the sinks.
+              softcap: float = 0.0, alibi_slopes: jax.Array | None = None,
+              sinks: jax.Array | None = None, bias: jax.Array | None = None,
+              mask: jax.Array | None = None, layout: str = "bshd") -> jax.Array:
+    """Exact attention for JAX arrays, differentiable with respect to q, k, v, the sinks and
+    the bias.
 
     Args:
         q: queries, ``(B, Sq, Hq, D)`` for layout ``"bshd"`` or ``(B, Hq, Sq, D)`` for ``"bhsd"``;
@@ -67,15 +71,27 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
         window: sliding window ``(left, right)``, -1 unbounded, as for :func:`cuflash.attention`.
         scale: softmax scale, a Python number > 0; defaults to ``1 / sqrt(D)``.
         softcap: ``> 0``: logit soft-capping, as for :func:`cuflash.attention`, on every
-            backend, eager and under jit.
+            backend, eager and under jit (on CUDA not with `alibi_slopes`, `bias` or `mask`:
+            compiling that for CUDA raises NotImplementedError naming softcap).
+        alibi_slopes: ALiBi, a float32 or float64 array ``(Hq,)`` or ``(B, Hq)``, as for
+            :func:`cuflash.attention`. Traced, not differentiated: its cotangent is zero.
         sinks: attention sinks (gpt-oss), a float32 or float64 array ``(Hq,)``: each row's
             softmax denominator gains ``exp(sinks[h])``, as for :func:`cuflash.attention`.
             Differentiable (a traced value, not static); one set for the whole batch, so under
             ``jax.vmap`` it must not be mapped.
+        bias: an additive float16/32/64 array broadcastable to ``(B, Hq, Sq, Sk)`` (this order
+            in both layouts), as for :func:`cuflash.attention`. Differentiable: its gradient is
+            summed over the axes it was broadcast along, in its shape and dtype. Only the CPU
+            forms it: a bias that is differentiated raises NotImplementedError naming bias when
+            the function is compiled for CUDA, while one that is not (a constant, or under
+            ``jax.lax.stop_gradient``) costs nothing and runs on CUDA too.
+        mask: a bool array broadcastable like `bias`, True = attend; a row it hides entirely
+            gets zeros. Not differentiated.
         layout: ``"bshd"`` or ``"bhsd"``.
 
     `causal`, `window`, `scale`, `softcap` and `layout` are static (not differentiated, not
-    traced).
+    traced). Under ``jax.vmap`` the slopes, the bias and the mask may be mapped or not (the
+    mapped axis joins the batch, as q's does); the sinks may not.
 
     Returns:
         the attention output, shaped like q but with v's head dim ``Dv``, q's dtype and device.
@@ -90,15 +106,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
     q, k, v = (jnp.asarray(x) for x in (q, k, v))
     options = Options(causal, _variant.check_window(window), scale, layout,
                       _variant.check_softcap(softcap))
-    arrays = (q, k, v) if sinks is None else (q, k, v, jnp.asarray(sinks))
-    if not _concrete(*arrays):
+    mods = ScoreArrays(*(None if x is None else jnp.asarray(x)
+                         for x in (sinks, alibi_slopes, bias, mask)))
+    if not _concrete(q, k, v, *mods):
         # Inside shard_map: operands that vary over fewer mesh axes than the others are marked
         # as varying over all of them, outside the custom_vjp, so that JAX sums their gradients.
-        axes = _jax_trace.varying_axes(*arrays)
-        arrays = tuple(_jax_trace.vary(x, axes) for x in arrays)
-    if sinks is None:
-        return _attention(*arrays, options)
-    return _attention_sinks(*arrays, options)
+        axes = _jax_trace.varying_axes(q, k, v, *jax.tree.leaves(mods))
+        q, k, v = (_jax_trace.vary(x, axes) for x in (q, k, v))
+        mods = jax.tree.map(lambda x: _jax_trace.vary(x, axes), mods)
+    if not mods.given():
+        return _attention(q, k, v, options)
+    return _attention_mods(q, k, v, mods, options)
 
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
@@ -199,53 +217,76 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention_sinks(q, k, v, sinks, options: Options):
-    return _forward(q, k, v, options, sinks)[0]
+def _attention_mods(q, k, v, mods: ScoreArrays, options: Options):
+    return _forward(q, k, v, options, mods)[0]
 
 
-def _attention_sinks_fwd(q, k, v, sinks, options: Options):
-    out, lse = _forward(q, k, v, options, sinks)
-    return out, (q, k, v, sinks, out, lse)
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _Wants:
+    """Which gradients the backward forms beyond q's, k's, v's and the sinks': a residual of
+    no leaves (static: part of the residuals' tree structure)."""
+
+    dbias: bool
 
 
-def _attention_sinks_bwd(options: Options, residuals, dout):
-    q, k, v, sinks, out, lse = residuals
-    *grads, dsinks = _backward(dout, q, k, v, out, lse, options, sinks)
-    return (*grads, dsinks.astype(sinks.dtype))
+def _attention_mods_fwd(q, k, v, mods, options: Options):
+    # symbolic_zeros: every array comes as a CustomVJPPrimal (.value, .perturbed). A bias that
+    # is not differentiated gets no gradient formed, which is what lets it run on CUDA.
+    wants = _Wants(dbias=mods.bias is not None and mods.bias.perturbed)
+    q, k, v = (x.value for x in (q, k, v))
+    mods = ScoreArrays(*(None if x is None else x.value for x in mods))
+    out, lse = _forward(q, k, v, options, mods)
+    return out, (q, k, v, mods, out, lse, wants)
 
 
-_attention_sinks.defvjp(_attention_sinks_fwd, _attention_sinks_bwd)
+def _attention_mods_bwd(options: Options, residuals, dout):
+    q, k, v, mods, out, lse, wants = residuals
+    if isinstance(dout, SymbolicZero):  # the output takes no part in the differentiated value
+        return None, None, None, None
+    dq, dk, dv, *rest = _backward(dout, q, k, v, out, lse, options, mods, dbias=wants.dbias)
+    dsinks = rest.pop(0).astype(mods.sinks.dtype) if mods.sinks is not None else None
+    dbias = rest.pop(0) if wants.dbias else None
+    # None: no cotangent (zeros) for the slopes, the mask, and a bias not differentiated.
+    return dq, dk, dv, ScoreArrays(sinks=dsinks, bias=dbias)
 
 
-def _forward(q, k, v, options: Options, sinks=None):
+_attention_mods.defvjp(_attention_mods_fwd, _attention_mods_bwd, symbolic_zeros=True)
+
+
+def _forward(q, k, v, options: Options, mods: ScoreArrays = NO_ARRAYS):
     """``(out, lse)``: staged for the platform when traced or on a GPU, else the NumPy core."""
-    if not _concrete(q, k, v) or (sinks is not None and not _concrete(sinks)):
-        return _jax_trace.forward(q, k, v, options, sinks=sinks)
+    if not _concrete(q, k, v, *mods):
+        return _jax_trace.forward(q, k, v, options, mods)
     if _on_gpu(q):
-        return _compiled(_jax_trace.forward, options)(q, k, v, sinks=sinks)
+        return _compiled(_jax_trace.forward, options)(q, k, v, mods=mods)
     forward = functools.partial(api.attention, causal=options.causal, window=options.window,
-                                scale=options.scale, softcap=options.softcap, sinks=sinks,
-                                layout=options.layout, return_lse=True)
+                                scale=options.scale, softcap=options.softcap,
+                                layout=options.layout, return_lse=True, **mods._asdict())
     if _cpu_computes_in_float32(q):
         out, lse = forward(*(x.astype(jnp.float32) for x in (q, k, v)))
         return out.astype(q.dtype), lse
     return forward(q, k, v)
 
 
-def _backward(dout, q, k, v, out, lse, options: Options, sinks=None):
-    """``(dq, dk, dv)`` (and ``dsinks`` with `sinks`): staged for the platform when traced or
-    on a GPU, else the NumPy core."""
-    arrays = (dout, q, k, v, out, lse) if sinks is None else (dout, q, k, v, out, lse, sinks)
-    if not _concrete(*arrays):
-        return _jax_trace.backward(dout, q, k, v, out, lse, options, sinks=sinks)
+def _backward(dout, q, k, v, out, lse, options: Options, mods: ScoreArrays = NO_ARRAYS,
+              dbias: bool = False):
+    """``(dq, dk, dv)``, then ``dsinks`` with sinks and ``dbias`` with `dbias`: staged for the
+    platform when traced or on a GPU, else the NumPy core."""
+    if not _concrete(dout, q, k, v, out, lse, *mods):
+        return _jax_trace.backward(dout, q, k, v, out, lse, options, mods, dbias=dbias)
     if _on_gpu(q):
-        return _compiled(_jax_trace.backward, options)(dout, q, k, v, out, lse, sinks=sinks)
+        return _compiled(_jax_trace.backward, options, dbias=dbias)(dout, q, k, v, out, lse,
+                                                                    mods=mods)
+    # The core takes the arrays beside q, k, v in q's framework or NumPy: the backend views of
+    # q's (NumPy) here, so that its gradients come back as NumPy too.
+    side = {name: _interop.to_backend(x, _interop.source_of(x, name))
+            for name, x in mods._asdict().items() if x is not None}
     backward = functools.partial(api.attention_backward, causal=options.causal,
                                  window=options.window, scale=options.scale,
-                                 softcap=options.softcap, layout=options.layout)
-    if sinks is not None:
-        backward = functools.partial(backward, sinks=_interop.to_backend(sinks, _interop.source_of(
-            sinks, "sinks")), return_dsinks=True)
+                                 softcap=options.softcap, layout=options.layout,
+                                 return_dsinks=mods.sinks is not None, return_dbias=dbias,
+                                 **side)
     if lse.dtype != jnp.float32:
         # A traced forward keeps float64 statistics for float64 inputs; the core recomputes
         # those and takes float32 (it only validates them).
@@ -253,7 +294,7 @@ def _backward(dout, q, k, v, out, lse, options: Options, sinks=None):
     if _cpu_computes_in_float32(q):
         grads = _eager_backward(backward, *(x.astype(jnp.float32) for x in (dout, q, k, v, out)),
                                 lse)
-        return (*(g.astype(q.dtype) for g in grads[:3]), *grads[3:])  # dsinks keep theirs
+        return (*(g.astype(q.dtype) for g in grads[:3]), *grads[3:])  # dsinks, dbias keep theirs
     return _eager_backward(backward, dout, q, k, v, out, lse)
 
 
@@ -278,12 +319,13 @@ def _eager_backward(backward, *arrays):
 
 
 @functools.cache
-def _compiled(staged, options: Options):
-    """`staged` (`_jax_trace.forward` or `.backward`) jitted for `options`: concrete GPU arrays
-    run the kernels as a compiled call. JAX dispatches a compiled call in microseconds, where
-    the eager core would validate, plan and pass every array through DLPack each time; a new
-    shape or dtype compiles (and plans) once, as under the caller's own jit."""
-    return jax.jit(functools.partial(staged, options=options))
+def _compiled(staged, options: Options, **static):
+    """`staged` (`_jax_trace.forward` or `.backward`) jitted for `options` (and the `static`
+    keywords, the backward's `dbias`): concrete GPU arrays run the kernels as a compiled call.
+    JAX dispatches a compiled call in microseconds, where the eager core would validate, plan
+    and pass every array through DLPack each time; a new shape or dtype compiles (and plans)
+    once, as under the caller's own jit."""
+    return jax.jit(functools.partial(staged, options=options, **static))
 
 
 def _on_gpu(x) -> bool:

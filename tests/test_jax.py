@@ -275,6 +275,19 @@ check("out (2-axis)", jax.jit(two)(q, k, v), reference.attention(q, k, v, causal
 grads = jax.jit(jax.grad(loss(two), argnums=(0, 1, 2)))(q, k, v)
 for name, g, r in zip(("dq", "dk", "dv"), grads, refs):
     check(name + " (2-axis)", g, r)
+
+# A bias replicated over the batch shards (its gradient is summed over them), a mask sharded.
+bias = rng.standard_normal((4, 16, 24), dtype=np.float32)
+mask = rng.random((4, 1, 16, 24)) < 0.8
+mods = lambda q, k, v, b, m: cuflash_jax.attention(q, k, v, causal=True, bias=b, mask=m)
+mod_map = shard_map(mods, mesh=mesh, in_specs=(P("x"),) * 3 + (P(), P("x")), out_specs=P("x"))
+check("out (bias, mask)", jax.jit(mod_map)(q, k, v, bias, mask),
+      reference.attention(q, k, v, causal=True, bias=bias, mask=mask))
+grads = jax.jit(jax.grad(lambda q, k, v, b: jnp.sum(mod_map(q, k, v, b, mask) * dout),
+                         argnums=(0, 1, 2, 3)))(q, k, v, bias)
+refs = reference.attention_grads(dout, q, k, v, causal=True, bias=bias, mask=mask)
+for name, g in zip(("q", "k", "v", "bias"), grads):
+    check("d" + name + " (bias, mask)", g, refs[name])
 print("shard_map ok")
 """
 
@@ -702,3 +715,379 @@ def test_placeholders_have_the_strides_of_the_eager_views():
             view = api.to_bshd(np.empty(shape, np.float32), problem)
             stand_in = _jax_gpu.dense_bshd(shape, np.float32, problem)
             assert (stand_in.shape, stand_in.strides) == (view.shape, view.strides), case.id
+
+
+# ---- ALiBi, a bias and a mask ------------------------------------------------------------------
+
+# (layout, three_d, options, shapes of the slopes, bias, mask; sinks or not): broadcast shapes
+# of every rank, in both layouts and without a batch axis, with the masks, a softcap and sinks.
+# Sizes: B 2, Sq 7, Sk 9, Hq 4, Hkv 2, D 8.
+MOD_CASES = [
+    ("bshd", False, {"causal": True}, (4,), (7, 9), (2, 1, 7, 9), False),
+    ("bhsd", False, {"window": (3, 2)}, (2, 4), (2, 4, 7, 9), None, False),
+    ("bshd", False, {"softcap": 1.5}, None, (1, 4, 1, 9), (7, 9), True),
+    ("bhsd", False, {"causal": True}, (4,), None, (4, 1, 9), True),
+    ("bshd", True, {"causal": True}, (1, 4), (4, 7, 9), (1, 7, 9), False),
+    ("bhsd", True, {}, (4,), (1, 1, 1, 9), (9,), True),
+]
+
+
+def _mod_inputs(rng, layout: str, three_d: bool, slopes, bias, mask, sinks: bool):
+    """float64 q, k, v, dout (B 2, Sq 7, Sk 9, Hq 4, Hkv 2, D 8 in `layout`) and the score
+    modifications' arrays of the given shapes (None: none), by cuflash.attention's names."""
+    shape_q, shape_kv = ((7, 4, 8), (9, 2, 8)) if layout == "bshd" else ((4, 7, 8), (2, 9, 8))
+    lead = () if three_d else (2,)
+    q, dout = (rng.standard_normal((*lead, *shape_q)) for _ in range(2))
+    k, v = (rng.standard_normal((*lead, *shape_kv)) for _ in range(2))
+    mods = {"alibi_slopes": None if slopes is None else rng.random(slopes),
+            "bias": None if bias is None else rng.standard_normal(bias),
+            "mask": None if mask is None else rng.random(mask) < 0.7,
+            "sinks": rng.standard_normal(4) if sinks else None}
+    return (q, k, v, dout), {name: x for name, x in mods.items() if x is not None}
+
+
+@pytest.mark.parametrize("layout, three_d, options, slopes, bias, mask, sinks", MOD_CASES,
+                         ids=lambda x: str(x).replace(" ", ""))
+def test_score_mods_on_the_cpu_backend_eager_and_jitted(layout, three_d, options, slopes, bias,
+                                                         mask, sinks):
+    """alibi_slopes, bias and mask (and the sinks) through the custom_vjp: eager and jitted
+    forward and grad of q, k, v, the bias and the sinks against the float64 reference, exact
+    to float64 rounding; the bias's gradient in its own (broadcast) shape."""
+    rng = np.random.default_rng(31)
+    (q, k, v, dout), mods = _mod_inputs(rng, layout, three_d, slopes, bias, mask, sinks)
+    opts = {**options, "layout": layout}
+    want = reference.attention(q, k, v, **opts, **mods)
+    refs = reference.attention_grads(dout, q, k, v, **opts, **mods)
+    diff = [name for name in ("bias", "sinks") if name in mods]  # differentiated beside q, k, v
+
+    def fn(q, k, v, *wrt):
+        given = {**mods, **dict(zip(diff, wrt, strict=True))}
+        return cuflash_jax.attention(q, k, v, **opts, **given)
+
+    def loss(*args):
+        return jnp.sum(fn(*args) * dout)
+
+    args = (q, k, v, *(mods[name] for name in diff))
+    with jax.enable_x64(True):
+        for run in (fn, jax.jit(fn)):
+            close(run(*args), want, rtol=1e-12, atol=1e-12)
+        grad = jax.grad(loss, argnums=tuple(range(len(args))))
+        for run in (grad, jax.jit(grad), jax.jit(jax.grad(jax.checkpoint(loss),
+                                                          argnums=tuple(range(len(args)))))):
+            got = run(*args)
+            for g, name in zip(got, ("q", "k", "v", *diff), strict=True):
+                assert g.shape == np.shape(refs[name]), name
+                np.testing.assert_allclose(np.asarray(g), refs[name], rtol=1e-10, atol=1e-10,
+                                           err_msg=name)
+
+
+def test_score_mods_in_float32_with_a_float16_bias():
+    """A float16 bias with float32 q, k, v: out and gradients against the reference of the
+    values the call sees; the bias's gradient is formed in float32 and returned in float16."""
+    rng = np.random.default_rng(32)
+    q, dout = (rng.standard_normal((2, 7, 4, 8)).astype(np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((2, 9, 2, 8)).astype(np.float32) for _ in range(2))
+    bias = rng.standard_normal((4, 7, 9)).astype(np.float16)
+    slopes = rng.random(4).astype(np.float32)
+    mods = {"bias": bias, "alibi_slopes": slopes, "causal": True}
+    want = reference.attention(q, k, v, **mods)
+    refs = reference.attention_grads(dout, q, k, v, **mods)
+
+    def loss(q, k, v, bias):
+        out = cuflash_jax.attention(q, k, v, causal=True, bias=bias, alibi_slopes=slopes)
+        return jnp.sum(out * dout)
+
+    close(jax.jit(lambda *a: cuflash_jax.attention(*a, causal=True, bias=bias,
+                                                   alibi_slopes=slopes))(q, k, v),
+          want, rtol=2e-5, atol=2e-6)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, bias)
+    for g, name in zip(grads, ("q", "k", "v", "bias"), strict=True):
+        tol = 2e-3 if name == "bias" else 2e-5  # float16's rounding of the gradient
+        np.testing.assert_allclose(np.asarray(g, np.float64), refs[name], rtol=tol, atol=tol,
+                                   err_msg=name)
+    assert grads[3].dtype == jnp.float16 and grads[3].shape == bias.shape
+
+
+# (in_axes of q, k, v, slopes, bias, mask, dout): everything mapped; q alone (k, v and the
+# score arrays shared); the score arrays alone; a batch-wide bias mapped.
+MOD_VMAP_AXES = [(0, 0, 0, 0, 0, 0, 0), (0, None, None, None, None, None, 0),
+                 (None, None, None, 0, 0, 0, 0), (0, 0, 0, None, 0, None, 0)]
+
+
+@pytest.mark.parametrize("in_axes", MOD_VMAP_AXES, ids=["all", "q-only", "mods-only",
+                                                        "bias-and-qkv"])
+@pytest.mark.parametrize("three_d", [False, True], ids=["4d", "3d"])
+def test_vmap_folds_the_score_arrays_into_the_batch(in_axes, three_d):
+    """Under jax.vmap the slopes, the bias and the mask, mapped or not, join the folded batch:
+    one host call for the whole stack, forward and grad (q, k, v and the bias) equal to each
+    problem's own against the reference."""
+    rng = np.random.default_rng(33)
+    stack = 3
+    lead = () if three_d else (2,)
+    q, dout = (rng.standard_normal((stack, *lead, 7, 4, 8)) for _ in range(2))
+    k, v = (rng.standard_normal((stack, *lead, 9, 2, 8)) for _ in range(2))
+    slopes = rng.random((stack, 4))
+    bias = rng.standard_normal((stack, 4, 7, 9))  # (Hq, Sq, Sk): broadcast over the batch
+    mask = rng.random((stack, *lead, 1, 7, 9)) < 0.7
+    args = [x if axis is not None else x[0]
+            for x, axis in zip((q, k, v, slopes, bias, mask, dout), in_axes, strict=True)]
+
+    def fn(q, k, v, a, b, m):
+        return cuflash_jax.attention(q, k, v, alibi_slopes=a, bias=b, mask=m, causal=True)
+
+    def grads(q, k, v, a, b, m, do):
+        return jax.grad(lambda q, k, v, b: jnp.sum(fn(q, k, v, a, b, m) * do),
+                        argnums=(0, 1, 2, 3))(q, k, v, b)
+
+    with jax.enable_x64(True):
+        out = jax.jit(jax.vmap(fn, in_axes=in_axes[:6]))(*args[:6])
+        got = jax.jit(jax.vmap(grads, in_axes=in_axes))(*args)
+        (eqn,) = _callbacks(jax.make_jaxpr(jax.vmap(fn, in_axes=in_axes[:6]))(*args[:6]))
+    assert eqn.outvars[0].aval.shape == (stack * (2 if lead else 1), 7, 4, 8), "one call"
+    for i in range(stack):
+        one = [x[i] if axis is not None else x for x, axis in zip(args, in_axes, strict=True)]
+        mods = dict(zip(("alibi_slopes", "bias", "mask"), one[3:6], strict=True))
+        close(out[i], reference.attention(*one[:3], causal=True, **mods), rtol=1e-12,
+              atol=1e-12)
+        refs = reference.attention_grads(one[6], *one[:3], causal=True, **mods)
+        for g, name in zip(got, ("q", "k", "v", "bias"), strict=True):
+            np.testing.assert_allclose(np.asarray(g[i]), refs[name], rtol=1e-10, atol=1e-10,
+                                       err_msg=name)
+
+
+def test_nested_vmaps_over_score_arrays():
+    rng = np.random.default_rng(34)
+    q = rng.standard_normal((2, 3, 7, 4, 8)).astype(np.float32)
+    k, v = (rng.standard_normal((2, 3, 9, 2, 8)).astype(np.float32) for _ in range(2))
+    bias = rng.standard_normal((3, 4, 7, 9)).astype(np.float32)  # mapped by the inner vmap only
+    mask = rng.random((2, 1, 9)) < 0.7  # mapped by the outer vmap only
+
+    def fn(q, k, v, b, m):
+        return cuflash_jax.attention(q, k, v, bias=b, mask=m, causal=True)
+
+    nested = jax.jit(jax.vmap(jax.vmap(fn, in_axes=(0, 0, 0, 0, None)),
+                              in_axes=(0, 0, 0, None, 0)))(q, k, v, bias, mask)
+    for i in range(2):
+        for j in range(3):
+            close(nested[i, j], reference.attention(q[i, j], k[i, j], v[i, j], bias=bias[j],
+                                                    mask=mask[i], causal=True),
+                  rtol=1e-5, atol=1e-5)
+
+
+def test_a_bias_not_differentiated_gets_no_gradient_formed():
+    """With symbolic zeros, a bias the caller does not differentiate costs no gradient: the
+    backward's host call returns dq, dk, dv only; the slopes get a zero cotangent; a bias
+    under stop_gradient gets zeros."""
+    rng = np.random.default_rng(35)
+    q = rng.standard_normal((2, 7, 4, 8)).astype(np.float32)
+    k, v = (rng.standard_normal((2, 9, 2, 8)).astype(np.float32) for _ in range(2))
+    bias = rng.standard_normal((4, 7, 9)).astype(np.float32)
+    slopes = rng.random(4).astype(np.float32)
+
+    def loss(q, b, a):
+        return cuflash_jax.attention(q, k, v, bias=b, alibi_slopes=a, causal=True).sum()
+
+    def outputs_of_backward(argnums):
+        calls = _callbacks(jax.make_jaxpr(jax.grad(loss, argnums=argnums))(q, bias, slopes))
+        return [len(eqn.outvars) for eqn in calls][1:]  # after the forward's
+
+    assert outputs_of_backward((0,)) == [3], "dq, dk, dv only"
+    assert outputs_of_backward((0, 1)) == [4], "and dbias"
+    dq, dslopes = jax.jit(jax.grad(loss, argnums=(0, 2)))(q, bias, slopes)
+    np.testing.assert_array_equal(np.asarray(dslopes), np.zeros(4, np.float32))
+    refs = reference.attention_grads(np.ones((2, 7, 4, 8)), q, k, v, bias=bias,
+                                     alibi_slopes=slopes, causal=True)
+    close(dq, refs["q"], rtol=2e-5, atol=2e-5)
+    stopped = jax.grad(lambda b: loss(q, jax.lax.stop_gradient(b), slopes))(bias)
+    np.testing.assert_array_equal(np.asarray(stopped), np.zeros_like(bias))
+
+
+def test_a_mask_that_hides_a_row_gives_zeros_and_lse_minus_inf():
+    rng = np.random.default_rng(36)
+    with jax.enable_x64(True):
+        q, dout = (rng.standard_normal((2, 7, 4, 8)) for _ in range(2))
+        k, v = (rng.standard_normal((2, 9, 2, 8)) for _ in range(2))
+        mask = rng.random((2, 4, 7, 9)) < 0.7
+        mask[1, 2, 3] = False  # batch 1, head 2, query 3 sees no key
+        mask[:, :, 5] = False  # query 5 sees no key in any batch or head
+        options = _jax_trace.Options(True, (-1, -1), None, "bshd")
+        mods = _jax_trace.ScoreArrays(mask=jnp.asarray(mask))
+        out, lse = jax.jit(_jax_trace.forward, static_argnames="options")(q, k, v, options,
+                                                                          mods=mods)
+        ref_out, ref_lse = reference.attention(q, k, v, causal=True, mask=mask, return_lse=True)
+        assert np.isneginf(np.asarray(lse)[1, 2, 3]) and np.all(np.isneginf(lse[:, :, 5]))
+        np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+        finite = np.isfinite(ref_lse)  # the CPU path's lse is float32
+        close(np.asarray(lse)[finite], ref_lse[finite], rtol=1e-6, atol=1e-6)
+        close(out, ref_out, rtol=1e-12, atol=1e-12)
+        got = cuflash_jax.attention(q, k, v, causal=True, mask=mask)
+        np.testing.assert_array_equal(np.asarray(got)[1, 3, 2], np.zeros(8))
+        np.testing.assert_array_equal(np.asarray(got)[:, 5], np.zeros((2, 4, 8)))
+        grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(cuflash_jax.attention(
+            q, k, v, causal=True, mask=mask) * dout), argnums=(0, 1, 2)))(q, k, v)
+        refs = reference.attention_grads(dout, q, k, v, causal=True, mask=mask)
+        for g, name in zip(grads, "qkv", strict=True):
+            np.testing.assert_allclose(np.asarray(g), refs[name], rtol=1e-10, atol=1e-10)
+        np.testing.assert_array_equal(np.asarray(grads[0])[:, 5], np.zeros((2, 4, 8)))
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"bias": np.zeros((3, 5, 7))}, ValueError,
+     r"^bias: expected a shape broadcastable to \(B, Hq, Sq, Sk\) = \(2, 4, 5, 7\), got "
+     r"\(3, 5, 7\)"),
+    ({"bias": np.zeros((1, 2, 4, 5, 7), np.float32)}, ValueError, "^bias: expected a shape"),
+    ({"bias": np.zeros((5, 7), np.int32)}, TypeError,
+     "^bias: expected dtype float16 or float32 or float64, got int32"),
+    ({"mask": np.ones((5, 7), np.float32)}, TypeError, "^mask: expected dtype bool, got float32"),
+    ({"mask": np.ones((5, 8), bool)}, ValueError, "^mask: expected a shape broadcastable"),
+    ({"alibi_slopes": np.ones(3, np.float32)}, ValueError,
+     r"^alibi_slopes: expected shape \(4,\) or \(2, 4\) \(Hq, or B and Hq\), got \(3,\)"),
+    ({"alibi_slopes": np.ones(4, np.float16)}, TypeError,
+     "^alibi_slopes: expected dtype float32 or float64, got float16"),
+])
+def test_score_arrays_are_checked_eagerly_and_while_tracing(kwargs, error, match):
+    q, k = jnp.ones((2, 5, 4, 8)), jnp.ones((2, 7, 2, 8))
+    (name, value), = kwargs.items()
+
+    def fn(q, k, x):
+        return cuflash_jax.attention(q, k, k, **{name: x})
+
+    with pytest.raises(error, match=match):
+        fn(q, k, value)
+    with pytest.raises(error, match=match):
+        jax.jit(fn).trace(q, k, jnp.asarray(value))
+
+
+def test_a_differentiated_bias_is_refused_when_lowered_for_cuda(fake_gpu):
+    """The kernels do not form the bias's gradient: compiling a gradient of the bias for CUDA
+    raises, naming bias, when XLA lowers the function (the same function lowers for the CPU);
+    a bias that is not differentiated (an argument or a constant, or under stop_gradient), the
+    slopes and the mask lower for CUDA as buffer callbacks, planned while tracing."""
+    case = Case(2, 24, 40, 4, 2, 64, dtype="bfloat16", causal=True)
+    _, (q, k, v, dout) = inputs(case, seed=37)
+    bias = jnp.ones((4, 24, 40), jnp.float32)
+    mask = jnp.ones((2, 1, 24, 40), bool)
+    slopes = jnp.ones(4, jnp.float32)
+
+    def loss(q, k, v, b):
+        return jnp.sum(cuflash_jax.attention(q, k, v, causal=True, bias=b, mask=mask,
+                                             alibi_slopes=slopes) * dout)
+
+    wrt_bias = jax.jit(jax.grad(loss, argnums=(0, 3))).trace(q, k, v, bias)
+    wrt_bias.lower(lowering_platforms=("cpu",))
+    with pytest.raises(NotImplementedError, match=r"^cuflash\.jax bias: the CUDA kernels do not "
+                                                  r"form the bias's gradient yet"):
+        wrt_bias.lower(lowering_platforms=("cuda",))
+    for step in (jax.grad(loss, argnums=(0, 1, 2)),
+                 jax.grad(lambda q, k, v, b: loss(q, k, v, jax.lax.stop_gradient(b)),
+                          argnums=(0, 1, 2, 3)),
+                 lambda q, k, v, b: jax.grad(loss, argnums=(0, 1, 2))(q, k, v, bias)):
+        text = jax.jit(step).trace(q, k, v, bias).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("xla_buffer_python_gpu_callback_cmd_buffer") == 2, "forward, backward"
+    assert not fake_gpu, "nothing is launched while tracing or lowering"
+
+
+@pytest.mark.parametrize(("mods", "named"), [
+    ({"bias": np.zeros((5, 7), np.float32)}, "bias"),
+    ({"alibi_slopes": np.ones(4, np.float32), "mask": np.ones((5, 7), bool)},
+     "alibi_slopes, mask"),
+])
+def test_softcap_with_score_arrays_is_refused_when_lowered_for_cuda(monkeypatch, mods, named):
+    """The kernels do not combine a softcap with ALiBi, a bias or a mask: the CUDA lowering
+    says so, naming them; the same function lowers (and runs) on the CPU."""
+    monkeypatch.setattr(_jax_gpu, "unusable_reason", lambda: None)
+    q, k = jnp.ones((2, 5, 4, 8)), jnp.ones((2, 7, 2, 8))
+
+    def fn(q, k):
+        return cuflash_jax.attention(q, k, k, softcap=2.0, **mods)
+
+    traced = jax.jit(fn).trace(q, k)
+    traced.lower(lowering_platforms=("cpu",))
+    with pytest.raises(NotImplementedError, match=rf"^cuflash\.jax softcap: the CUDA kernels do "
+                                                  rf"not combine a softcap with {named} yet"):
+        traced.lower(lowering_platforms=("cuda",))
+    close(jax.jit(fn)(q, k), reference.attention(q, k, k, softcap=2.0, **mods))
+
+
+def test_gpu_callbacks_pass_the_score_arrays(fake_gpu, monkeypatch):
+    """The buffer callbacks of a traced call with sinks, slopes, a bias and a mask launch their
+    plans with the arrays' XLA buffers in the kernels' pointer fields, and the bias's and the
+    mask's strides as (B, Hq, Sq, Sk) views of their dense buffers (0 where broadcast)."""
+    from jax.experimental import buffer_callback as module
+
+    made = []
+
+    def recording(callback, *args, **kwargs):
+        made.append(callback)
+        return original(callback, *args, **kwargs)
+
+    original = module.buffer_callback
+    monkeypatch.setattr(module, "buffer_callback", recording)
+    b, sq, sk, hq, hkv, d = 2, 33, 40, 4, 2, 64
+    q, dout = jnp.ones((b, sq, hq, d), jnp.bfloat16), jnp.ones((b, sq, hq, d), jnp.bfloat16)
+    k = jnp.ones((b, sk, hkv, d), jnp.bfloat16)
+    sinks, slopes = jnp.ones(hq, jnp.float32), jnp.ones(hq, jnp.float32)
+    bias, mask = jnp.ones((hq, sq, sk), jnp.float16), jnp.ones((b, 1, 1, sk), bool)
+
+    def loss(q):
+        return jnp.sum(cuflash_jax.attention(q, k, k, sinks=sinks, alibi_slopes=slopes,
+                                             bias=bias, mask=mask) * dout)
+
+    jax.jit(jax.grad(loss)).trace(q).lower(lowering_platforms=("cuda",))
+    forward, backward = made
+    ctx = types.SimpleNamespace(stream=5)
+    out, lse = _Buffer(q.shape, 0x4000), _Buffer((b, hq, sq), 0x5000)
+    qkv = [_Buffer(q.shape, 0x1000), _Buffer(k.shape, 0x2000), _Buffer(k.shape, 0x3000)]
+    side = [_Buffer((hq,), 0x6000), _Buffer((b, hq), 0x7000), _Buffer((1, hq, sq, sk), 0x8000),
+            _Buffer((b, 1, 1, sk), 0x9000)]  # sinks, slopes (B, Hq), bias, mask: canonical
+    forward(ctx, (out, lse), *qkv, *side)
+    ((argv0, _),) = fake_gpu
+    params = _params(argv0, _launch.FWD_PARAMS)
+    assert [int(params[f]) for f in ("sinks", "alibi", "bias", "mask")] == [
+        0x6000, 0x7000, 0x8000, 0x9000]
+    assert int(params["bias_dtype"]) == 2
+    assert [int(params[f"bias_{a}_stride"]) for a in ("batch", "head", "row", "col")] == [
+        0, sq * sk, sk, 1]
+    assert [int(params[f"mask_{a}_stride"]) for a in ("batch", "head", "row", "col")] == [
+        sk, 0, 0, 1]
+
+    fake_gpu.clear()
+    grads = [_Buffer(x.shape, a) for x, a in ((q, 0xA000), (k, 0xB000), (k, 0xC000))]
+    scratch = _Buffer((1 << 20,), 0x100000)
+    backward(ctx, (*grads, scratch), _Buffer(q.shape, 0xD000), *qkv, out, lse, *side[1:])
+    assert fake_gpu
+    for argv0, _ in fake_gpu:
+        params = _params(argv0, _launch.BWD_PARAMS)
+        assert [int(params[f]) for f in ("alibi", "bias", "mask")] == [0x7000, 0x8000, 0x9000]
+        assert [int(params[f"mask_{a}_stride"]) for a in ("batch", "head", "row", "col")] == [
+            sk, 0, 0, 1]
+
+
+def test_eager_calls_on_a_gpu_take_the_compiled_path_with_score_arrays(monkeypatch):
+    """Concrete GPU arrays with slopes, a bias and a mask run the staged forward and backward
+    jitted once per options (and per whether the bias is differentiated); seen on the CPU
+    backend, with arrays taken for GPU ones, the same results as the eager core."""
+    from cuflash import jax as module
+
+    rng = np.random.default_rng(38)
+    q, dout = (rng.standard_normal((2, 7, 4, 8)).astype(np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((2, 9, 2, 8)).astype(np.float32) for _ in range(2))
+    bias = jnp.asarray(rng.standard_normal((4, 7, 9)).astype(np.float32))
+    mods = {"mask": jnp.asarray(rng.random((7, 9)) < 0.8),
+            "alibi_slopes": jnp.asarray(rng.random(4).astype(np.float32))}
+
+    def grads(argnums):
+        loss = lambda q, k, v, b: jnp.sum(cuflash_jax.attention(  # noqa: E731
+            q, k, v, causal=True, bias=b, **mods) * dout)
+        return jax.value_and_grad(loss, argnums=argnums)(q, k, v, bias)
+
+    eager = [grads((0, 1, 2)), grads((0, 1, 2, 3))]
+    module._compiled.cache_clear()
+    monkeypatch.setattr(module, "_on_gpu", lambda x: True)
+    staged = [grads((0, 1, 2)), grads((0, 1, 2, 3))]
+    info = module._compiled.cache_info()  # one forward; a backward with and one without dbias
+    assert (info.currsize, info.hits) == (3, 1), info
+    for (value, got), (want_value, want) in zip(staged, eager, strict=True):
+        np.testing.assert_allclose(np.asarray(value), np.asarray(want_value), rtol=1e-5)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
