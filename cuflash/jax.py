@@ -133,8 +133,13 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
         query: ``(B, T, N, H)`` or ``(T, N, H)``.
         key: ``(B, S, K, H)`` or ``(S, K, H)``, ``N % K == 0`` (GQA / MQA).
         value: shaped like `key`.
-        bias, mask, query_seq_lengths, key_value_seq_lengths: not supported yet: each must be
-            None (NotImplementedError naming it otherwise).
+        bias: an array added to the scaled logits, broadcastable to ``(B, N, T, S)`` (JAX's
+            convention, which is cuflash's ``(B, Hq, Sq, Sk)``; fewer than 4 axes get leading
+            ones, as in JAX), float16, bfloat16 (passed on as float32, exactly), float32 or
+            float64. Differentiable, on the CPU only: see `attention`'s `bias`.
+        mask: a bool array broadcastable like `bias`, True = take part in attention.
+        query_seq_lengths, key_value_seq_lengths: not supported yet: each must be None
+            (NotImplementedError naming it otherwise).
         scale: softmax scale, a Python number > 0; defaults to ``1 / sqrt(H)``.
         is_causal: JAX's causal mask, aligned top-left: query i sees key j iff ``j <= i``.
         local_window_size: ``(left, right)`` ints >= 0, or one int for both: query i sees key j
@@ -146,14 +151,16 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
         the attention output, shaped like `query`, in its dtype.
 
     JAX's masks are mapped onto cuflash's bottom-right aligned window (`cuflash.attention`'s
-    `window`), keys no query sees being cut off. One case has no such window: a left window with
-    more queries than ``S + left``, whose last queries would see no key (JAX gives them the mean
-    of all values); it raises ValueError. Differentiable with respect to query, key and value;
+    `window`), keys no query sees being cut off (and the bias's and the mask's columns with
+    them). One case has no such window: a left window with more queries than ``S + left``, whose
+    last queries would see no key (JAX gives them the mean of all values); it raises ValueError.
+    A row that `mask` (with the causal and window masks) hides entirely gets zeros, where JAX
+    gives it the mean of all values. Differentiable with respect to query, key, value and bias;
     works under every transform :func:`attention` does.
 
     See also: `attention` (cuflash's own arguments: bottom-right causal, windows, "bhsd").
     """
-    for name, given in (("bias", bias), ("mask", mask), ("query_seq_lengths", query_seq_lengths),
+    for name, given in (("query_seq_lengths", query_seq_lengths),
                         ("key_value_seq_lengths", key_value_seq_lengths)):
         if given is not None:
             raise NotImplementedError(f"{name}: not supported by cuflash.jax."
@@ -173,13 +180,23 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
         if x.ndim not in (3, 4):
             raise ValueError(f"{name}: expected (B, {axes}, H) or ({axes}, H), got shape "
                              f"{x.shape}")
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        if bias.dtype == jnp.bfloat16:  # JAX takes any float; cuflash float16/32/64
+            bias = bias.astype(jnp.float32)
+    mask = None if mask is None else jnp.asarray(mask)
     left, right = _local_window(local_window_size)
     if is_causal:
         right = 0
-    window, keys = _variant.from_top_left(left, right, query.shape[-3], key.shape[-3])
-    if keys < key.shape[-3]:
+    seqlen_k = key.shape[-3]
+    window, keys = _variant.from_top_left(left, right, query.shape[-3], seqlen_k)
+    if keys < seqlen_k:
         key, value = key[..., :keys, :, :], value[..., :keys, :, :]
-    return attention(query, key, value, window=window, scale=scale, layout="bshd")
+        # Columns of keys no query sees go with them (a column axis of 1 broadcasts as it is).
+        bias, mask = (x[..., :keys] if x is not None and x.ndim and x.shape[-1] == seqlen_k
+                      else x for x in (bias, mask))
+    return attention(query, key, value, window=window, scale=scale, bias=bias, mask=mask,
+                     layout="bshd")
 
 
 def _local_window(size) -> tuple[int, int]:

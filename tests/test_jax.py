@@ -317,9 +317,10 @@ DPA_CASES = [
 ]
 
 
-def _top_left_attention(q, k, v, *, is_causal, local_window_size, scale):
-    """jax.nn.dot_product_attention's masks spelled out in float64 (its own implementation runs
-    the softmax in float32): the oracle of the tests below."""
+def _top_left_attention(q, k, v, *, is_causal, local_window_size, scale, bias=None, mask=None):
+    """jax.nn.dot_product_attention's masks (and bias) spelled out in float64 (its own
+    implementation runs the softmax in float32): the oracle of the tests below. Every row must
+    see some key."""
     seqlen_q, seqlen_k = q.shape[-3], k.shape[-3]
     i, j = jnp.arange(seqlen_q)[:, None], jnp.arange(seqlen_k)[None, :]
     visible = jnp.ones((seqlen_q, seqlen_k), bool)
@@ -332,6 +333,10 @@ def _top_left_attention(q, k, v, *, is_causal, local_window_size, scale):
     group = q.shape[-2] // k.shape[-2]
     k, v = (jnp.repeat(x, group, axis=-2) for x in (k, v))
     logits = jnp.einsum("...tnh,...snh->...nts", q, k) * scale
+    if bias is not None:
+        logits = logits + bias
+    if mask is not None:
+        visible = visible & mask
     probabilities = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
     return jnp.einsum("...nts,...snh->...tnh", probabilities, v)
 
@@ -363,6 +368,78 @@ def test_dot_product_attention_matches_jax_nn(shapes):
             close(got, want, rtol=1e-9, atol=1e-10)
 
 
+# (query shape, key shape, is_causal, local_window_size, bias shape, mask shape), shapes in
+# JAX's (B, N, T, S) convention: broadcast axes, fewer than 4 axes, keys cut off (their columns
+# with them), GQA, a 3-D query.
+DPA_MOD_CASES = [
+    ((2, 16, 4, 8), (2, 16, 2, 8), True, None, (1, 4, 16, 16), (2, 1, 16, 16)),
+    ((2, 9, 4, 8), (2, 23, 4, 8), True, None, (2, 4, 9, 23), (9, 23)),
+    ((2, 20, 2, 8), (2, 12, 2, 8), False, (10, 0), (2, 1, 1, 12), (1, 2, 20, 12)),
+    ((2, 11, 2, 8), (2, 30, 2, 8), False, (4, 6), None, (2, 2, 11, 30)),
+    ((2, 12, 4, 8), (2, 12, 1, 8), False, None, (12, 12), None),
+    ((13, 4, 8), (19, 2, 8), True, 5, (4, 13, 19), (1, 13, 19)),
+]
+
+
+def _mask_with_visible_keys(rng, shape, seqlen_q, seqlen_k):
+    """A random mask of `shape` (its last two axes (T, S)) that leaves key min(i, S - 1) visible
+    to every query i: with JAX's top-left masks above no row is left without a key, where JAX
+    and cuflash differ (JAX: the mean of the values; cuflash: zeros)."""
+    mask = rng.random(shape) < 0.6
+    rows = np.arange(seqlen_q)
+    mask[..., rows, np.minimum(rows, seqlen_k - 1)] = True
+    return mask
+
+
+@pytest.mark.parametrize("shapes", DPA_MOD_CASES,
+                         ids=lambda c: f"q{c[0]}-k{c[1]}-causal{c[2]}-window{c[3]}-bias{c[4]}-"
+                                       f"mask{c[5]}")
+def test_dot_product_attention_with_bias_and_mask_matches_jax_nn(shapes):
+    """bias and mask in JAX's (B, N, T, S) shapes: out against jax.nn.dot_product_attention
+    (implementation="xla") and out and the gradients of query, key, value and bias against the
+    float64 oracle, jitted."""
+    q_shape, k_shape, is_causal, window, bias_shape, mask_shape = shapes
+    rng = np.random.default_rng(17)
+    with jax.enable_x64(True):
+        q, k, v = (jnp.asarray(rng.standard_normal(s)) for s in (q_shape, k_shape, k_shape))
+        dout = jnp.asarray(rng.standard_normal(q_shape))
+        bias = None if bias_shape is None else jnp.asarray(rng.standard_normal(bias_shape))
+        mask = None if mask_shape is None else jnp.asarray(
+            _mask_with_visible_keys(rng, mask_shape, q_shape[-3], k_shape[-3]))
+        options = {"is_causal": is_causal, "local_window_size": window, "scale": 0.3}
+
+        def ours(q, k, v, bias):
+            return cuflash_jax.dot_product_attention(q, k, v, bias, mask, **options)
+
+        def oracle(q, k, v, bias):
+            return _top_left_attention(q, k, v, bias=bias, mask=mask, **options)
+
+        out = jax.jit(ours)(q, k, v, bias)
+        close(out, oracle(q, k, v, bias), rtol=1e-10, atol=1e-10)
+        close(out, jax.nn.dot_product_attention(q, k, v, bias, mask, implementation="xla",
+                                                **options), rtol=1e-5, atol=1e-5)
+        argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+        grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * dout), argnums=argnums))(
+            q, k, v, bias) for f in (ours, oracle)]
+        for got, want in zip(*grads, strict=True):
+            assert got.shape == want.shape
+            close(got, want, rtol=1e-9, atol=1e-10)
+
+
+def test_dot_product_attention_takes_a_bfloat16_bias():
+    """JAX takes a bias of any float dtype; a bfloat16 one goes to cuflash as float32 (exact),
+    and its gradient comes back in bfloat16."""
+    rng = np.random.default_rng(18)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 12, 2, 16)), jnp.bfloat16) for _ in range(3))
+    bias = jnp.asarray(rng.standard_normal((1, 2, 12, 12)), jnp.bfloat16)
+    got = jax.jit(lambda *a: cuflash_jax.dot_product_attention(*a, is_causal=True))(q, k, v, bias)
+    want = jax.nn.dot_product_attention(q, k, v, bias, is_causal=True, implementation="xla")
+    close(got, want, rtol=2e-2, atol=2e-2)
+    dbias = jax.grad(lambda b: cuflash_jax.dot_product_attention(q, k, v, b).astype(
+        jnp.float32).sum())(bias)
+    assert dbias.dtype == jnp.bfloat16 and dbias.shape == bias.shape
+
+
 def test_dot_product_attention_in_float32_and_bfloat16():
     rng = np.random.default_rng(8)
     q, k, v = (jnp.asarray(rng.standard_normal((2, 33, 4, 16), dtype=np.float32))
@@ -376,8 +453,12 @@ def test_dot_product_attention_in_float32_and_bfloat16():
 
 
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
-    ({"bias": np.zeros((1, 1, 8, 8))}, NotImplementedError, "bias: not supported"),
-    ({"mask": np.ones((1, 1, 8, 8), bool)}, NotImplementedError, "mask: not supported"),
+    ({"bias": np.zeros((1, 3, 8, 8))}, ValueError,
+     r"^bias: expected a shape broadcastable to \(B, Hq, Sq, Sk\) = \(2, 2, 8, 8\), got "
+     r"\(1, 3, 8, 8\)"),
+    ({"bias": np.zeros((8, 8), np.int32)}, TypeError,
+     "^bias: expected dtype float16 or float32 or float64, got int32"),
+    ({"mask": np.ones((1, 1, 8, 8))}, TypeError, "^mask: expected dtype bool, got float32"),
     ({"query_seq_lengths": np.ones(2, np.int32)}, NotImplementedError, "query_seq_lengths"),
     ({"key_value_seq_lengths": np.ones(2, np.int32)}, NotImplementedError,
      "key_value_seq_lengths"),
