@@ -1,6 +1,7 @@
 """cuflash.jax on a GPU: eager and, inside compiled functions, the CUDA kernels as XLA buffer
 callbacks: jit, grad, value_and_grad, vmap, checkpoint, scan and shard_map against the float64
-reference by the accuracy rule; jitted results equal to eager ones; donated buffers; a training
+reference by the accuracy rule, with sinks, ALiBi slopes, a bias and a mask too (and the
+refusal of a bias's gradient); jitted results equal to eager ones; donated buffers; a training
 step recorded into XLA command buffers (CUDA graphs) equal to eager; new shapes planned again;
 no call into the host path while a compiled function runs. Skipped, with the reason printed,
 where CuPy or JAX sees no GPU.
@@ -272,6 +273,126 @@ def test_sinks_forward_and_gradients(dtype, causal, jit):
     assert_matches_reference("dsinks", f64(grads[3]), refs["sinks"],
                              naive_sinks_gradient(do64, q64, k64, v64, dtype=dtype, **opts),
                              dtype=rule, eps=EPS[rule] * floor)
+
+
+# (dtype, layout, causal, jit, slopes shape, bias shape and dtype, mask shape); B 2, Sq 150,
+# Sk 180, Hq 4, Hkv 2, D 64; bias and mask shapes (B, Hq, Sq, Sk) in both layouts.
+SCORE_ARRAY_CASES = [
+    ("bfloat16", "bshd", True, True, (4,), ((4, 150, 180), "float32"), (2, 1, 150, 180)),
+    ("float16", "bhsd", False, True, (2, 4), None, (150, 180)),
+    ("bfloat16", "bhsd", True, True, None, ((2, 1, 1, 180), "float16"), None),
+    ("float32", "bshd", True, False, None, ((2, 4, 150, 180), "float32"), (4, 1, 180)),
+    ("float64", "bshd", False, True, (4,), ((1, 1, 150, 180), "float64"), (2, 4, 150, 180)),
+]
+
+
+@pytest.mark.parametrize("dtype, layout, causal, jit, slopes, bias, mask", SCORE_ARRAY_CASES,
+                         ids=lambda x: str(x).replace(" ", ""))
+def test_score_arrays_forward_and_gradients(dtype, layout, causal, jit, slopes, bias, mask):
+    """ALiBi slopes, a bias and a mask through the kernels inside a compiled function (and
+    eagerly): out and the gradients of q, k, v against the float64 reference by the accuracy
+    rule, the bias not differentiated (the kernels do not form its gradient); jitted, nothing
+    runs on the host."""
+    from tests.accuracy import (
+        assert_matches_reference,
+        backward_eps,
+        naive_attention,
+        naive_attention_backward,
+    )
+
+    rng = np.random.default_rng(22)
+    b, s, sk, hq, hkv, d = 2, 150, 180, 4, 2, 64
+    q64, do64 = (rng.standard_normal((b, s, hq, d)) for _ in range(2))
+    k64, v64 = (rng.standard_normal((b, sk, hkv, d)) for _ in range(2))
+    mods64 = {}
+    if slopes is not None:
+        mods64["alibi_slopes"] = rng.random(slopes).astype(np.float32).astype(np.float64)
+    if bias is not None:
+        shape, bias_dtype = bias
+        mods64["bias"] = rng.standard_normal(shape).astype(bias_dtype).astype(np.float64)
+    if mask is not None:
+        mods64["mask"] = rng.random(mask) < 0.8
+    cast = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32,
+            "float64": jnp.float64}[dtype]
+
+    def caller(x):  # (B, S, H, D) in the caller's layout
+        return x if layout == "bshd" else jnp.swapaxes(x, 1, 2)
+
+    with jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext():
+        q, k, v, dout = (jnp.asarray(x, cast) for x in (q64, k64, v64, do64))
+        q64, k64, v64, do64 = (f64(x) for x in (q, k, v, dout))  # the values the call sees
+        mods = {"alibi_slopes": None if slopes is None
+                else jnp.asarray(mods64["alibi_slopes"], jnp.float32),
+                "bias": None if bias is None else jnp.asarray(mods64["bias"], bias[1]),
+                "mask": None if mask is None else jnp.asarray(mods64["mask"])}
+
+        def fn(q, k, v):
+            return cuflash_jax.attention(caller(q), caller(k), caller(v), causal=causal,
+                                         layout=layout, **mods)
+
+        def loss(q, k, v):
+            return jnp.sum(caller(fn(q, k, v)) * dout)
+
+        run = jax.jit if jit else (lambda f: f)
+        forward, grad = run(fn), run(jax.grad(loss, argnums=(0, 1, 2)))
+        if jit:
+            forward(q, k, v), grad(q, k, v)  # compile (and plan) outside the check below
+        with _host_path_refused() if jit else contextlib.nullcontext():
+            out = caller(jax.block_until_ready(forward(q, k, v)))
+            grads = jax.block_until_ready(grad(q, k, v))
+        if jit:
+            text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, k, v).as_text()
+            assert text.count(CALLBACK) == 2, "forward and backward as GPU buffer callbacks"
+    opts = {"causal": causal, **mods64}
+    ref = reference.attention(q64, k64, v64, **opts)
+    naive, _ = naive_attention(q64, k64, v64, dtype=dtype, scale=1 / np.sqrt(d), **opts)
+    assert_matches_reference("out", f64(out), ref, naive, dtype=dtype)
+    refs = reference.attention_grads(do64, q64, k64, v64, **opts)
+    naives = naive_attention_backward(do64, q64, k64, v64, dtype=dtype, scale=1 / np.sqrt(d),
+                                      **opts)
+    eps = backward_eps(do64, q64, k64, v64, dtype=dtype, scale=1 / np.sqrt(d), **opts)
+    for name, got, nv, e in zip(("dq", "dk", "dv"), grads, naives, eps, strict=True):
+        assert got.dtype == cast and got.devices() == {GPU}, name
+        assert_matches_reference(name, f64(got), refs[name[1:]], nv, dtype=dtype, eps=e)
+
+
+def test_score_arrays_under_vmap_and_their_refusals():
+    """vmap over a stack with the bias and the mask mapped: one launch for the whole stack,
+    each problem as it is on its own; a differentiated bias raises NotImplementedError naming
+    bias (the kernels do not form its gradient), and so does a softcap with a bias, while the
+    same bias gradient jitted onto the CPU of this machine is formed."""
+    rng = np.random.default_rng(23)
+    q, k, v = (jnp.asarray(rng.standard_normal((3, 2, 96, 4, 64)), jnp.bfloat16)
+               for _ in range(3))
+    bias = jnp.asarray(rng.standard_normal((3, 4, 96, 96)), jnp.float32)
+    mask = jnp.asarray(rng.random((3, 2, 1, 96, 96)) < 0.8)
+
+    def fn(q, k, v, b, m):
+        return cuflash_jax.attention(q, k, v, causal=True, bias=b, mask=m)
+
+    batched = jax.jit(jax.vmap(fn))(q, k, v, bias, mask)
+    assert jax.jit(jax.vmap(fn)).lower(q, k, v, bias, mask).as_text().count(CALLBACK) == 1
+    for i in range(3):
+        np.testing.assert_array_equal(f64(batched[i]),
+                                      f64(jax.jit(fn)(q[i], k[i], v[i], bias[i], mask[i])))
+
+    def loss(q, b):
+        return fn(q, k[0], v[0], b, mask[0]).astype(jnp.float32).sum()
+
+    with pytest.raises(NotImplementedError, match=r"bias: the CUDA kernels do not form the "
+                                                  r"bias's gradient yet"):
+        jax.jit(jax.grad(loss, argnums=1))(q[0], bias[0])
+    with pytest.raises(NotImplementedError, match=r"softcap: the CUDA kernels do not combine a "
+                                                  r"softcap with bias yet"):
+        jax.jit(lambda q: cuflash_jax.attention(q, q, q, softcap=2.0, bias=bias[0]))(q[0])
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        on_cpu = [jax.device_put(x, cpu) for x in (q[0], k[0], v[0], bias[0], mask[0])]
+        dbias = jax.jit(jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=3))(
+            *on_cpu)
+    refs = reference.attention_grads(np.ones((2, 96, 4, 64)), *(f64(x) for x in on_cpu[:3]),
+                                     causal=True, bias=f64(on_cpu[3]), mask=np.asarray(mask[0]))
+    close(dbias, refs["bias"], rtol=2e-2, atol=2e-2)
 
 
 def test_dot_product_attention_matches_jax_nn():
