@@ -20,6 +20,7 @@ stride 0 along every axis of extent 1 (as `cuflash.attention` broadcasts them on
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 
@@ -90,25 +91,34 @@ def forward(q, k, v, *side, problem: api.Problem, names: tuple[str, ...] = ()):
     return launch(q, k, v, *side)
 
 
-def backward(dout, q, k, v, out, lse, *side, problem: api.Problem, names: tuple[str, ...] = ()):
+def backward(dout, q, k, v, out, lse, *side, problem: api.Problem, names: tuple[str, ...] = (),
+             dbias: bool = False):
     """``(dq, dk, dv)`` of traced arrays; lse in `accum_dtype`, as `forward` returns it; `side`
     the slopes, the bias and the mask named by `names`, as `forward` takes them (the sinks
-    reach the backward only through lse)."""
+    reach the backward only through lse). With `dbias`, also the kernels' dS ``(B, Hq, Sk, Sq)``
+    in `accum_dtype` (`BwdParams::dbias`, zeroed in the callback), the bias's gradient before
+    its broadcast axes are summed."""
     from jax.experimental.buffer_callback import buffer_callback
 
     _check_grid(problem)
     side = _slopes_as_kernels_read(side, names, problem)
     mods = _mod_placeholders(side, names, problem)
+    full = (problem.batch, problem.heads_q, problem.seqlen_k, problem.seqlen_q)
+    if dbias:  # the plans route by it (D 64 to sm80, whose dQ kernel writes it)
+        mods = dataclasses.replace(mods, dbias=_dense(full, accum_dtype(problem.dtype), True))
     plans = {device: _plan_backward(problem, device, mods) for device in _devices()}
     scratch = max((plan.scratch_bytes for plan in plans.values() if plan is not None),
                   default=0)
     shapes = (*(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)),
               jax.ShapeDtypeStruct((scratch,), np.uint8))
-    order = _order(names, _MOD_NAMES, problem.variant.reads_arrays)
+    if dbias:
+        shapes += (jax.ShapeDtypeStruct(full, accum_dtype(problem.dtype)),)
+    # BWD_MOD_POINTERS: the slopes, the bias, the mask, then dbias (the last output, or null)
+    order = _order(names, (*_MOD_NAMES, "dbias"), problem.variant.reads_arrays)
     launch = buffer_callback(_BackwardLaunch(plans, order), shapes, vmap_method="sequential",
                              command_buffer_compatible=True)
-    dq, dk, dv, _ = launch(dout, q, k, v, out, lse, *side)
-    return dq, dk, dv
+    dq, dk, dv, _, *rest = launch(dout, q, k, v, out, lse, *side)
+    return (dq, dk, dv, *rest)
 
 
 # `_jax_trace.ScoreArrays` names of the arrays of `_launch_common.Mods`, in MOD_POINTERS order.
@@ -294,9 +304,17 @@ class _ForwardLaunch(_Launch):
 
 class _BackwardLaunch(_Launch):
     def __call__(self, ctx, outs, dout, q, k, v, out, lse, *side) -> None:
-        dq, dk, dv, scratch = outs
+        dq, dk, dv, scratch, *dbias = outs
         call = self.plan(q)
+        extra = self.side_pointers(side)
+        if dbias:  # zeros where no query sees the key: the kernels write only what they visit
+            import cupy
+
+            (target,) = pointers(*dbias)
+            nbytes = int(np.prod(dbias[0].shape)) * np.dtype(dbias[0].dtype).itemsize
+            cupy.cuda.runtime.memsetAsync(target, 0, nbytes, ctx.stream)
+            extra = (*extra[:-1], target)
         if call is not None:
             (base,) = pointers(scratch)
-            call((*pointers(q, k, v, out, dout, lse, dq, dk, dv), *self.side_pointers(side)),
+            call((*pointers(q, k, v, out, dout, lse, dq, dk, dv), *extra),
                  ctx.stream, lambda nbytes: (None, base))

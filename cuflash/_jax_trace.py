@@ -165,8 +165,7 @@ def backward(dout, q, k, v, out, lse, options: Options, mods: ScoreArrays = NO_A
     theirs). The slopes and the mask get no gradient.
 
     The platform's backward gives the sinks' and the bias's gradients per batch element (so that
-    ``jax.vmap`` folds them like the others); they are summed here. Only the CPU forms the
-    bias's gradient: compiled for CUDA, `dbias` is refused when XLA lowers the function."""
+    ``jax.vmap`` folds them like the others); they are summed here."""
     problem = validate(q, k, v, options, mods)
     accum = _jax_gpu.accum_dtype(problem.dtype)
     if lse.dtype != accum:
@@ -198,22 +197,19 @@ def _kernel_backward(dout, q, k, v, out, lse, options: Options, mods: ScoreArray
     result = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
     if canonical.sinks is not None:
         result += (jax.ShapeDtypeStruct(lse.shape[:-1], lse.dtype),)
-    why = None
     if dbias:
         shape = canonical.bias.shape
         result += (jax.ShapeDtypeStruct((problem.batch, *shape[1:]) if problem.batched else shape,
                                         _float_dtype(canonical.bias.dtype)),)
-        why = (f"bias: {api.NO_DBIAS_ON_CUDA} (a bias that is differentiated); stop its "
-               f"gradient (jax.lax.stop_gradient) or compile for the CPU, where the bias gets "
-               f"its gradient")
     arrays = (dout, q, k, v, out, lse, *side)
 
     def on_platform(*arrays):
         return jax.lax.platform_dependent(
             *arrays,
             cpu=functools.partial(_cpu_backward, options=options, names=names, dbias=dbias),
-            cuda=functools.partial(_cuda_branch, functools.partial(_gpu_backward, names=names),
-                                   result, problem=problem, why=why),
+            cuda=functools.partial(_cuda_branch, functools.partial(
+                _gpu_backward, names=names, dbias=dbias, result=result), result,
+                problem=problem),
             default=functools.partial(_refuse, result))
 
     axes = varying_axes(*arrays)
@@ -223,21 +219,33 @@ def _kernel_backward(dout, q, k, v, out, lse, options: Options, mods: ScoreArray
 
 
 def _gpu_backward(dout, q, k, v, out, lse, *side, problem: api.Problem,
-                  names: tuple[str, ...]):
+                  names: tuple[str, ...], dbias: bool = False, result: tuple = ()):
     """The kernels' backward, which reads the sinks only through lse (Accum, exact for
     float64 too); their gradient per batch element from it and ``delta = rowsum(dout * out)``:
     ``dsinks[b, h] = -sum over rows of exp(sinks[h] - lse) * delta``. The slopes, the bias and
-    the mask go to the kernels."""
+    the mask go to the kernels; with `dbias` they also write dS ``(B, Hq, Sk, Sq)``, summed here
+    over the bias's broadcast axes but the batch (`result`'s last entry: its shape and dtype)."""
     given = dict(zip(names, side, strict=True))
     sinks = given.pop("sinks", None)
-    grads = _jax_gpu.backward(dout, q, k, v, out, lse, *given.values(), problem=problem,
-                              names=tuple(given))
-    if sinks is None:
-        return grads
-    delta = jnp.sum(dout.astype(lse.dtype) * out.astype(lse.dtype), axis=-1)  # caller's layout
-    if problem.layout == "bshd":
-        delta = jnp.swapaxes(delta, -1, -2)  # (..., S, H) -> (..., H, S), lse's order
-    return (*grads, -jnp.sum(jnp.exp(sinks[:, None] - lse) * delta, axis=-1))
+    dq, dk, dv, *full = _jax_gpu.backward(dout, q, k, v, out, lse, *given.values(),
+                                          problem=problem, names=tuple(given), dbias=dbias)
+    grads = (dq, dk, dv)
+    if sinks is not None:
+        delta = jnp.sum(dout.astype(lse.dtype) * out.astype(lse.dtype), axis=-1)  # caller's
+        if problem.layout == "bshd":
+            delta = jnp.swapaxes(delta, -1, -2)  # (..., S, H) -> (..., H, S), lse's order
+        grads += (-jnp.sum(jnp.exp(sinks[:, None] - lse) * delta, axis=-1),)
+    if dbias:
+        per_element = jnp.swapaxes(full[0], -1, -2)  # (B, Hq, Sq, Sk)
+        if not problem.batched:
+            per_element = per_element[0]
+        target = result[-1]
+        axes = tuple(a for a in range(1 if problem.batched else 0, per_element.ndim)
+                     if target.shape[a] == 1 and per_element.shape[a] != 1)
+        if axes:
+            per_element = jnp.sum(per_element, axis=axes, keepdims=True)
+        grads += (per_element.astype(target.dtype),)
+    return grads
 
 
 _forward_jit = jax.jit(forward, static_argnames="options")

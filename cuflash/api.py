@@ -318,8 +318,6 @@ def _refuse_first_call_in_capture(src: _interop.Source) -> None:
 
 # ---- validation ------------------------------------------------------------------------------
 
-NO_DBIAS_ON_CUDA = "the CUDA kernels do not form the bias's gradient yet"
-
 
 def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
              alibi_slopes=None, sinks=None, bias=None, mask=None) -> Problem:

@@ -81,10 +81,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
             ``jax.vmap`` it must not be mapped.
         bias: an additive float16/32/64 array broadcastable to ``(B, Hq, Sq, Sk)`` (this order
             in both layouts), as for :func:`cuflash.attention`. Differentiable: its gradient is
-            summed over the axes it was broadcast along, in its shape and dtype. Only the CPU
-            forms it: a bias that is differentiated raises NotImplementedError naming bias when
-            the function is compiled for CUDA, while one that is not (a constant, or under
-            ``jax.lax.stop_gradient``) costs nothing and runs on CUDA too.
+            summed over the axes it was broadcast along, in its shape and dtype (on CUDA from
+            the kernels' dS, an Accum ``(B, Hq, Sk, Sq)`` buffer); a bias that is not
+            differentiated (a constant, or under ``jax.lax.stop_gradient``) forms none.
         mask: a bool array broadcastable like `bias`, True = attend; a row it hides entirely
             gets zeros. Not differentiated.
         layout: ``"bshd"`` or ``"bhsd"``.
@@ -249,7 +248,7 @@ class _Wants:
 
 def _attention_mods_fwd(q, k, v, mods, options: Options):
     # symbolic_zeros: every array comes as a CustomVJPPrimal (.value, .perturbed). A bias that
-    # is not differentiated gets no gradient formed, which is what lets it run on CUDA.
+    # is not differentiated gets no gradient formed (on CUDA, no O(S^2) dS buffer).
     wants = _Wants(dbias=mods.bias is not None and mods.bias.perturbed)
     q, k, v = (x.value for x in (q, k, v))
     mods = ScoreArrays(*(None if x is None else x.value for x in mods))

@@ -1,7 +1,7 @@
 """cuflash.jax on a GPU: eager and, inside compiled functions, the CUDA kernels as XLA buffer
 callbacks: jit, grad, value_and_grad, vmap, checkpoint, scan and shard_map against the float64
 reference by the accuracy rule, with sinks, ALiBi slopes, a bias and a mask too (and the
-refusal of a bias's gradient); jitted results equal to eager ones; donated buffers; a training
+bias's gradient from the kernels); jitted results equal to eager ones; donated buffers; a training
 step recorded into XLA command buffers (CUDA graphs) equal to eager; new shapes planned again;
 no call into the host path while a compiled function runs. Skipped, with the reason printed,
 where CuPy or JAX sees no GPU.
@@ -358,9 +358,9 @@ def test_score_arrays_forward_and_gradients(dtype, layout, causal, jit, slopes, 
 
 def test_score_arrays_under_vmap_and_their_refusals():
     """vmap over a stack with the bias and the mask mapped: one launch for the whole stack,
-    each problem as it is on its own; a differentiated bias raises NotImplementedError naming
-    bias (the kernels do not form its gradient), and so does a softcap with a bias, while the
-    same bias gradient jitted onto the CPU of this machine is formed."""
+    each problem as it is on its own; a differentiated bias gets its gradient from the kernels
+    (jitted, and under vmap), equal to the reference and to the CPU's; a softcap with a bias
+    raises NotImplementedError naming both."""
     rng = np.random.default_rng(23)
     q, k, v = (jnp.asarray(rng.standard_normal((3, 2, 96, 4, 64)), jnp.bfloat16)
                for _ in range(3))
@@ -379,9 +379,11 @@ def test_score_arrays_under_vmap_and_their_refusals():
     def loss(q, b):
         return fn(q, k[0], v[0], b, mask[0]).astype(jnp.float32).sum()
 
-    with pytest.raises(NotImplementedError, match=r"bias: the CUDA kernels do not form the "
-                                                  r"bias's gradient yet"):
-        jax.jit(jax.grad(loss, argnums=1))(q[0], bias[0])
+    on_gpu = jax.jit(jax.grad(loss, argnums=1))(q[0], bias[0])
+    stacked = jax.jit(jax.vmap(jax.grad(
+        lambda q, k, v, b, m: fn(q, k, v, b, m).astype(jnp.float32).sum(), argnums=3)))(
+        q, k, v, bias, mask)
+    assert on_gpu.devices() == {GPU} and on_gpu.dtype == jnp.float32
     with pytest.raises(NotImplementedError, match=r"softcap: the CUDA kernels do not combine a "
                                                   r"softcap with bias yet"):
         jax.jit(lambda q: cuflash_jax.attention(q, q, q, softcap=2.0, bias=bias[0]))(q[0])
@@ -393,6 +395,13 @@ def test_score_arrays_under_vmap_and_their_refusals():
     refs = reference.attention_grads(np.ones((2, 96, 4, 64)), *(f64(x) for x in on_cpu[:3]),
                                      causal=True, bias=f64(on_cpu[3]), mask=np.asarray(mask[0]))
     close(dbias, refs["bias"], rtol=2e-2, atol=2e-2)
+    close(on_gpu, refs["bias"], rtol=2e-2, atol=2e-2)
+    close(stacked[0], refs["bias"], rtol=2e-2, atol=2e-2)
+    for i in (1, 2):
+        ref_i = reference.attention_grads(np.ones((2, 96, 4, 64)), f64(q[i]), f64(k[i]),
+                                          f64(v[i]), causal=True, bias=f64(bias[i]),
+                                          mask=np.asarray(mask[i]))
+        close(stacked[i], ref_i["bias"], rtol=2e-2, atol=2e-2)
 
 
 def test_dot_product_attention_matches_jax_nn():

@@ -1039,11 +1039,11 @@ def test_score_arrays_are_checked_eagerly_and_while_tracing(kwargs, error, match
         jax.jit(fn).trace(q, k, jnp.asarray(value))
 
 
-def test_a_differentiated_bias_is_refused_when_lowered_for_cuda(fake_gpu):
-    """The kernels do not form the bias's gradient: compiling a gradient of the bias for CUDA
-    raises, naming bias, when XLA lowers the function (the same function lowers for the CPU);
-    a bias that is not differentiated (an argument or a constant, or under stop_gradient), the
-    slopes and the mask lower for CUDA as buffer callbacks, planned while tracing."""
+def test_a_bias_lowers_for_cuda_differentiated_or_not(fake_gpu):
+    """A gradient of the bias (the kernels write dS into a buffer the backward callback
+    returns, summed by XLA), a bias that is not differentiated (an argument or a constant, or
+    under stop_gradient), the slopes and the mask all lower for CUDA as buffer callbacks,
+    planned while tracing; the same functions lower for the CPU."""
     case = Case(2, 24, 40, 4, 2, 64, dtype="bfloat16", causal=True)
     _, (q, k, v, dout) = inputs(case, seed=37)
     bias = jnp.ones((4, 24, 40), jnp.float32)
@@ -1054,16 +1054,13 @@ def test_a_differentiated_bias_is_refused_when_lowered_for_cuda(fake_gpu):
         return jnp.sum(cuflash_jax.attention(q, k, v, causal=True, bias=b, mask=mask,
                                              alibi_slopes=slopes) * dout)
 
-    wrt_bias = jax.jit(jax.grad(loss, argnums=(0, 3))).trace(q, k, v, bias)
-    wrt_bias.lower(lowering_platforms=("cpu",))
-    with pytest.raises(NotImplementedError, match=r"^cuflash\.jax bias: the CUDA kernels do not "
-                                                  r"form the bias's gradient yet"):
-        wrt_bias.lower(lowering_platforms=("cuda",))
-    for step in (jax.grad(loss, argnums=(0, 1, 2)),
+    for step in (jax.grad(loss, argnums=(0, 3)), jax.grad(loss, argnums=(0, 1, 2)),
                  jax.grad(lambda q, k, v, b: loss(q, k, v, jax.lax.stop_gradient(b)),
                           argnums=(0, 1, 2, 3)),
                  lambda q, k, v, b: jax.grad(loss, argnums=(0, 1, 2))(q, k, v, bias)):
-        text = jax.jit(step).trace(q, k, v, bias).lower(lowering_platforms=("cuda",)).as_text()
+        traced = jax.jit(step).trace(q, k, v, bias)
+        traced.lower(lowering_platforms=("cpu",))
+        text = traced.lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("xla_buffer_python_gpu_callback_cmd_buffer") == 2, "forward, backward"
     assert not fake_gpu, "nothing is launched while tracing or lowering"
 
