@@ -7,8 +7,9 @@
 # H100 (prewarm 70 s, suites 65 s at EX=10): bash tests/perf/gpu_pass.sh
 set -u
 export PYTHONPATH=. CUFLASH_FUZZ_EXAMPLES=${EX:-10} PYTHONUNBUFFERED=1
-# one BLAS thread per shard: the shards' float64 references otherwise oversubscribe the cores
-export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
+# one BLAS thread per shard: the shards' float64 references otherwise oversubscribe the cores;
+# JAX allocating as it goes: preallocating 75% of the GPU per shard ran the others out of memory
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 N=${N:-15}
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader | tee $OUT/gpu.txt
 git log --oneline -1 > $OUT/commit.txt 2>/dev/null; git status --short >> $OUT/commit.txt
