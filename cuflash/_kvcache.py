@@ -62,8 +62,8 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None
         causal, window, scale: as for `cuflash.attention`, bottom-right aligned on the
             ``cache_seqlens[b] + Snew`` keys of each sequence; `causal` defaults to True.
         softcap, alibi_slopes, sinks: as for `cuflash.attention` (slopes ``(Hq,)`` or
-            ``(B, Hq)``, row b for sequence b; ALiBi distances over each sequence's keys). The
-            CPU path only for now: checked before any write.
+            ``(B, Hq)``, row b for sequence b; ALiBi distances over each sequence's keys), every
+            path (on CUDA not a softcap with ALiBi): checked before any write.
         return_lse: also return the float32 lse ``(B, Hq, Sq)``.
 
     Returns:
@@ -108,8 +108,8 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None
 
 
 def _check_mods(q, softcap, alibi_slopes, sinks) -> None:
-    """The score modifications checked as `cuflash.attention` will check them (the holds on
-    CUDA too), but before the caches are written."""
+    """The score modifications checked as `cuflash.attention` will check them (a softcap with
+    ALiBi refused on CUDA too), but before the caches are written."""
     src = _interop.source_of(q, "q")
     cap = check_softcap(softcap)
     batch, heads_q = int(q.shape[0]), int(q.shape[2])
