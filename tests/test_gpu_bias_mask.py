@@ -148,14 +148,16 @@ def test_hidden_nan_values_do_not_leak():
 
 @pytest.mark.parametrize("bias_shape", [(2, 4, 70, 90), (4, 1, 90), (70, 90)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_bias_gradient_on_cuda_matches_reference(bias_shape, dtype, kernel_path):
-    """dbias from the CUDA kernels (the dK/dV kernels write dS where asked): through torch
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_bias_gradient_on_cuda_matches_reference(bias_shape, dtype, head_dim, kernel_path):
+    """dbias from the CUDA kernels (where it is asked for, they write dS): through torch
     autograd and `attention_backward(return_dbias=True)`, summed over the broadcast axes,
-    against the float64 reference; with a mask and causal, GQA, the Hopper path for bf16."""
+    against the float64 reference; with a mask and causal, GQA. bf16 at D 64 takes the sm80
+    dQ kernel's store, at D 128 (dispatch) the Hopper dK/dV kernel's; fp32 SIMT's."""
     torch = pytest.importorskip("torch")
     import cuflash.torch as ct
 
-    case = Case(batch=2, seqlen_q=70, seqlen_k=90, heads_q=4, heads_kv=2, head_dim=64,
+    case = Case(batch=2, seqlen_q=70, seqlen_k=90, heads_q=4, heads_kv=2, head_dim=head_dim,
                 dtype=dtype, causal=True)
     rng = np.random.default_rng(3)
     q, k, v = (x.requires_grad_() for x in make_inputs(case, torch_cuda(), 5))
