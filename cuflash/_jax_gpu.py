@@ -136,7 +136,7 @@ def _order(names: tuple[str, ...], fields: tuple[str, ...], used: bool) -> tuple
 
 def _slopes_as_kernels_read(side: tuple, names: tuple[str, ...], problem: api.Problem) -> tuple:
     """`side` with the ALiBi slopes (``(B, Hq)``, ``(Hq,)`` without a batch axis) as the kernels
-    read them: a dense Accum ``(B, Hq)`` array (`api._mods_on_device`)."""
+    read them: a dense Accum ``(B, Hq)`` array (`_side_arrays.mods_on_device`)."""
     if "alibi_slopes" not in names:
         return side
     at = names.index("alibi_slopes")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from cuflash import _dtypes, _interop, _replay
+from cuflash import _dtypes, _interop, _replay, _side_arrays
 from cuflash._checks import (  # the size limits stay importable from here, where they apply
     MAX_GRID_YZ,  # noqa: F401
     MAX_ROW_REACH,  # noqa: F401
@@ -564,7 +564,7 @@ def forward_into(problem: Problem, qb, kb, vb, out_b, lse_b):
     if lse3 is not None and problem.dtype == "float64":
         # fp64 kernels keep their statistics in double; the caller gets a float32 copy.
         lse_k = _interop.empty_backend(lse3.shape, "float64", src)
-    sinks, mods = _sinks_on_device(problem), _mods_on_device(problem)
+    sinks, mods = _side_arrays.sinks_on_device(problem), _side_arrays.mods_on_device(problem)
     call = _launch.plan_forward(q4, k4, v4, o4, variant=problem.variant, scale=problem.scale,
                                 device_id=device_id, cc=compute_capability(device_id),
                                 sinks=sinks is not None, mods=mods or _launch.NO_MODS)
@@ -575,61 +575,6 @@ def forward_into(problem: Problem, qb, kb, vb, out_b, lse_b):
         lse3[...] = lse_k
         return False, call
     return True, call
-
-
-def _sinks_on_device(problem: Problem):
-    """The sinks as the kernels read them (None without sinks): a contiguous ``(Hq,)`` device
-    array in the Accum dtype (float64 for float64 inputs, else float32)."""
-    return _on_device(problem.sinks, (problem.heads_q,), problem)
-
-
-def _mods_on_device(problem: Problem):
-    """The arrays of the run-time modifications as the kernels read them
-    (`_launch_common.Mods`), or None for a variant without them: the ALiBi slopes as a
-    contiguous ``(B, Hq)`` Accum copy (``(Hq,)`` slopes repeated for every batch); for the
-    "mods" kind the bias and the mask as ``(B, Hq, Sq, Sk)`` views of the caller's device
-    arrays, broadcast with stride 0 (a NumPy one is copied to the device first, in its own
-    shape), None where the call has none."""
-    if not problem.variant.reads_arrays:
-        return None
-    from cuflash._launch_common import Mods
-
-    slopes = _on_device(problem.alibi_slopes, (problem.batch, problem.heads_q), problem)
-    if problem.variant.score == "alibi":
-        return Mods(alibi=slopes)
-    full = (problem.batch, problem.heads_q, problem.seqlen_q, problem.seqlen_k)
-    return Mods(alibi=slopes, bias=_device_view(problem.bias, full, problem),
-                mask=_device_view(problem.mask, full, problem))
-
-
-def _device_view(values, full: tuple[int, ...], problem: Problem):
-    """`values` (a CuPy view, or NumPy: copied to the device in its shape and dtype) broadcast
-    to `full`, without copying on the device; None for None."""
-    if values is None:
-        return None
-    import cupy
-
-    if isinstance(values, np.ndarray):
-        device = _interop.empty_backend(values.shape, values.dtype.name, problem.source)
-        device.set(np.ascontiguousarray(values))
-        values = device
-    return cupy.broadcast_to(values, full)
-
-
-def _on_device(values, shape: tuple[int, ...], problem: Problem):
-    """`values` (float64 NumPy, or a device array that broadcasts to `shape`) as a new
-    contiguous device array of `shape` in the Accum dtype, from the caller's allocator; None
-    for None. Copied on the device: a device array's values are never read on the host. Lives
-    until the launch that reads it is queued (stream-ordered pools)."""
-    if values is None:
-        return None
-    accum = "float64" if problem.dtype == "float64" else "float32"
-    buffer = _interop.empty_backend(shape, accum, problem.source)
-    if isinstance(values, np.ndarray):
-        buffer.set(np.ascontiguousarray(np.broadcast_to(values, shape), dtype=accum))
-    else:
-        buffer[...] = values
-    return buffer
 
 
 @functools.cache
@@ -659,7 +604,7 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
 
         # The CPU path recomputes the row statistics itself; lse was only validated.
         sinks_grad = np.zeros(problem.heads_q) if dsinks else None
-        bias_grad = np.zeros(_bias_shape4(problem)) if dbias else None
+        bias_grad = np.zeros(_side_arrays.bias_shape4(problem)) if dbias else None
         dq, dk, dv = _cpu.backward(do4, q4, k4, v4, o4, variant=problem.variant,
                                    scale=problem.scale, alibi_slopes=problem.alibi_slopes,
                                    sinks=problem.sinks, bias=problem.bias, mask=problem.mask,
@@ -676,7 +621,7 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
     alloc = _interop.allocator(src)
     stream = _interop.current_stream(src)
     replayable = not (dsinks or dbias)
-    mods = _mods_on_device(problem)
+    mods = _side_arrays.mods_on_device(problem)
     full_dbias = None
     if dbias:  # the kernels write dS per (row, key) they visit, [key][query]; zeros elsewhere
         full_dbias = _interop.empty_backend(
@@ -687,7 +632,7 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
     if problem.dtype == "float64":
         lse3 = _interop.empty_backend(lse3.shape, "float64", src)
         scratch = _interop.empty_backend(o4.shape, "float64", src)
-        sinks = _sinks_on_device(problem)
+        sinks = _side_arrays.sinks_on_device(problem)
         forward = _launch.plan_forward(q4, k4, v4, scratch, variant=problem.variant,
                                        scale=problem.scale, device_id=device_id, cc=cc,
                                        sinks=sinks is not None, mods=mods or _launch.NO_MODS)
@@ -714,62 +659,6 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
         call(_launch_bwd.backward_pointers(do4, q4, k4, v4, o4, lse3, dq4, dk4, dv4, mods),
              stream,
              keeping if dsinks else alloc)
-    sinks_grad = _sinks_gradient(problem, lse3, scratch) if dsinks else None
-    bias_grad = None if full_dbias is None else _bias_gradient(problem, full_dbias)
+    sinks_grad = _side_arrays.sinks_gradient(problem, lse3, scratch) if dsinks else None
+    bias_grad = None if full_dbias is None else _side_arrays.bias_gradient(problem, full_dbias)
     return (call if replayable else False), sinks_grad, bias_grad
-
-
-def _bias_shape4(problem: Problem) -> tuple[int, ...]:
-    """The bias's shape with the leading axes it leaves out as 1: 4-D."""
-    return (1,) * (4 - problem.bias.ndim) + problem.bias.shape
-
-
-def _bias_gradient(problem: Problem, full):
-    """The bias's gradient in its shape from the kernels' `full` dS (B, Hq, Sk, Sq), summed over
-    the axes the bias was broadcast along; by the caller's framework (torch for torch inputs,
-    so that its temporaries come from torch's allocator; CuPy otherwise), on the current
-    stream."""
-    grad = full.swapaxes(2, 3)
-    target = _bias_shape4(problem)
-    axes = tuple(a for a in range(4) if target[a] == 1 and grad.shape[a] != 1)
-    if problem.source.framework == "torch":
-        import torch
-
-        grad = torch.as_tensor(grad, device=torch.device("cuda", problem.source.device_id))
-        if axes:
-            grad = grad.sum(dim=axes, keepdim=True)
-        return grad.reshape(problem.bias.shape)
-    if axes:
-        grad = grad.sum(axis=axes, keepdims=True)
-    return grad.reshape(problem.bias.shape)
-
-
-def _sinks_gradient(problem: Problem, lse3, scratch):
-    """d loss / d sink[h] = -sum over batch and rows of exp(sink[h] - lse) * delta, on the
-    device, from the backward's delta (the start of its `scratch`: (owner, pointer, bytes)) and
-    the lse it read (B, Hq, Sq) in the Accum dtype. Zeros when there was nothing to launch.
-
-    Computed by the caller's framework (torch ops for torch inputs, so that its temporaries come
-    from torch's allocator; CuPy otherwise), on the current stream: a torch tensor or a CuPy
-    array in the Accum dtype."""
-    import cupy
-
-    sinks = _sinks_on_device(problem)
-    delta = None
-    if scratch and problem.seqlen_q:
-        owner, pointer, nbytes = scratch[0]
-        memory = cupy.cuda.UnownedMemory(pointer, nbytes, owner)
-        delta = cupy.ndarray(lse3.shape, dtype=lse3.dtype,
-                             memptr=cupy.cuda.MemoryPointer(memory, 0))
-    if problem.source.framework == "torch":
-        import torch
-
-        device = torch.device("cuda", problem.source.device_id)
-        sinks_t = torch.as_tensor(sinks, device=device)
-        if delta is None:
-            return torch.zeros_like(sinks_t)
-        lse_t, delta_t = (torch.as_tensor(x, device=device) for x in (lse3, delta))
-        return -(torch.exp(sinks_t[None, :, None] - lse_t) * delta_t).sum(dim=(0, 2))
-    if delta is None:
-        return cupy.zeros_like(sinks)
-    return -(cupy.exp(sinks[None, :, None] - lse3) * delta).sum(axis=(0, 2))
