@@ -4,9 +4,14 @@ work."""
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 
 from cuflash import _interop
+
+MAX_SCALE = float(np.finfo(np.float32).max) / math.log2(math.e)  # about 2.3587e38
 
 
 def refuse_capped_mods_on_cuda(softcap: float, alibi: bool, bias: bool, mask: bool,
@@ -157,3 +162,19 @@ def check_ring_shards(q, k, v, *, causal: object, window: object, layout: object
         raise ValueError(f"q: with causal the shard holds two zigzag chunks, so its length must "
                          f"be even, got {q.shape[seq]}")
     return seq
+
+
+def check_scale(scale: object, head_dim: int) -> float:
+    """The softmax scale: 1 / sqrt(head_dim) for None, else a real number in (0, MAX_SCALE].
+    Raises naming ``scale``."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale: expected a real number > 0 or None, got {scale!r}")
+    value = float(scale)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"scale: expected a finite number > 0, got {value!r}")
+    if value > MAX_SCALE:
+        raise ValueError(f"scale: expected at most {MAX_SCALE:.5g} (float32 max / log2(e), so "
+                         f"that scale * log2(e) is finite in float32), got {value!r}")
+    return value

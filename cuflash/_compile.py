@@ -94,6 +94,7 @@ def nvrtc_options(arch: str) -> tuple[str, ...]:
         "-std=c++17",
         f"-DCUFLASH_FWD_PARAMS_SIZE={_launch_common.FWD_PARAMS.itemsize}",
         f"-DCUFLASH_BWD_PARAMS_SIZE={_launch_common.BWD_PARAMS.itemsize}",
+        f"-DCUFLASH_DECODE_PARAMS_SIZE={_launch_common.DECODE_PARAMS.itemsize}",
     ]
     if debug_build():
         options += ["-DCUFLASH_DEBUG", "-lineinfo"]

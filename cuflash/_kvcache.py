@@ -1,31 +1,36 @@
 """`attention_with_kvcache`: new queries against a KV cache, contiguous or paged, with new keys
 and values appended in place first (flash-attn's meaning).
 
-Today the append is the framework's own indexed assignment into the caller's caches, and each
-sequence then runs as one `cuflash.attention` call: on a view of a contiguous cache, or on its
-pages gathered in order (a copy). Rotary embedding is computed in the caller's framework.
-`cache_seqlens`, `block_table`, `cache_batch_idx` and `cache_leftpad` are read on the host (for
-device arrays, one small copy that waits for the stream). A split-KV decoding kernel that reads
-the pages itself is not written yet.
+The append is the framework's own indexed assignment into the caller's caches. Then on CUDA,
+float16/bfloat16 calls of up to 16 query steps run the split-KV decoding kernel (`_decode`),
+which reads contiguous caches and pages where they lie; other calls run each sequence as one
+`cuflash.attention` call, on a view of a contiguous cache or on its pages gathered in order (a
+copy). Rotary embedding is computed in the caller's framework. `cache_seqlens`, `block_table`,
+`cache_batch_idx` and `cache_leftpad` are read on the host for the checks (for device arrays,
+one small copy that waits for the stream).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 
-from cuflash import _interop
+from cuflash import _decode, _interop
 from cuflash._checks import (
     check_alibi,
     check_flag,
+    check_scale,
     check_sinks,
     refuse_capped_mods_on_cuda,
 )
 from cuflash._merge import ops_for
-from cuflash._variant import check_softcap
+from cuflash._variant import Variant, check_softcap
 from cuflash._varlen import int32_vector, to_host
-from cuflash.api import attention
+from cuflash.api import attention, compute_capability
+
+log = logging.getLogger("cuflash")
 
 
 def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None,
@@ -33,7 +38,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None
                            rotary_cos=None, rotary_sin=None, rotary_interleaved: bool = False,
                            causal: bool = True, window: tuple[int, int] | None = None,
                            scale: float | None = None, softcap: float = 0.0, alibi_slopes=None,
-                           sinks=None, return_lse: bool = False):
+                           sinks=None, return_lse: bool = False, num_splits: int = 0):
     """Attention of new queries against a KV cache, after appending new keys and values to it.
 
     Args:
@@ -65,6 +70,15 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None
             ``(B, Hq)``, row b for sequence b; ALiBi distances over each sequence's keys), every
             path (on CUDA not a softcap with ALiBi): checked before any write.
         return_lse: also return the float32 lse ``(B, Hq, Sq)``.
+        num_splits: how many runs the keys of a sequence are split into, across SMs, on the
+            split-KV decoding kernel (merged by their lse); 0 (the default) picks the count
+            from the device's SMs and the problem, 1 is no split. Any count gives the same
+            result up to float rounding.
+
+    On CUDA, float16/bfloat16 calls with up to 16 query steps (decoding, speculative
+    decoding) run one split-KV kernel over every sequence, reading the cache, contiguous or
+    paged (page sizes: powers of two), in place; each KV head's query heads share one read of
+    it. Other calls run each sequence through `cuflash.attention`.
 
     Returns:
         ``out`` ``(B, Sq, Hq, D)`` in q's framework, device and dtype, or ``(out, lse)``.
@@ -81,7 +95,14 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None
     check_flag("causal", causal)
     check_flag("return_lse", return_lse)
     check_flag("rotary_interleaved", rotary_interleaved)
-    _check_mods(q, softcap, alibi_slopes, sinks)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, (int, np.integer)) \
+            or num_splits < 0:
+        raise ValueError(f"num_splits: expected an int >= 0 (0: chosen for the device), got "
+                         f"{num_splits!r}")
+    slopes, sink_values = _check_mods(q, softcap, alibi_slopes, sinks)
+    variant = Variant.of(causal=causal, window=window, softcap=softcap,
+                         alibi=alibi_slopes is not None, sinks=sinks is not None)
+    scale_value = check_scale(scale, int(q.shape[-1]))
     ops = ops_for(q)
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos, rotary_sin: pass both or neither")
@@ -90,6 +111,23 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None
                            causal or window is not None, ops)
     if k is not None:
         plan.append(k_cache, v_cache, k, v)
+    src = _interop.source_of(q, "q")
+    if src.device == "cuda" and plan.batch:
+        with _interop.stream_scope(src):
+            qb, kb, vb = (_interop.to_backend(x, src) for x in (q, k_cache, v_cache))
+            why = _decode.reason(qb, kb, vb, variant=variant, src=src, page_size=plan.page_size,
+                                 paged=plan.table is not None,
+                                 cc=compute_capability(src.device_id))
+            if why is None:
+                out, lse = _decode.run(
+                    q, qb, kb, vb, variant=variant, scale=scale_value, src=src,
+                    cc=compute_capability(src.device_id), seqlens_k=plan.lengths + plan.new,
+                    leftpad=plan.start if cache_leftpad is not None else None,
+                    rows=plan.rows if cache_batch_idx is not None else None, table=plan.table,
+                    page_size=plan.page_size, sinks=sink_values, alibi=slopes,
+                    num_splits=int(num_splits), return_lse=return_lse)
+                return (out, lse) if return_lse else out
+        log.debug("attention_with_kvcache: each sequence on its own (%s)", why)
     outs, lses = [], []
     for b in range(plan.batch):
         keys, values = plan.keys_of(k_cache, b), plan.keys_of(v_cache, b)
@@ -107,19 +145,22 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None
     return (out, lse) if return_lse else out
 
 
-def _check_mods(q, softcap, alibi_slopes, sinks) -> None:
+def _check_mods(q, softcap, alibi_slopes, sinks):
     """The score modifications checked as `cuflash.attention` will check them (a softcap with
-    ALiBi refused on CUDA too), but before the caches are written."""
+    ALiBi refused on CUDA too), but before the caches are written: the slopes as ``(B, Hq)``
+    and the sinks as `_checks` returns them (None where not given)."""
     src = _interop.source_of(q, "q")
     cap = check_softcap(softcap)
     batch, heads_q = int(q.shape[0]), int(q.shape[2])
+    slopes = sink_values = None
     if alibi_slopes is not None:
-        check_alibi(alibi_slopes, src, batch, heads_q)
+        slopes = check_alibi(alibi_slopes, src, batch, heads_q)
     if sinks is not None:
-        check_sinks(sinks, src, heads_q)
+        sink_values = check_sinks(sinks, src, heads_q)
     if src.device == "cuda":
         refuse_capped_mods_on_cuda(cap, alibi_slopes is not None, False, False,
                                    f"{src.describe()} inputs")
+    return slopes, sink_values
 
 
 def _slopes_of(alibi_slopes, b: int):

@@ -47,6 +47,23 @@ BWD_PARAMS = _params_dtype(
 )
 
 
+# DecodeParams of kernels_cu/fwd_decode.cu, field for field.
+DECODE_PARAMS = np.dtype(
+    [(name, np.uint64) for name in ("q", "k", "v", "o", "lse", "sinks", "alibi", "o_partial",
+                                     "lse_partial", "seqlens_k", "leftpad", "cache_rows",
+                                     "block_table")]
+    + [(f"{t}_{s}", np.int64) for t in ("q", "k", "v", "o") for s in _STRIDE_FIELDS]
+    + [(name, np.int64) for name in ("lse_batch_stride", "lse_head_stride",
+                                     "block_table_stride")]
+    + [("scale", np.float64), ("scale_log2", np.float32)]
+    + [(name, np.int32) for name in ("batch", "heads_q", "heads_kv", "group", "seqlen_q",
+                                     "head_dim", "window_left", "window_right", "cache_batch",
+                                     "cache_len", "page_shift", "num_splits")]
+    + [("softcap", np.float64)],
+    align=True,
+)
+
+
 @dataclass(frozen=True)
 class Tile:
     """Tile sizes of one kernel family at one head-dim width."""

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
-import numbers
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -18,8 +16,10 @@ from cuflash import _dtypes, _interop, _replay, _side_arrays
 from cuflash._checks import (  # the size limits stay importable from here, where they apply
     MAX_GRID_YZ,  # noqa: F401
     MAX_ROW_REACH,  # noqa: F401
+    MAX_SCALE,  # noqa: F401
     check_alibi,
     check_flag,
+    check_scale,
     check_score_array,
     check_sinks,
     check_sizes,
@@ -35,7 +35,6 @@ LAYOUTS = ("bshd", "bhsd")
 MAX_HEAD_DIM = 256
 # The CUDA kernels work in log2 units with scale * log2(e) held in float32: a larger scale would
 # make that factor inf and every score NaN. The CPU path could go further; one rule serves both.
-MAX_SCALE = float(np.finfo(np.float32).max) / math.log2(math.e)  # about 2.3587e38
 
 
 @dataclass(frozen=True)
@@ -403,7 +402,7 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
     mask_view = None if mask is None else check_score_array("mask", mask, src, full, ("bool",))
     return Problem(batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q,
                    heads_kv=heads_kv, head_dim=head_dim, head_dim_v=head_dim_v,
-                   dtype=dtypes["q"], variant=variant, scale=_check_scale(scale, head_dim),
+                   dtype=dtypes["q"], variant=variant, scale=check_scale(scale, head_dim),
                    layout=layout, batched=ndim == 4, source=src, alibi_slopes=slopes,
                    sinks=sink, bias=bias_view, mask=mask_view)
 
@@ -414,20 +413,6 @@ def _canonical(shape: tuple[int, ...], layout: str) -> tuple[int, int, int, int]
         shape = (1, *shape)
     b, x, y, d = shape
     return (b, x, y, d) if layout == "bshd" else (b, y, x, d)
-
-
-def _check_scale(scale: object, head_dim: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale: expected a real number > 0 or None, got {scale!r}")
-    value = float(scale)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"scale: expected a finite number > 0, got {value!r}")
-    if value > MAX_SCALE:
-        raise ValueError(f"scale: expected at most {MAX_SCALE:.5g} (float32 max / log2(e), so "
-                         f"that scale * log2(e) is finite in float32), got {value!r}")
-    return value
 
 
 def _in_framework_of(values, like: object, name: str):

@@ -18,13 +18,13 @@ from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
-from cuflash import _compile, _launch, _launch_bwd, _launch_sm90, _variant
+from cuflash import _compile, _decode, _launch, _launch_bwd, _launch_sm90, _variant
 from cuflash._spec import KernelSpec
 from tests import compile_pool
 
 ARCHS = ("sm_80", "sm_90a")
 SIMT_DTYPES = ("float32", "float64")
-SPECS = _launch.all_fwd_specs() + _launch_bwd.all_bwd_specs()
+SPECS = _launch.all_fwd_specs() + _launch_bwd.all_bwd_specs() + _decode.all_decode_specs()
 CASES = [(arch, spec) for spec in SPECS for arch in ARCHS]
 MAX_REGISTERS = 255
 # Spills seen once the reports compile with the options the code runs with (check_options: CuPy's

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cuflash import _compile, _launch, _launch_bwd, _launch_sm90
+from cuflash import _compile, _decode, _launch, _launch_bwd, _launch_sm90
 from tests.gpu_support import gpu_skip_reason
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,6 +38,7 @@ def test_debug_switch_sets_the_options(monkeypatch):
 
 @pytest.mark.parametrize("source", sorted({s.source for s in _launch.all_fwd_specs()
                                              + _launch_bwd.all_bwd_specs()
+                                             + _decode.all_decode_specs()
                                              + _launch_sm90.all_fwd_sm90_specs()}))
 def test_expanded_source_names_true_lines(source):
     """Every line NVRTC sees is attributed (#line) to its own file and line: compile errors and
@@ -61,7 +62,7 @@ def test_expanded_source_names_true_lines(source):
 
 
 def _one_spec_per_kernel_function():
-    specs = (_launch.all_fwd_specs() + _launch_bwd.all_bwd_specs()
+    specs = (_launch.all_fwd_specs() + _launch_bwd.all_bwd_specs() + _decode.all_decode_specs()
              + _launch_sm90.all_fwd_sm90_specs() + _launch_bwd.all_bwd_sm90_specs())
     chosen = {}
     for spec in specs:

@@ -124,11 +124,11 @@ def test_shards_cover_every_test_once(monkeypatch):
 
 
 def test_prewarm_lists_every_kernel_once_hopper_first():
-    from cuflash import _launch, _launch_bwd
+    from cuflash import _decode, _launch, _launch_bwd
     from tests.perf import prewarm
 
     specs = prewarm.specs()
-    every = (_launch.all_fwd_specs() + _launch_bwd.all_bwd_specs()
+    every = (_launch.all_fwd_specs() + _launch_bwd.all_bwd_specs() + _decode.all_decode_specs()
              + _launch_sm90.all_fwd_sm90_specs() + _launch_bwd.all_bwd_sm90_specs())
     assert len(specs) == len(set(specs)) and set(specs) == set(every)
     hopper = [s.min_arch == 90 for s in specs]

@@ -1,8 +1,8 @@
 """``python -m cuflash bench``'s command line: the flags, and `main`, which picks the device, runs
-the sweeps and writes and prints the results (``--overhead``, ``--window``, ``--softcap``,
-``--long``, ``--ring`` and ``--jax`` hand over to `cuflash.bench.overhead`,
-`cuflash.bench.window`, `cuflash.bench.softcap`, `cuflash.bench.long`, `cuflash.bench.ring` and
-`cuflash.bench.jax_jit`)."""
+the sweeps and writes and prints the results (``--overhead``, ``--window``, ``--decode``,
+``--softcap``, ``--long``, ``--ring`` and ``--jax`` hand over to `cuflash.bench.overhead`,
+`cuflash.bench.window`, `cuflash.bench.decode`, `cuflash.bench.softcap`, `cuflash.bench.long`,
+`cuflash.bench.ring` and `cuflash.bench.jax_jit`)."""
 
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ from cuflash.bench.report import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The flags of ``python -m cuflash bench`` (``--overhead``, ``--window``, ``--softcap``,
-    ``--long``, ``--ring`` and ``--jax`` have their own)."""
+    """The flags of ``python -m cuflash bench`` (``--overhead``, ``--window``, ``--decode``,
+    ``--softcap``, ``--long``, ``--ring`` and ``--jax`` have their own)."""
     parser = argparse.ArgumentParser(
         prog="python -m cuflash bench",
         description="Time cuflash against PyTorch SDPA's backends and standard attention "
@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window", action="store_true",
                         help="time sliding-window attention against FlexAttention instead (see "
                              "python -m cuflash bench --window --help)")
+    parser.add_argument("--decode", action="store_true",
+                        help="time decoding against a KV cache (split-KV, paged) against "
+                             "SDPA's cuDNN and flash backends instead (see python -m cuflash "
+                             "bench --decode --help)")
     parser.add_argument("--softcap", action="store_true",
                         help="time logit soft-capping against cuflash without it and "
                              "FlexAttention instead (see python -m cuflash bench --softcap "
@@ -162,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         from cuflash.bench import window
 
         return window.main([a for a in argv if a != "--window"])
+    if "--decode" in argv:
+        from cuflash.bench import decode
+
+        return decode.main([a for a in argv if a != "--decode"])
     if "--softcap" in argv:
         from cuflash.bench import softcap
 

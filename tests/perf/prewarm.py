@@ -15,12 +15,13 @@ import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-from cuflash import _compile, _launch, _launch_bwd, _launch_sm90
+from cuflash import _compile, _decode, _launch, _launch_bwd, _launch_sm90
 
 
 def specs() -> list:
     """Every instantiation, the Hopper ones first (the slowest to compile), SIMT last."""
-    rest = sorted(_launch.all_fwd_specs() + _launch_bwd.all_bwd_specs(),
+    rest = sorted(_launch.all_fwd_specs() + _launch_bwd.all_bwd_specs()
+                  + _decode.all_decode_specs(),
                   key=lambda s: ("simt" in s.name, "float64" in s.name))
     hopper = _launch_sm90.all_fwd_sm90_specs() + _launch_bwd.all_bwd_sm90_specs()
     return list(dict.fromkeys(hopper + rest))

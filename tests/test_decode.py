@@ -1,0 +1,92 @@
+"""The split-KV decoding path's host side on the CPU: how many splits it picks, which calls it
+refuses and why, and `num_splits` checked on every path (the kernel itself: test_gpu_decode.py,
+and its compile in test_compile.py)."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+import cuflash
+from cuflash import _decode
+from cuflash._interop import Source
+from cuflash._variant import Variant
+
+
+@pytest.fixture
+def h100(monkeypatch):
+    """An H100's shape: 132 SMs of 228 KB."""
+    monkeypatch.setattr(_decode, "_device_shape", lambda device_id: (132, 233472))
+
+
+@pytest.mark.parametrize("blocks, tiles", [(8, 128), (8, 2048), (1, 128), (128, 128), (512, 64),
+                                           (8, 1), (64, 3)])
+def test_splits_fill_one_wave_without_exceeding_the_tiles(h100, blocks, tiles):
+    smem = _decode.decode_spec("bfloat16", 128, "none", "none").smem_bytes
+    resident = 132 * (233472 // (smem + 1024))
+    splits = _decode.num_splits_for(blocks, tiles, smem, 0)
+    assert 1 <= splits <= min(max(tiles, 1), _decode.MAX_SPLITS)
+    if blocks >= resident or tiles <= 1:
+        assert splits == 1
+    elif splits < min(tiles, _decode.MAX_SPLITS):
+        assert blocks * splits >= resident  # no fewer blocks than the device holds at once
+
+
+def _view(shape, dtype="float16", ptr=4096, strides=None):
+    """A stand-in for a CuPy view: what `reason` reads."""
+    itemsize = np.dtype(dtype).itemsize
+    if strides is None:
+        strides = tuple(int(np.prod(shape[i + 1:])) * itemsize for i in range(len(shape)))
+    return types.SimpleNamespace(shape=shape, dtype=np.dtype(dtype), strides=strides,
+                                 data=types.SimpleNamespace(ptr=ptr))
+
+
+CUDA = Source("cupy", "cuda", 0)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({}, None),
+    ({"cc": 75}, "compute capability 7.5"),
+    ({"dtype": "float32"}, "dtype float32"),
+    ({"dim": 320}, "head dim 320"),
+    ({"steps": 17}, "17 query steps"),
+    ({"variant": Variant.of(bias=True)}, "score modification 'mods'"),
+    ({"page_size": 48}, "page size 48"),
+    ({"ptr": 4104}, "not 16-byte aligned"),
+    ({"dim": 36}, "not 16-byte aligned"),
+])
+def test_reason_names_what_the_kernel_cannot_take(change, fragment):
+    dim, steps, dtype = change.get("dim", 128), change.get("steps", 1), change.get("dtype",
+                                                                                   "float16")
+    q = _view((2, steps, 8, dim), dtype)
+    cache = _view((2, 64, 2, dim), dtype, ptr=change.get("ptr", 4096))
+    why = _decode.reason(q, cache, cache, variant=change.get("variant", Variant.of()), src=CUDA,
+                         page_size=change.get("page_size", 64), paged="page_size" in change,
+                         cc=change.get("cc", 90))
+    if fragment is None:
+        assert why is None
+    else:
+        assert why is not None and fragment in why
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
+def test_num_splits_is_checked_before_any_write(bad):
+    q = np.zeros((1, 1, 2, 8))
+    k_cache, v_cache = np.zeros((1, 4, 1, 8)), np.zeros((1, 4, 1, 8))
+    new = np.ones((1, 1, 1, 8))
+    with pytest.raises(ValueError, match="num_splits"):
+        cuflash.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=1, k=new, v=new,
+                                       num_splits=bad)
+    assert not k_cache.any()
+
+
+def test_num_splits_does_not_change_the_cpu_result():
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 3, 4, 8))
+    k_cache, v_cache = (rng.standard_normal((2, 20, 2, 8)) for _ in range(2))
+    outs = [cuflash.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=17,
+                                           num_splits=n) for n in (0, 1, 7)]
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
