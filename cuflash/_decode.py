@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +44,22 @@ MAX_SPLITS = 128
 _MERGE_WARPS = 4
 
 
+@dataclass(frozen=True)
+class Append:
+    """What `decode_append` writes before the attention: new keys and values ``(B, Snew, Hkv,
+    D)`` (CuPy views, unit last stride) into the caches, and, with `cos` (float32 device
+    ``(positions, rotary_dim / 2)``, `sin` likewise), the rotary embedding of the new keys and
+    of q (`per_row`: query i at the first new position + i, else every query at it)."""
+
+    k: Any = None
+    v: Any = None
+    cos: Any = None
+    sin: Any = None
+    rotary_dim: int = 0
+    interleaved: bool = False
+    per_row: bool = False
+
+
 def _stages(width: int) -> int:
     return 3 if width <= 128 else 2  # mirrors DecodeTraits::kStages
 
@@ -55,6 +73,14 @@ def decode_spec(dtype: str, head_dim: int, mask: str, score: str) -> KernelSpec:
     smem = (tile.block_m + _stages(width) * 2 * tile.block_n) * width * 2
     return KernelSpec("fwd_decode.cu", "fwd_decode", dtype, width, tile.block_m, tile.block_n,
                       tile.warps, mask, True, smem, score=score)
+
+
+@functools.cache
+def append_spec(dtype: str, head_dim: int) -> KernelSpec:
+    """The kernel that appends new keys and values and applies the rotary embedding."""
+    width = width_for(head_dim, DECODE_TILES)
+    return KernelSpec("fwd_decode.cu", "decode_append", dtype, width, 1, 1, _MERGE_WARPS, "none",
+                      True, 0)
 
 
 @functools.cache
@@ -73,6 +99,7 @@ def all_decode_specs() -> list[KernelSpec]:
             continue
         for width in DECODE_TILES:
             specs.append(merge_spec(dtype, width))
+            specs.append(append_spec(dtype, width))
             for mask in MASK_KINDS:
                 for score in DECODE_SCORES:
                     specs.append(decode_spec(dtype, width, mask, score))
@@ -144,7 +171,8 @@ class Prepared:
 def prepare(q, qb, kb, vb, *, variant: Variant, scale: float, src: _interop.Source, cc: int,
             seqlens_k: np.ndarray, leftpad: np.ndarray | None, rows: np.ndarray | None,
             table: np.ndarray | None, page_size: int, sinks=None, alibi=None,
-            num_splits: int = 0, return_lse: bool = False) -> Prepared:
+            num_splits: int = 0, return_lse: bool = False,
+            append: Append | None = None) -> Prepared:
     """The decoding call's output buffers, metadata on the device and launches, not launched.
     Call inside `_interop.stream_scope(src)`: the small copies go on the current stream.
     `qb`, `kb`, `vb` are the CuPy views of q and the caches.
@@ -152,7 +180,8 @@ def prepare(q, qb, kb, vb, *, variant: Variant, scale: float, src: _interop.Sour
     `seqlens_k`: each sequence's cache positions in use (after any append), `leftpad` its first
     one, `rows` its contiguous cache row, `table` its pages (int NumPy arrays, None where not
     given); `sinks` ``(Hq,)`` and `alibi` ``(B, Hq)`` as `_checks` returns them; `num_splits`
-    0 picks the count (`num_splits_for`)."""
+    0 picks the count (`num_splits_for`); `append`: new keys to write and the rotary embedding,
+    launched first (`seqlens_k` counts the new keys already)."""
     batch, seqlen_q, heads_q, head_dim = (int(n) for n in qb.shape)
     n_rows, cache_len, heads_kv, _ = (int(n) for n in kb.shape)
     dtype = _dtypes.dtype_name(qb.dtype)
@@ -184,10 +213,17 @@ def prepare(q, qb, kb, vb, *, variant: Variant, scale: float, src: _interop.Sour
         lse_part = _interop.empty_backend((splits, batch, heads_q, seqlen_q), "float32", src)
     capacity = cache_len * (1 if table is None else table.shape[1])
     window = variant.window_params(seqlen_q, capacity)
+    q_in = None
+    if append is not None and append.cos is not None:  # the attention reads q rotated
+        q_in, qb = qb, _interop.empty(tuple(qb.shape), qb, src, q)[1]
+    new_keys = 0 if append is None or append.k is None else int(append.k.shape[1])
     fields = {
         **dict.fromkeys(POINTERS, 0),
         **param_strides("q", qb), **param_strides("k", kb), **param_strides("v", vb),
         **param_strides("o", ob),
+        **param_strides("qi", q_in if q_in is not None else qb),
+        **param_strides("kn", append.k if new_keys else qb),
+        **param_strides("vn", append.v if new_keys else qb),
         "lse_batch_stride": heads_q * seqlen_q, "lse_head_stride": seqlen_q,
         "block_table_stride": 0 if table is None else table.shape[1],
         "scale": scale, "scale_log2": scale * math.log2(math.e), "batch": batch,
@@ -195,12 +231,23 @@ def prepare(q, qb, kb, vb, *, variant: Variant, scale: float, src: _interop.Sour
         "head_dim": head_dim, "window_left": window[0], "window_right": window[1],
         "cache_batch": n_rows, "cache_len": cache_len,
         "page_shift": page_size.bit_length() - 1 if table is not None else 0,
-        "num_splits": splits, "softcap": variant.softcap,
+        "num_splits": splits, "softcap": variant.softcap, "new_keys": new_keys,
+        "rotary_dim": append.rotary_dim if q_in is not None else 0,
+        "rotary_interleaved": int(bool(append and append.interleaved)),
+        "rotary_per_row": int(bool(append and append.per_row)),
     }
     params = pack_params(DECODE_PARAMS, fields)
+    extra = (None,) * 5 if append is None else (append.k, append.v, append.cos, append.sin, q_in)
     pointers = tuple(0 if a is None else a.data.ptr for a in (
-        qb, kb, vb, ob, lse_b, sinks_b, alibi_b, o_part, lse_part, *ints))
-    calls = [KernelCall(_compile.get_function(spec, src.device_id, cc), src.device_id,
+        qb, kb, vb, ob, lse_b, sinks_b, alibi_b, o_part, lse_part, *ints, *extra))
+    calls = []
+    if new_keys or q_in is not None:
+        spec_a = append_spec(dtype, head_dim)
+        calls.append(KernelCall(_compile.get_function(spec_a, src.device_id, cc), src.device_id,
+                                grid=(max(new_keys, seqlen_q if q_in is not None else 0), batch,
+                                      1), threads=spec_a.threads, smem_bytes=0, params=params,
+                                pointer_fields=POINTERS))
+    calls += [KernelCall(_compile.get_function(spec, src.device_id, cc), src.device_id,
                         grid=(splits, heads_kv * row_tiles, batch), threads=spec.threads,
                         smem_bytes=spec.smem_bytes, params=params, pointer_fields=POINTERS)]
     if splits > 1:
@@ -211,11 +258,11 @@ def prepare(q, qb, kb, vb, *, variant: Variant, scale: float, src: _interop.Sour
                                 pointer_fields=POINTERS))
     out = _interop.from_backend(out_native, ob, src)
     lse = _interop.from_backend(lse_native, lse_b, src) if return_lse else None
-    keep = (qb, kb, vb, ob, lse_b, sinks_b, alibi_b, o_part, lse_part, *ints)
+    keep = (qb, kb, vb, ob, lse_b, sinks_b, alibi_b, o_part, lse_part, *ints, *extra)
     return Prepared(calls, pointers, keep, out, lse, splits)
 
 
-POINTERS = DECODE_PARAMS.names[:13]  # the pointer fields, in the order of `run`'s launches
+POINTERS = DECODE_PARAMS.names[:18]  # the pointer fields, in the order of `prepare`'s
 
 
 def _float32_buffer(shape: tuple[int, ...], src: _interop.Source):

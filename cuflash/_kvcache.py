@@ -106,28 +106,39 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None
     ops = ops_for(q)
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos, rotary_sin: pass both or neither")
+    per_row = causal or window is not None
+    rotary_dim = 0
     if rotary_cos is not None:
-        q, k = plan.rotate(q, k, rotary_cos, rotary_sin, rotary_interleaved,
-                           causal or window is not None, ops)
-    if k is not None:
-        plan.append(k_cache, v_cache, k, v)
+        rotary_dim = plan.check_rotary(q, k, rotary_cos, rotary_sin, per_row)
     src = _interop.source_of(q, "q")
     if src.device == "cuda" and plan.batch:
         with _interop.stream_scope(src):
             qb, kb, vb = (_interop.to_backend(x, src) for x in (q, k_cache, v_cache))
+            cc = compute_capability(src.device_id)
             why = _decode.reason(qb, kb, vb, variant=variant, src=src, page_size=plan.page_size,
-                                 paged=plan.table is not None,
-                                 cc=compute_capability(src.device_id))
+                                 paged=plan.table is not None, cc=cc)
             if why is None:
+                append = None
+                if k is not None:
+                    append = _decode.Append(
+                        k=_unit_last(_interop.to_backend(k, src)),
+                        v=_unit_last(_interop.to_backend(v, src)),
+                        cos=None if rotary_cos is None else _float32_table(rotary_cos, ops, src),
+                        sin=None if rotary_sin is None else _float32_table(rotary_sin, ops, src),
+                        rotary_dim=rotary_dim, interleaved=rotary_interleaved, per_row=per_row)
                 out, lse = _decode.run(
-                    q, qb, kb, vb, variant=variant, scale=scale_value, src=src,
-                    cc=compute_capability(src.device_id), seqlens_k=plan.lengths + plan.new,
+                    q, qb, kb, vb, variant=variant, scale=scale_value, src=src, cc=cc,
+                    seqlens_k=plan.lengths + plan.new,
                     leftpad=plan.start if cache_leftpad is not None else None,
                     rows=plan.rows if cache_batch_idx is not None else None, table=plan.table,
                     page_size=plan.page_size, sinks=sink_values, alibi=slopes,
-                    num_splits=int(num_splits), return_lse=return_lse)
+                    num_splits=int(num_splits), return_lse=return_lse, append=append)
                 return (out, lse) if return_lse else out
         log.debug("attention_with_kvcache: each sequence on its own (%s)", why)
+    if rotary_cos is not None:
+        q, k = plan.rotate(q, k, rotary_cos, rotary_sin, rotary_interleaved, per_row, ops)
+    if k is not None:
+        plan.append(k_cache, v_cache, k, v)
     outs, lses = [], []
     for b in range(plan.batch):
         keys, values = plan.keys_of(k_cache, b), plan.keys_of(v_cache, b)
@@ -161,6 +172,22 @@ def _check_mods(q, softcap, alibi_slopes, sinks):
         refuse_capped_mods_on_cuda(cap, alibi_slopes is not None, False, False,
                                    f"{src.describe()} inputs")
     return slopes, sink_values
+
+
+def _unit_last(x):
+    """A CuPy view with a unit last stride (a copy where it has none)."""
+    if x.strides[-1] == x.dtype.itemsize:
+        return x
+    import cupy
+
+    return cupy.ascontiguousarray(x)
+
+
+def _float32_table(table, ops, src):
+    """A rotary table as a contiguous float32 CuPy array (cast in the caller's framework)."""
+    import cupy
+
+    return cupy.ascontiguousarray(_interop.to_backend(ops.cast(table, "float32"), src))
 
 
 def _slopes_of(alibi_slopes, b: int):
@@ -282,8 +309,9 @@ class _Plan:
         for cache, new in ((k_cache, k), (v_cache, v)):
             cache[first, second] = new.reshape(flat)
 
-    def rotate(self, q, k, cos, sin, interleaved: bool, per_row: bool, ops):
-        """q and the new keys with the rotary embedding at their positions (module docstring)."""
+    def check_rotary(self, q, k, cos, sin, per_row: bool) -> int:
+        """The rotary tables checked against q, the new keys and the positions they rotate
+        (`per_row`: query i at the first new position + i); returns rotary_dim."""
         if k is None:
             raise ValueError("rotary_cos: rotary embedding needs new keys k, v")
         shapes = [tuple(int(n) for n in getattr(x, "shape", ())) for x in (cos, sin)]
@@ -296,14 +324,21 @@ class _Plan:
                 raise TypeError(f"{name}: expected an array of q's framework, got "
                                 f"{type(x).__name__}")
         first = self.lengths - self.start
+        last = max(self.new - 1, int(q.shape[1]) - 1 if per_row else 0)
+        reach = int((first + last).max(initial=0))
+        if reach >= shapes[0][0]:
+            raise ValueError(f"rotary_cos: {shapes[0][0]} positions, but positions up to {reach} "
+                             f"are rotated")
+        return 2 * shapes[0][1]
+
+    def rotate(self, q, k, cos, sin, interleaved: bool, per_row: bool, ops):
+        """q and the new keys with the rotary embedding at their positions (module docstring),
+        in the caller's framework."""
+        first = self.lengths - self.start
         key_pos = first[:, None] + np.arange(self.new)[None]
         sq = int(q.shape[1])
         q_pos = (first[:, None] + np.arange(sq)[None] if per_row
                  else np.broadcast_to(first[:, None], (self.batch, sq)))
-        reach = max(int(key_pos.max(initial=0)), int(q_pos.max(initial=0)))
-        if reach >= shapes[0][0]:
-            raise ValueError(f"rotary_cos: {shapes[0][0]} positions, but positions up to {reach} "
-                             f"are rotated")
         return (_rotary(q, cos, sin, q_pos, interleaved, ops),
                 _rotary(k, cos, sin, key_pos, interleaved, ops))
 

@@ -51,18 +51,20 @@ BWD_PARAMS = _params_dtype(
 DECODE_PARAMS = np.dtype(
     [(name, np.uint64) for name in ("q", "k", "v", "o", "lse", "sinks", "alibi", "o_partial",
                                      "lse_partial", "seqlens_k", "leftpad", "cache_rows",
-                                     "block_table")]
+                                     "block_table", "k_new", "v_new", "rotary_cos",
+                                     "rotary_sin", "q_in")]
     + [(f"{t}_{s}", np.int64) for t in ("q", "k", "v", "o") for s in _STRIDE_FIELDS]
     + [(name, np.int64) for name in ("lse_batch_stride", "lse_head_stride",
                                      "block_table_stride")]
+    + [(f"{t}_{s}", np.int64) for t in ("kn", "vn", "qi") for s in _STRIDE_FIELDS]
     + [("scale", np.float64), ("scale_log2", np.float32)]
     + [(name, np.int32) for name in ("batch", "heads_q", "heads_kv", "group", "seqlen_q",
                                      "head_dim", "window_left", "window_right", "cache_batch",
-                                     "cache_len", "page_shift", "num_splits")]
+                                     "cache_len", "page_shift", "num_splits", "new_keys",
+                                     "rotary_dim", "rotary_interleaved", "rotary_per_row")]
     + [("softcap", np.float64)],
     align=True,
 )
-
 
 @dataclass(frozen=True)
 class Tile:

@@ -37,6 +37,13 @@ struct DecodeParams {
   const int* leftpad;      // (batch,): the first position of each sequence; null: 0
   const int* cache_rows;   // (batch,): the contiguous cache's row of each sequence; null: b
   const int* block_table;  // (batch, block_table_stride) pages; null: contiguous
+  // decode_append's: new keys and values (batch, new_keys, heads_kv, head_dim), the rotary
+  // tables float (rotary positions, rotary_dim / 2) (null: no rotary), and where q rotated goes
+  const void* k_new;
+  const void* v_new;
+  const float* rotary_cos;
+  const float* rotary_sin;
+  const void* q_in;  // q as given (`q` is then the rotated copy the attention reads)
 
   int64 q_batch_stride, q_row_stride, q_head_stride;
   int64 k_batch_stride, k_row_stride, k_head_stride;
@@ -44,6 +51,9 @@ struct DecodeParams {
   int64 o_batch_stride, o_row_stride, o_head_stride;
   int64 lse_batch_stride, lse_head_stride;
   int64 block_table_stride;
+  int64 kn_batch_stride, kn_row_stride, kn_head_stride;  // k_new
+  int64 vn_batch_stride, vn_row_stride, vn_head_stride;  // v_new
+  int64 qi_batch_stride, qi_row_stride, qi_head_stride;  // q_in
 
   double scale;
   float scale_log2;
@@ -59,6 +69,10 @@ struct DecodeParams {
   int cache_len;      // positions per row, or the page size
   int page_shift;     // log2 of the page size (paged)
   int num_splits;
+  int new_keys;       // keys appended by decode_append (seqlens_k counts them already)
+  int rotary_dim;     // features rotated (even, <= head_dim); 0: no rotary
+  int rotary_interleaved;  // 1: pairs (2j, 2j + 1); 0: (j, j + rotary_dim / 2)
+  int rotary_per_row; // 1: query i at the sequence's first new position + i; 0: all at it
   double softcap;     // Softcap's cap (score.cuh)
 };
 
@@ -380,6 +394,82 @@ fwd_decode(const __grid_constant__ DecodeParams p) {
         static_cast<float*>(p.lse)[batch * p.lse_batch_stride + qhead * p.lse_head_stride +
                                    qstep] = lse;
       }
+    }
+  }
+}
+
+// Rotary embedding of element `col` of a row `x` (float values at `at(col)`) at the position
+// whose tables are `cos`, `sin` (rotary_dim / 2 each): features pair (j, j + rotary_dim / 2), or
+// (2j, 2j + 1) interleaved; features past rotary_dim pass through.
+template <typename At>
+__device__ __forceinline__ float rotated(At at, int col, int rotary_dim, bool interleaved,
+                                         const float* cos, const float* sin) {
+  const float x = at(col);
+  if (col >= rotary_dim) return x;
+  const int half = rotary_dim / 2;
+  if (interleaved) {
+    const int j = col / 2;
+    return col % 2 == 0 ? x * cos[j] - at(col + 1) * sin[j] : x * cos[j] + at(col - 1) * sin[j];
+  }
+  return col < half ? x * cos[col] - at(col + half) * sin[col]
+                    : x * cos[col - half] + at(col - half) * sin[col - half];
+}
+
+// Before the attention: the new keys (rotated) and values written into the cache at each
+// sequence's positions seqlens_k[b] - new_keys + i (contiguous row or page), and q rotated
+// into `q` from `q_in`. One block per (token, sequence); threads over heads and features.
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
+          typename ScoreKind, bool kAligned>
+__global__ void __launch_bounds__(kWarps * kWarpSize)
+decode_append(const __grid_constant__ DecodeParams p) {
+  const int token = blockIdx.x, batch = blockIdx.y;
+  const int start = p.leftpad == nullptr ? 0 : p.leftpad[batch];
+  const int first_new = p.seqlens_k[batch] - p.new_keys;  // cache position of new key 0
+  const int base = first_new - start;  // rotary position of new key 0 (and of query 0)
+  const int half = p.rotary_dim / 2;
+  const bool interleaved = p.rotary_interleaved != 0;
+  if (token < p.new_keys) {
+    const int pos = first_new + token;
+    int64 k_at, v_at;
+    if (p.block_table != nullptr) {
+      const int64 page = p.block_table[batch * p.block_table_stride + (pos >> p.page_shift)];
+      const int slot = pos & ((1 << p.page_shift) - 1);
+      k_at = page * p.k_batch_stride + slot * p.k_row_stride;
+      v_at = page * p.v_batch_stride + slot * p.v_row_stride;
+    } else {
+      const int row = p.cache_rows == nullptr ? batch : p.cache_rows[batch];
+      k_at = row * p.k_batch_stride + static_cast<int64>(pos) * p.k_row_stride;
+      v_at = row * p.v_batch_stride + static_cast<int64>(pos) * p.v_row_stride;
+    }
+    const float* cos = p.rotary_cos + static_cast<int64>(base + token) * half;
+    const float* sin = p.rotary_sin + static_cast<int64>(base + token) * half;
+    for (int i = threadIdx.x; i < p.heads_kv * p.head_dim; i += blockDim.x) {
+      const int head = i / p.head_dim, col = i % p.head_dim;
+      const T* kn = static_cast<const T*>(p.k_new) + batch * p.kn_batch_stride +
+                    token * p.kn_row_stride + head * p.kn_head_stride;
+      const T* vn = static_cast<const T*>(p.v_new) + batch * p.vn_batch_stride +
+                    token * p.vn_row_stride + head * p.vn_head_stride;
+      const float key = p.rotary_dim == 0 ? to_float(kn[col])
+          : rotated([&](int c) { return to_float(kn[c]); }, col, p.rotary_dim, interleaved,
+                    cos, sin);
+      T* k = const_cast<T*>(static_cast<const T*>(p.k)) + k_at + head * p.k_head_stride;
+      T* v = const_cast<T*>(static_cast<const T*>(p.v)) + v_at + head * p.v_head_stride;
+      k[col] = from_float<T>(key);
+      v[col] = vn[col];
+    }
+  }
+  if (p.q_in != nullptr && token < p.seqlen_q) {
+    const int pos = base + (p.rotary_per_row ? token : 0);
+    const float* cos = p.rotary_cos + static_cast<int64>(pos) * half;
+    const float* sin = p.rotary_sin + static_cast<int64>(pos) * half;
+    for (int i = threadIdx.x; i < p.heads_q * p.head_dim; i += blockDim.x) {
+      const int head = i / p.head_dim, col = i % p.head_dim;
+      const T* qi = static_cast<const T*>(p.q_in) + batch * p.qi_batch_stride +
+                    token * p.qi_row_stride + head * p.qi_head_stride;
+      T* q = const_cast<T*>(static_cast<const T*>(p.q)) + batch * p.q_batch_stride +
+             token * p.q_row_stride + head * p.q_head_stride;
+      q[col] = from_float<T>(rotated([&](int c) { return to_float(qi[c]); }, col, p.rotary_dim,
+                                     interleaved, cos, sin));
     }
   }
 }

@@ -60,9 +60,13 @@ def decode_cases(draw):
     sinks = draw(st.booleans())
     splits = draw(st.sampled_from([0, 0, 1, 3, 17]))
     extra = draw(st.sampled_from([{}, {"leftpad": True}, {"rows": True}])) if not paged else {}
+    rotary = None
+    if new:  # (rotary_dim, interleaved): rotary needs new keys
+        rotary = draw(st.sampled_from([None, (dim, False), (dim, True), (dim // 2, False),
+                                       (16, True)]))
     return dict(dtype=dtype, dim=dim, heads_kv=heads_kv, group=group, seqlen_q=seqlen_q,
                 batch=batch, new=new, paged=paged, page_size=page_size, lengths=lengths,
-                mask=mask, score=score, sinks=sinks, splits=splits, extra=extra,
+                mask=mask, score=score, sinks=sinks, splits=splits, extra=extra, rotary=rotary,
                 seed=draw(st.integers(0, 2**31 - 1)))
 
 
@@ -106,13 +110,40 @@ def _build(case):
         opts["alibi_slopes"] = rng.uniform(0, 0.3, (b, hq)).astype(np.float32)
     if case["sinks"]:
         opts["sinks"] = rng.standard_normal(hq).astype(np.float32)
+    if case.get("rotary"):
+        rotary_dim, interleaved = case["rotary"]
+        positions = int(lengths.max()) + new + sq + 1
+        angles = rng.uniform(0, 6.3, (positions, rotary_dim // 2))
+        for name, table in (("rotary_cos", np.cos(angles)), ("rotary_sin", np.sin(angles))):
+            opts[name] = _to_device(table, case["dtype"])
+            host[name] = to_numpy(opts[name])
+        opts["rotary_interleaved"] = interleaved
     return host, dev, opts
 
 
+def _rotated(case, host, opts):
+    """q and the new keys with the rotary embedding at their positions, in float64."""
+    q, k = host["q"], host["k"]
+    if not case.get("rotary"):
+        return q, k
+    n = opts["cache_seqlens"].astype(np.int64)
+    first = n - (0 if opts["cache_leftpad"] is None else opts["cache_leftpad"])
+    key_pos = first[:, None] + np.arange(case["new"])[None]
+    per_row = case["mask"].get("causal", False) or "window" in case["mask"]
+    q_pos = first[:, None] + (np.arange(case["seqlen_q"])[None] if per_row else 0) \
+        + np.zeros((1, case["seqlen_q"]), np.int64)
+    cos, sin, inter = host["rotary_cos"], host["rotary_sin"], case["rotary"][1]
+    return (reference.rotary(q, cos[q_pos], sin[q_pos], interleaved=inter),
+            reference.rotary(k, cos[key_pos], sin[key_pos], interleaved=inter))
+
+
 def _expected(case, host, opts):
-    """Each sequence against its keys after the append, by the float64 reference."""
+    """Each sequence against its keys after the append, by the float64 reference; the caches
+    after it, and which slots were written."""
     b, new, ps = case["batch"], case["new"], case["page_size"]
     k_cache, v_cache = host["k_cache"].copy(), host["v_cache"].copy()
+    written = np.zeros(k_cache.shape[:2], bool)
+    q_all, k_new = _rotated(case, host, opts)
     outs, lses = [], []
     for i in range(b):
         n = int(opts["cache_seqlens"][i])
@@ -121,17 +152,19 @@ def _expected(case, host, opts):
             table = opts["block_table"][i]
             where = [(table[j // ps], j % ps) for j in range(n + new)]
             for j in range(new):
-                k_cache[where[n + j]], v_cache[where[n + j]] = host["k"][i, j], host["v"][i, j]
+                k_cache[where[n + j]], v_cache[where[n + j]] = k_new[i, j], host["v"][i, j]
+                written[where[n + j]] = True
             keys = np.stack([k_cache[w] for w in where]) if where else k_cache[:0, 0]
             values = np.stack([v_cache[w] for w in where]) if where else v_cache[:0, 0]
         else:
             row = i if opts["cache_batch_idx"] is None else int(opts["cache_batch_idx"][i])
             if new:
-                k_cache[row, n:n + new], v_cache[row, n:n + new] = host["k"][i], host["v"][i]
+                k_cache[row, n:n + new], v_cache[row, n:n + new] = k_new[i], host["v"][i]
+                written[row, n:n + new] = True
             keys, values = k_cache[row, start:n + new], v_cache[row, start:n + new]
         slopes = opts.get("alibi_slopes")
         out, lse = reference.attention(
-            host["q"][i:i + 1], keys[None], values[None],
+            q_all[i:i + 1], keys[None], values[None],
             causal=case["mask"].get("causal", False), window=case["mask"].get("window"),
             softcap=opts.get("softcap", 0.0),
             alibi_slopes=None if slopes is None else slopes[i].astype(np.float64),
@@ -139,7 +172,7 @@ def _expected(case, host, opts):
             return_lse=True)
         outs.append(out)
         lses.append(lse)
-    return np.concatenate(outs), np.concatenate(lses), k_cache, v_cache
+    return np.concatenate(outs), np.concatenate(lses), k_cache, v_cache, written
 
 
 def _call(case, dev, opts, *, decode: bool, splits: int | None = None):
@@ -168,14 +201,17 @@ def _call(case, dev, opts, *, decode: bool, splits: int | None = None):
 @given(decode_cases())
 def test_decode_kernel_matches_the_reference(case):
     host, dev, opts = _build(case)
-    want, want_lse, k_after, v_after = _expected(case, host, opts)
+    want, want_lse, k_after, v_after, written = _expected(case, host, opts)
     out, lse, k_cache, v_cache = _call(case, dev, opts, decode=True)
-    dense, dense_lse, _, _ = _call(case, dev, opts, decode=False)
+    dense, dense_lse, k_dense, _ = _call(case, dev, opts, decode=False)
     assert_matches_reference("out", out, want, dense, dtype=case["dtype"])
     assert_matches_reference("lse", lse, want_lse, dense_lse, dtype=LSE_DTYPE)
-    # the new keys where they belong, every other slot as it was
-    np.testing.assert_array_equal(k_cache, k_after)
+    # the new keys where they belong (rotated as the framework rotates them, to one rounding),
+    # every other slot as it was, bit for bit
     np.testing.assert_array_equal(v_cache, v_after)
+    np.testing.assert_array_equal(k_cache[~written], k_after[~written])
+    ulp = {"float16": 2**-10, "bfloat16": 2**-7}[case["dtype"]]
+    np.testing.assert_allclose(k_cache[written], k_dense[written], rtol=ulp, atol=ulp)
 
 
 @pytest.mark.parametrize("paged", [False, True])
