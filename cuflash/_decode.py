@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from cuflash import _compile, _dtypes, _interop
+from cuflash._checks import MAX_GRID_YZ
 from cuflash._kernel_call import KernelCall
 from cuflash._launch_common import (
     DECODE_PARAMS,
@@ -121,6 +122,14 @@ def reason(qb, kb, vb, *, variant: Variant, src: _interop.Source, page_size: int
     head_dim = int(qb.shape[-1])
     if head_dim > max(DECODE_TILES):
         return f"head dim {head_dim} > {max(DECODE_TILES)}"
+    if 0 in tuple(qb.shape):
+        return "nothing to compute"
+    if int(qb.shape[0]) > MAX_GRID_YZ:
+        return f"batch {int(qb.shape[0])} > {MAX_GRID_YZ} (the grid's z)"
+    smem = decode_spec(dtype, head_dim, variant.mask, "none").smem_bytes
+    limit = _compile.smem_limit(src.device_id)
+    if smem > limit:
+        return f"{smem} bytes of shared memory; this GPU allows {limit} a block"
     if int(qb.shape[1]) > MAX_SEQLEN_Q:
         return f"{int(qb.shape[1])} query steps > {MAX_SEQLEN_Q}: the prefill kernels are faster"
     if variant.score not in DECODE_SCORES:

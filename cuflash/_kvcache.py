@@ -1,13 +1,14 @@
 """`attention_with_kvcache`: new queries against a KV cache, contiguous or paged, with new keys
 and values appended in place first (flash-attn's meaning).
 
-The append is the framework's own indexed assignment into the caller's caches. Then on CUDA,
-float16/bfloat16 calls of up to 16 query steps run the split-KV decoding kernel (`_decode`),
-which reads contiguous caches and pages where they lie; other calls run each sequence as one
-`cuflash.attention` call, on a view of a contiguous cache or on its pages gathered in order (a
-copy). Rotary embedding is computed in the caller's framework. `cache_seqlens`, `block_table`,
-`cache_batch_idx` and `cache_leftpad` are read on the host for the checks (for device arrays,
-one small copy that waits for the stream).
+On CUDA, float16/bfloat16 calls of up to 16 query steps run the split-KV decoding kernels
+(`_decode`): `decode_append` writes the new keys (rotated) and values into the cache rows or
+pages and rotates q, then the attention reads contiguous caches and pages where they lie. Other
+calls append by the framework's own indexed assignment, rotate in the framework, and run each
+sequence as one `cuflash.attention` call, on a view of a contiguous cache or on its pages
+gathered in order (a copy). `cache_seqlens`, `block_table`, `cache_batch_idx` and
+`cache_leftpad` are read on the host for the checks (for device arrays, one small copy that
+waits for the stream).
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ struct DecodeParams {
   int group;          // heads_q / heads_kv
   int seqlen_q;
   int head_dim;
-  int window_left;    // WindowMask's band (mask.cuh), unbounded sides as seqlen_q + cache_len
+  int window_left;    // WindowMask's band (mask.cuh), unbounded sides as seqlen_q + capacity
   int window_right;
   int cache_batch;    // rows (contiguous) or pages (paged) of the caches
   int cache_len;      // positions per row, or the page size
@@ -201,8 +201,10 @@ fwd_decode(const __grid_constant__ DecodeParams p) {
     cp_async_16(q_base + QTile::offset(row, chunk), ok ? src : q, ok ? 16 : 0);
   }
 
-  // K and V of tile n into stage `slot`: keys outside [key_lo, key_hi) become zeros, so that
-  // what a mask hides is never read (a NaN there cannot reach P V).
+  // K and V of tile n into stage `slot`: keys outside [key_lo, key_hi), which no row of the
+  // block sees, become zeros. (A key inside that some rows see and others do not, with several
+  // query steps, is read: a NaN or inf in its V reaches the rows that do not see it as 0 * NaN.
+  // fwd_sm80's nonfinite.cuh repair is not here.)
   constexpr int kRowStep = Tr::kThreads / kChunks;
   static_assert(Tr::kThreads % kChunks == 0 && kBlockN % kRowStep == 0, "whole rows a step");
   auto load_kv = [&](int n, int slot) {

@@ -46,8 +46,20 @@ def _view(shape, dtype="float16", ptr=4096, strides=None):
 CUDA = Source("cupy", "cuda", 0)
 
 
+@pytest.fixture
+def smem(monkeypatch):
+    """The shared memory a block may have: an H100's unless a test says otherwise."""
+    limit = {"bytes": 232448}
+    monkeypatch.setattr(_decode._compile, "smem_limit", lambda device_id: limit["bytes"])
+    return limit
+
+
 @pytest.mark.parametrize("change, fragment", [
     ({}, None),
+    ({"smem": 101376}, "102400 bytes of shared memory"),
+    ({"smem": 101376, "dim": 64}, None),
+    ({"batch": 65536}, "batch 65536"),
+    ({"steps": 0}, "nothing to compute"),
     ({"cc": 75}, "compute capability 7.5"),
     ({"dtype": "float32"}, "dtype float32"),
     ({"dim": 320}, "head dim 320"),
@@ -57,10 +69,11 @@ CUDA = Source("cupy", "cuda", 0)
     ({"ptr": 4104}, "not 16-byte aligned"),
     ({"dim": 36}, "not 16-byte aligned"),
 ])
-def test_reason_names_what_the_kernel_cannot_take(change, fragment):
+def test_reason_names_what_the_kernel_cannot_take(change, fragment, smem):
     dim, steps, dtype = change.get("dim", 128), change.get("steps", 1), change.get("dtype",
                                                                                    "float16")
-    q = _view((2, steps, 8, dim), dtype)
+    smem["bytes"] = change.get("smem", smem["bytes"])
+    q = _view((change.get("batch", 2), steps, 8, dim), dtype)
     cache = _view((2, 64, 2, dim), dtype, ptr=change.get("ptr", 4096))
     why = _decode.reason(q, cache, cache, variant=change.get("variant", Variant.of()), src=CUDA,
                          page_size=change.get("page_size", 64), paged="page_size" in change,

@@ -129,7 +129,7 @@ def _rotated(case, host, opts):
     n = opts["cache_seqlens"].astype(np.int64)
     first = n - (0 if opts["cache_leftpad"] is None else opts["cache_leftpad"])
     key_pos = first[:, None] + np.arange(case["new"])[None]
-    per_row = case["mask"].get("causal", False) or "window" in case["mask"]
+    per_row = case["mask"].get("causal", True) or "window" in case["mask"]  # causal: default
     q_pos = first[:, None] + (np.arange(case["seqlen_q"])[None] if per_row else 0) \
         + np.zeros((1, case["seqlen_q"]), np.int64)
     cos, sin, inter = host["rotary_cos"], host["rotary_sin"], case["rotary"][1]
@@ -165,7 +165,7 @@ def _expected(case, host, opts):
         slopes = opts.get("alibi_slopes")
         out, lse = reference.attention(
             q_all[i:i + 1], keys[None], values[None],
-            causal=case["mask"].get("causal", False), window=case["mask"].get("window"),
+            causal=case["mask"].get("causal", True), window=case["mask"].get("window"),
             softcap=opts.get("softcap", 0.0),
             alibi_slopes=None if slopes is None else slopes[i].astype(np.float64),
             sinks=None if opts.get("sinks") is None else opts["sinks"].astype(np.float64),
