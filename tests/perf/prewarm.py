@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import re
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -41,12 +42,16 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=300.0,
                         help="seconds after which no new compile starts (default 300)")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--only", default="",
+                        help="a regular expression: compile only the kernels whose name has a "
+                             "match (default: every kernel)")
     args = parser.parse_args()
     import cupy
 
     cc = int(cupy.cuda.Device(0).compute_capability)
-    todo = iter(specs())
-    total = len(specs())
+    chosen = [s for s in specs() if re.search(args.only, s.name)]
+    todo = iter(chosen)
+    total = len(chosen)
     stop = time.time() + args.deadline
     start, done, slowest, errors = time.time(), 0, 0.0, []
     # spawned, not forked: this process has initialised CUDA, which a forked child cannot use
