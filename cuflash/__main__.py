@@ -255,6 +255,89 @@ CASES = (
 )
 
 
+@dataclass(frozen=True)
+class DecodeCase:
+    """One decoding step of the self-check: `batch` sequences of `cached` keys in a cache of
+    pages (`page_size` > 0) or rows, one new key appended, `steps` query steps, causal."""
+
+    batch: int
+    steps: int
+    cached: int
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    page_size: int = 0
+
+    @property
+    def id(self) -> str:
+        cache = f"paged{self.page_size}" if self.page_size else "rows"
+        return (f"kvcache-B{self.batch}-Sq{self.steps}-Sk{self.cached}+1-H{self.heads_q}/"
+                f"{self.heads_kv}-D{self.head_dim}-{cache}")
+
+
+# attention_with_kvcache (on CUDA, float16/bfloat16: the split-KV decoding kernel)
+DECODE_CASES = (
+    DecodeCase(3, 1, 300, 16, 4, 128, page_size=16),
+    DecodeCase(2, 4, 1000, 8, 1, 64),
+)
+
+
+def check_decode(case: DecodeCase, dtype: str, backend: _Backend,
+                 rng: np.random.Generator) -> Row:
+    """One `attention_with_kvcache` call against the reference on the cache after the append;
+    the cache checked slot by slot too (the new key at its place, nothing else written)."""
+    row = _RowMaker(case.id, dtype, backend.label)
+    b, n, hkv, d = case.batch, case.cached, case.heads_kv, case.head_dim
+    keys = n + 1
+    q4, kseq, vseq = (_accuracy.round_to(rng.standard_normal(shape), dtype).astype(np.float64)
+                      for shape in ((b, case.steps, case.heads_q, d), (b, keys, hkv, d),
+                                    (b, keys, hkv, d)))
+    if case.page_size:  # sequence i's keys in shuffled pages
+        per = -(-keys // case.page_size)
+        table = rng.permutation(b * per + 1)[:b * per].reshape(b, per).astype(np.int32)
+        k_cache, v_cache = (np.zeros((b * per + 1, case.page_size, hkv, d)) for _ in range(2))
+        for i in range(b):
+            for j in range(n):
+                at = (table[i, j // case.page_size], j % case.page_size)
+                k_cache[at], v_cache[at] = kseq[i, j], vseq[i, j]
+    else:
+        table = None
+        k_cache, v_cache = (np.zeros((b, keys + 7, hkv, d)) for _ in range(2))
+        k_cache[:, :n], v_cache[:, :n] = kseq[:, :n], vseq[:, :n]
+    host_caches = (k_cache.copy(), v_cache.copy())
+    q, kc, vc, kn, vn = (backend.array(x, dtype) for x in (q4, k_cache, v_cache, kseq[:, n:],
+                                                            vseq[:, n:]))
+    try:
+        out, lse = cuflash.attention_with_kvcache(q, kc, vc, k=kn, v=vn, cache_seqlens=n,
+                                                  block_table=table, return_lse=True)
+        backend.synchronize()
+    except Exception as err:
+        return row.fail("fwd", f"{type(err).__name__}: {err}")
+    ref_out, ref_lse = reference.attention_with_kvcache(
+        q4, *host_caches, k=kseq[:, n:], v=vseq[:, n:], cache_seqlens=n, block_table=table,
+        return_lse=True)
+    naive_out, naive_lse = _accuracy.naive_attention(q4, kseq, vseq, dtype=dtype, causal=True,
+                                                     window=None, scale=1 / math.sqrt(d))
+    comparisons = [
+        _accuracy.compare("out", backend.to_numpy(out), ref_out, naive_out, dtype=dtype),
+        _accuracy.compare("lse", backend.to_numpy(lse), ref_lse, naive_lse,
+                          dtype=_accuracy.LSE_DTYPE),
+    ]
+    # The cache afterwards: the new key and value at position n of each sequence, the rest as
+    # it was (zeros where nothing was cached).
+    want_k, want_v = host_caches
+    for i in range(b):
+        at = ((table[i, n // case.page_size], n % case.page_size) if case.page_size
+              else (i, n))
+        want_k[at], want_v[at] = kseq[i, n], vseq[i, n]
+    written = [name for name, got, want in (("k_cache", kc, want_k), ("v_cache", vc, want_v))
+               if not np.array_equal(backend.to_numpy(got), want)]
+    ms = _warm_ms(lambda: cuflash.attention_with_kvcache(q, kc, vc, cache_seqlens=keys,
+                                                         block_table=table), backend)
+    return row.judged("fwd", comparisons, ms, [f"{name} (slots besides the new key's)"
+                                               for name in written])
+
+
 class _Backend:
     """How `check` makes, poisons and reads arrays on one device."""
 
@@ -354,6 +437,11 @@ def check(device: str | None = None, seed: int | None = None) -> int:
         for dtype in backend.dtypes:
             rng = np.random.default_rng((seed, index, _dtypes.GPU_DTYPES.index(dtype)))
             rows.extend(check_case(case, dtype, backend, rng))
+    for index, case in enumerate(DECODE_CASES):
+        for dtype in backend.dtypes:
+            rng = np.random.default_rng((seed, len(CASES) + index,
+                                         _dtypes.GPU_DTYPES.index(dtype)))
+            rows.append(check_decode(case, dtype, backend, rng))
     _print_table(rows)
     print()
     failed = [r for r in rows if r.status == "FAIL"]

@@ -61,7 +61,9 @@ def test_check_on_the_cpu_passes_for_every_dtype():
     assert {r[2] for r in rows} == set(CPU_DTYPES)
     assert {r[1] for r in rows} == {"fwd", "bwd"}
     assert all(r[3] == "cpu" and r[-2] == "ok" for r in rows), result.stdout
-    assert len(rows) == 2 * len(cli.CASES) * len(CPU_DTYPES)
+    assert len(rows) == (2 * len(cli.CASES) + len(cli.DECODE_CASES)) * len(CPU_DTYPES)
+    assert sum(r[0].startswith("kvcache-") for r in rows) == len(cli.DECODE_CASES) * len(
+        CPU_DTYPES)
     assert "seed 1234" in result.stdout
     assert f"{len(rows)} passed, 0 failed, 0 skipped" in result.stdout
 
