@@ -69,7 +69,8 @@ def smem(monkeypatch):
     ({"ptr": 4104}, "not 16-byte aligned"),
     ({"dim": 36}, "not 16-byte aligned"),
 ])
-def test_reason_names_what_the_kernel_cannot_take(change, fragment, smem):
+def test_reason_names_what_the_kernel_cannot_take(change, fragment, smem, monkeypatch):
+    monkeypatch.setenv(_decode.ENABLE_ENV, "1")
     dim, steps, dtype = change.get("dim", 128), change.get("steps", 1), change.get("dtype",
                                                                                    "float16")
     smem["bytes"] = change.get("smem", smem["bytes"])
@@ -82,6 +83,18 @@ def test_reason_names_what_the_kernel_cannot_take(change, fragment, smem):
         assert why is None
     else:
         assert why is not None and fragment in why
+
+
+def test_the_kernels_wait_for_their_gpu_run_unless_enabled(smem, monkeypatch):
+    """Until the GPU tests have run them, calls take the per-sequence path by default."""
+    monkeypatch.delenv(_decode.ENABLE_ENV, raising=False)
+    q, cache = _view((2, 1, 8, 128)), _view((2, 64, 2, 128))
+    why = _decode.reason(q, cache, cache, variant=Variant.of(), src=CUDA, page_size=64,
+                         paged=False, cc=90)
+    assert (why is None) == _decode.VERIFIED_ON_GPU
+    monkeypatch.setenv(_decode.ENABLE_ENV, "1")
+    assert _decode.reason(q, cache, cache, variant=Variant.of(), src=CUDA, page_size=64,
+                          paged=False, cc=90) is None
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])

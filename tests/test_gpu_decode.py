@@ -33,6 +33,20 @@ from tests.strategies import examples  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _decode_kernels_on():
+    """The decoding kernels, whatever their default (`_decode.VERIFIED_ON_GPU`)."""
+    import os
+
+    before = os.environ.get(_decode.ENABLE_ENV)
+    os.environ[_decode.ENABLE_ENV] = "1"
+    yield
+    if before is None:
+        del os.environ[_decode.ENABLE_ENV]
+    else:
+        os.environ[_decode.ENABLE_ENV] = before
+
+
 def _to_device(x: np.ndarray, dtype: str):
     """float16 as CuPy, bfloat16 as torch (CuPy has none)."""
     if dtype == "bfloat16":
