@@ -8,11 +8,14 @@ import types
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 import cuflash
 from cuflash import _decode
 from cuflash._interop import Source
 from cuflash._variant import Variant
+from tests import decode_cases
+from tests.strategies import examples
 
 
 @pytest.fixture
@@ -116,3 +119,25 @@ def test_num_splits_does_not_change_the_cpu_result():
                                            num_splits=n) for n in (0, 1, 7)]
     for out in outs[1:]:
         np.testing.assert_array_equal(out, outs[0])
+
+
+@settings(max_examples=examples(40), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(decode_cases.decode_cases())
+def test_the_gpu_suites_oracle_agrees_with_the_cpu_path(case):
+    """tests/test_gpu_decode.py's expected values (windows, softcap, ALiBi, sinks, rotary,
+    leftpad, cache rows, pages, appends) against the CPU path on the same case in float32: a
+    failure there is then the kernel's, not the oracle's."""
+    case = {**case, "dtype": "float32"}
+    host, dev, opts = decode_cases.build(case, lambda x, dtype: x.astype(np.float32))
+    want, want_lse, k_after, v_after, written = decode_cases.expected(case, host, opts)
+    out, lse = cuflash.attention_with_kvcache(dev["q"], dev["k_cache"], dev["v_cache"],
+                                              k=dev["k"], v=dev["v"],
+                                              num_splits=case["splits"], **opts)
+    np.testing.assert_allclose(out, want, rtol=2e-4, atol=2e-4)
+    seen = np.isfinite(want_lse)
+    np.testing.assert_array_equal(np.isfinite(lse), seen)
+    np.testing.assert_allclose(lse[seen], want_lse[seen], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(dev["v_cache"], v_after)
+    np.testing.assert_array_equal(dev["k_cache"][~written], k_after[~written])
+    np.testing.assert_allclose(dev["k_cache"][written], k_after[written], rtol=1e-5, atol=1e-5)
