@@ -1,11 +1,11 @@
 """Split-KV decoding (kernels_cu/fwd_decode.cu): the kernel `attention_with_kvcache` runs on
 CUDA for a few query rows against a contiguous or paged cache, read in place.
 
-`reason` says why a call cannot take it (then the caller runs each sequence through
-`cuflash.attention`); `run` plans and launches it. The grid is (splits, KV heads x row tiles,
-batch): each block packs the query rows of the heads that share one KV head, and walks one
-split of the sequence's visible keys. With more than one split the blocks write float32 partial
-rows and `decode_merge` combines them by their log-sum-exp.
+`reason` says why a call cannot take it, the hold `VERIFIED_ON_GPU` among the reasons (then the
+caller runs each sequence through `cuflash.attention`); `run` plans and launches it. The grid
+is (splits, KV heads x row tiles, batch): each block packs the query rows of the heads that
+share one KV head, and walks one split of the sequence's visible keys. With more than one split
+the blocks write float32 partial rows and `decode_merge` combines them by their log-sum-exp.
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ DECODE_TILES: dict[int, Tile] = {
 }
 DECODE_SCORES = ("none", "softcap", "alibi")
 MAX_SEQLEN_Q = 16  # query steps a call may have to take this path (speculative decoding)
-# The kernels have compiled clean (sm_80, sm_90a, NVRTC 13.0 and 13.5) but not yet run on a GPU:
-# until tests/test_gpu_decode.py passes there, a call takes them only where CUFLASH_DECODE_KERNEL
-# is set (any non-empty value), as the GPU tests set it.
+# The kernels have run on an H100 only in part (the split-count tests and one step per shape
+# class against the dense path; docs/performance.md): until tests/test_gpu_decode.py's reference
+# suite passes there, a call takes them only where CUFLASH_DECODE_KERNEL is set (any non-empty
+# value), as the GPU tests set it.
 VERIFIED_ON_GPU = False
 ENABLE_ENV = "CUFLASH_DECODE_KERNEL"
 MAX_SPLITS = 128
