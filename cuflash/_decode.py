@@ -49,7 +49,8 @@ MAX_SEQLEN_Q = 16  # query steps a call may have to take this path (speculative 
 VERIFIED_ON_GPU = False
 ENABLE_ENV = "CUFLASH_DECODE_KERNEL"
 MAX_SPLITS = 128
-_MERGE_WARPS = 4
+_MERGE_WARPS = 4  # decode_merge gives each split a thread: MAX_SPLITS <= its threads
+assert MAX_SPLITS <= _MERGE_WARPS * 32
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,9 @@ def append_spec(dtype: str, head_dim: int) -> KernelSpec:
 
 @functools.cache
 def merge_spec(dtype: str, head_dim: int) -> KernelSpec:
-    """The kernel that merges the splits' partial rows (one warp a row)."""
+    """The kernel that merges the splits' partial rows (one block a row, a thread a split)."""
     width = width_for(head_dim, DECODE_TILES)
-    return KernelSpec("fwd_decode.cu", "decode_merge", dtype, width, _MERGE_WARPS, 1,
+    return KernelSpec("fwd_decode.cu", "decode_merge", dtype, width, 1, 1,
                       _MERGE_WARPS, "none", True, 0)
 
 
@@ -302,7 +303,7 @@ def _plan_calls(spec: KernelSpec, params, device_id: int, cc: int, *,
         merge = merge_spec(spec.dtype, f["head_dim"])
         rows = f["batch"] * f["heads_q"] * f["seqlen_q"]
         calls.append(KernelCall(_compile.get_function(merge, device_id, cc), device_id,
-                                grid=(-(-rows // merge.block_m), 1, 1), threads=merge.threads,
+                                grid=(rows, 1, 1), threads=merge.threads,
                                 smem_bytes=0, params=params, pointer_fields=POINTERS))
     return calls
 

@@ -477,27 +477,48 @@ decode_append(const __grid_constant__ DecodeParams p) {
 }
 
 // The splits' partial rows merged by their lse (merge_attention's rule), the sinks folded in:
-// one warp per (batch, head, query step) row, 4 columns a lane.
+// one block per (batch, head, query step) row. Each thread holds one split's weight (num_splits
+// <= the block's threads); then each thread sums a strided subset of the splits for 4 columns,
+// the loads of several splits in flight, and the subsets are added in shared memory.
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
           typename ScoreKind, bool kAligned>
 __global__ void __launch_bounds__(kWarps * kWarpSize)
 decode_merge(const __grid_constant__ DecodeParams p) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int64 row = static_cast<int64>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize;
+  constexpr int kThreads = kWarps * kWarpSize;
+  constexpr int kQuads = kHeadDim / 4;           // float4 columns of a row
+  constexpr int kGroups = kThreads / kQuads;     // splits summed side by side
+  static_assert(kQuads <= kThreads && kThreads % kQuads == 0, "merge: head dim vs threads");
+  __shared__ float weight_of[kThreads];
+  __shared__ float reduce[kWarps];
+  __shared__ float4 part[kThreads];
+
+  const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
+  const int64 row = blockIdx.x;
   const int64 n_rows = static_cast<int64>(p.batch) * p.heads_q * p.seqlen_q;
-  if (row >= n_rows) return;
+  const int splits = p.num_splits;
   const float* lse_part = static_cast<const float*>(p.lse_partial);
   const float* o_part = static_cast<const float*>(p.o_partial);
 
-  float top = neg_inf();
-  for (int s = lane; s < p.num_splits; s += kWarpSize) top = fmaxf(top, lse_part[s * n_rows + row]);
+  const float mine = tid < splits ? lse_part[tid * n_rows + row] : neg_inf();
+  float top = mine;
 #pragma unroll
   for (int d = 16; d > 0; d /= 2) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, d));
+  if (lane == 0) reduce[warp] = top;
+  __syncthreads();
+  top = reduce[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) top = fmaxf(top, reduce[w]);
   const float shift = top == neg_inf() ? 0.f : top;
-  float total = 0.f;
-  for (int s = lane; s < p.num_splits; s += kWarpSize) total += expf(lse_part[s * n_rows + row] - shift);
+  const float e = tid < splits ? expf(mine - shift) : 0.f;
+  float total = e;
 #pragma unroll
   for (int d = 16; d > 0; d /= 2) total += __shfl_xor_sync(0xffffffffu, total, d);
+  __syncthreads();  // every thread has read reduce[] for the maximum
+  if (lane == 0) reduce[warp] = total;
+  __syncthreads();
+  total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += reduce[w];
 
   const int qstep = static_cast<int>(row % p.seqlen_q);
   const int qhead = static_cast<int>((row / p.seqlen_q) % p.heads_q);
@@ -510,22 +531,34 @@ decode_merge(const __grid_constant__ DecodeParams p) {
     if (!empty) fold_sink(m, total, weight, sink);
     lse = empty ? sink : m + logf(total);
   }
-  const float inv = empty ? 0.f : weight / total;
-  T* o = static_cast<T*>(p.o) + batch * p.o_batch_stride + qstep * p.o_row_stride +
-         qhead * p.o_head_stride;
-  const int64 split_stride = n_rows * p.head_dim;  // floats from one split's row to the next
-  for (int col = 4 * lane; col < p.head_dim; col += 4 * kWarpSize) {
-    float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+  weight_of[tid] = empty ? 0.f : e * (weight / total);
+  __syncthreads();
+
+  const int quad = tid % kQuads, group = tid / kQuads, col = 4 * quad;
+  float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (col < p.head_dim) {
+    const int64 split_stride = n_rows * p.head_dim;  // floats from one split's row to the next
     const float* src = o_part + row * p.head_dim + col;
-#pragma unroll 1
-    for (int s = 0; s < p.num_splits; ++s, src += split_stride) {
-      const float w = expf(lse_part[s * n_rows + row] - shift) * inv;
-      const float4 y = *reinterpret_cast<const float4*>(src);
+#pragma unroll 8
+    for (int s = group; s < splits; s += kGroups) {
+      const float w = weight_of[s];
+      const float4 y = *reinterpret_cast<const float4*>(src + s * split_stride);
       x.x += w * y.x, x.y += w * y.y, x.z += w * y.z, x.w += w * y.w;
     }
+  }
+  part[tid] = x;
+  __syncthreads();
+  if (group == 0 && col < p.head_dim) {
+#pragma unroll
+    for (int g = 1; g < kGroups; ++g) {
+      const float4 y = part[g * kQuads + quad];
+      x.x += y.x, x.y += y.y, x.z += y.z, x.w += y.w;
+    }
+    T* o = static_cast<T*>(p.o) + batch * p.o_batch_stride + qstep * p.o_row_stride +
+           qhead * p.o_head_stride;
     *reinterpret_cast<uint2*>(o + col) = make_uint2(pack2<T>(x.x, x.y), pack2<T>(x.z, x.w));
   }
-  if (lane == 0 && p.lse != nullptr) {
+  if (tid == 0 && p.lse != nullptr) {
     static_cast<float*>(p.lse)[batch * p.lse_batch_stride + qhead * p.lse_head_stride + qstep] =
         lse;
   }

@@ -133,3 +133,25 @@ def test_prewarm_lists_every_kernel_once_hopper_first():
     assert len(specs) == len(set(specs)) and set(specs) == set(every)
     hopper = [s.min_arch == 90 for s in specs]
     assert hopper == sorted(hopper, reverse=True)  # the slow Hopper kernels start first
+
+
+def _decode_rows():
+    """Bench rows of one cell: cuflash (chosen 8 splits), two swept counts, SDPA cuDNN."""
+    cell = {"batch": 1, "seqlen_k": 8192, "heads_q": 8, "heads_kv": 1, "steps": 1}
+    return [{**cell, "impl": "cuflash", "ms": 0.020, "gbps": 210.0, "splits": 8, "host_us": 400},
+            {**cell, "impl": "cuflash splits 4", "ms": 0.010, "gbps": 420.0, "splits": 4},
+            {**cell, "impl": "cuflash splits 128", "ms": 0.030, "gbps": 140.0, "splits": 128},
+            {**cell, "impl": "sdpa cudnn", "ms": 0.008, "gbps": 525.0}]
+
+
+def test_decode_tables_report_ratios_and_the_fastest_split_count():
+    from cuflash.bench import decode
+
+    main = decode.table(_decode_rows(), copy_gbps=2100.0).splitlines()
+    assert main[2].split("|")[1:-1] == [
+        " 8/1 ", " 1 ", " 1 ", " 8192 ", " 8 ", " 20.0 ", " 210 ", " - ", " - ", " 525 ", " - ",
+        " 0.40 ", " 0.10 ", " 400 "]
+    sweep = decode.sweep_table(_decode_rows(), (4, 128, 16)).splitlines()
+    assert sweep[0].count("splits us") == 3
+    assert sweep[2].split("|")[1:-1] == [
+        " 8/1 ", " 1 ", " 1 ", " 8192 ", " 8 ", " 20.0 ", " 10.0 ", " 30.0 ", " - ", " 4 "]

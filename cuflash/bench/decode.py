@@ -87,17 +87,23 @@ def _cell(torch, batch: int, seqlen_k: int, heads_q: int, heads_kv: int, steps: 
                      "heads_kv": heads_kv, "steps": steps, "ms": ms,
                      "gbps": cache_bytes / ms / 1e6, **extra})
 
-    def prepared(q, k, v, table=None, page_size=0):
+    def prepared(q, k, v, table=None, page_size=0, splits=args.splits):
         with _interop.stream_scope(src):
             qb, kb, vb = (_interop.to_backend(x, src) for x in (q, k, v))
             return _decode.prepare(q, qb, kb, vb, variant=variant, scale=dim ** -0.5, src=src,
                                    cc=cc, seqlens_k=seqlens, leftpad=None, rows=None,
-                                   table=table, page_size=page_size, num_splits=args.splits)
+                                   table=table, page_size=page_size, num_splits=splits)
 
     preps = [prepared(q, k, v) for q, k, v in zip(qs, ks, vs, strict=True)]
     record("cuflash", _graph_ms(torch, [lambda s, p=p: p.launch(s.cuda_stream) for p in preps],
                                 args.calls, args.repeats), splits=preps[0].splits)
     del preps
+    for splits in args.sweep:
+        preps = [prepared(q, k, v, splits=splits) for q, k, v in zip(qs, ks, vs, strict=True)]
+        record(f"cuflash splits {splits}",
+               _graph_ms(torch, [lambda s, p=p: p.launch(s.cuda_stream) for p in preps],
+                         args.calls, args.repeats), splits=preps[0].splits)
+        del preps
     for page in args.pages:
         pages = batch * seqlen_k // page
         paged = []
@@ -179,6 +185,32 @@ def table(rows: list[dict], copy_gbps: float | None) -> str:
     return "\n".join(lines)
 
 
+def sweep_table(rows: list[dict], sweep: tuple[int, ...]) -> str:
+    """Markdown: microseconds of each cell at each split count of `--sweep` (the count used
+    where the keys have fewer tiles), beside the chosen count's."""
+    cells = sorted({(r["heads_q"], r["heads_kv"], r["steps"], r["batch"], r["seqlen_k"])
+                    for r in rows}, key=lambda c: (-c[0], c[2], c[3] * c[4], c[3]))
+    get = {(r["impl"], r["heads_q"], r["heads_kv"], r["steps"], r["batch"], r["seqlen_k"]): r
+           for r in rows}
+    lines = ["| Hq/Hkv | Sq | B | Sk | chosen | us | "
+             + " | ".join(f"{n} splits us" for n in sweep) + " | best |",
+             "|---|---|---|---|---|---|" + "---|" * (len(sweep) + 1)]
+    for cell in cells:
+        ours = get.get(("cuflash", *cell))
+        if ours is None:
+            continue
+        swept = [get.get((f"cuflash splits {n}", *cell)) for n in sweep]
+        timed = [(r["ms"], r["splits"]) for r in swept if r is not None] + [
+            (ours["ms"], ours["splits"])]
+        best = min(timed)
+        hq, hkv, sq, b, sk = cell
+        lines.append(f"| {hq}/{hkv} | {sq} | {b} | {sk} | {ours['splits']} "
+                     f"| {ours['ms'] * 1e3:.1f} | "
+                     + " | ".join("-" if r is None else f"{r['ms'] * 1e3:.1f}" for r in swept)
+                     + f" | {best[1]} |")
+    return "\n".join(lines)
+
+
 def copy_bandwidth(torch, args) -> float:
     """GB/s of a device-to-device copy of 1 GiB (read plus write), the yardstick."""
     n = 2**29
@@ -194,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=20, help="calls per graph")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--splits", type=int, default=0, help="num_splits (0: chosen)")
+    parser.add_argument("--sweep", type=lambda t: tuple(int(x) for x in t.split(",") if x),
+                        default=(), help="also time these split counts, e.g. 1,8,32,128")
     parser.add_argument("--pages", type=lambda t: tuple(int(x) for x in t.split(",") if x),
                         default=(16, 64))
     parser.add_argument("--max-sets", type=int, default=64)
@@ -223,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "decode.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"device-to-device copy: {copy:.0f} GB/s")
     print(table(rows, copy))
+    if args.sweep:
+        print(sweep_table(rows, args.sweep))
     return 0
 
 

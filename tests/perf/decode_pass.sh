@@ -2,8 +2,8 @@
 # One GPU pass for the split-KV decoding kernels: the decode and fp16/bf16 Hopper forward kernels
 # compiled into CuPy's cache on all cores first (prewarm.py --only), then tests/test_gpu_decode.py
 # in shards with the kernels enabled (CUFLASH_DECODE_KERNEL=1; $EX Hypothesis examples), then
-# bench --decode alone on the GPU. Logs under $OUT (the device tool's output folder). About five
-# minutes on an H100: bash tests/perf/decode_pass.sh
+# bench --decode alone on the GPU, with a sweep of split counts ($SWEEP). Logs under $OUT (the
+# device tool's output folder). About six minutes on an H100: bash tests/perf/decode_pass.sh
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1 CUFLASH_FUZZ_EXAMPLES=${EX:-20} CUFLASH_DECODE_KERNEL=1
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -21,6 +21,6 @@ cat $L/*.log > $OUT/suites.log
 echo "suites at $(( $(date +%s) - T0 )) s"
 grep -a -h -E "^(FAILED|ERROR)|Error|assert" $L/*.log | sort | uniq | head -30
 grep -a -h -E "^[0-9]+ (passed|failed)|rc=" $L/*.log | paste -sd ' '
-timeout 130 python3 -m cuflash bench --decode --repeats 3 --out $OUT/decode > $OUT/bench_decode.log 2>&1; echo "decode bench rc=$?"
-grep -v "^done" $OUT/bench_decode.log | tail -32
+timeout ${BENCH_LIM:-240} python3 -m cuflash bench --decode --repeats 3 --sweep ${SWEEP:-4,16,32,64,128} --out $OUT/decode > $OUT/bench_decode.log 2>&1; echo "decode bench rc=$?"
+grep -v "^done" $OUT/bench_decode.log | tail -50
 echo "total $(( $(date +%s) - T0 )) s"
