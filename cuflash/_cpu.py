@@ -1,6 +1,6 @@
 """The CPU path: FlashAttention (forward and FA2 backward) in NumPy, tiled, never N x N.
 
-Internal: :mod:`cuflash.api` validates, picks the scale and brings every tensor to the canonical
+Internal: :mod:`cuflash._core` validates, picks the scale and brings every tensor to the canonical
 4-D ``(B, S, H, D)`` layout (any strides) before calling in here.
 
 The loops run over query blocks and key blocks exactly like the GPU kernels, vectorised over batch

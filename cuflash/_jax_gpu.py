@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cuflash import _checks, _launch, _launch_bwd, api
+from cuflash import _checks, _core, _launch, _launch_bwd
 from cuflash._launch_common import MOD_POINTERS, NO_MODS, Mods
 
 _ALIGNMENT = 16  # bytes: what the plans assume of every buffer's address
@@ -67,7 +67,7 @@ def accum_dtype(dtype: str) -> np.dtype:
     return _launch_bwd.accum_dtype(dtype)
 
 
-def forward(q, k, v, *side, problem: api.Problem, names: tuple[str, ...] = ()):
+def forward(q, k, v, *side, problem: _core.Problem, names: tuple[str, ...] = ()):
     """``(out, lse)`` of traced q, k, v (the caller's layout) and the score modifications'
     arrays `side`, named by `names` (`_jax_trace.ScoreArrays` fields, canonical: the sinks
     ``(Hq,)`` in `accum_dtype`); lse in `accum_dtype`."""
@@ -91,7 +91,7 @@ def forward(q, k, v, *side, problem: api.Problem, names: tuple[str, ...] = ()):
     return launch(q, k, v, *side)
 
 
-def backward(dout, q, k, v, out, lse, *side, problem: api.Problem, names: tuple[str, ...] = (),
+def backward(dout, q, k, v, out, lse, *side, problem: _core.Problem, names: tuple[str, ...] = (),
              dbias: bool = False):
     """``(dq, dk, dv)`` of traced arrays; lse in `accum_dtype`, as `forward` returns it; `side`
     the slopes, the bias and the mask named by `names`, as `forward` takes them (the sinks
@@ -134,7 +134,7 @@ def _order(names: tuple[str, ...], fields: tuple[str, ...], used: bool) -> tuple
     return tuple(names.index(field) if field in names else None for field in fields)
 
 
-def _slopes_as_kernels_read(side: tuple, names: tuple[str, ...], problem: api.Problem) -> tuple:
+def _slopes_as_kernels_read(side: tuple, names: tuple[str, ...], problem: _core.Problem) -> tuple:
     """`side` with the ALiBi slopes (``(B, Hq)``, ``(Hq,)`` without a batch axis) as the kernels
     read them: a dense Accum ``(B, Hq)`` array (`_side_arrays.mods_on_device`)."""
     if "alibi_slopes" not in names:
@@ -145,7 +145,7 @@ def _slopes_as_kernels_read(side: tuple, names: tuple[str, ...], problem: api.Pr
     return (*side[:at], slopes, *side[at + 1:])
 
 
-def _mod_placeholders(side: tuple, names: tuple[str, ...], problem: api.Problem) -> Mods:
+def _mod_placeholders(side: tuple, names: tuple[str, ...], problem: _core.Problem) -> Mods:
     """The `Mods` the plans read strides from (NO_MODS for a variant without them): the
     slopes dense ``(B, Hq)``; the bias and the mask as ``(B, Hq, Sq, Sk)`` views of dense
     buffers of their canonical shapes, stride 0 along every axis of extent 1."""
@@ -167,7 +167,7 @@ def _mod_placeholders(side: tuple, names: tuple[str, ...], problem: api.Problem)
     return Mods(**found)
 
 
-def _check_grid(problem: api.Problem) -> None:
+def _check_grid(problem: _core.Problem) -> None:
     """The CUDA limits validation checks only for CUDA inputs (traced ones validate as NumPy)."""
     _checks.check_sizes(problem.batch, problem.seqlen_q, problem.seqlen_k, problem.heads_q, True,
                      f"q {_q_shaped(problem)}, k {_k_shaped(problem)}, layout {problem.layout}")
@@ -190,9 +190,9 @@ class Placeholder:
         return self.dtype.itemsize
 
 
-def dense_bshd(shape: tuple[int, ...], dtype, problem: api.Problem) -> Placeholder:
+def dense_bshd(shape: tuple[int, ...], dtype, problem: _core.Problem) -> Placeholder:
     """A dense row-major buffer of the caller's `shape` (q, k, v or alike, in its layout and
-    rank) seen as ``(B, S, H, D)``, as `api.to_bshd` views it."""
+    rank) seen as ``(B, S, H, D)``, as `_core.to_bshd` views it."""
     view = _dense(shape, dtype, problem.batched)
     if problem.layout == "bhsd":
         order = (0, 2, 1, 3)
@@ -213,19 +213,19 @@ def _dense(shape: tuple[int, ...], dtype, batched: bool) -> Placeholder:
     return Placeholder(shape, tuple(strides), dtype)
 
 
-def _lse_placeholder(problem: api.Problem) -> Placeholder:
+def _lse_placeholder(problem: _core.Problem) -> Placeholder:
     return _dense(problem.lse_shape(), accum_dtype(problem.dtype), problem.batched)
 
 
-def _q_shaped(problem: api.Problem) -> tuple[int, ...]:
+def _q_shaped(problem: _core.Problem) -> tuple[int, ...]:
     return problem.caller_shape(problem.seqlen_q, problem.heads_q)
 
 
-def _k_shaped(problem: api.Problem) -> tuple[int, ...]:
+def _k_shaped(problem: _core.Problem) -> tuple[int, ...]:
     return problem.caller_shape(problem.seqlen_k, problem.heads_kv)
 
 
-def _plan_forward(problem: api.Problem, device_id: int, sinks: bool = False,
+def _plan_forward(problem: _core.Problem, device_id: int, sinks: bool = False,
                   mods: Mods = NO_MODS):
     """The forward's `KernelCall` on one device (None: nothing to compute); with `sinks`, its
     launches take the sinks' address after lse's, and then, for a variant that reads them,
@@ -237,11 +237,11 @@ def _plan_forward(problem: api.Problem, device_id: int, sinks: bool = False,
     with cupy.cuda.Device(device_id):
         return _launch.plan_forward(q, k, v, out, variant=problem.variant, scale=problem.scale,
                                     device_id=device_id,
-                                    cc=api.compute_capability(device_id), sinks=sinks,
+                                    cc=_core.compute_capability(device_id), sinks=sinks,
                                     mods=mods)
 
 
-def _plan_backward(problem: api.Problem, device_id: int, mods: Mods = NO_MODS):
+def _plan_backward(problem: _core.Problem, device_id: int, mods: Mods = NO_MODS):
     """The backward's `BackwardCall` on one device (None: nothing to compute); atomic dq;
     `mods` as for `_plan_forward`."""
     import cupy
@@ -253,7 +253,7 @@ def _plan_backward(problem: api.Problem, device_id: int, mods: Mods = NO_MODS):
         return _launch_bwd.plan_backward(
             dout, q, k, v, out, _lse_placeholder(problem), dq, dk, dv,
             variant=problem.variant, scale=problem.scale, deterministic=False,
-            device_id=device_id, cc=api.compute_capability(device_id), mods=mods)
+            device_id=device_id, cc=_core.compute_capability(device_id), mods=mods)
 
 
 # ---- the callbacks -----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from jax.custom_batching import custom_vmap
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
-from cuflash import _checks, _dtypes, _jax_gpu, api
+from cuflash import _checks, _core, _dtypes, _jax_gpu
 
 # What a traced call takes: every dtype some platform computes.
 DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -68,7 +68,7 @@ class ScoreArrays(NamedTuple):
 NO_ARRAYS = ScoreArrays()
 
 
-def validate(q, k, v, options: Options, mods: ScoreArrays = NO_ARRAYS) -> api.Problem:
+def validate(q, k, v, options: Options, mods: ScoreArrays = NO_ARRAYS) -> _core.Problem:
     """Validate traced q, k, v (and the score modifications' arrays) while tracing, as the eager
     API would; raise naming the argument.
 
@@ -95,13 +95,13 @@ def validate(q, k, v, options: Options, mods: ScoreArrays = NO_ARRAYS) -> api.Pr
             side[name] = np.zeros(x.shape, x.dtype)
         else:  # bias, mask: the core checks their dtypes on the stand-ins
             side[name] = np.broadcast_to(np.zeros((), x.dtype), x.shape)
-    problem = api.validate(*(np.broadcast_to(np.empty((), stand_in), x.shape) for x in (q, k, v)),
+    problem = _core.validate(*(np.broadcast_to(np.empty((), stand_in), x.shape) for x in (q, k, v)),
                            causal=options.causal, window=options.window, scale=options.scale,
                            layout=options.layout, softcap=options.softcap, **side)
     return dataclasses.replace(problem, dtype=dtype)
 
 
-def _canonical(mods: ScoreArrays, problem: api.Problem) -> ScoreArrays:
+def _canonical(mods: ScoreArrays, problem: _core.Problem) -> ScoreArrays:
     """`mods` as the platforms and `_folding_vmap` take them: the sinks in the Accum dtype; the
     slopes ``(B, Hq)`` (``(Hq,)`` for a problem without a batch axis), in their dtype; the bias
     and the mask 4-D (leading axes of size 1 added), the first axis 1 or B (3-D, without it, for
@@ -218,7 +218,7 @@ def _kernel_backward(dout, q, k, v, out, lse, options: Options, mods: ScoreArray
     return tuple(vary(g, axes) for g in grads)
 
 
-def _gpu_backward(dout, q, k, v, out, lse, *side, problem: api.Problem,
+def _gpu_backward(dout, q, k, v, out, lse, *side, problem: _core.Problem,
                   names: tuple[str, ...], dbias: bool = False, result: tuple = ()):
     """The kernels' backward, which reads the sinks only through lse (Accum, exact for
     float64 too); their gradient per batch element from it and ``delta = rowsum(dout * out)``:
@@ -344,7 +344,7 @@ def _cpu_forward(q, k, v, *side, options: Options, names: tuple[str, ...],
     result = (jax.ShapeDtypeStruct(out_shape, compute), jax.ShapeDtypeStruct(lse_shape, np.float32))
 
     def forward(q, k, v, *side):
-        return api.attention(q, k, v, causal=options.causal, window=options.window,
+        return _core.attention(q, k, v, causal=options.causal, window=options.window,
                              scale=options.scale, softcap=options.softcap, layout=options.layout,
                              return_lse=True, **dict(zip(names, side, strict=True)))
 
@@ -366,7 +366,7 @@ def _cpu_backward(dout, q, k, v, out, lse, *side, options: Options, names: tuple
         result += (jax.ShapeDtypeStruct((q.shape[0], *shape[1:]) if q.ndim == 4 else shape,
                                         given["bias"].dtype),)
     names = tuple(given)
-    call = functools.partial(api.attention_backward, causal=options.causal,
+    call = functools.partial(_core.attention_backward, causal=options.causal,
                              window=options.window, scale=options.scale,
                              softcap=options.softcap, layout=options.layout)
     wants = {"return_dsinks": "sinks" in given, "return_dbias": dbias}
@@ -410,7 +410,7 @@ def _host_call(fn, result, *arrays):
     return jax.pure_callback(on_host, result, *arrays, vmap_method="sequential")
 
 
-def _cuda_branch(launch, result, *arrays, problem: api.Problem, why: str | None = None):
+def _cuda_branch(launch, result, *arrays, problem: _core.Problem, why: str | None = None):
     """`launch` (a `_jax_gpu` function) where this process can plan CUDA launches and the
     kernels compute the problem; elsewhere the branch is never compiled (no GPU to run it, or
     no kernel for it: `why`, or a Dv of its own, or a softcap with ALiBi, a bias or a mask),
@@ -425,7 +425,7 @@ def _cuda_branch(launch, result, *arrays, problem: api.Problem, why: str | None 
     return launch(*arrays, problem=problem)
 
 
-def _capped_mods_on_cuda(problem: api.Problem) -> str | None:
+def _capped_mods_on_cuda(problem: _core.Problem) -> str | None:
     """Why the kernels do not compute `problem`'s score modifications together (None: they
     do), as `cuflash.attention` says it for CUDA inputs."""
     variant = problem.variant

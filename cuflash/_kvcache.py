@@ -26,10 +26,11 @@ from cuflash._checks import (
     check_sinks,
     refuse_capped_mods_on_cuda,
 )
+from cuflash._core import compute_capability
 from cuflash._merge import ops_for
 from cuflash._variant import Variant, check_softcap
 from cuflash._varlen import int32_vector, to_host
-from cuflash.api import attention, compute_capability
+from cuflash.api import attention
 
 log = logging.getLogger("cuflash")
 

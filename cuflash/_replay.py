@@ -84,22 +84,19 @@ class _Torch:
         self.plain = (torch.Tensor, torch.nn.Parameter)
         self.allocators: dict[int, Callable[[int], tuple[object, int]]] = {}
 
-    def key(self, arrays, allow_grad: bool = False) -> tuple | None:
-        """The arrays' part of a signature; None where autograd would need the op and
-        `allow_grad` is False, or under torch.compile."""
+    def key(self, arrays) -> tuple | None:
+        """The arrays' part of a signature; None where autograd would need the op (which
+        `cuflash.api` routes to `cuflash.torch` before the core), or under torch.compile."""
         torch = self.torch
         if torch.compiler.is_compiling():
             return None
         grad = torch.is_grad_enabled()
-        needs_grad = False
         parts = []
         for t in arrays:
             if type(t) not in self.plain or not t.is_cuda:
                 return None
             if grad and t.requires_grad:
-                if not allow_grad:
-                    return None
-                needs_grad = True
+                return None
             strides = t.stride()
             if len(strides) not in (2, 3, 4) or (strides[-1] != 1 and t.shape[-1] > 1):
                 return None
@@ -107,7 +104,7 @@ class _Torch:
         device = arrays[0].device.index
         if device != torch.cuda.current_device():
             return None
-        return "torch", device, needs_grad, *parts
+        return "torch", device, *parts
 
     def side(self, x) -> tuple | None:
         """An array beside q, k, v: its part of a signature, or None (not a CUDA tensor)."""
@@ -161,7 +158,7 @@ class _Cupy:
 
         self.cupy = cupy
 
-    def key(self, arrays, allow_grad: bool = False) -> tuple | None:
+    def key(self, arrays) -> tuple | None:
         parts = []
         for x in arrays:
             if type(x) is not self.cupy.ndarray:
@@ -250,7 +247,7 @@ def forward_key(q, k, v, out, options: tuple, side: tuple = ()) -> tuple | None:
     if framework is None:
         return None
     arrays = (q, k, v) if out is None else (q, k, v, out)
-    key = framework.key(arrays, allow_grad=out is None)
+    key = framework.key(arrays)
     if key is None:
         return None
     if side:
@@ -343,24 +340,6 @@ class ForwardReplay:
                        0 if lse is None else pointer(lse), *extra), fw.stream(q))
             del keep  # the copies go back to the stream-ordered pool after the launch
         return out if lse is None else (out, lse)
-
-
-class AutogradReplay:
-    """A validated torch forward that autograd differentiates: straight to cuflash.torch's
-    autograd node, whose own calls of the core replay."""
-
-    def __init__(self, variant, scale: float, layout: str, return_lse: bool):
-        from cuflash import torch as cuflash_torch
-
-        self.attention = cuflash_torch.attention
-        # A variant's window, (-1, 0) for causal, names it to cuflash.torch in full.
-        self.options = {"window": variant.window, "scale": scale, "softcap": variant.softcap,
-                        "layout": layout, "return_lse": return_lse}
-
-    def __call__(self, q, k, v, out=None, side=(None, None, None, None)):
-        alibi_slopes, sinks, bias, mask = side
-        return self.attention(q, k, v, alibi_slopes=alibi_slopes, sinks=sinks, bias=bias,
-                              mask=mask, **self.options)
 
 
 class BackwardReplay:

@@ -1,6 +1,6 @@
 """The arrays beside q, k, v (sinks, ALiBi slopes, a bias, a mask) as the CUDA kernels read
 them, and the gradients the backward forms for the sinks and the bias. Every `problem` here is
-an `api.Problem`; the arrays for CUDA inputs live on their device, allocated by its framework.
+an `_core.Problem`; the arrays for CUDA inputs live on their device, allocated by its framework.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-from cuflash import _checks, _dtypes, _interop, _jax_trace, _variant, api
+from cuflash import _checks, _core, _dtypes, _interop, _jax_trace, _variant
 from cuflash._jax_ring import ring_attention, zigzag_order, zigzag_unorder
 from cuflash._jax_trace import NO_ARRAYS, Options, ScoreArrays
 
@@ -276,7 +276,7 @@ def _forward(q, k, v, options: Options, mods: ScoreArrays = NO_ARRAYS):
         return _jax_trace.forward(q, k, v, options, mods)
     if _on_gpu(q):
         return _compiled(_jax_trace.forward, options)(q, k, v, mods=mods)
-    forward = functools.partial(api.attention, causal=options.causal, window=options.window,
+    forward = functools.partial(_core.attention, causal=options.causal, window=options.window,
                                 scale=options.scale, softcap=options.softcap,
                                 layout=options.layout, return_lse=True, **mods._asdict())
     if _cpu_computes_in_float32(q):
@@ -298,7 +298,7 @@ def _backward(dout, q, k, v, out, lse, options: Options, mods: ScoreArrays = NO_
     # q's (NumPy) here, so that its gradients come back as NumPy too.
     side = {name: _interop.to_backend(x, _interop.source_of(x, name))
             for name, x in mods._asdict().items() if x is not None}
-    backward = functools.partial(api.attention_backward, causal=options.causal,
+    backward = functools.partial(_core.attention_backward, causal=options.causal,
                                  window=options.window, scale=options.scale,
                                  softcap=options.softcap, layout=options.layout,
                                  return_dsinks=mods.sinks is not None, return_dbias=dbias,
@@ -323,7 +323,7 @@ def _cpu_computes_in_float32(q) -> bool:
 def _eager_backward(backward, *arrays):
     """`backward` on the NumPy / CuPy views of concrete JAX arrays; JAX gradients back.
 
-    api.attention_backward rejects JAX arrays: it validates the forward output it is handed with
+    _core.attention_backward rejects JAX arrays: it validates the forward output it is handed with
     the check meant for ``attention(out=...)``, which refuses JAX arrays as immutable. So the
     arrays go in as the backend views the core would make of them anyway; once that check is
     limited to ``out=``, this can call `backward` on the JAX arrays directly.

@@ -11,8 +11,8 @@ the path; CUDA kernels run on torch's current stream):
   sinks=None, bias=None, mask=None, want_dbias=False) -> (dq, dk, dv, dsinks, dbias)`` (dsinks
   empty without sinks, dbias without `want_dbias`)
 
-Each runs the framework-agnostic core (the public :func:`cuflash.attention` /
-:func:`cuflash.attention_backward` on detached tensors), has a fake (meta) implementation for
+Each runs the framework-agnostic core (``cuflash._core``, what :func:`cuflash.attention` and
+:func:`cuflash.attention_backward` run, on detached tensors), has a fake (meta) implementation for
 tracing, and the forward's autograd formula calls the backward op, so gradients come from
 cuflash's own backward. ``lse`` is not differentiable (as in flash-attn).
 
@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from cuflash import _checks, _variant, api
+from cuflash import _checks, _core, _variant
 
 __all__ = ["attention", "attention_bwd", "attention_fwd", "ring_attention", "zigzag_merge",
            "zigzag_split"]
@@ -112,10 +112,10 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, layout, window, softcap, alibi_slopes, sinks, bias,
                 mask):
-        # Grad mode is off in here, so the core takes its plain (replayable) path.
+        # Grad mode is off in here, so the replay signature takes these tensors as they are.
         mods = {"softcap": softcap, "alibi_slopes": alibi_slopes, "sinks": sinks, "bias": bias,
                 "mask": mask}
-        out, lse = api.attention(q, k, v, causal=causal, window=window, scale=scale,
+        out, lse = _core.attention(q, k, v, causal=causal, window=window, scale=scale,
                                  layout=layout, return_lse=True, **mods)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mark_non_differentiable(lse)
@@ -129,7 +129,7 @@ class _Attention(torch.autograd.Function):
         if dout.stride(-1) != 1:
             dout = dout.contiguous()  # an expanded gradient (of a sum): one copy, then replayable
         want_dsinks, want_dbias = (bool(ctx.needs_input_grad[i]) for i in (9, 10))
-        grads = list(api.attention_backward(
+        grads = list(_core.attention_backward(
             dout, q, k, v, out, lse, causal=causal, window=window, scale=scale, layout=layout,
             deterministic=torch.are_deterministic_algorithms_enabled(),
             return_dsinks=want_dsinks, return_dbias=want_dbias, **mods))
@@ -145,8 +145,8 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | 
                   sinks: Tensor | None = None, bias: Tensor | None = None,
                   mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The forward op: ``(out, lse)`` as :func:`cuflash.attention` with ``return_lse=True``."""
-    # Detached, so the core takes its plain path instead of routing back here for autograd.
-    return api.attention(q.detach(), k.detach(), v.detach(), causal=causal,
+    # Detached: the core exports the tensors through DLPack, which refuses ones needing grad.
+    return _core.attention(q.detach(), k.detach(), v.detach(), causal=causal,
                          window=(window_left, window_right), scale=scale, softcap=softcap,
                          alibi_slopes=alibi_slopes, sinks=_detached(sinks),
                          bias=_detached(bias), mask=mask, layout=layout, return_lse=True)
@@ -181,7 +181,7 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     it costs a float32 ``(B, Hq, Sk, Sq)`` scratch)."""
     tensors = (x.detach() for x in (dout, q, k, v, out, lse))
     want_dbias = want_dbias and bias is not None
-    grads = list(api.attention_backward(
+    grads = list(_core.attention_backward(
         *tensors, causal=causal, window=(window_left, window_right), scale=scale,
         softcap=softcap, alibi_slopes=alibi_slopes, sinks=_detached(sinks), bias=_detached(bias),
         mask=mask, layout=layout, deterministic=deterministic, return_dsinks=sinks is not None,
@@ -329,7 +329,7 @@ class _Ring(torch.autograd.Function):
             pending = ring.pass_on(blocks) if step + 1 < ring.world else None
             kc, vc = (ring.split(x) for x in blocks)
             for i, j in ring.pairs(owner):
-                out, lse = api.attention(ring.split(q)[i], kc[j], vc[j], causal=ring.diagonal(
+                out, lse = _core.attention(ring.split(q)[i], kc[j], vc[j], causal=ring.diagonal(
                     owner, i, j), scale=scale, softcap=softcap, layout=layout, return_lse=True)
                 pair_lses.append(lse)
                 outs[i], lses[i] = ring.merge(outs[i], lses[i], out, lse)
@@ -363,7 +363,7 @@ class _Ring(torch.autograd.Function):
             for i, j in ring.pairs(owner):
                 pair_lse = next(pair_lses)
                 weight = ring.row_weight(torch.exp(pair_lse.double() - row_lses[i].double()))
-                grads = api.attention_backward(
+                grads = _core.attention_backward(
                     (douts[i].to(acc) * weight).to(q.dtype), qs[i], kc[j], vc[j], outs[i],
                     pair_lse, causal=ring.diagonal(owner, i, j), scale=scale,
                     softcap=ctx.softcap, layout=ring.layout)

@@ -33,7 +33,7 @@ def require_gpu() -> None:
 def require_hopper(what: str) -> int:
     """Device 0's compute capability; skips the calling module, saying why, unless it is 9.0 (the
     sm_90a kernels run nowhere else). Call after require_gpu()."""
-    from cuflash.api import compute_capability
+    from cuflash._core import compute_capability
 
     cc = compute_capability(0)
     if cc != 90:

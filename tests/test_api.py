@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import cuflash
-from cuflash import _checks, _cpu, _interop, api, reference
+from cuflash import _checks, _core, _cpu, _interop, reference
 
 B, SQ, SK, HQ, HKV, D = 2, 7, 9, 4, 2, 16
 
@@ -47,7 +47,7 @@ def no_work(monkeypatch):
         raise AssertionError("bad input reached the compute path; it must fail validation first")
 
     for name in ("forward_into", "backward_into"):
-        monkeypatch.setattr(api, name, forbidden)
+        monkeypatch.setattr(_core, name, forbidden)
     for name in ("forward", "backward"):
         monkeypatch.setattr(_cpu, name, forbidden)
 
@@ -90,9 +90,9 @@ def test_sequences_past_the_kernels_row_indices_are_refused(no_work):
 @pytest.mark.parametrize("dim", ["batch", "heads"])
 def test_grid_limits_are_refused_on_cuda(dim):
     # The check runs for CUDA sources only (the CPU path has no grid); called directly here.
-    big = api.MAX_GRID_YZ + 1
+    big = _core.MAX_GRID_YZ + 1
     batch, heads = (big, 1) if dim == "batch" else (1, big)
-    with raises(ValueError, f"q {dim}:", f"at most {api.MAX_GRID_YZ}", f"got {big}"):
+    with raises(ValueError, f"q {dim}:", f"at most {_core.MAX_GRID_YZ}", f"got {big}"):
         _checks.check_sizes(batch, 16, 16, heads, True, "shapes ...")
     _checks.check_sizes(batch, 16, 16, heads, False, "shapes ...")  # the CPU path takes them
 
@@ -136,19 +136,19 @@ def test_v_may_differ_from_k_in_its_last_axis_only(no_work, layout, axis):
                                    layout=layout)
 
 
-@pytest.mark.parametrize("dv", [0, api.MAX_HEAD_DIM + 1])
+@pytest.mark.parametrize("dv", [0, _core.MAX_HEAD_DIM + 1])
 @pytest.mark.parametrize("batched", [True, False], ids=["4d", "3d"])
 def test_value_head_dim_out_of_range(no_work, dv, batched):
     q, k, v = qkv(dv=dv, batched=batched)
-    with raises(ValueError, "v:", "head dim (Dv)", f"1..{api.MAX_HEAD_DIM}", f"got {dv}",
+    with raises(ValueError, "v:", "head dim (Dv)", f"1..{_core.MAX_HEAD_DIM}", f"got {dv}",
                 str(v.shape)):
         cuflash.attention(q, k, v)
 
 
-@pytest.mark.parametrize("d", [0, api.MAX_HEAD_DIM + 1])
+@pytest.mark.parametrize("d", [0, _core.MAX_HEAD_DIM + 1])
 def test_head_dim_out_of_range(no_work, d):
     q, k, v = qkv(d=d)
-    with raises(ValueError, "q:", f"1..{api.MAX_HEAD_DIM}", f"got {d}"):
+    with raises(ValueError, "q:", f"1..{_core.MAX_HEAD_DIM}", f"got {d}"):
         cuflash.attention(q, k, v)
 
 
@@ -194,7 +194,7 @@ def test_scale_not_positive_finite(no_work, scale):
         cuflash.attention(*qkv(), scale=scale)
 
 
-@pytest.mark.parametrize("scale", [2.4e38, 1e300, np.float64(api.MAX_SCALE) * (1 + 2**-52)])
+@pytest.mark.parametrize("scale", [2.4e38, 1e300, np.float64(_core.MAX_SCALE) * (1 + 2**-52)])
 def test_scale_above_the_float32_bound(no_work, scale):
     with raises(ValueError, "scale:", "expected at most 2.3587e+38", "log2(e)", repr(float(scale))):
         cuflash.attention(*qkv(), scale=scale)
@@ -211,7 +211,7 @@ def test_huge_scale_is_exact_on_the_cpu(dtype, causal):
     # lse beyond float32's range (|lse| > 3.4e38) rounds to +-inf, as the float32 cast does.
     with np.errstate(over="ignore"):
         np.testing.assert_allclose(lse, ref_lse.astype(np.float32), rtol=1e-6)
-    out, lse = cuflash.attention(q, k, v, causal=causal, scale=api.MAX_SCALE, return_lse=True)
+    out, lse = cuflash.attention(q, k, v, causal=causal, scale=_core.MAX_SCALE, return_lse=True)
     assert np.all(np.isfinite(out))
 
 
@@ -401,11 +401,11 @@ def test_value_head_dim_of_its_own_is_zero_padding(dv):
 
 def test_flops_count_each_head_dim_once():
     q, k, v = qkv()
-    same = api.validate(q, k, v, causal=False, scale=None, layout="bshd")
+    same = _core.validate(q, k, v, causal=False, scale=None, layout="bshd")
     assert same.head_dim == same.head_dim_v == D
     assert same.flops() == 4.0 * B * HQ * SQ * SK * D
     q, k, v = qkv(dv=3 * D)
-    own = api.validate(q, k, v, causal=False, scale=None, layout="bshd")
+    own = _core.validate(q, k, v, causal=False, scale=None, layout="bshd")
     assert (own.head_dim, own.head_dim_v) == (D, 3 * D)
     assert own.flops() == 2.0 * B * HQ * SQ * SK * (D + 3 * D)  # 2 D for q k^T, 2 Dv for P v
     assert own.out_shape() == (B, SQ, HQ, 3 * D)
@@ -499,7 +499,7 @@ def test_explicit_scale_matches_reference():
 
 
 def _backend_of(x: np.ndarray) -> np.ndarray:
-    return api._backend(x, _interop.source_of(x, "q"), "q")
+    return _core._backend(x, _interop.source_of(x, "q"), "q")
 
 
 def test_q_sliced_from_packed_qkv_is_used_without_a_copy(caplog):
@@ -547,13 +547,13 @@ def test_inputs_are_never_modified_fp16():
 def test_hopper_gpu_modules_skip_elsewhere(monkeypatch):
     """The sm90 GPU test modules skip, saying why, off compute capability 9.0 (checked here on the
     CPU, since those modules only reach this point on a GPU machine)."""
-    from cuflash import api
+    from cuflash import _core
     from tests.gpu_support import require_hopper
 
-    monkeypatch.setattr(api, "compute_capability", lambda device_id: 86)
+    monkeypatch.setattr(_core, "compute_capability", lambda device_id: 86)
     with pytest.raises(pytest.skip.Exception, match=re.escape("compute capability 86, not 9.0")):
         require_hopper("sm90 GPU tests")
-    monkeypatch.setattr(api, "compute_capability", lambda device_id: 90)
+    monkeypatch.setattr(_core, "compute_capability", lambda device_id: 90)
     assert require_hopper("sm90 GPU tests") == 90
 
 

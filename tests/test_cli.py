@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from cuflash import __main__ as cli
-from cuflash import _cpu, api
+from cuflash import _core, _cpu
 from tests.gpu_support import gpu_skip_reason
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +86,7 @@ def test_check_exits_nonzero_when_cuflash_is_wrong():
 
 def test_unwritten_output_fails(monkeypatch, capsys):
     # Writes nothing, and nothing to replay.
-    monkeypatch.setattr(api, "forward_into", lambda *args, **kwargs: (False, None))
+    monkeypatch.setattr(_core, "forward_into", lambda *args, **kwargs: (False, None))
     assert cli.main(["check", "--device", "cpu", "--seed", "1"]) == 1
     stdout = capsys.readouterr().out
     assert "never written (still NaN poison)" in stdout

@@ -103,7 +103,7 @@ _WRONG_LAUNCH = textwrap.dedent("""
     from cuflash import _compile, _launch
     from cuflash._kernel_call import KernelCall
     from cuflash._variant import Variant
-    from cuflash.api import compute_capability
+    from cuflash._core import compute_capability
 
     shape = (1, 64, 2, 32)
     q, k, v = (cupy.random.standard_normal(shape, dtype=cupy.float32) for _ in range(3))

@@ -262,7 +262,7 @@ def test_check_options_are_rawmodule_options(monkeypatch):
 
     from cupy.cuda import compiler
 
-    from cuflash.api import compute_capability
+    from cuflash._core import compute_capability
 
     seen = []
     compile_program = compiler._NVRTCProgram.compile

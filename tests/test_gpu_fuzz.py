@@ -47,7 +47,7 @@ require_gpu()
 
 import cuflash  # noqa: E402
 from cuflash import _compile, _replay  # noqa: E402
-from cuflash.api import compute_capability  # noqa: E402
+from cuflash._core import compute_capability  # noqa: E402
 from tests.strategies import (  # noqa: E402
     AWKWARD_HEAD_DIMS,
     SHORT_DTYPE,

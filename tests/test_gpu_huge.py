@@ -356,7 +356,7 @@ def _release(cupy) -> None:
 
 
 def _expected_kernels(case: Huge) -> tuple[str, str]:
-    from cuflash.api import compute_capability
+    from cuflash._core import compute_capability
 
     if case.dtype == "float32":
         return "fwd_simt", "bwd_dkdv_simt"

@@ -34,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from cuflash import _cpu, _jax_trace, api, reference  # noqa: E402
+from cuflash import _core, _cpu, _jax_trace, reference  # noqa: E402
 from cuflash import jax as cuflash_jax  # noqa: E402
 from tests.jax_support import (  # noqa: E402
     attention_of,
@@ -77,7 +77,7 @@ def _host_path_refused() -> contextlib.ExitStack:
     callback (the CPU branch) would."""
     error = AssertionError("a compiled GPU function called back into the host path")
     stack = contextlib.ExitStack()
-    for module, name in ((api, "forward_into"), (api, "backward_into"), (_cpu, "forward"),
+    for module, name in ((_core, "forward_into"), (_core, "backward_into"), (_cpu, "forward"),
                          (_cpu, "backward")):
         stack.enter_context(mock.patch.object(module, name, side_effect=error))
     return stack

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import cuflash
-from cuflash import _interop, api, reference
+from cuflash import _core, _interop, reference
 
 B, SQ, SK, HQ, HKV, D = 2, 5, 6, 4, 2, 8
 
@@ -31,7 +31,7 @@ def address(x: np.ndarray) -> int:
 
 def backend_view(x, name: str = "q") -> np.ndarray:
     """The array cuflash computes on for input `x` (after its one-copy rule)."""
-    return api._backend(x, _interop.source_of(x, name), name)
+    return _core._backend(x, _interop.source_of(x, name), name)
 
 
 # ---- NumPy -----------------------------------------------------------------------------------

@@ -24,11 +24,11 @@ jax = pytest.importorskip("jax", reason="jax is not installed: cuflash.jax is un
 import jax.numpy as jnp  # noqa: E402
 
 from cuflash import (  # noqa: E402
+    _core,
     _jax_gpu,
     _jax_trace,
     _kernel_call,
     _launch,
-    api,
     reference,
 )
 from cuflash import jax as cuflash_jax  # noqa: E402
@@ -536,7 +536,7 @@ def fake_gpu(monkeypatch):
 
     monkeypatch.setattr(_jax_gpu, "unusable_reason", lambda: None)
     monkeypatch.setattr(_jax_gpu, "_devices", lambda: range(1))
-    monkeypatch.setattr(api, "compute_capability", lambda device: 80)
+    monkeypatch.setattr(_core, "compute_capability", lambda device: 80)
     monkeypatch.setattr(cupy.cuda, "Device", lambda device: contextlib.nullcontext())
     from cuflash import _compile
 
@@ -573,7 +573,7 @@ def _params(argv0, dtype) -> np.ndarray:
     return np.frombuffer(ctypes.string_at(argv0, dtype.itemsize), dtype=dtype)[0]
 
 
-def _stand_in_problem(case: Case) -> api.Problem:
+def _stand_in_problem(case: Case) -> _core.Problem:
     """The problem the traced path validates for `case` (its arrays' shapes and dtype)."""
     q, k = (jnp.ones(s, case.dtype) for s in (case.q_shape, case.kv_shape))
     return _jax_trace.validate(q, k, k, _jax_trace.Options(case.causal, (-1, -1), None,
@@ -598,7 +598,7 @@ def test_gpu_callbacks_launch_their_plans_on_xla_buffers(fake_gpu, case: Case):
     assert [int(params[f]) for f in _launch.FWD_POINTERS] == [0x1000, 0x2000, 0x3000, 0x4000,
                                                               0x5000]
     # The strides are those of dense arrays of the caller's shapes, as the eager path sees them.
-    views = [api.to_bshd(np.empty(s, np.float32), problem)
+    views = [_core.to_bshd(np.empty(s, np.float32), problem)
              for s in (case.q_shape, case.kv_shape, case.kv_shape, case.q_shape)]
     expected = _launch.fwd_params(*views, variant=problem.variant, scale=problem.scale)
     for field in _launch.FWD_PARAMS.names:
@@ -793,7 +793,7 @@ def test_placeholders_have_the_strides_of_the_eager_views():
                                                              layout="bhsd")):
         problem = _stand_in_problem(case)
         for shape in (case.q_shape, case.kv_shape):
-            view = api.to_bshd(np.empty(shape, np.float32), problem)
+            view = _core.to_bshd(np.empty(shape, np.float32), problem)
             stand_in = _jax_gpu.dense_bshd(shape, np.float32, problem)
             assert (stand_in.shape, stand_in.strides) == (view.shape, view.strides), case.id
 

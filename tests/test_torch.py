@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, note, settings
 torch = pytest.importorskip("torch", reason="torch is not installed: cuflash.torch is untested")
 
 import cuflash  # noqa: E402
-from cuflash import api, reference  # noqa: E402
+from cuflash import _core, reference  # noqa: E402
 from cuflash import torch as cuflash_torch  # noqa: E402
 from tests.accuracy import (  # noqa: E402
     LSE_DTYPE,
@@ -203,7 +203,7 @@ def test_deterministic_algorithms_ask_for_a_deterministic_backward():
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        with mock.patch.object(api, "attention_backward", wraps=api.attention_backward) as bwd:
+        with mock.patch.object(_core, "attention_backward", wraps=_core.attention_backward) as bwd:
             out.backward(dout)
     finally:
         torch.use_deterministic_algorithms(was)

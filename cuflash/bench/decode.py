@@ -63,8 +63,8 @@ def _cell(torch, batch: int, seqlen_k: int, heads_q: int, heads_kv: int, steps: 
           args) -> list[dict]:
     import cuflash
     from cuflash import _decode, _interop
+    from cuflash._core import compute_capability
     from cuflash._variant import Variant
-    from cuflash.api import compute_capability
 
     dim, dtype = 128, torch.bfloat16
     cache_bytes = 2 * batch * seqlen_k * heads_kv * dim * 2
