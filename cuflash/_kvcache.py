@@ -97,8 +97,10 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None
     check_flag("causal", causal)
     check_flag("return_lse", return_lse)
     check_flag("rotary_interleaved", rotary_interleaved)
-    if isinstance(num_splits, bool) or not isinstance(num_splits, (int, np.integer)) \
-            or num_splits < 0:
+    if isinstance(num_splits, bool) or not isinstance(num_splits, (int, np.integer)):
+        raise TypeError(f"num_splits: expected an int >= 0 (0: chosen for the device), got "
+                        f"{type(num_splits).__name__} {num_splits!r}")
+    if num_splits < 0:
         raise ValueError(f"num_splits: expected an int >= 0 (0: chosen for the device), got "
                          f"{num_splits!r}")
     slopes, sink_values = _check_mods(q, softcap, alibi_slopes, sinks)

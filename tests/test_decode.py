@@ -100,12 +100,13 @@ def test_the_kernels_wait_for_their_gpu_run_unless_enabled(smem, monkeypatch):
                           paged=False, cc=90) is None
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
-def test_num_splits_is_checked_before_any_write(bad):
+@pytest.mark.parametrize(("bad", "kind"), [(-1, ValueError), (1.5, TypeError),
+                                           (True, TypeError), ("2", TypeError)])
+def test_num_splits_is_checked_before_any_write(bad, kind):
     q = np.zeros((1, 1, 2, 8))
     k_cache, v_cache = np.zeros((1, 4, 1, 8)), np.zeros((1, 4, 1, 8))
     new = np.ones((1, 1, 1, 8))
-    with pytest.raises(ValueError, match="num_splits"):
+    with pytest.raises(kind, match="num_splits"):
         cuflash.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=1, k=new, v=new,
                                        num_splits=bad)
     assert not k_cache.any()

@@ -114,7 +114,7 @@ def test_num_splits_is_checked():
                 paged=False, page_size=0, lengths=[10], mask={}, score={}, sinks=False,
                 splits=0, extra={}, seed=1)
     _, dev, opts = decode_cases.build(case, _to_device)
-    for bad in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="num_splits"):
+    for bad, kind in ((-1, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(kind, match="num_splits"):
             cuflash.attention_with_kvcache(dev["q"], dev["k_cache"], dev["v_cache"],
                                            num_splits=bad, **opts)
