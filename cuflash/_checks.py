@@ -28,14 +28,6 @@ def refuse_capped_mods_on_cuda(softcap: float, alibi: bool, bias: bool, mask: bo
             f"combination")
 
 
-def value_head_dim_on_cuda(head_dim: int, head_dim_v: int) -> str | None:
-    """Why CUDA inputs whose v has head dim `head_dim_v` are refused (None: they are not): the
-    kernels take v's head dim equal to q's and k's only."""
-    if head_dim_v == head_dim:
-        return None
-    return (f"v: a head dim (Dv = {head_dim_v}) other than q's and k's (D = {head_dim}) is not "
-            f"in the CUDA kernels yet; the CPU path and cuflash.reference compute it")
-
 # The kernels index rows and keys in 32-bit ints and reach seqlen_q + 2 * seqlen_k (the window
 # edges of an unbounded side); CUDA grids are at most 65535 blocks along y (heads) and z (batch).
 MAX_ROW_REACH = 2**31 - 1

@@ -28,7 +28,6 @@ from cuflash._checks import (  # the size limits stay importable from here, wher
     check_sizes,
     refuse_capped_mods_on_cuda,
     refuse_masked,
-    value_head_dim_on_cuda,
 )
 from cuflash._variant import Variant
 
@@ -302,9 +301,6 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
     if not 1 <= head_dim_v <= MAX_HEAD_DIM:
         raise ValueError(f"v: head dim (Dv) must be in 1..{MAX_HEAD_DIM}, got {head_dim_v} "
                          f"(shape {shapes['v']}, layout {layout} {axes})")
-    why = value_head_dim_on_cuda(head_dim, head_dim_v) if src.device == "cuda" else None
-    if why is not None:
-        raise NotImplementedError(why)
     if heads_q < 1 or heads_kv < 1 or heads_q % heads_kv:
         raise ValueError(
             f"k: query heads ({heads_q}) must be a positive multiple of key/value heads "
@@ -449,6 +445,8 @@ def forward_into(problem: Problem, qb, kb, vb, out_b, lse_b):
         if lse3 is not None:
             lse3[...] = lse
         return False, None
+    if problem.head_dim_v != problem.head_dim:
+        return False, _forward_widened(problem, q4, k4, v4, o4, lse3)
     from cuflash import _launch
 
     src = problem.source
@@ -505,9 +503,12 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
         dq4[...], dk4[...], dv4[...] = dq, dk, dv
         return False, sinks_grad, None if bias_grad is None else \
             bias_grad.reshape(problem.bias.shape)
+    lse3 = lseb if problem.batched else lseb[None]
+    if problem.head_dim_v != problem.head_dim:
+        return _backward_widened(problem, do4, q4, k4, v4, o4, lse3, dq4, dk4, dv4,
+                                 deterministic=deterministic, dsinks=dsinks, dbias=dbias)
     from cuflash import _launch, _launch_bwd
 
-    lse3 = lseb if problem.batched else lseb[None]
     src = problem.source
     device_id = src.device_id
     cc = compute_capability(device_id)
@@ -556,3 +557,54 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
     bias_grad = None if full_dbias is None else _side_arrays.bias_gradient(problem, full_dbias)
     return (call if replayable else False), sinks_grad, bias_grad
 
+
+# ---- a value head dim of its own -------------------------------------------------------------
+# The kernels compile one head-dim width for both products, so q, k and v (and out, dout) run
+# zero-padded to the wider of D and Dv: zero columns of q and k add nothing to q k^T, zero
+# columns of v give zero columns of out, and the gradients of the real columns are unchanged.
+# The padded copies come from the caller's allocator; such a call is not replayed.
+
+
+def widened(problem: Problem) -> Problem:
+    """`problem` with q, k, v and out all at the wider head dim, as canonical (B, S, H, W)."""
+    width = max(problem.head_dim, problem.head_dim_v)
+    return replace(problem, head_dim=width, head_dim_v=width, layout="bshd", batched=True)
+
+
+def _wider(x4, width: int, src: _interop.Source, *, copy: bool):
+    """`x4` ``(B, S, H, d)`` itself when d is `width`, else a new ``(B, S, H, width)`` array:
+    with `copy`, `x4` in its first d columns and zeros past them; without, uninitialised (an
+    output the kernels write whole)."""
+    d = x4.shape[-1]
+    if d == width:
+        return x4
+    wide = _interop.empty_backend((*x4.shape[:-1], width), _dtypes.dtype_name(x4.dtype), src)
+    if copy:
+        wide[..., d:] = 0
+        wide[..., :d] = x4
+    return wide
+
+
+def _forward_widened(problem: Problem, q4, k4, v4, o4, lse3):
+    """`forward_into` for ``Dv != D`` through zero-padded copies; returns the launched call."""
+    wide, src = widened(problem), problem.source
+    width = wide.head_dim
+    qp, kp, vp = (_wider(x, width, src, copy=True) for x in (q4, k4, v4))
+    op = _wider(o4, width, src, copy=False)
+    _, call = forward_into(wide, qp, kp, vp, op, lse3)
+    if op is not o4:
+        o4[...] = op[..., :problem.head_dim_v]
+    return call
+
+
+def _backward_widened(problem: Problem, do4, q4, k4, v4, o4, lse3, dq4, dk4, dv4, **options):
+    """`backward_into` for ``Dv != D`` through zero-padded copies (never replayed)."""
+    wide, src = widened(problem), problem.source
+    width = wide.head_dim
+    dop, qp, kp, vp, op = (_wider(x, width, src, copy=True) for x in (do4, q4, k4, v4, o4))
+    dqp, dkp, dvp = (_wider(x, width, src, copy=False) for x in (dq4, dk4, dv4))
+    _, dsinks, dbias = backward_into(wide, dop, qp, kp, vp, op, lse3, dqp, dkp, dvp, **options)
+    for grad, padded in ((dq4, dqp), (dk4, dkp), (dv4, dvp)):
+        if padded is not grad:
+            grad[...] = padded[..., :grad.shape[-1]]
+    return False, dsinks, dbias

@@ -133,8 +133,11 @@ def empty(shape: tuple[int, ...], like_backend, src: Source, like: object):
 
 
 def empty_backend(shape: tuple[int, ...], dtype: str, src: Source):
-    """A backend (CuPy) scratch array on the current device, from the caller's allocator: torch's
-    caching allocator for torch inputs, CuPy's pool otherwise. Call inside `stream_scope`."""
+    """A backend scratch array: on the CPU a NumPy one; on CUDA a CuPy one on the current device,
+    from the caller's allocator (torch's caching allocator for torch inputs, CuPy's pool
+    otherwise). Call inside `stream_scope`."""
+    if src.device == "cpu":
+        return np.empty(shape, dtype=dtype)
     if src.framework == "torch":
         import torch
 

@@ -73,6 +73,11 @@ def forward(q, k, v, *side, problem: _core.Problem, names: tuple[str, ...] = ())
     ``(Hq,)`` in `accum_dtype`); lse in `accum_dtype`."""
     from jax.experimental.buffer_callback import buffer_callback
 
+    if problem.head_dim_v != problem.head_dim:  # through zero-padded copies (`_wide`)
+        wide = _wide(problem)
+        out, lse = forward(*(_padded(x, wide.head_dim) for x in (q, k, v)), *side,
+                           problem=wide, names=names)
+        return out[..., :problem.head_dim_v], lse
     _check_grid(problem)
     side = _slopes_as_kernels_read(side, names, problem)
     mods = _mod_placeholders(side, names, problem)
@@ -100,6 +105,13 @@ def backward(dout, q, k, v, out, lse, *side, problem: _core.Problem, names: tupl
     its broadcast axes are summed."""
     from jax.experimental.buffer_callback import buffer_callback
 
+    if problem.head_dim_v != problem.head_dim:  # through zero-padded copies (`_wide`)
+        wide = _wide(problem)
+        dq, dk, dv, *rest = backward(
+            *(_padded(x, wide.head_dim) for x in (dout, q, k, v, out)), lse, *side,
+            problem=wide, names=names, dbias=dbias)
+        return (dq[..., :problem.head_dim], dk[..., :problem.head_dim],
+                dv[..., :problem.head_dim_v], *rest)
     _check_grid(problem)
     side = _slopes_as_kernels_read(side, names, problem)
     mods = _mod_placeholders(side, names, problem)
@@ -119,6 +131,19 @@ def backward(dout, q, k, v, out, lse, *side, problem: _core.Problem, names: tupl
                              command_buffer_compatible=True)
     dq, dk, dv, _, *rest = launch(dout, q, k, v, out, lse, *side)
     return (dq, dk, dv, *rest)
+
+
+def _wide(problem: _core.Problem) -> _core.Problem:
+    """`problem` with q, k, v and out at the wider of D and Dv (the kernels compile one width
+    for both products; zero columns change neither product), in the caller's layout."""
+    width = max(problem.head_dim, problem.head_dim_v)
+    return dataclasses.replace(problem, head_dim=width, head_dim_v=width)
+
+
+def _padded(x, width: int):
+    """Traced `x` zero-padded along its last axis to `width`."""
+    extra = width - x.shape[-1]
+    return x if extra == 0 else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
 
 
 # `_jax_trace.ScoreArrays` names of the arrays of `_launch_common.Mods`, in MOD_POINTERS order.

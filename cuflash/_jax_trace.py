@@ -413,13 +413,12 @@ def _host_call(fn, result, *arrays):
 def _cuda_branch(launch, result, *arrays, problem: _core.Problem, why: str | None = None):
     """`launch` (a `_jax_gpu` function) where this process can plan CUDA launches and the
     kernels compute the problem; elsewhere the branch is never compiled (no GPU to run it, or
-    no kernel for it: `why`, or a Dv of its own, or a softcap with ALiBi, a bias or a mask),
+    no kernel for it: `why`, or a softcap with ALiBi, a bias or a mask),
     and a stand-in that says why fills it, raising when XLA lowers it for CUDA."""
     reason = _jax_gpu.unusable_reason()
     if reason is not None:
         return _refuse(result, *arrays, why=f"cannot compile for CUDA in this process: {reason}")
-    why = (why or _checks.value_head_dim_on_cuda(problem.head_dim, problem.head_dim_v)
-           or _capped_mods_on_cuda(problem))
+    why = why or _capped_mods_on_cuda(problem)
     if why is not None:
         return _refuse(result, *arrays, why=why)
     return launch(*arrays, problem=problem)

@@ -412,25 +412,37 @@ def test_flops_count_each_head_dim_once():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_cuda_refuses_a_value_head_dim_of_its_own(no_work, direction):
-    from tests.gpu_support import gpu_skip_reason
+@pytest.mark.parametrize(("d", "dv"), [(192, 128), (16, 40), (64, 1)])
+@pytest.mark.parametrize("mods", ["none", "sinks and bias"])
+def test_a_value_head_dim_of_its_own_through_padded_copies_equals_the_direct_path(d, dv, mods):
+    """CUDA inputs with Dv != D run zero-padded to the wider head dim (`_core.widened`): on the
+    CPU the same route must give what the CPU path gives directly, forward and backward, with
+    the sinks' and the bias's gradients."""
+    q, k, v = qkv("float64", d=d, dv=dv, seed=3)
+    kwargs = {}
+    if mods != "none":
+        kwargs = {"sinks": rand(HQ, dtype="float64", seed=4),
+                  "bias": rand(1, HQ, SQ, SK, dtype="float64", seed=5)}
+    problem = _core.validate(q, k, v, causal=True, scale=None, layout="bshd", **kwargs)
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True, **kwargs)
+    dout = rand(*out.shape, dtype="float64", seed=6)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True,
+                                       return_dsinks="sinks" in kwargs,
+                                       return_dbias="bias" in kwargs, **kwargs)
 
-    reason = gpu_skip_reason()
-    if reason is not None:
-        print(f"skipping GPU test: {reason}")
-        pytest.skip(reason)
-    import cupy
-
-    q, k, v = (cupy.asarray(x) for x in qkv("float16", d=192, dv=128))
-    out = cupy.zeros((*q.shape[:-1], 128), cupy.float16)
-    lse = cupy.zeros((B, HQ, SQ), cupy.float32)
-    with raises(NotImplementedError, "v:", "Dv = 128", "D = 192", "CUDA kernels",
-                "the CPU path and cuflash.reference compute it"):
-        if direction == "forward":
-            cuflash.attention(q, k, v)
-        else:
-            cuflash.attention_backward(out, q, k, v, out, lse)
+    out_w, lse_w = np.full_like(out, np.nan), np.full_like(lse, np.nan)
+    call = _core._forward_widened(problem, q, k, v, out_w, lse_w)
+    assert call is None  # the CPU path launches nothing
+    np.testing.assert_allclose(out_w, out, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(lse_w, lse, rtol=1e-12, atol=1e-12)
+    dq, dk, dv_ = (np.full_like(x, np.nan) for x in (q, k, v))
+    replay, dsinks, dbias = _core._backward_widened(
+        problem, dout, q, k, v, out, lse, dq, dk, dv_, deterministic=False,
+        dsinks="sinks" in kwargs, dbias="bias" in kwargs)
+    assert replay is False
+    for got, want in zip((dq, dk, dv_, dsinks, dbias), grads, strict=False):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert _core.widened(problem).head_dim == _core.widened(problem).head_dim_v == max(d, dv)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])

@@ -760,22 +760,23 @@ def test_sinks_are_checked_and_not_mapped_by_vmap():
         jax.vmap(lambda q, s: cuflash_jax.attention(q, q, q, sinks=s))(q, jnp.zeros((2, 4)))
 
 
-def test_value_head_dim_of_its_own_is_refused_when_lowered_for_cuda(monkeypatch):
-    """The CUDA kernels take Dv == D only: the CUDA lowering (forward, and with the backward)
-    says so, naming v, what it saw and what it expected; the same function lowers for the
-    CPU."""
-    monkeypatch.setattr(_jax_gpu, "unusable_reason", lambda: None)
+def test_value_head_dim_of_its_own_lowers_for_cuda_through_padded_buffers(fake_gpu):
+    """The CUDA kernels compile one width for q k^T and P v: with Dv != D the CUDA lowering
+    pads q, k, v (and dout, out) to the wider head dim and slices the results, forward and
+    backward; the same function lowers for the CPU, which computes Dv itself."""
     q, k, v = jnp.ones((2, 5, 4, 192)), jnp.ones((2, 7, 2, 192)), jnp.ones((2, 7, 2, 128))
     traced = jax.jit(cuflash_jax.attention).trace(q, k, v)
     assert traced.out_info.shape == (2, 5, 4, 128)
     traced.lower(lowering_platforms=("cpu",))
-    with pytest.raises(NotImplementedError, match=r"v: a head dim \(Dv = 128\) other than q's "
-                                                  r"and k's \(D = 192\) is not in the CUDA "
-                                                  r"kernels yet"):
-        traced.lower(lowering_platforms=("cuda",))
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla_buffer_python_gpu_callback_cmd_buffer") == 1
+    assert "tensor<2x7x2x192xf32>" in text, "v padded to D"
     grad = jax.grad(lambda q, k, v: cuflash_jax.attention(q, k, v).sum(), argnums=(0, 1, 2))
-    with pytest.raises(NotImplementedError, match=r"v: a head dim \(Dv = 128\)"):
-        jax.jit(grad).trace(q, k, v).lower(lowering_platforms=("cuda",))
+    traced = jax.jit(grad).trace(q, k, v)
+    assert [x.shape for x in traced.out_info] == [q.shape, k.shape, v.shape]
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla_buffer_python_gpu_callback_cmd_buffer") == 2, "forward, backward"
+    assert not fake_gpu, "nothing is launched while tracing or lowering"
 
 
 def test_gpu_branch_without_a_gpu_says_why_when_lowered(monkeypatch):
