@@ -25,8 +25,8 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
         k: keys, ``(B, Sk, Hkv, D)`` (``"bhsd"``: ``(B, Hkv, Sk, D)``), same framework, device
             and dtype as `q`. ``Hq % Hkv == 0`` (multi-query / grouped-query attention).
         v: values, ``(B, Sk, Hkv, Dv)`` (``"bhsd"``: ``(B, Hkv, Sk, Dv)``): shaped like `k` but
-            for its head dim ``Dv`` (1..256), which may differ from ``D`` on the CPU path (the
-            CUDA kernels take ``Dv == D`` only: NotImplementedError otherwise).
+            for its head dim ``Dv`` (1..256), which may differ from ``D`` (on CUDA q, k and v
+            then run zero-padded to the wider head dim: one copy of each narrower array).
         causal: bottom-right aligned causal mask: query i sees key j iff ``j <= i + Sk - Sq``.
             A query that sees no key gets an all-zero output and ``lse = -inf``.
         window: sliding-window (local) attention, ``(left, right)`` ints, -1 meaning unbounded

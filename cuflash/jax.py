@@ -64,9 +64,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
         q: queries, ``(B, Sq, Hq, D)`` for layout ``"bshd"`` or ``(B, Hq, Sq, D)`` for ``"bhsd"``;
             a 3-D array (no batch axis) is accepted in either layout.
         k: keys, ``(B, Sk, Hkv, D)`` (``"bhsd"``: ``(B, Hkv, Sk, D)``), ``Hq % Hkv == 0``.
-        v: values, shaped like `k` but for its head dim ``Dv``, which may differ from ``D`` on
-            the CPU (as for :func:`cuflash.attention`; the CUDA kernels take ``Dv == D`` only,
-            and compiling other values for CUDA raises NotImplementedError naming `v`).
+        v: values, shaped like `k` but for its head dim ``Dv``, which may differ from ``D`` (as
+            for :func:`cuflash.attention`; on CUDA q, k and v then run zero-padded to the wider
+            head dim).
         causal: bottom-right aligned causal mask (query i sees key j iff ``j <= i + Sk - Sq``).
         window: sliding window ``(left, right)``, -1 unbounded, as for :func:`cuflash.attention`.
         scale: softmax scale, a Python number > 0; defaults to ``1 / sqrt(D)``.
