@@ -7,6 +7,9 @@ framework, so every path, dtype and variant of `cuflash.attention` serves it, to
 included. The prefix sums are read on the host (for device arrays, one small copy that waits
 for the stream). A kernel that walks the packed batch itself, scheduled by the actual lengths,
 is not written yet.
+
+Traced JAX values (under jax.jit or jax.grad), whose prefix sums cannot be read, go to
+`cuflash.jax.attention_varlen`: one call over the packed batch with a document mask.
 """
 
 from __future__ import annotations
@@ -54,6 +57,14 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q: int |
 
     See also: `attention_varlen_backward`, `cuflash.reference.attention_varlen`.
     """
+    if _traced(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, sinks):
+        from cuflash import jax as cuflash_jax
+
+        return cuflash_jax.attention_varlen(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k, seqused_k=seqused_k, causal=causal, window=window,
+            scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+            return_lse=return_lse)
     pack = _Packed.of(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       seqused_k)
     check_flag("return_lse", return_lse)
@@ -93,6 +104,15 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
         ``(dq, dk, dv)`` shaped like q, k, v (keys past ``seqused_k[b]`` get zero gradients),
         and ``dsinks`` with `return_dsinks`.
     """
+    if _traced(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes,
+               sinks):
+        from cuflash import jax as cuflash_jax
+
+        return cuflash_jax.attention_varlen_backward(
+            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k, seqused_k=seqused_k, causal=causal, window=window,
+            scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+            deterministic=deterministic, return_dsinks=return_dsinks)
     pack = _Packed.of(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       seqused_k)
     total_q, heads_q = int(q.shape[0]), int(q.shape[1])
@@ -228,12 +248,17 @@ def _prefix_sums(x: Any, name: str, total: int, of: str) -> np.ndarray:
     return cu
 
 
+def _traced(*arrays) -> bool:
+    """Whether any of `arrays` is a traced JAX value (under jax.jit, jax.grad, ...)."""
+    return any(type(x).__module__.split(".")[0] == "jax" and type(x).__name__.endswith("Tracer")
+               for x in arrays)
+
+
 def to_host(x: Any, name: str = "") -> np.ndarray:
-    top = type(x).__module__.split(".")[0]
-    if top == "jax" and type(x).__name__.endswith("Tracer"):
+    if _traced(x):
         raise TypeError(f"{name}: got a traced JAX value ({type(x).__name__}); its values are "
-                        f"read on the host, so it must be a concrete array (this function does "
-                        f"not run under jax.jit yet)")
+                        f"read on the host, so it must be a concrete array")
+    top = type(x).__module__.split(".")[0]
     if top == "torch":
         return x.detach().cpu().numpy()
     if top == "cupy":

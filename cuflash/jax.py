@@ -48,8 +48,8 @@ from cuflash import _checks, _core, _dtypes, _interop, _jax_trace, _variant
 from cuflash._jax_ring import ring_attention, zigzag_order, zigzag_unorder
 from cuflash._jax_trace import NO_ARRAYS, Options, ScoreArrays
 
-__all__ = ["attention", "dot_product_attention", "ring_attention", "zigzag_order",
-           "zigzag_unorder"]
+__all__ = ["attention", "attention_varlen", "attention_varlen_backward",
+           "dot_product_attention", "ring_attention", "zigzag_order", "zigzag_unorder"]
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
@@ -116,6 +116,153 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
     if not mods.given():
         return _attention(q, k, v, options)
     return _attention_mods(q, k, v, mods, options)
+
+
+def attention_varlen(q: jax.Array, k: jax.Array, v: jax.Array, cu_seqlens_q: jax.Array,
+                     cu_seqlens_k: jax.Array, *, max_seqlen_q: int | None = None,
+                     max_seqlen_k: int | None = None, seqused_k: jax.Array | None = None,
+                     causal: bool = False, window: tuple[int, int] | None = None,
+                     scale: float | None = None, softcap: float = 0.0,
+                     alibi_slopes: jax.Array | None = None, sinks: jax.Array | None = None,
+                     return_lse: bool = False):
+    """:func:`cuflash.attention_varlen` for JAX arrays whose prefix sums may be traced: under
+    ``jax.jit`` (and ``jax.grad``, which differentiates q, k, v and the sinks).
+
+    The packed batch runs as one :func:`attention` over ``(1, total_q)`` queries and
+    ``(1, total_k)`` keys with a boolean document mask built on the device from the prefix
+    sums: query row r of sequence b sees key c iff c belongs to sequence b, lies within its
+    first ``seqused_k[b]`` keys, and passes `causal` / `window` on the sequence's own positions
+    (bottom-right aligned on its used keys, as :func:`cuflash.attention_varlen`). The mask has
+    ``total_q * total_k`` bytes and the kernels visit every tile: the cost of the dense problem,
+    not of the sequences' own lengths (:func:`cuflash.attention_varlen` with concrete prefix
+    sums schedules by the lengths, one call per sequence). On CUDA a softcap does not combine
+    with the mask (NotImplementedError naming softcap when XLA lowers for CUDA).
+
+    Args: as :func:`cuflash.attention_varlen`. The prefix sums (int32 ``(B + 1,)``) and
+    `seqused_k` may be traced, so their values are not checked: ``cu[0] == 0``, non-decreasing
+    and ending at the total are the caller's to keep. `max_seqlen_q` / `max_seqlen_k` are
+    checked for type only. `alibi_slopes` needs each sequence's own positions, which one
+    packed call does not have: NotImplementedError.
+
+    Returns:
+        ``out`` ``(total_q, Hq, Dv)``, or ``(out, lse)`` with the float32 lse ``(Hq, total_q)``
+        (not differentiated; it costs a second forward pass).
+    """
+    _checks.check_flag("causal", causal)
+    _checks.check_flag("return_lse", return_lse)
+    left, right = _variant.check_window(window)
+    if causal:
+        right = 0
+    if alibi_slopes is not None:
+        raise NotImplementedError(
+            "alibi_slopes: ALiBi needs each sequence's own positions, which the packed call "
+            "under jax.jit does not have; call cuflash.attention_varlen with concrete "
+            "(NumPy) prefix sums outside jax.jit")
+    q, k, v = (jnp.asarray(x) for x in (q, k, v))
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 3:
+            raise ValueError(f"{name}: expected (total, heads, head_dim), got shape {x.shape}")
+    if v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(f"v: expected the shape of k {k.shape} but for the last axis (v's head "
+                         f"dim Dv may differ), got {v.shape}")
+    cu_q, cu_k = (_int32_vector(x, name) for x, name in ((cu_seqlens_q, "cu_seqlens_q"),
+                                                         (cu_seqlens_k, "cu_seqlens_k")))
+    if cu_q.shape[0] < 1:
+        raise ValueError("cu_seqlens_q: expected B + 1 >= 1 entries, got none")
+    if cu_k.shape != cu_q.shape:
+        raise ValueError(f"cu_seqlens_k: expected {cu_q.shape[0]} entries like cu_seqlens_q "
+                         f"(B + 1), got {cu_k.shape[0]}")
+    for name, given in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if given is not None and (isinstance(given, bool)
+                                  or not isinstance(given, numbers.Integral)):
+            raise TypeError(f"{name}: expected an int or None, got {given!r}")
+    batch = cu_q.shape[0] - 1
+    used = None
+    if seqused_k is not None:
+        used = _int32_vector(seqused_k, "seqused_k")
+        if used.shape != (batch,):
+            raise ValueError(f"seqused_k: expected shape ({batch},) (B), got {used.shape}")
+    visible = _document_mask(cu_q, cu_k, used, q.shape[0], k.shape[0], left, right)
+    mods = {"sinks": sinks, "mask": visible[None, None]}
+    out = attention(q[None], k[None], v[None], scale=scale, softcap=softcap, **mods)[0]
+    if not return_lse:
+        return out
+    options = Options(False, (-1, -1), scale, "bshd", _variant.check_softcap(softcap))
+    fixed = [jax.lax.stop_gradient(x[None]) for x in (q, k, v)]
+    arrays = ScoreArrays(sinks=None if sinks is None else jax.lax.stop_gradient(
+        jnp.asarray(sinks)), mask=mods["mask"])
+    _, lse = _forward(*fixed, options, arrays)
+    return out, lse[0].astype(jnp.float32)
+
+
+def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *,
+                              max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
+                              seqused_k=None, causal: bool = False,
+                              window: tuple[int, int] | None = None, scale: float | None = None,
+                              softcap: float = 0.0, alibi_slopes=None, sinks=None,
+                              deterministic: bool = False, return_dsinks: bool = False):
+    """:func:`cuflash.attention_varlen_backward` for JAX arrays whose prefix sums may be
+    traced: the vjp of :func:`attention_varlen` (`out` and `lse` are checked for shape, not
+    read: the forward runs again). Under ``jax.grad`` of :func:`attention_varlen` this is not
+    needed; it serves code written against the framework-agnostic pair."""
+    _checks.check_flag("deterministic", deterministic)
+    _checks.check_flag("return_dsinks", return_dsinks)
+    if return_dsinks and sinks is None:
+        raise ValueError("return_dsinks: True needs sinks (the gradient of which sinks?)")
+    total_q, heads_q = q.shape[0], q.shape[1]
+    out_shape = (total_q, heads_q, v.shape[-1])
+    for name, x, shape in (("dout", dout, out_shape), ("out", out, out_shape),
+                           ("lse", lse, (heads_q, total_q))):
+        if tuple(jnp.shape(x)) != tuple(shape):
+            raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(jnp.shape(x))}")
+
+    def forward(q, k, v, sinks):
+        return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                                max_seqlen_k=max_seqlen_k, seqused_k=seqused_k, causal=causal,
+                                window=window, scale=scale, softcap=softcap,
+                                alibi_slopes=alibi_slopes, sinks=sinks)
+
+    _, vjp = jax.vjp(forward, q, k, v, sinks)
+    dq, dk, dv, dsinks = vjp(jnp.asarray(dout))
+    return (dq, dk, dv, dsinks) if return_dsinks else (dq, dk, dv)
+
+
+def _int32_vector(x, name: str) -> jax.Array:
+    """`x` as a 1-D int32 JAX array (traced or not), or TypeError/ValueError naming it."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or _dtypes.dtype_name(dtype) != "int32":
+        raise TypeError(f"{name}: expected an int32 array (flash-attn's convention), got "
+                        f"{'dtype ' + str(dtype) if dtype is not None else type(x).__name__}")
+    x = jnp.asarray(x)
+    if x.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D array, got shape {x.shape}")
+    return x
+
+
+def _document_mask(cu_q, cu_k, used, total_q: int, total_k: int, left: int,
+                   right: int) -> jax.Array:
+    """``(total_q, total_k)`` bool: row r sees key c iff both lie in the same sequence, c is
+    within its used keys and within the window (-1: unbounded) of r's bottom-right aligned
+    position in the sequence."""
+    batch = cu_q.shape[0] - 1
+    if batch == 0:
+        return jnp.zeros((total_q, total_k), bool)
+    rows = jnp.arange(total_q, dtype=jnp.int32)
+    keys = jnp.arange(total_k, dtype=jnp.int32)
+    # The sequence of a row: the last whose start is at or before it (empty ones are skipped).
+    doc_q = jnp.clip(jnp.searchsorted(cu_q, rows, side="right") - 1, 0, batch - 1)
+    doc_k = jnp.clip(jnp.searchsorted(cu_k, keys, side="right") - 1, 0, batch - 1)
+    len_q = cu_q[doc_q + 1] - cu_q[doc_q]
+    len_k = cu_k[doc_q + 1] - cu_k[doc_q]
+    seen = len_k if used is None else used[doc_q]
+    position = rows - cu_q[doc_q] + seen - len_q  # i + Sk - Sq on the used keys
+    local = keys - cu_k[doc_k]
+    visible = (doc_q[:, None] == doc_k[None, :]) & (local[None, :] < seen[:, None])
+    if right >= 0:
+        visible &= local[None, :] <= position[:, None] + right
+    if left >= 0:
+        visible &= local[None, :] >= position[:, None] - left
+    return visible
 
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,

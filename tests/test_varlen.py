@@ -215,9 +215,68 @@ def test_jax_arrays_come_back_as_jax():
     np.testing.assert_allclose(np.asarray(out), ref, **TOL["float32"])
 
 
-def test_traced_prefix_sums_are_refused_clearly():
+@settings(max_examples=examples(25), deadline=None)
+@given(packed())
+def test_under_jax_jit_with_traced_prefix_sums(case):
+    """Traced prefix sums take cuflash.jax.attention_varlen (one call, a document mask): the
+    forward, lse and jax.grad equal the eager per-sequence path's forward and backward."""
+    jax = pytest.importorskip("jax")
+    lengths_q, lengths_k, hkv, group, d, mask, seqused, _, seed = case
+    q, k, v, cu_q, cu_k = _arrays(lengths_q, lengths_k, hkv, group, d, "float32", seed)
+    used = None if seqused is None else np.asarray(seqused, np.int32)
+    dout = np.random.default_rng(seed + 1).standard_normal(q.shape).astype(np.float32)
+
+    @jax.jit
+    def run(q, k, v, cu_q, cu_k, used, dout):
+        def loss(q, k, v):
+            out = cuflash.attention_varlen(q, k, v, cu_q, cu_k, seqused_k=used, **mask)
+            return (out * dout).sum()
+
+        out, lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, seqused_k=used, **mask,
+                                            return_lse=True)
+        return out, lse, jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    out, lse, grads = run(q, k, v, cu_q, cu_k, used, dout)
+    want, want_lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, seqused_k=used, **mask,
+                                              return_lse=True)
+    want_grads = cuflash.attention_varlen_backward(dout, q, k, v, want, want_lse, cu_q, cu_k,
+                                                   seqused_k=used, **mask)
+    np.testing.assert_allclose(np.asarray(out), want, **TOL["float32"])
+    np.testing.assert_allclose(np.asarray(lse), want_lse, rtol=1e-5, atol=1e-5)
+    for got, ref in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_backward_and_sinks_under_jax_jit():
+    """attention_varlen_backward under jit (the vjp of the masked forward) with sinks and their
+    gradient, a sequence of no queries and one of no keys, against the eager path."""
+    jax = pytest.importorskip("jax")
+    q, k, v, cu_q, cu_k = _arrays([7, 0, 5, 9], [11, 6, 0, 9], 2, 2, 16, "float32", 3)
+    rng = np.random.default_rng(4)
+    sinks = rng.standard_normal(4).astype(np.float32)
+    dout = rng.standard_normal(q.shape).astype(np.float32)
+    opts = {"causal": True, "window": (4, -1), "softcap": 2.0}
+    out, lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, sinks=sinks, return_lse=True, **opts)
+    want = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, sinks=sinks,
+                                             return_dsinks=True, **opts)
+    got = jax.jit(lambda *a: cuflash.attention_varlen_backward(
+        *a, sinks=sinks, return_dsinks=True, **opts))(dout, q, k, v, out, lse, cu_q, cu_k)
+    for name, g, w in zip(("dq", "dk", "dv", "dsinks"), got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_traced_prefix_sums_refuse_what_one_packed_call_cannot_do():
     jax = pytest.importorskip("jax")
     q = np.ones((6, 2, 8), np.float32)
     cu = np.array([0, 2, 6], np.int32)
-    with pytest.raises(TypeError, match="cu_seqlens_q: got a traced JAX value"):
-        jax.jit(lambda c: cuflash.attention_varlen(q, q[:, :1], q[:, :1], c, c))(cu)
+    kv = q[:, :1]
+    with pytest.raises(NotImplementedError, match="alibi_slopes: ALiBi needs each sequence"):
+        jax.jit(lambda c: cuflash.attention_varlen(q, kv, kv, c, c,
+                                                   alibi_slopes=np.ones(2, np.float32)))(cu)
+    with pytest.raises(TypeError, match="cu_seqlens_k: expected an int32 array"):
+        jax.jit(lambda c: cuflash.attention_varlen(q, kv, kv, c, c.astype(np.int16)))(cu)
+    with pytest.raises(ValueError, match="seqused_k: expected shape \\(2,\\)"):
+        jax.jit(lambda c: cuflash.attention_varlen(q, kv, kv, c, c, seqused_k=c))(cu)
+    with pytest.raises(TypeError, match="cache_seqlens: got a traced JAX value"):
+        jax.jit(lambda c: cuflash.attention_with_kvcache(
+            q[None, :1], kv[None], kv[None], cache_seqlens=c))(np.array([3], np.int32))
