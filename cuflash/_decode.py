@@ -1,8 +1,9 @@
 """Split-KV decoding (kernels_cu/fwd_decode.cu): the kernel `attention_with_kvcache` runs on
 CUDA for a few query rows against a contiguous or paged cache, read in place.
 
-`reason` says why a call cannot take it, the hold `VERIFIED_ON_GPU` among the reasons (then the
-caller runs each sequence through `cuflash.attention`); `run` plans and launches it. The grid
+`reason` says why a call cannot take it (then the caller runs each sequence through
+`cuflash.attention`; ``CUFLASH_DECODE_KERNEL=0`` sends every call there); `run` plans and
+launches it. The grid
 is (splits, KV heads x row tiles, batch): each block packs the query rows of the heads that
 share one KV head, and walks one split of the sequence's visible keys. With more than one split
 the blocks write float32 partial rows and `decode_merge` combines them by their log-sum-exp.
@@ -42,13 +43,10 @@ DECODE_TILES: dict[int, Tile] = {
 }
 DECODE_SCORES = ("none", "softcap", "alibi")
 MAX_SEQLEN_Q = 16  # query steps a call may have to take this path (speculative decoding)
-# The kernels have run on an H100 only in part (the split-count tests and one step per shape
-# class against the dense path; docs/performance.md): until tests/test_gpu_decode.py's reference
-# suite passes there, a call takes them only where CUFLASH_DECODE_KERNEL is set (any non-empty
-# value), as the GPU tests set it.
-VERIFIED_ON_GPU = False
-ENABLE_ENV = "CUFLASH_DECODE_KERNEL"
+# "0" turns the decoding kernels off: every call takes the per-sequence path (an A/B switch).
+SWITCH_ENV = "CUFLASH_DECODE_KERNEL"
 MAX_SPLITS = 128
+MIN_TILES_PER_SPLIT = 2  # a split of one tile spends more on its prologue and partials than keys
 _MERGE_WARPS = 4  # decode_merge gives each split a thread: MAX_SPLITS <= its threads
 assert MAX_SPLITS <= _MERGE_WARPS * 32
 
@@ -122,8 +120,8 @@ def reason(qb, kb, vb, *, variant: Variant, src: _interop.Source, page_size: int
     read."""
     if src.device != "cuda":
         return "not on CUDA"
-    if not VERIFIED_ON_GPU and not os.environ.get(ENABLE_ENV):
-        return f"the decoding kernels await their first GPU run ({ENABLE_ENV}=1 enables them)"
+    if os.environ.get(SWITCH_ENV) == "0":
+        return f"{SWITCH_ENV}=0 turns the decoding kernels off"
     if cc < 80:
         return f"compute capability {cc / 10:.1f} < 8.0"
     dtype = _dtypes.dtype_name(qb.dtype)
@@ -154,13 +152,12 @@ def reason(qb, kb, vb, *, variant: Variant, src: _interop.Source, page_size: int
 
 
 def num_splits_for(blocks: int, tiles: int, smem_bytes: int, device_id: int) -> int:
-    """How many splits of the keys fill the device: enough blocks for one wave of the blocks
-    its SMs hold at once, no more splits than tiles, at most MAX_SPLITS."""
+    """How many splits of the keys fill the device: as many as one wave of the blocks its SMs
+    hold at once takes without a second wave, with two tiles a split at least, at most
+    MAX_SPLITS."""
     sms, smem_per_sm = _device_shape(device_id)
     resident = sms * max(1, smem_per_sm // (smem_bytes + 1024))
-    if blocks >= resident or tiles <= 1:
-        return 1
-    return max(1, min(MAX_SPLITS, tiles, -(-resident // blocks)))
+    return max(1, min(MAX_SPLITS, -(-tiles // MIN_TILES_PER_SPLIT), resident // max(blocks, 1)))
 
 
 def run(q, qb, kb, vb, **kwargs):

@@ -410,7 +410,7 @@ def _index(values: np.ndarray, like):
     if top == "torch":
         import torch
 
-        return torch.as_tensor(values, device=like.device)
+        return torch.as_tensor(np.array(values), device=like.device)  # writable: no warning
     if top == "cupy":
         import cupy
 

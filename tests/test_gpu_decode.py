@@ -35,16 +35,14 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(autouse=True, scope="module")
 def _decode_kernels_on():
-    """The decoding kernels, whatever their default (`_decode.VERIFIED_ON_GPU`)."""
+    """The decoding kernels on, even where the environment switches them off
+    (``CUFLASH_DECODE_KERNEL=0``, `_decode.SWITCH_ENV`)."""
     import os
 
-    before = os.environ.get(_decode.ENABLE_ENV)
-    os.environ[_decode.ENABLE_ENV] = "1"
+    before = os.environ.pop(_decode.SWITCH_ENV, None)
     yield
-    if before is None:
-        del os.environ[_decode.ENABLE_ENV]
-    else:
-        os.environ[_decode.ENABLE_ENV] = before
+    if before is not None:
+        os.environ[_decode.SWITCH_ENV] = before
 
 
 def _to_device(x: np.ndarray, dtype: str):

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One GPU pass for the split-KV decoding kernels: the decode and fp16/bf16 Hopper forward kernels
 # compiled into CuPy's cache on all cores first (prewarm.py --only), then tests/test_gpu_decode.py
-# in shards with the kernels enabled (CUFLASH_DECODE_KERNEL=1; $EX Hypothesis examples), then
+# in shards ($EX Hypothesis examples), then
 # bench --decode alone on the GPU, with a sweep of split counts ($SWEEP). Logs under $OUT (the
 # device tool's output folder). About six minutes on an H100: bash tests/perf/decode_pass.sh
 set -u
-export PYTHONPATH=. PYTHONUNBUFFERED=1 CUFLASH_FUZZ_EXAMPLES=${EX:-20} CUFLASH_DECODE_KERNEL=1
+export PYTHONPATH=. PYTHONUNBUFFERED=1 CUFLASH_FUZZ_EXAMPLES=${EX:-20}
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
 git log --oneline -1
