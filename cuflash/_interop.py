@@ -248,7 +248,8 @@ def _cupy_view_of_torch(t):
 
 
 _TORCH_TO_NUMPY = {"float16": "float16", "float32": "float32", "float64": "float64",
-                   _dtypes.BFLOAT16: _dtypes.BFLOAT16, "bool": "bool"}
+                   _dtypes.BFLOAT16: _dtypes.BFLOAT16, "bool": "bool", "int32": "int32",
+                   "int64": "int64", "uint8": "uint8"}
 
 
 def backend_module(src: Source):
