@@ -152,12 +152,15 @@ def reason(qb, kb, vb, *, variant: Variant, src: _interop.Source, page_size: int
 
 
 def num_splits_for(blocks: int, tiles: int, smem_bytes: int, device_id: int) -> int:
-    """How many splits of the keys fill the device: as many as one wave of the blocks its SMs
-    hold at once takes without a second wave, with two tiles a split at least, at most
-    MAX_SPLITS."""
+    """How many splits of the keys fill the device: at most as many as one wave of the blocks
+    its SMs hold at once takes without a second wave, with two tiles a split at least, at most
+    MAX_SPLITS; then the fewest that keep the longest split as short (128 tiles in 33 splits
+    is 4 tiles a split at most, as in 32: take 32, all equal, and merge less)."""
     sms, smem_per_sm = _device_shape(device_id)
     resident = sms * max(1, smem_per_sm // (smem_bytes + 1024))
-    return max(1, min(MAX_SPLITS, -(-tiles // MIN_TILES_PER_SPLIT), resident // max(blocks, 1)))
+    most = max(1, min(MAX_SPLITS, -(-tiles // MIN_TILES_PER_SPLIT), resident // max(blocks, 1)))
+    longest = -(-max(tiles, 1) // most)  # tiles in the longest split
+    return -(-max(tiles, 1) // longest)
 
 
 def run(q, qb, kb, vb, **kwargs):

@@ -34,21 +34,27 @@ def test_splits_fill_one_wave_without_a_second(h100, blocks, tiles):
     assert 1 <= splits <= max(most, 1)
     if blocks * 2 > resident:
         assert splits == 1  # a second split would start a second wave
-    else:
-        assert blocks * splits <= resident  # one wave
-        # as many as that allows: one more split would need a second wave or a 1-tile split
-        assert splits == most or blocks * (splits + 1) > resident
+        return
+    assert blocks * splits <= resident  # one wave
+    # The longest split is as short as one wave allows, and no split is empty: more splits
+    # would need a second wave, a one-tile split or MAX_SPLITS, or leave the longest as long.
+    allowed = min(most, resident // blocks)
+    longest = -(-tiles // splits)
+    assert longest == -(-tiles // allowed)
+    assert splits == 1 or -(-tiles // (splits - 1)) > longest
 
 
 def test_the_split_counts_measured_best_on_the_h100(h100):
     """bf16 D 128 cells of docs/performance.md's sweep (blocks = batch x KV heads), where the
-    old rule (a ceiling, so a second wave) lost: 32/8 B8 32k took 5 splits (440 us) where 4
-    took 365 us; 8/1 B64 4k took 5 (64 us) where 4 took 54 us; 8/1 B1 8k took 128 (12.2 us)
-    where 64 took 10.9 us."""
+    old rule (a ceiling, so a second wave; no evening out) lost: 32/8 B8 32k took 5 splits
+    (440 us) where 4 took 365 us; 8/1 B64 4k took 5 (64 us) where 4 took 54 us; 8/1 B1 8k took
+    128 (12.2 us) where 64 took 10.9 us."""
     smem = _decode.decode_spec("bfloat16", 128, "none", "none").smem_bytes
     assert _decode.num_splits_for(64, 512, smem, 0) == 4
     assert _decode.num_splits_for(64, 64, smem, 0) == 4
     assert _decode.num_splits_for(1, 128, smem, 0) == 64
+    # 32/8 B1 8k: 33 splits (4 tiles in the longest) took 21.9 us, 32 (4 each) 20.0 us
+    assert _decode.num_splits_for(8, 128, smem, 0) == 32
 
 
 def _view(shape, dtype="float16", ptr=4096, strides=None):
