@@ -151,15 +151,22 @@ def reason(qb, kb, vb, *, variant: Variant, src: _interop.Source, page_size: int
     return None
 
 
-def num_splits_for(blocks: int, tiles: int, smem_bytes: int, device_id: int) -> int:
-    """How many splits of the keys fill the device: at most as many as one wave of the blocks
-    its SMs hold at once takes without a second wave, with two tiles a split at least, at most
-    MAX_SPLITS; then the fewest that keep the longest split as short (128 tiles in 33 splits
-    is 4 tiles a split at most, as in 32: take 32, all equal, and merge less)."""
+def num_splits_for(streams: int, row_tiles: int, tiles: int, smem_bytes: int, device_id: int,
+                   *, paged: bool = False) -> int:
+    """How many splits of the keys to run: one split of each of the `streams` (batch x KV
+    heads: the K/V a block reads) per SM, the blocks of a stream's `row_tiles` sharing its
+    reads; for a paged cache one per block slot instead (its page-table reads want a second
+    block on each SM to hide them). No more than one wave of the blocks the SMs hold at once,
+    two tiles a split at least and MAX_SPLITS at most. Then the fewest splits that keep the
+    longest as short (128 tiles in 33 splits is 4 tiles in the longest, as in 32: take 32, all
+    equal, and merge less). On the H100 this was the fastest count of each swept cell
+    (docs/performance.md)."""
     sms, smem_per_sm = _device_shape(device_id)
     resident = sms * max(1, smem_per_sm // (smem_bytes + 1024))
-    most = max(1, min(MAX_SPLITS, -(-tiles // MIN_TILES_PER_SPLIT), resident // max(blocks, 1)))
-    longest = -(-max(tiles, 1) // most)  # tiles in the longest split
+    most = min(MAX_SPLITS, -(-tiles // MIN_TILES_PER_SPLIT),
+               (resident if paged else sms) // max(streams, 1),
+               resident // max(streams * row_tiles, 1))
+    longest = -(-max(tiles, 1) // max(most, 1))  # tiles in the longest split
     return -(-max(tiles, 1) // longest)
 
 
@@ -213,8 +220,8 @@ def prepare(q, qb, kb, vb, *, variant: Variant, scale: float, src: _interop.Sour
     if variant.mask == "window" and variant.left >= 0:
         reach = min(longest, seqlen_q + variant.left + max(variant.right, 0))
     tiles = -(-reach // spec.block_n)
-    splits = num_splits or num_splits_for(batch * heads_kv * row_tiles, tiles, spec.smem_bytes,
-                                          src.device_id)
+    splits = num_splits or num_splits_for(batch * heads_kv, row_tiles, tiles, spec.smem_bytes,
+                                          src.device_id, paged=table is not None)
     splits = max(1, min(splits, max(tiles, 1), MAX_SPLITS))
 
     out_native, ob = _interop.empty((batch, seqlen_q, heads_q, head_dim), qb, src, q)

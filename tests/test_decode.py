@@ -24,37 +24,51 @@ def h100(monkeypatch):
     monkeypatch.setattr(_decode, "_device_shape", lambda device_id: (132, 233472))
 
 
-@pytest.mark.parametrize("blocks, tiles", [(8, 128), (8, 2048), (1, 128), (128, 128), (512, 64),
-                                           (8, 1), (64, 3), (64, 512), (1, 7)])
-def test_splits_fill_one_wave_without_a_second(h100, blocks, tiles):
+@pytest.mark.parametrize("streams, row_tiles, tiles", [
+    (8, 1, 128), (8, 1, 2048), (1, 1, 128), (128, 1, 128), (512, 1, 64), (8, 1, 1), (64, 1, 3),
+    (64, 1, 512), (1, 1, 7), (16, 2, 128), (16, 8, 4096), (200, 1, 64)])
+def test_splits_one_per_sm_within_one_wave(h100, streams, row_tiles, tiles):
     smem = _decode.decode_spec("bfloat16", 128, "none", "none").smem_bytes
     resident = 132 * (233472 // (smem + 1024))
-    splits = _decode.num_splits_for(blocks, tiles, smem, 0)
-    most = min(-(-tiles // _decode.MIN_TILES_PER_SPLIT), _decode.MAX_SPLITS)
+    splits = _decode.num_splits_for(streams, row_tiles, tiles, smem, 0)
+    most = min(-(-tiles // _decode.MIN_TILES_PER_SPLIT), _decode.MAX_SPLITS,
+               132 // streams, resident // (streams * row_tiles))
     assert 1 <= splits <= max(most, 1)
-    if blocks * 2 > resident:
-        assert splits == 1  # a second split would start a second wave
+    if most <= 1:
+        assert splits == 1
         return
-    assert blocks * splits <= resident  # one wave
-    # The longest split is as short as one wave allows, and no split is empty: more splits
-    # would need a second wave, a one-tile split or MAX_SPLITS, or leave the longest as long.
-    allowed = min(most, resident // blocks)
+    assert streams * splits <= 132 and streams * row_tiles * splits <= resident
+    # The longest split is as short as `most` splits make it, and no fewer splits do that.
     longest = -(-tiles // splits)
-    assert longest == -(-tiles // allowed)
-    assert splits == 1 or -(-tiles // (splits - 1)) > longest
+    assert longest == -(-tiles // most)
+    assert -(-tiles // (splits - 1)) > longest if splits > 1 else True
 
 
 def test_the_split_counts_measured_best_on_the_h100(h100):
-    """bf16 D 128 cells of docs/performance.md's sweep (blocks = batch x KV heads), where the
-    old rule (a ceiling, so a second wave; no evening out) lost: 32/8 B8 32k took 5 splits
-    (440 us) where 4 took 365 us; 8/1 B64 4k took 5 (64 us) where 4 took 54 us; 8/1 B1 8k took
-    128 (12.2 us) where 64 took 10.9 us."""
+    """bf16 D 128 cells of docs/performance.md's sweeps (streams = batch x KV heads; 16 query
+    rows a tile, so 8/1 at 4 steps has 2 row tiles), each the fastest count timed."""
     smem = _decode.decode_spec("bfloat16", 128, "none", "none").smem_bytes
-    assert _decode.num_splits_for(64, 512, smem, 0) == 4
-    assert _decode.num_splits_for(64, 64, smem, 0) == 4
-    assert _decode.num_splits_for(1, 128, smem, 0) == 64
-    # 32/8 B1 8k: 33 splits (4 tiles in the longest) took 21.9 us, 32 (4 each) 20.0 us
-    assert _decode.num_splits_for(8, 128, smem, 0) == 32
+    best = {  # (streams, row_tiles, tiles): splits
+        (8, 1, 128): 16,     # 32/8 B1 8k: 19.3 us (32 splits 20.0, 33 21.7)
+        (8, 1, 2048): 16,    # 32/8 B1 128k: 178.3 us (33 splits 183.0)
+        (128, 1, 128): 1,    # 32/8 B16 8k: 174.6 us (2 splits 182.9)
+        (64, 1, 512): 2,     # 32/8 B8 32k: 351.4 us (4 splits 356.7, 5 440)
+        (1, 1, 128): 64,     # 8/1 B1 8k: 10.8 us (128 splits 12.2)
+        (1, 1, 2048): 128,   # 8/1 B1 128k: 33.4 us
+        (16, 1, 128): 8,     # 8/1 B16 8k: 30.7 us (16 splits 31.6)
+        (8, 1, 512): 16,     # 8/1 B8 32k: 52.7 us (32 splits 54.0)
+        (64, 1, 64): 2,      # 8/1 B64 4k: 52.5 us (4 splits 53.6)
+        (16, 2, 128): 8,     # 8/1 Sq4 B16 8k: 34.1 us (16 splits 40.5)
+        (8, 2, 512): 16,     # 8/1 Sq4 B8 32k: 58.6 us (8 splits 83.5)
+        (64, 2, 64): 2,      # 8/1 Sq4 B64 4k: 57.2 us (1 split 79.1)
+    }
+    for (streams, row_tiles, tiles), splits in best.items():
+        assert _decode.num_splits_for(streams, row_tiles, tiles, smem, 0) == splits, (
+            streams, row_tiles, tiles)
+    # Pages of 16, 32/8: one block an SM ran at 0.73-0.84x of two (128k: 2,201 against 2,858
+    # GB/s at 16 and 33 splits; B16 8k: 2,342 against 2,877 at 1 and 2).
+    assert _decode.num_splits_for(8, 1, 2048, smem, 0, paged=True) == 33
+    assert _decode.num_splits_for(128, 1, 128, smem, 0, paged=True) == 2
 
 
 def _view(shape, dtype="float16", ptr=4096, strides=None):
