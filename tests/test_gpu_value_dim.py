@@ -94,3 +94,36 @@ def test_torch_autograd_with_a_value_head_dim_of_its_own():
     for name, x, g in zip(("q", "k", "v"), (q, k, v), want, strict=True):
         # dq sums by atomics in either call: equal up to the order of the additions
         torch.testing.assert_close(x.grad, g, msg=f"d{name}")
+
+
+def test_jax_jit_value_and_grad_with_a_value_head_dim_of_its_own():
+    """Under jax.jit on the GPU, cuflash.jax pads q, k, v to the wider head dim around the
+    buffer callbacks: the forward and the gradients against the float64 reference."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from cuflash import jax as cuflash_jax
+
+    case = Case(2, 70, 90, 4, 2, 192, head_dim_v=128, dtype="float16", causal=True)
+    q, k, v = make_inputs(case, np, seed=9)
+    dout = make_dout(case, np, seed=9)
+    gpu = jax.devices("gpu")[0]
+    args = [jax.device_put(jnp.asarray(x), gpu) for x in (q, k, v)]
+
+    def loss(q, k, v):
+        out = cuflash_jax.attention(q, k, v, causal=True)
+        return (out.astype(jnp.float32) * dout).sum(), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(*args)
+    ref_out = reference.attention(q, k, v, causal=True)
+    ref_grads = reference.attention_backward(dout, q, k, v, causal=True)
+    naive = {"causal": True, "scale": 1.0 / np.sqrt(case.head_dim), "dtype": case.dtype}
+    q4, k4, v4, do4 = (to_bshd4(x, case) for x in (q, k, v, dout))
+    assert_matches_reference("jax out", np.asarray(out), ref_out,
+                             naive_attention(q4, k4, v4, **naive)[0], dtype=case.dtype)
+    eps = backward_eps(do4, q4, k4, v4, **naive)
+    for name, got, ref, naive_g, e in zip(("dq", "dk", "dv"), grads, ref_grads,
+                                          naive_attention_backward(do4, q4, k4, v4, **naive),
+                                          eps, strict=True):
+        assert_matches_reference(f"jax {name}", np.asarray(got), ref, naive_g,
+                                 dtype=case.dtype, eps=e)
