@@ -482,12 +482,14 @@ def _eager_backward(backward, *arrays):
 
 
 @functools.cache
+@functools.cache
 def _compiled(staged, options: Options, **static):
     """`staged` (`_jax_trace.forward` or `.backward`) jitted for `options` (and the `static`
     keywords, the backward's `dbias`): concrete GPU arrays run the kernels as a compiled call.
     JAX dispatches a compiled call in microseconds, where the eager core would validate, plan
     and pass every array through DLPack each time; a new shape or dtype compiles (and plans)
-    once, as under the caller's own jit."""
+    once, as under the caller's own jit. Memoised: a new jitted callable each call would
+    retrace the function every call (jit's cache is keyed by the callable)."""
     return jax.jit(functools.partial(staged, options=options, **static))
 
 

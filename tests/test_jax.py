@@ -1170,3 +1170,23 @@ def test_eager_calls_on_a_gpu_take_the_compiled_path_with_score_arrays(monkeypat
         np.testing.assert_allclose(np.asarray(value), np.asarray(want_value), rtol=1e-5)
         for g, w in zip(got, want, strict=True):
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+
+def test_eager_gpu_calls_reuse_one_jitted_function_per_options():
+    """cuflash.jax's eager GPU path runs `_compiled(staged, options)`: equal options give the
+    same jitted callable, so repeated calls of one shape trace once (a new callable each call
+    retraced every time: hundreds of microseconds a call)."""
+    traced = []
+
+    def staged(x, *, options):
+        traced.append(options)
+        return x + 1
+
+    first = cuflash_jax._compiled(staged, _jax_trace.Options(False, (-1, -1), None, "bshd"))
+    again = cuflash_jax._compiled(staged, _jax_trace.Options(False, (-1, -1), None, "bshd"))
+    assert first is again
+    for f in (first, again, first):
+        np.testing.assert_array_equal(np.asarray(f(jnp.ones(3))), 2.0)
+    assert len(traced) == 1
+    causal = _jax_trace.Options(True, (-1, 0), None, "bshd")
+    assert cuflash_jax._compiled(staged, causal) is not first
