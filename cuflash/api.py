@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 
 from cuflash import _core
+from cuflash._checks import MAX_SCALE  # noqa: F401 (docs/api.md names cuflash.api.MAX_SCALE)
 
 
 def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None = None,

@@ -194,6 +194,12 @@ def test_scale_not_positive_finite(no_work, scale):
         cuflash.attention(*qkv(), scale=scale)
 
 
+def test_the_scale_limit_is_where_the_docs_say():
+    from cuflash import api
+
+    assert api.MAX_SCALE == _core.MAX_SCALE == np.finfo(np.float32).max / np.log2(np.e)
+
+
 @pytest.mark.parametrize("scale", [2.4e38, 1e300, np.float64(_core.MAX_SCALE) * (1 + 2**-52)])
 def test_scale_above_the_float32_bound(no_work, scale):
     with raises(ValueError, "scale:", "expected at most 2.3587e+38", "log2(e)", repr(float(scale))):
