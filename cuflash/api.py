@@ -87,6 +87,13 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
                                        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
                                        bias=bias, mask=mask, layout=layout,
                                        return_lse=return_lse)
+    if out is None and not return_lse and _jax_on_gpu(q, k, v):
+        # One memoised compiled call (cuflash.jax), not validation and DLPack at every call.
+        from cuflash import jax as cuflash_jax
+
+        return cuflash_jax.attention(q, k, v, causal=causal, window=window, scale=scale,
+                                     softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+                                     bias=bias, mask=mask, layout=layout)
     return _core.attention(q, k, v, causal=causal, window=window, scale=scale, softcap=softcap,
                            alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask,
                            layout=layout, return_lse=return_lse, out=out)
@@ -145,3 +152,14 @@ def _wants_autograd(q, k, v, sinks, bias) -> bool:
             or (bias is not None and getattr(bias, "requires_grad", False))):
         return True
     return torch.compiler.is_compiling()
+
+
+def _jax_on_gpu(q, k, v) -> bool:
+    """Whether q, k and v are all concrete JAX arrays on a GPU."""
+    if type(q).__module__[:3] != "jax":
+        return False
+    jax = sys.modules["jax"]
+    if not all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+               for x in (q, k, v)):
+        return False
+    return all(d.platform == "gpu" for x in (q, k, v) for d in x.devices())

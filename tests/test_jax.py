@@ -1190,3 +1190,34 @@ def test_eager_gpu_calls_reuse_one_jitted_function_per_options():
     assert len(traced) == 1
     causal = _jax_trace.Options(True, (-1, 0), None, "bshd")
     assert cuflash_jax._compiled(staged, causal) is not first
+
+
+def test_cuflash_attention_hands_jax_gpu_arrays_to_cuflash_jax(monkeypatch):
+    """cuflash.attention with concrete JAX arrays on a GPU (here: as the check reports it) runs
+    cuflash.jax.attention's memoised compiled call, not the core's DLPack path; with
+    return_lse or mixed frameworks it stays on the core."""
+    from cuflash import api
+
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 9, 2, 8)).astype(np.float32))
+               for _ in range(3))
+    want = api.attention(q, k, v, causal=True)
+    monkeypatch.setattr(api, "_jax_on_gpu", lambda *arrays: all(
+        isinstance(x, jax.Array) for x in arrays))
+    with mock.patch.object(cuflash_jax, "attention", wraps=cuflash_jax.attention) as routed:
+        got = api.attention(q, k, v, causal=True)
+        assert routed.call_count == 1
+        api.attention(q, k, v, causal=True, return_lse=True)
+        with pytest.raises(TypeError, match="k: expected the same framework"):
+            api.attention(q, np.asarray(k), np.asarray(v), causal=True)
+        assert routed.call_count == 1
+    assert isinstance(got, jax.Array)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_jax_cpu_arrays_are_not_taken_for_gpu_ones():
+    from cuflash import api
+
+    q = jnp.ones((1, 4, 2, 8))
+    assert not api._jax_on_gpu(q, q, q)
+    assert not api._jax_on_gpu(np.ones((1, 4, 2, 8)), q, q)
