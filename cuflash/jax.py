@@ -102,17 +102,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
     See also: `dot_product_attention` (``jax.nn.dot_product_attention``'s arguments),
     `cuflash.attention` (any framework, no autodiff), `cuflash.attention_backward`.
     """
-    q, k, v = (jnp.asarray(x) for x in (q, k, v))
+    q, k, v = (_as_array(x) for x in (q, k, v))
     options = Options(causal, _variant.check_window(window), scale, layout,
                       _variant.check_softcap(softcap))
-    mods = ScoreArrays(*(None if x is None else jnp.asarray(x)
+    mods = ScoreArrays(*(None if x is None else _as_array(x)
                          for x in (sinks, alibi_slopes, bias, mask)))
-    if not _concrete(q, k, v, *mods):
-        # Inside shard_map: operands that vary over fewer mesh axes than the others are marked
-        # as varying over all of them, outside the custom_vjp, so that JAX sums their gradients.
-        axes = _jax_trace.varying_axes(q, k, v, *jax.tree.leaves(mods))
-        q, k, v = (_jax_trace.vary(x, axes) for x in (q, k, v))
-        mods = jax.tree.map(lambda x: _jax_trace.vary(x, axes), mods)
+    if _concrete(q, k, v, *mods):
+        # No transformation is running (it would pass tracers), so nothing asks for a
+        # gradient: the forward runs without the custom_vjp, whose per-call bookkeeping
+        # (argument signatures, debug info) cost more host time than the launch on the H100.
+        return _forward(q, k, v, options, mods)[0]
+    # Inside shard_map: operands that vary over fewer mesh axes than the others are marked as
+    # varying over all of them, outside the custom_vjp, so that JAX sums their gradients.
+    axes = _jax_trace.varying_axes(q, k, v, *jax.tree.leaves(mods))
+    q, k, v = (_jax_trace.vary(x, axes) for x in (q, k, v))
+    mods = jax.tree.map(lambda x: _jax_trace.vary(x, axes), mods)
     if not mods.given():
         return _attention(q, k, v, options)
     return _attention_mods(q, k, v, mods, options)
@@ -482,7 +486,6 @@ def _eager_backward(backward, *arrays):
 
 
 @functools.cache
-@functools.cache
 def _compiled(staged, options: Options, **static):
     """`staged` (`_jax_trace.forward` or `.backward`) jitted for `options` (and the `static`
     keywords, the backward's `dbias`): concrete GPU arrays run the kernels as a compiled call.
@@ -491,6 +494,14 @@ def _compiled(staged, options: Options, **static):
     once, as under the caller's own jit. Memoised: a new jitted callable each call would
     retrace the function every call (jit's cache is keyed by the callable)."""
     return jax.jit(functools.partial(staged, options=options, **static))
+
+
+def _as_array(x) -> jax.Array:
+    """`x` as a JAX array; a concrete one as it is (jnp.asarray costs microseconds). Traced
+    values still go through jnp.asarray, which makes a NumPy primal a JAX one."""
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        return x
+    return jnp.asarray(x)
 
 
 def _on_gpu(x) -> bool:

@@ -1221,3 +1221,20 @@ def test_jax_cpu_arrays_are_not_taken_for_gpu_ones():
     q = jnp.ones((1, 4, 2, 8))
     assert not api._jax_on_gpu(q, q, q)
     assert not api._jax_on_gpu(np.ones((1, 4, 2, 8)), q, q)
+
+
+def test_concrete_calls_skip_the_custom_vjp_and_transformed_ones_take_it():
+    """Concrete arrays mean no transformation is running: the forward runs without the
+    custom_vjp's per-call bookkeeping. Under jax.grad (tracers) the custom_vjp runs, and the
+    gradient still matches the reference."""
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((1, 7, 2, 8)).astype(np.float32) for _ in range(3))
+    with mock.patch.object(cuflash_jax, "_attention", wraps=cuflash_jax._attention) as node:
+        out = cuflash_jax.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), causal=True)
+        assert node.call_count == 0
+        grads = jax.grad(lambda q: cuflash_jax.attention(q, k, v, causal=True).sum())(q)
+        assert node.call_count == 1
+    np.testing.assert_allclose(np.asarray(out), reference.attention(q, k, v, causal=True),
+                               rtol=2e-5, atol=2e-6)
+    want = reference.attention_backward(np.ones_like(q), q, k, v, causal=True)[0]
+    np.testing.assert_allclose(np.asarray(grads), want, rtol=2e-5, atol=2e-5)
