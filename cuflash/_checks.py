@@ -51,6 +51,23 @@ def check_flag(name: str, value: object) -> None:
         raise TypeError(f"{name}: expected True or False, got {value!r}")
 
 
+def check_varlen_grad_inputs(q, v, dout, out, lse, return_dsinks: object,
+                             sinks: object) -> None:
+    """The arguments a varlen backward takes beside the forward's: `dout` and `out` shaped
+    ``(total_q, Hq, Dv)``, `lse` ``(Hq, total_q)``, and `return_dsinks` a flag that needs
+    `sinks`."""
+    total_q, heads_q = int(q.shape[0]), int(q.shape[1])
+    out_shape = (total_q, heads_q, int(v.shape[-1]))
+    for name, x, shape in (("dout", dout, out_shape), ("out", out, out_shape),
+                           ("lse", lse, (heads_q, total_q))):
+        got = tuple(getattr(x, "shape", ()))
+        if tuple(int(n) for n in got) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {got or type(x).__name__}")
+    check_flag("return_dsinks", return_dsinks)
+    if return_dsinks and sinks is None:
+        raise ValueError("return_dsinks: True needs sinks (the gradient of which sinks?)")
+
+
 def check_alibi(slopes: object, src: _interop.Source, batch: int, heads_q: int):
     """ALiBi slopes ``(Hq,)`` or ``(B, Hq)``, float32 or float64: a float64 NumPy ``(B, Hq)``
     view with finite values, or, for slopes on q's CUDA device, the device array itself as

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cuflash import _dtypes
-from cuflash._checks import check_flag
+from cuflash._checks import check_flag, check_varlen_grad_inputs
 from cuflash._merge import ops_for
 from cuflash.api import attention, attention_backward
 
@@ -115,16 +115,7 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
             deterministic=deterministic, return_dsinks=return_dsinks)
     pack = _Packed.of(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       seqused_k)
-    total_q, heads_q = int(q.shape[0]), int(q.shape[1])
-    out_shape = (total_q, heads_q, int(v.shape[-1]))
-    for name, x, shape in (("dout", dout, out_shape), ("out", out, out_shape),
-                           ("lse", lse, (heads_q, total_q))):
-        if tuple(int(n) for n in getattr(x, "shape", ())) != shape:
-            raise ValueError(f"{name}: expected shape {shape}, got "
-                             f"{tuple(getattr(x, 'shape', ())) or type(x).__name__}")
-    check_flag("return_dsinks", return_dsinks)
-    if return_dsinks and sinks is None:
-        raise ValueError("return_dsinks: True needs sinks (the gradient of which sinks?)")
+    check_varlen_grad_inputs(q, v, dout, out, lse, return_dsinks, sinks)
     ops = ops_for(q)
     dqs, dks, dvs, dsinks = [], [], [], []
     for b, ((rows, keys), unused) in enumerate(zip(pack.sequences(), pack.unused_keys(),

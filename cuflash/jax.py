@@ -210,15 +210,7 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     read: the forward runs again). Under ``jax.grad`` of :func:`attention_varlen` this is not
     needed; it serves code written against the framework-agnostic pair."""
     _checks.check_flag("deterministic", deterministic)
-    _checks.check_flag("return_dsinks", return_dsinks)
-    if return_dsinks and sinks is None:
-        raise ValueError("return_dsinks: True needs sinks (the gradient of which sinks?)")
-    total_q, heads_q = q.shape[0], q.shape[1]
-    out_shape = (total_q, heads_q, v.shape[-1])
-    for name, x, shape in (("dout", dout, out_shape), ("out", out, out_shape),
-                           ("lse", lse, (heads_q, total_q))):
-        if tuple(jnp.shape(x)) != tuple(shape):
-            raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(jnp.shape(x))}")
+    _checks.check_varlen_grad_inputs(q, v, dout, out, lse, return_dsinks, sinks)
 
     def forward(q, k, v, sinks):
         return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q,
