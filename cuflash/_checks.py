@@ -68,6 +68,15 @@ def check_varlen_grad_inputs(q, v, dout, out, lse, return_dsinks: object,
         raise ValueError("return_dsinks: True needs sinks (the gradient of which sinks?)")
 
 
+def check_aux(name: str, x: object, src: _interop.Source):
+    """One aux array of a score_mod / mask_mod: NumPy or of q's framework and device, of a
+    dtype the kernels read (`_user_mods.AUX_TYPES`); its backend view (no copy)."""
+    from cuflash._user_mods import AUX_TYPES
+
+    where = check_side_array(f"aux[{name!r}]", x, src, tuple(AUX_TYPES))
+    return _interop.to_backend(x, where)
+
+
 def check_alibi(slopes: object, src: _interop.Source, batch: int, heads_q: int):
     """ALiBi slopes ``(Hq,)`` or ``(B, Hq)``, float32 or float64: a float64 NumPy ``(B, Hq)``
     view with finite values, or, for slopes on q's CUDA device, the device array itself as

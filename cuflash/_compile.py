@@ -256,13 +256,37 @@ def _cubins(directory: str) -> dict[str, tuple[int, int]]:
 def _compile_and_load(spec: KernelSpec, compute_capability: int):
     """NVRTC through CuPy's RawModule (its disk cache unless told otherwise), then load."""
     import cupy
+    from cupy.cuda.compiler import CompileException
 
-    module = cupy.RawModule(
-        code=expanded_source(spec.source),
-        options=nvrtc_options(arch_flag(compute_capability)),
-        name_expressions=[spec.name],
-    )
-    return module.get_function(spec.name)
+    try:
+        module = cupy.RawModule(
+            code=spec_source(spec),
+            options=nvrtc_options(arch_flag(compute_capability)),
+            name_expressions=[spec.name],
+        )
+        return module.get_function(spec.name)
+    except CompileException as err:
+        if isinstance(spec.score, str):
+            raise
+        raise UserCodeError(spec, str(err)) from None
+
+
+def spec_source(spec: KernelSpec) -> str:
+    """The text NVRTC compiles for `spec`: its file, expanded, then a user kind's C++."""
+    return expanded_source(spec.source) + spec.user_source
+
+
+class UserCodeError(ValueError):
+    """NVRTC rejected the C++ of a `cuflash.ScoreMod` or `cuflash.MaskMod`: the message shows
+    each error at the user's own line."""
+
+    def __init__(self, spec: KernelSpec, log_text: str):
+        from cuflash._user_mods import explain_compile_error
+
+        self.log = log_text
+        super().__init__(
+            f"score_mod / mask_mod: NVRTC could not compile the modification's C++ (into "
+            f"{spec.entry}):\n{explain_compile_error(spec.score, log_text)}")
 
 
 _in_memory_lock = threading.Lock()
@@ -339,7 +363,7 @@ def compile_report(spec: KernelSpec, arch: str) -> CompileReport:
     """Compile `spec` for `arch` with NVRTC on the CPU and parse ptxas's ``-v`` report."""
     from cupy_backends.cuda.libs import nvrtc
 
-    source = expanded_source(spec.source)
+    source = spec_source(spec)
     prog = nvrtc.createProgram(source, spec.source, [], [])
     start = time.perf_counter()
     try:
@@ -347,6 +371,8 @@ def compile_report(spec: KernelSpec, arch: str) -> CompileReport:
         try:
             nvrtc.compileProgram(prog, [*check_options(arch), "-Xptxas=-v"])
         except nvrtc.NVRTCError as err:
+            if not isinstance(spec.score, str):
+                raise UserCodeError(spec, nvrtc.getProgramLog(prog)) from None
             raise RuntimeError(
                 f"NVRTC failed on {spec.name} for {arch}:\n{nvrtc.getProgramLog(prog)}"
             ) from err

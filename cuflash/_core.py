@@ -15,12 +15,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from cuflash import _dtypes, _interop, _replay, _side_arrays
+from cuflash import _dtypes, _interop, _replay, _side_arrays, _user_mods
 from cuflash._checks import (  # the size limits stay importable from here, where they apply
     MAX_GRID_YZ,  # noqa: F401
     MAX_ROW_REACH,  # noqa: F401
     MAX_SCALE,  # noqa: F401
     check_alibi,
+    check_aux,
     check_flag,
     check_scale,
     check_score_array,
@@ -65,6 +66,11 @@ class Problem:
     # The caller's bias and mask as NumPy views (never copied, never written), when given.
     bias: np.ndarray | None = field(default=None, compare=False)
     mask: np.ndarray | None = field(default=None, compare=False)
+    # The caller's own modifications (`variant.user` is their compiled kind): the ScoreMod and
+    # MaskMod (for their NumPy forms) and the aux arrays as (name, backend view) pairs.
+    score_mod: object | None = field(default=None, compare=False)
+    mask_mod: object | None = field(default=None, compare=False)
+    aux: tuple = field(default=(), compare=False)
 
     def caller_shape(self, seqlen: int, heads: int, head_dim: int | None = None
                      ) -> tuple[int, ...]:
@@ -93,9 +99,11 @@ class Problem:
 
 def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None = None,
               scale: float | None = None, softcap: float = 0.0, alibi_slopes=None, sinks=None,
-              bias=None, mask=None, layout: str = "bshd", return_lse: bool = False, out=None):
+              bias=None, mask=None, score_mod=None, mask_mod=None, aux=None,
+              layout: str = "bshd", return_lse: bool = False, out=None):
     """The core of `cuflash.attention` (`cuflash.api`; its docstring has the arguments): a
-    repeated call replays, a first one validates and launches. torch tensors that require
+    repeated call replays, a first one validates and launches (a call with a score_mod or
+    mask_mod always: its aux arrays ride in the parameter block). torch tensors that require
     grad are not differentiated here: they arrive detached from `cuflash.torch`."""
     # The arrays beside q, k, v join the signature by their layout, not their values: a replay
     # reads them again (`_replay.SidePointers`).
@@ -105,12 +113,14 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
         q, k, v, out, (causal, type(causal), _replay.window_key(window), scale, type(scale),
                        softcap, type(softcap), layout, return_lse, type(return_lse)),
         () if plain else side)
-    replay = _replay.lookup(key)
+    user = score_mod is not None or mask_mod is not None or aux is not None
+    replay = None if user else _replay.lookup(key)
     if replay is not None:
         return replay(q, k, v, out) if plain else replay(q, k, v, out, side)
+    key = None if user else key
     problem = validate(q, k, v, causal=causal, window=window, scale=scale, layout=layout,
                        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, bias=bias,
-                       mask=mask)
+                       mask=mask, score_mod=score_mod, mask_mod=mask_mod, aux=aux)
     check_flag("return_lse", return_lse)
     if out is not None:
         if problem.source.framework == "jax":
@@ -144,15 +154,18 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
 def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
                        window: tuple[int, int] | None = None, scale: float | None = None,
                        softcap: float = 0.0, alibi_slopes=None, sinks=None, bias=None,
-                       mask=None, layout: str = "bshd", deterministic: bool = False,
+                       mask=None, score_mod=None, mask_mod=None, aux=None,
+                       layout: str = "bshd", deterministic: bool = False,
                        return_dsinks: bool = False, return_dbias: bool = False):
     """The core of `cuflash.attention_backward` (`cuflash.api`; its docstring has the
     arguments)."""
     arrays = (dout, q, k, v, out, lse)
     side = (alibi_slopes, sinks, bias, mask)
     plain = alibi_slopes is None and sinks is None and bias is None and mask is None
-    # A call that asks for dsinks or dbias computes them beside the launches: never replayed.
-    key = None if return_dsinks is not False or return_dbias is not False else \
+    user = score_mod is not None or mask_mod is not None or aux is not None
+    # A call that asks for dsinks or dbias computes them beside the launches, and one with user
+    # modifications carries its aux arrays in the parameter block: never replayed.
+    key = None if user or return_dsinks is not False or return_dbias is not False else \
         _replay.backward_key(
             arrays, (causal, type(causal), _replay.window_key(window), scale, type(scale),
                      softcap, type(softcap), layout, deterministic, type(deterministic)),
@@ -162,7 +175,10 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
         return replay(*arrays) if plain else replay(*arrays, side=side)
     problem = validate(q, k, v, causal=causal, window=window, scale=scale, layout=layout,
                        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, bias=bias,
-                       mask=mask)
+                       mask=mask, score_mod=score_mod, mask_mod=mask_mod, aux=aux)
+    if problem.score_mod is not None and problem.score_mod.grad is None:
+        raise ValueError("score_mod: the backward needs its derivative; give the ScoreMod a "
+                         "grad (C++ of out, b, h, q_idx, kv_idx; \"1\" for an added term)")
     check_flag("deterministic", deterministic)
     for flag, value, given, what in (("return_dsinks", return_dsinks, sinks, "sinks"),
                                      ("return_dbias", return_dbias, bias, "bias")):
@@ -236,15 +252,24 @@ def _refuse_first_call_in_capture(src: _interop.Source) -> None:
 
 
 def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
-             alibi_slopes=None, sinks=None, bias=None, mask=None) -> Problem:
+             alibi_slopes=None, sinks=None, bias=None, mask=None, score_mod=None, mask_mod=None,
+             aux=None) -> Problem:
     """Check q, k, v and the options; raise TypeError/ValueError naming what is wrong (and
     NotImplementedError for an option the inputs' device does not compute yet)."""
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     check_flag("causal", causal)
+    score_mod, mask_mod, aux_items = _user_mods.check_mods(score_mod, mask_mod, aux)
     variant = Variant.of(causal=bool(causal), window=window, softcap=softcap,
                          alibi=alibi_slopes is not None, sinks=sinks is not None,
                          bias=bias is not None, mask_array=mask is not None)
+    if score_mod is not None or mask_mod is not None:
+        for name, given in (("softcap", variant.softcap), ("alibi_slopes", variant.alibi),
+                            ("bias", variant.bias), ("mask", variant.mask_array)):
+            if given:
+                raise NotImplementedError(
+                    f"{name}: not combined with score_mod / mask_mod; write it into the "
+                    f"score_mod (or mask_mod) instead")
     for name, x in (("q", q), ("k", k), ("v", v)):
         refuse_masked(name, x)
     sources = {name: _interop.source_of(x, name) for name, x in (("q", q), ("k", k), ("v", v))}
@@ -314,11 +339,17 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
     bias_view = None if bias is None else check_score_array(
         "bias", bias, src, full, ("float16", "float32", "float64"))
     mask_view = None if mask is None else check_score_array("mask", mask, src, full, ("bool",))
+    aux_views = tuple((name, check_aux(name, x, src)) for name, x in aux_items)
+    if score_mod is not None or mask_mod is not None:
+        kind = _user_mods.kind_of(score_mod, mask_mod,
+                                  _user_mods.aux_signature(aux_items, _interop.dtype_name))
+        variant = replace(variant, user=kind)
     return Problem(batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q,
                    heads_kv=heads_kv, head_dim=head_dim, head_dim_v=head_dim_v,
                    dtype=dtypes["q"], variant=variant, scale=check_scale(scale, head_dim),
                    layout=layout, batched=ndim == 4, source=src, alibi_slopes=slopes,
-                   sinks=sink, bias=bias_view, mask=mask_view)
+                   sinks=sink, bias=bias_view, mask=mask_view, score_mod=score_mod,
+                   mask_mod=mask_mod, aux=aux_views)
 
 
 def _canonical(shape: tuple[int, ...], layout: str) -> tuple[int, int, int, int]:
@@ -440,7 +471,7 @@ def forward_into(problem: Problem, qb, kb, vb, out_b, lse_b):
 
         o, lse = _cpu.forward(q4, k4, v4, variant=problem.variant, scale=problem.scale,
                               alibi_slopes=problem.alibi_slopes, sinks=problem.sinks,
-                              bias=problem.bias, mask=problem.mask)
+                              bias=problem.bias, mask=problem.mask, user=_user_call(problem))
         o4[...] = o
         if lse3 is not None:
             lse3[...] = lse
@@ -466,6 +497,14 @@ def forward_into(problem: Problem, qb, kb, vb, out_b, lse_b):
         lse3[...] = lse_k
         return False, call
     return True, call
+
+
+def _user_call(problem: Problem, *, backward: bool = False):
+    """The CPU path's view of the caller's modifications (None without any)."""
+    if problem.variant.user is None:
+        return None
+    return _user_mods.UserCall.of(problem.score_mod, problem.mask_mod, dict(problem.aux),
+                                  backward=backward)
 
 
 @functools.cache
@@ -499,7 +538,8 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
         dq, dk, dv = _cpu.backward(do4, q4, k4, v4, o4, variant=problem.variant,
                                    scale=problem.scale, alibi_slopes=problem.alibi_slopes,
                                    sinks=problem.sinks, bias=problem.bias, mask=problem.mask,
-                                   dsinks=sinks_grad, dbias=bias_grad)
+                                   dsinks=sinks_grad, dbias=bias_grad,
+                                   user=_user_call(problem, backward=True))
         dq4[...], dk4[...], dv4[...] = dq, dk, dv
         return False, sinks_grad, None if bias_grad is None else \
             bias_grad.reshape(problem.bias.shape)

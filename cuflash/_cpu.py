@@ -15,10 +15,14 @@ Compute dtype: float64 for float64 inputs, float32 otherwise (float16 is compute
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cuflash._variant import Variant, diagonal_distance
+
+if TYPE_CHECKING:
+    from cuflash._user_mods import UserCall
 
 # Tile sizes. Measured on 2 cores (OpenBLAS, fp32, B=1, H=8, D=64, S=4096, not causal): forward
 # ~0.85 s with 128 x 512, ~1.35 s with 64 x 256 (per-tile Python overhead); 256 x 512 is no faster
@@ -34,6 +38,7 @@ def forward(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, *, variant: Variant, scale: float,
     alibi_slopes: np.ndarray | None = None, sinks: np.ndarray | None = None,
     bias: np.ndarray | None = None, mask: np.ndarray | None = None,
+    user: UserCall | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Attention forward pass.
 
@@ -52,6 +57,8 @@ def forward(
             ALiBi; read block by block, never expanded.
         mask: None or a bool array broadcastable to ``(B, Hq, Sq, Sk)``: False hides the key
             from the query (as causal and window do).
+        user: the NumPy forms of a score_mod (applied to the scaled scores) and a mask_mod
+            (False hides the key), with their aux arrays; None without them.
 
     Returns:
         ``out`` ``(B, Sq, Hq, Dv)`` C-contiguous in q's dtype, and ``lse`` ``(B, Hq, Sq)`` float32
@@ -66,7 +73,8 @@ def forward(
 
     out = np.empty((b, sq, hq, dim_v), dtype=q.dtype)
     lse = np.empty((b, hq, sq), dtype=np.float32)
-    mods = _ScoreMods(variant, scale, dtype, alibi_slopes, sinks, bias, mask, (b, hq, hkv, sq, sk))
+    mods = _ScoreMods(variant, scale, dtype, alibi_slopes, sinks, bias, mask,
+                      (b, hq, hkv, sq, sk), user)
     for i0 in range(0, sq, BLOCK_Q):
         i1 = min(i0 + BLOCK_Q, sq)
         q_blk = _rows(q_t, i0, i1)  # (B, Hkv, G * bq, D)
@@ -98,6 +106,7 @@ def backward(
     mask: np.ndarray | None = None,
     dsinks: np.ndarray | None = None,
     dbias: np.ndarray | None = None,
+    user: UserCall | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Attention backward pass (FlashAttention-2): P is recomputed tile by tile.
 
@@ -110,7 +119,8 @@ def backward(
 
     Args:
         dout, out: ``(B, Sq, Hq, Dv)``; q, k, v: as for :func:`forward`. Any strides.
-        variant, scale, alibi_slopes, sinks, bias, mask: as for :func:`forward`.
+        variant, scale, alibi_slopes, sinks, bias, mask, user: as for :func:`forward` (a
+            user score_mod's `grad` form gives its derivative).
         dsinks: with sinks, a float64 ``(Hq,)`` array that receives their gradient,
             ``-sum over batch and rows of p_sink * delta`` (``p_sink = exp(sink - lse)``).
         dbias: with bias, a float64 array of bias's shape left-padded to 4 dimensions that
@@ -124,7 +134,8 @@ def backward(
     sk, hkv, dim_v = k.shape[1], k.shape[2], v.shape[3]
     dtype = _compute_dtype(q.dtype)
     scale_t = dtype.type(scale)
-    mods = _ScoreMods(variant, scale, dtype, alibi_slopes, sinks, bias, mask, (b, hq, hkv, sq, sk))
+    mods = _ScoreMods(variant, scale, dtype, alibi_slopes, sinks, bias, mask,
+                      (b, hq, hkv, sq, sk), user)
     softmax_scale = mods.softmax_scale(scale)
     if dbias is not None:
         dbias[...] = 0
@@ -155,7 +166,7 @@ def backward(
         for j0, j1, hidden in _key_blocks(i0, i1, sq, sk, variant, mods):
             k_blk, v_blk = k_t[:, :, j0:j1], v_t[:, :, j0:j1]
             # -- recompute P = exp(scale * (s - m) - log l) (modified: exp(s' - m - log l)) --
-            p, tanh = _scores(q_blk, k_t, i0, j0, j1, hidden, mods)
+            p, slope = _scores(q_blk, k_t, i0, j0, j1, hidden, mods, slope=True)
             np.subtract(p, m_blk, out=p)
             if not mods:
                 np.multiply(p, scale_t, out=p)
@@ -169,8 +180,8 @@ def backward(
             np.multiply(ds, p, out=ds)
             if dbias is not None:  # the bias is added last: its gradient is dS here
                 mods.add_bias_gradient(dbias, ds, i0, j0)
-            if tanh is not None:  # through s' = cap * tanh(scale * s / cap): 1 - tanh^2
-                np.multiply(ds, 1 - tanh * tanh, out=ds)
+            if slope is not None:  # through the modification: its derivative
+                np.multiply(ds, slope, out=ds)
             # -- dQ += dS K, dK += dS^T Q (both times scale at the end) --
             dq_blk += np.matmul(ds, k_blk)
             dk_t[:, :, j0:j1] += np.matmul(ds.swapaxes(-1, -2), q_blk)
@@ -184,21 +195,22 @@ def backward(
 
 
 def _scores(q_blk: np.ndarray, k_t: np.ndarray, i0: int, j0: int, j1: int,
-            hidden: np.ndarray | None, mods: _ScoreMods) -> tuple[np.ndarray, np.ndarray | None]:
+            hidden: np.ndarray | None, mods: _ScoreMods,
+            slope: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Scores ``(B, Hkv, G * bq, bk)`` of the query block from row `i0` against keys
     ``[j0, j1)``, -inf where ``hidden`` (``(bq, bk)``, None: nothing masked) says the query does
-    not see the key, and with a softcap their tanh (else None). Without modifications: the raw
-    ``q k^T`` (the scale is applied later, inside the exponent); with any, the modified scores in
-    logits (`_ScoreMods.apply`)."""
+    not see the key, and with `slope` the modification's derivative by the scaled score (None
+    where it is 1). Without modifications: the raw ``q k^T`` (the scale is applied later,
+    inside the exponent); with any, the modified scores in logits (`_ScoreMods.apply`)."""
     s = np.matmul(q_blk, k_t[:, :, j0:j1].swapaxes(-1, -2))
-    tanh = mods.apply(s, i0, j0) if mods else None
+    slopes = mods.apply(s, i0, j0, slope) if mods else None
     if hidden is not None:
         b, hkv, rows, bk = s.shape
         bq = hidden.shape[-2]
-        for x, fill in ((s, -np.inf), (tanh, 0.0)):
-            if x is not None:  # tanh 0 where hidden: a hidden key's NaN stays out of gradients
+        for x, fill in ((s, -np.inf), (slopes, 0.0)):
+            if x is not None:  # slope 0 where hidden: a hidden key's NaN stays out of gradients
                 np.copyto(x.reshape(b, hkv, rows // bq, bq, bk), fill, where=hidden)
-    return s, tanh
+    return s, slopes
 
 
 class _ScoreMods:
@@ -211,8 +223,9 @@ class _ScoreMods:
     def __init__(self, variant: Variant, scale: float, dtype: np.dtype,
                  alibi_slopes: np.ndarray | None, sinks: np.ndarray | None,
                  bias: np.ndarray | None, mask: np.ndarray | None,
-                 sizes: tuple[int, int, int, int, int]):
+                 sizes: tuple[int, int, int, int, int], user: UserCall | None = None):
         b, hq, hkv, seqlen_q, seqlen_k = sizes
+        self.user = user
         self.dtype = dtype
         self.scale = dtype.type(scale)
         self.cap = dtype.type(variant.softcap)
@@ -232,7 +245,13 @@ class _ScoreMods:
 
     def __bool__(self) -> bool:
         return (bool(self.cap) or self.slopes is not None or self.sinks is not None
-                or self.bias is not None)
+                or self.bias is not None or self.user is not None)
+
+    def _positions(self, i0: int, bq: int, j0: int, bk: int) -> tuple[np.ndarray, ...]:
+        """``b, h, q_idx, kv_idx`` broadcasting to a block ``(B, Hkv, G, bq, bk)``."""
+        b, hkv, g = self.grouped
+        return (np.arange(b).reshape(-1, 1, 1, 1, 1), np.arange(hkv * g).reshape(1, hkv, g, 1, 1),
+                np.arange(i0, i0 + bq).reshape(-1, 1), np.arange(j0, j0 + bk))
 
     def _block(self, x: np.ndarray, i0: int, bq: int, j0: int, bk: int) -> np.ndarray:
         """Rows [i0, i0 + bq) and keys [j0, j0 + bk) of a (B, Hq, Sq, Sk) view, as
@@ -243,10 +262,13 @@ class _ScoreMods:
              j1: int) -> np.ndarray | None:
         """The keys the block's rows do not see: the variant's `hidden` ``(bq, bk)`` and, with
         a mask, where it is False (then ``(B, Hkv, G, bq, bk)``)."""
+        shape = (*self.grouped, i1 - i0, j1 - j0)
+        if self.user is not None and self.user.keep is not None:
+            keep = self.user.keep(*self._positions(i0, i1 - i0, j0, j1 - j0), **self.user.aux)
+            hidden = _union(hidden, ~np.broadcast_to(np.asarray(keep, dtype=bool), shape))
         if self.mask is None:
             return hidden
-        user = ~self._block(self.mask, i0, i1 - i0, j0, j1 - j0)
-        return user if hidden is None else user | hidden
+        return _union(hidden, ~self._block(self.mask, i0, i1 - i0, j0, j1 - j0))
 
     def add_bias_gradient(self, dbias: np.ndarray, ds: np.ndarray, i0: int, j0: int) -> None:
         """Add the block's dS ``(B, Hkv, G * bq, bk)`` into `dbias` (the bias's padded shape),
@@ -277,17 +299,29 @@ class _ScoreMods:
         ones (already scaled)."""
         return 1.0 if self else scale
 
-    def apply(self, s: np.ndarray, i0: int, j0: int) -> np.ndarray | None:
-        """Raw scores `s` of rows from `i0` and keys from `j0`, modified in place; returns the
-        softcap's tanh (None without one)."""
-        tanh = None
+    def apply(self, s: np.ndarray, i0: int, j0: int, slope: bool = False) -> np.ndarray | None:
+        """Raw scores `s` of rows from `i0` and keys from `j0`, modified in place; with
+        `slope`, returns the modification's derivative by the scaled score (None where it is
+        1): a softcap's ``1 - tanh^2``, a score_mod's grad."""
+        slopes = None
         if self.cap:
             np.multiply(s, self.inner, out=s)
             np.tanh(s, out=s)
-            tanh = s.copy()
+            if slope:
+                slopes = 1 - s * s
             np.multiply(s, self.cap, out=s)
         else:
             np.multiply(s, self.scale, out=s)
+        if self.user is not None and self.user.score is not None:
+            b, hkv, rows, bk = s.shape
+            bq = rows // self.grouped[2]
+            view = s.reshape(*self.grouped, bq, bk)
+            at = self._positions(i0, bq, j0, bk)
+            view[...] = np.broadcast_to(self.user.score(view.copy(), *at, **self.user.aux),
+                                        view.shape)
+            if slope and self.user.grad is not None:
+                grad = self.user.grad(view.copy(), *at, **self.user.aux)
+                slopes = np.broadcast_to(grad, view.shape).astype(self.dtype).reshape(s.shape)
         if self.slopes is not None:
             b, hkv, rows, bk = s.shape
             g = self.slopes.shape[2]
@@ -301,7 +335,11 @@ class _ScoreMods:
             bq = rows // self.grouped[2]
             view = s.reshape(*self.grouped, bq, bk)
             np.add(view, self._block(self.bias, i0, bq, j0, bk).astype(self.dtype), out=view)
-        return tanh
+        return slopes
+
+
+def _union(hidden: np.ndarray | None, more: np.ndarray) -> np.ndarray:
+    return more if hidden is None else more | hidden
 
 
 class _RowStatistics:

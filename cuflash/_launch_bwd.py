@@ -37,6 +37,7 @@ from cuflash._kernel_call import KernelCall
 from cuflash._launch_common import (
     BWD_MOD_POINTERS,
     BWD_PARAMS,
+    NO_AUX,
     NO_MODS,
     Mods,
     Tile,
@@ -118,9 +119,12 @@ BWD_SM90_TILES: dict[int, Tile] = {
 SM90_SOFTCAP_WIDTHS = (128, 256)
 
 
-def sm90_takes_score(score: str, width: int) -> bool:
-    """Whether the Hopper dK/dV kernel of head-dim width `width` takes score kind `score`."""
-    return score != "softcap" or width in SM90_SOFTCAP_WIDTHS
+def sm90_takes_score(score, width: int) -> bool:
+    """Whether the Hopper dK/dV kernel of head-dim width `width` takes score kind `score` (a
+    user kind whose derivative is not 1 keeps its modified score live as a softcap does)."""
+    if isinstance(score, str):
+        return score != "softcap" or width in SM90_SOFTCAP_WIDTHS
+    return score.additive or width in SM90_SOFTCAP_WIDTHS
 _SM90_STAGES = 2  # Q/dO slots; mirrors BwdSm90Traits::kStages
 log = logging.getLogger("cuflash")
 
@@ -403,7 +407,7 @@ def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scal
     scratch = delta_bytes if deterministic else offset + math.prod(accum_shape) * accum.itemsize
 
     params = pack_params(BWD_PARAMS, {
-        **dict.fromkeys((*BWD_POINTERS, *BWD_MOD_POINTERS), 0), **mods.fields(),
+        **dict.fromkeys((*BWD_POINTERS, *BWD_MOD_POINTERS), 0), **NO_AUX, **mods.fields(),
         **param_strides("q", q), **param_strides("k", k), **param_strides("v", v),
         **param_strides("o", out), **param_strides("do", dout), **param_strides("dq", dq),
         **param_strides("dk", dk), **param_strides("dv", dv),

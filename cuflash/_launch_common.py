@@ -16,6 +16,9 @@ import numpy as np
 
 from cuflash._variant import Variant
 
+# A user modification's auxiliary arrays (kMaxAux, kMaxAuxDims in kernels_cu/common.cuh).
+MAX_AUX = 8
+MAX_AUX_DIMS = 4
 _STRIDE_FIELDS = ("batch_stride", "row_stride", "head_stride")
 _SIDE_AXES = ("batch", "head", "row", "col")  # the bias's and the mask's (B, H, Sq, Sk) strides
 
@@ -28,6 +31,7 @@ def _params_dtype(pointers: tuple[str, ...], strided: tuple[str, ...], ints: tup
     fields += [("scale", np.float64), ("scale_log2", np.float32)]
     fields += [(name, np.int32) for name in (*ints, "bias_dtype")]
     fields += [("softcap", np.float64)]
+    fields += [("aux", np.uint64, (MAX_AUX,)), ("aux_strides", np.int64, (MAX_AUX, MAX_AUX_DIMS))]
     return np.dtype(fields, align=True)
 
 
@@ -126,12 +130,14 @@ class Mods:
     """The arrays of the run-time modifications as the kernels read them (score.cuh's Mods),
     each a CuPy array on q's device or None: the ALiBi slopes, Accum ``(B, Hq)`` contiguous; the
     bias (float16/32/64) and the mask (bool), views of shape ``(B, Hq, Sq, Sk)`` with any
-    strides (0 where broadcast)."""
+    strides (0 where broadcast); a user kind's aux arrays, which the parameter block carries
+    (pointers and strides: such a call is planned anew each time, never replayed)."""
 
     alibi: Any = None
     bias: Any = None
     mask: Any = None
     dbias: Any = None  # the backward's: Accum (B, Hq, Sk, Sq), zeroed, when dbias is asked for
+    aux: tuple = ()  # a user kind's arrays (CuPy), in its slots' order: pointers and strides
 
     def pointers(self) -> tuple[int, ...]:
         """The forward's MOD_POINTERS."""
@@ -149,7 +155,23 @@ class Mods:
             strides = (0,) * 4 if a is None else tuple(s // a.dtype.itemsize for s in a.strides)
             found |= {f"{name}_{axis}_stride": s for axis, s in zip(_SIDE_AXES, strides,
                                                                     strict=True)}
+        if self.aux:
+            found |= aux_fields(self.aux)
         return found
+
+
+def aux_fields(arrays=()) -> dict[str, np.ndarray]:
+    """The parameter blocks' ``aux`` and ``aux_strides`` for a user kind's arrays (CuPy), in
+    slot order; zeros where unused."""
+    pointers = np.zeros(MAX_AUX, dtype=np.uint64)
+    strides = np.zeros((MAX_AUX, MAX_AUX_DIMS), dtype=np.int64)
+    for slot, a in enumerate(arrays):
+        pointers[slot] = a.data.ptr
+        strides[slot, :a.ndim] = [s // a.dtype.itemsize for s in a.strides]
+    return {"aux": pointers, "aux_strides": strides}
+
+
+NO_AUX = aux_fields()
 
 
 NO_MODS = Mods()
@@ -178,7 +200,7 @@ def fwd_params(q, k, v, out, *, variant: Variant, scale: float, mods: Mods = NO_
     mask's strides."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     _, seqlen_k, heads_kv, _ = k.shape
-    fields = {**dict.fromkeys(fwd_pointer_fields(True, True), 0), **mods.fields(),
+    fields = {**dict.fromkeys(fwd_pointer_fields(True, True), 0), **NO_AUX, **mods.fields(),
               **param_strides("q", q), **param_strides("k", k), **param_strides("v", v),
               **param_strides("o", out),
               "lse_batch_stride": heads_q * seqlen_q, "lse_head_stride": seqlen_q,

@@ -267,14 +267,17 @@ def fwd_sm90_spec(dtype: str, head_dim: int, mask: str, short: bool = False,
                       min_arch=90, score=score, sinks=sinks)
 
 
-# The widths whose Hopper forward takes the "mods" score kind (a bias, a mask array): at 256 the
-# consumers' 168 registers do not hold its per-score loads and branches, and sm80 runs it.
+# The widths whose Hopper forward takes the "mods" score kind (a bias, a mask array) and user
+# kinds (which may read arrays as freely): at 256 the consumers' 168 registers do not hold the
+# per-score loads and branches, and sm80 runs it.
 FWD_SM90_MODS_WIDTHS = (64, 128)
 
 
-def takes_score(score: str, head_dim: int) -> bool:
+def takes_score(score, head_dim: int) -> bool:
     """Whether the Hopper forward takes score kind `score` at head dim `head_dim`."""
-    return score != "mods" or width_for(head_dim, FWD_SM90_TILES) in FWD_SM90_MODS_WIDTHS
+    if isinstance(score, str) and score != "mods":
+        return True
+    return width_for(head_dim, FWD_SM90_TILES) in FWD_SM90_MODS_WIDTHS
 
 
 def all_fwd_sm90_specs() -> list[KernelSpec]:
@@ -423,8 +426,8 @@ def plan_sm90(q, k, v, out, *, variant: Variant, scale: float, device_id: int, c
     reason = tma_kernel_reason(cc, dtype, head_dim, max(FWD_SM90_TILES),
                                (("q", q), ("k", k), ("v", v), ("out", out)))
     if reason is None and not takes_score(variant.score, head_dim):
-        reason = (f"a bias or mask at head dim {head_dim} (the Hopper forward spills with the "
-                  f"Mods kind there)")
+        reason = (f"a bias, mask or user modification at head dim {head_dim} (the Hopper "
+                  f"forward spills with one there)")
     if reason is not None:
         return _reject(reason)  # an empty k: seqlen_k = 0
 

@@ -1,6 +1,7 @@
 """The float64 oracle of the score and mask modifications (`cuflash.reference` calls it when any
-is given): softcap, ALiBi, attention sinks, an additive bias and a boolean mask, forward and
-backward, computed naively on the whole ``(B, Hq, Sq, Sk)`` score tensor.
+is given): softcap, ALiBi, attention sinks, an additive bias, a boolean mask and a user's
+score_mod / mask_mod (by their NumPy forms), forward and backward, computed naively on the whole
+``(B, Hq, Sq, Sk)`` score tensor.
 
 Order of operations (flash-attn's where it has one): ``s = scale * q k^T``; ``s = softcap *
 tanh(s / softcap)``; ``s += -slope_h * |i + Sk - Sq - j|`` (ALiBi); ``s += bias``; keys hidden by
@@ -28,15 +29,25 @@ class Mods:
     bias: np.ndarray | None  # broadcastable to (B, Hq, Sq, Sk)
     bias_shape: tuple[int, ...] | None  # the caller's, for dbias
     mask: np.ndarray | None  # bool, broadcastable
+    score_mod: Any = None  # a cuflash.ScoreMod, by its NumPy forms
+    mask_mod: Any = None  # a cuflash.MaskMod, by its NumPy form
+    aux: dict | None = None  # their arrays, float64 or as given (integers, bools)
 
     @property
     def any(self) -> bool:
         return bool(self.softcap) or any(
-            x is not None for x in (self.alibi, self.sinks, self.bias, self.mask))
+            x is not None for x in (self.alibi, self.sinks, self.bias, self.mask,
+                                    self.score_mod, self.mask_mod))
+
+    def positions(self, shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+        """``b, h, q_idx, kv_idx`` broadcasting to scores of `shape` ``(B, Hq, Sq, Sk)``."""
+        return tuple(np.arange(n).reshape([-1 if a == i else 1 for a in range(4)])
+                     for i, n in enumerate(shape))
 
 
 def mods(shape: tuple[int, int, int, int], *, softcap: Any = 0.0, alibi_slopes: Any = None,
-         sinks: Any = None, bias: Any = None, mask: Any = None) -> Mods:
+         sinks: Any = None, bias: Any = None, mask: Any = None, score_mod: Any = None,
+         mask_mod: Any = None, aux: Any = None) -> Mods:
     """Checked modifications for scores of ``shape = (B, Hq, Sq, Sk)``."""
     b, hq = shape[:2]
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
@@ -67,14 +78,30 @@ def mods(shape: tuple[int, int, int, int], *, softcap: Any = 0.0, alibi_slopes: 
             raise TypeError(f"mask: expected a boolean array (True = attend), got dtype "
                             f"{mask_arr.dtype}")
         _check_broadcast(mask_arr, "mask", shape)
-    return Mods(float(softcap), alibi, sink, bias_arr, bias_shape, mask_arr)
+    for name, mod in (("score_mod", score_mod), ("mask_mod", mask_mod)):
+        if mod is not None and not callable(getattr(mod, "numpy", None)):
+            kind = "ScoreMod" if name == "score_mod" else "MaskMod"
+            raise TypeError(f"{name}: expected a cuflash.{kind} with a NumPy form "
+                            f"(numpy=...), got {mod!r}")
+    arrays = {name: _host(x, f"aux[{name!r}]") for name, x in (aux or {}).items()}
+    return Mods(float(softcap), alibi, sink, bias_arr, bias_shape, mask_arr, score_mod,
+                mask_mod, arrays)
+
+
+def _host(x: Any, name: str) -> np.ndarray:
+    """An aux array (already on the host: `cuflash.reference` reads device arrays) as NumPy:
+    floats as float64, integers and bools as they are."""
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "fiub":
+        raise TypeError(f"{name}: expected real numbers or bools, got dtype {arr.dtype}")
+    return arr.astype(np.float64) if arr.dtype.kind == "f" else arr
 
 
 def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, visible: np.ndarray | None,
             scale: float, m: Mods) -> tuple[np.ndarray, np.ndarray]:
     """``out (B, Hq, Sq, Dv)`` and ``lse (B, Hq, Sq)`` from ``q (B, Hq, Sq, D)``, ``k (B, Hq, Sk,
     D)`` and ``v (B, Hq, Sk, Dv)`` (kv heads already repeated over their query heads)."""
-    p, _, lse, _ = _softmax(q, k, visible, scale, m)
+    p, _, lse, _, _ = _softmax(q, k, visible, scale, m)
     nan_v = np.isnan(v)
     if not nan_v.any():
         return p @ v, lse
@@ -89,7 +116,7 @@ def backward(dout: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
              visible: np.ndarray | None, scale: float, m: Mods) -> dict[str, np.ndarray]:
     """Gradients ``q, k, v`` (per query head: the caller sums k, v over each group) and, where
     given, ``bias`` (reduced to the caller's shape) and ``sinks``."""
-    p, p_sink, _, tanh = _softmax(q, k, visible, scale, m)
+    p, p_sink, _, tanh, modified = _softmax(q, k, visible, scale, m)
     dp = dout @ v.swapaxes(-1, -2)
     delta = np.sum(p * dp, axis=-1, keepdims=True)  # the sink has no value: its dP is 0
     ds = p * (dp - delta)
@@ -98,6 +125,13 @@ def backward(dout: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
         grads["bias"] = _reduce_to(ds, m.bias_shape)
     if m.sinks is not None:
         grads["sinks"] = -np.sum(p_sink * delta[..., 0], axis=(0, 2))
+    if m.score_mod is not None and str(m.score_mod.grad).strip() not in ("1", "1.0", "1.f",
+                                                                          "1.0f"):
+        if m.score_mod.numpy_grad is None:
+            raise NotImplementedError("score_mod.numpy_grad: the reference's gradients need "
+                                      "the score_mod's derivative in NumPy")
+        slope = m.score_mod.numpy_grad(modified, *m.positions(ds.shape), **m.aux)
+        ds = np.where(p > 0, ds * slope, 0.0)
     if m.softcap:
         ds = ds * (1.0 - tanh**2)
     grads["q"] = scale * ds @ k
@@ -118,6 +152,10 @@ def _softmax(q, k, visible, scale: float, m: Mods):
         s = s - m.alibi[:, :, None, None] * alibi_distance(sq, sk)
     if m.bias is not None:
         s = s + m.bias
+    if m.score_mod is not None:
+        s = np.broadcast_to(m.score_mod.numpy(s, *m.positions(s.shape), **m.aux),
+                            s.shape).astype(np.float64)
+    modified = s
     seen = _seen(visible, m, s.shape)
     s = np.where(seen, s, -np.inf)
     sink = (np.full((b, hq, sq, 1), -np.inf) if m.sinks is None
@@ -131,7 +169,7 @@ def _softmax(q, k, visible, scale: float, m: Mods):
     p_sink = np.divide(e_sink, total, out=np.zeros_like(e_sink), where=total != 0)[..., 0]
     with np.errstate(divide="ignore"):
         lse = (top + np.log(total))[..., 0]
-    return p, p_sink, lse, tanh
+    return p, p_sink, lse, tanh, modified
 
 
 def alibi_distance(seqlen_q: int, seqlen_k: int) -> np.ndarray:
@@ -145,6 +183,8 @@ def _seen(visible: np.ndarray | None, m: Mods, shape: tuple[int, ...]) -> np.nda
     seen = np.ones((1, 1, *shape[2:]), dtype=bool) if visible is None else visible[None, None]
     if m.mask is not None:
         seen = seen & m.mask
+    if m.mask_mod is not None:
+        seen = seen & np.asarray(m.mask_mod.numpy(*m.positions(shape), **m.aux), dtype=bool)
     return np.broadcast_to(seen, shape)
 
 

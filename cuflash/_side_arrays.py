@@ -22,10 +22,14 @@ def mods_on_device(problem):
     contiguous ``(B, Hq)`` Accum copy (``(Hq,)`` slopes repeated for every batch); for the
     "mods" kind the bias and the mask as ``(B, Hq, Sq, Sk)`` views of the caller's device
     arrays, broadcast with stride 0 (a NumPy one is copied to the device first, in its own
-    shape), None where the call has none."""
+    shape), None where the call has none; for a user kind its aux arrays (a NumPy one copied
+    to the device first)."""
+    from cuflash._launch_common import Mods
+
+    if problem.variant.user is not None:
+        return Mods(aux=tuple(device_view(x, x.shape, problem) for _, x in problem.aux))
     if not problem.variant.reads_arrays:
         return None
-    from cuflash._launch_common import Mods
 
     slopes = on_device(problem.alibi_slopes, (problem.batch, problem.heads_q), problem)
     if problem.variant.score == "alibi":

@@ -31,7 +31,8 @@ class KernelSpec:
         smem_bytes: dynamic shared memory the launch must provide.
         min_arch: lowest compute capability (e.g. 80) the kernel compiles for.
         score: the score modification compiled in (a `_variant.SCORE_KINDS` name;
-            kernels_cu/score.cuh), rendered after the mask.
+            kernels_cu/score.cuh, or a `_user_mods.UserKind`, whose generated C++ is compiled
+            after `source`: see `code`), rendered after the mask.
         sinks: whether attention sinks are compiled in (kernels_cu/sink.cuh), rendered last;
             None for the kernels that take them at run time or not at all (no such argument).
     """
@@ -47,7 +48,7 @@ class KernelSpec:
     aligned: bool
     smem_bytes: int
     min_arch: int = 80
-    score: str = "none"
+    score: object = "none"  # str, or a _user_mods.UserKind
     sinks: bool | None = None
 
     @property
@@ -70,6 +71,11 @@ class KernelSpec:
         if self.sinks is not None:
             args = (*args, flag[self.sinks])
         return f"cuflash::{self.entry}<{', '.join(args)}>"
+
+    @property
+    def user_source(self) -> str:
+        """The C++ compiled after `source`: a user score kind's type and specialisation."""
+        return "" if isinstance(self.score, str) else self.score.source()
 
     @property
     def causal(self) -> bool:

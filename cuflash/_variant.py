@@ -34,9 +34,10 @@ def cpp_mask(kind: str) -> str:
     return _CPP_MASK[kind]
 
 
-def cpp_score(kind: str) -> str:
-    """The C++ type of score kind `kind` (a `SCORE_KINDS` name)."""
-    return _CPP_SCORE[kind]
+def cpp_score(kind) -> str:
+    """The C++ type of score kind `kind`: a `SCORE_KINDS` name, or a user kind
+    (`_user_mods.UserKind`), which names its generated type."""
+    return _CPP_SCORE[kind] if isinstance(kind, str) else kind.cpp
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,9 @@ class Variant:
             own and no value (its logits travel beside the variant).
         bias: whether an additive bias tensor is added to the scores (last, after ALiBi).
         mask_array: whether a boolean mask tensor hides keys (besides the mask kind).
+        user: the caller's own modifications (`cuflash.ScoreMod`, `cuflash.MaskMod`) as their
+            compile-time kind (`_user_mods.UserKind`), or None. They take no other score
+            modification (softcap, ALiBi, bias, mask array) beside them; sinks they do.
     Every path computes all of them: on CUDA the sinks fold into each finished row, and the
     others are the compile-time score kind `score` (ALiBi, the bias and the mask array as the
     kinds ``"alibi"`` and ``"mods"``).
@@ -70,10 +74,12 @@ class Variant:
     sinks: bool = False
     bias: bool = False
     mask_array: bool = False
+    user: object = None  # a _user_mods.UserKind
 
     @staticmethod
     def of(*, causal: bool = False, window=None, softcap=0.0, alibi: bool = False,
-           sinks: bool = False, bias: bool = False, mask_array: bool = False) -> Variant:
+           sinks: bool = False, bias: bool = False, mask_array: bool = False,
+           user=None) -> Variant:
         """The variant of `attention`'s ``causal``, ``window`` and ``softcap`` arguments (all
         validated) and whether it has ALiBi slopes, sinks, a bias and a mask array."""
         left, right = check_window(window)
@@ -81,10 +87,10 @@ class Variant:
         if causal:
             right = 0  # causal clips the window's right side to the diagonal
         if left < 0 and right < 0:
-            return Variant("none", -1, -1, cap, alibi, sinks, bias, mask_array)
+            return Variant("none", -1, -1, cap, alibi, sinks, bias, mask_array, user)
         if left < 0 and right == 0:
-            return Variant("causal", -1, 0, cap, alibi, sinks, bias, mask_array)
-        return Variant("window", left, right, cap, alibi, sinks, bias, mask_array)
+            return Variant("causal", -1, 0, cap, alibi, sinks, bias, mask_array, user)
+        return Variant("window", left, right, cap, alibi, sinks, bias, mask_array, user)
 
     @property
     def causal(self) -> bool:
@@ -100,10 +106,13 @@ class Variant:
         return _CPP_MASK[self.mask]
 
     @property
-    def score(self) -> str:
-        """The compile-time score kind (a `SCORE_KINDS` name): what the kernels modify.
-        ``"alibi"`` is ALiBi alone; ``"mods"`` a bias and/or a mask array, with ALiBi where the
-        parameter block has slopes (each tested at run time). Neither takes a softcap."""
+    def score(self):
+        """The compile-time score kind (a `SCORE_KINDS` name, or the user's kind): what the
+        kernels modify. ``"alibi"`` is ALiBi alone; ``"mods"`` a bias and/or a mask array, with
+        ALiBi where the parameter block has slopes (each tested at run time). Neither takes a
+        softcap."""
+        if self.user is not None:
+            return self.user
         if self.bias or self.mask_array:
             return "mods"
         if self.alibi:

@@ -16,7 +16,8 @@ from cuflash._checks import MAX_SCALE  # noqa: F401 (docs/api.md names cuflash.a
 
 def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None = None,
               scale: float | None = None, softcap: float = 0.0, alibi_slopes=None, sinks=None,
-              bias=None, mask=None, layout: str = "bshd", return_lse: bool = False, out=None):
+              bias=None, mask=None, score_mod=None, mask_mod=None, aux=None,
+              layout: str = "bshd", return_lse: bool = False, out=None):
     """Exact scaled dot-product attention, softmax(scale * q k^T) v, without an N x N matrix.
 
     Args:
@@ -59,6 +60,18 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
         mask: a boolean array broadcastable like `bias`, True = attend (SDPA's meaning); keys
             it hides behave as causal ones do (a row that sees no key: zeros, ``lse = -inf``).
             Every path (on CUDA not with a softcap).
+        score_mod: your own modification of each scaled score, a `cuflash.ScoreMod`: C++
+            compiled by NVRTC into the kernels (FlexAttention's idea, for every framework),
+            with a NumPy form for the CPU path. Not with softcap, ALiBi, bias or mask (write
+            them into it); sinks are fine. Calls with one are planned anew each time (not
+            replayed); torch autograd does not take one yet (call `attention_backward`).
+        mask_mod: your own mask, a `cuflash.MaskMod`: a C++ boolean of ``b, h, q_idx, kv_idx``
+            (True = attend), beside `causal` and `window`. Evaluated per score in the kernels
+            (no tile is skipped for it yet).
+        aux: ``{name: array}``: read-only arrays the score_mod and mask_mod read under those
+            names, at most 8, each of at most 4 axes, float16/bfloat16/float32/float64/int32/
+            int64/bool, NumPy or of q's framework and device. In C++ ``name(i, j)`` reads
+            element (i, j); the NumPy forms get every array as a keyword argument.
         layout: ``"bshd"`` (flash-attn / JAX order) or ``"bhsd"`` (PyTorch SDPA order).
         return_lse: also return the log-sum-exp of each query row.
         out: optional array of the output's shape and dtype, in the caller's framework and on
@@ -75,7 +88,12 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
 
     See also: `attention_backward`, `cuflash.reference.attention`, `cuflash.jax.attention`.
     """
+    user = score_mod is not None or mask_mod is not None or aux is not None
     if out is None and _wants_autograd(q, k, v, sinks, bias):
+        if user:
+            raise NotImplementedError(
+                "score_mod / mask_mod: torch autograd does not take them yet; call "
+                "cuflash.attention on detached tensors and cuflash.attention_backward")
         from cuflash import torch as cuflash_torch
 
         if sys.modules["torch"].compiler.is_compiling():
@@ -87,7 +105,7 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
                                        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
                                        bias=bias, mask=mask, layout=layout,
                                        return_lse=return_lse)
-    if out is None and not return_lse and _jax_on_gpu(q, k, v):
+    if out is None and not return_lse and not user and _jax_on_gpu(q, k, v):
         # One memoised compiled call (cuflash.jax), not validation and DLPack at every call.
         from cuflash import jax as cuflash_jax
 
@@ -96,20 +114,24 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
                                      bias=bias, mask=mask, layout=layout)
     return _core.attention(q, k, v, causal=causal, window=window, scale=scale, softcap=softcap,
                            alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask,
-                           layout=layout, return_lse=return_lse, out=out)
+                           score_mod=score_mod, mask_mod=mask_mod, aux=aux, layout=layout,
+                           return_lse=return_lse, out=out)
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
                        window: tuple[int, int] | None = None, scale: float | None = None,
                        softcap: float = 0.0, alibi_slopes=None, sinks=None, bias=None,
-                       mask=None, layout: str = "bshd", deterministic: bool = False,
+                       mask=None, score_mod=None, mask_mod=None, aux=None,
+                       layout: str = "bshd", deterministic: bool = False,
                        return_dsinks: bool = False, return_dbias: bool = False):
     """Gradients of `attention` with respect to q, k and v.
 
     Args:
         dout: gradient of the output, shaped like it (q's shape with v's head dim ``Dv``).
-        q, k, v, causal, window, scale, softcap, alibi_slopes, sinks, bias, mask, layout:
-            exactly as passed to `attention`.
+        q, k, v, causal, window, scale, softcap, alibi_slopes, sinks, bias, mask, score_mod,
+            mask_mod, aux, layout: exactly as passed to `attention`. A score_mod needs its
+            ``grad`` here (and ``numpy_grad`` on the CPU unless grad is ``"1"``); the aux
+            arrays get no gradient.
         out: the forward's output.
         lse: the forward's log-sum-exp (``return_lse=True``), float32 ``(B, Hq, Sq)``.
         deterministic: on the GPU, compute dq without atomics so results are bit-identical run
@@ -134,8 +156,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
     """
     return _core.attention_backward(
         dout, q, k, v, out, lse, causal=causal, window=window, scale=scale, softcap=softcap,
-        alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask, layout=layout,
-        deterministic=deterministic, return_dsinks=return_dsinks, return_dbias=return_dbias)
+        alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask, score_mod=score_mod,
+        mask_mod=mask_mod, aux=aux, layout=layout, deterministic=deterministic,
+        return_dsinks=return_dsinks, return_dbias=return_dbias)
 
 
 def _wants_autograd(q, k, v, sinks, bias) -> bool:

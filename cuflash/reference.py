@@ -54,6 +54,9 @@ def attention(
     sinks: Any = None,
     bias: Any = None,
     mask: Any = None,
+    score_mod: Any = None,
+    mask_mod: Any = None,
+    aux: Any = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attention computed naively in float64.
 
@@ -81,6 +84,11 @@ def attention(
         bias: additive, broadcastable to ``(B, Hq, Sq, Sk)`` (this order in either layout).
         mask: boolean, broadcastable likewise; ``True`` = attend (SDPA's meaning), combined with
             causal and window.
+        score_mod, mask_mod, aux: a `cuflash.ScoreMod` and a `cuflash.MaskMod` by their NumPy
+            forms (``numpy``, and ``numpy_grad`` for the gradients unless ``grad`` is "1"), on
+            the whole score tensor: ``score_mod.numpy(s, b, h, q_idx, kv_idx, **aux)`` of the
+            scaled (capped, biased) scores, then ``mask_mod.numpy(b, h, q_idx, kv_idx,
+            **aux)`` hides keys.
 
     Returns:
         ``out``, float64 NumPy array of q's shape with v's head dim ``Dv`` last; with
@@ -102,7 +110,8 @@ def attention(
     scale = _default_scale(scale, q4.shape[-1])
     seen = visible(q4.shape[1], k4.shape[1], causal=causal, window=window)
     options = _mods.mods(_score_shape(q4, k4), softcap=softcap, alibi_slopes=alibi_slopes,
-                         sinks=sinks, bias=bias, mask=mask)
+                         sinks=sinks, bias=bias, mask=mask, score_mod=score_mod,
+                         mask_mod=mask_mod, aux=_aux_on_host(aux))
     if options.any:
         out, lse = _mods.forward(*_per_head(q4, k4, v4), seen, scale, options)
         out = _from_kv(out.swapaxes(1, 2), layout, three_d)
@@ -132,14 +141,18 @@ def attention_backward(
     sinks: Any = None,
     bias: Any = None,
     mask: Any = None,
+    score_mod: Any = None,
+    mask_mod: Any = None,
+    aux: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact float64 gradient of :func:`attention` for the incoming gradient ``dout``.
 
     Args:
         dout: gradient of the loss with respect to the output; its shape (q's with v's head
             dim ``Dv``).
-        q, k, v, causal, window, scale, layout, softcap, alibi_slopes, sinks, bias, mask: as
-            for :func:`attention` (the gradients of bias and sinks: :func:`attention_grads`).
+        q, k, v, causal, window, scale, layout, softcap, alibi_slopes, sinks, bias, mask,
+            score_mod, mask_mod, aux: as for :func:`attention` (the gradients of bias and
+            sinks: :func:`attention_grads`).
 
     Returns:
         ``(dq, dk, dv)``, float64 NumPy arrays shaped like q, k and v. With GQA the gradient of a kv
@@ -150,7 +163,8 @@ def attention_backward(
     """
     grads = attention_grads(dout, q, k, v, causal=causal, window=window, scale=scale,
                             layout=layout, softcap=softcap, alibi_slopes=alibi_slopes,
-                            sinks=sinks, bias=bias, mask=mask)
+                            sinks=sinks, bias=bias, mask=mask, score_mod=score_mod,
+                            mask_mod=mask_mod, aux=aux)
     return grads["q"], grads["k"], grads["v"]
 
 
@@ -169,6 +183,9 @@ def attention_grads(
     sinks: Any = None,
     bias: Any = None,
     mask: Any = None,
+    score_mod: Any = None,
+    mask_mod: Any = None,
+    aux: Any = None,
 ) -> dict[str, np.ndarray]:
     """Every float64 gradient of :func:`attention`, by name: ``"q"``, ``"k"``, ``"v"``, and
     ``"bias"`` (summed to the bias's own shape over the axes it was broadcast along) and
@@ -182,7 +199,8 @@ def attention_grads(
     scale = _default_scale(scale, q4.shape[-1])
     seen = visible(q4.shape[1], k4.shape[1], causal=causal, window=window)
     options = _mods.mods(_score_shape(q4, k4), softcap=softcap, alibi_slopes=alibi_slopes,
-                         sinks=sinks, bias=bias, mask=mask)
+                         sinks=sinks, bias=bias, mask=mask, score_mod=score_mod,
+                         mask_mod=mask_mod, aux=_aux_on_host(aux))
     if options.any:
         return _mods_backward(dout4, q4, k4, v4, seen, scale, options, layout, three_d)
     p, _ = _probabilities(q4, k4, seen, scale)
@@ -626,6 +644,13 @@ def _to_numpy(x: Any, name: str) -> np.ndarray:
             f"{name}: cannot read {type(x).__name__} as a NumPy array ({err}); "
             "convert it to float32 first"
         ) from err
+
+
+def _aux_on_host(aux: Any) -> Any:
+    """A score_mod's / mask_mod's aux arrays as NumPy (device arrays copied)."""
+    if not isinstance(aux, dict):
+        return aux
+    return {name: _to_numpy(x, f"aux[{name!r}]") for name, x in aux.items()}
 
 
 def _default_scale(scale: Any, d: int) -> float:

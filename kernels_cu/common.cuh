@@ -26,6 +26,11 @@ constexpr int kWarpSize = 32;
 // Strides are in elements; tensors are addressed as (batch, row, head, dim) whatever the layout.
 // `Accum` is the softmax statistics type: float for fp16/bf16/fp32 inputs, double for fp64 (a float
 // lse would cap fp64 gradients at ~1e-7 relative error; the API hands users a float32 copy).
+// A user score or mask modification's auxiliary arrays (score.cuh's Aux): at most kMaxAux, each
+// of at most kMaxAuxDims axes, strides in elements; unused slots are zero.
+constexpr int kMaxAux = 8;
+constexpr int kMaxAuxDims = 4;
+
 struct FwdParams {
   const void* q;
   const void* k;
@@ -59,6 +64,8 @@ struct FwdParams {
   int window_right;
   int bias_dtype;     // the bias's itemsize: 2 float16, 4 float32, 8 float64
   double softcap;     // Softcap's cap (score.cuh), > 0 (Mods: 0 is no cap); else unused
+  const void* aux[kMaxAux];  // a user modification's arrays (score.cuh's Aux); else unused
+  int64 aux_strides[kMaxAux][kMaxAuxDims];
 };
 
 // Parameters of the backward kernels (same conventions). `Accum` below is float for fp16/bf16/fp32
@@ -112,6 +119,8 @@ struct BwdParams {
   int window_right;
   int bias_dtype;
   double softcap;
+  const void* aux[kMaxAux];  // as in FwdParams
+  int64 aux_strides[kMaxAux][kMaxAuxDims];
 };
 
 #ifdef CUFLASH_FWD_PARAMS_SIZE

@@ -13,6 +13,9 @@
 //               one kind for every combination, each present where its pointer is set (a
 //               run-time test; a branch-free form, always reading both, spilled the Hopper
 //               forward at D 128 and 256)
+//     a user kind  generated from a `cuflash.ScoreMod` / `cuflash.MaskMod` (cuflash/_user_mods.py)
+//               and compiled after the kernel's source: the same interface, reading the
+//               caller's auxiliary arrays through Aux below
 //     Neither takes a softcap: its derivative needs the capped score again, the bias re-read
 //     with it, which spilled the dK/dV kernels.
 // A kernel builds its Score once from the parameter block and binds it to each (batch, query head)
@@ -202,6 +205,33 @@ template <typename T, typename A> struct Score<Mods, T, A> {
     if (dbias != nullptr && inside(row, col)) {
       dbias[static_cast<int64>(col) * seqlen_q + row] = ds;
     }
+  }
+};
+
+// One auxiliary array of a user modification (`aux=` of cuflash.attention): slot `slot` of the
+// parameter block, of storage type S, read as V (float for float16/bfloat16, bool for bool), with
+// N axes; `name(i, j, ...)` reads element (i, j, ...) by the caller's strides.
+template <typename S> __device__ __forceinline__ S aux_value(S x) { return x; }
+__device__ __forceinline__ float aux_value(f16 x) { return to_float(x); }
+__device__ __forceinline__ float aux_value(bf16 x) { return to_float(x); }
+__device__ __forceinline__ bool aux_value(unsigned char x) { return x != 0; }
+
+template <typename S, int N> struct Aux {
+  static_assert(N >= 0 && N <= kMaxAuxDims, "an auxiliary array has at most kMaxAuxDims axes");
+  const S* base;
+  int64 stride[N > 0 ? N : 1];
+  template <typename Params>
+  __device__ __forceinline__ Aux(const Params& p, int slot)
+      : base(static_cast<const S*>(p.aux[slot])) {
+#pragma unroll
+    for (int a = 0; a < (N > 0 ? N : 1); ++a) stride[a] = p.aux_strides[slot][a];
+  }
+  template <typename... I> __device__ __forceinline__ auto operator()(I... index) const {
+    static_assert(sizeof...(I) == N, "index an auxiliary array with one index per axis");
+    int64 at = 0;
+    int axis = 0;
+    ((at += static_cast<int64>(index) * stride[axis++]), ...);
+    return aux_value(base[at]);
   }
 };
 

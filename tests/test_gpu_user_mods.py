@@ -1,0 +1,108 @@
+"""GPU: your own score and mask modifications (`cuflash.ScoreMod`, `cuflash.MaskMod`, ``aux=``)
+compiled into the CUDA kernels, forward and backward, each written to equal a built-in (a softcap,
+whose derivative the kernels read from the modified score; ALiBi from aux slopes; a
+relative-position bias table with a document mask) and held to the built-in's float64 reference
+by the accuracy rule. Every kernel family: the Hopper forward and dK/dV kernels (D 64 and 128),
+sm80 (forced, and at D 256 where the Hopper forward does not take a user kind), SIMT for
+fp32/fp64. Aux arrays on q's device and as NumPy. Skipped, with the reason printed, where no
+CUDA GPU is usable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.gpu_support import require_gpu, to_numpy
+
+require_gpu()
+
+import cuflash  # noqa: E402
+from cuflash import reference  # noqa: E402
+from tests import user_mods_cases as cases  # noqa: E402
+from tests.accuracy import (  # noqa: E402
+    assert_matches_reference,
+    backward_eps,
+    naive_attention,
+    naive_attention_backward,
+)
+from tests.strategies import Case, make_dout, make_inputs, to_bshd4  # noqa: E402
+from tests.test_gpu_backward import _namespace, _skip_single_family  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+# (name, dtype, head dim): the half types at the Hopper widths (and 256, which sm80 runs), fp32
+# and fp64 on SIMT. Kept few: each cell compiles its own kernels.
+CELLS = [("softcap", "bfloat16", 64), ("softcap", "float16", 128), ("softcap", "float32", 64),
+         ("document_relbias", "bfloat16", 128), ("document_relbias", "float16", 64),
+         ("document_relbias", "bfloat16", 256), ("document_relbias", "float64", 32),
+         ("alibi", "bfloat16", 128)]
+
+
+def check(case: Case, seed: int, name: str, where: str) -> None:
+    rng = np.random.default_rng(seed)
+    user = cases.make(name, case.batch, case.heads_q, case.seqlen_q, case.seqlen_k, rng)
+    xp = _namespace(case.dtype)
+    q, k, v = make_inputs(case, xp, seed)
+    dout = make_dout(case, xp, seed)
+    aux = user.aux if where == "numpy" else {
+        key: xp.asarray(np.ascontiguousarray(x)) for key, x in user.aux.items()}
+    opts = {"causal": case.causal, "window": case.window, "layout": case.layout,
+            "score_mod": user.score_mod, "mask_mod": user.mask_mod, "aux": aux}
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **opts)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, **opts)
+
+    q4, k4, v4, do4 = (to_bshd4(to_numpy(x), case) for x in (q, k, v, dout))
+    built = {"causal": case.causal, "window": case.window, **user.builtin}
+    scale = 1.0 / np.sqrt(case.head_dim)
+    ref, ref_lse = reference.attention(q4, k4, v4, return_lse=True, **built)
+    naive, naive_lse = naive_attention(q4, k4, v4, dtype=case.dtype, scale=scale, **built)
+    assert_matches_reference(f"{name} {case.id} out", to_bshd4(to_numpy(out), case), ref,
+                             naive, dtype=case.dtype)
+    assert_matches_reference(f"{name} {case.id} lse", to_numpy(lse), ref_lse, naive_lse,
+                             dtype="float32")
+    refs = reference.attention_grads(do4, q4, k4, v4, **built)
+    naives = naive_attention_backward(do4, q4, k4, v4, dtype=case.dtype, scale=scale, **built)
+    eps = backward_eps(do4, q4, k4, v4, dtype=case.dtype, scale=scale, **built)
+    for label, got, nv, e in zip(("dq", "dk", "dv"), grads, naives, eps, strict=True):
+        assert_matches_reference(f"{name} {case.id} {label}", to_bshd4(to_numpy(got), case),
+                                 refs[label[1:]], nv, dtype=case.dtype, eps=e)
+
+
+@pytest.mark.parametrize(("name", "dtype", "head_dim"), CELLS)
+def test_user_mods_on_cuda_match_the_builtin_reference(name, dtype, head_dim, kernel_path):
+    """Multi-tile rows, Sq != Sk both ways (causal rows that see no key), one query row, GQA,
+    causal and a window, aux on the device and as NumPy."""
+    _skip_single_family(dtype, kernel_path)
+    shapes = ((130, 200, True, None), (200, 130, True, None), (1, 150, False, (40, 7)))
+    for i, (sq, sk, causal, window) in enumerate(shapes):
+        case = Case(batch=2, seqlen_q=sq, seqlen_k=sk, heads_q=4, heads_kv=2,
+                    head_dim=head_dim, dtype=dtype, causal=causal, window=window)
+        check(case, 100 * i + head_dim, name, "numpy" if i == 1 else "device")
+
+
+def test_a_hidden_nan_does_not_leak_through_a_mask_mod():
+    """A NaN in v at keys a mask_mod hides from every row changes nothing (the kernels' repair
+    asks the user kind which keys it hides)."""
+    import cupy
+
+    case = Case(batch=1, seqlen_q=130, seqlen_k=200, heads_q=2, heads_kv=1, head_dim=64,
+                dtype="float16")
+    q, k, v = make_inputs(case, cupy, 4)
+    hole = cuflash.MaskMod("kv_idx < 50 || kv_idx >= 60",
+                           numpy=lambda b, h, q, kv, **aux: (kv < 50) | (kv >= 60))
+    clean = cuflash.attention(q, k, v, mask_mod=hole)
+    v[:, 50:60] = cupy.nan
+    dirty = cuflash.attention(q, k, v, mask_mod=hole)
+    assert not bool(cupy.isnan(dirty).any())
+    np.testing.assert_allclose(cupy.asnumpy(dirty).astype(np.float32),
+                               cupy.asnumpy(clean).astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def test_a_compile_error_names_the_users_line_on_the_gpu():
+    import cupy
+
+    q = cupy.zeros((1, 8, 1, 64), cupy.float16)
+    bad = cuflash.ScoreMod("score + undefined_thing", grad="1")
+    with pytest.raises(ValueError, match=r"score_mod, line 1: .*undefined_thing"):
+        cuflash.attention(q, q, q, score_mod=bad)

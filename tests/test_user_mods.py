@@ -1,0 +1,261 @@
+"""Your own score and mask modifications (`cuflash.ScoreMod`, `cuflash.MaskMod`, ``aux=``) on the
+CPU: forward and backward against the float64 reference by the accuracy rule, each user form
+written to equal a built-in (softcap, ALiBi, a relative-position bias with a document mask), and
+the reference of the user's NumPy forms against the built-in's; validation; the generated C++ for
+every kernel family, compiled by NVRTC for sm_80 and sm_90a without spills where the built-ins
+have none; a compile error that shows the user's line.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cuflash
+from cuflash import _compile, _launch, _launch_bwd, _launch_sm90, _user_mods, reference
+from tests import user_mods_cases as cases
+from tests.accuracy import (
+    assert_matches_reference,
+    backward_eps,
+    naive_attention,
+    naive_attention_backward,
+)
+from tests.strategies import examples, make_dout, make_inputs, problems, seeds, to_bshd4
+
+
+def _run(case, seed, user, xp=np):
+    """cuflash's out, lse, dq, dk, dv for `case` with the user modification, and the
+    references of the built-in it equals (float64, and naive in the dtype for the tolerance)."""
+    q, k, v = make_inputs(case, xp, seed)
+    dout = make_dout(case, xp, seed)
+    opts = {"causal": case.causal, "window": case.window, "layout": case.layout}
+    mods = {"score_mod": user.score_mod, "mask_mod": user.mask_mod, "aux": user.aux}
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **opts, **mods)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, **opts, **mods)
+    q4, k4, v4, do4 = (to_bshd4(np.asarray(x, dtype=np.float64), case)
+                       for x in (q, k, v, dout))
+    built = {"causal": case.causal, "window": case.window, **user.builtin}
+    return out, lse, grads, (q4, k4, v4, do4), built
+
+
+@pytest.mark.parametrize("name", cases.NAMES)
+@settings(max_examples=examples(25), deadline=None)
+@given(data=st.data(), seed=seeds())
+def test_user_mods_match_the_builtin_reference(name, data, seed):
+    """Random shapes, GQA, layouts, causal and windows; float32 and float64 (float16 computes
+    in float32): forward, lse and gradients against the built-in's float64 reference."""
+    case = data.draw(problems(dtypes=("float16", "float32", "float64"), max_seqlen=70,
+                              max_head_dim=48, windows=True, views=("contiguous",)))
+    rng = np.random.default_rng(seed)
+    batch = 1 if case.three_d else case.batch
+    user = cases.make(name, batch, case.heads_q, case.seqlen_q, case.seqlen_k, rng)
+    out, lse, grads, (q4, k4, v4, do4), built = _run(case, seed, user)
+
+    scale = 1.0 / np.sqrt(case.head_dim)
+    ref, ref_lse = reference.attention(q4, k4, v4, return_lse=True, **built)
+    naive, naive_lse = naive_attention(q4, k4, v4, dtype=case.dtype, scale=scale, **built)
+    assert_matches_reference(f"{case.id} out", to_bshd4(np.asarray(out), case), ref, naive,
+                             dtype=case.dtype)
+    got_lse = np.asarray(lse)[None] if case.three_d else np.asarray(lse)
+    assert_matches_reference(f"{case.id} lse", got_lse, ref_lse, naive_lse, dtype="float32")
+    refs = reference.attention_grads(do4, q4, k4, v4, **built)
+    naives = naive_attention_backward(do4, q4, k4, v4, dtype=case.dtype, scale=scale, **built)
+    eps = backward_eps(do4, q4, k4, v4, dtype=case.dtype, scale=scale, **built)
+    for label, got, nv, e in zip(("dq", "dk", "dv"), grads, naives, eps, strict=True):
+        assert_matches_reference(f"{case.id} {label}", to_bshd4(np.asarray(got), case),
+                                 refs[label[1:]], nv, dtype=case.dtype, eps=e)
+
+
+@pytest.mark.parametrize("name", cases.NAMES)
+def test_reference_of_the_numpy_forms_equals_the_builtin(name):
+    """The oracle run on the user's NumPy forms gives the built-in's answers (forward and every
+    gradient), to float64 rounding."""
+    rng = np.random.default_rng(11)
+    b, sq, sk, hq, hkv, d = 2, 37, 53, 4, 2, 16
+    q = rng.standard_normal((b, sq, hq, d))
+    k, v = (rng.standard_normal((b, sk, hkv, d)) for _ in range(2))
+    dout = rng.standard_normal((b, sq, hq, d))
+    user = cases.make(name, b, hq, sq, sk, rng)
+    mods = {"score_mod": user.score_mod, "mask_mod": user.mask_mod, "aux": user.aux}
+    for causal in (False, True):
+        got = reference.attention(q, k, v, causal=causal, return_lse=True, **mods)
+        want = reference.attention(q, k, v, causal=causal, return_lse=True, **user.builtin)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+        got = reference.attention_grads(dout, q, k, v, causal=causal, **mods)
+        want = reference.attention_grads(dout, q, k, v, causal=causal, **user.builtin)
+        for key in ("q", "k", "v"):
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-10, atol=1e-12)
+
+
+def test_torch_and_numpy_aux_on_the_cpu():
+    """torch CPU tensors in, torch out; aux arrays as torch CPU tensors or NumPy."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    q, k, v = (torch.from_numpy(rng.standard_normal((1, 20, 2, 8))) for _ in range(3))
+    user = cases.make("document_relbias", 1, 2, 20, 20, rng)
+    aux = {name: torch.from_numpy(np.ascontiguousarray(x)) if x.dtype != np.float16 else x
+           for name, x in user.aux.items()}
+    out = cuflash.attention(q, k, v, score_mod=user.score_mod, mask_mod=user.mask_mod, aux=aux)
+    assert isinstance(out, torch.Tensor)
+    want = reference.attention(q.numpy(), k.numpy(), v.numpy(), **user.builtin)
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-10, atol=1e-12)
+
+
+def test_a_row_the_mask_mod_empties_gives_zeros_and_minus_inf():
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((1, 6, 1, 8)) for _ in range(3))
+    keep = cuflash.MaskMod("q_idx != 2", numpy=lambda b, h, q, kv: q != 2)
+    out, lse = cuflash.attention(q, k, v, mask_mod=keep, return_lse=True)
+    assert np.all(out[0, 2] == 0) and np.isneginf(lse[0, 0, 2])
+    assert np.isfinite(lse[0, 0, [0, 1, 3, 4, 5]]).all()
+
+
+def test_sinks_go_with_a_score_mod():
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.standard_normal((1, 9, 2, 8)) for _ in range(3))
+    sinks = np.array([0.5, -1.0])
+    mod = cases.softcap_mod(3.0)
+    got = cuflash.attention(q, k, v, score_mod=mod, sinks=sinks)
+    want = reference.attention(q, k, v, softcap=3.0, sinks=sinks)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+# ---- validation ----------------------------------------------------------------------------
+
+Q = np.zeros((1, 4, 2, 8))
+ADD = cuflash.ScoreMod("score + 1.f", grad="1", numpy=lambda s, *pos, **aux: s + 1)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"score_mod": "score + 1"}, TypeError, "score_mod: expected a cuflash.ScoreMod"),
+    ({"mask_mod": lambda *a: True}, TypeError, "mask_mod: expected a cuflash.MaskMod"),
+    ({"score_mod": ADD, "aux": [1]}, TypeError, "aux: expected a dict"),
+    ({"aux": {"t": np.ones(3)}}, ValueError, "without a score_mod or mask_mod"),
+    ({"score_mod": ADD, "aux": {"score": np.ones(3)}}, ValueError, "aux: names"),
+    ({"score_mod": ADD, "aux": {"cf_x": np.ones(3)}}, ValueError, "aux: names"),
+    ({"score_mod": ADD, "aux": {"2x": np.ones(3)}}, ValueError, "aux: names"),
+    ({"score_mod": ADD, "aux": {"t": np.ones((1,) * 5)}}, ValueError, "at most 4 axes"),
+    ({"score_mod": ADD, "aux": {"t": 3}}, TypeError, "expected an array"),
+    ({"score_mod": ADD, "aux": {"t": np.ones(3, np.complex64)}}, TypeError, "aux\\['t'\\]"),
+    ({"score_mod": ADD, "aux": {f"a{i}": np.ones(1) for i in range(9)}}, ValueError,
+     "at most 8"),
+    ({"score_mod": ADD, "softcap": 2.0}, NotImplementedError, "softcap: not combined"),
+    ({"score_mod": ADD, "bias": np.zeros((4, 4))}, NotImplementedError, "bias: not combined"),
+    ({"mask_mod": cuflash.MaskMod("true", numpy=lambda *a: True),
+      "mask": np.ones((4, 4), bool)}, NotImplementedError, "mask: not combined"),
+    ({"score_mod": cuflash.ScoreMod("score")}, NotImplementedError, "score_mod.numpy"),
+])
+def test_bad_arguments_are_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cuflash.attention(Q, Q, Q, **kwargs)
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    (lambda: cuflash.ScoreMod(""), "score_mod: expected C\\+\\+ source"),
+    (lambda: cuflash.ScoreMod(3), "score_mod: expected C\\+\\+ source"),
+    (lambda: cuflash.ScoreMod("score", grad=""), "score_mod.grad"),
+    (lambda: cuflash.ScoreMod("#include <x>\nscore"), "preprocessor"),
+    (lambda: cuflash.ScoreMod("score", numpy=3), "score_mod.numpy: expected a callable"),
+    (lambda: cuflash.MaskMod(None), "mask_mod: expected C\\+\\+ source"),
+])
+def test_bad_modifications_are_refused_when_built(make, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        make()
+
+
+def test_the_backward_needs_the_derivative():
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((1, 5, 1, 8)) for _ in range(3))
+    no_grad = cuflash.ScoreMod("2.f * score", numpy=lambda s, *pos, **aux: 2 * s)
+    out, lse = cuflash.attention(q, k, v, score_mod=no_grad, return_lse=True)
+    with pytest.raises(ValueError, match="score_mod: the backward needs its derivative"):
+        cuflash.attention_backward(out, q, k, v, out, lse, score_mod=no_grad)
+    no_numpy_grad = cuflash.ScoreMod("2.f * score", grad="2.f",
+                                     numpy=lambda s, *pos, **aux: 2 * s)
+    with pytest.raises(NotImplementedError, match=r"score_mod\.numpy_grad"):
+        cuflash.attention_backward(out, q, k, v, out, lse, score_mod=no_numpy_grad)
+
+
+def test_a_doubled_score_equals_a_doubled_scale():
+    """A multiplicative modification and its derivative (2), through the backward."""
+    rng = np.random.default_rng(6)
+    q, k, v, dout = (rng.standard_normal((2, 7, 2, 8)) for _ in range(4))
+    mod = cuflash.ScoreMod("2.f * score", grad="2.f", numpy=lambda s, *pos, **aux: 2 * s,
+                           numpy_grad=lambda o, *pos, **aux: np.full_like(o, 2.0))
+    out, lse = cuflash.attention(q, k, v, score_mod=mod, causal=True, return_lse=True)
+    scale = 2 / np.sqrt(8)
+    np.testing.assert_allclose(out, reference.attention(q, k, v, causal=True, scale=scale),
+                               rtol=1e-10, atol=1e-12)
+    got = cuflash.attention_backward(dout, q, k, v, out, lse, score_mod=mod, causal=True)
+    want = reference.attention_backward(dout, q, k, v, causal=True, scale=scale)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-11)
+
+
+def test_torch_autograd_is_refused_clearly():
+    torch = pytest.importorskip("torch")
+    q = torch.zeros((1, 4, 2, 8), dtype=torch.float64, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="torch autograd"):
+        cuflash.attention(q, q, q, score_mod=ADD)
+
+
+# ---- the generated C++ ---------------------------------------------------------------------
+
+KINDS = {
+    "softcap": _user_mods.kind_of(cases.softcap_mod(30.0), None, ()),
+    "alibi": _user_mods.kind_of(cases.ALIBI, None, (("slopes", "float32", 1),
+                                                    ("shift", "int32", 0))),
+    "document_relbias": _user_mods.kind_of(
+        cases.RELBIAS, cases.DOCUMENTS, (("rel", "float16", 2), ("base", "int64", 0),
+                                         ("qdoc", "int32", 2), ("kdoc", "int32", 2))),
+}
+
+
+def _specs(kind) -> list:
+    """One instantiation of every kernel family with `kind`: sm80 and SIMT forward and
+    backward, the Hopper forward and dK/dV at the widths that take it."""
+    specs = [_launch.fwd_spec(dtype, 64, "causal", True, kind)
+             for dtype in ("bfloat16", "float32", "float64")]
+    for dtype in ("float16", "float32"):
+        kernels = _launch_bwd.bwd_kernels(dtype, 64, "causal", True, None, kind)
+        specs += [kernels.dkdv, kernels.dq]
+    specs.append(_launch_sm90.fwd_sm90_spec("bfloat16", 128, "window", False, kind, True))
+    width = 128
+    if _launch_bwd.sm90_takes_score(kind, width):
+        specs.append(_launch_bwd.dkdv_sm90_spec("float16", width, "causal", kind))
+    return specs
+
+
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_user_kinds_compile_for_every_family(name):
+    """NVRTC compiles the generated specialisation into each family (sm_90a for the Hopper
+    kernels, sm_80 for the others); the kernel name carries the kind's type."""
+    kind = KINDS[name]
+    for spec in _specs(kind):
+        assert kind.cpp in spec.name
+        arch = "sm_90a" if spec.min_arch == 90 else "sm_80"
+        report = _compile.compile_report(spec, arch)
+        assert report.registers > 0, report.log
+
+
+def test_the_kind_names_its_source():
+    """Different code, or different aux dtypes, is a different kind (kernel, cache key);
+    the same code and arrays are the same kind."""
+    a = _user_mods.kind_of(ADD, None, ())
+    assert a == _user_mods.kind_of(cuflash.ScoreMod("score + 1.f", grad="1"), None, ())
+    assert a.cpp != _user_mods.kind_of(cuflash.ScoreMod("score + 2.f", grad="1"), None, ()).cpp
+    rel32 = _user_mods.kind_of(cases.RELBIAS, None, (("rel", "float32", 2), ("base", "int64", 0)))
+    rel16 = _user_mods.kind_of(cases.RELBIAS, None, (("rel", "float16", 2), ("base", "int64", 0)))
+    assert rel32.cpp != rel16.cpp
+
+
+def test_a_compile_error_shows_the_users_line():
+    kind = _user_mods.kind_of(cuflash.ScoreMod("score +\n  no_such(h)", grad="1"), None, ())
+    spec = _launch.fwd_spec("float16", 64, "none", True, kind)
+    with pytest.raises(_compile.UserCodeError) as err:
+        _compile.compile_report(spec, "sm_80")
+    text = str(err.value)
+    assert "score_mod, line 2" in text and "no_such(h)" in text and "no_such" in text
