@@ -64,7 +64,7 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
             compiled by NVRTC into the kernels (FlexAttention's idea, for every framework),
             with a NumPy form for the CPU path. Not with softcap, ALiBi, bias or mask (write
             them into it); sinks are fine. Calls with one are planned anew each time (not
-            replayed); torch autograd does not take one yet (call `attention_backward`).
+            replayed); torch autograd takes one eagerly (not under torch.compile yet).
         mask_mod: your own mask, a `cuflash.MaskMod`: a C++ boolean of ``b, h, q_idx, kv_idx``
             (True = attend), beside `causal` and `window`. Evaluated per score in the kernels
             (no tile is skipped for it yet).
@@ -90,10 +90,6 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
     """
     user = score_mod is not None or mask_mod is not None or aux is not None
     if out is None and _wants_autograd(q, k, v, sinks, bias):
-        if user:
-            raise NotImplementedError(
-                "score_mod / mask_mod: torch autograd does not take them yet; call "
-                "cuflash.attention on detached tensors and cuflash.attention_backward")
         from cuflash import torch as cuflash_torch
 
         if sys.modules["torch"].compiler.is_compiling():
@@ -103,7 +99,8 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
                            mask=mask)
         return cuflash_torch.attention(q, k, v, causal=causal, window=window, scale=scale,
                                        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
-                                       bias=bias, mask=mask, layout=layout,
+                                       bias=bias, mask=mask, score_mod=score_mod,
+                                       mask_mod=mask_mod, aux=aux, layout=layout,
                                        return_lse=return_lse)
     if out is None and not return_lse and not user and _jax_on_gpu(q, k, v):
         # One memoised compiled call (cuflash.jax), not validation and DLPack at every call.

@@ -52,7 +52,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
               window: tuple[int, int] | None = None, scale: float | None = None,
               softcap: float = 0.0, alibi_slopes: Tensor | None = None,
               sinks: Tensor | None = None, bias: Tensor | None = None,
-              mask: Tensor | None = None, layout: str = "bshd", return_lse: bool = False):
+              mask: Tensor | None = None, score_mod=None, mask_mod=None, aux=None,
+              layout: str = "bshd", return_lse: bool = False):
     """Exact attention on torch tensors, differentiable with respect to q, k and v.
 
     Args:
@@ -76,6 +77,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
             the axes it was broadcast along (on CUDA through a float32 ``(B, Hq, Sk, Sq)``
             scratch that the backward kernels write).
         mask: a bool tensor broadcastable like `bias`, True = attend.
+        score_mod, mask_mod, aux: your own modifications in C++, as for
+            :func:`cuflash.attention` (a score_mod needs its ``grad``); eager autograd only (not
+            under torch.compile yet). The aux tensors get no gradient.
         layout: ``"bshd"`` or ``"bhsd"``.
         return_lse: also return the float32 log-sum-exp ``(B, Hq, Sq)`` (``(Hq, Sq)`` for 3-D);
             it carries no gradient.
@@ -95,12 +99,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     _checks.check_flag("return_lse", return_lse)
     left, right = _variant.check_window(window)
     cap = _variant.check_softcap(softcap)
+    user = {"score_mod": score_mod, "mask_mod": mask_mod, "aux": aux}
     if torch.compiler.is_compiling():
+        if any(x is not None for x in user.values()):
+            raise NotImplementedError("score_mod / mask_mod: not under torch.compile yet; run "
+                                      "the attention eagerly (torch.compiler.disable)")
         out, lse = attention_fwd(q, k, v, causal, scale, layout, left, right, cap, alibi_slopes,
                                  sinks, bias, mask)
     else:
         out, lse = _Attention.apply(q, k, v, causal, scale, layout, (left, right), cap,
-                                    alibi_slopes, sinks, bias, mask)
+                                    alibi_slopes, sinks, bias, mask, user)
     return (out, lse) if return_lse else out
 
 
@@ -111,10 +119,10 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, layout, window, softcap, alibi_slopes, sinks, bias,
-                mask):
+                mask, user=None):
         # Grad mode is off in here, so the replay signature takes these tensors as they are.
         mods = {"softcap": softcap, "alibi_slopes": alibi_slopes, "sinks": sinks, "bias": bias,
-                "mask": mask}
+                "mask": mask, **(user or {})}
         out, lse = _core.attention(q, k, v, causal=causal, window=window, scale=scale,
                                  layout=layout, return_lse=True, **mods)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -135,7 +143,7 @@ class _Attention(torch.autograd.Function):
             return_dsinks=want_dsinks, return_dbias=want_dbias, **mods))
         dbias = grads.pop() if want_dbias else None
         dsinks = grads.pop() if want_dsinks else None
-        return (*grads, None, None, None, None, None, None, dsinks, dbias, None)
+        return (*grads, None, None, None, None, None, None, dsinks, dbias, None, None)
 
 
 @torch.library.custom_op("cuflash::attention_fwd", mutates_args=())

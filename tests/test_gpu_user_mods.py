@@ -81,6 +81,35 @@ def test_user_mods_on_cuda_match_the_builtin_reference(name, dtype, head_dim, ke
         check(case, 100 * i + head_dim, name, "numpy" if i == 1 else "device")
 
 
+def test_torch_autograd_takes_a_user_mod_on_cuda():
+    """bf16 CUDA tensors that require grad: the eager autograd node runs the user kind's
+    forward and backward kernels."""
+    torch = pytest.importorskip("torch")
+    case = Case(batch=2, seqlen_q=130, seqlen_k=200, heads_q=4, heads_kv=2, head_dim=128,
+                dtype="bfloat16", causal=True)
+    rng = np.random.default_rng(9)
+    user = cases.make("document_relbias", 2, 4, 130, 200, rng)
+    q, k, v = (x.requires_grad_() for x in make_inputs(case, _namespace(case.dtype), 9))
+    dout = make_dout(case, _namespace(case.dtype), 9)
+    aux = {key: torch.as_tensor(np.ascontiguousarray(x), device="cuda")
+           for key, x in user.aux.items()}
+    out = cuflash.attention(q, k, v, causal=True, score_mod=user.score_mod,
+                            mask_mod=user.mask_mod, aux=aux)
+    out.backward(dout)
+    q4, k4, v4, do4 = (to_numpy(x) for x in (q, k, v, dout))
+    built = {"causal": True, **user.builtin}
+    scale = 1.0 / np.sqrt(case.head_dim)
+    ref = reference.attention(q4, k4, v4, **built)
+    naive, _ = naive_attention(q4, k4, v4, dtype=case.dtype, scale=scale, **built)
+    assert_matches_reference("autograd out", to_numpy(out), ref, naive, dtype=case.dtype)
+    refs = reference.attention_grads(do4, q4, k4, v4, **built)
+    naives = naive_attention_backward(do4, q4, k4, v4, dtype=case.dtype, scale=scale, **built)
+    eps = backward_eps(do4, q4, k4, v4, dtype=case.dtype, scale=scale, **built)
+    for name, x, nv, e in zip("qkv", (q, k, v), naives, eps, strict=True):
+        assert_matches_reference(f"autograd d{name}", to_numpy(x.grad), refs[name], nv,
+                                 dtype=case.dtype, eps=e)
+
+
 def test_a_hidden_nan_does_not_leak_through_a_mask_mod():
     """A NaN in v at keys a mask_mod hides from every row changes nothing (the kernels' repair
     asks the user kind which keys it hides)."""

@@ -195,11 +195,41 @@ def test_a_doubled_score_equals_a_doubled_scale():
         np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-11)
 
 
-def test_torch_autograd_is_refused_clearly():
+def test_torch_autograd_takes_a_user_mod():
+    """cuflash.attention on tensors that require grad: the eager autograd node carries the
+    modification to the backward (a softcap, not additive, with a document mask)."""
     torch = pytest.importorskip("torch")
-    q = torch.zeros((1, 4, 2, 8), dtype=torch.float64, requires_grad=True)
-    with pytest.raises(NotImplementedError, match="torch autograd"):
-        cuflash.attention(q, q, q, score_mod=ADD)
+    rng = np.random.default_rng(7)
+    q, k, v = (torch.from_numpy(rng.standard_normal((2, 19, 2, 8))).requires_grad_()
+               for _ in range(3))
+    dout = torch.from_numpy(rng.standard_normal((2, 19, 2, 8)))
+    docs = cases.documents(2, 19, rng)
+    mod = cases.softcap_mod(2.0)
+    out = cuflash.attention(q, k, v, causal=True, score_mod=mod, mask_mod=cases.DOCUMENTS,
+                            aux={"qdoc": docs, "kdoc": docs})
+    out.backward(dout)
+    mask = docs[:, None, :, None] == docs[:, None, None, :]
+    args = [x.detach().numpy() for x in (q, k, v)]
+    want = reference.attention_grads(dout.numpy(), *args, causal=True, softcap=2.0, mask=mask)
+    np.testing.assert_allclose(out.detach().numpy(),
+                               reference.attention(*args, causal=True, softcap=2.0, mask=mask),
+                               rtol=1e-10, atol=1e-12)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        np.testing.assert_allclose(x.grad.numpy(), want[name], rtol=1e-9, atol=1e-11)
+
+
+def test_torch_compile_refuses_a_user_mod_clearly():
+    torch = pytest.importorskip("torch")
+    import cuflash.torch as ct
+
+    q = torch.zeros((1, 4, 2, 8), dtype=torch.float64)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(q):
+        return ct.attention(q, q, q, score_mod=ADD)
+
+    with pytest.raises(Exception, match=r"not under torch\.compile"):
+        f(q)
 
 
 # ---- the generated C++ ---------------------------------------------------------------------
