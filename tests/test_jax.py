@@ -603,7 +603,7 @@ def test_gpu_callbacks_launch_their_plans_on_xla_buffers(fake_gpu, case: Case):
     expected = _launch.fwd_params(*views, variant=problem.variant, scale=problem.scale)
     for field in _launch.FWD_PARAMS.names:
         if field not in _launch.FWD_POINTERS:
-            assert params[field] == expected[field], field
+            assert np.array_equal(params[field], expected[field]), field
 
     fake_gpu.clear()
     plan = _jax_gpu._plan_backward(problem, 0)
