@@ -491,12 +491,18 @@ def forward_into(problem: Problem, qb, kb, vb, out_b, lse_b):
                                 device_id=device_id, cc=compute_capability(device_id),
                                 sinks=sinks is not None, mods=mods or _launch.NO_MODS)
     if call is not None:
-        call(_launch.forward_pointers(q4, k4, v4, o4, lse_k, sinks, mods),
+        call(_launch.forward_pointers(q4, k4, v4, o4, lse_k, sinks, _pointed(problem, mods)),
              _interop.current_stream(src))
     if lse_k is not lse3:
         lse3[...] = lse_k
         return False, call
     return True, call
+
+
+def _pointed(problem: Problem, mods):
+    """`mods` where the launch passes its arrays as pointer fields (the built-in kinds that
+    read arrays), else None: a user kind's aux arrays are in the parameter block already."""
+    return mods if problem.variant.reads_arrays else None
 
 
 def _user_call(problem: Problem, *, backward: bool = False):
@@ -571,7 +577,8 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
                                        scale=problem.scale, device_id=device_id, cc=cc,
                                        sinks=sinks is not None, mods=mods or _launch.NO_MODS)
         if forward is not None:
-            forward(_launch.forward_pointers(q4, k4, v4, scratch, lse3, sinks, mods), stream)
+            forward(_launch.forward_pointers(q4, k4, v4, scratch, lse3, sinks,
+                                             _pointed(problem, mods)), stream)
         replayable = False
     elif not lse3.flags.c_contiguous:
         contiguous = _interop.empty_backend(lse3.shape, "float32", src)
@@ -590,7 +597,8 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
         return owner, pointer
 
     if call is not None:
-        call(_launch_bwd.backward_pointers(do4, q4, k4, v4, o4, lse3, dq4, dk4, dv4, mods),
+        call(_launch_bwd.backward_pointers(do4, q4, k4, v4, o4, lse3, dq4, dk4, dv4,
+                                           _pointed(problem, mods)),
              stream,
              keeping if dsinks else alloc)
     sinks_grad = _side_arrays.sinks_gradient(problem, lse3, scratch) if dsinks else None

@@ -48,7 +48,7 @@ def device_view(values, full: tuple[int, ...], problem):
 
     if isinstance(values, np.ndarray):
         device = _interop.empty_backend(values.shape, values.dtype.name, problem.source)
-        device.set(np.ascontiguousarray(values))
+        device.set(np.ascontiguousarray(values).reshape(values.shape))  # 0-d stays 0-d
         values = device
     return cupy.broadcast_to(values, full)
 

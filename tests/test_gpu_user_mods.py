@@ -39,14 +39,22 @@ CELLS = [("softcap", "bfloat16", 64), ("softcap", "float16", 128), ("softcap", "
          ("alibi", "bfloat16", 128)]
 
 
+def _on_device(x: np.ndarray, xp):
+    """`x` on the GPU in `xp`'s framework, its rank kept (0-d included)."""
+    if xp.__name__ == "torch_cuda":
+        import torch
+
+        return torch.as_tensor(np.array(x), device="cuda")
+    return xp.asarray(x)
+
+
 def check(case: Case, seed: int, name: str, where: str) -> None:
     rng = np.random.default_rng(seed)
     user = cases.make(name, case.batch, case.heads_q, case.seqlen_q, case.seqlen_k, rng)
     xp = _namespace(case.dtype)
     q, k, v = make_inputs(case, xp, seed)
     dout = make_dout(case, xp, seed)
-    aux = user.aux if where == "numpy" else {
-        key: xp.asarray(np.ascontiguousarray(x)) for key, x in user.aux.items()}
+    aux = user.aux if where == "numpy" else {key: _on_device(x, xp) for key, x in user.aux.items()}
     opts = {"causal": case.causal, "window": case.window, "layout": case.layout,
             "score_mod": user.score_mod, "mask_mod": user.mask_mod, "aux": aux}
     out, lse = cuflash.attention(q, k, v, return_lse=True, **opts)
@@ -91,7 +99,7 @@ def test_torch_autograd_takes_a_user_mod_on_cuda():
     user = cases.make("document_relbias", 2, 4, 130, 200, rng)
     q, k, v = (x.requires_grad_() for x in make_inputs(case, _namespace(case.dtype), 9))
     dout = make_dout(case, _namespace(case.dtype), 9)
-    aux = {key: torch.as_tensor(np.ascontiguousarray(x), device="cuda")
+    aux = {key: torch.as_tensor(np.array(x), device="cuda")
            for key, x in user.aux.items()}
     out = cuflash.attention(q, k, v, causal=True, score_mod=user.score_mod,
                             mask_mod=user.mask_mod, aux=aux)

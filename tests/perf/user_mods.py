@@ -30,7 +30,7 @@ from cuflash.bench.config import attention_flops
 from cuflash.bench.torch_gpu import compiled_flex, cuda_torch, environment, time_pass
 
 CAP = 30.0
-SOFTCAP = cuflash.ScoreMod("30.f * tanhf(score / 30.f)",
+SOFTCAP = cuflash.ScoreMod("30.f * tanh_for<T>(score * (1.f / 30.f))",
                            grad="1.f - (out / 30.f) * (out / 30.f)")
 DOCS = cuflash.MaskMod("doc(b, q_idx) == doc(b, kv_idx)")
 
