@@ -68,12 +68,17 @@ def check_varlen_grad_inputs(q, v, dout, out, lse, return_dsinks: object,
         raise ValueError("return_dsinks: True needs sinks (the gradient of which sinks?)")
 
 
-def check_aux(name: str, x: object, src: _interop.Source):
+def check_aux(name: str, x: object, src: _interop.Source) -> _interop.Source:
     """One aux array of a score_mod / mask_mod: NumPy or of q's framework and device, of a
-    dtype the kernels read (`_user_mods.AUX_TYPES`); its backend view (no copy)."""
+    dtype the kernels read (`_user_mods.AUX_TYPES`); where it lives. Reads no data (a traced
+    tensor passes), so the backend view is made where it is used (`aux_view`)."""
     from cuflash._user_mods import AUX_TYPES
 
-    where = check_side_array(f"aux[{name!r}]", x, src, tuple(AUX_TYPES))
+    return check_side_array(f"aux[{name!r}]", x, src, tuple(AUX_TYPES))
+
+
+def aux_view(x: object, where: _interop.Source):
+    """The backend view (NumPy or CuPy, no copy) of an aux array `check_aux` placed."""
     return _interop.to_backend(x, where)
 
 

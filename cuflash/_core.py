@@ -20,6 +20,7 @@ from cuflash._checks import (  # the size limits stay importable from here, wher
     MAX_GRID_YZ,  # noqa: F401
     MAX_ROW_REACH,  # noqa: F401
     MAX_SCALE,  # noqa: F401
+    aux_view,
     check_alibi,
     check_aux,
     check_flag,
@@ -67,7 +68,8 @@ class Problem:
     bias: np.ndarray | None = field(default=None, compare=False)
     mask: np.ndarray | None = field(default=None, compare=False)
     # The caller's own modifications (`variant.user` is their compiled kind): the ScoreMod and
-    # MaskMod (for their NumPy forms) and the aux arrays as (name, backend view) pairs.
+    # MaskMod (for their NumPy forms) and the aux arrays as (name, the caller's array, where it
+    # lives) triples (`_checks.aux_view` makes their backend views where they are read).
     score_mod: object | None = field(default=None, compare=False)
     mask_mod: object | None = field(default=None, compare=False)
     aux: tuple = field(default=(), compare=False)
@@ -339,7 +341,7 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
     bias_view = None if bias is None else check_score_array(
         "bias", bias, src, full, ("float16", "float32", "float64"))
     mask_view = None if mask is None else check_score_array("mask", mask, src, full, ("bool",))
-    aux_views = tuple((name, check_aux(name, x, src)) for name, x in aux_items)
+    aux_views = tuple((name, x, check_aux(name, x, src)) for name, x in aux_items)
     if score_mod is not None or mask_mod is not None:
         kind = _user_mods.kind_of(score_mod, mask_mod,
                                   _user_mods.aux_signature(aux_items, _interop.dtype_name))
@@ -509,8 +511,8 @@ def _user_call(problem: Problem, *, backward: bool = False):
     """The CPU path's view of the caller's modifications (None without any)."""
     if problem.variant.user is None:
         return None
-    return _user_mods.UserCall.of(problem.score_mod, problem.mask_mod, dict(problem.aux),
-                                  backward=backward)
+    aux = {name: aux_view(x, where) for name, x, where in problem.aux}
+    return _user_mods.UserCall.of(problem.score_mod, problem.mask_mod, aux, backward=backward)
 
 
 @functools.cache

@@ -27,7 +27,10 @@ def mods_on_device(problem):
     from cuflash._launch_common import Mods
 
     if problem.variant.user is not None:
-        return Mods(aux=tuple(device_view(x, x.shape, problem) for _, x in problem.aux))
+        from cuflash._checks import aux_view
+
+        views = (aux_view(x, where) for _, x, where in problem.aux)
+        return Mods(aux=tuple(device_view(x, x.shape, problem) for x in views))
     if not problem.variant.reads_arrays:
         return None
 

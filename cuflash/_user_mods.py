@@ -90,6 +90,7 @@ class ScoreMod:
             _source(self.grad, "score_mod.grad")
         _callable(self.numpy, "score_mod.numpy")
         _callable(self.numpy_grad, "score_mod.numpy_grad")
+        _enrol(self)
 
     @property
     def additive(self) -> bool:
@@ -116,6 +117,7 @@ class MaskMod:
     def __post_init__(self):
         _source(self.cuda, "mask_mod")
         _callable(self.numpy, "mask_mod.numpy")
+        _enrol(self)
 
 
 @dataclass(frozen=True)
@@ -289,6 +291,43 @@ def explain_compile_error(kind: UserKind, message: str) -> str:
     if not lines:
         return message
     return "\n".join(lines)
+
+
+# ---- a registry, for torch's custom ops (whose schema takes strings and tensors) -----------
+# Each ScoreMod and MaskMod enrols itself when built, under a key of its own (`key`), so that a
+# function traced by torch.compile names it by a constant string (hashing it there would not
+# trace). The registry keeps every modification built in the process alive.
+
+_REGISTRY: dict[str, object] = {}
+
+
+def _enrol(mod) -> None:
+    key = f"{type(mod).__name__}{id(mod)}"
+    object.__setattr__(mod, "key", key)
+    _REGISTRY[key] = mod
+
+
+def register(score_mod: ScoreMod | None, mask_mod: MaskMod | None,
+             aux: dict | None) -> tuple[str, list | None]:
+    """``(key, tensors)``: a string naming the modifications and their aux arrays' names ("" for
+    none), and the aux arrays as a list in that order (None for none): what torch's custom ops
+    take in their place (`registered` undoes it). Plain string work, so torch.compile traces
+    it."""
+    if score_mod is None and mask_mod is None and aux is None:
+        return "", None
+    names = tuple(aux) if aux else ()
+    key = "|".join((getattr(score_mod, "key", ""), getattr(mask_mod, "key", ""), *names))
+    return key, [aux[name] for name in names] if names else None
+
+
+def registered(key: str, tensors) -> dict:
+    """The ``score_mod``, ``mask_mod`` and ``aux`` arguments a `register` key stands for."""
+    if not key:
+        return {}
+    score_key, mask_key, *names = key.split("|")
+    return {"score_mod": _REGISTRY[score_key] if score_key else None,
+            "mask_mod": _REGISTRY[mask_key] if mask_key else None,
+            "aux": dict(zip(names, tensors or (), strict=True)) if names else None}
 
 
 # ---- the NumPy forms (the CPU path and the reference) -------------------------------------

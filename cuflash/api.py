@@ -64,7 +64,7 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
             compiled by NVRTC into the kernels (FlexAttention's idea, for every framework),
             with a NumPy form for the CPU path. Not with softcap, ALiBi, bias or mask (write
             them into it); sinks are fine. Calls with one are planned anew each time (not
-            replayed); torch autograd takes one eagerly (not under torch.compile yet).
+            replayed); torch autograd and torch.compile take one.
         mask_mod: your own mask, a `cuflash.MaskMod`: a C++ boolean of ``b, h, q_idx, kv_idx``
             (True = attend), beside `causal` and `window`. Evaluated per score in the kernels
             (no tile is skipped for it yet).
@@ -96,7 +96,7 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
             # Validated as plain Python on shapes and dtypes, folded into the traced graph.
             _core.validate(q, k, v, causal=causal, window=window, scale=scale, layout=layout,
                            softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, bias=bias,
-                           mask=mask)
+                           mask=mask, score_mod=score_mod, mask_mod=mask_mod, aux=aux)
         return cuflash_torch.attention(q, k, v, causal=causal, window=window, scale=scale,
                                        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
                                        bias=bias, mask=mask, score_mod=score_mod,

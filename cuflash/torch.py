@@ -37,10 +37,12 @@ with :func:`zigzag_split` / :func:`zigzag_merge` for the causal load-balanced or
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 
-from cuflash import _checks, _core, _variant
+from cuflash import _checks, _core, _user_mods, _variant
 
 __all__ = ["attention", "attention_bwd", "attention_fwd", "ring_attention", "zigzag_merge",
            "zigzag_split"]
@@ -78,8 +80,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
             scratch that the backward kernels write).
         mask: a bool tensor broadcastable like `bias`, True = attend.
         score_mod, mask_mod, aux: your own modifications in C++, as for
-            :func:`cuflash.attention` (a score_mod needs its ``grad``); eager autograd only (not
-            under torch.compile yet). The aux tensors get no gradient.
+            :func:`cuflash.attention` (a score_mod needs its ``grad``). Under torch.compile they
+            reach the ops by a key of a process-wide registry (`_user_mods.register`) and the
+            aux tensors as a list. The aux tensors get no gradient.
         layout: ``"bshd"`` or ``"bhsd"``.
         return_lse: also return the float32 log-sum-exp ``(B, Hq, Sq)`` (``(Hq, Sq)`` for 3-D);
             it carries no gradient.
@@ -101,11 +104,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     cap = _variant.check_softcap(softcap)
     user = {"score_mod": score_mod, "mask_mod": mask_mod, "aux": aux}
     if torch.compiler.is_compiling():
-        if any(x is not None for x in user.values()):
-            raise NotImplementedError("score_mod / mask_mod: not under torch.compile yet; run "
-                                      "the attention eagerly (torch.compiler.disable)")
+        key, tensors = _user_mods.register(score_mod, mask_mod, aux)
         out, lse = attention_fwd(q, k, v, causal, scale, layout, left, right, cap, alibi_slopes,
-                                 sinks, bias, mask)
+                                 sinks, bias, mask, key, tensors)
     else:
         out, lse = _Attention.apply(q, k, v, causal, scale, layout, (left, right), cap,
                                     alibi_slopes, sinks, bias, mask, user)
@@ -146,18 +147,36 @@ class _Attention(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, dsinks, dbias, None, None)
 
 
-@torch.library.custom_op("cuflash::attention_fwd", mutates_args=())
+# The schemas are written out: inference has no optional list of tensors (`aux`).
+_FWD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, bool causal, float? scale, str layout, int window_left=-1, "
+    "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? sinks=None, "
+    "Tensor? bias=None, Tensor? mask=None, str user_mod=\"\", Tensor[]? aux=None) "
+    "-> (Tensor, Tensor)")
+_BWD_SCHEMA = (
+    "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
+    "float? scale, str layout, bool deterministic, int window_left=-1, int window_right=-1, "
+    "float softcap=0.0, Tensor? alibi_slopes=None, Tensor? sinks=None, Tensor? bias=None, "
+    "Tensor? mask=None, str user_mod=\"\", Tensor[]? aux=None, bool want_dbias=False) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
+@torch.library.custom_op("cuflash::attention_fwd", mutates_args=(), schema=_FWD_SCHEMA)
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None,
                   layout: str, window_left: int = -1, window_right: int = -1,
                   softcap: float = 0.0, alibi_slopes: Tensor | None = None,
                   sinks: Tensor | None = None, bias: Tensor | None = None,
-                  mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The forward op: ``(out, lse)`` as :func:`cuflash.attention` with ``return_lse=True``."""
+                  mask: Tensor | None = None, user_mod: str = "",
+                  aux: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """The forward op: ``(out, lse)`` as :func:`cuflash.attention` with ``return_lse=True``
+    (`user_mod`: the registry key of a score_mod / mask_mod, `aux` their arrays in the order
+    it names them; "" for none)."""
     # Detached: the core exports the tensors through DLPack, which refuses ones needing grad.
     return _core.attention(q.detach(), k.detach(), v.detach(), causal=causal,
                          window=(window_left, window_right), scale=scale, softcap=softcap,
                          alibi_slopes=alibi_slopes, sinks=_detached(sinks),
-                         bias=_detached(bias), mask=mask, layout=layout, return_lse=True)
+                         bias=_detached(bias), mask=mask, layout=layout, return_lse=True,
+                         **_user_mods.registered(user_mod, aux))
 
 
 def _detached(x: Tensor | None) -> Tensor | None:
@@ -166,7 +185,8 @@ def _detached(x: Tensor | None) -> Tensor | None:
 
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, causal, scale, layout, window_left=-1, window_right=-1,
-                        softcap=0.0, alibi_slopes=None, sinks=None, bias=None, mask=None):
+                        softcap=0.0, alibi_slopes=None, sinks=None, bias=None, mask=None,
+                        user_mod="", aux=None):
     # The core allocates both results contiguous: out like q with v's head dim, lse (B, Hq, Sq)
     # float32.
     if layout == "bhsd":
@@ -177,12 +197,13 @@ def _attention_fwd_fake(q, k, v, causal, scale, layout, window_left=-1, window_r
             q.new_empty(lse_shape, dtype=torch.float32))
 
 
-@torch.library.custom_op("cuflash::attention_bwd", mutates_args=())
+@torch.library.custom_op("cuflash::attention_bwd", mutates_args=(), schema=_BWD_SCHEMA)
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   causal: bool, scale: float | None, layout: str, deterministic: bool,
                   window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
                   alibi_slopes: Tensor | None = None, sinks: Tensor | None = None,
                   bias: Tensor | None = None, mask: Tensor | None = None,
+                  user_mod: str = "", aux: Sequence[Tensor] | None = None,
                   want_dbias: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The backward op: ``(dq, dk, dv, dsinks, dbias)`` as :func:`cuflash.attention_backward`
     (``dsinks`` empty without sinks; ``dbias`` empty unless `want_dbias` with a bias: on CUDA
@@ -193,7 +214,7 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
         *tensors, causal=causal, window=(window_left, window_right), scale=scale,
         softcap=softcap, alibi_slopes=alibi_slopes, sinks=_detached(sinks), bias=_detached(bias),
         mask=mask, layout=layout, deterministic=deterministic, return_dsinks=sinks is not None,
-        return_dbias=want_dbias))
+        return_dbias=want_dbias, **_user_mods.registered(user_mod, aux)))
 
     def empty():  # one each: results may not alias one another
         return q.new_empty((0,), dtype=torch.float32)
@@ -206,7 +227,8 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
 @attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, causal, scale, layout, deterministic,
                         window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
-                        sinks=None, bias=None, mask=None, want_dbias=False):
+                        sinks=None, bias=None, mask=None, user_mod="", aux=None,
+                        want_dbias=False):
     def like(x):
         return q.new_empty((0,), dtype=torch.float32) if x is None else x.new_empty(x.shape)
 
@@ -215,11 +237,12 @@ def _attention_bwd_fake(dout, q, k, v, out, lse, causal, scale, layout, determin
 
 
 # attention_fwd's trailing arguments' defaults, for a call that left some out
-_TRAILING_DEFAULTS = (-1, -1, 0.0, None, None, None, None)
+_TRAILING_DEFAULTS = (-1, -1, 0.0, None, None, None, None, "", None)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    # trailing: window_left, window_right, softcap, alibi_slopes, sinks, bias, mask
+    # trailing: window_left, window_right, softcap, alibi_slopes, sinks, bias, mask, user_mod,
+    # aux
     q, k, v, causal, scale, layout, *trailing = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
@@ -240,7 +263,13 @@ def _backward(ctx, dout, _dlse):
     for at, grad in ((3 + 4, dsinks), (3 + 5, dbias)):
         if at < len(ctx.options) and ctx.options[at] is not None:
             grads[at] = grad
-    return (dq, dk, dv, *grads)
+    aux_at = 3 + 8  # the aux tensors: a list, whose gradient is a list (of none)
+    if aux_at < len(ctx.options) and ctx.options[aux_at] is not None:
+        grads[aux_at] = [None] * len(ctx.options[aux_at])
+    # One gradient per argument the caller passed: with a tensor list in the schema, torch
+    # holds the result to the call's own structure (arguments left at their defaults are not
+    # in it), while `inputs` above had every default filled in.
+    return (dq, dk, dv, *grads)[:len(ctx.needs_input_grad)]
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)

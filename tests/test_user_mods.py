@@ -218,18 +218,32 @@ def test_torch_autograd_takes_a_user_mod():
         np.testing.assert_allclose(x.grad.numpy(), want[name], rtol=1e-9, atol=1e-11)
 
 
-def test_torch_compile_refuses_a_user_mod_clearly():
+@pytest.mark.parametrize("entry", ["cuflash.attention", "cuflash.torch.attention"])
+def test_torch_compile_traces_a_user_mod(entry):
+    """torch.compile(fullgraph=True) traces the custom ops with the modification (by its
+    registry key) and the aux tensors; forward and backward (AOTAutograd) equal eager."""
     torch = pytest.importorskip("torch")
     import cuflash.torch as ct
 
-    q = torch.zeros((1, 4, 2, 8), dtype=torch.float64)
+    fn = cuflash.attention if entry == "cuflash.attention" else ct.attention
+    rng = np.random.default_rng(8)
+    user = cases.make("document_relbias", 2, 2, 13, 13, rng)
+    aux = {name: torch.from_numpy(np.array(x)) for name, x in user.aux.items()}
+    mods = {"score_mod": user.score_mod, "mask_mod": user.mask_mod, "aux": aux}
 
-    @torch.compile(fullgraph=True, backend="eager")
-    def f(q):
-        return ct.attention(q, q, q, score_mod=ADD)
+    def loss(q, k, v):
+        return (fn(q, k, v, causal=True, **mods) ** 2).sum()
 
-    with pytest.raises(Exception, match=r"not under torch\.compile"):
-        f(q)
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    inputs = [torch.from_numpy(rng.standard_normal((2, 13, 2, 8))) for _ in range(3)]
+    got_in = [x.clone().requires_grad_() for x in inputs]
+    want_in = [x.clone().requires_grad_() for x in inputs]
+    got, want = compiled(*got_in), loss(*want_in)
+    got.backward()
+    want.backward()
+    np.testing.assert_allclose(got.item(), want.item(), rtol=1e-12)
+    for a, b in zip(got_in, want_in, strict=True):
+        np.testing.assert_allclose(a.grad.numpy(), b.grad.numpy(), rtol=1e-10, atol=1e-12)
 
 
 # ---- the generated C++ ---------------------------------------------------------------------
