@@ -280,17 +280,31 @@ def aux_signature(items, dtype_name: Callable[[object], str]) -> tuple[tuple[str
 
 def explain_compile_error(kind: UserKind, message: str) -> str:
     """A compile log, narrowed to the user's lines: each error the compiler reported in
-    ``score_mod``, ``score_mod.grad`` or ``mask_mod``, with that source line beneath it."""
+    ``score_mod``, ``score_mod.grad`` or ``mask_mod`` (directly, or in cuflash's headers while
+    instantiating the user's line, as an aux array read with the wrong number of indices),
+    with that source line beneath it; the whole log where no error names one."""
     sources = {"score_mod": kind.score, "score_mod.grad": kind.grad, "mask_mod": kind.mask}
+    user = r"(score_mod(?:\.grad)?|mask_mod)"
     lines = []
-    for match in re.finditer(r'(score_mod(?:\.grad)?|mask_mod)\((\d+)\): (.*)', message):
-        name, number, text = match.group(1), int(match.group(2)), match.group(3)
+
+    def show(name: str, number: int, text: str) -> None:
         source = (sources.get(name) or "").splitlines()
-        shown = source[number - 1] if 0 < number <= len(source) else ""
+        shown = source[number - 1].strip() if 0 < number <= len(source) else ""
         lines.append(f"  {name}, line {number}: {text}\n      {shown}")
-    if not lines:
-        return message
-    return "\n".join(lines)
+
+    # Each error starts at a "file(line): error: ..." line and runs to the next one.
+    for block in re.split(r"\n(?=\S+\(\d+\): (?:error|warning))", message):
+        head = re.match(r"(\S+)\((\d+)\): error: (.*)", block)
+        if head is None:
+            continue
+        direct = re.fullmatch(user, head.group(1))
+        if direct:
+            show(head.group(1), int(head.group(2)), head.group(3))
+            continue
+        context = re.search(r"at line (\d+) of " + user, block)
+        if context:
+            show(context.group(2), int(context.group(1)), head.group(3))
+    return "\n".join(lines) if lines else message
 
 
 # ---- a registry, for torch's custom ops (whose schema takes strings and tensors) -----------

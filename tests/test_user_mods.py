@@ -303,3 +303,16 @@ def test_a_compile_error_shows_the_users_line():
         _compile.compile_report(spec, "sm_80")
     text = str(err.value)
     assert "score_mod, line 2" in text and "no_such(h)" in text and "no_such" in text
+
+
+def test_an_aux_read_with_the_wrong_rank_names_the_users_line():
+    """The error is raised in cuflash's header (Aux's static_assert) while instantiating the
+    user's line: the message still points at that line."""
+    kind = _user_mods.kind_of(cuflash.ScoreMod("score + base()", grad="1"), None,
+                              (("base", "int64", 1),))
+    spec = _launch.fwd_spec("float16", 64, "none", True, kind)
+    with pytest.raises(_compile.UserCodeError) as err:
+        _compile.compile_report(spec, "sm_80")
+    text = str(err.value)
+    assert "score_mod, line 1: static assertion failed" in text
+    assert "one index per axis" in text and "score + base()" in text
