@@ -125,8 +125,7 @@ def backward(dout: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
         grads["bias"] = _reduce_to(ds, m.bias_shape)
     if m.sinks is not None:
         grads["sinks"] = -np.sum(p_sink * delta[..., 0], axis=(0, 2))
-    if m.score_mod is not None and str(m.score_mod.grad).strip() not in ("1", "1.0", "1.f",
-                                                                          "1.0f"):
+    if m.score_mod is not None and not m.score_mod.additive:
         if m.score_mod.numpy_grad is None:
             raise NotImplementedError("score_mod.numpy_grad: the reference's gradients need "
                                       "the score_mod's derivative in NumPy")

@@ -42,6 +42,11 @@ _RESERVED = frozenset({*SCORE_ARGS, *GRAD_ARGS, "cuflash", "A", "T", "Score", "A
                        "logf", "tanh", "tanhf", "sqrt", "sqrtf", "pow", "powf"})
 
 
+def is_one(grad: str | None) -> bool:
+    """Whether a derivative's source is the constant 1 (an added term)."""
+    return grad is not None and grad.strip() in ("1", "1.0", "1.f", "1.0f")
+
+
 def _source(text: object, name: str) -> str:
     if not isinstance(text, str) or not text.strip():
         raise TypeError(f"{name}: expected C++ source text (an expression, or a function body "
@@ -95,7 +100,7 @@ class ScoreMod:
     @property
     def additive(self) -> bool:
         """Whether the derivative is 1 (the modification adds a term)."""
-        return self.grad is not None and self.grad.strip() in ("1", "1.0", "1.f", "1.0f")
+        return is_one(self.grad)
 
 
 @dataclass(frozen=True)
@@ -137,8 +142,7 @@ class UserKind:
     @property
     def additive(self) -> bool:
         """Whether the backward may form P at once: no score_mod, or one whose grad is 1."""
-        return self.score is None or (self.grad is not None and ScoreMod(
-            self.score, self.grad).additive)
+        return self.score is None or is_one(self.grad)
 
     @property
     def cpp(self) -> str:
