@@ -111,15 +111,14 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
     # reads them again (`_replay.SidePointers`).
     side = (alibi_slopes, sinks, bias, mask)
     plain = alibi_slopes is None and sinks is None and bias is None and mask is None
-    key = _replay.forward_key(
+    user = score_mod is not None or mask_mod is not None or aux is not None
+    key = None if user else _replay.forward_key(
         q, k, v, out, (causal, type(causal), _replay.window_key(window), scale, type(scale),
                        softcap, type(softcap), layout, return_lse, type(return_lse)),
         () if plain else side)
-    user = score_mod is not None or mask_mod is not None or aux is not None
-    replay = None if user else _replay.lookup(key)
+    replay = _replay.lookup(key)
     if replay is not None:
         return replay(q, k, v, out) if plain else replay(q, k, v, out, side)
-    key = None if user else key
     problem = validate(q, k, v, causal=causal, window=window, scale=scale, layout=layout,
                        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, bias=bias,
                        mask=mask, score_mod=score_mod, mask_mod=mask_mod, aux=aux)
