@@ -15,16 +15,17 @@ from __future__ import annotations
 import importlib
 
 from cuflash import reference
+from cuflash._block_map import BlockMap
 from cuflash._kvcache import attention_with_kvcache
 from cuflash._merge import merge_attention
 from cuflash._user_mods import MaskMod, ScoreMod
 from cuflash._varlen import attention_varlen, attention_varlen_backward
 from cuflash._warmup import warmup
-from cuflash.api import attention, attention_backward
+from cuflash.api import attention, attention_backward, block_map
 
 __version__ = "0.1.0"
-__all__ = ["MaskMod", "ScoreMod", "__version__", "attention", "attention_backward",
-           "attention_varlen", "attention_varlen_backward", "attention_with_kvcache",
+__all__ = ["BlockMap", "MaskMod", "ScoreMod", "__version__", "attention", "attention_backward",
+           "attention_varlen", "attention_varlen_backward", "attention_with_kvcache", "block_map",
            "merge_attention", "reference", "warmup"]
 
 

@@ -154,6 +154,14 @@ def get_function(spec: KernelSpec, device_id: int, compute_capability: int):
 
 
 @functools.cache
+@functools.cache
+def compute_capability(device_id: int) -> int:
+    """e.g. 90 for an H100 (memoised: asking the driver costs microseconds per call)."""
+    import cupy
+
+    return int(cupy.cuda.Device(device_id).compute_capability)
+
+
 def smem_limit(device_id: int) -> int:
     """Bytes of shared memory one block may opt in to on a device (227 KB on an H100, 163 KB on
     an A100, 99 KB on cc 8.6 / 8.9 / 12.0)."""

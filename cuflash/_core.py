@@ -9,13 +9,12 @@ never imports a framework integration.
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from cuflash import _dtypes, _interop, _replay, _side_arrays, _user_mods
+from cuflash import _block_map, _dtypes, _interop, _replay, _side_arrays, _user_mods
 from cuflash._checks import (  # the size limits stay importable from here, where they apply
     MAX_GRID_YZ,  # noqa: F401
     MAX_ROW_REACH,  # noqa: F401
@@ -31,6 +30,7 @@ from cuflash._checks import (  # the size limits stay importable from here, wher
     refuse_capped_mods_on_cuda,
     refuse_masked,
 )
+from cuflash._compile import compute_capability
 from cuflash._variant import Variant
 
 log = logging.getLogger("cuflash")
@@ -73,6 +73,8 @@ class Problem:
     score_mod: object | None = field(default=None, compare=False)
     mask_mod: object | None = field(default=None, compare=False)
     aux: tuple = field(default=(), compare=False)
+    # The caller's `_block_map.BlockMap` for the mask_mod (None: built per call on CUDA).
+    block_map: object | None = field(default=None, compare=False)
 
     def caller_shape(self, seqlen: int, heads: int, head_dim: int | None = None
                      ) -> tuple[int, ...]:
@@ -101,7 +103,7 @@ class Problem:
 
 def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None = None,
               scale: float | None = None, softcap: float = 0.0, alibi_slopes=None, sinks=None,
-              bias=None, mask=None, score_mod=None, mask_mod=None, aux=None,
+              bias=None, mask=None, score_mod=None, mask_mod=None, aux=None, block_map=None,
               layout: str = "bshd", return_lse: bool = False, out=None):
     """The core of `cuflash.attention` (`cuflash.api`; its docstring has the arguments): a
     repeated call replays, a first one validates and launches (a call with a score_mod or
@@ -111,7 +113,8 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
     # reads them again (`_replay.SidePointers`).
     side = (alibi_slopes, sinks, bias, mask)
     plain = alibi_slopes is None and sinks is None and bias is None and mask is None
-    user = score_mod is not None or mask_mod is not None or aux is not None
+    user = (score_mod is not None or mask_mod is not None or aux is not None
+            or block_map is not None)
     key = None if user else _replay.forward_key(
         q, k, v, out, (causal, type(causal), _replay.window_key(window), scale, type(scale),
                        softcap, type(softcap), layout, return_lse, type(return_lse)),
@@ -121,7 +124,8 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
         return replay(q, k, v, out) if plain else replay(q, k, v, out, side)
     problem = validate(q, k, v, causal=causal, window=window, scale=scale, layout=layout,
                        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, bias=bias,
-                       mask=mask, score_mod=score_mod, mask_mod=mask_mod, aux=aux)
+                       mask=mask, score_mod=score_mod, mask_mod=mask_mod, aux=aux,
+                       block_map=block_map)
     check_flag("return_lse", return_lse)
     if out is not None:
         if problem.source.framework == "jax":
@@ -155,7 +159,7 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
 def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
                        window: tuple[int, int] | None = None, scale: float | None = None,
                        softcap: float = 0.0, alibi_slopes=None, sinks=None, bias=None,
-                       mask=None, score_mod=None, mask_mod=None, aux=None,
+                       mask=None, score_mod=None, mask_mod=None, aux=None, block_map=None,
                        layout: str = "bshd", deterministic: bool = False,
                        return_dsinks: bool = False, return_dbias: bool = False):
     """The core of `cuflash.attention_backward` (`cuflash.api`; its docstring has the
@@ -163,7 +167,8 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
     arrays = (dout, q, k, v, out, lse)
     side = (alibi_slopes, sinks, bias, mask)
     plain = alibi_slopes is None and sinks is None and bias is None and mask is None
-    user = score_mod is not None or mask_mod is not None or aux is not None
+    user = (score_mod is not None or mask_mod is not None or aux is not None
+            or block_map is not None)
     # A call that asks for dsinks or dbias computes them beside the launches, and one with user
     # modifications carries its aux arrays in the parameter block: never replayed.
     key = None if user or return_dsinks is not False or return_dbias is not False else \
@@ -176,7 +181,8 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
         return replay(*arrays) if plain else replay(*arrays, side=side)
     problem = validate(q, k, v, causal=causal, window=window, scale=scale, layout=layout,
                        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, bias=bias,
-                       mask=mask, score_mod=score_mod, mask_mod=mask_mod, aux=aux)
+                       mask=mask, score_mod=score_mod, mask_mod=mask_mod, aux=aux,
+                       block_map=block_map)
     if problem.score_mod is not None and problem.score_mod.grad is None:
         raise ValueError("score_mod: the backward needs its derivative; give the ScoreMod a "
                          "grad (C++ of out, b, h, q_idx, kv_idx; \"1\" for an added term)")
@@ -213,6 +219,18 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
         if return_dbias:
             result += (_in_framework_of(dbias, bias, "bias"),)
         return result
+
+
+def block_map(q, k, *, mask_mod, aux=None, causal: bool = False, window=None,
+              layout: str = "bshd"):
+    """The core of `cuflash.block_map` (`cuflash.api`; its docstring has the arguments)."""
+    problem = validate(q, k, k, causal=causal, window=window, scale=None, layout=layout,
+                       mask_mod=mask_mod, aux=aux)
+    src = problem.source
+    with _interop.stream_scope(src):
+        if src.device == "cpu":
+            return _block_map.build(problem, [aux_view(x, where) for _, x, where in problem.aux])
+        return _side_arrays.mods_on_device(problem).block_map
 
 
 def _reads_in_place(problem: Problem, bias, mask) -> bool:
@@ -254,7 +272,7 @@ def _refuse_first_call_in_capture(src: _interop.Source) -> None:
 
 def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
              alibi_slopes=None, sinks=None, bias=None, mask=None, score_mod=None, mask_mod=None,
-             aux=None) -> Problem:
+             aux=None, block_map=None) -> Problem:
     """Check q, k, v and the options; raise TypeError/ValueError naming what is wrong (and
     NotImplementedError for an option the inputs' device does not compute yet)."""
     if not isinstance(layout, str) or layout not in LAYOUTS:
@@ -345,12 +363,15 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
         kind = _user_mods.kind_of(score_mod, mask_mod,
                                   _user_mods.aux_signature(aux_items, _interop.dtype_name))
         variant = replace(variant, user=kind)
-    return Problem(batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q,
-                   heads_kv=heads_kv, head_dim=head_dim, head_dim_v=head_dim_v,
-                   dtype=dtypes["q"], variant=variant, scale=check_scale(scale, head_dim),
-                   layout=layout, batched=ndim == 4, source=src, alibi_slopes=slopes,
-                   sinks=sink, bias=bias_view, mask=mask_view, score_mod=score_mod,
-                   mask_mod=mask_mod, aux=aux_views)
+    problem = Problem(batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q,
+                      heads_kv=heads_kv, head_dim=head_dim, head_dim_v=head_dim_v,
+                      dtype=dtypes["q"], variant=variant, scale=check_scale(scale, head_dim),
+                      layout=layout, batched=ndim == 4, source=src, alibi_slopes=slopes,
+                      sinks=sink, bias=bias_view, mask=mask_view, score_mod=score_mod,
+                      mask_mod=mask_mod, aux=aux_views)
+    if block_map is None:
+        return problem
+    return replace(problem, block_map=_block_map.check(block_map, problem))
 
 
 def _canonical(shape: tuple[int, ...], layout: str) -> tuple[int, int, int, int]:
@@ -512,14 +533,6 @@ def _user_call(problem: Problem, *, backward: bool = False):
         return None
     aux = {name: aux_view(x, where) for name, x, where in problem.aux}
     return _user_mods.UserCall.of(problem.score_mod, problem.mask_mod, aux, backward=backward)
-
-
-@functools.cache
-def compute_capability(device_id: int) -> int:
-    """e.g. 90 for an H100 (memoised: asking the driver costs microseconds per call)."""
-    import cupy
-
-    return int(cupy.cuda.Device(device_id).compute_capability)
 
 
 def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,

@@ -32,6 +32,8 @@ def _params_dtype(pointers: tuple[str, ...], strided: tuple[str, ...], ints: tup
     fields += [(name, np.int32) for name in (*ints, "bias_dtype")]
     fields += [("softcap", np.float64)]
     fields += [("aux", np.uint64, (MAX_AUX,)), ("aux_strides", np.int64, (MAX_AUX, MAX_AUX_DIMS))]
+    fields += [("block_map", np.uint64), ("block_map_batch_stride", np.int64),
+               ("block_map_head_stride", np.int64), ("block_map_rows", np.int32)]
     return np.dtype(fields, align=True)
 
 
@@ -138,6 +140,8 @@ class Mods:
     mask: Any = None
     dbias: Any = None  # the backward's: Accum (B, Hq, Sk, Sq), zeroed, when dbias is asked for
     aux: tuple = ()  # a user kind's arrays (CuPy), in its slots' order: pointers and strides
+    # a user mask_mod's block map on q's device (`_block_map.BlockMap`)
+    block_map: Any = None
 
     def pointers(self) -> tuple[int, ...]:
         """The forward's MOD_POINTERS."""
@@ -157,7 +161,21 @@ class Mods:
                                                                     strict=True)}
         if self.aux:
             found |= aux_fields(self.aux)
-        return found
+        return found | block_map_fields(self.block_map)
+
+
+def block_map_fields(block_map=None) -> dict[str, int]:
+    """The parameter blocks' block map fields for a `_block_map.BlockMap` on the device (its
+    `entries`, CuPy int32 ``(Bm, Hm, R + C, 4)``, Bm and Hm 1 where broadcast), or none."""
+    if block_map is None:
+        return {"block_map": 0, "block_map_batch_stride": 0, "block_map_head_stride": 0,
+                "block_map_rows": 0}
+    entries = block_map.entries
+    batches, heads, per_head, _ = entries.shape
+    return {"block_map": entries.data.ptr,
+            "block_map_batch_stride": 0 if batches == 1 else heads * per_head,
+            "block_map_head_stride": 0 if heads == 1 else per_head,
+            "block_map_rows": block_map.row_blocks}
 
 
 def aux_fields(arrays=()) -> dict[str, np.ndarray]:

@@ -23,14 +23,20 @@ def mods_on_device(problem):
     "mods" kind the bias and the mask as ``(B, Hq, Sq, Sk)`` views of the caller's device
     arrays, broadcast with stride 0 (a NumPy one is copied to the device first, in its own
     shape), None where the call has none; for a user kind its aux arrays (a NumPy one copied
-    to the device first)."""
+    to the device first) and, with a mask_mod, its block map (the call's, or one built here
+    on the current stream)."""
     from cuflash._launch_common import Mods
 
     if problem.variant.user is not None:
+        from cuflash import _block_map
         from cuflash._checks import aux_view
 
         views = (aux_view(x, where) for _, x, where in problem.aux)
-        return Mods(aux=tuple(device_view(x, x.shape, problem) for x in views))
+        arrays = tuple(device_view(x, x.shape, problem) for x in views)
+        block_map = problem.block_map
+        if block_map is None and problem.variant.user.hides:  # a mask_mod: its map first
+            block_map = _block_map.build(problem, arrays)
+        return Mods(aux=arrays, block_map=block_map)
     if not problem.variant.reads_arrays:
         return None
 

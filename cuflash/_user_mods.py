@@ -164,28 +164,68 @@ class UserKind:
         score = self.score or "score"
         grad = self.grad or "1"
         keep = self.mask or "true"
+        hides = "!cf_whole && cf_inside(row, col) && !cf_keep(cf_b, cf_h, row, col)" \
+            if self.hides else "false"
+        # a mask_mod alone leaves the score as it is (no round trip through the scale)
+        modified = "s" if self.score is None else \
+            "static_cast<A>(cf_score(s * cf_scale, cf_b, cf_h, row, col)) * cf_unscale"
         return f"""
 namespace cuflash {{
 namespace user {{
 struct {kind} {{
   static constexpr bool kModifies = true, kPositional = true, kHides = {flag[self.hides]},
-                        kAdditive = {flag[self.additive]};
+                        kAdditive = {flag[self.additive]}, kBlockMap = {flag[self.hides]};
 }};
 }}  // namespace user
 
 template <typename T, typename A> struct Score<user::{kind}, T, A> {{
   A cf_scale, cf_unscale;
   int cf_seqlen_q, cf_seqlen_k, cf_b, cf_h;
+  cuflash::BlockMap cf_map;  // the mask_mod's block map (block_map.cuh)
+  bool cf_whole;  // on a tile the block map shows whole: the mask_mod is not evaluated
 {members}  template <typename Params>
   __device__ __forceinline__ explicit Score(const Params& p)
       : cf_scale(static_cast<A>(p.scale)), cf_unscale(static_cast<A>(1.0 / p.scale)),
-        cf_seqlen_q(p.seqlen_q), cf_seqlen_k(p.seqlen_k), cf_b(0), cf_h(0){inits} {{}}
+        cf_seqlen_q(p.seqlen_q), cf_seqlen_k(p.seqlen_k), cf_b(0), cf_h(0), cf_map(p),
+        cf_whole(false){inits} {{}}
   template <typename Params>
-  __device__ __forceinline__ Score for_head(const Params&, int batch, int head) const {{
+  __device__ __forceinline__ Score for_head(const Params& p, int batch, int head) const {{
     Score bound = *this;
     bound.cf_b = batch;
     bound.cf_h = head;
+    bound.cf_map = cf_map.for_head(p, batch, head);
     return bound;
+  }}
+  // The block map's view (kBlockMap): key tiles of `tiles` rows [row_begin, row_end) may see,
+  // query tiles that may see keys [col_begin, col_end), and this Score on one tile.
+  template <int kBlock>
+  __device__ __forceinline__ cuflash::Span key_tiles(cuflash::Span tiles, int row_begin,
+                                                     int row_end) const {{
+    return cf_map.template key_tiles<kBlock>(tiles, row_begin, row_end);
+  }}
+  template <int kBlock>
+  __device__ __forceinline__ cuflash::Span query_tiles(cuflash::Span tiles, int col_begin,
+                                                       int col_end) const {{
+    return cf_map.template query_tiles<kBlock>(tiles, col_begin, col_end);
+  }}
+  __device__ __forceinline__ Score on_tile(int row_begin, int row_end, int col_begin,
+                                           int col_end) const {{
+    Score bound = *this;
+    bound.cf_whole = cf_map.full(row_begin, row_end, col_begin, col_end);
+    return bound;
+  }}
+  __device__ __forceinline__ bool whole(int row_begin, int row_end, int col_begin,
+                                        int col_end) const {{
+    return cf_map.full(row_begin, row_end, col_begin, col_end);
+  }}
+  // whole() for rows inside one of the map's blocks
+  __device__ __forceinline__ bool whole_in_block(int row_begin, int col_begin,
+                                                 int col_end) const {{
+    return cf_map.full_in_block(row_begin, col_begin, col_end);
+  }}
+  // operator() on a tile the map shows whole: the score_mod alone
+  __device__ __forceinline__ A unmasked(A s, int row, int col) const {{
+    return cf_inside(row, col) ? {modified} : s;
   }}
   __device__ __forceinline__ A cf_score(A score, int b, int h, int q_idx, int kv_idx) const {{
 {_body(score, "score_mod")}
@@ -200,14 +240,14 @@ template <typename T, typename A> struct Score<user::{kind}, T, A> {{
     return row < cf_seqlen_q && col < cf_seqlen_k;
   }}
   __device__ __forceinline__ bool hides(int row, int col) const {{
-    return {"cf_inside(row, col) && !cf_keep(cf_b, cf_h, row, col)" if self.hides else "false"};
+    return {hides};
   }}
   __device__ __forceinline__ A operator()(A s, int row, int col) const {{
     if (!cf_inside(row, col)) return s;
     A hidden;
     minus_infinity(hidden);
     if (hides(row, col)) return hidden;
-    return static_cast<A>(cf_score(s * cf_scale, cf_b, cf_h, row, col)) * cf_unscale;
+    return {modified};
   }}
   __device__ __forceinline__ A slope(A modified, int row, int col) const {{
     A hidden;

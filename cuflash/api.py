@@ -16,7 +16,7 @@ from cuflash._checks import MAX_SCALE  # noqa: F401 (docs/api.md names cuflash.a
 
 def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None = None,
               scale: float | None = None, softcap: float = 0.0, alibi_slopes=None, sinks=None,
-              bias=None, mask=None, score_mod=None, mask_mod=None, aux=None,
+              bias=None, mask=None, score_mod=None, mask_mod=None, aux=None, block_map=None,
               layout: str = "bshd", return_lse: bool = False, out=None):
     """Exact scaled dot-product attention, softmax(scale * q k^T) v, without an N x N matrix.
 
@@ -66,12 +66,17 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
             them into it); sinks are fine. Calls with one are planned anew each time (not
             replayed); torch autograd and torch.compile take one.
         mask_mod: your own mask, a `cuflash.MaskMod`: a C++ boolean of ``b, h, q_idx, kv_idx``
-            (True = attend), beside `causal` and `window`. Evaluated per score in the kernels
-            (no tile is skipped for it yet).
+            (True = attend), beside `causal` and `window`. On CUDA it is evaluated once into
+            a block map (`block_map`) that the kernels skip hidden tiles by, then per score
+            on the tiles the map shows partly visible.
         aux: ``{name: array}``: read-only arrays the score_mod and mask_mod read under those
             names, at most 8, each of at most 4 axes, float16/bfloat16/float32/float64/int32/
             int64/bool, NumPy or of q's framework and device. In C++ ``name(i, j)`` reads
             element (i, j); the NumPy forms get every array as a keyword argument.
+        block_map: the mask_mod's `cuflash.BlockMap`, built once by `cuflash.block_map` for
+            this call's q, k, mask_mod, aux, causal and window and reused (every layer of a
+            step); None builds one per call on CUDA (one kernel over the band's pairs; the
+            CPU path needs none). Its aux arrays must hold the values the map was built from.
         layout: ``"bshd"`` (flash-attn / JAX order) or ``"bhsd"`` (PyTorch SDPA order).
         return_lse: also return the log-sum-exp of each query row.
         out: optional array of the output's shape and dtype, in the caller's framework and on
@@ -88,7 +93,8 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
 
     See also: `attention_backward`, `cuflash.reference.attention`, `cuflash.jax.attention`.
     """
-    user = score_mod is not None or mask_mod is not None or aux is not None
+    user = (score_mod is not None or mask_mod is not None or aux is not None
+            or block_map is not None)
     if out is None and _wants_autograd(q, k, v, sinks, bias):
         from cuflash import torch as cuflash_torch
 
@@ -96,12 +102,13 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
             # Validated as plain Python on shapes and dtypes, folded into the traced graph.
             _core.validate(q, k, v, causal=causal, window=window, scale=scale, layout=layout,
                            softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, bias=bias,
-                           mask=mask, score_mod=score_mod, mask_mod=mask_mod, aux=aux)
+                           mask=mask, score_mod=score_mod, mask_mod=mask_mod, aux=aux,
+                           block_map=block_map)
         return cuflash_torch.attention(q, k, v, causal=causal, window=window, scale=scale,
                                        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
                                        bias=bias, mask=mask, score_mod=score_mod,
-                                       mask_mod=mask_mod, aux=aux, layout=layout,
-                                       return_lse=return_lse)
+                                       mask_mod=mask_mod, aux=aux, block_map=block_map,
+                                       layout=layout, return_lse=return_lse)
     if out is None and not return_lse and not user and _jax_on_gpu(q, k, v):
         # One memoised compiled call (cuflash.jax), not validation and DLPack at every call.
         from cuflash import jax as cuflash_jax
@@ -111,14 +118,14 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
                                      bias=bias, mask=mask, layout=layout)
     return _core.attention(q, k, v, causal=causal, window=window, scale=scale, softcap=softcap,
                            alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask,
-                           score_mod=score_mod, mask_mod=mask_mod, aux=aux, layout=layout,
-                           return_lse=return_lse, out=out)
+                           score_mod=score_mod, mask_mod=mask_mod, aux=aux, block_map=block_map,
+                           layout=layout, return_lse=return_lse, out=out)
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
                        window: tuple[int, int] | None = None, scale: float | None = None,
                        softcap: float = 0.0, alibi_slopes=None, sinks=None, bias=None,
-                       mask=None, score_mod=None, mask_mod=None, aux=None,
+                       mask=None, score_mod=None, mask_mod=None, aux=None, block_map=None,
                        layout: str = "bshd", deterministic: bool = False,
                        return_dsinks: bool = False, return_dbias: bool = False):
     """Gradients of `attention` with respect to q, k and v.
@@ -126,7 +133,8 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
     Args:
         dout: gradient of the output, shaped like it (q's shape with v's head dim ``Dv``).
         q, k, v, causal, window, scale, softcap, alibi_slopes, sinks, bias, mask, score_mod,
-            mask_mod, aux, layout: exactly as passed to `attention`. A score_mod needs its
+            mask_mod, aux, block_map, layout: exactly as passed to `attention` (the forward's
+            block map serves the backward too). A score_mod needs its
             ``grad`` here (and ``numpy_grad`` on the CPU unless grad is ``"1"``); the aux
             arrays get no gradient.
         out: the forward's output.
@@ -154,8 +162,36 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
     return _core.attention_backward(
         dout, q, k, v, out, lse, causal=causal, window=window, scale=scale, softcap=softcap,
         alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask, score_mod=score_mod,
-        mask_mod=mask_mod, aux=aux, layout=layout, deterministic=deterministic,
-        return_dsinks=return_dsinks, return_dbias=return_dbias)
+        mask_mod=mask_mod, aux=aux, block_map=block_map, layout=layout,
+        deterministic=deterministic, return_dsinks=return_dsinks, return_dbias=return_dbias)
+
+
+def block_map(q, k, *, mask_mod, aux=None, causal: bool = False,
+              window: tuple[int, int] | None = None, layout: str = "bshd"):
+    """Evaluate a mask_mod once into a `cuflash.BlockMap` for calls on these shapes.
+
+    Args:
+        q, k: the queries and keys of the calls the map is for (only their shapes, dtype and
+            device are read), as for `attention`.
+        mask_mod: the `cuflash.MaskMod`.
+        aux: its arrays, as for `attention`; the map holds what they say now.
+        causal, window, layout: as the calls will pass them.
+
+    Returns:
+        a `cuflash.BlockMap` to pass as ``block_map=`` to `attention` and `attention_backward`
+        (and `cuflash.torch.attention`) with the same q/k shapes, mask_mod, aux, causal and
+        window; on q's device, built on its current stream (NumPy inputs: built with the
+        mask_mod's NumPy form, for the CPU path, which does not need one). A map is broadcast
+        over the batch (heads) when the mask_mod's code does not name ``b`` (``h``).
+
+    FlexAttention's ``create_block_mask``: for each block of 64 query rows it keeps the keys
+    some row sees and the keys every row sees (and the same for each block of 64 keys); the
+    kernels walk only the first and skip the mask_mod's per-element test on the second.
+    """
+    if mask_mod is None:
+        raise TypeError("mask_mod: a block map is built from a cuflash.MaskMod, got None")
+    return _core.block_map(q, k, mask_mod=mask_mod, aux=aux, causal=causal, window=window,
+                           layout=layout)
 
 
 def _wants_autograd(q, k, v, sinks, bias) -> bool:

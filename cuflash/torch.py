@@ -55,7 +55,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
               softcap: float = 0.0, alibi_slopes: Tensor | None = None,
               sinks: Tensor | None = None, bias: Tensor | None = None,
               mask: Tensor | None = None, score_mod=None, mask_mod=None, aux=None,
-              layout: str = "bshd", return_lse: bool = False):
+              block_map=None, layout: str = "bshd", return_lse: bool = False):
     """Exact attention on torch tensors, differentiable with respect to q, k and v.
 
     Args:
@@ -83,6 +83,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
             :func:`cuflash.attention` (a score_mod needs its ``grad``). Under torch.compile they
             reach the ops by a key of a process-wide registry (`_user_mods.register`) and the
             aux tensors as a list. The aux tensors get no gradient.
+        block_map: a mask_mod's `cuflash.BlockMap`, as for :func:`cuflash.attention`; eagerly
+            without one a CUDA call builds one that its backward reuses. Not under
+            torch.compile, where each op builds its own.
         layout: ``"bshd"`` or ``"bhsd"``.
         return_lse: also return the float32 log-sum-exp ``(B, Hq, Sq)`` (``(Hq, Sq)`` for 3-D);
             it carries no gradient.
@@ -102,8 +105,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     _checks.check_flag("return_lse", return_lse)
     left, right = _variant.check_window(window)
     cap = _variant.check_softcap(softcap)
-    user = {"score_mod": score_mod, "mask_mod": mask_mod, "aux": aux}
+    user = {"score_mod": score_mod, "mask_mod": mask_mod, "aux": aux, "block_map": block_map}
     if torch.compiler.is_compiling():
+        if block_map is not None:
+            raise NotImplementedError("block_map: not under torch.compile (the op builds the "
+                                      "mask_mod's map per call); pass None there")
         key, tensors = _user_mods.register(score_mod, mask_mod, aux)
         out, lse = attention_fwd(q, k, v, causal, scale, layout, left, right, cap, alibi_slopes,
                                  sinks, bias, mask, key, tensors)
@@ -124,6 +130,11 @@ class _Attention(torch.autograd.Function):
         # Grad mode is off in here, so the replay signature takes these tensors as they are.
         mods = {"softcap": softcap, "alibi_slopes": alibi_slopes, "sinks": sinks, "bias": bias,
                 "mask": mask, **(user or {})}
+        if mods.get("mask_mod") is not None and mods["block_map"] is None and q.is_cuda:
+            # one map for the forward and the backward
+            mods["block_map"] = _core.block_map(q, k, mask_mod=mods["mask_mod"],
+                                                aux=mods["aux"], causal=causal, window=window,
+                                                layout=layout)
         out, lse = _core.attention(q, k, v, causal=causal, window=window, scale=scale,
                                  layout=layout, return_lse=True, **mods)
         ctx.save_for_backward(q, k, v, out, lse)

@@ -363,13 +363,17 @@ bwd_dkdv_sm80(const __grid_constant__ BwdParams p) {
   const Mask<MaskKind> mask(p);
   const Score<ScoreKind, T> score(p);
   const int m_tiles = ceil_div(p.seqlen_q, kBlockM);
-  const int m_begin =
+  int m_begin =
       Mask<MaskKind>::kRight ? min(m_tiles, max(0, mask.first_query(n0)) / kBlockM) : 0;
-  const int m_end =
+  int m_end =
       Mask<MaskKind>::kLeft
           ? max(m_begin, min(m_tiles, ceil_div(mask.end_query(min(n0 + kBlockN, p.seqlen_k) - 1),
                                                kBlockM)))
           : m_tiles;
+  if constexpr (ScoreKind::kBlockMap) {  // a user mask_mod's block map narrows them
+    narrow_by_map<kBlockM>(p, batch, kv_head, n0, min(n0 + kBlockN, p.seqlen_k), m_begin,
+                           m_end);
+  }
   const int n_steps = p.group * (m_end - m_begin);  // (query head, query tile) pairs
   const bool ragged_keys = n0 + kBlockN > p.seqlen_k;
 
@@ -473,7 +477,8 @@ bwd_dkdv_sm80(const __grid_constant__ BwdParams p) {
     if (Tr::kStages == 2 && has_next) load_q_do(next_head, next_m_tile * kBlockM, stage ^ 1);
     cp_async_commit();
 
-    const Score<ScoreKind, T> step_score = score.for_head(p, batch, head);
+    const Score<ScoreKind, T> step_score =
+        on_step<ScoreKind>(score.for_head(p, batch, head), m0, m0 + kBlockM, n0, n0 + kBlockN);
     // Per-element work unless the step is full (the same test in two forms: each kind's ptxas
     // allocation is best with its own).
     const bool masked = Mask<MaskKind>::kLeft
@@ -756,9 +761,14 @@ bwd_dq_sm80(const __grid_constant__ BwdParams p) {
   // leaves dq zero.
   const Mask<MaskKind> mask(p);
   const Score<ScoreKind, T> score = Score<ScoreKind, T>(p).for_head(p, batch, head);
-  const int n_begin = mask.first_key(m0) / kBlockN;
-  const int n_tiles =
-      ceil_div(mask.end_key(min(m0 + kBlockM, p.seqlen_q) - 1), kBlockN) - n_begin;
+  int n_begin = mask.first_key(m0) / kBlockN;
+  int n_tiles = ceil_div(mask.end_key(min(m0 + kBlockM, p.seqlen_q) - 1), kBlockN) - n_begin;
+  if constexpr (ScoreKind::kBlockMap) {  // a user mask_mod's block map narrows them
+    const Span tiles =
+        score.template key_tiles<kBlockN>({n_begin, n_begin + n_tiles}, m0, m0 + kBlockM);
+    n_begin = tiles.begin;
+    n_tiles = tiles.end - tiles.begin;
+  }
 
   const T* q = static_cast<const T*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride;
   const T* dout =
@@ -841,6 +851,9 @@ bwd_dq_sm80(const __grid_constant__ BwdParams p) {
     // (only on the tiles the mask or the ragged end cut); dS = scale * P * (dP - delta) * the
     // score's slope, the softmax scale folded in as in bwd_dkdv_sm80 --
     const bool masked = n0 + kBlockN > p.seqlen_k || mask.cuts(m0, m0 + kBlockM, n0, n0 + kBlockN);
+    const Score<ScoreKind, T> tile_score =
+        on_step<ScoreKind>(score, m0 + warp_row0, m0 + warp_row0 + Tr::kRowsPerWarp, n0,
+                           n0 + kBlockN);
 #pragma unroll
     for (int r = 0; r < 2 * kMTiles; ++r) {
       const int mt = r / 2, h = r % 2;
@@ -855,7 +868,7 @@ bwd_dq_sm80(const __grid_constant__ BwdParams p) {
           float& x = s[mt][nt][2 * h + e];
           const int c = nt * 8 + e;
           const int col = n0 + 2 * t + c;
-          const float modified = score(x, row, col);
+          const float modified = tile_score(x, row, col);
           x = exp2_ftz(fmaf(modified, p.scale_log2, -row_lse2[r]));
           if (masked && (c > last || (Mask<MaskKind>::kLeft && c < first))) x = 0.f;
           dp[mt][nt][2 * h + e] = x * fmaf(dp[mt][nt][2 * h + e], scale, -row_delta[r]) *

@@ -160,13 +160,17 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
   const Mask<MaskKind> mask(p);
   const Score<ScoreKind, T> score(p);
   const int m_tiles = ceil_div(p.seqlen_q, kBlockM);
-  const int m_begin =
+  int m_begin =
       Mask<MaskKind>::kRight ? min(m_tiles, max(0, mask.first_query(n0)) / kBlockM) : 0;
-  const int m_end =
+  int m_end =
       Mask<MaskKind>::kLeft
           ? max(m_begin, min(m_tiles, ceil_div(mask.end_query(min(n0 + kBlockN, p.seqlen_k) - 1),
                                                kBlockM)))
           : m_tiles;
+  if constexpr (ScoreKind::kBlockMap) {
+    narrow_by_map<kBlockM>(p, batch, kv_head, n0, min(n0 + kBlockN, p.seqlen_k), m_begin,
+                           m_end);
+  }
   const int m_count = m_end - m_begin;
   const int n_steps = p.group * m_count;  // (query head, query tile) pairs
   auto step_head = [&](int step) { return kv_head * p.group + step / m_count; };
@@ -329,22 +333,38 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
       const float* dlt = s_delta + stage * kBlockM + q_col0 + 2 * t;
       auto row_of = [&](int j, int e) { return row0 + q_col0 + j * 8 + 2 * t + e % 2; };
       auto key_of = [&](int e) { return n0 + key_base + (e / 2) * 8 + g; };
-      if constexpr (kSlopeLater) {
+      auto modify = [&](auto&& modified) {
+        if constexpr (kSlopeLater) {
 #pragma unroll
-        for (int j = 0; j < kQTiles; ++j)
+          for (int j = 0; j < kQTiles; ++j)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) st[j][e] = step_score(st[j][e], row_of(j, e), key_of(e));
-      } else {
+            for (int e = 0; e < 4; ++e) st[j][e] = modified(st[j][e], row_of(j, e), key_of(e));
+        } else {
 #pragma unroll
-        for (int j = 0; j < kQTiles; ++j) {
-          const float2 l = *reinterpret_cast<const float2*>(lse2 + j * 8);
+          for (int j = 0; j < kQTiles; ++j) {
+            const float2 l = *reinterpret_cast<const float2*>(lse2 + j * 8);
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            // S^T's C fragment: keys g and g + 8, queries 2t and 2t + 1 of each n8 tile
-            const float s = step_score(st[j][e], row_of(j, e), key_of(e));
-            st[j][e] = exp2_ftz(fmaf(s, p.scale_log2, -(e % 2 ? l.y : l.x)));
+            for (int e = 0; e < 4; ++e) {
+              // S^T's C fragment: keys g and g + 8, queries 2t and 2t + 1 of each n8 tile
+              const float s = modified(st[j][e], row_of(j, e), key_of(e));
+              st[j][e] = exp2_ftz(fmaf(s, p.scale_log2, -(e % 2 ? l.y : l.x)));
+            }
           }
         }
+      };
+      // a step whose queries see all this warp's keys by the block map: no mask_mod per element
+      if constexpr (ScoreKind::kBlockMap) {
+        const int q0 = row0 + q_col0, k0 = n0 + key_base;
+        const bool whole = Tr::kConsumerQueries <= BlockMap::kRows
+                               ? step_score.whole_in_block(q0, k0, k0 + 16)
+                               : step_score.whole(q0, q0 + Tr::kConsumerQueries, k0, k0 + 16);
+        if (whole) {
+          modify([&](float x, int row, int col) { return step_score.unmasked(x, row, col); });
+        } else {
+          modify(step_score);
+        }
+      } else {
+        modify(step_score);
       }
       const float hidden = kSlopeLater ? neg_inf() : 0.f;
       // Zero P^T (or hide the modified S^T) where the query does not see the key: key j

@@ -66,6 +66,11 @@ struct FwdParams {
   double softcap;     // Softcap's cap (score.cuh), > 0 (Mods: 0 is no cap); else unused
   const void* aux[kMaxAux];  // a user modification's arrays (score.cuh's Aux); else unused
   int64 aux_strides[kMaxAux][kMaxAuxDims];
+  // A user mask_mod's block map (block_map.cuh): int entries, four a block, `block_map_rows`
+  // row blocks first; strides in entries, 0 where broadcast. Null: none.
+  const void* block_map;
+  int64 block_map_batch_stride, block_map_head_stride;
+  int block_map_rows;
 };
 
 // Parameters of the backward kernels (same conventions). `Accum` below is float for fp16/bf16/fp32
@@ -121,6 +126,9 @@ struct BwdParams {
   double softcap;
   const void* aux[kMaxAux];  // as in FwdParams
   int64 aux_strides[kMaxAux][kMaxAuxDims];
+  const void* block_map;  // as in FwdParams
+  int64 block_map_batch_stride, block_map_head_stride;
+  int block_map_rows;
 };
 
 #ifdef CUFLASH_FWD_PARAMS_SIZE

@@ -68,9 +68,13 @@ fwd_sm80(const __grid_constant__ FwdParams p) {
   const Mask<MaskKind> mask(p);
   const Score<ScoreKind, T> score = Score<ScoreKind, T>(p).for_head(p, batch, head);
   const int row0 = m_block * kBlockM;
-  const int n_begin =
-      Mask<MaskKind>::kLeft ? mask.keys(row0, row0 + kBlockM).begin / kBlockN : 0;
-  const int n_end = ceil_div(mask.keys_end(row0 + kBlockM), kBlockN);
+  int n_begin = Mask<MaskKind>::kLeft ? mask.keys(row0, row0 + kBlockM).begin / kBlockN : 0;
+  int n_end = ceil_div(mask.keys_end(row0 + kBlockM), kBlockN);
+  if constexpr (ScoreKind::kBlockMap) {  // a user mask_mod's block map narrows them
+    const Span tiles = score.template key_tiles<kBlockN>({n_begin, n_end}, row0, row0 + kBlockM);
+    n_begin = tiles.begin;
+    n_end = tiles.end;
+  }
 
   const T* q = static_cast<const T*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride;
   const T* k = static_cast<const T*>(p.k) + batch * p.k_batch_stride + kv_head * p.k_head_stride;
@@ -144,6 +148,12 @@ fwd_sm80(const __grid_constant__ FwdParams p) {
     // -- the score modification (score.cuh), then mask the keys a row does not see, on the
     // tiles the ragged end or the mask's edges cut --
     if constexpr (ScoreKind::kModifies) {
+      // a tile whose rows see all its keys by the block map: no mask_mod per element
+      Score<ScoreKind, T> tile_score = score;
+      if constexpr (ScoreKind::kBlockMap) {
+        tile_score = score.on_tile(row0 + warp_row0, row0 + warp_row0 + Tr::kRowsPerWarp, col0,
+                                   col0 + kBlockN);
+      }
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -151,8 +161,8 @@ fwd_sm80(const __grid_constant__ FwdParams p) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             // the mma's C fragment: rows g and g + 8 of the m16 tile, columns 2t and 2t + 1
-            s[mt][nt][e] = score(s[mt][nt][e], row0 + warp_row0 + mt * 16 + (e / 2) * 8 + g,
-                                 col0 + nt * 8 + 2 * t + e % 2);
+            s[mt][nt][e] = tile_score(s[mt][nt][e], row0 + warp_row0 + mt * 16 + (e / 2) * 8 + g,
+                                      col0 + nt * 8 + 2 * t + e % 2);
           }
     }
     if (col0 + kBlockN > p.seqlen_k || mask.cuts(row0, row0 + kBlockM, col0, col0 + kBlockN)) {

@@ -295,9 +295,18 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
   // The key tiles [begin, end) that the query rows [row0, row0 + rows) see (empty: none);
   // without a left edge from tile 0, a constant. (Without any edge, seqlen_k is read from p, as
   // in the ragged-end tests: ptxas then gives NoMask the code it had before the mask kinds.)
-  auto key_tiles = [&](int row0, int rows) -> Span {
+  // A kind with a block map (a user mask_mod) narrows them to the tiles its map shows.
+  auto band_tiles = [&](int row0, int rows) -> Span {
     if (M::kLeft) return mask.template key_tiles<kBlockN>(row0, row0 + rows);
     return {0, ceil_div(M::kRight ? mask.keys_end(row0 + rows) : p.seqlen_k, kBlockN)};
+  };
+  auto key_tiles = [&](int row0, int rows, int head, int batch) -> Span {
+    if constexpr (ScoreKind::kBlockMap) {
+      return score.for_head(p, batch, head)
+          .template key_tiles<kBlockN>(band_tiles(row0, rows), row0, row0 + rows);
+    } else {
+      return band_tiles(row0, rows);
+    }
   };
   auto size = [](Span tiles) { return tiles.end - tiles.begin; };
 
@@ -349,7 +358,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       const uint64 kv_policy = l2_policy<L2Evict::kLast>();
       schedule.for_each_tile([&](int m_block, int head, int batch, int) {
         const int row0 = m_block * kBlockM;
-        const Span tiles = key_tiles(row0, kBlockM);
+        const Span tiles = key_tiles(row0, kBlockM, head, batch);
         const int n_blocks = size(tiles);
         if (n_blocks == 0) return;  // nothing to load: the consumers write zeros
         const int kv_head = head / p.group;
@@ -465,14 +474,26 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
                           const Score<ScoreKind, T>& mod) {
       const int col0 = n_block * kBlockN;
       if constexpr (ScoreKind::kModifies) {
+        auto modify = [&](auto&& f) {
 #pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt)
+          for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            // the wgmma C fragment: rows g and g + 8 of the warp's 16, columns 2t and 2t + 1
-            s[0][nt][e] = mod(s[0][nt][e], row0 + rows_before + (e / 2) * 8 + g,
+            for (int e = 0; e < 4; ++e) {
+              // the wgmma C fragment: rows g and g + 8 of the warp's 16, columns 2t and 2t + 1
+              s[0][nt][e] = f(s[0][nt][e], row0 + rows_before + (e / 2) * 8 + g,
                               col0 + nt * 8 + 2 * t + e % 2);
+            }
+        };
+        // a tile whose rows see all its keys by the block map: no mask_mod per element
+        if constexpr (ScoreKind::kBlockMap) {
+          if (mod.whole_in_block(row0 + rows_before, col0, col0 + kBlockN)) {  // 16 rows: one block
+            modify([&](float x, int row, int col) { return mod.unmasked(x, row, col); });
+          } else {
+            modify(mod);
           }
+        } else {
+          modify(mod);
+        }
       }
       const bool ragged = col0 + kBlockN > p.seqlen_k;
       const bool cut = mask.cuts(row0 + rows_before, row0 + rows_before + 16, col0, col0 + kBlockN);
@@ -643,12 +664,13 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       const int row0 = m_block * kBlockM;
       const Score<ScoreKind, T> tile_score = score.for_head(p, batch, head);
       // Loaded by the producer, from tile n_begin + n_loaded - 1 down to tile n_begin.
-      const Span tiles = key_tiles(row0, kBlockM);
+      const Span tiles = key_tiles(row0, kBlockM, head, batch);
       const int n_begin = tiles.begin, n_loaded = size(tiles);
       // Tr::kOInKV: this tile's O is staged in its last key tile's slots where the next tile
       // has the key tiles to drain it under (both consumers decide alike); else stored directly.
-      const bool stage_o = Tr::kOInKV && n_loaded > 0 && next_m >= 0 &&
-                           size(key_tiles(next_m * kBlockM, kBlockM)) >= Tr::kStageMinNext;
+      // (Not with a block map, whose next tile's count would need that tile's map entries.)
+      const bool stage_o = Tr::kOInKV && !ScoreKind::kBlockMap && n_loaded > 0 && next_m >= 0 &&
+                           size(band_tiles(next_m * kBlockM, kBlockM)) >= Tr::kStageMinNext;
       // This warpgroup's own rows may see fewer at the top (Tr::kSkipMaskedTiles: it walks tiles
       // n_begin + n_blocks - 1 down to n_begin; the last ones, before a window's left edge for its
       // rows, it walks masked: the staged O's slot is the tile's last). Its first row is read from
@@ -657,10 +679,11 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       // were per-thread, and spilled at D = 256).
       const int wg_row0 =
           M::kRight ? __shfl_sync(0xffffffff, row0 + consumer * Tr::kRowsPerConsumer, 0) : 0;
-      const int n_blocks = M::kRight && Tr::kSkipMaskedTiles
-                               ? ceil_div(mask.keys_end(wg_row0 + Tr::kRowsPerConsumer), kBlockN) -
-                                     n_begin
-                               : n_loaded;
+      int n_blocks = M::kRight && Tr::kSkipMaskedTiles
+                         ? ceil_div(mask.keys_end(wg_row0 + Tr::kRowsPerConsumer), kBlockN) -
+                               n_begin
+                         : n_loaded;
+      if constexpr (ScoreKind::kBlockMap) n_blocks = max(0, min(n_blocks, n_loaded));
       const int q_stage = q_iter % kQStages;
       const int slot_parity = q_iter & 1;  // both consumers count the tiles with keys loaded
       // The tiles loaded first that this warpgroup does not need: released unread, once loaded
@@ -861,7 +884,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       if (__any_sync(0xffffffffu, nonfinite.any())) {
         schedule.for_each_tile([&](int m_block, int head, int batch, int) {
           const int row0 = m_block * kBlockM;
-          const Span tiles = key_tiles(row0, kBlockM);
+          const Span tiles = key_tiles(row0, kBlockM, head, batch);
           const Span walked = {tiles.begin * kBlockN, min(p.seqlen_k, tiles.end * kBlockN)};
 #pragma unroll 1
           for (int r = row0 + rows_before; r < min(row0 + rows_before + 16, p.seqlen_q); ++r) {

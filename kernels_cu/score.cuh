@@ -23,6 +23,7 @@
 // read neither return themselves and ignore the position, and the compiler drops the index math.
 #pragma once
 
+#include "block_map.cuh"
 #include "common.cuh"
 #include "mask.cuh"
 #include "sink.cuh"
@@ -31,18 +32,23 @@ namespace cuflash {
 
 // kModifies: the scores change; kPositional: how depends on the row and key; kHides: a score
 // may become -inf (hidden as the mask hides it); kAdditive: the modification adds a term, so its
-// derivative by the raw score is 1 and a backward can form P at once, as without one.
+// derivative by the raw score is 1 and a backward can form P at once, as without one;
+// kBlockMap: the kind reads a block map (block_map.cuh) and has the Score methods that use it.
 struct NoScore {
-  static constexpr bool kModifies = false, kPositional = false, kHides = false, kAdditive = true;
+  static constexpr bool kModifies = false, kPositional = false, kHides = false, kAdditive = true,
+                        kBlockMap = false;
 };
 struct Softcap {
-  static constexpr bool kModifies = true, kPositional = false, kHides = false, kAdditive = false;
+  static constexpr bool kModifies = true, kPositional = false, kHides = false, kAdditive = false,
+                        kBlockMap = false;
 };
 struct Alibi {
-  static constexpr bool kModifies = true, kPositional = true, kHides = false, kAdditive = true;
+  static constexpr bool kModifies = true, kPositional = true, kHides = false, kAdditive = true,
+                        kBlockMap = false;
 };
 struct Mods {
-  static constexpr bool kModifies = true, kPositional = true, kHides = true, kAdditive = true;
+  static constexpr bool kModifies = true, kPositional = true, kHides = true, kAdditive = true,
+                        kBlockMap = false;
 };
 
 // tanh in the precision a kernel's inputs need: the MUFU approximation (relative error ~2^-11,
@@ -234,5 +240,43 @@ template <typename S, int N> struct Aux {
     return aux_value(base[at]);
   }
 };
+
+// The Score of kind `Kind` for one tile of rows [row_begin, row_end) and keys [col_begin,
+// col_end): a kind with a block map (a user mask_mod) leaves its per-element test out where the
+// map shows the tile whole; the others are as they are.
+template <typename Kind, typename S>
+__device__ __forceinline__ S on_step(const S& score, int row_begin, int row_end, int col_begin,
+                                     int col_end) {
+  if constexpr (Kind::kBlockMap) {
+    return score.on_tile(row_begin, row_end, col_begin, col_end);
+  } else {
+    return score;
+  }
+}
+
+// A backward key block's query tiles [m_begin, m_end) (keys [col_begin, col_end) of kv head
+// `kv_head`), narrowed by a block map: the union over the group's query heads of the tiles
+// each head's map shows; empty where none does.
+template <int kBlockM, typename Params>
+__device__ __forceinline__ void narrow_by_map(const Params& p, int batch,
+                                              int kv_head, int col_begin, int col_end,
+                                              int& m_begin, int& m_end) {
+  int begin = m_end, end = m_begin;
+  const BlockMap map(p);
+  for (int i = 0; i < p.group; ++i) {
+    const Span tiles = map.for_head(p, batch, kv_head * p.group + i)
+                           .template query_tiles<kBlockM>({m_begin, m_end}, col_begin, col_end);
+    if (tiles.end > tiles.begin) {
+      begin = min(begin, tiles.begin);
+      end = max(end, tiles.end);
+    }
+  }
+  if (end > begin) {
+    m_begin = begin;
+    m_end = end;
+  } else {
+    m_end = m_begin;
+  }
+}
 
 }  // namespace cuflash

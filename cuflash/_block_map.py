@@ -1,0 +1,194 @@
+"""Block maps: a user mask_mod evaluated once into ranges, so that kernels skip what it hides.
+
+A `BlockMap` holds, for each block of 64 query rows, the keys some row of it sees and the keys
+every row of it sees, and the same for each block of 64 keys (kernels_cu/block_map.cuh). The
+kernels walk only the key tiles (query tiles, in the backward's dK/dV) the map shows, and leave
+the mask_mod's per-element test out of the tiles it shows whole. The map is conservative: a
+mask_mod with holes inside a block's range (a key seen by no row between seen ones) is walked
+and tested there, never wrong.
+
+`cuflash.block_map(q, k, mask_mod=...)` builds one to pass to later calls (`block_map=`), for
+example every layer of a step; a call with a mask_mod and no map builds its own first. A map
+is broadcast over the batch (heads) when the mask_mod's code does not name ``b`` (``h``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from cuflash import _interop
+
+ROWS = 64  # rows (keys) a map entry covers: BlockMap::kRows in kernels_cu/block_map.cuh
+THREADS = 128  # the build kernel's block
+
+
+@dataclass(frozen=True, eq=False)
+class BlockMap:
+    """A mask_mod's block map for one problem shape (build it with `cuflash.block_map`).
+
+    Attributes:
+        entries: int32 ``(Bm, Hm, R + C, 4)``, on q's device (CuPy) or NumPy for CPU inputs:
+            ``R = ceil(Sq / 64)`` row blocks, then ``C = ceil(Sk / 64)`` key blocks, each
+            ``(begin, end, full_begin, full_end)``; Bm (Hm) is 1 where the mask_mod does not
+            read ``b`` (``h``).
+        row_blocks: R.
+        signature: what a call must match to use the map: the mask_mod's code and aux arrays'
+            dtypes and axes, B, Hq, Sq, Sk, the causal/window band, and the device.
+    """
+
+    entries: object
+    row_blocks: int
+    signature: tuple
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in self.entries.shape)
+
+    def density(self) -> float:
+        """The fraction of 64 x 64 (query, key) blocks the kernels walk: each row block's key
+        range, in blocks, over all blocks (reads the map back to the host)."""
+        entries = np.asarray(_to_numpy(self.entries))
+        rows = entries[:, :, :self.row_blocks]
+        key_blocks = self.shape[2] - self.row_blocks
+        begin, end = rows[..., 0] // ROWS, -(-rows[..., 1] // ROWS)
+        walked = np.where(rows[..., 1] > rows[..., 0], end - begin, 0)
+        return float(walked.sum() / max(1, walked.size * key_blocks))
+
+    def __repr__(self) -> str:
+        batch, heads, sq, sk, mask, window, _, _ = self.signature[1:]
+        band = mask if window is None else f"window {window}"
+        return (f"BlockMap(B={batch}, Hq={heads}, Sq={sq}, Sk={sk}, {band}, entries "
+                f"{self.shape})")
+
+
+def _to_numpy(x):
+    return x if isinstance(x, np.ndarray) else x.get()
+
+
+def reads(source: str, name: str) -> bool:
+    """Whether a mask_mod's C++ may depend on the index `name` (``b`` or ``h``): it names it,
+    or reaches into the generated members (``cf_...``)."""
+    return re.search(rf"\b{name}\b", source) is not None or "cf_" in source
+
+
+def signature(problem) -> tuple:
+    """What a block map built for `problem` is valid for (see `BlockMap.signature`)."""
+    variant = problem.variant
+    user = variant.user
+    window = None if variant.mask == "none" else (variant.left, variant.right)
+    return (("mask_mod", user.mask, user.aux), problem.batch, problem.heads_q,
+            problem.seqlen_q, problem.seqlen_k, variant.mask, window,
+            problem.source.device, problem.source.device_id)
+
+
+def check(block_map, problem):
+    """`block_map` (a `BlockMap` or None) for a call of `problem`: None where the call has no
+    mask_mod to use it, else the map as given. Raises naming ``block_map`` where it was built
+    for another problem."""
+    if block_map is None:
+        return None
+    if not isinstance(block_map, BlockMap):
+        raise TypeError(f"block_map: expected a cuflash.BlockMap (from cuflash.block_map) or "
+                        f"None, got {type(block_map).__name__}")
+    user = problem.variant.user
+    if user is None or user.mask is None:
+        raise ValueError("block_map: given without a mask_mod to use it")
+    want = signature(problem)
+    if block_map.signature != want:
+        names = ("mask_mod code and aux dtypes/axes", "B", "Hq", "Sq", "Sk", "mask",
+                 "window", "device", "device id")
+        diff = "; ".join(f"{name}: map {got!r}, call {exp!r}" for name, got, exp in
+                         zip(names, block_map.signature, want, strict=True) if got != exp)
+        raise ValueError(f"block_map: built for another problem ({diff}); build one with "
+                         f"cuflash.block_map for this call's q, k, mask_mod, aux, causal and "
+                         f"window")
+    return block_map
+
+
+def build(problem, aux_arrays) -> BlockMap:
+    """The block map of `problem`'s mask_mod, on its device. `aux_arrays`: the aux arrays as
+    the kernels (CuPy, on the device) or the NumPy form (NumPy) read them, in slot order.
+    On CUDA this launches one kernel on the current stream (call inside the stream scope)."""
+    user = problem.variant.user
+    batches = problem.batch if reads(user.mask, "b") else 1
+    heads = problem.heads_q if reads(user.mask, "h") else 1
+    rows, keys = math.ceil(problem.seqlen_q / ROWS), math.ceil(problem.seqlen_k / ROWS)
+    if problem.source.device == "cpu":
+        entries = _entries_numpy(problem, dict(zip((n for n, _, _ in user.aux), aux_arrays,
+                                                   strict=True)), batches, heads, rows, keys)
+    else:
+        entries = _entries_cuda(problem, aux_arrays, batches, heads, rows, keys)
+    return BlockMap(entries, rows, signature(problem))
+
+
+def build_spec(variant):
+    """The build kernel of `variant`'s mask and user kind (kernels_cu/block_map.cu)."""
+    from cuflash._spec import KernelSpec
+
+    return KernelSpec("block_map.cu", "build_block_map", "float32", 0, ROWS, ROWS,
+                      THREADS // 32, variant.mask, False, 0, min_arch=70, score=variant.user)
+
+
+def _entries_cuda(problem, aux_arrays, batches, heads, rows, keys):
+    from cuflash import _compile
+    from cuflash._kernel_call import KernelCall
+    from cuflash._launch_common import FWD_PARAMS, aux_fields, pack_params
+
+    src = problem.source
+    entries = _interop.empty_backend((batches, heads, rows + keys, 4), "int32", src)
+    variant = problem.variant
+    left, right = variant.window_params(problem.seqlen_q, problem.seqlen_k)
+    fields = {**dict.fromkeys(FWD_PARAMS.names, 0), **aux_fields(aux_arrays),
+              "scale": problem.scale, "batch": problem.batch, "heads_q": problem.heads_q,
+              "heads_kv": problem.heads_kv, "group": problem.heads_q // problem.heads_kv,
+              "seqlen_q": problem.seqlen_q, "seqlen_k": problem.seqlen_k,
+              "head_dim": problem.head_dim, "window_left": left, "window_right": right,
+              "bias_dtype": 4, "block_map_rows": rows}
+    cc = _compile.compute_capability(src.device_id)
+    call = KernelCall(_compile.get_function(build_spec(variant), src.device_id, cc),
+                      src.device_id, (rows + keys, heads, batches), THREADS, 0,
+                      pack_params(FWD_PARAMS, fields), ("q",),
+                      args=(np.uint64(entries.data.ptr),))
+    call((0,), _interop.current_stream(src))
+    return entries
+
+
+def _entries_numpy(problem, aux: dict, batches: int, heads: int, rows: int, keys: int):
+    """The map by the mask_mod's NumPy form, entry for entry as the build kernel writes it."""
+    from cuflash import _user_mods
+
+    keep = _user_mods.numpy_form(problem.mask_mod.numpy, "mask_mod.numpy", "the mask_mod")
+    sq, sk = problem.seqlen_q, problem.seqlen_k
+    first, end = problem.variant.key_bounds(np.arange(sq), sq, sk)
+    cols = np.arange(sk)
+    band = (cols[None, :] >= first[:, None]) & (cols[None, :] < end[:, None])
+    b, h, q_idx, kv_idx = _user_mods.positions(batches, heads, np.arange(sq), cols)
+    seen = band & np.broadcast_to(np.asarray(keep(b, h, q_idx, kv_idx, **aux), dtype=bool),
+                                  (batches, heads, sq, sk))
+    entries = np.zeros((batches, heads, rows + keys, 4), dtype=np.int32)
+    for bi in range(batches):
+        for hi in range(heads):
+            plane = seen[bi, hi]
+            for r in range(rows):
+                entries[bi, hi, r] = _entry(plane[r * ROWS:(r + 1) * ROWS])
+            for c in range(keys):
+                entries[bi, hi, rows + c] = _entry(plane[:, c * ROWS:(c + 1) * ROWS].T)
+    return entries
+
+
+def _entry(block: np.ndarray) -> tuple[int, int, int, int]:
+    """One entry of a block (its rows by the positions they are tested against)."""
+    any_, all_ = block.any(axis=0), block.all(axis=0)
+    found = np.flatnonzero(any_)
+    begin, end = (int(found[0]), int(found[-1]) + 1) if found.size else (0, 0)
+    # the longest run of positions every row sees (the first of equal ones)
+    edges = np.diff(np.concatenate(([0], all_.astype(np.int8), [0])))
+    starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    if starts.size == 0:
+        return begin, end, 0, 0
+    longest = int(np.argmax(stops - starts))
+    return begin, end, int(starts[longest]), int(stops[longest])

@@ -1,0 +1,121 @@
+// Builds a user mask_mod's block map (block_map.cuh): one thread block per entry of one
+// (batch, head), grid (row blocks + key blocks, heads of the map, batches of the map).
+//
+// A row block's entry: each thread takes one key of the band's range (mask.cuh) at a time and
+// tests it against the block's kRows rows (the band, the ragged end, then the user's mask_mod),
+// so that a warp's ballots say which of its 32 keys some row sees and which every row sees;
+// thread 0 folds them, in key order, into the first and last seen key and the longest run of
+// keys every row sees. A key block's entry is the same with rows and keys exchanged. The
+// template's shape is a KernelSpec's: T the Score's input type, kBlockM = kBlockN = kRows, the
+// head dim and kAligned unused.
+#include "block_map.cuh"
+#include "common.cuh"
+#include "mask.cuh"
+#include "score.cuh"
+
+namespace cuflash {
+
+// The running fold of one entry over positions in order.
+struct EntryFold {
+  int first, last;            // the first and last position some row (key) sees; first < 0: none
+  int run_begin;              // the current run of positions every one sees (-1: none)
+  int best_begin, best_end;   // the longest such run so far
+
+  __device__ __forceinline__ void init() {
+    first = -1;
+    last = -1;
+    run_begin = -1;
+    best_begin = best_end = 0;
+  }
+  __device__ __forceinline__ void close_run(int end) {
+    if (run_begin >= 0 && end - run_begin > best_end - best_begin) {
+      best_begin = run_begin;
+      best_end = end;
+    }
+    run_begin = -1;
+  }
+  // 32 positions from `at`: bit i of `any` / `all` for position at + i.
+  __device__ __forceinline__ void add(int at, uint32 any, uint32 all) {
+    if (any != 0) {
+      if (first < 0) first = at + __ffs(any) - 1;
+      last = at + 31 - __clz(any);
+    }
+    if (all == 0xffffffffu) {
+      if (run_begin < 0) run_begin = at;
+      return;
+    }
+    for (int i = 0; i < 32; ++i) {
+      if ((all >> i) & 1u) {
+        if (run_begin < 0) run_begin = at + i;
+      } else {
+        close_run(at + i);
+      }
+    }
+  }
+};
+
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, typename MaskKind,
+          typename ScoreKind, bool kAligned>
+__global__ void __launch_bounds__(kWarps * kWarpSize)
+build_block_map(const __grid_constant__ FwdParams p, int* __restrict__ map) {
+  static_assert(kBlockM == BlockMap::kRows && kBlockN == BlockMap::kRows,
+                "one entry covers BlockMap::kRows rows or keys");
+  static_assert(ScoreKind::kHides, "a block map is built from a mask_mod");
+  constexpr int kThreads = kWarps * kWarpSize;
+  __shared__ uint32 s_any[kWarps], s_all[kWarps];
+
+  const int entry = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
+  const Mask<MaskKind> mask(p);
+  const Score<ScoreKind, T> score = Score<ScoreKind, T>(p).for_head(p, batch, head);
+  const bool by_rows = entry < p.block_map_rows;
+  // The entry's block (rows, or keys) and the positions it is tested against (keys, or rows).
+  const int block0 = (by_rows ? entry : entry - p.block_map_rows) * BlockMap::kRows;
+  const int block_end = min(block0 + BlockMap::kRows, by_rows ? p.seqlen_q : p.seqlen_k);
+  const Span range = by_rows ? mask.keys(block0, block_end) : mask.queries(block0, block_end);
+  auto sees = [&](int row, int col) {
+    return col < p.seqlen_k && !mask.hides(row, col) && !score.hides(row, col);
+  };
+
+  EntryFold fold;
+  fold.init();
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  // Chunks of kThreads positions from a multiple of 32 below range.begin, so that bit i of a
+  // warp's ballot is position at + i.
+  const int start = range.begin & ~31;
+  for (int at = start; at < range.end; at += kThreads) {
+    const int pos = at + threadIdx.x;
+    const bool in = pos >= range.begin && pos < range.end;
+    bool any = false, all = in && block0 < block_end;
+    if (in) {
+      for (int i = block0; i < block_end; ++i) {
+        const bool seen = by_rows ? sees(i, pos) : sees(pos, i);
+        any |= seen;
+        all &= seen;
+      }
+    }
+    const uint32 any_bits = __ballot_sync(0xffffffffu, any);
+    const uint32 all_bits = __ballot_sync(0xffffffffu, all);
+    if (lane == 0) {
+      s_any[warp] = any_bits;
+      s_all[warp] = all_bits;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int w = 0; w < kWarps; ++w) fold.add(at + w * kWarpSize, s_any[w], s_all[w]);
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    fold.close_run(range.end);
+    int4 out = make_int4(0, 0, fold.best_begin, fold.best_end);
+    if (fold.first >= 0) {
+      out.x = fold.first;
+      out.y = fold.last + 1;
+    }
+    const int per_head = p.block_map_rows + ceil_div(p.seqlen_k, BlockMap::kRows);
+    reinterpret_cast<int4*>(map)[(static_cast<int64>(batch) * gridDim.y + head) * per_head +
+                                 entry] = out;
+  }
+}
+
+}  // namespace cuflash
