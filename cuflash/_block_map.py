@@ -43,6 +43,7 @@ class BlockMap:
     entries: object
     row_blocks: int
     signature: tuple
+    per_call: bool = False  # built by a call for itself (not replayed: its aux may change)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -109,7 +110,7 @@ def check(block_map, problem):
     return block_map
 
 
-def build(problem, aux_arrays) -> BlockMap:
+def build(problem, aux_arrays, *, per_call: bool = False) -> BlockMap:
     """The block map of `problem`'s mask_mod, on its device. `aux_arrays`: the aux arrays as
     the kernels (CuPy, on the device) or the NumPy form (NumPy) read them, in slot order.
     On CUDA this launches one kernel on the current stream (call inside the stream scope)."""
@@ -122,7 +123,7 @@ def build(problem, aux_arrays) -> BlockMap:
                                                    strict=True)), batches, heads, rows, keys)
     else:
         entries = _entries_cuda(problem, aux_arrays, batches, heads, rows, keys)
-    return BlockMap(entries, rows, signature(problem))
+    return BlockMap(entries, rows, signature(problem), per_call)
 
 
 def build_spec(variant):

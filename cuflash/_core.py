@@ -115,9 +115,10 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
     plain = alibi_slopes is None and sinks is None and bias is None and mask is None
     user = (score_mod is not None or mask_mod is not None or aux is not None
             or block_map is not None)
-    key = None if user else _replay.forward_key(
+    mods = _replay.user_key(q, score_mod, mask_mod, aux, block_map) if user else ()
+    key = None if mods is None else _replay.forward_key(
         q, k, v, out, (causal, type(causal), _replay.window_key(window), scale, type(scale),
-                       softcap, type(softcap), layout, return_lse, type(return_lse)),
+                       softcap, type(softcap), layout, return_lse, type(return_lse), mods),
         () if plain else side)
     replay = _replay.lookup(key)
     if replay is not None:
@@ -169,12 +170,13 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
     plain = alibi_slopes is None and sinks is None and bias is None and mask is None
     user = (score_mod is not None or mask_mod is not None or aux is not None
             or block_map is not None)
-    # A call that asks for dsinks or dbias computes them beside the launches, and one with user
-    # modifications carries its aux arrays in the parameter block: never replayed.
-    key = None if user or return_dsinks is not False or return_dbias is not False else \
-        _replay.backward_key(
+    mods = _replay.user_key(q, score_mod, mask_mod, aux, block_map) if user else ()
+    # A call that asks for dsinks or dbias computes them beside the launches: never replayed
+    # (nor one whose modifications `user_key` refuses).
+    key = None if mods is None or return_dsinks is not False or return_dbias is not False \
+        else _replay.backward_key(
             arrays, (causal, type(causal), _replay.window_key(window), scale, type(scale),
-                     softcap, type(softcap), layout, deterministic, type(deterministic)),
+                     softcap, type(softcap), layout, deterministic, type(deterministic), mods),
             () if plain else side)
     replay = _replay.lookup(key)
     if replay is not None:

@@ -275,6 +275,32 @@ def backward_key(arrays, options: tuple, side: tuple = ()) -> tuple | None:
     return ("backward", *key, *options)
 
 
+def user_key(like, score_mod, mask_mod, aux, block_map) -> tuple | None:
+    """The part of a signature for a call's own modifications, or None where the call is never
+    replayed: their identities (each `ScoreMod` and `MaskMod` lives as long as the process),
+    each aux array's name, layout and address (the parameter block holds the addresses, so a
+    replay reads the same buffers, as they are then), and the block map's identity and
+    address. A call with a mask_mod and no map of the caller's builds its map anew from the
+    aux arrays' values: never replayed. `like`: q."""
+    if mask_mod is not None and (block_map is None or getattr(block_map, "per_call", True)):
+        return None
+    framework = _framework(like)
+    if framework is None or (aux is not None and not isinstance(aux, dict)):
+        return None
+    parts = [id(score_mod), id(mask_mod)]
+    for name, x in (aux or {}).items():
+        side = framework.side(x)
+        if side is None or not isinstance(name, str):
+            return None
+        parts.append((name, side, framework.pointer(x)))
+    if block_map is not None:
+        pointer = getattr(getattr(getattr(block_map, "entries", None), "data", None), "ptr", None)
+        if pointer is None:
+            return None  # not a device map: the full path names it
+        parts.append((id(block_map), pointer, block_map.signature))
+    return ("user", *parts)
+
+
 # ---- replays ---------------------------------------------------------------------------------
 
 

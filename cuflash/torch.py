@@ -37,6 +37,7 @@ with :func:`zigzag_split` / :func:`zigzag_merge` for the causal load-balanced or
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -131,10 +132,11 @@ class _Attention(torch.autograd.Function):
         mods = {"softcap": softcap, "alibi_slopes": alibi_slopes, "sinks": sinks, "bias": bias,
                 "mask": mask, **(user or {})}
         if mods.get("mask_mod") is not None and mods["block_map"] is None and q.is_cuda:
-            # one map for the forward and the backward
-            mods["block_map"] = _core.block_map(q, k, mask_mod=mods["mask_mod"],
-                                                aux=mods["aux"], causal=causal, window=window,
-                                                layout=layout)
+            # one map for the forward and the backward (per_call: neither is replayed, as the
+            # aux arrays' values may differ next time)
+            built = _core.block_map(q, k, mask_mod=mods["mask_mod"], aux=mods["aux"],
+                                    causal=causal, window=window, layout=layout)
+            mods["block_map"] = dataclasses.replace(built, per_call=True)
         out, lse = _core.attention(q, k, v, causal=causal, window=window, scale=scale,
                                  layout=layout, return_lse=True, **mods)
         ctx.save_for_backward(q, k, v, out, lse)
