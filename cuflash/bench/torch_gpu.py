@@ -64,10 +64,11 @@ def time_pass(torch, fn, inputs, pass_: str, calls: int, repeats: int) -> float:
 
 
 def compiled_flex(torch, seqlen: int, mask_mod: Callable | None = None,
-                  score_mod: Callable | None = None) -> Callable:
+                  score_mod: Callable | None = None, batch: int | None = None) -> Callable:
     """``fn(q, k, v)``: FlexAttention (bhsd) compiled with ``dynamic=False`` for Sq = Sk =
     `seqlen`, with `score_mod` and, for a `mask_mod`, a block mask built from it (None: no
-    mask). Resets dynamo first: call it once per cell, not per call."""
+    mask) for `batch` batches (None: one, broadcast; a mask_mod that reads its batch index
+    needs the batch). Resets dynamo first: call it once per cell, not per call."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     # Each cell compiles anew: past torch.compile's recompile limit flex_attention falls back
@@ -75,7 +76,7 @@ def compiled_flex(torch, seqlen: int, mask_mod: Callable | None = None,
     torch._dynamo.reset()
     options = {}
     if mask_mod is not None:
-        options["block_mask"] = create_block_mask(mask_mod, None, None, seqlen, seqlen,
+        options["block_mask"] = create_block_mask(mask_mod, batch, None, seqlen, seqlen,
                                                   device="cuda",
                                                   _compile=True)  # uncompiled: S x S in memory
     if score_mod is not None:

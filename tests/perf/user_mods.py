@@ -97,7 +97,7 @@ def impls(torch, seqlen: int, doc) -> dict:
         found["softcap flex"] = compiled_flex(torch, seqlen, causal, flex_cap)
         torch.cuda.synchronize()
         start = time.perf_counter()
-        found["docs flex"] = compiled_flex(torch, seqlen, flex_doc_mask)
+        found["docs flex"] = compiled_flex(torch, seqlen, flex_doc_mask, batch=doc.shape[0])
         torch.cuda.synchronize()
         extra["flex block mask + compile s"] = time.perf_counter() - start
     except Exception as err:  # no triton: say so, go on
