@@ -201,6 +201,7 @@ class Case:
     layout: str = "bshd"
     three_d: bool = False  # no batch axis (batch must be 1)
     scale: float | None = None
+    documents: bool = False  # a user mask_mod (documents packed in each sequence), with its map
 
     @property
     def id(self) -> str:
@@ -212,6 +213,8 @@ class Case:
             parts.append("window{}:{}".format(*self.window))
         if self.scale is not None:
             parts.append(f"scale{self.scale:g}")
+        if self.documents:
+            parts.append("docs")
         parts.append(self.layout)
         return "-".join(parts)
 
@@ -252,7 +255,19 @@ CASES = (
     Case(1, 130, 200, 2, 2, 128, window=(17, 5), layout="bhsd"),
     Case(1, 200, 90, 2, 1, 64, window=(3, -1)),
     Case(1, 150, 70, 2, 2, 96, window=(10, 2), causal=True),
+    # A user mask_mod (documents of random lengths, ids by batch) through its block map.
+    Case(2, 300, 300, 4, 2, 64, causal=True, documents=True),
+    Case(1, 130, 200, 2, 2, 128, layout="bhsd", documents=True),
 )
+
+DOCUMENTS = cuflash.MaskMod("qdoc(b, q_idx) == kdoc(b, kv_idx)",
+                            numpy=lambda b, h, q, kv, qdoc, kdoc: qdoc[b, q] == kdoc[b, kv])
+
+
+def _document_ids(batch: int, length: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted int32 document ids ``(batch, length)``: runs of 1..length/3 tokens."""
+    runs = rng.integers(1, max(2, length // 3), size=(batch, length))
+    return (np.cumsum(runs, axis=1) // max(1, length // 4)).astype(np.int32)
 
 
 @dataclass(frozen=True)
@@ -472,6 +487,16 @@ def check_case(case: Case, dtype: str, backend: _Backend, rng: np.random.Generat
             "layout": case.layout}
     naive_opts = {"dtype": dtype, "causal": case.causal, "window": case.window,
                   "scale": case.softmax_scale}
+    ref_opts = dict(opts)
+    if case.documents:  # the mask_mod's map built once, for the forward and the backward
+        ids = {"qdoc": _document_ids(b, sq, rng), "kdoc": _document_ids(b, sk, rng)}
+        aux = {name: x if backend.xp is np else backend.xp.asarray(x) for name, x in ids.items()}
+        opts |= {"mask_mod": DOCUMENTS, "aux": aux}
+        opts["block_map"] = cuflash.block_map(q, k, mask_mod=DOCUMENTS, aux=aux,
+                                              causal=case.causal, window=case.window,
+                                              layout=case.layout)
+        ref_opts |= {"mask_mod": DOCUMENTS, "aux": ids}
+        naive_opts["mask"] = (ids["qdoc"][:, None, :, None] == ids["kdoc"][:, None, None, :])
 
     # -- forward: into a NaN-poisoned out=, then against the reference --
     out = backend.poisoned(tuple(host["q"].shape), dtype)
@@ -488,7 +513,7 @@ def check_case(case: Case, dtype: str, backend: _Backend, rng: np.random.Generat
         return [row.fail("fwd", f"{unwritten} of {got.size} output elements never written "
                                 "(still NaN poison)")]
     ref_out, ref_lse = reference.attention(host["q"], host["k"], host["v"], return_lse=True,
-                                           **opts)
+                                           **ref_opts)
     naive_out, naive_lse = _accuracy.naive_attention(q4, k4, v4, **naive_opts)
     comparisons = [
         _accuracy.compare("out", case.to_canonical(got), case.to_canonical(ref_out), naive_out,
@@ -509,7 +534,7 @@ def check_case(case: Case, dtype: str, backend: _Backend, rng: np.random.Generat
     except Exception as err:
         return [*rows, row.fail("bwd", f"{type(err).__name__}: {err}")]
     ref_grads = reference.attention_backward(host["dout"], host["q"], host["k"], host["v"],
-                                             **opts)
+                                             **ref_opts)
     naive_grads = _accuracy.naive_attention_backward(do4, q4, k4, v4, **naive_opts)
     grad_eps = _accuracy.backward_eps(do4, q4, k4, v4, **naive_opts)
     comparisons = [
