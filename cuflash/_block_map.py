@@ -61,7 +61,7 @@ class BlockMap:
 
     def __repr__(self) -> str:
         batch, heads, sq, sk, mask, window, _, _ = self.signature[1:]
-        band = mask if window is None else f"window {window}"
+        band = f"window {window}" if mask == "window" else mask
         return (f"BlockMap(B={batch}, Hq={heads}, Sq={sq}, Sk={sk}, {band}, entries "
                 f"{self.shape})")
 

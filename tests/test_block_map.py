@@ -124,6 +124,7 @@ def test_calls_with_a_map_equal_calls_without():
     mod, aux = documents(2, 4, 150, 150, rng)
     q, k, v = (rng.standard_normal((2, 150, h, 16)).astype(np.float32) for h in (4, 2, 2))
     bmap = cuflash.block_map(q, k, mask_mod=mod, aux=aux, causal=True)
+    assert repr(bmap).startswith("BlockMap(B=2, Hq=4, Sq=150, Sk=150, causal")
     out, lse = cuflash.attention(q, k, v, causal=True, mask_mod=mod, aux=aux, block_map=bmap,
                                  return_lse=True)
     want = cuflash.attention(q, k, v, causal=True, mask_mod=mod, aux=aux)
