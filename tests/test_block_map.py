@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import cuflash
 from cuflash import _block_map, _compile, _user_mods
 from cuflash._user_mods import positions
 from cuflash._variant import Variant
+from tests.strategies import examples
 
 
 def _documents(batch: int, length: int, rng) -> np.ndarray:
@@ -110,6 +113,29 @@ def test_the_numpy_map_holds_its_definition(name):
                 for c in range(keys):
                     check_entry(pairs[b, h, :, c * 64:(c + 1) * 64].T, entries[rows + c])
         assert 0.0 <= bmap.density() <= 1.0
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(name=st.sampled_from(sorted(MASKS)), sq=st.integers(1, 200), sk=st.integers(1, 200),
+       band=st.sampled_from(["none", "causal", "window"]), left=st.integers(-1, 80),
+       right=st.integers(-1, 80), seed=st.integers(0, 2**32 - 1))
+def test_the_numpy_map_holds_its_definition_for_any_shape_and_band(name, sq, sk, band, left,
+                                                                   right, seed):
+    """Random lengths (tile edges and single rows included), bands and masks: every entry and
+    row bound against the brute-force reading (one batch and two heads, each checked)."""
+    rng = np.random.default_rng(seed)
+    mod, aux = MASKS[name](1, 2, sq, sk, rng)
+    causal, window = band == "causal", (left, right) if band == "window" else None
+    x_q, x_k = np.zeros((1, sq, 2, 8), np.float32), np.zeros((1, sk, 2, 8), np.float32)
+    bmap = cuflash.block_map(x_q, x_k, mask_mod=mod, aux=aux, causal=causal, window=window)
+    pairs = seen(mod, aux, 1, 2, sq, sk, causal, window)
+    rows, keys = -(-sq // 64), -(-sk // 64)
+    for h in range(2):
+        entries = bmap.entries[0, min(h, bmap.shape[1] - 1)]
+        for r in range(rows):
+            check_entry(pairs[0, h, r * 64:(r + 1) * 64], entries[r])
+        for c in range(keys):
+            check_entry(pairs[0, h, :, c * 64:(c + 1) * 64].T, entries[rows + c])
 
 
 def test_reads_names_whole_identifiers():
