@@ -958,3 +958,27 @@ def test_ring_bench_runs_end_to_end_on_the_cpu(tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert stdout.startswith("float32 on the CPU path (gloo; a smoke test)")
     assert "| fwd | 32 | full |" in stdout and (out / "ring.md").exists()
+
+
+# ---- bench --mask-mods (cuflash.bench.mask_mods): everything but the GPU run ------------------
+
+
+def test_mask_mods_bench_without_a_gpu_says_so(capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: the command would run the benchmark")
+    assert bench.main(["--mask-mods", "--seqlens", "4096"]) == 2
+    assert "bench --mask-mods needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_mask_mods_bench_table_compares_with_flex(capsys):
+    from cuflash.bench import mask_mods
+
+    cell = {"head_dim": 128, "seqlen": 4096, "mask": "docs"}
+    rows = [{**cell, "pass": "fwd", "impl": "cuflash map", "ms": 0.5},
+            {**cell, "pass": "fwd", "impl": "cuflash", "ms": 1.5},
+            {**cell, "pass": "fwd", "impl": "flex", "ms": 0.75},
+            {**cell, "pass": "fwd", "impl": "causal, no mask_mod", "ms": 1.0}]
+    mask_mods.summary(rows)
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line == "| 128 | 4096 | docs | fwd | 0.500 | 1.500 | 0.750 | 1.50x | 1.000 |"

@@ -43,7 +43,7 @@ from cuflash.bench.report import (
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags of ``python -m cuflash bench`` (``--overhead``, ``--window``, ``--decode``,
-    ``--softcap``, ``--long``, ``--ring`` and ``--jax`` have their own)."""
+    ``--softcap``, ``--mask-mods``, ``--long``, ``--ring`` and ``--jax`` have their own)."""
     parser = argparse.ArgumentParser(
         prog="python -m cuflash bench",
         description="Time cuflash against PyTorch SDPA's backends and standard attention "
@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="time logit soft-capping against cuflash without it and "
                              "FlexAttention instead (see python -m cuflash bench --softcap "
                              "--help)")
+    parser.add_argument("--mask-mods", action="store_true",
+                        help="time user mask_mods with their block maps against FlexAttention "
+                             "instead (see python -m cuflash bench --mask-mods --help)")
     parser.add_argument("--long", action="store_true",
                         help="time causal forward and backward at S = 128k..1M tokens, with peak "
                              "memory, against SDPA's flash backend instead (see python -m "
@@ -174,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         from cuflash.bench import softcap
 
         return softcap.main([a for a in argv if a != "--softcap"])
+    if "--mask-mods" in argv:
+        from cuflash.bench import mask_mods
+
+        return mask_mods.main([a for a in argv if a != "--mask-mods"])
     if "--long" in argv:
         from cuflash.bench import long
 

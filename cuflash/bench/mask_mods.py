@@ -1,20 +1,22 @@
-"""GPU: user mask_mods with their block maps against FlexAttention, in one run.
+"""``python -m cuflash bench --mask-mods``: user mask_mods with their block maps against
+FlexAttention.
 
-Two masks, causal, bf16, B*S = 16k tokens, H*D = 2048 (H = 16 at D 128, 32 at D 64):
-- documents packed into each sequence (random lengths 128..2048, int32 ids per token):
-  ``doc(b, q_idx) == doc(b, kv_idx)``;
-- a prefix-LM mask (every query sees the first `prefix(b)` tokens, S/8..S/2, and the causal
+Two masks, bf16, B*S = 16k tokens, H*D = 2048 (H = 16 at D 128, 32 at D 64), Sq = Sk = S:
+- documents packed into each sequence (random lengths 128..2048, int32 ids per token), with
+  ``causal=True``: ``doc(b, q_idx) == doc(b, kv_idx)``;
+- a prefix-LM mask (every query sees the first `prefix(b)` tokens, S/8..S/2, and its causal
   past): ``kv_idx <= q_idx || kv_idx < prefix(b)``, run without `causal`.
 
-Each with cuflash's map built once (`cuflash.block_map`, reused by every call), with a map built
-per call (the default), and with FlexAttention's compiled `flex_attention` and the block mask of
-the same mask_mod (`create_block_mask`, B given); the map and block-mask build times apart.
-Forward (no grad) and backward (``out.backward`` of one forward), CUDA events, median of
-`--repeats` timings of `--calls` calls after warm-up. Every cuflash output is checked against
-Flex's (max |difference|) before it is timed.
-
-PYTHONPATH=. python3 tests/perf/block_maps.py [--seqlens 1024 4096 16384] [--head-dims 64 128]
-    [--out DIR]
+In each cell, on the same fresh random inputs: ``cuflash map`` (`cuflash.torch.attention` with a
+map built once by `cuflash.block_map` and reused, as every layer of a step would), ``cuflash``
+(no map passed: one built per call), ``flex`` (FlexAttention's compiled `flex_attention` with
+``create_block_mask`` of the same mask_mod, B given) and ``causal, no mask_mod`` (plain causal
+cuflash, the dense yardstick). The map's and Flex's block-mask build times are reported apart,
+with the map's density (the fraction of 64 x 64 blocks the kernels walk). Forward (no grad) and
+backward (``out.backward`` of one forward), CUDA events, median of `--repeats` timings of
+`--calls` calls after warm-up. Every cuflash output is checked against Flex's (max |difference|)
+before it is timed. ``--out DIR`` writes ``mask_mods.json``. Needs torch with a CUDA GPU:
+without one it says so and exits with status 2.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from pathlib import Path
 import numpy as np
 
 import cuflash
-import cuflash.torch as cft
 from cuflash.bench.config import attention_flops
 from cuflash.bench.torch_gpu import compiled_flex, cuda_torch, environment, time_pass
 
@@ -72,15 +73,15 @@ def seconds(torch, fn) -> float:
     return time.perf_counter() - start
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cuflash bench --mask-mods")
     parser.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    torch = cuda_torch("block_maps")
+    args = parser.parse_args(argv)
+    torch = cuda_torch("--mask-mods")
     if torch is None:
         return 2
     record = {"env": environment(torch), "rows": []}
@@ -100,13 +101,15 @@ def main() -> int:
     summary(record["rows"])
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "block_maps.json").write_text(json.dumps(record, indent=1, default=str))
+        (args.out / "mask_mods.json").write_text(json.dumps(record, indent=1, default=str))
     return 0
 
 
 def run_cell(torch, inputs, cell: dict, mod, aux, causal: bool, flex_mod, args) -> list[dict]:
     """One (D, S, mask) cell: build times, a check against Flex, then every timing."""
     from torch.nn.attention.flex_attention import create_block_mask
+
+    import cuflash.torch as cft
 
     q, k = inputs[:2]
     seqlen, batch = cell["seqlen"], cell["batch"]
@@ -153,7 +156,8 @@ def run_cell(torch, inputs, cell: dict, mod, aux, causal: bool, flex_mod, args) 
 
 
 def summary(rows: list[dict]) -> None:
-    """One line per cell: cuflash (map reused) ms, Flex ms, and their ratio."""
+    """One Markdown line per cell and pass: cuflash with its map reused, with one per call,
+    Flex, Flex's time over the reused map's, plain causal cuflash (ms)."""
     cells: dict = {}
     for row in rows:
         key = (row["head_dim"], row["seqlen"], row["mask"], row["pass"])
