@@ -378,7 +378,7 @@ def test_the_run_time_modifications_take_two_kernel_kinds():
 
 def test_mods_give_the_kernels_broadcast_strides():
     """The bias's and the mask's (B, H, Sq, Sk) strides in elements, 0 along broadcast axes, and
-    the bias's itemsize, as the parameter blocks take them."""
+    the bias's itemsize, as the parameter blocks take them (no block map: its fields zero)."""
     from cuflash._launch_common import NO_MODS, Mods
 
     bias = np.broadcast_to(np.zeros((3, 1, 5), np.float16), (2, 3, 4, 5))
@@ -386,7 +386,8 @@ def test_mods_give_the_kernels_broadcast_strides():
     assert Mods(bias=bias, mask=mask).fields() == {
         "bias_dtype": 2, "bias_batch_stride": 0, "bias_head_stride": 5, "bias_row_stride": 0,
         "bias_col_stride": 1, "mask_batch_stride": 0, "mask_head_stride": 0,
-        "mask_row_stride": 5, "mask_col_stride": 1}
+        "mask_row_stride": 5, "mask_col_stride": 1, "block_map": 0,
+        "block_map_batch_stride": 0, "block_map_head_stride": 0, "block_map_rows": 0}
     strided = np.zeros((2, 3, 4, 10))[..., ::2]
     assert Mods(bias=strided).fields()["bias_col_stride"] == 2
     assert Mods(bias=strided).fields()["bias_dtype"] == 8
