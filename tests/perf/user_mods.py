@@ -27,6 +27,7 @@ import numpy as np
 import cuflash
 import cuflash.torch as cft
 from cuflash.bench.config import attention_flops
+from cuflash.bench.mask_mods import documents
 from cuflash.bench.torch_gpu import compiled_flex, cuda_torch, environment, time_pass
 
 CAP = 30.0
@@ -55,18 +56,6 @@ def cold_compile(torch) -> dict:
         found[f"fwd_{label}_s"] = middle - start
         found[f"bwd_{label}_s"] = time.perf_counter() - middle
     return found
-
-
-def documents(torch, batch: int, seqlen: int, rng) -> object:
-    """Document ids (batch, seqlen), int32 on the GPU: runs of 128..2048 tokens."""
-    ids = np.zeros((batch, seqlen), dtype=np.int32)
-    for b in range(batch):
-        at, doc = 0, 0
-        while at < seqlen:
-            n = int(rng.integers(128, 2049))
-            ids[b, at:at + n] = doc
-            at, doc = at + n, doc + 1
-    return torch.from_numpy(ids).cuda()
 
 
 def impls(torch, seqlen: int, doc) -> dict:
