@@ -197,16 +197,11 @@ template <typename T, typename A> struct Score<user::{kind}, T, A> {{
     return bound;
   }}
   // The block map's view (kBlockMap): key tiles of `tiles` rows [row_begin, row_end) may see,
-  // query tiles that may see keys [col_begin, col_end), and this Score on one tile.
+  // and this Score on one tile (the dK/dV kernels' query ranges: score.cuh's narrow_by_map).
   template <int kBlock>
   __device__ __forceinline__ cuflash::Span key_tiles(cuflash::Span tiles, int row_begin,
                                                      int row_end) const {{
     return cf_map.template key_tiles<kBlock>(tiles, row_begin, row_end);
-  }}
-  template <int kBlock>
-  __device__ __forceinline__ cuflash::Span query_tiles(cuflash::Span tiles, int col_begin,
-                                                       int col_end) const {{
-    return cf_map.template query_tiles<kBlock>(tiles, col_begin, col_end);
   }}
   __device__ __forceinline__ Score on_tile(int row_begin, int row_end, int col_begin,
                                            int col_end) const {{
