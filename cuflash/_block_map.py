@@ -1,11 +1,13 @@
 """Block maps: a user mask_mod evaluated once into ranges, so that kernels skip what it hides.
 
 A `BlockMap` holds, for each block of 64 query rows, the keys some row of it sees and the keys
-every row of it sees, and the same for each block of 64 keys (kernels_cu/block_map.cuh). The
-kernels walk only the key tiles (query tiles, in the backward's dK/dV) the map shows, and leave
-the mask_mod's per-element test out of the tiles it shows whole. The map is conservative: a
-mask_mod with holes inside a block's range (a key seen by no row between seen ones) is walked
-and tested there, never wrong.
+every row of it sees, the same for each block of 64 keys, and for each query row its seen keys
+where they are one interval (kernels_cu/block_map.cuh). The kernels walk only the key tiles
+(query tiles, in the backward's dK/dV) the map shows, leave the mask_mod's per-element test out
+of the tiles it shows whole, and the Hopper kernels mask rows whose keys are one interval
+(documents, prefix-LM, any band) by its bounds instead of calling the mask_mod. The map is
+conservative: a mask_mod with holes inside a block's range (a key seen by no row between seen
+ones) is walked and tested there, never wrong.
 
 `cuflash.block_map(q, k, mask_mod=...)` builds one to pass to later calls (`block_map=`), for
 example every layer of a step; a call with a mask_mod and no map builds its own first. A map
@@ -31,23 +33,53 @@ class BlockMap:
     """A mask_mod's block map for one problem shape (build it with `cuflash.block_map`).
 
     Attributes:
-        entries: int32 ``(Bm, Hm, R + C, 4)``, on q's device (CuPy) or NumPy for CPU inputs:
-            ``R = ceil(Sq / 64)`` row blocks, then ``C = ceil(Sk / 64)`` key blocks, each
-            ``(begin, end, full_begin, full_end)``; Bm (Hm) is 1 where the mask_mod does not
-            read ``b`` (``h``).
-        row_blocks: R.
+        data: int32 ``(Bm, Hm, 132 (R + C))``, on q's device (CuPy) or NumPy for CPU inputs,
+            one plane per (batch, head) as the kernels read it: `entries`, `bounds`,
+            `key_bounds`. Bm (Hm) is 1 where the mask_mod does not read ``b`` (``h``).
+        row_blocks: R, ``ceil(Sq / 64)``.
         signature: what a call must match to use the map: the mask_mod's code and aux arrays'
             dtypes and axes, B, Hq, Sq, Sk, the causal/window band, and the device.
     """
 
-    entries: object
+    data: object
     row_blocks: int
     signature: tuple
     per_call: bool = False  # built by a call for itself (not replayed: its aux may change)
 
     @property
+    def entries(self):
+        """int32 ``(Bm, Hm, R + C, 4)``: R row blocks, then ``C = ceil(Sk / 64)`` key blocks,
+        each ``(begin, end, full_begin, full_end)`` (a copy, in `data`'s array type)."""
+        bm, hm = self.data.shape[:2]
+        return self.data[:, :, :4 * self._blocks].reshape(bm, hm, self._blocks, 4)
+
+    @property
+    def bounds(self):
+        """int32 ``(Bm, Hm, 64 R, 2)``: each query row's seen keys ``[first, end)`` where they
+        are one interval (``(0, 0)``: none, also for the rows past Sq), ``(-1, -1)`` where they
+        are not (a copy, in `data`'s array type)."""
+        bm, hm = self.data.shape[:2]
+        at = 4 * self._blocks
+        return self.data[:, :, at:at + 2 * ROWS * self.row_blocks].reshape(
+            bm, hm, ROWS * self.row_blocks, 2)
+
+    @property
+    def key_bounds(self):
+        """int32 ``(Bm, Hm, 64 C, 2)``: each key's queries ``[first, end)`` that see it, as
+        `bounds` (a copy)."""
+        bm, hm = self.data.shape[:2]
+        at = 4 * self._blocks + 2 * ROWS * self.row_blocks
+        return self.data[:, :, at:].reshape(bm, hm, -1, 2)
+
+    @property
+    def _blocks(self) -> int:
+        return self.data.shape[2] // (4 + 2 * ROWS)
+
+    @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(int(n) for n in self.entries.shape)
+        """`entries`' shape."""
+        bm, hm = self.data.shape[:2]
+        return (int(bm), int(hm), self._blocks, 4)
 
     def density(self) -> float:
         """The fraction of 64 x 64 (query, key) blocks the kernels walk: each row block's key
@@ -63,7 +95,14 @@ class BlockMap:
         batch, heads, sq, sk, mask, window, _, _ = self.signature[1:]
         band = f"window {window}" if mask == "window" else mask
         return (f"BlockMap(B={batch}, Hq={heads}, Sq={sq}, Sk={sk}, {band}, entries "
-                f"{self.shape})")
+                f"{self.shape}, {self.intervals():.0%} of rows intervals)")
+
+    def intervals(self) -> float:
+        """The fraction of (batch, head, query row) whose seen keys are one interval (or
+        none): the rows the Hopper kernels mask by bounds (reads the map back)."""
+        sq = self.signature[3]
+        bounds = np.asarray(_to_numpy(self.bounds))[:, :, :sq]
+        return float((bounds[..., 0] >= 0).mean()) if bounds.size else 1.0
 
 
 def _to_numpy(x):
@@ -119,11 +158,17 @@ def build(problem, aux_arrays, *, per_call: bool = False) -> BlockMap:
     heads = problem.heads_q if reads(user.mask, "h") else 1
     rows, keys = math.ceil(problem.seqlen_q / ROWS), math.ceil(problem.seqlen_k / ROWS)
     if problem.source.device == "cpu":
-        entries = _entries_numpy(problem, dict(zip((n for n, _, _ in user.aux), aux_arrays,
-                                                   strict=True)), batches, heads, rows, keys)
+        data = _data_numpy(problem, dict(zip((n for n, _, _ in user.aux), aux_arrays,
+                                             strict=True)), batches, heads, rows, keys)
     else:
-        entries = _entries_cuda(problem, aux_arrays, batches, heads, rows, keys)
-    return BlockMap(entries, rows, signature(problem), per_call)
+        data = _data_cuda(problem, aux_arrays, batches, heads, rows, keys)
+    return BlockMap(data, rows, signature(problem), per_call)
+
+
+def plane_ints(rows: int, keys: int) -> int:
+    """Ints of one (batch, head)'s map: the entries, then two a row and two a key
+    (BlockMap::plane_ints)."""
+    return (4 + 2 * ROWS) * (rows + keys)
 
 
 def build_spec(variant):
@@ -134,13 +179,13 @@ def build_spec(variant):
                       THREADS // 32, variant.mask, False, 0, min_arch=70, score=variant.user)
 
 
-def _entries_cuda(problem, aux_arrays, batches, heads, rows, keys):
+def _data_cuda(problem, aux_arrays, batches, heads, rows, keys):
     from cuflash import _compile
     from cuflash._kernel_call import KernelCall
     from cuflash._launch_common import FWD_PARAMS, aux_fields, pack_params
 
     src = problem.source
-    entries = _interop.empty_backend((batches, heads, rows + keys, 4), "int32", src)
+    data = _interop.empty_backend((batches, heads, plane_ints(rows, keys)), "int32", src)
     variant = problem.variant
     left, right = variant.window_params(problem.seqlen_q, problem.seqlen_k)
     fields = {**dict.fromkeys(FWD_PARAMS.names, 0), **aux_fields(aux_arrays),
@@ -153,13 +198,13 @@ def _entries_cuda(problem, aux_arrays, batches, heads, rows, keys):
     call = KernelCall(_compile.get_function(build_spec(variant), src.device_id, cc),
                       src.device_id, (rows + keys, heads, batches), THREADS, 0,
                       pack_params(FWD_PARAMS, fields), ("q",),
-                      args=(np.uint64(entries.data.ptr),))
+                      args=(np.uint64(data.data.ptr),))
     call((0,), _interop.current_stream(src))
-    return entries
+    return data
 
 
-def _entries_numpy(problem, aux: dict, batches: int, heads: int, rows: int, keys: int):
-    """The map by the mask_mod's NumPy form, entry for entry as the build kernel writes it."""
+def _data_numpy(problem, aux: dict, batches: int, heads: int, rows: int, keys: int):
+    """The map by the mask_mod's NumPy form, int for int as the build kernel writes it."""
     from cuflash import _user_mods
 
     keep = _user_mods.numpy_form(problem.mask_mod.numpy, "mask_mod.numpy", "the mask_mod")
@@ -178,7 +223,25 @@ def _entries_numpy(problem, aux: dict, batches: int, heads: int, rows: int, keys
                 entries[bi, hi, r] = _entry(plane[r * ROWS:(r + 1) * ROWS])
             for c in range(keys):
                 entries[bi, hi, rows + c] = _entry(plane[:, c * ROWS:(c + 1) * ROWS].T)
-    return entries
+    data = np.zeros((batches, heads, plane_ints(rows, keys)), dtype=np.int32)
+    data[:, :, :4 * (rows + keys)] = entries.reshape(batches, heads, -1)
+    at = 4 * (rows + keys)
+    data[:, :, at:at + 2 * sq] = _bounds(seen).reshape(batches, heads, 2 * sq)
+    at += 2 * ROWS * rows
+    data[:, :, at:at + 2 * sk] = _bounds(seen.swapaxes(-1, -2)).reshape(batches, heads, 2 * sk)
+    return data
+
+
+def _bounds(seen: np.ndarray) -> np.ndarray:
+    """Each row's ``(first, end)`` of `seen` (..., Sq, Sk): its seen keys where they are one
+    interval, ``(0, 0)`` where none, ``(-1, -1)`` where not one interval."""
+    count = seen.sum(axis=-1)
+    first = np.argmax(seen, axis=-1)
+    last = seen.shape[-1] - 1 - np.argmax(seen[..., ::-1], axis=-1)
+    one = count == last - first + 1
+    bounds = np.stack([np.where(one, first, -1), np.where(one, last + 1, -1)], axis=-1)
+    bounds[count == 0] = 0
+    return bounds.astype(np.int32)
 
 
 def _entry(block: np.ndarray) -> tuple[int, int, int, int]:

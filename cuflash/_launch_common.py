@@ -166,15 +166,15 @@ class Mods:
 
 def block_map_fields(block_map=None) -> dict[str, int]:
     """The parameter blocks' block map fields for a `_block_map.BlockMap` on the device (its
-    `entries`, CuPy int32 ``(Bm, Hm, R + C, 4)``, Bm and Hm 1 where broadcast), or none."""
+    `data`, CuPy int32 ``(Bm, Hm, plane)``, Bm and Hm 1 where broadcast; strides in planes),
+    or none."""
     if block_map is None:
         return {"block_map": 0, "block_map_batch_stride": 0, "block_map_head_stride": 0,
                 "block_map_rows": 0}
-    entries = block_map.entries
-    batches, heads, per_head, _ = entries.shape
-    return {"block_map": entries.data.ptr,
-            "block_map_batch_stride": 0 if batches == 1 else heads * per_head,
-            "block_map_head_stride": 0 if heads == 1 else per_head,
+    batches, heads, _ = block_map.data.shape
+    return {"block_map": block_map.data.data.ptr,
+            "block_map_batch_stride": 0 if batches == 1 else heads,
+            "block_map_head_stride": 0 if heads == 1 else 1,
             "block_map_rows": block_map.row_blocks}
 
 

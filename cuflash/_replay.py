@@ -294,7 +294,7 @@ def user_key(like, score_mod, mask_mod, aux, block_map) -> tuple | None:
             return None
         parts.append((name, side, framework.pointer(x)))
     if block_map is not None:
-        pointer = getattr(getattr(getattr(block_map, "entries", None), "data", None), "ptr", None)
+        pointer = getattr(getattr(getattr(block_map, "data", None), "data", None), "ptr", None)
         if pointer is None:
             return None  # not a device map: the full path names it
         parts.append((id(block_map), pointer, block_map.signature))

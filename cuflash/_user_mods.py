@@ -218,6 +218,10 @@ template <typename T, typename A> struct Score<user::{kind}, T, A> {{
                                                  int col_end) const {{
     return cf_map.full_in_block(row_begin, col_begin, col_end);
   }}
+  // the keys [x, y) query `row` sees when they are one interval; x < 0 where they are not
+  __device__ __forceinline__ int2 row_bounds(int row) const {{ return cf_map.row_bounds(row); }}
+  // the queries [x, y) that see key `col`, as row_bounds
+  __device__ __forceinline__ int2 col_bounds(int col) const {{ return cf_map.col_bounds(col); }}
   // operator() on a tile the map shows whole: the score_mod alone
   __device__ __forceinline__ A unmasked(A s, int row, int col) const {{
     return cf_inside(row, col) ? {modified} : s;

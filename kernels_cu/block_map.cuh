@@ -3,16 +3,19 @@
 // leave its per-element test out of the tiles it shows whole (FlexAttention's block mask, kept
 // as ranges).
 //
-// The map of one (batch, head) is `row_blocks` entries for the query rows, kRows a block, then
-// one entry per block of kRows keys; each entry is four ints {begin, end, full_begin,
-// full_end}:
+// The map of one (batch, head), a plane of ints, is `row_blocks` entries for the query rows,
+// kRows a block, then one entry per block of kRows keys; each entry is four ints {begin, end,
+// full_begin, full_end}:
 //   a row block's: the keys some row of the block sees lie in [begin, end) (none outside), and
 //                  every row of the block sees every key of [full_begin, full_end);
 //   a key block's: the same for the queries that see the block's keys.
-// Empty ranges are written as {0, 0}. The map holds the causal or window band and the ragged
-// ends too (a key past seqlen_k is never full). block_map.cu builds it; a map broadcast over
-// batches or heads has stride 0 there. The kernels read it through the user kind's Score
-// (cuflash/_user_mods.py), whose kind says kBlockMap.
+// Empty ranges are written as {0, 0}. Then two ints per query row (kRows * row_blocks rows):
+// {first, end} where the keys the row sees are the one interval [first, end) ({0, 0}: none),
+// {-1, -1} where they are not one interval; then the same per key (kRows a key block) for
+// the queries that see it. The map holds the causal or window band and the
+// ragged ends too (a key past seqlen_k is never seen). block_map.cu builds it; strides count
+// planes, 0 where a map is broadcast over batches or heads. The kernels read it through the
+// user kind's Score (cuflash/_user_mods.py), whose kind says kBlockMap.
 #pragma once
 
 #include "common.cuh"
@@ -35,9 +38,27 @@ struct BlockMap {
   __device__ __forceinline__ BlockMap for_head(const Params& p, int batch, int head) const {
     BlockMap bound = *this;
     if (entries != nullptr) {
-      bound.entries += 4 * (batch * p.block_map_batch_stride + head * p.block_map_head_stride);
+      bound.entries += plane_ints() * (batch * p.block_map_batch_stride +
+                                       head * p.block_map_head_stride);
     }
     return bound;
+  }
+  __device__ __forceinline__ int plane_ints() const {
+    return (4 + 2 * kRows) * (row_blocks + ceil_div(seqlen_k, kRows));
+  }
+  // The keys [x, y) query `row` sees when they are one interval ({0, 0}: none, also past
+  // seqlen_q); x < 0 where they are not one interval.
+  __device__ __forceinline__ int2 row_bounds(int row) const {
+    if (row >= seqlen_q) return make_int2(0, 0);
+    return __ldg(bounds() + row);
+  }
+  // The queries [x, y) that see key `col`, as row_bounds.
+  __device__ __forceinline__ int2 col_bounds(int col) const {
+    if (col >= seqlen_k) return make_int2(0, 0);
+    return __ldg(bounds() + kRows * row_blocks + col);
+  }
+  __device__ __forceinline__ const int2* bounds() const {
+    return reinterpret_cast<const int2*>(entries + 4 * (row_blocks + ceil_div(seqlen_k, kRows)));
   }
   __device__ __forceinline__ int4 entry(int i) const {
     return __ldg(reinterpret_cast<const int4*>(entries) + i);

@@ -352,25 +352,39 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
           }
         }
       };
-      // a step whose queries see all this warp's keys by the block map: no mask_mod per element
+      const float hidden = kSlopeLater ? neg_inf() : 0.f;
+      // By the block map, where the queries that see each of the warp's keys are one interval:
+      // the score_mod alone, then the keys' bounds hide the rest (band included); elsewhere the
+      // mask_mod per element (a whole-tile path beside these two spilled at D 64).
+      bool bounded = false;
       if constexpr (ScoreKind::kBlockMap) {
         const int q0 = row0 + q_col0, k0 = n0 + key_base;
-        const bool whole = Tr::kConsumerQueries <= BlockMap::kRows
-                               ? step_score.whole_in_block(q0, k0, k0 + 16)
-                               : step_score.whole(q0, q0 + Tr::kConsumerQueries, k0, k0 + 16);
-        if (whole) {
+        const int2 a = step_score.col_bounds(k0 + g), b = step_score.col_bounds(k0 + g + 8);
+        bounded = __all_sync(0xffffffffu, a.x >= 0 && b.x >= 0);
+        if (bounded) {
           modify([&](float x, int row, int col) { return step_score.unmasked(x, row, col); });
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            // the key's queries relative to this thread's first column
+            const int first = (h ? b.x : a.x) - q0 - 2 * t, end = (h ? b.y : a.y) - q0 - 2 * t;
+#pragma unroll
+            for (int j = 0; j < kQTiles; ++j)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const int c = j * 8 + e;
+                if (c < first || c >= end) st[j][2 * h + e] = hidden;
+              }
+          }
         } else {
           modify(step_score);
         }
       } else {
         modify(step_score);
       }
-      const float hidden = kSlopeLater ? neg_inf() : 0.f;
       // Zero P^T (or hide the modified S^T) where the query does not see the key: key j
       // (< seqlen_k) is seen by columns [first_query(j), end_query(j)) - row0, none past
       // seqlen_k. Only steps the band's edges or the ragged end cut pay.
-      if (ragged_keys || mask.cuts(row0, row0 + kBlockM, n0, n0 + kBlockN)) {
+      if (!bounded && (ragged_keys || mask.cuts(row0, row0 + kBlockM, n0, n0 + kBlockN))) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int key = n0 + key_base + h * 8 + g;

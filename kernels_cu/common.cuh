@@ -66,8 +66,9 @@ struct FwdParams {
   double softcap;     // Softcap's cap (score.cuh), > 0 (Mods: 0 is no cap); else unused
   const void* aux[kMaxAux];  // a user modification's arrays (score.cuh's Aux); else unused
   int64 aux_strides[kMaxAux][kMaxAuxDims];
-  // A user mask_mod's block map (block_map.cuh): int entries, four a block, `block_map_rows`
-  // row blocks first; strides in entries, 0 where broadcast. Null: none.
+  // A user mask_mod's block map (block_map.cuh): a plane of ints per (batch, head), whose
+  // entries start with `block_map_rows` row blocks; strides in planes, 0 where broadcast.
+  // Null: none.
   const void* block_map;
   int64 block_map_batch_stride, block_map_head_stride;
   int block_map_rows;

@@ -473,6 +473,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
     auto apply_mask = [&](float (&s)[1][kNTiles][4], int row0, int n_block,
                           const Score<ScoreKind, T>& mod) {
       const int col0 = n_block * kBlockN;
+      bool bounded = false;  // masked by the rows' bounds from the block map (band included)
       if constexpr (ScoreKind::kModifies) {
         auto modify = [&](auto&& f) {
 #pragma unroll
@@ -484,10 +485,31 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
                               col0 + nt * 8 + 2 * t + e % 2);
             }
         };
-        // a tile whose rows see all its keys by the block map: no mask_mod per element
+        // By the block map, where the warp's 16 rows (one map block) see all the tile's keys, or
+        // each row's keys are one interval: the score_mod alone, then its row's bounds hide the
+        // rest (one compare a score, as the band's edges); elsewhere the mask_mod per element.
         if constexpr (ScoreKind::kBlockMap) {
-          if (mod.whole_in_block(row0 + rows_before, col0, col0 + kBlockN)) {  // 16 rows: one block
+          const int row_a = row0 + rows_before + g;
+          int2 a = mod.row_bounds(row_a), b = mod.row_bounds(row_a + 8);
+          if (mod.whole_in_block(row0 + rows_before, col0, col0 + kBlockN)) {
+            a = b = make_int2(col0, min(col0 + kBlockN, p.seqlen_k));
+          }
+          bounded = __all_sync(0xffffffffu, a.x >= 0 && b.x >= 0);
+          if (bounded) {
             modify([&](float x, int row, int col) { return mod.unmasked(x, row, col); });
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              // the row's bounds relative to this thread's first column
+              const int first = (half ? b.x : a.x) - col0 - 2 * t;
+              const int end = (half ? b.y : a.y) - col0 - 2 * t;
+#pragma unroll
+              for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                  const int c = nt * 8 + e;
+                  if (c < first || c >= end) s[0][nt][2 * half + e] = neg_inf();
+                }
+            }
           } else {
             modify(mod);
           }
@@ -497,7 +519,7 @@ fwd_sm90(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMap tma
       }
       const bool ragged = col0 + kBlockN > p.seqlen_k;
       const bool cut = mask.cuts(row0 + rows_before, row0 + rows_before + 16, col0, col0 + kBlockN);
-      if (ragged || cut) {
+      if (!bounded && (ragged || cut)) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int row = row0 + rows_before + half * 8 + g;

@@ -89,6 +89,22 @@ def check_entry(block: np.ndarray, entry) -> None:
     assert full_end - full_begin == longest
 
 
+def check_bounds(plane: np.ndarray, bounds) -> None:
+    """Each row's bounds read by their definition against `plane` (rows by keys; keys by rows
+    for the key bounds): its seen keys as one interval, (0, 0) for none and for the padding
+    rows, (-1, -1) where not one."""
+    bounds = np.asarray(bounds)
+    assert bounds.shape == (-(-plane.shape[0] // 64) * 64, 2)
+    for row, (first, end) in enumerate(bounds.tolist()):
+        cols = np.flatnonzero(plane[row]) if row < plane.shape[0] else np.zeros(0, int)
+        if cols.size == 0:
+            assert (first, end) == (0, 0), row
+        elif cols[-1] - cols[0] + 1 == cols.size:
+            assert (first, end) == (cols[0], cols[-1] + 1), row
+        else:
+            assert (first, end) == (-1, -1), row
+
+
 @pytest.mark.parametrize("name", sorted(MASKS))
 def test_the_numpy_map_holds_its_definition(name):
     """Every row block's and key block's entry, every band, ragged shapes; entries of masks
@@ -112,7 +128,11 @@ def test_the_numpy_map_holds_its_definition(name):
                     check_entry(pairs[b, h, r * 64:(r + 1) * 64], entries[r])
                 for c in range(keys):
                     check_entry(pairs[b, h, :, c * 64:(c + 1) * 64].T, entries[rows + c])
+                at = min(b, batches - 1), min(h, n_heads - 1)
+                check_bounds(pairs[b, h], bmap.bounds[at])
+                check_bounds(pairs[b, h].T, bmap.key_bounds[at])
         assert 0.0 <= bmap.density() <= 1.0
+        assert 0.0 <= bmap.intervals() <= 1.0
 
 
 @settings(max_examples=examples(40), deadline=None)
@@ -136,6 +156,8 @@ def test_the_numpy_map_holds_its_definition_for_any_shape_and_band(name, sq, sk,
             check_entry(pairs[0, h, r * 64:(r + 1) * 64], entries[r])
         for c in range(keys):
             check_entry(pairs[0, h, :, c * 64:(c + 1) * 64].T, entries[rows + c])
+        check_bounds(pairs[0, h], bmap.bounds[0, min(h, bmap.shape[1] - 1)])
+        check_bounds(pairs[0, h].T, bmap.key_bounds[0, min(h, bmap.shape[1] - 1)])
 
 
 def test_reads_names_whole_identifiers():

@@ -1,9 +1,10 @@
 """GPU: block maps of user mask_mods (`cuflash.block_map`, ``block_map=``). The build kernel's
-map equals the NumPy form's entry for entry (masks by batch, by head, with holes; every band;
-ragged shapes), and attention with a map (reused across calls, or built per call) matches the
-float64 reference of the same mask as a bool array, forward and backward, on every kernel
-family that reads a map (the Hopper forward and dK/dV, sm80 forced) and on SIMT, which walks
-the band whole. Skipped, with the reason printed, where no CUDA GPU is usable.
+map equals the NumPy form's int for int, entries and row and key bounds (masks by batch, by
+head, with holes; every band; ragged shapes), and attention with a map (reused across calls,
+or built per call) matches the float64 reference of the same mask as a bool array, forward and
+backward, on every kernel family that reads a map (the Hopper forward and dK/dV, sm80 forced)
+and on SIMT, which walks the band whole. Skipped, with the reason printed, where no CUDA GPU is
+usable.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ SHAPES = ((130, 200, True, None), (200, 130, False, None), (300, 257, False, (70
 
 @pytest.mark.parametrize("name", sorted(MASKS))
 def test_the_device_map_equals_the_numpy_map(name):
-    """Entry for entry, for every band and ragged shape, CuPy aux arrays."""
+    """Int for int (entries, row and key bounds), for every band and ragged shape, CuPy aux
+    arrays."""
     import cupy
 
     for i, (sq, sk, causal, window) in enumerate(SHAPES):
@@ -48,7 +50,8 @@ def test_the_device_map_equals_the_numpy_map(name):
                                 aux={n: cupy.asarray(x) for n, x in aux.items()},
                                 causal=causal, window=window)
         assert got.shape == want.shape
-        np.testing.assert_array_equal(got.entries.get(), want.entries,
+        # the entries, then each row's and each key's bounds
+        np.testing.assert_array_equal(got.data.get(), want.data,
                                       err_msg=f"{name} {sq}x{sk} causal={causal} {window}")
 
 
