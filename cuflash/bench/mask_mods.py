@@ -12,7 +12,8 @@ map built once by `cuflash.block_map` and reused, as every layer of a step would
 (no map passed: one built per call), ``flex`` (FlexAttention's compiled `flex_attention` with
 ``create_block_mask`` of the same mask_mod, B given) and ``causal, no mask_mod`` (plain causal
 cuflash, the dense yardstick). The map's and Flex's block-mask build times are reported apart,
-with the map's density (the fraction of 64 x 64 blocks the kernels walk). Forward (no grad) and
+with the map's density (the fraction of 64 x 64 blocks the kernels walk) and the fraction of
+rows whose keys are one interval (masked by their bounds on Hopper). Forward (no grad) and
 backward (``out.backward`` of one forward), CUDA events, median of `--repeats` timings of
 `--calls` calls after warm-up. Every cuflash output is checked against Flex's (max |difference|)
 before it is timed. ``--out DIR`` writes ``mask_mods.json``. Needs torch with a CUDA GPU:
@@ -118,6 +119,7 @@ def run_cell(torch, inputs, cell: dict, mod, aux, causal: bool, flex_mod, args) 
     cell["map_build_ms"] = 1e3 * min(
         seconds(torch, lambda: cuflash.block_map(q, k, **options)) for _ in range(3))
     cell["map_density"] = bmap.density()
+    cell["map_intervals"] = bmap.intervals()  # rows masked by their bounds on Hopper
     fns = {"cuflash map": lambda q, k, v: cft.attention(q, k, v, block_map=bmap, **options),
            "cuflash": lambda q, k, v: cft.attention(q, k, v, **options),
            "causal, no mask_mod": lambda q, k, v: cft.attention(q, k, v, causal=True,
