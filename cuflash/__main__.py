@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 import cuflash
-from cuflash import _accuracy, _compile, _dtypes, reference
+from cuflash import _accuracy, _dtypes, reference
+from cuflash.cuda import _compile
 
 _ENV_SWITCHES = ("CUFLASH_VERBOSE", "CUFLASH_LINEINFO", "CUFLASH_DEBUG")
 
@@ -363,7 +364,7 @@ class _Backend:
             return
         import cupy
 
-        from cuflash import _launch
+        from cuflash.cuda import _launch
 
         gpu = cupy.cuda.Device()
         cc = int(gpu.compute_capability)

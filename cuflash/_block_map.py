@@ -173,16 +173,16 @@ def plane_ints(rows: int, keys: int) -> int:
 
 def build_spec(variant):
     """The build kernel of `variant`'s mask and user kind (kernels_cu/block_map.cu)."""
-    from cuflash._spec import KernelSpec
+    from cuflash.cuda._spec import KernelSpec
 
     return KernelSpec("block_map.cu", "build_block_map", "float32", 0, ROWS, ROWS,
                       THREADS // 32, variant.mask, False, 0, min_arch=70, score=variant.user)
 
 
 def _data_cuda(problem, aux_arrays, batches, heads, rows, keys):
-    from cuflash import _compile
-    from cuflash._kernel_call import KernelCall
-    from cuflash._launch_common import FWD_PARAMS, aux_fields, pack_params
+    from cuflash.cuda import _compile
+    from cuflash.cuda._kernel_call import KernelCall
+    from cuflash.cuda._launch_common import FWD_PARAMS, aux_fields, pack_params
 
     src = problem.source
     data = _interop.empty_backend((batches, heads, plane_ints(rows, keys)), "int32", src)

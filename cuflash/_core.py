@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from cuflash import _block_map, _dtypes, _interop, _replay, _side_arrays, _user_mods
+from cuflash import _block_map, _dtypes, _interop, _side_arrays, _user_mods
 from cuflash._checks import (  # the size limits stay importable from here, where they apply
     MAX_GRID_YZ,  # noqa: F401
     MAX_ROW_REACH,  # noqa: F401
@@ -30,8 +30,9 @@ from cuflash._checks import (  # the size limits stay importable from here, wher
     refuse_capped_mods_on_cuda,
     refuse_masked,
 )
-from cuflash._compile import compute_capability
 from cuflash._variant import Variant
+from cuflash.cuda import _replay
+from cuflash.cuda._compile import compute_capability
 
 log = logging.getLogger("cuflash")
 
@@ -502,7 +503,7 @@ def forward_into(problem: Problem, qb, kb, vb, out_b, lse_b):
         return False, None
     if problem.head_dim_v != problem.head_dim:
         return False, _forward_widened(problem, q4, k4, v4, o4, lse3)
-    from cuflash import _launch
+    from cuflash.cuda import _launch
 
     src = problem.source
     device_id = src.device_id
@@ -569,7 +570,7 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
     if problem.head_dim_v != problem.head_dim:
         return _backward_widened(problem, do4, q4, k4, v4, o4, lse3, dq4, dk4, dv4,
                                  deterministic=deterministic, dsinks=dsinks, dbias=dbias)
-    from cuflash import _launch, _launch_bwd
+    from cuflash.cuda import _launch, _launch_bwd
 
     src = problem.source
     device_id = src.device_id

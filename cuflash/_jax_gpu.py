@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cuflash import _checks, _core, _launch, _launch_bwd
-from cuflash._launch_common import MOD_POINTERS, NO_MODS, Mods
+from cuflash import _checks, _core
+from cuflash.cuda import _launch, _launch_bwd
+from cuflash.cuda._launch_common import MOD_POINTERS, NO_MODS, Mods
 
 _ALIGNMENT = 16  # bytes: what the plans assume of every buffer's address
 

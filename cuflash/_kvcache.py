@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from cuflash import _decode, _interop
+from cuflash import _interop
 from cuflash._checks import (
     check_alibi,
     check_flag,
@@ -31,6 +31,7 @@ from cuflash._merge import ops_for
 from cuflash._variant import Variant, check_softcap
 from cuflash._varlen import int32_vector, to_host
 from cuflash.api import attention
+from cuflash.cuda import _decode
 
 log = logging.getLogger("cuflash")
 

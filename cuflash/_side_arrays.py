@@ -25,7 +25,7 @@ def mods_on_device(problem):
     shape), None where the call has none; for a user kind its aux arrays (a NumPy one copied
     to the device first) and, with a mask_mod, its block map (the call's, or one built here
     on the current stream)."""
-    from cuflash._launch_common import Mods
+    from cuflash.cuda._launch_common import Mods
 
     if problem.variant.user is not None:
         from cuflash import _block_map

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cuflash._launch_common import MAX_AUX, MAX_AUX_DIMS
+from cuflash.cuda._launch_common import MAX_AUX, MAX_AUX_DIMS
 
 # The names the user's code sees besides its aux arrays.
 SCORE_ARGS = ("score", "b", "h", "q_idx", "kv_idx")

@@ -21,7 +21,7 @@ def kernel_path(request, monkeypatch):
     (on an H100 the dispatcher picks the Hopper kernels, which would leave sm80 untested).
     Function-scoped: it sets the environment once per test, the same for every Hypothesis
     example."""
-    from cuflash import _replay
+    from cuflash.cuda import _replay
 
     # A signature planned under the other path would replay that path's kernels: start clean.
     _replay.clear()

@@ -19,7 +19,7 @@ import site
 import subprocess
 import tempfile
 
-from cuflash import _compile
+from cuflash.cuda import _compile
 
 # The instruction kinds that show how a Hopper kernel's warpgroups take turns: named barriers,
 # wgmma, row maxes, exponentials, shared loads and float-to-int conversions (zero_after's F2I).

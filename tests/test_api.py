@@ -587,7 +587,7 @@ def _device_array(shape, strides_in_items, ptr=4096, dtype="float16"):
 def test_hopper_tma_kernels_qualify_on_the_same_conditions(monkeypatch):
     """The forward and the backward's dK/dV take the Hopper kernels on one set of conditions
     (_launch_sm90.tma_kernel_reason); each failing condition is named."""
-    from cuflash import _launch_bwd, _launch_sm90
+    from cuflash.cuda import _launch_bwd, _launch_sm90
 
     monkeypatch.setattr(_launch_sm90, "_driver", lambda: object())
     monkeypatch.delenv("CUFLASH_FORCE_SM80", raising=False)

@@ -166,7 +166,7 @@ def test_source_digest_names_the_code(tmp_path, monkeypatch):
     """The digest is stable, and changes when a kernel source changes."""
     import shutil
 
-    from cuflash import _compile
+    from cuflash.cuda import _compile
 
     first = bench.source_digest()
     assert first == bench.source_digest() and len(first) == 12

@@ -13,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cuflash
-from cuflash import _block_map, _compile, _user_mods
+from cuflash import _block_map, _user_mods
 from cuflash._user_mods import positions
 from cuflash._variant import Variant
+from cuflash.cuda import _compile
 from tests.strategies import examples
 
 

@@ -18,8 +18,9 @@ from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
-from cuflash import _compile, _decode, _launch, _launch_bwd, _launch_sm90, _variant
-from cuflash._spec import KernelSpec
+from cuflash import _variant
+from cuflash.cuda import _compile, _decode, _launch, _launch_bwd, _launch_sm90
+from cuflash.cuda._spec import KernelSpec
 from tests import compile_pool
 
 ARCHS = ("sm_80", "sm_90a")

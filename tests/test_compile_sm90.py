@@ -17,8 +17,9 @@ from concurrent.futures import Future
 
 import pytest
 
-from cuflash import _compile, _launch_bwd, _launch_sm90, _variant
-from cuflash._spec import KernelSpec
+from cuflash import _variant
+from cuflash.cuda import _compile, _launch_bwd, _launch_sm90
+from cuflash.cuda._spec import KernelSpec
 from tests import compile_pool
 
 SPECS = _launch_sm90.all_fwd_sm90_specs()

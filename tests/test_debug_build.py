@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cuflash import _compile, _decode, _launch, _launch_bwd, _launch_sm90
+from cuflash.cuda import _compile, _decode, _launch, _launch_bwd, _launch_sm90
 from tests.gpu_support import gpu_skip_reason
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,8 +100,8 @@ def test_checked_build_compiles_with_the_oldest_nvrtc(monkeypatch):
 
 _WRONG_LAUNCH = textwrap.dedent("""
     import cupy
-    from cuflash import _compile, _launch
-    from cuflash._kernel_call import KernelCall
+    from cuflash.cuda import _compile, _launch
+    from cuflash.cuda._kernel_call import KernelCall
     from cuflash._variant import Variant
     from cuflash._core import compute_capability
 

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 import cuflash
-from cuflash import _decode
 from cuflash._interop import Source
 from cuflash._variant import Variant
+from cuflash.cuda import _decode
 from tests import decode_cases
 from tests.strategies import examples
 

@@ -17,7 +17,8 @@ require_gpu()
 import cupy  # noqa: E402
 
 import cuflash  # noqa: E402
-from cuflash import _compile, reference  # noqa: E402
+from cuflash import reference  # noqa: E402
+from cuflash.cuda import _compile  # noqa: E402
 from tests.accuracy import (  # noqa: E402
     assert_matches_reference,
     backward_eps,

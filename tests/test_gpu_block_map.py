@@ -155,7 +155,7 @@ def test_repeated_calls_replay_and_read_the_aux_arrays_as_they_are():
     an in-place change reads the new values, and new arrays or a new map plan anew."""
     import cupy
 
-    from cuflash import _replay
+    from cuflash.cuda import _replay
 
     rng = np.random.default_rng(11)
     mod, aux_np = MASKS["prefix"](2, 4, 200, 200, rng)

@@ -17,9 +17,9 @@ require_gpu()
 
 import cupy  # noqa: E402
 
-from cuflash import _launch_bwd  # noqa: E402
-from cuflash._launch import is_aligned  # noqa: E402
 from cuflash._variant import Variant  # noqa: E402
+from cuflash.cuda import _launch_bwd  # noqa: E402
+from cuflash.cuda._launch import is_aligned  # noqa: E402
 from tests.strategies import MASK_IDS, MASKS, Case  # noqa: E402
 from tests.test_gpu_backward import _check_case  # noqa: E402
 

@@ -25,7 +25,7 @@ require_gpu()
 import cupy  # noqa: E402
 
 import cuflash  # noqa: E402
-from cuflash import _decode  # noqa: E402
+from cuflash.cuda import _decode  # noqa: E402
 from tests import decode_cases  # noqa: E402
 from tests.accuracy import LSE_DTYPE, assert_matches_reference  # noqa: E402
 from tests.strategies import examples  # noqa: E402

@@ -19,7 +19,8 @@ require_gpu()
 import cupy  # noqa: E402
 
 import cuflash  # noqa: E402
-from cuflash import _compile, _launch, reference  # noqa: E402
+from cuflash import reference  # noqa: E402
+from cuflash.cuda import _compile, _launch  # noqa: E402
 from tests.accuracy import assert_matches_reference, naive_attention  # noqa: E402
 from tests.strategies import (  # noqa: E402
     MASK_IDS,
@@ -227,7 +228,7 @@ def test_repeated_torch_calls_replay_correctly(dtype):
     """The second call of a signature replays the first's launch: it must still read the new
     tensors, write a fresh output, and a differently aligned view must not reuse the launch."""
     torch = pytest.importorskip("torch")
-    from cuflash import _replay
+    from cuflash.cuda import _replay
 
     dt = getattr(torch, dtype)
     shape = (2, 77, 4, 64)

@@ -46,8 +46,8 @@ from tests.gpu_support import require_gpu, to_numpy
 require_gpu()
 
 import cuflash  # noqa: E402
-from cuflash import _compile, _replay  # noqa: E402
 from cuflash._core import compute_capability  # noqa: E402
+from cuflash.cuda import _compile, _replay  # noqa: E402
 from tests.strategies import (  # noqa: E402
     AWKWARD_HEAD_DIMS,
     SHORT_DTYPE,

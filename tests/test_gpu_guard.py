@@ -27,7 +27,7 @@ require_gpu()
 
 import cupy  # noqa: E402
 
-from cuflash import _replay  # noqa: E402
+from cuflash.cuda import _replay  # noqa: E402
 from tests.strategies import examples, problems, seeds  # noqa: E402
 from tests.test_gpu_backward import _check_case as check_backward  # noqa: E402
 from tests.test_gpu_forward import _check_case as check_forward  # noqa: E402

@@ -360,7 +360,7 @@ def _expected_kernels(case: Huge) -> tuple[str, str]:
 
     if case.dtype == "float32":
         return "fwd_simt", "bwd_dkdv_simt"
-    from cuflash import _launch_sm90
+    from cuflash.cuda import _launch_sm90
 
     # Hopper runs its TMA kernels where cuda.bindings can encode the tensor maps.
     if case.path == "dispatch" and compute_capability(0) == 90 and _launch_sm90._driver():
@@ -373,8 +373,8 @@ def _expected_kernels(case: Huge) -> tuple[str, str]:
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_huge_tensors_match_the_reference_on_sampled_rows(case, cupy, monkeypatch):
     import cuflash
-    from cuflash import _replay
-    from cuflash._kernel_call import KernelCall
+    from cuflash.cuda import _replay
+    from cuflash.cuda._kernel_call import KernelCall
 
     _release(cupy)
     free, total = cupy.cuda.runtime.memGetInfo()

@@ -22,7 +22,8 @@ require_gpu()
 import cupy  # noqa: E402
 
 import cuflash  # noqa: E402
-from cuflash import _replay, reference  # noqa: E402
+from cuflash import reference  # noqa: E402
+from cuflash.cuda import _replay  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

@@ -1,4 +1,5 @@
-"""GPU: the Hopper forward (kernels_cu/fwd_sm90.cu, cuflash._launch_sm90) against the reference.
+"""GPU: the Hopper forward (kernels_cu/fwd_sm90.cu, cuflash.cuda._launch_sm90) against the
+reference.
 
 Calls `forward_sm90` directly (not through the dispatcher) so every case is known to run on the
 wgmma + TMA kernel, or is known to be refused. Skipped, with the reason printed, without a CUDA GPU
@@ -18,8 +19,9 @@ require_gpu()
 
 import cupy  # noqa: E402
 
-from cuflash import _launch_sm90, reference  # noqa: E402
+from cuflash import reference  # noqa: E402
 from cuflash._variant import Variant  # noqa: E402
+from cuflash.cuda import _launch_sm90  # noqa: E402
 from tests.accuracy import assert_matches_reference, naive_attention  # noqa: E402
 from tests.strategies import Case, examples, make_inputs, problems, seeds, to_bshd4  # noqa: E402
 

@@ -23,15 +23,9 @@ jax = pytest.importorskip("jax", reason="jax is not installed: cuflash.jax is un
 
 import jax.numpy as jnp  # noqa: E402
 
-from cuflash import (  # noqa: E402
-    _core,
-    _jax_gpu,
-    _jax_trace,
-    _kernel_call,
-    _launch,
-    reference,
-)
+from cuflash import _core, _jax_gpu, _jax_trace, reference  # noqa: E402
 from cuflash import jax as cuflash_jax  # noqa: E402
+from cuflash.cuda import _kernel_call, _launch  # noqa: E402
 from tests.jax_support import (  # noqa: E402
     attention_of,
     check_case,
@@ -538,7 +532,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(_jax_gpu, "_devices", lambda: range(1))
     monkeypatch.setattr(_core, "compute_capability", lambda device: 80)
     monkeypatch.setattr(cupy.cuda, "Device", lambda device: contextlib.nullcontext())
-    from cuflash import _compile
+    from cuflash.cuda import _compile
 
     monkeypatch.setattr(_compile, "smem_limit", lambda device: 163 * 1024)
     monkeypatch.setattr(_compile, "get_function", lambda spec, device, cc: types.SimpleNamespace(

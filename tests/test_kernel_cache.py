@@ -13,7 +13,7 @@ import types
 
 import pytest
 
-from cuflash import _launch
+from cuflash.cuda import _launch
 
 
 def _use_cache_dir(monkeypatch, path) -> None:
@@ -30,7 +30,7 @@ def _use_cache_dir(monkeypatch, path) -> None:
 def _fake_cupy(monkeypatch, tmp_path, module) -> None:
     import cupy
 
-    from cuflash import _compile
+    from cuflash.cuda import _compile
 
     _use_cache_dir(monkeypatch, tmp_path)
     monkeypatch.setattr(cupy, "RawModule", module)
@@ -90,7 +90,7 @@ def _load_lines(caplog, spec) -> list[str]:
 
 
 def test_unwritable_kernel_cache_compiles_in_memory(monkeypatch, caplog, tmp_path):
-    from cuflash import _compile
+    from cuflash.cuda import _compile
 
     compiles = _fake_cupy_compiles(monkeypatch, tmp_path)
     spec = _launch.fwd_spec("float16", 64, "causal", True)
@@ -110,7 +110,7 @@ def test_unwritable_kernel_cache_compiles_in_memory(monkeypatch, caplog, tmp_pat
 
 def test_in_memory_compile_restores_the_callers_setting_and_reports_real_failures(
         monkeypatch, tmp_path):
-    from cuflash import _compile
+    from cuflash.cuda import _compile
 
     _fake_cupy_compiles(monkeypatch, tmp_path, fail_in_memory=True)
     monkeypatch.setenv("CUPY_CACHE_IN_MEMORY", "0")
@@ -120,7 +120,7 @@ def test_in_memory_compile_restores_the_callers_setting_and_reports_real_failure
 
 
 def test_each_load_says_whether_it_compiled_or_read_the_disk_cache(monkeypatch, caplog, tmp_path):
-    from cuflash import _compile
+    from cuflash.cuda import _compile
 
     done = _fake_cupy_caches(monkeypatch, tmp_path)
     spec = _launch.fwd_spec("float16", 64, "causal", True)
@@ -144,7 +144,7 @@ def test_each_load_says_whether_it_compiled_or_read_the_disk_cache(monkeypatch, 
 
 
 def test_cupy_cache_in_memory_is_reported_as_a_compile(monkeypatch, caplog, tmp_path):
-    from cuflash import _compile
+    from cuflash.cuda import _compile
 
     done = _fake_cupy_caches(monkeypatch, tmp_path)
     monkeypatch.setenv("CUPY_CACHE_IN_MEMORY", "1")
@@ -158,7 +158,7 @@ def test_cupy_cache_in_memory_is_reported_as_a_compile(monkeypatch, caplog, tmp_
 def test_the_cache_directory_is_not_read_unless_debug_is_on(monkeypatch, caplog, tmp_path):
     import logging
 
-    from cuflash import _compile
+    from cuflash.cuda import _compile
 
     done = _fake_cupy_caches(monkeypatch, tmp_path)
 
@@ -176,7 +176,7 @@ def test_the_cache_directory_is_not_read_unless_debug_is_on(monkeypatch, caplog,
 def test_cache_dir_is_cupys(monkeypatch, tmp_path):
     from cupy.cuda import compiler
 
-    from cuflash import _compile
+    from cuflash.cuda import _compile
 
     _use_cache_dir(monkeypatch, tmp_path)
     assert _compile._cache_dir() == str(tmp_path)

@@ -80,7 +80,7 @@ def test_wheel_contents(wheel: Path):
 
 def test_installed_package_finds_its_own_kernel_sources(venv: Path, tmp_path: Path):
     code = textwrap.dedent(f"""
-        import cuflash, cuflash._compile as c
+        import cuflash, cuflash.cuda._compile as c
         print(cuflash.__file__)
         print(c.kernels_dir())
         for name in {KERNEL_SOURCES!r}:

@@ -15,8 +15,8 @@ import pytest
 
 pytest.importorskip("torch")
 
-from cuflash import _launch_sm90
-from cuflash._launch import Tile
+from cuflash.cuda import _launch_sm90
+from cuflash.cuda._launch import Tile
 
 PERF = pathlib.Path(__file__).parent / "perf"
 
@@ -124,7 +124,7 @@ def test_shards_cover_every_test_once(monkeypatch):
 
 
 def test_prewarm_lists_every_kernel_once_hopper_first():
-    from cuflash import _decode, _launch, _launch_bwd
+    from cuflash.cuda import _decode, _launch, _launch_bwd
     from tests.perf import prewarm
 
     specs = prewarm.specs()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import cuflash
-from cuflash import _kernel_call, _launch, _replay
+from cuflash.cuda import _kernel_call, _launch, _replay
 
 
 def _fake_function():

@@ -25,9 +25,9 @@ from concurrent.futures import Future
 
 import pytest
 
-from cuflash import _launch_bwd, _launch_sm90
-from cuflash._launch import Tile
-from cuflash._spec import KernelSpec
+from cuflash.cuda import _launch_bwd, _launch_sm90
+from cuflash.cuda._launch import Tile
+from cuflash.cuda._spec import KernelSpec
 from tests import compile_pool, sass
 
 pytestmark = pytest.mark.skipif(sass.missing_tools() is not None,

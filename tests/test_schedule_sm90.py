@@ -12,8 +12,8 @@ import math
 import numpy as np
 import pytest
 
-from cuflash import _launch_sm90
 from cuflash._variant import Variant
+from cuflash.cuda import _launch_sm90
 
 SMS = 132  # an H100 SXM
 

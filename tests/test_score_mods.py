@@ -379,7 +379,7 @@ def test_the_run_time_modifications_take_two_kernel_kinds():
 def test_mods_give_the_kernels_broadcast_strides():
     """The bias's and the mask's (B, H, Sq, Sk) strides in elements, 0 along broadcast axes, and
     the bias's itemsize, as the parameter blocks take them (no block map: its fields zero)."""
-    from cuflash._launch_common import NO_MODS, Mods
+    from cuflash.cuda._launch_common import NO_MODS, Mods
 
     bias = np.broadcast_to(np.zeros((3, 1, 5), np.float16), (2, 3, 4, 5))
     mask = np.broadcast_to(np.ones((4, 5), bool), (2, 3, 4, 5))

@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cuflash
-from cuflash import _compile, _launch, _launch_bwd, _launch_sm90, _user_mods, reference
+from cuflash import _user_mods, reference
+from cuflash.cuda import _compile, _launch, _launch_bwd, _launch_sm90
 from tests import user_mods_cases as cases
 from tests.accuracy import (
     assert_matches_reference,

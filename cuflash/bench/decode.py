@@ -7,7 +7,7 @@ aligned, so Sq > 1 would not be the same problem). The figure of merit is the KV
 per second (2 B Sk Hkv D itemsize bytes a call).
 
 Timing is of the GPU: each library's calls are captured into one CUDA graph (cuflash's prepared
-launches, `cuflash._decode.prepare`; SDPA's calls with ``enable_gqa``) that cycles through
+launches, `cuflash.cuda._decode.prepare`; SDPA's calls with ``enable_gqa``) that cycles through
 enough caches to exceed the L2 cache, and the graph is replayed between CUDA events after
 warm-up; the median of `repeats` replays. Paged caches (pages of 16 and 64, shuffled block
 tables) are timed beside the contiguous one. ``host us`` is the wall time of one eager
@@ -62,9 +62,10 @@ def _graph_ms(torch, launches, calls: int, repeats: int) -> float:
 def _cell(torch, batch: int, seqlen_k: int, heads_q: int, heads_kv: int, steps: int,
           args) -> list[dict]:
     import cuflash
-    from cuflash import _decode, _interop
+    from cuflash import _interop
     from cuflash._core import compute_capability
     from cuflash._variant import Variant
+    from cuflash.cuda import _decode
 
     dim, dtype = 128, torch.bfloat16
     cache_bytes = 2 * batch * seqlen_k * heads_kv * dim * 2

@@ -302,7 +302,7 @@ _PROBE_SEQLEN, _PROBE_HEADS = 256, 2
 
 def run_compile(config: Config, framework: str) -> dict:
     """Compile time of each cuflash kernel the sweep uses, in a fresh process with an empty
-    CuPy kernel cache (``CUPY_CACHE_DIR``); read from ``cuflash._compile.compile_seconds``."""
+    CuPy kernel cache (``CUPY_CACHE_DIR``); read from ``cuflash.cuda._compile.compile_seconds``."""
     backward = bool(set(config.passes) - {"fwd"})
     probes = [[dtype, d, causal, "fwd+bwd" if backward else "fwd"]
               for dtype in config.dtypes for d in config.head_dims for causal in config.causal]
@@ -333,7 +333,7 @@ def run_compile(config: Config, framework: str) -> dict:
 
 def compile_probe(payload: str) -> int:
     """Runs in the subprocess of `run_compile`: first calls at a tiny size, then a JSON line."""
-    from cuflash import _compile
+    from cuflash.cuda import _compile
 
     request = json.loads(payload)
     device = Gpu(request["framework"])

@@ -92,7 +92,7 @@ def source_digest() -> str:
     of a working tree whose .git is stale or absent (the GPU machine's), or an installed wheel."""
     import hashlib
 
-    from cuflash import _compile
+    from cuflash.cuda import _compile
 
     package = Path(cuflash.__file__).resolve().parent
     files = sorted(package.rglob("*.py")) + sorted(_compile.kernels_dir().glob("*.cu*"))

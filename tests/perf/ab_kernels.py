@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from cuflash import _compile, _launch_sm90
-from cuflash._launch import Tile
+from cuflash.cuda import _compile, _launch_sm90
+from cuflash.cuda._launch import Tile
 
 F = torch.nn.functional.scaled_dot_product_attention
 CALLS_PER_TURN = 10

@@ -16,7 +16,7 @@ import re
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-from cuflash import _compile, _decode, _launch, _launch_bwd, _launch_sm90
+from cuflash.cuda import _compile, _decode, _launch, _launch_bwd, _launch_sm90
 
 
 def specs() -> list:

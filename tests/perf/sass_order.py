@@ -18,7 +18,7 @@ import argparse
 import pathlib
 import sys
 
-from cuflash import _compile, _launch_sm90
+from cuflash.cuda import _compile, _launch_sm90
 from tests import sass
 
 

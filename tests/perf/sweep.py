@@ -11,7 +11,7 @@ from timing import median_ms  # tests/perf/timing.py (the script's own folder)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cuflash
-from cuflash import _compile
+from cuflash.cuda import _compile
 
 F = torch.nn.functional.scaled_dot_product_attention
 

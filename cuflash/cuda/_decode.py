@@ -19,10 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from cuflash import _compile, _dtypes, _interop
+from cuflash import _dtypes, _interop
 from cuflash._checks import MAX_GRID_YZ
-from cuflash._kernel_call import KernelCall
-from cuflash._launch_common import (
+from cuflash._side_arrays import on_device
+from cuflash._variant import MASK_KINDS, Variant
+from cuflash.cuda import _compile
+from cuflash.cuda._kernel_call import KernelCall
+from cuflash.cuda._launch_common import (
     DECODE_PARAMS,
     Tile,
     is_aligned,
@@ -30,9 +33,7 @@ from cuflash._launch_common import (
     param_strides,
     width_for,
 )
-from cuflash._side_arrays import on_device
-from cuflash._spec import KernelSpec
-from cuflash._variant import MASK_KINDS, Variant
+from cuflash.cuda._spec import KernelSpec
 
 # Packed query rows x keys per tile x warps, by head-dim width: 16 keys a warp. D 256 keeps two
 # warps, so that three blocks' stages fit an SM.

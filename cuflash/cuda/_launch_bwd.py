@@ -32,9 +32,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cuflash import _compile, _dtypes, _variant
-from cuflash._kernel_call import KernelCall
-from cuflash._launch_common import (
+from cuflash import _dtypes, _variant
+from cuflash._variant import Variant
+from cuflash.cuda import _compile
+from cuflash.cuda._kernel_call import KernelCall
+from cuflash.cuda._launch_common import (
     BWD_MOD_POINTERS,
     BWD_PARAMS,
     NO_AUX,
@@ -46,8 +48,7 @@ from cuflash._launch_common import (
     param_strides,
     width_for,
 )
-from cuflash._spec import KernelSpec
-from cuflash._variant import Variant
+from cuflash.cuda._spec import KernelSpec
 
 # Backward, SIMT, fp32/fp64 (kernels_cu/bwd_simt.cu): block_m query rows per step, block_n keys per
 # dK/dV block. Chosen so that dK + dV (2 * block_n * width / threads registers per thread) and the
@@ -217,7 +218,7 @@ def _sm90_reason(dtype: str, head_dim: int, aligned: bool, cc: int, arrays,
     """Why the Hopper dK/dV kernel does not take this problem (None when it does): the Hopper
     TMA kernels' shared conditions, every array (outputs too) 16-byte aligned, and a score
     modification only at the widths that take one."""
-    from cuflash import _launch_sm90
+    from cuflash.cuda import _launch_sm90
 
     if os.environ.get("CUFLASH_FORCE_SM80"):
         return "CUFLASH_FORCE_SM80 is set"
@@ -435,7 +436,7 @@ def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scal
     launch(kernels.preprocess, seqlen_q, kernels.preprocess.block_m, heads_q)
     # With seqlen_q == 0 the sm80/SIMT dK/dV kernel still runs and writes dk = dv = 0.
     if reason is None:
-        from cuflash._launch_sm90 import encode_at
+        from cuflash.cuda._launch_sm90 import encode_at
 
         spec = dkdv_sm90_spec(dtype, head_dim, variant.mask, variant.score)
         rows = {"q": spec.block_m, "dout": spec.block_m, "k": spec.block_n, "v": spec.block_n}

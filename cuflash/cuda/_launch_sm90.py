@@ -17,11 +17,12 @@ import math
 
 import numpy as np
 
-from cuflash import _compile, _dtypes, _variant
-from cuflash._kernel_call import KernelCall
-from cuflash._launch_common import Tile, width_for
-from cuflash._spec import KernelSpec
+from cuflash import _dtypes, _variant
 from cuflash._variant import Variant
+from cuflash.cuda import _compile
+from cuflash.cuda._kernel_call import KernelCall
+from cuflash.cuda._launch_common import Tile, width_for
+from cuflash.cuda._spec import KernelSpec
 
 log = logging.getLogger("cuflash")
 
@@ -397,7 +398,7 @@ def forward_sm90(q, k, v, out, lse, *, variant: Variant, scale: float, device_id
     """
     import cupy
 
-    from cuflash._launch_common import forward_pointers
+    from cuflash.cuda._launch_common import forward_pointers
 
     batch, seqlen_q, heads_q, head_dim = q.shape
     qualifies = (cc == 90 and _dtypes.dtype_name(q.dtype) in _TENSOR_DTYPES
@@ -417,7 +418,7 @@ def plan_sm90(q, k, v, out, *, variant: Variant, scale: float, device_id: int, c
     logged) when they do not qualify. Expects a non-empty problem. `sinks`: the call has
     attention sinks, whose address each launch passes after lse; `mods`: the arrays of the
     run-time modifications (`_launch_common.Mods`), for their strides."""
-    from cuflash._launch_common import NO_MODS, fwd_params, fwd_pointer_fields
+    from cuflash.cuda._launch_common import NO_MODS, fwd_params, fwd_pointer_fields
 
     mods = NO_MODS if mods is None else mods
 

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cuflash._spec import KernelSpec
+from cuflash.cuda._spec import KernelSpec
 
 log = logging.getLogger("cuflash")
 if os.environ.get("CUFLASH_VERBOSE") and not log.handlers:
@@ -42,13 +42,13 @@ _ARCH_SPECIFIC = {90}
 
 def kernels_dir() -> Path:
     """Directory holding the CUDA sources, in an installed wheel or a source checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "kernels_cu", here.parent / "kernels_cu"):
+    package = Path(__file__).resolve().parent.parent  # cuflash/
+    for candidate in (package / "kernels_cu", package.parent / "kernels_cu"):
         if (candidate / "common.cuh").is_file():
             return candidate
     raise FileNotFoundError(
-        f"cuflash CUDA sources not found: looked for kernels_cu/common.cuh in {here} and "
-        f"{here.parent}; reinstall cuflash"
+        f"cuflash CUDA sources not found: looked for kernels_cu/common.cuh in {package} and "
+        f"{package.parent}; reinstall cuflash"
     )
 
 
@@ -87,7 +87,7 @@ def arch_flag(compute_capability: int) -> str:
 
 def nvrtc_options(arch: str) -> tuple[str, ...]:
     """NVRTC options for one architecture (``sm_80``, ``sm_90a``, ...)."""
-    from cuflash import _launch_common
+    from cuflash.cuda import _launch_common
 
     options = [
         f"-arch={arch}",

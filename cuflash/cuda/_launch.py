@@ -13,9 +13,11 @@ import functools
 import math
 import os
 
-from cuflash import _compile, _dtypes, _variant
-from cuflash._kernel_call import KernelCall
-from cuflash._launch_common import (  # the shared names stay reachable through _launch too
+from cuflash import _dtypes, _variant
+from cuflash._variant import Variant
+from cuflash.cuda import _compile
+from cuflash.cuda._kernel_call import KernelCall
+from cuflash.cuda._launch_common import (  # the shared names stay reachable through _launch too
     BWD_PARAMS,  # noqa: F401
     FWD_PARAMS,  # noqa: F401
     FWD_POINTERS,  # noqa: F401
@@ -30,8 +32,7 @@ from cuflash._launch_common import (  # the shared names stay reachable through 
     param_strides,  # noqa: F401
     width_for,
 )
-from cuflash._spec import KernelSpec
-from cuflash._variant import Variant
+from cuflash.cuda._spec import KernelSpec
 
 # Forward, tensor cores (mma.sync m16n8k16), fp16/bf16. Warps split along M so each warp owns
 # whole query rows. Sizes are bounded by 255 registers per thread without spills (ptxas report):
@@ -124,7 +125,7 @@ def plan_forward(q, k, v, out, *, variant: Variant, scale: float, device_id: int
         return None
     dtype = _dtypes.dtype_name(q.dtype)
     if cc == 90 and _dtypes.uses_tensor_cores(dtype) and not os.environ.get("CUFLASH_FORCE_SM80"):
-        from cuflash._launch_sm90 import plan_sm90
+        from cuflash.cuda._launch_sm90 import plan_sm90
 
         call = plan_sm90(q, k, v, out, variant=variant, scale=scale, device_id=device_id, cc=cc,
                          sinks=sinks, mods=mods)
