@@ -2,7 +2,7 @@
 
 A `BlockMap` holds, for each block of 64 query rows, the keys some row of it sees and the keys
 every row of it sees, the same for each block of 64 keys, and for each query row its seen keys
-where they are one interval (kernels_cu/block_map.cuh). The kernels walk only the key tiles
+where they are one interval (attention/block_map.cuh). The kernels walk only the key tiles
 (query tiles, in the backward's dK/dV) the map shows, leave the mask_mod's per-element test out
 of the tiles it shows whole, and the Hopper kernels mask rows whose keys are one interval
 (documents, prefix-LM, any band) by its bounds instead of calling the mask_mod. The map is
@@ -24,7 +24,7 @@ import numpy as np
 
 from cuflash import _interop
 
-ROWS = 64  # rows (keys) a map entry covers: BlockMap::kRows in kernels_cu/block_map.cuh
+ROWS = 64  # rows (keys) a map entry covers: BlockMap::kRows in kernels_cu/attention/block_map.cuh
 THREADS = 128  # the build kernel's block
 
 
@@ -172,10 +172,10 @@ def plane_ints(rows: int, keys: int) -> int:
 
 
 def build_spec(variant):
-    """The build kernel of `variant`'s mask and user kind (kernels_cu/block_map.cu)."""
+    """The build kernel of `variant`'s mask and user kind (kernels_cu/attention/block_map.cu)."""
     from cuflash.cuda._spec import KernelSpec
 
-    return KernelSpec("block_map.cu", "build_block_map", "float32", 0, ROWS, ROWS,
+    return KernelSpec("attention/block_map.cu", "build_block_map", "float32", 0, ROWS, ROWS,
                       THREADS // 32, variant.mask, False, 0, min_arch=70, score=variant.user)
 
 

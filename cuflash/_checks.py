@@ -17,7 +17,7 @@ MAX_SCALE = float(np.finfo(np.float32).max) / math.log2(math.e)  # about 2.3587e
 def refuse_capped_mods_on_cuda(softcap: float, alibi: bool, bias: bool, mask: bool,
                                where: str) -> None:
     """The CUDA kernels do not combine a softcap with ALiBi, a bias or a mask array
-    (kernels_cu/score.cuh's Mods): raise NotImplementedError naming them. `where`: the inputs,
+    (attention/score.cuh's Mods): raise NotImplementedError naming them. `where`: the inputs,
     described."""
     others = [name for name, given in (("alibi_slopes", alibi), ("bias", bias), ("mask", mask))
               if given]

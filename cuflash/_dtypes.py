@@ -1,4 +1,4 @@
-"""The one table from NumPy dtypes to the C++ storage types of kernels_cu/common.cuh."""
+"""The one table from NumPy dtypes to the C++ storage types of kernels_cu/core/common.cuh."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ A variant has a compile-time part, which picks the kernel (its mask *kind* becom
 type argument, ``cuflash::WindowMask``), and run-time values that travel in the kernel's parameter
 block (the window's sizes). Everything that needs to know the mask asks the variant: the kernel
 specs, the launch planners, the Hopper schedule, the CPU path and the FLOP count. The CUDA side
-of the same rule is ``kernels_cu/mask.cuh``; ``cuflash.reference`` keeps its own naive formula on
+of the same rule is ``attention/mask.cuh``; ``cuflash.reference`` keeps its own naive formula on
 purpose, as the oracle both are tested against.
 
 The mask is a band around the bottom-right aligned diagonal (flash-attn's convention): with
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 
 MASK_KINDS = ("none", "causal", "window")
-# C++ type of each mask kind (kernels_cu/mask.cuh).
+# C++ type of each mask kind (kernels_cu/attention/mask.cuh).
 _CPP_MASK = {"none": "cuflash::NoMask", "causal": "cuflash::CausalMask",
              "window": "cuflash::WindowMask"}
-# The score modifications the kernels compile in, and their C++ types (kernels_cu/score.cuh).
+# The score modifications the kernels compile in, and their C++ types (attention/score.cuh).
 SCORE_KINDS = ("none", "softcap", "alibi", "mods")
 _CPP_SCORE = {"none": "cuflash::NoScore", "softcap": "cuflash::Softcap", "alibi": "cuflash::Alibi",
               "mods": "cuflash::Mods"}

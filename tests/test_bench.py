@@ -174,7 +174,7 @@ def test_source_digest_names_the_code(tmp_path, monkeypatch):
     shutil.copytree(_compile.kernels_dir(), copy)
     monkeypatch.setattr(_compile, "kernels_dir", lambda: copy)
     assert bench.source_digest() == first
-    (copy / "common.cuh").write_text((copy / "common.cuh").read_text() + "\n// edited\n")
+    (copy / "core/common.cuh").write_text((copy / "core/common.cuh").read_text() + "\n// edited\n")
     assert bench.source_digest() != first
 
 

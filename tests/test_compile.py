@@ -190,7 +190,7 @@ def test_sm80_backward_shared_memory_mirrors_the_traits():
             asserts.append(
                 f"static_assert(cuflash::BwdDqSm80Traits<{width}, {dq.block_m}, {dq.block_n}, "
                 f"{dq.warps}>::kSmemBytes == {smem_dq}, \"dq {width}\");")
-    source = _compile.expanded_source("bwd_sm80.cu") + "\n" + "\n".join(asserts) + "\n"
+    source = _compile.expanded_source("sm80/bwd_sm80.cu") + "\n" + "\n".join(asserts) + "\n"
     _assert_compiles(source, "smem_mirror.cu")
 
 

@@ -1,4 +1,4 @@
-"""Every Hopper instantiation (kernels_cu/fwd_sm90.cu, kernels_cu/bwd_sm90.cu) compiles clean for
+"""Every Hopper instantiation (sm90/fwd_sm90.cu, kernels_cu/sm90/bwd_sm90.cu) compiles clean for
 sm_90a.
 
 No spills, no stack frame, at most 255 registers (ptxas reports the entry cap that

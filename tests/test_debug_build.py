@@ -1,4 +1,4 @@
-"""The checked build (``CUFLASH_DEBUG=1``, kernels_cu/check.cuh): its options, that every kernel
+"""The checked build (``CUFLASH_DEBUG=1``, core/check.cuh): its options, that every kernel
 source compiles with the checks in (CPU, NVRTC), and on a GPU that a launch which reaches outside
 its tensors stops with a message naming the tensor and the source line.
 

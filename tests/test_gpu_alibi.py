@@ -1,4 +1,4 @@
-"""GPU: ALiBi through the CUDA kernels (kernels_cu/score.cuh, the Mods kind), forward and backward.
+"""GPU: ALiBi through the CUDA kernels (attention/score.cuh, the Mods kind), forward and backward.
 
 `-slope * |i + Sk - Sq - j|` is added to each scaled score. Every GPU path (the dispatcher's
 choice: Hopper on an H100; forced sm80; SIMT for fp32/fp64), masks, GQA,

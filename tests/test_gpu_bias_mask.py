@@ -1,4 +1,4 @@
-"""GPU: an additive bias and a boolean mask array through the CUDA kernels (kernels_cu/score.cuh,
+"""GPU: an additive bias and a boolean mask array through the CUDA kernels (attention/score.cuh,
 the Mods kind), forward and backward (dq, dk, dv; the bias's gradient is the CPU path's).
 
 Bias and mask broadcast to (B, Hq, Sq, Sk) from any of their shapes, read in place with stride 0

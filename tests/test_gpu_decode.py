@@ -1,4 +1,4 @@
-"""GPU: the split-KV decoding kernel (kernels_cu/fwd_decode.cu) behind `attention_with_kvcache`.
+"""GPU: the split-KV decoding kernel (sm80/fwd_decode.cu) behind `attention_with_kvcache`.
 
 Contiguous caches (with `cache_batch_idx` and `cache_leftpad`) and paged ones (shuffled block
 tables, page sizes 1 to 256), appends, GQA packing, 1 to 16 query steps, causal, windows,

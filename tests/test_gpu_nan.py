@@ -17,7 +17,7 @@ match the reference, in both dQ modes; with the NaN (or inf) in v, dv (which v d
 matches it everywhere.
 
 A NaN or infinity in v[j] under a causal or window mask is the case the kernels repair
-(kernels_cu/nonfinite.cuh): their tiled P V multiplies it by the exact 0 of rows that do not see
+(attention/nonfinite.cuh): their tiled P V multiplies it by the exact 0 of rows that do not see
 key j, and the rows where that left a NaN are recomputed from the keys they see. The long shapes
 put a poisoned key both where a row sees it and, for other rows of the same tile, where it does
 not (keys 4 and 260, 110), so the repair must tell the two apart column by column.

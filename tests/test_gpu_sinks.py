@@ -1,4 +1,4 @@
-"""GPU: attention sinks through the CUDA kernels (kernels_cu/sink.cuh), forward and backward.
+"""GPU: attention sinks through the CUDA kernels (attention/sink.cuh), forward and backward.
 
 Each row's softmax denominator gains exp(sinks[h]); rows that see no key get zeros and
 lse = sinks[h]. Every GPU path (the dispatcher's choice: Hopper on an H100; forced sm80; SIMT for

@@ -1,4 +1,4 @@
-"""GPU: the Hopper forward (kernels_cu/fwd_sm90.cu, cuflash.cuda._launch_sm90) against the
+"""GPU: the Hopper forward (kernels_cu/sm90/fwd_sm90.cu, cuflash.cuda._launch_sm90) against the
 reference.
 
 Calls `forward_sm90` directly (not through the dispatcher) so every case is known to run on the

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_SOURCES = sorted(p.name for p in (ROOT / "kernels_cu").iterdir()
-                        if p.suffix in (".cu", ".cuh"))
+KERNEL_SOURCES = sorted(p.relative_to(ROOT / "kernels_cu").as_posix()
+                        for p in (ROOT / "kernels_cu").rglob("*") if p.suffix in (".cu", ".cuh"))
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +97,7 @@ def test_installed_package_finds_its_own_kernel_sources(venv: Path, tmp_path: Pa
     assert Path(module_file).resolve().is_relative_to(site), module_file
     assert Path(kernels).resolve().is_relative_to(site), kernels
     assert Path(kernels).name == "kernels_cu" and Path(kernels).parent.name == "cuflash"
-    for name in ("fwd_sm80.cu", "common.cuh"):
+    for name in ("sm80/fwd_sm80.cu", "core/common.cuh"):
         assert (Path(kernels) / name).is_file(), name
 
 

@@ -95,16 +95,16 @@ def test_the_package_has_no_import_cycle():
 
 
 def test_only_the_mask_knows_the_diagonal():
-    """The bottom-right shift (seqlen_k - seqlen_q) is written in kernels_cu/mask.cuh and, in
+    """The bottom-right shift (seqlen_k - seqlen_q) is written in attention/mask.cuh and, in
     Python, in cuflash/_variant.py (and the oracle, cuflash/reference.py with its
     _reference_mods.py) only: every kernel and path asks those for its mask."""
     import re
 
     root = Path(__file__).resolve().parent.parent
     shift = re.compile(r"seqlen_k\s*-\s*(p\.)?seqlen_q|\bsk\s*-\s*sq\b|\bdiag\b")
-    allowed = {"kernels_cu/mask.cuh", "cuflash/_variant.py", "cuflash/reference.py",
+    allowed = {"kernels_cu/attention/mask.cuh", "cuflash/_variant.py", "cuflash/reference.py",
                "cuflash/_reference_mods.py"}
-    sources = [*root.glob("kernels_cu/*.cu"), *root.glob("kernels_cu/*.cuh"),
+    sources = [*root.glob("kernels_cu/*/*.cu"), *root.glob("kernels_cu/*/*.cuh"),
                *root.glob("cuflash/**/*.py")]
     assert len(sources) > 20, "the test must see the sources"
     offenders = []

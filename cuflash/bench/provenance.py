@@ -95,9 +95,9 @@ def source_digest() -> str:
     from cuflash.cuda import _compile
 
     package = Path(cuflash.__file__).resolve().parent
-    files = sorted(package.rglob("*.py")) + sorted(_compile.kernels_dir().glob("*.cu*"))
+    files = sorted(package.rglob("*.py")) + sorted(_compile.kernels_dir().rglob("*.cu*"))
     digest = hashlib.sha256()
     for path in files:
-        digest.update(f"{path.parent.name}/{path.name}\0".encode())
+        digest.update(f"{path.parent.name}/{path.name}\0".encode())  # folder/file
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import logging
 import os
+import posixpath
 import re
 import threading
 import time
@@ -44,17 +45,18 @@ def kernels_dir() -> Path:
     """Directory holding the CUDA sources, in an installed wheel or a source checkout."""
     package = Path(__file__).resolve().parent.parent  # cuflash/
     for candidate in (package / "kernels_cu", package.parent / "kernels_cu"):
-        if (candidate / "common.cuh").is_file():
+        if (candidate / "core/common.cuh").is_file():
             return candidate
     raise FileNotFoundError(
-        f"cuflash CUDA sources not found: looked for kernels_cu/common.cuh in {package} and "
+        f"cuflash CUDA sources not found: looked for kernels_cu/core/common.cuh in {package} and "
         f"{package.parent}; reinstall cuflash"
     )
 
 
 @functools.cache
 def expanded_source(filename: str) -> str:
-    """`filename` with its relative includes expanded recursively, each header once."""
+    """`filename` (a path under kernels_cu/, e.g. ``"sm90/fwd_sm90.cu"``) with its includes,
+    relative to the including file, expanded recursively, each header once."""
     root = kernels_dir()
     seen: set[str] = set()
 
@@ -71,7 +73,8 @@ def expanded_source(filename: str) -> str:
             # After the header, say where the includer resumes: compile errors and the checked
             # build's messages (__FILE__, __LINE__) then name the true file and line.
             resume = text.count("\n", 0, m.start()) + 2
-            return f'{expand(m.group(1))}\n#line {resume} "{name}"'
+            header = posixpath.normpath(posixpath.join(posixpath.dirname(name), m.group(1)))
+            return f'{expand(header)}\n#line {resume} "{name}"'
 
         body = _INCLUDE.sub(include, text)
         return f'#line 1 "{name}"\n{body}'
@@ -105,7 +108,7 @@ def nvrtc_options(arch: str) -> tuple[str, ...]:
 
 def debug_build() -> bool:
     """True where ``CUFLASH_DEBUG`` is set (any non-empty value, as every CUFLASH_ switch):
-    kernels compile with kernels_cu/check.cuh's bounds assertions on every global access, and
+    kernels compile with kernels_cu/core/check.cuh's bounds assertions on every global access, and
     ``-lineinfo``. Read at each compile, so set it before the first call; the flag is part of
     the options, hence of CuPy's cache key."""
     return bool(os.environ.get("CUFLASH_DEBUG"))

@@ -1,4 +1,4 @@
-"""Split-KV decoding (kernels_cu/fwd_decode.cu): the kernel `attention_with_kvcache` runs on
+"""Split-KV decoding (kernels_cu/sm80/fwd_decode.cu): the kernel `attention_with_kvcache` runs on
 CUDA for a few query rows against a contiguous or paged cache, read in place.
 
 `reason` says why a call cannot take it (then the caller runs each sequence through
@@ -79,7 +79,7 @@ def decode_spec(dtype: str, head_dim: int, mask: str, score: str) -> KernelSpec:
     tile = DECODE_TILES[width]
     # Q tile, then the stages of K and V tiles (DecodeTraits::kSmemBytes; the kernel traps on less)
     smem = (tile.block_m + _stages(width) * 2 * tile.block_n) * width * 2
-    return KernelSpec("fwd_decode.cu", "fwd_decode", dtype, width, tile.block_m, tile.block_n,
+    return KernelSpec("sm80/fwd_decode.cu", "fwd_decode", dtype, width, tile.block_m, tile.block_n,
                       tile.warps, mask, True, smem, score=score)
 
 
@@ -87,15 +87,15 @@ def decode_spec(dtype: str, head_dim: int, mask: str, score: str) -> KernelSpec:
 def append_spec(dtype: str, head_dim: int) -> KernelSpec:
     """The kernel that appends new keys and values and applies the rotary embedding."""
     width = width_for(head_dim, DECODE_TILES)
-    return KernelSpec("fwd_decode.cu", "decode_append", dtype, width, 1, 1, _MERGE_WARPS, "none",
-                      True, 0)
+    return KernelSpec("sm80/fwd_decode.cu", "decode_append", dtype, width, 1, 1, _MERGE_WARPS,
+                      "none", True, 0)
 
 
 @functools.cache
 def merge_spec(dtype: str, head_dim: int) -> KernelSpec:
     """The kernel that merges the splits' partial rows (one block a row, a thread a split)."""
     width = width_for(head_dim, DECODE_TILES)
-    return KernelSpec("fwd_decode.cu", "decode_merge", dtype, width, 1, 1,
+    return KernelSpec("sm80/fwd_decode.cu", "decode_merge", dtype, width, 1, 1,
                       _MERGE_WARPS, "none", True, 0)
 
 

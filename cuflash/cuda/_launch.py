@@ -4,7 +4,7 @@
 Every forward tile size lives in the tables below (one row per (kernel family, head-dim width));
 the C++ templates receive them as template arguments through `KernelSpec`. Sequence lengths,
 strides and the true head dim travel in the parameter block (`_launch_common.FWD_PARAMS`,
-mirroring ``FwdParams`` in kernels_cu/common.cuh).
+mirroring ``FwdParams`` in kernels_cu/core/common.cuh).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ FWD_SM80_UNALIGNED_TILES: dict[int, Tile] = {
     256: Tile(block_m=64, block_n=32, warps=4),
 }
 
-# Forward, SIMT, fp32/fp64 (kernels_cu/fwd_simt.cu). Rows per block x keys per tile.
+# Forward, SIMT, fp32/fp64 (kernels_cu/simt/fwd_simt.cu). Rows per block x keys per tile.
 FWD_SIMT_TILES: dict[str, dict[int, Tile]] = {
     "float32": {
         32: Tile(block_m=64, block_n=64, warps=4),
@@ -79,7 +79,7 @@ def fwd_spec(dtype: str, head_dim: int, mask: str, aligned: bool,
         itemsize = _dtypes.itemsize(dtype)
         # Q tile plus one K tile and one V tile, each row `width` elements.
         smem = (tile.block_m + 2 * tile.block_n) * width * itemsize
-        return KernelSpec("fwd_sm80.cu", "fwd_sm80", dtype, width, tile.block_m, tile.block_n,
+        return KernelSpec("sm80/fwd_sm80.cu", "fwd_sm80", dtype, width, tile.block_m, tile.block_n,
                           tile.warps, mask, aligned, smem, score=score)
     tiles = FWD_SIMT_TILES[dtype]
     width = width_for(head_dim, tiles)
@@ -91,7 +91,7 @@ def fwd_spec(dtype: str, head_dim: int, mask: str, aligned: bool,
     vec = 16 // itemsize
     smem = ((tile.block_m + 2 * tile.block_n) * (width + vec)
             + tile.block_m * (tile.block_n + 8)) * itemsize
-    return KernelSpec("fwd_simt.cu", "fwd_simt", dtype, width, tile.block_m, tile.block_n,
+    return KernelSpec("simt/fwd_simt.cu", "fwd_simt", dtype, width, tile.block_m, tile.block_n,
                       tile.warps, mask, aligned, smem, min_arch=60, score=score)
 
 

@@ -2,9 +2,9 @@
 
 FlashAttention-2's backward in up to three launches on the current stream:
 
-Two kernel families share the sequence: SIMT for fp32/fp64 (kernels_cu/bwd_simt.cu) and tensor
-cores for fp16/bf16 (kernels_cu/bwd_sm80.cu, entry names suffixed ``_sm80``). On Hopper the
-fp16/bf16 dK/dV step is ``bwd_dkdv_sm90`` (kernels_cu/bwd_sm90.cu: TMA + wgmma) when every array
+Two kernel families share the sequence: SIMT for fp32/fp64 (kernels_cu/simt/bwd_simt.cu) and tensor
+cores for fp16/bf16 (kernels_cu/sm80/bwd_sm80.cu, entry names suffixed ``_sm80``). On Hopper the
+fp16/bf16 dK/dV step is ``bwd_dkdv_sm90`` (sm90/bwd_sm90.cu: TMA + wgmma) when every array
 is aligned and q, k, v and dout are TMA-legal (``_sm90_reason``); the other launches stay the sm80
 kernels.
 
@@ -17,8 +17,8 @@ kernels.
    scratch).
 
 Tile sizes live in the tables below, one row per head-dim width; the C++ traits
-(``BwdSimtTraits`` in kernels_cu/bwd_simt.cu) derive every other size from them. The parameter block
-is ``_launch_common.BWD_PARAMS`` (mirrors ``BwdParams`` in kernels_cu/common.cuh).
+(``BwdSimtTraits`` in simt/bwd_simt.cu) derive every other size from them. The parameter block
+is ``_launch_common.BWD_PARAMS`` (mirrors ``BwdParams`` in kernels_cu/core/common.cuh).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from cuflash.cuda._launch_common import (
 )
 from cuflash.cuda._spec import KernelSpec
 
-# Backward, SIMT, fp32/fp64 (kernels_cu/bwd_simt.cu): block_m query rows per step, block_n keys per
+# Backward, SIMT, fp32/fp64 (simt/bwd_simt.cu): block_m query rows per step, block_n keys per
 # dK/dV block. Chosen so that dK + dV (2 * block_n * width / threads registers per thread) and the
 # shared memory leave 2+ blocks per SM on an H100 where the width allows; the deterministic dQ
 # kernel reuses the same tile.
@@ -73,7 +73,7 @@ BWD_SIMT_TILES: dict[str, dict[int, Tile]] = {
 # have no key tile; block_n = 0 only fills the shared template signature.
 ROWWISE_TILE = Tile(block_m=32, block_n=0, warps=4)
 
-# Backward, tensor cores, fp16/bf16 (kernels_cu/bwd_sm80.cu): per width, the dK/dV kernel's tile
+# Backward, tensor cores, fp16/bf16 (sm80/bwd_sm80.cu): per width, the dK/dV kernel's tile
 # (block_m query rows per step, block_n keys per block) and the deterministic dQ kernel's tile
 # (block_m query rows per block, block_n keys per step). Bounded by 255 registers without spills
 # (the D=128/256 dK/dV kernels sit at 249-255) and by 163 KB of shared memory per block.
@@ -105,7 +105,7 @@ BWD_SM80_SMALL_DQ_TILES: dict[int, Tile] = {
 # tile sits at 255 registers and the modification's values spill (ptxas: 4-20 bytes).
 BWD_SM80_SCORED_DKDV_TILES: dict[int, Tile] = {256: Tile(block_m=32, block_n=64, warps=8)}
 BWD_SM80_ROWWISE_TILE = Tile(block_m=64, block_n=0, warps=4)
-# Backward dK/dV on Hopper, fp16/bf16 (kernels_cu/bwd_sm90.cu): block_n keys per block, block_m
+# Backward dK/dV on Hopper, fp16/bf16 (kernels_cu/sm90/bwd_sm90.cu): block_n keys per block, block_m
 # query rows per step, 12 warps (one producer and two consumer warpgroups). Up to D=128 each
 # consumer owns 64 keys; at D=256 they share 64 keys and split the head dim. Bounded by the
 # consumers' 240 registers: dK + dV (width, or width / 2, floats per thread), S^T and dP^T, dQ.
@@ -201,7 +201,7 @@ def dkdv_sm90_spec(dtype: str, head_dim: int, mask: str, score: str = "none") ->
     """The Hopper dK/dV kernel for one problem class (memoised: per call)."""
     width = width_for(head_dim, BWD_SM90_TILES)
     tile = BWD_SM90_TILES[width]
-    return KernelSpec("bwd_sm90.cu", "bwd_dkdv_sm90", dtype, width, tile.block_m, tile.block_n,
+    return KernelSpec("sm90/bwd_sm90.cu", "bwd_dkdv_sm90", dtype, width, tile.block_m, tile.block_n,
                       tile.warps, mask, True, _sm90_smem(width, tile), min_arch=90,
                       score=score)
 
@@ -244,7 +244,7 @@ def _sm80_kernels(dtype: str, head_dim: int, mask: str, aligned: bool,
     rows = BWD_SM80_ROWWISE_TILE
 
     def spec(entry: str, tile: Tile, masked: str, smem: int, scored: str) -> KernelSpec:
-        return KernelSpec("bwd_sm80.cu", entry, dtype, width, tile.block_m, tile.block_n,
+        return KernelSpec("sm80/bwd_sm80.cu", entry, dtype, width, tile.block_m, tile.block_n,
                           tile.warps, masked, aligned, smem, score=scored)
 
     return BwdKernels(
@@ -257,7 +257,7 @@ def _sm80_kernels(dtype: str, head_dim: int, mask: str, aligned: bool,
 
 def _row_spec(entry: str, dtype: str, width: int) -> KernelSpec:
     t = ROWWISE_TILE
-    return KernelSpec("bwd_simt.cu", entry, dtype, width, t.block_m, t.block_n, t.warps,
+    return KernelSpec("simt/bwd_simt.cu", entry, dtype, width, t.block_m, t.block_n, t.warps,
                       "none", False, 0, min_arch=60)
 
 
@@ -278,7 +278,7 @@ def bwd_kernels(dtype: str, head_dim: int, mask: str, aligned: bool,
     smem_dkdv, smem_dq = _simt_smem(dtype, width, tile)
 
     def spec(entry: str, smem: int) -> KernelSpec:
-        return KernelSpec("bwd_simt.cu", entry, dtype, width, tile.block_m, tile.block_n,
+        return KernelSpec("simt/bwd_simt.cu", entry, dtype, width, tile.block_m, tile.block_n,
                           tile.warps, mask, aligned, smem, min_arch=60, score=score)
 
     return BwdKernels(

@@ -1,5 +1,5 @@
 """What the launch modules share: the kernels' parameter blocks (`FWD_PARAMS`, `BWD_PARAMS`,
-mirroring ``FwdParams`` and ``BwdParams`` in kernels_cu/common.cuh) and their packing, the tile
+mirroring ``FwdParams`` and ``BwdParams`` in kernels_cu/core/common.cuh) and their packing, the tile
 record, the choice of a compiled head-dim width, and the 16-byte alignment test.
 
 It sits below `_compile` (which passes the blocks' sizes to NVRTC) and every launch module
@@ -16,7 +16,7 @@ import numpy as np
 
 from cuflash._variant import Variant
 
-# A user modification's auxiliary arrays (kMaxAux, kMaxAuxDims in kernels_cu/common.cuh).
+# A user modification's auxiliary arrays (kMaxAux, kMaxAuxDims in kernels_cu/core/common.cuh).
 MAX_AUX = 8
 MAX_AUX_DIMS = 4
 _STRIDE_FIELDS = ("batch_stride", "row_stride", "head_stride")
@@ -53,7 +53,7 @@ BWD_PARAMS = _params_dtype(
 )
 
 
-# DecodeParams of kernels_cu/fwd_decode.cu, field for field.
+# DecodeParams of kernels_cu/sm80/fwd_decode.cu, field for field.
 DECODE_PARAMS = np.dtype(
     [(name, np.uint64) for name in ("q", "k", "v", "o", "lse", "sinks", "alibi", "o_partial",
                                      "lse_partial", "seqlens_k", "leftpad", "cache_rows",

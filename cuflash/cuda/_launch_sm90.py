@@ -1,4 +1,4 @@
-"""Hopper forward (kernels_cu/fwd_sm90.cu): tile table, TMA tensor maps, qualification, launch.
+"""Hopper forward (kernels_cu/sm90/fwd_sm90.cu): tile table, TMA tensor maps, qualification, launch.
 
 `forward_sm90` launches the warp-specialised wgmma + TMA kernel when the problem qualifies and
 returns True; otherwise it returns False without launching (the reason logged at debug level on
@@ -263,7 +263,7 @@ def fwd_sm90_spec(dtype: str, head_dim: int, mask: str, short: bool = False,
     # registers a thread, which the modification's values overflow (spills).
     if short or score != "none":
         tile = FWD_SM90_SHORT_TILES.get(width, tile)
-    return KernelSpec("fwd_sm90.cu", "fwd_sm90", dtype, width, tile.block_m, tile.block_n,
+    return KernelSpec("sm90/fwd_sm90.cu", "fwd_sm90", dtype, width, tile.block_m, tile.block_n,
                       tile.warps, mask, True, smem_bytes(width, tile, _dtypes.itemsize(dtype)),
                       min_arch=90, score=score, sinks=sinks)
 

@@ -19,21 +19,21 @@ class KernelSpec:
     """One kernel instantiation.
 
     Attributes:
-        source: file in ``kernels_cu/`` holding the template, e.g. ``"fwd_sm80.cu"``.
+        source: file in ``kernels_cu/`` holding the template, e.g. ``"sm80/fwd_sm80.cu"``.
         entry: kernel template name inside namespace ``cuflash``, e.g. ``"fwd_sm80"``.
         dtype: canonical dtype name of q/k/v (a key of ``_dtypes``).
         head_dim: compiled head-dim width (the true head dim is <= this and a kernel argument).
         block_m: query rows per thread block.
         block_n: key rows per inner-loop tile.
         warps: warps per thread block.
-        mask: the mask kind compiled in (a `_variant.MASK_KINDS` name; kernels_cu/mask.cuh).
+        mask: the mask kind compiled in (a `_variant.MASK_KINDS` name; attention/mask.cuh).
         aligned: 16-byte vector loads allowed (pointers and strides are multiples of 16 bytes).
         smem_bytes: dynamic shared memory the launch must provide.
         min_arch: lowest compute capability (e.g. 80) the kernel compiles for.
         score: the score modification compiled in (a `_variant.SCORE_KINDS` name;
-            kernels_cu/score.cuh, or a `_user_mods.UserKind`, whose generated C++ is compiled
+            attention/score.cuh, or a `_user_mods.UserKind`, whose generated C++ is compiled
             after `source`: see `code`), rendered after the mask.
-        sinks: whether attention sinks are compiled in (kernels_cu/sink.cuh), rendered last;
+        sinks: whether attention sinks are compiled in (attention/sink.cuh), rendered last;
             None for the kernels that take them at run time or not at all (no such argument).
     """
 

@@ -6,7 +6,7 @@
 //   C 16x8  (fp32):      c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1)
 #pragma once
 
-#include "common.cuh"
+#include "../core/common.cuh"
 
 namespace cuflash {
 

@@ -24,7 +24,7 @@
 #pragma once
 
 #include "block_map.cuh"
-#include "common.cuh"
+#include "../core/common.cuh"
 #include "mask.cuh"
 #include "sink.cuh"
 

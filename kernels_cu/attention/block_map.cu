@@ -11,7 +11,7 @@
 // exchanged. The template's shape is a KernelSpec's: T the Score's input type, kBlockM = kBlockN =
 // kRows, the head dim and kAligned unused.
 #include "block_map.cuh"
-#include "common.cuh"
+#include "../core/common.cuh"
 #include "mask.cuh"
 #include "score.cuh"
 

@@ -5,10 +5,10 @@
 //   S = Q K^T (registers) -> score modification -> mask -> online softmax -> P (shared)
 //   -> O += P V (registers).
 // cp.async streams V under S = Q K^T and the next K under O += P V.
-#include "common.cuh"
-#include "mask.cuh"
-#include "nonfinite.cuh"
-#include "score.cuh"
+#include "../core/common.cuh"
+#include "../attention/mask.cuh"
+#include "../attention/nonfinite.cuh"
+#include "../attention/score.cuh"
 #include "simt_common.cuh"
 #include "simt_softmax.cuh"
 

@@ -10,7 +10,7 @@
 // infinity never take that path; dense kernels carry none of it.
 #pragma once
 
-#include "common.cuh"
+#include "../core/common.cuh"
 #include "mask.cuh"
 #include "score.cuh"
 #include "sink.cuh"

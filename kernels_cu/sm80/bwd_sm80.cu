@@ -14,11 +14,11 @@
 // All kernels take the same template parameters so one KernelSpec names any of them; the row-wise
 // kernels ignore kBlockN, MaskKind and ScoreKind (rendered as NoMask, NoScore). With a score
 // modification (score.cuh) S is modified before P is recomputed and dS is multiplied by its slope.
-#include "common.cuh"
+#include "../core/common.cuh"
 #include "load_tile_sm80.cuh"
-#include "mask.cuh"
+#include "../attention/mask.cuh"
 #include "mma_sm80.cuh"
-#include "score.cuh"
+#include "../attention/score.cuh"
 
 namespace cuflash {
 

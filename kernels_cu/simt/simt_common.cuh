@@ -8,7 +8,7 @@
 // distinct addresses a warp reads at once in distinct banks (see the padding in the traits).
 #pragma once
 
-#include "common.cuh"
+#include "../core/common.cuh"
 
 namespace cuflash {
 

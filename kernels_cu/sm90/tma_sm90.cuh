@@ -3,7 +3,7 @@
 // same under NVRTC and nvcc and every instruction is visible at its call site.
 #pragma once
 
-#include "common.cuh"
+#include "../core/common.cuh"
 
 namespace cuflash {
 

@@ -33,9 +33,9 @@
 // (wgmma SS). dQ is split by columns as above; its fp32 tile (64 KB) has no room of its own, so
 // each consumer writes its half into the step's Q or dO slot (32 KB each) once both consumers
 // are done with them, and the producer's warp 2 frees the slot when the reduction has read it.
-#include "common.cuh"
-#include "mask.cuh"
-#include "score.cuh"
+#include "../core/common.cuh"
+#include "../attention/mask.cuh"
+#include "../attention/score.cuh"
 #include "tma_sm90.cuh"
 #include "wgmma_sm90.cuh"
 

@@ -14,7 +14,7 @@
 // diagonal of its own.
 #pragma once
 
-#include "common.cuh"
+#include "../core/common.cuh"
 
 namespace cuflash {
 

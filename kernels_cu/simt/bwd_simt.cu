@@ -11,9 +11,9 @@
 //   bwd_convert_dq  dq = scale * dq_accum in the storage type (row-wise, any dtype).
 // Every kernel takes the same template parameters so one KernelSpec names any of them; the row-wise
 // kernels ignore the tile ones and MaskKind (rendered as NoMask).
-#include "common.cuh"
-#include "mask.cuh"
-#include "score.cuh"
+#include "../core/common.cuh"
+#include "../attention/mask.cuh"
+#include "../attention/score.cuh"
 #include "simt_common.cuh"
 #include "simt_softmax.cuh"
 

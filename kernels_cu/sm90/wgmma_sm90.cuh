@@ -14,7 +14,7 @@
 // ordinary instructions, `commit()` after issuing, `wait<n>()` before touching d or a again.
 #pragma once
 
-#include "common.cuh"
+#include "../core/common.cuh"
 
 namespace cuflash {
 

@@ -12,11 +12,11 @@
 // Keys are numbered within the sequence: key j of sequence b sits at cache position
 // leftpad[b] + j of cache row cache_rows[b] (contiguous), or at slot j % page_size of page
 // block_table[b][j / page_size] (paged). Sequence b has seqlens_k[b] - leftpad[b] keys.
-#include "common.cuh"
-#include "mask.cuh"
+#include "../core/common.cuh"
+#include "../attention/mask.cuh"
 #include "mma_sm80.cuh"
-#include "score.cuh"
-#include "softmax.cuh"
+#include "../attention/score.cuh"
+#include "../attention/softmax.cuh"
 
 namespace cuflash {
 

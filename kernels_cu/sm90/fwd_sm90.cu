@@ -21,12 +21,12 @@
 // Q is released once loaded into registers (kQInRegs), else after the tile's last S. Stages and
 // parities come from running counters (K/V tiles and non-empty work tiles loaded so far), which
 // producer and consumers advance alike.
-#include "common.cuh"
-#include "mask.cuh"
-#include "nonfinite.cuh"
-#include "score.cuh"
-#include "mma_sm80.cuh"
-#include "softmax.cuh"
+#include "../core/common.cuh"
+#include "../attention/mask.cuh"
+#include "../attention/nonfinite.cuh"
+#include "../attention/score.cuh"
+#include "../sm80/mma_sm80.cuh"
+#include "../attention/softmax.cuh"
 #include "tma_sm90.cuh"
 #include "wgmma_sm90.cuh"
 

@@ -4,7 +4,7 @@
 // the key loop carries none of it. A sink of -inf is no sink (the row's statistics unchanged).
 #pragma once
 
-#include "common.cuh"
+#include "../core/common.cuh"
 
 namespace cuflash {
 

@@ -18,7 +18,7 @@
 // user kind's Score (cuflash/_user_mods.py), whose kind says kBlockMap.
 #pragma once
 
-#include "common.cuh"
+#include "../core/common.cuh"
 #include "mask.cuh"
 
 namespace cuflash {

@@ -7,13 +7,13 @@
 // the rest run unmasked. Loads overlap compute FlashAttention-2 style: V(j) streams in while
 // S = Q K(j)^T is computed, K(j-1) while O += P V(j) is.
 // The fp32 accumulator of S, packed pairwise to 16 bits, is already the A fragment of P V.
-#include "common.cuh"
+#include "../core/common.cuh"
 #include "load_tile_sm80.cuh"
-#include "mask.cuh"
+#include "../attention/mask.cuh"
 #include "mma_sm80.cuh"
-#include "nonfinite.cuh"
-#include "score.cuh"
-#include "softmax.cuh"
+#include "../attention/nonfinite.cuh"
+#include "../attention/score.cuh"
+#include "../attention/softmax.cuh"
 
 namespace cuflash {
 

@@ -5,7 +5,7 @@
 // rows (g and g+8): row index r = 2 * mtile + (i / 2) for accumulator element i of a C fragment.
 #pragma once
 
-#include "common.cuh"
+#include "../core/common.cuh"
 #include "sink.cuh"
 
 namespace cuflash {

@@ -1,7 +1,7 @@
 // Global -> shared tile copy shared by the sm_80 tensor-core kernels (fwd_sm80.cu, bwd_sm80.cu).
 #pragma once
 
-#include "common.cuh"
+#include "../core/common.cuh"
 #include "mma_sm80.cuh"
 
 namespace cuflash {

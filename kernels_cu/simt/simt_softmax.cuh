@@ -1,9 +1,9 @@
 // Online softmax of the SIMT kernels, in the input precision (float for fp32, double for fp64).
 #pragma once
 
-#include "common.cuh"
+#include "../core/common.cuh"
 #include "simt_common.cuh"
-#include "sink.cuh"
+#include "../attention/sink.cuh"
 
 namespace cuflash {
 
