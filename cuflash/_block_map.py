@@ -17,6 +17,7 @@ is broadcast over the batch (heads) when the mask_mod's code does not name ``b``
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 
@@ -24,6 +25,10 @@ import numpy as np
 
 from cuflash import _interop
 
+# Whether maps keep the row and key bounds: "0" writes every bound as not-an-interval (-1), so
+# that the kernels call the mask_mod on every partial tile, as before the bounds.
+BOUNDS_ENV = "CUFLASH_MAP_BOUNDS"
+BOUNDS_DEFAULT = "1"
 ROWS = 64  # rows (keys) a map entry covers: BlockMap::kRows in kernels_cu/attention/block_map.cuh
 THREADS = 128  # the build kernel's block
 
@@ -162,6 +167,8 @@ def build(problem, aux_arrays, *, per_call: bool = False) -> BlockMap:
                                              strict=True)), batches, heads, rows, keys)
     else:
         data = _data_cuda(problem, aux_arrays, batches, heads, rows, keys)
+    if os.environ.get(BOUNDS_ENV, BOUNDS_DEFAULT) == "0":
+        data[:, :, 4 * (rows + keys):] = -1
     return BlockMap(data, rows, signature(problem), per_call)
 
 

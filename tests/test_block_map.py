@@ -55,6 +55,12 @@ def holes(batch, heads, sq, sk, rng):
 
 
 MASKS = {"documents": documents, "prefix": prefix, "heads": heads, "holes": holes}
+
+
+@pytest.fixture(autouse=True)
+def _bounds_on(monkeypatch):
+    """Maps keep their row and key bounds here, whatever the default."""
+    monkeypatch.setenv(_block_map.BOUNDS_ENV, "1")
 SHAPES = ((130, 200, True, None), (200, 130, False, None), (300, 257, False, (70, 9)),
           (1, 150, True, None), (64, 64, False, (0, 0)))
 
@@ -243,3 +249,17 @@ def test_the_build_kernel_compiles_without_spills(mask):
         for arch in ("sm_80", "sm_90a"):
             report = _compile.compile_report(spec, arch)
             assert report.registers > 0 and report.spill_stores == 0, report.log
+
+
+def test_the_bounds_switch_writes_no_intervals(monkeypatch):
+    """CUFLASH_MAP_BOUNDS=0: the entries as with bounds, every row and key bound (-1, -1)."""
+    rng = np.random.default_rng(3)
+    mod, aux = documents(1, 2, 150, 150, rng)
+    x = np.zeros((1, 150, 2, 8), np.float32)
+    with_bounds = cuflash.block_map(x, x, mask_mod=mod, aux=aux, causal=True)
+    assert with_bounds.intervals() == 1.0  # documents under causal: every row one interval
+    monkeypatch.setenv(_block_map.BOUNDS_ENV, "0")
+    without = cuflash.block_map(x, x, mask_mod=mod, aux=aux, causal=True)
+    np.testing.assert_array_equal(without.entries, with_bounds.entries)
+    assert (without.bounds == -1).all() and (without.key_bounds == -1).all()
+    assert without.intervals() == 0.0

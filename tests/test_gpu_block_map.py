@@ -30,6 +30,16 @@ from tests.test_gpu_backward import _namespace, _skip_single_family  # noqa: E40
 
 pytestmark = pytest.mark.gpu
 
+
+@pytest.fixture(autouse=True, params=["map_bounds", "no_map_bounds"])
+def bounds(request, monkeypatch):
+    """Every test with maps that keep their row and key bounds (the Hopper kernels mask those
+    rows by them) and with maps that do not (the mask_mod on every partial tile)."""
+    from cuflash import _block_map
+
+    monkeypatch.setenv(_block_map.BOUNDS_ENV, "1" if request.param == "map_bounds" else "0")
+    return request.param
+
 SHAPES = ((130, 200, True, None), (200, 130, False, None), (300, 257, False, (70, 9)),
           (1, 150, True, None), (64, 64, False, (0, 0)))
 
