@@ -54,7 +54,7 @@ class BlockMap:
     @property
     def entries(self):
         """int32 ``(Bm, Hm, R + C, 4)``: R row blocks, then ``C = ceil(Sk / 64)`` key blocks,
-        each ``(begin, end, full_begin, full_end)`` (a copy, in `data`'s array type)."""
+        each ``(begin, end, full_begin, full_end)`` (a view of `data`, or a copy of it)."""
         bm, hm = self.data.shape[:2]
         return self.data[:, :, :4 * self._blocks].reshape(bm, hm, self._blocks, 4)
 
@@ -62,7 +62,7 @@ class BlockMap:
     def bounds(self):
         """int32 ``(Bm, Hm, 64 R, 2)``: each query row's seen keys ``[first, end)`` where they
         are one interval (``(0, 0)``: none, also for the rows past Sq), ``(-1, -1)`` where they
-        are not (a copy, in `data`'s array type)."""
+        are not (a view of `data`, or a copy of it)."""
         bm, hm = self.data.shape[:2]
         at = 4 * self._blocks
         return self.data[:, :, at:at + 2 * ROWS * self.row_blocks].reshape(
@@ -71,7 +71,7 @@ class BlockMap:
     @property
     def key_bounds(self):
         """int32 ``(Bm, Hm, 64 C, 2)``: each key's queries ``[first, end)`` that see it, as
-        `bounds` (a copy)."""
+        `bounds` (a view of `data`, or a copy of it)."""
         bm, hm = self.data.shape[:2]
         at = 4 * self._blocks + 2 * ROWS * self.row_blocks
         return self.data[:, :, at:].reshape(bm, hm, -1, 2)
@@ -100,7 +100,7 @@ class BlockMap:
         batch, heads, sq, sk, mask, window, _, _ = self.signature[1:]
         band = f"window {window}" if mask == "window" else mask
         return (f"BlockMap(B={batch}, Hq={heads}, Sq={sq}, Sk={sk}, {band}, entries "
-                f"{self.shape}, {self.intervals():.0%} of rows intervals)")
+                f"{self.shape})")
 
     def intervals(self) -> float:
         """The fraction of (batch, head, query row) whose seen keys are one interval (or
