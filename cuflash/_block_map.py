@@ -25,10 +25,11 @@ import numpy as np
 
 from cuflash import _interop
 
-# Whether maps keep the row and key bounds: "0" writes every bound as not-an-interval (-1), so
-# that the kernels call the mask_mod on every partial tile, as before the bounds.
+# Whether maps keep the row and key bounds ("1"): otherwise every bound is written as
+# not-an-interval (-1) and the kernels call the mask_mod on every partial tile, as before the
+# bounds. Off by default until the bounds' kernel paths have run on a GPU.
 BOUNDS_ENV = "CUFLASH_MAP_BOUNDS"
-BOUNDS_DEFAULT = "1"
+BOUNDS_DEFAULT = "0"
 ROWS = 64  # rows (keys) a map entry covers: BlockMap::kRows in kernels_cu/attention/block_map.cuh
 THREADS = 128  # the build kernel's block
 

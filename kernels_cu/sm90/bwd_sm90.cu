@@ -354,8 +354,9 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
       };
       const float hidden = kSlopeLater ? neg_inf() : 0.f;
       // By the block map, where the queries that see each of the warp's keys are one interval:
-      // the score_mod alone, then the keys' bounds hide the rest (band included); elsewhere the
-      // mask_mod per element (a whole-tile path beside these two spilled at D 64).
+      // the score_mod alone, then the keys' bounds hide the rest (band included); else, where
+      // the step's queries see all the warp's keys, the score_mod alone; elsewhere the mask_mod
+      // per element.
       bool bounded = false;
       if constexpr (ScoreKind::kBlockMap) {
         const int q0 = row0 + q_col0, k0 = n0 + key_base;
@@ -375,6 +376,10 @@ bwd_dkdv_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ TmaMa
                 if (c < first || c >= end) st[j][2 * h + e] = hidden;
               }
           }
+        } else if (Tr::kConsumerQueries <= BlockMap::kRows
+                       ? step_score.whole_in_block(q0, k0, k0 + 16)
+                       : step_score.whole(q0, q0 + Tr::kConsumerQueries, k0, k0 + 16)) {
+          modify([&](float x, int row, int col) { return step_score.unmasked(x, row, col); });
         } else {
           modify(step_score);
         }
