@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -180,11 +180,13 @@ def plane_ints(rows: int, keys: int) -> int:
 
 
 def build_spec(variant):
-    """The build kernel of `variant`'s mask and user kind (kernels_cu/attention/block_map.cu)."""
+    """The build kernel of `variant`'s mask and user kind (kernels_cu/attention/block_map.cu):
+    the kind without the call's ALiBi, bias and mask array, which no map holds."""
     from cuflash.cuda._spec import KernelSpec
 
     return KernelSpec("attention/block_map.cu", "build_block_map", "float32", 0, ROWS, ROWS,
-                      THREADS // 32, variant.mask, False, 0, min_arch=70, score=variant.user)
+                      THREADS // 32, variant.mask, False, 0, min_arch=70,
+                      score=replace(variant.user, arrays=False))
 
 
 def _data_cuda(problem, aux_arrays, batches, heads, rows, keys):

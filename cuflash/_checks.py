@@ -15,12 +15,12 @@ MAX_SCALE = float(np.finfo(np.float32).max) / math.log2(math.e)  # about 2.3587e
 
 
 def refuse_capped_mods_on_cuda(softcap: float, alibi: bool, bias: bool, mask: bool,
-                               where: str) -> None:
-    """The CUDA kernels do not combine a softcap with ALiBi, a bias or a mask array
-    (attention/score.cuh's Mods): raise NotImplementedError naming them. `where`: the inputs,
-    described."""
-    others = [name for name, given in (("alibi_slopes", alibi), ("bias", bias), ("mask", mask))
-              if given]
+                               where: str, user: bool = False) -> None:
+    """The CUDA kernels do not combine a softcap with ALiBi, a bias, a mask array or a user's
+    score_mod / mask_mod (attention/score.cuh's Mods and the user kinds carry no softcap):
+    raise NotImplementedError naming them. `where`: the inputs, described."""
+    others = [name for name, given in (("alibi_slopes", alibi), ("bias", bias), ("mask", mask),
+                                       ("score_mod / mask_mod", user)) if given]
     if softcap and others:
         raise NotImplementedError(
             f"softcap: the CUDA kernels do not combine a softcap with {', '.join(others)} yet "

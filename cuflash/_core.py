@@ -285,13 +285,6 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
     variant = Variant.of(causal=bool(causal), window=window, softcap=softcap,
                          alibi=alibi_slopes is not None, sinks=sinks is not None,
                          bias=bias is not None, mask_array=mask is not None)
-    if score_mod is not None or mask_mod is not None:
-        for name, given in (("softcap", variant.softcap), ("alibi_slopes", variant.alibi),
-                            ("bias", variant.bias), ("mask", variant.mask_array)):
-            if given:
-                raise NotImplementedError(
-                    f"{name}: not combined with score_mod / mask_mod; write it into the "
-                    f"score_mod (or mask_mod) instead")
     for name, x in (("q", q), ("k", k), ("v", v)):
         refuse_masked(name, x)
     sources = {name: _interop.source_of(x, name) for name, x in (("q", q), ("k", k), ("v", v))}
@@ -305,7 +298,8 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
 
     if src.device == "cuda":
         refuse_capped_mods_on_cuda(variant.softcap, variant.alibi, variant.bias,
-                                   variant.mask_array, f"{src.describe()} inputs")
+                                   variant.mask_array, f"{src.describe()} inputs",
+                                   user=score_mod is not None or mask_mod is not None)
 
     dtypes = {name: _interop.dtype_name(x) for name, x in (("q", q), ("k", k), ("v", v))}
     allowed = _dtypes.GPU_DTYPES if src.device == "cuda" else _dtypes.CPU_DTYPES
@@ -364,7 +358,8 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
     aux_views = tuple((name, x, check_aux(name, x, src)) for name, x in aux_items)
     if score_mod is not None or mask_mod is not None:
         kind = _user_mods.kind_of(score_mod, mask_mod,
-                                  _user_mods.aux_signature(aux_items, _interop.dtype_name))
+                                  _user_mods.aux_signature(aux_items, _interop.dtype_name),
+                                  arrays=variant.alibi or variant.bias or variant.mask_array)
         variant = replace(variant, user=kind)
     problem = Problem(batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q,
                       heads_kv=heads_kv, head_dim=head_dim, head_dim_v=head_dim_v,

@@ -166,7 +166,7 @@ def backward(
         for j0, j1, hidden in _key_blocks(i0, i1, sq, sk, variant, mods):
             k_blk, v_blk = k_t[:, :, j0:j1], v_t[:, :, j0:j1]
             # -- recompute P = exp(scale * (s - m) - log l) (modified: exp(s' - m - log l)) --
-            p, slope = _scores(q_blk, k_t, i0, j0, j1, hidden, mods, slope=True)
+            p, (outer, inner) = _scores(q_blk, k_t, i0, j0, j1, hidden, mods, slope=True)
             np.subtract(p, m_blk, out=p)
             if not mods:
                 np.multiply(p, scale_t, out=p)
@@ -178,10 +178,14 @@ def backward(
             ds = np.matmul(do_blk, v_blk.swapaxes(-1, -2))
             np.subtract(ds, delta_blk, out=ds)
             np.multiply(ds, p, out=ds)
-            if dbias is not None:  # the bias is added last: its gradient is dS here
+            # -- back through the modifications: the score_mod, the bias (dS is its gradient
+            # there), the softcap --
+            if outer is not None:
+                np.multiply(ds, outer, out=ds)
+            if dbias is not None:
                 mods.add_bias_gradient(dbias, ds, i0, j0)
-            if slope is not None:  # through the modification: its derivative
-                np.multiply(ds, slope, out=ds)
+            if inner is not None:
+                np.multiply(ds, inner, out=ds)
             # -- dQ += dS K, dK += dS^T Q (both times scale at the end) --
             dq_blk += np.matmul(ds, k_blk)
             dk_t[:, :, j0:j1] += np.matmul(ds.swapaxes(-1, -2), q_blk)
@@ -196,18 +200,18 @@ def backward(
 
 def _scores(q_blk: np.ndarray, k_t: np.ndarray, i0: int, j0: int, j1: int,
             hidden: np.ndarray | None, mods: _ScoreMods,
-            slope: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+            slope: bool = False) -> tuple[np.ndarray, tuple]:
     """Scores ``(B, Hkv, G * bq, bk)`` of the query block from row `i0` against keys
     ``[j0, j1)``, -inf where ``hidden`` (``(bq, bk)``, None: nothing masked) says the query does
-    not see the key, and with `slope` the modification's derivative by the scaled score (None
-    where it is 1). Without modifications: the raw ``q k^T`` (the scale is applied later,
-    inside the exponent); with any, the modified scores in logits (`_ScoreMods.apply`)."""
+    not see the key, and with `slope` the modifications' derivatives (`_ScoreMods.apply`; 0
+    where hidden, None where 1). Without modifications: the raw ``q k^T`` (the scale is applied
+    later, inside the exponent); with any, the modified scores in logits (`_ScoreMods.apply`)."""
     s = np.matmul(q_blk, k_t[:, :, j0:j1].swapaxes(-1, -2))
-    slopes = mods.apply(s, i0, j0, slope) if mods else None
+    slopes = mods.apply(s, i0, j0, slope) if mods else (None, None)
     if hidden is not None:
         b, hkv, rows, bk = s.shape
         bq = hidden.shape[-2]
-        for x, fill in ((s, -np.inf), (slopes, 0.0)):
+        for x, fill in ((s, -np.inf), *((x, 0.0) for x in slopes)):
             if x is not None:  # slope 0 where hidden: a hidden key's NaN stays out of gradients
                 np.copyto(x.reshape(b, hkv, rows // bq, bq, bk), fill, where=hidden)
     return s, slopes
@@ -216,7 +220,8 @@ def _scores(q_blk: np.ndarray, k_t: np.ndarray, i0: int, j0: int, j1: int,
 class _ScoreMods:
     """A call's score modifications, in the compute dtype, in flash-attn's order: scale, then
     softcap (``cap * tanh(s / cap)``), then ALiBi (``-slope * |i + Sk - Sq - j|``), then the
-    bias; the user mask, which hides keys as the variant's mask does; and the sinks, which start
+    bias, then the user's score_mod; the mask array and the user's mask_mod, which hide keys as
+    the variant's mask does; and the sinks, which start
     each row's softmax. False when the scores are unmodified: they then stay raw and the softmax
     scales them inside its exponent."""
 
@@ -299,43 +304,38 @@ class _ScoreMods:
         ones (already scaled)."""
         return 1.0 if self else scale
 
-    def apply(self, s: np.ndarray, i0: int, j0: int, slope: bool = False) -> np.ndarray | None:
-        """Raw scores `s` of rows from `i0` and keys from `j0`, modified in place; with
-        `slope`, returns the modification's derivative by the scaled score (None where it is
-        1): a softcap's ``1 - tanh^2``, a score_mod's grad."""
-        slopes = None
+    def apply(self, s: np.ndarray, i0: int, j0: int,
+              slope: bool = False) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Raw scores `s` of rows from `i0` and keys from `j0`, modified in place (softcap, ALiBi,
+        bias, then the user's score_mod); with `slope`, the derivatives a backward multiplies
+        dS by, outermost first: ``(the score_mod's grad, the softcap's 1 - tanh^2)``, None
+        where one is 1. A bias's gradient is dS between the two."""
+        outer = inner = None
         if self.cap:
             np.multiply(s, self.inner, out=s)
             np.tanh(s, out=s)
             if slope:
-                slopes = 1 - s * s
+                inner = 1 - s * s
             np.multiply(s, self.cap, out=s)
         else:
             np.multiply(s, self.scale, out=s)
+        rows, bk = s.shape[-2:]
+        bq = rows // self.grouped[2]
+        view = s.reshape(*self.grouped, bq, bk)
+        if self.slopes is not None:
+            distance = diagonal_distance(np.arange(i0, i0 + bq), np.arange(j0, j0 + bk),
+                                         *self.seqlens).astype(self.dtype)
+            np.subtract(view, self.slopes * distance, out=view)
+        if self.bias is not None:
+            np.add(view, self._block(self.bias, i0, bq, j0, bk).astype(self.dtype), out=view)
         if self.user is not None and self.user.score is not None:
-            b, hkv, rows, bk = s.shape
-            bq = rows // self.grouped[2]
-            view = s.reshape(*self.grouped, bq, bk)
             at = self._positions(i0, bq, j0, bk)
             view[...] = np.broadcast_to(self.user.score(view.copy(), *at, **self.user.aux),
                                         view.shape)
             if slope and self.user.grad is not None:
                 grad = self.user.grad(view.copy(), *at, **self.user.aux)
-                slopes = np.broadcast_to(grad, view.shape).astype(self.dtype).reshape(s.shape)
-        if self.slopes is not None:
-            b, hkv, rows, bk = s.shape
-            g = self.slopes.shape[2]
-            bq = rows // g
-            distance = diagonal_distance(np.arange(i0, i0 + bq), np.arange(j0, j0 + bk),
-                                         *self.seqlens).astype(self.dtype)
-            view = s.reshape(b, hkv, g, bq, bk)
-            np.subtract(view, self.slopes * distance, out=view)
-        if self.bias is not None:
-            b, hkv, rows, bk = s.shape
-            bq = rows // self.grouped[2]
-            view = s.reshape(*self.grouped, bq, bk)
-            np.add(view, self._block(self.bias, i0, bq, j0, bk).astype(self.dtype), out=view)
-        return slopes
+                outer = np.broadcast_to(grad, view.shape).astype(self.dtype).reshape(s.shape)
+        return outer, inner
 
 
 def _union(hidden: np.ndarray | None, more: np.ndarray) -> np.ndarray:

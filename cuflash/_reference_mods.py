@@ -4,10 +4,11 @@ score_mod / mask_mod (by their NumPy forms), forward and backward, computed naiv
 ``(B, Hq, Sq, Sk)`` score tensor.
 
 Order of operations (flash-attn's where it has one): ``s = scale * q k^T``; ``s = softcap *
-tanh(s / softcap)``; ``s += -slope_h * |i + Sk - Sq - j|`` (ALiBi); ``s += bias``; keys hidden by
-causal, window or ``mask == False`` are dropped; the softmax runs over the visible keys plus,
-with sinks, one virtual key of logit ``sinks[h]`` and no value. ``lse`` includes the sink, so a
-row that sees no key has zeros and ``lse = sinks[h]`` (``-inf`` without sinks).
+tanh(s / softcap)``; ``s += -slope_h * |i + Sk - Sq - j|`` (ALiBi); ``s += bias``; ``s =
+score_mod(s, ...)``; keys hidden by causal, window, ``mask == False`` or the mask_mod are
+dropped; the softmax runs over the visible keys plus, with sinks, one virtual key of logit
+``sinks[h]`` and no value. ``lse`` includes the sink, so a row that sees no key has zeros and
+``lse = sinks[h]`` (``-inf`` without sinks).
 """
 
 from __future__ import annotations
@@ -121,16 +122,18 @@ def backward(dout: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
     delta = np.sum(p * dp, axis=-1, keepdims=True)  # the sink has no value: its dP is 0
     ds = p * (dp - delta)
     grads = {"v": p.swapaxes(-1, -2) @ dout}
-    if m.bias is not None:
-        grads["bias"] = _reduce_to(ds, m.bias_shape)
     if m.sinks is not None:
         grads["sinks"] = -np.sum(p_sink * delta[..., 0], axis=(0, 2))
+    # Back through the modifications in reverse order: the score_mod, the bias (its gradient is
+    # dS there), then the softcap.
     if m.score_mod is not None and not m.score_mod.additive:
         if m.score_mod.numpy_grad is None:
             raise NotImplementedError("score_mod.numpy_grad: the reference's gradients need "
                                       "the score_mod's derivative in NumPy")
         slope = m.score_mod.numpy_grad(modified, *m.positions(ds.shape), **m.aux)
         ds = np.where(p > 0, ds * slope, 0.0)
+    if m.bias is not None:
+        grads["bias"] = _reduce_to(ds, m.bias_shape)
     if m.softcap:
         ds = ds * (1.0 - tanh**2)
     grads["q"] = scale * ds @ k

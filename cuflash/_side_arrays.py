@@ -19,33 +19,31 @@ def sinks_on_device(problem):
 def mods_on_device(problem):
     """The arrays of the run-time modifications as the kernels read them
     (`_launch_common.Mods`), or None for a variant without them: the ALiBi slopes as a
-    contiguous ``(B, Hq)`` Accum copy (``(Hq,)`` slopes repeated for every batch); for the
-    "mods" kind the bias and the mask as ``(B, Hq, Sq, Sk)`` views of the caller's device
-    arrays, broadcast with stride 0 (a NumPy one is copied to the device first, in its own
-    shape), None where the call has none; for a user kind its aux arrays (a NumPy one copied
-    to the device first) and, with a mask_mod, its block map (the call's, or one built here
-    on the current stream)."""
+    contiguous ``(B, Hq)`` Accum copy (``(Hq,)`` slopes repeated for every batch); the bias
+    and the mask as ``(B, Hq, Sq, Sk)`` views of the caller's device arrays, broadcast with
+    stride 0 (a NumPy one is copied to the device first, in its own shape), None where the
+    call has none; for a user kind its aux arrays (a NumPy one copied to the device first)
+    and, with a mask_mod, its block map (the call's, or one built here on the current stream;
+    from the mask_mod alone)."""
     from cuflash.cuda._launch_common import Mods
 
+    found = {}
     if problem.variant.user is not None:
         from cuflash import _block_map
         from cuflash._checks import aux_view
 
         views = (aux_view(x, where) for _, x, where in problem.aux)
-        arrays = tuple(device_view(x, x.shape, problem) for x in views)
-        block_map = problem.block_map
-        if block_map is None and problem.variant.user.hides:  # a mask_mod: its map first
-            block_map = _block_map.build(problem, arrays)
-        return Mods(aux=arrays, block_map=block_map)
-    if not problem.variant.reads_arrays:
-        return None
-
-    slopes = on_device(problem.alibi_slopes, (problem.batch, problem.heads_q), problem)
-    if problem.variant.score == "alibi":
-        return Mods(alibi=slopes)
-    full = (problem.batch, problem.heads_q, problem.seqlen_q, problem.seqlen_k)
-    return Mods(alibi=slopes, bias=device_view(problem.bias, full, problem),
-                mask=device_view(problem.mask, full, problem))
+        found["aux"] = tuple(device_view(x, x.shape, problem) for x in views)
+        found["block_map"] = problem.block_map
+        if problem.block_map is None and problem.variant.user.hides:  # a mask_mod: its map
+            found["block_map"] = _block_map.build(problem, found["aux"])
+    if problem.variant.reads_arrays:
+        full = (problem.batch, problem.heads_q, problem.seqlen_q, problem.seqlen_k)
+        found |= {"alibi": on_device(problem.alibi_slopes, (problem.batch, problem.heads_q),
+                                     problem),
+                  "bias": device_view(problem.bias, full, problem),
+                  "mask": device_view(problem.mask, full, problem)}
+    return Mods(**found) if found else None
 
 
 def device_view(values, full: tuple[int, ...], problem):

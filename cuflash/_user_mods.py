@@ -127,16 +127,21 @@ class MaskMod:
 
 @dataclass(frozen=True)
 class UserKind:
-    """The compile-time score kind of a call's user modifications: their CUDA sources and each
-    aux array's (name, dtype, number of axes). Its `cpp` names the generated C++ type."""
+    """The compile-time score kind of a call's user modifications: their CUDA sources, each
+    aux array's (name, dtype, number of axes), and `arrays`: whether the call also has ALiBi, a
+    bias or a mask array, which the kind then applies as score.cuh's Mods does (the terms added
+    before the score_mod, the mask array hiding beside the mask_mod). Its `cpp` names the
+    generated C++ type."""
 
     score: str | None
     grad: str | None
     mask: str | None
     aux: tuple[tuple[str, str, int], ...]
+    arrays: bool = False
 
     @property
     def hides(self) -> bool:
+        """Whether the kind has a mask_mod (and so a block map)."""
         return self.mask is not None
 
     @property
@@ -160,20 +165,30 @@ class UserKind:
         members = "".join(f"  cuflash::Aux<{AUX_TYPES[dtype]}, {ndim}> {name};\n"
                           for name, dtype, ndim in self.aux)
         inits = "".join(f", {name}(p, {slot})" for slot, (name, _, _) in enumerate(self.aux))
+        if self.arrays:
+            members = "  cuflash::Score<cuflash::Mods, T, A> cf_arrays;  // ALiBi, bias, mask\n" \
+                + members
+            inits = ", cf_arrays(p)" + inits
         flag = {True: "true", False: "false"}
         score = self.score or "score"
         grad = self.grad or "1"
         keep = self.mask or "true"
-        hides = "!cf_whole && cf_inside(row, col) && !cf_keep(cf_b, cf_h, row, col)" \
+        mod_hides = "!cf_whole && cf_inside(row, col) && !cf_keep(cf_b, cf_h, row, col)" \
             if self.hides else "false"
+        array_hides = "cf_arrays.hides(row, col)" if self.arrays else "false"
+        added = "cf_arrays.add(s, row, col)" if self.arrays else "s"
         # a mask_mod alone leaves the score as it is (no round trip through the scale)
-        modified = "s" if self.score is None else \
-            "static_cast<A>(cf_score(s * cf_scale, cf_b, cf_h, row, col)) * cf_unscale"
+        modified = added if self.score is None else \
+            f"static_cast<A>(cf_score({added} * cf_scale, cf_b, cf_h, row, col)) * cf_unscale"
+        bind_arrays = "    bound.cf_arrays = cf_arrays.for_head(p, batch, head);\n" \
+            if self.arrays else ""
+        record = "cf_arrays.record(ds, row, col);" if self.arrays else ""
         return f"""
 namespace cuflash {{
 namespace user {{
 struct {kind} {{
-  static constexpr bool kModifies = true, kPositional = true, kHides = {flag[self.hides]},
+  static constexpr bool kModifies = true, kPositional = true,
+                        kHides = {flag[self.hides or self.arrays]},
                         kAdditive = {flag[self.additive]}, kBlockMap = {flag[self.hides]};
 }};
 }}  // namespace user
@@ -194,7 +209,7 @@ template <typename T, typename A> struct Score<user::{kind}, T, A> {{
     bound.cf_b = batch;
     bound.cf_h = head;
     bound.cf_map = cf_map.for_head(p, batch, head);
-    return bound;
+{bind_arrays}    return bound;
   }}
   // The block map's view (kBlockMap): key tiles of `tiles` rows [row_begin, row_end) may see,
   // and this Score on one tile (the dK/dV kernels' query ranges: score.cuh's narrow_by_map).
@@ -222,9 +237,16 @@ template <typename T, typename A> struct Score<user::{kind}, T, A> {{
   __device__ __forceinline__ int2 row_bounds(int row) const {{ return cf_map.row_bounds(row); }}
   // the queries [x, y) that see key `col`, as row_bounds
   __device__ __forceinline__ int2 col_bounds(int col) const {{ return cf_map.col_bounds(col); }}
-  // operator() on a tile the map shows whole: the score_mod alone
+  // the score modified (added terms, then the score_mod), not hidden
+  __device__ __forceinline__ A cf_modify(A s, int row, int col) const {{
+    return {modified};
+  }}
+  // operator() on a tile the map shows whole: no mask_mod (the mask array still hides)
   __device__ __forceinline__ A unmasked(A s, int row, int col) const {{
-    return cf_inside(row, col) ? {modified} : s;
+    if (!cf_inside(row, col)) return s;
+    A hidden;
+    minus_infinity(hidden);
+    return {array_hides} ? hidden : cf_modify(s, row, col);
   }}
   __device__ __forceinline__ A cf_score(A score, int b, int h, int q_idx, int kv_idx) const {{
 {_body(score, "score_mod")}
@@ -238,15 +260,20 @@ template <typename T, typename A> struct Score<user::{kind}, T, A> {{
   __device__ __forceinline__ bool cf_inside(int row, int col) const {{
     return row < cf_seqlen_q && col < cf_seqlen_k;
   }}
+  // What the mask_mod alone hides: what a block map is built from (never the mask array,
+  // so that a map serves calls with other arrays).
+  __device__ __forceinline__ bool mask_mod_hides(int row, int col) const {{
+    return {mod_hides};
+  }}
   __device__ __forceinline__ bool hides(int row, int col) const {{
-    return {hides};
+    return {array_hides} || mask_mod_hides(row, col);
   }}
   __device__ __forceinline__ A operator()(A s, int row, int col) const {{
     if (!cf_inside(row, col)) return s;
     A hidden;
     minus_infinity(hidden);
     if (hides(row, col)) return hidden;
-    return {modified};
+    return cf_modify(s, row, col);
   }}
   __device__ __forceinline__ A slope(A modified, int row, int col) const {{
     A hidden;
@@ -254,7 +281,8 @@ template <typename T, typename A> struct Score<user::{kind}, T, A> {{
     if (!cf_inside(row, col) || modified == hidden) return A(0);  // P is 0 there
     return static_cast<A>(cf_grad(modified * cf_scale, cf_b, cf_h, row, col));
   }}
-  __device__ __forceinline__ void record(A, int, int) const {{}}
+  // the backward's dS (after the score_mod's slope): the bias's gradient
+  __device__ __forceinline__ void record(A ds, int row, int col) const {{ {record} }}
 }};
 }}  // namespace cuflash
 """
@@ -268,13 +296,14 @@ def _body(text: str, name: str) -> str:
 
 
 def kind_of(score_mod: ScoreMod | None, mask_mod: MaskMod | None,
-            aux: tuple[tuple[str, str, int], ...]) -> UserKind | None:
-    """The score kind of a call's modifications (None without any)."""
+            aux: tuple[tuple[str, str, int], ...], *, arrays: bool = False) -> UserKind | None:
+    """The score kind of a call's modifications (None without any); `arrays`: the call also
+    has ALiBi, a bias or a mask array."""
     if score_mod is None and mask_mod is None:
         return None
     return UserKind(None if score_mod is None else score_mod.cuda,
                     None if score_mod is None else score_mod.grad,
-                    None if mask_mod is None else mask_mod.cuda, aux)
+                    None if mask_mod is None else mask_mod.cuda, aux, bool(arrays))
 
 
 def check_mods(score_mod: object, mask_mod: object, aux: object):

@@ -56,11 +56,12 @@ class Variant:
         bias: whether an additive bias tensor is added to the scores (last, after ALiBi).
         mask_array: whether a boolean mask tensor hides keys (besides the mask kind).
         user: the caller's own modifications (`cuflash.ScoreMod`, `cuflash.MaskMod`) as their
-            compile-time kind (`_user_mods.UserKind`), or None. They take no other score
-            modification (softcap, ALiBi, bias, mask array) beside them; sinks they do.
+            compile-time kind (`_user_mods.UserKind`), or None. The score_mod applies after
+            the built-ins (softcap, ALiBi, bias); the mask_mod hides beside the mask array.
     Every path computes all of them: on CUDA the sinks fold into each finished row, and the
     others are the compile-time score kind `score` (ALiBi, the bias and the mask array as the
-    kinds ``"alibi"`` and ``"mods"``).
+    kinds ``"alibi"`` and ``"mods"``, or inside a user kind). The CUDA kernels take a softcap
+    alone or with sinks only (validation refuses the rest there).
 
     Build one with `Variant.of`, which normalises equal masks to one variant: a window of
     (-1, -1) is ``"none"`` and (-1, 0) is ``"causal"``, so they share kernels bit for bit.
@@ -121,8 +122,9 @@ class Variant:
 
     @property
     def reads_arrays(self) -> bool:
-        """Whether the kernels read the modifications' arrays (`_launch_common.Mods`)."""
-        return self.score in ("alibi", "mods")
+        """Whether the kernels read the ALiBi slopes, a bias or a mask array
+        (`_launch_common.Mods`), by their kind ``"alibi"``, ``"mods"`` or a user kind's."""
+        return self.alibi or self.bias or self.mask_array
 
     def window_params(self, seqlen_q: int, seqlen_k: int) -> tuple[int, int]:
         """(window_left, window_right) for the parameter block: an unbounded side, and any

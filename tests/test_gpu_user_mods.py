@@ -21,10 +21,12 @@ import cuflash  # noqa: E402
 from cuflash import reference  # noqa: E402
 from tests import user_mods_cases as cases  # noqa: E402
 from tests.accuracy import (  # noqa: E402
+    EPS,
     assert_matches_reference,
     backward_eps,
     naive_attention,
     naive_attention_backward,
+    naive_bias_gradient,
 )
 from tests.strategies import Case, make_dout, make_inputs, to_bshd4  # noqa: E402
 from tests.test_gpu_backward import _namespace, _skip_single_family  # noqa: E402
@@ -87,6 +89,56 @@ def test_user_mods_on_cuda_match_the_builtin_reference(name, dtype, head_dim, ke
         case = Case(batch=2, seqlen_q=sq, seqlen_k=sk, heads_q=4, heads_kv=2,
                     head_dim=head_dim, dtype=dtype, causal=causal, window=window)
         check(case, 100 * i + head_dim, name, "numpy" if i == 1 else "device")
+
+
+# (case, dtype, head dim): user kinds that also read ALiBi, a bias and a mask array. The Hopper
+# forward takes them at D 64 (sm80 at 128); dbias through the score_mod's derivative goes to
+# the sm80 kernels.
+COMBINED_CELLS = [("double", "bfloat16", 64), ("double", "float16", 128),
+                  ("relbias", "bfloat16", 64), ("relbias", "bfloat16", 128),
+                  ("double", "float32", 32)]
+
+
+@pytest.mark.parametrize(("name", "dtype", "head_dim"), COMBINED_CELLS)
+def test_user_mods_beside_the_builtins_on_cuda(name, dtype, head_dim, kernel_path):
+    """A score_mod and the documents mask_mod with ALiBi, a broadcast bias and a mask array:
+    out, lse, dq, dk, dv (and dbias for "double") against the built-ins they equal."""
+    _skip_single_family(dtype, kernel_path)
+    rng = np.random.default_rng(head_dim)
+    xp = _namespace(dtype)
+    b, sq, sk, hq, hkv = 2, 150, 190, 4, 2
+    case = cases.combined(name, b, hq, sq, sk, rng, alibi=(hq,), bias_shape=(hq, sq, sk),
+                          mask_shape=(sq, sk), documents_mask=True, dtype=np.float32)
+    host = [rng.standard_normal((b, n, h, head_dim)) for n, h in ((sq, hq), (sk, hkv), (sk, hkv),
+                                                                 (sq, hq))]
+    q, k, v, dout = (xp.asarray(x.astype(dtype)) for x in host)
+    device = {key: None if x is None else (x if key == "softcap" else _on_device(x, xp))
+              for key, x in case.given.items()}
+    aux = {key: _on_device(x, xp) for key, x in case.aux.items()}
+    opts = {"causal": True, "score_mod": case.score_mod, "mask_mod": case.mask_mod, "aux": aux,
+            **device}
+    with_dbias = case.dbias_factor is not None
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **opts)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, return_dbias=with_dbias, **opts)
+
+    q4, k4, v4, do4 = (to_numpy(x).astype(np.float64) for x in (q, k, v, dout))
+    built = {"causal": True, "scale": case.scale_factor / np.sqrt(head_dim), **case.builtin}
+    ref, ref_lse = reference.attention(q4, k4, v4, return_lse=True, **built)
+    naive, naive_lse = naive_attention(q4, k4, v4, dtype=dtype, **built)
+    assert_matches_reference(f"{name} out", to_numpy(out), ref, naive, dtype=dtype)
+    assert_matches_reference(f"{name} lse", to_numpy(lse), ref_lse, naive_lse, dtype="float32")
+    refs = reference.attention_grads(do4, q4, k4, v4, **built)
+    naives = naive_attention_backward(do4, q4, k4, v4, dtype=dtype, **built)
+    eps = backward_eps(do4, q4, k4, v4, dtype=dtype, **built)
+    for label, got, nv, e in zip(("dq", "dk", "dv"), grads, naives, eps, strict=False):
+        assert_matches_reference(f"{name} {label}", to_numpy(got), refs[label[1:]], nv,
+                                 dtype=dtype, eps=e)
+    if with_dbias:
+        f = case.dbias_factor
+        naive_dbias = f * naive_bias_gradient(do4, q4, k4, v4, dtype=dtype, **built)
+        floor = max(1.0, 2 * f * float(np.sum(np.abs(do4))) * float(np.max(np.abs(v4))))
+        assert_matches_reference(f"{name} dbias", to_numpy(grads[-1]), f * refs["bias"],
+                                 naive_dbias, dtype=dtype, eps=EPS[dtype] * floor)
 
 
 def test_torch_autograd_takes_a_user_mod_on_cuda():

@@ -18,10 +18,12 @@ from cuflash import _user_mods, reference
 from cuflash.cuda import _compile, _launch, _launch_bwd, _launch_sm90
 from tests import user_mods_cases as cases
 from tests.accuracy import (
+    EPS,
     assert_matches_reference,
     backward_eps,
     naive_attention,
     naive_attention_backward,
+    naive_bias_gradient,
 )
 from tests.strategies import examples, make_dout, make_inputs, problems, seeds, to_bshd4
 
@@ -91,6 +93,89 @@ def test_reference_of_the_numpy_forms_equals_the_builtin(name):
             np.testing.assert_allclose(got[key], want[key], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", cases.COMBINED)
+@settings(max_examples=examples(30), deadline=None)
+@given(data=st.data())
+def test_user_mods_beside_the_builtins(name, data):
+    """A score_mod (and a mask_mod) with ALiBi, a bias, a mask array and (CPU) a softcap: the
+    built-ins first, then the score_mod, both masks hide. Every CPU dtype, GQA, causal and
+    windows: out, lse, dq, dk, dv and dbias against the built-ins that equal the combination
+    (`user_mods_cases.combined`)."""
+    draw = data.draw
+    dtype = draw(st.sampled_from(["float16", "float32", "float64"]))
+    hkv = draw(st.integers(1, 2))
+    hq = hkv * draw(st.integers(1, 2))
+    b, sq, sk = draw(st.integers(1, 2)), draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    d = draw(st.sampled_from([8, 16, 24]))
+    mask = draw(st.sampled_from([{}, {"causal": True},
+                                 {"window": (draw(st.integers(-1, 9)), draw(st.integers(-1, 9)))}]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    case = cases.combined(
+        name, b, hq, sq, sk, rng,
+        softcap=draw(st.sampled_from([0.0, 2.0])) if name == "double" else 0.0,
+        alibi=draw(st.sampled_from([None, (hq,), (b, hq)])),
+        bias_shape=draw(st.sampled_from([None, (b, hq, sq, sk), (hq, 1, sk), (sq, 1)])),
+        mask_shape=draw(st.sampled_from([None, (b, 1, sq, sk), (sq, sk)])),
+        documents_mask=draw(st.booleans()), dtype=dtype)
+    q = rng.standard_normal((b, sq, hq, d)).astype(dtype)
+    k, v = (rng.standard_normal((b, sk, hkv, d)).astype(dtype) for _ in range(2))
+    dout = rng.standard_normal(q.shape).astype(dtype)
+    opts = {**mask, "score_mod": case.score_mod, "mask_mod": case.mask_mod,
+            "aux": case.aux or None, **case.given}
+    with_dbias = case.given["bias"] is not None and case.dbias_factor is not None
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **opts)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, return_dbias=with_dbias, **opts)
+
+    q64, k64, v64, do64 = (x.astype(np.float64) for x in (q, k, v, dout))
+    built = {"causal": mask.get("causal", False), "window": mask.get("window"),
+             "scale": case.scale_factor / np.sqrt(d), **case.builtin}
+    ref, ref_lse = reference.attention(q64, k64, v64, return_lse=True, **built)
+    naive, naive_lse = naive_attention(q64, k64, v64, dtype=dtype, **built)
+    assert_matches_reference("out", out, ref, naive, dtype=dtype)
+    assert_matches_reference("lse", lse, ref_lse, naive_lse, dtype="float32")
+    refs = reference.attention_grads(do64, q64, k64, v64, **built)
+    naives = naive_attention_backward(do64, q64, k64, v64, dtype=dtype, **built)
+    eps = backward_eps(do64, q64, k64, v64, dtype=dtype, **built)
+    for label, g, n, e in zip(("dq", "dk", "dv"), grads, naives, eps, strict=False):
+        assert_matches_reference(label, g, refs[label[1:]], n, dtype=dtype, eps=e)
+    if with_dbias:
+        dbias = grads[-1]
+        assert dbias.dtype == case.given["bias"].dtype and dbias.shape == case.given["bias"].shape
+        f = case.dbias_factor
+        naive_dbias = f * naive_bias_gradient(do64, q64, k64, v64, dtype=dtype, **built)
+        floor = max(1.0, 2 * f * float(np.sum(np.abs(do64))) * float(np.max(np.abs(v64))))
+        assert_matches_reference("dbias", dbias, f * refs["bias"], naive_dbias, dtype=dtype,
+                                 eps=EPS[dtype] * floor)
+
+
+def test_the_reference_applies_a_score_mod_after_the_builtins():
+    """The oracle on a combination equals the oracle on its built-in equivalent: forward, lse
+    and every gradient (dbias through the score_mod's derivative), to float64 rounding."""
+    rng = np.random.default_rng(12)
+    b, sq, sk, hq, hkv, d = 2, 19, 23, 4, 2, 8
+    q = rng.standard_normal((b, sq, hq, d))
+    k, v = (rng.standard_normal((b, sk, hkv, d)) for _ in range(2))
+    dout = rng.standard_normal((b, sq, hq, d))
+    for name in cases.COMBINED:
+        case = cases.combined(name, b, hq, sq, sk, rng, softcap=1.5 if name == "double" else 0.0,
+                              alibi=(b, hq), bias_shape=(hq, sq, 1), mask_shape=(sq, sk),
+                              documents_mask=True, dtype=np.float64)
+        mods = {"score_mod": case.score_mod, "mask_mod": case.mask_mod, "aux": case.aux,
+                **case.given}
+        built = {"scale": case.scale_factor / np.sqrt(d), **case.builtin}
+        got = reference.attention(q, k, v, causal=True, return_lse=True, **mods)
+        want = reference.attention(q, k, v, causal=True, return_lse=True, **built)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+        got = reference.attention_grads(dout, q, k, v, causal=True, **mods)
+        want = reference.attention_grads(dout, q, k, v, causal=True, **built)
+        for key in ("q", "k", "v"):
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-10, atol=1e-12)
+        if case.dbias_factor is not None:
+            np.testing.assert_allclose(got["bias"], case.dbias_factor * want["bias"],
+                                       rtol=1e-10, atol=1e-12)
+
+
 def test_torch_and_numpy_aux_on_the_cpu():
     """torch CPU tensors in, torch out; aux arrays as torch CPU tensors or NumPy."""
     torch = pytest.importorskip("torch")
@@ -143,10 +228,6 @@ ADD = cuflash.ScoreMod("score + 1.f", grad="1", numpy=lambda s, *pos, **aux: s +
     ({"score_mod": ADD, "aux": {"t": np.ones(3, np.complex64)}}, TypeError, "aux\\['t'\\]"),
     ({"score_mod": ADD, "aux": {f"a{i}": np.ones(1) for i in range(9)}}, ValueError,
      "at most 8"),
-    ({"score_mod": ADD, "softcap": 2.0}, NotImplementedError, "softcap: not combined"),
-    ({"score_mod": ADD, "bias": np.zeros((4, 4))}, NotImplementedError, "bias: not combined"),
-    ({"mask_mod": cuflash.MaskMod("true", numpy=lambda *a: True),
-      "mask": np.ones((4, 4), bool)}, NotImplementedError, "mask: not combined"),
     ({"score_mod": cuflash.ScoreMod("score")}, NotImplementedError, "score_mod.numpy"),
 ])
 def test_bad_arguments_are_named(kwargs, error, match):
@@ -256,6 +337,10 @@ KINDS = {
     "document_relbias": _user_mods.kind_of(
         cases.RELBIAS, cases.DOCUMENTS, (("rel", "float16", 2), ("base", "int64", 0),
                                          ("qdoc", "int32", 2), ("kdoc", "int32", 2))),
+    # beside ALiBi, a bias and a mask array (score.cuh's Mods inside the user kind)
+    "double_documents_arrays": _user_mods.kind_of(
+        cases.DOUBLE, cases.DOCUMENTS, (("qdoc", "int32", 2), ("kdoc", "int32", 2)),
+        arrays=True),
 }
 
 
@@ -267,7 +352,8 @@ def _specs(kind) -> list:
     for dtype in ("float16", "float32"):
         kernels = _launch_bwd.bwd_kernels(dtype, 64, "causal", True, None, kind)
         specs += [kernels.dkdv, kernels.dq]
-    specs.append(_launch_sm90.fwd_sm90_spec("bfloat16", 128, "window", False, kind, True))
+    width = 128 if _launch_sm90.takes_score(kind, 128) else 64
+    specs.append(_launch_sm90.fwd_sm90_spec("bfloat16", width, "window", False, kind, True))
     width = 128
     if _launch_bwd.sm90_takes_score(kind, width):
         specs.append(_launch_bwd.dkdv_sm90_spec("float16", width, "causal", kind))

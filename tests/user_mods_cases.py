@@ -82,3 +82,67 @@ def make(name: str, batch: int, heads_q: int, seqlen_q: int, seqlen_k: int,
                         {"rel": rel, "base": base, "qdoc": qdoc, "kdoc": kdoc},
                         {"bias": bias, "mask": mask})
     raise ValueError(name)
+
+
+# ---- user modifications beside the built-ins ----------------------------------------------
+# A call may give a score_mod / mask_mod and the built-in ALiBi, bias and mask array (and, on
+# the CPU, a softcap): the built-ins apply first, then the score_mod, and both masks hide. Each
+# case equals built-ins alone, so that cuflash's answer is held to the built-in reference:
+#   "double"    DOUBLE after (softcap c, ALiBi a, bias B) equals softcap 2c, ALiBi 2a, bias 2B
+#               at twice the scale; its derivative is 2, so dbias = 2 * the built-in's
+#   "relbias"   RELBIAS after (ALiBi a, bias B) equals ALiBi a with the bias B + rel
+# both optionally with DOCUMENTS beside a mask array M (the built-in mask M & documents).
+
+DOUBLE = cuflash.ScoreMod(
+    "2.f * score", grad="2.f", numpy=lambda s, b, h, q, kv, **aux: 2 * s,
+    numpy_grad=lambda out, b, h, q, kv, **aux: np.full_like(out, 2.0))
+COMBINED = ("double", "relbias")
+
+
+@dataclass
+class CombinedCase:
+    """A user modification beside built-ins (`given`, passed with it) and the built-ins alone
+    that equal both (`builtin`, with `scale_factor` times the call's scale); `dbias_factor`:
+    the call's dbias is that times the built-in's (None: not comparable so)."""
+
+    score_mod: cuflash.ScoreMod
+    mask_mod: cuflash.MaskMod | None
+    aux: dict[str, np.ndarray]
+    given: dict[str, Any]
+    builtin: dict[str, Any]
+    scale_factor: float
+    dbias_factor: float | None
+
+
+def combined(name: str, batch: int, heads_q: int, seqlen_q: int, seqlen_k: int,
+             rng: np.random.Generator, *, softcap: float = 0.0, alibi: tuple | None = None,
+             bias_shape: tuple | None = None, mask_shape: tuple | None = None,
+             documents_mask: bool = False, dtype=np.float32) -> CombinedCase:
+    slopes = None if alibi is None else rng.uniform(0.0, 0.5, alibi).astype(np.float32)
+    bias = None if bias_shape is None else rng.standard_normal(bias_shape).astype(dtype)
+    keep = None if mask_shape is None else rng.random(mask_shape) < 0.8
+    given = {"softcap": softcap, "alibi_slopes": slopes, "bias": bias, "mask": keep}
+    aux: dict[str, np.ndarray] = {}
+    mask = keep
+    if documents_mask:
+        aux["qdoc"], aux["kdoc"] = documents(batch, seqlen_q, rng), documents(batch, seqlen_k, rng)
+        docs = aux["qdoc"][:, None, :, None] == aux["kdoc"][:, None, None, :]
+        mask = docs if keep is None else keep & docs
+    mask_mod = DOCUMENTS if documents_mask else None
+    if name == "double":
+        builtin = {"softcap": 2 * softcap,
+                   "alibi_slopes": None if slopes is None else 2 * slopes.astype(np.float64),
+                   "bias": None if bias is None else 2 * bias.astype(np.float64), "mask": mask}
+        return CombinedCase(DOUBLE, mask_mod, aux, given, builtin, 2.0, 2.0)
+    if name == "relbias":
+        if softcap:
+            raise ValueError("relbias: the built-in bias would have to go before the softcap")
+        aux["rel"] = rng.standard_normal((heads_q, seqlen_q + seqlen_k)).astype(np.float16)
+        aux["base"] = np.array(seqlen_k, dtype=np.int64)
+        rows, cols = np.arange(seqlen_q)[:, None], np.arange(seqlen_k)[None, :]
+        rel = aux["rel"].astype(np.float64)[:, rows - cols + seqlen_k]  # (Hq, Sq, Sk)
+        total = rel if bias is None else rel + bias.astype(np.float64)
+        builtin = {"alibi_slopes": None if slopes is None else slopes.astype(np.float64),
+                   "bias": total, "mask": mask}
+        return CombinedCase(RELBIAS, mask_mod, aux, given, builtin, 1.0, None)
+    raise ValueError(name)

@@ -120,12 +120,15 @@ BWD_SM90_TILES: dict[int, Tile] = {
 SM90_SOFTCAP_WIDTHS = (128, 256)
 
 
+def _adds(score) -> bool:
+    """Whether score kind `score` (a name or a user kind) only adds terms (derivative 1)."""
+    return score != "softcap" if isinstance(score, str) else score.additive
+
+
 def sm90_takes_score(score, width: int) -> bool:
     """Whether the Hopper dK/dV kernel of head-dim width `width` takes score kind `score` (a
     user kind whose derivative is not 1 keeps its modified score live as a softcap does)."""
-    if isinstance(score, str):
-        return score != "softcap" or width in SM90_SOFTCAP_WIDTHS
-    return score.additive or width in SM90_SOFTCAP_WIDTHS
+    return _adds(score) or width in SM90_SOFTCAP_WIDTHS
 _SM90_STAGES = 2  # Q/dO slots; mirrors BwdSm90Traits::kStages
 log = logging.getLogger("cuflash")
 
@@ -397,6 +400,9 @@ def plan_backward(dout, q, k, v, out, lse, dq, dk, dv, *, variant: Variant, scal
     if mods.dbias is not None:  # where the kernels write dS (score.cuh's Mods::record)
         if reason is None and width_for(head_dim, BWD_SM90_TILES) == 64:
             reason = "dbias at head dim 64 (the Hopper dK/dV kernel spills with its store)"
+        if reason is None and not _adds(variant.score):
+            reason = ("dbias through a score_mod whose derivative is not 1 (the Hopper dK/dV "
+                      "kernel records dS only for added terms)")
         if reason is not None and _dtypes.uses_tensor_cores(dtype):
             deterministic = True  # bwd_dq_sm80 writes it: bwd_dkdv_sm80 has no registers left
 

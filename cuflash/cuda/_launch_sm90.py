@@ -272,13 +272,17 @@ def fwd_sm90_spec(dtype: str, head_dim: int, mask: str, short: bool = False,
 # kinds (which may read arrays as freely): at 256 the consumers' 168 registers do not hold the
 # per-score loads and branches, and sm80 runs it.
 FWD_SM90_MODS_WIDTHS = (64, 128)
+# A user kind that also reads ALiBi, a bias or a mask array (`UserKind.arrays`): at 128 its
+# two masking paths with the arrays' loads spill hundreds of bytes, and sm80 runs it.
+FWD_SM90_USER_ARRAYS_WIDTHS = (64,)
 
 
 def takes_score(score, head_dim: int) -> bool:
     """Whether the Hopper forward takes score kind `score` at head dim `head_dim`."""
-    if isinstance(score, str) and score != "mods":
-        return True
-    return width_for(head_dim, FWD_SM90_TILES) in FWD_SM90_MODS_WIDTHS
+    width = width_for(head_dim, FWD_SM90_TILES)
+    if isinstance(score, str):
+        return score != "mods" or width in FWD_SM90_MODS_WIDTHS
+    return width in (FWD_SM90_USER_ARRAYS_WIDTHS if score.arrays else FWD_SM90_MODS_WIDTHS)
 
 
 def all_fwd_sm90_specs() -> list[KernelSpec]:

@@ -87,7 +87,7 @@ build_block_map(const __grid_constant__ FwdParams p, int* __restrict__ map) {
   const int block_end = min(block0 + BlockMap::kRows, by_rows ? p.seqlen_q : p.seqlen_k);
   const Span range = by_rows ? mask.keys(block0, block_end) : mask.queries(block0, block_end);
   auto sees = [&](int row, int col) {
-    return col < p.seqlen_k && !mask.hides(row, col) && !score.hides(row, col);
+    return col < p.seqlen_k && !mask.hides(row, col) && !score.mask_mod_hides(row, col);
   };
 
   EntryFold fold;

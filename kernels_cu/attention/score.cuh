@@ -15,9 +15,10 @@
 //               forward at D 128 and 256)
 //     a user kind  generated from a `cuflash.ScoreMod` / `cuflash.MaskMod` (cuflash/_user_mods.py)
 //               and compiled after the kernel's source: the same interface, reading the
-//               caller's auxiliary arrays through Aux below
-//     Neither takes a softcap: its derivative needs the capped score again, the bias re-read
-//     with it, which spilled the dK/dV kernels.
+//               caller's auxiliary arrays through Aux below; with ALiBi, a bias or a mask
+//               array it holds a Score<Mods> and adds its terms before the score_mod
+//     Neither Mods nor a user kind takes a softcap: its derivative needs the capped score
+//     again, the bias re-read with it, which spilled the dK/dV kernels.
 // A kernel builds its Score once from the parameter block and binds it to each (batch, query head)
 // it computes (`for_head`); each call passes the score's query row and key column. The kinds that
 // read neither return themselves and ignore the position, and the compiler drops the index math.
@@ -194,11 +195,16 @@ template <typename T, typename A> struct Score<Mods, T, A> {
   __device__ __forceinline__ bool hides(int row, int col) const {
     return mask != nullptr && inside(row, col) && mask[row * mask_row + col * mask_col] == 0;
   }
-  __device__ __forceinline__ A operator()(A s, int row, int col) const {
+  // The added terms alone: ALiBi's and the bias's (a user kind adds them before its score_mod).
+  __device__ __forceinline__ A add(A s, int row, int col) const {
     s -= decay * static_cast<A>(diagonal.distance(row, col));  // decay 0: no ALiBi
     if (bias != nullptr && inside(row, col)) {
       s += load_bias<A>(bias, bias_dtype, row * bias_row + col * bias_col) * unscale;
     }
+    return s;
+  }
+  __device__ __forceinline__ A operator()(A s, int row, int col) const {
+    s = add(s, row, col);
     A hidden;
     minus_infinity(hidden);
     return hides(row, col) ? hidden : s;
