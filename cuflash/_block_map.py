@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from cuflash import _interop
+from cuflash import _interop, _user_mods
 
 # Whether maps keep the row and key bounds ("1"): otherwise every bound is written as
 # not-an-interval (-1) and the kernels call the mask_mod on every partial tile, as before the
@@ -115,12 +114,6 @@ def _to_numpy(x):
     return x if isinstance(x, np.ndarray) else x.get()
 
 
-def reads(source: str, name: str) -> bool:
-    """Whether a mask_mod's C++ may depend on the index `name` (``b`` or ``h``): it names it,
-    or reaches into the generated members (``cf_...``)."""
-    return re.search(rf"\b{name}\b", source) is not None or "cf_" in source
-
-
 def signature(problem) -> tuple:
     """What a block map built for `problem` is valid for (see `BlockMap.signature`)."""
     variant = problem.variant
@@ -160,8 +153,8 @@ def build(problem, aux_arrays, *, per_call: bool = False) -> BlockMap:
     the kernels (CuPy, on the device) or the NumPy form (NumPy) read them, in slot order.
     On CUDA this launches one kernel on the current stream (call inside the stream scope)."""
     user = problem.variant.user
-    batches = problem.batch if reads(user.mask, "b") else 1
-    heads = problem.heads_q if reads(user.mask, "h") else 1
+    batches = problem.batch if _user_mods.reads_index(user.mask, "b") else 1
+    heads = problem.heads_q if _user_mods.reads_index(user.mask, "h") else 1
     rows, keys = math.ceil(problem.seqlen_q / ROWS), math.ceil(problem.seqlen_k / ROWS)
     if problem.source.device == "cpu":
         data = _data_numpy(problem, dict(zip((n for n, _, _ in user.aux), aux_arrays,

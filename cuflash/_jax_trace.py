@@ -13,10 +13,12 @@ Under ``jax.vmap`` the mapped axis is folded into the batch (one launch for the 
 unmapped operand is broadcast first). Inside ``shard_map`` the results vary over the mesh axes
 their operands vary over (callbacks know nothing of meshes, so their results are marked).
 
-The score modifications' arrays (`ScoreArrays`: sinks, ALiBi slopes, a bias, a mask) travel
-beside q, k, v, traced like them, in a canonical form (`_canonical`): the slopes ``(B, Hq)``
-(``(Hq,)`` without a batch axis), the bias and the mask 4-D ``(1 or B, ...)`` (3-D without a
-batch axis), so that ``jax.vmap`` can fold them into the batch as well.
+The score modifications' arrays (`ScoreArrays`: sinks, ALiBi slopes, a bias, a mask, a user
+modification's aux arrays) travel beside q, k, v, traced like them, in a canonical form
+(`_canonical`): the slopes ``(B, Hq)`` (``(Hq,)`` without a batch axis), the bias and the mask
+4-D ``(1 or B, ...)`` (3-D without a batch axis), so that ``jax.vmap`` can fold them into the
+batch as well; the aux arrays as they are (never mapped). The user's `cuflash.ScoreMod` and
+`cuflash.MaskMod` are static: `Options.user` names them by their registry key.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from jax.custom_batching import custom_vmap
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
-from cuflash import _checks, _core, _dtypes, _jax_gpu
+from cuflash import _checks, _core, _dtypes, _jax_gpu, _user_mods
 
 # What a traced call takes: every dtype some platform computes.
 DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -49,20 +51,55 @@ class Options:
     scale: float | None
     layout: str
     softcap: float = 0.0
+    # a score_mod / mask_mod and its aux arrays' names: `_user_mods.register`'s key ("": none)
+    user: str = ""
+
+    def user_mods(self, aux: tuple = ()) -> dict:
+        """``score_mod``, ``mask_mod`` and ``aux`` (a dict of `aux`, the arrays in the key's
+        order) as `cuflash.attention` takes them; empty without a modification."""
+        return _user_mods.registered(self.user, aux) if self.user else {}
+
+    @property
+    def reads_batch(self) -> bool:
+        """Whether the user's C++ may read the batch index ``b`` (folding a mapped axis into the
+        batch would change it)."""
+        if not self.user:
+            return False
+        score_mod, mask_mod = _user_mods.mods_of(self.user)
+        sources = (getattr(score_mod, "cuda", None), getattr(score_mod, "grad", None),
+                   getattr(mask_mod, "cuda", None))
+        return any(_user_mods.reads_index(text, "b") for text in sources if text)
 
 
 class ScoreArrays(NamedTuple):
     """The arrays of the score modifications a call takes beside q, k, v, each a JAX array or
-    None (a pytree: None fields are no leaves). Field names are `cuflash.attention`'s keywords."""
+    None (a pytree: None fields are no leaves). Field names are `cuflash.attention`'s keywords;
+    `aux` is a tuple of a user modification's aux arrays, in `Options.user`'s order."""
 
     sinks: Any = None
     alibi_slopes: Any = None
     bias: Any = None
     mask: Any = None
+    aux: Any = None
 
     def given(self) -> tuple[str, ...]:
-        """The names of the arrays given, in field order."""
-        return tuple(name for name, x in zip(self._fields, self, strict=True) if x is not None)
+        """The names of the arrays given, in field order: each aux array as ``"aux:<i>"``."""
+        names = [name for name in self._fields[:-1] if getattr(self, name) is not None]
+        return (*names, *(f"aux:{i}" for i in range(len(self.aux or ()))))
+
+    def core_kwargs(self, options: Options, convert=lambda x: x) -> dict:
+        """The arrays (each through `convert`) and the user's modifications as
+        `cuflash.attention`'s keywords."""
+        found = {name: convert(getattr(self, name)) for name in self._fields[:-1]
+                 if getattr(self, name) is not None}
+        return found | options.user_mods(tuple(convert(x) for x in self.aux or ()))
+
+
+def _arrays(names: tuple[str, ...], arrays) -> ScoreArrays:
+    """The `ScoreArrays` of flat `arrays` named as `ScoreArrays.given` names them."""
+    given = dict(zip(names, arrays, strict=True))
+    aux = tuple(given.pop(name) for name in names if name.startswith("aux:"))
+    return ScoreArrays(**given, aux=aux or None)
 
 
 NO_ARRAYS = ScoreArrays()
@@ -87,6 +124,8 @@ def validate(q, k, v, options: Options, mods: ScoreArrays = NO_ARRAYS) -> _core.
     stand_in = _CPU_COMPUTE.get(dtype, q.dtype)
     side = {}
     for name in mods.given():
+        if name.startswith("aux:"):
+            continue
         x = getattr(mods, name)
         if name in ("sinks", "alibi_slopes"):
             given = _dtypes.dtype_name(x.dtype)
@@ -95,9 +134,11 @@ def validate(q, k, v, options: Options, mods: ScoreArrays = NO_ARRAYS) -> _core.
             side[name] = np.zeros(x.shape, x.dtype)
         else:  # bias, mask: the core checks their dtypes on the stand-ins
             side[name] = np.broadcast_to(np.zeros((), x.dtype), x.shape)
+    aux = tuple(np.broadcast_to(np.zeros((), x.dtype), x.shape) for x in mods.aux or ())
     problem = _core.validate(*(np.broadcast_to(np.empty((), stand_in), x.shape) for x in (q, k, v)),
                            causal=options.causal, window=options.window, scale=options.scale,
-                           layout=options.layout, softcap=options.softcap, **side)
+                           layout=options.layout, softcap=options.softcap, **side,
+                           **options.user_mods(aux))
     return dataclasses.replace(problem, dtype=dtype)
 
 
@@ -118,13 +159,15 @@ def _canonical(mods: ScoreArrays, problem: _core.Problem) -> ScoreArrays:
         if x is not None:
             x = x.reshape((1,) * (4 - x.ndim) + x.shape)
             found[name] = x if problem.batched else x[0]
-    return ScoreArrays(**found)
+    return ScoreArrays(**found, aux=mods.aux)
 
 
 def _flat(mods: ScoreArrays) -> tuple[tuple[str, ...], tuple]:
-    """The names of the arrays `mods` gives and the arrays, in field order."""
+    """The names of the arrays `mods` gives and the arrays, in field order (`_arrays` undoes
+    it)."""
     names = mods.given()
-    return names, tuple(getattr(mods, name) for name in names)
+    return names, (*(getattr(mods, name) for name in names if not name.startswith("aux:")),
+                   *(mods.aux or ()))
 
 
 def _float_dtype(dtype) -> np.dtype:
@@ -153,7 +196,8 @@ def forward(q, k, v, options: Options, mods: ScoreArrays = NO_ARRAYS):
 
     axes = varying_axes(*arrays)
     again = functools.partial(_forward_jit, options=options)
-    outs = _folding_vmap(on_platform, again, leading=3, names=names)(*arrays)
+    outs = _folding_vmap(on_platform, again, leading=3, names=names,
+                         reads_batch=options.reads_batch)(*arrays)
     return tuple(vary(x, axes) for x in outs)
 
 
@@ -214,7 +258,8 @@ def _kernel_backward(dout, q, k, v, out, lse, options: Options, mods: ScoreArray
 
     axes = varying_axes(*arrays)
     again = functools.partial(_kernel_backward_jit, options=options, dbias=dbias)
-    grads = _folding_vmap(on_platform, again, leading=6, names=names)(*arrays)
+    grads = _folding_vmap(on_platform, again, leading=6, names=names,
+                          reads_batch=options.reads_batch)(*arrays)
     return tuple(vary(g, axes) for g in grads)
 
 
@@ -255,7 +300,7 @@ _kernel_backward_jit = jax.jit(_kernel_backward, static_argnames=("options", "db
 # ---- vmap: the mapped axis joins the batch -----------------------------------------------------
 
 
-def _folding_vmap(body, again, leading: int, names: tuple[str, ...]):
+def _folding_vmap(body, again, leading: int, names: tuple[str, ...], reads_batch: bool = False):
     """`body` as a ``custom_vmap`` whose rule folds the mapped axis into the batch and calls
     ``again(*folded, mods=ScoreArrays(...))`` (which plans for the folded shapes).
 
@@ -265,7 +310,8 @@ def _folding_vmap(body, again, leading: int, names: tuple[str, ...]):
     named by `names`, in `_canonical` form: the slopes lead with the batch axis as q does; the
     bias and the mask lead with 1 or B (a mapped one is broadcast over the batch, an unmapped
     one of B repeated over the mapped axis, one of 1 left as it is); the sinks, one set for the
-    whole batch, are never mapped.
+    whole batch, are never mapped; nor are a user modification's aux arrays, and one whose C++
+    reads the batch index ``b`` (`reads_batch`) is not folded at all.
     """
     fn = custom_vmap(body)
 
@@ -276,6 +322,13 @@ def _folding_vmap(body, again, leading: int, names: tuple[str, ...]):
         if mapped.get("sinks"):
             raise NotImplementedError("sinks: cuflash.jax takes one set of sinks for the "
                                       "whole batch; under jax.vmap they must not be mapped")
+        if any(is_mapped for name, is_mapped in mapped.items() if name.startswith("aux:")):
+            raise NotImplementedError("aux: a score_mod's / mask_mod's aux arrays must not be "
+                                      "mapped by jax.vmap (the modification indexes them itself)")
+        if reads_batch:
+            raise NotImplementedError(
+                "score_mod / mask_mod: under jax.vmap the mapped axis joins the batch, which "
+                "changes the index b your C++ reads; fold the axis into the batch yourself")
 
         def spread(x, is_mapped):  # an unmapped array broadcast along the mapped axis
             return x if is_mapped else jnp.broadcast_to(x, (axis_size, *x.shape))
@@ -288,7 +341,7 @@ def _folding_vmap(body, again, leading: int, names: tuple[str, ...]):
         if not batched:
             # The mapped axis becomes the batch: mapped arrays lead with it; unmapped 3-D bias
             # and mask broadcast over it as they are.
-            outs = tuple(again(*core, mods=ScoreArrays(**side)))
+            outs = tuple(again(*core, mods=_arrays(tuple(side), tuple(side.values()))))
             return outs, (True,) * len(outs)
         batch = core[0].shape[1]
 
@@ -305,7 +358,7 @@ def _folding_vmap(body, again, leading: int, names: tuple[str, ...]):
                 side[name] = fold(jnp.broadcast_to(x, (axis_size, batch, *x.shape[2:])))
             elif x.shape[0] != 1:
                 side[name] = fold(jnp.broadcast_to(x, (axis_size, *x.shape)))
-        outs = again(*(fold(x) for x in core), mods=ScoreArrays(**side))
+        outs = again(*(fold(x) for x in core), mods=_arrays(tuple(side), tuple(side.values())))
         outs = tuple(y.reshape(axis_size, batch, *y.shape[1:]) for y in outs)
         return outs, (True,) * len(outs)
 
@@ -346,7 +399,7 @@ def _cpu_forward(q, k, v, *side, options: Options, names: tuple[str, ...],
     def forward(q, k, v, *side):
         return _core.attention(q, k, v, causal=options.causal, window=options.window,
                              scale=options.scale, softcap=options.softcap, layout=options.layout,
-                             return_lse=True, **dict(zip(names, side, strict=True)))
+                             return_lse=True, **_arrays(names, side).core_kwargs(options))
 
     out, lse = _host_call(forward, result, *(x.astype(compute) for x in (q, k, v)), *side)
     return out.astype(q.dtype), lse.astype(_jax_gpu.accum_dtype(_dtypes.dtype_name(q.dtype)))
@@ -373,14 +426,20 @@ def _cpu_backward(dout, q, k, v, out, lse, *side, options: Options, names: tuple
 
     def backward(dout, q, k, v, out, lse, *side):
         mods = dict(zip(names, side, strict=True))
+        whole = _arrays(names, side).core_kwargs(options)
         if not any(wants.values()):
-            return call(dout, q, k, v, out, lse, **mods)
+            return call(dout, q, k, v, out, lse, **whole)
         if q.ndim == 3:  # unbatched: the gradients have no batch axis either
-            return call(dout, q, k, v, out, lse, **mods, **wants)
+            return call(dout, q, k, v, out, lse, **whole, **wants)
+        if options.reads_batch:
+            # The user's C++ reads b: one call, its totals put on batch element 0 (the caller
+            # sums them over the batch; no vmap folds such a call).
+            return _on_element_zero(call(dout, q, k, v, out, lse, **whole, **wants), result)
         # One call per batch element: the sinks' and the bias's gradients per element (float64
         # exact: the CPU path recomputes its statistics rather than reading the float32 lse).
         parts = [call(*(x[b:b + 1] for x in (dout, q, k, v, out, lse)),
-                      **{name: _batch_element(name, x, b) for name, x in mods.items()}, **wants)
+                      **_arrays(names, [_batch_element(name, x, b) for name, x in mods.items()])
+                      .core_kwargs(options), **wants)
                  for b in range(q.shape[0])]
         grads = [np.concatenate([p[i] for p in parts]) for i in range(3)]
         if wants["return_dsinks"]:
@@ -398,9 +457,25 @@ def _cpu_backward(dout, q, k, v, out, lse, *side, options: Options, names: tuple
 
 def _batch_element(name: str, x: np.ndarray, b: int) -> np.ndarray:
     """What batch element `b` of a batched call takes of the (canonical) array `name`."""
-    if name == "sinks" or (name in ("bias", "mask") and x.shape[0] == 1):
+    if name in ("sinks", ) or name.startswith("aux:") or (
+            name in ("bias", "mask") and x.shape[0] == 1):
         return x  # one for the whole batch
     return x[b:b + 1]
+
+
+def _on_element_zero(grads: tuple, result: tuple) -> tuple:
+    """A batched backward's dq, dk, dv as they are, then the sinks' and the bias's gradients
+    (`result`'s shapes: per batch element) as their totals on element 0 and zeros elsewhere,
+    where the whole batch's gradient came summed (a bias of one batch element: ``(1, ...)``)."""
+    found = list(grads[:3])
+    for grad, want in zip(grads[3:], result[3:], strict=True):
+        if grad.shape == want.shape:
+            found.append(grad)
+            continue
+        spread = np.zeros(want.shape, want.dtype)
+        spread[0] = np.reshape(grad, want.shape[1:])
+        found.append(spread)
+    return tuple(found)
 
 
 def _host_call(fn, result, *arrays):
@@ -418,7 +493,7 @@ def _cuda_branch(launch, result, *arrays, problem: _core.Problem, why: str | Non
     reason = _jax_gpu.unusable_reason()
     if reason is not None:
         return _refuse(result, *arrays, why=f"cannot compile for CUDA in this process: {reason}")
-    why = why or _capped_mods_on_cuda(problem)
+    why = why or _capped_mods_on_cuda(problem) or _user_mods_on_cuda(problem)
     if why is not None:
         return _refuse(result, *arrays, why=why)
     return launch(*arrays, problem=problem)
@@ -434,6 +509,15 @@ def _capped_mods_on_cuda(problem: _core.Problem) -> str | None:
     except NotImplementedError as err:
         return str(err)
     return None
+
+
+def _user_mods_on_cuda(problem: _core.Problem) -> str | None:
+    """Why a call with a score_mod / mask_mod is not compiled for CUDA under jit (None without
+    one)."""
+    if problem.variant.user is None:
+        return None
+    return ("score_mod / mask_mod: not compiled into jitted CUDA code yet (the kernels take them "
+            "eagerly: call cuflash.jax.attention outside jax.jit, or jit for the CPU)")
 
 
 # ---- other platforms: refused when XLA lowers the function -------------------------------------

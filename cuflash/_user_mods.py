@@ -295,6 +295,12 @@ def _body(text: str, name: str) -> str:
     return f'#line 1 "{name}"\n{code}\n#line 1 "cuflash-generated"'
 
 
+def reads_index(source: str, name: str) -> bool:
+    """Whether C++ `source` may depend on the index `name` (``b`` or ``h``): it names it, or
+    reaches into the generated members (``cf_...``)."""
+    return re.search(rf"\b{name}\b", source) is not None or "cf_" in source
+
+
 def kind_of(score_mod: ScoreMod | None, mask_mod: MaskMod | None,
             aux: tuple[tuple[str, str, int], ...], *, arrays: bool = False) -> UserKind | None:
     """The score kind of a call's modifications (None without any); `arrays`: the call also
@@ -410,10 +416,17 @@ def registered(key: str, tensors) -> dict:
     """The ``score_mod``, ``mask_mod`` and ``aux`` arguments a `register` key stands for."""
     if not key:
         return {}
-    score_key, mask_key, *names = key.split("|")
-    return {"score_mod": _REGISTRY[score_key] if score_key else None,
-            "mask_mod": _REGISTRY[mask_key] if mask_key else None,
+    score_mod, mask_mod = mods_of(key)
+    names = key.split("|")[2:]
+    return {"score_mod": score_mod, "mask_mod": mask_mod,
             "aux": dict(zip(names, tensors or (), strict=True)) if names else None}
+
+
+def mods_of(key: str) -> tuple[ScoreMod | None, MaskMod | None]:
+    """The ``(score_mod, mask_mod)`` a non-empty `register` key names."""
+    score_key, mask_key = key.split("|")[:2]
+    return (_REGISTRY[score_key] if score_key else None,
+            _REGISTRY[mask_key] if mask_key else None)
 
 
 # ---- the NumPy forms (the CPU path and the reference) -------------------------------------

@@ -42,9 +42,9 @@ import numbers
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.custom_derivatives import SymbolicZero
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
-from cuflash import _checks, _core, _dtypes, _interop, _jax_trace, _variant
+from cuflash import _checks, _core, _dtypes, _interop, _jax_trace, _user_mods, _variant
 from cuflash._jax_ring import ring_attention, zigzag_order, zigzag_unorder
 from cuflash._jax_trace import NO_ARRAYS, Options, ScoreArrays
 
@@ -56,7 +56,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
               window: tuple[int, int] | None = None, scale: float | None = None,
               softcap: float = 0.0, alibi_slopes: jax.Array | None = None,
               sinks: jax.Array | None = None, bias: jax.Array | None = None,
-              mask: jax.Array | None = None, layout: str = "bshd") -> jax.Array:
+              mask: jax.Array | None = None, score_mod=None, mask_mod=None,
+              aux: dict | None = None, layout: str = "bshd") -> jax.Array:
     """Exact attention for JAX arrays, differentiable with respect to q, k, v, the sinks and
     the bias.
 
@@ -86,6 +87,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
             differentiated (a constant, or under ``jax.lax.stop_gradient``) forms none.
         mask: a bool array broadcastable like `bias`, True = attend; a row it hides entirely
             gets zeros. Not differentiated.
+        score_mod, mask_mod, aux: your own modifications, a `cuflash.ScoreMod` / a
+            `cuflash.MaskMod` and ``{name: array}``, as for :func:`cuflash.attention` (a
+            score_mod needs its ``grad`` for gradients). Static, but for the aux arrays, which
+            are traced and not differentiated (zero cotangents), and not mapped by
+            ``jax.vmap`` (nor may the C++ read ``b`` there: the mapped axis joins the batch).
+            On the CPU backend eager and under ``jax.jit`` (the NumPy forms); on a GPU eagerly
+            only (compiling them for CUDA under jit raises NotImplementedError).
         layout: ``"bshd"`` or ``"bhsd"``.
 
     `causal`, `window`, `scale`, `softcap` and `layout` are static (not differentiated, not
@@ -103,11 +111,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
     `cuflash.attention` (any framework, no autodiff), `cuflash.attention_backward`.
     """
     q, k, v = (_as_array(x) for x in (q, k, v))
+    score_mod, mask_mod, _ = _user_mods.check_mods(score_mod, mask_mod, aux)
+    user, aux_arrays = _user_mods.register(score_mod, mask_mod, aux)
     options = Options(causal, _variant.check_window(window), scale, layout,
-                      _variant.check_softcap(softcap))
+                      _variant.check_softcap(softcap), user)
     mods = ScoreArrays(*(None if x is None else _as_array(x)
-                         for x in (sinks, alibi_slopes, bias, mask)))
-    if _concrete(q, k, v, *mods):
+                         for x in (sinks, alibi_slopes, bias, mask)),
+                       aux=tuple(_as_array(x) for x in aux_arrays) if aux_arrays else None)
+    if _concrete(q, k, v, *jax.tree.leaves(mods)):
         # No transformation is running (it would pass tracers), so nothing asks for a
         # gradient: the forward runs without the custom_vjp, whose per-call bookkeeping
         # (argument signatures, debug info) cost more host time than the launch on the H100.
@@ -394,7 +405,7 @@ def _attention_mods_fwd(q, k, v, mods, options: Options):
     # is not differentiated gets no gradient formed (on CUDA, no O(S^2) dS buffer).
     wants = _Wants(dbias=mods.bias is not None and mods.bias.perturbed)
     q, k, v = (x.value for x in (q, k, v))
-    mods = ScoreArrays(*(None if x is None else x.value for x in mods))
+    mods = jax.tree.map(lambda x: x.value, mods, is_leaf=lambda x: isinstance(x, CustomVJPPrimal))
     out, lse = _forward(q, k, v, options, mods)
     return out, (q, k, v, mods, out, lse, wants)
 
@@ -406,7 +417,8 @@ def _attention_mods_bwd(options: Options, residuals, dout):
     dq, dk, dv, *rest = _backward(dout, q, k, v, out, lse, options, mods, dbias=wants.dbias)
     dsinks = rest.pop(0).astype(mods.sinks.dtype) if mods.sinks is not None else None
     dbias = rest.pop(0) if wants.dbias else None
-    # None: no cotangent (zeros) for the slopes, the mask, and a bias not differentiated.
+    # None: no cotangent (zeros) for the slopes, the mask, the aux arrays and a bias not
+    # differentiated.
     return dq, dk, dv, ScoreArrays(sinks=dsinks, bias=dbias)
 
 
@@ -414,14 +426,18 @@ _attention_mods.defvjp(_attention_mods_fwd, _attention_mods_bwd, symbolic_zeros=
 
 
 def _forward(q, k, v, options: Options, mods: ScoreArrays = NO_ARRAYS):
-    """``(out, lse)``: staged for the platform when traced or on a GPU, else the NumPy core."""
-    if not _concrete(q, k, v, *mods):
+    """``(out, lse)``: staged for the platform when traced or on a GPU (but for a user
+    modification there: the core, eagerly), else the NumPy core."""
+    if not _concrete(q, k, v, *jax.tree.leaves(mods)):
         return _jax_trace.forward(q, k, v, options, mods)
-    if _on_gpu(q):
+    if _on_gpu(q) and not options.user:
         return _compiled(_jax_trace.forward, options)(q, k, v, mods=mods)
+    if _on_gpu(q):
+        return _eager_forward(q, k, v, options, mods)
     forward = functools.partial(_core.attention, causal=options.causal, window=options.window,
                                 scale=options.scale, softcap=options.softcap,
-                                layout=options.layout, return_lse=True, **mods._asdict())
+                                layout=options.layout, return_lse=True,
+                                **mods.core_kwargs(options))
     if _cpu_computes_in_float32(q):
         out, lse = forward(*(x.astype(jnp.float32) for x in (q, k, v)))
         return out.astype(q.dtype), lse
@@ -432,15 +448,14 @@ def _backward(dout, q, k, v, out, lse, options: Options, mods: ScoreArrays = NO_
               dbias: bool = False):
     """``(dq, dk, dv)``, then ``dsinks`` with sinks and ``dbias`` with `dbias`: staged for the
     platform when traced or on a GPU, else the NumPy core."""
-    if not _concrete(dout, q, k, v, out, lse, *mods):
+    if not _concrete(dout, q, k, v, out, lse, *jax.tree.leaves(mods)):
         return _jax_trace.backward(dout, q, k, v, out, lse, options, mods, dbias=dbias)
-    if _on_gpu(q):
+    if _on_gpu(q) and not options.user:
         return _compiled(_jax_trace.backward, options, dbias=dbias)(dout, q, k, v, out, lse,
                                                                     mods=mods)
-    # The core takes the arrays beside q, k, v in q's framework or NumPy: the backend views of
-    # q's (NumPy) here, so that its gradients come back as NumPy too.
-    side = {name: _interop.to_backend(x, _interop.source_of(x, name))
-            for name, x in mods._asdict().items() if x is not None}
+    # The core takes the arrays beside q, k, v in q's framework or NumPy: their backend views
+    # here (NumPy, or CuPy on a GPU), so that its gradients come back so too.
+    side = mods.core_kwargs(options, lambda x: _interop.to_backend(x, _interop.source_of(x, "aux")))
     backward = functools.partial(_core.attention_backward, causal=options.causal,
                                  window=options.window, scale=options.scale,
                                  softcap=options.softcap, layout=options.layout,
@@ -461,6 +476,20 @@ def _cpu_computes_in_float32(q) -> bool:
     """bfloat16 on the CPU, which the NumPy path computes in float32 (as it does float16)."""
     return (_dtypes.dtype_name(q.dtype) == _dtypes.BFLOAT16
             and _interop.source_of(q, "q").device == "cpu")
+
+
+def _eager_forward(q, k, v, options: Options, mods: ScoreArrays):
+    """``(out, lse)`` of concrete GPU arrays through the core (its CUDA kernels take a user
+    modification eagerly), on JAX's stream; JAX arrays back."""
+    src = _interop.source_of(q, "q")
+    with _interop.stream_scope(src):
+        side = mods.core_kwargs(options, lambda x: _interop.to_backend(x, _interop.source_of(
+            x, "aux")))
+        out, lse = _core.attention(*(_interop.to_backend(x, src) for x in (q, k, v)),
+                                   causal=options.causal, window=options.window,
+                                   scale=options.scale, softcap=options.softcap,
+                                   layout=options.layout, return_lse=True, **side)
+        return _interop.from_backend(None, out, src), _interop.from_backend(None, lse, src)
 
 
 def _eager_backward(backward, *arrays):

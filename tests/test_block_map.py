@@ -123,8 +123,8 @@ def test_the_numpy_map_holds_its_definition(name):
         k = np.zeros((2, sk, 2, 8), np.float32)
         bmap = cuflash.block_map(q, k, mask_mod=mod, aux=aux, causal=causal, window=window)
         rows, keys = -(-sq // 64), -(-sk // 64)
-        batches = 2 if _block_map.reads(mod.cuda, "b") else 1
-        n_heads = 4 if _block_map.reads(mod.cuda, "h") else 1
+        batches = 2 if _user_mods.reads_index(mod.cuda, "b") else 1
+        n_heads = 4 if _user_mods.reads_index(mod.cuda, "h") else 1
         assert bmap.shape == (batches, n_heads, rows + keys, 4)
         assert bmap.row_blocks == rows
         pairs = seen(mod, aux, 2, 4, sq, sk, causal, window)
@@ -168,10 +168,10 @@ def test_the_numpy_map_holds_its_definition_for_any_shape_and_band(name, sq, sk,
 
 
 def test_reads_names_whole_identifiers():
-    assert _block_map.reads("doc(b, q_idx) == 1", "b")
-    assert not _block_map.reads("hb(q_idx) == b_id(kv_idx)", "b")
-    assert not _block_map.reads("hb(q_idx) == b_id(kv_idx)", "h")
-    assert _block_map.reads("cf_b == 0", "b")  # a generated member: may read anything
+    assert _user_mods.reads_index("doc(b, q_idx) == 1", "b")
+    assert not _user_mods.reads_index("hb(q_idx) == b_id(kv_idx)", "b")
+    assert not _user_mods.reads_index("hb(q_idx) == b_id(kv_idx)", "h")
+    assert _user_mods.reads_index("cf_b == 0", "b")  # a generated member: may read anything
 
 
 def test_calls_with_a_map_equal_calls_without():

@@ -1232,3 +1232,128 @@ def test_concrete_calls_skip_the_custom_vjp_and_transformed_ones_take_it():
                                rtol=2e-5, atol=2e-6)
     want = reference.attention_backward(np.ones_like(q), q, k, v, causal=True)[0]
     np.testing.assert_allclose(np.asarray(grads), want, rtol=2e-5, atol=2e-5)
+
+
+# ---- your own modifications (cuflash.ScoreMod / MaskMod) --------------------------------------
+
+
+def _combined_case(rng, name="double", documents_mask=True):
+    from tests import user_mods_cases as cases
+
+    b, sq, sk, hq, hkv, d = 2, 13, 17, 4, 2, 8
+    q, dout = (rng.standard_normal((b, sq, hq, d)).astype(np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((b, sk, hkv, d)).astype(np.float32) for _ in range(2))
+    case = cases.combined(name, b, hq, sq, sk, rng, alibi=(hq,), bias_shape=(hq, sq, sk),
+                          mask_shape=(sq, sk), documents_mask=documents_mask)
+    return (q, k, v, dout), case, d
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_user_mods_on_the_cpu_backend_eager_and_jitted(jit):
+    """A score_mod and a mask_mod (reading the batch index) with ALiBi, a bias, a mask and
+    sinks: out, and the gradients of q, k, v, the bias and the sinks by jax.grad, against the
+    built-ins the combination equals (`user_mods_cases.combined`)."""
+    rng = np.random.default_rng(21)
+    (q, k, v, dout), case, d = _combined_case(rng)
+    sinks = rng.standard_normal(4).astype(np.float32)
+    aux = {name: jnp.asarray(x) for name, x in case.aux.items()}
+
+    def loss(q, k, v, bias, sinks, aux):
+        out = cuflash_jax.attention(q, k, v, causal=True, score_mod=case.score_mod,
+                                    mask_mod=case.mask_mod, aux=aux, bias=bias, sinks=sinks,
+                                    alibi_slopes=case.given["alibi_slopes"],
+                                    mask=case.given["mask"])
+        return jnp.sum(out * dout), out
+
+    step = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)
+    if jit:
+        step = jax.jit(step)
+    (_, out), grads = step(q, k, v, jnp.asarray(case.given["bias"]), jnp.asarray(sinks), aux)
+    built = {"causal": True, "scale": case.scale_factor / np.sqrt(d), "sinks": sinks,
+             **case.builtin}
+    args = [x.astype(np.float64) for x in (q, k, v)]
+    close(out, reference.attention(*args, **built), rtol=1e-4, atol=1e-5)
+    want = reference.attention_grads(dout.astype(np.float64), *args, **built)
+    for got, name in zip(grads, ("q", "k", "v"), strict=False):
+        close(got, want[name], rtol=1e-4, atol=1e-4)
+    close(grads[3], case.dbias_factor * want["bias"], rtol=1e-4, atol=1e-4)
+    close(grads[4], want["sinks"], rtol=1e-4, atol=1e-4)
+    assert [g.shape for g in grads[3:]] == [case.given["bias"].shape, sinks.shape]
+
+
+def test_vmap_folds_a_user_mod_that_does_not_read_the_batch():
+    """A score_mod of h, q_idx, kv_idx and unmapped aux arrays: vmap folds the mapped axis into
+    the batch and equals one call per element; a mod that reads b, or a mapped aux array, is
+    refused naming it."""
+    from tests import user_mods_cases as cases
+
+    rng = np.random.default_rng(22)
+    (q, k, v, _), case, _ = _combined_case(rng, "relbias", documents_mask=False)
+    aux = {name: jnp.asarray(x) for name, x in case.aux.items()}
+    stack = jnp.stack([q, 2 * q, -q])
+    got = jax.vmap(lambda q: cuflash_jax.attention(q, k, v, score_mod=case.score_mod,
+                                                   aux=aux))(stack)
+    rel = case.builtin["bias"] - case.given["bias"]  # the table's bias alone
+    for i in range(3):
+        close(got[i], reference.attention(np.asarray(stack[i], np.float64), k, v, bias=rel),
+              rtol=1e-4, atol=1e-5)
+    docs = {"qdoc": jnp.asarray(cases.documents(2, 13, rng)),
+            "kdoc": jnp.asarray(cases.documents(2, 17, rng))}
+    with pytest.raises(NotImplementedError, match=r"^score_mod / mask_mod: under jax.vmap"):
+        jax.vmap(lambda q: cuflash_jax.attention(q, k, v, mask_mod=cases.DOCUMENTS,
+                                                 aux=docs))(stack)
+    with pytest.raises(NotImplementedError, match=r"^aux: a score_mod's / mask_mod's aux"):
+        jax.vmap(lambda rel: cuflash_jax.attention(
+            q, k, v, score_mod=case.score_mod, aux={"rel": rel, "base": aux["base"]}))(
+                jnp.stack([aux["rel"]] * 2))
+
+
+def test_user_mods_are_refused_when_lowered_for_cuda_and_checked_while_tracing(monkeypatch):
+    """Under jit the CUDA lowering of a user modification says it is not compiled there (the
+    CPU lowering runs); a wrong argument raises while tracing, naming it."""
+    from tests import user_mods_cases as cases
+
+    monkeypatch.setattr(_jax_gpu, "unusable_reason", lambda: None)
+    q, k = jnp.ones((2, 5, 4, 8)), jnp.ones((2, 7, 2, 8))
+
+    def fn(q, k):
+        return cuflash_jax.attention(q, k, k, score_mod=cases.DOUBLE)
+
+    traced = jax.jit(fn).trace(q, k)
+    traced.lower(lowering_platforms=("cpu",))
+    with pytest.raises(NotImplementedError, match=r"^cuflash\.jax score_mod / mask_mod: not "
+                                                  r"compiled into jitted CUDA code yet"):
+        traced.lower(lowering_platforms=("cuda",))
+    close(jax.jit(fn)(q, k), reference.attention(q, k, k, scale=2 / np.sqrt(8)))
+    with pytest.raises(TypeError, match=r"^score_mod: expected a cuflash.ScoreMod"):
+        jax.jit(lambda q: cuflash_jax.attention(q, q, q, score_mod="2 * score"))(q)
+    with pytest.raises(TypeError, match=r"^aux\['t'\]: expected dtype .* got complex64"):
+        jax.jit(lambda q, t: cuflash_jax.attention(q, q, q, score_mod=cases.DOUBLE,
+                                                   aux={"t": t}))(q, jnp.ones(3, jnp.complex64))
+
+
+def test_eager_gpu_calls_with_a_user_mod_run_the_core(monkeypatch):
+    """Concrete GPU arrays with a user modification skip the jitted path (which does not
+    compile one for CUDA) and run the core eagerly, forward and backward. Seen on the CPU
+    backend, with arrays taken for GPU ones: the results of the plain eager path."""
+    from cuflash import jax as module
+
+    rng = np.random.default_rng(23)
+    (q, k, v, dout), case, _ = _combined_case(rng)
+    aux = {name: jnp.asarray(x) for name, x in case.aux.items()}
+
+    def grads():
+        def loss(q, k, v):
+            return jnp.sum(cuflash_jax.attention(q, k, v, causal=True, score_mod=case.score_mod,
+                                                 mask_mod=case.mask_mod, aux=aux) * dout)
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    want = grads()
+    called = []
+    monkeypatch.setattr(module, "_on_gpu", lambda x: True)
+    monkeypatch.setattr(module, "_compiled", lambda *a, **kw: called.append(a))
+    got = grads()
+    assert not called, "the jitted path was taken"
+    close(got[0], want[0], rtol=1e-6)
+    for g, w in zip(got[1], want[1], strict=True):
+        close(g, w, rtol=1e-6)
