@@ -20,13 +20,13 @@ from cuflash._kvcache import attention_with_kvcache
 from cuflash._merge import merge_attention
 from cuflash._user_mods import MaskMod, ScoreMod
 from cuflash._varlen import attention_varlen, attention_varlen_backward
-from cuflash.api import attention, attention_backward, block_map
+from cuflash.api import attention, attention_backward, block_map, dropout_mask
 from cuflash.cuda._warmup import warmup
 
 __version__ = "0.1.0"
 __all__ = ["BlockMap", "MaskMod", "ScoreMod", "__version__", "attention", "attention_backward",
            "attention_varlen", "attention_varlen_backward", "attention_with_kvcache", "block_map",
-           "merge_attention", "reference", "warmup"]
+           "dropout_mask", "merge_attention", "reference", "warmup"]
 
 
 def __getattr__(name: str):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cuflash import _reference_mods, reference
+from cuflash import _dropout, _reference_mods, reference
 
 # eps, relative to max(1, max|ref64|) so that it follows the magnitude of what is compared
 # (gradients of long sequences grow like sqrt(S)). float64: a few hundred ulps of reordering.
@@ -54,6 +54,7 @@ def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
 def naive_attention(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, *, dtype: str, causal: bool, scale: float,
     window=None, softcap: float = 0.0, alibi_slopes=None, sinks=None, bias=None, mask=None,
+    dropout_p: float = 0.0, rng=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Plain attention in ``dtype``: returns ``(out, lse)`` as float64 arrays.
 
@@ -65,10 +66,12 @@ def naive_attention(
     caps the scaled scores, ``softcap * tanh(s / softcap)``, and ``alibi_slopes`` (``(Hq,)`` or
     ``(B, Hq)``) adds ``-slope * |i + Sk - Sq - j|``, in the compute dtype; ``sinks`` ``(Hq,)``
     adds each head's sink to every row's softmax denominator (and lse); ``bias`` is added last
-    and ``mask`` (bool, True = attend) hides keys, both broadcastable to ``(B, Hq, Sq, Sk)``.
+    and ``mask`` (bool, True = attend) hides keys, both broadcastable to ``(B, Hq, Sq, Sk)``;
+    ``dropout_p`` with ``rng`` scales P by dropout's ``keep / (1 - p)`` before P @ V.
     """
     p, lse, _, _ = _naive_probabilities(q, k, dtype, causal, window, scale, softcap, alibi_slopes,
                                         sinks, bias, mask)
+    p = p * _kept(p, dropout_p, rng)
     out = np.matmul(round_to(p, dtype), _grouped_kv(round_to(v, dtype)))
     return _ungrouped(round_to(out, dtype)), round_to(lse, LSE_DTYPE).astype(np.float64)
 
@@ -88,6 +91,8 @@ def naive_attention_backward(
     sinks=None,
     bias=None,
     mask=None,
+    dropout_p: float = 0.0,
+    rng=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Plain attention backward in ``dtype`` (as autograd of :func:`naive_attention` would do it).
 
@@ -101,8 +106,9 @@ def naive_attention_backward(
     do_g = _grouped_q(round_to(dout, dtype), hkv)
     q_g = _grouped_q(round_to(q, dtype), hkv)
     k_g, v_g = _grouped_kv(round_to(k, dtype)), _grouped_kv(round_to(v, dtype))
-    dv = np.matmul(round_to(p, dtype).swapaxes(-1, -2), do_g).sum(axis=2)
-    dp = np.matmul(do_g, v_g.swapaxes(-1, -2))
+    kept = _kept(p, dropout_p, rng)
+    dv = np.matmul(round_to(p * kept, dtype).swapaxes(-1, -2), do_g).sum(axis=2)
+    dp = np.matmul(do_g, v_g.swapaxes(-1, -2)) * kept
     ds = round_to(p * (dp - np.sum(p * dp, axis=-1, keepdims=True)) * slope, dtype)
     dq = np.matmul(ds, k_g) * p.dtype.type(scale)
     dk = np.matmul(ds.swapaxes(-1, -2), q_g).sum(axis=2) * p.dtype.type(scale)
@@ -164,6 +170,8 @@ def backward_eps(
     sinks=None,
     bias=None,
     mask=None,
+    dropout_p: float = 0.0,
+    rng=None,
 ) -> tuple[float, float, float]:
     """eps for dq, dk, dv: ``EPS[dtype]`` times the largest magnitude each gradient is summed from.
 
@@ -177,12 +185,13 @@ def backward_eps(
                                           alibi_slopes, sinks, bias, mask)
     do_g, q_g = (np.abs(_grouped_q(np.asarray(x, dtype=np.float64), hkv)) for x in (dout, q))
     k_g, v_g = (np.abs(_grouped_kv(np.asarray(x, dtype=np.float64))) for x in (k, v))
-    dp_abs = np.matmul(do_g, v_g.swapaxes(-1, -2))
+    kept = _kept(p, dropout_p, rng)
+    dp_abs = np.matmul(do_g, v_g.swapaxes(-1, -2)) * kept
     delta_abs = np.sum(p * dp_abs, axis=-1, keepdims=True)  # >= |rowsum(dO * O)|
     ds_abs = p * (dp_abs + delta_abs) * slope
     dq_mag = abs(scale) * np.matmul(ds_abs, k_g)
     dk_mag = abs(scale) * np.matmul(ds_abs.swapaxes(-1, -2), q_g).sum(axis=2)
-    dv_mag = np.matmul(p.swapaxes(-1, -2), do_g).sum(axis=2)
+    dv_mag = np.matmul((p * kept).swapaxes(-1, -2), do_g).sum(axis=2)
     dq_eps, dk_eps, dv_eps = (
         EPS[dtype] * max(1.0, float(np.max(x, initial=0.0))) for x in (dq_mag, dk_mag, dv_mag)
     )
@@ -297,6 +306,16 @@ def _first_bad(
         f"{name}: not every entry {what}: {int(bad.sum())} of {bad.size} fail, first at "
         f"index {at} (got {got[at]:.8g}, ref64 {ref64[at]:.8g})"
     )
+
+
+def _kept(p: np.ndarray, dropout_p: float, rng) -> np.ndarray | float:
+    """Dropout's ``keep / (1 - dropout_p)`` for probabilities `p` ``(B, Hkv, G, Sq, Sk)``, in
+    their dtype; 1.0 without dropout."""
+    if not dropout_p:
+        return 1.0
+    b, hkv, g, sq, sk = p.shape
+    kept = _dropout.keep((b, hkv * g, sq, sk), dropout_p, rng).reshape(p.shape)
+    return np.where(kept, p.dtype.type(1.0 / (1.0 - dropout_p)), p.dtype.type(0))
 
 
 def _naive_probabilities(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from cuflash import _block_map, _dtypes, _interop, _side_arrays, _user_mods
+from cuflash import _block_map, _dropout, _dtypes, _interop, _side_arrays, _user_mods
 from cuflash._checks import (  # the size limits stay importable from here, where they apply
     MAX_GRID_YZ,  # noqa: F401
     MAX_ROW_REACH,  # noqa: F401
@@ -76,6 +76,10 @@ class Problem:
     aux: tuple = field(default=(), compare=False)
     # The caller's `_block_map.BlockMap` for the mask_mod (None: built per call on CUDA).
     block_map: object | None = field(default=None, compare=False)
+    # Dropout: the probability of dropping each attention probability and the call's random
+    # stream (seed, offset) (`_dropout`; None when dropout_p is 0).
+    dropout_p: float = field(default=0.0, compare=False)
+    rng: tuple | None = field(default=None, compare=False)
 
     def caller_shape(self, seqlen: int, heads: int, head_dim: int | None = None
                      ) -> tuple[int, ...]:
@@ -105,7 +109,8 @@ class Problem:
 def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None = None,
               scale: float | None = None, softcap: float = 0.0, alibi_slopes=None, sinks=None,
               bias=None, mask=None, score_mod=None, mask_mod=None, aux=None, block_map=None,
-              layout: str = "bshd", return_lse: bool = False, out=None):
+              dropout_p: float = 0.0, rng=None, layout: str = "bshd", return_lse: bool = False,
+              out=None):
     """The core of `cuflash.attention` (`cuflash.api`; its docstring has the arguments): a
     repeated call replays, a first one validates and launches (a call with a score_mod or
     mask_mod always: its aux arrays ride in the parameter block). torch tensors that require
@@ -117,7 +122,8 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
     user = (score_mod is not None or mask_mod is not None or aux is not None
             or block_map is not None)
     mods = _replay.user_key(q, score_mod, mask_mod, aux, block_map) if user else ()
-    key = None if mods is None else _replay.forward_key(
+    # dropout draws a new mask each call: never replayed
+    key = None if mods is None or not _dropout.is_off(dropout_p, rng) else _replay.forward_key(
         q, k, v, out, (causal, type(causal), _replay.window_key(window), scale, type(scale),
                        softcap, type(softcap), layout, return_lse, type(return_lse), mods),
         () if plain else side)
@@ -127,7 +133,7 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
     problem = validate(q, k, v, causal=causal, window=window, scale=scale, layout=layout,
                        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, bias=bias,
                        mask=mask, score_mod=score_mod, mask_mod=mask_mod, aux=aux,
-                       block_map=block_map)
+                       block_map=block_map, dropout_p=dropout_p, rng=rng)
     check_flag("return_lse", return_lse)
     if out is not None:
         if problem.source.framework == "jax":
@@ -162,8 +168,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
                        window: tuple[int, int] | None = None, scale: float | None = None,
                        softcap: float = 0.0, alibi_slopes=None, sinks=None, bias=None,
                        mask=None, score_mod=None, mask_mod=None, aux=None, block_map=None,
-                       layout: str = "bshd", deterministic: bool = False,
-                       return_dsinks: bool = False, return_dbias: bool = False):
+                       dropout_p: float = 0.0, rng=None, layout: str = "bshd",
+                       deterministic: bool = False, return_dsinks: bool = False,
+                       return_dbias: bool = False):
     """The core of `cuflash.attention_backward` (`cuflash.api`; its docstring has the
     arguments)."""
     arrays = (dout, q, k, v, out, lse)
@@ -175,7 +182,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
     # A call that asks for dsinks or dbias computes them beside the launches: never replayed
     # (nor one whose modifications `user_key` refuses).
     key = None if mods is None or return_dsinks is not False or return_dbias is not False \
-        else _replay.backward_key(
+        or not _dropout.is_off(dropout_p, rng) else _replay.backward_key(
             arrays, (causal, type(causal), _replay.window_key(window), scale, type(scale),
                      softcap, type(softcap), layout, deterministic, type(deterministic), mods),
             () if plain else side)
@@ -185,7 +192,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
     problem = validate(q, k, v, causal=causal, window=window, scale=scale, layout=layout,
                        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, bias=bias,
                        mask=mask, score_mod=score_mod, mask_mod=mask_mod, aux=aux,
-                       block_map=block_map)
+                       block_map=block_map, dropout_p=dropout_p, rng=rng)
     if problem.score_mod is not None and problem.score_mod.grad is None:
         raise ValueError("score_mod: the backward needs its derivative; give the ScoreMod a "
                          "grad (C++ of out, b, h, q_idx, kv_idx; \"1\" for an added term)")
@@ -275,13 +282,14 @@ def _refuse_first_call_in_capture(src: _interop.Source) -> None:
 
 def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
              alibi_slopes=None, sinks=None, bias=None, mask=None, score_mod=None, mask_mod=None,
-             aux=None, block_map=None) -> Problem:
+             aux=None, block_map=None, dropout_p=0.0, rng=None) -> Problem:
     """Check q, k, v and the options; raise TypeError/ValueError naming what is wrong (and
     NotImplementedError for an option the inputs' device does not compute yet)."""
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     check_flag("causal", causal)
     score_mod, mask_mod, aux_items = _user_mods.check_mods(score_mod, mask_mod, aux)
+    dropout_p, rng = _dropout.check(dropout_p, rng)
     variant = Variant.of(causal=bool(causal), window=window, softcap=softcap,
                          alibi=alibi_slopes is not None, sinks=sinks is not None,
                          bias=bias is not None, mask_array=mask is not None)
@@ -296,6 +304,10 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
                 f"got {sources[name].describe()}"
             )
 
+    if src.device == "cuda" and dropout_p:
+        raise NotImplementedError(
+            f"dropout_p: the CUDA kernels do not apply dropout yet (got {dropout_p} for "
+            f"{src.describe()} inputs); the CPU path and cuflash.reference do")
     if src.device == "cuda":
         refuse_capped_mods_on_cuda(variant.softcap, variant.alibi, variant.bias,
                                    variant.mask_array, f"{src.describe()} inputs",
@@ -366,7 +378,7 @@ def validate(q, k, v, *, causal, scale, layout, window=None, softcap=0.0,
                       dtype=dtypes["q"], variant=variant, scale=check_scale(scale, head_dim),
                       layout=layout, batched=ndim == 4, source=src, alibi_slopes=slopes,
                       sinks=sink, bias=bias_view, mask=mask_view, score_mod=score_mod,
-                      mask_mod=mask_mod, aux=aux_views)
+                      mask_mod=mask_mod, aux=aux_views, dropout_p=dropout_p, rng=rng)
     if block_map is None:
         return problem
     return replace(problem, block_map=_block_map.check(block_map, problem))
@@ -491,7 +503,8 @@ def forward_into(problem: Problem, qb, kb, vb, out_b, lse_b):
 
         o, lse = _cpu.forward(q4, k4, v4, variant=problem.variant, scale=problem.scale,
                               alibi_slopes=problem.alibi_slopes, sinks=problem.sinks,
-                              bias=problem.bias, mask=problem.mask, user=_user_call(problem))
+                              bias=problem.bias, mask=problem.mask, user=_user_call(problem),
+                              dropout=_dropout_of(problem))
         o4[...] = o
         if lse3 is not None:
             lse3[...] = lse
@@ -523,6 +536,11 @@ def _pointed(problem: Problem, mods):
     """`mods` where the launch passes its arrays as pointer fields (the built-in kinds that
     read arrays), else None: a user kind's aux arrays are in the parameter block already."""
     return mods if problem.variant.reads_arrays else None
+
+
+def _dropout_of(problem: Problem):
+    """The CPU path's dropout: ``(p, (seed, offset))``, or None without dropout."""
+    return (problem.dropout_p, problem.rng) if problem.dropout_p else None
 
 
 def _user_call(problem: Problem, *, backward: bool = False):
@@ -557,7 +575,8 @@ def backward_into(problem: Problem, dob, qb, kb, vb, ob, lseb, dqb, dkb, dvb, *,
                                    scale=problem.scale, alibi_slopes=problem.alibi_slopes,
                                    sinks=problem.sinks, bias=problem.bias, mask=problem.mask,
                                    dsinks=sinks_grad, dbias=bias_grad,
-                                   user=_user_call(problem, backward=True))
+                                   user=_user_call(problem, backward=True),
+                                   dropout=_dropout_of(problem))
         dq4[...], dk4[...], dv4[...] = dq, dk, dv
         return False, sinks_grad, None if bias_grad is None else \
             bias_grad.reshape(problem.bias.shape)

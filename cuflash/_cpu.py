@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cuflash import _dropout
 from cuflash._variant import Variant, diagonal_distance
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ def forward(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, *, variant: Variant, scale: float,
     alibi_slopes: np.ndarray | None = None, sinks: np.ndarray | None = None,
     bias: np.ndarray | None = None, mask: np.ndarray | None = None,
-    user: UserCall | None = None,
+    user: UserCall | None = None, dropout: tuple | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Attention forward pass.
 
@@ -59,6 +60,9 @@ def forward(
             from the query (as causal and window do).
         user: the NumPy forms of a score_mod (applied to the scaled scores) and a mask_mod
             (False hides the key), with their aux arrays; None without them.
+        dropout: ``(p, (seed, offset))``: each probability kept where `_dropout.keep` says,
+            scaled by ``1 / (1 - p)``, before it weights the values (lse is without it); None:
+            no dropout.
 
     Returns:
         ``out`` ``(B, Sq, Hq, Dv)`` C-contiguous in q's dtype, and ``lse`` ``(B, Hq, Sq)`` float32
@@ -81,9 +85,10 @@ def forward(
         state = _OnlineSoftmax(q_blk.shape[:-1], dim_v, dtype, mods.softmax_scale(scale))
         mods.start(state, i1 - i0)
         for j0, j1, hidden in _key_blocks(i0, i1, sq, sk, variant, mods):
-            # -- online softmax of q k^T (modified), and p @ v --
+            # -- online softmax of q k^T (modified), and p @ v (p dropped out) --
             s, _ = _scores(q_blk, k_t, i0, j0, j1, hidden, mods)
-            state.update(s, v_t[:, :, j0:j1], hidden)
+            state.update(s, v_t[:, :, j0:j1], hidden,
+                         _kept(dropout, (b, hq, sq, sk), hkv, i0, i1, j0, j1, dtype))
         o_blk, lse_blk = state.finalize()
         out[:, i0:i1] = _ungroup(o_blk, i1 - i0).swapaxes(1, 2)
         lse[:, :, i0:i1] = lse_blk.reshape(b, hq, i1 - i0)
@@ -107,6 +112,7 @@ def backward(
     dsinks: np.ndarray | None = None,
     dbias: np.ndarray | None = None,
     user: UserCall | None = None,
+    dropout: tuple | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Attention backward pass (FlashAttention-2): P is recomputed tile by tile.
 
@@ -119,8 +125,9 @@ def backward(
 
     Args:
         dout, out: ``(B, Sq, Hq, Dv)``; q, k, v: as for :func:`forward`. Any strides.
-        variant, scale, alibi_slopes, sinks, bias, mask, user: as for :func:`forward` (a
-            user score_mod's `grad` form gives its derivative).
+        variant, scale, alibi_slopes, sinks, bias, mask, user, dropout: as for
+            :func:`forward` (a user score_mod's `grad` form gives its derivative; dropout's
+            mask is drawn again from its rng).
         dsinks: with sinks, a float64 ``(Hq,)`` array that receives their gradient,
             ``-sum over batch and rows of p_sink * delta`` (``p_sink = exp(sink - lse)``).
         dbias: with bias, a float64 array of bias's shape left-padded to 4 dimensions that
@@ -172,10 +179,14 @@ def backward(
                 np.multiply(p, scale_t, out=p)
             np.subtract(p, log_l_blk, out=p)
             np.exp(p, out=p)
-            # -- dV += P^T dO (the matmul sums the group's query heads) --
-            dv_t[:, :, j0:j1] += np.matmul(p.swapaxes(-1, -2), do_blk)
-            # -- dS = P * (dP - delta) --
+            kept = _kept(dropout, (b, hq, sq, sk), hkv, i0, i1, j0, j1, dtype)
+            # -- dV += P^T dO (the matmul sums the group's query heads; P dropped out) --
+            dropped = p if kept is None else p * kept
+            dv_t[:, :, j0:j1] += np.matmul(dropped.swapaxes(-1, -2), do_blk)
+            # -- dS = P * (dP - delta), dP through the kept, rescaled probabilities --
             ds = np.matmul(do_blk, v_blk.swapaxes(-1, -2))
+            if kept is not None:
+                np.multiply(ds, kept, out=ds)
             np.subtract(ds, delta_blk, out=ds)
             np.multiply(ds, p, out=ds)
             # -- back through the modifications: the score_mod, the bias (dS is its gradient
@@ -196,6 +207,19 @@ def backward(
     if dsinks is not None:
         dsinks[...] = dsinks_t.reshape(hq)
     return dq, dk, dv
+
+
+def _kept(dropout: tuple | None, shape: tuple[int, int, int, int], hkv: int, i0: int, i1: int,
+          j0: int, j1: int, dtype: np.dtype) -> np.ndarray | None:
+    """Dropout's ``keep / (1 - p)`` for rows ``[i0, i1)`` and keys ``[j0, j1)``, laid out as a
+    block's scores ``(B, Hkv, G * bq, bk)``; None without dropout."""
+    if dropout is None:
+        return None
+    p, rng = dropout
+    b, hq = shape[:2]
+    kept = _dropout.keep(shape, p, rng, rows=np.arange(i0, i1), cols=np.arange(j0, j1))
+    scaled = np.where(kept, dtype.type(1.0 / (1.0 - p)), dtype.type(0))
+    return scaled.reshape(b, hkv, (hq // hkv) * (i1 - i0), j1 - j0)
 
 
 def _scores(q_blk: np.ndarray, k_t: np.ndarray, i0: int, j0: int, j1: int,
@@ -390,10 +414,14 @@ class _OnlineSoftmax(_RowStatistics):
         super().__init__(rows, dtype, scale)
         self.acc = np.zeros((*rows, d), dtype=dtype)
 
-    def update(self, s: np.ndarray, v_blk: np.ndarray, hidden: np.ndarray | None) -> None:
+    def update(self, s: np.ndarray, v_blk: np.ndarray, hidden: np.ndarray | None,
+               kept: np.ndarray | None = None) -> None:
         """Fold in one key block: raw scores ``s`` (masked by ``hidden``; overwritten) and its
-        values."""
+        values; `kept` (dropout's ``keep / (1 - p)``, like s) scales the probabilities that
+        weight the values, not the row sums."""
         alpha = self.fold(s)
+        if kept is not None:
+            np.multiply(s, kept, out=s)
         self.acc *= alpha[..., None]
         if hidden is None or not np.isnan(v_blk).any():
             self.acc += np.matmul(s, v_blk)

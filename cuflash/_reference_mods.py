@@ -8,7 +8,9 @@ tanh(s / softcap)``; ``s += -slope_h * |i + Sk - Sq - j|`` (ALiBi); ``s += bias`
 score_mod(s, ...)``; keys hidden by causal, window, ``mask == False`` or the mask_mod are
 dropped; the softmax runs over the visible keys plus, with sinks, one virtual key of logit
 ``sinks[h]`` and no value. ``lse`` includes the sink, so a row that sees no key has zeros and
-``lse = sinks[h]`` (``-inf`` without sinks).
+``lse = sinks[h]`` (``-inf`` without sinks). Dropout then scales each probability by
+``keep / (1 - p)`` (`cuflash._dropout.keep`'s mask) before it weights the values; lse is the
+softmax's, without it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from cuflash import _dropout
 
 
 @dataclass(frozen=True)
@@ -33,12 +37,13 @@ class Mods:
     score_mod: Any = None  # a cuflash.ScoreMod, by its NumPy forms
     mask_mod: Any = None  # a cuflash.MaskMod, by its NumPy form
     aux: dict | None = None  # their arrays, float64 or as given (integers, bools)
+    dropout: np.ndarray | None = None  # keep / (1 - p), (B, Hq, Sq, Sk); None: no dropout
 
     @property
     def any(self) -> bool:
         return bool(self.softcap) or any(
             x is not None for x in (self.alibi, self.sinks, self.bias, self.mask,
-                                    self.score_mod, self.mask_mod))
+                                    self.score_mod, self.mask_mod, self.dropout))
 
     def positions(self, shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
         """``b, h, q_idx, kv_idx`` broadcasting to scores of `shape` ``(B, Hq, Sq, Sk)``."""
@@ -48,7 +53,7 @@ class Mods:
 
 def mods(shape: tuple[int, int, int, int], *, softcap: Any = 0.0, alibi_slopes: Any = None,
          sinks: Any = None, bias: Any = None, mask: Any = None, score_mod: Any = None,
-         mask_mod: Any = None, aux: Any = None) -> Mods:
+         mask_mod: Any = None, aux: Any = None, dropout_p: Any = 0.0, rng: Any = None) -> Mods:
     """Checked modifications for scores of ``shape = (B, Hq, Sq, Sk)``."""
     b, hq = shape[:2]
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
@@ -85,8 +90,10 @@ def mods(shape: tuple[int, int, int, int], *, softcap: Any = 0.0, alibi_slopes: 
             raise TypeError(f"{name}: expected a cuflash.{kind} with a NumPy form "
                             f"(numpy=...), got {mod!r}")
     arrays = {name: _host(x, f"aux[{name!r}]") for name, x in (aux or {}).items()}
+    p, rng = _dropout.check(dropout_p, rng)
+    dropout = None if not p else _dropout.keep(shape, p, rng) / (1.0 - p)
     return Mods(float(softcap), alibi, sink, bias_arr, bias_shape, mask_arr, score_mod,
-                mask_mod, arrays)
+                mask_mod, arrays, dropout)
 
 
 def _host(x: Any, name: str) -> np.ndarray:
@@ -103,6 +110,8 @@ def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, visible: np.ndarray | N
     """``out (B, Hq, Sq, Dv)`` and ``lse (B, Hq, Sq)`` from ``q (B, Hq, Sq, D)``, ``k (B, Hq, Sk,
     D)`` and ``v (B, Hq, Sk, Dv)`` (kv heads already repeated over their query heads)."""
     p, _, lse, _, _ = _softmax(q, k, visible, scale, m)
+    if m.dropout is not None:
+        p = p * m.dropout
     nan_v = np.isnan(v)
     if not nan_v.any():
         return p @ v, lse
@@ -119,9 +128,12 @@ def backward(dout: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
     given, ``bias`` (reduced to the caller's shape) and ``sinks``."""
     p, p_sink, _, tanh, modified = _softmax(q, k, visible, scale, m)
     dp = dout @ v.swapaxes(-1, -2)
+    dropped = p if m.dropout is None else p * m.dropout
+    if m.dropout is not None:  # through the kept, rescaled probabilities
+        dp = dp * m.dropout
     delta = np.sum(p * dp, axis=-1, keepdims=True)  # the sink has no value: its dP is 0
     ds = p * (dp - delta)
-    grads = {"v": p.swapaxes(-1, -2) @ dout}
+    grads = {"v": dropped.swapaxes(-1, -2) @ dout}
     if m.sinks is not None:
         grads["sinks"] = -np.sum(p_sink * delta[..., 0], axis=(0, 2))
     # Back through the modifications in reverse order: the score_mod, the bias (its gradient is

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import sys
 
-from cuflash import _core
+import numpy as np
+
+from cuflash import _core, _dropout
 from cuflash._checks import MAX_SCALE  # noqa: F401 (docs/api.md names cuflash.api.MAX_SCALE)
 
 
 def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None = None,
               scale: float | None = None, softcap: float = 0.0, alibi_slopes=None, sinks=None,
               bias=None, mask=None, score_mod=None, mask_mod=None, aux=None, block_map=None,
-              layout: str = "bshd", return_lse: bool = False, out=None):
+              dropout_p: float = 0.0, rng=None, layout: str = "bshd", return_lse: bool = False,
+              out=None):
     """Exact scaled dot-product attention, softmax(scale * q k^T) v, without an N x N matrix.
 
     Args:
@@ -77,6 +80,15 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
             this call's q, k, mask_mod, aux, causal and window and reused (every layer of a
             step); None builds one per call on CUDA (one kernel over the band's pairs; the
             CPU path needs none). Its aux arrays must hold the values the map was built from.
+        dropout_p: attention dropout (flash-attn's meaning): each softmax probability is
+            dropped with probability `dropout_p` (in [0, 1)) and the kept ones scaled by
+            ``1 / (1 - dropout_p)`` before they weight the values; lse is without it. The
+            mask is a pure function of `rng` and the position (`cuflash.dropout_mask` returns
+            it), so the backward draws it again rather than storing it. The CPU path (CUDA
+            raises NotImplementedError for now).
+        rng: ``(seed, offset)``, two ints in [0, 2**64): the random stream of a call with
+            dropout (required with ``dropout_p > 0``). Pass the same to `attention_backward`;
+            a new offset (or seed) draws a new mask.
         layout: ``"bshd"`` (flash-attn / JAX order) or ``"bhsd"`` (PyTorch SDPA order).
         return_lse: also return the log-sum-exp of each query row.
         out: optional array of the output's shape and dtype, in the caller's framework and on
@@ -95,6 +107,7 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
     """
     user = (score_mod is not None or mask_mod is not None or aux is not None
             or block_map is not None)
+    dropout = not _dropout.is_off(dropout_p, rng)
     if out is None and _wants_autograd(q, k, v, sinks, bias):
         from cuflash import torch as cuflash_torch
 
@@ -108,8 +121,9 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
                                        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
                                        bias=bias, mask=mask, score_mod=score_mod,
                                        mask_mod=mask_mod, aux=aux, block_map=block_map,
-                                       layout=layout, return_lse=return_lse)
-    if out is None and not return_lse and not user and _jax_on_gpu(q, k, v):
+                                       dropout_p=dropout_p, rng=rng, layout=layout,
+                                       return_lse=return_lse)
+    if out is None and not return_lse and not user and not dropout and _jax_on_gpu(q, k, v):
         # One memoised compiled call (cuflash.jax), not validation and DLPack at every call.
         from cuflash import jax as cuflash_jax
 
@@ -119,22 +133,25 @@ def attention(q, k, v, *, causal: bool = False, window: tuple[int, int] | None =
     return _core.attention(q, k, v, causal=causal, window=window, scale=scale, softcap=softcap,
                            alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask,
                            score_mod=score_mod, mask_mod=mask_mod, aux=aux, block_map=block_map,
-                           layout=layout, return_lse=return_lse, out=out)
+                           dropout_p=dropout_p, rng=rng, layout=layout, return_lse=return_lse,
+                           out=out)
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
                        window: tuple[int, int] | None = None, scale: float | None = None,
                        softcap: float = 0.0, alibi_slopes=None, sinks=None, bias=None,
                        mask=None, score_mod=None, mask_mod=None, aux=None, block_map=None,
-                       layout: str = "bshd", deterministic: bool = False,
-                       return_dsinks: bool = False, return_dbias: bool = False):
+                       dropout_p: float = 0.0, rng=None, layout: str = "bshd",
+                       deterministic: bool = False, return_dsinks: bool = False,
+                       return_dbias: bool = False):
     """Gradients of `attention` with respect to q, k and v.
 
     Args:
         dout: gradient of the output, shaped like it (q's shape with v's head dim ``Dv``).
         q, k, v, causal, window, scale, softcap, alibi_slopes, sinks, bias, mask, score_mod,
-            mask_mod, aux, block_map, layout: exactly as passed to `attention` (the forward's
-            block map serves the backward too). A score_mod needs its
+            mask_mod, aux, block_map, dropout_p, rng, layout: exactly as passed to `attention`
+            (the forward's block map serves the backward too; its rng draws its dropout mask
+            again). A score_mod needs its
             ``grad`` here (and ``numpy_grad`` on the CPU unless grad is ``"1"``); the aux
             arrays get no gradient.
         out: the forward's output.
@@ -162,8 +179,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
     return _core.attention_backward(
         dout, q, k, v, out, lse, causal=causal, window=window, scale=scale, softcap=softcap,
         alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask, score_mod=score_mod,
-        mask_mod=mask_mod, aux=aux, block_map=block_map, layout=layout,
-        deterministic=deterministic, return_dsinks=return_dsinks, return_dbias=return_dbias)
+        mask_mod=mask_mod, aux=aux, block_map=block_map, dropout_p=dropout_p, rng=rng,
+        layout=layout, deterministic=deterministic, return_dsinks=return_dsinks,
+        return_dbias=return_dbias)
 
 
 def block_map(q, k, *, mask_mod, aux=None, causal: bool = False,
@@ -192,6 +210,27 @@ def block_map(q, k, *, mask_mod, aux=None, causal: bool = False,
         raise TypeError("mask_mod: a block map is built from a cuflash.MaskMod, got None")
     return _core.block_map(q, k, mask_mod=mask_mod, aux=aux, causal=causal, window=window,
                            layout=layout)
+
+
+def dropout_mask(q, k, *, dropout_p: float, rng, layout: str = "bshd"):
+    """The dropout mask `attention` applies for these q, k, `dropout_p` and `rng`: which
+    softmax probabilities it keeps (a debug and test helper; the kernels never store it).
+
+    Args:
+        q, k: as for `attention` (only their shapes are read).
+        dropout_p, rng: as for `attention`.
+        layout: as for `attention`.
+
+    Returns:
+        a bool NumPy array ``(B, Hq, Sq, Sk)`` (``(Hq, Sq, Sk)`` for 3-D inputs), True where the
+        probability is kept (then scaled by ``1 / (1 - dropout_p)``). A row's mask is drawn for
+        every key, seen or not.
+    """
+    problem = _core.validate(q, k, k, causal=False, scale=None, layout=layout)
+    p, rng = _dropout.check(dropout_p, rng)
+    shape = (problem.batch, problem.heads_q, problem.seqlen_q, problem.seqlen_k)
+    kept = _dropout.keep(shape, p, rng) if p else np.ones(shape, dtype=bool)
+    return kept if problem.batched else kept[0]
 
 
 def _wants_autograd(q, k, v, sinks, bias) -> bool:

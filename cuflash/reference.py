@@ -57,6 +57,8 @@ def attention(
     score_mod: Any = None,
     mask_mod: Any = None,
     aux: Any = None,
+    dropout_p: float = 0.0,
+    rng: Any = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attention computed naively in float64.
 
@@ -89,6 +91,9 @@ def attention(
             the whole score tensor: ``score_mod.numpy(s, b, h, q_idx, kv_idx, **aux)`` of the
             scaled (capped, biased) scores, then ``mask_mod.numpy(b, h, q_idx, kv_idx,
             **aux)`` hides keys.
+        dropout_p, rng: dropout (flash-attn's meaning): each probability is kept where
+            ``cuflash.dropout_mask`` of ``rng = (seed, offset)`` says and scaled by
+            ``1 / (1 - dropout_p)``, the others zeroed; lse is without it.
 
     Returns:
         ``out``, float64 NumPy array of q's shape with v's head dim ``Dv`` last; with
@@ -111,7 +116,8 @@ def attention(
     seen = visible(q4.shape[1], k4.shape[1], causal=causal, window=window)
     options = _mods.mods(_score_shape(q4, k4), softcap=softcap, alibi_slopes=alibi_slopes,
                          sinks=sinks, bias=bias, mask=mask, score_mod=score_mod,
-                         mask_mod=mask_mod, aux=_aux_on_host(aux))
+                         mask_mod=mask_mod, aux=_aux_on_host(aux),
+                         dropout_p=dropout_p, rng=rng)
     if options.any:
         out, lse = _mods.forward(*_per_head(q4, k4, v4), seen, scale, options)
         out = _from_kv(out.swapaxes(1, 2), layout, three_d)
@@ -144,6 +150,8 @@ def attention_backward(
     score_mod: Any = None,
     mask_mod: Any = None,
     aux: Any = None,
+    dropout_p: float = 0.0,
+    rng: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact float64 gradient of :func:`attention` for the incoming gradient ``dout``.
 
@@ -151,8 +159,8 @@ def attention_backward(
         dout: gradient of the loss with respect to the output; its shape (q's with v's head
             dim ``Dv``).
         q, k, v, causal, window, scale, layout, softcap, alibi_slopes, sinks, bias, mask,
-            score_mod, mask_mod, aux: as for :func:`attention` (the gradients of bias and
-            sinks: :func:`attention_grads`).
+            score_mod, mask_mod, aux, dropout_p, rng: as for :func:`attention` (the gradients
+            of bias and sinks: :func:`attention_grads`; dropout's mask drawn again from rng).
 
     Returns:
         ``(dq, dk, dv)``, float64 NumPy arrays shaped like q, k and v. With GQA the gradient of a kv
@@ -164,7 +172,7 @@ def attention_backward(
     grads = attention_grads(dout, q, k, v, causal=causal, window=window, scale=scale,
                             layout=layout, softcap=softcap, alibi_slopes=alibi_slopes,
                             sinks=sinks, bias=bias, mask=mask, score_mod=score_mod,
-                            mask_mod=mask_mod, aux=aux)
+                            mask_mod=mask_mod, aux=aux, dropout_p=dropout_p, rng=rng)
     return grads["q"], grads["k"], grads["v"]
 
 
@@ -186,6 +194,8 @@ def attention_grads(
     score_mod: Any = None,
     mask_mod: Any = None,
     aux: Any = None,
+    dropout_p: float = 0.0,
+    rng: Any = None,
 ) -> dict[str, np.ndarray]:
     """Every float64 gradient of :func:`attention`, by name: ``"q"``, ``"k"``, ``"v"``, and
     ``"bias"`` (summed to the bias's own shape over the axes it was broadcast along) and
@@ -200,7 +210,8 @@ def attention_grads(
     seen = visible(q4.shape[1], k4.shape[1], causal=causal, window=window)
     options = _mods.mods(_score_shape(q4, k4), softcap=softcap, alibi_slopes=alibi_slopes,
                          sinks=sinks, bias=bias, mask=mask, score_mod=score_mod,
-                         mask_mod=mask_mod, aux=_aux_on_host(aux))
+                         mask_mod=mask_mod, aux=_aux_on_host(aux),
+                         dropout_p=dropout_p, rng=rng)
     if options.any:
         return _mods_backward(dout4, q4, k4, v4, seen, scale, options, layout, three_d)
     p, _ = _probabilities(q4, k4, seen, scale)

@@ -43,7 +43,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from cuflash import _checks, _core, _user_mods, _variant
+from cuflash import _checks, _core, _dropout, _user_mods, _variant
 
 __all__ = ["attention", "attention_bwd", "attention_fwd", "ring_attention", "zigzag_merge",
            "zigzag_split"]
@@ -56,7 +56,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
               softcap: float = 0.0, alibi_slopes: Tensor | None = None,
               sinks: Tensor | None = None, bias: Tensor | None = None,
               mask: Tensor | None = None, score_mod=None, mask_mod=None, aux=None,
-              block_map=None, layout: str = "bshd", return_lse: bool = False):
+              block_map=None, dropout_p: float = 0.0, rng: tuple[int, int] | None = None,
+              layout: str = "bshd", return_lse: bool = False):
     """Exact attention on torch tensors, differentiable with respect to q, k and v.
 
     Args:
@@ -91,6 +92,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         return_lse: also return the float32 log-sum-exp ``(B, Hq, Sq)`` (``(Hq, Sq)`` for 3-D);
             it carries no gradient.
 
+        dropout_p, rng: attention dropout, as for :func:`cuflash.attention`; without `rng`
+            the stream is drawn from torch's default CPU generator (``torch.manual_seed``
+            rules it), once per call, and the backward draws the same mask again. Eagerly
+            only for now (under torch.compile: NotImplementedError).
+
     Returns:
         ``out`` shaped like q but with v's head dim ``Dv`` (q's device and dtype), or
         ``(out, lse)``.
@@ -107,6 +113,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     left, right = _variant.check_window(window)
     cap = _variant.check_softcap(softcap)
     user = {"score_mod": score_mod, "mask_mod": mask_mod, "aux": aux, "block_map": block_map}
+    if not _dropout.is_off(dropout_p, rng):
+        if torch.compiler.is_compiling():
+            raise NotImplementedError("dropout_p: not under torch.compile yet (eager autograd "
+                                      "takes it)")
+        p, rng = _dropout.check(dropout_p, rng, needs_rng=False)
+        if p and rng is None:
+            rng = _drawn_rng()
+        user |= {"dropout_p": p, "rng": rng}
     if torch.compiler.is_compiling():
         if block_map is not None:
             raise NotImplementedError("block_map: not under torch.compile (the op builds the "
@@ -118,6 +132,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         out, lse = _Attention.apply(q, k, v, causal, scale, layout, (left, right), cap,
                                     alibi_slopes, sinks, bias, mask, user)
     return (out, lse) if return_lse else out
+
+
+def _drawn_rng() -> tuple[int, int]:
+    """A dropout stream ``(seed, offset)`` from torch's default CPU generator."""
+    seed, offset = torch.randint(0, 2**62, (2,), dtype=torch.int64).tolist()
+    return seed, offset
 
 
 class _Attention(torch.autograd.Function):
