@@ -53,6 +53,7 @@ class Options:
     softcap: float = 0.0
     # a score_mod / mask_mod and its aux arrays' names: `_user_mods.register`'s key ("": none)
     user: str = ""
+    dropout_p: float = 0.0  # its stream travels as `ScoreArrays.rng`
 
     def user_mods(self, aux: tuple = ()) -> dict:
         """``score_mod``, ``mask_mod`` and ``aux`` (a dict of `aux`, the arrays in the key's
@@ -61,8 +62,11 @@ class Options:
 
     @property
     def reads_batch(self) -> bool:
-        """Whether the user's C++ may read the batch index ``b`` (folding a mapped axis into the
-        batch would change it)."""
+        """Whether the result depends on the batch index ``b`` beyond the batch's own data (the
+        user's C++ may read it; dropout's mask is drawn by it): folding a mapped axis into the
+        batch, or splitting the batch, would change it."""
+        if self.dropout_p:
+            return True
         if not self.user:
             return False
         score_mod, mask_mod = _user_mods.mods_of(self.user)
@@ -74,12 +78,14 @@ class Options:
 class ScoreArrays(NamedTuple):
     """The arrays of the score modifications a call takes beside q, k, v, each a JAX array or
     None (a pytree: None fields are no leaves). Field names are `cuflash.attention`'s keywords;
-    `aux` is a tuple of a user modification's aux arrays, in `Options.user`'s order."""
+    `aux` is a tuple of a user modification's aux arrays, in `Options.user`'s order; `rng` is
+    dropout's stream as uint32 words ``(seed_lo, seed_hi, offset_lo, offset_hi)``."""
 
     sinks: Any = None
     alibi_slopes: Any = None
     bias: Any = None
     mask: Any = None
+    rng: Any = None
     aux: Any = None
 
     def given(self) -> tuple[str, ...]:
@@ -88,11 +94,19 @@ class ScoreArrays(NamedTuple):
         return (*names, *(f"aux:{i}" for i in range(len(self.aux or ()))))
 
     def core_kwargs(self, options: Options, convert=lambda x: x) -> dict:
-        """The arrays (each through `convert`) and the user's modifications as
-        `cuflash.attention`'s keywords."""
-        found = {name: convert(getattr(self, name)) for name in self._fields[:-1]
+        """The arrays (each through `convert`), the user's modifications and dropout as
+        `cuflash.attention`'s keywords (the stream's words read on the host)."""
+        found = {name: convert(getattr(self, name)) for name in self._fields[:-2]
                  if getattr(self, name) is not None}
+        if options.dropout_p:
+            found |= {"dropout_p": options.dropout_p, "rng": stream_of(self.rng)}
         return found | options.user_mods(tuple(convert(x) for x in self.aux or ()))
+
+
+def stream_of(words) -> tuple[int, int]:
+    """``(seed, offset)`` of dropout's uint32 words (concrete)."""
+    w = [int(x) for x in np.asarray(words, dtype=np.uint32)]
+    return w[0] | w[1] << 32, w[2] | w[3] << 32
 
 
 def _arrays(names: tuple[str, ...], arrays) -> ScoreArrays:
@@ -124,7 +138,7 @@ def validate(q, k, v, options: Options, mods: ScoreArrays = NO_ARRAYS) -> _core.
     stand_in = _CPU_COMPUTE.get(dtype, q.dtype)
     side = {}
     for name in mods.given():
-        if name.startswith("aux:"):
+        if name.startswith("aux:") or name == "rng":
             continue
         x = getattr(mods, name)
         if name in ("sinks", "alibi_slopes"):
@@ -138,7 +152,8 @@ def validate(q, k, v, options: Options, mods: ScoreArrays = NO_ARRAYS) -> _core.
     problem = _core.validate(*(np.broadcast_to(np.empty((), stand_in), x.shape) for x in (q, k, v)),
                            causal=options.causal, window=options.window, scale=options.scale,
                            layout=options.layout, softcap=options.softcap, **side,
-                           **options.user_mods(aux))
+                           **options.user_mods(aux), dropout_p=options.dropout_p,
+                           rng=(0, 0) if options.dropout_p else None)
     return dataclasses.replace(problem, dtype=dtype)
 
 
@@ -159,7 +174,7 @@ def _canonical(mods: ScoreArrays, problem: _core.Problem) -> ScoreArrays:
         if x is not None:
             x = x.reshape((1,) * (4 - x.ndim) + x.shape)
             found[name] = x if problem.batched else x[0]
-    return ScoreArrays(**found, aux=mods.aux)
+    return ScoreArrays(**found, rng=mods.rng, aux=mods.aux)
 
 
 def _flat(mods: ScoreArrays) -> tuple[tuple[str, ...], tuple]:
@@ -322,13 +337,17 @@ def _folding_vmap(body, again, leading: int, names: tuple[str, ...], reads_batch
         if mapped.get("sinks"):
             raise NotImplementedError("sinks: cuflash.jax takes one set of sinks for the "
                                       "whole batch; under jax.vmap they must not be mapped")
+        if mapped.get("rng"):
+            raise NotImplementedError("rng: cuflash.jax takes one dropout stream for the whole "
+                                      "batch; under jax.vmap it must not be mapped")
         if any(is_mapped for name, is_mapped in mapped.items() if name.startswith("aux:")):
             raise NotImplementedError("aux: a score_mod's / mask_mod's aux arrays must not be "
                                       "mapped by jax.vmap (the modification indexes them itself)")
         if reads_batch:
             raise NotImplementedError(
-                "score_mod / mask_mod: under jax.vmap the mapped axis joins the batch, which "
-                "changes the index b your C++ reads; fold the axis into the batch yourself")
+                "score_mod / mask_mod / dropout_p: under jax.vmap the mapped axis joins the "
+                "batch, which changes the index b your C++ reads (and dropout draws its mask "
+                "by); fold the axis into the batch yourself")
 
         def spread(x, is_mapped):  # an unmapped array broadcast along the mapped axis
             return x if is_mapped else jnp.broadcast_to(x, (axis_size, *x.shape))
@@ -457,7 +476,7 @@ def _cpu_backward(dout, q, k, v, out, lse, *side, options: Options, names: tuple
 
 def _batch_element(name: str, x: np.ndarray, b: int) -> np.ndarray:
     """What batch element `b` of a batched call takes of the (canonical) array `name`."""
-    if name in ("sinks", ) or name.startswith("aux:") or (
+    if name in ("sinks", "rng") or name.startswith("aux:") or (
             name in ("bias", "mask") and x.shape[0] == 1):
         return x  # one for the whole batch
     return x[b:b + 1]
@@ -493,7 +512,8 @@ def _cuda_branch(launch, result, *arrays, problem: _core.Problem, why: str | Non
     reason = _jax_gpu.unusable_reason()
     if reason is not None:
         return _refuse(result, *arrays, why=f"cannot compile for CUDA in this process: {reason}")
-    why = why or _capped_mods_on_cuda(problem) or _user_mods_on_cuda(problem)
+    why = (why or _capped_mods_on_cuda(problem) or _user_mods_on_cuda(problem)
+           or _dropout_on_cuda(problem))
     if why is not None:
         return _refuse(result, *arrays, why=why)
     return launch(*arrays, problem=problem)
@@ -509,6 +529,13 @@ def _capped_mods_on_cuda(problem: _core.Problem) -> str | None:
     except NotImplementedError as err:
         return str(err)
     return None
+
+
+def _dropout_on_cuda(problem: _core.Problem) -> str | None:
+    """Why a call with dropout is not compiled for CUDA (None without dropout)."""
+    if not problem.dropout_p:
+        return None
+    return "dropout_p: the CUDA kernels do not apply dropout yet (the CPU backend does)"
 
 
 def _user_mods_on_cuda(problem: _core.Problem) -> str | None:

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
-from cuflash import _checks, _core, _dtypes, _interop, _jax_trace, _user_mods, _variant
+from cuflash import _checks, _core, _dropout, _dtypes, _interop, _jax_trace, _user_mods, _variant
 from cuflash._jax_ring import ring_attention, zigzag_order, zigzag_unorder
 from cuflash._jax_trace import NO_ARRAYS, Options, ScoreArrays
 
@@ -57,7 +57,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
               softcap: float = 0.0, alibi_slopes: jax.Array | None = None,
               sinks: jax.Array | None = None, bias: jax.Array | None = None,
               mask: jax.Array | None = None, score_mod=None, mask_mod=None,
-              aux: dict | None = None, layout: str = "bshd") -> jax.Array:
+              aux: dict | None = None, dropout_p: float = 0.0, rng=None,
+              layout: str = "bshd") -> jax.Array:
     """Exact attention for JAX arrays, differentiable with respect to q, k, v, the sinks and
     the bias.
 
@@ -94,6 +95,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
             ``jax.vmap`` (nor may the C++ read ``b`` there: the mapped axis joins the batch).
             On the CPU backend eager and under ``jax.jit`` (the NumPy forms); on a GPU eagerly
             only (compiling them for CUDA under jit raises NotImplementedError).
+        dropout_p, rng: attention dropout, as for :func:`cuflash.attention`: `dropout_p`
+            static, `rng` a JAX PRNG key (its two key words are the seed, the offset 0; traced,
+            so a new key per step does not recompile) or ``(seed, offset)`` Python ints. The
+            CPU backend, eager and under jit (the CUDA kernels do not apply dropout yet); not
+            under ``jax.vmap`` (the mask is drawn by the batch index).
         layout: ``"bshd"`` or ``"bhsd"``.
 
     `causal`, `window`, `scale`, `softcap` and `layout` are static (not differentiated, not
@@ -113,10 +119,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
     q, k, v = (_as_array(x) for x in (q, k, v))
     score_mod, mask_mod, _ = _user_mods.check_mods(score_mod, mask_mod, aux)
     user, aux_arrays = _user_mods.register(score_mod, mask_mod, aux)
+    p, words = _dropout_stream(dropout_p, rng)
     options = Options(causal, _variant.check_window(window), scale, layout,
-                      _variant.check_softcap(softcap), user)
+                      _variant.check_softcap(softcap), user, p)
     mods = ScoreArrays(*(None if x is None else _as_array(x)
-                         for x in (sinks, alibi_slopes, bias, mask)),
+                         for x in (sinks, alibi_slopes, bias, mask)), rng=words,
                        aux=tuple(_as_array(x) for x in aux_arrays) if aux_arrays else None)
     if _concrete(q, k, v, *jax.tree.leaves(mods)):
         # No transformation is running (it would pass tracers), so nothing asks for a
@@ -232,6 +239,25 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     _, vjp = jax.vjp(forward, q, k, v, sinks)
     dq, dk, dv, dsinks = vjp(jnp.asarray(dout))
     return (dq, dk, dv, dsinks) if return_dsinks else (dq, dk, dv)
+
+
+def _dropout_stream(dropout_p, rng) -> tuple[float, jax.Array | None]:
+    """``(p, words)``: the checked `dropout_p` and its stream as uint32 ``(seed_lo, seed_hi,
+    offset_lo, offset_hi)`` (None without dropout), from a JAX PRNG key or a pair of ints."""
+    if rng is not None and isinstance(rng, jax.Array):
+        data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) \
+            else rng
+        if data.shape != (2,) or data.dtype != jnp.uint32:
+            raise TypeError(f"rng: expected a JAX PRNG key of two uint32 words (threefry) or "
+                            f"(seed, offset) ints, got {data.dtype} {data.shape}")
+        p, _ = _dropout.check(dropout_p, (0, 0))
+        return p, jnp.concatenate([data, jnp.zeros(2, jnp.uint32)]) if p else None
+    p, pair = _dropout.check(dropout_p, rng)
+    if not p:
+        return p, None
+    seed, offset = pair
+    return p, jnp.asarray([seed & 0xFFFFFFFF, seed >> 32, offset & 0xFFFFFFFF, offset >> 32],
+                          dtype=jnp.uint32)
 
 
 def _int32_vector(x, name: str) -> jax.Array:
@@ -430,7 +456,7 @@ def _forward(q, k, v, options: Options, mods: ScoreArrays = NO_ARRAYS):
     modification there: the core, eagerly), else the NumPy core."""
     if not _concrete(q, k, v, *jax.tree.leaves(mods)):
         return _jax_trace.forward(q, k, v, options, mods)
-    if _on_gpu(q) and not options.user:
+    if _on_gpu(q) and not options.user and not options.dropout_p:
         return _compiled(_jax_trace.forward, options)(q, k, v, mods=mods)
     if _on_gpu(q):
         return _eager_forward(q, k, v, options, mods)
@@ -450,7 +476,7 @@ def _backward(dout, q, k, v, out, lse, options: Options, mods: ScoreArrays = NO_
     platform when traced or on a GPU, else the NumPy core."""
     if not _concrete(dout, q, k, v, out, lse, *jax.tree.leaves(mods)):
         return _jax_trace.backward(dout, q, k, v, out, lse, options, mods, dbias=dbias)
-    if _on_gpu(q) and not options.user:
+    if _on_gpu(q) and not options.user and not options.dropout_p:
         return _compiled(_jax_trace.backward, options, dbias=dbias)(dout, q, k, v, out, lse,
                                                                     mods=mods)
     # The core takes the arrays beside q, k, v in q's framework or NumPy: their backend views

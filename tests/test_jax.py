@@ -1299,7 +1299,8 @@ def test_vmap_folds_a_user_mod_that_does_not_read_the_batch():
               rtol=1e-4, atol=1e-5)
     docs = {"qdoc": jnp.asarray(cases.documents(2, 13, rng)),
             "kdoc": jnp.asarray(cases.documents(2, 17, rng))}
-    with pytest.raises(NotImplementedError, match=r"^score_mod / mask_mod: under jax.vmap"):
+    with pytest.raises(NotImplementedError,
+                       match=r"^score_mod / mask_mod / dropout_p: under jax.vmap"):
         jax.vmap(lambda q: cuflash_jax.attention(q, k, v, mask_mod=cases.DOCUMENTS,
                                                  aux=docs))(stack)
     with pytest.raises(NotImplementedError, match=r"^aux: a score_mod's / mask_mod's aux"):
@@ -1357,3 +1358,61 @@ def test_eager_gpu_calls_with_a_user_mod_run_the_core(monkeypatch):
     close(got[0], want[0], rtol=1e-6)
     for g, w in zip(got[1], want[1], strict=True):
         close(g, w, rtol=1e-6)
+
+
+# ---- dropout ------------------------------------------------------------------------------------
+
+
+def test_dropout_on_the_cpu_backend_eager_and_jitted():
+    """A JAX PRNG key (its two words the seed, offset 0) or (seed, offset) ints: out and the
+    gradients of q, k, v, the sinks and a bias against the reference of the same stream, eager
+    and under jit; a new key is a new mask without a new trace."""
+    rng = np.random.default_rng(31)
+    q, dout = (rng.standard_normal((2, 7, 4, 8)).astype(np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((2, 9, 2, 8)).astype(np.float32) for _ in range(2))
+    sinks = rng.standard_normal(4).astype(np.float32)
+    bias = rng.standard_normal((4, 7, 9)).astype(np.float32)
+    key = jax.random.key(42)
+    words = [int(x) for x in jax.random.key_data(key)]
+    stream = (words[0] | words[1] << 32, 0)
+
+    def loss(q, k, v, bias, sinks, rng):
+        out = cuflash_jax.attention(q, k, v, causal=True, dropout_p=0.3, rng=rng, bias=bias,
+                                    sinks=sinks)
+        return jnp.sum(out * dout), out
+
+    args = [x.astype(np.float64) for x in (q, k, v)]
+    want_out = reference.attention(*args, causal=True, dropout_p=0.3, rng=stream, bias=bias,
+                                   sinks=sinks)
+    want = reference.attention_grads(dout, *args, causal=True, dropout_p=0.3, rng=stream,
+                                     bias=bias, sinks=sinks)
+    step = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)
+    traces = []
+    jitted = jax.jit(lambda *a: (traces.append(1), step(*a))[1])
+    for run, given in ((step, key), (step, stream), (jitted, key)):
+        (_, out), grads = run(q, k, v, bias, sinks, given)
+        close(out, want_out, rtol=1e-5, atol=1e-5)
+        for got, name in zip(grads, ("q", "k", "v", "bias", "sinks"), strict=True):
+            close(got, want[name], rtol=1e-4, atol=1e-5)
+    (_, other), _ = jitted(q, k, v, bias, sinks, jax.random.key(43))
+    assert len(traces) == 1, "a new key is a traced value, not a new trace"
+    assert float(jnp.max(jnp.abs(other - out))) > 1e-3
+
+
+def test_dropout_is_refused_under_vmap_when_lowered_for_cuda_and_when_wrong(monkeypatch):
+    monkeypatch.setattr(_jax_gpu, "unusable_reason", lambda: None)
+    q = jnp.ones((2, 5, 4, 8))
+    key = jax.random.key(0)
+    with pytest.raises(NotImplementedError, match=r"dropout_p: under jax.vmap"):
+        jax.vmap(lambda q: cuflash_jax.attention(q, q, q, dropout_p=0.1, rng=key))(q[None])
+    traced = jax.jit(lambda q, key: cuflash_jax.attention(q, q, q, dropout_p=0.1,
+                                                          rng=key)).trace(q, key)
+    traced.lower(lowering_platforms=("cpu",))
+    with pytest.raises(NotImplementedError, match=r"^cuflash\.jax dropout_p: the CUDA kernels"):
+        traced.lower(lowering_platforms=("cuda",))
+    with pytest.raises(ValueError, match=r"^rng: dropout_p > 0 needs rng"):
+        cuflash_jax.attention(q, q, q, dropout_p=0.1)
+    with pytest.raises(ValueError, match=r"^dropout_p: expected a number in \[0, 1\)"):
+        cuflash_jax.attention(q, q, q, dropout_p=1.5, rng=key)
+    with pytest.raises(TypeError, match=r"^rng: expected a JAX PRNG key"):
+        cuflash_jax.attention(q, q, q, dropout_p=0.1, rng=jnp.zeros(3, jnp.uint32))

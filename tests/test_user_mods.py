@@ -328,6 +328,39 @@ def test_torch_compile_traces_a_user_mod(entry):
         np.testing.assert_allclose(a.grad.numpy(), b.grad.numpy(), rtol=1e-10, atol=1e-12)
 
 
+def test_torch_autograd_and_compile_take_a_user_mod_beside_a_bias():
+    """A score_mod (derivative 2) beside ALiBi, a bias that requires grad and a mask: eager
+    autograd and torch.compile(fullgraph=True) give the built-in equivalent's gradients (the
+    bias's through the score_mod's derivative)."""
+    torch = pytest.importorskip("torch")
+    import cuflash.torch as ct
+
+    rng = np.random.default_rng(9)
+    b, sq, sk, hq, d = 2, 11, 14, 4, 8
+    case = cases.combined("double", b, hq, sq, sk, rng, alibi=(hq,), bias_shape=(hq, sq, sk),
+                          mask_shape=(sq, sk), documents_mask=True, dtype=np.float64)
+    aux = {name: torch.from_numpy(np.array(x)) for name, x in case.aux.items()}
+    arrays = [rng.standard_normal(shape) for shape in ((b, sq, hq, d), (b, sk, 2, d),
+                                                       (b, sk, 2, d))]
+    built = {"causal": True, "scale": 2 / np.sqrt(d), **case.builtin}
+    want = reference.attention_grads(np.ones((b, sq, hq, d)), *arrays, **built)
+
+    def loss(q, k, v, bias):
+        return ct.attention(q, k, v, causal=True, score_mod=case.score_mod,
+                            mask_mod=case.mask_mod, aux=aux, bias=bias,
+                            alibi_slopes=torch.from_numpy(case.given["alibi_slopes"]),
+                            mask=torch.from_numpy(case.given["mask"])).sum()
+
+    for run in (loss, torch.compile(loss, fullgraph=True, backend="aot_eager")):
+        tensors = [torch.tensor(x, requires_grad=True)
+                   for x in (*arrays, case.given["bias"])]
+        run(*tensors).backward()
+        for x, name in zip(tensors, ("q", "k", "v"), strict=False):
+            np.testing.assert_allclose(x.grad.numpy(), want[name], rtol=1e-9, atol=1e-11)
+        np.testing.assert_allclose(tensors[3].grad.numpy(), 2 * want["bias"], rtol=1e-9,
+                                   atol=1e-11)
+
+
 # ---- the generated C++ ---------------------------------------------------------------------
 
 KINDS = {
