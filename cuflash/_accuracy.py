@@ -314,8 +314,7 @@ def _kept(p: np.ndarray, dropout_p: float, rng) -> np.ndarray | float:
     if not dropout_p:
         return 1.0
     b, hkv, g, sq, sk = p.shape
-    kept = _dropout.keep((b, hkv * g, sq, sk), dropout_p, rng).reshape(p.shape)
-    return np.where(kept, p.dtype.type(1.0 / (1.0 - dropout_p)), p.dtype.type(0))
+    return _dropout.scaled((b, hkv * g, sq, sk), dropout_p, rng, p.dtype).reshape(p.shape)
 
 
 def _naive_probabilities(

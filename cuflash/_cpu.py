@@ -215,10 +215,9 @@ def _kept(dropout: tuple | None, shape: tuple[int, int, int, int], hkv: int, i0:
     block's scores ``(B, Hkv, G * bq, bk)``; None without dropout."""
     if dropout is None:
         return None
-    p, rng = dropout
     b, hq = shape[:2]
-    kept = _dropout.keep(shape, p, rng, rows=np.arange(i0, i1), cols=np.arange(j0, j1))
-    scaled = np.where(kept, dtype.type(1.0 / (1.0 - p)), dtype.type(0))
+    scaled = _dropout.scaled(shape, *dropout, dtype, rows=np.arange(i0, i1),
+                             cols=np.arange(j0, j1))
     return scaled.reshape(b, hkv, (hq // hkv) * (i1 - i0), j1 - j0)
 
 

@@ -65,6 +65,14 @@ def keep(shape: tuple[int, int, int, int], p: float, rng: tuple[int, int], *,
     return word >= np.uint32(threshold(p))
 
 
+def scaled(shape: tuple[int, int, int, int], p: float, rng: tuple[int, int],
+           dtype=np.float64, **where) -> np.ndarray:
+    """`keep`'s mask as the factor dropout multiplies each probability by: ``1 / (1 - p)``
+    where kept, 0 elsewhere, in `dtype` (`where`: `keep`'s rows and cols)."""
+    dtype = np.dtype(dtype)
+    return np.where(keep(shape, p, rng, **where), dtype.type(1.0 / (1.0 - p)), dtype.type(0))
+
+
 def is_off(dropout_p: object, rng: object) -> bool:
     """Whether a call's dropout arguments are the defaults (p 0 as a plain int or float, no
     rng): what a replayed call may have, before anything is validated."""

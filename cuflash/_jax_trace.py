@@ -75,6 +75,10 @@ class Options:
         return any(_user_mods.reads_index(text, "b") for text in sources if text)
 
 
+# The arrays beside q, k, v that `cuflash.attention` takes by these names.
+_SIDE = ("sinks", "alibi_slopes", "bias", "mask")
+
+
 class ScoreArrays(NamedTuple):
     """The arrays of the score modifications a call takes beside q, k, v, each a JAX array or
     None (a pytree: None fields are no leaves). Field names are `cuflash.attention`'s keywords;
@@ -90,13 +94,13 @@ class ScoreArrays(NamedTuple):
 
     def given(self) -> tuple[str, ...]:
         """The names of the arrays given, in field order: each aux array as ``"aux:<i>"``."""
-        names = [name for name in self._fields[:-1] if getattr(self, name) is not None]
+        names = [name for name in (*_SIDE, "rng") if getattr(self, name) is not None]
         return (*names, *(f"aux:{i}" for i in range(len(self.aux or ()))))
 
     def core_kwargs(self, options: Options, convert=lambda x: x) -> dict:
         """The arrays (each through `convert`), the user's modifications and dropout as
         `cuflash.attention`'s keywords (the stream's words read on the host)."""
-        found = {name: convert(getattr(self, name)) for name in self._fields[:-2]
+        found = {name: convert(getattr(self, name)) for name in _SIDE
                  if getattr(self, name) is not None}
         if options.dropout_p:
             found |= {"dropout_p": options.dropout_p, "rng": stream_of(self.rng)}

@@ -91,7 +91,7 @@ def mods(shape: tuple[int, int, int, int], *, softcap: Any = 0.0, alibi_slopes: 
                             f"(numpy=...), got {mod!r}")
     arrays = {name: _host(x, f"aux[{name!r}]") for name, x in (aux or {}).items()}
     p, rng = _dropout.check(dropout_p, rng)
-    dropout = None if not p else _dropout.keep(shape, p, rng) / (1.0 - p)
+    dropout = _dropout.scaled(shape, p, rng) if p else None
     return Mods(float(softcap), alibi, sink, bias_arr, bias_shape, mask_arr, score_mod,
                 mask_mod, arrays, dropout)
 

@@ -129,6 +129,8 @@ def sm90_takes_score(score, width: int) -> bool:
     """Whether the Hopper dK/dV kernel of head-dim width `width` takes score kind `score` (a
     user kind whose derivative is not 1 keeps its modified score live as a softcap does)."""
     return _adds(score) or width in SM90_SOFTCAP_WIDTHS
+
+
 _SM90_STAGES = 2  # Q/dO slots; mirrors BwdSm90Traits::kStages
 log = logging.getLogger("cuflash")
 
