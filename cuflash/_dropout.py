@@ -73,6 +73,12 @@ def scaled(shape: tuple[int, int, int, int], p: float, rng: tuple[int, int],
     return np.where(keep(shape, p, rng, **where), dtype.type(1.0 / (1.0 - p)), dtype.type(0))
 
 
+def of_sequence(rng: tuple[int, int] | None, b: int) -> tuple[int, int] | None:
+    """The stream of sequence `b` of a packed (varlen) call: ``(seed, offset + b)``, so that a
+    call of B sequences takes offsets ``offset .. offset + B - 1``."""
+    return None if rng is None else (rng[0], (rng[1] + b) % 2**64)
+
+
 def is_off(dropout_p: object, rng: object) -> bool:
     """Whether a call's dropout arguments are the defaults (p 0 as a plain int or float, no
     rng): what a replayed call may have, before anything is validated."""

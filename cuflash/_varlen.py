@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from cuflash import _dtypes
+from cuflash import _dropout, _dtypes
 from cuflash._checks import check_flag, check_varlen_grad_inputs
 from cuflash._merge import ops_for
 from cuflash.api import attention, attention_backward
@@ -28,7 +28,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q: int |
                      max_seqlen_k: int | None = None, seqused_k=None, causal: bool = False,
                      window: tuple[int, int] | None = None, scale: float | None = None,
                      softcap: float = 0.0, alibi_slopes=None, sinks=None,
-                     return_lse: bool = False):
+                     dropout_p: float = 0.0, rng=None, return_lse: bool = False):
     """Attention over a packed batch of sequences of different lengths (flash-attn's varlen).
 
     Args:
@@ -48,6 +48,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q: int |
         softcap, sinks: as for `cuflash.attention` (sinks ``(Hq,)``), in every sequence.
         alibi_slopes: as for `cuflash.attention`: ``(Hq,)``, or ``(B, Hq)`` with row b for
             sequence b; distances on each sequence's own positions.
+        dropout_p, rng: as for `cuflash.attention`; sequence b draws the stream ``(seed,
+            offset + b)`` (a call takes B offsets), its mask that of a one-sequence call. Not
+            for traced JAX prefix sums.
         return_lse: also return the float32 lse, ``(Hq, total_q)``.
 
     Returns:
@@ -57,9 +60,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q: int |
 
     See also: `attention_varlen_backward`, `cuflash.reference.attention_varlen`.
     """
+    p, rng = _dropout.check(dropout_p, rng)
     if _traced(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, sinks):
         from cuflash import jax as cuflash_jax
 
+        _refuse_traced_dropout(p)
         return cuflash_jax.attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q,
             max_seqlen_k=max_seqlen_k, seqused_k=seqused_k, causal=causal, window=window,
@@ -73,7 +78,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q: int |
     for b, (rows, keys) in enumerate(pack.sequences()):
         out, lse = attention(q[rows][None], k[keys][None], v[keys][None], causal=causal,
                              window=window, scale=scale, softcap=softcap, sinks=sinks,
-                             alibi_slopes=pack.slopes_of(alibi_slopes, b), return_lse=True)
+                             alibi_slopes=pack.slopes_of(alibi_slopes, b), return_lse=True,
+                             dropout_p=p, rng=_dropout.of_sequence(rng, b))
         outs.append(out[0])
         lses.append(lse[0])
     if not outs:  # B = 0
@@ -89,13 +95,15 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
                               seqused_k=None, causal: bool = False,
                               window: tuple[int, int] | None = None, scale: float | None = None,
                               softcap: float = 0.0, alibi_slopes=None, sinks=None,
-                              deterministic: bool = False, return_dsinks: bool = False):
+                              dropout_p: float = 0.0, rng=None, deterministic: bool = False,
+                              return_dsinks: bool = False):
     """Gradients of `attention_varlen` with respect to q, k and v (and the sinks).
 
     Args:
         dout: gradient of the output, ``(total_q, Hq, Dv)``.
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, causal,
-            window, scale, softcap, alibi_slopes, sinks: exactly as passed to `attention_varlen`.
+            window, scale, softcap, alibi_slopes, sinks, dropout_p, rng: exactly as passed to
+            `attention_varlen`.
         out, lse: its output and float32 lse ``(Hq, total_q)`` (``return_lse=True``).
         deterministic: as for `cuflash.attention_backward`.
         return_dsinks: also return the sinks' gradient, summed over the sequences.
@@ -104,10 +112,12 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
         ``(dq, dk, dv)`` shaped like q, k, v (keys past ``seqused_k[b]`` get zero gradients),
         and ``dsinks`` with `return_dsinks`.
     """
+    p, rng = _dropout.check(dropout_p, rng)
     if _traced(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes,
                sinks):
         from cuflash import jax as cuflash_jax
 
+        _refuse_traced_dropout(p)
         return cuflash_jax.attention_varlen_backward(
             dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q,
             max_seqlen_k=max_seqlen_k, seqused_k=seqused_k, causal=causal, window=window,
@@ -124,7 +134,8 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
             dout[rows][None], q[rows][None], k[keys][None], v[keys][None], out[rows][None],
             ops.contiguous(lse[:, rows])[None], causal=causal, window=window, scale=scale,
             softcap=softcap, alibi_slopes=pack.slopes_of(alibi_slopes, b), sinks=sinks,
-            deterministic=deterministic, return_dsinks=return_dsinks)
+            dropout_p=p, rng=_dropout.of_sequence(rng, b), deterministic=deterministic,
+            return_dsinks=return_dsinks)
         dsinks += dsink
         dqs.append(dq[0])
         dks.append(dk[0])
@@ -141,6 +152,14 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
         return grads
     dsink = sinks * 0 if not dsinks else ops.stack(dsinks, 0).sum(0)
     return (*grads, dsink)
+
+
+def _refuse_traced_dropout(p: float) -> None:
+    if p:
+        raise NotImplementedError(
+            "dropout_p: not with traced JAX prefix sums (the packed call there is one dense call "
+            "with a document mask, whose mask would differ from the per-sequence streams); pass "
+            "concrete prefix sums")
 
 
 class _Packed:

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from cuflash import _dropout
 from cuflash import _reference_mods as _mods
 
 __all__ = ["attention", "attention_backward", "attention_varlen", "attention_with_kvcache",
@@ -265,6 +266,8 @@ def attention_varlen(
     window: tuple[int, int] | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    dropout_p: float = 0.0,
+    rng: Any = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attention over a packed batch of sequences of different lengths, in float64 (flash-attn's
     varlen layout), one sequence at a time.
@@ -280,6 +283,8 @@ def attention_varlen(
         causal, window, scale: as for :func:`attention`, per sequence (bottom-right aligned on
             each sequence's own lengths).
         return_lse: also return the float64 lse, ``(Hq, total_q)``.
+        dropout_p, rng: as for :func:`attention`; sequence ``b`` draws the stream ``(seed,
+            offset + b)``.
 
     Returns:
         ``out`` ``(total_q, Hq, Dv)`` float64, or ``(out, lse)``.
@@ -288,6 +293,7 @@ def attention_varlen(
     for name, x in (("q", q3), ("k", k3), ("v", v3)):
         if x.ndim != 3:
             raise ValueError(f"{name}: expected (total, heads, head_dim), got shape {x.shape}")
+    dropout_p, rng = _dropout.check(dropout_p, rng)
     cu_q = _prefix_sums(cu_seqlens_q, "cu_seqlens_q", q3.shape[0])
     cu_k = _prefix_sums(cu_seqlens_k, "cu_seqlens_k", k3.shape[0])
     if len(cu_q) != len(cu_k):
@@ -305,7 +311,9 @@ def attention_varlen(
         rows = slice(cu_q[b], cu_q[b + 1])
         keys = slice(cu_k[b], cu_k[b] + used[b])
         out[rows], lse[:, rows] = attention(q3[rows], k3[keys], v3[keys], causal=causal,
-                                            window=window, scale=scale, return_lse=True)
+                                            window=window, scale=scale, return_lse=True,
+                                            dropout_p=dropout_p,
+                                            rng=_dropout.of_sequence(rng, b))
     return (out, lse) if return_lse else out
 
 

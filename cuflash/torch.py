@@ -4,12 +4,13 @@ Two ops, registered under the ``cuflash`` namespace, work on CPU and CUDA tensor
 the path; CUDA kernels run on torch's current stream):
 
 - ``torch.ops.cuflash.attention_fwd(q, k, v, causal, scale, layout, window_left=-1,
-  window_right=-1, softcap=0.0, alibi_slopes=None, sinks=None, bias=None, mask=None) ->
-  (out, lse)``
+  window_right=-1, softcap=0.0, alibi_slopes=None, sinks=None, bias=None, mask=None,
+  user_mod="", aux=None, dropout_p=0.0, rng=None) -> (out, lse)``
 - ``torch.ops.cuflash.attention_bwd(dout, q, k, v, out, lse, causal, scale, layout,
   deterministic, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
-  sinks=None, bias=None, mask=None, want_dbias=False) -> (dq, dk, dv, dsinks, dbias)`` (dsinks
-  empty without sinks, dbias without `want_dbias`)
+  sinks=None, bias=None, mask=None, user_mod="", aux=None, dropout_p=0.0, rng=None,
+  want_dbias=False) -> (dq, dk, dv, dsinks, dbias)`` (dsinks empty without sinks, dbias
+  without `want_dbias`; `rng`: dropout's (seed, offset) as an int64 tensor of two)
 
 Each runs the framework-agnostic core (``cuflash._core``, what :func:`cuflash.attention` and
 :func:`cuflash.attention_backward` run, on detached tensors), has a fake (meta) implementation for
@@ -88,14 +89,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         block_map: a mask_mod's `cuflash.BlockMap`, as for :func:`cuflash.attention`; eagerly
             without one a CUDA call builds one that its backward reuses. Not under
             torch.compile, where each op builds its own.
+        dropout_p, rng: attention dropout, as for :func:`cuflash.attention`; without `rng`
+            the stream is drawn from torch's default CPU generator (``torch.manual_seed``
+            rules it), once per call (under torch.compile by a ``torch.randint`` in the graph,
+            so each run draws anew), and the backward draws the same mask again.
         layout: ``"bshd"`` or ``"bhsd"``.
         return_lse: also return the float32 log-sum-exp ``(B, Hq, Sq)`` (``(Hq, Sq)`` for 3-D);
             it carries no gradient.
-
-        dropout_p, rng: attention dropout, as for :func:`cuflash.attention`; without `rng`
-            the stream is drawn from torch's default CPU generator (``torch.manual_seed``
-            rules it), once per call, and the backward draws the same mask again. Eagerly
-            only for now (under torch.compile: NotImplementedError).
 
     Returns:
         ``out`` shaped like q but with v's head dim ``Dv`` (q's device and dtype), or
@@ -113,21 +113,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     left, right = _variant.check_window(window)
     cap = _variant.check_softcap(softcap)
     user = {"score_mod": score_mod, "mask_mod": mask_mod, "aux": aux, "block_map": block_map}
-    if not _dropout.is_off(dropout_p, rng):
-        if torch.compiler.is_compiling():
-            raise NotImplementedError("dropout_p: not under torch.compile yet (eager autograd "
-                                      "takes it)")
-        p, rng = _dropout.check(dropout_p, rng, needs_rng=False)
-        if p and rng is None:
-            rng = _drawn_rng()
+    p, rng = _dropout.check(dropout_p, rng, needs_rng=False)
+    if p and rng is None and not torch.compiler.is_compiling():
+        rng = _drawn_rng()
+    if p:
         user |= {"dropout_p": p, "rng": rng}
     if torch.compiler.is_compiling():
         if block_map is not None:
             raise NotImplementedError("block_map: not under torch.compile (the op builds the "
                                       "mask_mod's map per call); pass None there")
         key, tensors = _user_mods.register(score_mod, mask_mod, aux)
+        # the stream as an int64 tensor the op reads: drawn in the graph (a new one each run)
+        # or the caller's
+        stream = None
+        if p:
+            stream = (torch.randint(0, 2**62, (2,), dtype=torch.int64) if rng is None
+                      else torch.tensor([_signed(x) for x in rng], dtype=torch.int64))
         out, lse = attention_fwd(q, k, v, causal, scale, layout, left, right, cap, alibi_slopes,
-                                 sinks, bias, mask, key, tensors)
+                                 sinks, bias, mask, key, tensors, p, stream)
     else:
         out, lse = _Attention.apply(q, k, v, causal, scale, layout, (left, right), cap,
                                     alibi_slopes, sinks, bias, mask, user)
@@ -138,6 +141,16 @@ def _drawn_rng() -> tuple[int, int]:
     """A dropout stream ``(seed, offset)`` from torch's default CPU generator."""
     seed, offset = torch.randint(0, 2**62, (2,), dtype=torch.int64).tolist()
     return seed, offset
+
+
+def _signed(x: int) -> int:
+    """A uint64 as the int64 with its bits (the ops' schemas have no unsigned ints)."""
+    return x - 2**64 if x >= 2**63 else x
+
+
+def _stream(rng: Tensor | None) -> tuple[int, int] | None:
+    """The ``(seed, offset)`` an op's int64 `rng` tensor holds (as `_signed` wrote it)."""
+    return None if rng is None else tuple(int(x) & (2**64 - 1) for x in rng.tolist())
 
 
 class _Attention(torch.autograd.Function):
@@ -184,14 +197,14 @@ class _Attention(torch.autograd.Function):
 _FWD_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, bool causal, float? scale, str layout, int window_left=-1, "
     "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? sinks=None, "
-    "Tensor? bias=None, Tensor? mask=None, str user_mod=\"\", Tensor[]? aux=None) "
-    "-> (Tensor, Tensor)")
+    "Tensor? bias=None, Tensor? mask=None, str user_mod=\"\", Tensor[]? aux=None, "
+    "float dropout_p=0.0, Tensor? rng=None) -> (Tensor, Tensor)")
 _BWD_SCHEMA = (
     "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
     "float? scale, str layout, bool deterministic, int window_left=-1, int window_right=-1, "
     "float softcap=0.0, Tensor? alibi_slopes=None, Tensor? sinks=None, Tensor? bias=None, "
-    "Tensor? mask=None, str user_mod=\"\", Tensor[]? aux=None, bool want_dbias=False) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+    "Tensor? mask=None, str user_mod=\"\", Tensor[]? aux=None, float dropout_p=0.0, "
+    "Tensor? rng=None, bool want_dbias=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
 @torch.library.custom_op("cuflash::attention_fwd", mutates_args=(), schema=_FWD_SCHEMA)
@@ -200,15 +213,17 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | 
                   softcap: float = 0.0, alibi_slopes: Tensor | None = None,
                   sinks: Tensor | None = None, bias: Tensor | None = None,
                   mask: Tensor | None = None, user_mod: str = "",
-                  aux: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+                  aux: Sequence[Tensor] | None = None, dropout_p: float = 0.0,
+                  rng: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The forward op: ``(out, lse)`` as :func:`cuflash.attention` with ``return_lse=True``
     (`user_mod`: the registry key of a score_mod / mask_mod, `aux` their arrays in the order
-    it names them; "" for none)."""
+    it names them; "" for none; `rng`: dropout's (seed, offset) as an int64 tensor of two)."""
     # Detached: the core exports the tensors through DLPack, which refuses ones needing grad.
     return _core.attention(q.detach(), k.detach(), v.detach(), causal=causal,
                          window=(window_left, window_right), scale=scale, softcap=softcap,
                          alibi_slopes=alibi_slopes, sinks=_detached(sinks),
                          bias=_detached(bias), mask=mask, layout=layout, return_lse=True,
+                         dropout_p=dropout_p, rng=_stream(rng),
                          **_user_mods.registered(user_mod, aux))
 
 
@@ -219,7 +234,7 @@ def _detached(x: Tensor | None) -> Tensor | None:
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, causal, scale, layout, window_left=-1, window_right=-1,
                         softcap=0.0, alibi_slopes=None, sinks=None, bias=None, mask=None,
-                        user_mod="", aux=None):
+                        user_mod="", aux=None, dropout_p=0.0, rng=None):
     # The core allocates both results contiguous: out like q with v's head dim, lse (B, Hq, Sq)
     # float32.
     if layout == "bhsd":
@@ -237,6 +252,7 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                   alibi_slopes: Tensor | None = None, sinks: Tensor | None = None,
                   bias: Tensor | None = None, mask: Tensor | None = None,
                   user_mod: str = "", aux: Sequence[Tensor] | None = None,
+                  dropout_p: float = 0.0, rng: Tensor | None = None,
                   want_dbias: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The backward op: ``(dq, dk, dv, dsinks, dbias)`` as :func:`cuflash.attention_backward`
     (``dsinks`` empty without sinks; ``dbias`` empty unless `want_dbias` with a bias: on CUDA
@@ -247,7 +263,8 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
         *tensors, causal=causal, window=(window_left, window_right), scale=scale,
         softcap=softcap, alibi_slopes=alibi_slopes, sinks=_detached(sinks), bias=_detached(bias),
         mask=mask, layout=layout, deterministic=deterministic, return_dsinks=sinks is not None,
-        return_dbias=want_dbias, **_user_mods.registered(user_mod, aux)))
+        return_dbias=want_dbias, dropout_p=dropout_p, rng=_stream(rng),
+        **_user_mods.registered(user_mod, aux)))
 
     def empty():  # one each: results may not alias one another
         return q.new_empty((0,), dtype=torch.float32)
@@ -261,7 +278,7 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
 def _attention_bwd_fake(dout, q, k, v, out, lse, causal, scale, layout, deterministic,
                         window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
                         sinks=None, bias=None, mask=None, user_mod="", aux=None,
-                        want_dbias=False):
+                        dropout_p=0.0, rng=None, want_dbias=False):
     def like(x):
         return q.new_empty((0,), dtype=torch.float32) if x is None else x.new_empty(x.shape)
 
@@ -270,12 +287,12 @@ def _attention_bwd_fake(dout, q, k, v, out, lse, causal, scale, layout, determin
 
 
 # attention_fwd's trailing arguments' defaults, for a call that left some out
-_TRAILING_DEFAULTS = (-1, -1, 0.0, None, None, None, None, "", None)
+_TRAILING_DEFAULTS = (-1, -1, 0.0, None, None, None, None, "", None, 0.0, None)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     # trailing: window_left, window_right, softcap, alibi_slopes, sinks, bias, mask, user_mod,
-    # aux
+    # aux, dropout_p, rng
     q, k, v, causal, scale, layout, *trailing = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)

@@ -279,6 +279,42 @@ def test_traced_prefix_sums_refuse_what_one_packed_call_cannot_do():
         jax.jit(lambda c: cuflash.attention_varlen(q, kv, kv, c, c.astype(np.int16)))(cu)
     with pytest.raises(ValueError, match="seqused_k: expected shape \\(2,\\)"):
         jax.jit(lambda c: cuflash.attention_varlen(q, kv, kv, c, c, seqused_k=c))(cu)
+    with pytest.raises(NotImplementedError, match="dropout_p: not with traced JAX prefix"):
+        jax.jit(lambda c: cuflash.attention_varlen(q, kv, kv, c, c, dropout_p=0.1,
+                                                   rng=(1, 2)))(cu)
     with pytest.raises(TypeError, match="cache_seqlens: got a traced JAX value"):
         jax.jit(lambda c: cuflash.attention_with_kvcache(
             q[None, :1], kv[None], kv[None], cache_seqlens=c))(np.array([3], np.int32))
+
+
+def test_dropout_draws_one_stream_per_sequence():
+    """Sequence b of a packed call draws (seed, offset + b) (offsets wrapping at 2**64), with
+    seqused_k and empty sequences: out against the reference, the gradients against the
+    per-sequence reference gradients of those streams, and a sequence equals a one-sequence
+    dense call on its stream."""
+    rng = np.random.default_rng(12)
+    cu_q = np.array([0, 5, 5, 14, 30], np.int32)
+    cu_k = np.array([0, 7, 9, 20, 36], np.int32)
+    used = np.array([7, 0, 9, 16], np.int32)
+    q, dout = (rng.standard_normal((30, 4, 16)) for _ in range(2))
+    k, v = (rng.standard_normal((36, 2, 16)) for _ in range(2))
+    stream = (3, 2**64 - 2)
+    opts = {"causal": True, "dropout_p": 0.3, "rng": stream, "seqused_k": used}
+    out, lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, **opts)
+    np.testing.assert_allclose(out, reference.attention_varlen(q, k, v, cu_q, cu_k, **opts),
+                               rtol=1e-12, atol=1e-12)
+    dq, dk, dv = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, **opts)
+    for b in range(4):
+        rows, keys = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b] + used[b])
+        seq = (stream[0], (stream[1] + b) % 2**64)
+        dense = cuflash.attention(q[rows], k[keys], v[keys], causal=True, dropout_p=0.3, rng=seq)
+        np.testing.assert_array_equal(out[rows], dense)
+        want = reference.attention_grads(dout[rows], q[rows], k[keys], v[keys], causal=True,
+                                         dropout_p=0.3, rng=seq)
+        np.testing.assert_allclose(dq[rows], want["q"], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(dk[keys], want["k"], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(dv[keys], want["v"], rtol=1e-10, atol=1e-12)
+    # consecutive sequences of one shape would share a mask with one stream: offsets differ
+    assert not np.array_equal(cuflash.dropout_mask(q[:5], k[:7], dropout_p=0.3, rng=stream),
+                              cuflash.dropout_mask(q[:5], k[:7], dropout_p=0.3,
+                                                   rng=(3, 2**64 - 1)))
