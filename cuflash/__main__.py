@@ -203,6 +203,8 @@ class Case:
     three_d: bool = False  # no batch axis (batch must be 1)
     scale: float | None = None
     documents: bool = False  # a user mask_mod (documents packed in each sequence), with its map
+    bias: bool = False  # an additive float32 (Hq, Sq, Sk) bias (beside a mask_mod: one user kind)
+    dropout: float = 0.0  # dropout_p, with a stream drawn from the check's seed
 
     @property
     def id(self) -> str:
@@ -216,6 +218,10 @@ class Case:
             parts.append(f"scale{self.scale:g}")
         if self.documents:
             parts.append("docs")
+        if self.bias:
+            parts.append("bias")
+        if self.dropout:
+            parts.append(f"dropout{self.dropout:g}")
         parts.append(self.layout)
         return "-".join(parts)
 
@@ -259,6 +265,10 @@ CASES = (
     # A user mask_mod (documents of random lengths, ids by batch) through its block map.
     Case(2, 300, 300, 4, 2, 64, causal=True, documents=True),
     Case(1, 130, 200, 2, 2, 128, layout="bhsd", documents=True),
+    # The mask_mod beside an additive bias (the user kind then adds it), and dropout (the CPU
+    # path; CUDA inputs are refused, so skipped, until the kernels draw the stream).
+    Case(2, 300, 300, 4, 2, 64, causal=True, documents=True, bias=True),
+    Case(2, 200, 260, 4, 2, 64, causal=True, dropout=0.2),
 )
 
 DOCUMENTS = cuflash.MaskMod("qdoc(b, q_idx) == kdoc(b, kv_idx)",
@@ -498,12 +508,22 @@ def check_case(case: Case, dtype: str, backend: _Backend, rng: np.random.Generat
                                               layout=case.layout)
         ref_opts |= {"mask_mod": DOCUMENTS, "aux": ids}
         naive_opts["mask"] = (ids["qdoc"][:, None, :, None] == ids["kdoc"][:, None, None, :])
+    if case.bias:
+        bias = rng.standard_normal((hq, sq, sk)).astype(np.float32)
+        opts["bias"] = backend.array(bias.astype(np.float64), "float32")
+        ref_opts["bias"] = naive_opts["bias"] = bias.astype(np.float64)
+    if case.dropout:
+        stream = (int(rng.integers(2**63)), int(rng.integers(2**63)))
+        for options in (opts, ref_opts, naive_opts):
+            options |= {"dropout_p": case.dropout, "rng": stream}
 
     # -- forward: into a NaN-poisoned out=, then against the reference --
     out = backend.poisoned(tuple(host["q"].shape), dtype)
     try:
         result, lse = cuflash.attention(q, k, v, return_lse=True, out=out, **opts)
         backend.synchronize()
+    except NotImplementedError as err:  # an option this device does not compute yet
+        return [row.skip("fwd", str(err)), row.skip("bwd", str(err))]
     except Exception as err:
         return [row.fail("fwd", f"{type(err).__name__}: {err}")]
     if result is not out:

@@ -349,9 +349,9 @@ def _folding_vmap(body, again, leading: int, names: tuple[str, ...], reads_batch
                                       "mapped by jax.vmap (the modification indexes them itself)")
         if reads_batch:
             raise NotImplementedError(
-                "score_mod / mask_mod / dropout_p: under jax.vmap the mapped axis joins the "
-                "batch, which changes the index b your C++ reads (and dropout draws its mask "
-                "by); fold the axis into the batch yourself")
+                "score_mod / mask_mod / dropout_p: under jax.vmap the mapped axis would join "
+                "the batch and change the batch index b that your C++ reads or that dropout's "
+                "mask is drawn by; fold the axis into the batch yourself")
 
         def spread(x, is_mapped):  # an unmapped array broadcast along the mapped axis
             return x if is_mapped else jnp.broadcast_to(x, (axis_size, *x.shape))
@@ -455,8 +455,8 @@ def _cpu_backward(dout, q, k, v, out, lse, *side, options: Options, names: tuple
         if q.ndim == 3:  # unbatched: the gradients have no batch axis either
             return call(dout, q, k, v, out, lse, **whole, **wants)
         if options.reads_batch:
-            # The user's C++ reads b: one call, its totals put on batch element 0 (the caller
-            # sums them over the batch; no vmap folds such a call).
+            # The user's C++ reads b, or dropout draws by it: one call, its totals put on batch
+            # element 0 (the caller sums them over the batch; no vmap folds such a call).
             return _on_element_zero(call(dout, q, k, v, out, lse, **whole, **wants), result)
         # One call per batch element: the sinks' and the bias's gradients per element (float64
         # exact: the CPU path recomputes its statistics rather than reading the float32 lse).
