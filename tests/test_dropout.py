@@ -135,6 +135,45 @@ def test_dropout_matches_the_reference(data):
         assert_matches_reference(name, g, refs[name[1:]], n, dtype=dtype, eps=e)
 
 
+@settings(max_examples=examples(25), deadline=None)
+@given(data=st.data())
+def test_dropout_with_every_modification(data):
+    """Dropout beside a score_mod and mask_mod, a softcap, ALiBi, a bias and a mask array (the
+    "double" combination of `user_mods_cases.combined`, which equals built-ins alone): out and
+    the gradients against the built-ins' reference with the same stream."""
+    from tests import user_mods_cases as cases
+
+    draw = data.draw
+    dtype = draw(st.sampled_from(["float32", "float64"]))
+    b, sq, sk, hq, d = 2, draw(st.integers(1, 30)), draw(st.integers(1, 30)), 4, 8
+    gen = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    case = cases.combined("double", b, hq, sq, sk, gen,
+                          softcap=draw(st.sampled_from([0.0, 3.0])),
+                          alibi=draw(st.sampled_from([None, (hq,)])),
+                          bias_shape=draw(st.sampled_from([None, (hq, sq, sk)])),
+                          mask_shape=draw(st.sampled_from([None, (sq, sk)])),
+                          documents_mask=draw(st.booleans()), dtype=dtype)
+    q = gen.standard_normal((b, sq, hq, d)).astype(dtype)
+    k, v = (gen.standard_normal((b, sk, 2, d)).astype(dtype) for _ in range(2))
+    dout = gen.standard_normal(q.shape).astype(dtype)
+    stream = (draw(st.integers(0, 2**64 - 1)), draw(st.integers(0, 2**64 - 1)))
+    drop = {"dropout_p": draw(st.sampled_from([0.2, 0.6])), "rng": stream}
+    opts = {"causal": True, "score_mod": case.score_mod, "mask_mod": case.mask_mod,
+            "aux": case.aux or None, **case.given, **drop}
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **opts)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, **opts)
+    q64, k64, v64, do64 = (x.astype(np.float64) for x in (q, k, v, dout))
+    built = {"causal": True, "scale": case.scale_factor / np.sqrt(d), **case.builtin, **drop}
+    ref = reference.attention(q64, k64, v64, **built)
+    naive, _ = naive_attention(q64, k64, v64, dtype=dtype, **built)
+    assert_matches_reference("out", out, ref, naive, dtype=dtype)
+    refs = reference.attention_grads(do64, q64, k64, v64, **built)
+    naives = naive_attention_backward(do64, q64, k64, v64, dtype=dtype, **built)
+    eps = backward_eps(do64, q64, k64, v64, dtype=dtype, **built)
+    for name, g, n, e in zip(("dq", "dk", "dv"), grads, naives, eps, strict=True):
+        assert_matches_reference(name, g, refs[name[1:]], n, dtype=dtype, eps=e)
+
+
 def test_the_reference_gradients_hold_against_finite_differences():
     rng = np.random.default_rng(1)
     q, k = rng.standard_normal((1, 5, 2, 4)), rng.standard_normal((1, 6, 1, 4))
