@@ -212,6 +212,25 @@ def _softmax(q, k):
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def test_the_mask_follows_positions_not_layouts():
+    """The same stream drops the same (b, h, i, j) in both layouts, 3-D or not, into out= or
+    not, with GQA: results equal the bshd call's, transposed."""
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((1, 9, 4, 8))
+    k, v = (rng.standard_normal((1, 11, 2, 8)) for _ in range(2))
+    opts = {"dropout_p": 0.4, "rng": (8, 9), "causal": True}
+    want, want_lse = cuflash.attention(q, k, v, return_lse=True, **opts)
+    t = [x.swapaxes(1, 2).copy() for x in (q, k, v)]
+    got = np.empty_like(t[0])
+    _, lse = cuflash.attention(*t, layout="bhsd", out=got, return_lse=True, **opts)
+    np.testing.assert_array_equal(got.swapaxes(1, 2), want)
+    np.testing.assert_array_equal(lse, want_lse)
+    np.testing.assert_array_equal(cuflash.attention(q[0], k[0], v[0], **opts), want[0])
+    np.testing.assert_array_equal(cuflash.dropout_mask(*t[:2], layout="bhsd", dropout_p=0.4,
+                                                       rng=(8, 9)),
+                                  cuflash.dropout_mask(q, k, dropout_p=0.4, rng=(8, 9)))
+
+
 def test_p_zero_is_no_dropout_bit_for_bit():
     rng = np.random.default_rng(3)
     q, k, v = (rng.standard_normal((2, 7, 2, 8)).astype(np.float32) for _ in range(3))
