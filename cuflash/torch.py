@@ -127,7 +127,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         # or the caller's
         stream = None
         if p:
-            stream = (torch.randint(0, 2**62, (2,), dtype=torch.int64) if rng is None
+            stream = (_random_stream() if rng is None
                       else torch.tensor([_signed(x) for x in rng], dtype=torch.int64))
         out, lse = attention_fwd(q, k, v, causal, scale, layout, left, right, cap, alibi_slopes,
                                  sinks, bias, mask, key, tensors, p, stream)
@@ -137,9 +137,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     return (out, lse) if return_lse else out
 
 
+def _random_stream() -> Tensor:
+    """A dropout stream ``(seed, offset)`` from torch's default CPU generator, as an int64
+    tensor of two."""
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64)
+
+
 def _drawn_rng() -> tuple[int, int]:
-    """A dropout stream ``(seed, offset)`` from torch's default CPU generator."""
-    seed, offset = torch.randint(0, 2**62, (2,), dtype=torch.int64).tolist()
+    """`_random_stream` as Python ints."""
+    seed, offset = _random_stream().tolist()
     return seed, offset
 
 
